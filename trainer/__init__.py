@@ -1,0 +1,1 @@
+"""discount-train: purchase history in, a versioned ONNX model artifact out."""
