@@ -21,6 +21,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy server trainer admin core
+	npx --yes @bufbuild/buf@1.75.0 lint
 
 # Stubs are committed; tests fail when they drift from the .proto.
 protos: $(STAMP)
