@@ -1,0 +1,143 @@
+"""Opening the store: URL choice and masking, engines per backend, transactions.
+
+The caller owns the transaction: repositories flush, ``transaction()`` commits or rolls back.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm.exc import StaleDataError
+
+from core.store.errors import Conflict, StoreUnavailable
+
+DEFAULT_URL = "sqlite:///var/discount.db"
+PG_SCHEMA = "discount"
+# Channel that every admin change is announced on, inside the change's own transaction.
+NOTIFY_CHANNEL = "discount_changes"
+CONNECT_TIMEOUT_S = 5
+
+
+def store_url(explicit: str | None = None) -> str:
+    """--db-url, else DISCOUNT_DB_URL, else the embedded SQLite file under ./var/."""
+    return explicit or os.environ.get("DISCOUNT_DB_URL") or DEFAULT_URL
+
+
+def mask_url(url: str | URL) -> str:
+    """The URL with its password replaced by ***, safe for messages and logs."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparseable URL>"
+
+
+def first_line(error: BaseException) -> str:
+    """A driver error's first line without SQLAlchemy's background link."""
+    inner = error.orig if isinstance(error, DBAPIError) and error.orig is not None else error
+    lines = str(inner).strip().splitlines()
+    return lines[0] if lines else type(inner).__name__
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for SQLite or PostgreSQL (psycopg); PostgreSQL works in schema ``discount``."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise StoreUnavailable(
+            f"store URL {url!r} is not a database URL; "
+            "use e.g. sqlite:///var/discount.db or postgresql+psycopg://user@host/db"
+        ) from None
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        return _sqlite_engine(parsed)
+    if backend == "postgresql":
+        if parsed.get_driver_name() != "psycopg":
+            parsed = parsed.set(drivername="postgresql+psycopg")
+        return create_engine(
+            parsed,
+            pool_pre_ping=True,
+            connect_args={
+                "connect_timeout": CONNECT_TIMEOUT_S,
+                "options": f"-c search_path={PG_SCHEMA}",
+            },
+        )
+    raise StoreUnavailable(
+        f"store URL {mask_url(parsed)}: backend {backend!r} is not supported; "
+        "use sqlite:///PATH or postgresql+psycopg://..."
+    )
+
+
+def _sqlite_engine(url: URL) -> Engine:
+    database = url.database or ""
+    if database and database != ":memory:" and url.render_as_string() == DEFAULT_URL:
+        # The default store lives under ./var/, which a fresh checkout does not have yet.
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"timeout": CONNECT_TIMEOUT_S})
+
+    @event.listens_for(engine, "connect")
+    def _enable_foreign_keys(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    return engine
+
+
+class Store:
+    """An engine and its session factory; one per process."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.masked_url = mask_url(url)
+        self.engine = make_engine(url)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def ping(self) -> None:
+        """Connect once, so an unreachable store fails fast with one clear line."""
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except (OperationalError, DBAPIError) as e:
+            raise self.unavailable(e) from None
+
+    def unavailable(self, error: BaseException) -> StoreUnavailable:
+        return StoreUnavailable(f"cannot use store {self.masked_url}: {first_line(error)}")
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """A session whose work is committed on success and rolled back on any error."""
+        session = self._sessions()
+        try:
+            with session.begin():
+                yield session
+        except StaleDataError:
+            raise Conflict(
+                "someone else changed this record since it was read; nothing was written. "
+                "Show it again and retry."
+            ) from None
+        except IntegrityError as e:
+            raise Conflict(f"the store refused the change: {first_line(e)}") from None
+        except OperationalError as e:
+            raise self.unavailable(e) from None
+        finally:
+            session.close()
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def notify_change(session: Session, payload: str) -> None:
+    """Tell listening servers that admin data changed; delivered only if the transaction commits."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_notify(:channel, :payload)"), {
+            "channel": NOTIFY_CHANNEL,
+            "payload": payload,
+        })

@@ -1,0 +1,116 @@
+"""Schema migrations (Alembic, in ``migrations/``) and the check that refuses an old schema."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import migrations
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util.exc import CommandError
+from sqlalchemy import Connection
+from sqlalchemy.exc import OperationalError
+
+from core.store.db import Store
+from core.store.errors import InvalidInput, SchemaOutOfDate
+
+UPGRADE_HINT = "run `discountctl db upgrade`"
+
+
+def alembic_config(connection: Connection | None = None) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    config.attributes["connection"] = connection
+    return config
+
+
+def script() -> ScriptDirectory:
+    return ScriptDirectory.from_config(alembic_config())
+
+
+def head_revision() -> str:
+    heads = script().get_heads()
+    if len(heads) != 1:
+        raise AssertionError(f"migrations must have one head, found {heads}")
+    return heads[0]
+
+
+def current_revision(store: Store) -> str | None:
+    try:
+        with store.engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+    except OperationalError as e:
+        raise store.unavailable(e) from None
+
+
+def require_head(store: Store) -> None:
+    """Refuse a store whose schema is older (or newer) than this build's, naming the fix."""
+    current = current_revision(store)
+    head = head_revision()
+    if current == head:
+        return
+    if current is None:
+        raise SchemaOutOfDate(f"store {store.masked_url} has no schema yet; {UPGRADE_HINT}")
+    known = {rev.revision for rev in script().walk_revisions()}
+    if current not in known:
+        raise SchemaOutOfDate(
+            f"store {store.masked_url} is at revision {current}, newer than this build knows "
+            f"(head {head}); upgrade discountd/discountctl"
+        )
+    raise SchemaOutOfDate(
+        f"store {store.masked_url} is at revision {current}, this build needs {head}; {UPGRADE_HINT}"
+    )
+
+
+def _run(store: Store, action: str, revision: str) -> None:
+    try:
+        with store.engine.begin() as conn:
+            config = alembic_config(conn)
+            if action == "upgrade":
+                command.upgrade(config, revision)
+            else:
+                command.downgrade(config, revision)
+    except CommandError as e:
+        raise InvalidInput(f"cannot {action} to {revision!r}: {e}; see `discountctl db history`") from None
+    except OperationalError as e:
+        raise store.unavailable(e) from None
+
+
+def upgrade(store: Store, revision: str = "head") -> None:
+    _run(store, "upgrade", revision)
+
+
+def downgrade(store: Store, revision: str) -> None:
+    _run(store, "downgrade", revision)
+
+
+@dataclass(frozen=True)
+class Revision:
+    revision: str
+    down_revision: str | None
+    message: str
+    is_head: bool
+    is_current: bool
+
+    def to_dict(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+
+def history(current: str | None) -> list[Revision]:
+    """Every revision, newest first."""
+    out = []
+    for rev in script().walk_revisions():
+        down = rev.down_revision
+        out.append(
+            Revision(
+                revision=rev.revision,
+                down_revision=down if isinstance(down, str) or down is None else ",".join(down),
+                message=rev.doc or "",
+                is_head=rev.is_head,
+                is_current=rev.revision == current,
+            )
+        )
+    return out
