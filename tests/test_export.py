@@ -1,0 +1,191 @@
+"""ONNX export and the model artifact: graph semantics, parity with PyTorch, the sealed layout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from core.artifact import CURRENT, load_manifest
+from core.catalog import category_vocabulary
+from tests.conftest import TinyShop, make_tiny_shop
+from trainer.export import INPUT_NAMES, OUTPUT_NAMES, RecommenderGraph, write_artifact
+
+N_CATEGORIES = 2
+
+
+@pytest.fixture(scope="module")
+def version_dir(model_store: Path) -> Path:
+    return model_store / (model_store / CURRENT).read_text().strip()
+
+
+@pytest.fixture(scope="module")
+def session(version_dir: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(version_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
+def graph(tiny_shop: TinyShop) -> RecommenderGraph:
+    categories = tiny_shop.dataset.catalog.categories
+    vocabulary = category_vocabulary(categories)
+    item_category = np.array([vocabulary.index(c) for c in categories], dtype=np.int64)
+    return RecommenderGraph(tiny_shop.factors, item_category).eval()
+
+
+def run(session: ort.InferenceSession, inputs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    items, scores = session.run(OUTPUT_NAMES, dict(zip(INPUT_NAMES, inputs, strict=True)))
+    return items, scores
+
+
+def run_both(
+    session: ort.InferenceSession, graph: RecommenderGraph, inputs: list[np.ndarray]
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    items, scores = run(session, inputs)
+    with torch.no_grad():
+        t_items, t_scores = graph(*(torch.from_numpy(a) for a in inputs))
+    return (items, scores), (t_items.numpy(), t_scores.numpy())
+
+
+def feed(
+    user_index: list[int],
+    history: list[list[int]] | None = None,
+    exclude: list[list[int]] | None = None,
+    mask: list[list[float]] | None = None,
+    k: int = 10,
+) -> list[np.ndarray]:
+    batch = len(user_index)
+    return [
+        np.array(user_index, dtype=np.int64),
+        np.array(history or [[-1]] * batch, dtype=np.int64),
+        np.array(exclude or [[-1]] * batch, dtype=np.int64),
+        np.array(mask or [[1.0] * N_CATEGORIES] * batch, dtype=np.float32),
+        np.array([k], dtype=np.int64),
+    ]
+
+
+def test_artifact_is_sealed_complete_and_current(model_store: Path, version_dir: Path) -> None:
+    manifest = load_manifest(version_dir)
+    assert manifest.version == version_dir.name
+    assert (manifest.n_users, manifest.n_items, manifest.n_categories) == (40, 30, 2)
+    assert set(manifest.files) == {
+        "model.onnx",
+        "users.json",
+        "items.json",
+        "popularity.json",
+        "user_history.npz",
+        "user_features.json",
+    }
+    assert manifest.metrics == {"ndcg@10": 0.5, "recall@10": 0.25}
+    assert not [p for p in model_store.iterdir() if p.name.startswith(".")], "staging left behind"
+    items = json.loads((version_dir / "items.json").read_text())
+    assert items["item_id"][:2] == ["00000", "00001"]
+    features = json.loads((version_dir / "user_features.json").read_text())
+    assert features["columns"] == ["order_count"] and len(features["rows"]) == 40
+
+
+def test_user_history_holds_each_users_purchases(tiny_shop: TinyShop, version_dir: Path) -> None:
+    history = np.load(version_dir / "user_history.npz")
+    indptr, indices = history["indptr"], history["indices"]
+    inter = tiny_shop.dataset.interactions
+    for user in range(len(tiny_shop.dataset.user_ids)):
+        bought = sorted(set(inter.item_index[inter.user_index == user].tolist()))
+        assert indices[indptr[user] : indptr[user + 1]].tolist() == bought
+
+
+def test_graph_passes_the_full_onnx_check_with_the_contract_signature(
+    version_dir: Path, session: ort.InferenceSession
+) -> None:
+    onnx.checker.check_model(onnx.load(str(version_dir / "model.onnx")), full_check=True)
+    signature = load_manifest(version_dir).signature()
+    assert [(i.name, i.type, i.shape) for i in session.get_inputs()] == [
+        (i["name"], f"tensor({'float' if i['type'] == 'float32' else i['type']})", i["shape"])
+        for i in signature["inputs"]
+    ]
+    assert [o.name for o in session.get_outputs()] == OUTPUT_NAMES
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    users=hnp.arrays(np.int64, st.integers(1, 6), elements=st.integers(-1, 39)),
+    history_len=st.integers(0, 6),
+    exclude_len=st.integers(0, 6),
+    k=st.integers(1, 40),
+    data=st.data(),
+)
+def test_onnx_runtime_matches_pytorch(
+    session: ort.InferenceSession,
+    graph: RecommenderGraph,
+    users: np.ndarray,
+    history_len: int,
+    exclude_len: int,
+    k: int,
+    data: st.DataObject,
+) -> None:
+    batch = len(users)
+    items_in = hnp.arrays(np.int64, (batch, history_len), elements=st.integers(-1, 29))
+    excl_in = hnp.arrays(np.int64, (batch, exclude_len), elements=st.integers(-1, 29))
+    mask_in = hnp.arrays(np.float32, (batch, N_CATEGORIES), elements=st.sampled_from([0.0, 1.0]))
+    inputs = [
+        users,
+        data.draw(items_in),
+        data.draw(excl_in),
+        data.draw(mask_in),
+        np.array([k], dtype=np.int64),
+    ]
+    (items, scores), (t_items, t_scores) = run_both(session, graph, inputs)
+    assert items.shape == (batch, min(k, 30))
+    finite = np.isfinite(t_scores)
+    assert np.array_equal(finite, np.isfinite(scores))
+    np.testing.assert_allclose(scores[finite], t_scores[finite], atol=1e-4)
+    assert np.array_equal(items[finite], t_items[finite])
+
+
+def test_excluded_and_masked_items_are_never_returned(session: ort.InferenceSession) -> None:
+    excluded = [0, 1, 2, 3, -1, 3]
+    only_kitchen = [[0.0, 1.0]]  # vocabulary is sorted: garden, kitchen
+    items, scores = run(session, feed([0], exclude=[excluded], k=30))
+    returned = items[0][np.isfinite(scores[0])].tolist()
+    assert len(returned) == 26 and not set(returned) & {0, 1, 2, 3}
+    items, scores = run(session, feed([0], mask=only_kitchen, k=30))
+    assert sorted(items[0][np.isfinite(scores[0])].tolist()) == list(range(15, 30))
+
+
+def test_unseen_user_is_folded_in_from_history(
+    session: ort.InferenceSession, tiny_shop: TinyShop
+) -> None:
+    garden_history = [[0, 4, 7, -1]]
+    kitchen_history = [[20, 25, -1, -1]]
+    items, _ = run(session, feed([-1, -1], history=garden_history + kitchen_history, k=5))
+    assert {tiny_shop.taste_of_item[i] for i in items[0]} == {"garden"}
+    assert {tiny_shop.taste_of_item[i] for i in items[1]} == {"kitchen"}
+
+
+def test_known_users_get_their_taste(session: ort.InferenceSession, tiny_shop: TinyShop) -> None:
+    items, _ = run(session, feed([0, 39], k=10))
+    assert {tiny_shop.taste_of_item[i] for i in items[0]} == {tiny_shop.taste_of_user[0]}
+    assert {tiny_shop.taste_of_item[i] for i in items[1]} == {tiny_shop.taste_of_user[39]}
+
+
+def test_write_artifact_refuses_factors_that_do_not_fit_the_dataset(tmp_path: Path) -> None:
+    shop = make_tiny_shop()
+    small = make_tiny_shop(n_users=10)
+    with pytest.raises(ValueError, match=r"factors\.user has shape \(10, 4\), expected \(40, 4\)"):
+        write_artifact(
+            tmp_path,
+            shop.dataset,
+            small.factors,
+            popularity=np.arange(30),
+            user_features={},
+            metrics={},
+            training={},
+            data={},
+        )
+    assert list(tmp_path.iterdir()) == []

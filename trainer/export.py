@@ -1,0 +1,359 @@
+"""Export a trained factor model to ONNX and write a sealed, versioned model artifact.
+
+The graph follows core.artifact.MODEL_INPUTS / MODEL_OUTPUTS: the user vector, scoring,
+exclusions, the category filter and top-k all run inside it, so the server only feeds indices.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import Tensor, nn
+
+from core.artifact import MODEL_INPUTS, MODEL_OUTPUTS, Manifest, seal, set_current
+from core.catalog import category_vocabulary
+from trainer.dataset import Dataset, Factors, Ints
+
+INPUT_NAMES = [name for name, _, _ in MODEL_INPUTS]
+OUTPUT_NAMES = [name for name, _, _ in MODEL_OUTPUTS]
+SCORE_TOLERANCE = 1e-4
+
+
+class ExportError(Exception):
+    """The exported graph failed the ONNX checker or disagrees with PyTorch."""
+
+
+class RecommenderGraph(nn.Module):
+    """score(u, i) = user[u]·item[i] + item_bias[i], filtered, then top-k.
+
+    An unseen user (index -1) gets the least-squares fold-in vector foldin @ Σ item[h] over its
+    history items, so cold-start users go through the same graph as known ones.
+    """
+
+    user: Tensor
+    item: Tensor
+    item_bias: Tensor
+    foldin: Tensor
+    item_category: Tensor
+
+    def __init__(self, factors: Factors, item_category: Ints) -> None:
+        super().__init__()
+        for name, array in (
+            ("user", factors.user),
+            ("item", factors.item),
+            ("item_bias", factors.item_bias),
+            ("foldin", factors.foldin),
+        ):
+            self.register_buffer(name, torch.from_numpy(np.ascontiguousarray(array, np.float32)))
+        self.register_buffer(
+            "item_category", torch.from_numpy(np.ascontiguousarray(item_category, np.int64))
+        )
+
+    def forward(
+        self,
+        user_index: Tensor,
+        history_items: Tensor,
+        exclude_items: Tensor,
+        category_mask: Tensor,
+        k: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        known = (user_index >= 0).unsqueeze(-1)
+        trained = self.user[user_index.clamp(min=0)]
+        # Padding (-1) is clamped to a real index, then zeroed out by the weight.
+        weight = (history_items >= 0).unsqueeze(-1).to(self.item.dtype)
+        history_sum = (self.item[history_items.clamp(min=0)] * weight).sum(dim=1)
+        folded = history_sum @ self.foldin.T
+        vector = torch.where(known, trained, folded)
+        scores = vector @ self.item.T + self.item_bias
+        # scatter_add rather than scatter: padding and repeats hit the same slot, and
+        # scatter with duplicate indices has no defined winner.
+        hits = torch.zeros_like(scores).scatter_add(
+            1, exclude_items.clamp(min=0), (exclude_items >= 0).to(scores.dtype)
+        )
+        allowed = category_mask.index_select(1, self.item_category) > 0
+        blocked = (hits > 0) | ~allowed
+        scores = torch.where(blocked, torch.full_like(scores, float("-inf")), scores)
+        count = int(torch.clamp(k, max=scores.shape[1]).item())
+        top_scores, top_items = torch.topk(scores, count, dim=1)
+        return top_items, top_scores
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    """How ONNX Runtime compared with PyTorch on the parity batch."""
+
+    rows: int
+    max_score_diff: float
+    exact_item_positions: float  # share of positions with the very same item (ties may swap)
+
+
+def export_onnx(factors: Factors, item_category: Ints, n_categories: int, path: Path) -> None:
+    """Export the graph to path, pass the full ONNX check, and prove parity with ONNX Runtime."""
+    module = RecommenderGraph(factors, item_category).eval()
+    example = _example_inputs(factors, n_categories, batch=4, seed=0)
+    batch = torch.export.Dim("batch")
+    dynamic = {
+        "user_index": {0: batch},
+        "history_items": {0: batch, 1: torch.export.Dim("history")},
+        "exclude_items": {0: batch, 1: torch.export.Dim("excluded")},
+        "category_mask": {0: batch},
+        "k": None,
+    }
+    registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registry_log.level
+    # The exporter warns about optional torchvision ops and dim-name sharing; neither applies.
+    registry_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module,
+                tuple(torch.from_numpy(a) for a in example),
+                str(path),
+                input_names=INPUT_NAMES,
+                output_names=OUTPUT_NAMES,
+                dynamic_shapes=dynamic,
+                external_data=False,
+                verbose=False,
+            )
+    finally:
+        registry_log.setLevel(level)
+    model = onnx.load(str(path))
+    _name_dimensions(model)
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"exported graph fails the ONNX checker: {e}") from None
+    onnx.save(model, str(path))
+    check_parity(module, path, factors, n_categories)
+
+
+def check_parity(
+    module: RecommenderGraph, path: Path, factors: Factors, n_categories: int, rows: int = 64
+) -> ParityReport:
+    """Run random users (trained and folded-in, with exclusions and category masks) through
+    PyTorch and ONNX Runtime; the top-k must agree and scores stay within SCORE_TOLERANCE."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    inputs = _example_inputs(factors, n_categories, batch=rows, seed=1)
+    feeds = dict(zip(INPUT_NAMES, inputs, strict=True))
+    onnx_items, onnx_scores = session.run(OUTPUT_NAMES, feeds)
+    with torch.no_grad():
+        torch_inputs = [torch.from_numpy(a) for a in inputs]
+        torch_items, torch_scores = (t.numpy() for t in module(*torch_inputs))
+        all_scores = _full_scores(module, torch_inputs)
+    if onnx_items.shape != torch_items.shape:
+        raise ExportError(f"ONNX returns shape {onnx_items.shape}, PyTorch {torch_items.shape}")
+    finite = np.isfinite(torch_scores)
+    if not np.array_equal(finite, np.isfinite(onnx_scores)):
+        raise ExportError("ONNX and PyTorch disagree on which results are filtered out")
+    diff = np.abs(onnx_scores[finite] - torch_scores[finite])
+    max_diff = float(diff.max()) if diff.size else 0.0
+    if max_diff > SCORE_TOLERANCE:
+        raise ExportError(f"ONNX scores differ from PyTorch by up to {max_diff:.2e}")
+    # A different item at a position is only a tie: its PyTorch score must match there.
+    same = onnx_items == torch_items
+    rows_idx = np.nonzero(finite & ~same)
+    picked = all_scores[rows_idx[0], onnx_items[rows_idx]]
+    if np.any(np.abs(picked - torch_scores[rows_idx]) > SCORE_TOLERANCE):
+        raise ExportError("ONNX top-k items differ from PyTorch's beyond ties")
+    return ParityReport(rows, max_diff, float(same[finite].mean()) if finite.any() else 1.0)
+
+
+def _full_scores(module: RecommenderGraph, inputs: list[Tensor]) -> np.ndarray[Any, Any]:
+    n_items = module.item.shape[0]
+    items, scores = module(*inputs[:4], torch.tensor([n_items]))
+    full = np.full((items.shape[0], n_items), -np.inf, dtype=np.float32)
+    np.put_along_axis(full, items.numpy(), scores.numpy(), axis=1)
+    return full
+
+
+def _example_inputs(
+    factors: Factors, n_categories: int, *, batch: int, seed: int
+) -> list[np.ndarray[Any, Any]]:
+    """Half trained users, half unseen users with a history; random exclusions and masks."""
+    rng = np.random.default_rng(seed)
+    n_users, n_items = factors.user.shape[0], factors.item.shape[0]
+    user_index = rng.integers(0, max(n_users, 1), batch).astype(np.int64)
+    user_index[batch // 2 :] = -1
+    if n_users == 0:
+        user_index[:] = -1
+    history = rng.integers(0, n_items, (batch, 5)).astype(np.int64)
+    history[rng.random(history.shape) < 0.3] = -1
+    exclude = rng.integers(0, n_items, (batch, 3)).astype(np.int64)
+    exclude[rng.random(exclude.shape) < 0.3] = -1
+    mask = (rng.random((batch, n_categories)) < 0.7).astype(np.float32)
+    mask[: batch // 4] = 1.0
+    k = np.array([min(10, n_items)], dtype=np.int64)
+    return [user_index, history, exclude, mask, k]
+
+
+def _name_dimensions(model: onnx.ModelProto) -> None:
+    """Give the graph's inputs and outputs the contract's dimension names (the exporter
+    invents its own, e.g. "u0" for k), so the server can compare signatures exactly."""
+    for values, contract in (
+        (model.graph.input, MODEL_INPUTS),
+        (model.graph.output, MODEL_OUTPUTS),
+    ):
+        by_name = {name: shape for name, _, shape in contract}
+        for value in values:
+            dims = value.type.tensor_type.shape.dim
+            for dim, wanted in zip(dims, by_name[value.name], strict=True):
+                if isinstance(wanted, str):
+                    dim.dim_param = wanted
+                else:
+                    dim.dim_value = wanted
+
+
+def write_artifact(
+    store_dir: Path,
+    dataset: Dataset,
+    factors: Factors,
+    *,
+    popularity: Ints,
+    user_features: dict[str, list[float] | list[str]],
+    metrics: dict[str, float],
+    training: dict[str, Any],
+    data: dict[str, Any],
+    make_current: bool = True,
+) -> Path:
+    """Write a sealed model version into store_dir and return its folder.
+
+    Everything is written to a hidden temporary folder inside store_dir and renamed into place,
+    so a server polling the store never sees half a version.
+    """
+    catalog = dataset.catalog
+    n_users, n_items = len(dataset.user_ids), len(catalog)
+    _check_shapes(factors, n_users, n_items, popularity, user_features)
+    store_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=store_dir))
+    try:
+        vocabulary = category_vocabulary(catalog.categories)
+        position = {name: i for i, name in enumerate(vocabulary)}
+        item_category = np.array([position[c] for c in catalog.categories], dtype=np.int64)
+        export_onnx(factors, item_category, len(vocabulary), staging / "model.onnx")
+        _write_json(staging / "users.json", list(dataset.user_ids))
+        _write_json(
+            staging / "items.json",
+            {
+                "item_id": list(catalog.item_ids),
+                "category": list(catalog.categories),
+                "title": list(catalog.titles),
+                "price": [_finite_or_none(p) for p in catalog.prices],
+                "cost": [_finite_or_none(c) for c in catalog.costs],
+                "cost_assumed": [bool(a) for a in catalog.cost_assumed],
+            },
+        )
+        _write_json(staging / "popularity.json", [int(i) for i in popularity])
+        indptr, indices = purchase_history(dataset)
+        np.savez(staging / "user_history.npz", indptr=indptr, indices=indices)
+        _write_json(
+            staging / "user_features.json",
+            {
+                "reference_time": _reference_time(dataset),
+                "columns": list(user_features),
+                "rows": [[column[u] for column in user_features.values()] for u in range(n_users)],
+            },
+        )
+        created = datetime.now(UTC)
+        version = f"{created:%Y%m%d-%H%M%S}-{_short_hash(staging, created)}"
+        seal(
+            staging,
+            Manifest(
+                version=version,
+                created_at=created.isoformat(timespec="seconds"),
+                files={},
+                n_users=n_users,
+                n_items=n_items,
+                n_categories=len(vocabulary),
+                metrics=dict(metrics),
+                training=dict(training),
+                data=dict(data),
+            ),
+        )
+        os.chmod(staging, 0o755)  # mkdtemp makes it owner-only; a server may run as another user
+        final = store_dir / version
+        staging.rename(final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if make_current:
+        set_current(store_dir, version)
+    return final
+
+
+def purchase_history(dataset: Dataset) -> tuple[Ints, Ints]:
+    """CSR (indptr, indices) of the distinct items each user purchased in training."""
+    inter = dataset.interactions
+    n_users, n_items = len(dataset.user_ids), len(dataset.catalog)
+    purchased = np.array([e == "purchase" for e in inter.event], dtype=bool)
+    pairs = np.unique(
+        inter.user_index[purchased].astype(np.int64) * n_items
+        + inter.item_index[purchased].astype(np.int64)
+    )
+    users, items = pairs // n_items, pairs % n_items
+    indptr = np.zeros(n_users + 1, dtype=np.int64)
+    np.cumsum(np.bincount(users, minlength=n_users), out=indptr[1:])
+    return indptr, items.astype(np.int64)
+
+
+def _check_shapes(
+    factors: Factors,
+    n_users: int,
+    n_items: int,
+    popularity: Ints,
+    user_features: dict[str, list[float] | list[str]],
+) -> None:
+    dim = factors.item.shape[1]
+    expected = {
+        "user": (n_users, dim),
+        "item": (n_items, dim),
+        "item_bias": (n_items,),
+        "foldin": (dim, dim),
+    }
+    for name, shape in expected.items():
+        actual = getattr(factors, name).shape
+        if actual != shape:
+            raise ValueError(f"factors.{name} has shape {actual}, expected {shape}")
+    if popularity.size and (popularity.min() < 0 or popularity.max() >= n_items):
+        raise ValueError(f"popularity holds item indices outside 0..{n_items - 1}")
+    for column, values in user_features.items():
+        if len(values) != n_users:
+            raise ValueError(f"user feature {column!r} has {len(values)} rows for {n_users} users")
+
+
+def _reference_time(dataset: Dataset) -> str | None:
+    """Features such as days_since_last_order are measured from the last training event."""
+    stamps = dataset.interactions.timestamp
+    if stamps.size == 0:
+        return None
+    return datetime.fromtimestamp(int(stamps.max()), UTC).isoformat()
+
+
+def _short_hash(folder: Path, created: datetime) -> str:
+    digest = hashlib.sha256(created.isoformat().encode())
+    for path in sorted(folder.iterdir()):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:6]
+
+
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    path.write_text(json.dumps(payload, allow_nan=False, ensure_ascii=False) + "\n")
