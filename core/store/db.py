@@ -137,7 +137,10 @@ class Store:
 def notify_change(session: Session, payload: str) -> None:
     """Tell listening servers that admin data changed; delivered only if the transaction commits."""
     if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SELECT pg_notify(:channel, :payload)"), {
-            "channel": NOTIFY_CHANNEL,
-            "payload": payload,
-        })
+        session.execute(
+            text("SELECT pg_notify(:channel, :payload)"),
+            {
+                "channel": NOTIFY_CHANNEL,
+                "payload": payload,
+            },
+        )

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import migrations
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
@@ -14,6 +13,7 @@ from alembic.util.exc import CommandError
 from sqlalchemy import Connection
 from sqlalchemy.exc import OperationalError
 
+import migrations
 from core.store.db import Store
 from core.store.errors import InvalidInput, SchemaOutOfDate
 
@@ -61,7 +61,8 @@ def require_head(store: Store) -> None:
             f"(head {head}); upgrade discountd/discountctl"
         )
     raise SchemaOutOfDate(
-        f"store {store.masked_url} is at revision {current}, this build needs {head}; {UPGRADE_HINT}"
+        f"store {store.masked_url} is at revision {current}, this build needs {head}; "
+        + UPGRADE_HINT
     )
 
 
@@ -74,7 +75,9 @@ def _run(store: Store, action: str, revision: str) -> None:
             else:
                 command.downgrade(config, revision)
     except CommandError as e:
-        raise InvalidInput(f"cannot {action} to {revision!r}: {e}; see `discountctl db history`") from None
+        raise InvalidInput(
+            f"cannot {action} to {revision!r}: {e}; see `discountctl db history`"
+        ) from None
     except OperationalError as e:
         raise store.unavailable(e) from None
 

@@ -26,7 +26,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, declared_attr, mapped_column, relationship
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -79,7 +79,18 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
-class Segment(Base):
+class Versioned:
+    """Optimistic locking: every UPDATE checks and bumps ``version``, so a write based on a stale
+    read matches no row and raises instead of overwriting someone else's change."""
+
+    version: Mapped[int] = mapped_column(Integer)
+
+    @declared_attr.directive
+    def __mapper_args__(cls) -> dict[str, Any]:
+        return {"version_id_col": cls.__table__.c.version}  # type: ignore[attr-defined]
+
+
+class Segment(Versioned, Base):
     __tablename__ = "segments"
     __table_args__ = (
         CheckConstraint(_in("kind", SEGMENT_KINDS), name="kind"),
@@ -96,9 +107,6 @@ class Segment(Base):
     priority: Mapped[int] = mapped_column(Integer, default=100)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    version: Mapped[int] = mapped_column(Integer)
-
-    __mapper_args__ = {"version_id_col": version}
 
     def to_dict(self, member_count: int | None = None) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -128,7 +136,7 @@ class SegmentMember(Base):
     __table_args__ = (Index(None, "user_id"),)
 
 
-class Rule(Base):
+class Rule(Versioned, Base):
     __tablename__ = "rules"
     __table_args__ = (
         CheckConstraint("max_discount_pct >= 0 AND max_discount_pct < 100", name="max_discount"),
@@ -163,11 +171,8 @@ class Rule(Base):
     enabled: Mapped[bool] = mapped_column(default=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    version: Mapped[int] = mapped_column(Integer)
 
     segment: Mapped[Segment | None] = relationship(lazy="joined")
-
-    __mapper_args__ = {"version_id_col": version}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -192,7 +197,7 @@ class Rule(Base):
         }
 
 
-class Experiment(Base):
+class Experiment(Versioned, Base):
     __tablename__ = "experiments"
     __table_args__ = (
         CheckConstraint(_in("status", EXPERIMENT_STATUSES), name="status"),
@@ -211,7 +216,6 @@ class Experiment(Base):
     ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    version: Mapped[int] = mapped_column(Integer)
 
     target_segment: Mapped[Segment | None] = relationship(lazy="joined")
     # The first variant (position 0) is the control that reports compare against.
@@ -221,8 +225,6 @@ class Experiment(Base):
         lazy="selectin",
         back_populates="experiment",
     )
-
-    __mapper_args__ = {"version_id_col": version}
 
     def to_dict(self) -> dict[str, Any]:
         return {

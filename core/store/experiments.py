@@ -1,0 +1,230 @@
+"""Experiments: variants with integer weights, a lifecycle, and deterministic assignment."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from core.assignment import WeightsError, bucket, check_weights, variant_index
+from core.segments import evaluate, parse_condition
+from core.store import audit, validate
+from core.store.errors import Conflict, InvalidInput, NotFound
+from core.store.rules import Rules
+from core.store.segments import Segments, check_version
+from core.store.tables import Experiment, Segment, Variant, utcnow
+
+# status -> the statuses a command may move it to
+TRANSITIONS = {
+    "start": ({"draft", "paused"}, "running"),
+    "pause": ({"running"}, "paused"),
+    "stop": ({"draft", "running", "paused"}, "stopped"),
+}
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    name: str
+    weight: int
+    rule: str | None  # a rule name; None means no discount
+
+
+class Experiments:
+    """Repository: takes a Session and never commits; the caller owns the transaction."""
+
+    def __init__(self, session: Session, actor: str = "system") -> None:
+        self.session = session
+        self.actor = actor
+
+    def get(self, key: str) -> Experiment:
+        experiment = self.session.scalar(select(Experiment).where(Experiment.key == key))
+        if experiment is None:
+            raise NotFound(f"no experiment with key {key!r}; see `discountctl experiments list`")
+        return experiment
+
+    def list_all(self) -> list[Experiment]:
+        return list(self.session.scalars(select(Experiment).order_by(Experiment.key)))
+
+    def create(
+        self,
+        key: str,
+        variants: Sequence[VariantSpec],
+        salt: str | None = None,
+        target_segment: str | None = None,
+        description: str = "",
+    ) -> Experiment:
+        validate.key("experiment key", key)
+        if self.session.scalar(select(Experiment.id).where(Experiment.key == key)) is not None:
+            raise Conflict(f"experiment {key!r} already exists; pick another key")
+        if salt is not None and not 1 <= len(salt) <= 64:
+            raise InvalidInput("salt must be 1-64 characters")
+        experiment = Experiment(
+            key=key,
+            description=description,
+            # A fresh salt per experiment, so that experiments do not split users the same way.
+            salt=salt or secrets.token_hex(8),
+            status="draft",
+            target_segment=self._segment(target_segment),
+            variants=self._variants(variants),
+        )
+        self.session.add(experiment)
+        self.session.flush()
+        audit.record(
+            self.session,
+            self.actor,
+            "create",
+            "experiment",
+            experiment.id,
+            key,
+            None,
+            experiment.to_dict(),
+        )
+        return experiment
+
+    def update(
+        self,
+        key: str,
+        expected_version: int | None = None,
+        variants: Sequence[VariantSpec] | None = None,
+        target_segment: str | None = None,
+        description: str | None = None,
+    ) -> Experiment:
+        experiment = self.get(key)
+        check_version("experiment", key, experiment.version, expected_version)
+        if experiment.status != "draft" and (variants is not None or target_segment is not None):
+            raise InvalidInput(
+                f"experiment {key!r} is {experiment.status}; variants and target segment can "
+                "change only while it is a draft (create a new experiment instead)"
+            )
+        before = experiment.to_dict()
+        if variants is not None:
+            experiment.variants.clear()
+            # Old rows go first, so (experiment, position) stays unique while the new ones land.
+            self.session.flush()
+            experiment.variants.extend(self._variants(variants))
+        if target_segment is not None:
+            experiment.target_segment = self._segment(target_segment)
+        if description is not None:
+            experiment.description = description
+        experiment.updated_at = utcnow()
+        self.session.flush()
+        audit.record(
+            self.session,
+            self.actor,
+            "update",
+            "experiment",
+            experiment.id,
+            key,
+            before,
+            experiment.to_dict(),
+        )
+        return experiment
+
+    def transition(self, key: str, command: str, expected_version: int | None = None) -> Experiment:
+        """start | pause | stop, with the lifecycle draft -> running <-> paused -> stopped."""
+        experiment = self.get(key)
+        check_version("experiment", key, experiment.version, expected_version)
+        allowed, target = TRANSITIONS[command]
+        if experiment.status not in allowed:
+            if experiment.status == "stopped":
+                hint = "a stopped experiment cannot restart; create a new one"
+            else:
+                hint = f"it can {command} only from {' or '.join(sorted(allowed))}"
+            raise InvalidInput(f"experiment {key!r} is {experiment.status}; {hint}")
+        if target == "running":
+            for v in experiment.variants:
+                if v.rule is not None and not v.rule.enabled:
+                    raise InvalidInput(
+                        f"variant {v.name!r} uses rule {v.rule.name!r}, which is disabled; "
+                        f"enable it first (`discountctl rules enable {v.rule.name}`)"
+                    )
+        before = experiment.to_dict()
+        experiment.status = target
+        now = utcnow()
+        if target == "running" and experiment.started_at is None:
+            experiment.started_at = now
+        if target == "stopped":
+            experiment.ended_at = now
+        experiment.updated_at = now
+        self.session.flush()
+        audit.record(
+            self.session,
+            self.actor,
+            command,
+            "experiment",
+            experiment.id,
+            key,
+            before,
+            experiment.to_dict(),
+        )
+        return experiment
+
+    def assign(
+        self, key: str, user_id: str, features: Mapping[str, float | str] | None = None
+    ) -> dict[str, Any]:
+        """The variant this user gets, by the hash the server uses.
+
+        Targeting: a member-list segment is checked in the store; a condition segment only when
+        ``features`` are given (the CLI has no feature store), else ``in_target`` is None.
+        """
+        validate.ident("user id", user_id)
+        experiment = self.get(key)
+        in_target: bool | None = True
+        segment = experiment.target_segment
+        if segment is not None:
+            if segment.kind == "members":
+                in_target = Segments(self.session).is_member(segment, user_id)
+            elif features is not None:
+                assert segment.condition is not None
+                in_target = evaluate(parse_condition(segment.condition), features)
+            else:
+                in_target = None
+        variants = experiment.variants
+        chosen = variants[variant_index(experiment.salt, user_id, [v.weight for v in variants])]
+        served: bool | None = in_target
+        if experiment.status != "running":
+            served = False
+        return {
+            "experiment": key,
+            "status": experiment.status,
+            "user_id": user_id,
+            "bucket": bucket(experiment.salt, user_id),
+            "variant": chosen.name,
+            "rule": chosen.rule.name if chosen.rule is not None else None,
+            "target_segment": segment.name if segment is not None else None,
+            "in_target": in_target,
+            # Whether the server gives this user the variant now (running and in the target).
+            "served": served,
+        }
+
+    def _segment(self, name: str | None) -> Segment | None:
+        return None if name is None else Segments(self.session).get(name)
+
+    def _variants(self, specs: Sequence[VariantSpec]) -> list[Variant]:
+        names = [s.name for s in specs]
+        for n in names:
+            validate.key("variant name", n)
+        if len(set(names)) != len(names):
+            raise InvalidInput(f"variant names must be unique, got {', '.join(names)}")
+        if len(specs) < 2:
+            raise InvalidInput(
+                "an experiment needs at least two variants (e.g. control and treatment)"
+            )
+        try:
+            check_weights([s.weight for s in specs])
+        except WeightsError as e:
+            raise InvalidInput(str(e)) from None
+        rules = Rules(self.session)
+        return [
+            Variant(
+                position=i,
+                name=s.name,
+                weight=s.weight,
+                rule=None if s.rule is None else rules.get(s.rule),
+            )
+            for i, s in enumerate(specs)
+        ]

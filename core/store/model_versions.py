@@ -1,0 +1,137 @@
+"""Model versions: register a verified artifact, promote one to active, roll back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from core.artifact import MANIFEST, ArtifactError, Manifest, load_manifest, sha256_file
+from core.store import audit
+from core.store.errors import Conflict, InvalidInput, NotFound
+from core.store.tables import ModelVersion, utcnow
+
+
+class ModelVersions:
+    """Repository: takes a Session and never commits; the caller owns the transaction."""
+
+    def __init__(self, session: Session, actor: str = "system") -> None:
+        self.session = session
+        self.actor = actor
+
+    def get(self, version: str) -> ModelVersion:
+        found = self.session.scalar(select(ModelVersion).where(ModelVersion.version == version))
+        if found is None:
+            raise NotFound(f"no model version {version!r}; see `discountctl models list`")
+        return found
+
+    def list_all(self) -> list[ModelVersion]:
+        return list(
+            self.session.scalars(select(ModelVersion).order_by(ModelVersion.registered_at.desc()))
+        )
+
+    def active(self) -> ModelVersion | None:
+        return self.session.scalar(select(ModelVersion).where(ModelVersion.status == "active"))
+
+    def register(self, directory: Path) -> ModelVersion:
+        """Verify every file against the manifest's sha256 and record the version as staged."""
+        path = directory.resolve()
+        manifest = _verified(path)
+        existing = self.session.scalar(
+            select(ModelVersion).where(ModelVersion.version == manifest.version)
+        )
+        if existing is not None:
+            raise Conflict(
+                f"model version {manifest.version!r} is already registered (from {existing.path})"
+            )
+        model = ModelVersion(
+            version=manifest.version,
+            path=str(path),
+            manifest_sha256=sha256_file(path / MANIFEST),
+            metrics=manifest.metrics,
+            status="staged",
+        )
+        self.session.add(model)
+        self.session.flush()
+        audit.record(
+            self.session,
+            self.actor,
+            "register",
+            "model",
+            model.id,
+            model.version,
+            None,
+            model.to_dict(),
+        )
+        return model
+
+    def promote(self, version: str) -> ModelVersion:
+        """Make a version active; the active one before it is retired."""
+        model = self.get(version)
+        if model.status == "active":
+            raise InvalidInput(f"model version {version!r} is already active")
+        # The files may have changed since registration; never activate what was not verified.
+        _verified(Path(model.path))
+        if sha256_file(Path(model.path) / MANIFEST) != model.manifest_sha256:
+            raise InvalidInput(
+                f"{model.path}: manifest changed since {version!r} was registered; "
+                "register the new version instead"
+            )
+        return self._activate(model, "promote", rolled_back=None)
+
+    def rollback(self) -> ModelVersion:
+        """Retire the active version and reactivate the one active before it."""
+        current = self.active()
+        if current is None:
+            raise InvalidInput("no active model version to roll back from")
+        previous = self.session.scalar(
+            select(ModelVersion)
+            .where(
+                ModelVersion.status == "retired",
+                ModelVersion.activated_at.is_not(None),
+                ModelVersion.rolled_back_at.is_(None),
+            )
+            .order_by(ModelVersion.activated_at.desc())
+            .limit(1)
+        )
+        if previous is None:
+            raise InvalidInput(
+                f"{current.version!r} is the only version ever active; nothing to roll back to"
+            )
+        return self._activate(previous, "rollback", rolled_back=current)
+
+    def _activate(
+        self, model: ModelVersion, action: str, rolled_back: ModelVersion | None
+    ) -> ModelVersion:
+        before = model.to_dict()
+        now = utcnow()
+        current = self.active()
+        if current is not None:
+            current.status = "retired"
+            if rolled_back is not None:
+                current.rolled_back_at = now
+            # Retire first: at no point may two versions be active.
+            self.session.flush()
+        model.status = "active"
+        model.activated_at = now
+        model.rolled_back_at = None
+        self.session.flush()
+        audit.record(
+            self.session,
+            self.actor,
+            action,
+            "model",
+            model.id,
+            model.version,
+            before,
+            model.to_dict(),
+        )
+        return model
+
+
+def _verified(path: Path) -> Manifest:
+    try:
+        return load_manifest(path, verify=True)
+    except ArtifactError as e:
+        raise InvalidInput(f"not a valid model version: {e}") from None

@@ -1,0 +1,202 @@
+"""Segments: named groups of users, by a feature condition or by an imported member list."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
+
+from core.segments import ConditionError, parse_condition, to_json
+from core.store import audit, validate
+from core.store.errors import Conflict, InvalidInput, NotFound
+from core.store.tables import Experiment, Rule, Segment, SegmentMember, utcnow
+
+
+def check_version(kind: str, label: str, actual: int, expected: int | None) -> None:
+    """Optimistic locking for a read-then-write that spans two commands (`show`, then `update`)."""
+    if expected is not None and expected != actual:
+        raise Conflict(
+            f"{kind} {label!r} is at version {actual}, not {expected}: someone changed it since "
+            "you read it; show it again and retry"
+        )
+
+
+class Segments:
+    """Repository: takes a Session and never commits; the caller owns the transaction."""
+
+    def __init__(self, session: Session, actor: str = "system") -> None:
+        self.session = session
+        self.actor = actor
+
+    def get(self, name: str) -> Segment:
+        segment = self.session.scalar(select(Segment).where(Segment.name == name))
+        if segment is None:
+            raise NotFound(f"no segment named {name!r}; see `discountctl segments list`")
+        return segment
+
+    def list_all(self) -> list[Segment]:
+        return list(self.session.scalars(select(Segment).order_by(Segment.priority, Segment.name)))
+
+    def member_count(self, segment: Segment) -> int:
+        query = select(func.count()).where(SegmentMember.segment_id == segment.id)
+        return int(self.session.scalar(query) or 0)
+
+    def is_member(self, segment: Segment, user_id: str) -> bool:
+        query = select(SegmentMember.user_id).where(
+            SegmentMember.segment_id == segment.id, SegmentMember.user_id == user_id
+        )
+        return self.session.scalar(query) is not None
+
+    def as_dict(self, segment: Segment) -> dict[str, Any]:
+        count = self.member_count(segment) if segment.kind == "members" else None
+        return segment.to_dict(member_count=count)
+
+    def create(
+        self,
+        name: str,
+        condition: object | None,
+        description: str = "",
+        priority: int = 100,
+    ) -> Segment:
+        """A condition segment, or an empty member list when condition is None."""
+        validate.name("segment", name)
+        if self.session.scalar(select(Segment.id).where(Segment.name == name)) is not None:
+            raise Conflict(f"segment {name!r} already exists; pick another name or update it")
+        segment = Segment(
+            name=name,
+            description=description,
+            kind="members" if condition is None else "condition",
+            condition=None if condition is None else _condition(condition),
+            priority=priority,
+        )
+        self.session.add(segment)
+        self.session.flush()
+        audit.record(
+            self.session,
+            self.actor,
+            "create",
+            "segment",
+            segment.id,
+            name,
+            None,
+            self.as_dict(segment),
+        )
+        return segment
+
+    def update(
+        self,
+        name: str,
+        expected_version: int | None = None,
+        new_name: str | None = None,
+        description: str | None = None,
+        condition: object | None = None,
+        priority: int | None = None,
+    ) -> Segment:
+        segment = self.get(name)
+        check_version("segment", name, segment.version, expected_version)
+        before = self.as_dict(segment)
+        if new_name is not None and new_name != name:
+            validate.name("segment", new_name)
+            if self.session.scalar(select(Segment.id).where(Segment.name == new_name)) is not None:
+                raise Conflict(f"segment {new_name!r} already exists; pick another name")
+            segment.name = new_name
+        if condition is not None:
+            if segment.kind != "condition":
+                raise InvalidInput(
+                    f"segment {name!r} is a member list; change its members with "
+                    "`discountctl segments import-members`"
+                )
+            segment.condition = _condition(condition)
+        if description is not None:
+            segment.description = description
+        if priority is not None:
+            segment.priority = priority
+        segment.updated_at = utcnow()
+        self.session.flush()
+        audit.record(
+            self.session,
+            self.actor,
+            "update",
+            "segment",
+            segment.id,
+            segment.name,
+            before,
+            self.as_dict(segment),
+        )
+        return segment
+
+    def delete(self, name: str, expected_version: int | None = None) -> dict[str, Any]:
+        segment = self.get(name)
+        check_version("segment", name, segment.version, expected_version)
+        users = [
+            f"rule {r!r}"
+            for r in self.session.scalars(select(Rule.name).where(Rule.segment_id == segment.id))
+        ] + [
+            f"experiment {k!r}"
+            for k in self.session.scalars(
+                select(Experiment.key).where(Experiment.target_segment_id == segment.id)
+            )
+        ]
+        if users:
+            raise Conflict(
+                f"segment {name!r} is used by {', '.join(users)}; change or delete those first"
+            )
+        before = self.as_dict(segment)
+        self.session.execute(delete(SegmentMember).where(SegmentMember.segment_id == segment.id))
+        self.session.delete(segment)
+        self.session.flush()
+        audit.record(
+            self.session, self.actor, "delete", "segment", before["id"], name, before, None
+        )
+        return before
+
+    def import_members(
+        self, name: str, user_ids: Iterable[str], replace: bool = False
+    ) -> tuple[Segment, int]:
+        """Add (or with replace, set) the members of a member-list segment; returns (segment,
+        number of ids newly added)."""
+        segment = self.get(name)
+        if segment.kind != "members":
+            raise InvalidInput(
+                f"segment {name!r} is defined by a condition; only member-list segments "
+                "(created without --condition/--where) take imported members"
+            )
+        wanted = list(dict.fromkeys(validate.ident("user id", u) for u in user_ids))
+        if not wanted:
+            raise InvalidInput("no user ids to import; the file has no rows")
+        before = self.as_dict(segment)
+        if replace:
+            self.session.execute(
+                delete(SegmentMember).where(SegmentMember.segment_id == segment.id)
+            )
+            existing: set[str] = set()
+        else:
+            existing = set(
+                self.session.scalars(
+                    select(SegmentMember.user_id).where(SegmentMember.segment_id == segment.id)
+                )
+            )
+        new = [u for u in wanted if u not in existing]
+        self.session.add_all(SegmentMember(segment_id=segment.id, user_id=u) for u in new)
+        segment.updated_at = utcnow()
+        self.session.flush()
+        audit.record(
+            self.session,
+            self.actor,
+            "import_members",
+            "segment",
+            segment.id,
+            name,
+            before,
+            self.as_dict(segment),
+        )
+        return segment, len(new)
+
+
+def _condition(raw: object) -> dict[str, Any]:
+    try:
+        return to_json(parse_condition(raw))
+    except ConditionError as e:
+        raise InvalidInput(f"invalid segment condition: {e}") from None

@@ -1,0 +1,42 @@
+"""Checks shared by the repositories: names and ids that round-trip literally."""
+
+from __future__ import annotations
+
+import re
+
+from core.store.errors import InvalidInput
+from core.store.tables import ID_LENGTH, NAME_LENGTH
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def name(kind: str, value: str) -> str:
+    """Any printable text (SQL-looking and Unicode included) is stored exactly as given."""
+    if not value.strip():
+        raise InvalidInput(f"{kind} name must not be empty")
+    if value != value.strip():
+        raise InvalidInput(f"{kind} name {value!r} has leading or trailing spaces; remove them")
+    if len(value) > NAME_LENGTH:
+        raise InvalidInput(f"{kind} name is {len(value)} characters; the limit is {NAME_LENGTH}")
+    if _CONTROL.search(value):
+        raise InvalidInput(f"{kind} name {value!r} contains control characters; remove them")
+    return value
+
+
+def key(kind: str, value: str) -> str:
+    if not KEY_PATTERN.match(value):
+        raise InvalidInput(
+            f"{kind} {value!r} must be 1-64 letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+def ident(kind: str, value: str) -> str:
+    """A shop's user or item id: any text without control characters, as in the catalog."""
+    if not value or len(value) > ID_LENGTH or _CONTROL.search(value):
+        raise InvalidInput(
+            f"{kind} {value!r} must be 1-{ID_LENGTH} characters without control characters"
+        )
+    return value
