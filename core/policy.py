@@ -2,16 +2,38 @@
 
 Pure code, shared by the store (validation at rule create/update), the server (``GetOffers``)
 and ``discountctl rules simulate``; it never imports grpc or SQLAlchemy.
+
+Money is ``Decimal`` and rounded the same way everywhere:
+
+- a base price is rounded half-up to cents once, on entry (``to_cents``);
+- the margin floor, cost × (1 + min_margin/100), is rounded *up* to cents (``floor_price``);
+- a discount percent has two decimals, rounded *down*, and is capped by the guardrails;
+- the final price is base × (1 − percent/100) rounded *up* to cents (``price_after``).
+
+Rounding both the floor and the final price up means no rounding step can push a price below the
+margin floor or a discount above the maximum; the shop, not the customer, absorbs at most a cent.
+Every offer satisfies ``final_price == price_after(base_price, discount_pct)``.
 """
 
 from __future__ import annotations
 
+import decimal
 import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from decimal import ROUND_CEILING, ROUND_DOWN, ROUND_HALF_UP, Decimal
+from enum import StrEnum
 from typing import Any
 
 POLICIES: tuple[str, ...] = ("tiered_topk", "threshold", "linear", "optimal")
+# `optimal` needs the response model (its own issue); until then it is validated, never served.
+SERVED_POLICIES: tuple[str, ...] = ("tiered_topk", "threshold", "linear")
+
+CENT = Decimal("0.01")
+HUNDRED = Decimal(100)
+# Enough digits that cost × (1 + margin) of any float-derived inputs is computed exactly.
+_EXACT = decimal.Context(prec=80)
 
 
 class PolicyError(Exception):
@@ -112,3 +134,267 @@ def validate_params(policy: str, params: Mapping[str, Any]) -> dict[str, Any]:
             f"{policy}: missing parameter(s) {', '.join(missing)}; required: {', '.join(names)}"
         )
     return validator(params)
+
+
+class Reason(StrEnum):
+    """Why an offer has the discount it has; sent to callers as these exact strings."""
+
+    NO_RULE = "NO_RULE"
+    POLICY_TIERED_TOP = "POLICY_TIERED_TOP"
+    POLICY_TIERED_REST = "POLICY_TIERED_REST"
+    POLICY_THRESHOLD_MET = "POLICY_THRESHOLD_MET"
+    POLICY_THRESHOLD_NOT_MET = "POLICY_THRESHOLD_NOT_MET"
+    POLICY_LINEAR = "POLICY_LINEAR"
+    # The policy needs a model score and the item has none (e.g. unknown to the model).
+    NO_SCORE = "NO_SCORE"
+    GUARDRAIL_MAX_DISCOUNT = "GUARDRAIL_MAX_DISCOUNT"
+    GUARDRAIL_MARGIN_FLOOR = "GUARDRAIL_MARGIN_FLOOR"
+    # The margin floor is above the base price: the item is already sold below the floor.
+    LOSS_LEADER_NO_DISCOUNT = "LOSS_LEADER_NO_DISCOUNT"
+    # The discount was too small to change the price by a cent.
+    ROUNDED_TO_NO_DISCOUNT = "ROUNDED_TO_NO_DISCOUNT"
+    BUDGET_EXHAUSTED = "BUDGET_EXHAUSTED"
+
+
+def as_decimal(value: Decimal | float | int | str, what: str) -> Decimal:
+    """A finite Decimal from a number or numeric string; PolicyError naming ``what`` if not."""
+    if isinstance(value, bool):
+        raise PolicyError(f"{what} must be a number, got {value!r}")
+    try:
+        # str() first: a float becomes its shortest repr (0.1 -> "0.1"), not its binary expansion.
+        result = value if isinstance(value, Decimal) else Decimal(str(value))
+    except decimal.InvalidOperation:
+        raise PolicyError(f"{what} must be a number, got {value!r}") from None
+    if not result.is_finite():
+        raise PolicyError(f"{what} must be a finite number, got {value!r}")
+    return result
+
+
+def to_cents(amount: Decimal | float | int | str) -> Decimal:
+    """An amount of money rounded half-up to cents, the way catalog prices enter pricing."""
+    return as_decimal(amount, "amount").quantize(CENT, rounding=ROUND_HALF_UP)
+
+
+def floor_price(cost: Decimal, min_margin_pct: Decimal) -> Decimal:
+    """The lowest price a discount may reach: cost × (1 + min_margin/100), rounded up to cents."""
+    exact = _EXACT.multiply(cost, _EXACT.add(1, _EXACT.divide(min_margin_pct, HUNDRED)))
+    return exact.quantize(CENT, rounding=ROUND_CEILING, context=_EXACT)
+
+
+def price_after(base_price: Decimal, discount_pct: Decimal) -> Decimal:
+    """The price after a discount: base × (1 − percent/100), rounded up to cents."""
+    exact = _EXACT.divide(_EXACT.multiply(base_price, HUNDRED - discount_pct), HUNDRED)
+    return exact.quantize(CENT, rounding=ROUND_CEILING, context=_EXACT)
+
+
+def _percent_down(value: Decimal) -> Decimal:
+    return value.quantize(CENT, rounding=ROUND_DOWN, context=_EXACT)
+
+
+@dataclass(frozen=True)
+class Guardrails:
+    """Limits every discount of a rule obeys, whatever its policy says.
+
+    ``max_discount_pct`` in [0, 100); ``min_margin_pct`` >= 0, the margin over cost a discounted
+    price keeps (10 means a final price of at least cost × 1.10).
+    """
+
+    max_discount_pct: Decimal
+    min_margin_pct: Decimal = Decimal(0)
+
+    def __post_init__(self) -> None:
+        if not self.max_discount_pct.is_finite() or not 0 <= self.max_discount_pct < 100:
+            raise PolicyError(
+                f"guardrail max_discount_pct must be in [0, 100), got {self.max_discount_pct}"
+            )
+        if not self.min_margin_pct.is_finite() or self.min_margin_pct < 0:
+            raise PolicyError(
+                f"guardrail min_margin_pct must be a number >= 0 (percent over cost), "
+                f"got {self.min_margin_pct}"
+            )
+
+    @classmethod
+    def of(
+        cls, max_discount_pct: Decimal | float | int, min_margin_pct: Decimal | float | int = 0
+    ) -> Guardrails:
+        """Guardrails from plain numbers (JSON, CLI flags, database floats)."""
+        return cls(
+            as_decimal(max_discount_pct, "guardrail max_discount_pct"),
+            as_decimal(min_margin_pct, "guardrail min_margin_pct"),
+        )
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A policy with validated parameters and its guardrails; what pricing needs of a rule."""
+
+    policy: str
+    params: Mapping[str, Any]
+    guardrails: Guardrails
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "params", validate_params(self.policy, self.params))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """An item to price: catalog price and cost, and the model's view of it for this user.
+
+    ``rank`` is 1-based among the items of the request; ``score`` is None when the model has
+    none (an item it does not know).
+    """
+
+    item_id: str
+    base_price: Decimal
+    cost: Decimal
+    rank: int
+    score: float | None = None
+
+
+@dataclass(frozen=True)
+class PricedItem:
+    """One item's offer: ``final_price == price_after(base_price, discount_pct)`` always."""
+
+    item_id: str
+    base_price: Decimal
+    discount_pct: Decimal
+    final_price: Decimal
+    reasons: tuple[Reason, ...] = field(default_factory=tuple)
+
+    @property
+    def discount_amount(self) -> Decimal:
+        return self.base_price - self.final_price
+
+
+_PolicyFn = Callable[[Mapping[str, Any], Candidate], tuple[Decimal, Reason]]
+
+
+def _tiered_topk_discount(params: Mapping[str, Any], item: Candidate) -> tuple[Decimal, Reason]:
+    if item.rank <= params["k1"]:
+        return as_decimal(params["d1"], "d1"), Reason.POLICY_TIERED_TOP
+    return as_decimal(params["d2"], "d2"), Reason.POLICY_TIERED_REST
+
+
+def _threshold_discount(params: Mapping[str, Any], item: Candidate) -> tuple[Decimal, Reason]:
+    if item.score is None or not math.isfinite(item.score):
+        return Decimal(0), Reason.NO_SCORE
+    if item.score >= params["t"]:
+        return as_decimal(params["d"], "d"), Reason.POLICY_THRESHOLD_MET
+    return Decimal(0), Reason.POLICY_THRESHOLD_NOT_MET
+
+
+def _linear_discount(params: Mapping[str, Any], item: Candidate) -> tuple[Decimal, Reason]:
+    if item.score is None or not math.isfinite(item.score):
+        return Decimal(0), Reason.NO_SCORE
+    # a·score + b may overflow to ±inf; clipping still lands it inside [min, max].
+    raw = params["a"] * item.score + params["b"]
+    clipped = min(max(raw, params["min"]), params["max"])
+    return as_decimal(clipped, "linear discount"), Reason.POLICY_LINEAR
+
+
+_POLICY_FNS: dict[str, _PolicyFn] = {
+    "tiered_topk": _tiered_topk_discount,
+    "threshold": _threshold_discount,
+    "linear": _linear_discount,
+}
+
+
+def _check_candidate(item: Candidate) -> None:
+    for what, value in (("base_price", item.base_price), ("cost", item.cost)):
+        if not value.is_finite() or value < 0:
+            raise PolicyError(f"item {item.item_id!r}: {what} must be >= 0, got {value}")
+    if item.rank < 1:
+        raise PolicyError(f"item {item.item_id!r}: rank is 1-based, got {item.rank}")
+
+
+def _floor_bound_percent(base: Decimal, floor: Decimal) -> Decimal:
+    """The percent to show when the margin floor binds (requires 0 <= floor <= base, base > 0).
+
+    First the lowest price any two-decimal percent reaches without going below the floor: a
+    percent p keeps the rounded-up price >= floor exactly when base × (1 − p/100) > floor − 0.01.
+    Then the smallest percent that gives that price, so the shown percent does not overstate
+    what the customer saves.
+    """
+    limit = _EXACT.divide(_EXACT.multiply(base - floor + CENT, HUNDRED), base)
+    largest = _percent_down(limit)
+    if largest == limit:
+        largest -= CENT
+    lowest_price = price_after(base, largest)
+    smallest = _EXACT.divide(_EXACT.multiply(base - lowest_price, HUNDRED), base)
+    return smallest.quantize(CENT, rounding=ROUND_CEILING, context=_EXACT)
+
+
+def _price_one(rule: Rule, item: Candidate) -> PricedItem:
+    _check_candidate(item)
+    base = to_cents(item.base_price)
+    proposed, policy_reason = _POLICY_FNS[rule.policy](rule.params, item)
+    reasons = [policy_reason]
+    pct = _percent_down(proposed)
+    if pct > rule.guardrails.max_discount_pct:
+        pct = _percent_down(rule.guardrails.max_discount_pct)
+        reasons.append(Reason.GUARDRAIL_MAX_DISCOUNT)
+    if pct > 0:
+        floor = floor_price(item.cost, rule.guardrails.min_margin_pct)
+        if floor > base:
+            pct = Decimal(0)
+            reasons.append(Reason.LOSS_LEADER_NO_DISCOUNT)
+        elif price_after(base, pct) < floor:
+            pct = _floor_bound_percent(base, floor)
+            reasons.append(Reason.GUARDRAIL_MARGIN_FLOOR)
+    final = price_after(base, pct)
+    if pct > 0 and final == base:
+        pct = Decimal(0)
+        reasons.append(Reason.ROUNDED_TO_NO_DISCOUNT)
+    return PricedItem(item.item_id, base, pct.quantize(CENT), final, tuple(reasons))
+
+
+def no_discount(item: Candidate, reason: Reason = Reason.NO_RULE) -> PricedItem:
+    """The offer when no rule applies: the base price, and the reason there is no discount."""
+    base = to_cents(item.base_price)
+    return PricedItem(item.item_id, base, Decimal("0.00"), base, (reason,))
+
+
+def price_items(rule: Rule | None, items: Iterable[Candidate]) -> list[PricedItem]:
+    """Price items under one rule (None: no rule applies, so no discount — fail closed).
+
+    Raises PolicyError for a policy that is not served yet (``optimal``) or an item with a
+    negative price or cost.
+    """
+    if rule is None:
+        return [no_discount(item) for item in items]
+    if rule.policy not in SERVED_POLICIES:
+        raise PolicyError(
+            f"policy {rule.policy!r} is not served yet; use one of {', '.join(SERVED_POLICIES)}"
+        )
+    return [_price_one(rule, item) for item in items]
+
+
+def apply_budget(items: Sequence[PricedItem], remaining: Decimal | None) -> list[PricedItem]:
+    """Withdraw discounts the rule's remaining budget cannot pay for (None: no budget).
+
+    Items are considered in order; each discount that fits is granted and reduces what is left,
+    one that does not fit is replaced by the base price. A spent or negative budget therefore
+    grants nothing (fail closed). The caller decides what counts as spent (e.g. issued or
+    redeemed discounts) and passes what is left.
+    """
+    if remaining is None:
+        return list(items)
+    left = remaining
+    out = []
+    for item in items:
+        amount = item.discount_amount
+        if amount <= 0:
+            out.append(item)
+        elif amount <= left:
+            left -= amount
+            out.append(item)
+        else:
+            out.append(
+                replace(
+                    item,
+                    discount_pct=Decimal("0.00"),
+                    final_price=item.base_price,
+                    reasons=(*item.reasons, Reason.BUDGET_EXHAUSTED),
+                )
+            )
+    return out

@@ -4,13 +4,30 @@ from __future__ import annotations
 
 import itertools
 import math
+from decimal import Decimal
 from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from core.policy import POLICIES, PolicyError, validate_params
+from core.policy import (
+    POLICIES,
+    SERVED_POLICIES,
+    Candidate,
+    Guardrails,
+    PolicyError,
+    PricedItem,
+    Reason,
+    Rule,
+    apply_budget,
+    floor_price,
+    no_discount,
+    price_after,
+    price_items,
+    to_cents,
+    validate_params,
+)
 
 NAMES = {
     "tiered_topk": ("k1", "d1", "d2"),
@@ -139,3 +156,285 @@ def test_messages_name_the_parameter_and_the_allowed_values(
 ) -> None:
     with pytest.raises(PolicyError, match=message):
         validate_params(policy, params)
+
+
+POLICY_REASONS = {
+    Reason.POLICY_TIERED_TOP,
+    Reason.POLICY_TIERED_REST,
+    Reason.POLICY_THRESHOLD_MET,
+    Reason.POLICY_THRESHOLD_NOT_MET,
+    Reason.POLICY_LINEAR,
+    Reason.NO_SCORE,
+}
+
+
+def policy_percent(rule: Rule, item: Candidate) -> float:
+    """What the policy asks for before guardrails, restated from DESIGN.md."""
+    p = rule.params
+    if rule.policy == "tiered_topk":
+        return float(p["d1"] if item.rank <= p["k1"] else p["d2"])
+    if item.score is None:
+        return 0.0
+    if rule.policy == "threshold":
+        return float(p["d"]) if item.score >= p["t"] else 0.0
+    return float(min(max(p["a"] * item.score + p["b"], p["min"]), p["max"]))
+
+
+money = st.integers(min_value=0, max_value=100_000_000).map(lambda m: Decimal(m) / 1000)
+percent = st.integers(min_value=0, max_value=99_999).map(lambda m: Decimal(m) / 1000)
+
+
+@st.composite
+def served_rules(draw: st.DrawFn) -> Rule:
+    policy, params = draw(valid_params().filter(lambda c: c[0] in SERVED_POLICIES))
+    margin = draw(st.decimals(min_value=0, max_value=60, places=2))
+    return Rule(policy, params, Guardrails(draw(percent), margin))
+
+
+@st.composite
+def candidates(draw: st.DrawFn) -> list[Candidate]:
+    n = draw(st.integers(min_value=1, max_value=6))
+    scores = st.one_of(st.none(), st.floats(min_value=-1e6, max_value=1e6))
+    items = []
+    for rank in range(1, n + 1):
+        base = draw(money)
+        # Costs near the price, so that the margin floor binds often, not just the loss leaders.
+        ratio = Decimal(draw(st.integers(min_value=0, max_value=12_000))) / 10_000
+        items.append(Candidate(f"i{rank}", base, base * ratio, rank, draw(scores)))
+    return items
+
+
+@given(served_rules(), candidates())
+def test_guardrails_hold_for_every_rule_price_and_cost(rule: Rule, items: list[Candidate]) -> None:
+    priced = price_items(rule, items)
+    assert [p.item_id for p in priced] == [c.item_id for c in items]
+    g = rule.guardrails
+    for item, offer in zip(items, priced, strict=True):
+        base = to_cents(item.base_price)
+        floor = floor_price(item.cost, g.min_margin_pct)
+        assert offer.base_price == base
+        assert Decimal(0) <= offer.final_price <= base
+        assert Decimal(0) <= offer.discount_pct <= g.max_discount_pct
+        assert offer.discount_pct.as_tuple().exponent == -2
+        assert offer.final_price.as_tuple().exponent == -2
+        # One rounding everywhere: the price is exactly what the percent gives.
+        assert offer.final_price == price_after(base, offer.discount_pct)
+        assert offer.discount_pct <= Decimal(str(policy_percent(rule, item)))
+        if offer.discount_pct > 0:
+            assert offer.final_price >= floor
+            assert offer.final_price < base
+        else:
+            assert offer.final_price == base
+        if floor > base:
+            assert offer.discount_pct == 0
+        assert offer.reasons[0] in POLICY_REASONS
+
+
+@given(served_rules(), candidates())
+def test_an_unconstrained_discount_is_exactly_what_the_policy_asks(
+    rule: Rule, items: list[Candidate]
+) -> None:
+    for item, offer in zip(items, price_items(rule, items), strict=True):
+        if len(offer.reasons) == 1:
+            wanted = Decimal(str(policy_percent(rule, item))).quantize(
+                Decimal("0.01"), "ROUND_DOWN"
+            )
+            assert offer.discount_pct == wanted
+
+
+@given(
+    st.integers(min_value=1, max_value=10_000_000),
+    st.integers(min_value=0, max_value=12_000),
+    st.integers(min_value=0, max_value=5_000),
+)
+def test_margin_floor_keeps_the_largest_discount_it_allows(
+    base_cents: int, ratio: int, margin_bp: int
+) -> None:
+    base = Decimal(base_cents) / 100
+    cost = (base * ratio / 10_000).quantize(Decimal("0.0001"))
+    margin = Decimal(margin_bp) / 100
+    rule = Rule("tiered_topk", {"k1": 1, "d1": 90, "d2": 0}, Guardrails(Decimal(95), margin))
+    offer = price_items(rule, [Candidate("x", base, cost, 1)])[0]
+    floor = floor_price(cost, margin)
+    if offer.discount_pct == 90 or offer.reasons[-1] == Reason.ROUNDED_TO_NO_DISCOUNT:
+        assert offer.final_price >= floor
+        return
+    if floor > base:
+        assert offer.reasons[-1] == Reason.LOSS_LEADER_NO_DISCOUNT
+        return
+    assert offer.reasons[-1] == Reason.GUARDRAIL_MARGIN_FLOOR
+    assert offer.final_price >= floor
+    # No larger percent reaches a lower price that the floor allows ...
+    step = Decimal("0.01")
+    for n in range(1, 101):
+        lower = price_after(base, offer.discount_pct + n * step)
+        assert lower == offer.final_price or lower < floor
+    # ... and no smaller percent gives the same price: the shown percent does not overstate.
+    if offer.discount_pct > 0:
+        assert price_after(base, offer.discount_pct - step) > offer.final_price
+
+
+def _rule(policy: str, params: dict[str, Any], max_pct: str = "99", margin: str = "0") -> Rule:
+    return Rule(policy, params, Guardrails(Decimal(max_pct), Decimal(margin)))
+
+
+def _price(
+    rule: Rule, base: str, cost: str, rank: int = 1, score: float | None = None
+) -> PricedItem:
+    return price_items(rule, [Candidate("x", Decimal(base), Decimal(cost), rank, score)])[0]
+
+
+TIERED = {"k1": 2, "d1": 20, "d2": 5}
+
+
+def test_tiered_topk_gives_the_top_k1_items_d1_and_the_rest_d2() -> None:
+    rule = _rule("tiered_topk", TIERED)
+    items = [Candidate(f"i{r}", Decimal("10.00"), Decimal("1"), r) for r in (1, 2, 3, 4)]
+    offers = price_items(rule, items)
+    assert [o.discount_pct for o in offers] == [Decimal("20.00")] * 2 + [Decimal("5.00")] * 2
+    assert [o.final_price for o in offers] == [Decimal("8.00")] * 2 + [Decimal("9.50")] * 2
+    assert [o.reasons for o in offers] == [(Reason.POLICY_TIERED_TOP,)] * 2 + [
+        (Reason.POLICY_TIERED_REST,)
+    ] * 2
+
+
+def test_prices_round_up_to_cents() -> None:
+    # 10% off 9.99 is 8.991: the shop keeps the fraction of a cent.
+    offer = _price(_rule("tiered_topk", TIERED | {"d1": 10}), "9.99", "0")
+    assert (offer.discount_pct, offer.final_price) == (Decimal("10.00"), Decimal("9.00"))
+
+
+def test_max_discount_caps_the_policy() -> None:
+    offer = _price(_rule("tiered_topk", TIERED, max_pct="15"), "10.00", "1")
+    assert offer.discount_pct == Decimal("15.00")
+    assert offer.final_price == Decimal("8.50")
+    assert offer.reasons == (Reason.POLICY_TIERED_TOP, Reason.GUARDRAIL_MAX_DISCOUNT)
+
+
+def test_margin_floor_lowers_the_discount_to_what_the_margin_allows() -> None:
+    # Floor = 7.00 × 1.10 = 7.70; 20% off 10.00 would be 8.00, fine; 30% would be 7.00.
+    rule = _rule("tiered_topk", TIERED | {"d1": 30}, margin="10")
+    offer = _price(rule, "10.00", "7.00")
+    assert offer.discount_pct == Decimal("23.00")
+    assert offer.final_price == Decimal("7.70")
+    assert offer.reasons == (Reason.POLICY_TIERED_TOP, Reason.GUARDRAIL_MARGIN_FLOOR)
+    # Floor 5.00 × 1.10 = 5.50 exactly: reached, at the smallest percent that gives it.
+    offer = _price(_rule("tiered_topk", TIERED | {"d1": 50}, margin="10"), "9.99", "5.00")
+    assert (offer.discount_pct, offer.final_price) == (Decimal("44.95"), Decimal("5.50"))
+
+
+def test_floor_rounds_up_so_rounding_never_breaks_it() -> None:
+    assert floor_price(Decimal("3.33"), Decimal("10")) == Decimal("3.67")  # 3.663
+    offer = _price(_rule("tiered_topk", TIERED | {"d1": 90}, margin="10"), "5.00", "3.33")
+    assert offer.final_price >= Decimal("3.67")
+    assert offer.final_price == price_after(Decimal("5.00"), offer.discount_pct)
+
+
+def test_a_loss_leader_gets_no_discount() -> None:
+    offer = _price(_rule("tiered_topk", TIERED), "4.00", "5.00")
+    assert (offer.discount_pct, offer.final_price) == (Decimal("0.00"), Decimal("4.00"))
+    assert offer.reasons == (Reason.POLICY_TIERED_TOP, Reason.LOSS_LEADER_NO_DISCOUNT)
+
+
+def test_a_discount_below_a_cent_is_reported_as_none() -> None:
+    offer = _price(_rule("tiered_topk", TIERED | {"d1": 1, "d2": 0}), "0.05", "0")
+    assert (offer.discount_pct, offer.final_price) == (Decimal("0.00"), Decimal("0.05"))
+    assert offer.reasons[-1] == Reason.ROUNDED_TO_NO_DISCOUNT
+
+
+def test_threshold_and_linear_use_the_score_and_refuse_to_guess_without_one() -> None:
+    threshold = _rule("threshold", {"t": 0.5, "d": 12})
+    assert _price(threshold, "10.00", "0", score=0.5).discount_pct == Decimal("12.00")
+    assert _price(threshold, "10.00", "0", score=0.49).reasons == (Reason.POLICY_THRESHOLD_NOT_MET,)
+    linear = _rule("linear", {"a": 10, "b": 2, "min": 5, "max": 25})
+    assert _price(linear, "10.00", "0", score=1.0).discount_pct == Decimal("12.00")
+    assert _price(linear, "10.00", "0", score=-3.0).discount_pct == Decimal("5.00")
+    assert _price(linear, "10.00", "0", score=1e300).discount_pct == Decimal("25.00")
+    for rule in (threshold, linear):
+        offer = _price(rule, "10.00", "0", score=None)
+        assert (offer.discount_pct, offer.reasons) == (Decimal("0.00"), (Reason.NO_SCORE,))
+
+
+def test_no_rule_means_no_discount() -> None:
+    items = [Candidate("a", Decimal("3.456"), Decimal("1"), 1)]
+    assert price_items(None, items) == [
+        PricedItem("a", Decimal("3.46"), Decimal("0.00"), Decimal("3.46"), (Reason.NO_RULE,))
+    ]
+    assert no_discount(items[0], Reason.BUDGET_EXHAUSTED).reasons == (Reason.BUDGET_EXHAUSTED,)
+
+
+def test_optimal_is_validated_but_not_served() -> None:
+    rule = _rule("optimal", {"grid": [0, 5, 10]})
+    with pytest.raises(PolicyError, match="'optimal' is not served yet"):
+        price_items(rule, [Candidate("a", Decimal(1), Decimal(0), 1)])
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        (Candidate("a", Decimal(-1), Decimal(0), 1), "item 'a': base_price must be >= 0"),
+        (Candidate("a", Decimal(1), Decimal("-0.5"), 1), "item 'a': cost must be >= 0"),
+        (Candidate("a", Decimal(1), Decimal(0), 0), "rank is 1-based"),
+    ],
+)
+def test_bad_items_are_refused(item: Candidate, message: str) -> None:
+    with pytest.raises(PolicyError, match=message):
+        price_items(_rule("tiered_topk", TIERED), [item])
+
+
+@pytest.mark.parametrize(
+    ("max_pct", "margin", "message"),
+    [
+        (100, 0, r"max_discount_pct must be in \[0, 100\)"),
+        (-1, 0, r"max_discount_pct must be in \[0, 100\)"),
+        (10, -5, "min_margin_pct must be a number >= 0"),
+        (float("nan"), 0, "max_discount_pct must be a finite number"),
+        (True, 0, "max_discount_pct must be a number"),
+    ],
+)
+def test_bad_guardrails_are_refused(max_pct: Any, margin: Any, message: str) -> None:
+    with pytest.raises(PolicyError, match=message):
+        Guardrails.of(max_pct, margin)
+
+
+def test_rule_normalizes_its_parameters_and_refuses_bad_ones() -> None:
+    assert _rule("tiered_topk", TIERED).params == {"k1": 2, "d1": 20.0, "d2": 5.0}
+    with pytest.raises(PolicyError, match="'k1'"):
+        _rule("tiered_topk", TIERED | {"k1": 0})
+
+
+@given(
+    st.lists(st.integers(min_value=0, max_value=500), max_size=8),
+    st.one_of(st.none(), st.integers(min_value=-100, max_value=1500)),
+)
+def test_budget_never_grants_more_than_is_left(cents: list[int], remaining: int | None) -> None:
+    items = [
+        PricedItem(f"i{n}", Decimal(5), Decimal(0), Decimal(5) - Decimal(c) / 100, ())
+        for n, c in enumerate(cents)
+    ]
+    left = None if remaining is None else Decimal(remaining) / 100
+    out = apply_budget(items, left)
+    assert [o.item_id for o in out] == [i.item_id for i in items]
+    if left is None:
+        assert out == items
+        return
+    granted = sum((o.discount_amount for o in out), Decimal(0))
+    assert granted <= max(left, Decimal(0))
+    for before, after in zip(items, out, strict=True):
+        assert after == before or (
+            after.final_price == after.base_price
+            and after.discount_pct == 0
+            and after.reasons[-1] == Reason.BUDGET_EXHAUSTED
+        )
+
+
+def test_budget_grants_in_order_and_fails_closed_when_spent() -> None:
+    rule = _rule("tiered_topk", TIERED)
+    items = [Candidate(f"i{r}", Decimal("10.00"), Decimal("1"), r) for r in (1, 2, 3)]
+    offers = price_items(rule, items)  # discounts 2.00, 2.00, 0.50
+    assert [o.discount_amount for o in apply_budget(offers, Decimal("2.60"))] == [
+        Decimal("2.00"),
+        Decimal(0),
+        Decimal("0.50"),
+    ]
+    assert all(o.discount_pct == 0 for o in apply_budget(offers, Decimal(0)))
