@@ -1,0 +1,34 @@
+"""`discountctl audit ...`"""
+
+from __future__ import annotations
+
+import click
+
+from admin.app import App
+from admin.output import emit, output_option
+from core.store import audit as store_audit
+
+COLUMNS = ("id", "at", "actor", "action", "entity_type", "entity_name")
+
+
+@click.group()
+def audit() -> None:
+    """The audit log: who changed what, when, with the record before and after."""
+
+
+@audit.command("list")
+@click.option("--entity-type", type=click.Choice(store_audit.ENTITY_TYPES), help="Only these.")
+@click.option("--name", help="Only entries about the segment, rule, experiment or model named so.")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
+@output_option
+@click.pass_obj
+def list_(app: App, entity_type: str | None, name: str | None, limit: int, output: str) -> None:
+    """List audit entries, newest first (JSON output includes before/after).
+
+    \b
+    Example:
+      discountctl audit list --entity-type rule --limit 10
+    """
+    with app.transaction() as session:
+        data = [e.to_dict() for e in store_audit.entries(session, entity_type, name, limit)]
+    emit(data, output, COLUMNS)

@@ -1,0 +1,72 @@
+"""`discountctl`: the admin CLI over the store. Noun groups, verb commands.
+
+Data goes to stdout (``--output table|json``), messages to stderr. Exit 0 on success, 1 for a
+refused input or an unreachable store (one line, no traceback), 2 for a usage error.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+from sqlalchemy.exc import SQLAlchemyError
+
+from admin.app import App, default_actor
+from admin.audit import audit
+from admin.db import db
+from admin.experiments import experiments
+from admin.models import models
+from admin.rules import rules
+from admin.segments import segments
+from core.store.db import DEFAULT_URL, first_line, mask_url
+from core.store.errors import StoreError
+
+
+class Cli(click.Group):
+    """Turns the store's typed errors into one-line messages with exit status 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except StoreError as e:
+            raise click.ClickException(str(e)) from None
+        except SQLAlchemyError as e:
+            url = ctx.obj.db_url if isinstance(ctx.obj, App) else None
+            raise click.ClickException(f"store {mask_url(url or '')}: {first_line(e)}") from None
+
+
+@click.group(cls=Cli, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--db-url",
+    envvar="DISCOUNT_DB_URL",
+    default=DEFAULT_URL,
+    show_default=True,
+    help="The store: sqlite:///PATH or postgresql+psycopg://USER[:PASSWORD]@HOST/DB "
+    "(env DISCOUNT_DB_URL).",
+)
+@click.option(
+    "--actor",
+    envvar="DISCOUNT_ACTOR",
+    default=default_actor,
+    help="Your name in the audit log (env DISCOUNT_ACTOR; default: the login name).",
+)
+@click.pass_context
+def cli(ctx: click.Context, db_url: str, actor: str) -> None:
+    """Govern discountd: segments, discount rules, experiments, model versions, audit log.
+
+    \b
+    Example:
+      discountctl db upgrade
+      discountctl segments create new-customers --where 'days_since_first_order < 30'
+    """
+    app = App(db_url, actor)
+    ctx.obj = app
+    ctx.call_on_close(app.close)
+
+
+for group in (segments, rules, experiments, models, audit, db):
+    cli.add_command(group)
+
+
+def main() -> None:
+    cli(prog_name="discountctl")

@@ -1,0 +1,90 @@
+"""`discountctl db ...`: schema migrations."""
+
+from __future__ import annotations
+
+import click
+
+from admin.app import App
+from admin.options import confirm, yes_option
+from admin.output import emit, message, output_option
+from core.store import migrate
+
+
+@click.group()
+def db() -> None:
+    """The store's schema: upgrade, downgrade, current revision, history."""
+
+
+def _state(app: App) -> dict[str, object]:
+    current = migrate.current_revision(app.store(check_schema=False))
+    head = migrate.head_revision()
+    return {
+        "url": app.store(check_schema=False).masked_url,
+        "current": current,
+        "head": head,
+        "at_head": current == head,
+    }
+
+
+@db.command("upgrade")
+@click.argument("revision", default="head")
+@output_option
+@click.pass_obj
+def upgrade(app: App, revision: str, output: str) -> None:
+    """Migrate the schema up to REVISION (default: head). Creates the schema on a new store.
+
+    \b
+    Example:
+      discountctl --db-url postgresql+psycopg://discount@db/shop db upgrade
+    """
+    migrate.upgrade(app.store(check_schema=False), revision)
+    state = _state(app)
+    message(f"store {state['url']} is at revision {state['current']}")
+    emit(state, output)
+
+
+@db.command("downgrade")
+@click.argument("revision")
+@yes_option
+@output_option
+@click.pass_obj
+def downgrade(app: App, revision: str, yes: bool, output: str) -> None:
+    """Migrate the schema down to REVISION ('base' drops every table and its data).
+
+    \b
+    Example:
+      discountctl db downgrade base --yes
+    """
+    store = app.store(check_schema=False)
+    confirm(f"Downgrade {store.masked_url} to {revision}? Dropped tables lose their data.", yes)
+    migrate.downgrade(store, revision)
+    state = _state(app)
+    message(f"store {state['url']} is at revision {state['current']}")
+    emit(state, output)
+
+
+@db.command("current")
+@output_option
+@click.pass_obj
+def current(app: App, output: str) -> None:
+    """Show the store's schema revision and whether it is at this build's head.
+
+    \b
+    Example:
+      discountctl db current --output json
+    """
+    emit(_state(app), output)
+
+
+@db.command("history")
+@output_option
+@click.pass_obj
+def history(app: App, output: str) -> None:
+    """List the schema revisions, newest first, marking the store's current one.
+
+    \b
+    Example:
+      discountctl db history
+    """
+    current_rev = migrate.current_revision(app.store(check_schema=False))
+    emit([r.to_dict() for r in migrate.history(current_rev)], output)

@@ -1,0 +1,259 @@
+"""`discountctl experiments ...`"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from admin.app import App
+from admin.options import confirm, if_version_option, yes_option
+from admin.output import emit, message, output_option
+from core.features import FEATURE_NAMES, NUMERIC_FEATURES
+from core.store.errors import InvalidInput
+from core.store.experiments import Experiments, VariantSpec
+
+COLUMNS = ("key", "status", "target_segment", "variants", "started_at", "ended_at", "version")
+
+variant_option = click.option(
+    "--variant",
+    "variants",
+    multiple=True,
+    metavar="NAME:WEIGHT[:RULE]",
+    help="A variant, its weight (all sum to 100) and its rule; no rule means no discount. "
+    "The first variant is the control.",
+)
+
+
+@click.group()
+def experiments() -> None:
+    """A/B experiments: variants with weights, each a rule or no discount."""
+
+
+def _variants(values: tuple[str, ...]) -> list[VariantSpec]:
+    specs = []
+    for value in values:
+        # Rule names may hold ':' themselves, so only the first two separators count.
+        parts = value.split(":", 2)
+        if len(parts) < 2:
+            raise InvalidInput(f"--variant {value!r}: write NAME:WEIGHT or NAME:WEIGHT:RULE")
+        try:
+            weight = int(parts[1])
+        except ValueError:
+            raise InvalidInput(
+                f"--variant {value!r}: weight {parts[1]!r} is not an integer"
+            ) from None
+        specs.append(VariantSpec(parts[0], weight, parts[2] if len(parts) == 3 else None))
+    return specs
+
+
+def _table_row(data: dict[str, Any]) -> dict[str, Any]:
+    variants = ", ".join(
+        f"{v['name']}:{v['weight']}" + (f"({v['rule']})" if v["rule"] else "")
+        for v in data["variants"]
+    )
+    return {**data, "variants": variants}
+
+
+@experiments.command("create")
+@click.argument("key")
+@variant_option
+@click.option("--target-segment", help="Only users in this segment take part.")
+@click.option("--salt", help="Hash salt (default: random); reuse one to reproduce a split.")
+@click.option("--description", default="", help="Free text for people.")
+@output_option
+@click.pass_obj
+def create(
+    app: App,
+    key: str,
+    variants: tuple[str, ...],
+    target_segment: str | None,
+    salt: str | None,
+    description: str,
+    output: str,
+) -> None:
+    """Create an experiment as a draft.
+
+    \b
+    Example:
+      discountctl experiments create new-tiered-ab --target-segment new-customers \\
+        --variant control:50 --variant treatment:50:new-tiered
+    """
+    with app.transaction() as session:
+        experiment = Experiments(session, app.actor).create(
+            key, _variants(variants), salt, target_segment, description
+        )
+        data = experiment.to_dict()
+    message(
+        f"created experiment {key!r} (draft); start it with `discountctl experiments start {key}`"
+    )
+    emit(data if output == "json" else _table_row(data), output)
+
+
+@experiments.command("list")
+@output_option
+@click.pass_obj
+def list_(app: App, output: str) -> None:
+    """List experiments.
+
+    \b
+    Example:
+      discountctl experiments list --output json
+    """
+    with app.transaction() as session:
+        data = [e.to_dict() for e in Experiments(session).list_all()]
+    emit(data if output == "json" else [_table_row(d) for d in data], output, COLUMNS)
+
+
+@experiments.command("show")
+@click.argument("key")
+@output_option
+@click.pass_obj
+def show(app: App, key: str, output: str) -> None:
+    """Show one experiment.
+
+    \b
+    Example:
+      discountctl experiments show new-tiered-ab
+    """
+    with app.transaction() as session:
+        data = Experiments(session).get(key).to_dict()
+    emit(data if output == "json" else _table_row(data), output)
+
+
+@experiments.command("update")
+@click.argument("key")
+@variant_option
+@click.option("--target-segment", help="Only users in this segment take part.")
+@click.option("--description", help="Free text for people.")
+@if_version_option
+@output_option
+@click.pass_obj
+def update(
+    app: App,
+    key: str,
+    variants: tuple[str, ...],
+    target_segment: str | None,
+    description: str | None,
+    if_version: int | None,
+    output: str,
+) -> None:
+    """Change a draft experiment (variants and target are fixed once it has started).
+
+    \b
+    Example:
+      discountctl experiments update new-tiered-ab \\
+        --variant control:20 --variant treatment:80:new-tiered
+    """
+    with app.transaction() as session:
+        experiment = Experiments(session, app.actor).update(
+            key, if_version, _variants(variants) if variants else None, target_segment, description
+        )
+        data = experiment.to_dict()
+    message(f"updated experiment {key!r} (version {data['version']})")
+    emit(data if output == "json" else _table_row(data), output)
+
+
+def _move(app: App, key: str, command: str, if_version: int | None, output: str) -> None:
+    with app.transaction() as session:
+        data = Experiments(session, app.actor).transition(key, command, if_version).to_dict()
+    message(f"experiment {key!r} is {data['status']}")
+    emit(data if output == "json" else _table_row(data), output)
+
+
+@experiments.command("start")
+@click.argument("key")
+@if_version_option
+@output_option
+@click.pass_obj
+def start(app: App, key: str, if_version: int | None, output: str) -> None:
+    """Start (or resume) an experiment: the server begins assigning users to variants.
+
+    \b
+    Example:
+      discountctl experiments start new-tiered-ab
+    """
+    _move(app, key, "start", if_version, output)
+
+
+@experiments.command("pause")
+@click.argument("key")
+@if_version_option
+@output_option
+@click.pass_obj
+def pause(app: App, key: str, if_version: int | None, output: str) -> None:
+    """Pause a running experiment: users get the ordinary rules until it starts again.
+
+    \b
+    Example:
+      discountctl experiments pause new-tiered-ab
+    """
+    _move(app, key, "pause", if_version, output)
+
+
+@experiments.command("stop")
+@click.argument("key")
+@if_version_option
+@yes_option
+@output_option
+@click.pass_obj
+def stop(app: App, key: str, if_version: int | None, yes: bool, output: str) -> None:
+    """Stop an experiment for good; a stopped experiment cannot restart.
+
+    \b
+    Example:
+      discountctl experiments stop new-tiered-ab --yes
+    """
+    with app.transaction() as session:
+        Experiments(session).get(key)
+    confirm(f"Stop experiment {key!r} for good?", yes)
+    _move(app, key, "stop", if_version, output)
+
+
+@experiments.command("assign")
+@click.argument("key")
+@click.argument("user_id")
+@click.option(
+    "--feature",
+    "features",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="A user feature, to check a condition target segment (repeat); without features the "
+    "condition is not checked and in_target is null.",
+)
+@output_option
+@click.pass_obj
+def assign(app: App, key: str, user_id: str, features: tuple[str, ...], output: str) -> None:
+    """Show the variant USER_ID gets, by the same hash the server uses.
+
+    \b
+    Example:
+      discountctl experiments assign new-tiered-ab 17850 --feature days_since_first_order=12
+    """
+    parsed = _features(features)
+    with app.transaction() as session:
+        data = Experiments(session).assign(key, user_id, parsed if features else None)
+    if data["in_target"] is None:
+        message(
+            f"target segment {data['target_segment']!r} is a condition; pass --feature "
+            "NAME=VALUE to check it (the variant shown applies if the user is in it)"
+        )
+    emit(data, output)
+
+
+def _features(values: tuple[str, ...]) -> dict[str, float | str]:
+    out: dict[str, float | str] = {}
+    for item in values:
+        name, sep, raw = item.partition("=")
+        if not sep:
+            raise InvalidInput(f"--feature {item!r}: write NAME=VALUE")
+        if name not in FEATURE_NAMES:
+            raise InvalidInput(f"--feature {name!r}: unknown; known: {', '.join(FEATURE_NAMES)}")
+        if name in NUMERIC_FEATURES:
+            try:
+                out[name] = float(raw)
+            except ValueError:
+                raise InvalidInput(f"--feature {name}: {raw!r} is not a number") from None
+        else:
+            out[name] = raw
+    return out

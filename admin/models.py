@@ -1,0 +1,90 @@
+"""`discountctl models ...`"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from admin.app import App
+from admin.options import confirm, yes_option
+from admin.output import emit, message, output_option
+from core.store.model_versions import ModelVersions
+
+COLUMNS = ("version", "status", "registered_at", "activated_at", "metrics", "path")
+
+
+@click.group()
+def models() -> None:
+    """Model versions: register a trained artifact, promote it to serving, roll back."""
+
+
+@models.command("register")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@output_option
+@click.pass_obj
+def register(app: App, directory: Path, output: str) -> None:
+    """Register the model version in DIRECTORY after checking every file's sha256 against its
+    manifest. It is staged; `models promote` makes it serve.
+
+    \b
+    Example:
+      discountctl models register models/20261128-172400-ab12cd
+    """
+    with app.transaction() as session:
+        data = ModelVersions(session, app.actor).register(directory).to_dict()
+    message(f"registered model version {data['version']!r} (staged)")
+    emit(data, output)
+
+
+@models.command("list")
+@output_option
+@click.pass_obj
+def list_(app: App, output: str) -> None:
+    """List model versions, newest registration first.
+
+    \b
+    Example:
+      discountctl models list
+    """
+    with app.transaction() as session:
+        data = [m.to_dict() for m in ModelVersions(session).list_all()]
+    emit(data, output, COLUMNS)
+
+
+@models.command("promote")
+@click.argument("version")
+@output_option
+@click.pass_obj
+def promote(app: App, version: str, output: str) -> None:
+    """Make VERSION the active model (re-verified first); the previous one is retired.
+
+    \b
+    Example:
+      discountctl models promote 20261128-172400-ab12cd
+    """
+    with app.transaction() as session:
+        data = ModelVersions(session, app.actor).promote(version).to_dict()
+    message(f"model version {version!r} is active")
+    emit(data, output)
+
+
+@models.command("rollback")
+@yes_option
+@output_option
+@click.pass_obj
+def rollback(app: App, yes: bool, output: str) -> None:
+    """Retire the active model and reactivate the one that was active before it.
+
+    \b
+    Example:
+      discountctl models rollback --yes
+    """
+    with app.transaction() as session:
+        active = ModelVersions(session).active()
+    if active is not None:
+        confirm(f"Roll back from model version {active.version!r}?", yes)
+    with app.transaction() as session:
+        data = ModelVersions(session, app.actor).rollback().to_dict()
+    message(f"rolled back; model version {data['version']!r} is active")
+    emit(data, output)

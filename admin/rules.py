@@ -1,0 +1,272 @@
+"""`discountctl rules ...`"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from admin.app import App
+from admin.options import (
+    confirm,
+    if_version_option,
+    parse_assignments,
+    parse_json,
+    parse_time,
+    yes_option,
+)
+from admin.output import emit, message, output_option
+from core.policy import POLICIES
+from core.store.rules import Rules
+
+COLUMNS = (
+    "name",
+    "enabled",
+    "priority",
+    "segment",
+    "policy",
+    "params",
+    "max_discount_pct",
+    "min_margin_pct",
+    "budget",
+    "version",
+)
+CLEARABLE = ("segment", "categories", "item_ids", "budget", "valid_from", "valid_until")
+
+
+@click.group()
+def rules() -> None:
+    """Discount rules: who and what they apply to, the policy, guardrails and validity."""
+
+
+def _rule_options(create: bool) -> Callable[[Any], Any]:
+    """The options create and update share; on update every one is optional."""
+    options = [
+        click.option(
+            "--policy",
+            type=click.Choice(POLICIES),
+            required=create,
+            help="tiered_topk: the k1 best-ranked items get d1%, the rest d2%; threshold: "
+            "score >= t gets d%; linear: d = a*score + b clipped to [min, max].",
+        ),
+        click.option(
+            "--param",
+            "param_pairs",
+            multiple=True,
+            metavar="NAME=VALUE",
+            help="A policy parameter, e.g. --param k1=3 --param d1=15 --param d2=5.",
+        ),
+        click.option("--params", "params_json", metavar="JSON", help="All parameters as JSON."),
+        click.option("--segment", help="Only users in this segment (default: everyone)."),
+        click.option(
+            "--category", "categories", multiple=True, help="Only these categories (repeat)."
+        ),
+        click.option("--item", "item_ids", multiple=True, help="Only these item ids (repeat)."),
+        click.option(
+            "--max-discount",
+            type=float,
+            default=30.0 if create else None,
+            show_default=create,
+            help="Guardrail: never more than this percent off.",
+        ),
+        click.option(
+            "--min-margin",
+            type=float,
+            default=0.0 if create else None,
+            show_default=create,
+            help="Guardrail: final price >= cost * (1 + this/100).",
+        ),
+        click.option("--budget", type=float, help="Most money this rule may give away."),
+        click.option("--valid-from", metavar="TIME", help="ISO 8601; UTC when no zone is given."),
+        click.option("--valid-until", metavar="TIME", help="ISO 8601; UTC when no zone is given."),
+        click.option(
+            "--priority",
+            type=int,
+            default=0 if create else None,
+            show_default=create,
+            help="The highest-priority applicable rule wins.",
+        ),
+        click.option("--description", help="Free text for people."),
+    ]
+
+    def decorate(f: Any) -> Any:
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
+
+
+def _fields(kw: dict[str, Any]) -> dict[str, Any]:
+    """Store fields from the options that were given."""
+    fields: dict[str, Any] = {}
+    params: dict[str, Any] | None = None
+    if kw["params_json"] is not None:
+        params = parse_json(kw["params_json"], "--params")
+    if kw["param_pairs"]:
+        if params is not None:
+            raise click.UsageError("give either --params or --param, not both")
+        params = parse_assignments(kw["param_pairs"], "--param")
+    if params is not None:
+        fields["params"] = params
+    if kw["policy"] is not None:
+        fields["policy"] = kw["policy"]
+    for option, field in (("max_discount", "max_discount_pct"), ("min_margin", "min_margin_pct")):
+        if kw[option] is not None:
+            fields[field] = kw[option]
+    for key in ("segment", "budget", "priority", "description"):
+        if kw[key] is not None:
+            fields[key] = kw[key]
+    for key in ("categories", "item_ids"):
+        if kw[key]:
+            fields[key] = list(kw[key])
+    for key in ("valid_from", "valid_until"):
+        if kw[key] is not None:
+            fields[key] = parse_time(kw[key], "--" + key.replace("_", "-"))
+    return fields
+
+
+@rules.command("create")
+@click.argument("name")
+@_rule_options(create=True)
+@click.option("--disabled", is_flag=True, help="Create it switched off.")
+@output_option
+@click.pass_obj
+def create(app: App, /, name: str, disabled: bool, output: str, **kw: Any) -> None:
+    """Create a rule.
+
+    \b
+    Example:
+      discountctl rules create new-tiered --segment new-customers --policy tiered_topk \\
+        --param k1=3 --param d1=15 --param d2=5 --max-discount 20 --min-margin 10
+    """
+    fields = _fields(kw)
+    policy = fields.pop("policy")
+    params = fields.pop("params", {})
+    with app.transaction() as session:
+        rule = Rules(session, app.actor).create(
+            name, policy, params, enabled=not disabled, **fields
+        )
+        data = rule.to_dict()
+    message(f"created rule {name!r}")
+    emit(data, output)
+
+
+@rules.command("list")
+@output_option
+@click.pass_obj
+def list_(app: App, output: str) -> None:
+    """List rules, highest priority first.
+
+    \b
+    Example:
+      discountctl rules list
+    """
+    with app.transaction() as session:
+        data = [r.to_dict() for r in Rules(session).list_all()]
+    emit(data, output, COLUMNS)
+
+
+@rules.command("show")
+@click.argument("name")
+@output_option
+@click.pass_obj
+def show(app: App, name: str, output: str) -> None:
+    """Show one rule.
+
+    \b
+    Example:
+      discountctl rules show new-tiered --output json
+    """
+    with app.transaction() as session:
+        data = Rules(session).get(name).to_dict()
+    emit(data, output)
+
+
+@rules.command("update")
+@click.argument("name")
+@click.option("--name", "new_name", help="Rename the rule.")
+@_rule_options(create=False)
+@click.option(
+    "--clear",
+    multiple=True,
+    type=click.Choice(CLEARABLE),
+    help="Remove a scope limit, the budget or a validity bound (repeat).",
+)
+@if_version_option
+@output_option
+@click.pass_obj
+def update(
+    app: App,
+    /,
+    name: str,
+    new_name: str | None,
+    clear: tuple[str, ...],
+    if_version: int | None,
+    output: str,
+    **kw: Any,
+) -> None:
+    """Change a rule; options left out keep their value.
+
+    \b
+    Example:
+      discountctl rules update new-tiered --param k1=3 --param d1=20 --param d2=5 --if-version 1
+    """
+    fields = _fields(kw)
+    for key in clear:
+        if key in fields:
+            raise click.UsageError(f"--clear {key} contradicts the value given for it")
+        fields[key] = [] if key in ("categories", "item_ids") else None
+    with app.transaction() as session:
+        rule = Rules(session, app.actor).update(name, if_version, new_name, **fields)
+        data = rule.to_dict()
+    message(f"updated rule {data['name']!r} (version {data['version']})")
+    emit(data, output)
+
+
+def _toggle(enabled: bool) -> Callable[..., None]:
+    verb = "enable" if enabled else "disable"
+
+    @if_version_option
+    @output_option
+    @click.pass_obj
+    def command(app: App, name: str, if_version: int | None, output: str) -> None:
+        with app.transaction() as session:
+            data = Rules(session, app.actor).set_enabled(name, enabled, if_version).to_dict()
+        message(f"{verb}d rule {name!r}")
+        emit(data, output)
+
+    command.__doc__ = f"""{verb.capitalize()} a rule.
+
+    \b
+    Example:
+      discountctl rules {verb} new-tiered
+    """
+    return command
+
+
+rules.command("enable")(click.argument("name")(_toggle(True)))
+rules.command("disable")(click.argument("name")(_toggle(False)))
+
+
+@rules.command("delete")
+@click.argument("name")
+@if_version_option
+@yes_option
+@output_option
+@click.pass_obj
+def delete(app: App, name: str, if_version: int | None, yes: bool, output: str) -> None:
+    """Delete a rule. Refused while an experiment uses it; disable it instead.
+
+    \b
+    Example:
+      discountctl rules delete old-rule --yes
+    """
+    with app.transaction() as session:
+        repo = Rules(session, app.actor)
+        repo.get(name)
+        confirm(f"Delete rule {name!r}?", yes)
+        data = repo.delete(name, if_version)
+    message(f"deleted rule {name!r}")
+    emit(data, output)

@@ -1,0 +1,217 @@
+"""`discountctl segments ...`"""
+
+from __future__ import annotations
+
+import csv
+from typing import IO, Any
+
+import click
+
+from admin.app import App
+from admin.options import confirm, if_version_option, parse_json, yes_option
+from admin.output import emit, message, output_option
+from core.segments import ConditionError, parse_expression, to_json
+from core.store.errors import InvalidInput
+from core.store.segments import Segments
+
+COLUMNS = ("name", "kind", "priority", "condition", "member_count", "version")
+
+
+@click.group()
+def segments() -> None:
+    """Named groups of users: a condition over user features, or an imported member list."""
+
+
+def _condition(condition: str | None, where: tuple[str, ...]) -> object | None:
+    if condition is not None and where:
+        raise click.UsageError("give either --condition or --where, not both")
+    if condition is not None:
+        parsed: object = parse_json(condition, "--condition")
+        if parsed is None:
+            raise InvalidInput(
+                "--condition: null is not a condition; leave it out for a member list"
+            )
+        return parsed
+    if not where:
+        return None
+    try:
+        leaves = [to_json(parse_expression(w)) for w in where]
+    except ConditionError as e:
+        raise InvalidInput(f"invalid segment condition: {e}") from None
+    return leaves[0] if len(leaves) == 1 else {"all": leaves}
+
+
+condition_options = [
+    click.option(
+        "--condition",
+        metavar="JSON",
+        help='Structured condition, e.g. \'{"any": [{"feature": "order_count", "op": ">=", '
+        '"value": 5}]}\'.',
+    ),
+    click.option(
+        "--where",
+        multiple=True,
+        metavar="EXPR",
+        help="FEATURE OP VALUE, e.g. 'lifetime_value >= 500'; repeat to require all.",
+    ),
+]
+
+
+def _with_condition_options(f: Any) -> Any:
+    for option in reversed(condition_options):
+        f = option(f)
+    return f
+
+
+@segments.command("create")
+@click.argument("name")
+@_with_condition_options
+@click.option("--description", default="", help="Free text for people.")
+@click.option("--priority", type=int, default=100, show_default=True, help="Lower is tried first.")
+@output_option
+@click.pass_obj
+def create(
+    app: App,
+    name: str,
+    condition: str | None,
+    where: tuple[str, ...],
+    description: str,
+    priority: int,
+    output: str,
+) -> None:
+    """Create a segment. Without --condition/--where it is a member list; fill it with
+    `segments import-members`.
+
+    \b
+    Example:
+      discountctl segments create new-customers --where 'days_since_first_order < 30'
+    """
+    with app.transaction() as session:
+        repo = Segments(session, app.actor)
+        segment = repo.create(name, _condition(condition, where), description, priority)
+        data = repo.as_dict(segment)
+    message(f"created segment {name!r}")
+    emit(data, output)
+
+
+@segments.command("list")
+@output_option
+@click.pass_obj
+def list_(app: App, output: str) -> None:
+    """List segments in the order they are tried (priority, then name).
+
+    \b
+    Example:
+      discountctl segments list --output json
+    """
+    with app.transaction() as session:
+        repo = Segments(session)
+        data = [repo.as_dict(s) for s in repo.list_all()]
+    emit(data, output, COLUMNS)
+
+
+@segments.command("show")
+@click.argument("name")
+@output_option
+@click.pass_obj
+def show(app: App, name: str, output: str) -> None:
+    """Show one segment.
+
+    \b
+    Example:
+      discountctl segments show new-customers
+    """
+    with app.transaction() as session:
+        repo = Segments(session)
+        data = repo.as_dict(repo.get(name))
+    emit(data, output)
+
+
+@segments.command("update")
+@click.argument("name")
+@click.option("--name", "new_name", help="Rename the segment.")
+@_with_condition_options
+@click.option("--description", help="Free text for people.")
+@click.option("--priority", type=int, help="Lower is tried first.")
+@if_version_option
+@output_option
+@click.pass_obj
+def update(
+    app: App,
+    name: str,
+    new_name: str | None,
+    condition: str | None,
+    where: tuple[str, ...],
+    description: str | None,
+    priority: int | None,
+    if_version: int | None,
+    output: str,
+) -> None:
+    """Change a segment; options left out keep their value.
+
+    \b
+    Example:
+      discountctl segments update high-value --where 'lifetime_value >= 800' --if-version 1
+    """
+    with app.transaction() as session:
+        repo = Segments(session, app.actor)
+        segment = repo.update(
+            name, if_version, new_name, description, _condition(condition, where), priority
+        )
+        data = repo.as_dict(segment)
+    message(f"updated segment {data['name']!r} (version {data['version']})")
+    emit(data, output)
+
+
+@segments.command("delete")
+@click.argument("name")
+@if_version_option
+@yes_option
+@output_option
+@click.pass_obj
+def delete(app: App, name: str, if_version: int | None, yes: bool, output: str) -> None:
+    """Delete a segment and its members. Refused while a rule or experiment uses it.
+
+    \b
+    Example:
+      discountctl segments delete lapsed --yes
+    """
+    with app.transaction() as session:
+        repo = Segments(session, app.actor)
+        repo.get(name)
+        confirm(f"Delete segment {name!r}?", yes)
+        data = repo.delete(name, if_version)
+    message(f"deleted segment {name!r}")
+    emit(data, output)
+
+
+@segments.command("import-members")
+@click.argument("name")
+@click.argument("file", type=click.File("r", encoding="utf-8"))
+@click.option("--replace", is_flag=True, help="Replace the members instead of adding to them.")
+@output_option
+@click.pass_obj
+def import_members(app: App, name: str, file: IO[str], replace: bool, output: str) -> None:
+    """Add user ids to a member-list segment from FILE ('-' for stdin): one id per line, or a
+    CSV with a user_id column.
+
+    \b
+    Example:
+      discountctl segments import-members vip vip_users.csv
+    """
+    user_ids = _read_ids(file)
+    with app.transaction() as session:
+        repo = Segments(session, app.actor)
+        segment, added = repo.import_members(name, user_ids, replace)
+        data = {**repo.as_dict(segment), "added": added}
+    message(f"segment {name!r}: {added} new member(s), {data['member_count']} in all")
+    emit(data, output)
+
+
+def _read_ids(file: IO[str]) -> list[str]:
+    lines = [line.rstrip("\r\n") for line in file]
+    rows = [line for line in lines if line.strip()]
+    if rows and "user_id" in next(csv.reader([rows[0]])):
+        reader = csv.DictReader(rows)
+        return [row["user_id"] for row in reader]
+    return rows
