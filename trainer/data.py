@@ -1,0 +1,346 @@
+"""Readers: a shop's interactions and items (CSV or Parquet), Online Retail and MovieLens 100K.
+
+Every reader returns a ``Loaded``: the ``Dataset`` plus what was read and what was dropped and
+why, because real data is dirty and a silent drop hides a broken export. Ids are strings, always.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from trainer.dataset import Catalog, Dataset, Interactions
+
+DEFAULT_MARGIN = 0.3
+EVENTS = ("purchase", "view", "click", "cart")
+INTERACTION_COLUMNS = ("user_id", "item_id", "timestamp")
+ITEM_COLUMNS = ("item_id", "price")
+
+ONLINE_RETAIL = (
+    Path(__file__).resolve().parents[2] / "shared/datasets/online-retail/online_retail.csv.gz"
+)
+MOVIELENS = Path(__file__).resolve().parents[2] / "shared/datasets/ml-100k"
+# Postage, fees, manual adjustments and vouchers: bookkeeping lines, not products anyone chose.
+NON_PRODUCT_CODES = frozenset(
+    {"POST", "D", "M", "DOT", "BANK CHARGES", "C2", "CRUK", "PADS", "AMAZONFEE", "S", "B"}
+)
+NON_PRODUCT_PREFIXES = ("GIFT_",)
+MOVIELENS_GENRES = (
+    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
+    "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi",
+    "Thriller", "War", "Western",
+)  # fmt: skip
+
+
+class DataError(Exception):
+    """Input that cannot be trained on; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class Loaded:
+    dataset: Dataset
+    sources: tuple[Path, ...]
+    rows_read: int
+    dropped: dict[str, int]
+    default_margin: float
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def summary(self) -> dict[str, Any]:
+        catalog = self.dataset.catalog
+        return {
+            "sources": [str(p) for p in self.sources],
+            "rows_read": self.rows_read,
+            "dropped": dict(self.dropped),
+            "rows_kept": len(self.dataset.interactions.user_index),
+            "users": len(self.dataset.user_ids),
+            "items": len(catalog),
+            "items_with_assumed_cost": int(catalog.cost_assumed.sum()),
+            "default_margin": self.default_margin,
+            "notes": list(self.notes),
+        }
+
+    def summary_lines(self) -> list[str]:
+        s = self.summary()
+        lines = [f"read {s['rows_read']:,} rows from {', '.join(s['sources'])}"]
+        lines += [f"  dropped {n:>8,}  {reason}" for reason, n in s["dropped"].items()]
+        lines.append(
+            f"kept {s['rows_kept']:,} interactions: {s['users']:,} users, {s['items']:,} items"
+        )
+        if s["items_with_assumed_cost"]:
+            lines.append(
+                f"  {s['items_with_assumed_cost']:,} items have no cost: "
+                f"assumed a {self.default_margin:.0%} margin"
+            )
+        lines += [f"  note: {n}" for n in self.notes]
+        return lines
+
+
+def read_table(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
+    """A CSV (optionally gzipped) or Parquet file with every column as a string."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        if path.suffix == ".parquet":
+            frame = pd.read_parquet(path)
+            frame = frame.astype(str).where(frame.notna(), "")
+        else:
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[])
+    except (OSError, ValueError, UnicodeDecodeError, pd.errors.ParserError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{path}: unreadable as CSV or Parquet ({first_line})") from None
+    frame.columns = [str(c).strip() for c in frame.columns]
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise DataError(
+            f"{path}: missing column(s) {', '.join(missing)}; "
+            f"found {', '.join(frame.columns) or 'none'}"
+        )
+    return frame
+
+
+def parse_timestamps(values: pd.Series) -> pd.Series:
+    """Unix seconds (int) from Unix seconds or ISO 8601 text; NaN where neither."""
+    numeric = pd.to_numeric(values, errors="coerce")
+    if numeric.notna().all():
+        return numeric.astype("float64")
+    parsed = pd.to_datetime(values, errors="coerce", utc=True, format="ISO8601")
+    seconds = (parsed - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)
+    return seconds.astype("float64").where(parsed.notna(), np.nan)
+
+
+class _Drops:
+    """Applies filters in order and counts each reason once per row."""
+
+    def __init__(self, frame: pd.DataFrame) -> None:
+        self.frame = frame
+        self.counts: dict[str, int] = {}
+
+    def drop(self, reason: str, mask: pd.Series) -> None:
+        n = int(mask.sum())
+        if n:
+            self.counts[reason] = self.counts.get(reason, 0) + n
+            self.frame = self.frame.loc[~mask]
+
+
+def load_files(interactions: Path, items: Path, default_margin: float = DEFAULT_MARGIN) -> Loaded:
+    """Interactions and items in the DESIGN.md columns."""
+    catalog_frame = read_table(items, ITEM_COLUMNS)
+    catalog_frame["item_id"] = catalog_frame["item_id"].str.strip()
+    item_drops = _Drops(catalog_frame)
+    item_drops.drop("items: empty item_id", item_drops.frame["item_id"] == "")
+    price = pd.to_numeric(item_drops.frame["price"], errors="coerce")
+    item_drops.drop("items: price missing, not a number or negative", ~(price >= 0))
+    item_drops.drop(
+        "items: duplicate item_id (first kept)", item_drops.frame["item_id"].duplicated()
+    )
+    if item_drops.frame.empty:
+        raise DataError(f"{items}: no usable item rows (every row lacks an item_id or a price)")
+    cat = item_drops.frame
+    catalog = pd.DataFrame(
+        {
+            "item_id": cat["item_id"],
+            "title": cat.get("title", ""),
+            "category": cat["category"].str.strip() if "category" in cat else "",
+            "price": pd.to_numeric(cat["price"]),
+            "cost": pd.to_numeric(cat["cost"], errors="coerce") if "cost" in cat else np.nan,
+        }
+    )
+
+    frame = read_table(interactions, INTERACTION_COLUMNS)
+    rows_read = len(frame)
+    drops = _Drops(frame)
+    for column in ("user_id", "item_id"):
+        drops.frame[column] = drops.frame[column].str.strip()
+        drops.drop(f"empty {column}", drops.frame[column] == "")
+    ts = parse_timestamps(drops.frame["timestamp"])
+    drops.drop("timestamp neither ISO 8601 nor Unix seconds", ts.isna())
+    ts = ts.loc[drops.frame.index]
+    drops.frame = drops.frame.assign(timestamp=ts.astype("int64"))
+    if "event" in drops.frame:
+        event = drops.frame["event"].str.strip().str.lower().replace("", "purchase")
+        drops.frame = drops.frame.assign(event=event)
+        drops.drop(f"event not one of {', '.join(EVENTS)}", ~event.isin(EVENTS))
+    else:
+        drops.frame = drops.frame.assign(event="purchase")
+    if "quantity" in drops.frame:
+        qty = pd.to_numeric(drops.frame["quantity"].replace("", "1"), errors="coerce")
+        drops.drop("quantity not a positive number", ~(qty > 0))
+        drops.frame = drops.frame.assign(quantity=qty.loc[drops.frame.index].round())
+    else:
+        drops.frame = drops.frame.assign(quantity=1)
+    paid = (
+        pd.to_numeric(drops.frame["price"], errors="coerce")
+        if "price" in drops.frame
+        else pd.Series(np.nan, index=drops.frame.index)
+    )
+    drops.frame = drops.frame.assign(price=paid.where(paid >= 0, np.nan))
+    drops.drop("item_id not in the items file", ~drops.frame["item_id"].isin(catalog["item_id"]))
+    if drops.frame.empty:
+        raise DataError(f"{interactions}: no usable interaction rows after cleaning")
+    dropped = {**item_drops.counts, **drops.counts}
+    return Loaded(
+        dataset=build_dataset(drops.frame, catalog, default_margin),
+        sources=(interactions, items),
+        rows_read=rows_read,
+        dropped=dropped,
+        default_margin=default_margin,
+    )
+
+
+def load_online_retail(
+    path: Path = ONLINE_RETAIL, default_margin: float = DEFAULT_MARGIN
+) -> Loaded:
+    """UCI Online Retail, cleaned: only real purchases of real products by known customers."""
+    columns = ("InvoiceNo", "StockCode", "Description", "Quantity", "InvoiceDate", "UnitPrice")
+    frame = read_table(path, (*columns, "CustomerID"))
+    rows_read = len(frame)
+    drops = _Drops(frame)
+    qty = pd.to_numeric(frame["Quantity"], errors="coerce")
+    drops.drop(
+        "cancellations and returns (InvoiceNo C…, Quantity ≤ 0)",
+        frame["InvoiceNo"].str.upper().str.startswith("C") | ~(qty > 0),
+    )
+    drops.drop("no CustomerID", drops.frame["CustomerID"].str.strip() == "")
+    drops.drop("exact duplicate rows", drops.frame.duplicated())
+    code = drops.frame["StockCode"].str.strip().str.upper()
+    drops.drop(
+        "non-product codes (postage, fees, adjustments, vouchers)",
+        code.isin(NON_PRODUCT_CODES) | code.str.startswith(NON_PRODUCT_PREFIXES),
+    )
+    unit_price = pd.to_numeric(drops.frame["UnitPrice"], errors="coerce")
+    drops.drop("zero, negative or missing UnitPrice", ~(unit_price > 0))
+    ts = parse_timestamps(drops.frame["InvoiceDate"])
+    drops.drop("unparseable InvoiceDate", ts.isna())
+    kept = drops.frame
+    if kept.empty:
+        raise DataError(f"{path}: no usable purchase rows after cleaning")
+    # CustomerID is written as a float ("17850.0"); the id is the integer part.
+    user = kept["CustomerID"].str.strip().str.removesuffix(".0")
+    item = kept["StockCode"].str.strip()
+    rows = pd.DataFrame(
+        {
+            "user_id": user,
+            "item_id": item,
+            "timestamp": ts.loc[kept.index].astype("int64"),
+            "event": "purchase",
+            "quantity": pd.to_numeric(kept["Quantity"]),
+            "price": pd.to_numeric(kept["UnitPrice"]),
+            "title": kept["Description"].str.strip(),
+        }
+    )
+    # The data has no catalog: an item's price is its median paid price, robust to the odd
+    # wholesale or mistyped line; the title is the most frequent description.
+    by_item = rows.groupby("item_id", sort=True)
+    catalog = pd.DataFrame(
+        {
+            "price": by_item["price"].median(),
+            "title": by_item["title"].agg(lambda t: t.value_counts().index[0]),
+        }
+    ).reset_index()
+    catalog["category"] = ""
+    catalog["cost"] = np.nan
+    return Loaded(
+        dataset=build_dataset(rows, catalog, default_margin),
+        sources=(path,),
+        rows_read=rows_read,
+        dropped=drops.counts,
+        default_margin=default_margin,
+        notes=(
+            "item price = median unit price paid",
+            "no categories in this data",
+            "order_count counts distinct purchase days",
+        ),
+    )
+
+
+def load_movielens(directory: Path = MOVIELENS) -> Loaded:
+    """MovieLens 100K: every rating is an interaction; a film's first genre is its category."""
+    ratings_path = directory / "u.data" if directory.is_dir() else directory
+    directory = ratings_path.parent
+    if not ratings_path.is_file():
+        raise DataError(f"{ratings_path}: no such file (expected MovieLens 100K's u.data)")
+    try:
+        ratings = pd.read_csv(
+            ratings_path, sep="\t", header=None, dtype=str, names=["user", "item", "r", "ts"]
+        )
+        ts = pd.to_numeric(ratings["ts"], errors="raise").astype("int64")
+    except (OSError, ValueError, pd.errors.ParserError) as e:
+        raise DataError(f"{ratings_path}: not MovieLens u.data ({type(e).__name__})") from None
+    rows = pd.DataFrame(
+        {
+            "user_id": ratings["user"].str.strip(),
+            "item_id": ratings["item"].str.strip(),
+            "timestamp": ts,
+            "event": "purchase",
+            "quantity": 1,
+            "price": np.nan,
+        }
+    )
+    items_path = directory / "u.item"
+    item_ids = sorted(set(rows["item_id"]), key=lambda s: (len(s), s))
+    titles = dict.fromkeys(item_ids, "")
+    categories = dict.fromkeys(item_ids, "")
+    if items_path.is_file():
+        item_table = pd.read_csv(
+            items_path, sep="|", header=None, dtype=str, encoding="latin-1", keep_default_na=False
+        )
+        for row in item_table.itertuples(index=False):
+            flags = [str(f) == "1" for f in row[5 : 5 + len(MOVIELENS_GENRES)]]
+            genre = next((g for g, on in zip(MOVIELENS_GENRES, flags, strict=False) if on), "")
+            if str(row[0]) in titles:
+                titles[str(row[0])] = str(row[1])
+                categories[str(row[0])] = genre
+    catalog = pd.DataFrame(
+        {
+            "item_id": item_ids,
+            "title": [titles[i] for i in item_ids],
+            "category": [categories[i] for i in item_ids],
+            "price": 0.0,
+            "cost": 0.0,
+        }
+    )
+    return Loaded(
+        dataset=build_dataset(rows, catalog, DEFAULT_MARGIN),
+        sources=(ratings_path,),
+        rows_read=len(ratings),
+        dropped={},
+        default_margin=DEFAULT_MARGIN,
+        notes=("a rating of any value counts as an interaction", "no prices in this data"),
+    )
+
+
+def build_dataset(rows: pd.DataFrame, catalog: pd.DataFrame, default_margin: float) -> Dataset:
+    """Index users (sorted ids) and items (catalog order) and pack into the shared dataclasses."""
+    user_ids = sorted(set(rows["user_id"]))
+    user_pos = {u: i for i, u in enumerate(user_ids)}
+    item_ids = [str(i) for i in catalog["item_id"]]
+    item_pos = {it: i for i, it in enumerate(item_ids)}
+    prices = catalog["price"].to_numpy(dtype=np.float64)
+    costs = pd.to_numeric(catalog["cost"], errors="coerce").to_numpy(dtype=np.float64)
+    assumed = ~np.isfinite(costs)
+    costs = np.where(assumed, prices * (1.0 - default_margin), costs)
+    order = np.argsort(rows["timestamp"].to_numpy(), kind="stable")
+    rows = rows.iloc[order]
+    return Dataset(
+        user_ids=user_ids,
+        catalog=Catalog(
+            item_ids=item_ids,
+            categories=[str(c) for c in catalog["category"]],
+            titles=[str(t) for t in catalog["title"]],
+            prices=prices,
+            costs=costs,
+            cost_assumed=assumed,
+        ),
+        interactions=Interactions(
+            user_index=rows["user_id"].map(user_pos).to_numpy(dtype=np.int64),
+            item_index=rows["item_id"].map(item_pos).to_numpy(dtype=np.int64),
+            timestamp=rows["timestamp"].to_numpy(dtype=np.int64),
+            event=[str(e) for e in rows["event"]],
+            quantity=rows["quantity"].to_numpy(dtype=np.int64),
+            price=pd.to_numeric(rows["price"], errors="coerce").to_numpy(dtype=np.float64),
+        ),
+    )

@@ -1,0 +1,216 @@
+"""Hold-out splits and ranking metrics, exactly as the benchmark protocol defines them.
+
+Online Retail: one global time split; MovieLens: each user's last 20 % of ratings. A shop's own
+data gets a global time split that holds out the last tenth of its interactions. Every split can
+split its training part again the same way, so validation never sees the hold-out period.
+
+Metrics for the top-K of each evaluated user (training items excluded from the ranking):
+Recall@K = hits / min(K, #relevant); NDCG@K binary, ideal over min(K, #relevant);
+HitRate@K = share of users with a hit; coverage@K = distinct items recommended / catalog size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import numpy as np
+import numpy.typing as npt
+import scipy.sparse as sp
+
+from trainer.dataset import Dataset, Factors, Floats, Ints
+
+Bools = npt.NDArray[np.bool_]
+# Scores for a batch of users: (len(users), n_items), higher is better.
+Scorer = Callable[[Ints], npt.NDArray[np.floating]]
+
+ONLINE_RETAIL_CUTOFF = int(datetime(2011, 11, 9, tzinfo=UTC).timestamp())
+# Views and clicks say less about taste than a purchase does.
+EVENT_WEIGHTS = {"purchase": 1.0, "cart": 0.5, "click": 0.25, "view": 0.1}
+KS = (10, 50)
+
+
+@dataclass(frozen=True)
+class Split:
+    train_rows: Bools  # which interaction rows the model may learn from
+    train: sp.csr_matrix  # users × items, summed event weights of train_rows
+    relevant: sp.csr_matrix  # users × items, 1 where an evaluated user's item is relevant
+    description: str
+
+    @property
+    def eval_users(self) -> Ints:
+        return np.flatnonzero(np.diff(self.relevant.indptr) > 0).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How to hold out: a global time cutoff, or each user's last ``fraction`` of interactions."""
+
+    kind: str  # "time" | "user_last"
+    cutoff: int | None = None  # Unix seconds, for "time"; None: the last tenth of interactions
+    fraction: float = 0.2
+    relevant_must_be_new: bool = True  # relevant excludes items the user had before the cutoff
+
+    def split(self, dataset: Dataset, rows: Bools | None = None) -> Split:
+        inter = dataset.interactions
+        rows = np.ones(len(inter.user_index), dtype=bool) if rows is None else rows
+        if self.kind == "time":
+            cutoff = self.cutoff
+            if cutoff is None:
+                cutoff = int(np.quantile(inter.timestamp[rows], 0.9))
+            train_rows = rows & (inter.timestamp < cutoff)
+            test_rows = rows & (inter.timestamp >= cutoff)
+            when = datetime.fromtimestamp(cutoff, UTC).strftime("%Y-%m-%d %H:%M")
+            description = f"global time split at {when} UTC"
+        else:
+            train_rows, test_rows = _user_last(dataset, rows, self.fraction)
+            description = f"each user's last {self.fraction:.0%} of interactions (at least 1)"
+        return _make_split(dataset, train_rows, test_rows, self.relevant_must_be_new, description)
+
+    def inner(self, dataset: Dataset, split: Split) -> Split:
+        """A validation split carved from split's training rows only."""
+        if self.kind == "time":
+            ts = dataset.interactions.timestamp
+            test_start = int(ts[~split.train_rows].min()) if (~split.train_rows).any() else None
+            last = int(ts.max())
+            if test_start is not None:
+                # A validation window as long as the hold-out window, just before it.
+                cutoff = test_start - (last - test_start)
+                return Protocol("time", cutoff, self.fraction, self.relevant_must_be_new).split(
+                    dataset, split.train_rows
+                )
+        return self.split(dataset, split.train_rows)
+
+
+def protocol_for(format_name: str) -> Protocol:
+    if format_name == "online-retail":
+        return Protocol("time", ONLINE_RETAIL_CUTOFF)
+    if format_name == "movielens":
+        return Protocol("user_last", relevant_must_be_new=False)
+    return Protocol("time")
+
+
+def interaction_matrix(dataset: Dataset, rows: Bools) -> sp.csr_matrix:
+    inter = dataset.interactions
+    weights = np.array([EVENT_WEIGHTS[e] for e in inter.event], dtype=np.float32)
+    matrix = sp.csr_matrix(
+        (weights[rows], (inter.user_index[rows], inter.item_index[rows])),
+        shape=(len(dataset.user_ids), len(dataset.catalog)),
+        dtype=np.float32,
+    )
+    matrix.sum_duplicates()
+    return matrix
+
+
+def _user_last(dataset: Dataset, rows: Bools, fraction: float) -> tuple[Bools, Bools]:
+    inter = dataset.interactions
+    idx = np.flatnonzero(rows)
+    # Stable sort by (user, timestamp): ties keep file order.
+    order = idx[np.lexsort((inter.timestamp[idx], inter.user_index[idx]))]
+    users = inter.user_index[order]
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+    counts = np.diff(np.r_[starts, len(order)])
+    n_test = np.maximum(1, np.round(counts * fraction).astype(np.int64))
+    position = np.arange(len(order)) - np.repeat(starts, counts)
+    is_test = position >= np.repeat(counts - n_test, counts)
+    test_rows = np.zeros_like(rows)
+    test_rows[order[is_test]] = True
+    return rows & ~test_rows, test_rows
+
+
+def _make_split(
+    dataset: Dataset, train_rows: Bools, test_rows: Bools, must_be_new: bool, description: str
+) -> Split:
+    inter = dataset.interactions
+    train = interaction_matrix(dataset, train_rows)
+    purchases = np.array([e == "purchase" for e in inter.event], dtype=bool)
+    test = interaction_matrix(dataset, test_rows & purchases)
+    test.data[:] = 1.0
+    has_train = (np.diff(train.indptr) > 0).astype(np.float32)
+    keep = sp.diags(has_train) @ test  # evaluated users bought something before
+    if must_be_new:
+        seen = train.copy()
+        seen.data[:] = 1.0
+        keep = keep - keep.multiply(seen)
+        # Items nobody bought in training cannot be recommended by any model.
+        known = (np.diff(train.tocsc().indptr) > 0).astype(np.float32)
+        keep = keep @ sp.diags(known)
+    relevant = sp.csr_matrix(keep, dtype=np.float32)
+    relevant.eliminate_zeros()
+    return Split(train_rows, train, relevant, description)
+
+
+def factor_scorer(factors: Factors) -> Scorer:
+    def score(users: Ints) -> npt.NDArray[np.floating]:
+        return factors.user[users] @ factors.item.T + factors.item_bias
+
+    return score
+
+
+def popularity(train: sp.csr_matrix) -> Floats:
+    """Distinct users per item in train: the baseline every model must beat."""
+    binary = train.copy()
+    binary.data[:] = 1.0
+    return np.asarray(binary.sum(axis=0)).ravel().astype(np.float64)
+
+
+def popularity_scorer(train: sp.csr_matrix) -> Scorer:
+    counts = popularity(train)
+
+    def score(users: Ints) -> npt.NDArray[np.floating]:
+        return np.broadcast_to(counts, (len(users), len(counts)))
+
+    return score
+
+
+def top_k(scorer: Scorer, users: Ints, exclude: sp.csr_matrix, k: int, batch: int = 1024) -> Ints:
+    """The k best items per user, best first, never an excluded one."""
+    out = np.empty((len(users), k), dtype=np.int64)
+    for start in range(0, len(users), batch):
+        chunk = users[start : start + batch]
+        scores = np.array(scorer(chunk), dtype=np.float64)
+        mask = exclude[chunk]
+        scores[np.repeat(np.arange(len(chunk)), np.diff(mask.indptr)), mask.indices] = -np.inf
+        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        part_scores = np.take_along_axis(scores, part, axis=1)
+        # Ties broken by item index, so results do not depend on argpartition's internals.
+        order = np.lexsort((part, -part_scores), axis=1)
+        out[start : start + len(chunk)] = np.take_along_axis(part, order, axis=1)
+    return out
+
+
+def ranking_metrics(recommended: Ints, relevant: list[set[int]], n_items: int) -> dict[str, float]:
+    """Metrics of ranked lists (one row per user) against each user's relevant set."""
+    if len(relevant) == 0:
+        return {}
+    hits = np.array(
+        [[item in rel for item in row] for row, rel in zip(recommended, relevant, strict=True)]
+    )
+    n_rel = np.array([len(rel) for rel in relevant], dtype=np.float64)
+    discounts = 1.0 / np.log2(np.arange(2, 12))
+    ideal = np.array([discounts[: int(min(10, n))].sum() for n in n_rel])
+    metrics = {
+        f"recall@{k}": float(np.mean(hits[:, :k].sum(axis=1) / np.minimum(k, n_rel)))
+        for k in KS
+        if k <= recommended.shape[1]
+    }
+    metrics["ndcg@10"] = float(np.mean((hits[:, :10] * discounts).sum(axis=1) / ideal))
+    metrics["hit_rate@10"] = float(np.mean(hits[:, :10].any(axis=1)))
+    metrics["coverage@10"] = len(np.unique(recommended[:, :10])) / n_items
+    metrics["users"] = float(len(relevant))
+    return metrics
+
+
+def evaluate(scorer: Scorer, split: Split, k: int = max(KS)) -> dict[str, float]:
+    users = split.eval_users
+    if len(users) == 0:
+        return {}
+    recommended = top_k(scorer, users, split.train, k)
+    rel = split.relevant
+    relevant = [set(rel.indices[rel.indptr[u] : rel.indptr[u + 1]].tolist()) for u in users]
+    return ranking_metrics(recommended, relevant, split.train.shape[1])
+
+
+def ndcg10(scorer: Scorer, split: Split) -> float:
+    return evaluate(scorer, split, k=10).get("ndcg@10", 0.0)
