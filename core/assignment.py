@@ -29,7 +29,10 @@ def check_weights(weights: Sequence[int]) -> None:
 
 
 def bucket(salt: str, user_id: str) -> int:
-    """The user's bucket in [0, BUCKETS). A NUL separates the parts so ("a:", "b") != ("a", ":b")."""
+    """The user's bucket in [0, BUCKETS).
+
+    A NUL separates salt and id, so that ("a:", "b") and ("a", ":b") hash differently.
+    """
     digest = hashlib.sha256(salt.encode() + b"\x00" + user_id.encode()).digest()
     return int.from_bytes(digest[:8], "big") % BUCKETS
 

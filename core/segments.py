@@ -124,9 +124,7 @@ def _leaf(feature: object, op: object, value: object, where: str) -> Leaf:
         )
     if op == "in":
         if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
-            raise ConditionError(
-                f"{where}: 'in' takes a non-empty list of strings, got {value!r}"
-            )
+            raise ConditionError(f"{where}: 'in' takes a non-empty list of strings, got {value!r}")
         return Leaf(feature, "in", tuple(value))
     if not isinstance(value, str):
         raise ConditionError(f"{where}: {feature} compares with a string, got {value!r}")
@@ -191,7 +189,9 @@ def parse_expression(text: str) -> Condition:
         try:
             value = float(raw)
         except ValueError:
-            raise ConditionError(f"{text!r}: {feature} compares with a number, got {raw!r}") from None
+            raise ConditionError(
+                f"{text!r}: {feature} compares with a number, got {raw!r}"
+            ) from None
     elif op == "in":
         value = [v.strip() for v in raw.split(",")]
     return _leaf(feature, op, value, repr(text))

@@ -83,7 +83,10 @@ def upgrade() -> None:
             name="ck_rules_validity",
         ),
         sa.ForeignKeyConstraint(
-            ["segment_id"], ["segments.id"], name="fk_rules_segment_id_segments", ondelete="RESTRICT"
+            ["segment_id"],
+            ["segments.id"],
+            name="fk_rules_segment_id_segments",
+            ondelete="RESTRICT",
         ),
         sa.PrimaryKeyConstraint("id", name="pk_rules"),
         sa.UniqueConstraint("name", name="uq_rules_name"),
