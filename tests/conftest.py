@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
+import grpc
 import numpy as np
 import pytest
 
+from discount.v1 import discount_pb2_grpc
 from trainer.dataset import Catalog, Dataset, Factors, Interactions
 
 DIM = 4
+T = TypeVar("T")
 TASTES = ("garden", "kitchen")
 
 
@@ -106,3 +111,74 @@ def model_store(tmp_path_factory: pytest.TempPathFactory, tiny_shop: TinyShop) -
     store = tmp_path_factory.mktemp("model-store")
     write_tiny_artifact(store, tiny_shop)
     return store
+
+
+# Store fixtures (SQLite and PostgreSQL backends) live in tests/pg.py.
+pytest_plugins = ["pg"]
+
+
+@pytest.fixture(scope="session")
+def flipped_version(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second, different version of the tiny shop (every user's taste swapped), not current.
+    Copy it into a store to test switching versions."""
+    store = tmp_path_factory.mktemp("flipped-store")
+    return write_tiny_artifact(store, make_tiny_shop(flip=True), make_current=False)
+
+
+class RunningServer:
+    """A real discountd (create_server + start) on 127.0.0.1:0, its event loop in a thread,
+    so tests call it through ordinary blocking stubs."""
+
+    def __init__(self, model_dir: Path, poll_interval: float = 0.0) -> None:
+        import asyncio
+        import threading
+
+        from server.settings import Settings
+
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        settings = Settings(
+            model_dir=model_dir, device="cpu", host="127.0.0.1", port=0, poll_interval=poll_interval
+        )
+        self.server, self.port = self.call(self._start(settings))
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        self.stub = discount_pb2_grpc.DiscountServiceStub(self.channel)
+
+    @staticmethod
+    async def _start(settings: Any) -> Any:
+        from server.app import create_server
+
+        server, port = create_server(settings)
+        await server.start()
+        return server, port
+
+    def call(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=60)
+
+    def wait_first_load(self) -> None:
+        self.call(self.server.first_load.wait())
+
+    def close(self) -> None:
+        self.channel.close()
+        self.call(self.server.stop(0))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+        self.loop.close()
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., RunningServer]]:
+    """Start servers on given model dirs; all are stopped after the test."""
+    started: list[RunningServer] = []
+
+    def start(model_dir: Path, poll_interval: float = 0.0) -> RunningServer:
+        running = RunningServer(model_dir, poll_interval)
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        running.close()

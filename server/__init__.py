@@ -1,0 +1,1 @@
+"""discountd: the gRPC server. Serving needs ONNX Runtime, numpy and grpcio, never torch."""

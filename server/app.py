@@ -1,0 +1,87 @@
+"""Wiring: the gRPC server with DiscountService, health, reflection and interceptors.
+
+``create_server`` builds everything and binds the port; ``DiscountServer.start`` begins serving
+and loading the model; health stays NOT_SERVING until a version is loaded and warm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from discount.v1 import discount_pb2, discount_pb2_grpc
+from server.interceptors import AccessLogInterceptor, RequestIdInterceptor
+from server.service import DiscountService
+from server.settings import Settings
+from server.versions import ModelStore
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = discount_pb2.DESCRIPTOR.services_by_name["DiscountService"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class DiscountServer:
+    """The running server: gRPC, health, and the model store it keeps current."""
+
+    def __init__(self, settings: Settings, grpc_server: aio.Server, store: ModelStore) -> None:
+        self.settings = settings
+        self.grpc = grpc_server
+        self.store = store
+        self.health = HealthServicer()
+        self.first_load = asyncio.Event()
+        self._watcher: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, NOT_SERVING)
+        await self.grpc.start()
+        self._watcher = asyncio.create_task(self._watch())
+
+    async def reload(self, force: bool = True) -> bool:
+        """Load the version CURRENT names; SIGHUP forces a retry of a refused one."""
+        switched = await self.store.reload(force=force)
+        if self.store.current is not None:
+            for service in ("", SERVICE_NAME):
+                await self.health.set(service, SERVING)
+        return switched
+
+    async def stop(self, grace: float | None) -> None:
+        """NOT_SERVING first, so balancers drain us, then let in-flight calls finish."""
+        await self.health.enter_graceful_shutdown()
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        await self.grpc.stop(grace)
+
+    async def _watch(self) -> None:
+        await self.reload(force=False)
+        self.first_load.set()
+        interval = self.settings.poll_interval
+        while interval > 0:
+            await asyncio.sleep(interval)
+            await self.reload(force=False)
+
+
+def create_server(settings: Settings) -> tuple[DiscountServer, int]:
+    """Build the server and bind settings.host:settings.port (0 picks a free port)."""
+    grpc_server = aio.server(interceptors=(RequestIdInterceptor(), AccessLogInterceptor()))
+    store = ModelStore(settings.model_dir, settings.device)
+    server = DiscountServer(settings, grpc_server, store)
+    discount_pb2_grpc.add_DiscountServiceServicer_to_server(
+        DiscountService(store, settings.device), grpc_server
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(server.health, grpc_server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), grpc_server
+    )
+    port = grpc_server.add_insecure_port(f"{settings.host}:{settings.port}")
+    return server, port

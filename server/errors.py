@@ -1,0 +1,27 @@
+"""Errors the domain code raises; server.service maps them to gRPC status codes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    field: str
+    description: str
+
+
+class InvalidRequest(Exception):
+    """The request is malformed; nothing reached the model."""
+
+    def __init__(self, violations: list[FieldViolation]) -> None:
+        self.violations = violations
+        super().__init__("; ".join(f"{v.field}: {v.description}" for v in violations))
+
+
+class NotReady(Exception):
+    """No model version is loaded and warm yet."""
+
+
+class DeviceUnavailable(Exception):
+    """The requested execution device cannot be used."""

@@ -1,0 +1,91 @@
+"""Interceptors, outermost first: request id, then access log.
+
+Only unary-unary methods (the DiscountService API) are wrapped; health Watch and reflection
+streams pass through untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any, cast
+
+import grpc
+from grpc import aio
+
+log = logging.getLogger("discountd.access")
+
+REQUEST_ID_HEADER = "x-request-id"
+request_id: ContextVar[str] = ContextVar("request_id", default="-")
+
+Behavior = Callable[[Any, aio.ServicerContext[Any, Any]], Awaitable[Any]]
+if TYPE_CHECKING:  # grpc's classes are generic only in its type stubs
+    Handler = grpc.RpcMethodHandler[Any, Any]
+    Interceptor = aio.ServerInterceptor[Any, Any]
+else:
+    Handler = grpc.RpcMethodHandler
+    Interceptor = aio.ServerInterceptor
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]
+
+
+def _wrap(handler: Handler | None, wrapper: Callable[[Behavior], Behavior]) -> Any:
+    if handler is None or handler.unary_unary is None:
+        return handler
+    return grpc.unary_unary_rpc_method_handler(
+        wrapper(cast(Behavior, handler.unary_unary)),
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+class RequestIdInterceptor(Interceptor):
+    """Take the caller's x-request-id (or make one), expose it to logs, echo it back."""
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Any:
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        incoming = metadata.get(REQUEST_ID_HEADER)
+
+        def wrapper(behavior: Behavior) -> Behavior:
+            async def with_request_id(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+                rid = str(incoming) if incoming else uuid.uuid4().hex
+                request_id.set(rid)
+                await context.send_initial_metadata(((REQUEST_ID_HEADER, rid),))
+                return await behavior(request, context)
+
+            return with_request_id
+
+        return _wrap(await continuation(handler_call_details), wrapper)
+
+
+class AccessLogInterceptor(Interceptor):
+    """One log line per call: method, status code, latency, request id."""
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Any:
+        method = handler_call_details.method
+
+        def wrapper(behavior: Behavior) -> Behavior:
+            async def logged(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+                start = time.perf_counter()
+                try:
+                    return await behavior(request, context)
+                finally:
+                    code = context.code() or grpc.StatusCode.OK
+                    name = code.name if isinstance(code, grpc.StatusCode) else str(code)
+                    log.info(
+                        "%s %s %.1fms request_id=%s",
+                        method,
+                        name,
+                        (time.perf_counter() - start) * 1000,
+                        request_id.get(),
+                    )
+
+            return logged
+
+        return _wrap(await continuation(handler_call_details), wrapper)

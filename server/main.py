@@ -1,0 +1,87 @@
+"""`discountd`: serve recommendations over gRPC from a model store.
+
+Signals: SIGHUP reloads the version CURRENT names (retrying one refused before); SIGTERM and
+SIGINT drain: health NOT_SERVING, in-flight calls get --grace seconds, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+import click
+
+from server.app import create_server
+from server.settings import SOURCES, Settings, SettingsError, resolve
+
+log = logging.getLogger("discountd")
+
+
+def _env(name: str) -> str:
+    return f"[env {SOURCES[name][0]}; default {SOURCES[name][1]}]"
+
+
+@click.command(
+    epilog="Example: discountd --model-dir var/models --port 50051 --device auto",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+@click.option(
+    "--model-dir",
+    help="Model store (version folders + CURRENT) or one version folder. [env DISCOUNT_MODEL_DIR]",
+)
+@click.option(
+    "--device",
+    help=f"Where ONNX Runtime runs: auto (CUDA, else CPU), cpu or cuda. {_env('device')}",
+)
+@click.option("--host", help=f"Address to listen on. {_env('host')}")
+@click.option("--port", help=f"gRPC port; 0 picks a free one. {_env('port')}")
+@click.option(
+    "--poll-interval",
+    help=f"Seconds between checks of CURRENT; 0: SIGHUP only. {_env('poll_interval')}",
+)
+@click.option("--grace", help=f"Seconds in-flight calls get on shutdown. {_env('grace')}")
+def main(**flags: str | None) -> None:
+    """Serve recommendations from a trained model over gRPC (with health and reflection)."""
+    try:
+        settings = resolve(flags)
+    except SettingsError as e:
+        raise click.UsageError(str(e)) from None
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    sys.exit(asyncio.run(serve(settings)))
+
+
+async def serve(settings: Settings) -> int:
+    """Run until SIGTERM/SIGINT; the exit code: 0 after a clean drain, 1 when it cannot serve."""
+    try:
+        server, port = create_server(settings)
+    except RuntimeError as e:  # grpc reports a port it cannot bind this way
+        click.echo(f"discountd: cannot listen on {settings.host}:{settings.port}: {e}", err=True)
+        return 1
+    await server.start()
+    await server.first_load.wait()
+    if server.store.current is None:
+        click.echo(f"discountd: cannot serve: {server.store.last_error}", err=True)
+        await server.stop(0)
+        return 1
+    log.info("listening on %s:%d", settings.host, port)
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def reload() -> None:
+        task = loop.create_task(server.reload(force=True))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    await stopping.wait()
+    log.info("shutting down: draining for up to %.0fs", settings.grace)
+    await server.stop(settings.grace)
+    log.info("stopped")
+    return 0

@@ -1,0 +1,212 @@
+"""Load one model version: verify it, open it in ONNX Runtime on the requested device, check the
+graph's signature against the manifest, warm it up, and precompute the lookups Recommend needs.
+
+A version that fails any step raises ArtifactError and is never served.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+
+from core.artifact import MODEL_OUTPUTS, ArtifactError, Manifest, load_manifest
+from core.catalog import category_vocabulary
+from server.errors import DeviceUnavailable
+
+log = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+OUTPUT_NAMES = [name for name, _, _ in MODEL_OUTPUTS]
+Ints = npt.NDArray[np.int64]
+REQUIRED_FILES = frozenset(
+    {"model.onnx", "users.json", "items.json", "popularity.json", "user_history.npz"}
+)
+# ONNX Runtime spells element types its own way.
+ORT_TYPES = {"int64": "tensor(int64)", "float32": "tensor(float)"}
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """A verified, warm model version and its lookups. Immutable: a reload builds a new one."""
+
+    path: Path
+    manifest: Manifest
+    session: ort.InferenceSession
+    provider: str
+    user_ids: list[str]
+    user_index: dict[str, int]
+    item_ids: list[str]
+    item_index: dict[str, int]
+    item_categories: list[str]
+    categories: list[str]  # category_mask column order
+    category_index: dict[str, int]
+    popularity: Ints
+    history_indptr: Ints
+    history_indices: Ints
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    def purchased(self, user: int) -> Ints:
+        """Item indices the user bought in training."""
+        return self.history_indices[self.history_indptr[user] : self.history_indptr[user + 1]]
+
+    def run(
+        self,
+        user_index: Ints,
+        history_items: Ints,
+        exclude_items: Ints,
+        category_mask: npt.NDArray[np.float32],
+        k: int,
+    ) -> tuple[Ints, npt.NDArray[np.float32]]:
+        feeds = {
+            "user_index": user_index,
+            "history_items": history_items,
+            "exclude_items": exclude_items,
+            "category_mask": category_mask,
+            "k": np.array([k], dtype=np.int64),
+        }
+        items, scores = self.session.run(OUTPUT_NAMES, feeds)
+        return items, scores
+
+
+def providers_for(device: str) -> list[str]:
+    """ONNX Runtime providers to ask for, best first."""
+    if device == "cpu":
+        return [CPU]
+    if CUDA not in ort.get_available_providers():
+        if device == "cuda":
+            raise DeviceUnavailable(
+                "--device cuda: this onnxruntime build has no CUDA provider; "
+                "install onnxruntime-gpu or use --device auto"
+            )
+        return [CPU]
+    return [CUDA, CPU]
+
+
+def load_version(path: Path, device: str) -> ModelVersion:
+    """Verify and load the version folder at path, ready to serve."""
+    manifest = load_manifest(path)
+    unsealed = REQUIRED_FILES - set(manifest.files)
+    if unsealed:
+        raise ArtifactError(f"{path}: manifest does not seal {', '.join(sorted(unsealed))}")
+    users = _read_json(path, "users.json")
+    items = _read_json(path, "items.json")
+    popularity = np.asarray(_read_json(path, "popularity.json"), dtype=np.int64)
+    try:
+        with np.load(path / "user_history.npz") as history:
+            indptr = history["indptr"].astype(np.int64)
+            indices = history["indices"].astype(np.int64)
+    except (OSError, KeyError, ValueError) as e:
+        raise ArtifactError(f"{path}: unreadable user_history.npz ({e})") from None
+    item_ids = [str(i) for i in items["item_id"]]
+    item_categories = [str(c) for c in items["category"]]
+    categories = category_vocabulary(item_categories)
+    _check_consistent(path, manifest, users, item_ids, item_categories, categories, popularity)
+    if len(indptr) != manifest.n_users + 1 or (indices.size and indices.max() >= len(item_ids)):
+        raise ArtifactError(f"{path}: user_history.npz does not fit {manifest.n_users} users")
+    session, provider = _open_session(path / "model.onnx", device)
+    _check_signature(path, session, manifest)
+    model = ModelVersion(
+        path=path,
+        manifest=manifest,
+        session=session,
+        provider=provider,
+        user_ids=[str(u) for u in users],
+        user_index={str(u): i for i, u in enumerate(users)},
+        item_ids=item_ids,
+        item_index={item: i for i, item in enumerate(item_ids)},
+        item_categories=item_categories,
+        categories=categories,
+        category_index={c: i for i, c in enumerate(categories)},
+        popularity=popularity,
+        history_indptr=indptr,
+        history_indices=indices,
+    )
+    _warm_up(model)
+    return model
+
+
+def _open_session(model_file: Path, device: str) -> tuple[ort.InferenceSession, str]:
+    wanted = providers_for(device)
+    try:
+        session = ort.InferenceSession(str(model_file), providers=wanted)
+    except Exception as e:  # ORT raises its own untyped errors for any unreadable model
+        raise ArtifactError(f"{model_file}: ONNX Runtime cannot load it ({e})") from None
+    # ORT falls back to CPU silently when CUDA fails to initialise: trust only what is active.
+    active = session.get_providers()[0]
+    if device == "cuda" and active != CUDA:
+        raise DeviceUnavailable(
+            f"--device cuda: ONNX Runtime could not start CUDA and fell back to {active}; "
+            "check the NVIDIA driver and CUDA libraries, or use --device auto"
+        )
+    if device == "auto" and CUDA in wanted and active != CUDA:
+        log.warning("CUDA provider failed to start; serving on %s", active)
+    return session, active
+
+
+def _check_signature(path: Path, session: ort.InferenceSession, manifest: Manifest) -> None:
+    expected = manifest.signature()
+    for kind, actual in (("inputs", session.get_inputs()), ("outputs", session.get_outputs())):
+        want = [(s["name"], ORT_TYPES[s["type"]], s["shape"]) for s in expected[kind]]
+        have = [(a.name, a.type, list(a.shape)) for a in actual]
+        if have != want:
+            raise ArtifactError(
+                f"{path}: model.onnx {kind} are {have}, the manifest promises {want}; "
+                "re-export the model with this build's trainer"
+            )
+
+
+def _warm_up(model: ModelVersion) -> None:
+    """One real inference (a known user and a folded-in one) before the version may serve."""
+    known = 0 if model.manifest.n_users else -1
+    try:
+        items, scores = model.run(
+            np.array([known, -1], dtype=np.int64),
+            np.array([[-1], [0]], dtype=np.int64),
+            np.array([[-1], [-1]], dtype=np.int64),
+            np.ones((2, len(model.categories)), dtype=np.float32),
+            1,
+        )
+    except Exception as e:  # ORT's runtime errors are untyped
+        raise ArtifactError(f"{model.path}: warm-up inference failed ({e})") from None
+    if items.shape != (2, 1) or scores.shape != (2, 1):
+        raise ArtifactError(f"{model.path}: warm-up returned shape {items.shape}, expected (2, 1)")
+
+
+def _check_consistent(
+    path: Path,
+    manifest: Manifest,
+    users: list[Any],
+    item_ids: list[str],
+    item_categories: list[str],
+    categories: list[str],
+    popularity: Ints,
+) -> None:
+    counts = {
+        "users.json": (len(users), manifest.n_users),
+        "items.json item_id": (len(item_ids), manifest.n_items),
+        "items.json category": (len(item_categories), manifest.n_items),
+        "categories": (len(categories), manifest.n_categories),
+    }
+    for what, (have, want) in counts.items():
+        if have != want:
+            raise ArtifactError(f"{path}: {what} has {have} entries, the manifest says {want}")
+    if popularity.size and (popularity.min() < 0 or popularity.max() >= len(item_ids)):
+        raise ArtifactError(f"{path}: popularity.json names items outside the catalog")
+
+
+def _read_json(path: Path, name: str) -> Any:
+    try:
+        return json.loads((path / name).read_text())
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{path}: unreadable {name} ({e})") from None

@@ -1,0 +1,146 @@
+"""Recommend: validate a query, pick the path (known user, fold-in, popularity), run the graph.
+
+Ids stay strings here; integer indices exist only between this module and the graph.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from server.errors import FieldViolation, InvalidRequest
+from server.model import ModelVersion
+
+DEFAULT_LIMIT = 10
+MAX_LIMIT = 1000
+MAX_IDS = 1000
+
+
+class ColdStart(enum.Enum):
+    NONE = "none"  # a user the model was trained on
+    FOLD_IN = "fold_in"  # unknown user, vector folded in from recent items
+    POPULARITY = "popularity"  # unknown user without usable recent items
+
+
+@dataclass(frozen=True)
+class RecommendQuery:
+    user_id: str
+    limit: int = 0  # 0: DEFAULT_LIMIT
+    exclude_item_ids: Sequence[str] = ()
+    recent_item_ids: Sequence[str] = ()
+    categories: Sequence[str] = ()
+    include_purchased: bool = False
+
+
+@dataclass(frozen=True)
+class ScoredItem:
+    item_id: str
+    score: float
+    category: str
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    items: list[ScoredItem]
+    model_version: str
+    cold_start: ColdStart
+
+
+def validate(query: RecommendQuery, model: ModelVersion | None) -> None:
+    """Raise InvalidRequest listing every problem; categories are checked once a model is known."""
+    problems: list[FieldViolation] = []
+    if not query.user_id.strip():
+        problems.append(FieldViolation("user_id", "required: the shop's id of the user"))
+    if not 0 <= query.limit <= MAX_LIMIT:
+        problems.append(
+            FieldViolation(
+                "limit",
+                f"must be 1 to {MAX_LIMIT} (0 for the default {DEFAULT_LIMIT}), got {query.limit}",
+            )
+        )
+    for name in ("exclude_item_ids", "recent_item_ids", "categories"):
+        count = len(getattr(query, name))
+        if count > MAX_IDS:
+            problems.append(FieldViolation(name, f"at most {MAX_IDS} entries, got {count}"))
+    if model is not None and len(query.categories) <= MAX_IDS:
+        unknown = sorted({c for c in query.categories if c not in model.category_index})
+        if unknown:
+            known = ", ".join(repr(c) for c in model.categories[:10])
+            more = ", ..." if len(model.categories) > 10 else ""
+            problems.append(
+                FieldViolation(
+                    "categories",
+                    f"unknown {', '.join(repr(c) for c in unknown)}; the catalog has {known}{more}",
+                )
+            )
+    if problems:
+        raise InvalidRequest(problems)
+
+
+def recommend(model: ModelVersion, query: RecommendQuery) -> Recommendation:
+    validate(query, model)
+    limit = query.limit or DEFAULT_LIMIT
+    excluded = {model.item_index[i] for i in query.exclude_item_ids if i in model.item_index}
+    allowed = np.ones(len(model.categories), dtype=np.float32)
+    if query.categories:
+        allowed[:] = 0.0
+        allowed[[model.category_index[c] for c in query.categories]] = 1.0
+    user = model.user_index.get(query.user_id)
+    if user is not None:
+        history: list[int] = []
+        path = ColdStart.NONE
+        if not query.include_purchased:
+            excluded.update(model.purchased(user).tolist())
+    else:
+        # Known recent items only, first occurrence kept; unknown ids cannot inform the model.
+        history = list(
+            dict.fromkeys(
+                model.item_index[i] for i in query.recent_item_ids if i in model.item_index
+            )
+        )
+        if not history:
+            return _popular(model, limit, excluded, allowed)
+        user, path = -1, ColdStart.FOLD_IN
+        # For a user the model never saw, recent items play the part of purchases.
+        if not query.include_purchased:
+            excluded.update(history)
+    items, scores = model.run(
+        np.array([user], dtype=np.int64),
+        _padded(history),
+        _padded(sorted(excluded)),
+        allowed[None, :],
+        limit,
+    )
+    found = [
+        ScoredItem(model.item_ids[i], float(s), model.item_categories[i])
+        for i, s in zip(items[0].tolist(), scores[0].tolist(), strict=True)
+        if np.isfinite(s)  # -inf marks excluded and filtered items
+    ]
+    return Recommendation(found, model.version, path)
+
+
+def _popular(
+    model: ModelVersion,
+    limit: int,
+    excluded: set[int],
+    allowed: np.ndarray[tuple[int], np.dtype[np.float32]],
+) -> Recommendation:
+    """Most popular items passing the same filters; score falls linearly with popularity rank."""
+    ranked = model.popularity.tolist()
+    found: list[ScoredItem] = []
+    for rank, item in enumerate(ranked):
+        category = model.item_categories[item]
+        if item in excluded or allowed[model.category_index[category]] == 0.0:
+            continue
+        found.append(ScoredItem(model.item_ids[item], 1.0 - rank / len(ranked), category))
+        if len(found) == limit:
+            break
+    return Recommendation(found, model.version, ColdStart.POPULARITY)
+
+
+def _padded(indices: list[int]) -> np.ndarray[tuple[int, int], np.dtype[np.int64]]:
+    """One row for the graph; an empty list becomes a single -1 so no dimension is zero."""
+    return np.array([indices or [-1]], dtype=np.int64)

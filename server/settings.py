@@ -1,0 +1,85 @@
+"""Server settings: read once from flags with DISCOUNT_* environment fallbacks, then passed
+explicitly. Every bad value is reported at once, so one restart fixes them all."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+DEVICES = ("auto", "cpu", "cuda")
+
+# Flag name -> (environment fallback, default).
+SOURCES: dict[str, tuple[str, str | None]] = {
+    "model_dir": ("DISCOUNT_MODEL_DIR", None),
+    "device": ("DISCOUNT_DEVICE", "auto"),
+    "host": ("DISCOUNT_GRPC_HOST", "0.0.0.0"),
+    "port": ("DISCOUNT_GRPC_PORT", "50051"),
+    "poll_interval": ("DISCOUNT_POLL_INTERVAL", "2"),
+    "grace": ("DISCOUNT_SHUTDOWN_GRACE", "10"),
+}
+
+
+class SettingsError(Exception):
+    """One or more settings are invalid; the message lists each with how to fix it."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    model_dir: Path
+    device: str = "auto"
+    host: str = "0.0.0.0"
+    port: int = 50051
+    # Seconds between checks of the store's CURRENT pointer; 0 turns polling off (SIGHUP only).
+    poll_interval: float = 2.0
+    # Seconds in-flight calls get to finish after SIGTERM.
+    grace: float = 10.0
+
+
+def resolve(flags: Mapping[str, str | None], env: Mapping[str, str] = os.environ) -> Settings:
+    """Settings from flags, falling back to the environment, then to defaults."""
+    raw: dict[str, str | None] = {}
+    for name, (variable, default) in SOURCES.items():
+        value = flags.get(name)
+        raw[name] = value if value is not None else env.get(variable, default)
+    problems: list[str] = []
+
+    def flag(name: str) -> str:
+        return f"--{name.replace('_', '-')} / {SOURCES[name][0]}"
+
+    model_dir = raw["model_dir"]
+    if not model_dir:
+        problems.append(f"{flag('model_dir')} is required: the folder `discount-train fit` wrote")
+    elif not Path(model_dir).is_dir():
+        problems.append(f"{flag('model_dir')}: {model_dir} is not a directory")
+    device = (raw["device"] or "").lower()
+    if device not in DEVICES:
+        problems.append(f"{flag('device')}: {raw['device']!r} is not one of {', '.join(DEVICES)}")
+    port = _number(raw["port"], int)
+    if port is None or not 0 <= port <= 65535:
+        problems.append(f"{flag('port')}: {raw['port']!r} is not a port number (0-65535)")
+    poll = _number(raw["poll_interval"], float)
+    if poll is None or poll < 0:
+        problems.append(f"{flag('poll_interval')}: {raw['poll_interval']!r} is not seconds >= 0")
+    grace = _number(raw["grace"], float)
+    if grace is None or grace < 0:
+        problems.append(f"{flag('grace')}: {raw['grace']!r} is not seconds >= 0")
+    host = raw["host"] or ""
+    if not host:
+        problems.append(f"{flag('host')} must not be empty")
+    if problems:
+        raise SettingsError("invalid settings: " + "; ".join(problems))
+    assert model_dir is not None and port is not None and poll is not None and grace is not None
+    return Settings(Path(model_dir), device, host, port, poll, grace)
+
+
+Number = TypeVar("Number", int, float)
+
+
+def _number(text: str | None, kind: type[Number]) -> Number | None:
+    try:
+        return kind(text) if text is not None else None
+    except ValueError:
+        return None
