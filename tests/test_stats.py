@@ -1,0 +1,194 @@
+"""Experiment statistics agree with scipy (a dev-only dependency) on random and edge cases."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import scipy.stats
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from admin.stats import (
+    chi2_survival,
+    incomplete_beta,
+    mean,
+    proportion,
+    srm_p_value,
+    t_quantile,
+    two_proportion_ztest,
+    welch_ttest,
+)
+
+REL = 1e-7
+
+
+def close(ours: float, theirs: float, rel: float = REL) -> bool:
+    return math.isclose(ours, theirs, rel_tol=rel, abs_tol=1e-12)
+
+
+@st.composite
+def counts(draw: st.DrawFn, max_trials: int = 1_000_000) -> tuple[int, int]:
+    trials = draw(st.integers(min_value=1, max_value=max_trials))
+    return draw(st.integers(min_value=0, max_value=trials)), trials
+
+
+@given(counts(), st.sampled_from([0.8, 0.9, 0.95, 0.99]))
+def test_proportion_is_the_wilson_interval_of_scipy(case: tuple[int, int], level: float) -> None:
+    successes, trials = case
+    ours = proportion(successes, trials, level)
+    theirs = scipy.stats.binomtest(successes, trials).proportion_ci(level, method="wilson")
+    assert ours.value == successes / trials
+    assert close(ours.low, theirs.low) and close(ours.high, theirs.high)
+    assert 0 <= ours.low <= ours.value <= ours.high <= 1
+
+
+@given(counts(), counts())
+def test_two_proportion_ztest_matches_the_uncorrected_chi_square_of_scipy(
+    a: tuple[int, int], b: tuple[int, int]
+) -> None:
+    (xa, na), (xb, nb) = a, b
+    ours = two_proportion_ztest(xa, na, xb, nb)
+    table = np.array([[xa, na - xa], [xb, nb - xb]])
+    if (xa + xb) in (0, na + nb):
+        # A column of zeros: scipy refuses; identical rates give p = 1.
+        assert ours.p_value == 1.0
+        return
+    # For a 2×2 table, chi-square without continuity correction is exactly z squared.
+    chi2, p, _, _ = scipy.stats.chi2_contingency(table, correction=False)
+    assert close(ours.statistic**2, chi2, 1e-6)
+    assert close(ours.p_value, p, 1e-6)
+    assert ours.difference.value == pytest.approx(xa / na - xb / nb)
+    assert ours.difference.low <= ours.difference.value <= ours.difference.high
+
+
+@st.composite
+def samples(draw: st.DrawFn) -> np.ndarray:
+    seed = draw(st.integers(min_value=0, max_value=2**32 - 1))
+    size = draw(st.integers(min_value=2, max_value=400))
+    rng = np.random.default_rng(seed)
+    # Per-user revenue: mostly zeros, a long tail, sometimes a shift.
+    buyers = rng.random(size) < draw(st.floats(min_value=0.05, max_value=1))
+    scale = draw(st.floats(min_value=0.01, max_value=500))
+    values = np.where(buyers, rng.lognormal(0, 1, size) * scale, 0.0)
+    if values.var() == 0:
+        values[0] += 1.0
+    return values
+
+
+@given(samples(), samples(), st.sampled_from([0.9, 0.95, 0.99]))
+def test_welch_ttest_matches_scipy(a: np.ndarray, b: np.ndarray, level: float) -> None:
+    ours = welch_ttest(a, b, level)
+    theirs = scipy.stats.ttest_ind(a, b, equal_var=False)
+    ci = theirs.confidence_interval(level)
+    assert close(ours.statistic, float(theirs.statistic))
+    assert close(ours.p_value, float(theirs.pvalue), 1e-6)
+    assert close(ours.df, float(theirs.df))
+    assert close(ours.difference.low, float(ci.low), 1e-6)
+    assert close(ours.difference.high, float(ci.high), 1e-6)
+
+
+@given(samples(), st.sampled_from([0.9, 0.95, 0.99]))
+def test_mean_interval_matches_scipy(values: np.ndarray, level: float) -> None:
+    ours = mean(values, level)
+    low, high = scipy.stats.t.interval(
+        level, values.size - 1, loc=values.mean(), scale=scipy.stats.sem(values)
+    )
+    assert close(ours.value, float(values.mean()))
+    assert close(ours.low, float(low), 1e-6) and close(ours.high, float(high), 1e-6)
+
+
+@settings(max_examples=200)
+@given(
+    st.lists(st.integers(min_value=0, max_value=100_000), min_size=2, max_size=6).filter(
+        lambda c: sum(c) > 0
+    ),
+    st.data(),
+)
+def test_srm_matches_scipy_chisquare(observed: list[int], data: st.DataObject) -> None:
+    weights = data.draw(
+        st.lists(
+            st.integers(min_value=1, max_value=100), min_size=len(observed), max_size=len(observed)
+        )
+    )
+    expected = np.array(weights) / sum(weights) * sum(observed)
+    theirs = scipy.stats.chisquare(observed, expected)
+    assert close(srm_p_value(observed, weights), float(theirs.pvalue), 1e-6)
+
+
+@given(
+    st.floats(min_value=0.5, max_value=1e6),
+    st.floats(min_value=0.5, max_value=1e4),
+    st.floats(min_value=0, max_value=1),
+)
+def test_incomplete_beta_matches_scipy(a: float, b: float, x: float) -> None:
+    assert close(incomplete_beta(a, b, x), float(scipy.special.betainc(a, b, x)), 1e-8)
+
+
+@given(st.floats(min_value=0, max_value=1e5), st.integers(min_value=1, max_value=200))
+def test_chi2_survival_matches_scipy(statistic: float, df: int) -> None:
+    theirs = float(scipy.stats.chi2.sf(statistic, df))
+    assert close(chi2_survival(statistic, df), theirs, 1e-8) or theirs < 1e-300
+
+
+@pytest.mark.parametrize("df", [1, 2, 3.5, 10, 29.7, 1000, 1e6])
+def test_t_quantile_matches_scipy(df: float) -> None:
+    # lgamma of ~df/2 loses digits to cancellation at huge df; 1e-8 is still far beyond need.
+    for level in (0.9, 0.95, 0.99):
+        assert close(t_quantile(level, df), float(scipy.stats.t.ppf(0.5 + level / 2, df)), 1e-8)
+
+
+def test_a_known_case_by_hand() -> None:
+    # 120/1000 vs 100/1000: pooled p = 0.11, se = sqrt(0.11·0.89·0.002) = 0.013993, z = 1.4293.
+    result = two_proportion_ztest(120, 1000, 100, 1000)
+    assert result.statistic == pytest.approx(1.4293, abs=1e-4)
+    assert result.p_value == pytest.approx(0.15291, abs=1e-4)
+    # 5,000 vs 5,300 on a 50/50 split: chi² = 2·150²/5150 = 8.7379 = 2.9560², so p is the
+    # two-sided normal tail at 2.9560, 0.0031167: a sample ratio mismatch.
+    assert srm_p_value([5000, 5300], [50, 50]) == pytest.approx(0.0031167, rel=1e-4)
+
+
+def test_undefined_quantities_are_nan_not_made_up() -> None:
+    assert all(math.isnan(v) for v in vars(proportion(0, 0)).values())
+    assert math.isnan(two_proportion_ztest(0, 0, 5, 10).p_value)
+    assert math.isnan(welch_ttest([1.0], [1.0, 2.0]).p_value)
+    assert math.isnan(mean([3.0]).low) and mean([3.0]).value == 3.0
+    assert math.isnan(mean([]).value)
+    assert math.isnan(srm_p_value([0, 0], [50, 50]))
+    assert math.isnan(srm_p_value([10], [100]))
+
+
+def test_degenerate_cases_agree_with_scipy() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        shifted = scipy.stats.ttest_ind([1.0, 1.0], [2.0, 2.0], equal_var=False)
+        same = scipy.stats.ttest_ind([1.0, 1.0], [1.0, 1.0], equal_var=False)
+    ours = welch_ttest([1.0, 1.0], [2.0, 2.0])
+    assert (ours.statistic, ours.p_value) == (float(shifted.statistic), float(shifted.pvalue))
+    assert math.isnan(welch_ttest([1.0, 1.0], [1.0, 1.0]).p_value) and math.isnan(same.pvalue)
+    assert two_proportion_ztest(0, 50, 0, 70).p_value == 1.0
+    assert two_proportion_ztest(50, 50, 70, 70).p_value == 1.0
+
+
+def test_srm_handles_zero_weights() -> None:
+    assert srm_p_value([100, 0, 110], [50, 0, 50]) == srm_p_value([100, 110], [50, 50])
+    assert srm_p_value([100, 1, 110], [50, 0, 50]) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: proportion(5, 3), "0 <= successes <= trials"),
+        (lambda: proportion(-1, 3), "0 <= successes <= trials"),
+        (lambda: proportion(1, 3, 1.5), "confidence must be between 0 and 1"),
+        (lambda: welch_ttest([1.0, math.nan], [1.0, 2.0]), "a must be finite"),
+        (lambda: mean([math.inf, 1.0]), "values must be finite"),
+        (lambda: srm_p_value([1, 2], [1.0]), "2 observed counts for 1 weights"),
+        (lambda: srm_p_value([1, -2], [1.0, 1.0]), "counts and weights must be >= 0"),
+    ],
+)
+def test_bad_input_is_refused(call: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        call()  # type: ignore[operator]
