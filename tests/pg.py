@@ -1,0 +1,104 @@
+"""Store fixtures: the same tests on SQLite (always) and real PostgreSQL (when it answers).
+
+PostgreSQL comes from DISCOUNT_TEST_PG_URL; each test module gets its own database, created
+and dropped here. When no PostgreSQL answers, its tests skip, unless DISCOUNT_REQUIRE_PG=1.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, delete, text
+from sqlalchemy.engine import make_url
+
+from core.store import migrate
+from core.store.db import Store, first_line, mask_url
+from core.store.tables import Base
+
+DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+BACKENDS = [pytest.param("sqlite"), pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+def pg_url() -> str:
+    return os.environ.get("DISCOUNT_TEST_PG_URL", DEFAULT_PG_URL)
+
+
+def _require_pg() -> str:
+    url = pg_url()
+    engine = create_engine(url, connect_args={"connect_timeout": 3})
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception as e:  # any failure to answer means "no PostgreSQL here"
+        why = f"PostgreSQL at {mask_url(url)} does not answer ({first_line(e)})"
+        if os.environ.get("DISCOUNT_REQUIRE_PG") == "1":
+            pytest.fail(f"{why}; DISCOUNT_REQUIRE_PG=1 requires it")
+        pytest.skip(f"{why}; set DISCOUNT_TEST_PG_URL, or DISCOUNT_REQUIRE_PG=1 to fail instead")
+    finally:
+        engine.dispose()
+    return url
+
+
+@contextmanager
+def pg_database() -> Iterator[str]:
+    """A new, empty database next to the one DISCOUNT_TEST_PG_URL names; dropped afterwards."""
+    base = make_url(_require_pg())
+    name = f"discount_test_{secrets.token_hex(4)}"
+    admin = create_engine(base.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        yield base.set(database=name).render_as_string(hide_password=False)
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
+
+
+@contextmanager
+def empty_database(backend: str, tmp: Path) -> Iterator[str]:
+    if backend == "sqlite":
+        yield f"sqlite:///{tmp / 'store.db'}"
+    else:
+        with pg_database() as url:
+            yield url
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def empty_db_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """An empty database per test module and backend."""
+    with empty_database(request.param, tmp_path_factory.mktemp("store")) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def migrated_db_url(empty_db_url: str) -> str:
+    store = Store(empty_db_url)
+    migrate.upgrade(store)
+    store.dispose()
+    return empty_db_url
+
+
+@pytest.fixture
+def db_url(migrated_db_url: str) -> Iterator[str]:
+    """A migrated store, emptied after each test (commands commit, so no rollback trick)."""
+    yield migrated_db_url
+    store = Store(migrated_db_url)
+    with store.transaction() as session:
+        for table in reversed(Base.metadata.sorted_tables):
+            session.execute(delete(table))
+    store.dispose()
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[Store]:
+    s = Store(db_url)
+    yield s
+    s.dispose()

@@ -1,0 +1,242 @@
+"""Repositories on both backends: literal round-trips, optimistic locking, audit in the same
+transaction, change notification, lifecycle rules."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+import pytest
+from pg import pg_database
+from sqlalchemy import func, select
+from sqlalchemy.engine import make_url
+
+from core.store import audit, migrate
+from core.store.db import NOTIFY_CHANNEL, Store
+from core.store.errors import Conflict, InvalidInput, NotFound
+from core.store.experiments import Experiments, VariantSpec
+from core.store.rules import Rules
+from core.store.segments import Segments
+from core.store.tables import AuditEntry, Rule
+
+NEW = {"feature": "days_since_first_order", "op": "<", "value": 30}
+TIERED = {"k1": 3, "d1": 15, "d2": 5}
+
+NAMES = [
+    "Robert'); DROP TABLE segments;--",
+    "1 OR 1=1",
+    "%_\\",
+    "nouveaux clients — été 2026",
+    "新客户",
+    "emoji 🛒",
+    'quote " and backtick `',
+]
+
+
+def _audit_count(store: Store) -> int:
+    with store.transaction() as s:
+        return int(s.scalar(select(func.count()).select_from(AuditEntry)) or 0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sql_looking_and_unicode_names_round_trip(store: Store, name: str) -> None:
+    with store.transaction() as s:
+        Segments(s, "t").create(name, NEW)
+        Rules(s, "t").create(name, "tiered_topk", TIERED, segment=name)
+    with store.transaction() as s:
+        assert Segments(s).get(name).name == name
+        rule = Rules(s).get(name)
+        assert (rule.name, rule.to_dict()["segment"]) == (name, name)
+        assert [e.entity_name for e in audit.entries(s)] == [name, name]
+
+
+def test_two_concurrent_updates_of_one_rule_one_wins(store: Store) -> None:
+    with store.transaction() as s:
+        Rules(s, "t").create("r", "tiered_topk", TIERED)
+    other = Store(store.url)
+    with pytest.raises(Conflict, match="someone else changed this record"):  # noqa: SIM117
+        with store.transaction() as first:
+            read = Rules(first, "alice").get("r")  # both read version 1 ...
+            with other.transaction() as second:
+                Rules(second, "bob").update("r", priority=7)  # ... bob commits first
+            # alice's update works on what she read; its UPDATE ... WHERE version = 1 matches no row
+            assert Rules(first, "alice").update("r", priority=3) is read
+    other.dispose()
+    with store.transaction() as s:
+        rule = Rules(s).get("r")
+        assert (rule.priority, rule.version) == (7, 2)
+        assert [(e.actor, e.action) for e in audit.entries(s, "rule")] == [
+            ("bob", "update"),
+            ("t", "create"),
+        ]
+
+
+def test_stale_expected_version_is_a_conflict(store: Store) -> None:
+    with store.transaction() as s:
+        Segments(s, "t").create("seg", NEW)
+        Segments(s, "t").update("seg", expected_version=1, priority=5)
+    with pytest.raises(Conflict, match="at version 2, not 1"), store.transaction() as s:
+        Segments(s, "t").update("seg", expected_version=1, priority=9)
+    with store.transaction() as s:
+        assert Segments(s).get("seg").priority == 5
+
+
+def test_failed_write_leaves_no_audit_row(store: Store) -> None:
+    with pytest.raises(InvalidInput), store.transaction() as s:
+        Segments(s, "t").create("ok", NEW)
+        Rules(s, "t").create("r", "tiered_topk", {"k1": 0, "d1": 5, "d2": 1})
+    assert _audit_count(store) == 0
+    with store.transaction() as s:
+        assert Segments(s).list_all() == []
+
+
+@pytest.mark.parametrize(
+    ("params", "fields", "fragment"),
+    [
+        ({"k1": 3, "d1": 5, "d2": 10}, {}, "'d2' (10) must not exceed 'd1'"),
+        (TIERED, {"max_discount_pct": 100}, "max discount percent must be in [0, 100)"),
+        (TIERED, {"min_margin_pct": -1}, "min margin percent must be >= 0"),
+        (TIERED, {"budget": -5}, "budget must be >= 0"),
+        (TIERED, {"segment": "nope"}, "no segment named 'nope'"),
+        (TIERED, {"categories": [""]}, "category list must hold non-empty strings"),
+        (
+            TIERED,
+            {
+                "valid_from": datetime(2027, 1, 1, tzinfo=UTC),
+                "valid_until": datetime(2026, 1, 1, tzinfo=UTC),
+            },
+            "must be before valid until",
+        ),
+    ],
+)
+def test_rule_validation(
+    store: Store, params: dict[str, int], fields: dict[str, object], fragment: str
+) -> None:
+    with pytest.raises((InvalidInput, NotFound)) as info, store.transaction() as s:
+        Rules(s, "t").create("r", "tiered_topk", params, **fields)
+    assert fragment in str(info.value)
+    assert _audit_count(store) == 0
+
+
+def test_optimal_policy_params_validate_but_creation_is_refused(store: Store) -> None:
+    with pytest.raises(InvalidInput, match="needs a response model"), store.transaction() as s:
+        Rules(s, "t").create("o", "optimal", {"grid": [0, 5, 10]})
+    with pytest.raises(InvalidInput, match="'grid' must be"), store.transaction() as s:
+        Rules(s, "t").create("o", "optimal", {"grid": []})
+
+
+def test_experiment_lifecycle(store: Store) -> None:
+    with store.transaction() as s:
+        Rules(s, "t").create("tier", "tiered_topk", TIERED)
+        Experiments(s, "t").create(
+            "ab", [VariantSpec("control", 50, None), VariantSpec("treatment", 50, "tier")]
+        )
+    with store.transaction() as s:
+        e = Experiments(s, "t")
+        assert e.transition("ab", "start").status == "running"
+        with pytest.raises(InvalidInput, match="can change only while it is a draft"):
+            e.update("ab", variants=[VariantSpec("a", 100, None), VariantSpec("b", 0, None)])
+        assert e.transition("ab", "pause").status == "paused"
+        assert e.transition("ab", "start").status == "running"
+        stopped = e.transition("ab", "stop")
+        assert stopped.ended_at is not None and stopped.started_at is not None
+        with pytest.raises(InvalidInput, match="a stopped experiment cannot restart"):
+            e.transition("ab", "start")
+    with pytest.raises(Conflict, match="variant of experiment"), store.transaction() as s:
+        Rules(s, "t").delete("tier")
+
+
+def test_draft_variants_can_be_replaced(store: Store) -> None:
+    with store.transaction() as s:
+        Experiments(s, "t").create("ab", [VariantSpec("a", 50, None), VariantSpec("b", 50, None)])
+    with store.transaction() as s:
+        e = Experiments(s, "t").update(
+            "ab", variants=[VariantSpec("b", 20, None), VariantSpec("c", 80, None)]
+        )
+        assert [(v.name, v.weight) for v in e.variants] == [("b", 20), ("c", 80)]
+
+
+def test_assign_checks_member_list_targets(store: Store) -> None:
+    with store.transaction() as s:
+        Segments(s, "t").create("vip", None)
+        Segments(s, "t").import_members("vip", ["007", "42"])
+        Experiments(s, "t").create(
+            "ab", [VariantSpec("a", 50, None), VariantSpec("b", 50, None)], target_segment="vip"
+        )
+        Experiments(s, "t").transition("ab", "start")
+    with store.transaction() as s:
+        inside = Experiments(s).assign("ab", "007")
+        outside = Experiments(s).assign("ab", "7")
+    assert (inside["in_target"], inside["served"]) == (True, True)
+    assert (outside["in_target"], outside["served"]) == (False, False)
+
+
+def test_segment_in_use_cannot_be_deleted(store: Store) -> None:
+    with store.transaction() as s:
+        Segments(s, "t").create("seg", NEW)
+        Rules(s, "t").create("r", "tiered_topk", TIERED, segment="seg")
+    with pytest.raises(Conflict, match="used by rule 'r'"), store.transaction() as s:
+        Segments(s, "t").delete("seg")
+
+
+def test_rule_update_keeps_unnamed_fields(store: Store) -> None:
+    start = datetime(2026, 12, 1, tzinfo=UTC)
+    with store.transaction() as s:
+        Segments(s, "t").create("seg", NEW)
+        Rules(s, "t").create(
+            "r",
+            "tiered_topk",
+            TIERED,
+            segment="seg",
+            categories=["Toys"],
+            budget=250.5,
+            valid_from=start,
+            valid_until=start + timedelta(days=7),
+        )
+    with store.transaction() as s:
+        Rules(s, "t").update("r", params={"k1": 2, "d1": 20, "d2": 0})
+    with store.transaction() as s:
+        rule: Rule = Rules(s).get("r")
+        assert rule.to_dict() | {"created_at": None, "updated_at": None} == {
+            "id": rule.id,
+            "name": "r",
+            "description": "",
+            "segment": "seg",
+            "categories": ["Toys"],
+            "item_ids": [],
+            "policy": "tiered_topk",
+            "params": {"k1": 2, "d1": 20.0, "d2": 0.0},
+            "max_discount_pct": 30.0,
+            "min_margin_pct": 0.0,
+            "budget": 250.5,
+            "valid_from": start.isoformat(),
+            "valid_until": (start + timedelta(days=7)).isoformat(),
+            "priority": 0,
+            "enabled": True,
+            "created_at": None,
+            "updated_at": None,
+            "version": 2,
+        }
+
+
+@pytest.mark.postgres
+def test_changes_are_notified_on_commit_only() -> None:
+    with pg_database() as url:
+        store = Store(url)
+        migrate.upgrade(store)
+        _notified(store)
+        store.dispose()
+
+
+def _notified(store: Store) -> None:
+    dsn = make_url(store.url).set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(dsn, autocommit=True) as listener:
+        listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
+        with pytest.raises(InvalidInput), store.transaction() as s:
+            Segments(s, "t").create("rolled-back", NEW)
+            raise InvalidInput("abort")
+        with store.transaction() as s:
+            seg = Segments(s, "t").create("seg", NEW)
+        got = [json.loads(n.payload) for n in listener.notifies(timeout=2, stop_after=1)]
+    assert got == [{"entity": "segment", "id": str(seg.id), "action": "create"}]
