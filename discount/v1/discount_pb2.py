@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64iscount/v1/discount.proto\x12\x0b\x64iscount.v1\"\x94\x01\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\x12\x18\n\x10\x65xclude_item_ids\x18\x03 \x03(\t\x12\x17\n\x0frecent_item_ids\x18\x04 \x03(\t\x12\x12\n\ncategories\x18\x05 \x03(\t\x12\x19\n\x11include_purchased\x18\x06 \x01(\x08\"Q\n\x0fRecommendedItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x10\n\x08\x63\x61tegory\x18\x04 \x01(\t\"\x9c\x01\n\x11RecommendResponse\x12+\n\x05items\x18\x01 \x03(\x0b\x32\x1c.discount.v1.RecommendedItem\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\ncold_start\x18\x03 \x01(\x08\x12/\n\x0f\x63old_start_path\x18\x04 \x01(\x0e\x32\x16.discount.v1.ColdStart\"\x15\n\x13GetModelInfoRequest\"\x86\x02\n\x14GetModelInfoResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x12\n\nitem_count\x18\x03 \x01(\x03\x12\x12\n\nuser_count\x18\x04 \x01(\x03\x12?\n\x07metrics\x18\x05 \x03(\x0b\x32..discount.v1.GetModelInfoResponse.MetricsEntry\x12\x12\n\ncreated_at\x18\x06 \x01(\t\x12\x18\n\x10requested_device\x18\x07 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*Z\n\tColdStart\x12\x1a\n\x16\x43OLD_START_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43OLD_START_FOLD_IN\x10\x01\x12\x19\n\x15\x43OLD_START_POPULARITY\x10\x02\x32\xb2\x01\n\x0f\x44iscountService\x12J\n\tRecommend\x12\x1d.discount.v1.RecommendRequest\x1a\x1e.discount.v1.RecommendResponse\x12S\n\x0cGetModelInfo\x12 .discount.v1.GetModelInfoRequest\x1a!.discount.v1.GetModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64iscount/v1/discount.proto\x12\x0b\x64iscount.v1\"\x94\x01\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\x12\x18\n\x10\x65xclude_item_ids\x18\x03 \x03(\t\x12\x17\n\x0frecent_item_ids\x18\x04 \x03(\t\x12\x12\n\ncategories\x18\x05 \x03(\t\x12\x19\n\x11include_purchased\x18\x06 \x01(\x08\"Q\n\x0fRecommendedItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x10\n\x08\x63\x61tegory\x18\x04 \x01(\t\"\x9c\x01\n\x11RecommendResponse\x12+\n\x05items\x18\x01 \x03(\x0b\x32\x1c.discount.v1.RecommendedItem\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\ncold_start\x18\x03 \x01(\x08\x12/\n\x0f\x63old_start_path\x18\x04 \x01(\x0e\x32\x16.discount.v1.ColdStart\"\x15\n\x13GetModelInfoRequest\"\xd1\x02\n\x14GetModelInfoResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x12\n\nitem_count\x18\x03 \x01(\x03\x12\x12\n\nuser_count\x18\x04 \x01(\x03\x12?\n\x07metrics\x18\x05 \x03(\x0b\x32..discount.v1.GetModelInfoResponse.MetricsEntry\x12\x12\n\ncreated_at\x18\x06 \x01(\t\x12\x18\n\x10requested_device\x18\x07 \x01(\t\x12\x16\n\x0esnapshot_fresh\x18\x08 \x01(\x08\x12\x1c\n\x14snapshot_age_seconds\x18\t \x01(\x01\x12\x13\n\x0bstore_error\x18\n \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xb1\x01\n\x10GetOffersRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08item_ids\x18\x02 \x03(\t\x12\r\n\x05limit\x18\x03 \x01(\x05\x12;\n\x07\x63ontext\x18\x04 \x03(\x0b\x32*.discount.v1.GetOffersRequest.ContextEntry\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd7\x01\n\x05Offer\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x18\n\x10\x62\x61se_price_cents\x18\x02 \x01(\x03\x12\x18\n\x10\x64iscount_percent\x18\x03 \x01(\x01\x12\x19\n\x11\x66inal_price_cents\x18\x04 \x01(\x03\x12\x0f\n\x07rule_id\x18\x05 \x01(\t\x12\x14\n\x0creason_codes\x18\x06 \x03(\t\x12\x10\n\x08offer_id\x18\x07 \x01(\t\x12\x13\n\x0boffer_token\x18\x08 \x01(\t\x12\x12\n\nexpires_at\x18\t \x01(\t\x12\x0c\n\x04rank\x18\n \x01(\x05\"\x88\x01\n\x11GetOffersResponse\x12\"\n\x06offers\x18\x01 \x03(\x0b\x32\x12.discount.v1.Offer\x12\x0f\n\x07segment\x18\x02 \x01(\t\x12\x16\n\x0e\x65xperiment_key\x18\x03 \x01(\t\x12\x0f\n\x07variant\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\t\"\xb1\x01\n\x05\x45vent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12$\n\x04type\x18\x02 \x01(\x0e\x32\x16.discount.v1.EventType\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x0f\n\x07item_id\x18\x04 \x01(\t\x12\x10\n\x08offer_id\x18\x05 \x01(\t\x12\x15\n\rrevenue_cents\x18\x06 \x01(\x03\x12\x10\n\x08quantity\x18\x07 \x01(\x05\x12\x13\n\x0boccurred_at\x18\x08 \x01(\x03\"9\n\x13RecordEventsRequest\x12\"\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x12.discount.v1.Event\"Y\n\x0b\x45ventResult\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12(\n\x06status\x18\x02 \x01(\x0e\x32\x18.discount.v1.EventStatus\x12\x0e\n\x06reason\x18\x03 \x01(\t\"A\n\x14RecordEventsResponse\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.discount.v1.EventResult\")\n\x12VerifyOfferRequest\x12\x13\n\x0boffer_token\x18\x01 \x01(\t\"\xa6\x01\n\x13VerifyOfferResponse\x12,\n\x08validity\x18\x01 \x01(\x0e\x32\x1a.discount.v1.OfferValidity\x12\x10\n\x08offer_id\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x0f\n\x07item_id\x18\x04 \x01(\t\x12\x19\n\x11\x66inal_price_cents\x18\x05 \x01(\x03\x12\x12\n\nexpires_at\x18\x06 \x01(\t*Z\n\tColdStart\x12\x1a\n\x16\x43OLD_START_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43OLD_START_FOLD_IN\x10\x01\x12\x19\n\x15\x43OLD_START_POPULARITY\x10\x02*\xa8\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45VENT_TYPE_IMPRESSION\x10\x01\x12\x14\n\x10\x45VENT_TYPE_CLICK\x10\x02\x12\x1a\n\x16\x45VENT_TYPE_ADD_TO_CART\x10\x03\x12\x17\n\x13\x45VENT_TYPE_PURCHASE\x10\x04\x12\x19\n\x15\x45VENT_TYPE_REDEMPTION\x10\x05*}\n\x0b\x45ventStatus\x12\x1c\n\x18\x45VENT_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45VENT_STATUS_ACCEPTED\x10\x01\x12\x1a\n\x16\x45VENT_STATUS_DUPLICATE\x10\x02\x12\x19\n\x15\x45VENT_STATUS_REJECTED\x10\x03*\x82\x01\n\rOfferValidity\x12\x1e\n\x1aOFFER_VALIDITY_UNSPECIFIED\x10\x00\x12\x18\n\x14OFFER_VALIDITY_VALID\x10\x01\x12\x1b\n\x17OFFER_VALIDITY_TAMPERED\x10\x02\x12\x1a\n\x16OFFER_VALIDITY_EXPIRED\x10\x03\x32\xa5\x03\n\x0f\x44iscountService\x12J\n\tRecommend\x12\x1d.discount.v1.RecommendRequest\x1a\x1e.discount.v1.RecommendResponse\x12S\n\x0cGetModelInfo\x12 .discount.v1.GetModelInfoRequest\x1a!.discount.v1.GetModelInfoResponse\x12J\n\tGetOffers\x12\x1d.discount.v1.GetOffersRequest\x1a\x1e.discount.v1.GetOffersResponse\x12S\n\x0cRecordEvents\x12 .discount.v1.RecordEventsRequest\x1a!.discount.v1.RecordEventsResponse\x12P\n\x0bVerifyOffer\x12\x1f.discount.v1.VerifyOfferRequest\x1a .discount.v1.VerifyOfferResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GETMODELINFORESPONSE_METRICSENTRY']._loaded_options = None
   _globals['_GETMODELINFORESPONSE_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_COLDSTART']._serialized_start=724
-  _globals['_COLDSTART']._serialized_end=814
+  _globals['_GETOFFERSREQUEST_CONTEXTENTRY']._loaded_options = None
+  _globals['_GETOFFERSREQUEST_CONTEXTENTRY']._serialized_options = b'8\001'
+  _globals['_COLDSTART']._serialized_start=1945
+  _globals['_COLDSTART']._serialized_end=2035
+  _globals['_EVENTTYPE']._serialized_start=2038
+  _globals['_EVENTTYPE']._serialized_end=2206
+  _globals['_EVENTSTATUS']._serialized_start=2208
+  _globals['_EVENTSTATUS']._serialized_end=2333
+  _globals['_OFFERVALIDITY']._serialized_start=2336
+  _globals['_OFFERVALIDITY']._serialized_end=2466
   _globals['_RECOMMENDREQUEST']._serialized_start=44
   _globals['_RECOMMENDREQUEST']._serialized_end=192
   _globals['_RECOMMENDEDITEM']._serialized_start=194
@@ -44,9 +52,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETMODELINFOREQUEST']._serialized_start=436
   _globals['_GETMODELINFOREQUEST']._serialized_end=457
   _globals['_GETMODELINFORESPONSE']._serialized_start=460
-  _globals['_GETMODELINFORESPONSE']._serialized_end=722
-  _globals['_GETMODELINFORESPONSE_METRICSENTRY']._serialized_start=676
-  _globals['_GETMODELINFORESPONSE_METRICSENTRY']._serialized_end=722
-  _globals['_DISCOUNTSERVICE']._serialized_start=817
-  _globals['_DISCOUNTSERVICE']._serialized_end=995
+  _globals['_GETMODELINFORESPONSE']._serialized_end=797
+  _globals['_GETMODELINFORESPONSE_METRICSENTRY']._serialized_start=751
+  _globals['_GETMODELINFORESPONSE_METRICSENTRY']._serialized_end=797
+  _globals['_GETOFFERSREQUEST']._serialized_start=800
+  _globals['_GETOFFERSREQUEST']._serialized_end=977
+  _globals['_GETOFFERSREQUEST_CONTEXTENTRY']._serialized_start=931
+  _globals['_GETOFFERSREQUEST_CONTEXTENTRY']._serialized_end=977
+  _globals['_OFFER']._serialized_start=980
+  _globals['_OFFER']._serialized_end=1195
+  _globals['_GETOFFERSRESPONSE']._serialized_start=1198
+  _globals['_GETOFFERSRESPONSE']._serialized_end=1334
+  _globals['_EVENT']._serialized_start=1337
+  _globals['_EVENT']._serialized_end=1514
+  _globals['_RECORDEVENTSREQUEST']._serialized_start=1516
+  _globals['_RECORDEVENTSREQUEST']._serialized_end=1573
+  _globals['_EVENTRESULT']._serialized_start=1575
+  _globals['_EVENTRESULT']._serialized_end=1664
+  _globals['_RECORDEVENTSRESPONSE']._serialized_start=1666
+  _globals['_RECORDEVENTSRESPONSE']._serialized_end=1731
+  _globals['_VERIFYOFFERREQUEST']._serialized_start=1733
+  _globals['_VERIFYOFFERREQUEST']._serialized_end=1774
+  _globals['_VERIFYOFFERRESPONSE']._serialized_start=1777
+  _globals['_VERIFYOFFERRESPONSE']._serialized_end=1943
+  _globals['_DISCOUNTSERVICE']._serialized_start=2469
+  _globals['_DISCOUNTSERVICE']._serialized_end=2890
 # @@protoc_insertion_point(module_scope)

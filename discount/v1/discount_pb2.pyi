@@ -43,6 +43,98 @@ COLD_START_POPULARITY: ColdStart.ValueType  # 2
 """Unknown user without usable recent items: the most popular items."""
 Global___ColdStart: _TypeAlias = ColdStart  # noqa: Y015
 
+class _EventType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    EVENT_TYPE_UNSPECIFIED: _EventType.ValueType  # 0
+    """Not a valid event; rejected."""
+    EVENT_TYPE_IMPRESSION: _EventType.ValueType  # 1
+    """The user saw an item (or an offer)."""
+    EVENT_TYPE_CLICK: _EventType.ValueType  # 2
+    """The user clicked an item."""
+    EVENT_TYPE_ADD_TO_CART: _EventType.ValueType  # 3
+    """The user put an item in the cart."""
+    EVENT_TYPE_PURCHASE: _EventType.ValueType  # 4
+    """The user bought; revenue and quantity say how much."""
+    EVENT_TYPE_REDEMPTION: _EventType.ValueType  # 5
+    """The user bought at an offer's price; offer_id names it."""
+
+class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper):
+    """EventType names what a user did."""
+
+EVENT_TYPE_UNSPECIFIED: EventType.ValueType  # 0
+"""Not a valid event; rejected."""
+EVENT_TYPE_IMPRESSION: EventType.ValueType  # 1
+"""The user saw an item (or an offer)."""
+EVENT_TYPE_CLICK: EventType.ValueType  # 2
+"""The user clicked an item."""
+EVENT_TYPE_ADD_TO_CART: EventType.ValueType  # 3
+"""The user put an item in the cart."""
+EVENT_TYPE_PURCHASE: EventType.ValueType  # 4
+"""The user bought; revenue and quantity say how much."""
+EVENT_TYPE_REDEMPTION: EventType.ValueType  # 5
+"""The user bought at an offer's price; offer_id names it."""
+Global___EventType: _TypeAlias = EventType  # noqa: Y015
+
+class _EventStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EventStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    EVENT_STATUS_UNSPECIFIED: _EventStatus.ValueType  # 0
+    """Never returned."""
+    EVENT_STATUS_ACCEPTED: _EventStatus.ValueType  # 1
+    """Stored now."""
+    EVENT_STATUS_DUPLICATE: _EventStatus.ValueType  # 2
+    """Already stored earlier under the same event_id; not counted again."""
+    EVENT_STATUS_REJECTED: _EventStatus.ValueType  # 3
+    """Not stored; reason says why."""
+
+class EventStatus(_EventStatus, metaclass=_EventStatusEnumTypeWrapper):
+    """EventStatus is what happened to one event."""
+
+EVENT_STATUS_UNSPECIFIED: EventStatus.ValueType  # 0
+"""Never returned."""
+EVENT_STATUS_ACCEPTED: EventStatus.ValueType  # 1
+"""Stored now."""
+EVENT_STATUS_DUPLICATE: EventStatus.ValueType  # 2
+"""Already stored earlier under the same event_id; not counted again."""
+EVENT_STATUS_REJECTED: EventStatus.ValueType  # 3
+"""Not stored; reason says why."""
+Global___EventStatus: _TypeAlias = EventStatus  # noqa: Y015
+
+class _OfferValidity:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OfferValidityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OfferValidity.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    OFFER_VALIDITY_UNSPECIFIED: _OfferValidity.ValueType  # 0
+    """Never returned."""
+    OFFER_VALIDITY_VALID: _OfferValidity.ValueType  # 1
+    """Genuine and not expired."""
+    OFFER_VALIDITY_TAMPERED: _OfferValidity.ValueType  # 2
+    """Altered, forged, or signed with an unknown key."""
+    OFFER_VALIDITY_EXPIRED: _OfferValidity.ValueType  # 3
+    """Genuine but past its expiry."""
+
+class OfferValidity(_OfferValidity, metaclass=_OfferValidityEnumTypeWrapper):
+    """OfferValidity is the verdict on a token."""
+
+OFFER_VALIDITY_UNSPECIFIED: OfferValidity.ValueType  # 0
+"""Never returned."""
+OFFER_VALIDITY_VALID: OfferValidity.ValueType  # 1
+"""Genuine and not expired."""
+OFFER_VALIDITY_TAMPERED: OfferValidity.ValueType  # 2
+"""Altered, forged, or signed with an unknown key."""
+OFFER_VALIDITY_EXPIRED: OfferValidity.ValueType  # 3
+"""Genuine but past its expiry."""
+Global___OfferValidity: _TypeAlias = OfferValidity  # noqa: Y015
+
 @_typing.final
 class RecommendRequest(_message.Message):
     """RecommendRequest asks for the best items for one user."""
@@ -213,6 +305,9 @@ class GetModelInfoResponse(_message.Message):
     METRICS_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     REQUESTED_DEVICE_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_FRESH_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_AGE_SECONDS_FIELD_NUMBER: _builtins.int
+    STORE_ERROR_FIELD_NUMBER: _builtins.int
     model_version: _builtins.str
     """Version of the model that answers requests now."""
     provider: _builtins.str
@@ -225,6 +320,14 @@ class GetModelInfoResponse(_message.Message):
     """When the model was trained, RFC 3339."""
     requested_device: _builtins.str
     """The device that was asked for: auto, cpu or cuda."""
+    snapshot_fresh: _builtins.bool
+    """True when the rule snapshot reflects the store; false while the store is unreachable and
+    the last good snapshot serves.
+    """
+    snapshot_age_seconds: _builtins.float
+    """Seconds since the rule snapshot was last loaded from the store."""
+    store_error: _builtins.str
+    """The last error reaching the store, with any password masked; empty when fresh."""
     @_builtins.property
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """Evaluation metrics from the model's manifest, by name (e.g. ndcg@10)."""
@@ -239,11 +342,366 @@ class GetModelInfoResponse(_message.Message):
         metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         created_at: _builtins.str = ...,
         requested_device: _builtins.str = ...,
+        snapshot_fresh: _builtins.bool = ...,
+        snapshot_age_seconds: _builtins.float = ...,
+        store_error: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "item_count", b"item_count", "metrics", b"metrics", "model_version", b"model_version", "provider", b"provider", "requested_device", b"requested_device", "user_count", b"user_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "item_count", b"item_count", "metrics", b"metrics", "model_version", b"model_version", "provider", b"provider", "requested_device", b"requested_device", "snapshot_age_seconds", b"snapshot_age_seconds", "snapshot_fresh", b"snapshot_fresh", "store_error", b"store_error", "user_count", b"user_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetModelInfoResponse: _TypeAlias = GetModelInfoResponse  # noqa: Y015
+
+@_typing.final
+class GetOffersRequest(_message.Message):
+    """GetOffersRequest asks for personalized prices."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ContextEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    ITEM_IDS_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    CONTEXT_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """The shop's id of the user; required."""
+    limit: _builtins.int
+    """How many recommended items to price when item_ids is empty, 1 to 1000; 0 means 10."""
+    @_builtins.property
+    def item_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Items to price, at most 1000; empty means the user's recommendations."""
+
+    @_builtins.property
+    def context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Request context: overrides of user features by name (e.g. lifetime_value), and free-form
+        keys such as channel; values are strings and parsed per feature.
+        """
+
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        item_ids: _abc.Iterable[_builtins.str] | None = ...,
+        limit: _builtins.int = ...,
+        context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "item_ids", b"item_ids", "limit", b"limit", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetOffersRequest: _TypeAlias = GetOffersRequest  # noqa: Y015
+
+@_typing.final
+class Offer(_message.Message):
+    """Offer is the price one user is offered for one item."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEM_ID_FIELD_NUMBER: _builtins.int
+    BASE_PRICE_CENTS_FIELD_NUMBER: _builtins.int
+    DISCOUNT_PERCENT_FIELD_NUMBER: _builtins.int
+    FINAL_PRICE_CENTS_FIELD_NUMBER: _builtins.int
+    RULE_ID_FIELD_NUMBER: _builtins.int
+    REASON_CODES_FIELD_NUMBER: _builtins.int
+    OFFER_ID_FIELD_NUMBER: _builtins.int
+    OFFER_TOKEN_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
+    item_id: _builtins.str
+    """The shop's item id."""
+    base_price_cents: _builtins.int
+    """Unit price before discount, in minor units of the shop's currency (cents)."""
+    discount_percent: _builtins.float
+    """Discount in percent of the base price, 0 when none."""
+    final_price_cents: _builtins.int
+    """Unit price after discount, in cents; never below the rule's margin floor."""
+    rule_id: _builtins.str
+    """The rule that set the discount; empty when none applied."""
+    offer_id: _builtins.str
+    """Unique id of this offer; redemption events name it."""
+    offer_token: _builtins.str
+    """Signed token over offer id, user, item, final price and expiry; checkout verifies it."""
+    expires_at: _builtins.str
+    """When the offer expires, RFC 3339."""
+    rank: _builtins.int
+    """1-based rank of the item in the user's recommendations; 0 when not ranked."""
+    @_builtins.property
+    def reason_codes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Why this price: segment, rule, variant, rank, guardrails applied (UPPER_SNAKE codes)."""
+
+    def __init__(
+        self,
+        *,
+        item_id: _builtins.str = ...,
+        base_price_cents: _builtins.int = ...,
+        discount_percent: _builtins.float = ...,
+        final_price_cents: _builtins.int = ...,
+        rule_id: _builtins.str = ...,
+        reason_codes: _abc.Iterable[_builtins.str] | None = ...,
+        offer_id: _builtins.str = ...,
+        offer_token: _builtins.str = ...,
+        expires_at: _builtins.str = ...,
+        rank: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_price_cents", b"base_price_cents", "discount_percent", b"discount_percent", "expires_at", b"expires_at", "final_price_cents", b"final_price_cents", "item_id", b"item_id", "offer_id", b"offer_id", "offer_token", b"offer_token", "rank", b"rank", "reason_codes", b"reason_codes", "rule_id", b"rule_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Offer: _TypeAlias = Offer  # noqa: Y015
+
+@_typing.final
+class GetOffersResponse(_message.Message):
+    """GetOffersResponse holds one offer per priced item."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OFFERS_FIELD_NUMBER: _builtins.int
+    SEGMENT_FIELD_NUMBER: _builtins.int
+    EXPERIMENT_KEY_FIELD_NUMBER: _builtins.int
+    VARIANT_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    segment: _builtins.str
+    """The user's segment, empty when none matched."""
+    experiment_key: _builtins.str
+    """The experiment the user is in, empty when none."""
+    variant: _builtins.str
+    """The user's variant in that experiment, empty when none."""
+    model_version: _builtins.str
+    """The model version that ranked the items."""
+    @_builtins.property
+    def offers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Offer]:
+        """Offers, in the order of item_ids (or of rank for recommendations)."""
+
+    def __init__(
+        self,
+        *,
+        offers: _abc.Iterable[Global___Offer] | None = ...,
+        segment: _builtins.str = ...,
+        experiment_key: _builtins.str = ...,
+        variant: _builtins.str = ...,
+        model_version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["experiment_key", b"experiment_key", "model_version", b"model_version", "offers", b"offers", "segment", b"segment", "variant", b"variant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetOffersResponse: _TypeAlias = GetOffersResponse  # noqa: Y015
+
+@_typing.final
+class Event(_message.Message):
+    """Event is one thing a user did."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    ITEM_ID_FIELD_NUMBER: _builtins.int
+    OFFER_ID_FIELD_NUMBER: _builtins.int
+    REVENUE_CENTS_FIELD_NUMBER: _builtins.int
+    QUANTITY_FIELD_NUMBER: _builtins.int
+    OCCURRED_AT_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.str
+    """Client-chosen unique id; a retry with the same id is counted once."""
+    type: Global___EventType.ValueType
+    """What happened."""
+    user_id: _builtins.str
+    """The shop's id of the user."""
+    item_id: _builtins.str
+    """The item concerned, when any."""
+    offer_id: _builtins.str
+    """The offer concerned (required for redemptions)."""
+    revenue_cents: _builtins.int
+    """Money paid in cents, for purchases and redemptions; never negative."""
+    quantity: _builtins.int
+    """Units bought; 0 means 1."""
+    occurred_at: _builtins.int
+    """When it happened, Unix seconds; 0 means now; at most a day in the future."""
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.str = ...,
+        type: Global___EventType.ValueType = ...,
+        user_id: _builtins.str = ...,
+        item_id: _builtins.str = ...,
+        offer_id: _builtins.str = ...,
+        revenue_cents: _builtins.int = ...,
+        quantity: _builtins.int = ...,
+        occurred_at: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_id", b"event_id", "item_id", b"item_id", "occurred_at", b"occurred_at", "offer_id", b"offer_id", "quantity", b"quantity", "revenue_cents", b"revenue_cents", "type", b"type", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Event: _TypeAlias = Event  # noqa: Y015
+
+@_typing.final
+class RecordEventsRequest(_message.Message):
+    """RecordEventsRequest carries up to 1000 events."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___Event]:
+        """Events to store."""
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___Event] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordEventsRequest: _TypeAlias = RecordEventsRequest  # noqa: Y015
+
+@_typing.final
+class EventResult(_message.Message):
+    """EventResult is the outcome for one event, in request order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.str
+    """The event's id as sent."""
+    status: Global___EventStatus.ValueType
+    """What happened to it."""
+    reason: _builtins.str
+    """Why it was rejected (UPPER_SNAKE code and a sentence); empty otherwise."""
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.str = ...,
+        status: Global___EventStatus.ValueType = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_id", b"event_id", "reason", b"reason", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EventResult: _TypeAlias = EventResult  # noqa: Y015
+
+@_typing.final
+class RecordEventsResponse(_message.Message):
+    """RecordEventsResponse reports each event's outcome."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___EventResult]:
+        """One result per event, in request order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___EventResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordEventsResponse: _TypeAlias = RecordEventsResponse  # noqa: Y015
+
+@_typing.final
+class VerifyOfferRequest(_message.Message):
+    """VerifyOfferRequest carries a token from GetOffers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OFFER_TOKEN_FIELD_NUMBER: _builtins.int
+    offer_token: _builtins.str
+    """The offer_token as issued."""
+    def __init__(
+        self,
+        *,
+        offer_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["offer_token", b"offer_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyOfferRequest: _TypeAlias = VerifyOfferRequest  # noqa: Y015
+
+@_typing.final
+class VerifyOfferResponse(_message.Message):
+    """VerifyOfferResponse is the verdict and, when genuine, what the token says."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VALIDITY_FIELD_NUMBER: _builtins.int
+    OFFER_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    ITEM_ID_FIELD_NUMBER: _builtins.int
+    FINAL_PRICE_CENTS_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    validity: Global___OfferValidity.ValueType
+    """The verdict."""
+    offer_id: _builtins.str
+    """Offer id, user, item and final price as signed; empty when tampered."""
+    user_id: _builtins.str
+    """The user the offer was made to."""
+    item_id: _builtins.str
+    """The item the offer is for."""
+    final_price_cents: _builtins.int
+    """The signed unit price, in cents."""
+    expires_at: _builtins.str
+    """Expiry, RFC 3339."""
+    def __init__(
+        self,
+        *,
+        validity: Global___OfferValidity.ValueType = ...,
+        offer_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        item_id: _builtins.str = ...,
+        final_price_cents: _builtins.int = ...,
+        expires_at: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "final_price_cents", b"final_price_cents", "item_id", b"item_id", "offer_id", b"offer_id", "user_id", b"user_id", "validity", b"validity"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyOfferResponse: _TypeAlias = VerifyOfferResponse  # noqa: Y015

@@ -47,6 +47,21 @@ class DiscountServiceStub:
                 request_serializer=discount_dot_v1_dot_discount__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=discount_dot_v1_dot_discount__pb2.GetModelInfoResponse.FromString,
                 _registered_method=True)
+        self.GetOffers = channel.unary_unary(
+                '/discount.v1.DiscountService/GetOffers',
+                request_serializer=discount_dot_v1_dot_discount__pb2.GetOffersRequest.SerializeToString,
+                response_deserializer=discount_dot_v1_dot_discount__pb2.GetOffersResponse.FromString,
+                _registered_method=True)
+        self.RecordEvents = channel.unary_unary(
+                '/discount.v1.DiscountService/RecordEvents',
+                request_serializer=discount_dot_v1_dot_discount__pb2.RecordEventsRequest.SerializeToString,
+                response_deserializer=discount_dot_v1_dot_discount__pb2.RecordEventsResponse.FromString,
+                _registered_method=True)
+        self.VerifyOffer = channel.unary_unary(
+                '/discount.v1.DiscountService/VerifyOffer',
+                request_serializer=discount_dot_v1_dot_discount__pb2.VerifyOfferRequest.SerializeToString,
+                response_deserializer=discount_dot_v1_dot_discount__pb2.VerifyOfferResponse.FromString,
+                _registered_method=True)
 
 
 class DiscountServiceServicer:
@@ -69,6 +84,27 @@ class DiscountServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetOffers(self, request, context):
+        """GetOffers prices items for one user under the live rules and experiments.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RecordEvents(self, request, context):
+        """RecordEvents stores what users did; an acknowledged event is durable.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VerifyOffer(self, request, context):
+        """VerifyOffer tells a checkout service whether an offer token is genuine and current.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DiscountServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -81,6 +117,21 @@ def add_DiscountServiceServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=discount_dot_v1_dot_discount__pb2.GetModelInfoRequest.FromString,
                     response_serializer=discount_dot_v1_dot_discount__pb2.GetModelInfoResponse.SerializeToString,
+            ),
+            'GetOffers': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetOffers,
+                    request_deserializer=discount_dot_v1_dot_discount__pb2.GetOffersRequest.FromString,
+                    response_serializer=discount_dot_v1_dot_discount__pb2.GetOffersResponse.SerializeToString,
+            ),
+            'RecordEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordEvents,
+                    request_deserializer=discount_dot_v1_dot_discount__pb2.RecordEventsRequest.FromString,
+                    response_serializer=discount_dot_v1_dot_discount__pb2.RecordEventsResponse.SerializeToString,
+            ),
+            'VerifyOffer': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyOffer,
+                    request_deserializer=discount_dot_v1_dot_discount__pb2.VerifyOfferRequest.FromString,
+                    response_serializer=discount_dot_v1_dot_discount__pb2.VerifyOfferResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -140,6 +191,87 @@ class DiscountService:
             '/discount.v1.DiscountService/GetModelInfo',
             discount_dot_v1_dot_discount__pb2.GetModelInfoRequest.SerializeToString,
             discount_dot_v1_dot_discount__pb2.GetModelInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetOffers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/discount.v1.DiscountService/GetOffers',
+            discount_dot_v1_dot_discount__pb2.GetOffersRequest.SerializeToString,
+            discount_dot_v1_dot_discount__pb2.GetOffersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/discount.v1.DiscountService/RecordEvents',
+            discount_dot_v1_dot_discount__pb2.RecordEventsRequest.SerializeToString,
+            discount_dot_v1_dot_discount__pb2.RecordEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyOffer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/discount.v1.DiscountService/VerifyOffer',
+            discount_dot_v1_dot_discount__pb2.VerifyOfferRequest.SerializeToString,
+            discount_dot_v1_dot_discount__pb2.VerifyOfferResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -40,6 +40,12 @@ class DiscountServiceStub:
     """Recommend ranks items for one user with the active model."""
     GetModelInfo: _grpc.UnaryUnaryMultiCallable[_discount_pb2.GetModelInfoRequest, _discount_pb2.GetModelInfoResponse]
     """GetModelInfo describes the model that is serving and where it runs."""
+    GetOffers: _grpc.UnaryUnaryMultiCallable[_discount_pb2.GetOffersRequest, _discount_pb2.GetOffersResponse]
+    """GetOffers prices items for one user under the live rules and experiments."""
+    RecordEvents: _grpc.UnaryUnaryMultiCallable[_discount_pb2.RecordEventsRequest, _discount_pb2.RecordEventsResponse]
+    """RecordEvents stores what users did; an acknowledged event is durable."""
+    VerifyOffer: _grpc.UnaryUnaryMultiCallable[_discount_pb2.VerifyOfferRequest, _discount_pb2.VerifyOfferResponse]
+    """VerifyOffer tells a checkout service whether an offer token is genuine and current."""
 
 @_typing.type_check_only
 class DiscountServiceAsyncStub(DiscountServiceStub):
@@ -53,6 +59,12 @@ class DiscountServiceAsyncStub(DiscountServiceStub):
     """Recommend ranks items for one user with the active model."""
     GetModelInfo: _aio.UnaryUnaryMultiCallable[_discount_pb2.GetModelInfoRequest, _discount_pb2.GetModelInfoResponse]  # type: ignore[assignment]
     """GetModelInfo describes the model that is serving and where it runs."""
+    GetOffers: _aio.UnaryUnaryMultiCallable[_discount_pb2.GetOffersRequest, _discount_pb2.GetOffersResponse]  # type: ignore[assignment]
+    """GetOffers prices items for one user under the live rules and experiments."""
+    RecordEvents: _aio.UnaryUnaryMultiCallable[_discount_pb2.RecordEventsRequest, _discount_pb2.RecordEventsResponse]  # type: ignore[assignment]
+    """RecordEvents stores what users did; an acknowledged event is durable."""
+    VerifyOffer: _aio.UnaryUnaryMultiCallable[_discount_pb2.VerifyOfferRequest, _discount_pb2.VerifyOfferResponse]  # type: ignore[assignment]
+    """VerifyOffer tells a checkout service whether an offer token is genuine and current."""
 
 class DiscountServiceServicer(metaclass=_abc_1.ABCMeta):
     """DiscountService answers a shop's internal services: which items to show a user, and later
@@ -75,5 +87,29 @@ class DiscountServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_discount_pb2.GetModelInfoResponse, _abc.Awaitable[_discount_pb2.GetModelInfoResponse]]:
         """GetModelInfo describes the model that is serving and where it runs."""
+
+    @_abc_1.abstractmethod
+    def GetOffers(
+        self,
+        request: _discount_pb2.GetOffersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_discount_pb2.GetOffersResponse, _abc.Awaitable[_discount_pb2.GetOffersResponse]]:
+        """GetOffers prices items for one user under the live rules and experiments."""
+
+    @_abc_1.abstractmethod
+    def RecordEvents(
+        self,
+        request: _discount_pb2.RecordEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_discount_pb2.RecordEventsResponse, _abc.Awaitable[_discount_pb2.RecordEventsResponse]]:
+        """RecordEvents stores what users did; an acknowledged event is durable."""
+
+    @_abc_1.abstractmethod
+    def VerifyOffer(
+        self,
+        request: _discount_pb2.VerifyOfferRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_discount_pb2.VerifyOfferResponse, _abc.Awaitable[_discount_pb2.VerifyOfferResponse]]:
+        """VerifyOffer tells a checkout service whether an offer token is genuine and current."""
 
 def add_DiscountServiceServicer_to_server(servicer: DiscountServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
