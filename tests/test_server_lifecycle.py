@@ -1,0 +1,186 @@
+"""Readiness, reflection and model versions: a real server on port 0 over a copy of the store."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import onnx
+import pytest
+from google.protobuf.descriptor_pool import DescriptorPool
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+from onnx import TensorProto, helper
+
+from core.artifact import CURRENT, load_manifest, seal, set_current
+from discount.v1 import discount_pb2 as pb
+from server.errors import DeviceUnavailable
+from server.model import CUDA, load_version
+from tests.conftest import RunningServer
+
+SERVICE = "discount.v1.DiscountService"
+Serve = Callable[..., RunningServer]
+
+
+def current_version(store: Path) -> str:
+    return (store / CURRENT).read_text().strip()
+
+
+@pytest.fixture
+def store(tmp_path: Path, model_store: Path) -> Path:
+    copy = tmp_path / "store"
+    shutil.copytree(model_store, copy)
+    return copy
+
+
+def add_version(store: Path, source: Path, name: str) -> Path:
+    target = store / name
+    shutil.copytree(source, target)
+    return target
+
+
+def garden_user_taste(running: RunningServer) -> str:
+    reply = running.stub.Recommend(pb.RecommendRequest(user_id="user-0", limit=3))
+    return {item.category for item in reply.items}.pop()
+
+
+def test_health_is_not_serving_until_a_model_loads(
+    tmp_path: Path, model_store: Path, serve: Serve
+) -> None:
+    empty = tmp_path / "empty-store"
+    empty.mkdir()
+    running = serve(empty, poll_interval=0.05)
+    running.wait_first_load()
+    health = health_pb2_grpc.HealthStub(running.channel)
+    for service in ("", SERVICE):
+        status = health.Check(health_pb2.HealthCheckRequest(service=service)).status
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    for call, request in (
+        (running.stub.Recommend, pb.RecommendRequest(user_id="user-0")),
+        (running.stub.GetModelInfo, pb.GetModelInfoRequest()),
+    ):
+        with pytest.raises(grpc.RpcError) as raised:
+            call(request)
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "no model loaded yet" in raised.value.details()
+
+    watch = health.Watch(health_pb2.HealthCheckRequest(service=SERVICE), timeout=30)
+    assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    version = current_version(model_store)
+    add_version(empty, model_store / version, version)
+    set_current(empty, version)
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    watch.cancel()
+    assert running.stub.GetModelInfo(pb.GetModelInfoRequest()).model_version == version
+
+
+def test_reflection_lists_the_services(store: Path, serve: Serve) -> None:
+    running = serve(store)
+    database = ProtoReflectionDescriptorDatabase(running.channel)
+    services = set(database.get_services())
+    assert {SERVICE, "grpc.health.v1.Health"} <= services
+    # A client with no .proto file (grpcurl, ghz) learns the request type this way.
+    service = DescriptorPool(database).FindServiceByName(SERVICE)
+    recommend = service.methods_by_name["Recommend"]
+    assert recommend.input_type.full_name == "discount.v1.RecommendRequest"
+    assert "user_id" in recommend.input_type.fields_by_name
+
+
+def test_a_new_current_version_is_picked_up(
+    store: Path, flipped_version: Path, serve: Serve
+) -> None:
+    running = serve(store, poll_interval=0.05)
+    running.wait_first_load()
+    assert garden_user_taste(running) == "garden"
+    health = health_pb2_grpc.HealthStub(running.channel)
+    add_version(store, flipped_version, flipped_version.name)
+    set_current(store, flipped_version.name)
+    running.call(asyncio.wait_for(serving(running, flipped_version.name), timeout=30))
+    assert running.stub.GetModelInfo(pb.GetModelInfoRequest()).model_version == (
+        flipped_version.name
+    )
+    assert garden_user_taste(running) == "kitchen"
+    status = health.Check(health_pb2.HealthCheckRequest(service=SERVICE)).status
+    assert status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def serving(running: RunningServer, version: str) -> None:
+    """Return once the server's poller has switched to version."""
+    while running.server.store.current is None or running.server.store.current.version != version:
+        await asyncio.sleep(0.02)
+
+
+def flip_a_byte(version: Path) -> None:
+    model = version / "model.onnx"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    model.write_bytes(bytes(data))
+
+
+def wrong_signature(version: Path) -> None:
+    """A valid ONNX graph with other inputs, resealed so its sha256 matches the manifest."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["user"], ["top_items"])],
+        "other",
+        [helper.make_tensor_value_info("user", TensorProto.INT64, ["batch"])],
+        [helper.make_tensor_value_info("top_items", TensorProto.INT64, ["batch"])],
+    )
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10),
+        version / "model.onnx",
+    )
+    seal(version, load_manifest(version, verify=False))
+
+
+def drop_items_file(version: Path) -> None:
+    (version / "items.json").unlink()
+
+
+@pytest.mark.parametrize(
+    ("break_it", "reason"),
+    [
+        (flip_a_byte, "model.onnx does not match its sha256"),
+        (wrong_signature, "model.onnx inputs are"),
+        (drop_items_file, "items.json listed in the manifest is missing"),
+    ],
+)
+def test_a_broken_version_is_refused_and_the_old_one_keeps_serving(
+    store: Path,
+    flipped_version: Path,
+    serve: Serve,
+    break_it: Callable[[Path], None],
+    reason: str,
+) -> None:
+    running = serve(store)
+    running.wait_first_load()
+    old = current_version(store)
+    broken = add_version(store, flipped_version, "20991231-000000-broken")
+    break_it(broken)
+    set_current(store, broken.name)
+    assert running.call(running.server.reload()) is False
+    assert reason in (running.server.store.last_error or "")
+    info = running.stub.GetModelInfo(pb.GetModelInfoRequest())
+    assert info.model_version == old
+    assert garden_user_taste(running) == "garden"
+    # Pointing CURRENT at a sound version again switches without a restart.
+    set_current(store, flipped_version.name)
+    add_version(store, flipped_version, flipped_version.name)
+    assert running.call(running.server.reload(force=False)) is True
+    assert running.stub.GetModelInfo(pb.GetModelInfoRequest()).model_version == (
+        flipped_version.name
+    )
+
+
+def test_cuda_is_used_or_refused_never_silently_replaced(model_store: Path) -> None:
+    version = model_store / current_version(model_store)
+    try:
+        model = load_version(version, "cuda")
+    except DeviceUnavailable as e:
+        assert "--device" in str(e)
+    else:
+        assert model.provider == CUDA
