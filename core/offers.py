@@ -1,0 +1,307 @@
+"""The offer pipeline, pure: features → segment → experiment → rule → prices → reason codes.
+
+``discountd`` (GetOffers) and ``discountctl rules simulate`` both call ``decide`` on a
+``Snapshot`` of the store, so the admin's answer is the server's answer. Nothing here touches
+the database, the model or grpc: callers bring the snapshot, the user's features and the items
+with their catalog prices and model ranks.
+
+Choices, stated once:
+- the user's segment is the first segment, by ascending priority, whose condition or member list
+  holds the user; it names the user in the response and in offer logs;
+- scope checks (a rule's segment, an experiment's target segment) ask whether the user is *in*
+  that segment, not whether it is the first one matched, so adding a broad low-priority segment
+  never silently takes users out of a rule;
+- among running experiments the first by key whose target holds the user decides; its variant's
+  rule (or none: no discount) prices every item, even where another rule has higher priority,
+  so the experiment measures what it says;
+- without an experiment each item gets the highest-priority live rule whose scope covers it;
+- a rule with a budget grants discounts only while the discounts redeemed under it (as of the
+  snapshot) plus those granted in this answer stay within the budget.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from enum import StrEnum
+
+from core import policy
+from core.assignment import variant_index
+from core.features import CATEGORICAL_FEATURES, FEATURE_NAMES, NEW_USER, NUMERIC_FEATURES
+from core.segments import Condition, evaluate
+
+Features = Mapping[str, float | str]
+
+
+class Why(StrEnum):
+    """Pipeline reason codes; with core.policy.Reason they make up an offer's reason codes."""
+
+    SEGMENT_MATCHED = "SEGMENT_MATCHED"
+    NO_SEGMENT = "NO_SEGMENT"
+    EXPERIMENT_VARIANT = "EXPERIMENT_VARIANT"
+    # The user's variant has no rule: no discount, by design (usually the control).
+    VARIANT_NO_DISCOUNT = "VARIANT_NO_DISCOUNT"
+    # The variant's rule is disabled, outside its validity window, or does not cover the item.
+    VARIANT_RULE_NOT_APPLICABLE = "VARIANT_RULE_NOT_APPLICABLE"
+    RULE_HIGHEST_PRIORITY = "RULE_HIGHEST_PRIORITY"
+    RANKED = "RANKED"
+    # The model has no score for this item for this user (e.g. an item it was not trained on).
+    NOT_RANKED = "NOT_RANKED"
+    # The catalog has no price or no cost for the item, so no discount can be checked safely.
+    NO_PRICE = "NO_PRICE"
+    NO_COST = "NO_COST"
+
+
+class FeatureError(ValueError):
+    """A context override that names a feature but cannot be read as one."""
+
+    def __init__(self, name: str, description: str) -> None:
+        self.name = name
+        super().__init__(description)
+
+
+@dataclass(frozen=True)
+class SegmentDef:
+    name: str
+    priority: int
+    condition: Condition | None  # None: a member list
+    members: frozenset[str] = frozenset()
+
+    def holds(self, user_id: str, features: Features) -> bool:
+        if self.condition is None:
+            return user_id in self.members
+        return evaluate(self.condition, features)
+
+
+@dataclass(frozen=True)
+class RuleDef:
+    id: int
+    name: str
+    pricing: policy.Rule
+    priority: int = 0
+    segment: str | None = None
+    categories: frozenset[str] = frozenset()  # empty: every category
+    item_ids: frozenset[str] = frozenset()  # empty: every item
+    enabled: bool = True
+    valid_from: datetime | None = None
+    valid_until: datetime | None = None
+    budget: Decimal | None = None
+    spent: Decimal = Decimal(0)
+
+    def live(self, now: datetime) -> bool:
+        if not self.enabled:
+            return False
+        if self.valid_from is not None and now < self.valid_from:
+            return False
+        return self.valid_until is None or now < self.valid_until
+
+    def covers(self, item: ItemInput) -> bool:
+        if self.categories and item.category not in self.categories:
+            return False
+        return not self.item_ids or item.item_id in self.item_ids
+
+    def remaining(self) -> Decimal | None:
+        return None if self.budget is None else self.budget - self.spent
+
+
+@dataclass(frozen=True)
+class VariantDef:
+    name: str
+    weight: int
+    rule: RuleDef | None
+
+
+@dataclass(frozen=True)
+class ExperimentDef:
+    key: str
+    salt: str
+    variants: tuple[VariantDef, ...]
+    target_segment: str | None = None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything the pipeline reads from the store, as of ``loaded_at``. Immutable: a refresh
+    builds a new one, so a request never sees half an update."""
+
+    segments: tuple[SegmentDef, ...] = ()  # ascending priority
+    rules: tuple[RuleDef, ...] = ()  # descending priority
+    experiments: tuple[ExperimentDef, ...] = ()  # running ones, by key
+    active_model: str | None = None
+    loaded_at: datetime | None = None
+
+    def segment(self, name: str) -> SegmentDef | None:
+        return next((s for s in self.segments if s.name == name), None)
+
+
+@dataclass(frozen=True)
+class ItemInput:
+    """An item to price: catalog facts and the model's rank/score for this user."""
+
+    item_id: str
+    category: str
+    price: float | None
+    cost: float | None
+    rank: int  # 1-based among the request's items; 0: not ranked by the model
+    score: float | None
+
+
+@dataclass(frozen=True)
+class ItemDecision:
+    item_id: str
+    rank: int
+    priced: policy.PricedItem
+    rule: RuleDef | None
+    reasons: tuple[str, ...]
+
+    @property
+    def priced_ok(self) -> bool:
+        """False when the catalog lacks the item's price: the offer cannot be signed."""
+        return Why.NO_PRICE not in self.reasons
+
+
+@dataclass(frozen=True)
+class Decision:
+    segment: str | None
+    experiment_key: str | None
+    variant: str | None
+    items: tuple[ItemDecision, ...]
+
+
+def resolve_features(base: Features | None, context: Mapping[str, str]) -> dict[str, float | str]:
+    """The user's features: the artifact's row (new-user values when none), then any context
+    key that names a feature. Other context keys (e.g. channel) are free-form and ignored here.
+    """
+    features: dict[str, float | str] = dict(NEW_USER)
+    if base is not None:
+        features.update({k: v for k, v in base.items() if k in FEATURE_NAMES})
+    for name, raw in context.items():
+        if name in NUMERIC_FEATURES:
+            try:
+                value = float(raw)
+            except ValueError:
+                raise FeatureError(name, f"{name} must be a number, got {raw!r}") from None
+            if not math.isfinite(value):
+                raise FeatureError(name, f"{name} must be a finite number, got {raw!r}")
+            features[name] = value
+        elif name in CATEGORICAL_FEATURES:
+            features[name] = raw
+    return features
+
+
+def _segment_of(snapshot: Snapshot, user_id: str, features: Features) -> SegmentDef | None:
+    return next((s for s in snapshot.segments if s.holds(user_id, features)), None)
+
+
+def _in_segment(snapshot: Snapshot, name: str | None, user_id: str, features: Features) -> bool:
+    if name is None:
+        return True
+    segment = snapshot.segment(name)
+    # A segment the snapshot does not know holds nobody: fail closed.
+    return segment is not None and segment.holds(user_id, features)
+
+
+def _experiment_of(
+    snapshot: Snapshot, user_id: str, features: Features
+) -> tuple[ExperimentDef, VariantDef] | None:
+    for experiment in snapshot.experiments:
+        if _in_segment(snapshot, experiment.target_segment, user_id, features):
+            weights = [v.weight for v in experiment.variants]
+            return experiment, experiment.variants[variant_index(experiment.salt, user_id, weights)]
+    return None
+
+
+def _rank_reason(item: ItemInput) -> Why:
+    return Why.RANKED if item.rank > 0 and item.score is not None else Why.NOT_RANKED
+
+
+def _candidate(item: ItemInput) -> policy.Candidate:
+    return policy.Candidate(
+        item.item_id,
+        policy.as_decimal(item.price or 0, f"price of {item.item_id}"),
+        policy.as_decimal(item.cost or 0, f"cost of {item.item_id}"),
+        # Policies rank from 1; an unranked item counts as ranked after every ranked one.
+        item.rank if item.rank > 0 else 1_000_000,
+        item.score,
+    )
+
+
+def _rule_for(
+    snapshot: Snapshot,
+    variant: VariantDef | None,
+    item: ItemInput,
+    user_id: str,
+    features: Features,
+    now: datetime,
+) -> tuple[RuleDef | None, Why | None]:
+    if variant is not None:
+        if variant.rule is None:
+            return None, Why.VARIANT_NO_DISCOUNT
+        if not (variant.rule.live(now) and variant.rule.covers(item)):
+            return None, Why.VARIANT_RULE_NOT_APPLICABLE
+        return variant.rule, None
+    for rule in snapshot.rules:
+        if (
+            rule.live(now)
+            and rule.covers(item)
+            and _in_segment(snapshot, rule.segment, user_id, features)
+        ):
+            return rule, Why.RULE_HIGHEST_PRIORITY
+    return None, None
+
+
+def decide(
+    snapshot: Snapshot,
+    user_id: str,
+    features: Features,
+    items: Sequence[ItemInput],
+    now: datetime,
+) -> Decision:
+    """Price ``items`` for one user, in their order. Fails closed: whatever is missing means no
+    discount, and the reason codes say which."""
+    segment = _segment_of(snapshot, user_id, features)
+    assigned = _experiment_of(snapshot, user_id, features)
+    head: list[str] = [Why.SEGMENT_MATCHED if segment else Why.NO_SEGMENT]
+    if assigned is not None:
+        head.append(Why.EXPERIMENT_VARIANT)
+    variant = assigned[1] if assigned is not None else None
+    decided: list[ItemDecision | None] = [None] * len(items)
+    under_rule: dict[int, tuple[RuleDef, list[int]]] = {}
+    reasons: list[tuple[str, ...]] = []
+    for n, item in enumerate(items):
+        why: list[str] = [*head, _rank_reason(item)]
+        rule, rule_reason = (
+            (None, Why.NO_PRICE)
+            if item.price is None
+            else _rule_for(snapshot, variant, item, user_id, features, now)
+        )
+        if rule_reason is not None:
+            why.append(rule_reason)
+        if rule is not None and item.cost is None:
+            rule = None
+            why.append(Why.NO_COST)
+        reasons.append(tuple(why))
+        if rule is None:
+            priced = policy.no_discount(_candidate(item))
+            decided[n] = ItemDecision(
+                item.item_id, item.rank, priced, None, (*why, *priced.reasons)
+            )
+        else:
+            under_rule.setdefault(rule.id, (rule, []))[1].append(n)
+    for rule, positions in under_rule.values():
+        priced_items = policy.price_items(rule.pricing, [_candidate(items[n]) for n in positions])
+        budgeted = policy.apply_budget(priced_items, rule.remaining())
+        for n, priced in zip(positions, budgeted, strict=True):
+            decided[n] = ItemDecision(
+                items[n].item_id, items[n].rank, priced, rule, (*reasons[n], *priced.reasons)
+            )
+    experiment = assigned[0] if assigned is not None else None
+    return Decision(
+        segment.name if segment else None,
+        experiment.key if experiment else None,
+        variant.name if variant else None,
+        tuple(d for d in decided if d is not None),
+    )

@@ -1,0 +1,58 @@
+"""What pricing needs from a model version besides the graph: catalog prices and costs, and
+the user features the trainer shipped (``items.json``, ``user_features.json``)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from core.artifact import ArtifactError
+from core.features import FEATURE_NAMES
+
+
+@dataclass(frozen=True)
+class ShopFacts:
+    prices: dict[str, float | None]
+    costs: dict[str, float | None]
+    categories: dict[str, str]
+    user_features: dict[str, dict[str, float | str]]
+    # When the features were measured (the data's last timestamp), RFC 3339 or "".
+    features_as_of: str
+
+
+def _money(value: Any) -> float | None:
+    if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) and value >= 0 else None
+
+
+def load_shop_facts(version_dir: Path) -> ShopFacts:
+    """Read the facts of a version that load_manifest already verified."""
+    try:
+        items = json.loads((version_dir / "items.json").read_text())
+        ids = [str(i) for i in items["item_id"]]
+        n = len(ids)
+        prices = items.get("price") or [None] * n
+        costs = items.get("cost") or [None] * n
+        categories = items.get("category") or [""] * n
+        features_path = version_dir / "user_features.json"
+        raw = json.loads(features_path.read_text()) if features_path.exists() else {}
+        users = json.loads((version_dir / "users.json").read_text())
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ArtifactError(f"{version_dir}: unreadable catalog or user features ({e})") from None
+    columns = [str(c) for c in raw.get("columns", [])]
+    known = [(i, c) for i, c in enumerate(columns) if c in FEATURE_NAMES]
+    features = {
+        str(user): {c: row[i] for i, c in known}
+        for user, row in zip(users, raw.get("rows", []), strict=False)
+    }
+    return ShopFacts(
+        prices={i: _money(p) for i, p in zip(ids, prices, strict=True)},
+        costs={i: _money(c) for i, c in zip(ids, costs, strict=True)},
+        categories={i: str(c) for i, c in zip(ids, categories, strict=True)},
+        user_features=features,
+        features_as_of=str(raw.get("reference_time", "")),
+    )
