@@ -207,7 +207,8 @@ def update(
     output: str,
     **kw: Any,
 ) -> None:
-    """Change a rule; options left out keep their value.
+    """Change a rule; options left out keep their value. --param changes single parameters of
+    the rule's policy, --params (or a new --policy) replaces them.
 
     \b
     Example:
@@ -219,8 +220,12 @@ def update(
             raise click.UsageError(f"--clear {key} contradicts the value given for it")
         fields[key] = [] if key in ("categories", "item_ids") else None
     with app.transaction() as session:
-        rule = Rules(session, app.actor).update(name, if_version, new_name, **fields)
-        data = rule.to_dict()
+        repo = Rules(session, app.actor)
+        current = repo.get(name)
+        if kw["param_pairs"] and fields.get("policy", current.policy) == current.policy:
+            # --param changes one parameter of the same policy; --params replaces them all.
+            fields["params"] = {**current.params, **fields["params"]}
+        data = repo.update(name, if_version, new_name, **fields).to_dict()
     message(f"updated rule {data['name']!r} (version {data['version']})")
     emit(data, output)
 
