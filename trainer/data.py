@@ -103,13 +103,15 @@ def read_table(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
 
 
 def parse_timestamps(values: pd.Series) -> pd.Series:
-    """Unix seconds (int) from Unix seconds or ISO 8601 text; NaN where neither."""
+    """Unix seconds from Unix seconds or ISO 8601 text (naive means UTC); NaN where neither."""
     numeric = pd.to_numeric(values, errors="coerce")
-    if numeric.notna().all():
-        return numeric.astype("float64")
-    parsed = pd.to_datetime(values, errors="coerce", utc=True, format="ISO8601")
-    seconds = (parsed - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)
-    return seconds.astype("float64").where(parsed.notna(), np.nan)
+    text = values[numeric.isna()]
+    if len(text):
+        parsed = pd.to_datetime(text, errors="coerce", utc=True, format="ISO8601")
+        seconds = (parsed - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)
+        numeric = numeric.astype("float64")
+        numeric[text.index] = seconds.astype("float64").where(parsed.notna(), np.nan)
+    return numeric.astype("float64")
 
 
 class _Drops:

@@ -138,6 +138,7 @@ def _make_split(
         keep = keep @ sp.diags(known)
     relevant = sp.csr_matrix(keep, dtype=np.float32)
     relevant.eliminate_zeros()
+    relevant.sort_indices()
     return Split(train_rows, train, relevant, description)
 
 
@@ -195,8 +196,9 @@ def ranking_metrics(recommended: Ints, relevant: list[set[int]], n_items: int) -
         for k in KS
         if k <= recommended.shape[1]
     }
-    metrics["ndcg@10"] = float(np.mean((hits[:, :10] * discounts).sum(axis=1) / ideal))
-    metrics["hit_rate@10"] = float(np.mean(hits[:, :10].any(axis=1)))
+    top10 = hits[:, :10]
+    metrics["ndcg@10"] = float(np.mean((top10 * discounts[: top10.shape[1]]).sum(axis=1) / ideal))
+    metrics["hit_rate@10"] = float(np.mean(top10.any(axis=1)))
     metrics["coverage@10"] = len(np.unique(recommended[:, :10])) / n_items
     metrics["users"] = float(len(relevant))
     return metrics
@@ -206,7 +208,8 @@ def evaluate(scorer: Scorer, split: Split, k: int = max(KS)) -> dict[str, float]
     users = split.eval_users
     if len(users) == 0:
         return {}
-    recommended = top_k(scorer, users, split.train, k)
+    # A catalog smaller than k gives shorter lists (training items still excluded: -inf last).
+    recommended = top_k(scorer, users, split.train, min(k, split.train.shape[1]))
     rel = split.relevant
     relevant = [set(rel.indices[rel.indptr[u] : rel.indptr[u + 1]].tolist()) for u in users]
     return ranking_metrics(recommended, relevant, split.train.shape[1])

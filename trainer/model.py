@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import random
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -26,6 +27,7 @@ import torch
 from trainer.dataset import Factors
 
 OBJECTIVES = ("ials", "bpr")
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 
 @dataclass(frozen=True)
@@ -183,7 +185,9 @@ class _Pattern:
         self.ones = self.with_values(torch.ones_like(conf))
 
     def with_values(self, values: torch.Tensor) -> torch.Tensor:
-        return torch.sparse_csr_tensor(self.crow, self.col, values, self.shape)
+        return torch.sparse_csr_tensor(
+            self.crow, self.col, values, self.shape, check_invariants=False
+        )
 
 
 class _BPR:
@@ -215,7 +219,7 @@ class _BPR:
             self.optimizer.zero_grad()
             loss.backward()  # type: ignore[no-untyped-call]
             self.optimizer.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
         return total / max(1, len(order))
 
     def factors(self) -> Factors:

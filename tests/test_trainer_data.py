@@ -1,0 +1,188 @@
+"""Readers: ids stay strings, Online Retail is cleaned on purpose, bad files fail in one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from trainer.cli import main
+from trainer.data import DataError, load_files, load_movielens, load_online_retail
+
+ITEMS = "item_id,title,category,price,cost\n007,Seven,kitchen,10.0,6.0\n7,Plain seven,garden,4.0,\n"
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_ids_keep_leading_zeros_and_both_timestamp_forms(tmp_path: Path) -> None:
+    inter = write(
+        tmp_path / "i.csv",
+        "user_id,item_id,timestamp,quantity,price\n"
+        "0042,007,2024-01-02T03:04:05Z,2,9.5\n"
+        "42,7,1704164645,,\n",
+    )
+    loaded = load_files(inter, write(tmp_path / "items.csv", ITEMS))
+    ds = loaded.dataset
+    assert ds.user_ids == ["0042", "42"]
+    assert ds.catalog.item_ids == ["007", "7"]
+    assert ds.interactions.item_index.tolist() == [0, 1]
+    assert ds.interactions.timestamp.tolist() == [1704164645, 1704164645]
+    assert ds.interactions.quantity.tolist() == [2, 1]
+    assert ds.interactions.price[0] == 9.5 and np.isnan(ds.interactions.price[1])
+    # Item "7" has no cost: the default margin is assumed, flagged and reported.
+    assert ds.catalog.cost_assumed.tolist() == [False, True]
+    assert ds.catalog.costs.tolist() == [6.0, pytest.approx(4.0 * 0.7)]
+    assert any("assumed a 30% margin" in line for line in loaded.summary_lines())
+
+
+def test_parquet_reads_like_csv(tmp_path: Path) -> None:
+    pd.DataFrame(
+        {"user_id": ["001", "002"], "item_id": ["007", "007"], "timestamp": [1, 2]}
+    ).to_parquet(tmp_path / "i.parquet")
+    pd.DataFrame({"item_id": ["007"], "price": [3.5]}).to_parquet(tmp_path / "items.parquet")
+    ds = load_files(tmp_path / "i.parquet", tmp_path / "items.parquet").dataset
+    assert ds.user_ids == ["001", "002"]
+    assert ds.catalog.item_ids == ["007"]
+    assert ds.interactions.event == ["purchase", "purchase"]
+
+
+def test_unusable_rows_are_dropped_and_counted(tmp_path: Path) -> None:
+    inter = write(
+        tmp_path / "i.csv",
+        "user_id,item_id,timestamp,event,quantity\n"
+        "u1,007,2024-01-01,view,1\n"
+        "u1,007,yesterday,purchase,1\n"
+        "u1,999,2024-01-01,purchase,1\n"
+        "u1,007,2024-01-01,wishlist,1\n"
+        "u1,007,2024-01-01,purchase,-3\n"
+        ",007,2024-01-01,purchase,1\n",
+    )
+    loaded = load_files(inter, write(tmp_path / "items.csv", ITEMS))
+    assert loaded.rows_read == 6
+    assert loaded.dataset.interactions.event == ["view"]
+    assert loaded.dropped == {
+        "empty user_id": 1,
+        "timestamp neither ISO 8601 nor Unix seconds": 1,
+        "event not one of purchase, view, click, cart": 1,
+        "quantity not a positive number": 1,
+        "item_id not in the items file": 1,
+    }
+
+
+OR_HEADER = "InvoiceNo,StockCode,Description,Quantity,InvoiceDate,UnitPrice,CustomerID,Country\n"
+OR_GOOD = "536365,85123A,WHITE HANGING HEART,6,2010-12-01 08:26:00,2.55,17850.0,United Kingdom\n"
+
+
+def test_online_retail_drops_each_reason_on_purpose(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "retail.csv",
+        OR_HEADER
+        + OR_GOOD
+        + OR_GOOD  # exact duplicate
+        + "536366,00123,SMALL THING,2,2010-12-02 09:00:00,1.00,13047.0,United Kingdom\n"
+        + "536366,00123,SMALL THING,1,2010-12-03 09:00:00,3.00,13047.0,United Kingdom\n"
+        + "536367,00123,SMALL THING,1,2010-12-04 09:00:00,5.00,13047.0,United Kingdom\n"
+        + "C536379,85123A,WHITE HANGING HEART,-1,2010-12-01 09:41:00,2.55,17850.0,UK\n"
+        + "536380,85123A,WHITE HANGING HEART,-5,2010-12-01 09:41:00,2.55,17850.0,UK\n"
+        + "536381,85123A,WHITE HANGING HEART,1,2010-12-01 09:41:00,2.55,,UK\n"
+        + "536382,POST,POSTAGE,1,2010-12-01 09:41:00,18.0,12583.0,France\n"
+        + "536383,gift_0001_20,VOUCHER,1,2010-12-01 09:41:00,16.0,12583.0,France\n"
+        + "536384,BANK CHARGES,Bank Charges,1,2010-12-01 09:41:00,15.0,12583.0,France\n"
+        + "536385,22222,FREEBIE,1,2010-12-01 09:41:00,0.0,12583.0,France\n",
+    )
+    loaded = load_online_retail(path)
+    assert loaded.rows_read == 12
+    assert loaded.dropped == {
+        "cancellations and returns (InvoiceNo C…, Quantity ≤ 0)": 2,
+        "no CustomerID": 1,
+        "exact duplicate rows": 1,
+        "non-product codes (postage, fees, adjustments, vouchers)": 3,
+        "zero, negative or missing UnitPrice": 1,
+    }
+    ds = loaded.dataset
+    assert ds.user_ids == ["13047", "17850"]
+    assert ds.catalog.item_ids == ["00123", "85123A"]
+    # The catalog price is the median paid price; no costs in the data, so all are assumed.
+    assert ds.catalog.prices.tolist() == [3.0, 2.55]
+    assert ds.catalog.cost_assumed.all()
+    assert ds.catalog.categories == ["", ""]
+    assert len(ds.interactions.user_index) == 4
+
+
+def test_movielens_reads_every_rating_with_genre_as_category(tmp_path: Path) -> None:
+    write(tmp_path / "u.data", "1\t10\t5\t881250949\n2\t10\t1\t881250950\n1\t020\t3\t881250951\n")
+    flags = ["0"] * 19
+    flags[8] = "1"  # Drama
+    write(tmp_path / "u.item", "10|A Film (1995)|01-Jan-1995||url|" + "|".join(flags) + "\n")
+    ds = load_movielens(tmp_path).dataset
+    assert len(ds.interactions.user_index) == 3
+    assert ds.catalog.item_ids == ["10", "020"]
+    assert ds.catalog.categories == ["Drama", ""]
+
+
+@pytest.mark.parametrize(
+    ("interactions", "items", "message"),
+    [
+        ("user_id,item_id\nu1,007\n", ITEMS, "i.csv: missing column(s) timestamp"),
+        ("user_id,item_id,timestamp\n", ITEMS, "i.csv: no usable interaction rows"),
+        ("user_id,item_id,timestamp\nu1,404,1\n", ITEMS, "i.csv: no usable interaction rows"),
+        (
+            "user_id,item_id,timestamp\nu1,007,1\n",
+            "item_id,title\n007,x\n",
+            "missing column(s) price",
+        ),
+        (
+            "user_id,item_id,timestamp\nu1,007,1\n",
+            "item_id,price\n007,free\n",
+            "no usable item rows",
+        ),
+        ('user_id,item_id,timestamp\n"u1,007,1\n', ITEMS, "i.csv: unreadable as CSV or Parquet"),
+    ],
+)
+def test_bad_files_are_one_line_errors(
+    tmp_path: Path, interactions: str, items: str, message: str
+) -> None:
+    inter = write(tmp_path / "i.csv", interactions)
+    catalog = write(tmp_path / "items.csv", items)
+    result = CliRunner().invoke(
+        main,
+        [
+            "fit",
+            "--interactions",
+            str(inter),
+            "--items",
+            str(catalog),
+            "--out",
+            str(tmp_path / "m"),
+        ],
+    )
+    assert result.exit_code == 1, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert result.output.count("\n") == 1 and result.output.startswith("Error: ")
+
+
+def test_missing_file_and_missing_flag(tmp_path: Path) -> None:
+    runner = CliRunner()
+    missing = runner.invoke(
+        main,
+        ["fit", "--format", "online-retail", "--interactions", str(tmp_path / "nope.csv"),
+         "--out", str(tmp_path / "m")],
+    )  # fmt: skip
+    assert missing.exit_code == 1
+    assert missing.output == f"Error: {tmp_path / 'nope.csv'}: no such file\n"
+    usage = runner.invoke(main, ["fit", "--interactions", "x.csv", "--out", str(tmp_path)])
+    assert usage.exit_code == 2
+    assert "--interactions and --items are both required" in usage.output
+
+
+def test_data_error_names_the_file(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"retail\.csv: missing column\(s\) CustomerID"):
+        load_online_retail(write(tmp_path / "retail.csv", "InvoiceNo,StockCode,Description,"
+                                 "Quantity,InvoiceDate,UnitPrice\n"))  # fmt: skip

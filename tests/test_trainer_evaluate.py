@@ -1,0 +1,125 @@
+"""Metrics on hand-computed cases, the two hold-out protocols, and metric invariants."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from trainer.dataset import Catalog, Dataset, Interactions
+from trainer.evaluate import Protocol, evaluate, popularity_scorer, ranking_metrics, top_k
+
+DCG = [1.0 / math.log2(i + 2) for i in range(10)]
+
+
+def test_hand_computed_metrics() -> None:
+    recommended = np.array(
+        [[0, 1, 2, 3, 4, 5, 6, 7, 8, 9], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19]]
+    )
+    relevant = [{1, 5, 42}, {99}]
+    m = ranking_metrics(recommended, relevant, n_items=100)
+    # User 0: hits at ranks 2 and 6 of 3 relevant; user 1: nothing.
+    assert m["recall@10"] == pytest.approx((2 / 3 + 0) / 2)
+    assert m["ndcg@10"] == pytest.approx(((DCG[1] + DCG[5]) / sum(DCG[:3]) + 0) / 2)
+    assert m["hit_rate@10"] == 0.5
+    assert m["coverage@10"] == pytest.approx(20 / 100)
+    assert "recall@50" not in m  # only 10 recommended
+
+
+def test_recall_divides_by_min_of_k_and_relevant() -> None:
+    recommended = np.arange(50)[None, :]
+    relevant = [set(range(0, 120, 2))]  # 60 relevant, 25 of them in the top 50, 5 in the top 10
+    m = ranking_metrics(recommended, relevant, n_items=200)
+    assert m["recall@10"] == pytest.approx(5 / 10)
+    assert m["recall@50"] == pytest.approx(25 / 50)
+    assert m["ndcg@10"] == pytest.approx(sum(DCG[0:10:2]) / sum(DCG))
+
+
+def shop(rows: list[tuple[int, int, int]], n_users: int, n_items: int) -> Dataset:
+    users, items, ts = (np.array(c, dtype=np.int64) for c in zip(*rows, strict=True))
+    return Dataset(
+        user_ids=[f"u{u}" for u in range(n_users)],
+        catalog=Catalog(
+            item_ids=[f"i{i}" for i in range(n_items)],
+            categories=[""] * n_items,
+            titles=[""] * n_items,
+            prices=np.ones(n_items),
+            costs=np.ones(n_items),
+            cost_assumed=np.zeros(n_items, dtype=bool),
+        ),
+        interactions=Interactions(
+            user_index=users,
+            item_index=items,
+            timestamp=ts,
+            event=["purchase"] * len(rows),
+            quantity=np.ones(len(rows), dtype=np.int64),
+            price=np.full(len(rows), np.nan),
+        ),
+    )
+
+
+def test_time_split_relevance_rules() -> None:
+    ds = shop(
+        [
+            (0, 0, 1), (0, 1, 2),  # user 0 before the cutoff
+            (0, 0, 10),  # re-buys item 0: not relevant (bought before)
+            (0, 2, 11),  # item 2 is new to user 0 and known in training: relevant
+            (0, 3, 12),  # item 3 was never bought before the cutoff: not relevant
+            (1, 2, 3),  # user 1 only trains
+            (2, 1, 13),  # user 2 has no history: not evaluated
+        ],
+        n_users=3,
+        n_items=4,
+    )  # fmt: skip
+    split = Protocol("time", cutoff=10).split(ds)
+    assert split.eval_users.tolist() == [0]
+    assert split.relevant[0].indices.tolist() == [2]
+    assert split.train.nnz == 3
+    # Training items are excluded from the ranking: user 0 gets 2, 3 and never 0 or 1.
+    assert top_k(popularity_scorer(split.train), np.array([0]), split.train, 2).tolist() == [[2, 3]]
+    # The validation window (7..10) is as long as the hold-out (10..13) and just before it.
+    inner = Protocol("time", cutoff=10).inner(ds, split)
+    assert inner.train_rows.tolist() == [True, True, False, False, False, True, False]
+    assert inner.eval_users.tolist() == []
+
+
+def test_user_last_fraction_holds_out_at_least_one_per_user() -> None:
+    rows = [(0, i, i) for i in range(10)] + [(1, 0, 5), (1, 1, 6)]
+    split = Protocol("user_last", relevant_must_be_new=False).split(shop(rows, 2, 10))
+    assert split.relevant[0].indices.tolist() == [8, 9]
+    assert split.relevant[1].indices.tolist() == [1]
+    assert split.train_rows.sum() == 9
+
+
+@given(
+    st.lists(
+        st.tuples(st.permutations(list(range(12))), st.sets(st.integers(0, 11), min_size=1)),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_metrics_are_bounded_and_a_perfect_ranking_scores_one(
+    cases: list[tuple[list[int], set[int]]],
+) -> None:
+    recommended = np.array([ranking[:10] for ranking, _ in cases])
+    relevant = [rel for _, rel in cases]
+    m = ranking_metrics(recommended, relevant, n_items=12)
+    for name in ("recall@10", "ndcg@10", "hit_rate@10", "coverage@10"):
+        assert 0.0 <= m[name] <= 1.0 + 1e-12
+    assert m["hit_rate@10"] >= m["recall@10"] - 1e-12 or m["hit_rate@10"] == 1.0
+    perfect = np.array([sorted(rel) + [i for i in range(12) if i not in rel] for rel in relevant])
+    best = ranking_metrics(perfect[:, :10], relevant, n_items=12)
+    assert best["ndcg@10"] == pytest.approx(1.0)
+    assert best["recall@10"] == pytest.approx(1.0)
+    assert m["ndcg@10"] <= best["ndcg@10"] + 1e-12
+
+
+def test_evaluate_scores_only_users_with_relevant_items() -> None:
+    ds = shop([(0, 0, 1), (0, 1, 20), (1, 0, 2), (1, 1, 3)], n_users=2, n_items=3)
+    split = Protocol("time", cutoff=10).split(ds)
+    m = evaluate(popularity_scorer(split.train), split, k=2)
+    assert m["users"] == 1.0
+    assert m["hit_rate@10"] == 1.0

@@ -1,0 +1,156 @@
+"""``discount-train``: make a synthetic shop, or fit a recommendation model on a shop's history."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from trainer.data import (
+    DEFAULT_MARGIN,
+    MOVIELENS,
+    ONLINE_RETAIL,
+    DataError,
+    Loaded,
+    load_files,
+    load_movielens,
+    load_online_retail,
+)
+from trainer.evaluate import protocol_for
+from trainer.fit import ALPHA_GRID, REGULARIZATION_GRID, grid
+from trainer.fit import fit as run_fit
+from trainer.model import OBJECTIVES, ModelConfig
+from trainer.synth import SynthConfig, make_shop, write_shop
+
+FORMATS = ("files", "online-retail", "movielens")
+
+
+def _err(line: str) -> None:
+    click.echo(line, err=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Train discountd's recommendation model from a shop's purchase history."""
+
+
+@main.command()
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--users", type=click.IntRange(min=1), default=SynthConfig.users, show_default=True)
+@click.option("--items", type=click.IntRange(min=8), default=SynthConfig.items, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def synth(out: Path, users: int, items: int, seed: int) -> None:
+    """Write a synthetic shop (interactions.csv, items.csv) drawn from a known taste model.
+
+    Example: discount-train synth --out var/shop --users 2000 --items 500 --seed 7
+    """
+    try:
+        shop = make_shop(SynthConfig(users=users, items=items, seed=seed))
+        interactions, items_path = write_shop(shop, out)
+    except OSError as e:
+        raise click.ClickException(f"{out}: cannot write the shop ({e.strerror or e})") from None
+    _err(f"wrote {len(shop.interactions):,} purchases by {users:,} users of {items:,} items")
+    click.echo(f"{interactions}\n{items_path}")
+
+
+@main.command()
+@click.option(
+    "--format",
+    "format_name",
+    type=click.Choice(FORMATS),
+    default="files",
+    show_default=True,
+    help="files: --interactions/--items in the documented columns (CSV or .parquet); "
+    "online-retail / movielens: the public datasets, read as published.",
+)
+@click.option(
+    "--interactions",
+    type=click.Path(dir_okay=True, path_type=Path),
+    help="interactions file (online-retail, movielens: defaults to the shared dataset)",
+)
+@click.option("--items", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--objective", type=click.Choice(OBJECTIVES), default=ModelConfig.objective)
+@click.option(
+    "--factors", type=click.IntRange(min=1), default=ModelConfig.factors, show_default=True
+)
+@click.option(
+    "--epochs",
+    type=click.IntRange(min=1),
+    default=ModelConfig.max_epochs,
+    show_default=True,
+    help="most epochs; early stopping may use fewer",
+)
+@click.option(
+    "--regularization",
+    type=click.FloatRange(min=0),
+    multiple=True,
+    default=REGULARIZATION_GRID,
+    show_default=True,
+    help="λ; repeat to try several, the best on validation wins",
+)
+@click.option(
+    "--alpha",
+    type=click.FloatRange(min=0),
+    multiple=True,
+    default=ALPHA_GRID,
+    show_default=True,
+    help="iALS confidence scale; repeat to try several",
+)
+@click.option("--seed", type=int, default=ModelConfig.seed, show_default=True)
+@click.option(
+    "--default-margin",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=DEFAULT_MARGIN,
+    show_default=True,
+    help="margin assumed for items without a cost",
+)
+def fit(
+    format_name: str,
+    interactions: Path | None,
+    items: Path | None,
+    out: Path,
+    objective: str,
+    factors: int,
+    epochs: int,
+    regularization: tuple[float, ...],
+    alpha: tuple[float, ...],
+    seed: int,
+    default_margin: float,
+) -> None:
+    """Fit, evaluate on a time hold-out, and write a new model version into OUT.
+
+    Example: discount-train fit --interactions shop/interactions.csv --items shop/items.csv
+    --out var/models
+    """
+    base = ModelConfig(objective=objective, factors=factors, max_epochs=epochs, seed=seed)
+    candidates = grid(base, regularization, alpha)
+    try:
+        loaded = _load(format_name, interactions, items, default_margin)
+    except DataError as e:
+        raise click.ClickException(str(e)) from None
+    for line in loaded.summary_lines():
+        _err(line)
+    try:
+        outcome = run_fit(loaded, protocol_for(format_name), candidates, out, _err)
+    except OSError as e:
+        raise click.ClickException(f"{out}: cannot write the model ({e.strerror or e})") from None
+    _err(f"epochs: {outcome.epochs}")
+    for name, value in outcome.metrics.items():
+        _err(f"  {name:32s} {value:.4f}")
+    if outcome.loses_to_popularity:
+        _err("WARNING: this model loses to popularity on its validation split (see above)")
+    click.echo(json.dumps({"version_dir": str(outcome.version_dir), "metrics": outcome.metrics}))
+
+
+def _load(
+    format_name: str, interactions: Path | None, items: Path | None, default_margin: float
+) -> Loaded:
+    if format_name == "online-retail":
+        return load_online_retail(interactions or ONLINE_RETAIL, default_margin)
+    if format_name == "movielens":
+        return load_movielens(interactions or MOVIELENS)
+    if interactions is None or items is None:
+        raise click.UsageError("--interactions and --items are both required with --format files")
+    return load_files(interactions, items, default_margin)
