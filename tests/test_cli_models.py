@@ -1,0 +1,116 @@
+"""discountctl models: register verifies the manifest's sha256s; promote; rollback."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from cli import ctl, row_counts
+
+from core.artifact import Manifest, seal
+
+
+def _version(root: Path, name: str) -> Path:
+    """A sealed version folder; registration checks the manifest, not what the graph computes."""
+    folder = root / name
+    folder.mkdir()
+    (folder / "model.onnx").write_bytes(b"graph " + name.encode())
+    (folder / "items.json").write_text('{"item_id": ["85123A"]}')
+    seal(
+        folder,
+        Manifest(
+            version=name,
+            created_at="2026-11-28T17:24:00Z",
+            files={},
+            n_users=1,
+            n_items=1,
+            n_categories=1,
+            metrics={"recall@10": 0.25},
+        ),
+    )
+    return folder
+
+
+def run(url: str, *args: str) -> dict:  # type: ignore[type-arg]
+    result = ctl(url, "models", *args, "--output", "json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+
+def test_register_promote_rollback(db_url: str, tmp_path: Path) -> None:
+    for name in ("v1", "v2", "v3"):
+        got = run(db_url, "register", str(_version(tmp_path, name)))
+        assert (got["version"], got["status"], got["metrics"]) == (
+            name,
+            "staged",
+            {"recall@10": 0.25},
+        )
+        assert got["path"] == str((tmp_path / name).resolve()) and len(got["manifest_sha256"]) == 64
+    for name in ("v1", "v2", "v3"):
+        assert run(db_url, "promote", name)["status"] == "active"
+    statuses = {m["version"]: m["status"] for m in run(db_url, "list")}
+    assert statuses == {"v1": "retired", "v2": "retired", "v3": "active"}
+
+    assert run(db_url, "rollback", "--yes")["version"] == "v2"
+    assert run(db_url, "rollback", "--yes")["version"] == "v1"
+    listed = {m["version"]: m for m in run(db_url, "list")}
+    assert [listed[v]["status"] for v in ("v1", "v2", "v3")] == ["active", "retired", "retired"]
+    assert listed["v3"]["rolled_back_at"] and listed["v2"]["rolled_back_at"]
+    before = row_counts(db_url)
+    result = ctl(db_url, "models", "rollback", "--yes")
+    assert result.exit_code == 1 and "nothing to roll back to" in result.stderr
+    assert row_counts(db_url) == before
+
+    # A version rolled back from may be promoted again on purpose.
+    assert run(db_url, "promote", "v3")["status"] == "active"
+    assert run(db_url, "rollback", "--yes")["version"] == "v1"
+    actions = [
+        e["action"]
+        for e in json.loads(
+            ctl(db_url, "audit", "list", "--entity-type", "model", "-o", "json").stdout
+        )
+    ]
+    assert actions[:3] == ["rollback", "promote", "rollback"] and actions.count("register") == 3
+
+
+def test_rollback_asks_first(db_url: str, tmp_path: Path) -> None:
+    run(db_url, "register", str(_version(tmp_path, "v1")))
+    run(db_url, "promote", "v1")
+    result = ctl(db_url, "models", "rollback")
+    assert result.exit_code == 1 and "no terminal; pass --yes" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("tamper", "fragment"),
+    [
+        (
+            lambda d: (d / "model.onnx").write_bytes(b"changed"),
+            "model.onnx does not match its sha256",
+        ),
+        (lambda d: (d / "items.json").unlink(), "items.json listed in the manifest is missing"),
+        (lambda d: (d / "manifest.json").write_text("{"), "unreadable manifest"),
+    ],
+)
+def test_register_refuses_a_version_that_does_not_match_its_manifest(
+    db_url: str, tmp_path: Path, tamper: Callable[[Path], object], fragment: str
+) -> None:
+    folder = _version(tmp_path, "v1")
+    tamper(folder)
+    result = ctl(db_url, "models", "register", str(folder))
+    assert result.exit_code == 1 and fragment in result.stderr
+    assert row_counts(db_url)["model_versions"] == 0
+
+
+def test_register_twice_and_promote_after_tampering_are_refused(
+    db_url: str, tmp_path: Path
+) -> None:
+    folder = _version(tmp_path, "v1")
+    run(db_url, "register", str(folder))
+    again = ctl(db_url, "models", "register", str(folder))
+    assert again.exit_code == 1 and "already registered" in again.stderr
+    (folder / "model.onnx").write_bytes(b"swapped after registration")
+    result = ctl(db_url, "models", "promote", "v1")
+    assert result.exit_code == 1 and "does not match its sha256" in result.stderr
+    assert run(db_url, "list")[0]["status"] == "staged"
