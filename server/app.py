@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from discount.v1 import discount_pb2, discount_pb2_grpc
 from server.interceptors import AccessLogInterceptor, RequestIdInterceptor
+from server.offering import Offering
 from server.service import DiscountService
 from server.settings import Settings
 from server.versions import ModelStore
@@ -31,10 +32,17 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 class DiscountServer:
     """The running server: gRPC, health, and the model store it keeps current."""
 
-    def __init__(self, settings: Settings, grpc_server: aio.Server, store: ModelStore) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        grpc_server: aio.Server,
+        store: ModelStore,
+        offering: Offering | None = None,
+    ) -> None:
         self.settings = settings
         self.grpc = grpc_server
         self.store = store
+        self.offering = offering
         self.health = HealthServicer()
         self.first_load = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
@@ -44,6 +52,8 @@ class DiscountServer:
             await self.health.set(service, NOT_SERVING)
         await self.grpc.start()
         self._watcher = asyncio.create_task(self._watch())
+        if self.offering is not None:
+            self.offering.start()
 
     async def reload(self, force: bool = True) -> bool:
         """Load the version CURRENT names; SIGHUP forces a retry of a refused one."""
@@ -61,6 +71,9 @@ class DiscountServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watcher
         await self.grpc.stop(grace)
+        # After the last call: every offer issued is in the log's queue, flushed here.
+        if self.offering is not None:
+            await self.offering.stop()
 
     async def _watch(self) -> None:
         await self.reload(force=False)
@@ -72,12 +85,24 @@ class DiscountServer:
 
 
 def create_server(settings: Settings) -> tuple[DiscountServer, int]:
-    """Build the server and bind settings.host:settings.port (0 picks a free port)."""
+    """Build the server and bind settings.host:settings.port (0 picks a free port).
+
+    With a store (settings.db_url) it is checked first: StoreError when unreachable or not at
+    the schema head, so a misconfigured server never starts half-working.
+    """
+    offering = None
+    if settings.db_url is not None:
+        offering = Offering.open(
+            settings.db_url,
+            settings.offer_keys,
+            settings.offer_ttl,
+            settings.rules_poll_interval,
+        )
     grpc_server = aio.server(interceptors=(RequestIdInterceptor(), AccessLogInterceptor()))
     store = ModelStore(settings.model_dir, settings.device)
-    server = DiscountServer(settings, grpc_server, store)
+    server = DiscountServer(settings, grpc_server, store, offering)
     discount_pb2_grpc.add_DiscountServiceServicer_to_server(
-        DiscountService(store, settings.device), grpc_server
+        DiscountService(store, settings.device, offering), grpc_server
     )
     health_pb2_grpc.add_HealthServicer_to_server(server.health, grpc_server)
     reflection.enable_server_reflection(

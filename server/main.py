@@ -13,8 +13,9 @@ import sys
 
 import click
 
+from core.store.errors import StoreError
 from server.app import create_server
-from server.settings import SOURCES, Settings, SettingsError, resolve
+from server.settings import SOURCES, Settings, SettingsError, insecure_demo_key_in_use, resolve
 
 log = logging.getLogger("discountd")
 
@@ -42,10 +43,29 @@ def _env(name: str) -> str:
     help=f"Seconds between checks of CURRENT; 0: SIGHUP only. {_env('poll_interval')}",
 )
 @click.option("--grace", help=f"Seconds in-flight calls get on shutdown. {_env('grace')}")
-def main(**flags: str | None) -> None:
-    """Serve recommendations from a trained model over gRPC (with health and reflection)."""
+@click.option(
+    "--db-url",
+    help=f"Store with rules and experiments; offers and events go there. {_env('db_url')}",
+)
+@click.option(
+    "--rules-poll-interval",
+    help=f"Seconds between rule reloads (PostgreSQL also on NOTIFY). {_env('rules_poll_interval')}",
+)
+@click.option("--offer-ttl", help=f"Seconds an offer's price holds. {_env('offer_ttl')}")
+@click.option(
+    "--insecure-demo-key",
+    is_flag=True,
+    help="Sign offers with a public demo key instead of DISCOUNT_OFFER_KEY (demos only: "
+    "anyone can forge such offers).",
+)
+def main(insecure_demo_key: bool, **flags: str | None) -> None:
+    """Serve recommendations and personalized offers over gRPC (with health and reflection).
+
+    Offers are signed with DISCOUNT_OFFER_KEY (at least 32 bytes; older keys that still verify
+    in DISCOUNT_OFFER_PREVIOUS_KEYS, comma-separated).
+    """
     try:
-        settings = resolve(flags)
+        settings = resolve(flags, insecure_demo_key=insecure_demo_key)
     except SettingsError as e:
         raise click.UsageError(str(e)) from None
     logging.basicConfig(
@@ -61,6 +81,11 @@ async def serve(settings: Settings) -> int:
     except RuntimeError as e:  # grpc reports a port it cannot bind this way
         click.echo(f"discountd: cannot listen on {settings.host}:{settings.port}: {e}", err=True)
         return 1
+    except StoreError as e:
+        click.echo(f"discountd: cannot use the store: {e}", err=True)
+        return 1
+    if insecure_demo_key_in_use(settings):
+        log.warning("offers are signed with the public demo key: never use this in production")
     await server.start()
     await server.first_load.wait()
     if server.store.current is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import grpc
@@ -14,9 +15,14 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc import aio
 from grpc_status import rpc_status
 
+from core import offer_token
+from core.store.events import EventIn, Verdict
 from discount.v1 import discount_pb2 as pb
 from discount.v1 import discount_pb2_grpc as pb_grpc
-from server.errors import InvalidRequest, NotReady
+from server.errors import FieldViolation, InvalidRequest, NotReady, StoreDown, UnknownIds
+from server.offering import Offering
+from server.offers import OffersQuery, get_offers
+from server.offers import validate as validate_offers
 from server.recommend import ColdStart, RecommendQuery, recommend, validate
 from server.versions import ModelStore
 
@@ -30,6 +36,25 @@ COLD_START = {
     ColdStart.FOLD_IN: pb.COLD_START_FOLD_IN,
     ColdStart.POPULARITY: pb.COLD_START_POPULARITY,
 }
+EVENT_TYPES = {
+    pb.EVENT_TYPE_IMPRESSION: "impression",
+    pb.EVENT_TYPE_CLICK: "click",
+    pb.EVENT_TYPE_ADD_TO_CART: "add_to_cart",
+    pb.EVENT_TYPE_PURCHASE: "purchase",
+    pb.EVENT_TYPE_REDEMPTION: "redemption",
+}
+EVENT_STATUS = {
+    Verdict.ACCEPTED: pb.EVENT_STATUS_ACCEPTED,
+    Verdict.DUPLICATE: pb.EVENT_STATUS_DUPLICATE,
+    Verdict.REJECTED: pb.EVENT_STATUS_REJECTED,
+}
+VALIDITY = {
+    offer_token.TokenStatus.VALID: pb.OFFER_VALIDITY_VALID,
+    offer_token.TokenStatus.TAMPERED: pb.OFFER_VALIDITY_TAMPERED,
+    offer_token.TokenStatus.EXPIRED: pb.OFFER_VALIDITY_EXPIRED,
+}
+MAX_EVENTS = 1000
+MAX_TOKEN_CHARS = 4096
 
 
 def maps_errors(method: Method[Request, Response]) -> Method[Request, Response]:
@@ -58,16 +83,28 @@ def maps_errors(method: Method[Request, Response]) -> Method[Request, Response]:
                 )
             )
             await context.abort(status.code, status.details, status.trailing_metadata)
-        except NotReady as e:
+        except (NotReady, StoreDown) as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        except UnknownIds as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
 
     return mapped
 
 
 class DiscountService(pb_grpc.DiscountServiceServicer):
-    def __init__(self, store: ModelStore, requested_device: str) -> None:
+    def __init__(
+        self, store: ModelStore, requested_device: str, offering: Offering | None = None
+    ) -> None:
         self._store = store
         self._requested_device = requested_device
+        self._offering = offering
+
+    def _require_offering(self) -> Offering:
+        if self._offering is None:
+            raise NotReady(
+                "this server was started without a store (--db-url); it serves Recommend only"
+            )
+        return self._offering
 
     @maps_errors
     async def Recommend(
@@ -103,7 +140,11 @@ class DiscountService(pb_grpc.DiscountServiceServicer):
     ) -> pb.GetModelInfoResponse:
         model = self._store.require()
         manifest = model.manifest
+        keeper = self._offering.keeper if self._offering is not None else None
         return pb.GetModelInfoResponse(
+            snapshot_fresh=keeper is not None and keeper.fresh,
+            snapshot_age_seconds=keeper.age_seconds if keeper is not None else 0.0,
+            store_error=(keeper.error if keeper is not None else "started without --db-url"),
             model_version=manifest.version,
             provider=model.provider,
             item_count=manifest.n_items,
@@ -111,4 +152,109 @@ class DiscountService(pb_grpc.DiscountServiceServicer):
             metrics=manifest.metrics,
             created_at=manifest.created_at,
             requested_device=self._requested_device,
+        )
+
+    @maps_errors
+    async def GetOffers(
+        self, request: pb.GetOffersRequest, context: Context
+    ) -> pb.GetOffersResponse:
+        query = OffersQuery(
+            user_id=request.user_id,
+            item_ids=list(request.item_ids),
+            limit=request.limit,
+            context=dict(request.context),
+        )
+        validate_offers(query)
+        offering = self._require_offering()
+        model = self._store.require()
+        snapshot = offering.keeper.require()
+        facts = await asyncio.to_thread(offering.facts.get, model)
+        result = await asyncio.to_thread(
+            get_offers, model, facts, snapshot, query, offering.keys, offering.ttl
+        )
+        offering.log.append(result.log_rows)
+        return pb.GetOffersResponse(
+            offers=[
+                pb.Offer(
+                    item_id=o.item_id,
+                    base_price_cents=o.base_price_cents,
+                    discount_percent=o.discount_percent,
+                    final_price_cents=o.final_price_cents,
+                    rule_id=o.rule_id,
+                    reason_codes=o.reason_codes,
+                    offer_id=o.offer_id,
+                    offer_token=o.offer_token,
+                    expires_at=o.expires_at.isoformat() if o.expires_at else "",
+                    rank=o.rank,
+                )
+                for o in result.offers
+            ],
+            segment=result.segment,
+            experiment_key=result.experiment_key,
+            variant=result.variant,
+            model_version=result.model_version,
+        )
+
+    @maps_errors
+    async def RecordEvents(
+        self, request: pb.RecordEventsRequest, context: Context
+    ) -> pb.RecordEventsResponse:
+        if len(request.events) > MAX_EVENTS:
+            raise InvalidRequest(
+                [
+                    FieldViolation(
+                        "events",
+                        f"at most {MAX_EVENTS} per call, got {len(request.events)}; split it",
+                    )
+                ]
+            )
+        offering = self._require_offering()
+        batch = [
+            EventIn(
+                event_id=e.event_id,
+                type=EVENT_TYPES.get(e.type, ""),
+                user_id=e.user_id,
+                item_id=e.item_id,
+                offer_id=e.offer_id,
+                revenue_cents=e.revenue_cents,
+                quantity=e.quantity,
+                occurred_at=e.occurred_at,
+            )
+            for e in request.events
+        ]
+        # A worker thread: the event loop keeps answering while the store commits.
+        outcomes = await asyncio.to_thread(offering.record_events, batch)
+        return pb.RecordEventsResponse(
+            results=[
+                pb.EventResult(event_id=o.event_id, status=EVENT_STATUS[o.verdict], reason=o.reason)
+                for o in outcomes
+            ]
+        )
+
+    @maps_errors
+    async def VerifyOffer(
+        self, request: pb.VerifyOfferRequest, context: Context
+    ) -> pb.VerifyOfferResponse:
+        token = request.offer_token
+        if not token or len(token) > MAX_TOKEN_CHARS:
+            raise InvalidRequest(
+                [
+                    FieldViolation(
+                        "offer_token",
+                        f"required, at most {MAX_TOKEN_CHARS} characters, as GetOffers issued it",
+                    )
+                ]
+            )
+        offering = self._require_offering()
+        verdict = offer_token.verify(token, offering.keys, datetime.now(UTC))
+        claims = verdict.claims
+        if claims is None:
+            return pb.VerifyOfferResponse(validity=VALIDITY[verdict.status])
+        return pb.VerifyOfferResponse(
+            validity=VALIDITY[verdict.status],
+            offer_id=claims.offer_id,
+            user_id=claims.user_id,
+            item_id=claims.item_id,
+            final_price_cents=int((claims.final_price * 100).to_integral_value()),
+            expires_at=claims.expires_at.isoformat(),
         )

@@ -9,6 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from core.offer_token import OfferKeyError, OfferKeys, load_offer_keys
+from core.store.db import DEFAULT_URL
+
 DEVICES = ("auto", "cpu", "cuda")
 
 # Flag name -> (environment fallback, default).
@@ -19,7 +22,12 @@ SOURCES: dict[str, tuple[str, str | None]] = {
     "port": ("DISCOUNT_GRPC_PORT", "50051"),
     "poll_interval": ("DISCOUNT_POLL_INTERVAL", "2"),
     "grace": ("DISCOUNT_SHUTDOWN_GRACE", "10"),
+    "db_url": ("DISCOUNT_DB_URL", DEFAULT_URL),
+    "rules_poll_interval": ("DISCOUNT_RULES_POLL_INTERVAL", "5"),
+    "offer_ttl": ("DISCOUNT_OFFER_TTL", "900"),
 }
+# A public key for `make demo` and local trials only: anyone can forge offers signed with it.
+DEMO_OFFER_KEY = b"discountd-insecure-demo-key--anyone-can-forge-offers-signed-with-it"
 
 
 class SettingsError(Exception):
@@ -36,10 +44,23 @@ class Settings:
     poll_interval: float = 2.0
     # Seconds in-flight calls get to finish after SIGTERM.
     grace: float = 10.0
+    # The store with rules and experiments, and where offers and events go; None serves
+    # Recommend only (GetOffers and RecordEvents answer UNAVAILABLE).
+    db_url: str | None = None
+    # Seconds between rule snapshot reloads (PostgreSQL also reloads on NOTIFY at once).
+    rules_poll_interval: float = 5.0
+    # How long an offer's price holds, in seconds.
+    offer_ttl: float = 900.0
+    offer_keys: OfferKeys | None = None
 
 
-def resolve(flags: Mapping[str, str | None], env: Mapping[str, str] = os.environ) -> Settings:
-    """Settings from flags, falling back to the environment, then to defaults."""
+def resolve(
+    flags: Mapping[str, str | None],
+    env: Mapping[str, str] = os.environ,
+    insecure_demo_key: bool = False,
+) -> Settings:
+    """Settings from flags, falling back to the environment, then to defaults. The offer key
+    comes from the environment only (a flag would show it in `ps`)."""
     raw: dict[str, str | None] = {}
     for name, (variable, default) in SOURCES.items():
         value = flags.get(name)
@@ -69,10 +90,33 @@ def resolve(flags: Mapping[str, str | None], env: Mapping[str, str] = os.environ
     host = raw["host"] or ""
     if not host:
         problems.append(f"{flag('host')} must not be empty")
+    rules_poll = _number(raw["rules_poll_interval"], float)
+    if rules_poll is None or rules_poll <= 0:
+        problems.append(
+            f"{flag('rules_poll_interval')}: {raw['rules_poll_interval']!r} is not seconds > 0"
+        )
+    ttl = _number(raw["offer_ttl"], float)
+    if ttl is None or not 1 <= ttl <= 7 * 86_400:
+        problems.append(f"{flag('offer_ttl')}: {raw['offer_ttl']!r} is not 1 to 604800 seconds")
+    keys: OfferKeys | None = None
+    if insecure_demo_key:
+        keys = OfferKeys(DEMO_OFFER_KEY)
+    else:
+        try:
+            keys = load_offer_keys(env)
+        except OfferKeyError as e:
+            problems.append(f"{e} (or pass --insecure-demo-key for a local demo)")
     if problems:
         raise SettingsError("invalid settings: " + "; ".join(problems))
     assert model_dir is not None and port is not None and poll is not None and grace is not None
-    return Settings(Path(model_dir), device, host, port, poll, grace)
+    assert rules_poll is not None and ttl is not None
+    return Settings(
+        Path(model_dir), device, host, port, poll, grace, raw["db_url"], rules_poll, ttl, keys
+    )
+
+
+def insecure_demo_key_in_use(settings: Settings) -> bool:
+    return settings.offer_keys is not None and settings.offer_keys.current == DEMO_OFFER_KEY
 
 
 Number = TypeVar("Number", int, float)

@@ -1,0 +1,87 @@
+"""The offer log: issued offers go to the store in batches, off the request path.
+
+GetOffers only appends to an in-memory queue; a background task writes batches in a worker
+thread. A batch that fails stays queued and is retried, so a store outage delays the log
+instead of losing it, up to MAX_PENDING offers (then the oldest are dropped, and the log
+says how many). ``close`` flushes what is queued, for a graceful shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from core.store.db import Store
+from core.store.errors import StoreError
+from core.store.offers import insert_offers
+
+log = logging.getLogger(__name__)
+BATCH = 500
+MAX_PENDING = 200_000
+
+
+class OfferLog:
+    def __init__(self, store: Store, interval: float = 0.5) -> None:
+        self.store = store
+        self.interval = interval
+        self.dropped = 0
+        self._pending: collections.deque[dict[str, Any]] = collections.deque()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def append(self, rows: list[dict[str, Any]]) -> None:
+        self._pending.extend(rows)
+        overflow = len(self._pending) - MAX_PENDING
+        if overflow > 0:
+            for _ in range(overflow):
+                self._pending.popleft()
+            self.dropped += overflow
+            log.error(
+                "offer log full: dropped %d oldest offers (%d in all)", overflow, self.dropped
+            )
+        if len(self._pending) >= BATCH:
+            self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def flush(self) -> bool:
+        """Write everything queued; False (rows kept) when the store refuses."""
+        while self._pending:
+            batch = [self._pending[i] for i in range(min(BATCH, len(self._pending)))]
+            try:
+                await asyncio.to_thread(self._write, batch)
+            except (StoreError, SQLAlchemyError, OSError) as e:
+                log.warning("offer log: %d offers wait for the store: %s", len(self._pending), e)
+                return False
+            for _ in batch:
+                self._pending.popleft()
+        return True
+
+    def _write(self, batch: list[dict[str, Any]]) -> None:
+        with self.store.transaction() as session:
+            insert_offers(session, batch)
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.interval)
+            self._wake.clear()
+            await self.flush()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if not await self.flush():
+            log.error("offer log: %d offers could not be written before shutdown", self.pending)

@@ -1,0 +1,62 @@
+"""What GetOffers, VerifyOffer and RecordEvents share: the store, the rule snapshot, the offer
+log, the signing keys and the offer lifetime. Built by create_server when a store is set."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from core.offer_token import OfferKeys
+from core.store import events
+from core.store.db import Store
+from core.store.errors import StoreError
+from server.errors import NotReady, StoreDown
+from server.offer_log import OfferLog
+from server.offers import FactsCache
+from server.snapshot import SnapshotKeeper
+
+
+@dataclass
+class Offering:
+    store: Store
+    keeper: SnapshotKeeper
+    log: OfferLog
+    keys: OfferKeys
+    ttl: timedelta
+    facts: FactsCache = field(default_factory=FactsCache)
+
+    @classmethod
+    def open(cls, url: str, keys: OfferKeys | None, ttl: float, poll: float) -> Offering:
+        """Connect, refuse a schema that is not at head, load the first snapshot."""
+        if keys is None:
+            raise NotReady("no offer signing key; set DISCOUNT_OFFER_KEY")
+        store = Store(url)
+        keeper = SnapshotKeeper(store, poll)
+        try:
+            keeper.open()
+        except BaseException:
+            store.dispose()
+            raise
+        return cls(store, keeper, OfferLog(store), keys, timedelta(seconds=ttl))
+
+    def start(self) -> None:
+        self.keeper.start()
+        self.log.start()
+
+    async def stop(self) -> None:
+        await self.log.close()
+        await self.keeper.stop()
+        self.store.dispose()
+
+    def record_events(self, batch: list[events.EventIn]) -> list[events.Outcome]:
+        """Commit the accepted events before returning (runs in a worker thread)."""
+        try:
+            with self.store.transaction() as session:
+                return events.record(session, batch, datetime.now(UTC))
+        except (StoreError, SQLAlchemyError, OSError) as e:
+            message = str(e) if isinstance(e, StoreError) else str(self.store.unavailable(e))
+            raise StoreDown(
+                f"{message}; no event of this batch was stored, retry it with the same event ids"
+            ) from None

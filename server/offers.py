@@ -1,0 +1,241 @@
+"""GetOffers: validate, rank the items with the model, run the shared pipeline (core.offers)
+and issue each priced item as a signed offer. The store is never touched on this path: rules
+come from the snapshot, and issued offers go to the offer log's queue."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import numpy as np
+
+from core import offer_token
+from core.offers import Decision, FeatureError, ItemInput, Snapshot, decide, resolve_features
+from core.shop import ShopFacts, load_shop_facts
+from server.errors import FieldViolation, InvalidRequest, UnknownIds
+from server.model import ModelVersion
+from server.recommend import DEFAULT_LIMIT, MAX_IDS, MAX_LIMIT, RecommendQuery, recommend
+
+MAX_CONTEXT = 64
+
+
+@dataclass(frozen=True)
+class OffersQuery:
+    user_id: str
+    item_ids: Sequence[str] = ()
+    limit: int = 0
+    context: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class IssuedOffer:
+    item_id: str
+    base_price_cents: int
+    discount_percent: float
+    final_price_cents: int
+    rule_id: str
+    reason_codes: tuple[str, ...]
+    offer_id: str
+    offer_token: str
+    expires_at: datetime | None
+    rank: int
+
+
+@dataclass(frozen=True)
+class OffersResult:
+    offers: list[IssuedOffer]
+    segment: str
+    experiment_key: str
+    variant: str
+    model_version: str
+    # Rows for the offer log (core.store.tables.Offer's columns).
+    log_rows: list[dict[str, Any]]
+
+
+class FactsCache:
+    """Catalog prices and user features of the serving version, read once per version."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cached: tuple[ModelVersion, ShopFacts] | None = None
+
+    def get(self, model: ModelVersion) -> ShopFacts:
+        with self._lock:
+            if self._cached is None or self._cached[0] is not model:
+                self._cached = (model, load_shop_facts(model.path))
+            return self._cached[1]
+
+
+def validate(query: OffersQuery) -> None:
+    problems: list[FieldViolation] = []
+    if not query.user_id.strip():
+        problems.append(FieldViolation("user_id", "required: the shop's id of the user"))
+    if not 0 <= query.limit <= MAX_LIMIT:
+        problems.append(
+            FieldViolation(
+                "limit",
+                f"must be 1 to {MAX_LIMIT} (0 for the default {DEFAULT_LIMIT}), got {query.limit}",
+            )
+        )
+    if len(query.item_ids) > MAX_IDS:
+        problems.append(
+            FieldViolation("item_ids", f"at most {MAX_IDS} entries, got {len(query.item_ids)}")
+        )
+    if any(not i for i in query.item_ids):
+        problems.append(FieldViolation("item_ids", "must not contain empty ids"))
+    if len(query.context) > MAX_CONTEXT:
+        problems.append(
+            FieldViolation("context", f"at most {MAX_CONTEXT} keys, got {len(query.context)}")
+        )
+    try:
+        resolve_features(None, query.context)
+    except FeatureError as e:
+        problems.append(FieldViolation(f"context[{e.name}]", str(e)))
+    if problems:
+        raise InvalidRequest(problems)
+
+
+def _named_items(model: ModelVersion, facts: ShopFacts, query: OffersQuery) -> list[ItemInput]:
+    unknown = [i for i in dict.fromkeys(query.item_ids) if i not in model.item_index]
+    if unknown:
+        shown = ", ".join(repr(i) for i in unknown[:5])
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        raise UnknownIds(
+            f"item_ids: {len(unknown)} not in the catalog of model {model.version}: {shown}{more}"
+        )
+    indices = [model.item_index[i] for i in query.item_ids]
+    user = model.user_index.get(query.user_id)
+    scores: dict[int, float] = {}
+    if user is not None:
+        n = len(model.item_ids)
+        items, values = model.run(
+            np.array([user], dtype=np.int64),
+            np.array([[-1]], dtype=np.int64),
+            np.array([[-1]], dtype=np.int64),
+            np.ones((1, len(model.categories)), dtype=np.float32),
+            n,
+        )
+        scores = {
+            int(i): float(s)
+            for i, s in zip(items[0].tolist(), values[0].tolist(), strict=True)
+            if np.isfinite(s)
+        }
+    else:
+        # No history to fold in: the popularity score Recommend gives unknown users.
+        ranked = model.popularity.tolist()
+        scores = {item: 1.0 - r / len(ranked) for r, item in enumerate(ranked)}
+    order = sorted(
+        (p for p, i in enumerate(indices) if i in scores), key=lambda p: -scores[indices[p]]
+    )
+    rank = {p: r for r, p in enumerate(order, start=1)}
+    return [
+        ItemInput(
+            item_id,
+            facts.categories.get(item_id, ""),
+            facts.prices.get(item_id),
+            facts.costs.get(item_id),
+            rank.get(p, 0),
+            scores.get(indices[p]),
+        )
+        for p, item_id in enumerate(query.item_ids)
+    ]
+
+
+def candidates(model: ModelVersion, facts: ShopFacts, query: OffersQuery) -> list[ItemInput]:
+    """The items to price, with ranks and scores: the named items (ranked among themselves)
+    or the user's recommendations."""
+    if query.item_ids:
+        return _named_items(model, facts, query)
+    recommended = recommend(model, RecommendQuery(query.user_id, query.limit))
+    return [
+        ItemInput(
+            item.item_id,
+            item.category,
+            facts.prices.get(item.item_id),
+            facts.costs.get(item.item_id),
+            rank,
+            item.score,
+        )
+        for rank, item in enumerate(recommended.items, start=1)
+    ]
+
+
+def simulate(
+    model: ModelVersion, facts: ShopFacts, snapshot: Snapshot, query: OffersQuery, now: datetime
+) -> Decision:
+    """What the user would be offered, and why, without issuing anything."""
+    validate(query)
+    features = resolve_features(facts.user_features.get(query.user_id), query.context)
+    return decide(snapshot, query.user_id, features, candidates(model, facts, query), now)
+
+
+def _cents(amount: Decimal) -> int:
+    return int((amount * 100).to_integral_value())
+
+
+def get_offers(
+    model: ModelVersion,
+    facts: ShopFacts,
+    snapshot: Snapshot,
+    query: OffersQuery,
+    keys: offer_token.OfferKeys,
+    ttl: timedelta,
+) -> OffersResult:
+    now = datetime.now(UTC)
+    decision = simulate(model, facts, snapshot, query, now)
+    # Whole seconds, because the token keeps its expiry to the second.
+    expires = (now + ttl).replace(microsecond=0)
+    offers, rows = [], []
+    for item in decision.items:
+        priced = item.priced
+        offer_id = token = ""
+        if item.priced_ok:
+            offer_id = uuid.uuid4().hex
+            token = offer_token.sign(
+                offer_id, query.user_id, item.item_id, priced.final_price, expires, keys.current
+            )
+            rows.append(
+                {
+                    "offer_id": offer_id,
+                    "user_id": query.user_id,
+                    "item_id": item.item_id,
+                    "rule_id": item.rule.id if item.rule else None,
+                    "segment": decision.segment,
+                    "experiment_key": decision.experiment_key,
+                    "variant": decision.variant,
+                    "base_price": float(priced.base_price),
+                    "discount_pct": float(priced.discount_pct),
+                    "final_price": float(priced.final_price),
+                    "model_version": model.version,
+                    "reason_codes": [str(r) for r in item.reasons],
+                    "issued_at": now,
+                    "expires_at": expires,
+                }
+            )
+        offers.append(
+            IssuedOffer(
+                item_id=item.item_id,
+                base_price_cents=_cents(priced.base_price),
+                discount_percent=float(priced.discount_pct),
+                final_price_cents=_cents(priced.final_price),
+                rule_id=str(item.rule.id) if item.rule else "",
+                reason_codes=tuple(str(r) for r in item.reasons),
+                offer_id=offer_id,
+                offer_token=token,
+                expires_at=expires if offer_id else None,
+                rank=item.rank,
+            )
+        )
+    return OffersResult(
+        offers,
+        decision.segment or "",
+        decision.experiment_key or "",
+        decision.variant or "",
+        model.version,
+        rows,
+    )

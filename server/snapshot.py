@@ -1,0 +1,135 @@
+"""The live rule snapshot: loaded from the store at start, refreshed on change, kept when the
+store is unreachable.
+
+Refreshes come from two sources: PostgreSQL LISTEN on core.store.db.NOTIFY_CHANNEL (the CLI
+notifies inside its own transaction, so a notice means the change is committed) and polling
+every ``interval`` seconds, the only mechanism on SQLite and the safety net for a lost notice.
+A failed refresh keeps the last good snapshot, marks it stale with the (password-masked)
+error, and the next poll retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from datetime import UTC, datetime
+
+import psycopg
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+
+from core.offers import Snapshot
+from core.store.db import NOTIFY_CHANNEL, Store, first_line
+from core.store.errors import StoreError
+from core.store.migrate import require_head
+from core.store.snapshot import load_snapshot
+from server.errors import NotReady
+
+log = logging.getLogger(__name__)
+LISTEN_RECONNECT_S = 1.0
+
+
+class SnapshotKeeper:
+    def __init__(self, store: Store, interval: float) -> None:
+        self.store = store
+        self.interval = interval
+        self.snapshot: Snapshot | None = None
+        self.fresh = False
+        self.error = ""
+        self._loaded_at = 0.0  # time.monotonic() of the last good load
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stop_listening = threading.Event()
+        self._listener: threading.Thread | None = None
+
+    def open(self) -> None:
+        """Refuse a store that is unreachable or not at the schema head; load the first
+        snapshot. Raises StoreError with a message that names the fix."""
+        self.store.ping()
+        require_head(self.store)
+        self._load()
+
+    @property
+    def age_seconds(self) -> float:
+        return time.monotonic() - self._loaded_at if self.snapshot is not None else 0.0
+
+    def require(self) -> Snapshot:
+        if self.snapshot is None:
+            raise NotReady(
+                f"no rule snapshot loaded from {self.store.masked_url} yet: {self.error}"
+            )
+        return self.snapshot
+
+    def _load(self) -> None:
+        with self.store.transaction() as session:
+            snapshot = load_snapshot(session, datetime.now(UTC))
+        self.snapshot, self._loaded_at = snapshot, time.monotonic()
+        if not self.fresh and self.error:
+            log.info("rule snapshot fresh again from %s", self.store.masked_url)
+        self.fresh, self.error = True, ""
+
+    async def refresh(self) -> bool:
+        """Reload from the store; on failure keep the last snapshot and report why."""
+        try:
+            await asyncio.to_thread(self._load)
+            return True
+        except (StoreError, SQLAlchemyError, OSError) as e:
+            message = str(e) if isinstance(e, StoreError) else str(self.store.unavailable(e))
+            if message != self.error:
+                log.error(
+                    "rule snapshot stale (age %.0fs), serving the last good one: %s",
+                    self.age_seconds,
+                    message,
+                )
+            self.fresh, self.error = False, message
+            return False
+
+    def start(self) -> None:
+        self._wake = asyncio.Event()
+        self._task = asyncio.create_task(self._run())
+        if self.store.engine.dialect.name == "postgresql":
+            loop = asyncio.get_running_loop()
+            self._listener = threading.Thread(
+                target=self._listen, args=(loop, self._wake), name="snapshot-listen", daemon=True
+            )
+            self._listener.start()
+
+    async def stop(self) -> None:
+        self._stop_listening.set()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._listener is not None:
+            await asyncio.to_thread(self._listener.join, 5)
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.interval or None)
+            self._wake.clear()
+            await self.refresh()
+
+    def _listen(self, loop: asyncio.AbstractEventLoop, wake: asyncio.Event) -> None:
+        """LISTEN in a thread of its own (psycopg blocks); each notice wakes the refresher.
+        A broken connection is retried; polling covers the gap."""
+        url = make_url(self.store.url).set(drivername="postgresql")
+        conninfo = url.render_as_string(hide_password=False)
+        while not self._stop_listening.is_set():
+            try:
+                with psycopg.connect(conninfo, autocommit=True, connect_timeout=5) as conn:
+                    conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    # Changes made while not listening are picked up by this refresh.
+                    loop.call_soon_threadsafe(wake.set)
+                    while not self._stop_listening.is_set():
+                        for _ in conn.notifies(timeout=0.5, stop_after=1):
+                            loop.call_soon_threadsafe(wake.set)
+            except (psycopg.Error, OSError) as e:
+                log.debug("LISTEN %s failed: %s", NOTIFY_CHANNEL, first_line(e))
+                self._stop_listening.wait(LISTEN_RECONNECT_S)
+            except RuntimeError:  # the event loop closed under us: the server is gone
+                return

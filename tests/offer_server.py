@@ -1,0 +1,82 @@
+"""A real discountd with a store (create_server + start on 127.0.0.1:0) for offer tests, and
+discountctl run in-process the way an admin types it."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from click.testing import CliRunner, Result
+
+from admin.cli import cli
+from core.offer_token import OfferKeys
+from discount.v1 import discount_pb2_grpc
+from server.settings import Settings
+
+KEY = b"test-offer-key-0123456789abcdef-0123456789"
+T = TypeVar("T")
+
+
+def ctl(url: str, *args: str) -> Result:
+    result = CliRunner().invoke(cli, ["--db-url", url, "--actor", "tester", *args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+class OfferServer:
+    def __init__(
+        self, model_dir: Path, db_url: str, rules_poll_interval: float = 0.2, offer_ttl: float = 60
+    ) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        settings = Settings(
+            model_dir=model_dir,
+            device="cpu",
+            host="127.0.0.1",
+            port=0,
+            poll_interval=0,
+            db_url=db_url,
+            rules_poll_interval=rules_poll_interval,
+            offer_ttl=offer_ttl,
+            offer_keys=OfferKeys(KEY),
+        )
+        self.server, self.port = self.call(self._start(settings))
+        self.call(self.server.first_load.wait())
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        self.stub = discount_pb2_grpc.DiscountServiceStub(self.channel)
+
+    @staticmethod
+    async def _start(settings: Settings) -> Any:
+        from server.app import create_server
+
+        server, port = create_server(settings)
+        await server.start()
+        return server, port
+
+    def call(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=60)
+
+    def close(self) -> None:
+        self.channel.close()
+        self.call(self.server.stop(0))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+        self.loop.close()
+
+
+def eventually(check: Callable[[], T], timeout: float, step: float = 0.05) -> T:
+    """The first truthy result of check() within timeout seconds, else AssertionError."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {timeout}s; last: {value!r}")
+        time.sleep(step)

@@ -1,0 +1,272 @@
+"""GetOffers, VerifyOffer and RecordEvents through a real server with a real store (SQLite, and
+PostgreSQL when it answers), governed by discountctl as an admin would."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import grpc
+import pytest
+from offer_server import KEY, OfferServer, ctl, eventually
+from sqlalchemy import func, select
+
+from core import offer_token
+from core.store.db import Store
+from core.store.tables import Event, Offer
+from discount.v1 import discount_pb2 as pb
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def seeded(db_url: str) -> str:
+    """Regulars (order_count >= 1, every trained user of the tiny shop) get a tiered rule."""
+    ctl(db_url, "segments", "create", "regulars", "--where", "order_count >= 1")
+    ctl(
+        db_url, "rules", "create", "tier", "--policy", "tiered_topk",
+        "--param", "k1=2", "--param", "d1=20", "--param", "d2=5",
+        "--segment", "regulars", "--max-discount", "30", "--min-margin", "10",
+    )  # fmt: skip
+    return db_url
+
+
+@pytest.fixture
+def server(model_store: Path, seeded: str) -> Iterator[OfferServer]:
+    # On PostgreSQL a slow poll: only LISTEN/NOTIFY can make changes visible within 2 s.
+    poll = 0.2 if seeded.startswith("sqlite") else 30.0
+    running = OfferServer(model_store, seeded, rules_poll_interval=poll)
+    yield running
+    running.close()
+
+
+def prices(response: pb.GetOffersResponse) -> list[tuple[int, int]]:
+    return [(o.rank, o.final_price_cents) for o in response.offers]
+
+
+def test_rule_prices_recommendations_with_reasons(server: OfferServer) -> None:
+    response = server.stub.GetOffers(pb.GetOffersRequest(user_id="user-0", limit=4))
+    assert response.segment == "regulars" and response.experiment_key == ""
+    # Price 10.00, cost 6.00: top two at 20% off, the rest at 5%.
+    assert prices(response) == [(1, 800), (2, 800), (3, 950), (4, 950)]
+    top = response.offers[0]
+    assert top.base_price_cents == 1000 and top.discount_percent == 20.0
+    assert {"SEGMENT_MATCHED", "RANKED", "RULE_HIGHEST_PRIORITY", "POLICY_TIERED_TOP"} <= set(
+        top.reason_codes
+    )
+    assert "POLICY_TIERED_REST" in response.offers[2].reason_codes
+    assert top.rule_id and top.offer_id and top.offer_token
+    assert datetime.fromisoformat(top.expires_at) > datetime.now(UTC)
+
+
+def test_named_items_are_ranked_among_themselves(server: OfferServer) -> None:
+    # user-0 likes garden items (00000-00014): those rank above the kitchen item.
+    response = server.stub.GetOffers(
+        pb.GetOffersRequest(user_id="user-0", item_ids=["00029", "00003", "00004"])
+    )
+    assert [o.item_id for o in response.offers] == ["00029", "00003", "00004"]
+    assert sorted(o.rank for o in response.offers) == [1, 2, 3]
+    assert response.offers[0].rank == 3 and response.offers[0].final_price_cents == 950
+
+
+def test_guardrails_hold(server: OfferServer, seeded: str) -> None:
+    ctl(seeded, "rules", "update", "tier", "--param", "d1=60", "--min-margin", "0")
+    top = eventually(
+        lambda: (
+            server.stub.GetOffers(pb.GetOffersRequest(user_id="user-0", limit=1)).offers[0]
+            if server.stub.GetOffers(pb.GetOffersRequest(user_id="user-0", limit=1))
+            .offers[0]
+            .final_price_cents
+            == 700
+            else None
+        ),
+        timeout=5,
+    )
+    assert "GUARDRAIL_MAX_DISCOUNT" in top.reason_codes  # 60% asked, 30% allowed
+    ctl(seeded, "rules", "update", "tier", "--min-margin", "30")
+    top = eventually(
+        lambda: next(
+            (
+                o
+                for o in server.stub.GetOffers(
+                    pb.GetOffersRequest(user_id="user-0", limit=1)
+                ).offers
+                if o.final_price_cents == 780
+            ),
+            None,
+        ),
+        timeout=5,
+    )
+    assert "GUARDRAIL_MARGIN_FLOOR" in top.reason_codes  # cost 6.00 * 1.30
+
+
+def test_new_users_fail_closed_unless_context_says_otherwise(server: OfferServer) -> None:
+    response = server.stub.GetOffers(pb.GetOffersRequest(user_id="stranger", limit=2))
+    assert response.segment == ""
+    assert all(o.final_price_cents == 1000 and o.discount_percent == 0 for o in response.offers)
+    assert {"NO_SEGMENT", "NO_RULE"} <= set(response.offers[0].reason_codes)
+    regular = server.stub.GetOffers(
+        pb.GetOffersRequest(user_id="stranger", limit=2, context={"order_count": "4"})
+    )
+    assert regular.segment == "regulars" and regular.offers[0].final_price_cents == 800
+
+
+def test_rules_update_reaches_the_running_server_within_2s(
+    server: OfferServer, seeded: str
+) -> None:
+    request = pb.GetOffersRequest(user_id="user-0", limit=1)
+    assert server.stub.GetOffers(request).offers[0].final_price_cents == 800
+    ctl(seeded, "rules", "update", "tier", "--param", "d1=10")
+    eventually(lambda: server.stub.GetOffers(request).offers[0].final_price_cents == 900, 2.0)
+    ctl(seeded, "rules", "disable", "tier")
+    eventually(lambda: server.stub.GetOffers(request).offers[0].final_price_cents == 1000, 2.0)
+
+
+def test_experiment_variants_follow_assignment(server: OfferServer, seeded: str) -> None:
+    ctl(
+        seeded, "experiments", "create", "ab", "--variant", "control:50",
+        "--variant", "treatment:50:tier", "--target-segment", "regulars", "--salt", "s1",
+    )  # fmt: skip
+    ctl(seeded, "experiments", "start", "ab")
+    eventually(
+        lambda: server.stub.GetOffers(pb.GetOffersRequest(user_id="user-1", limit=1)).variant,
+        5.0,
+    )
+    seen = set()
+    for n in range(12):
+        user = f"user-{n}"
+        response = server.stub.GetOffers(pb.GetOffersRequest(user_id=user, limit=3))
+        expected = json.loads(
+            ctl(seeded, "experiments", "assign", "ab", user, "--output", "json").stdout
+        )["variant"]
+        assert (response.experiment_key, response.variant) == ("ab", expected)
+        seen.add(expected)
+        if expected == "control":
+            assert all(o.final_price_cents == 1000 for o in response.offers)
+            assert "VARIANT_NO_DISCOUNT" in response.offers[0].reason_codes
+        else:
+            assert prices(response)[:2] == [(1, 800), (2, 800)]
+            assert "EXPERIMENT_VARIANT" in response.offers[0].reason_codes
+    assert seen == {"control", "treatment"}
+    # Users outside the target segment are not in the experiment: no rule covers them either.
+    outside = server.stub.GetOffers(pb.GetOffersRequest(user_id="stranger", limit=1))
+    assert outside.experiment_key == "" and outside.variant == ""
+
+
+def test_verify_offer_valid_tampered_expired(server: OfferServer) -> None:
+    offer = server.stub.GetOffers(pb.GetOffersRequest(user_id="user-0", limit=1)).offers[0]
+    verdict = server.stub.VerifyOffer(pb.VerifyOfferRequest(offer_token=offer.offer_token))
+    assert verdict.validity == pb.OFFER_VALIDITY_VALID
+    assert (verdict.offer_id, verdict.user_id, verdict.item_id, verdict.final_price_cents) == (
+        offer.offer_id, "user-0", offer.item_id, offer.final_price_cents,
+    )  # fmt: skip
+    payload, mac = offer.offer_token.split(".")
+    forged = offer_token.sign(
+        offer.offer_id, "user-0", offer.item_id, Decimal("0.01"),
+        datetime.now(UTC) + timedelta(hours=1), b"x" * 40,
+    )  # fmt: skip
+    cheaper = forged.split(".")[0] + "." + mac
+    for token in (cheaper, forged, payload + "." + mac[::-1], "garbage"):
+        tampered = server.stub.VerifyOffer(pb.VerifyOfferRequest(offer_token=token))
+        assert tampered.validity == pb.OFFER_VALIDITY_TAMPERED and tampered.offer_id == ""
+    old = offer_token.sign(
+        "o1", "user-0", "00001", Decimal("8.00"), datetime.now(UTC) - timedelta(seconds=1), KEY
+    )
+    expired = server.stub.VerifyOffer(pb.VerifyOfferRequest(offer_token=old))
+    assert expired.validity == pb.OFFER_VALIDITY_EXPIRED and expired.offer_id == "o1"
+    with pytest.raises(grpc.RpcError) as e:
+        server.stub.VerifyOffer(pb.VerifyOfferRequest(offer_token=""))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_bad_requests_name_the_field(server: OfferServer) -> None:
+    with pytest.raises(grpc.RpcError) as e:
+        server.stub.GetOffers(pb.GetOffersRequest(user_id="user-0", item_ids=["00001", "nope"]))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND and "'nope'" in (e.value.details() or "")
+    for request, field in (
+        (pb.GetOffersRequest(user_id=""), "user_id"),
+        (pb.GetOffersRequest(user_id="u", limit=1001), "limit"),
+        (pb.GetOffersRequest(user_id="u", context={"order_count": "many"}), "order_count"),
+        (pb.GetOffersRequest(user_id="u", item_ids=["x"] * 1001), "item_ids"),
+    ):
+        with pytest.raises(grpc.RpcError) as e:
+            server.stub.GetOffers(request)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert field in (e.value.details() or "")
+
+
+def event(event_id: str, **fields: object) -> pb.Event:
+    base: dict[str, object] = {"type": pb.EVENT_TYPE_CLICK, "user_id": "user-0", "item_id": "00001"}
+    return pb.Event(event_id=event_id, **{**base, **fields})  # type: ignore[arg-type]
+
+
+def test_record_events_per_event_verdicts(server: OfferServer, seeded: str) -> None:
+    future = int((datetime.now(UTC) + timedelta(days=2)).timestamp())
+    cases = [
+        (event("ok-1"), pb.EVENT_STATUS_ACCEPTED, ""),
+        (event("ok-2", type=pb.EVENT_TYPE_PURCHASE, revenue_cents=1999, quantity=2),
+         pb.EVENT_STATUS_ACCEPTED, ""),
+        (event("ok-3", type=pb.EVENT_TYPE_REDEMPTION, offer_id="o-1", revenue_cents=800),
+         pb.EVENT_STATUS_ACCEPTED, ""),
+        (event("ok-1"), pb.EVENT_STATUS_DUPLICATE, ""),
+        (event(""), pb.EVENT_STATUS_REJECTED, "MISSING_EVENT_ID"),
+        (event("t", type=pb.EVENT_TYPE_UNSPECIFIED), pb.EVENT_STATUS_REJECTED, "UNKNOWN_TYPE"),
+        (event("t2", type=77), pb.EVENT_STATUS_REJECTED, "UNKNOWN_TYPE"),
+        (event("u", user_id=""), pb.EVENT_STATUS_REJECTED, "MISSING_USER_ID"),
+        (event("i", item_id=""), pb.EVENT_STATUS_REJECTED, "MISSING_ITEM_ID"),
+        (event("r", type=pb.EVENT_TYPE_REDEMPTION), pb.EVENT_STATUS_REJECTED, "MISSING_OFFER_ID"),
+        (event("m", type=pb.EVENT_TYPE_PURCHASE, revenue_cents=-1),
+         pb.EVENT_STATUS_REJECTED, "NEGATIVE_REVENUE"),
+        (event("q", quantity=-2), pb.EVENT_STATUS_REJECTED, "NEGATIVE_QUANTITY"),
+        (event("f", occurred_at=future), pb.EVENT_STATUS_REJECTED, "FUTURE_TIME"),
+        (event("l", user_id="u" * 200), pb.EVENT_STATUS_REJECTED, "ID_TOO_LONG"),
+    ]  # fmt: skip
+    response = server.stub.RecordEvents(pb.RecordEventsRequest(events=[c[0] for c in cases]))
+    assert len(response.results) == len(cases)
+    for (sent, status, code), result in zip(cases, response.results, strict=True):
+        assert result.event_id == sent.event_id
+        assert result.status == status, (sent.event_id, result.reason)
+        assert result.reason.startswith(code) if code else result.reason == ""
+    # Acknowledged means committed: another connection sees them right away.
+    store = Store(seeded)
+    try:
+        with store.transaction() as s:
+            assert s.scalar(select(func.count()).select_from(Event)) == 3
+            purchase = s.get(Event, "ok-2")
+            assert purchase is not None and purchase.revenue == 19.99 and purchase.quantity == 2
+    finally:
+        store.dispose()
+    again = server.stub.RecordEvents(pb.RecordEventsRequest(events=[event("ok-1"), event("n")]))
+    assert [r.status for r in again.results] == [
+        pb.EVENT_STATUS_DUPLICATE,
+        pb.EVENT_STATUS_ACCEPTED,
+    ]
+    with pytest.raises(grpc.RpcError) as e:
+        server.stub.RecordEvents(
+            pb.RecordEventsRequest(events=[event(f"b{n}") for n in range(1001)])
+        )
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_issued_offers_are_logged_and_flushed_on_shutdown(model_store: Path, seeded: str) -> None:
+    running = OfferServer(model_store, seeded)
+    issued = []
+    for n in range(3):
+        response = running.stub.GetOffers(pb.GetOffersRequest(user_id=f"user-{n}", limit=5))
+        issued += [o.offer_id for o in response.offers]
+    info = running.stub.GetModelInfo(pb.GetModelInfoRequest())
+    assert info.snapshot_fresh and info.store_error == ""
+    running.close()
+    store = Store(seeded)
+    try:
+        with store.transaction() as s:
+            rows = {o.offer_id: o for o in s.scalars(select(Offer))}
+    finally:
+        store.dispose()
+    assert set(rows) == set(issued)
+    row = rows[issued[0]]
+    assert row.user_id == "user-0" and row.segment == "regulars" and row.final_price == 8.0
+    assert "POLICY_TIERED_TOP" in row.reason_codes
