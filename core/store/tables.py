@@ -186,7 +186,8 @@ class Rule(Versioned, Base):
             "params": self.params,
             "max_discount_pct": self.max_discount_pct,
             "min_margin_pct": self.min_margin_pct,
-            "budget": self.budget,
+            # Drivers return whole amounts as int on SQLite; the JSON shape says number with cents.
+            "budget": None if self.budget is None else float(self.budget),
             "valid_from": _iso(self.valid_from),
             "valid_until": _iso(self.valid_until),
             "priority": self.priority,
