@@ -1,0 +1,90 @@
+"""PostgreSQL becomes unreachable under a running server, then comes back.
+
+The machine's PostgreSQL is shared with other tests, so the outage is of a dedicated database:
+it stops accepting connections and its sessions are terminated; then it accepts them again.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+from offer_server import OfferServer, ctl, eventually
+from pg import pg_database
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from core.store import migrate
+from core.store.db import Store, mask_url
+from discount.v1 import discount_pb2 as pb
+
+pytestmark = [pytest.mark.postgres, pytest.mark.timeout(120)]
+
+
+def set_reachable(url: str, reachable: bool) -> None:
+    name = make_url(url).database
+    admin = create_engine(make_url(url).set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(
+                text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(reachable).lower()}')
+            )
+            if not reachable:
+                conn.execute(
+                    text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"
+                    ),
+                    {"n": name},
+                )
+    finally:
+        admin.dispose()
+
+
+def click(event_id: str) -> pb.Event:
+    return pb.Event(event_id=event_id, type=pb.EVENT_TYPE_CLICK, user_id="user-0", item_id="00001")
+
+
+def test_store_outage_serves_from_snapshot_refuses_events_and_recovers(
+    model_store: Path,
+) -> None:
+    with pg_database() as url:
+        store = Store(url)
+        migrate.upgrade(store)
+        store.dispose()
+        ctl(url, "rules", "create", "all", "--policy", "threshold",
+            "--param", "t=-100", "--param", "d=10")  # fmt: skip
+        running = OfferServer(model_store, url, rules_poll_interval=0.2)
+        try:
+            request = pb.GetOffersRequest(user_id="user-0", limit=2)
+            assert running.stub.GetOffers(request).offers[0].final_price_cents == 900
+            set_reachable(url, False)
+            try:
+                info = eventually(
+                    lambda: (
+                        (i := running.stub.GetModelInfo(pb.GetModelInfoRequest()))
+                        and not i.snapshot_fresh
+                        and i
+                    ),
+                    10.0,
+                )
+                assert "not currently accepting connections" in info.store_error
+                assert mask_url(url) in info.store_error
+                # The last good rules still price offers.
+                offers = running.stub.GetOffers(request).offers
+                assert [o.final_price_cents for o in offers] == [900, 900]
+                with pytest.raises(grpc.RpcError) as e:
+                    running.stub.RecordEvents(pb.RecordEventsRequest(events=[click("e1")]))
+                assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert "retry it with the same event ids" in (e.value.details() or "")
+            finally:
+                set_reachable(url, True)
+            eventually(
+                lambda: running.stub.GetModelInfo(pb.GetModelInfoRequest()).snapshot_fresh, 10.0
+            )
+            response = running.stub.RecordEvents(pb.RecordEventsRequest(events=[click("e1")]))
+            assert response.results[0].status == pb.EVENT_STATUS_ACCEPTED
+            info = running.stub.GetModelInfo(pb.GetModelInfoRequest())
+            assert info.store_error == "" and info.snapshot_age_seconds < 10
+        finally:
+            running.close()
