@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cli import ctl, row_counts
@@ -33,10 +34,10 @@ def _version(root: Path, name: str) -> Path:
     return folder
 
 
-def run(url: str, *args: str) -> dict:  # type: ignore[type-arg]
+def run(url: str, *args: str) -> Any:
     result = ctl(url, "models", *args, "--output", "json")
     assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)  # type: ignore[no-any-return]
+    return json.loads(result.stdout)
 
 
 def test_register_promote_rollback(db_url: str, tmp_path: Path) -> None:
