@@ -83,9 +83,11 @@ def _sqlite_engine(url: URL) -> Engine:
     engine = create_engine(url, connect_args={"timeout": CONNECT_TIMEOUT_S})
 
     @event.listens_for(engine, "connect")
-    def _enable_foreign_keys(dbapi_connection: Any, _record: Any) -> None:
+    def _configure(dbapi_connection: Any, _record: Any) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA foreign_keys=ON")
+        # WAL: a polling server keeps reading while discountctl writes.
+        cursor.execute("PRAGMA journal_mode=WAL")
         cursor.close()
 
     return engine
