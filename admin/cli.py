@@ -16,6 +16,7 @@ from admin.audit import audit
 from admin.db import db
 from admin.experiments import experiments
 from admin.models import models
+from admin.offers_cli import report_command, simulate_command
 from admin.rules import rules
 from admin.segments import segments
 from core.store.db import DEFAULT_URL, first_line, mask_url
@@ -66,6 +67,8 @@ def cli(ctx: click.Context, db_url: str, actor: str) -> None:
 
 for group in (segments, rules, experiments, models, audit, db):
     cli.add_command(group)
+experiments.add_command(report_command)
+rules.add_command(simulate_command)
 
 
 def main() -> None:

@@ -1,0 +1,320 @@
+"""`discountctl experiments report KEY`: did the discount make money? Per variant, from the
+offers the server logged and the events the shop recorded.
+
+Definitions (user level, so that every test compares independent units):
+- assigned: distinct users offered something under the variant (GetOffers logs the variant);
+- exposed: assigned users with an impression at or after their first offer;
+- CTR: exposed users who clicked / exposed users;
+- conversion: assigned users who bought (purchase or redemption) after their first offer /
+  assigned users;
+- revenue per user: revenue of those events / assigned users (zeros count);
+- discount cost: Σ (base − final price) × quantity over redemptions of the variant's offers;
+- margin per user: (revenue − item cost × quantity − nothing else) / assigned users, with costs
+  from the active model version's catalog (n/a without one);
+- 30-day repeat rate: converters who bought again on a later day within 30 days of their first
+  purchase / converters (only converters whose first purchase is 30 days old count).
+The first variant is the control. Rates: Wilson intervals and pooled two-proportion z-tests;
+money: Student/Welch intervals and Welch's t-test; sample-ratio mismatch: chi-square against the
+weights, flagged below p = 0.001.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from admin import stats
+from core.artifact import ArtifactError
+from core.shop import load_shop_facts
+from core.store.errors import InvalidInput
+from core.store.experiments import Experiments
+from core.store.model_versions import ModelVersions
+from core.store.tables import Event, Offer
+
+SRM_ALPHA = 0.001
+REPEAT_WINDOW = timedelta(days=30)
+BUYING = ("purchase", "redemption")
+Floats = npt.NDArray[np.float64]
+MAX_POINTS = 400
+
+
+@dataclass
+class _User:
+    first_offer: datetime
+    exposed: bool = False
+    clicked: bool = False
+    revenue: float = 0.0
+    cost: float = 0.0
+    cost_known: bool = True
+    purchase_days: set[int] = field(default_factory=set)
+    first_purchase: datetime | None = None
+
+
+@dataclass(frozen=True)
+class _Arm:
+    """A variant's counts (successes, trials) and per-user money, for tests against control."""
+
+    clicked: tuple[int, int]
+    converted: tuple[int, int]
+    repeat: tuple[int, int]
+    revenue: Floats
+    margin: Floats | None
+
+
+def _number(x: float) -> float | None:
+    return None if math.isnan(x) else x
+
+
+def _estimate(e: stats.Estimate) -> dict[str, float | None]:
+    return {"value": _number(e.value), "low": _number(e.low), "high": _number(e.high)}
+
+
+def _comparison(c: stats.Comparison) -> dict[str, Any]:
+    return {"difference": _estimate(c.difference), "p_value": _number(c.p_value)}
+
+
+def _costs(session: Session) -> dict[str, float | None] | None:
+    active = ModelVersions(session).active()
+    if active is None:
+        return None
+    try:
+        return load_shop_facts(Path(active.path)).costs
+    except ArtifactError:
+        return None
+
+
+def _users(session: Session, key: str) -> dict[str, dict[str, _User]]:
+    """variant → user → what the user did after their first offer."""
+    first = func.min(Offer.issued_at)
+    rows = session.execute(
+        select(Offer.variant, Offer.user_id, first)
+        .where(Offer.experiment_key == key)
+        .group_by(Offer.variant, Offer.user_id)
+    )
+    users: dict[str, dict[str, _User]] = defaultdict(dict)
+    owner: dict[str, _User] = {}
+    for variant, user_id, when in rows:
+        # A user whose variant changed (weights edited in a draft) counts where first offered.
+        if user_id in owner and owner[user_id].first_offer <= when:
+            continue
+        owner[user_id] = users[variant or ""][user_id] = _User(when)
+    return users
+
+
+def report(session: Session, key: str, now: datetime) -> dict[str, Any]:
+    experiment = Experiments(session).get(key)
+    variants = experiment.variants
+    users = _users(session, key)
+    owner = {u: data for group in users.values() for u, data in group.items()}
+    costs = _costs(session)
+    offer_item = select(Offer.offer_id, Offer.item_id).subquery()
+    events = session.execute(
+        select(
+            Event.user_id,
+            Event.type,
+            Event.revenue,
+            Event.quantity,
+            Event.occurred_at,
+            func.coalesce(Event.item_id, offer_item.c.item_id),
+        )
+        .outerjoin(offer_item, offer_item.c.offer_id == Event.offer_id)
+        .where(Event.user_id.in_(select(Offer.user_id).where(Offer.experiment_key == key)))
+        .order_by(Event.occurred_at)
+    )
+    for user_id, kind, revenue, quantity, occurred, item_id in events:
+        u = owner.get(user_id)
+        if u is None or occurred < u.first_offer:
+            continue
+        if kind == "impression":
+            u.exposed = True
+        elif kind == "click":
+            u.clicked = True
+        elif kind in BUYING:
+            u.revenue += revenue or 0.0
+            cost = costs.get(item_id) if costs is not None and item_id else None
+            if cost is None:
+                u.cost_known = False
+            else:
+                u.cost += cost * (quantity or 1)
+            u.purchase_days.add(int(occurred.timestamp() // 86_400))
+            if u.first_purchase is None:
+                u.first_purchase = occurred
+    discount_cost = dict(
+        session.execute(
+            select(
+                Offer.variant,
+                func.sum((Offer.base_price - Offer.final_price) * func.coalesce(Event.quantity, 1)),
+            )
+            .join(Event, Event.offer_id == Offer.offer_id)
+            .where(Offer.experiment_key == key, Event.type == "redemption")
+            .group_by(Offer.variant)
+        ).all()
+    )
+    out: list[dict[str, Any]] = []
+    control: _Arm | None = None
+    for v in variants:
+        group = list(users.get(v.name, {}).values())
+        n = len(group)
+        exposed = [u for u in group if u.exposed]
+        converters = [u for u in group if u.first_purchase is not None]
+        eligible = [
+            u for u in converters if u.first_purchase and now - u.first_purchase >= REPEAT_WINDOW
+        ]
+        repeaters = [u for u in eligible if _repeated(u)]
+        revenues = np.array([u.revenue for u in group], dtype=np.float64)
+        margins: Floats | None = (
+            np.array([u.revenue - u.cost for u in group], dtype=np.float64)
+            if costs is not None and all(u.cost_known for u in group)
+            else None
+        )
+        row: dict[str, Any] = {
+            "variant": v.name,
+            "weight": v.weight,
+            "rule": v.rule.name if v.rule is not None else None,
+            "users_assigned": n,
+            "users_exposed": len(exposed),
+            "ctr": _estimate(stats.proportion(sum(u.clicked for u in exposed), len(exposed))),
+            "conversion": _estimate(stats.proportion(len(converters), n)),
+            "revenue_per_user": _estimate(stats.mean(revenues)),
+            "discount_cost": round(float(discount_cost.get(v.name) or 0.0), 2),
+            "margin_per_user": _estimate(stats.mean(margins)) if margins is not None else None,
+            "repeat_rate_30d": _estimate(stats.proportion(len(repeaters), len(eligible))),
+        }
+        arm = _Arm(
+            (sum(u.clicked for u in exposed), len(exposed)),
+            (len(converters), n),
+            (len(repeaters), len(eligible)),
+            revenues,
+            margins,
+        )
+        if control is None:
+            control = arm
+        else:
+            row["vs_control"] = {
+                "ctr": _comparison(stats.two_proportion_ztest(*arm.clicked, *control.clicked)),
+                "conversion": _comparison(
+                    stats.two_proportion_ztest(*arm.converted, *control.converted)
+                ),
+                "repeat_rate_30d": _comparison(
+                    stats.two_proportion_ztest(*arm.repeat, *control.repeat)
+                ),
+                "revenue_per_user": _comparison(stats.welch_ttest(revenues, control.revenue)),
+                "margin_per_user": (
+                    _comparison(stats.welch_ttest(margins, control.margin))
+                    if margins is not None and control.margin is not None
+                    else None
+                ),
+            }
+        out.append(row)
+    srm = stats.srm_p_value([r["users_assigned"] for r in out], [v.weight for v in variants])
+    warnings = []
+    if not math.isnan(srm) and srm < SRM_ALPHA:
+        warnings.append(
+            f"sample ratio mismatch: users per variant do not match the weights "
+            f"(chi-square p = {srm:.2g} < {SRM_ALPHA}); assignment or logging is broken, "
+            "do not trust the comparisons"
+        )
+    if costs is None:
+        warnings.append("margin is n/a: no active model version with item costs in the store")
+    return {
+        "experiment": key,
+        "status": experiment.status,
+        "started_at": experiment.started_at.isoformat() if experiment.started_at else None,
+        "control": variants[0].name,
+        "variants": out,
+        "srm_p_value": _number(srm),
+        "warnings": warnings,
+    }
+
+
+def _repeated(u: _User) -> bool:
+    assert u.first_purchase is not None
+    start = int(u.first_purchase.timestamp() // 86_400)
+    return any(start < d <= start + REPEAT_WINDOW.days for d in u.purchase_days)
+
+
+def conversion_curves(
+    session: Session, key: str
+) -> dict[str, tuple[list[datetime], list[stats.Estimate]]]:
+    """Per variant, at each moment the numbers change: cumulative conversion with its interval
+    among the users assigned by then."""
+    users = _users(session, key)
+    owner = {u: d for g in users.values() for u, d in g.items()}
+    bought: dict[str, datetime] = {}
+    for user_id, occurred in session.execute(
+        select(Event.user_id, func.min(Event.occurred_at))
+        .where(Event.type.in_(BUYING))
+        .where(Event.user_id.in_(select(Offer.user_id).where(Offer.experiment_key == key)))
+        .group_by(Event.user_id)
+    ):
+        if user_id in owner and occurred >= owner[user_id].first_offer:
+            bought[user_id] = occurred
+    moments = sorted({d.first_offer for d in owner.values()} | set(bought.values()))
+    if not moments:
+        return {}
+    # Every moment the curves change, thinned to MAX_POINTS for a readable picture.
+    picks = np.unique(np.linspace(0, len(moments) - 1, min(len(moments), MAX_POINTS)).astype(int))
+    points = [moments[i] for i in picks]
+    curves = {}
+    for variant, group in users.items():
+        series = []
+        for t in points:
+            n = sum(1 for d in group.values() if d.first_offer <= t)
+            k = sum(1 for u in group if u in bought and bought[u] <= t)
+            series.append(stats.proportion(k, n))
+        curves[variant] = (points, series)
+    return curves
+
+
+def plot(session: Session, key: str, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise InvalidInput(
+            "--plot needs matplotlib: pip install 'discountd[report]' (or drop --plot)"
+        ) from None
+
+    curves = conversion_curves(session, key)
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    moments = [t for when, _ in curves.values() for t in when]
+    begin = min(moments, default=None)
+    span = (max(moments) - begin) if begin is not None else timedelta(0)
+    unit, unit_name = (
+        (timedelta(days=1), "days") if span >= timedelta(days=2) else (timedelta(hours=1), "hours")
+    )
+    for variant, (when, series) in curves.items():
+        assert begin is not None
+        x = [(t - begin) / unit for t in when]
+        shown = [(t, e) for t, e in zip(x, series, strict=True) if not math.isnan(e.value)]
+        if not shown:
+            continue
+        xs = [t for t, _ in shown]
+        line = ax.step(xs, [e.value * 100 for _, e in shown], where="post", label=variant)[0]
+        ax.fill_between(
+            xs,
+            [e.low * 100 for _, e in shown],
+            [e.high * 100 for _, e in shown],
+            step="post",
+            color=line.get_color(),
+            alpha=0.2,
+        )
+    ax.set_title(f"Experiment {key}: cumulative conversion (95% Wilson interval)")
+    ax.set_ylabel("users who bought (%)")
+    ax.set_xlabel(f"{unit_name} since the first offer")
+    ax.grid(alpha=0.3)
+    ax.legend(title="variant")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,137 @@
+"""`discountctl experiments report` over logged offers and events whose answer is known, with
+the statistics checked against scipy; `discountctl rules simulate` through the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+from offer_server import ctl
+from scipy import stats as sps
+
+from core.store.db import Store
+from core.store.events import EventIn, record
+from core.store.offers import insert_offers
+
+START = datetime.now(UTC) - timedelta(days=40)
+
+
+def offer(n: int, user: str, variant: str, discount: float) -> dict[str, object]:
+    return {
+        "offer_id": f"o{n}", "user_id": user, "item_id": "00001", "rule_id": None,
+        "segment": None, "experiment_key": "ab", "variant": variant, "base_price": 10.0,
+        "discount_pct": discount, "final_price": 10.0 * (1 - discount / 100),
+        "model_version": "v", "reason_codes": [], "issued_at": START,
+        "expires_at": START + timedelta(hours=1),
+    }  # fmt: skip
+
+
+@pytest.fixture
+def logged(db_url: str) -> tuple[str, dict[str, list[float]]]:
+    """200 control users (20 buy 10.00), 200 treatment users (40 redeem at 8.00, 10 of them
+    again 3 days later). Every user saw an impression; a quarter clicked."""
+    ctl(db_url, "rules", "create", "tier", "--policy", "tiered_topk",
+        "--param", "k1=1", "--param", "d1=20", "--param", "d2=0")  # fmt: skip
+    ctl(db_url, "experiments", "create", "ab", "--variant", "control:50",
+        "--variant", "treatment:50:tier")  # fmt: skip
+    ctl(db_url, "experiments", "start", "ab")
+    rng = np.random.default_rng(0)
+    offers, events, revenue = [], [], {"control": [], "treatment": []}
+    t0 = int(START.timestamp()) + 60
+    for n in range(400):
+        variant = "control" if n < 200 else "treatment"
+        user = f"u{n}"
+        offers.append(offer(n, user, variant, 0.0 if variant == "control" else 20.0))
+        events.append(EventIn(f"i{n}", "impression", user, "00001", occurred_at=t0))
+        if rng.random() < 0.25:
+            events.append(EventIn(f"c{n}", "click", user, "00001", occurred_at=t0 + 1))
+        money = 0.0
+        k = n % 200
+        if variant == "control" and k < 20:
+            events.append(EventIn(f"p{n}", "purchase", user, "00001", "", 1000, 1, t0 + 2))
+            money = 10.0
+        if variant == "treatment" and k < 40:
+            events.append(EventIn(f"r{n}", "redemption", user, "", f"o{n}", 800, 1, t0 + 2))
+            money = 8.0
+            if k < 10:
+                events.append(
+                    EventIn(f"a{n}", "purchase", user, "00002", "", 1000, 1, t0 + 3 * 86_400)
+                )
+                money += 10.0
+        revenue[variant].append(money)
+    store = Store(db_url)
+    with store.transaction() as session:
+        insert_offers(session, offers)
+        record(session, events[:1000], datetime.now(UTC))
+        record(session, events[1000:], datetime.now(UTC))
+    store.dispose()
+    return db_url, revenue
+
+
+def test_report_numbers_and_statistics(
+    logged: tuple[str, dict[str, list[float]]], tmp_path: Path
+) -> None:
+    url, revenue = logged
+    png = tmp_path / "ab.png"
+    result = ctl(url, "experiments", "report", "ab", "--output", "json", "--plot", str(png))
+    data = json.loads(result.stdout)
+    control, treatment = data["variants"]
+    assert (control["users_assigned"], treatment["users_assigned"]) == (200, 200)
+    assert (control["users_exposed"], treatment["users_exposed"]) == (200, 200)
+    assert control["conversion"]["value"] == pytest.approx(0.10)
+    assert treatment["conversion"]["value"] == pytest.approx(0.20)
+    assert treatment["repeat_rate_30d"]["value"] == pytest.approx(10 / 40)
+    assert control["repeat_rate_30d"]["value"] == 0.0
+    assert treatment["discount_cost"] == pytest.approx(40 * 2.0)
+    assert treatment["revenue_per_user"]["value"] == pytest.approx(np.mean(revenue["treatment"]))
+    # Pooled two-proportion z-test, as scipy computes it from the normal distribution.
+    pooled = 60 / 400
+    z = (0.20 - 0.10) / math.sqrt(pooled * (1 - pooled) * (2 / 200))
+    p_conv = treatment["vs_control"]["conversion"]["p_value"]
+    assert p_conv == pytest.approx(2 * sps.norm.sf(z), rel=1e-5)
+    welch = sps.ttest_ind(revenue["treatment"], revenue["control"], equal_var=False)
+    p_rev = treatment["vs_control"]["revenue_per_user"]["p_value"]
+    assert p_rev == pytest.approx(welch.pvalue, rel=1e-4)
+    assert data["srm_p_value"] == pytest.approx(1.0)
+    assert not any("mismatch" in w for w in data["warnings"])
+    assert png.stat().st_size > 10_000
+    table = ctl(url, "experiments", "report", "ab")
+    assert "treatment" in table.stdout and "20.00%" in table.stdout
+
+
+def test_sample_ratio_mismatch_warns(db_url: str) -> None:
+    ctl(db_url, "experiments", "create", "ab", "--variant", "a:50", "--variant", "b:50")
+    offers = [offer(n, f"u{n}", "a" if n < 300 else "b", 0.0) for n in range(400)]
+    store = Store(db_url)
+    with store.transaction() as session:
+        insert_offers(session, offers)
+    store.dispose()
+    result = ctl(db_url, "experiments", "report", "ab", "--output", "json")
+    data = json.loads(result.stdout)
+    assert data["srm_p_value"] < 0.001
+    assert "sample ratio mismatch" in result.stderr
+
+
+def test_simulate_shows_the_servers_answer_without_issuing(db_url: str, model_store: Path) -> None:
+    ctl(db_url, "rules", "create", "tier", "--policy", "tiered_topk",
+        "--param", "k1=1", "--param", "d1=20", "--param", "d2=5", "--min-margin", "10")  # fmt: skip
+    result = ctl(db_url, "rules", "simulate", "--user", "user-0", "--item", "00029",
+                 "--item", "00003", "--model-dir", str(model_store), "--output", "json")  # fmt: skip
+    data = json.loads(result.stdout)
+    assert data["segment"] is None and data["experiment"] is None
+    first, second = data["items"]
+    assert (first["item_id"], first["rank"], first["final_price"]) == ("00029", 2, "9.50")
+    assert (second["rank"], second["final_price"], second["rule"]) == (1, "8.00", "tier")
+    assert "POLICY_TIERED_TOP" in second["reason_codes"]
+    store = Store(db_url)
+    with store.transaction() as session:
+        from sqlalchemy import func, select
+
+        from core.store.tables import Offer
+
+        assert session.scalar(select(func.count()).select_from(Offer)) == 0
+    store.dispose()
