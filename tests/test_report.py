@@ -119,8 +119,8 @@ def test_sample_ratio_mismatch_warns(db_url: str) -> None:
 def test_simulate_shows_the_servers_answer_without_issuing(db_url: str, model_store: Path) -> None:
     ctl(db_url, "rules", "create", "tier", "--policy", "tiered_topk",
         "--param", "k1=1", "--param", "d1=20", "--param", "d2=5", "--min-margin", "10")  # fmt: skip
-    result = ctl(db_url, "rules", "simulate", "--user", "user-0", "--item", "00029",
-                 "--item", "00003", "--model-dir", str(model_store), "--output", "json")  # fmt: skip
+    args = ("--user", "user-0", "--item", "00029", "--item", "00003")
+    result = ctl(db_url, "rules", "simulate", *args, "--model-dir", str(model_store), "-o", "json")
     data = json.loads(result.stdout)
     assert data["segment"] is None and data["experiment"] is None
     first, second = data["items"]

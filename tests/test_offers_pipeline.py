@@ -1,0 +1,116 @@
+"""Properties of the shared offer pipeline (core.offers.decide) over random snapshots."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from core import policy
+from core.offers import (
+    ExperimentDef,
+    ItemInput,
+    RuleDef,
+    SegmentDef,
+    Snapshot,
+    VariantDef,
+    Why,
+    decide,
+)
+from core.segments import parse_condition
+
+NOW = datetime(2026, 11, 28, tzinfo=UTC)
+money = st.decimals(min_value=0, max_value=2000, places=2).map(float)
+percent = st.floats(min_value=0, max_value=99.99)
+
+
+@st.composite
+def rules(draw: st.DrawFn, n: int) -> RuleDef:
+    d1 = draw(percent)
+    pricing = policy.Rule(
+        "tiered_topk",
+        {"k1": draw(st.integers(1, 5)), "d1": d1, "d2": draw(st.floats(0, d1))},
+        policy.Guardrails.of(draw(percent), draw(st.floats(0, 200))),
+    )
+    budget = draw(st.none() | st.decimals(min_value=0, max_value=100, places=2))
+    return RuleDef(
+        id=n,
+        name=f"r{n}",
+        pricing=pricing,
+        priority=draw(st.integers(-5, 5)),
+        segment=draw(st.sampled_from([None, "big"])),
+        categories=frozenset(draw(st.lists(st.sampled_from("ab"), max_size=1))),
+        enabled=draw(st.booleans()),
+        valid_until=draw(st.sampled_from([None, NOW - timedelta(days=1), NOW + timedelta(1)])),
+        budget=budget,
+        spent=draw(st.decimals(min_value=0, max_value=50, places=2)),
+    )
+
+
+@st.composite
+def items(draw: st.DrawFn) -> list[ItemInput]:
+    count = draw(st.integers(1, 8))
+    return [
+        ItemInput(
+            f"i{n}",
+            draw(st.sampled_from("ab")),
+            draw(st.none() | money),
+            draw(st.none() | money),
+            n + 1,
+            draw(st.none() | st.floats(-5, 5)),
+        )
+        for n in range(count)
+    ]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    rule_list=st.integers(0, 4).flatmap(lambda k: st.tuples(*[rules(n) for n in range(k)])),
+    priced=items(),
+    value=st.floats(0, 1000),
+    with_experiment=st.booleans(),
+    user=st.text(min_size=1, max_size=8),
+)
+def test_guardrails_budgets_and_fail_closed_always_hold(
+    rule_list: tuple[RuleDef, ...],
+    priced: list[ItemInput],
+    value: float,
+    with_experiment: bool,
+    user: str,
+) -> None:
+    ordered = tuple(sorted(rule_list, key=lambda r: -r.priority))
+    experiments = ()
+    if with_experiment and ordered:
+        variants = (VariantDef("control", 50, None), VariantDef("treat", 50, ordered[0]))
+        experiments = (ExperimentDef("ab", "salt", variants),)
+    big = SegmentDef("big", 0, parse_condition({"feature": "lifetime_value", "op": ">=",
+                                                 "value": 500}))  # fmt: skip
+    snapshot = Snapshot((big,), ordered, experiments)
+    decision = decide(snapshot, user, {"lifetime_value": value}, priced, NOW)
+    assert [d.item_id for d in decision.items] == [i.item_id for i in priced]
+    granted: dict[int, Decimal] = {}
+    for item, d in zip(priced, decision.items, strict=True):
+        p = d.priced
+        assert p.final_price == policy.price_after(p.base_price, p.discount_pct)
+        assert 0 <= p.final_price <= p.base_price
+        if p.discount_pct == 0:
+            continue
+        rule = d.rule
+        assert rule is not None and rule.live(NOW) and rule.covers(item)
+        assert item.cost is not None
+        assert p.discount_pct <= rule.pricing.guardrails.max_discount_pct
+        floor = policy.floor_price(Decimal(str(item.cost)), rule.pricing.guardrails.min_margin_pct)
+        assert p.final_price >= floor
+        granted[rule.id] = granted.get(rule.id, Decimal(0)) + p.discount_amount
+        if decision.variant:
+            assert decision.variant == "treat"
+        elif rule.segment == "big":
+            assert value >= 500
+    for rule in ordered:
+        remaining = rule.remaining()
+        if remaining is not None:
+            assert granted.get(rule.id, Decimal(0)) <= max(remaining, Decimal(0))
+    if decision.variant == "control":
+        assert all(Why.VARIANT_NO_DISCOUNT in d.reasons for d in decision.items if d.priced_ok)
