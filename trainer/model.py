@@ -27,7 +27,6 @@ import torch
 from trainer.dataset import Factors
 
 OBJECTIVES = ("ials", "bpr")
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 
 @dataclass(frozen=True)
@@ -180,7 +179,10 @@ class _Pattern:
         self.col = torch.from_numpy(matrix.indices.astype(np.int64))
         self.shape = matrix.shape
         conf = torch.from_numpy((1.0 + alpha * np.log1p(matrix.data)).astype(np.float32))
-        self.conf = self.with_values(conf)
+        with warnings.catch_warnings():
+            # torch warns once per process that sparse CSR is "beta"; the ops used here are not.
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            self.conf = self.with_values(conf)
         self.extra = conf - 1.0
         self.ones = self.with_values(torch.ones_like(conf))
 

@@ -1,0 +1,87 @@
+"""`discount-train fit` end to end: data in, a sealed model version out, honest metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from core.artifact import current_version_dir, load_manifest
+from core.features import FEATURE_NAMES
+from trainer.cli import main
+from trainer.synth import SynthConfig, make_shop, write_shop
+
+FAST = ["--factors", "8", "--epochs", "6", "--alpha", "1"]
+
+
+def fit(shop_dir: Path, out: Path, *extra: str) -> tuple[dict[str, object], str]:
+    result = CliRunner().invoke(
+        main,
+        [
+            "fit",
+            "--interactions", str(shop_dir / "interactions.csv"),
+            "--items", str(shop_dir / "items.csv"),
+            "--out", str(out),
+            *FAST,
+            *(extra or ("--regularization", "10")),
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    stdout_line = result.stdout.strip().splitlines()[-1]
+    return json.loads(stdout_line), result.stderr
+
+
+@pytest.fixture(scope="module")
+def tasteful(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("shop")
+    write_shop(make_shop(SynthConfig(users=300, items=40, seed=2, taste_concentration=0.1)), folder)
+    return folder
+
+
+def test_fit_writes_a_verified_version_with_metrics_and_config(
+    tasteful: Path, tmp_path: Path
+) -> None:
+    answer, log = fit(tasteful, tmp_path / "models")
+    version = Path(str(answer["version_dir"]))
+    assert current_version_dir(tmp_path / "models") == version
+    manifest = load_manifest(version)  # verifies every file's sha256
+    assert manifest.n_users == 300 and manifest.n_items == 40
+    for name in ("val_ndcg@10", "val_popularity_ndcg@10", "test_ndcg@10", "test_recall@10"):
+        assert 0.0 <= manifest.metrics[name] <= 1.0
+    assert manifest.metrics["loses_to_popularity"] == 0.0
+    assert manifest.training["factors"] == 8
+    assert manifest.training["regularization"] == 10.0
+    assert manifest.training["epochs"] == manifest.metrics["epochs"]
+    assert "refit on all interactions" in manifest.training["shipped_model"]
+    assert manifest.data["cleaning"]["rows_read"] == manifest.data["cleaning"]["rows_kept"]
+    assert list(manifest.data["fingerprint_sha256"]) == [
+        str(tasteful / "interactions.csv"),
+        str(tasteful / "items.csv"),
+    ]
+    features = json.loads((version / "user_features.json").read_text())
+    assert features["columns"] == list(FEATURE_NAMES)
+    assert "epoch   1  loss" in log and "val NDCG@10" in log
+    assert "kept" in log and "WARNING" not in log
+
+
+def test_same_seed_same_model(tasteful: Path, tmp_path: Path) -> None:
+    first, _ = fit(tasteful, tmp_path / "a")
+    second, _ = fit(tasteful, tmp_path / "b")
+    assert first["metrics"] == second["metrics"]
+    model = "model.onnx"
+    a = load_manifest(Path(str(first["version_dir"]))).files[model]
+    b = load_manifest(Path(str(second["version_dir"]))).files[model]
+    assert a == b
+
+
+def test_losing_to_popularity_is_loud(tasteful: Path, tmp_path: Path) -> None:
+    # λ = 10⁶ shrinks every factor to ~0: an arbitrary ranking that any bestseller list beats.
+    answer, log = fit(tasteful, tmp_path / "models", "--regularization", "1000000")
+    metrics = answer["metrics"]
+    assert isinstance(metrics, dict)
+    assert metrics["loses_to_popularity"] == 1.0
+    assert "WARNING: the model LOSES to popularity on its validation split" in log
+    manifest = load_manifest(Path(str(answer["version_dir"])))
+    assert manifest.metrics["loses_to_popularity"] == 1.0
