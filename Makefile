@@ -23,6 +23,11 @@ lint: $(STAMP)
 	$(BIN)/mypy server trainer admin core
 	npx --yes @bufbuild/buf@1.75.0 lint
 
+# Popularity, our model, implicit ALS and BPR on Online Retail and MovieLens 100K; rewrites the
+# "Recommendation quality" section of docs/BENCHMARKS.md. Needs ../shared/datasets.
+bench-quality: $(STAMP)
+	$(BIN)/python -m bench.quality
+
 # Stubs are committed; tests fail when they drift from the .proto.
 protos: $(STAMP)
 	$(BIN)/python -m tools.protos
