@@ -4,6 +4,7 @@ transaction, change notification, lifecycle rules."""
 from __future__ import annotations
 
 import json
+import threading
 from datetime import UTC, datetime, timedelta
 
 import psycopg
@@ -70,6 +71,39 @@ def test_two_concurrent_updates_of_one_rule_one_wins(store: Store) -> None:
             ("bob", "update"),
             ("t", "create"),
         ]
+
+
+def test_two_racing_admins_updating_one_rule_one_wins(store: Store) -> None:
+    """Both read before either writes (a barrier makes sure); exactly one update lands."""
+    with store.transaction() as s:
+        Rules(s, "t").create("r", "tiered_topk", TIERED)
+    both_read = threading.Barrier(2, timeout=30)
+    outcomes: dict[int, str] = {}
+
+    def admin(priority: int) -> None:
+        other = Store(store.url)
+        try:
+            with other.transaction() as s:
+                read = Rules(s, f"admin{priority}").get("r")
+                both_read.wait()
+                assert Rules(s, f"admin{priority}").update("r", priority=priority) is read
+            outcomes[priority] = "won"
+        except Conflict:
+            outcomes[priority] = "conflict"
+        finally:
+            other.dispose()
+
+    threads = [threading.Thread(target=admin, args=(p,)) for p in (3, 7)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert sorted(outcomes.values()) == ["conflict", "won"]
+    winner = next(p for p, o in outcomes.items() if o == "won")
+    with store.transaction() as s:
+        rule = Rules(s).get("r")
+        assert (rule.priority, rule.version) == (winner, 2)
+        assert [e.actor for e in audit.entries(s, "rule")] == [f"admin{winner}", "t"]
 
 
 def test_stale_expected_version_is_a_conflict(store: Store) -> None:
