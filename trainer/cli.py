@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from trainer.cli_discounts import COMMANDS as DISCOUNT_COMMANDS
 from trainer.data import (
     DEFAULT_MARGIN,
     MOVIELENS,
@@ -154,3 +155,7 @@ def _load(
     if interactions is None or items is None:
         raise click.UsageError("--interactions and --items are both required with --format files")
     return load_files(interactions, items, default_margin)
+
+
+for _command in DISCOUNT_COMMANDS:
+    main.add_command(_command)

@@ -167,7 +167,7 @@ def make_market(config: MarketConfig) -> Market:
     rng = np.random.default_rng(config.seed)
     n_u, n_i = config.n_users, config.n_items
     behaviour = rng.choice(4, size=n_u, p=np.asarray(config.behaviour_shares))
-    prices: Floats = np.round(np.exp(rng.normal(np.log(30.0), 0.6, n_i)), 2)
+    prices = np.round(np.exp(rng.normal(np.log(30.0), 0.6, n_i)), 2).astype(np.float64)
     margin_rate = rng.uniform(0.15, 0.6, n_i)
     costs = np.round(prices * (1 - margin_rate), 2)
 

@@ -1,0 +1,361 @@
+"""Policy evaluation in the market simulator: every policy against the truth and the oracle.
+
+Per seed: draw a market, log a randomized experiment (discounts drawn uniformly from GRID) over
+the first visits, fit the response model on it, then take the later visits as the evaluation
+population. On it each policy's outcome is computed exactly from the true response curves; off-
+policy estimates (IPS, doubly robust) of each policy's margin come from a randomized log of those
+same offers, so estimate and truth measure the same thing.
+
+Every policy chooses from GRID (classic policies' percents are rounded down onto it) because a
+randomized log only supports the discounts it drew; rounding down never breaks a guardrail.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from scipy import stats
+
+from core.policy import (
+    Candidate,
+    Guardrails,
+    Rule,
+    floor_price,
+    price_after,
+    price_items,
+    to_cents,
+)
+from trainer.dataset import Floats
+from trainer.market import (
+    GRID,
+    Log,
+    Market,
+    MarketConfig,
+    Offers,
+    make_market,
+    make_offers,
+    randomized_discounts,
+    simulate,
+)
+from trainer.response import ResponseConfig, ResponseData, evaluate, fit_rows, predict
+
+Bools = npt.NDArray[np.bool_]
+POLICY_ORDER = (
+    "no_discount",
+    "blanket_10",
+    "tiered_topk",
+    "threshold",
+    "linear",
+    "optimal",
+    "oracle",
+)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    market: MarketConfig = field(default_factory=lambda: MarketConfig(n_users=12_000, visits=6))
+    train_visits: int = 3  # visits logged for training; the rest form the evaluation population
+    response: ResponseConfig = field(default_factory=lambda: ResponseConfig(epochs=4))
+    max_discount_pct: float = 30.0
+    min_margin_pct: float = 5.0
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """Expected totals over the evaluation offers under the true response curves."""
+
+    conversions: float
+    revenue: float
+    discount_spend: float
+    margin: float
+    mean_discount: float  # average discount offered, bought or not
+
+
+def guardrails(config: EvalConfig) -> Guardrails:
+    return Guardrails.of(config.max_discount_pct, config.min_margin_pct)
+
+
+def allowed_discounts(price: Floats, cost: Floats, limits: Guardrails) -> Bools:
+    """[offers, GRID]: which grid discounts keep each offer within the guardrails, priced the way
+    the server prices (core.policy); computed per distinct (price, cost) pair."""
+    pairs, inverse = np.unique(np.column_stack([price, cost]), axis=0, return_inverse=True)
+    table = np.zeros((len(pairs), len(GRID)), dtype=bool)
+    for row, (p, c) in enumerate(pairs):
+        base = to_cents(float(p))
+        floor = floor_price(to_cents(float(c)), limits.min_margin_pct)
+        for col, d in enumerate(GRID):
+            pct = Decimal(str(round(d * 100, 2)))
+            table[row, col] = d == 0 or (
+                pct <= limits.max_discount_pct and floor <= base and price_after(base, pct) >= floor
+            )
+    return table[inverse.ravel()]
+
+
+def classic_rules(train: Offers, limits: Guardrails) -> dict[str, Rule]:
+    """The hand-written rules a shop would start with; score cut-offs from the training log."""
+    q25, q75 = (float(q) for q in np.quantile(train.cf_score, [0.25, 0.75]))
+    slope = 15.0 / (q75 - q25)  # 0% at the lower quartile, 15% at the upper, clipped to [0, 20]
+    return {
+        "blanket_10": Rule("tiered_topk", {"k1": 1, "d1": 10, "d2": 10}, limits),
+        "tiered_topk": Rule("tiered_topk", {"k1": 2, "d1": 15, "d2": 5}, limits),
+        "threshold": Rule("threshold", {"t": round(q75, 4), "d": 15}, limits),
+        "linear": Rule(
+            "linear",
+            {"a": round(slope, 4), "b": round(-slope * q25, 4), "min": 0, "max": 20},
+            limits,
+        ),
+    }
+
+
+def rule_discounts(rule: Rule, offers: Offers) -> Floats:
+    """The rule's discount per offer, priced by core.policy and rounded down onto GRID."""
+    candidates = [
+        Candidate(str(k), Decimal(str(p)), Decimal(str(c)), rank=int(r) + 1, score=float(s))
+        for k, (p, c, r, s) in enumerate(
+            zip(offers.price, offers.cost, offers.rank, offers.cf_score, strict=True)
+        )
+    ]
+    pct = np.array([float(item.discount_pct) for item in price_items(rule, candidates)]) / 100
+    grid = np.asarray(GRID)
+    return grid[np.searchsorted(grid, pct + 1e-9, side="right") - 1]
+
+
+def best_discounts(probability: Floats, price: Floats, cost: Floats, allowed: Bools) -> Floats:
+    """Per offer, the allowed grid discount with the largest expected margin P(buy|d)·(p(1−d)−c);
+    ties go to the smaller discount."""
+    grid = np.asarray(GRID, dtype=np.float64)
+    margin = price[:, None] * (1 - grid[None, :]) - cost[:, None]
+    value = np.where(allowed, probability * margin, -np.inf)
+    best: Floats = grid[np.argmax(value, axis=1)]
+    return best
+
+
+def true_probabilities(market: Market, offers: Offers) -> Floats:
+    n = len(offers)
+    columns = [market.purchase_probability(offers.user, offers.item, np.full(n, d)) for d in GRID]
+    return np.column_stack(columns).astype(np.float64)
+
+
+def outcome(true_p: Floats, offers: Offers, discount: Floats) -> Outcome:
+    column = np.searchsorted(np.asarray(GRID), discount)
+    p = true_p[np.arange(len(discount)), column]
+    final = offers.price * (1 - discount)
+    return Outcome(
+        conversions=float(p.sum()),
+        revenue=float((p * final).sum()),
+        discount_spend=float((p * offers.price * discount).sum()),
+        margin=float((p * (final - offers.cost)).sum()),
+        mean_discount=float(discount.mean()),
+    )
+
+
+def ips(log: Log, target: Floats) -> float:
+    """Inverse-propensity estimate of the target policy's mean margin per offer."""
+    match = np.isclose(log.discount, target)
+    return float(np.mean(match / log.propensity * log.margin()))
+
+
+def doubly_robust(log: Log, target: Floats, predicted: Floats) -> float:
+    """Doubly robust estimate of the mean margin per offer: the model's expected margin under the
+    target policy, corrected by the propensity-weighted error of the model where the log agrees.
+    ``predicted`` is the model's P(buy) per offer and GRID column."""
+    grid = np.asarray(GRID)
+    o = log.offers
+    n = len(o)
+    expected = predicted * (o.price[:, None] * (1 - grid[None, :]) - o.cost[:, None])
+    rows = np.arange(n)
+    q_target = expected[rows, np.searchsorted(grid, target)]
+    q_logged = expected[rows, np.searchsorted(grid, log.discount)]
+    match = np.isclose(log.discount, target)
+    return float(np.mean(q_target + match / log.propensity * (log.margin() - q_logged)))
+
+
+def features(market: Market, offers: Offers) -> Floats:
+    """Response-model inputs in response_artifact.FEATURES order."""
+    return np.column_stack(
+        [offers.cf_score, offers.price, offers.cost, market.user_features[offers.user]]
+    )
+
+
+def response_data(market: Market, log: Log) -> ResponseData:
+    return ResponseData(features(market, log.offers), log.discount, log.bought, log.propensity)
+
+
+@dataclass(frozen=True)
+class SeedResult:
+    seed: int
+    outcomes: dict[str, Outcome]
+    ips: dict[str, float]  # mean margin per offer
+    dr: dict[str, float]
+    truth: dict[str, float]  # true mean margin per offer
+    response_metrics: dict[str, float]
+    offers: int
+
+
+def run_seed(
+    seed: int, config: EvalConfig, progress: Callable[[str], None] = lambda _: None
+) -> SeedResult:
+    market = make_market(replace(config.market, seed=seed))
+    all_offers = make_offers(market, seed=seed)
+    split = all_offers.visit < config.train_visits
+    train_offers = all_offers.take(np.flatnonzero(split))
+    eval_offers = all_offers.take(np.flatnonzero(~split))
+    limits = guardrails(config)
+
+    train_log = simulate(
+        market, train_offers, *randomized_discounts(len(train_offers), seed), seed=seed
+    )
+    eval_d, eval_prop = randomized_discounts(len(eval_offers), seed + 10_000)
+    eval_log = simulate(market, eval_offers, eval_d, eval_prop, seed=seed + 10_000)
+    progress(f"seed {seed}: fitting the response model on {len(train_offers):,} logged offers")
+    model = fit_rows(response_data(market, train_log), replace(config.response, seed=seed))
+    metrics = evaluate(model, response_data(market, eval_log))
+
+    x = features(market, eval_offers)
+    grid = np.tile(np.asarray(GRID), (len(eval_offers), 1))
+    predicted = predict(model, x, grid)
+    true_p = true_probabilities(market, eval_offers)
+    allowed = allowed_discounts(eval_offers.price, eval_offers.cost, limits)
+
+    progress(f"seed {seed}: pricing {len(eval_offers):,} offers under each policy")
+    discounts: dict[str, Floats] = {"no_discount": np.zeros(len(eval_offers))}
+    for name, rule in classic_rules(train_offers, limits).items():
+        discounts[name] = rule_discounts(rule, eval_offers)
+    discounts["optimal"] = best_discounts(predicted, eval_offers.price, eval_offers.cost, allowed)
+    discounts["oracle"] = best_discounts(true_p, eval_offers.price, eval_offers.cost, allowed)
+
+    outcomes = {name: outcome(true_p, eval_offers, d) for name, d in discounts.items()}
+    n = len(eval_offers)
+    return SeedResult(
+        seed=seed,
+        outcomes=outcomes,
+        ips={name: ips(eval_log, d) for name, d in discounts.items()},
+        dr={name: doubly_robust(eval_log, d, predicted) for name, d in discounts.items()},
+        truth={name: o.margin / n for name, o in outcomes.items()},
+        response_metrics=metrics,
+        offers=n,
+    )
+
+
+def interval(values: list[float]) -> dict[str, float]:
+    """Mean and a 95% t-interval over seeds."""
+    a = np.asarray(values, dtype=np.float64)
+    mean = float(a.mean())
+    if len(a) < 2:
+        return {"mean": mean, "low": mean, "high": mean}
+    half = float(stats.t.ppf(0.975, len(a) - 1) * a.std(ddof=1) / math.sqrt(len(a)))
+    return {"mean": mean, "low": mean - half, "high": mean + half}
+
+
+def summarize(results: list[SeedResult]) -> dict[str, Any]:
+    """Per policy: per-1,000-offer outcomes, share of the oracle's incremental margin over no
+    discount, and the off-policy estimates' relative errors; each with a 95% interval."""
+    policies: dict[str, Any] = {}
+    for name in POLICY_ORDER:
+        per_seed: dict[str, list[float]] = {}
+        for r in results:
+            o = r.outcomes[name]
+            scale = 1000.0 / r.offers
+            lift = r.outcomes["oracle"].margin - r.outcomes["no_discount"].margin
+            values = {
+                "conversions_per_1000": o.conversions * scale,
+                "revenue_per_1000": o.revenue * scale,
+                "discount_spend_per_1000": o.discount_spend * scale,
+                "margin_per_1000": o.margin * scale,
+                "mean_discount": o.mean_discount,
+                "share_of_oracle_lift": (o.margin - r.outcomes["no_discount"].margin) / lift,
+                "ips_error": r.ips[name] / r.truth[name] - 1,
+                "dr_error": r.dr[name] / r.truth[name] - 1,
+            }
+            for key, value in values.items():
+                per_seed.setdefault(key, []).append(value)
+        policies[name] = {key: interval(v) for key, v in per_seed.items()}
+        policies[name]["dr_max_abs_error"] = max(abs(e) for e in per_seed["dr_error"])
+        policies[name]["ips_max_abs_error"] = max(abs(e) for e in per_seed["ips_error"])
+    metrics: dict[str, list[float]] = {}
+    for r in results:
+        for key, value in r.response_metrics.items():
+            metrics.setdefault(key, []).append(value)
+    return {
+        "seeds": [r.seed for r in results],
+        "offers_per_seed": [r.offers for r in results],
+        "policies": policies,
+        "response_model_holdout": {k: interval(v) for k, v in metrics.items()},
+    }
+
+
+def run(
+    config: EvalConfig, progress: Callable[[str], None] = lambda _: None
+) -> tuple[list[SeedResult], dict[str, Any]]:
+    results = [run_seed(seed, config, progress) for seed in config.seeds]
+    return results, summarize(results)
+
+
+def config_summary(config: EvalConfig) -> Mapping[str, Any]:
+    return {**asdict(config), "grid": list(GRID)}
+
+
+def format_table(summary: Mapping[str, Any]) -> str:
+    """The summary as an aligned text table (means, with 95% intervals for the key figures)."""
+
+    def ci(v: Mapping[str, float], fmt: str) -> str:
+        return f"{v['mean']:{fmt}} [{v['low']:{fmt}}, {v['high']:{fmt}}]"
+
+    lines = [
+        f"{'policy':12s} {'conv/1k':>8s} {'revenue/1k':>11s} {'spend/1k':>9s} {'margin/1k':>10s}"
+        f"  {'share of oracle lift (95% CI)':31s} {'IPS err':>8s} {'DR err':>8s} {'|DR| max':>8s}"
+    ]
+    for name, p in summary["policies"].items():
+        lines.append(
+            f"{name:12s} {p['conversions_per_1000']['mean']:8.1f}"
+            f" {p['revenue_per_1000']['mean']:11.1f} {p['discount_spend_per_1000']['mean']:9.1f}"
+            f" {p['margin_per_1000']['mean']:10.1f}  {ci(p['share_of_oracle_lift'], '+.3f'):31s}"
+            f" {p['ips_error']['mean']:+8.2%} {p['dr_error']['mean']:+8.2%}"
+            f" {p['dr_max_abs_error']:8.2%}"
+        )
+    m = summary["response_model_holdout"]
+    lines.append(
+        f"response model on held-out log: log-loss {m['log_loss']['mean']:.4f}, "
+        f"ECE {m['ece']['mean']:.4f}, AUC {m['auc']['mean']:.4f} "
+        f"(base rate {m['base_rate']['mean']:.4f}); seeds {summary['seeds']}"
+    )
+    return "\n".join(lines)
+
+
+def plot_margin_vs_spend(summary: Mapping[str, Any], path: Path) -> None:
+    """Margin against discount spend per 1,000 offers, one point per policy, 95% CI bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for name, p in summary["policies"].items():
+        x, y = p["discount_spend_per_1000"], p["margin_per_1000"]
+        ax.errorbar(
+            x["mean"],
+            y["mean"],
+            xerr=[[x["mean"] - x["low"]], [x["high"] - x["mean"]]],
+            yerr=[[y["mean"] - y["low"]], [y["high"] - y["mean"]]],
+            fmt="o",
+            capsize=3,
+        )
+        ax.annotate(name, (x["mean"], y["mean"]), xytext=(6, 4), textcoords="offset points")
+    none = summary["policies"]["no_discount"]["margin_per_1000"]["mean"]
+    ax.axhline(none, color="grey", linewidth=0.8, linestyle="--")
+    ax.set_xlabel("discount spend per 1,000 offers")
+    ax.set_ylabel("expected margin per 1,000 offers")
+    ax.set_title(f"Market simulator, {len(summary['seeds'])} seeds (95% intervals)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,358 @@
+"""Response model: P(purchase | user, item, discount), learned from randomized discount logs.
+
+The logit is ``base(x) + Σ_k w_k(x) · φ_k(d)`` where every ``φ_k`` is a non-decreasing ramp of
+the discount and every weight ``w_k(x) = softplus(·) ≥ 0``: the probability can never fall when
+the discount grows, whatever the weights, so the ``optimal`` policy never meets a curve that
+rewards a smaller discount with more purchases. Ramps at several thresholds let one shopper react
+only to large discounts and another in proportion, which a single slope could not.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnx
+import onnxruntime as ort
+import pandas as pd
+import torch
+from scipy.stats import rankdata
+from torch import Tensor, nn
+
+from trainer import response_artifact
+from trainer.dataset import Floats
+from trainer.response_artifact import FEATURES, GRAPH, INPUTS, OUTPUTS, ResponseManifest
+
+# Ramp centres sit between the usual 5-point grid steps so that each step can carry its own jump.
+RAMP_CENTRES: tuple[float, ...] = (0.025, 0.075, 0.125, 0.175, 0.225, 0.275)
+RAMP_WIDTH = 0.01
+PARITY_TOLERANCE = 1e-5
+
+
+class ResponseError(Exception):
+    """Logged data a response model cannot be trained on; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class ResponseConfig:
+    hidden: int = 32
+    epochs: int = 6
+    min_steps: int = (
+        800  # small logs get more epochs: too few optimizer steps leave it uncalibrated
+    )
+    batch_size: int = 2048
+    learning_rate: float = 3e-3
+    weight_decay: float = 1e-5
+    holdout: float = 0.2  # share of offers kept out of training to measure the model
+    seed: int = 0
+    threads: int = 2
+
+
+@dataclass(frozen=True)
+class ResponseData:
+    features: Floats  # rows × FEATURES
+    discount: Floats
+    bought: npt.NDArray[np.bool_]
+    propensity: Floats
+
+    def __len__(self) -> int:
+        return len(self.discount)
+
+    def take(self, rows: npt.NDArray[np.int64]) -> ResponseData:
+        return ResponseData(
+            self.features[rows], self.discount[rows], self.bought[rows], self.propensity[rows]
+        )
+
+
+def from_logs(offers: pd.DataFrame, events: pd.DataFrame) -> ResponseData:
+    """Join the offer log with purchase events by offer_id: an offer is bought when a purchase
+    event names it."""
+    needed = ("offer_id", "discount", "propensity", *FEATURES)
+    missing = [c for c in needed if c not in offers.columns]
+    if missing:
+        raise ResponseError(f"offers: missing column(s) {', '.join(missing)}; needed: {needed}")
+    missing = [c for c in ("type", "offer_id") if c not in events.columns]
+    if missing:
+        raise ResponseError(f"events: missing column(s) {', '.join(missing)}")
+    if offers["offer_id"].duplicated().any():
+        raise ResponseError("offers: offer_id repeats; each offer must appear once")
+    numeric = offers[["discount", "propensity", *FEATURES]].apply(pd.to_numeric, errors="coerce")
+    bad = ~np.isfinite(numeric.to_numpy(dtype=np.float64)).all(axis=1)
+    if bad.any():
+        raise ResponseError(
+            f"offers: {int(bad.sum())} row(s) with a missing or non-numeric value, e.g. offer "
+            f"{offers['offer_id'].iloc[int(np.argmax(bad))]!r}; fix or drop them"
+        )
+    d = numeric["discount"].to_numpy(dtype=np.float64)
+    if (d < 0).any() or (d >= 1).any():
+        raise ResponseError("offers: discount must be a fraction in [0, 1), e.g. 0.15 for 15%")
+    p = numeric["propensity"].to_numpy(dtype=np.float64)
+    if (p <= 0).any() or (p > 1).any():
+        raise ResponseError("offers: propensity must be in (0, 1]; log it when drawing discounts")
+    if len(np.unique(d)) < 2:
+        raise ResponseError(
+            "offers: every offer has the same discount; a response model needs randomized "
+            "discounts (run an experiment that draws them from a grid)"
+        )
+    purchased = set(events.loc[events["type"] == "purchase", "offer_id"].dropna().astype(str))
+    bought = offers["offer_id"].astype(str).isin(purchased).to_numpy()
+    return ResponseData(
+        features=numeric[list(FEATURES)].to_numpy(dtype=np.float64),
+        discount=d,
+        bought=bought,
+        propensity=p,
+    )
+
+
+class ResponseNet(nn.Module):
+    """features [B, F] (raw, in FEATURES order), discounts [B, G] -> P(purchase) [B, G]."""
+
+    mean: Tensor
+    std: Tensor
+    centres: Tensor
+
+    def __init__(self, mean: Tensor, std: Tensor, hidden: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+        self.register_buffer("centres", torch.tensor(RAMP_CENTRES, dtype=torch.float32))
+        self.body = nn.Sequential(
+            nn.Linear(len(mean), hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU()
+        )
+        self.base = nn.Linear(hidden, 1)
+        self.slopes = nn.Linear(hidden, len(RAMP_CENTRES) + 1)
+
+    @staticmethod
+    def derive(features: Tensor) -> Tensor:
+        """CF score, log price, margin rate and log-scaled history from the raw columns."""
+        price = features[:, 1:2].clamp(min=1e-3)
+        margin_rate = (price - features[:, 2:3]) / price
+        history = torch.log1p(features[:, 3:].clamp(min=0.0))
+        return torch.cat([features[:, 0:1], torch.log(price), margin_rate, history], dim=1)
+
+    def logits(self, features: Tensor, discounts: Tensor) -> Tensor:
+        x = (self.derive(features) - self.mean) / self.std
+        h = self.body(x)
+        weights = nn.functional.softplus(self.slopes(h))  # ≥ 0: the monotonicity guarantee
+        d = discounts.unsqueeze(-1)
+        ramps = torch.sigmoid((d - self.centres) / RAMP_WIDTH) - torch.sigmoid(
+            -self.centres / RAMP_WIDTH
+        )
+        basis = torch.cat([d / 0.3, ramps], dim=-1)  # [B, G, K], each non-decreasing in d
+        logits: Tensor = self.base(h) + (basis * weights.unsqueeze(1)).sum(-1)
+        return logits
+
+    def forward(self, features: Tensor, discounts: Tensor) -> Tensor:
+        return torch.sigmoid(self.logits(features, discounts))
+
+
+@dataclass(frozen=True)
+class Trained:
+    model: ResponseNet
+    train_rows: npt.NDArray[np.int64]
+    holdout_rows: npt.NDArray[np.int64]
+    metrics: dict[str, float]
+
+
+def seed_everything(seed: int, threads: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    torch.set_num_threads(threads)
+
+
+def fit(data: ResponseData, config: ResponseConfig) -> Trained:
+    """Train on a random share of offers, measure on the rest."""
+    if len(data) < 100 or data.bought.sum() < 10:
+        raise ResponseError(
+            f"only {len(data)} offers and {int(data.bought.sum())} purchases; a response model "
+            "needs at least 100 offers with 10 purchases"
+        )
+    seed_everything(config.seed, config.threads)
+    rng = np.random.default_rng(config.seed)
+    order = rng.permutation(len(data))
+    n_hold = max(1, int(len(data) * config.holdout))
+    holdout_rows, train_rows = np.sort(order[:n_hold]), np.sort(order[n_hold:])
+    model = fit_rows(data.take(train_rows), config)
+    metrics = evaluate(model, data.take(holdout_rows))
+    return Trained(model, train_rows, holdout_rows, metrics)
+
+
+def fit_rows(data: ResponseData, config: ResponseConfig) -> ResponseNet:
+    seed_everything(config.seed, config.threads)
+    features = torch.from_numpy(data.features.astype(np.float32))
+    derived = ResponseNet.derive(features)
+    mean, std = derived.mean(0), derived.std(0).clamp(min=1e-6)
+    model = ResponseNet(mean, std, config.hidden)
+    discount = torch.from_numpy(data.discount.astype(np.float32)).unsqueeze(1)
+    target = torch.from_numpy(data.bought.astype(np.float32)).unsqueeze(1)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
+    generator = torch.Generator().manual_seed(config.seed)
+    n = len(data)
+    per_epoch = math.ceil(n / config.batch_size)
+    epochs = max(config.epochs, math.ceil(config.min_steps / per_epoch))
+    steps = epochs * per_epoch
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.learning_rate, steps)
+    model.train()
+    for _ in range(epochs):
+        for batch in torch.split(torch.randperm(n, generator=generator), config.batch_size):
+            loss = nn.functional.binary_cross_entropy_with_logits(
+                model.logits(features[batch], discount[batch]), target[batch]
+            )
+            optimizer.zero_grad()
+            loss.backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+            schedule.step()
+    return model.eval()
+
+
+def predict(model: ResponseNet, features: Floats, discounts: Floats) -> Floats:
+    """P(purchase) for each row (features) and each column of discounts [rows, candidates]."""
+    with torch.no_grad():
+        out = model(
+            torch.from_numpy(features.astype(np.float32)),
+            torch.from_numpy(np.asarray(discounts, dtype=np.float32)),
+        )
+    return np.asarray(out.numpy(), dtype=np.float64)
+
+
+def evaluate(model: ResponseNet, data: ResponseData) -> dict[str, float]:
+    p = predict(model, data.features, data.discount[:, None])[:, 0]
+    y = data.bought
+    return {
+        "log_loss": log_loss(y, p),
+        "ece": expected_calibration_error(y, p),
+        "auc": auc(y, p),
+        "base_rate": float(y.mean()),
+        "rows": float(len(y)),
+    }
+
+
+def log_loss(y: npt.NDArray[np.bool_], p: Floats) -> float:
+    q = np.clip(p, 1e-7, 1 - 1e-7)
+    return float(-np.mean(np.where(y, np.log(q), np.log(1 - q))))
+
+
+def expected_calibration_error(y: npt.NDArray[np.bool_], p: Floats, bins: int = 15) -> float:
+    """Mean |observed rate − predicted| over equal-mass bins of the prediction, weighted by size."""
+    order = np.argsort(p, kind="stable")
+    gaps = [
+        len(chunk) * abs(float(y[chunk].mean()) - float(p[chunk].mean()))
+        for chunk in np.array_split(order, bins)
+        if len(chunk)
+    ]
+    return float(sum(gaps) / len(p))
+
+
+def auc(y: npt.NDArray[np.bool_], p: Floats) -> float:
+    """Area under the ROC curve via the rank-sum (Mann–Whitney) identity; ties count half."""
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(p)
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def export_onnx(model: ResponseNet, path: Path) -> float:
+    """Export with a dynamic batch and candidate count, pass the full ONNX check, and prove
+    parity with ONNX Runtime on random rows; returns the largest absolute difference."""
+    model = model.eval()
+    rng = np.random.default_rng(0)
+    example = _example(rng, rows=4, candidates=3)
+    dynamic = {
+        "features": {0: torch.export.Dim("batch")},
+        "discounts": {0: torch.export.Dim("batch"), 1: torch.export.Dim("candidates")},
+    }
+    registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registry_log.level
+    registry_log.setLevel(logging.ERROR)  # warnings about optional torchvision ops do not apply
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model,
+                tuple(torch.from_numpy(a) for a in example),
+                str(path),
+                input_names=[n for n, _, _ in INPUTS],
+                output_names=[n for n, _, _ in OUTPUTS],
+                dynamic_shapes=dynamic,
+                external_data=False,
+                verbose=False,
+            )
+    finally:
+        registry_log.setLevel(level)
+    graph = onnx.load(str(path))
+    _name_dimensions(graph)
+    try:
+        onnx.checker.check_model(graph, full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise ResponseError(f"exported response graph fails the ONNX checker: {e}") from None
+    onnx.save(graph, str(path))
+    return check_parity(model, path)
+
+
+def check_parity(model: ResponseNet, path: Path, rows: int = 257, candidates: int = 7) -> float:
+    features, discounts = _example(np.random.default_rng(1), rows, candidates)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (onnx_p,) = session.run(None, {"features": features, "discounts": discounts})
+    torch_p = predict(model, features.astype(np.float64), discounts.astype(np.float64))
+    if onnx_p.shape != torch_p.shape:
+        raise ResponseError(f"ONNX returns shape {onnx_p.shape}, PyTorch {torch_p.shape}")
+    diff = float(np.max(np.abs(onnx_p - torch_p)))
+    if diff > PARITY_TOLERANCE:
+        raise ResponseError(f"ONNX and PyTorch differ by {diff:.2e} (> {PARITY_TOLERANCE:g})")
+    return diff
+
+
+def _example(
+    rng: np.random.Generator, rows: int, candidates: int
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    price = rng.uniform(5, 100, rows)
+    history = rng.exponential(30.0, (rows, len(FEATURES) - 3))
+    features = np.column_stack([rng.normal(0, 1, rows), price, price * 0.6, history])
+    discounts = np.sort(rng.uniform(0, 0.3, (rows, candidates)), axis=1)
+    return features.astype(np.float32), discounts.astype(np.float32)
+
+
+def _name_dimensions(graph: onnx.ModelProto) -> None:
+    """Use the contract's dimension names instead of the exporter's invented ones."""
+    for values, contract in ((graph.graph.input, INPUTS), (graph.graph.output, OUTPUTS)):
+        by_name = {name: shape for name, _, shape in contract}
+        for value in values:
+            for dim, wanted in zip(
+                value.type.tensor_type.shape.dim, by_name[value.name], strict=True
+            ):
+                if isinstance(wanted, str):
+                    dim.dim_param = wanted
+                else:
+                    dim.dim_value = wanted
+
+
+def save(
+    trained: Trained,
+    out: Path,
+    grid: list[float],
+    config: ResponseConfig,
+    data_summary: dict[str, Any],
+) -> ResponseManifest:
+    """Export the model to ONNX into a sealed response folder at out."""
+
+    def write_files(folder: Path) -> dict[str, float]:
+        return {"onnx_max_abs_diff": export_onnx(trained.model, folder / GRAPH)}
+
+    manifest = ResponseManifest(
+        version="",
+        created_at="",
+        grid=grid,
+        metrics=dict(trained.metrics),
+        training=asdict(config),
+        data=data_summary,
+    )
+    return response_artifact.write(out, manifest, write_files)

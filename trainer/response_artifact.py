@@ -1,0 +1,155 @@
+"""The response-model artifact: a folder with ``response.onnx`` and a sealed ``manifest.json``.
+
+Kept free of torch so that the server can read and verify it with ONNX Runtime alone.
+
+Layout::
+
+    RESPONSE_DIR/
+      manifest.json   # kind "response", feature order, discount grid, metrics, sha256 of files
+      response.onnx   # features [batch, F], discounts [batch, candidates] -> purchase_probability
+
+The graph scores every candidate discount of every row in one inference: the server passes a
+row per offer and the rule's whole discount grid as columns, and picks the best column.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from core.artifact import MANIFEST, ArtifactError, sha256_file
+from core.features import NUMERIC_FEATURES
+
+KIND = "response"
+FORMAT_VERSION = 1
+GRAPH = "response.onnx"
+# Raw per-offer inputs, in column order: the graph derives log price, margin rate and log-scaled
+# history itself, so the server passes what it already has.
+FEATURES: tuple[str, ...] = ("cf_score", "price", "cost", *NUMERIC_FEATURES)
+INPUTS: tuple[tuple[str, str, tuple[int | str, ...]], ...] = (
+    ("features", "float32", ("batch", len(FEATURES))),
+    ("discounts", "float32", ("batch", "candidates")),  # fractions of the base price, 0.1 = 10%
+)
+OUTPUTS: tuple[tuple[str, str, tuple[int | str, ...]], ...] = (
+    ("purchase_probability", "float32", ("batch", "candidates")),
+)
+
+
+@dataclass(frozen=True)
+class ResponseManifest:
+    version: str
+    created_at: str
+    grid: list[float]  # the discounts the model was trained on; outside them it extrapolates
+    files: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": KIND,
+            "format_version": FORMAT_VERSION,
+            "version": self.version,
+            "created_at": self.created_at,
+            "features": list(FEATURES),
+            "grid": self.grid,
+            "signature": signature(),
+            "metrics": self.metrics,
+            "training": self.training,
+            "data": self.data,
+            "files": self.files,
+        }
+
+
+def signature() -> dict[str, Any]:
+    return {
+        "inputs": [{"name": n, "type": t, "shape": list(s)} for n, t, s in INPUTS],
+        "outputs": [{"name": n, "type": t, "shape": list(s)} for n, t, s in OUTPUTS],
+    }
+
+
+def write(
+    out: Path, manifest: ResponseManifest, write_files: Callable[[Path], dict[str, float]]
+) -> ResponseManifest:
+    """Write a response model folder atomically: files go to a hidden sibling, are sealed, and
+    the folder is swapped into place, so a reader never sees half a model. write_files returns
+    metrics measured while writing (e.g. ONNX parity), which join the manifest's."""
+    out = out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-incoming-", dir=out.parent))
+    try:
+        written = write_files(staging)
+        files = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()}
+        created = datetime.now(UTC)
+        sealed = ResponseManifest(
+            **{
+                **manifest.__dict__,
+                "version": manifest.version or f"response-{created:%Y%m%d-%H%M%S}",
+                "created_at": created.isoformat(timespec="seconds"),
+                "files": files,
+                "metrics": {**manifest.metrics, **written},
+            }
+        )
+        (staging / MANIFEST).write_text(json.dumps(sealed.to_json(), indent=2) + "\n")
+        os.chmod(staging, 0o755)  # mkdtemp makes it owner-only; a server may run as another user
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
+            old.rmdir()
+            out.rename(old)
+            staging.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return sealed
+
+
+def load(folder: Path) -> ResponseManifest:
+    """Read and verify a response model folder: kind, format, signature and every sha256."""
+    path = folder / MANIFEST
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ArtifactError(
+            f"{folder}: no {MANIFEST}; train one with `discount-train response --out DIR`"
+        ) from None
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{path}: unreadable manifest: {e}") from None
+    if not isinstance(raw, dict) or raw.get("kind") != KIND:
+        raise ArtifactError(f"{path}: not a response model (kind {raw.get('kind')!r})")
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path}: format_version {raw.get('format_version')}, this build reads {FORMAT_VERSION}"
+        )
+    if raw.get("signature") != signature() or raw.get("features") != list(FEATURES):
+        raise ArtifactError(f"{path}: inputs or outputs differ from what this build expects")
+    try:
+        manifest = ResponseManifest(
+            version=str(raw["version"]),
+            created_at=str(raw["created_at"]),
+            grid=[float(g) for g in raw["grid"]],
+            files={str(k): str(v) for k, v in raw["files"].items()},
+            metrics={str(k): float(v) for k, v in raw.get("metrics", {}).items()},
+            training=dict(raw.get("training", {})),
+            data=dict(raw.get("data", {})),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ArtifactError(f"{path}: malformed manifest ({e!r})") from None
+    if GRAPH not in manifest.files:
+        raise ArtifactError(f"{path}: does not list {GRAPH}")
+    for name, expected in manifest.files.items():
+        file = folder / name
+        if not file.is_file():
+            raise ArtifactError(f"{folder}: {name} listed in the manifest is missing")
+        if sha256_file(file) != expected:
+            raise ArtifactError(f"{folder}: {name} does not match its sha256 in the manifest")
+    return manifest
