@@ -6,6 +6,7 @@ streams pass through untouched.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -73,10 +74,18 @@ class AccessLogInterceptor(Interceptor):
         def wrapper(behavior: Behavior) -> Behavior:
             async def logged(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
                 start = time.perf_counter()
+                # Without an explicit code: OK on return; a cancelled task (client gone, or
+                # shutdown past its grace) is CANCELLED; any other exception becomes UNKNOWN.
+                fallback = grpc.StatusCode.UNKNOWN
                 try:
-                    return await behavior(request, context)
+                    response = await behavior(request, context)
+                    fallback = grpc.StatusCode.OK
+                    return response
+                except asyncio.CancelledError:
+                    fallback = grpc.StatusCode.CANCELLED
+                    raise
                 finally:
-                    code = context.code() or grpc.StatusCode.OK
+                    code = context.code() or fallback
                     name = code.name if isinstance(code, grpc.StatusCode) else str(code)
                     log.info(
                         "%s %s %.1fms request_id=%s",

@@ -1,0 +1,278 @@
+"""The real `discountd` executable: starts without torch, reloads on SIGHUP, drains on SIGTERM,
+and refuses bad settings with one clear message."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from core.artifact import CURRENT, set_current
+from discount.v1 import discount_pb2 as pb
+from discount.v1 import discount_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.slow  # each test starts a real discountd process
+
+DISCOUNTD = Path(sys.executable).with_name("discountd")
+ROOT = Path(__file__).resolve().parents[1]
+TORCH_BLOCKER = '''
+import sys
+
+class BlockTorch:
+    """Make `import torch` fail, as on a serving host without it."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError(f"{name} is blocked: discountd must not need torch")
+        return None
+
+sys.meta_path.insert(0, BlockTorch())
+'''
+
+
+EXITED = "<discountd closed its stderr>"
+
+
+class Discountd:
+    """A discountd subprocess; its log lines are collected as they come."""
+
+    def __init__(self, model_dir: Path, blocker_dir: Path, db_url: str, *extra: str) -> None:
+        env = {**os.environ, "PYTHONPATH": f"{blocker_dir}{os.pathsep}{ROOT}"}
+        self.process = subprocess.Popen(
+            [
+                str(DISCOUNTD),
+                "--model-dir",
+                str(model_dir),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--device",
+                "cpu",
+                "--db-url",
+                db_url,
+                "--insecure-demo-key",
+                *extra,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.log: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        port = int(self.wait_for(r"listening on 127\.0\.0\.1:(\d+)").group(1))
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        self.stub = pb_grpc.DiscountServiceStub(self.channel)
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.lines.put(line)
+        self.lines.put(EXITED)
+
+    def wait_for(self, pattern: str) -> re.Match[str]:
+        """The first new log line matching pattern (fails if discountd exits first)."""
+        while True:
+            try:
+                line = self.lines.get(timeout=60)
+            except queue.Empty:
+                pytest.fail(f"discountd never logged {pattern!r}; log so far: {self.log}")
+            if line is EXITED:
+                pytest.fail(f"discountd exited before logging {pattern!r}; log: {self.log}")
+            self.log.append(line)
+            match = re.search(pattern, line)
+            if match:
+                return match
+
+    def drain_log(self) -> list[str]:
+        while not self.lines.empty():
+            line = self.lines.get()
+            if line is not EXITED:
+                self.log.append(line)
+        return self.log
+
+    def close(self) -> None:
+        self.channel.close()
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=30)
+
+
+@pytest.fixture
+def blocker(tmp_path: Path) -> Path:
+    folder = tmp_path / "no-torch"
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(TORCH_BLOCKER)
+    return folder
+
+
+@pytest.fixture
+def store(tmp_path: Path, model_store: Path) -> Path:
+    copy = tmp_path / "store"
+    shutil.copytree(model_store, copy)
+    return copy
+
+
+@pytest.fixture(scope="module")
+def migrated_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty store at the schema head: discountd refuses to start on anything older."""
+    from core.store.db import Store
+    from core.store.migrate import upgrade
+
+    path = tmp_path_factory.mktemp("db") / "discount.db"
+    store = Store(f"sqlite:///{path}")
+    upgrade(store)
+    store.dispose()
+    return path
+
+
+@pytest.fixture
+def db_url(tmp_path: Path, migrated_db: Path) -> str:
+    shutil.copy(migrated_db, tmp_path / "discount.db")
+    return f"sqlite:///{tmp_path / 'discount.db'}"
+
+
+@pytest.fixture
+def start(store: Path, blocker: Path, db_url: str) -> Iterator[type[Discountd]]:
+    started: list[Discountd] = []
+
+    class Started(Discountd):
+        def __init__(self, *extra: str) -> None:
+            super().__init__(store, blocker, db_url, *extra)
+            started.append(self)
+
+    yield Started  # type: ignore[misc]
+    for server in started:
+        server.close()
+
+
+def test_discountd_serves_with_torch_blocked(start: type[Discountd], blocker: Path) -> None:
+    check = subprocess.run(
+        [sys.executable, "-c", "import torch"],
+        env={**os.environ, "PYTHONPATH": str(blocker)},
+        capture_output=True,
+        text=True,
+    )
+    assert check.returncode != 0 and "blocked" in check.stderr, "the blocker does not work"
+    server = start()
+    reply = server.stub.Recommend(pb.RecommendRequest(user_id="user-0", limit=3))
+    assert len(reply.items) == 3
+    info = server.stub.GetModelInfo(pb.GetModelInfoRequest())
+    assert info.provider == "CPUExecutionProvider"
+    assert not [line for line in server.drain_log() if "Traceback" in line]
+
+
+def test_sighup_reloads_the_version_current_names(
+    start: type[Discountd], store: Path, flipped_version: Path
+) -> None:
+    server = start("--poll-interval", "0")
+    old = (store / CURRENT).read_text().strip()
+    shutil.copytree(flipped_version, store / flipped_version.name)
+    set_current(store, flipped_version.name)
+    assert server.stub.GetModelInfo(pb.GetModelInfoRequest()).model_version == old
+    server.process.send_signal(signal.SIGHUP)
+    server.wait_for(f"serving model {flipped_version.name} .*replacing {old}")
+    assert server.stub.GetModelInfo(pb.GetModelInfoRequest()).model_version == (
+        flipped_version.name
+    )
+
+
+def test_sigterm_drains_in_flight_calls_and_exits_zero(start: type[Discountd]) -> None:
+    server = start("--grace", "3")
+    health = health_pb2_grpc.HealthStub(server.channel)
+    watch = health.Watch(health_pb2.HealthCheckRequest(service="discount.v1.DiscountService"))
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+
+    outcomes: list[grpc.StatusCode] = []
+    stop = threading.Event()
+    request = pb.RecommendRequest(user_id="user-1", limit=1000, include_purchased=True)
+
+    def hammer() -> None:
+        while not stop.is_set():
+            try:
+                server.stub.Recommend(request, timeout=30)
+                outcomes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as e:
+                outcomes.append(e.code())
+                return
+
+    workers = [threading.Thread(target=hammer) for _ in range(6)]
+    for worker in workers:
+        worker.start()
+    while len(outcomes) < 50:
+        time.sleep(0.01)
+    server.process.send_signal(signal.SIGTERM)
+    # Health turns NOT_SERVING on the open Watch stream before the server stops.
+    assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert server.process.wait(timeout=60) == 0
+    stop.set()
+    for worker in workers:
+        worker.join(timeout=30)
+    watch.cancel()
+    log = server.drain_log()
+    handled = [line for line in log if "/discount.v1.DiscountService/Recommend" in line]
+    # Every call the server started, it finished: none was cut off, and each answer arrived.
+    assert all(" OK " in line for line in handled), [line for line in handled if " OK " not in line]
+    assert outcomes.count(grpc.StatusCode.OK) == len(handled)
+    drain = log[next(i for i, line in enumerate(log) if "shutting down" in line) :]
+    assert any("Recommend OK" in line for line in drain), "no call was in flight at SIGTERM"
+    assert "stopped" in drain[-1]
+    # The rest were refused: new calls find the port closed (UNAVAILABLE), and calls gRPC had
+    # queued but not yet handed to the server are cancelled by gRPC itself at shutdown.
+    assert set(outcomes) <= {
+        grpc.StatusCode.OK,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.CANCELLED,
+    }
+
+
+def test_bad_settings_are_listed_together_and_exit_2(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [str(DISCOUNTD), "--model-dir", str(tmp_path / "missing"), "--port", "http"],
+        env={**os.environ, "DISCOUNT_DEVICE": "tpu"},
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert "missing is not a directory" in result.stderr
+    assert "'tpu' is not one of auto, cpu, cuda" in result.stderr
+    assert "'http' is not a port number" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_store_without_a_model_exits_1_saying_how_to_fix(tmp_path: Path, db_url: str) -> None:
+    empty = tmp_path / "models"
+    empty.mkdir()
+    result = subprocess.run(
+        [
+            str(DISCOUNTD),
+            "--model-dir",
+            str(empty),
+            "--port",
+            "0",
+            "--device",
+            "cpu",
+            "--db-url",
+            db_url,
+            "--insecure-demo-key",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1
+    assert "discountd: cannot serve:" in result.stderr and "discount-train fit" in result.stderr
+    assert "Traceback" not in result.stderr
