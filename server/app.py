@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = discount_pb2.DESCRIPTOR.services_by_name["DiscountService"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# Health entry for the rule snapshot: NOT_SERVING while the store is unreachable.
+RULES_HEALTH = "discountd.rule_snapshot"
 
 
 class DiscountServer:
@@ -53,7 +55,13 @@ class DiscountServer:
         await self.grpc.start()
         self._watcher = asyncio.create_task(self._watch())
         if self.offering is not None:
-            self.offering.start()
+            # A health entry of its own: balancers keep routing while rules are stale, and
+            # operators can still see it (grpc_health_probe -service discountd.rule_snapshot).
+            await self.health.set(RULES_HEALTH, SERVING)
+            self.offering.start(self._rules_freshness)
+
+    async def _rules_freshness(self, fresh: bool) -> None:
+        await self.health.set(RULES_HEALTH, SERVING if fresh else NOT_SERVING)
 
     async def reload(self, force: bool = True) -> bool:
         """Load the version CURRENT names; SIGHUP forces a retry of a refused one."""

@@ -3,6 +3,7 @@ log, the signing keys and the offer lifetime. Built by create_server when a stor
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -41,8 +42,8 @@ class Offering:
             raise
         return cls(store, keeper, OfferLog(store), keys, timedelta(seconds=ttl))
 
-    def start(self) -> None:
-        self.keeper.start()
+    def start(self, on_change: Callable[[bool], Awaitable[None]] | None = None) -> None:
+        self.keeper.start(on_change)
         self.log.start()
 
     async def stop(self) -> None:

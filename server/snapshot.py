@@ -15,6 +15,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 import psycopg
@@ -44,6 +45,7 @@ class SnapshotKeeper:
         self._task: asyncio.Task[None] | None = None
         self._stop_listening = threading.Event()
         self._listener: threading.Thread | None = None
+        self._on_change: Callable[[bool], Awaitable[None]] | None = None
 
     def open(self) -> None:
         """Refuse a store that is unreachable or not at the schema head; load the first
@@ -73,6 +75,13 @@ class SnapshotKeeper:
 
     async def refresh(self) -> bool:
         """Reload from the store; on failure keep the last snapshot and report why."""
+        was_fresh = self.fresh
+        ok = await self._refresh()
+        if self._on_change is not None and self.fresh != was_fresh:
+            await self._on_change(self.fresh)
+        return ok
+
+    async def _refresh(self) -> bool:
         try:
             await asyncio.to_thread(self._load)
             return True
@@ -87,7 +96,9 @@ class SnapshotKeeper:
             self.fresh, self.error = False, message
             return False
 
-    def start(self) -> None:
+    def start(self, on_change: Callable[[bool], Awaitable[None]] | None = None) -> None:
+        """Refresh in the background; on_change(fresh) hears when freshness flips."""
+        self._on_change = on_change
         self._wake = asyncio.Event()
         self._task = asyncio.create_task(self._run())
         if self.store.engine.dialect.name == "postgresql":

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from offer_server import OfferServer, ctl, eventually
 from pg import pg_database
 from sqlalchemy import create_engine, text
@@ -19,6 +20,8 @@ from core.store import migrate
 from core.store.db import Store, mask_url
 from discount.v1 import discount_pb2 as pb
 
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(120)]
 
 
@@ -39,6 +42,12 @@ def set_reachable(url: str, reachable: bool) -> None:
                 )
     finally:
         admin.dispose()
+
+
+def rules_health(running: OfferServer) -> int:
+    stub = health_pb2_grpc.HealthStub(running.channel)
+    request = health_pb2.HealthCheckRequest(service="discountd.rule_snapshot")
+    return int(stub.Check(request).status)
 
 
 def click(event_id: str) -> pb.Event:
@@ -70,6 +79,7 @@ def test_store_outage_serves_from_snapshot_refuses_events_and_recovers(
                 )
                 assert "not currently accepting connections" in info.store_error
                 assert mask_url(url) in info.store_error
+                assert rules_health(running) == NOT_SERVING
                 # The last good rules still price offers.
                 offers = running.stub.GetOffers(request).offers
                 assert [o.final_price_cents for o in offers] == [900, 900]
@@ -86,5 +96,6 @@ def test_store_outage_serves_from_snapshot_refuses_events_and_recovers(
             assert response.results[0].status == pb.EVENT_STATUS_ACCEPTED
             info = running.stub.GetModelInfo(pb.GetModelInfoRequest())
             assert info.store_error == "" and info.snapshot_age_seconds < 10
+            assert rules_health(running) == SERVING
         finally:
             running.close()
