@@ -193,6 +193,19 @@ def test_admin_walk_through(db_url: str) -> None:
     assert table.stdout.splitlines()[1].split()[:3] == ["new-tiered", "yes", "5"]
 
 
+def test_sql_looking_and_unicode_names_round_trip_through_the_cli(db_url: str) -> None:
+    names = ["Robert'); DROP TABLE rules;--", "1 OR 1=1", "%_\\*", "клиенты-новые", "新客户 🛒"]
+    for name in names:
+        ctl(db_url, "segments", "create", name, "--where", "order_count >= 1")
+        created = ctl(db_url, "rules", "create", name, "--segment", name, *TIER, "-o", "json")
+        assert json.loads(created.stdout)["segment"] == name
+        shown = json.loads(ctl(db_url, "rules", "show", name, "-o", "json").stdout)
+        assert (shown["name"], shown["segment"]) == (name, name)
+    listed = ctl(db_url, "rules", "list").stdout
+    assert all(name in listed for name in names)
+    assert sorted(r["name"] for r in ok(db_url, "rules list")) == sorted(names)
+
+
 def test_member_lists_import_from_csv_or_lines(db_url: str) -> None:
     ok(db_url, "segments create vip")
     got = ok(db_url, "segments import-members vip -", input="user_id,name\n007,Ann\n12,Bo\n")
