@@ -1,0 +1,33 @@
+"""tools/demo_client against a real server: the tables `make demo` prints."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from tests.conftest import RunningServer
+from tools.demo_client import main
+
+
+def test_demo_client_prints_known_users_and_a_folded_in_visitor(
+    model_store: Path, serve: Callable[..., RunningServer]
+) -> None:
+    running = serve(model_store)
+    result = CliRunner().invoke(
+        main, ["--target", f"127.0.0.1:{running.port}", "--model-dir", str(model_store)]
+    )
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert out.startswith(f"model {running.server.store.require().version} on CPUExecutionProvider")
+    for user in ("user-0", "user-1", "user-2"):
+        assert f"{user} — known user" in out
+    assert "demo-new-visitor (recent: " in out and "folded in from recent items" in out
+    assert out.count("rank  item_id") == 4
+
+
+def test_demo_client_says_when_nothing_serves(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["--target", "127.0.0.1:9", "--user", "u1", "--wait", "0.5"])
+    assert result.exit_code == 1
+    assert "not SERVING" in result.output and "is discountd running there?" in result.output
