@@ -70,7 +70,7 @@ class OfferServer:
         self.loop.close()
 
 
-def eventually(check: Callable[[], T], timeout: float, step: float = 0.05) -> T:
+def eventually(check: Callable[[], T | None], timeout: float, step: float = 0.05) -> T:
     """The first truthy result of check() within timeout seconds, else AssertionError."""
     deadline = time.monotonic() + timeout
     while True:

@@ -44,6 +44,11 @@ def set_reachable(url: str, reachable: bool) -> None:
         admin.dispose()
 
 
+def stale_info(running: OfferServer) -> pb.GetModelInfoResponse | None:
+    info = running.stub.GetModelInfo(pb.GetModelInfoRequest())
+    return None if info.snapshot_fresh else info
+
+
 def rules_health(running: OfferServer) -> int:
     stub = health_pb2_grpc.HealthStub(running.channel)
     request = health_pb2.HealthCheckRequest(service="discountd.rule_snapshot")
@@ -69,14 +74,7 @@ def test_store_outage_serves_from_snapshot_refuses_events_and_recovers(
             assert running.stub.GetOffers(request).offers[0].final_price_cents == 900
             set_reachable(url, False)
             try:
-                info = eventually(
-                    lambda: (
-                        (i := running.stub.GetModelInfo(pb.GetModelInfoRequest()))
-                        and not i.snapshot_fresh
-                        and i
-                    ),
-                    10.0,
-                )
+                info = eventually(lambda: stale_info(running), 10.0)
                 assert "not currently accepting connections" in info.store_error
                 assert mask_url(url) in info.store_error
                 assert rules_health(running) == NOT_SERVING

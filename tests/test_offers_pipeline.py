@@ -81,7 +81,7 @@ def test_guardrails_budgets_and_fail_closed_always_hold(
     user: str,
 ) -> None:
     ordered = tuple(sorted(rule_list, key=lambda r: -r.priority))
-    experiments = ()
+    experiments: tuple[ExperimentDef, ...] = ()
     if with_experiment and ordered:
         variants = (VariantDef("control", 50, None), VariantDef("treat", 50, ordered[0]))
         experiments = (ExperimentDef("ab", "salt", variants),)

@@ -72,34 +72,18 @@ def test_named_items_are_ranked_among_themselves(server: OfferServer) -> None:
     assert response.offers[0].rank == 3 and response.offers[0].final_price_cents == 950
 
 
+def top_offer(server: OfferServer, cents: int) -> pb.Offer | None:
+    """user-0's best-ranked offer once its price is ``cents``, else None."""
+    offer = server.stub.GetOffers(pb.GetOffersRequest(user_id="user-0", limit=1)).offers[0]
+    return offer if offer.final_price_cents == cents else None
+
+
 def test_guardrails_hold(server: OfferServer, seeded: str) -> None:
     ctl(seeded, "rules", "update", "tier", "--param", "d1=60", "--min-margin", "0")
-    top = eventually(
-        lambda: (
-            server.stub.GetOffers(pb.GetOffersRequest(user_id="user-0", limit=1)).offers[0]
-            if server.stub.GetOffers(pb.GetOffersRequest(user_id="user-0", limit=1))
-            .offers[0]
-            .final_price_cents
-            == 700
-            else None
-        ),
-        timeout=5,
-    )
+    top = eventually(lambda: top_offer(server, 700), timeout=5)
     assert "GUARDRAIL_MAX_DISCOUNT" in top.reason_codes  # 60% asked, 30% allowed
     ctl(seeded, "rules", "update", "tier", "--min-margin", "30")
-    top = eventually(
-        lambda: next(
-            (
-                o
-                for o in server.stub.GetOffers(
-                    pb.GetOffersRequest(user_id="user-0", limit=1)
-                ).offers
-                if o.final_price_cents == 780
-            ),
-            None,
-        ),
-        timeout=5,
-    )
+    top = eventually(lambda: top_offer(server, 780), timeout=5)
     assert "GUARDRAIL_MARGIN_FLOOR" in top.reason_codes  # cost 6.00 * 1.30
 
 

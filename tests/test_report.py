@@ -40,7 +40,8 @@ def logged(db_url: str) -> tuple[str, dict[str, list[float]]]:
         "--variant", "treatment:50:tier")  # fmt: skip
     ctl(db_url, "experiments", "start", "ab")
     rng = np.random.default_rng(0)
-    offers, events, revenue = [], [], {"control": [], "treatment": []}
+    offers, events = [], []
+    revenue: dict[str, list[float]] = {"control": [], "treatment": []}
     t0 = int(START.timestamp()) + 60
     for n in range(400):
         variant = "control" if n < 200 else "treatment"
