@@ -189,6 +189,9 @@ def fit_rows(data: ResponseData, config: ResponseConfig) -> ResponseNet:
     derived = ResponseNet.derive(features)
     mean, std = derived.mean(0), derived.std(0).clamp(min=1e-6)
     model = ResponseNet(mean, std, config.hidden)
+    rate = float(np.clip(data.bought.mean(), 1e-4, 1 - 1e-4))
+    with torch.no_grad():  # start at the base rate rather than 50%: fewer steps to calibration
+        model.base.bias.fill_(math.log(rate / (1 - rate)))
     discount = torch.from_numpy(data.discount.astype(np.float32)).unsqueeze(1)
     target = torch.from_numpy(data.bought.astype(np.float32)).unsqueeze(1)
     optimizer = torch.optim.AdamW(
