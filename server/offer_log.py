@@ -30,6 +30,7 @@ class OfferLog:
         self.store = store
         self.interval = interval
         self.dropped = 0
+        self._error = ""
         self._pending: collections.deque[dict[str, Any]] = collections.deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -61,10 +62,18 @@ class OfferLog:
             try:
                 await asyncio.to_thread(self._write, batch)
             except (StoreError, SQLAlchemyError, OSError) as e:
-                log.warning("offer log: %d offers wait for the store: %s", len(self._pending), e)
+                message = str(e) if isinstance(e, StoreError) else str(self.store.unavailable(e))
+                if message != self._error:  # once per outage, not once per retry
+                    log.warning(
+                        "offer log: %d offers wait for the store: %s", self.pending, message
+                    )
+                self._error = message
                 return False
             for _ in batch:
                 self._pending.popleft()
+        if self._error:
+            log.info("offer log: the store takes offers again")
+            self._error = ""
         return True
 
     def _write(self, batch: list[dict[str, Any]]) -> None:

@@ -13,11 +13,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from offer_server import OfferServer, ctl, eventually
 from pg import pg_database
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, select, text
 from sqlalchemy.engine import make_url
 
 from core.store import migrate
 from core.store.db import Store, mask_url
+from core.store.tables import Offer
 from discount.v1 import discount_pb2 as pb
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -42,6 +43,15 @@ def set_reachable(url: str, reachable: bool) -> None:
                 )
     finally:
         admin.dispose()
+
+
+def offer_ids(url: str) -> set[str]:
+    store = Store(url)
+    try:
+        with store.transaction() as session:
+            return set(session.scalars(select(Offer.offer_id)))
+    finally:
+        store.dispose()
 
 
 def stale_info(running: OfferServer) -> pb.GetModelInfoResponse | None:
@@ -78,9 +88,10 @@ def test_store_outage_serves_from_snapshot_refuses_events_and_recovers(
                 assert "not currently accepting connections" in info.store_error
                 assert mask_url(url) in info.store_error
                 assert rules_health(running) == NOT_SERVING
-                # The last good rules still price offers.
+                # The last good rules still price offers; the offer log keeps them for later.
                 offers = running.stub.GetOffers(request).offers
                 assert [o.final_price_cents for o in offers] == [900, 900]
+                assert running.server.offering.log.pending >= 2
                 with pytest.raises(grpc.RpcError) as e:
                     running.stub.RecordEvents(pb.RecordEventsRequest(events=[click("e1")]))
                 assert e.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -95,5 +106,8 @@ def test_store_outage_serves_from_snapshot_refuses_events_and_recovers(
             info = running.stub.GetModelInfo(pb.GetModelInfoRequest())
             assert info.store_error == "" and info.snapshot_age_seconds < 10
             assert rules_health(running) == SERVING
+            # Offers issued during the outage reach the store without a restart.
+            eventually(lambda: running.server.offering.log.pending == 0, 10.0)
+            assert offer_ids(url) >= {o.offer_id for o in offers}
         finally:
             running.close()
