@@ -13,6 +13,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from admin.app import App, default_actor
 from admin.audit import audit
+from admin.clients import clients
 from admin.db import db
 from admin.experiments import experiments
 from admin.models import models
@@ -53,7 +54,8 @@ class Cli(click.Group):
 )
 @click.pass_context
 def cli(ctx: click.Context, db_url: str, actor: str) -> None:
-    """Govern discountd: segments, discount rules, experiments, model versions, audit log.
+    """Govern discountd: segments, discount rules, experiments, model versions, API clients,
+    audit log.
 
     \b
     Example:
@@ -65,7 +67,7 @@ def cli(ctx: click.Context, db_url: str, actor: str) -> None:
     ctx.call_on_close(app.close)
 
 
-for group in (segments, rules, experiments, models, audit, db):
+for group in (segments, rules, experiments, models, clients, audit, db):
     cli.add_command(group)
 experiments.add_command(report_command)
 rules.add_command(simulate_command)

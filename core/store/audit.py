@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from core.store.db import notify_change
 from core.store.tables import AuditEntry
 
-ENTITY_TYPES = ("segment", "rule", "experiment", "model")
+ENTITY_TYPES = ("segment", "rule", "experiment", "model", "client")
 
 
 def record(

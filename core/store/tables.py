@@ -354,6 +354,26 @@ class Event(Base):
     received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
+class Client(Base):
+    """A calling service and the SHA-256 of its bearer token; the token itself is never stored."""
+
+    __tablename__ = "clients"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(NAME_LENGTH), unique=True)
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "created_at": _iso(self.created_at),
+            "revoked_at": _iso(self.revoked_at),
+            "active": self.revoked_at is None,
+        }
+
+
 class AuditEntry(Base):
     __tablename__ = "audit_log"
     __table_args__ = (Index(None, "entity_type", "entity_id"), Index(None, "at"))
