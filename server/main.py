@@ -86,13 +86,7 @@ async def serve(settings: Settings) -> int:
         return 1
     if insecure_demo_key_in_use(settings):
         log.warning("offers are signed with the public demo key: never use this in production")
-    await server.start()
-    await server.first_load.wait()
-    if server.store.current is None:
-        click.echo(f"discountd: cannot serve: {server.store.last_error}", err=True)
-        await server.stop(0)
-        return 1
-    log.info("listening on %s:%d", settings.host, port)
+    # Handlers first: a signal during the model load must not kill the process mid-way.
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -105,6 +99,13 @@ async def serve(settings: Settings) -> int:
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, reload)
+    await server.start()
+    await server.first_load.wait()
+    if server.store.current is None:
+        click.echo(f"discountd: cannot serve: {server.store.last_error}", err=True)
+        await server.stop(0)
+        return 1
+    log.info("listening on %s:%d", settings.host, port)
     await stopping.wait()
     log.info("shutting down: draining for up to %.0fs", settings.grace)
     await server.stop(settings.grace)
