@@ -136,3 +136,29 @@ def test_simulate_shows_the_servers_answer_without_issuing(db_url: str, model_st
 
         assert session.scalar(select(func.count()).select_from(Offer)) == 0
     store.dispose()
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (("experiments", "report", "nope"), "no experiment with key 'nope'"),
+        (("rules", "simulate", "--user", "u1"), "no active model version in the store"),
+        (("rules", "simulate", "--user", "u1", "--item", "zzz", "--model-dir", "{model}"),
+         "not in the catalog of model"),
+        (("rules", "simulate", "--user", "u1", "--context", "order_count=x", "--model-dir",
+          "{model}"), "order_count must be a number"),
+        (("rules", "simulate", "--user", "u1", "--model-dir", "/nonexistent"),
+         "cannot load the model"),
+    ],
+)  # fmt: skip
+def test_offer_commands_refuse_bad_input_in_one_line(
+    db_url: str, model_store: Path, args: tuple[str, ...], fragment: str
+) -> None:
+    from click.testing import CliRunner
+
+    from admin.cli import cli
+
+    argv = ["--db-url", db_url, *(a.replace("{model}", str(model_store)) for a in args)]
+    result = CliRunner().invoke(cli, argv)
+    assert result.exit_code == 1, result.output
+    assert fragment in result.stderr and len(result.stderr.strip().splitlines()) == 1
