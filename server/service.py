@@ -168,9 +168,11 @@ class DiscountService(pb_grpc.DiscountServiceServicer):
         offering = self._require_offering()
         model = self._store.require()
         snapshot = offering.keeper.require()
-        facts = await asyncio.to_thread(offering.facts.get, model)
+        # Model runs and a first read of the version's catalog happen in a worker thread.
         result = await asyncio.to_thread(
-            get_offers, model, facts, snapshot, query, offering.keys, offering.ttl
+            lambda: get_offers(
+                model, offering.facts.get(model), snapshot, query, offering.keys, offering.ttl
+            )
         )
         offering.log.append(result.log_rows)
         return pb.GetOffersResponse(
