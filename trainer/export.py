@@ -16,7 +16,7 @@ import warnings
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import onnx
@@ -87,7 +87,9 @@ class RecommenderGraph(nn.Module):
         allowed = category_mask.index_select(1, self.item_category) > 0
         blocked = (hits > 0) | ~allowed
         scores = torch.where(blocked, torch.full_like(scores, float("-inf")), scores)
-        count = int(torch.clamp(k, max=scores.shape[1]).item())
+        # cast, not int(): int() makes torch.export guard on the data-dependent k (and print
+        # the whole graph while doing so); .item() already yields an unbacked SymInt.
+        count = cast(int, torch.clamp(k, max=scores.shape[1]).item())
         top_scores, top_items = torch.topk(scores, count, dim=1)
         return top_items, top_scores
 
