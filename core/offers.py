@@ -80,7 +80,9 @@ class SegmentDef:
 class RuleDef:
     id: int
     name: str
-    pricing: policy.Rule
+    # None: the stored policy cannot be served by this build (e.g. `optimal`, or parameters
+    # it cannot read); such a rule never applies.
+    pricing: policy.Rule | None
     priority: int = 0
     segment: str | None = None
     categories: frozenset[str] = frozenset()  # empty: every category
@@ -92,7 +94,9 @@ class RuleDef:
     spent: Decimal = Decimal(0)
 
     def live(self, now: datetime) -> bool:
-        if not self.enabled:
+        if not self.enabled or self.pricing is None:
+            return False
+        if self.pricing.policy not in policy.SERVED_POLICIES:
             return False
         if self.valid_from is not None and now < self.valid_from:
             return False
@@ -292,6 +296,7 @@ def decide(
         else:
             under_rule.setdefault(rule.id, (rule, []))[1].append(n)
     for rule, positions in under_rule.values():
+        assert rule.pricing is not None  # live() checked it
         priced_items = policy.price_items(rule.pricing, [_candidate(items[n]) for n in positions])
         budgeted = policy.apply_budget(priced_items, rule.remaining())
         for n, priced in zip(positions, budgeted, strict=True):

@@ -123,7 +123,10 @@ class SnapshotKeeper:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.interval or None)
             self._wake.clear()
-            await self.refresh()
+            try:
+                await self.refresh()
+            except Exception:  # a bug must not stop refreshes for the life of the process
+                log.exception("rule snapshot refresh failed")
 
     def _listen(self, loop: asyncio.AbstractEventLoop, wake: asyncio.Event) -> None:
         """LISTEN in a thread of its own (psycopg blocks); each notice wakes the refresher.

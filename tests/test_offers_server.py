@@ -254,3 +254,25 @@ def test_issued_offers_are_logged_and_flushed_on_shutdown(model_store: Path, see
     row = rows[issued[0]]
     assert row.user_id == "user-0" and row.segment == "regulars" and row.final_price == 8.0
     assert "POLICY_TIERED_TOP" in row.reason_codes
+
+
+def test_a_rule_this_build_cannot_serve_never_applies(server: OfferServer, seeded: str) -> None:
+    """An `optimal` rule (written by a newer build, or by hand) fails closed, not INTERNAL."""
+    from core.store.tables import Rule
+
+    store = Store(seeded)
+    try:
+        with store.transaction() as s:
+            s.add(
+                Rule(
+                    name="future", policy="optimal", params={"grid": [5, 10]}, priority=99,
+                    max_discount_pct=30.0, min_margin_pct=0.0, version=1,
+                )
+            )  # fmt: skip
+    finally:
+        store.dispose()
+    ctl(seeded, "rules", "disable", "tier")
+    request = pb.GetOffersRequest(user_id="user-0", limit=2)
+    eventually(lambda: server.stub.GetOffers(request).offers[0].final_price_cents == 1000, 5.0)
+    response = server.stub.GetOffers(request)
+    assert all("NO_RULE" in o.reason_codes and o.rule_id == "" for o in response.offers)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime
 from decimal import Decimal
 
@@ -9,9 +10,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from core.offers import ExperimentDef, RuleDef, SegmentDef, Snapshot, VariantDef
-from core.policy import Guardrails
+from core.policy import SERVED_POLICIES, Guardrails, PolicyError
 from core.policy import Rule as Pricing
-from core.segments import parse_condition
+from core.segments import Condition, ConditionError, parse_condition
 from core.store.tables import (
     Event,
     Experiment,
@@ -21,6 +22,8 @@ from core.store.tables import (
     Segment,
     SegmentMember,
 )
+
+log = logging.getLogger(__name__)
 
 
 def spent_by_rule(session: Session) -> dict[int, Decimal]:
@@ -41,13 +44,33 @@ def spent_by_rule(session: Session) -> dict[int, Decimal]:
     }
 
 
+def _pricing(row: Rule) -> Pricing | None:
+    try:
+        pricing = Pricing(
+            row.policy, row.params, Guardrails.of(row.max_discount_pct, row.min_margin_pct)
+        )
+    except PolicyError as e:
+        log.error("rule %r cannot be served and will not apply: %s", row.name, e)
+        return None
+    if pricing.policy not in SERVED_POLICIES:
+        log.error("rule %r uses policy %r, which this build cannot serve", row.name, row.policy)
+    return pricing
+
+
+def _condition(segment: Segment) -> Condition | None:
+    try:
+        return None if segment.condition is None else parse_condition(segment.condition)
+    except ConditionError as e:
+        # Without members, a segment that cannot be read holds nobody: fail closed.
+        log.error("segment %r cannot be read and holds nobody: %s", segment.name, e)
+        return None
+
+
 def _rule(row: Rule, spent: dict[int, Decimal]) -> RuleDef:
     return RuleDef(
         id=row.id,
         name=row.name,
-        pricing=Pricing(
-            row.policy, row.params, Guardrails.of(row.max_discount_pct, row.min_margin_pct)
-        ),
+        pricing=_pricing(row),
         priority=row.priority,
         segment=row.segment.name if row.segment is not None else None,
         categories=frozenset(row.categories),
@@ -70,7 +93,7 @@ def load_snapshot(session: Session, now: datetime) -> Snapshot:
         SegmentDef(
             s.name,
             s.priority,
-            None if s.condition is None else parse_condition(s.condition),
+            _condition(s),
             frozenset(members.get(s.id, ())),
         )
         for s in session.scalars(select(Segment).order_by(Segment.priority, Segment.name))
