@@ -189,3 +189,17 @@ def test_write_artifact_refuses_factors_that_do_not_fit_the_dataset(tmp_path: Pa
             data={},
         )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_batch_answers_as_each_user_would_alone(session: ort.InferenceSession) -> None:
+    users = [0, 5, -1, 39, -1]
+    history = [[-1, -1], [-1, -1], [3, 4], [-1, -1], [22, -1]]
+    exclude = [[1, -1], [-1, -1], [3, -1], [25, 26], [-1, -1]]
+    masks = [[1.0, 1.0], [0.0, 1.0], [1.0, 1.0], [1.0, 0.0], [1.0, 1.0]]
+    items, scores = run(session, feed(users, history, exclude, masks, k=8))
+    for row in range(len(users)):
+        alone_items, alone_scores = run(
+            session, feed([users[row]], [history[row]], [exclude[row]], [masks[row]], k=8)
+        )
+        assert alone_items[0].tolist() == items[row].tolist()
+        np.testing.assert_allclose(alone_scores[0], scores[row], atol=1e-6)
