@@ -15,11 +15,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from core.store.errors import StoreUnavailable
 from discount.v1 import discount_pb2, discount_pb2_grpc
-from server.interceptors import AccessLogInterceptor, RequestIdInterceptor
+from server.auth import AuthInterceptor, ClientRegistry
+from server.interceptors import AccessLogInterceptor, Interceptor, RequestIdInterceptor
 from server.offering import Offering
 from server.service import DiscountService
 from server.settings import Settings
+from server.tls import TlsCredentials
 from server.versions import ModelStore
 
 log = logging.getLogger(__name__)
@@ -40,11 +43,15 @@ class DiscountServer:
         grpc_server: aio.Server,
         store: ModelStore,
         offering: Offering | None = None,
+        clients: ClientRegistry | None = None,
+        tls: TlsCredentials | None = None,
     ) -> None:
         self.settings = settings
         self.grpc = grpc_server
         self.store = store
         self.offering = offering
+        self.clients = clients
+        self.tls = tls
         self.health = HealthServicer()
         self.first_load = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
@@ -59,6 +66,8 @@ class DiscountServer:
             # operators can still see it (grpc_health_probe -service discountd.rule_snapshot).
             await self.health.set(RULES_HEALTH, SERVING)
             self.offering.start(self._rules_freshness)
+        if self.clients is not None:
+            self.clients.start()
 
     async def _rules_freshness(self, fresh: bool) -> None:
         await self.health.set(RULES_HEALTH, SERVING if fresh else NOT_SERVING)
@@ -79,6 +88,8 @@ class DiscountServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watcher
         await self.grpc.stop(grace)
+        if self.clients is not None:
+            await self.clients.stop()
         # After the last call: every offer issued is in the log's queue, flushed here.
         if self.offering is not None:
             await self.offering.stop()
@@ -106,15 +117,29 @@ def create_server(settings: Settings) -> tuple[DiscountServer, int]:
             settings.offer_ttl,
             settings.rules_poll_interval,
         )
-    grpc_server = aio.server(interceptors=(RequestIdInterceptor(), AccessLogInterceptor()))
+    interceptors: list[Interceptor] = [RequestIdInterceptor(), AccessLogInterceptor()]
+    clients = None
+    if settings.auth == "required":
+        if offering is None:
+            raise StoreUnavailable("--auth required needs the store that holds the clients")
+        clients = ClientRegistry(offering.store, settings.rules_poll_interval)
+        clients.load()
+        interceptors.append(AuthInterceptor(clients))
+    tls = TlsCredentials(settings.tls) if settings.tls is not None else None
+    grpc_server = aio.server(interceptors=interceptors)
     store = ModelStore(settings.model_dir, settings.device)
-    server = DiscountServer(settings, grpc_server, store, offering)
+    server = DiscountServer(settings, grpc_server, store, offering, clients, tls)
     discount_pb2_grpc.add_DiscountServiceServicer_to_server(
         DiscountService(store, settings.device, offering), grpc_server
     )
     health_pb2_grpc.add_HealthServicer_to_server(server.health, grpc_server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), grpc_server
-    )
-    port = grpc_server.add_insecure_port(f"{settings.host}:{settings.port}")
+    if settings.reflection:
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), grpc_server
+        )
+    address = f"{settings.host}:{settings.port}"
+    if tls is None:
+        port = grpc_server.add_insecure_port(address)
+    else:
+        port = grpc_server.add_secure_port(address, tls.server_credentials())
     return server, port

@@ -1,4 +1,4 @@
-"""Interceptors, outermost first: request id, then access log.
+"""Interceptors, outermost first: request id, then access log, then auth (server.auth).
 
 Only unary-unary methods (the DiscountService API) are wrapped; health Watch and reflection
 streams pass through untouched.
@@ -21,6 +21,9 @@ log = logging.getLogger("discountd.access")
 
 REQUEST_ID_HEADER = "x-request-id"
 request_id: ContextVar[str] = ContextVar("request_id", default="-")
+# The authenticated calling service (server.auth sets it); "-" when auth is off or denied.
+# Logs and metrics label calls by it.
+client_name: ContextVar[str] = ContextVar("client_name", default="-")
 
 Behavior = Callable[[Any, aio.ServicerContext[Any, Any]], Awaitable[Any]]
 if TYPE_CHECKING:  # grpc's classes are generic only in its type stubs
@@ -64,7 +67,7 @@ class RequestIdInterceptor(Interceptor):
 
 
 class AccessLogInterceptor(Interceptor):
-    """One log line per call: method, status code, latency, request id."""
+    """One log line per call: method, status code, latency, request id, client."""
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -88,11 +91,12 @@ class AccessLogInterceptor(Interceptor):
                     code = context.code() or fallback
                     name = code.name if isinstance(code, grpc.StatusCode) else str(code)
                     log.info(
-                        "%s %s %.1fms request_id=%s",
+                        "%s %s %.1fms request_id=%s client=%s",
                         method,
                         name,
                         (time.perf_counter() - start) * 1000,
                         request_id.get(),
+                        client_name.get(),
                     )
 
             return logged

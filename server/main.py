@@ -1,7 +1,8 @@
 """`discountd`: serve recommendations over gRPC from a model store.
 
-Signals: SIGHUP reloads the version CURRENT names (retrying one refused before); SIGTERM and
-SIGINT drain: health NOT_SERVING, in-flight calls get --grace seconds, exit 0.
+Signals: SIGHUP reloads the version CURRENT names (retrying one refused before) and the TLS
+certificate files; SIGTERM and SIGINT drain: health NOT_SERVING, in-flight calls get --grace
+seconds, exit 0.
 """
 
 from __future__ import annotations
@@ -58,14 +59,36 @@ def _env(name: str) -> str:
     help="Sign offers with a public demo key instead of DISCOUNT_OFFER_KEY (demos only: "
     "anyone can forge such offers).",
 )
-def main(insecure_demo_key: bool, **flags: str | None) -> None:
+@click.option(
+    "--auth",
+    help="required: every RPC but health needs a client token (discountctl clients create); "
+    f"off: anyone who reaches the port may call. {_env('auth')}",
+)
+@click.option("--reflection", help=f"Server reflection, on or off. {_env('reflection')}")
+@click.option(
+    "--tls-cert",
+    help="PEM certificate (chain) for the gRPC port; re-read on SIGHUP. [env DISCOUNT_TLS_CERT]",
+)
+@click.option("--tls-key", help="PEM private key of --tls-cert. [env DISCOUNT_TLS_KEY]")
+@click.option(
+    "--tls-client-ca",
+    help="PEM CA(s): require client certificates signed by them (mutual TLS). "
+    "[env DISCOUNT_TLS_CLIENT_CA]",
+)
+@click.option(
+    "--insecure",
+    is_flag=True,
+    help="Serve plaintext gRPC without TLS (demos, or behind a TLS-terminating proxy on a "
+    "trusted network).",
+)
+def main(insecure_demo_key: bool, insecure: bool, **flags: str | None) -> None:
     """Serve recommendations and personalized offers over gRPC (with health and reflection).
 
     Offers are signed with DISCOUNT_OFFER_KEY (at least 32 bytes; older keys that still verify
     in DISCOUNT_OFFER_PREVIOUS_KEYS, comma-separated).
     """
     try:
-        settings = resolve(flags, insecure_demo_key=insecure_demo_key)
+        settings = resolve(flags, insecure_demo_key=insecure_demo_key, insecure=insecure)
     except SettingsError as e:
         raise click.UsageError(str(e)) from None
     logging.basicConfig(
@@ -86,6 +109,17 @@ async def serve(settings: Settings) -> int:
         return 1
     if insecure_demo_key_in_use(settings):
         log.warning("offers are signed with the public demo key: never use this in production")
+    if server.tls is None:
+        log.warning(
+            "serving plaintext gRPC (--insecure): calls and tokens cross the network unencrypted"
+        )
+    if server.clients is None:
+        log.warning("client auth is off (--auth off): anyone who reaches the port may call")
+    elif server.clients.count == 0:
+        log.warning(
+            "client auth is required and no client exists yet: every call is refused until an "
+            "admin runs `discountctl clients create NAME`"
+        )
     # Handlers first: a signal during the model load must not kill the process mid-way.
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
@@ -94,6 +128,8 @@ async def serve(settings: Settings) -> int:
     reloads: set[asyncio.Task[bool]] = set()
 
     def reload() -> None:
+        if server.tls is not None:
+            server.tls.reload()
         task = loop.create_task(server.reload(force=True))
         reloads.add(task)
         task.add_done_callback(reloads.discard)

@@ -4,13 +4,15 @@ explicitly. Every bad value is reported at once, so one restart fixes them all."
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 from core.offer_token import OfferKeyError, OfferKeys, load_offer_keys
 from core.store.db import DEFAULT_URL
+from server.auth import AUTH_MODES
+from server.tls import TlsError, TlsFiles, load
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -25,7 +27,15 @@ SOURCES: dict[str, tuple[str, str | None]] = {
     "db_url": ("DISCOUNT_DB_URL", DEFAULT_URL),
     "rules_poll_interval": ("DISCOUNT_RULES_POLL_INTERVAL", "5"),
     "offer_ttl": ("DISCOUNT_OFFER_TTL", "900"),
+    # Deny by default: a forgotten flag must not open a money-issuing API to anyone who can
+    # reach the port. The demo turns it off explicitly.
+    "auth": ("DISCOUNT_AUTH", "required"),
+    "reflection": ("DISCOUNT_REFLECTION", "on"),
+    "tls_cert": ("DISCOUNT_TLS_CERT", None),
+    "tls_key": ("DISCOUNT_TLS_KEY", None),
+    "tls_client_ca": ("DISCOUNT_TLS_CLIENT_CA", None),
 }
+SWITCHES = ("on", "off")
 # A public key for `make demo` and local trials only: anyone can forge offers signed with it.
 DEMO_OFFER_KEY = b"discountd-insecure-demo-key--anyone-can-forge-offers-signed-with-it"
 
@@ -52,12 +62,19 @@ class Settings:
     # How long an offer's price holds, in seconds.
     offer_ttl: float = 900.0
     offer_keys: OfferKeys | None = None
+    # Code that builds Settings itself (tests, embedding) opts in to auth and TLS; the
+    # command line (resolve) requires both unless told otherwise.
+    auth: str = "off"
+    reflection: bool = True
+    # None: plaintext, which the command line allows only with --insecure.
+    tls: TlsFiles | None = None
 
 
 def resolve(
     flags: Mapping[str, str | None],
     env: Mapping[str, str] = os.environ,
     insecure_demo_key: bool = False,
+    insecure: bool = False,
 ) -> Settings:
     """Settings from flags, falling back to the environment, then to defaults. The offer key
     comes from the environment only (a flag would show it in `ps`)."""
@@ -106,13 +123,58 @@ def resolve(
             keys = load_offer_keys(env)
         except OfferKeyError as e:
             problems.append(f"{e} (or pass --insecure-demo-key for a local demo)")
+    auth = (raw["auth"] or "").lower()
+    if auth not in AUTH_MODES:
+        problems.append(f"{flag('auth')}: {raw['auth']!r} is not one of {', '.join(AUTH_MODES)}")
+    reflection = (raw["reflection"] or "").lower()
+    if reflection not in SWITCHES:
+        problems.append(f"{flag('reflection')}: {raw['reflection']!r} is not on or off")
+    tls = _tls(raw, insecure, flag, problems)
     if problems:
         raise SettingsError("invalid settings: " + "; ".join(problems))
     assert model_dir is not None and port is not None and poll is not None and grace is not None
     assert rules_poll is not None and ttl is not None
     return Settings(
-        Path(model_dir), device, host, port, poll, grace, raw["db_url"], rules_poll, ttl, keys
+        Path(model_dir),
+        device,
+        host,
+        port,
+        poll,
+        grace,
+        raw["db_url"],
+        rules_poll,
+        ttl,
+        keys,
+        auth=auth,
+        reflection=reflection == "on",
+        tls=tls,
     )
+
+
+def _tls(
+    raw: Mapping[str, str | None],
+    insecure: bool,
+    flag: Callable[[str], str],
+    problems: list[str],
+) -> TlsFiles | None:
+    cert, key, ca = raw["tls_cert"], raw["tls_key"], raw["tls_client_ca"]
+    if insecure:
+        if cert or key or ca:
+            problems.append("--insecure serves plaintext; leave out the --tls-* settings, or it")
+        return None
+    if not cert or not key:
+        problems.append(
+            f"TLS is required: give {flag('tls_cert')} and {flag('tls_key')} (PEM files), "
+            "or --insecure for plaintext on a trusted network"
+        )
+        return None
+    files = TlsFiles(Path(cert), Path(key), Path(ca) if ca else None)
+    try:
+        load(files)
+    except TlsError as e:
+        problems.append(str(e))
+        return None
+    return files
 
 
 def insecure_demo_key_in_use(settings: Settings) -> bool:

@@ -18,15 +18,17 @@ GOOD_KEY = "k" * 32
 def test_offer_key_is_required_and_checked(tmp_path: Path) -> None:
     flags = {"model_dir": str(tmp_path)}
     with pytest.raises(SettingsError, match=r"DISCOUNT_OFFER_KEY is not set.*--insecure-demo-key"):
-        resolve(flags, env={})
+        resolve(flags, env={}, insecure=True)
     with pytest.raises(SettingsError, match="at least 32 bytes"):
-        resolve(flags, env={"DISCOUNT_OFFER_KEY": "short"})
-    settings = resolve(flags, env={"DISCOUNT_OFFER_KEY": GOOD_KEY, "DISCOUNT_OFFER_TTL": "60"})
+        resolve(flags, env={"DISCOUNT_OFFER_KEY": "short"}, insecure=True)
+    settings = resolve(
+        flags, env={"DISCOUNT_OFFER_KEY": GOOD_KEY, "DISCOUNT_OFFER_TTL": "60"}, insecure=True
+    )
     assert settings.offer_keys is not None and settings.offer_keys.current == GOOD_KEY.encode()
     assert settings.offer_ttl == 60 and not insecure_demo_key_in_use(settings)
-    assert insecure_demo_key_in_use(resolve(flags, env={}, insecure_demo_key=True))
+    assert insecure_demo_key_in_use(resolve(flags, env={}, insecure_demo_key=True, insecure=True))
     with pytest.raises(SettingsError) as e:
-        resolve({**flags, "offer_ttl": "0", "rules_poll_interval": "-1"}, env={})
+        resolve({**flags, "offer_ttl": "0", "rules_poll_interval": "-1"}, env={}, insecure=True)
     for fragment in ("--offer-ttl", "--rules-poll-interval", "DISCOUNT_OFFER_KEY"):
         assert fragment in str(e.value)
 
@@ -44,6 +46,7 @@ def settings(model_store: Path, db_url: str) -> Settings:
         {"model_dir": str(model_store), "db_url": db_url, "port": "0", "host": "127.0.0.1"},
         env={},
         insecure_demo_key=True,
+        insecure=True,
     )
 
 

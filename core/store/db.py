@@ -35,7 +35,7 @@ def mask_url(url: str | URL) -> str:
     """The URL with its password replaced by ***, safe for messages and logs."""
     try:
         return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
         return "<unparseable URL>"
 
 
@@ -50,9 +50,10 @@ def make_engine(url: str) -> Engine:
     """An engine for SQLite or PostgreSQL (psycopg); PostgreSQL works in schema ``discount``."""
     try:
         parsed = make_url(url)
-    except ArgumentError:
+    except (ArgumentError, ValueError):
+        # Not echoed: an unparseable URL may still hold a password.
         raise StoreUnavailable(
-            f"store URL {url!r} is not a database URL; "
+            "the store URL (--db-url / DISCOUNT_DB_URL) is not a database URL; "
             "use e.g. sqlite:///var/discount.db or postgresql+psycopg://user@host/db"
         ) from None
     backend = parsed.get_backend_name()

@@ -1,0 +1,95 @@
+"""TLS and mutual TLS on the gRPC port, with certificates re-read on SIGHUP.
+
+grpc asks ``fetch`` for a new configuration before each new connection's handshake; a reload
+validates the files first and hands them over only when they load, so a half-copied or
+mismatched certificate never replaces a working one. Connections already open keep theirs.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+
+class TlsError(Exception):
+    """A certificate, key or CA file cannot be used; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    cert: Path
+    key: Path
+    # With a client CA the server requires client certificates signed by it (mutual TLS).
+    client_ca: Path | None = None
+
+
+def load(files: TlsFiles) -> grpc.ServerCertificateConfiguration:
+    """Read and check the files: the key must match the certificate, the CA must parse."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(files.cert, files.key)
+    except (OSError, ssl.SSLError) as e:
+        raise TlsError(
+            f"cannot load certificate {files.cert} with key {files.key} ({_reason(e)}); both "
+            "must be readable PEM files and the key must belong to the certificate"
+        ) from None
+    ca = None
+    if files.client_ca is not None:
+        try:
+            context.load_verify_locations(cafile=files.client_ca)
+            ca = files.client_ca.read_bytes()
+        except (OSError, ssl.SSLError) as e:
+            raise TlsError(
+                f"cannot load client CA {files.client_ca} ({_reason(e)}); it must be a readable "
+                "PEM file of CA certificates"
+            ) from None
+    return grpc.ssl_server_certificate_configuration(
+        [(files.key.read_bytes(), files.cert.read_bytes())], root_certificates=ca
+    )
+
+
+def _reason(error: OSError | ssl.SSLError) -> str:
+    if isinstance(error, ssl.SSLError):
+        return error.reason or "not PEM"
+    return error.strerror or type(error).__name__
+
+
+class TlsCredentials:
+    def __init__(self, files: TlsFiles) -> None:
+        self.files = files
+        self._initial = load(files)
+        self._pending: grpc.ServerCertificateConfiguration | None = None
+        self._lock = threading.Lock()
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        return grpc.dynamic_ssl_server_credentials(
+            self._initial,
+            # grpc documents None from the fetcher as "keep the current one"; its stub omits it.
+            self._fetch,  # type: ignore[arg-type]
+            require_client_authentication=self.files.client_ca is not None,
+        )
+
+    def reload(self) -> bool:
+        """Re-read the files (SIGHUP); on failure keep serving the current certificate."""
+        try:
+            config = load(self.files)
+        except TlsError as e:
+            log.error("TLS reload refused, keeping the current certificate: %s", e)
+            return False
+        with self._lock:
+            self._pending = config
+        log.info("TLS certificate reloaded from %s", self.files.cert)
+        return True
+
+    def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        # Called by grpc before each handshake; None keeps the configuration in use.
+        with self._lock:
+            pending, self._pending = self._pending, None
+        return pending

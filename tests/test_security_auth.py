@@ -1,0 +1,180 @@
+"""Client auth through a real server and real discountctl: deny by default, health open,
+revocation reaches the running server, the client's name (never its token) in the access log,
+reflection switchable."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from cli import ctl
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from offer_server import eventually
+from secure_server import ServerThread, settings
+
+from discount.v1 import discount_pb2 as pb
+from discount.v1 import discount_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.timeout(120)
+RECOMMEND = pb.RecommendRequest(user_id="user-0", limit=3)
+
+
+def create_client(db_url: str, name: str) -> str:
+    result = ctl(db_url, "clients", "create", name, "--output", "json")
+    assert result.exit_code == 0, result.output
+    token = json.loads(result.stdout)["token"]
+    assert isinstance(token, str) and token.startswith("dct_") and len(token) > 40
+    return token
+
+
+@pytest.fixture
+def server(model_store: Path, db_url: str) -> Iterator[ServerThread]:
+    running = ServerThread(settings(model_store, db_url, auth="required"))
+    yield running
+    running.close()
+
+
+@pytest.fixture
+def channel(server: ServerThread) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(server.target) as ch:
+        yield ch
+
+
+def bearer(token: str) -> tuple[tuple[str, str]]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+def status_of(call: object) -> tuple[grpc.StatusCode, str]:
+    try:
+        call()  # type: ignore[operator]
+    except grpc.RpcError as e:
+        return e.code(), e.details()
+    return grpc.StatusCode.OK, ""
+
+
+def test_every_rpc_but_health_needs_a_valid_token(
+    server: ServerThread, channel: grpc.Channel, db_url: str
+) -> None:
+    stub = pb_grpc.DiscountServiceStub(channel)
+    code, details = status_of(lambda: stub.Recommend(RECOMMEND))
+    assert code == grpc.StatusCode.UNAUTHENTICATED
+    assert "authorization: Bearer TOKEN" in details
+    assert "discountctl clients create NAME" in details
+    for wrong in ("dct_not-a-token", ""):
+        code, details = status_of(lambda w=wrong: stub.Recommend(RECOMMEND, metadata=bearer(w)))
+        assert code == grpc.StatusCode.UNAUTHENTICATED, wrong
+    for call in (
+        lambda: stub.GetOffers(pb.GetOffersRequest(user_id="user-0", limit=2)),
+        lambda: stub.RecordEvents(pb.RecordEventsRequest()),
+        lambda: stub.VerifyOffer(pb.VerifyOfferRequest(offer_token="x")),
+        lambda: stub.GetModelInfo(pb.GetModelInfoRequest()),
+    ):
+        assert status_of(call)[0] == grpc.StatusCode.UNAUTHENTICATED
+    health = health_pb2_grpc.HealthStub(channel)
+    check = health.Check(health_pb2.HealthCheckRequest(service=""))
+    assert check.status == health_pb2.HealthCheckResponse.SERVING
+
+    token = create_client(db_url, "checkout")
+    # The server hears about the new client at its next refresh (0.2 s here).
+    eventually(
+        lambda: (
+            status_of(lambda: stub.Recommend(RECOMMEND, metadata=bearer(token)))[0]
+            == grpc.StatusCode.OK
+        ),
+        timeout=10,
+    )
+    assert len(stub.Recommend(RECOMMEND, metadata=bearer(token)).items) == 3
+    offers = stub.GetOffers(pb.GetOffersRequest(user_id="user-0", limit=2), metadata=bearer(token))
+    assert len(offers.offers) == 2
+    # The scheme is case-insensitive (RFC 6750 §2.1); the token is not.
+    assert stub.Recommend(RECOMMEND, metadata=(("authorization", f"bearer {token}"),)).items
+    code, _ = status_of(lambda: stub.Recommend(RECOMMEND, metadata=bearer(token.upper())))
+    assert code == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_revocation_reaches_the_running_server(
+    server: ServerThread, channel: grpc.Channel, db_url: str
+) -> None:
+    stub = pb_grpc.DiscountServiceStub(channel)
+    keep, drop = create_client(db_url, "storefront"), create_client(db_url, "email")
+    eventually(
+        lambda: (
+            status_of(lambda: stub.Recommend(RECOMMEND, metadata=bearer(drop)))[0]
+            == grpc.StatusCode.OK
+        ),
+        timeout=10,
+    )
+    assert ctl(db_url, "clients", "revoke", "email", "--yes").exit_code == 0
+    code, details = eventually(
+        lambda: (
+            result
+            if (result := status_of(lambda: stub.Recommend(RECOMMEND, metadata=bearer(drop))))[0]
+            != grpc.StatusCode.OK
+            else None
+        ),
+        timeout=10,
+    )
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "revoked" in details
+    assert stub.Recommend(RECOMMEND, metadata=bearer(keep)).items
+    listed = json.loads(ctl(db_url, "clients", "list", "-o", "json").stdout)
+    assert {(c["name"], c["active"]) for c in listed} == {("storefront", True), ("email", False)}
+    assert all("token" not in c for c in listed)
+
+
+def test_access_log_names_the_client_never_the_token(
+    server: ServerThread, channel: grpc.Channel, db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    stub = pb_grpc.DiscountServiceStub(channel)
+    token = create_client(db_url, "cart")
+    caplog.set_level(logging.INFO)
+    eventually(
+        lambda: (
+            status_of(lambda: stub.Recommend(RECOMMEND, metadata=bearer(token)))[0]
+            == grpc.StatusCode.OK
+        ),
+        timeout=10,
+    )
+    status_of(lambda: stub.Recommend(RECOMMEND, metadata=bearer("dct_wrong")))
+    lines = [r.getMessage() for r in caplog.records if r.name == "discountd.access"]
+    assert any("Recommend OK" in line and "client=cart" in line for line in lines), lines
+    assert any("Recommend UNAUTHENTICATED" in line and "client=-" in line for line in lines)
+    assert token not in caplog.text and "dct_wrong" not in caplog.text
+
+
+def reflect(channel: grpc.Channel, metadata: tuple[tuple[str, str], ...] = ()) -> list[str]:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    responses = stub.ServerReflectionInfo(iter([request]), metadata=metadata, timeout=10)
+    return [s.name for r in responses for s in r.list_services_response.service]
+
+
+def test_reflection_needs_a_token_when_auth_is_on(
+    server: ServerThread, channel: grpc.Channel, db_url: str
+) -> None:
+    with pytest.raises(grpc.RpcError) as e:
+        reflect(channel)
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    token = create_client(db_url, "grpcurl")
+    eventually(
+        lambda: status_of(lambda: reflect(channel, bearer(token)))[0] == grpc.StatusCode.OK,
+        timeout=10,
+    )
+    assert "discount.v1.DiscountService" in reflect(channel, bearer(token))
+
+
+def test_reflection_can_be_switched_off(model_store: Path, db_url: str) -> None:
+    running = ServerThread(settings(model_store, db_url, reflection=False))
+    try:
+        with grpc.insecure_channel(running.target) as channel:
+            with pytest.raises(grpc.RpcError) as e:
+                reflect(channel)
+            assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            stub = pb_grpc.DiscountServiceStub(channel)
+            assert stub.Recommend(RECOMMEND).items  # auth off: no token needed
+    finally:
+        running.close()

@@ -1,0 +1,192 @@
+"""TLS and mutual TLS on the gRPC port, with a throwaway CA made at test time: TLS clients get
+in, plaintext and untrusting clients do not, mTLS requires a certificate from the configured CA,
+SIGHUP swaps the certificate in a running discountd, and bad files are refused in one line."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from certs import Authority, Pem
+from click.testing import CliRunner
+from secure_server import ServerThread, settings
+
+from core.store import migrate
+from core.store.db import Store
+from discount.v1 import discount_pb2 as pb
+from discount.v1 import discount_pb2_grpc as pb_grpc
+from server.main import main
+from server.tls import TlsFiles
+
+pytestmark = pytest.mark.timeout(120)
+RECOMMEND = pb.RecommendRequest(user_id="user-0", limit=3)
+DISCOUNTD = Path(sys.executable).with_name("discountd")
+
+
+@pytest.fixture(scope="module")
+def ca() -> Authority:
+    return Authority.create("discountd test CA")
+
+
+@pytest.fixture(scope="module")
+def client_ca() -> Authority:
+    return Authority.create("discountd test client CA")
+
+
+@pytest.fixture
+def server_files(tmp_path: Path, ca: Authority) -> TlsFiles:
+    cert, key = ca.issue("discountd", server=True).write(tmp_path / "tls", "server")
+    return TlsFiles(cert, key)
+
+
+def code_of(channel: grpc.Channel) -> grpc.StatusCode:
+    try:
+        pb_grpc.DiscountServiceStub(channel).Recommend(RECOMMEND, timeout=10)
+    except grpc.RpcError as e:
+        return e.code()
+    return grpc.StatusCode.OK
+
+
+def tls_channel(target: str, trust: Authority, client: Pem | None = None) -> grpc.Channel:
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=trust.pem.cert,
+        private_key=client.key if client else None,
+        certificate_chain=client.cert if client else None,
+    )
+    return grpc.secure_channel(target, credentials)
+
+
+@pytest.fixture
+def tls_server(model_store: Path, server_files: TlsFiles) -> Iterator[ServerThread]:
+    running = ServerThread(settings(model_store, None, tls=server_files))
+    yield running
+    running.close()
+
+
+def test_tls_clients_get_in_plaintext_and_untrusting_ones_do_not(
+    tls_server: ServerThread, ca: Authority
+) -> None:
+    with tls_channel(tls_server.target, ca) as channel:
+        assert code_of(channel) == grpc.StatusCode.OK
+    with grpc.insecure_channel(tls_server.target) as channel:
+        assert code_of(channel) == grpc.StatusCode.UNAVAILABLE
+    stranger = Authority.create("someone else's CA")
+    with tls_channel(tls_server.target, stranger) as channel:
+        assert code_of(channel) == grpc.StatusCode.UNAVAILABLE
+
+
+def test_mutual_tls_requires_a_client_certificate_from_the_configured_ca(
+    model_store: Path, server_files: TlsFiles, tmp_path: Path, ca: Authority, client_ca: Authority
+) -> None:
+    ca_file = tmp_path / "clients-ca.crt"
+    ca_file.write_bytes(client_ca.pem.cert)
+    files = TlsFiles(server_files.cert, server_files.key, ca_file)
+    running = ServerThread(settings(model_store, None, tls=files))
+    try:
+        with tls_channel(running.target, ca) as channel:
+            assert code_of(channel) == grpc.StatusCode.UNAVAILABLE
+        good = client_ca.issue("checkout", server=False)
+        with tls_channel(running.target, ca, good) as channel:
+            assert code_of(channel) == grpc.StatusCode.OK
+        forged = Authority.create("forger").issue("checkout", server=False)
+        with tls_channel(running.target, ca, forged) as channel:
+            assert code_of(channel) == grpc.StatusCode.UNAVAILABLE
+    finally:
+        running.close()
+
+
+def test_a_broken_certificate_on_reload_keeps_the_working_one(
+    tls_server: ServerThread, server_files: TlsFiles, ca: Authority
+) -> None:
+    good_key = server_files.key.read_bytes()
+    server_files.key.write_bytes(Authority.create("other").issue("x", server=True).key)
+    assert tls_server.server.tls is not None and not tls_server.server.tls.reload()
+    server_files.key.write_bytes(good_key)
+    with tls_channel(tls_server.target, ca) as channel:
+        assert code_of(channel) == grpc.StatusCode.OK
+
+
+def test_sighup_swaps_the_certificate_of_a_running_discountd(
+    model_store: Path, server_files: TlsFiles, ca: Authority, tmp_path: Path
+) -> None:
+    db_url = f"sqlite:///{tmp_path / 'store.db'}"
+    store = Store(db_url)
+    migrate.upgrade(store)
+    store.dispose()
+    process = subprocess.Popen(
+        [
+            str(DISCOUNTD),
+            *("--model-dir", str(model_store), "--host", "127.0.0.1", "--port", "0"),
+            *("--device", "cpu", "--db-url", db_url, "--insecure-demo-key", "--auth", "off"),
+            *("--tls-cert", str(server_files.cert), "--tls-key", str(server_files.key)),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    assert process.stderr is not None
+    stderr = process.stderr
+    threading.Thread(target=lambda: [lines.put(line) for line in stderr], daemon=True).start()
+
+    def wait_for(pattern: str) -> re.Match[str]:
+        while True:
+            line = lines.get(timeout=60)
+            if found := re.search(pattern, line):
+                return found
+
+    try:
+        port = wait_for(r"listening on 127\.0\.0\.1:(\d+)").group(1)
+        target = f"127.0.0.1:{port}"
+        with tls_channel(target, ca) as channel:
+            assert code_of(channel) == grpc.StatusCode.OK
+        renewed = Authority.create("renewed CA")
+        renewed.issue("discountd", server=True).write(server_files.cert.parent, "server")
+        process.send_signal(signal.SIGHUP)
+        wait_for("TLS certificate reloaded")
+        with tls_channel(target, renewed) as channel:
+            assert code_of(channel) == grpc.StatusCode.OK
+        with tls_channel(target, ca) as channel:
+            assert code_of(channel) == grpc.StatusCode.UNAVAILABLE
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+
+
+def discountd(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, list(args), env={"DISCOUNT_OFFER_KEY": "k" * 32})
+    return result.exit_code, result.output
+
+
+def test_plaintext_only_when_asked_and_bad_files_refused_in_one_line(
+    model_store: Path, server_files: TlsFiles, tmp_path: Path
+) -> None:
+    model = ("--model-dir", str(model_store))
+    code, output = discountd(*model)
+    assert code == 2 and "TLS is required" in output and "--insecure" in output
+    code, output = discountd(*model, "--insecure", "--tls-cert", str(server_files.cert))
+    assert code == 2 and "--insecure serves plaintext" in output
+    other_key = tmp_path / "other.key"
+    other_key.write_bytes(Authority.create("x").issue("y", server=True).key)
+    code, output = discountd(
+        *model, "--tls-cert", str(server_files.cert), "--tls-key", str(other_key)
+    )
+    assert code == 2 and f"cannot load certificate {server_files.cert}" in output
+    assert "key must belong to the certificate" in output
+    code, output = discountd(
+        *model,
+        *("--tls-cert", str(server_files.cert), "--tls-key", str(server_files.key)),
+        *("--tls-client-ca", str(tmp_path / "missing.crt")),
+    )
+    assert code == 2 and "cannot load client CA" in output
+    assert "Traceback" not in output and "PRIVATE KEY" not in output
