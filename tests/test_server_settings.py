@@ -1,0 +1,88 @@
+"""discountd settings: flags beat DISCOUNT_* variables, which beat defaults; every bad value is
+reported in one error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from server.settings import Settings, SettingsError, resolve
+
+KEY = {"DISCOUNT_OFFER_KEY": "k" * 40}
+
+
+def test_defaults_apply_when_nothing_is_given(tmp_path: Path) -> None:
+    settings = resolve({"model_dir": str(tmp_path)}, env=KEY, insecure=True)
+    assert (settings.model_dir, settings.device, settings.host, settings.port) == (
+        tmp_path,
+        "auto",
+        "0.0.0.0",
+        50051,
+    )
+    assert (settings.poll_interval, settings.grace) == (2.0, 10.0)
+
+
+def test_environment_fills_in_and_flags_win(tmp_path: Path) -> None:
+    env = {
+        **KEY,
+        "DISCOUNT_MODEL_DIR": str(tmp_path),
+        "DISCOUNT_DEVICE": "CPU",
+        "DISCOUNT_GRPC_PORT": "6000",
+        "DISCOUNT_POLL_INTERVAL": "0",
+    }
+    from_env = resolve({}, env=env, insecure=True)
+    assert (from_env.model_dir, from_env.device, from_env.port, from_env.poll_interval) == (
+        tmp_path,
+        "cpu",
+        6000,
+        0.0,
+    )
+    flagged = resolve({"port": "7000", "device": "cuda", "grace": "1.5"}, env=env, insecure=True)
+    assert (flagged.port, flagged.device, flagged.grace) == (7000, "cuda", 1.5)
+
+
+def test_every_bad_setting_is_reported_at_once(tmp_path: Path) -> None:
+    flags = {
+        "model_dir": str(tmp_path / "nope"),
+        "device": "tpu",
+        "port": "70000",
+        "poll_interval": "-1",
+        "grace": "soon",
+        "host": "",
+    }
+    with pytest.raises(SettingsError) as raised:
+        resolve(flags, env=KEY, insecure=True)
+    message = str(raised.value)
+    for expected in (
+        "--model-dir / DISCOUNT_MODEL_DIR",
+        "--device / DISCOUNT_DEVICE: 'tpu'",
+        "--port / DISCOUNT_GRPC_PORT: '70000'",
+        "--poll-interval / DISCOUNT_POLL_INTERVAL: '-1'",
+        "--grace / DISCOUNT_SHUTDOWN_GRACE: 'soon'",
+        "--host / DISCOUNT_GRPC_HOST must not be empty",
+    ):
+        assert expected in message
+
+
+def test_model_dir_is_required() -> None:
+    with pytest.raises(SettingsError, match="--model-dir / DISCOUNT_MODEL_DIR is required"):
+        resolve({}, env=KEY, insecure=True)
+
+
+@given(port=st.text(max_size=8))
+def test_any_port_text_is_accepted_only_as_a_port_number(
+    tmp_path_factory: pytest.TempPathFactory, port: str
+) -> None:
+    model_dir = str(tmp_path_factory.getbasetemp())
+    try:
+        settings: Settings | None = resolve(
+            {"model_dir": model_dir, "port": port}, env=KEY, insecure=True
+        )
+    except SettingsError as e:
+        assert "--port / DISCOUNT_GRPC_PORT" in str(e)
+        settings = None
+    if settings is not None:
+        assert 0 <= settings.port <= 65535 and int(port) == settings.port
