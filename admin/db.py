@@ -7,12 +7,12 @@ import click
 from admin.app import App
 from admin.options import confirm, yes_option
 from admin.output import emit, message, output_option
-from core.store import migrate
+from core.store import migrate, roles
 
 
 @click.group()
 def db() -> None:
-    """The store's schema: upgrade, downgrade, current revision, history."""
+    """The store's schema: upgrade, downgrade, current revision, history, server role."""
 
 
 def _state(app: App) -> dict[str, object]:
@@ -88,3 +88,29 @@ def history(app: App, output: str) -> None:
     """
     current_rev = migrate.current_revision(app.store(check_schema=False))
     emit([r.to_dict() for r in migrate.history(current_rev)], output)
+
+
+@db.command("grant-server-role")
+@click.argument("role")
+@click.option("--dry-run", is_flag=True, help="Print the GRANT statements; change nothing.")
+@output_option
+@click.pass_obj
+def grant_server_role(app: App, role: str, dry_run: bool, output: str) -> None:
+    """Give the existing PostgreSQL ROLE what discountd needs and no more: read rules,
+    segments, experiments, model versions and clients; insert (never change) offers and events.
+    Run it as the admin role after `db upgrade`; see docs/SECURITY.md.
+
+    \b
+    Example:
+      discountctl db grant-server-role discount_server
+    """
+    store = app.store()
+    if dry_run:
+        statements = roles.server_grants(store.engine, role)
+    else:
+        statements = roles.grant_server_role(store.engine, role)
+        message(f"granted the server's rights on {store.masked_url} to {role!r}")
+    if output == "json":
+        emit({"role": role, "applied": not dry_run, "statements": statements}, output)
+    else:
+        click.echo(";\n".join(statements) + ";")
