@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,3 +32,29 @@ def test_demo_client_says_when_nothing_serves(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["--target", "127.0.0.1:9", "--user", "u1", "--wait", "0.5"])
     assert result.exit_code == 1
     assert "not SERVING" in result.output and "is discountd running there?" in result.output
+
+
+def test_demo_client_sends_its_token_when_auth_is_required(
+    tmp_path: Path, model_store: Path
+) -> None:
+    from cli import ctl
+    from secure_server import ServerThread, settings
+
+    from core.store.db import Store
+    from core.store.migrate import upgrade
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    store = Store(url)
+    upgrade(store)
+    store.dispose()
+    token = json.loads(ctl(url, "clients", "create", "demo", "--output", "json").stdout)["token"]
+    running = ServerThread(settings(model_store, url, auth="required"))
+    try:
+        args = ["--target", running.target, "--user", "user-0", "--wait", "5"]
+        refused = CliRunner().invoke(main, args)
+        assert refused.exit_code == 1 and "UNAUTHENTICATED" in refused.output
+        allowed = CliRunner().invoke(main, [*args, "--token", token])
+        assert allowed.exit_code == 0, allowed.output
+        assert "user-0 — known user" in allowed.output
+    finally:
+        running.close()

@@ -35,30 +35,55 @@ COLD_START = {
 @click.option("--user", "users", multiple=True, help="Known user id to show (repeatable).")
 @click.option("--limit", default=5, show_default=True, help="Items per user.")
 @click.option("--wait", default=30.0, show_default=True, help="Seconds to wait for SERVING.")
+@click.option(
+    "--token",
+    envvar="DISCOUNT_CLIENT_TOKEN",
+    help="Client token (discountctl clients create) when discountd runs with --auth required.",
+)
+@click.option(
+    "--tls-ca",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="PEM CA that signed discountd's certificate; without it the channel is plaintext.",
+)
 def main(
-    target: str, model_dir: Path | None, users: tuple[str, ...], limit: int, wait: float
+    target: str,
+    model_dir: Path | None,
+    users: tuple[str, ...],
+    limit: int,
+    wait: float,
+    token: str | None,
+    tls_ca: Path | None,
 ) -> None:
     """Print recommendations for a few known users and one unknown user."""
     known = list(users) or _first_users(model_dir, 3)
     if not known:
         raise click.UsageError("give --user ID (repeatable) or --model-dir to pick users from")
-    with grpc.insecure_channel(target) as channel:
+    channel = (
+        grpc.secure_channel(target, grpc.ssl_channel_credentials(tls_ca.read_bytes()))
+        if tls_ca is not None
+        else grpc.insecure_channel(target)
+    )
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    with channel:
         _wait_until_serving(channel, target, wait)
         stub = pb_grpc.DiscountServiceStub(channel)
         try:
-            info = stub.GetModelInfo(pb.GetModelInfoRequest())
+            info = stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=metadata)
             click.echo(
                 f"model {info.model_version} on {info.provider}: "
                 f"{info.item_count} items, {info.user_count} users"
             )
             first: list[str] = []
             for user in known:
-                reply = stub.Recommend(pb.RecommendRequest(user_id=user, limit=limit))
+                reply = stub.Recommend(
+                    pb.RecommendRequest(user_id=user, limit=limit), metadata=metadata
+                )
                 _print_table(user, reply)
                 first = first or [item.item_id for item in reply.items[:2]]
             # A visitor the model never saw, who just looked at the first user's top items.
             visitor = stub.Recommend(
-                pb.RecommendRequest(user_id="demo-new-visitor", limit=limit, recent_item_ids=first)
+                pb.RecommendRequest(user_id="demo-new-visitor", limit=limit, recent_item_ids=first),
+                metadata=metadata,
             )
             _print_table(f"demo-new-visitor (recent: {', '.join(first) or 'none'})", visitor)
         except grpc.RpcError as e:
