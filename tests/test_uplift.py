@@ -1,0 +1,140 @@
+"""The uplift variant of the response model and the Hillstrom benchmark's split and scoring."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from trainer.cli import main
+from trainer.uplift import (
+    OUTCOMES,
+    UpliftConfig,
+    UpliftError,
+    UpliftNet,
+    fit_uplift,
+    load_hillstrom,
+    predict_uplift,
+    scores,
+    split,
+)
+
+torch.set_num_threads(1)
+FAST = UpliftConfig(epochs=8, hidden=16)
+
+
+def _hillstrom_like(n: int, seed: int) -> pd.DataFrame:
+    """Rows in Hillstrom's columns where an e-mail lifts visits only for web customers."""
+    rng = np.random.default_rng(seed)
+    channel = rng.choice(["Web", "Phone", "Multichannel"], n)
+    segment = rng.choice(["Mens E-Mail", "Womens E-Mail", "No E-Mail"], n)
+    treated = segment != "No E-Mail"
+    p_visit = 0.08 + 0.25 * (treated & (channel == "Web"))
+    visit = rng.random(n) < p_visit
+    return pd.DataFrame(
+        {
+            "recency": rng.integers(1, 13, n),
+            "history_segment": "2) $100 - $200",
+            "history": np.round(rng.exponential(200, n), 2),
+            "mens": rng.integers(0, 2, n),
+            "womens": rng.integers(0, 2, n),
+            "zip_code": rng.choice(["Urban", "Surburban", "Rural"], n),
+            "newbie": rng.integers(0, 2, n),
+            "channel": channel,
+            "segment": segment,
+            "visit": visit.astype(int),
+            "conversion": (visit & (rng.random(n) < 0.2)).astype(int),
+            "spend": 0.0,
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("hillstrom") / "hillstrom.csv"
+    _hillstrom_like(3000, 0).to_csv(path, index=False)
+    return path
+
+
+def test_reads_treatment_outcomes_and_one_hot_features(csv: Path) -> None:
+    frame = pd.read_csv(csv)
+    experiment = load_hillstrom(csv)
+    assert len(experiment.treatment) == len(frame)
+    assert np.array_equal(experiment.treatment, (frame["segment"] != "No E-Mail").astype(int))
+    assert {"channel_Web", "zip_code_Rural", "recency", "history"} <= set(experiment.columns)
+    for outcome in OUTCOMES:
+        assert np.array_equal(experiment.outcomes[outcome], frame[outcome])
+
+
+def test_a_file_that_is_not_hillstrom_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "other.csv"
+    pd.DataFrame({"user_id": ["1"], "visit": [0]}).to_csv(path, index=False)
+    with pytest.raises(UpliftError, match="missing column"):
+        load_hillstrom(path)
+    with pytest.raises(UpliftError, match="not found"):
+        load_hillstrom(tmp_path / "nothing.csv")
+
+
+def test_split_is_half_and_half_stratified_and_fixed_by_the_seed(csv: Path) -> None:
+    experiment = load_hillstrom(csv)
+    train, test = split(experiment, seed=0)
+    again, _ = split(experiment, seed=0)
+    other, _ = split(experiment, seed=1)
+    n = len(experiment.treatment)
+    assert np.array_equal(train, again) and not np.array_equal(train, other)
+    assert len(np.intersect1d(train, test)) == 0 and len(train) + len(test) == n
+    assert abs(len(train) - len(test)) <= 8  # at most one row per stratum
+    t, visit = experiment.treatment, experiment.outcomes["visit"]
+    for part in (train, test):
+        assert abs(t[part].mean() - t.mean()) < 0.002
+        assert abs(visit[part].mean() - visit.mean()) < 0.002
+
+
+@settings(max_examples=40, deadline=None)
+@given(arrays(np.float64, (5, 13), elements=st.floats(-50, 500)), st.integers(0, 1000))
+def test_uplift_is_never_negative_by_construction(x: np.ndarray, seed: int) -> None:
+    """An e-mail can only raise the purchase probability, whatever the weights."""
+    torch.manual_seed(seed)
+    model = UpliftNet(torch.zeros(13), torch.ones(13), hidden=8)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0, 2)
+    assert np.all(predict_uplift(model.eval(), x) >= 0)
+
+
+def test_finds_the_customers_an_email_moves(csv: Path) -> None:
+    experiment = load_hillstrom(csv)
+    train, test = split(experiment, seed=0)
+    x, t, y = experiment.features, experiment.treatment, experiment.outcomes["visit"]
+    model = fit_uplift(x[train], t[train], y[train], FAST)
+    uplift = predict_uplift(model, x[test])
+    web = x[test][:, experiment.columns.index("channel_Web")] == 1
+    assert uplift[web].mean() > 2 * uplift[~web].mean()
+    assert scores(y[test], uplift, t[test])["qini"] > 0.1
+
+
+def test_cli_reports_the_model_next_to_both_baselines(csv: Path, tmp_path: Path) -> None:
+    report = tmp_path / "uplift.json"
+    result = CliRunner().invoke(
+        main, ["uplift", "--data", str(csv), "--epochs", "3", "--json", str(report)]
+    )
+    assert result.exit_code == 0, result.output
+    for name in ("response model (uplift variant)", "ClassTransformation", "TwoModels"):
+        assert name in result.stdout
+    (run,) = json.loads(report.read_text())
+    assert set(run["outcomes"]) == set(OUTCOMES)
+    assert run["train_rows"] + run["test_rows"] == 3000
+
+
+def test_cli_names_a_missing_data_file(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["uplift", "--data", str(tmp_path / "none.csv")])
+    assert result.exit_code == 1
+    assert "none.csv: not found" in result.output and "Traceback" not in result.output
