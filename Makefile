@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DATA ?=
 PG_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
 
-.PHONY: demo test protos lint bench-quality clean
+.PHONY: demo test protos lint bench-quality bench-discounts clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ lint: $(STAMP)
 # "Recommendation quality" section of docs/BENCHMARKS.md. Needs ../shared/datasets.
 bench-quality: $(STAMP)
 	$(BIN)/python -m bench.quality
+
+# The "Discounts" figures of docs/BENCHMARKS.md: policies in the market simulator, uplift on Hillstrom.
+bench-discounts: $(STAMP)
+	$(BIN)/discount-train evaluate-policy --seeds 5 --plot docs/policy_margin.png
+	$(BIN)/discount-train uplift --seed 0 --seed 1 --seed 2 --seed 3 --seed 4
 
 # Stubs are committed; tests fail when they drift from the .proto.
 protos: $(STAMP)
