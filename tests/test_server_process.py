@@ -102,10 +102,13 @@ class Discountd:
                 return match
 
     def drain_log(self) -> list[str]:
-        while not self.lines.empty():
-            line = self.lines.get()
-            if line is not EXITED:
-                self.log.append(line)
+        """Every line logged so far; once the process has exited, every line it ever wrote."""
+        exited = self.process.poll() is not None
+        while exited or not self.lines.empty():
+            line = self.lines.get(timeout=30)
+            if line is EXITED:
+                break
+            self.log.append(line)
         return self.log
 
     def close(self) -> None:
