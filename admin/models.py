@@ -9,6 +9,7 @@ import click
 from admin.app import App
 from admin.options import confirm, yes_option
 from admin.output import emit, message, output_option
+from core.artifact import set_current
 from core.store.model_versions import ModelVersions
 
 COLUMNS = ("version", "status", "registered_at", "activated_at", "metrics", "path")
@@ -57,7 +58,8 @@ def list_(app: App, output: str) -> None:
 @output_option
 @click.pass_obj
 def promote(app: App, version: str, output: str) -> None:
-    """Make VERSION the active model (re-verified first); the previous one is retired.
+    """Make VERSION the active model (re-verified first); the previous one is retired, and the
+    model store's CURRENT file is pointed at VERSION, so running servers switch to it.
 
     \b
     Example:
@@ -65,6 +67,7 @@ def promote(app: App, version: str, output: str) -> None:
     """
     with app.transaction() as session:
         data = ModelVersions(session, app.actor).promote(version).to_dict()
+    _serve(data["path"])
     message(f"model version {version!r} is active")
     emit(data, output)
 
@@ -74,7 +77,8 @@ def promote(app: App, version: str, output: str) -> None:
 @output_option
 @click.pass_obj
 def rollback(app: App, yes: bool, output: str) -> None:
-    """Retire the active model and reactivate the one that was active before it.
+    """Retire the active model and reactivate the one that was active before it; the model
+    store's CURRENT file follows, so running servers switch back.
 
     \b
     Example:
@@ -86,5 +90,22 @@ def rollback(app: App, yes: bool, output: str) -> None:
         confirm(f"Roll back from model version {active.version!r}?", yes)
     with app.transaction() as session:
         data = ModelVersions(session, app.actor).rollback().to_dict()
+    _serve(data["path"])
     message(f"rolled back; model version {data['version']!r} is active")
     emit(data, output)
+
+
+def _serve(path: str) -> None:
+    """Point the model store's CURRENT at the version folder: discountd follows CURRENT.
+
+    Done after the registry commits, so a refused change never moves what servers load.
+    """
+    version_dir = Path(path)
+    try:
+        set_current(version_dir.parent, version_dir.name)
+    except OSError as e:
+        raise click.ClickException(
+            f"the registry now says {version_dir.name!r} is active, but "
+            f"{version_dir.parent}/CURRENT could not be written ({e.strerror}); "
+            "fix the permissions and promote it again"
+        ) from None

@@ -51,11 +51,14 @@ def test_register_promote_rollback(db_url: str, tmp_path: Path) -> None:
         assert got["path"] == str((tmp_path / name).resolve()) and len(got["manifest_sha256"]) == 64
     for name in ("v1", "v2", "v3"):
         assert run(db_url, "promote", name)["status"] == "active"
+        assert (tmp_path / "CURRENT").read_text().strip() == name
     statuses = {m["version"]: m["status"] for m in run(db_url, "list")}
     assert statuses == {"v1": "retired", "v2": "retired", "v3": "active"}
 
     assert run(db_url, "rollback", "--yes")["version"] == "v2"
+    assert (tmp_path / "CURRENT").read_text().strip() == "v2"
     assert run(db_url, "rollback", "--yes")["version"] == "v1"
+    assert (tmp_path / "CURRENT").read_text().strip() == "v1"
     listed = {m["version"]: m for m in run(db_url, "list")}
     assert [listed[v]["status"] for v in ("v1", "v2", "v3")] == ["active", "retired", "retired"]
     assert listed["v3"]["rolled_back_at"] and listed["v2"]["rolled_back_at"]
@@ -63,6 +66,7 @@ def test_register_promote_rollback(db_url: str, tmp_path: Path) -> None:
     result = ctl(db_url, "models", "rollback", "--yes")
     assert result.exit_code == 1 and "nothing to roll back to" in result.stderr
     assert row_counts(db_url) == before
+    assert (tmp_path / "CURRENT").read_text().strip() == "v1"
 
     # A version rolled back from may be promoted again on purpose.
     assert run(db_url, "promote", "v3")["status"] == "active"
