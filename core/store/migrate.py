@@ -67,6 +67,13 @@ def require_head(store: Store) -> None:
 
 
 def _run(store: Store, action: str, revision: str) -> None:
+    known = {rev.revision for rev in script().walk_revisions()}
+    if revision not in known | {"head", "heads", "base"}:
+        # Alembic's own parser asserts on some malformed targets; refuse them here instead.
+        raise InvalidInput(
+            f"cannot {action} to {revision!r}: not a revision; use head, base or an id from "
+            "`discountctl db history`"
+        )
     try:
         with store.engine.begin() as conn:
             config = alembic_config(conn)
