@@ -93,6 +93,11 @@ class Market:
 
     def purchase_probability(self, users: Ints, items: Ints, discounts: Floats) -> Floats:
         """True P(buy) of each (user, item, discount) row; non-decreasing in the discount."""
+        return self.response(users, self.relevance[users, items], self.prices[items], discounts)
+
+    def response(self, users: Ints, relevance: Floats, prices: Floats, discounts: Floats) -> Floats:
+        """True P(buy) of these users for items of the given relevance and price: the same curve
+        for items outside this market's catalog (a real shop's, replayed against discountd)."""
         d = np.asarray(discounts, dtype=np.float64)
         b = self.behaviour[users]
         lift = np.where(
@@ -106,8 +111,8 @@ class Market:
         )
         logit = (
             self.intercept[users]
-            + self.relevance[users, items]
-            - self.price_elasticity[users] * np.log(self.prices[items] / 30.0)
+            + relevance
+            - self.price_elasticity[users] * np.log(prices / 30.0)
             + lift
         )
         return _sigmoid(logit)
