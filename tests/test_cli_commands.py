@@ -368,7 +368,11 @@ INVALID = [
     (("models", "register", "/nonexistent/v1"), "no manifest.json; not a model version"),
     (("models", "promote", "nope"), "no model version 'nope'"),
     (("models", "rollback", "--yes"), "no active model version"),
+    (("clients", "create", ""), "client name must not be empty"),
+    (("clients", "create", " padded"), "leading or trailing spaces"),
+    (("clients", "revoke", "nope", "--yes"), "no client 'nope'"),
     (("db", "upgrade", "nope"), "cannot upgrade to 'nope'"),
+    (("db", "upgrade", "head+1"), "not a revision"),
     (("db", "downgrade", "base"), "no terminal; pass --yes"),
     (("db", "downgrade", "nope", "--yes"), "cannot downgrade to 'nope'"),
 ]
@@ -396,6 +400,7 @@ STORE_COMMANDS = (
         for v in ("create", "list", "show", "update", "start", "pause", "stop", "assign")
     }
     | {("models", v) for v in ("register", "list", "promote", "rollback")}
+    | {("clients", v) for v in ("create", "list", "revoke")}
     | {("audit", "list")}
     | {("db", v) for v in ("upgrade", "downgrade", "current", "history")}
 )
@@ -405,6 +410,7 @@ NO_INPUT = {
     ("rules", "list"),
     ("experiments", "list"),
     ("models", "list"),
+    ("clients", "list"),
     ("db", "current"),
     ("db", "history"),
     ("audit", "list"),
