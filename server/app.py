@@ -18,7 +18,9 @@ from grpc_reflection.v1alpha import reflection
 from core.store.errors import StoreUnavailable
 from discount.v1 import discount_pb2, discount_pb2_grpc
 from server.auth import AuthInterceptor, ClientRegistry
+from server.batching import INFERENCE_SLOTS, Batcher
 from server.interceptors import AccessLogInterceptor, Interceptor, RequestIdInterceptor
+from server.metrics import Metrics
 from server.offering import Offering
 from server.service import DiscountService
 from server.settings import Settings
@@ -45,6 +47,7 @@ class DiscountServer:
         offering: Offering | None = None,
         clients: ClientRegistry | None = None,
         tls: TlsCredentials | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.grpc = grpc_server
@@ -52,6 +55,9 @@ class DiscountServer:
         self.offering = offering
         self.clients = clients
         self.tls = tls
+        self.metrics = metrics or Metrics()
+        # Bound by start() when settings.metrics_port is set.
+        self.metrics_port: int | None = None
         self.health = HealthServicer()
         self.first_load = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
@@ -60,6 +66,8 @@ class DiscountServer:
         for service in ("", SERVICE_NAME):
             await self.health.set(service, NOT_SERVING)
         await self.grpc.start()
+        if self.settings.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(self.settings.host, self.settings.metrics_port)
         self._watcher = asyncio.create_task(self._watch())
         if self.offering is not None:
             # A health entry of its own: balancers keep routing while rules are stale, and
@@ -88,6 +96,7 @@ class DiscountServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watcher
         await self.grpc.stop(grace)
+        self.metrics.stop()
         if self.clients is not None:
             await self.clients.stop()
         # After the last call: every offer issued is in the log's queue, flushed here.
@@ -117,7 +126,8 @@ def create_server(settings: Settings) -> tuple[DiscountServer, int]:
             settings.offer_ttl,
             settings.rules_poll_interval,
         )
-    interceptors: list[Interceptor] = [RequestIdInterceptor(), AccessLogInterceptor()]
+    metrics = Metrics()
+    interceptors: list[Interceptor] = [RequestIdInterceptor(), AccessLogInterceptor(metrics)]
     clients = None
     if settings.auth == "required":
         if offering is None:
@@ -128,9 +138,18 @@ def create_server(settings: Settings) -> tuple[DiscountServer, int]:
     tls = TlsCredentials(settings.tls) if settings.tls is not None else None
     grpc_server = aio.server(interceptors=interceptors)
     store = ModelStore(settings.model_dir, settings.device)
-    server = DiscountServer(settings, grpc_server, store, offering, clients, tls)
+    server = DiscountServer(settings, grpc_server, store, offering, clients, tls, metrics)
+    batcher = None
+    if settings.batch_max_size > 1:
+        batcher = Batcher(
+            settings.batch_max_size, settings.batch_max_wait_us, INFERENCE_SLOTS, metrics
+        )
+    metrics.watch(
+        lambda: (store.current.version, store.current.provider) if store.current else None,
+        lambda: offering.keeper.age_seconds if offering is not None else None,
+    )
     discount_pb2_grpc.add_DiscountServiceServicer_to_server(
-        DiscountService(store, settings.device, offering), grpc_server
+        DiscountService(store, settings.device, offering, metrics, batcher), grpc_server
     )
     health_pb2_grpc.add_HealthServicer_to_server(server.health, grpc_server)
     if settings.reflection:

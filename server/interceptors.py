@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, cast
 import grpc
 from grpc import aio
 
+from server.metrics import Metrics
+
 log = logging.getLogger("discountd.access")
 
 REQUEST_ID_HEADER = "x-request-id"
@@ -67,12 +69,21 @@ class RequestIdInterceptor(Interceptor):
 
 
 class AccessLogInterceptor(Interceptor):
-    """One log line per call: method, status code, latency, request id, client."""
+    """Per call: a structured log line (debug when OK, always otherwise) and the request metrics.
+
+    The line carries method, code, ms, request_id and client as record attributes (server.logs
+    writes them as JSON fields); the message repeats them for plain-text handlers.
+    """
+
+    def __init__(self, metrics: Metrics | None = None) -> None:
+        self.metrics = metrics
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> Any:
         method = handler_call_details.method
+        short = method.rsplit("/", 1)[-1]
+        metrics = self.metrics
 
         def wrapper(behavior: Behavior) -> Behavior:
             async def logged(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
@@ -88,17 +99,44 @@ class AccessLogInterceptor(Interceptor):
                     fallback = grpc.StatusCode.CANCELLED
                     raise
                 finally:
+                    seconds = time.perf_counter() - start
                     code = context.code() or fallback
                     name = code.name if isinstance(code, grpc.StatusCode) else str(code)
-                    log.info(
-                        "%s %s %.1fms request_id=%s client=%s",
-                        method,
-                        name,
-                        (time.perf_counter() - start) * 1000,
-                        request_id.get(),
-                        client_name.get(),
-                    )
+                    client = client_name.get()
+                    if metrics is not None:
+                        metrics.requests.labels(short, name, client).inc()
+                        metrics.latency.labels(short).observe(seconds)
+                    level = _LEVELS.get(name, logging.INFO)
+                    if log.isEnabledFor(level):
+                        rid = request_id.get()
+                        log.log(
+                            level,
+                            "%s %s %.1fms request_id=%s client=%s",
+                            method,
+                            name,
+                            seconds * 1000,
+                            rid,
+                            client,
+                            extra={
+                                "method": method,
+                                "code": name,
+                                "ms": round(seconds * 1000, 3),
+                                "request_id": rid,
+                                "client": client,
+                            },
+                        )
 
             return logged
 
         return _wrap(await continuation(handler_call_details), wrapper)
+
+
+# OK is the hot path: one line per call only when debugging. Failures the caller caused are
+# worth a line; failures of ours are errors.
+_LEVELS = {
+    "OK": logging.DEBUG,
+    "UNKNOWN": logging.ERROR,
+    "INTERNAL": logging.ERROR,
+    "DATA_LOSS": logging.ERROR,
+    "UNAVAILABLE": logging.WARNING,
+}

@@ -16,6 +16,7 @@ import click
 
 from core.store.errors import StoreError
 from server.app import create_server
+from server.logs import configure as configure_logs
 from server.settings import SOURCES, Settings, SettingsError, insecure_demo_key_in_use, resolve
 
 log = logging.getLogger("discountd")
@@ -81,6 +82,25 @@ def _env(name: str) -> str:
     help="Serve plaintext gRPC without TLS (demos, or behind a TLS-terminating proxy on a "
     "trusted network).",
 )
+@click.option(
+    "--metrics-port",
+    help="Serve Prometheus metrics at http://HOST:PORT/metrics; 0 picks a free port; unset: "
+    "no metrics. [env DISCOUNT_METRICS_PORT]",
+)
+@click.option(
+    "--log-level",
+    help=f"debug: one JSON log line per call; info and up: failed calls only. {_env('log_level')}",
+)
+@click.option(
+    "--batch-max-size",
+    help="Most Recommend calls gathered into one model run; 1: no batching. "
+    f"{_env('batch_max_size')}",
+)
+@click.option(
+    "--batch-max-wait-us",
+    help="Microseconds a batch waits for more calls before it runs; 0: it runs as soon as a "
+    f"model slot is free. {_env('batch_max_wait_us')}",
+)
 def main(insecure_demo_key: bool, insecure: bool, **flags: str | None) -> None:
     """Serve recommendations and personalized offers over gRPC (with health and reflection).
 
@@ -91,9 +111,7 @@ def main(insecure_demo_key: bool, insecure: bool, **flags: str | None) -> None:
         settings = resolve(flags, insecure_demo_key=insecure_demo_key, insecure=insecure)
     except SettingsError as e:
         raise click.UsageError(str(e)) from None
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logs(settings.log_level)
     sys.exit(asyncio.run(serve(settings)))
 
 
@@ -142,6 +160,8 @@ async def serve(settings: Settings) -> int:
         await server.stop(0)
         return 1
     log.info("listening on %s:%d", settings.host, port)
+    if server.metrics_port is not None:
+        log.info("metrics on http://%s:%d/metrics", settings.host, server.metrics_port)
     await stopping.wait()
     log.info("shutting down: draining for up to %.0fs", settings.grace)
     await server.stop(settings.grace)

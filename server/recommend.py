@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from server.errors import FieldViolation, InvalidRequest
 from server.model import ModelVersion
@@ -80,7 +81,20 @@ def validate(query: RecommendQuery, model: ModelVersion | None) -> None:
         raise InvalidRequest(problems)
 
 
-def recommend(model: ModelVersion, query: RecommendQuery) -> Recommendation:
+@dataclass(frozen=True)
+class Plan:
+    """One user's row of a model run: what recommend() feeds the graph, before padding."""
+
+    user: int  # -1: folded in from history
+    history: list[int]
+    excluded: list[int]  # sorted
+    allowed: np.ndarray[tuple[int], np.dtype[np.float32]]
+    limit: int
+    path: ColdStart
+
+
+def plan(model: ModelVersion, query: RecommendQuery) -> Plan | Recommendation:
+    """Validate and resolve ids; a popularity answer needs no model run and comes back whole."""
     validate(query, model)
     limit = query.limit or DEFAULT_LIMIT
     excluded = {model.item_index[i] for i in query.exclude_item_ids if i in model.item_index}
@@ -107,19 +121,43 @@ def recommend(model: ModelVersion, query: RecommendQuery) -> Recommendation:
         # For a user the model never saw, recent items play the part of purchases.
         if not query.include_purchased:
             excluded.update(history)
-    items, scores = model.run(
-        np.array([user], dtype=np.int64),
-        _padded(history),
-        _padded(sorted(excluded)),
-        allowed[None, :],
-        limit,
+    return Plan(user, history, sorted(excluded), allowed, limit, path)
+
+
+def run_plans(
+    model: ModelVersion, plans: Sequence[Plan]
+) -> tuple[np.ndarray[tuple[int, int], np.dtype[np.int64]], npt.NDArray[np.float32]]:
+    """One graph run for all plans: rows padded with -1, k the largest limit among them."""
+    return model.run(
+        np.array([p.user for p in plans], dtype=np.int64),
+        _stacked([p.history for p in plans]),
+        _stacked([p.excluded for p in plans]),
+        np.stack([p.allowed for p in plans]),
+        max(p.limit for p in plans),
     )
+
+
+def finish(
+    model: ModelVersion,
+    plan: Plan,
+    items: np.ndarray[tuple[int], np.dtype[np.int64]],
+    scores: npt.NDArray[np.float32],
+) -> Recommendation:
+    """The answer from the plan's row of a run (cut to its own limit)."""
     found = [
         ScoredItem(model.item_ids[i], float(s), model.item_categories[i])
-        for i, s in zip(items[0].tolist(), scores[0].tolist(), strict=True)
+        for i, s in zip(items[: plan.limit].tolist(), scores[: plan.limit].tolist(), strict=True)
         if np.isfinite(s)  # -inf marks excluded and filtered items
     ]
-    return Recommendation(found, model.version, path)
+    return Recommendation(found, model.version, plan.path)
+
+
+def recommend(model: ModelVersion, query: RecommendQuery) -> Recommendation:
+    planned = plan(model, query)
+    if isinstance(planned, Recommendation):
+        return planned
+    items, scores = run_plans(model, [planned])
+    return finish(model, planned, items[0], scores[0])
 
 
 def _popular(
@@ -141,6 +179,10 @@ def _popular(
     return Recommendation(found, model.version, ColdStart.POPULARITY)
 
 
-def _padded(indices: list[int]) -> np.ndarray[tuple[int, int], np.dtype[np.int64]]:
-    """One row for the graph; an empty list becomes a single -1 so no dimension is zero."""
-    return np.array([indices or [-1]], dtype=np.int64)
+def _stacked(rows: list[list[int]]) -> np.ndarray[tuple[int, int], np.dtype[np.int64]]:
+    """Rows padded with -1 to one width; at least one column, so no dimension is zero."""
+    width = max(1, *(len(r) for r in rows))
+    out = np.full((len(rows), width), -1, dtype=np.int64)
+    for n, row in enumerate(rows):
+        out[n, : len(row)] = row
+    return out

@@ -19,11 +19,20 @@ from core import offer_token
 from core.store.events import EventIn, Verdict
 from discount.v1 import discount_pb2 as pb
 from discount.v1 import discount_pb2_grpc as pb_grpc
+from server.batching import Batcher
 from server.errors import FieldViolation, InvalidRequest, NotReady, StoreDown, UnknownIds
+from server.metrics import Metrics
 from server.offering import Offering
 from server.offers import OffersQuery, get_offers
 from server.offers import validate as validate_offers
-from server.recommend import ColdStart, RecommendQuery, recommend, validate
+from server.recommend import (
+    ColdStart,
+    Recommendation,
+    RecommendQuery,
+    plan,
+    recommend,
+    validate,
+)
 from server.versions import ModelStore
 
 Context = aio.ServicerContext[Any, Any]
@@ -93,8 +102,15 @@ def maps_errors(method: Method[Request, Response]) -> Method[Request, Response]:
 
 class DiscountService(pb_grpc.DiscountServiceServicer):
     def __init__(
-        self, store: ModelStore, requested_device: str, offering: Offering | None = None
+        self,
+        store: ModelStore,
+        requested_device: str,
+        offering: Offering | None = None,
+        metrics: Metrics | None = None,
+        batcher: Batcher | None = None,
     ) -> None:
+        self._metrics = metrics or Metrics()
+        self._batcher = batcher
         self._store = store
         self._requested_device = requested_device
         self._offering = offering
@@ -120,8 +136,17 @@ class DiscountService(pb_grpc.DiscountServiceServicer):
         )
         validate(query, None)
         model = self._store.require()
-        # ONNX Runtime releases the GIL; a worker thread keeps the event loop answering.
-        result = await asyncio.to_thread(recommend, model, query)
+        if self._batcher is not None:
+            planned = plan(model, query)
+            result = (
+                planned
+                if isinstance(planned, Recommendation)
+                else await self._batcher.recommend(model, planned)
+            )
+        else:
+            # ONNX Runtime releases the GIL; a worker thread keeps the event loop answering.
+            result = await asyncio.to_thread(recommend, model, query)
+            self._metrics.batch_size.observe(1)
         return pb.RecommendResponse(
             items=[
                 pb.RecommendedItem(
@@ -175,6 +200,10 @@ class DiscountService(pb_grpc.DiscountServiceServicer):
             )
         )
         offering.log.append(result.log_rows)
+        self._metrics.offers.inc(len(result.offers))
+        self._metrics.discount_cents.inc(
+            sum(o.base_price_cents - o.final_price_cents for o in result.offers)
+        )
         return pb.GetOffersResponse(
             offers=[
                 pb.Offer(
@@ -226,6 +255,8 @@ class DiscountService(pb_grpc.DiscountServiceServicer):
         ]
         # A worker thread: the event loop keeps answering while the store commits.
         outcomes = await asyncio.to_thread(offering.record_events, batch)
+        for outcome in outcomes:
+            self._metrics.events.labels(outcome.verdict.value).inc()
         return pb.RecordEventsResponse(
             results=[
                 pb.EventResult(event_id=o.event_id, status=EVENT_STATUS[o.verdict], reason=o.reason)

@@ -12,6 +12,7 @@ from typing import TypeVar
 from core.offer_token import OfferKeyError, OfferKeys, load_offer_keys
 from core.store.db import DEFAULT_URL
 from server.auth import AUTH_MODES
+from server.logs import LEVELS
 from server.tls import TlsError, TlsFiles, load
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -34,6 +35,10 @@ SOURCES: dict[str, tuple[str, str | None]] = {
     "tls_cert": ("DISCOUNT_TLS_CERT", None),
     "tls_key": ("DISCOUNT_TLS_KEY", None),
     "tls_client_ca": ("DISCOUNT_TLS_CLIENT_CA", None),
+    "metrics_port": ("DISCOUNT_METRICS_PORT", None),
+    "log_level": ("DISCOUNT_LOG_LEVEL", "info"),
+    "batch_max_size": ("DISCOUNT_BATCH_MAX_SIZE", "64"),
+    "batch_max_wait_us": ("DISCOUNT_BATCH_MAX_WAIT_US", "0"),
 }
 SWITCHES = ("on", "off")
 # A public key for `make demo` and local trials only: anyone can forge offers signed with it.
@@ -68,6 +73,13 @@ class Settings:
     reflection: bool = True
     # None: plaintext, which the command line allows only with --insecure.
     tls: TlsFiles | None = None
+    # Prometheus /metrics over HTTP on host:metrics_port; None: no metrics endpoint, 0 picks.
+    metrics_port: int | None = None
+    log_level: str = "info"
+    # Recommend calls gathered into one model run (server.batching); 1 turns batching off.
+    batch_max_size: int = 64
+    # Microseconds a batch waits for more calls once an inference slot is free (0: none).
+    batch_max_wait_us: int = 0
 
 
 def resolve(
@@ -130,10 +142,29 @@ def resolve(
     if reflection not in SWITCHES:
         problems.append(f"{flag('reflection')}: {raw['reflection']!r} is not on or off")
     tls = _tls(raw, insecure, flag, problems)
+    metrics_port = _number(raw["metrics_port"], int) if raw["metrics_port"] else None
+    if raw["metrics_port"] and (metrics_port is None or not 0 <= metrics_port <= 65535):
+        problems.append(
+            f"{flag('metrics_port')}: {raw['metrics_port']!r} is not a port number (0-65535)"
+        )
+    log_level = (raw["log_level"] or "").lower()
+    if log_level not in LEVELS:
+        problems.append(
+            f"{flag('log_level')}: {raw['log_level']!r} is not one of {', '.join(LEVELS)}"
+        )
+    batch_size = _number(raw["batch_max_size"], int)
+    if batch_size is None or not 1 <= batch_size <= 1024:
+        problems.append(f"{flag('batch_max_size')}: {raw['batch_max_size']!r} is not 1 to 1024")
+    batch_wait = _number(raw["batch_max_wait_us"], int)
+    if batch_wait is None or not 0 <= batch_wait <= 1_000_000:
+        problems.append(
+            f"{flag('batch_max_wait_us')}: {raw['batch_max_wait_us']!r} is not 0 to 1000000"
+        )
     if problems:
         raise SettingsError("invalid settings: " + "; ".join(problems))
     assert model_dir is not None and port is not None and poll is not None and grace is not None
     assert rules_poll is not None and ttl is not None
+    assert batch_size is not None and batch_wait is not None
     return Settings(
         Path(model_dir),
         device,
@@ -148,6 +179,10 @@ def resolve(
         auth=auth,
         reflection=reflection == "on",
         tls=tls,
+        metrics_port=metrics_port,
+        log_level=log_level,
+        batch_max_size=batch_size,
+        batch_max_wait_us=batch_wait,
     )
 
 

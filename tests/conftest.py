@@ -129,7 +129,7 @@ class RunningServer:
     """A real discountd (create_server + start) on 127.0.0.1:0, its event loop in a thread,
     so tests call it through ordinary blocking stubs."""
 
-    def __init__(self, model_dir: Path, poll_interval: float = 0.0) -> None:
+    def __init__(self, model_dir: Path, poll_interval: float = 0.0, **settings: Any) -> None:
         import asyncio
         import threading
 
@@ -138,10 +138,15 @@ class RunningServer:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
-        settings = Settings(
-            model_dir=model_dir, device="cpu", host="127.0.0.1", port=0, poll_interval=poll_interval
+        resolved = Settings(
+            model_dir=model_dir,
+            device="cpu",
+            host="127.0.0.1",
+            port=0,
+            poll_interval=poll_interval,
+            **settings,
         )
-        self.server, self.port = self.call(self._start(settings))
+        self.server, self.port = self.call(self._start(resolved))
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
         self.stub = discount_pb2_grpc.DiscountServiceStub(self.channel)
 

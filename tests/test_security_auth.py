@@ -131,7 +131,7 @@ def test_access_log_names_the_client_never_the_token(
 ) -> None:
     stub = pb_grpc.DiscountServiceStub(channel)
     token = create_client(db_url, "cart")
-    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.DEBUG)
     eventually(
         lambda: (
             status_of(lambda: stub.Recommend(RECOMMEND, metadata=bearer(token)))[0]

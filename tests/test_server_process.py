@@ -67,6 +67,8 @@ class Discountd:
                 "--insecure",
                 "--auth",
                 "off",
+                "--log-level",
+                "debug",
                 *extra,
             ],
             stdout=subprocess.DEVNULL,

@@ -238,7 +238,7 @@ def test_model_info_describes_the_serving_version(running: RunningServer) -> Non
 def test_access_log_names_method_status_and_request_id(
     stub: pb_grpc.DiscountServiceStub, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="discountd.access")
+    caplog.set_level(logging.DEBUG, logger="discountd.access")
     with pytest.raises(grpc.RpcError):
         stub.Recommend(pb.RecommendRequest(user_id=""), metadata=(("x-request-id", "r-1"),))
     stub.Recommend(pb.RecommendRequest(user_id=GARDEN_USER), metadata=(("x-request-id", "r-2"),))

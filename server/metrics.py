@@ -1,0 +1,118 @@
+"""Prometheus metrics of one discountd process, served on --metrics-port.
+
+Each server owns its registry (tests run several servers in one process). Values that already
+live elsewhere (model version, provider, snapshot age) are read at scrape time, never copied.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+# Seconds: from a health check's tens of microseconds to a slow 1M-item inference.
+LATENCY_BUCKETS = (
+    0.0002,
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+# (model version, active provider) of the serving version, or None before the first load.
+ModelState = Callable[[], tuple[str, str] | None]
+# Age in seconds of the rule snapshot, or None without a store.
+SnapshotAge = Callable[[], float | None]
+
+
+class _Live(Collector):
+    def __init__(self, model: ModelState, snapshot_age: SnapshotAge) -> None:
+        self._model = model
+        self._snapshot_age = snapshot_age
+
+    def collect(self) -> Iterable[Metric]:
+        info = GaugeMetricFamily(
+            "discountd_model_info",
+            "The serving model version and ONNX Runtime provider (value 1).",
+            labels=["version", "provider"],
+        )
+        state = self._model()
+        if state is not None:
+            info.add_metric(list(state), 1.0)
+        yield info
+        age = self._snapshot_age()
+        if age is not None:
+            yield GaugeMetricFamily(
+                "discountd_rule_snapshot_age_seconds",
+                "Seconds since the rule snapshot was last loaded from the store.",
+                value=age,
+            )
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "discountd_requests",
+            "Calls answered, by method, status code and authenticated client ('-' without).",
+            ["method", "code", "client"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "discountd_request_seconds",
+            "Time from the call reaching the handler to its answer, by method.",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "discountd_inference_batch_size",
+            "Users scored in one ONNX Runtime run.",
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.offers = Counter(
+            "discountd_offers_issued",
+            "Signed offers returned by GetOffers.",
+            registry=self.registry,
+        )
+        self.discount_cents = Counter(
+            "discountd_discount_offered_cents",
+            "Sum of base minus final price over issued offers, in cents.",
+            registry=self.registry,
+        )
+        self.events = Counter(
+            "discountd_events",
+            "Events received by RecordEvents, by verdict (accepted, duplicate, rejected).",
+            ["verdict"],
+            registry=self.registry,
+        )
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def watch(self, model: ModelState, snapshot_age: SnapshotAge) -> None:
+        self.registry.register(_Live(model, snapshot_age))
+
+    def serve(self, host: str, port: int) -> int:
+        """Serve /metrics over HTTP in a daemon thread; returns the bound port (port 0 picks)."""
+        self._server, self._thread = start_http_server(port, host, self.registry)
+        return int(self._server.server_port)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

@@ -1,0 +1,95 @@
+"""The Prometheus endpoint of a real server, scraped over HTTP and parsed with
+prometheus_client's parser; structured access-log lines."""
+
+from __future__ import annotations
+
+import json
+import logging
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from discount.v1 import discount_pb2 as pb
+from server.logs import JsonFormatter
+from tests.conftest import RunningServer
+
+
+@pytest.fixture(scope="module")
+def running(model_store: Path) -> Iterator[RunningServer]:
+    server = RunningServer(model_store, metrics_port=0)
+    server.wait_first_load()
+    yield server
+    server.close()
+
+
+def scrape(server: RunningServer) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    port = server.server.metrics_port
+    assert port is not None
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
+) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_counters_and_histograms_move_after_calls(running: RunningServer) -> None:
+    before = scrape(running)
+    for _ in range(3):
+        running.stub.Recommend(pb.RecommendRequest(user_id="user-0"))
+    with pytest.raises(grpc.RpcError):
+        running.stub.Recommend(pb.RecommendRequest(user_id=""))
+    health_pb2_grpc.HealthStub(running.channel).Check(health_pb2.HealthCheckRequest())
+    after = scrape(running)
+
+    def moved(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert moved("discountd_requests_total", method="Recommend", code="OK", client="-") == 3
+    assert (
+        moved("discountd_requests_total", method="Recommend", code="INVALID_ARGUMENT", client="-")
+        == 1
+    )
+    assert moved("discountd_requests_total", method="Check", code="OK", client="-") == 1
+    assert moved("discountd_request_seconds_count", method="Recommend") == 4
+    assert moved("discountd_request_seconds_bucket", method="Recommend", le="+Inf") == 4
+    assert moved("discountd_inference_batch_size_count") >= 3
+
+
+def test_model_version_and_provider(running: RunningServer) -> None:
+    info = running.stub.GetModelInfo(pb.GetModelInfoRequest())
+    samples = scrape(running)
+    labels = {"version": info.model_version, "provider": "CPUExecutionProvider"}
+    assert value(samples, "discountd_model_info", **labels) == 1.0
+    # Without a store there is no rule snapshot to age.
+    assert not [name for name, _ in samples if name == "discountd_rule_snapshot_age_seconds"]
+
+
+def test_access_log_is_debug_when_ok_and_carries_fields(
+    running: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="discountd.access")
+    running.stub.Recommend(
+        pb.RecommendRequest(user_id="user-0"), metadata=(("x-request-id", "q-1"),)
+    )
+    with pytest.raises(grpc.RpcError):
+        running.stub.Recommend(pb.RecommendRequest(user_id=""), metadata=(("x-request-id", "q-2"),))
+    records = [r for r in caplog.records if r.name == "discountd.access"]
+    assert [r.__dict__["request_id"] for r in records] == ["q-2"], "OK calls log at debug only"
+    line = json.loads(JsonFormatter().format(records[0]))
+    assert line["code"] == "INVALID_ARGUMENT"
+    assert line["method"] == "/discount.v1.DiscountService/Recommend"
+    assert line["request_id"] == "q-2" and line["client"] == "-"
+    assert line["level"] == "INFO" and line["ms"] >= 0
