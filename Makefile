@@ -14,6 +14,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[train,dev,report]'
 	touch $(STAMP)
 
+# Shop → model → store → discountd → storefront calls → simulated shoppers → experiment report
+# (var/demo/; DATA=online-retail for the real dataset). Steps are in tools/demo.sh.
+demo: $(STAMP)
+	DATA=$(DATA) VENV=$(VENV) bash tools/demo.sh
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 

@@ -1,0 +1,424 @@
+"""Replay simulated shoppers through a running discountd, the way a storefront would.
+
+Each shopper asks ``GetOffers`` for their recommendations, sees them (impressions), clicks some,
+and buys according to the market simulator's true response curve: the shopper's discount
+behaviour (never reacts, only to large discounts, buys regardless, graded), the item's price, the
+discount the server offered, and a relevance derived from the rank the model gave the item.
+Everything goes back through ``RecordEvents`` in batches: a redemption (with the offer id) for a
+line bought at a discounted price, a purchase for one bought at the base price.
+
+Shoppers are the shop's users plus a share of brand-new visitor ids. All random draws depend only
+on the seed and the shopper's position, never on the order calls complete in, and event ids are
+derived from the same, so a rerun with the same arguments records nothing twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+import grpc
+import numpy as np
+import pandas as pd
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from core.artifact import ArtifactError, current_version_dir
+from discount.v1 import discount_pb2 as pb
+from discount.v1 import discount_pb2_grpc as pb_grpc
+from trainer.market import Market, MarketConfig, make_market
+
+if TYPE_CHECKING:
+    from discount.v1.discount_pb2_grpc import DiscountServiceAsyncStub
+
+# The model's rank stands in for the shopper's true taste (the simulator's standardized
+# relevance): the best recommendation is clearly relevant, each further rank a little less.
+TOP_RELEVANCE = 1.0
+RELEVANCE_PER_RANK = 0.25
+UNRANKED_RELEVANCE = -0.5
+# A shopper clicks up to this many times as often as they buy; every purchase follows a click.
+CLICKS_PER_PURCHASE = 4.0
+MAX_EVENTS_PER_CALL = 1000
+CALL_TIMEOUT_S = 30.0
+RECORD_RETRIES = 3
+NO_VARIANT = "(none)"
+
+
+class ReplayError(Exception):
+    """A call failed in a way the caller must fix (address, token, server state)."""
+
+
+@dataclass(frozen=True)
+class ReplayConfig:
+    target: str
+    shoppers: int
+    seed: int = 0
+    offers_per_shopper: int = 5
+    concurrency: int = 8
+    new_visitor_share: float = 0.1
+    batch_size: int = 500
+    token: str | None = None
+    tls_ca: bytes | None = None  # PEM; None means a plaintext channel
+    wait_s: float = 30.0
+
+
+@dataclass
+class Tally:
+    """What the shoppers of one variant saw and did, as this replay drew it."""
+
+    visits: int = 0
+    offers: int = 0
+    discounted: int = 0
+    clicks: int = 0
+    purchases: int = 0
+    revenue_cents: int = 0
+    discount_cents: int = 0
+
+
+@dataclass
+class ReplayResult:
+    variants: dict[str, Tally] = field(default_factory=dict)
+    users: dict[str, set[str]] = field(default_factory=dict)  # distinct users per variant
+    accepted: int = 0
+    duplicate: int = 0
+    rejected: int = 0
+    first_rejection: str = ""
+
+
+def relevance_of_rank(rank: int) -> float:
+    """Relevance (simulator units) of an item the model ranked ``rank`` (1 = best, 0 = unranked)."""
+    if rank <= 0:
+        return UNRANKED_RELEVANCE
+    return max(UNRANKED_RELEVANCE, TOP_RELEVANCE - RELEVANCE_PER_RANK * (rank - 1))
+
+
+def pick_shoppers(known: Sequence[str], count: int, new_share: float, seed: int) -> list[str]:
+    """``count`` shopper ids in a seeded order: about ``new_share`` brand-new visitors, the rest
+    known users, each once before any comes back for another visit."""
+    rng = np.random.default_rng([seed, 0])
+    n_new = round(count * new_share) if known else count
+    n_known = count - n_new
+    rounds = -(-n_known // len(known)) if known else 0
+    picks = [int(i) for _ in range(rounds) for i in rng.permutation(len(known))][:n_known]
+    shoppers = [known[i] for i in picks]
+    shoppers += [f"visitor-s{seed}-{i:06d}" for i in range(n_new)]
+    return [shoppers[i] for i in rng.permutation(len(shoppers))]
+
+
+def shopper_events(
+    market: Market, seed: int, index: int, user: str, reply: pb.GetOffersResponse
+) -> tuple[list[pb.Event], Tally]:
+    """The events shopper ``index`` (row ``index`` of the market) produces on these offers."""
+    offers = [o for o in reply.offers if o.offer_id]  # an item without a price gets no offer
+    tally = Tally(visits=1, offers=len(offers))
+    if not offers:
+        return [], tally
+    n = len(offers)
+    p_buy = market.response(
+        np.full(n, index),
+        np.array([relevance_of_rank(o.rank) for o in offers]),
+        np.array([o.base_price_cents / 100 for o in offers]),
+        np.array([o.discount_percent / 100 for o in offers]),
+    )
+    p_click = np.minimum(1.0, CLICKS_PER_PURCHASE * p_buy)
+    draws = np.random.default_rng([seed, 1, index]).random(n)  # one draw: buying implies a click
+    events: list[pb.Event] = []
+    for pos, (offer, draw) in enumerate(zip(offers, draws, strict=True)):
+        base = f"replay-s{seed}-{index}-{pos}"
+        discounted = offer.final_price_cents < offer.base_price_cents
+        tally.discounted += discounted
+        events.append(_event(f"{base}-impression", pb.EVENT_TYPE_IMPRESSION, user, offer))
+        if draw >= p_click[pos]:
+            continue
+        tally.clicks += 1
+        events.append(_event(f"{base}-click", pb.EVENT_TYPE_CLICK, user, offer))
+        if draw >= p_buy[pos]:
+            continue
+        kind = pb.EVENT_TYPE_REDEMPTION if discounted else pb.EVENT_TYPE_PURCHASE
+        name = "redemption" if discounted else "purchase"
+        events.append(_event(f"{base}-{name}", kind, user, offer, offer.final_price_cents))
+        tally.purchases += 1
+        tally.revenue_cents += offer.final_price_cents
+        tally.discount_cents += offer.base_price_cents - offer.final_price_cents
+    return events, tally
+
+
+def _event(
+    event_id: str, kind: pb.EventType.ValueType, user: str, offer: pb.Offer, revenue: int = 0
+) -> pb.Event:
+    return pb.Event(
+        event_id=event_id,
+        type=kind,
+        user_id=user,
+        item_id=offer.item_id,
+        offer_id=offer.offer_id,
+        revenue_cents=revenue,
+        quantity=1 if revenue else 0,
+    )
+
+
+def _add(total: Tally, one: Tally) -> None:
+    for name in Tally.__dataclass_fields__:
+        setattr(total, name, getattr(total, name) + getattr(one, name))
+
+
+def _channel(config: ReplayConfig) -> grpc.aio.Channel:
+    if config.tls_ca is None:
+        return grpc.aio.insecure_channel(config.target)
+    return grpc.aio.secure_channel(config.target, grpc.ssl_channel_credentials(config.tls_ca))
+
+
+async def _wait_until_serving(channel: grpc.aio.Channel, config: ReplayConfig) -> None:
+    health = health_pb2_grpc.HealthStub(channel)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + config.wait_s
+    last = "no answer"
+    while True:
+        try:
+            reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=2)
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+            last = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        except grpc.aio.AioRpcError as e:
+            last = f"{e.code().name}: {e.details()}"
+        if loop.time() >= deadline:
+            raise ReplayError(
+                f"{config.target} not SERVING after {config.wait_s:.0f}s ({last}); "
+                "is discountd running there?"
+            )
+        await asyncio.sleep(0.2)
+
+
+class _Replay:
+    def __init__(
+        self,
+        config: ReplayConfig,
+        shoppers: list[str],
+        stub: DiscountServiceAsyncStub,
+        progress: Callable[[int, int], None],
+    ) -> None:
+        self.config = config
+        self.shoppers = shoppers
+        self.stub = stub
+        self.progress = progress
+        self.metadata = (("authorization", f"Bearer {config.token}"),) if config.token else ()
+        # One simulated population, one row per shopper: their discount behaviour and price
+        # sensitivity. Its catalog is unused; the shop's items come from discountd.
+        self.market = make_market(MarketConfig(n_users=len(shoppers), n_items=1, seed=config.seed))
+        self.result = ReplayResult()
+        self.pending: list[pb.Event] = []
+        self.done = 0
+        self.next = 0
+
+    async def run(self) -> ReplayResult:
+        workers = min(self.config.concurrency, len(self.shoppers))
+        await asyncio.gather(*(self._worker() for _ in range(workers)))
+        while self.pending:
+            await self._send(self._take())
+        return self.result
+
+    async def _worker(self) -> None:
+        size = min(self.config.batch_size, MAX_EVENTS_PER_CALL)
+        while self.next < len(self.shoppers):
+            index, self.next = self.next, self.next + 1
+            await self._shop(index)
+            if len(self.pending) >= size:
+                await self._send(self._take())
+
+    async def _shop(self, index: int) -> None:
+        user = self.shoppers[index]
+        request = pb.GetOffersRequest(user_id=user, limit=self.config.offers_per_shopper)
+        try:
+            reply = await self.stub.GetOffers(
+                request, metadata=self.metadata, timeout=CALL_TIMEOUT_S
+            )
+        except grpc.aio.AioRpcError as e:
+            raise ReplayError(self._failure("GetOffers", user, e)) from None
+        events, tally = shopper_events(self.market, self.config.seed, index, user, reply)
+        self.pending.extend(events)
+        variant = reply.variant or NO_VARIANT
+        _add(self.result.variants.setdefault(variant, Tally()), tally)
+        self.result.users.setdefault(variant, set()).add(user)
+        self.done += 1
+        self.progress(self.done, len(self.shoppers))
+
+    def _take(self) -> list[pb.Event]:
+        size = min(self.config.batch_size, MAX_EVENTS_PER_CALL)
+        batch, self.pending = self.pending[:size], self.pending[size:]
+        return batch
+
+    async def _send(self, batch: list[pb.Event]) -> None:
+        for attempt in range(RECORD_RETRIES + 1):
+            try:
+                reply = await self.stub.RecordEvents(
+                    pb.RecordEventsRequest(events=batch),
+                    metadata=self.metadata,
+                    timeout=CALL_TIMEOUT_S,
+                )
+                break
+            except grpc.aio.AioRpcError as e:
+                # Nothing of a refused batch was stored and ids make a resend safe.
+                if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == RECORD_RETRIES:
+                    raise ReplayError(self._failure("RecordEvents", None, e)) from None
+                await asyncio.sleep(0.5 * 2**attempt)
+        for r in reply.results:
+            if r.status == pb.EVENT_STATUS_ACCEPTED:
+                self.result.accepted += 1
+            elif r.status == pb.EVENT_STATUS_DUPLICATE:
+                self.result.duplicate += 1
+            else:
+                self.result.rejected += 1
+                self.result.first_rejection = self.result.first_rejection or (
+                    f"{r.event_id}: {r.reason}"
+                )
+
+    def _failure(self, method: str, user: str | None, e: grpc.aio.AioRpcError) -> str:
+        code = e.code()
+        about = f" for user {user!r}" if user else ""
+        hint = ""
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            hint = "; pass --token (discountctl clients create NAME)"
+        elif code == grpc.StatusCode.UNAVAILABLE:
+            hint = "; is discountd running there, with a store (--db-url)?"
+        return f"{self.config.target}: {method}{about}: {code.name}: {e.details()}{hint}"
+
+
+async def replay(
+    config: ReplayConfig,
+    known_users: Sequence[str],
+    progress: Callable[[int, int], None] = lambda done, total: None,
+) -> ReplayResult:
+    """Replay ``config.shoppers`` shoppers against discountd at ``config.target``."""
+    shoppers = pick_shoppers(known_users, config.shoppers, config.new_visitor_share, config.seed)
+    async with _channel(config) as channel:
+        await _wait_until_serving(channel, config)
+        stub = pb_grpc.DiscountServiceStub(channel)
+        return await _Replay(config, shoppers, stub, progress).run()
+
+
+def read_users(path: Path) -> list[str]:
+    """Distinct user ids, in order of first appearance, from an interactions file (CSV or
+    Parquet with a ``user_id`` column) or from the model store's current version."""
+    try:
+        if path.is_dir():
+            users: list[str] = json.loads((current_version_dir(path) / "users.json").read_text())
+            return users
+        if path.suffix == ".parquet":
+            frame = pd.read_parquet(path, columns=["user_id"])
+        else:
+            frame = pd.read_csv(path, usecols=["user_id"], dtype={"user_id": str})
+    except FileNotFoundError:
+        raise ReplayError(f"{path}: no such file") from None
+    except (ArtifactError, OSError, ValueError, KeyError) as e:
+        raise ReplayError(f"{path}: cannot read user ids ({e})") from None
+    return [str(u) for u in pd.unique(frame["user_id"].dropna().astype(str))]
+
+
+def _table(result: ReplayResult) -> list[str]:
+    header = (
+        "variant", "users", "visits", "offers", "discounted", "clicks", "purchases", "revenue",
+        "discount_given",
+    )  # fmt: skip
+    rows: list[tuple[str, ...]] = [header]
+    for name, t in sorted(result.variants.items()):
+        counts = (len(result.users[name]), t.visits, t.offers, t.discounted, t.clicks, t.purchases)
+        money = (t.revenue_cents / 100, t.discount_cents / 100)
+        rows.append((name, *(f"{c:,}" for c in counts), *(f"{m:,.2f}" for m in money)))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) for r in rows]
+
+
+@click.command("replay")
+@click.option("--target", required=True, help="discountd address, HOST:PORT.")
+@click.option(
+    "--users-from",
+    type=click.Path(path_type=Path, exists=True),
+    required=True,
+    help="Interactions file (CSV or .parquet, column user_id) or model store: the shop's users.",
+)
+@click.option("--shoppers", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same shoppers.")
+@click.option("--offers-per-shopper", type=click.IntRange(1, 1000), default=5, show_default=True)
+@click.option("--concurrency", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option(
+    "--new-visitors",
+    type=click.FloatRange(0, 1),
+    default=0.1,
+    show_default=True,
+    help="Share of shoppers that are brand-new visitor ids.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1, MAX_EVENTS_PER_CALL),
+    default=500,
+    show_default=True,
+    help="Events per RecordEvents call.",
+)
+@click.option(
+    "--token",
+    envvar="DISCOUNT_CLIENT_TOKEN",
+    help="Client token (discountctl clients create) when discountd runs with --auth required.",
+)
+@click.option(
+    "--tls-ca",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="PEM CA that signed discountd's certificate; without it the channel is plaintext.",
+)
+@click.option(
+    "--wait", type=float, default=30.0, show_default=True, help="Seconds to wait for SERVING."
+)
+def replay_command(
+    target: str,
+    users_from: Path,
+    shoppers: int,
+    seed: int,
+    offers_per_shopper: int,
+    concurrency: int,
+    new_visitors: float,
+    batch_size: int,
+    token: str | None,
+    tls_ca: Path | None,
+    wait: float,
+) -> None:
+    """Replay simulated shoppers through a running discountd: GetOffers, then impressions,
+    clicks, purchases and redemptions through RecordEvents, decided by the market simulator's
+    known response curves. A rerun with the same arguments records nothing twice.
+
+    Example: discount-train replay --target 127.0.0.1:50051 --users-from shop/interactions.csv
+    --shoppers 3000 --seed 1 --token "$TOKEN"
+    """
+    config = ReplayConfig(
+        target=target,
+        shoppers=shoppers,
+        seed=seed,
+        offers_per_shopper=offers_per_shopper,
+        concurrency=concurrency,
+        new_visitor_share=new_visitors,
+        batch_size=batch_size,
+        token=token,
+        tls_ca=tls_ca.read_bytes() if tls_ca is not None else None,
+        wait_s=wait,
+    )
+    step = max(1, shoppers // 10)
+
+    def progress(done: int, total: int) -> None:
+        if done % step == 0 or done == total:
+            click.echo(f"  {done:,}/{total:,} shoppers", err=True)
+
+    try:
+        known = read_users(users_from)
+        result = asyncio.run(replay(config, known, progress))
+    except ReplayError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo("\n".join(_table(result)))
+    click.echo(
+        f"events: {result.accepted:,} accepted, {result.duplicate:,} duplicate "
+        f"(already recorded), {result.rejected:,} rejected",
+        err=True,
+    )
+    if result.rejected:
+        raise click.ClickException(f"the server rejected events, e.g. {result.first_rejection}")
