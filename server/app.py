@@ -74,8 +74,6 @@ class DiscountServer:
             # operators can still see it (grpc_health_probe -service discountd.rule_snapshot).
             await self.health.set(RULES_HEALTH, SERVING)
             self.offering.start(self._rules_freshness)
-        if self.clients is not None:
-            self.clients.start()
 
     async def _rules_freshness(self, fresh: bool) -> None:
         await self.health.set(RULES_HEALTH, SERVING if fresh else NOT_SERVING)
@@ -97,8 +95,6 @@ class DiscountServer:
                 await self._watcher
         await self.grpc.stop(grace)
         self.metrics.stop()
-        if self.clients is not None:
-            await self.clients.stop()
         # After the last call: every offer issued is in the log's queue, flushed here.
         if self.offering is not None:
             await self.offering.stop()
@@ -132,8 +128,10 @@ def create_server(settings: Settings) -> tuple[DiscountServer, int]:
     if settings.auth == "required":
         if offering is None:
             raise StoreUnavailable("--auth required needs the store that holds the clients")
-        clients = ClientRegistry(offering.store, settings.rules_poll_interval)
-        clients.load()
+        clients = ClientRegistry()
+        with offering.store.transaction() as session:
+            clients.load_from(session)
+        offering.keeper.on_load = clients.load_from
         interceptors.append(AuthInterceptor(clients))
     tls = TlsCredentials(settings.tls) if settings.tls is not None else None
     grpc_server = aio.server(interceptors=interceptors)

@@ -1,29 +1,23 @@
 """Client auth: every RPC but grpc.health.v1 needs `authorization: Bearer TOKEN` of a client
 that `discountctl clients create` made and nobody revoked (deny by default).
 
-The server keeps the active token digests in memory, reloaded from the store every
-``interval`` seconds, so a revocation reaches it within one interval. When the store is
-unreachable the last list stays in force (like the rule snapshot); a revocation made during
+The server keeps the active token digests in memory and reloads them with the rule snapshot
+(server.snapshot), in the same transaction: on PostgreSQL at once, because every client change
+is audited and the audit notifies, and on any store within --rules-poll-interval. When the
+store is unreachable the last list stays in force, like the rules; a revocation made during
 the outage takes effect once the store answers again.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
 from typing import Any, cast
 
 import grpc
 from grpc import aio
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from core.store.clients import active_digests, digest
-from core.store.db import Store
-from core.store.errors import StoreError
 from server.interceptors import Behavior, Continuation, Handler, Interceptor, client_name
-
-log = logging.getLogger(__name__)
 
 AUTH_MODES = ("required", "off")
 HEADER = "authorization"
@@ -34,21 +28,13 @@ HOW_TO_GET_ONE = "an admin creates one with `discountctl clients create NAME`"
 
 
 class ClientRegistry:
-    """The active clients' token digests, refreshed from the store in the background."""
+    """The active clients' token digests, replaced whenever the rule snapshot is loaded."""
 
-    def __init__(self, store: Store, interval: float) -> None:
-        self.store = store
-        self.interval = interval
+    def __init__(self) -> None:
         self._digests: dict[str, str] = {}
-        self._error = ""
-        self._task: asyncio.Task[None] | None = None
 
-    def load(self) -> None:
-        with self.store.transaction() as session:
-            self._digests = active_digests(session)
-        if self._error:
-            log.info("client list fresh again from %s", self.store.masked_url)
-        self._error = ""
+    def load_from(self, session: Session) -> None:
+        self._digests = active_digests(session)
 
     def name_for(self, token: str) -> str | None:
         return self._digests.get(digest(token))
@@ -56,26 +42,6 @@ class ClientRegistry:
     @property
     def count(self) -> int:
         return len(self._digests)
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                await asyncio.to_thread(self.load)
-            except (StoreError, SQLAlchemyError, OSError) as e:
-                message = str(e) if isinstance(e, StoreError) else str(self.store.unavailable(e))
-                if message != self._error:
-                    log.error("client list not refreshed, keeping the last one: %s", message)
-                self._error = message
 
 
 def bearer_token(metadata: Any) -> str | None:

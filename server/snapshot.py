@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 import psycopg
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from core.offers import Snapshot
 from core.store.db import NOTIFY_CHANNEL, Store, first_line
@@ -46,6 +47,9 @@ class SnapshotKeeper:
         self._stop_listening = threading.Event()
         self._listener: threading.Thread | None = None
         self._on_change: Callable[[bool], Awaitable[None]] | None = None
+        # Also read, in the snapshot's own transaction, by whoever needs store data kept as
+        # current as the rules (server.auth's client list): one refresh path, one staleness.
+        self.on_load: Callable[[Session], None] | None = None
 
     def open(self) -> None:
         """Refuse a store that is unreachable or not at the schema head; load the first
@@ -68,6 +72,8 @@ class SnapshotKeeper:
     def _load(self) -> None:
         with self.store.transaction() as session:
             snapshot = load_snapshot(session, datetime.now(UTC))
+            if self.on_load is not None:
+                self.on_load(session)
         self.snapshot, self._loaded_at = snapshot, time.monotonic()
         if not self.fresh and self.error:
             log.info("rule snapshot fresh again from %s", self.store.masked_url)
