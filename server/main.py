@@ -27,7 +27,9 @@ def _env(name: str) -> str:
 
 
 @click.command(
-    epilog="Example: discountd --model-dir var/models --port 50051 --device auto",
+    epilog="\b\nExamples:\n"
+    "  discountd --model-dir var/models --tls-cert tls.crt --tls-key tls.key\n"
+    "  discountd --model-dir var/models --insecure --auth off --insecure-demo-key  # local trial",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 @click.option(
