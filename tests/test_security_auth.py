@@ -14,11 +14,18 @@ import pytest
 from cli import ctl
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from offer_server import eventually
-from secure_server import ServerThread, settings
+from secure_server import ServerThread
+from secure_server import settings as server_settings
 
+from core.store import migrate
+from core.store.clients import Clients
+from core.store.db import Store
 from discount.v1 import discount_pb2 as pb
 from discount.v1 import discount_pb2_grpc as pb_grpc
+from server.auth import ClientRegistry, bearer_token
 
 pytestmark = pytest.mark.timeout(120)
 RECOMMEND = pb.RecommendRequest(user_id="user-0", limit=3)
@@ -36,7 +43,9 @@ def create_client(db_url: str, name: str) -> str:
 def server(model_store: Path, db_url: str) -> Iterator[ServerThread]:
     # On PostgreSQL a slow poll: only LISTEN/NOTIFY can make client changes visible in 10 s.
     poll = 0.2 if db_url.startswith("sqlite") else 30.0
-    running = ServerThread(settings(model_store, db_url, auth="required", rules_poll_interval=poll))
+    running = ServerThread(
+        server_settings(model_store, db_url, auth="required", rules_poll_interval=poll)
+    )
     yield running
     running.close()
 
@@ -170,7 +179,7 @@ def test_reflection_needs_a_token_when_auth_is_on(
 
 
 def test_reflection_can_be_switched_off(model_store: Path, db_url: str) -> None:
-    running = ServerThread(settings(model_store, db_url, reflection=False))
+    running = ServerThread(server_settings(model_store, db_url, reflection=False))
     try:
         with grpc.insecure_channel(running.target) as channel:
             with pytest.raises(grpc.RpcError) as e:
@@ -180,3 +189,44 @@ def test_reflection_can_be_switched_off(model_store: Path, db_url: str) -> None:
             assert stub.Recommend(RECOMMEND).items  # auth off: no token needed
     finally:
         running.close()
+
+
+def near_misses(token: str) -> st.SearchStrategy[str]:
+    """Strings one small edit away from the token, and arbitrary text."""
+    cut = st.integers(0, len(token) - 1)
+    return st.one_of(
+        st.text(max_size=80),
+        cut.map(lambda i: token[:i] + token[i + 1 :]),
+        cut.map(lambda i: token[:i] + ("A" if token[i] != "A" else "B") + token[i + 1 :]),
+        st.text(min_size=1, max_size=3).map(lambda extra: token + extra),
+        st.just(token.upper()),
+        st.just(token[4:]),  # without the dct_ prefix
+    )
+
+
+def test_only_the_exact_token_of_an_active_client_is_accepted(tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'store.db'}")
+    migrate.upgrade(store)
+    with store.transaction() as session:
+        _, token = Clients(session, "tester").create("svc")
+        _, revoked = Clients(session, "tester").create("gone")
+        Clients(session, "tester").revoke("gone")
+    registry = ClientRegistry()
+    with store.transaction() as session:
+        registry.load_from(session)
+    store.dispose()
+    assert registry.name_for(token) == "svc" and registry.name_for(revoked) is None
+
+    @settings(max_examples=300, deadline=None, database=None)
+    @given(
+        candidate=near_misses(token), scheme=st.sampled_from(["Bearer ", "bearer ", "Basic ", ""])
+    )
+    def check(candidate: str, scheme: str) -> None:
+        assert (registry.name_for(candidate) == "svc") == (candidate == token)
+        parsed = bearer_token([("authorization", scheme + candidate), ("x-other", b"\x00\xff")])
+        if scheme.lower() != "bearer ":
+            assert parsed is None
+        else:
+            assert parsed == candidate.strip()
+
+    check()
