@@ -14,10 +14,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[train,dev,report]'
 	touch $(STAMP)
 
-# Shop → model → store → discountd → storefront calls → simulated shoppers → experiment report
-# (var/demo/; DATA=online-retail for the real dataset). Steps are in tools/demo.sh.
+# Shop → model → store → discountd → storefront calls → simulated shoppers → experiment report,
+# in var/demo (DATA=online-retail for the real dataset). The steps are tools/demo.py.
 demo: $(STAMP)
-	DATA=$(DATA) VENV=$(VENV) bash tools/demo.sh
+	$(BIN)/python -m tools.demo --data $(or $(DATA),synthetic)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
