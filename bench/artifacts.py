@@ -1,0 +1,90 @@
+"""Random-factor model versions of a given catalog size, for serving benchmarks.
+
+Scores are random, so they say nothing about quality; the shapes (users, items, 64 factors,
+categories, purchase histories) are those of a real export, so serving does the same work.
+Versions are cached under var/bench/ by size: the 1M-item export takes minutes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from core.artifact import ArtifactError, current_version_dir
+from trainer.dataset import Catalog, Dataset, Factors, Interactions
+
+FACTORS = 64
+CATEGORIES = 20
+PURCHASES_PER_USER = 8
+CACHE = Path("var/bench")
+
+
+def user_id(n: int) -> str:
+    return f"user-{n}"
+
+
+def item_id(n: int) -> str:
+    return f"item-{n}"
+
+
+def random_shop(n_items: int, n_users: int, seed: int = 0) -> tuple[Dataset, Factors]:
+    """The same dataset and factors for the same arguments (the ONNX-vs-PyTorch comparison
+    rebuilds the factors of a cached version this way)."""
+    rng = np.random.default_rng(seed)
+    item = rng.normal(0.0, 0.1, (n_items, FACTORS)).astype(np.float32)
+    user = rng.normal(0.0, 0.1, (n_users, FACTORS)).astype(np.float32)
+    bias = rng.normal(0.0, 0.01, n_items).astype(np.float32)
+    foldin = np.linalg.inv(item.T @ item + 0.1 * np.eye(FACTORS)).astype(np.float32)
+    categories = [f"category-{c:02d}" for c in rng.integers(0, CATEGORIES, n_items)]
+    prices = np.round(rng.uniform(5.0, 200.0, n_items), 2)
+    catalog = Catalog(
+        item_ids=[item_id(i) for i in range(n_items)],
+        categories=categories,
+        titles=[f"item {i}" for i in range(n_items)],
+        prices=prices,
+        costs=np.round(prices * 0.6, 2),
+        cost_assumed=np.zeros(n_items, dtype=bool),
+    )
+    n = n_users * PURCHASES_PER_USER
+    interactions = Interactions(
+        user_index=np.repeat(np.arange(n_users, dtype=np.int64), PURCHASES_PER_USER),
+        item_index=rng.integers(0, n_items, n).astype(np.int64),
+        timestamp=1_700_000_000 + np.arange(n, dtype=np.int64),
+        event=["purchase"] * n,
+        quantity=np.ones(n, dtype=np.int64),
+        price=np.full(n, np.nan),
+    )
+    dataset = Dataset([user_id(u) for u in range(n_users)], catalog, interactions)
+    return dataset, Factors(user, item, bias, foldin)
+
+
+def build(store: Path, n_items: int, n_users: int, seed: int = 0) -> Path:
+    """Write one version into store (CURRENT points at it) and return its folder."""
+    import torch
+
+    from trainer.export import write_artifact  # imports torch: only where an artifact is built
+
+    torch.set_num_threads(2)
+    dataset, factors = random_shop(n_items, n_users, seed)
+    counts = np.bincount(dataset.interactions.item_index, minlength=n_items)
+    return write_artifact(
+        store,
+        dataset,
+        factors,
+        popularity=np.argsort(-counts, kind="stable").astype(np.int64),
+        user_features={"order_count": [float(PURCHASES_PER_USER)] * n_users},
+        metrics={},
+        training={"factors": FACTORS, "seed": seed, "random": True},
+        data={"source": f"bench/artifacts.py random factors, {n_items} items"},
+    )
+
+
+def cached(n_items: int, n_users: int, root: Path = CACHE) -> Path:
+    """The store for this size, built on first use."""
+    store = root / f"items-{n_items}-users-{n_users}"
+    try:
+        current_version_dir(store)
+    except ArtifactError:  # missing or half-built: build it afresh
+        build(store, n_items, n_users)
+    return store

@@ -1,0 +1,174 @@
+"""A gRPC load generator (asyncio, one process) with ghz's main options: concurrency, a total
+or a duration, and a rate. It prints one JSON object: throughput, latency percentiles, errors.
+
+Example:
+    python -m bench.load --target 127.0.0.1:50051 --call recommend --concurrency 32 \\
+        --duration 10 --users 10000
+    python -m bench.load --config bench/loadtest.json
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import click
+import grpc
+import numpy as np
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bench.artifacts import item_id, user_id
+from discount.v1 import discount_pb2 as pb
+from discount.v1 import discount_pb2_grpc as pb_grpc
+
+CALLS = ("check", "recommend", "offers")
+
+
+@dataclass(frozen=True)
+class Load:
+    target: str = "127.0.0.1:50051"
+    call: str = "recommend"
+    concurrency: int = 16
+    total: int = 0  # calls in all; 0: run for duration
+    duration: float = 10.0  # seconds, when total is 0
+    rate: float = 0.0  # calls per second across all workers; 0: as fast as answers come
+    users: int = 1000  # user ids user-0 .. user-(users-1), as bench.artifacts names them
+    items: int = 1000  # catalog size, for GetOffers item ids
+    offer_items: int = 20  # items per GetOffers call
+    limit: int = 10
+    token: str = ""  # bearer token for a server with --auth required
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Report:
+    call: str
+    concurrency: int
+    rate: float
+    requests: int
+    errors: dict[str, int]
+    seconds: float
+    rps: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+
+
+def _requests(load: Load) -> Any:
+    rng = random.Random(load.seed)
+    while True:
+        user = user_id(rng.randrange(load.users))
+        if load.call == "check":
+            yield health_pb2.HealthCheckRequest()
+        elif load.call == "recommend":
+            yield pb.RecommendRequest(user_id=user, limit=load.limit)
+        else:
+            picks = rng.sample(range(load.items), min(load.offer_items, load.items))
+            yield pb.GetOffersRequest(user_id=user, item_ids=[item_id(i) for i in picks])
+
+
+async def run(load: Load) -> Report:
+    metadata = (("authorization", f"Bearer {load.token}"),) if load.token else None
+    async with aio.insecure_channel(load.target) as channel:
+        if load.call == "check":
+            method: Any = health_pb2_grpc.HealthStub(channel).Check
+        elif load.call == "recommend":
+            method = pb_grpc.DiscountServiceStub(channel).Recommend
+        else:
+            method = pb_grpc.DiscountServiceStub(channel).GetOffers
+        await asyncio.wait_for(channel.channel_ready(), 30)
+        requests = _requests(load)
+        latencies: list[float] = []
+        errors: Counter[str] = Counter()
+        issued = 0
+        start = time.perf_counter()
+        stop_at = start + load.duration
+
+        def claim() -> float | None:
+            """The time this worker's next call is due, or None when the run is over."""
+            nonlocal issued
+            if (load.total and issued >= load.total) or (
+                not load.total and time.perf_counter() >= stop_at
+            ):
+                return None
+            issued += 1
+            return start + (issued - 1) / load.rate if load.rate else 0.0
+
+        async def worker() -> None:
+            while (due := claim()) is not None:
+                delay = due - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                sent = time.perf_counter()
+                try:
+                    await method(next(requests), metadata=metadata, timeout=30)
+                except grpc.RpcError as e:
+                    errors[e.code().name] += 1
+                    continue
+                latencies.append(time.perf_counter() - sent)
+
+        await asyncio.gather(*(worker() for _ in range(load.concurrency)))
+        seconds = time.perf_counter() - start
+    ms = np.array(latencies) * 1000 if latencies else np.zeros(1)
+    p50, p95, p99 = (float(np.percentile(ms, q)) for q in (50, 95, 99))
+    return Report(
+        load.call,
+        load.concurrency,
+        load.rate,
+        len(latencies),
+        dict(errors),
+        round(seconds, 3),
+        round(len(latencies) / seconds, 1),
+        round(p50, 3),
+        round(p95, 3),
+        round(p99, 3),
+    )
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="JSON object with any of the options below (flags override it).",
+)
+@click.option("--target", help="host:port of a plaintext discountd.")
+@click.option("--call", type=click.Choice(CALLS), help="check: health Check (the ceiling).")
+@click.option("--concurrency", type=click.IntRange(1), help="Calls in flight at once.")
+@click.option("--total", type=click.IntRange(0), help="Calls in all (0: use --duration).")
+@click.option("--duration", type=click.FloatRange(0, min_open=True), help="Seconds to run.")
+@click.option("--rate", type=click.FloatRange(0), help="Calls per second; 0: unthrottled.")
+@click.option("--users", type=click.IntRange(1), help="User ids user-0 .. user-N-1.")
+@click.option("--items", type=click.IntRange(1), help="Catalog size (item-0 ..) for offers.")
+@click.option("--offer-items", type=click.IntRange(1), help="Items per GetOffers call.")
+@click.option("--token", help="Bearer token when the server has --auth required.")
+def main(config: Path | None, **flags: Any) -> None:
+    """Load a running discountd and print throughput and latency as JSON."""
+    values: dict[str, Any] = {}
+    if config is not None:
+        try:
+            values = json.loads(config.read_text())
+        except ValueError as e:
+            raise click.UsageError(f"--config {config}: not JSON ({e})") from None
+        known = {f.name for f in fields(Load)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise click.UsageError(f"--config {config}: unknown keys {', '.join(unknown)}")
+    values.update({k: v for k, v in flags.items() if v is not None})
+    try:
+        report = asyncio.run(run(Load(**values)))
+    except TimeoutError:
+        click.echo(f"bench.load: no server answers at {values.get('target')}", err=True)
+        sys.exit(1)
+    click.echo(json.dumps(asdict(report)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,336 @@
+"""`make bench`: discountd under load from a separate process, and ONNX Runtime vs PyTorch.
+
+Each scenario starts a real discountd subprocess on a random-factor model version
+(bench.artifacts), runs bench.load against it in another process, and reads the server's CPU
+time and peak RSS from /proc. The health Check on the 100k server is the ceiling: the same
+stack doing no work. Results go to the "Serving performance" section of docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from bench.artifacts import CACHE, cached, random_shop
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+DOC = ROOT / "docs" / "BENCHMARKS.md"
+SECTION = "## Serving performance"
+TICKS = os.sysconf("SC_CLK_TCK")
+WARMUP = 200  # calls before each measured run
+
+
+@dataclass
+class Row:
+    scenario: str
+    items: int
+    load: dict[str, Any]
+    cpu_s_per_1k: float
+    peak_rss_mb: float
+
+
+class Server:
+    """A discountd subprocess; port from its 'listening on' log line."""
+
+    def __init__(self, model_dir: Path, *flags: str) -> None:
+        self.process = subprocess.Popen(
+            [str(BIN / "discountd"), "--model-dir", str(model_dir), "--host", "127.0.0.1",
+             "--port", "0", "--device", "cpu", "--insecure", "--auth", "off",
+             "--insecure-demo-key", "--log-level", "info", *flags],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        self.log: list[str] = []
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.log.append(line)
+            found = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
+            if found:
+                self.port = int(found.group(1))
+                break
+        else:
+            raise SystemExit("bench: discountd did not start:\n" + "".join(self.log[-20:]))
+        # Keep reading so a full pipe never blocks the server.
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.log.append(line)
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICKS
+
+    def peak_rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=60)
+
+
+@contextmanager
+def serving(model_dir: Path, *flags: str) -> Iterator[Server]:
+    server = Server(model_dir, *flags)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def load(server: Server, call: str, **options: Any) -> dict[str, Any]:
+    args = [sys.executable, "-m", "bench.load", "--target", f"127.0.0.1:{server.port}",
+            "--call", call]  # fmt: skip
+    for key, value in options.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    done = subprocess.run(args, capture_output=True, text=True, check=False, cwd=ROOT)
+    if done.returncode != 0:
+        raise SystemExit(f"bench: load generator failed: {done.stderr.strip()}")
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def measure(server: Server, scenario: str, size: int, call: str, **options: Any) -> Row:
+    if WARMUP:
+        load(server, call, **{**options, "total": WARMUP, "rate": 0})  # warm the code paths
+    cpu = server.cpu_seconds()
+    result = load(server, call, **options)
+    used = server.cpu_seconds() - cpu
+    per_1k = used / max(result["requests"], 1) * 1000
+    row = Row(scenario, size, result, round(per_1k, 3), round(server.peak_rss_mb(), 1))
+    print(f"{scenario:40s} {result['rps']:8.1f}/s p50 {result['p50_ms']:.2f} "
+          f"p99 {result['p99_ms']:.2f} ms errors {result['errors']}", flush=True)  # fmt: skip
+    return row
+
+
+def offers_store(tmp: Path) -> str:
+    url = f"sqlite:///{tmp / 'store.db'}"
+    ctl = [str(BIN / "discountctl"), "--db-url", url, "--actor", "bench"]
+    for args in (
+        ["db", "upgrade"],
+        ["rules", "create", "bench-tiered", "--policy", "tiered_topk", "--param", "k1=3",
+         "--param", "d1=15", "--param", "d2=5", "--max-discount", "20"],
+    ):  # fmt: skip
+        subprocess.run([*ctl, *args], check=True, capture_output=True)
+    return url
+
+
+def scenarios(
+    stores: dict[int, Path], middle: int, flags: tuple[str, ...], common: dict[str, Any]
+) -> list[Row]:
+    """The ceiling first, then Recommend per catalog size, unbatched, and GetOffers."""
+    with serving(stores[middle], *flags) as server:
+        rows = [measure(server, "health Check (ceiling)", middle, "check", **common)]
+    for n, store in stores.items():
+        with serving(store, *flags) as server:
+            row = measure(server, "Recommend, batched", n, "recommend", **common)
+            rows.append(row)
+            if n == middle:
+                rate = round(row.load["rps"] * 0.8, 1)
+                rows.append(
+                    measure(server, "Recommend, batched, 80% rate", n, "recommend", rate=rate,
+                            **common)
+                )  # fmt: skip
+    with serving(stores[middle], *flags, "--batch-max-size", "1") as server:
+        rows.append(measure(server, "Recommend, unbatched", middle, "recommend", **common))
+    with serving(stores[middle], *flags) as server:
+        rows.append(
+            measure(server, "GetOffers, 20 items, tiered_topk", middle, "offers", items=middle,
+                    **common)
+        )  # fmt: skip
+    return rows
+
+
+def compare_runtimes(store: Path, n_items: int, n_users: int, repeats: int) -> list[dict[str, Any]]:
+    """The cached version's model.onnx in ONNX Runtime vs the same graph in PyTorch eager."""
+    import onnxruntime as ort
+    import torch
+
+    from core.artifact import current_version_dir
+    from core.catalog import category_vocabulary
+    from trainer.export import RecommenderGraph
+
+    torch.set_num_threads(2)
+    dataset, factors = random_shop(n_items, n_users)
+    vocabulary = category_vocabulary(dataset.catalog.categories)
+    position = {c: i for i, c in enumerate(vocabulary)}
+    item_category = np.array([position[c] for c in dataset.catalog.categories], dtype=np.int64)
+    module = RecommenderGraph(factors, item_category).eval()
+    session = ort.InferenceSession(
+        str(current_version_dir(store) / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    rng = np.random.default_rng(1)
+    rows = []
+    for batch in (1, 32, 256):
+        feeds = {
+            "user_index": rng.integers(0, n_users, batch).astype(np.int64),
+            "history_items": np.full((batch, 1), -1, dtype=np.int64),
+            "exclude_items": rng.integers(0, n_items, (batch, 8)).astype(np.int64),
+            "category_mask": np.ones((batch, len(vocabulary)), dtype=np.float32),
+            "k": np.array([10], dtype=np.int64),
+        }
+        tensors = [torch.from_numpy(a) for a in feeds.values()]
+        ort_items, _ = session.run(None, feeds)
+        with torch.no_grad():
+            torch_items, _ = module(*tensors)
+        agree = bool(np.array_equal(ort_items, torch_items.numpy()))
+        calls: dict[str, Callable[[], object]] = {
+            "onnxruntime": functools.partial(session.run, None, feeds),
+            "pytorch": functools.partial(module, *tensors),
+        }
+        timings = {}
+        for name, call in calls.items():
+            with torch.no_grad():
+                call()
+                start = time.perf_counter()
+                for _ in range(repeats):
+                    call()
+                timings[name] = (time.perf_counter() - start) / repeats * 1000
+        rows.append({"batch": batch, **{k: round(v, 3) for k, v in timings.items()},
+                     "same_top10": agree})  # fmt: skip
+        print(f"batch {batch}: ORT {timings['onnxruntime']:.2f} ms, "
+              f"PyTorch {timings['pytorch']:.2f} ms, same top-10: {agree}", flush=True)  # fmt: skip
+    return rows
+
+
+def versions() -> str:
+    import grpc
+    import onnxruntime
+    import torch
+
+    return (
+        f"Python {platform.python_version()}, grpcio {grpc.__version__}, onnxruntime "
+        f"{onnxruntime.__version__}, torch {torch.__version__}"
+    )
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def table(rows: list[Row], ceiling: float) -> list[str]:
+    out = [
+        "| scenario | items | concurrency | rate | calls | calls/s | vs ceiling | p50 ms | "
+        "p95 ms | p99 ms | errors | CPU s / 1k calls | peak RSS MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        x = r.load
+        errors = sum(x["errors"].values())
+        rate = f"{x['rate']:.0f}" if x["rate"] else "max"
+        out.append(
+            f"| {r.scenario} | {r.items:,} | {x['concurrency']} | {rate} | {x['requests']:,} | "
+            f"{x['rps']:,.0f} | {x['rps'] / ceiling:.0%} | {x['p50_ms']:.2f} | "
+            f"{x['p95_ms']:.2f} | {x['p99_ms']:.2f} | {errors} | {r.cpu_s_per_1k:.3f} | "
+            f"{r.peak_rss_mb:,.0f} |"
+        )
+    return out
+
+
+def write_section(doc: Path, lines: list[str]) -> None:
+    """Replace the Serving performance section (up to the next '## '), or append it."""
+    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
+    body = "\n".join([SECTION, "", *lines]).rstrip() + "\n"
+    start = text.find(SECTION)
+    if start < 0:
+        doc.write_text(text.rstrip() + "\n\n" + body)
+        return
+    end = text.find("\n## ", start + len(SECTION))
+    rest = text[end + 1 :] if end >= 0 else ""
+    doc.write_text(text[:start] + body + ("\n" + rest if rest else ""))
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--sizes", default="10000,100000,1000000", show_default=True,
+              help="Catalog sizes (items) for Recommend; the ceiling and GetOffers use the "
+              "middle one.")  # fmt: skip
+@click.option("--users", default=10_000, show_default=True, help="Users in each version.")
+@click.option("--duration", default=10.0, show_default=True, help="Seconds per measured run.")
+@click.option("--concurrency", default=32, show_default=True, help="Calls in flight.")
+@click.option("--repeats", default=50, show_default=True, help="Runs per ONNX/PyTorch timing.")
+@click.option("--cache", type=click.Path(path_type=Path), default=CACHE, show_default=True,
+              help="Where the random-factor versions are kept between runs.")  # fmt: skip
+@click.option("--doc", type=click.Path(path_type=Path), default=DOC, show_default=True,
+              help="Markdown file whose Serving performance section is rewritten.")  # fmt: skip
+def main(
+    sizes: str, users: int, duration: float, concurrency: int, repeats: int, cache: Path, doc: Path
+) -> None:
+    """Measure discountd's throughput and latency and write them to docs/BENCHMARKS.md."""
+    counts = [int(s) for s in sizes.split(",")]
+    middle = counts[len(counts) // 2]
+    started = datetime.now(UTC)
+    load_before = os.getloadavg()
+    stores = {}
+    for n in counts:
+        built = time.perf_counter()
+        stores[n] = cached(n, users, cache)
+        print(f"version with {n:,} items ready in {time.perf_counter() - built:.0f}s", flush=True)
+    common = {"concurrency": concurrency, "users": users, "duration": duration}
+    with tempfile.TemporaryDirectory() as tmp:
+        # Every server gets the same store (discountd always has one): SQLite with one rule.
+        flags = ("--db-url", offers_store(Path(tmp)), "--offer-ttl", "60")
+        rows = scenarios(stores, middle, flags, common)
+    ceiling = rows[0].load["rps"]
+    runtimes = compare_runtimes(stores[middle], middle, users, repeats)
+    load_after = os.getloadavg()
+    lines = [
+        f"Measured {started:%Y-%m-%d %H:%M} UTC with `make bench` (`python -m bench.serving`) on "
+        f"{cpu_name()}, {os.cpu_count()} cores visible; {versions()}. Load average (1 min) "
+        f"{load_before[0]:.1f} before, {load_after[0]:.1f} after: other jobs shared the "
+        "machine, so absolute figures are noisy.",
+        "",
+        f"Server: one discountd process, ONNX Runtime CPU, plaintext, auth off, info logging. "
+        f"Load: `bench.load` (asyncio gRPC client, one process on the same machine), "
+        f"{concurrency} calls in flight, {duration:.0f} s per run after 200 warm-up calls; "
+        f"Recommend for random users of {users:,} with limit 10. Models: random factors "
+        f"(bench/artifacts.py), 64 factors, 20 categories. CPU s / 1k calls is the server "
+        f"process's user+system time; peak RSS is its VmHWM. `vs ceiling` divides by the health "
+        f"Check throughput ({ceiling:,.0f}/s).",
+        "",
+        *table(rows, ceiling),
+        "",
+        f"ONNX Runtime vs PyTorch eager, the same {middle:,}-item graph (2 threads each), "
+        f"mean ms per call over {repeats} calls:",
+        "",
+        "| batch | ONNX Runtime ms | PyTorch ms | ORT users/s | same top-10 |",
+        "|---:|---:|---:|---:|---|",
+        *(
+            f"| {r['batch']} | {r['onnxruntime']:.2f} | {r['pytorch']:.2f} | "
+            f"{r['batch'] / r['onnxruntime'] * 1000:,.0f} | {'yes' if r['same_top10'] else 'no'} |"
+            for r in runtimes
+        ),
+        "",
+    ]
+    (cache / "last.json").write_text(
+        json.dumps({"rows": [r.__dict__ for r in rows], "runtimes": runtimes}, indent=1)
+    )
+    write_section(doc, lines)
+    print(f"wrote the Serving performance section of {doc}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""`make bench` in miniature: a tiny catalog, short runs, real discountd and load processes.
+Functional only: the table is produced and no call failed; no timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from bench import load, serving
+
+
+def test_bench_writes_its_section_and_keeps_the_others(tmp_path: Path) -> None:
+    doc = tmp_path / "BENCHMARKS.md"
+    doc.write_text("# Benchmarks\n\n## Serving performance\n\nold\n\n## Other\n\nkept\n")
+    result = CliRunner().invoke(
+        serving.main,
+        ["--sizes", "300", "--users", "40", "--duration", "0.5", "--concurrency", "4",
+         "--repeats", "2", "--cache", str(tmp_path / "cache"), "--doc", str(doc)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    text = doc.read_text()
+    assert "old" not in text and "## Other\n\nkept" in text
+    rows = [
+        line for line in text.splitlines() if re.match(r"\| (health|Recommend|GetOffers)", line)
+    ]
+    assert [r.split(" | ")[0] for r in rows] == [
+        "| health Check (ceiling)",
+        "| Recommend, batched",
+        "| Recommend, batched, 80% rate",
+        "| Recommend, unbatched",
+        "| GetOffers, 20 items, tiered_topk",
+    ]
+    measured = json.loads((tmp_path / "cache" / "last.json").read_text())
+    for row in measured["rows"]:
+        assert row["load"]["requests"] > 0 and row["load"]["errors"] == {}, row
+    assert [r["batch"] for r in measured["runtimes"]] == [1, 32, 256]
+    assert all(r["same_top10"] for r in measured["runtimes"])
+
+
+def test_loadtest_config_is_valid_and_flags_override_it(tmp_path: Path) -> None:
+    config = tmp_path / "load.json"
+    config.write_text(json.dumps({"target": "127.0.0.1:1", "concurrency": 2, "nonsense": 1}))
+    result = CliRunner().invoke(load.main, ["--config", str(config)])
+    assert result.exit_code == 2 and "unknown keys nonsense" in result.output
+    committed = json.loads(Path("bench/loadtest.json").read_text())
+    assert load.Load(**committed).call == "recommend"
