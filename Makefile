@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DATA ?=
 PG_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
 
-.PHONY: demo test protos lint bench-quality bench-discounts clean
+.PHONY: demo test protos lint bench bench-quality bench-discounts loadtest clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,15 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy server trainer admin core
 	npx --yes @bufbuild/buf@1.75.0 lint
+
+# Serving throughput and latency (docs/BENCHMARKS.md "Serving performance"); the random-factor
+# versions are built once into var/bench (the 1M-item one takes about 3 minutes).
+bench: $(STAMP)
+	$(BIN)/python -m bench.serving
+
+# Load a running discountd (plaintext) with bench/loadtest.json; e.g. make loadtest ARGS="--call check"
+loadtest: $(STAMP)
+	$(BIN)/python -m bench.load --config bench/loadtest.json $(ARGS)
 
 # Popularity, our model, implicit ALS and BPR on Online Retail and MovieLens 100K; rewrites the
 # "Recommendation quality" section of docs/BENCHMARKS.md. Needs ../shared/datasets.
