@@ -111,8 +111,8 @@ def _named_items(model: ModelVersion, facts: ShopFacts, query: OffersQuery) -> l
     indices = [model.item_index[i] for i in query.item_ids]
     user = model.user_index.get(query.user_id)
     scores: dict[int, float] = {}
+    n = len(model.item_ids)
     if user is not None:
-        n = len(model.item_ids)
         items, values = model.run(
             np.array([user], dtype=np.int64),
             np.array([[-1]], dtype=np.int64),
@@ -120,15 +120,17 @@ def _named_items(model: ModelVersion, facts: ShopFacts, query: OffersQuery) -> l
             np.ones((1, len(model.categories)), dtype=np.float32),
             n,
         )
-        scores = {
-            int(i): float(s)
-            for i, s in zip(items[0].tolist(), values[0].tolist(), strict=True)
-            if np.isfinite(s)
-        }
+        # Scatter into catalog order and read only the named items: a dict over the whole
+        # catalog cost more than the model run on large catalogs.
+        dense = np.full(n, -np.inf, dtype=np.float32)
+        dense[items[0]] = values[0]
+        scores = {i: float(dense[i]) for i in set(indices) if np.isfinite(dense[i])}
     else:
         # No history to fold in: the popularity score Recommend gives unknown users.
-        ranked = model.popularity.tolist()
-        scores = {item: 1.0 - r / len(ranked) for r, item in enumerate(ranked)}
+        ranked = model.popularity
+        rank_of = np.full(n, -1, dtype=np.int64)
+        rank_of[ranked] = np.arange(len(ranked))
+        scores = {i: 1.0 - int(rank_of[i]) / len(ranked) for i in set(indices) if rank_of[i] >= 0}
     order = sorted(
         (p for p, i in enumerate(indices) if i in scores), key=lambda p: -scores[indices[p]]
     )
