@@ -281,7 +281,7 @@ class _Replay:
         about = f" for user {user!r}" if user else ""
         hint = ""
         if code == grpc.StatusCode.UNAUTHENTICATED:
-            hint = "; pass --token (discountctl clients create NAME)"
+            hint = "; pass --token TOKEN"
         elif code == grpc.StatusCode.UNAVAILABLE:
             hint = "; is discountd running there, with a store (--db-url)?"
         return f"{self.config.target}: {method}{about}: {code.name}: {e.details()}{hint}"

@@ -1,0 +1,263 @@
+"""discount-train replay against a real discountd with a real store: what it records is what the
+experiment report counts, a rerun counts nothing twice, and its shoppers and decisions follow
+from the seed alone."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from cli import ctl
+from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from secure_server import ServerThread
+from secure_server import settings as server_settings
+from sqlalchemy import func, select
+
+from admin.report import report
+from core.artifact import current_version_dir
+from core.store.db import Store
+from core.store.migrate import upgrade
+from core.store.tables import Event
+from discount.v1 import discount_pb2 as pb
+from trainer.market import MarketConfig, make_market
+from trainer.replay import (
+    ReplayConfig,
+    ReplayResult,
+    pick_shoppers,
+    relevance_of_rank,
+    replay,
+    replay_command,
+    shopper_events,
+)
+
+pytestmark = pytest.mark.timeout(120)
+EXPERIMENT = "tiered-ab"
+
+
+@pytest.fixture
+def shop_db(tmp_path: Path, model_store: Path) -> str:
+    """A store governing the tiny shop: a tiered rule measured by a 50/50 experiment, the model
+    version active (its costs give the report's margin)."""
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    store = Store(url)
+    upgrade(store)
+    store.dispose()
+    steps = [
+        ["rules", "create", "tier", "--policy", "tiered_topk", "--param", "k1=2",
+         "--param", "d1=20", "--param", "d2=5", "--max-discount", "30"],
+        ["experiments", "create", EXPERIMENT, "--variant", "control:50",
+         "--variant", "treatment:50:tier", "--salt", "replay-test"],
+        ["experiments", "start", EXPERIMENT],
+        ["models", "register", str(current_version_dir(model_store))],
+        ["models", "promote", current_version_dir(model_store).name],
+    ]  # fmt: skip
+    for args in steps:
+        result = ctl(url, *args)
+        assert result.exit_code == 0, result.output
+    return url
+
+
+@pytest.fixture
+def token(shop_db: str) -> str:
+    created = ctl(shop_db, "clients", "create", "replayer", "--output", "json")
+    value: str = json.loads(created.stdout)["token"]
+    return value
+
+
+@pytest.fixture
+def server(model_store: Path, shop_db: str, token: str) -> Iterator[ServerThread]:
+    # The token exists before the server starts, so its first snapshot of clients knows it.
+    running = ServerThread(server_settings(model_store, shop_db, auth="required"))
+    yield running
+    if not running.loop.is_closed():  # a test may have stopped it to read the offer log
+        running.close()
+
+
+def _events(url: str) -> dict[str, tuple[int, float]]:
+    """type → (events, revenue) as stored."""
+    store = Store(url)
+    try:
+        with store.transaction() as s:
+            rows = s.execute(
+                select(Event.type, func.count(), func.sum(Event.revenue)).group_by(Event.type)
+            )
+            return {kind: (int(n), float(revenue or 0)) for kind, n, revenue in rows}
+    finally:
+        store.dispose()
+
+
+def _report(url: str) -> dict[str, dict[str, object]]:
+    store = Store(url)
+    try:
+        with store.transaction() as s:
+            rows = report(s, EXPERIMENT, datetime.now(UTC))["variants"]
+            return {row["variant"]: row for row in rows}
+    finally:
+        store.dispose()
+
+
+def test_replay_records_what_the_report_counts_and_a_rerun_counts_nothing_twice(
+    server: ServerThread, shop_db: str, token: str
+) -> None:
+    known = [f"user-{u}" for u in range(40)]
+    config = ReplayConfig(target=server.target, shoppers=120, seed=3, token=token, concurrency=4)
+    first: ReplayResult = asyncio.run(replay(config, known))
+    stored = _events(shop_db)
+    tallies = first.variants.values()
+    assert set(first.variants) == {"control", "treatment"}
+    assert first.rejected == 0 and first.duplicate == 0
+    assert first.accepted == sum(n for n, _ in stored.values())
+    assert stored["impression"][0] == sum(t.offers for t in tallies)
+    assert stored["click"][0] == sum(t.clicks for t in tallies)
+    bought = stored.get("purchase", (0, 0.0))[0] + stored.get("redemption", (0, 0.0))[0]
+    assert bought == sum(t.purchases for t in tallies) > 0
+    revenue = stored.get("purchase", (0, 0.0))[1] + stored.get("redemption", (0, 0.0))[1]
+    assert revenue == pytest.approx(sum(t.revenue_cents for t in tallies) / 100)
+    # The control gives no discount, so everything it sold is a purchase, never a redemption.
+    assert first.variants["control"].discounted == first.variants["control"].discount_cents == 0
+    assert first.variants["treatment"].discounted == first.variants["treatment"].offers
+
+    again = asyncio.run(replay(config, known))
+    assert again.accepted == 0 and again.duplicate == first.accepted
+    assert _events(shop_db) == stored
+
+    server.close()  # graceful stop flushes the offer log the report reads
+    rows = _report(shop_db)
+    for variant, tally in first.variants.items():
+        row = rows[variant]
+        assert row["users_assigned"] == row["users_exposed"] == len(first.users[variant])
+        assert row["discount_cost"] == pytest.approx(tally.discount_cents / 100)
+        per_user = row["revenue_per_user"]
+        assert isinstance(per_user, dict)
+        assert per_user["value"] * len(first.users[variant]) == pytest.approx(
+            tally.revenue_cents / 100
+        )
+    assert rows["treatment"]["discount_cost"] > 0
+
+
+def test_cli_prints_a_summary_per_variant(server: ServerThread, token: str, tmp_path: Path) -> None:
+    interactions = tmp_path / "interactions.csv"
+    interactions.write_text(
+        "user_id,item_id,timestamp\n" + "".join(f"user-{u},00001,1\n" for u in range(40))
+    )
+    args = ["--target", server.target, "--users-from", str(interactions), "--shoppers", "30",
+            "--seed", "1", "--new-visitors", "0.2", "--token", token]  # fmt: skip
+    result = CliRunner().invoke(replay_command, args)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[:4] == ["variant", "users", "visits", "offers"]
+    assert {line.split()[0] for line in lines[1:]} == {"control", "treatment"}
+    assert sum(int(line.split()[2]) for line in lines[1:]) == 30
+    assert "30/30 shoppers" in result.stderr and "0 rejected" in result.stderr
+
+
+def test_without_a_token_the_cli_says_how_to_get_one(server: ServerThread, tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        replay_command,
+        ["--target", server.target, "--users-from", str(_users_file(tmp_path)), "--shoppers", "2"],
+        env={"DISCOUNT_CLIENT_TOKEN": None},
+    )
+    assert result.exit_code == 1
+    assert "UNAUTHENTICATED" in result.output and "pass --token TOKEN" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_nothing_serving_is_one_line(tmp_path: Path) -> None:
+    args = ["--target", "127.0.0.1:9", "--users-from", str(_users_file(tmp_path)), "--wait", "0.3"]
+    result = CliRunner().invoke(replay_command, args)
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: 127.0.0.1:9 not SERVING after 0s")
+    assert "is discountd running there?" in result.output
+
+
+def test_a_file_without_user_ids_is_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "items.csv"
+    bad.write_text("item_id,price\n1,2.5\n")
+    result = CliRunner().invoke(replay_command, ["--target", "x:1", "--users-from", str(bad)])
+    assert result.exit_code == 1
+    assert result.output.startswith(f"Error: {bad}: cannot read user ids")
+    assert result.output.count("\n") == 1
+
+
+def _users_file(tmp_path: Path) -> Path:
+    path = tmp_path / "users.csv"
+    path.write_text("user_id\nuser-0\nuser-1\n")
+    return path
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n_known=st.integers(0, 50),
+    count=st.integers(1, 200),
+    share=st.floats(0, 1),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_shoppers_follow_the_seed_and_visit_evenly(
+    n_known: int, count: int, share: float, seed: int
+) -> None:
+    known = [f"k{i}" for i in range(n_known)]
+    shoppers = pick_shoppers(known, count, share, seed)
+    assert shoppers == pick_shoppers(known, count, share, seed)
+    assert len(shoppers) == count
+    visitors = [s for s in shoppers if s.startswith("visitor-")]
+    assert len(visitors) == (round(count * share) if known else count)
+    assert len(set(visitors)) == len(visitors)
+    visits = [shoppers.count(k) for k in known]
+    # Every known user comes once before anyone comes back.
+    assert not visits or max(visits) - min(visits) <= 1
+
+
+def test_relevance_falls_with_rank_and_unranked_items_are_least_relevant() -> None:
+    values = [relevance_of_rank(r) for r in range(1, 30)]
+    assert values == sorted(values, reverse=True) and values[0] > values[-1]
+    assert relevance_of_rank(0) <= min(values)
+
+
+MARKET = make_market(MarketConfig(n_users=50, n_items=1, seed=5))
+
+
+def _reply(discounts: list[float]) -> pb.GetOffersResponse:
+    offers = [
+        pb.Offer(item_id=f"i{k}", base_price_cents=1000, discount_percent=100 * d,
+                 final_price_cents=round(1000 * (1 - d)), offer_id=f"o{k}", rank=k + 1)
+        for k, d in enumerate(discounts)
+    ]  # fmt: skip
+    return pb.GetOffersResponse(offers=offers, variant="treatment")
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    index=st.integers(0, 49),
+    low=st.lists(st.sampled_from([0.0, 0.05, 0.1, 0.15]), min_size=1, max_size=8),
+    extra=st.floats(0, 0.15),
+)
+def test_a_larger_discount_never_loses_a_sale(index: int, low: list[float], extra: float) -> None:
+    """Same shopper, same draws, every discount raised: each sale still happens, events are
+    well formed, and purchases are a subset of clicks, clicks of impressions."""
+    events_low, tally_low = shopper_events(MARKET, 9, index, "u", _reply(low))
+    high = [d + extra for d in low]
+    events_high, tally_high = shopper_events(MARKET, 9, index, "u", _reply(high))
+    assert events_low == shopper_events(MARKET, 9, index, "u", _reply(low))[0]
+
+    def sold(events: list[pb.Event]) -> set[str]:
+        kinds = (pb.EVENT_TYPE_PURCHASE, pb.EVENT_TYPE_REDEMPTION)
+        return {e.offer_id for e in events if e.type in kinds}
+
+    assert sold(events_low) <= sold(events_high)
+    for events in (events_low, events_high):
+        clicked = {e.offer_id for e in events if e.type == pb.EVENT_TYPE_CLICK}
+        shown = {e.offer_id for e in events if e.type == pb.EVENT_TYPE_IMPRESSION}
+        assert sold(events) <= clicked <= shown and len(shown) == len(low)
+        assert len({e.event_id for e in events}) == len(events)
+    for e in events_high:
+        if e.type == pb.EVENT_TYPE_REDEMPTION:
+            assert e.revenue_cents < 1000 and e.quantity == 1
+        if e.type == pb.EVENT_TYPE_PURCHASE:
+            assert e.revenue_cents == 1000
+    assert tally_high.purchases >= tally_low.purchases
