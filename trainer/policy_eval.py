@@ -63,7 +63,7 @@ class EvalConfig:
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     market: MarketConfig = field(default_factory=lambda: MarketConfig(n_users=8_000, visits=6))
     train_visits: int = 3  # visits logged for training; the rest form the evaluation population
-    response: ResponseConfig = field(default_factory=lambda: ResponseConfig(epochs=4))
+    response: ResponseConfig = field(default_factory=ResponseConfig)
     max_discount_pct: float = 30.0
     min_margin_pct: float = 5.0
 

@@ -41,12 +41,12 @@ class ResponseError(Exception):
 
 @dataclass(frozen=True)
 class ResponseConfig:
-    hidden: int = 32
-    epochs: int = 6
+    hidden: int = 64
+    epochs: int = 20
     # Small logs get more epochs: too few optimizer steps leave the model uncalibrated.
     min_steps: int = 500
     batch_size: int = 2048
-    learning_rate: float = 3e-3
+    learning_rate: float = 1e-2
     weight_decay: float = 1e-5
     holdout: float = 0.2  # share of offers kept out of training to measure the model
     seed: int = 0
