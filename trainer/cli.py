@@ -19,7 +19,7 @@ from trainer.data import (
     load_online_retail,
 )
 from trainer.evaluate import protocol_for
-from trainer.fit import ALPHA_GRID, REGULARIZATION_GRID, grid
+from trainer.fit import ALPHA_GRID, OFFSET_GRID, REGULARIZATION_GRID, grid
 from trainer.fit import fit as run_fit
 from trainer.model import OBJECTIVES, ModelConfig
 from trainer.replay import replay_command
@@ -100,6 +100,14 @@ def synth(out: Path, users: int, items: int, seed: int) -> None:
     show_default=True,
     help="iALS confidence scale; repeat to try several",
 )
+@click.option(
+    "--confidence-offset",
+    type=click.FloatRange(min=0),
+    multiple=True,
+    default=OFFSET_GRID,
+    show_default=True,
+    help="c₀ in the iALS confidence c₀ + α·log(1 + w); repeat to try several",
+)
 @click.option("--seed", type=int, default=ModelConfig.seed, show_default=True)
 @click.option(
     "--default-margin",
@@ -118,6 +126,7 @@ def fit(
     epochs: int,
     regularization: tuple[float, ...],
     alpha: tuple[float, ...],
+    confidence_offset: tuple[float, ...],
     seed: int,
     default_margin: float,
 ) -> None:
@@ -127,7 +136,7 @@ def fit(
     --out var/models
     """
     base = ModelConfig(objective=objective, factors=factors, max_epochs=epochs, seed=seed)
-    candidates = grid(base, regularization, alpha)
+    candidates = grid(base, regularization, alpha, confidence_offset)
     try:
         loaded = _load(format_name, interactions, items, default_margin)
     except DataError as e:

@@ -156,7 +156,7 @@ def load_files(interactions: Path, items: Path, default_margin: float = DEFAULT_
     rows_read = len(frame)
     drops = _Drops(frame)
     for column in ("user_id", "item_id"):
-        drops.frame[column] = drops.frame[column].str.strip()
+        drops.frame = drops.frame.assign(**{column: drops.frame[column].str.strip()})
         drops.drop(f"empty {column}", drops.frame[column] == "")
     ts = parse_timestamps(drops.frame["timestamp"])
     drops.drop("timestamp neither ISO 8601 nor Unix seconds", ts.isna())
