@@ -135,7 +135,7 @@ def create_server(settings: Settings) -> tuple[DiscountServer, int]:
         interceptors.append(AuthInterceptor(clients))
     tls = TlsCredentials(settings.tls) if settings.tls is not None else None
     grpc_server = aio.server(interceptors=interceptors)
-    store = ModelStore(settings.model_dir, settings.device)
+    store = ModelStore(settings.model_dir, settings.device, settings.ort_threads)
     server = DiscountServer(settings, grpc_server, store, offering, clients, tls, metrics)
     batcher = None
     if settings.batch_max_size > 1:

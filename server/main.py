@@ -18,6 +18,7 @@ from core.store.errors import StoreError
 from server.app import create_server
 from server.logs import configure as configure_logs
 from server.settings import SOURCES, Settings, SettingsError, insecure_demo_key_in_use, resolve
+from server.workers import supervise
 
 log = logging.getLogger("discountd")
 
@@ -103,6 +104,11 @@ def _env(name: str) -> str:
     help="Microseconds a batch waits for more calls before it runs; 0: it runs as soon as a "
     f"model slot is free. {_env('batch_max_wait_us')}",
 )
+@click.option(
+    "--workers",
+    help="Processes serving the port together (SO_REUSEPORT), each with its share of the "
+    f"cores for ONNX Runtime. {_env('workers')}",
+)
 def main(insecure_demo_key: bool, insecure: bool, **flags: str | None) -> None:
     """Serve recommendations and personalized offers over gRPC (with health and reflection).
 
@@ -114,6 +120,8 @@ def main(insecure_demo_key: bool, insecure: bool, **flags: str | None) -> None:
     except SettingsError as e:
         raise click.UsageError(str(e)) from None
     configure_logs(settings.log_level)
+    if settings.workers > 1:
+        sys.exit(supervise(settings, serve))
     sys.exit(asyncio.run(serve(settings)))
 
 

@@ -93,8 +93,9 @@ def providers_for(device: str) -> list[str]:
     return [CUDA, CPU]
 
 
-def load_version(path: Path, device: str) -> ModelVersion:
-    """Verify and load the version folder at path, ready to serve."""
+def load_version(path: Path, device: str, threads: int = 0) -> ModelVersion:
+    """Verify and load the version folder at path, ready to serve; threads: ONNX Runtime's
+    intra-op threads (0: one per core)."""
     manifest = load_manifest(path)
     unsealed = REQUIRED_FILES - set(manifest.files)
     if unsealed:
@@ -114,7 +115,7 @@ def load_version(path: Path, device: str) -> ModelVersion:
     _check_consistent(path, manifest, users, item_ids, item_categories, categories, popularity)
     if len(indptr) != manifest.n_users + 1 or (indices.size and indices.max() >= len(item_ids)):
         raise ArtifactError(f"{path}: user_history.npz does not fit {manifest.n_users} users")
-    session, provider = _open_session(path / "model.onnx", device)
+    session, provider = _open_session(path / "model.onnx", device, threads)
     _check_signature(path, session, manifest)
     model = ModelVersion(
         path=path,
@@ -136,10 +137,12 @@ def load_version(path: Path, device: str) -> ModelVersion:
     return model
 
 
-def _open_session(model_file: Path, device: str) -> tuple[ort.InferenceSession, str]:
+def _open_session(model_file: Path, device: str, threads: int) -> tuple[ort.InferenceSession, str]:
     wanted = providers_for(device)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
     try:
-        session = ort.InferenceSession(str(model_file), providers=wanted)
+        session = ort.InferenceSession(str(model_file), options, providers=wanted)
     except Exception as e:  # ORT raises its own untyped errors for any unreadable model
         raise ArtifactError(f"{model_file}: ONNX Runtime cannot load it ({e})") from None
     # ORT falls back to CPU silently when CUDA fails to initialise: trust only what is active.

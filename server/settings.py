@@ -39,6 +39,7 @@ SOURCES: dict[str, tuple[str, str | None]] = {
     "log_level": ("DISCOUNT_LOG_LEVEL", "info"),
     "batch_max_size": ("DISCOUNT_BATCH_MAX_SIZE", "64"),
     "batch_max_wait_us": ("DISCOUNT_BATCH_MAX_WAIT_US", "0"),
+    "workers": ("DISCOUNT_WORKERS", "1"),
 }
 SWITCHES = ("on", "off")
 # A public key for `make demo` and local trials only: anyone can forge offers signed with it.
@@ -80,6 +81,10 @@ class Settings:
     batch_max_size: int = 64
     # Microseconds a batch waits for more calls once an inference slot is free (0: none).
     batch_max_wait_us: int = 0
+    # Processes serving the same port (SO_REUSEPORT; server.workers).
+    workers: int = 1
+    # ONNX Runtime intra-op threads per process; 0: one per core. Workers split the cores.
+    ort_threads: int = 0
 
 
 def resolve(
@@ -160,11 +165,14 @@ def resolve(
         problems.append(
             f"{flag('batch_max_wait_us')}: {raw['batch_max_wait_us']!r} is not 0 to 1000000"
         )
+    workers = _number(raw["workers"], int)
+    if workers is None or not 1 <= workers <= 64:
+        problems.append(f"{flag('workers')}: {raw['workers']!r} is not 1 to 64")
     if problems:
         raise SettingsError("invalid settings: " + "; ".join(problems))
     assert model_dir is not None and port is not None and poll is not None and grace is not None
     assert rules_poll is not None and ttl is not None
-    assert batch_size is not None and batch_wait is not None
+    assert batch_size is not None and batch_wait is not None and workers is not None
     return Settings(
         Path(model_dir),
         device,
@@ -183,6 +191,8 @@ def resolve(
         log_level=log_level,
         batch_max_size=batch_size,
         batch_max_wait_us=batch_wait,
+        workers=workers,
+        ort_threads=0 if workers == 1 else max(1, (os.cpu_count() or 1) // workers),
     )
 
 

@@ -20,9 +20,10 @@ log = logging.getLogger(__name__)
 
 
 class ModelStore:
-    def __init__(self, model_dir: Path, device: str) -> None:
+    def __init__(self, model_dir: Path, device: str, threads: int = 0) -> None:
         self.model_dir = model_dir
         self.device = device
+        self.threads = threads  # ONNX Runtime intra-op threads; 0: one per core
         self.current: ModelVersion | None = None
         self.last_error: str | None = None
         self._refused: Path | None = None
@@ -50,7 +51,7 @@ class ModelStore:
             if not force and (unchanged or target == self._refused):
                 return False
             try:
-                model = await asyncio.to_thread(load_version, target, self.device)
+                model = await asyncio.to_thread(load_version, target, self.device, self.threads)
             except (ArtifactError, DeviceUnavailable) as e:
                 self._refused = target
                 self._fail(f"refused {target.name}: {e}")

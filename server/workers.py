@@ -1,0 +1,98 @@
+"""N discountd processes on one port: the kernel spreads connections over them (SO_REUSEPORT,
+which grpc sets on Linux), so Python's per-call work runs on every core.
+
+The parent forks before any gRPC object exists (gRPC's core does not survive a fork once
+started), then only relays signals: SIGHUP to every worker, SIGTERM/SIGINT to every worker
+for a graceful drain. When a worker exits on its own the others are stopped too, so the
+process supervisor sees one failed service rather than a silently shrunken one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from server.settings import Settings
+
+log = logging.getLogger("discountd.workers")
+
+Serve = Callable[[Settings], Coroutine[Any, Any, int]]
+
+
+def supervise(settings: Settings, serve: Serve) -> int:
+    """Fork settings.workers processes running serve; the exit code: 0 when all drained."""
+    port = settings.port or _free_port(settings.host)
+    children: dict[int, int] = {}
+    stopping = False
+
+    def relay(sig: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = stopping or sig != signal.SIGHUP
+        for pid in list(children):
+            _signal(pid, sig)
+
+    # Before forking: a SIGTERM from now on reaches every worker started so far.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, relay)
+    for n in range(settings.workers):
+        metrics = settings.metrics_port
+        if metrics:  # each worker serves its own registry, on consecutive ports
+            metrics += n
+        worker = dataclasses.replace(settings, port=port, metrics_port=metrics)
+        pid = os.fork()
+        if pid == 0:
+            _run_child(worker, serve)
+        children[pid] = n
+    log.info("%d workers on %s:%d", settings.workers, settings.host, port)
+    code = 0
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        exit_code = os.waitstatus_to_exitcode(status)
+        index = children.pop(pid)
+        if exit_code != 0 or not stopping:
+            log.error(
+                "worker %d (pid %d) exited with %d; stopping the others", index, pid, exit_code
+            )
+            code = 1
+            if not stopping:
+                stopping = True
+                for other in children:
+                    _signal(other, signal.SIGTERM)
+    return code
+
+
+def _run_child(settings: Settings, serve: Serve) -> None:
+    # The parent's handlers relay; a worker installs its own in serve().
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+    code = 1
+    try:
+        code = asyncio.run(serve(settings))
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _signal(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # already gone; os.wait collects it
+        os.kill(pid, sig)
+
+
+def _free_port(host: str) -> int:
+    """A port for all workers when --port is 0 (they cannot each pick one)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])

@@ -1,0 +1,110 @@
+"""`discountd --workers 2`: two processes serve one port, each with its own metrics; SIGTERM to
+the parent drains both and exits 0."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from discount.v1 import discount_pb2 as pb
+from discount.v1 import discount_pb2_grpc as pb_grpc
+from tests.test_metrics import value
+
+pytestmark = pytest.mark.slow  # starts real discountd processes
+
+DISCOUNTD = Path(sys.executable).with_name("discountd")
+
+
+@pytest.fixture
+def db_url(tmp_path: Path) -> str:
+    from core.store.db import Store
+    from core.store.migrate import upgrade
+
+    url = f"sqlite:///{tmp_path / 'discount.db'}"
+    store = Store(url)
+    upgrade(store)
+    store.dispose()
+    return url
+
+
+@pytest.fixture
+def workers(tmp_path: Path, model_store: Path, db_url: str) -> Iterator[subprocess.Popen[str]]:
+    shutil.copytree(model_store, tmp_path / "models")
+    process = subprocess.Popen(
+        [str(DISCOUNTD), "--model-dir", str(tmp_path / "models"), "--host", "127.0.0.1",
+         "--port", "0", "--metrics-port", "0", "--device", "cpu", "--db-url", db_url,
+         "--insecure-demo-key", "--insecure", "--auth", "off", "--workers", "2"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    yield process
+    if process.poll() is None:
+        process.kill()
+    process.wait(timeout=30)
+
+
+def messages(process: subprocess.Popen[str], until: str, count: int) -> list[str]:
+    """Log messages up to the count-th one containing until (fails if stderr closes first)."""
+    assert process.stderr is not None
+    seen: list[str] = []
+    for line in process.stderr:
+        seen.append(json.loads(line)["msg"])
+        if sum(until in m for m in seen) == count:
+            return seen
+    pytest.fail(f"discountd closed stderr before {count}x {until!r}: {seen}")
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_two_workers_share_the_port_and_drain(workers: subprocess.Popen[str]) -> None:
+    log = messages(workers, "metrics on", 2)  # each worker logs it after "listening on"
+    ports = {m.rsplit(":", 1)[1] for m in log if m.startswith("listening on")}
+    assert len(ports) == 1, f"workers listen on different ports: {ports}"
+    port = ports.pop()
+    metrics_ports = [int(m.rsplit(":", 1)[1].split("/")[0]) for m in log if "metrics on" in m]
+    assert len(metrics_ports) == 2 and len(set(metrics_ports)) == 2, log
+
+    calls = 24
+    for n in range(calls):
+        # A connection of its own per call: the kernel picks a worker per connection.
+        with grpc.insecure_channel(
+            f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]
+        ) as channel:
+            reply = pb_grpc.DiscountServiceStub(channel).Recommend(
+                pb.RecommendRequest(user_id=f"user-{n % 40}", limit=3)
+            )
+            assert len(reply.items) == 3
+    served = [
+        value(scrape(p), "discountd_requests_total", method="Recommend", code="OK", client="-")
+        for p in metrics_ports
+    ]
+    assert sum(served) == calls
+    assert all(s > 0 for s in served), f"one worker got every connection: {served}"
+
+    rest: list[str] = []
+    reader = threading.Thread(target=lambda: rest.extend(messages(workers, "stopped", 2)))
+    reader.start()
+    workers.send_signal(signal.SIGTERM)
+    assert workers.wait(timeout=60) == 0
+    reader.join(timeout=30)
+    assert sum(m == "stopped" for m in rest) == 2, rest
