@@ -13,7 +13,7 @@ from core.features import FEATURE_NAMES
 from trainer.cli import main
 from trainer.synth import SynthConfig, make_shop, write_shop
 
-FAST = ["--factors", "8", "--epochs", "6", "--alpha", "1"]
+FAST = ["--factors", "8", "--epochs", "6", "--alpha", "1", "--confidence-offset", "1"]
 
 
 def fit(shop_dir: Path, out: Path, *extra: str) -> tuple[dict[str, object], str]:
