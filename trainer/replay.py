@@ -1,11 +1,12 @@
 """Replay simulated shoppers through a running discountd, the way a storefront would.
 
 Each shopper asks ``GetOffers`` for their recommendations, sees them (impressions), clicks some,
-and buys according to the market simulator's true response curve: the shopper's discount
+carts and buys according to the market simulator's true response curve: the shopper's discount
 behaviour (never reacts, only to large discounts, buys regardless, graded), the item's price, the
 discount the server offered, and a relevance derived from the rank the model gave the item.
-Everything goes back through ``RecordEvents`` in batches: a redemption (with the offer id) for a
-line bought at a discounted price, a purchase for one bought at the base price.
+At checkout a discounted line's offer token is checked with ``VerifyOffer``. Everything goes back
+through ``RecordEvents`` in batches: a redemption (with the offer id) for a line bought at a
+discounted price, a purchase for one bought at the base price.
 
 Shoppers are the shop's users plus a share of brand-new visitor ids. All random draws depend only
 on the seed and the shopper's position, never on the order calls complete in, and event ids are
@@ -138,6 +139,7 @@ def shopper_events(
         events.append(_event(f"{base}-click", pb.EVENT_TYPE_CLICK, user, offer))
         if draw >= p_buy[pos]:
             continue
+        events.append(_event(f"{base}-cart", pb.EVENT_TYPE_ADD_TO_CART, user, offer))
         kind = pb.EVENT_TYPE_REDEMPTION if discounted else pb.EVENT_TYPE_PURCHASE
         name = "redemption" if discounted else "purchase"
         events.append(_event(f"{base}-{name}", kind, user, offer, offer.final_price_cents))
@@ -239,12 +241,39 @@ class _Replay:
         except grpc.aio.AioRpcError as e:
             raise ReplayError(self._failure("GetOffers", user, e)) from None
         events, tally = shopper_events(self.market, self.config.seed, index, user, reply)
+        tokens = {o.offer_id: o.offer_token for o in reply.offers}
+        for line in events:
+            if line.type == pb.EVENT_TYPE_REDEMPTION:
+                await self._checkout(line, tokens[line.offer_id])
         self.pending.extend(events)
         variant = reply.variant or NO_VARIANT
         _add(self.result.variants.setdefault(variant, Tally()), tally)
         self.result.users.setdefault(variant, set()).add(user)
         self.done += 1
         self.progress(self.done, len(self.shoppers))
+
+    async def _checkout(self, line: pb.Event, token: str) -> None:
+        """Verify the offer token as a checkout must before it charges the discounted price."""
+        try:
+            verdict = await self.stub.VerifyOffer(
+                pb.VerifyOfferRequest(offer_token=token),
+                metadata=self.metadata,
+                timeout=CALL_TIMEOUT_S,
+            )
+        except grpc.aio.AioRpcError as e:
+            raise ReplayError(self._failure("VerifyOffer", line.user_id, e)) from None
+        honoured = verdict.validity == pb.OFFER_VALIDITY_VALID and (
+            verdict.user_id,
+            verdict.item_id,
+            verdict.final_price_cents,
+        ) == (line.user_id, line.item_id, line.revenue_cents)
+        if not honoured:
+            raise ReplayError(
+                f"{self.config.target}: VerifyOffer refused offer {line.offer_id} issued moments "
+                f"ago to {line.user_id!r} ({pb.OfferValidity.Name(verdict.validity)}, "
+                f"{verdict.item_id!r} at {verdict.final_price_cents} cents); check the offer key "
+                "and --offer-ttl of discountd"
+            )
 
     def _take(self) -> list[pb.Event]:
         size = min(self.config.batch_size, MAX_EVENTS_PER_CALL)
