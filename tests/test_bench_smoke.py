@@ -14,7 +14,10 @@ from bench import load, serving
 
 def test_bench_writes_its_section_and_keeps_the_others(tmp_path: Path) -> None:
     doc = tmp_path / "BENCHMARKS.md"
-    doc.write_text("# Benchmarks\n\n## Serving performance\n\nold\n\n## Other\n\nkept\n")
+    doc.write_text(
+        "# Benchmarks\n\n## Serving performance\n\nold\n\n### Notes on the serving figures\n\n"
+        "by hand\n\n## Other\n\nkept\n"
+    )
     result = CliRunner().invoke(
         serving.main,
         ["--sizes", "300", "--users", "40", "--duration", "0.5", "--concurrency", "4",
@@ -23,6 +26,8 @@ def test_bench_writes_its_section_and_keeps_the_others(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     text = doc.read_text()
     assert "old" not in text and "## Other\n\nkept" in text
+    assert text.index("| health Check") < text.index("by hand") < text.index("## Other")
+    assert "Target Recommend" in text
     rows = [
         line for line in text.splitlines() if re.match(r"\| (health|Recommend|GetOffers)", line)
     ]
@@ -30,6 +35,7 @@ def test_bench_writes_its_section_and_keeps_the_others(tmp_path: Path) -> None:
         "| health Check (ceiling)",
         "| Recommend, batched",
         "| Recommend, batched, 80% rate",
+        "| Recommend, batched, 2 workers",
         "| Recommend, unbatched",
         "| GetOffers, 20 items, tiered_topk",
     ]
