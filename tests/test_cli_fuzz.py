@@ -37,7 +37,7 @@ ODD = (
     "nan", "inf", "-inf", "-1", "0", "1e309", "99999999999999999999999", "{}", "[]", '{"a":',
     "null", "-", "--", "k=v", "=", "2026-13-40", "2026-12-01", "order_count >= 1", "x y z", ".",
 )  # fmt: skip
-EXAMPLES_PER_COMMAND = 60
+EXAMPLES_PER_COMMAND = 40
 
 
 def leaves(group: click.Group, path: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
@@ -152,7 +152,7 @@ names = st.one_of(
 
 
 @settings(
-    max_examples=40,
+    max_examples=25,
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
