@@ -25,6 +25,7 @@ from core.store.db import Store
 from discount.v1 import discount_pb2 as pb
 from discount.v1 import discount_pb2_grpc as pb_grpc
 from server.main import main
+from server.settings import SettingsError, resolve
 from server.tls import TlsFiles
 
 pytestmark = pytest.mark.timeout(120)
@@ -190,3 +191,27 @@ def test_plaintext_only_when_asked_and_bad_files_refused_in_one_line(
     )
     assert code == 2 and "cannot load client CA" in output
     assert "Traceback" not in output and "PRIVATE KEY" not in output
+
+
+def test_tls_auth_and_reflection_settings_fall_back_to_the_environment(
+    model_store: Path, server_files: TlsFiles
+) -> None:
+    env = {
+        "DISCOUNT_OFFER_KEY": "k" * 32,
+        "DISCOUNT_TLS_CERT": str(server_files.cert),
+        "DISCOUNT_TLS_KEY": str(server_files.key),
+        "DISCOUNT_AUTH": "OFF",
+        "DISCOUNT_REFLECTION": "off",
+    }
+    resolved = resolve({"model_dir": str(model_store)}, env=env)
+    assert resolved.tls == server_files and resolved.auth == "off" and not resolved.reflection
+    without = {k: v for k, v in env.items() if k not in ("DISCOUNT_AUTH", "DISCOUNT_REFLECTION")}
+    defaults = resolve({"model_dir": str(model_store)}, env=without)
+    assert defaults.auth == "required" and defaults.reflection
+    with pytest.raises(SettingsError) as e:
+        resolve(
+            {"model_dir": str(model_store), "auth": "maybe", "reflection": "yes"},
+            env={"DISCOUNT_OFFER_KEY": "k" * 32},
+        )
+    for fragment in ("--auth / DISCOUNT_AUTH: 'maybe'", "--reflection", "TLS is required"):
+        assert fragment in str(e.value)
