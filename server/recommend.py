@@ -144,10 +144,12 @@ def finish(
     scores: npt.NDArray[np.float32],
 ) -> Recommendation:
     """The answer from the plan's row of a run (cut to its own limit)."""
+    row_items, row_scores = items[: plan.limit], scores[: plan.limit]
+    kept = np.isfinite(row_scores)  # -inf marks excluded and filtered items
+    ids, categories = model.item_ids, model.item_categories
     found = [
-        ScoredItem(model.item_ids[i], float(s), model.item_categories[i])
-        for i, s in zip(items[: plan.limit].tolist(), scores[: plan.limit].tolist(), strict=True)
-        if np.isfinite(s)  # -inf marks excluded and filtered items
+        ScoredItem(ids[i], s, categories[i])
+        for i, s in zip(row_items[kept].tolist(), row_scores[kept].tolist(), strict=True)
     ]
     return Recommendation(found, model.version, plan.path)
 
