@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from certs import Authority
 from cli import ctl
 from click.testing import CliRunner
 from hypothesis import given, settings
@@ -25,6 +26,7 @@ from core.store.db import Store
 from core.store.migrate import upgrade
 from core.store.tables import Event
 from discount.v1 import discount_pb2 as pb
+from server.tls import TlsFiles
 from trainer.market import MarketConfig, make_market
 from trainer.replay import (
     ReplayConfig,
@@ -155,6 +157,30 @@ def test_cli_prints_a_summary_per_variant(server: ServerThread, token: str, tmp_
     assert {line.split()[0] for line in lines[1:]} == {"control", "treatment"}
     assert sum(int(line.split()[2]) for line in lines[1:]) == 30
     assert "30/30 shoppers" in result.stderr and "0 rejected" in result.stderr
+
+
+def test_over_tls_with_the_servers_ca(
+    model_store: Path, shop_db: str, token: str, tmp_path: Path
+) -> None:
+    ca = Authority.create("replay test CA")
+    cert, key = ca.issue("discountd", server=True).write(tmp_path / "tls", "server")
+    ca_file = tmp_path / "ca.crt"
+    ca_file.write_bytes(ca.pem.cert)
+    running = ServerThread(
+        server_settings(model_store, shop_db, auth="required", tls=TlsFiles(cert, key))
+    )
+    try:
+        args = ["--target", running.target, "--users-from", str(_users_file(tmp_path)),
+                "--shoppers", "4", "--token", token]  # fmt: skip
+        plaintext = CliRunner().invoke(replay_command, [*args, "--wait", "1"])
+        assert plaintext.exit_code == 1 and "not SERVING" in plaintext.output
+        result = CliRunner().invoke(
+            replay_command, [*args, "--tls-ca", str(ca_file), "--wait", "10"]
+        )
+        assert result.exit_code == 0, result.output
+        assert "4/4 shoppers" in result.stderr
+    finally:
+        running.close()
 
 
 def test_without_a_token_the_cli_says_how_to_get_one(server: ServerThread, tmp_path: Path) -> None:
