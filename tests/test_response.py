@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -33,13 +34,14 @@ from trainer.response import (
     ResponseData,
     ResponseError,
     ResponseNet,
+    Trained,
     fit,
     from_logs,
     log_loss,
     predict,
     save,
 )
-from trainer.response_artifact import FEATURES, GRAPH
+from trainer.response_artifact import FEATURES, GRAPH, ResponseManifest
 
 torch.set_num_threads(1)
 SMALL = ResponseConfig(epochs=2, min_steps=300, batch_size=512, hidden=16, threads=1)
@@ -121,12 +123,20 @@ def test_learns_more_than_the_base_rate(data: ResponseData) -> None:
     assert result.metrics["ece"] < 0.05
 
 
-def test_export_scores_a_whole_grid_in_one_inference_like_pytorch(
-    data: ResponseData, tmp_path: Path
-) -> None:
+@pytest.fixture(scope="module")
+def exported(
+    data: ResponseData, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Trained, Path, ResponseManifest]:
     result = fit(data, SMALL)
-    manifest = save(result, tmp_path / "response", list(GRID), SMALL, {"rows": len(data)})
-    folder = tmp_path / "response"
+    folder = tmp_path_factory.mktemp("export") / "response"
+    manifest = save(result, folder, list(GRID), SMALL, {"rows": len(data)})
+    return result, folder, manifest
+
+
+def test_export_scores_a_whole_grid_in_one_inference_like_pytorch(
+    data: ResponseData, exported: tuple[Trained, Path, ResponseManifest]
+) -> None:
+    result, folder, manifest = exported
     assert response_artifact.load(folder) == manifest
     assert manifest.metrics["onnx_max_abs_diff"] < 1e-5
     assert set(manifest.files) == {GRAPH}
@@ -140,9 +150,11 @@ def test_export_scores_a_whole_grid_in_one_inference_like_pytorch(
     assert np.all(np.diff(onnx_p, axis=1) >= -1e-6)
 
 
-def test_a_tampered_or_foreign_folder_is_refused(data: ResponseData, tmp_path: Path) -> None:
+def test_a_tampered_or_foreign_folder_is_refused(
+    exported: tuple[Trained, Path, ResponseManifest], tmp_path: Path
+) -> None:
     folder = tmp_path / "response"
-    save(fit(data, SMALL), folder, list(GRID), SMALL, {})
+    shutil.copytree(exported[1], folder)
     with (folder / GRAPH).open("ab") as f:
         f.write(b"\0")
     with pytest.raises(ArtifactError, match="does not match its sha256"):
