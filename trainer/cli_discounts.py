@@ -90,7 +90,7 @@ def response_command(
 ) -> None:
     """Fit P(purchase | offer, discount) on logged offers with randomized discounts, measure it
     on a held-out share (log-loss, calibration error, AUC), and export it to ONNX with its own
-    sealed manifest in OUT (replaced atomically if it exists).
+    sealed manifest in OUT (a previous model there is replaced whole, never half-written).
 
     Example: discount-train response --offers var/market/offers.csv
     --events var/market/events.csv --out var/response

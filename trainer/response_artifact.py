@@ -78,7 +78,7 @@ def signature() -> dict[str, Any]:
 def write(
     out: Path, manifest: ResponseManifest, write_files: Callable[[Path], dict[str, float]]
 ) -> ResponseManifest:
-    """Write a response model folder atomically: files go to a hidden sibling, are sealed, and
+    """Write a response model folder whole: files go to a hidden sibling, are sealed, and
     the folder is swapped into place, so a reader never sees half a model. write_files returns
     metrics measured while writing (e.g. ONNX parity), which join the manifest's."""
     out = out.resolve()
