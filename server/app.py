@@ -20,6 +20,7 @@ from discount.v1 import discount_pb2, discount_pb2_grpc
 from server.auth import AuthInterceptor, ClientRegistry
 from server.batching import INFERENCE_SLOTS, Batcher
 from server.interceptors import AccessLogInterceptor, Interceptor, RequestIdInterceptor
+from server.limits import grpc_options
 from server.metrics import Metrics
 from server.offering import Offering
 from server.service import DiscountService
@@ -134,7 +135,11 @@ def create_server(settings: Settings) -> tuple[DiscountServer, int]:
         offering.keeper.on_load = clients.load_from
         interceptors.append(AuthInterceptor(clients))
     tls = TlsCredentials(settings.tls) if settings.tls is not None else None
-    grpc_server = aio.server(interceptors=interceptors)
+    grpc_server = aio.server(
+        interceptors=interceptors,
+        options=grpc_options(),
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+    )
     store = ModelStore(settings.model_dir, settings.device, settings.ort_threads)
     server = DiscountServer(settings, grpc_server, store, offering, clients, tls, metrics)
     batcher = None

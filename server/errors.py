@@ -33,3 +33,7 @@ class UnknownIds(Exception):
 
 class StoreDown(Exception):
     """The store cannot take a write now; nothing was acknowledged. Maps to UNAVAILABLE."""
+
+
+class Overloaded(Exception):
+    """A bounded queue is full; nothing was done. Maps to RESOURCE_EXHAUSTED."""

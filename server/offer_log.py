@@ -2,8 +2,9 @@
 
 GetOffers only appends to an in-memory queue; a background task writes batches in a worker
 thread. A batch that fails stays queued and is retried, so a store outage delays the log
-instead of losing it, up to MAX_PENDING offers (then the oldest are dropped, and the log
-says how many). ``close`` flushes what is queued, for a graceful shutdown.
+instead of losing it. The queue holds at most max_pending offers: past that, append refuses
+(GetOffers answers RESOURCE_EXHAUSTED) rather than grow memory or drop an offer whose token
+was handed out. ``close`` flushes what is queued, for a graceful shutdown.
 """
 
 from __future__ import annotations
@@ -19,17 +20,21 @@ from sqlalchemy.exc import SQLAlchemyError
 from core.store.db import Store
 from core.store.errors import StoreError
 from core.store.offers import insert_offers
+from server.errors import Overloaded
+from server.limits import OFFER_LOG_MAX_PENDING
 
 log = logging.getLogger(__name__)
 BATCH = 500
-MAX_PENDING = 200_000
 
 
 class OfferLog:
-    def __init__(self, store: Store, interval: float = 0.5) -> None:
+    def __init__(
+        self, store: Store, interval: float = 0.5, max_pending: int = OFFER_LOG_MAX_PENDING
+    ) -> None:
         self.store = store
         self.interval = interval
-        self.dropped = 0
+        self.max_pending = max_pending
+        self.refused = 0
         self._error = ""
         self._pending: collections.deque[dict[str, Any]] = collections.deque()
         self._wake = asyncio.Event()
@@ -40,15 +45,20 @@ class OfferLog:
         return len(self._pending)
 
     def append(self, rows: list[dict[str, Any]]) -> None:
-        self._pending.extend(rows)
-        overflow = len(self._pending) - MAX_PENDING
-        if overflow > 0:
-            for _ in range(overflow):
-                self._pending.popleft()
-            self.dropped += overflow
-            log.error(
-                "offer log full: dropped %d oldest offers (%d in all)", overflow, self.dropped
+        """Queue the rows, or raise Overloaded (nothing queued) when they do not fit."""
+        if len(self._pending) + len(rows) > self.max_pending:
+            self.refused += 1
+            if self.refused == 1 or self.refused % 1000 == 0:
+                log.error(
+                    "offer log full (%d offers wait for the store): GetOffers refused %d times",
+                    self.pending,
+                    self.refused,
+                )
+            raise Overloaded(
+                f"{self.pending} issued offers wait to be logged (the store is slow or down); "
+                "retry later"
             )
+        self._pending.extend(rows)
         if len(self._pending) >= BATCH:
             self._wake.set()
 

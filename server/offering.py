@@ -3,6 +3,7 @@ log, the signing keys and the offer lifetime. Built by create_server when a stor
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -14,6 +15,7 @@ from core.store import events
 from core.store.db import Store
 from core.store.errors import StoreError
 from server.errors import NotReady, StoreDown
+from server.limits import BoundedWrites, limit_store
 from server.offer_log import OfferLog
 from server.offers import FactsCache
 from server.snapshot import SnapshotKeeper
@@ -27,6 +29,7 @@ class Offering:
     keys: OfferKeys
     ttl: timedelta
     facts: FactsCache = field(default_factory=FactsCache)
+    writes: BoundedWrites = field(default_factory=BoundedWrites)
 
     @classmethod
     def open(cls, url: str, keys: OfferKeys | None, ttl: float, poll: float) -> Offering:
@@ -34,6 +37,7 @@ class Offering:
         if keys is None:
             raise NotReady("no offer signing key; set DISCOUNT_OFFER_KEY")
         store = Store(url)
+        limit_store(store)
         keeper = SnapshotKeeper(store, poll)
         try:
             keeper.open()
@@ -47,6 +51,7 @@ class Offering:
         self.log.start()
 
     async def stop(self) -> None:
+        await asyncio.to_thread(self.writes.close)
         await self.log.close()
         await self.keeper.stop()
         self.store.dispose()

@@ -20,7 +20,14 @@ from core.store.events import EventIn, Verdict
 from discount.v1 import discount_pb2 as pb
 from discount.v1 import discount_pb2_grpc as pb_grpc
 from server.batching import Batcher
-from server.errors import FieldViolation, InvalidRequest, NotReady, StoreDown, UnknownIds
+from server.errors import (
+    FieldViolation,
+    InvalidRequest,
+    NotReady,
+    Overloaded,
+    StoreDown,
+    UnknownIds,
+)
 from server.metrics import Metrics
 from server.offering import Offering
 from server.offers import OffersQuery, get_offers
@@ -96,6 +103,8 @@ def maps_errors(method: Method[Request, Response]) -> Method[Request, Response]:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         except UnknownIds as e:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        except Overloaded as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
 
     return mapped
 
@@ -253,8 +262,8 @@ class DiscountService(pb_grpc.DiscountServiceServicer):
             )
             for e in request.events
         ]
-        # A worker thread: the event loop keeps answering while the store commits.
-        outcomes = await asyncio.to_thread(offering.record_events, batch)
+        # A store-write thread: the event loop keeps answering while the store commits.
+        outcomes = await offering.writes.run(lambda: offering.record_events(batch))
         for outcome in outcomes:
             self._metrics.events.labels(outcome.verdict.value).inc()
         return pb.RecordEventsResponse(

@@ -12,6 +12,7 @@ from typing import TypeVar
 from core.offer_token import OfferKeyError, OfferKeys, load_offer_keys
 from core.store.db import DEFAULT_URL
 from server.auth import AUTH_MODES
+from server.limits import MAX_CONCURRENT_RPCS
 from server.logs import LEVELS
 from server.tls import TlsError, TlsFiles, load
 
@@ -85,6 +86,8 @@ class Settings:
     workers: int = 1
     # ONNX Runtime intra-op threads per process; 0: one per core. Workers split the cores.
     ort_threads: int = 0
+    # Calls served at once per process; more answer RESOURCE_EXHAUSTED (server.limits).
+    max_concurrent_rpcs: int = MAX_CONCURRENT_RPCS
 
 
 def resolve(

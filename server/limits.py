@@ -1,0 +1,100 @@
+"""Hard limits that keep one caller, or a slow store, from growing the server without bound.
+
+Each limit answers the caller with a status it can act on instead of queueing more work:
+oversized messages and too many concurrent calls get RESOURCE_EXHAUSTED from gRPC itself, a
+full offer log gets RESOURCE_EXHAUSTED from GetOffers. docs/RELIABILITY.md lists them all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from sqlalchemy import event
+
+from core.store.db import Store
+from server.errors import Overloaded
+
+T = TypeVar("T")
+
+# The largest request is RecordEvents with 1000 events or GetOffers with 1000 item ids, well
+# under 1 MiB; 4 MiB leaves room for long ids while refusing a caller who sends megabytes.
+MAX_RECEIVE_MESSAGE_BYTES = 4 * 1024 * 1024
+# Calls being served at once, per process. Past this gRPC answers RESOURCE_EXHAUSTED at once,
+# so a burst cannot queue unboundedly behind the model or the store's connection pool.
+MAX_CONCURRENT_RPCS = 1000
+# Offers issued but not yet written to the store (a store outage keeps them queued). When the
+# queue is full GetOffers refuses: handing out a token whose offer might never be logged
+# would break "every offer id handed out is in the offers table".
+OFFER_LOG_MAX_PENDING = 200_000
+# Server-side waits on the store: a lock or a stalled query fails the call rather than holding
+# a worker thread and a pooled connection for as long as the lock lasts.
+STORE_STATEMENT_TIMEOUT_MS = 5_000
+STORE_LOCK_TIMEOUT_MS = 2_000
+
+
+def grpc_options() -> list[tuple[str, int]]:
+    return [("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES)]
+
+
+# RecordEvents batches waiting for, or holding, a store-write thread. More are refused with
+# RESOURCE_EXHAUSTED: while the store is slow, callers back off instead of piling up.
+MAX_WAITING_EVENT_BATCHES = 64
+# Threads of their own, so a stalled store cannot take the threads Recommend and GetOffers use.
+STORE_WRITE_THREADS = 4
+
+
+def limit_store(store: Store) -> None:
+    """Server-side timeouts on every PostgreSQL connection the server's store opens."""
+    if store.engine.dialect.name != "postgresql":
+        return  # SQLite waits on its busy timeout (core.store.db), a few seconds
+
+    @event.listens_for(store.engine, "connect")
+    def _timeouts(dbapi_connection: Any, _record: Any) -> None:
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute(f"SET statement_timeout = {STORE_STATEMENT_TIMEOUT_MS}")
+            cursor.execute(f"SET lock_timeout = {STORE_LOCK_TIMEOUT_MS}")
+        # Committed, so the pool's rollback on check-in does not undo the settings.
+        dbapi_connection.commit()
+
+
+class BoundedWrites:
+    """Store writes on their own threads, with at most max_waiting submitted and unfinished.
+
+    Counted until the thread finishes, not until the caller stops waiting: a call whose client
+    gave up still holds a thread and a connection until the store answers or times out.
+    """
+
+    def __init__(
+        self, threads: int = STORE_WRITE_THREADS, max_waiting: int = MAX_WAITING_EVENT_BATCHES
+    ) -> None:
+        self.max_waiting = max_waiting
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="store-write")
+        self._lock = threading.Lock()
+        self._unfinished = 0
+
+    @property
+    def unfinished(self) -> int:
+        return self._unfinished
+
+    async def run(self, write: Callable[[], T]) -> T:
+        with self._lock:
+            if self._unfinished >= self.max_waiting:
+                raise Overloaded(
+                    f"{self._unfinished} event batches already wait for the store; "
+                    "retry later with the same event ids"
+                )
+            self._unfinished += 1
+        future = self._executor.submit(write)
+        future.add_done_callback(self._finished)
+        return await asyncio.wrap_future(future)
+
+    def _finished(self, _future: Future[Any]) -> None:
+        with self._lock:
+            self._unfinished -= 1
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
