@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DATA ?=
 PG_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
 
-.PHONY: demo test protos lint bench bench-quality bench-discounts loadtest clean
+.PHONY: demo test protos lint bench bench-quality bench-discounts loadtest soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ bench: $(STAMP)
 # Load a running discountd (plaintext) with bench/loadtest.json; e.g. make loadtest ARGS="--call check"
 loadtest: $(STAMP)
 	$(BIN)/python -m bench.load --config bench/loadtest.json $(ARGS)
+
+# Bounded mixed load on one discountd for SOAK_SECONDS (default 600): throughput and RSS over
+# time into docs/BENCHMARKS.md "Soak". Not part of make test.
+soak: $(STAMP)
+	$(BIN)/python -m bench.soak
 
 # Popularity, our model, implicit ALS and BPR on Online Retail and MovieLens 100K; rewrites the
 # "Recommendation quality" section of docs/BENCHMARKS.md. Needs ../shared/datasets.
