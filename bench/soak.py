@@ -142,7 +142,8 @@ def report(
         f"version), {clients} client tasks at {rate:.0f} calls/s in all, Recommend, GetOffers "
         f"(20 items) and RecordEvents (10 events; a tenth resent) in equal shares.",
         "",
-        "| time (s) | Recommend/s | GetOffers/s | RecordEvents/s | server RSS (MB) | errors so far |",
+        "| time (s) | Recommend/s | GetOffers/s | RecordEvents/s | server RSS (MB) "
+        "| errors so far |",
         "|---:|---:|---:|---:|---:|---:|",
         *(
             f"| {t:.0f} | {c['Recommend']:.1f} | {c['GetOffers']:.1f} | {c['RecordEvents']:.1f} "
