@@ -1,0 +1,284 @@
+"""Faults in the store under a real server: an outage during mixed load, a lock held on the
+events table, and the limits that keep calls from piling up while the store is slow.
+
+PostgreSQL is shared with other tests, so every fault is of this module's own database:
+it stops accepting connections (test_offers_outage.set_reachable), or a table is locked.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+from offer_server import KEY, ctl, eventually
+from pg import pg_database
+from sqlalchemy import create_engine, select, text
+from test_offers_outage import set_reachable
+
+from core.offer_token import OfferKeys
+from core.store import migrate
+from core.store.db import Store
+from core.store.tables import Event, Offer
+from discount.v1 import discount_pb2 as pb
+from tests.conftest import RunningServer
+
+pytestmark = [pytest.mark.postgres, pytest.mark.timeout(120)]
+ACKED = (pb.EVENT_STATUS_ACCEPTED, pb.EVENT_STATUS_DUPLICATE)
+
+
+@pytest.fixture(scope="module")
+def url() -> Iterator[str]:
+    with pg_database() as url:
+        store = Store(url)
+        migrate.upgrade(store)
+        store.dispose()
+        ctl(url, "rules", "create", "all", "--policy", "threshold",
+            "--param", "t=-100", "--param", "d=10")  # fmt: skip
+        yield url
+
+
+@pytest.fixture
+def start(model_store: Path, url: str) -> Iterator[type[RunningServer]]:
+    started: list[RunningServer] = []
+
+    class Started(RunningServer):
+        def __init__(self, **settings: object) -> None:
+            super().__init__(
+                model_store,
+                db_url=url,
+                offer_keys=OfferKeys(KEY),
+                rules_poll_interval=0.2,
+                batch_max_size=1,
+                **settings,
+            )
+            started.append(self)
+            self.wait_first_load()
+
+    yield Started  # type: ignore[misc]
+    for running in started:
+        running.close()
+
+
+def stored(url: str) -> tuple[Counter[str], set[str]]:
+    """Rows per event id, and every offer id in the offers table."""
+    store = Store(url)
+    try:
+        with store.transaction() as session:
+            rows = Counter(session.scalars(select(Event.event_id)))
+            return rows, set(session.scalars(select(Offer.offer_id)))
+    finally:
+        store.dispose()
+
+
+def clicks(prefix: str, n: int) -> pb.RecordEventsRequest:
+    return pb.RecordEventsRequest(
+        events=[
+            pb.Event(
+                event_id=f"{prefix}-{k}",
+                type=pb.EVENT_TYPE_CLICK,
+                user_id="user-1",
+                item_id=f"{k % 30:05d}",
+            )
+            for k in range(n)
+        ]
+    )
+
+
+class Locked:
+    """ACCESS EXCLUSIVE on discount.events, held by another session until release()."""
+
+    def __init__(self, url: str) -> None:
+        self.engine = create_engine(url)
+        self.conn = self.engine.connect()
+        self.conn.execute(text("LOCK TABLE discount.events IN ACCESS EXCLUSIVE MODE"))
+
+    def release(self) -> None:
+        self.conn.rollback()
+        self.conn.close()
+        self.engine.dispose()
+
+
+def test_oversized_request_is_refused_and_the_server_keeps_serving(
+    start: type[RunningServer],
+) -> None:
+    running = start()
+    with pytest.raises(grpc.RpcError) as e:
+        running.stub.GetOffers(pb.GetOffersRequest(user_id="u" * (5 * 1024 * 1024)))
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert running.stub.Recommend(pb.RecommendRequest(user_id="user-0", limit=2)).items
+
+
+def test_full_offer_log_refuses_offers_instead_of_dropping_them(
+    start: type[RunningServer], url: str
+) -> None:
+    running = start()
+    log = running.server.offering.log
+    request = pb.GetOffersRequest(user_id="user-0", limit=2)
+    issued = {o.offer_id for o in running.stub.GetOffers(request).offers}
+    log.max_pending = log.pending  # full: nothing more fits
+    with pytest.raises(grpc.RpcError) as e:
+        running.stub.GetOffers(request)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "retry later" in (e.value.details() or "")
+    log.max_pending = 10
+    issued |= {o.offer_id for o in running.stub.GetOffers(request).offers}
+    eventually(lambda: log.pending == 0, 10.0)
+    assert issued <= stored(url)[1]
+
+
+def test_locked_events_table_fails_fast_bounded_and_recovers(
+    start: type[RunningServer], url: str
+) -> None:
+    running = start(max_concurrent_rpcs=8)
+    writes = running.server.offering.writes
+    writes.max_waiting = 3
+    lock = Locked(url)
+    try:
+        # A client deadline shorter than the server's lock timeout: the client gives up first.
+        with pytest.raises(grpc.RpcError) as e:
+            running.stub.RecordEvents(clicks("deadline", 1), timeout=0.5)
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        with ThreadPoolExecutor(6) as pool:
+            calls = [
+                pool.submit(running.stub.RecordEvents, clicks(f"locked-{n}", 1)) for n in range(6)
+            ]
+            # The store-write queue holds 3 (the abandoned call may still hold one); the rest
+            # are refused at once. Meanwhile the other RPCs answer.
+            assert running.stub.Recommend(pb.RecommendRequest(user_id="user-0", limit=2)).items
+            assert running.stub.GetOffers(pb.GetOffersRequest(user_id="user-0", limit=2)).offers
+            codes = Counter()
+            for call in calls:
+                try:
+                    call.result()
+                    codes["OK"] += 1
+                except grpc.RpcError as error:
+                    codes[error.code().name] += 1
+        print(f"\nRecordEvents against a locked events table: {dict(codes)}")
+        assert codes["RESOURCE_EXHAUSTED"] >= 3
+        assert set(codes) <= {"RESOURCE_EXHAUSTED", "UNAVAILABLE"}
+        # The server's lock timeout freed every store-write thread while the lock is still held.
+        eventually(lambda: writes.unfinished == 0, 10.0)
+    finally:
+        lock.release()
+    reply = running.stub.RecordEvents(clicks("after", 2), timeout=10)
+    assert [r.status for r in reply.results] == [pb.EVENT_STATUS_ACCEPTED] * 2
+    rows = stored(url)[0]
+    assert not [i for i in rows if i.startswith(("deadline", "locked-"))]
+
+
+def test_concurrent_call_cap_answers_resource_exhausted(
+    start: type[RunningServer], url: str
+) -> None:
+    running = start(max_concurrent_rpcs=3)
+    lock = Locked(url)
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            held = [
+                pool.submit(running.stub.RecordEvents, clicks(f"held-{n}", 1)) for n in range(3)
+            ]
+            eventually(lambda: running.server.offering.writes.unfinished == 3, 10.0)
+            with pytest.raises(grpc.RpcError) as e:
+                running.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5)
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            for call in held:
+                with pytest.raises(grpc.RpcError) as held_error:
+                    call.result()
+                assert held_error.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        lock.release()
+    assert running.stub.GetModelInfo(pb.GetModelInfoRequest()).model_version
+
+
+def test_outage_during_mixed_load_loses_and_doubles_no_event(
+    start: type[RunningServer], url: str
+) -> None:
+    running = start()
+    stop = threading.Event()
+    lock = threading.Lock()
+    acked: Counter[str] = Counter()
+    unacked: set[str] = set()
+    codes: Counter[str] = Counter()
+
+    def note(name: str) -> None:
+        with lock:
+            codes[name] += 1
+
+    def reader(n: int) -> None:
+        while not stop.is_set():
+            try:
+                if n % 2:
+                    running.stub.Recommend(pb.RecommendRequest(user_id=f"user-{n}", limit=3))
+                    note("Recommend OK")
+                else:
+                    running.stub.GetOffers(pb.GetOffersRequest(user_id=f"user-{n}", limit=2))
+                    note("GetOffers OK")
+            except grpc.RpcError as e:
+                note(f"read {e.code().name}")
+
+    def writer(n: int) -> None:
+        batch = 0
+        while not stop.is_set():
+            batch += 1
+            request = clicks(f"w{n}-{batch}", 5)
+            ids = {e.event_id for e in request.events}
+            try:
+                reply = running.stub.RecordEvents(request, timeout=10)
+            except grpc.RpcError as e:
+                note(f"RecordEvents {e.code().name}")
+                with lock:
+                    unacked.update(ids)
+                continue
+            note("RecordEvents OK")
+            with lock:
+                acked.update(r.event_id for r in reply.results if r.status in ACKED)
+            time.sleep(0.01)
+
+    workers = [threading.Thread(target=reader, args=(n,)) for n in range(2)]
+    workers += [threading.Thread(target=writer, args=(n,)) for n in range(3)]
+    for worker in workers:
+        worker.start()
+    try:
+        eventually(lambda: codes["RecordEvents OK"] >= 10, 20.0)
+        set_reachable(url, False)
+        try:
+            eventually(lambda: codes["RecordEvents UNAVAILABLE"] >= 3, 20.0)
+            down = Counter(codes)
+            eventually(lambda: codes["GetOffers OK"] > down["GetOffers OK"] + 2, 20.0)
+            eventually(lambda: codes["Recommend OK"] > down["Recommend OK"] + 2, 20.0)
+        finally:
+            set_reachable(url, True)
+        back = Counter(codes)
+        eventually(lambda: codes["RecordEvents OK"] > back["RecordEvents OK"] + 10, 20.0)
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(timeout=30)
+    # What a client does after UNAVAILABLE: resend the same ids; none may count twice.
+    retried = sorted(unacked)
+    for start_at in range(0, len(retried), 500):
+        request = pb.RecordEventsRequest(
+            events=[
+                pb.Event(event_id=i, type=pb.EVENT_TYPE_CLICK, user_id="user-1", item_id="00000")
+                for i in retried[start_at : start_at + 500]
+            ]
+        )
+        reply = running.stub.RecordEvents(request, timeout=10)
+        acked.update(r.event_id for r in reply.results if r.status in ACKED)
+    eventually(lambda: running.server.offering.log.pending == 0, 10.0)
+    rows = stored(url)[0]
+    mine = Counter({i: c for i, c in rows.items() if i.startswith("w")})
+    print(
+        f"\nmixed load through an outage: calls {dict(codes)}; events acknowledged "
+        f"{len(acked)}, resent after UNAVAILABLE {len(unacked)}, rows stored {sum(mine.values())}"
+        f" for {len(mine)} ids"
+    )
+    assert not {k for k in codes if k.startswith("read")}, codes
+    assert set(acked) == set(mine)
+    info = running.stub.GetModelInfo(pb.GetModelInfoRequest())
+    assert info.snapshot_fresh and not info.store_error
