@@ -60,7 +60,7 @@ class Row:
     params: str
     val_ndcg: float
     metrics: dict[str, float]
-    train_seconds: float  # median of TIMED_RUNS fits of the chosen setting on the training period
+    train_seconds: float  # median of TIMED_RUNS fits (BPR: one) of the chosen setting
     selection_seconds: float  # the whole validation grid
 
 
@@ -72,9 +72,9 @@ def _quiet(_: str) -> None:
     pass
 
 
-def _median_seconds(fn: Callable[[], Any]) -> tuple[float, Any]:
+def _median_seconds(fn: Callable[[], Any], runs: int = TIMED_RUNS) -> tuple[float, Any]:
     times, result = [], None
-    for _ in range(TIMED_RUNS):
+    for _ in range(runs):
         start = time.perf_counter()
         result = fn()
         times.append(time.perf_counter() - start)
@@ -94,8 +94,10 @@ def _ours(hold: Split, val: Split, objective: str, say: Callable[[str], None]) -
         tried.append((max(h["val_ndcg@10"] for h in result.history), result.epochs, config))
     selection = time.perf_counter() - start
     best, epochs, config = max(tried, key=lambda t: t[0])
+    # BPR fits take tens of seconds and no target depends on their time: timed once.
     seconds, fitted = _median_seconds(
-        lambda: train(config, hold.train, epochs=epochs, log=_quiet).factors
+        lambda: train(config, hold.train, epochs=epochs, log=_quiet).factors,
+        TIMED_RUNS if objective == "ials" else 1,
     )
     params = (
         f"λ={config.regularization:g}, α={config.alpha:g}, c₀={config.confidence_offset:g}, "
@@ -186,7 +188,7 @@ def _implicit(hold: Split, val: Split, kind: str, say: Callable[[str], None]) ->
         tried = [(*validated(p), p) for p in space]
         selection = time.perf_counter() - start
         score, iterations, params = max(tried, key=lambda t: t[0])
-        seconds, fitted = _median_seconds(fit_chosen)
+        seconds, fitted = _median_seconds(fit_chosen, TIMED_RUNS if kind == "als" else 1)
     text = ", ".join(f"{k}={v:g}" for k, v in params.items()) + f", {iterations} iterations"
     say(f"  implicit {kind}: {text}, val NDCG@10 {score:.4f}")
     name = f"implicit {'ALS' if kind == 'als' else 'BPR'} ({IMPLICIT_THREADS} threads)"
@@ -284,8 +286,9 @@ def render(results: dict[str, tuple[list[Row], str]], command: str) -> str:
         "Protocol: trainer/evaluate.py (docs/TRAINING.md). Every model's hyper-parameters and "
         "iteration count were chosen by validation NDCG@10 on a split carved from the training "
         "period; the chosen setting was then trained on the whole training period and measured "
-        f"once on the hold-out. `train s` is the median of {TIMED_RUNS} such fits (wall clock, "
-        "on a machine shared with other jobs); `grid s` is the whole validation search. "
+        f"once on the hold-out. `train s` is the median of {TIMED_RUNS} such fits (BPR: one; "
+        "wall clock, on a machine shared with other jobs: 1-minute load average "
+        f"{os.getloadavg()[0]:.1f} at the end); `grid s` is the whole validation search. "
         f"Every factor model has {FACTORS} factors.",
         "",
     ]
