@@ -80,8 +80,7 @@ class SegmentDef:
 class RuleDef:
     id: int
     name: str
-    # None: the stored policy cannot be served by this build (e.g. `optimal`, or parameters
-    # it cannot read); such a rule never applies.
+    # None: the stored parameters cannot be read by this build; such a rule never applies.
     pricing: policy.Rule | None
     priority: int = 0
     segment: str | None = None
@@ -95,8 +94,6 @@ class RuleDef:
 
     def live(self, now: datetime) -> bool:
         if not self.enabled or self.pricing is None:
-            return False
-        if self.pricing.policy not in policy.SERVED_POLICIES:
             return False
         if self.valid_from is not None and now < self.valid_from:
             return False

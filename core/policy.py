@@ -26,9 +26,11 @@ from decimal import ROUND_CEILING, ROUND_DOWN, ROUND_HALF_UP, Decimal
 from enum import StrEnum
 from typing import Any
 
+import numpy as np
+
+from core.optimal import choose
+
 POLICIES: tuple[str, ...] = ("tiered_topk", "threshold", "linear", "optimal")
-# `optimal` needs the response model (its own issue); until then it is validated, never served.
-SERVED_POLICIES: tuple[str, ...] = ("tiered_topk", "threshold", "linear")
 
 CENT = Decimal("0.01")
 HUNDRED = Decimal(100)
@@ -145,6 +147,11 @@ class Reason(StrEnum):
     POLICY_THRESHOLD_MET = "POLICY_THRESHOLD_MET"
     POLICY_THRESHOLD_NOT_MET = "POLICY_THRESHOLD_NOT_MET"
     POLICY_LINEAR = "POLICY_LINEAR"
+    # The discount with the largest expected margin under the response model; followed by
+    # EXPECTED_UPLIFT_CENTS=<n> (see uplift_code).
+    POLICY_OPTIMAL = "POLICY_OPTIMAL"
+    # An `optimal` rule applies but no response model is loaded: no discount (fail closed).
+    NO_RESPONSE_MODEL = "NO_RESPONSE_MODEL"
     # The policy needs a model score and the item has none (e.g. unknown to the model).
     NO_SCORE = "NO_SCORE"
     GUARDRAIL_MAX_DISCOUNT = "GUARDRAIL_MAX_DISCOUNT"
@@ -241,7 +248,8 @@ class Candidate:
     """An item to price: catalog price and cost, and the model's view of it for this user.
 
     ``rank`` is 1-based among the items of the request; ``score`` is None when the model has
-    none (an item it does not know).
+    none (an item it does not know). ``purchase_probability`` is the response model's P(buy)
+    at each of ``optimal_choices`` of the rule (None: no response model).
     """
 
     item_id: str
@@ -249,6 +257,7 @@ class Candidate:
     cost: Decimal
     rank: int
     score: float | None = None
+    purchase_probability: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -259,43 +268,93 @@ class PricedItem:
     base_price: Decimal
     discount_pct: Decimal
     final_price: Decimal
-    reasons: tuple[Reason, ...] = field(default_factory=tuple)
+    # Reason values, and for `optimal` the uplift code (uplift_code).
+    reasons: tuple[str, ...] = field(default_factory=tuple)
 
     @property
     def discount_amount(self) -> Decimal:
         return self.base_price - self.final_price
 
 
-_PolicyFn = Callable[[Mapping[str, Any], Candidate], tuple[Decimal, Reason]]
+_PolicyFn = Callable[[Rule, Candidate], tuple[Decimal, tuple[str, ...]]]
 
 
-def _tiered_topk_discount(params: Mapping[str, Any], item: Candidate) -> tuple[Decimal, Reason]:
+def _tiered_topk_discount(rule: Rule, item: Candidate) -> tuple[Decimal, tuple[str, ...]]:
+    params = rule.params
     if item.rank <= params["k1"]:
-        return as_decimal(params["d1"], "d1"), Reason.POLICY_TIERED_TOP
-    return as_decimal(params["d2"], "d2"), Reason.POLICY_TIERED_REST
+        return as_decimal(params["d1"], "d1"), (Reason.POLICY_TIERED_TOP,)
+    return as_decimal(params["d2"], "d2"), (Reason.POLICY_TIERED_REST,)
 
 
-def _threshold_discount(params: Mapping[str, Any], item: Candidate) -> tuple[Decimal, Reason]:
+def _threshold_discount(rule: Rule, item: Candidate) -> tuple[Decimal, tuple[str, ...]]:
     if item.score is None or not math.isfinite(item.score):
-        return Decimal(0), Reason.NO_SCORE
-    if item.score >= params["t"]:
-        return as_decimal(params["d"], "d"), Reason.POLICY_THRESHOLD_MET
-    return Decimal(0), Reason.POLICY_THRESHOLD_NOT_MET
+        return Decimal(0), (Reason.NO_SCORE,)
+    if item.score >= rule.params["t"]:
+        return as_decimal(rule.params["d"], "d"), (Reason.POLICY_THRESHOLD_MET,)
+    return Decimal(0), (Reason.POLICY_THRESHOLD_NOT_MET,)
 
 
-def _linear_discount(params: Mapping[str, Any], item: Candidate) -> tuple[Decimal, Reason]:
+def _linear_discount(rule: Rule, item: Candidate) -> tuple[Decimal, tuple[str, ...]]:
+    params = rule.params
     if item.score is None or not math.isfinite(item.score):
-        return Decimal(0), Reason.NO_SCORE
+        return Decimal(0), (Reason.NO_SCORE,)
     # a·score + b may overflow to ±inf; clipping still lands it inside [min, max].
     raw = params["a"] * item.score + params["b"]
     clipped = min(max(raw, params["min"]), params["max"])
-    return as_decimal(clipped, "linear discount"), Reason.POLICY_LINEAR
+    return as_decimal(clipped, "linear discount"), (Reason.POLICY_LINEAR,)
+
+
+def optimal_choices(params: Mapping[str, Any]) -> tuple[Decimal, ...]:
+    """The percents an `optimal` rule chooses among: its grid, and 0 (no discount is always a
+    choice, and the baseline of the expected uplift), ascending."""
+    grid = {_percent_down(as_decimal(p, "grid")) for p in params["grid"]}
+    return tuple(sorted(grid | {Decimal("0.00")}))
+
+
+def allowed_percents(
+    base: Decimal, cost: Decimal, percents: Sequence[Decimal], limits: Guardrails
+) -> list[bool]:
+    """Which candidate percents keep an offer at ``base`` (in cents) within the guardrails as
+    pricing enforces them: at most the maximum discount, a rounded price at or above the margin
+    floor, never above base. 0 is always allowed."""
+    floor = floor_price(cost, limits.min_margin_pct)
+    return [
+        pct == 0
+        or (pct <= limits.max_discount_pct and floor <= base and price_after(base, pct) >= floor)
+        for pct in percents
+    ]
+
+
+def uplift_code(uplift: float) -> str:
+    """The reason code carrying an `optimal` offer's expected margin uplift over no discount,
+    in whole cents per offer (P(buy) times margin, so it may be fractional before rounding)."""
+    return f"EXPECTED_UPLIFT_CENTS={round(uplift * 100)}"
+
+
+def _optimal_discount(rule: Rule, item: Candidate) -> tuple[Decimal, tuple[str, ...]]:
+    if item.score is None or not math.isfinite(item.score):
+        return Decimal(0), (Reason.NO_SCORE,)
+    choices = optimal_choices(rule.params)
+    if item.purchase_probability is None or len(item.purchase_probability) != len(choices):
+        return Decimal(0), (Reason.NO_RESPONSE_MODEL,)
+    base, cost = to_cents(item.base_price), to_cents(item.cost)
+    allowed = allowed_percents(base, cost, choices, rule.guardrails)
+    picked = choose(
+        np.array([item.purchase_probability], dtype=np.float64),
+        np.array([float(base)]),
+        np.array([float(cost)]),
+        [float(p) / 100 for p in choices],
+        np.array([allowed]),
+    )
+    column = int(picked.column[0])
+    return choices[column], (Reason.POLICY_OPTIMAL, uplift_code(float(picked.uplift[0])))
 
 
 _POLICY_FNS: dict[str, _PolicyFn] = {
     "tiered_topk": _tiered_topk_discount,
     "threshold": _threshold_discount,
     "linear": _linear_discount,
+    "optimal": _optimal_discount,
 }
 
 
@@ -327,8 +386,8 @@ def _floor_bound_percent(base: Decimal, floor: Decimal) -> Decimal:
 def _price_one(rule: Rule, item: Candidate) -> PricedItem:
     _check_candidate(item)
     base = to_cents(item.base_price)
-    proposed, policy_reason = _POLICY_FNS[rule.policy](rule.params, item)
-    reasons = [policy_reason]
+    proposed, policy_reasons = _POLICY_FNS[rule.policy](rule, item)
+    reasons = list(policy_reasons)
     pct = _percent_down(proposed)
     if pct > rule.guardrails.max_discount_pct:
         pct = _percent_down(rule.guardrails.max_discount_pct)
@@ -357,15 +416,10 @@ def no_discount(item: Candidate, reason: Reason = Reason.NO_RULE) -> PricedItem:
 def price_items(rule: Rule | None, items: Iterable[Candidate]) -> list[PricedItem]:
     """Price items under one rule (None: no rule applies, so no discount — fail closed).
 
-    Raises PolicyError for a policy that is not served yet (``optimal``) or an item with a
-    negative price or cost.
+    Raises PolicyError for an item with a negative price or cost.
     """
     if rule is None:
         return [no_discount(item) for item in items]
-    if rule.policy not in SERVED_POLICIES:
-        raise PolicyError(
-            f"policy {rule.policy!r} is not served yet; use one of {', '.join(SERVED_POLICIES)}"
-        )
     return [_price_one(rule, item) for item in items]
 
 

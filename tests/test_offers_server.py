@@ -256,8 +256,10 @@ def test_issued_offers_are_logged_and_flushed_on_shutdown(model_store: Path, see
     assert "POLICY_TIERED_TOP" in row.reason_codes
 
 
-def test_a_rule_this_build_cannot_serve_never_applies(server: OfferServer, seeded: str) -> None:
-    """An `optimal` rule (written by a newer build, or by hand) fails closed, not INTERNAL."""
+def test_an_optimal_rule_without_a_response_model_fails_closed(
+    server: OfferServer, seeded: str
+) -> None:
+    """No response model loaded: the `optimal` rule applies but grants nothing, not INTERNAL."""
     from core.store.tables import Rule
 
     store = Store(seeded)
@@ -275,4 +277,7 @@ def test_a_rule_this_build_cannot_serve_never_applies(server: OfferServer, seede
     request = pb.GetOffersRequest(user_id="user-0", limit=2)
     eventually(lambda: server.stub.GetOffers(request).offers[0].final_price_cents == 1000, 5.0)
     response = server.stub.GetOffers(request)
-    assert all("NO_RULE" in o.reason_codes and o.rule_id == "" for o in response.offers)
+    assert all(
+        "NO_RESPONSE_MODEL" in o.reason_codes and o.discount_percent == 0 and o.rule_id != ""
+        for o in response.offers
+    )

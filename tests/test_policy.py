@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 
 from core.policy import (
     POLICIES,
-    SERVED_POLICIES,
     Candidate,
     Guardrails,
     PolicyError,
@@ -186,7 +185,7 @@ percent = st.integers(min_value=0, max_value=99_999).map(lambda m: Decimal(m) / 
 
 @st.composite
 def served_rules(draw: st.DrawFn) -> Rule:
-    policy, params = draw(valid_params().filter(lambda c: c[0] in SERVED_POLICIES))
+    policy, params = draw(valid_params().filter(lambda c: c[0] != "optimal"))
     margin = draw(st.decimals(min_value=0, max_value=60, places=2))
     return Rule(policy, params, Guardrails(draw(percent), margin))
 
@@ -363,10 +362,10 @@ def test_no_rule_means_no_discount() -> None:
     assert no_discount(items[0], Reason.BUDGET_EXHAUSTED).reasons == (Reason.BUDGET_EXHAUSTED,)
 
 
-def test_optimal_is_validated_but_not_served() -> None:
+def test_optimal_without_a_response_model_fails_closed() -> None:
     rule = _rule("optimal", {"grid": [0, 5, 10]})
-    with pytest.raises(PolicyError, match="'optimal' is not served yet"):
-        price_items(rule, [Candidate("a", Decimal(1), Decimal(0), 1)])
+    [priced] = price_items(rule, [Candidate("a", Decimal(10), Decimal(0), 1, score=1.0)])
+    assert priced.discount_pct == 0 and priced.reasons == (Reason.NO_RESPONSE_MODEL,)
 
 
 @pytest.mark.parametrize(

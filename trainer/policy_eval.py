@@ -23,15 +23,8 @@ import numpy as np
 import numpy.typing as npt
 from scipy import stats
 
-from core.policy import (
-    Candidate,
-    Guardrails,
-    Rule,
-    floor_price,
-    price_after,
-    price_items,
-    to_cents,
-)
+from core.optimal import choose
+from core.policy import Candidate, Guardrails, Rule, allowed_percents, price_items, to_cents
 from trainer.dataset import Floats
 from trainer.market import (
     GRID,
@@ -87,15 +80,14 @@ def allowed_discounts(price: Floats, cost: Floats, limits: Guardrails) -> Bools:
     """[offers, GRID]: which grid discounts keep each offer within the guardrails, priced the way
     the server prices (core.policy); computed per distinct (price, cost) pair."""
     pairs, inverse = np.unique(np.column_stack([price, cost]), axis=0, return_inverse=True)
-    table = np.zeros((len(pairs), len(GRID)), dtype=bool)
-    for row, (p, c) in enumerate(pairs):
-        base = to_cents(float(p))
-        floor = floor_price(to_cents(float(c)), limits.min_margin_pct)
-        for col, d in enumerate(GRID):
-            pct = Decimal(str(round(d * 100, 2)))
-            table[row, col] = d == 0 or (
-                pct <= limits.max_discount_pct and floor <= base and price_after(base, pct) >= floor
-            )
+    percents = [Decimal(str(round(d * 100, 2))) for d in GRID]
+    table = np.array(
+        [
+            allowed_percents(to_cents(float(p)), to_cents(float(c)), percents, limits)
+            for p, c in pairs
+        ],
+        dtype=bool,
+    ).reshape(len(pairs), len(GRID))
     return table[inverse.ravel()]
 
 
@@ -130,11 +122,8 @@ def rule_discounts(rule: Rule, offers: Offers) -> Floats:
 
 def best_discounts(probability: Floats, price: Floats, cost: Floats, allowed: Bools) -> Floats:
     """Per offer, the allowed grid discount with the largest expected margin P(buy|d)·(p(1−d)−c);
-    ties go to the smaller discount."""
-    grid = np.asarray(GRID, dtype=np.float64)
-    margin = price[:, None] * (1 - grid[None, :]) - cost[:, None]
-    value = np.where(allowed, probability * margin, -np.inf)
-    best: Floats = grid[np.argmax(value, axis=1)]
+    ties go to the smaller discount. The same choice discountd makes (core.optimal)."""
+    best: Floats = np.asarray(GRID)[choose(probability, price, cost, GRID, allowed).column]
     return best
 
 

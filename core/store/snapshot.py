@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from core.offers import ExperimentDef, RuleDef, SegmentDef, Snapshot, VariantDef
-from core.policy import SERVED_POLICIES, Guardrails, PolicyError
+from core.policy import Guardrails, PolicyError
 from core.policy import Rule as Pricing
 from core.segments import Condition, ConditionError, parse_condition
 from core.store.tables import (
@@ -52,8 +52,6 @@ def _pricing(row: Rule) -> Pricing | None:
     except PolicyError as e:
         log.error("rule %r cannot be served and will not apply: %s", row.name, e)
         return None
-    if pricing.policy not in SERVED_POLICIES:
-        log.error("rule %r uses policy %r, which this build cannot serve", row.name, row.policy)
     return pricing
 
 
