@@ -16,9 +16,10 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from core.store.errors import StoreUnavailable
-from discount.v1 import discount_pb2, discount_pb2_grpc
+from discount.v1 import discount_pb2
 from server.auth import AuthInterceptor, ClientRegistry
 from server.batching import INFERENCE_SLOTS, Batcher
+from server.decoding import add_discount_service
 from server.interceptors import AccessLogInterceptor, Interceptor, RequestIdInterceptor
 from server.limits import grpc_options
 from server.metrics import Metrics
@@ -151,7 +152,7 @@ def create_server(settings: Settings) -> tuple[DiscountServer, int]:
         lambda: (store.current.version, store.current.provider) if store.current else None,
         lambda: offering.keeper.age_seconds if offering is not None else None,
     )
-    discount_pb2_grpc.add_DiscountServiceServicer_to_server(
+    add_discount_service(
         DiscountService(store, settings.device, offering, metrics, batcher), grpc_server
     )
     health_pb2_grpc.add_HealthServicer_to_server(server.health, grpc_server)
