@@ -93,3 +93,42 @@ def test_access_log_is_debug_when_ok_and_carries_fields(
     assert line["method"] == "/discount.v1.DiscountService/Recommend"
     assert line["request_id"] == "q-2" and line["client"] == "-"
     assert line["level"] == "INFO" and line["ms"] >= 0
+
+
+def test_offer_and_event_metrics(model_store: Path, db_url: str) -> None:
+    from offer_server import OfferServer, ctl
+    from prometheus_client import generate_latest
+
+    ctl(
+        db_url, "rules", "create", "tier", "--policy", "tiered_topk",
+        "--param", "k1=2", "--param", "d1=20", "--param", "d2=5", "--max-discount", "30",
+    )  # fmt: skip
+    server = OfferServer(model_store, db_url)
+    try:
+        offers = server.stub.GetOffers(pb.GetOffersRequest(user_id="user-0", limit=4)).offers
+        click = {"type": pb.EVENT_TYPE_CLICK, "user_id": "user-0", "item_id": "00001"}
+        server.stub.RecordEvents(
+            pb.RecordEventsRequest(
+                events=[
+                    pb.Event(event_id="e-1", **click),  # type: ignore[arg-type]
+                    pb.Event(event_id="e-1", **click),  # type: ignore[arg-type]
+                    pb.Event(event_id="", **click),  # type: ignore[arg-type]
+                ]
+            )
+        )
+        text = generate_latest(server.server.metrics.registry).decode()
+    finally:
+        server.close()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    assert len(offers) == 4
+    assert value(samples, "discountd_offers_issued_total") == 4
+    offered = sum(o.base_price_cents - o.final_price_cents for o in offers)
+    assert offered > 0 and value(samples, "discountd_discount_offered_cents_total") == offered
+    for verdict in ("accepted", "duplicate", "rejected"):
+        assert value(samples, "discountd_events_total", verdict=verdict) == 1, verdict
+    assert value(samples, "discountd_rule_snapshot_age_seconds") >= 0
+    assert ("discountd_rule_snapshot_age_seconds", ()) in samples
