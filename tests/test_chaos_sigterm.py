@@ -1,0 +1,110 @@
+"""SIGTERM to a real `discountd` process under GetOffers and RecordEvents load on PostgreSQL:
+every offer handed out is in the offers table and every acknowledged event in the events
+table once the process has exited (the offer log is flushed on the way out)."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import grpc
+import pytest
+from offer_server import ctl
+from pg import pg_database
+from sqlalchemy import select
+from test_server_process import Discountd
+
+from core.store import migrate
+from core.store.db import Store
+from core.store.tables import Event, Offer
+from discount.v1 import discount_pb2 as pb
+
+pytestmark = [pytest.mark.postgres, pytest.mark.slow, pytest.mark.timeout(120)]
+ACKED = (pb.EVENT_STATUS_ACCEPTED, pb.EVENT_STATUS_DUPLICATE)
+
+
+def test_sigterm_under_load_flushes_offers_and_keeps_every_acked_event(
+    model_store: Path, tmp_path: Path
+) -> None:
+    with pg_database() as url:
+        store = Store(url)
+        migrate.upgrade(store)
+        store.dispose()
+        ctl(url, "rules", "create", "all", "--policy", "threshold",
+            "--param", "t=-100", "--param", "d=10")  # fmt: skip
+        server = Discountd(model_store, tmp_path, url, "--grace", "5", "--poll-interval", "0")
+        handed_out: set[str] = set()
+        acked: set[str] = set()
+        codes: Counter[str] = Counter()
+        lock = threading.Lock()
+        stop = threading.Event()
+
+        def offers(n: int) -> None:
+            while not stop.is_set():
+                try:
+                    reply = server.stub.GetOffers(
+                        pb.GetOffersRequest(user_id=f"user-{n}", limit=3), timeout=10
+                    )
+                except grpc.RpcError as e:
+                    codes[f"GetOffers {e.code().name}"] += 1
+                    return
+                with lock:
+                    handed_out.update(o.offer_id for o in reply.offers)
+                    codes["GetOffers OK"] += 1
+
+        def events(n: int) -> None:
+            batch = 0
+            while not stop.is_set():
+                batch += 1
+                request = pb.RecordEventsRequest(
+                    events=[
+                        pb.Event(event_id=f"t{n}-{batch}-{k}", type=pb.EVENT_TYPE_CLICK,
+                                 user_id="user-1", item_id="00002")
+                        for k in range(5)
+                    ]
+                )  # fmt: skip
+                try:
+                    reply = server.stub.RecordEvents(request, timeout=10)
+                except grpc.RpcError as e:
+                    codes[f"RecordEvents {e.code().name}"] += 1
+                    return
+                with lock:
+                    acked.update(r.event_id for r in reply.results if r.status in ACKED)
+                    codes["RecordEvents OK"] += 1
+
+        workers = [threading.Thread(target=offers, args=(n,)) for n in range(3)]
+        workers += [threading.Thread(target=events, args=(n,)) for n in range(2)]
+        try:
+            for worker in workers:
+                worker.start()
+            while codes["GetOffers OK"] < 30 or codes["RecordEvents OK"] < 10:
+                time.sleep(0.01)
+            server.process.send_signal(signal.SIGTERM)
+            assert server.process.wait(timeout=60) == 0
+        finally:
+            stop.set()
+            for worker in workers:
+                worker.join(timeout=30)
+            server.close()
+        log = server.drain_log()
+        assert not [line for line in log if "Traceback" in line or "could not be written" in line]
+        store = Store(url)
+        try:
+            with store.transaction() as session:
+                logged = set(session.scalars(select(Offer.offer_id)))
+                stored = set(session.scalars(select(Event.event_id)))
+        finally:
+            store.dispose()
+        print(
+            f"\nSIGTERM under load: calls {dict(codes)}; offers handed out {len(handed_out)}, "
+            f"in the table {len(logged & handed_out)}; events acked {len(acked)}, "
+            f"stored {len(stored & acked)}"
+        )
+        assert handed_out and handed_out <= logged
+        assert acked and acked <= stored
+        # Calls after the port closed are refused; calls gRPC had queued are cancelled.
+        refused = {k.split()[1] for k in codes if not k.endswith(" OK")}
+        assert refused <= {"UNAVAILABLE", "CANCELLED"}
