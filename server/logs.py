@@ -30,8 +30,12 @@ class JsonFormatter(logging.Formatter):
 
 def configure(level: str) -> None:
     """Log JSON lines to stderr at level (one of LEVELS)."""
+    root = logging.getLogger()
+    # Like logging.basicConfig: logging set up already (an embedding program, a test harness
+    # running main in-process) is left alone.
+    if root.handlers:
+        return
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.addHandler(handler)
     root.setLevel(level.upper())
