@@ -155,7 +155,8 @@ def report(
         f"({', '.join(f'{c} {tally.answered[c]:,}' for c in CALLS)}); errors: "
         f"{dict(tally.errors) or 'none'}; events acknowledged: {tally.acked_events:,}.",
         f"- Throughput after warm-up: {min(totals):.1f} to {max(totals):.1f} calls/s per "
-        f"{interval:.0f} s interval (offered: {rate:.0f}/s).",
+        f"{interval:.0f} s interval (offered: {rate:.0f}/s; a client that fell behind its "
+        "schedule catches up, so an interval after a slow one can exceed the offered rate).",
         f"- RSS after warm-up ({rows[warm][0]:.0f} s) {base:.1f} MB, at the end {last:.1f} MB: "
         f"growth {growth:+.1%} (target < 10%: {'met' if growth < 0.10 else 'MISSED'}).",
     ]
