@@ -36,7 +36,6 @@ DOC = ROOT / "docs" / "BENCHMARKS.md"
 SECTION = "## Serving performance"
 NOTES = "### Notes on the serving figures"
 TICKS = os.sysconf("SC_CLK_TCK")
-WARMUP = 200  # calls before each measured run
 
 
 @dataclass
@@ -124,9 +123,11 @@ def load(server: Server, call: str, **options: Any) -> dict[str, Any]:
     return result
 
 
-def measure(server: Server, scenario: str, size: int, call: str, **options: Any) -> Row:
-    if WARMUP:
-        load(server, call, **{**options, "total": WARMUP, "rate": 0})  # warm the code paths
+def measure(
+    server: Server, scenario: str, size: int, call: str, warmup: int, **options: Any
+) -> Row:
+    if warmup:
+        load(server, call, **{**options, "total": warmup, "rate": 0})  # warm the code paths
     cpu = server.cpu_seconds()
     result = load(server, call, **options)
     used = server.cpu_seconds() - cpu
@@ -310,13 +311,21 @@ def write_section(doc: Path, lines: list[str]) -> None:
 @click.option("--users", default=10_000, show_default=True, help="Users in each version.")
 @click.option("--duration", default=10.0, show_default=True, help="Seconds per measured run.")
 @click.option("--concurrency", default=32, show_default=True, help="Calls in flight.")
+@click.option("--warmup", default=200, show_default=True, help="Calls before each run.")
 @click.option("--repeats", default=50, show_default=True, help="Runs per ONNX/PyTorch timing.")
 @click.option("--cache", type=click.Path(path_type=Path), default=CACHE, show_default=True,
               help="Where the random-factor versions are kept between runs.")  # fmt: skip
 @click.option("--doc", type=click.Path(path_type=Path), default=DOC, show_default=True,
               help="Markdown file whose Serving performance section is rewritten.")  # fmt: skip
 def main(
-    sizes: str, users: int, duration: float, concurrency: int, repeats: int, cache: Path, doc: Path
+    sizes: str,
+    users: int,
+    duration: float,
+    concurrency: int,
+    warmup: int,
+    repeats: int,
+    cache: Path,
+    doc: Path,
 ) -> None:
     """Measure discountd's throughput and latency and write them to docs/BENCHMARKS.md."""
     counts = [int(s) for s in sizes.split(",")]
@@ -328,7 +337,7 @@ def main(
         built = time.perf_counter()
         stores[n] = cached(n, users, cache)
         print(f"version with {n:,} items ready in {time.perf_counter() - built:.0f}s", flush=True)
-    common = {"concurrency": concurrency, "users": users, "duration": duration}
+    common = {"concurrency": concurrency, "users": users, "duration": duration, "warmup": warmup}
     with tempfile.TemporaryDirectory() as tmp:
         # Every server gets the same store (discountd always has one): SQLite with one rule.
         flags = ("--db-url", offers_store(Path(tmp)), "--offer-ttl", "60")
@@ -345,7 +354,7 @@ def main(
         "Server: discountd (one process unless the row says 2 workers), ONNX Runtime CPU, "
         "plaintext, auth off, info logging. "
         f"Load: `bench.load` (asyncio gRPC client, one process on the same machine), "
-        f"{concurrency} calls in flight, {duration:.0f} s per run after 200 warm-up calls; "
+        f"{concurrency} calls in flight, {duration:.0f} s per run after {warmup} warm-up calls; "
         f"Recommend for random users of {users:,} with limit 10. Models: random factors "
         f"(bench/artifacts.py), 64 factors, 20 categories. CPU s / 1k calls is the server's "
         f"user+system time; peak RSS is its VmHWM (both summed over the processes with 2 "

@@ -21,7 +21,7 @@ def test_bench_writes_its_section_and_keeps_the_others(tmp_path: Path) -> None:
     result = CliRunner().invoke(
         serving.main,
         ["--sizes", "300", "--users", "40", "--duration", "0.5", "--concurrency", "4",
-         "--repeats", "2", "--cache", str(tmp_path / "cache"), "--doc", str(doc)],
+         "--warmup", "0", "--repeats", "2", "--cache", str(tmp_path / "cache"), "--doc", str(doc)],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     text = doc.read_text()
