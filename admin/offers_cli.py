@@ -132,6 +132,12 @@ def _model_dir(app: App, explicit: str | None) -> Path:
     envvar="DISCOUNT_MODEL_DIR",
     help="Model store or version (env DISCOUNT_MODEL_DIR; default: the active model version).",
 )
+@click.option(
+    "--response-model-dir",
+    envvar="DISCOUNT_RESPONSE_MODEL_DIR",
+    help="Response model for `optimal` rules, as discountd's flag (env "
+    "DISCOUNT_RESPONSE_MODEL_DIR; without it they grant no discount).",
+)
 @output_option
 @click.pass_obj
 def simulate_command(
@@ -141,6 +147,7 @@ def simulate_command(
     limit: int,
     context_pairs: tuple[str, ...],
     model_dir: str | None,
+    response_model_dir: str | None,
     output: str,
 ) -> None:
     """Show what a user would be offered now, and why, without issuing an offer. Runs the
@@ -154,12 +161,14 @@ def simulate_command(
     from server.errors import InvalidRequest, UnknownIds
     from server.model import load_version
     from server.offers import OffersQuery, simulate
+    from server.response import ResponseModel
 
     context = {k: str(v) for k, v in parse_assignments(context_pairs, "--context").items()}
     try:
         version = _model_dir(app, model_dir)
         model = load_version(version, "cpu")
         facts = load_shop_facts(version)
+        respond = ResponseModel.load(Path(response_model_dir)) if response_model_dir else None
     except ArtifactError as e:
         raise InvalidInput(f"cannot load the model: {e}") from None
     now = datetime.now(UTC)
@@ -167,7 +176,7 @@ def simulate_command(
         snapshot = load_snapshot(session, now)
     query = OffersQuery(user_id, list(item_ids), limit, context)
     try:
-        decision = simulate(model, facts, snapshot, query, now)
+        decision = simulate(model, facts, snapshot, query, now, respond)
     except (InvalidRequest, UnknownIds, FeatureError) as e:
         raise InvalidInput(str(e)) from None
     items: list[dict[str, Any]] = [

@@ -16,17 +16,22 @@ Choices, stated once:
   so the experiment measures what it says;
 - without an experiment each item gets the highest-priority live rule whose scope covers it;
 - a rule with a budget grants discounts only while the discounts redeemed under it (as of the
-  snapshot) plus those granted in this answer stay within the budget.
+  snapshot) plus those granted in this answer stay within the budget;
+- items under `optimal` rules are scored by the caller's response model in one call per answer
+  (every such item, the union of the rules' candidate discounts); without one they get none.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
+
+import numpy as np
+import numpy.typing as npt
 
 from core import policy
 from core.assignment import variant_index
@@ -34,6 +39,7 @@ from core.features import CATEGORICAL_FEATURES, FEATURE_NAMES, NEW_USER, NUMERIC
 from core.segments import Condition, evaluate
 
 Features = Mapping[str, float | str]
+Probabilities = npt.NDArray[np.float64]
 
 
 class Why(StrEnum):
@@ -150,6 +156,11 @@ class ItemInput:
     score: float | None
 
 
+# The response model: P(buy) for each item (rows) at each discount (columns, fractions: 0.1 is
+# 10%) for this user; None when there is no model, so `optimal` grants nothing.
+Respond = Callable[[Features, Sequence[ItemInput], Sequence[float]], Probabilities | None]
+
+
 @dataclass(frozen=True)
 class ItemDecision:
     item_id: str
@@ -219,7 +230,7 @@ def _rank_reason(item: ItemInput) -> Why:
     return Why.RANKED if item.rank > 0 and item.score is not None else Why.NOT_RANKED
 
 
-def _candidate(item: ItemInput) -> policy.Candidate:
+def _candidate(item: ItemInput, probability: tuple[float, ...] | None = None) -> policy.Candidate:
     return policy.Candidate(
         item.item_id,
         policy.as_decimal(item.price or 0, f"price of {item.item_id}"),
@@ -227,7 +238,45 @@ def _candidate(item: ItemInput) -> policy.Candidate:
         # Policies rank from 1; an unranked item counts as ranked after every ranked one.
         item.rank if item.rank > 0 else 1_000_000,
         item.score,
+        probability,
     )
+
+
+def _purchase_probabilities(
+    groups: Sequence[tuple[RuleDef, list[int]]],
+    items: Sequence[ItemInput],
+    features: Features,
+    respond: Respond | None,
+) -> dict[int, tuple[float, ...]]:
+    """Per item position under an `optimal` rule, P(buy) at each of the rule's choices, from
+    one response-model call; items without a model score are left out (NO_SCORE)."""
+    choices: dict[int, tuple[Decimal, ...]] = {}
+    rows: list[int] = []
+    for rule, positions in groups:
+        assert rule.pricing is not None  # live() checked it
+        if rule.pricing.policy == "optimal":
+            choices[rule.id] = policy.optimal_choices(rule.pricing.params)
+            rows += [n for n in positions if _scored(items[n])]
+    if not rows or respond is None:
+        return {}
+    union = sorted(set().union(*choices.values()))
+    probability = respond(features, [items[n] for n in rows], [float(c) / 100 for c in union])
+    if probability is None:
+        return {}
+    row_of = {n: r for r, n in enumerate(rows)}
+    column = {c: k for k, c in enumerate(union)}
+    out: dict[int, tuple[float, ...]] = {}
+    for rule, positions in groups:
+        if rule.id in choices:
+            columns = [column[c] for c in choices[rule.id]]
+            for n in positions:
+                if n in row_of:
+                    out[n] = tuple(float(p) for p in probability[row_of[n], columns])
+    return out
+
+
+def _scored(item: ItemInput) -> bool:
+    return item.score is not None and math.isfinite(item.score)
 
 
 def _rule_for(
@@ -260,6 +309,7 @@ def decide(
     features: Features,
     items: Sequence[ItemInput],
     now: datetime,
+    respond: Respond | None = None,
 ) -> Decision:
     """Price ``items`` for one user, in their order. Fails closed: whatever is missing means no
     discount, and the reason codes say which."""
@@ -292,9 +342,13 @@ def decide(
             )
         else:
             under_rule.setdefault(rule.id, (rule, []))[1].append(n)
-    for rule, positions in under_rule.values():
+    groups = list(under_rule.values())
+    probabilities = _purchase_probabilities(groups, items, features, respond)
+    for rule, positions in groups:
         assert rule.pricing is not None  # live() checked it
-        priced_items = policy.price_items(rule.pricing, [_candidate(items[n]) for n in positions])
+        priced_items = policy.price_items(
+            rule.pricing, [_candidate(items[n], probabilities.get(n)) for n in positions]
+        )
         budgeted = policy.apply_budget(priced_items, rule.remaining())
         for n, priced in zip(positions, budgeted, strict=True):
             decided[n] = ItemDecision(

@@ -24,6 +24,7 @@ from server.interceptors import AccessLogInterceptor, Interceptor, RequestIdInte
 from server.limits import grpc_options
 from server.metrics import Metrics
 from server.offering import Offering
+from server.response import ResponseModel
 from server.service import DiscountService
 from server.settings import Settings
 from server.tls import TlsCredentials
@@ -114,8 +115,13 @@ def create_server(settings: Settings) -> tuple[DiscountServer, int]:
     """Build the server and bind settings.host:settings.port (0 picks a free port).
 
     With a store (settings.db_url) it is checked first: StoreError when unreachable or not at
-    the schema head, so a misconfigured server never starts half-working.
+    the schema head, so a misconfigured server never starts half-working; ArtifactError
+    when settings.response_model_dir is not a response model it can run.
     """
+    respond = None
+    if settings.response_model_dir is not None:
+        respond = ResponseModel.load(settings.response_model_dir, settings.ort_threads)
+        log.info("response model %s loaded for `optimal` rules", respond.version)
     offering = None
     if settings.db_url is not None:
         offering = Offering.open(
@@ -124,6 +130,8 @@ def create_server(settings: Settings) -> tuple[DiscountServer, int]:
             settings.offer_ttl,
             settings.rules_poll_interval,
         )
+        if respond is not None:
+            offering.respond = respond
     metrics = Metrics()
     interceptors: list[Interceptor] = [RequestIdInterceptor(), AccessLogInterceptor(metrics)]
     clients = None

@@ -14,6 +14,7 @@ import sys
 
 import click
 
+from core.artifact import ArtifactError
 from core.store.errors import StoreError
 from server.app import create_server
 from server.logs import configure as configure_logs
@@ -36,6 +37,11 @@ def _env(name: str) -> str:
 @click.option(
     "--model-dir",
     help="Model store (version folders + CURRENT) or one version folder. [env DISCOUNT_MODEL_DIR]",
+)
+@click.option(
+    "--response-model-dir",
+    help="Response model for `optimal` rules: a folder `discount-train response` wrote; "
+    f"without it they grant no discount. {_env('response_model_dir')}",
 )
 @click.option(
     "--device",
@@ -134,6 +140,9 @@ async def serve(settings: Settings) -> int:
         return 1
     except StoreError as e:
         click.echo(f"discountd: cannot use the store: {e}", err=True)
+        return 1
+    except ArtifactError as e:
+        click.echo(f"discountd: cannot load the response model: {e}", err=True)
         return 1
     if insecure_demo_key_in_use(settings):
         log.warning("offers are signed with the public demo key: never use this in production")

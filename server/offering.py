@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy.exc import SQLAlchemyError
 
 from core.offer_token import OfferKeys
+from core.offers import Respond
 from core.store import events
 from core.store.db import Store
 from core.store.errors import StoreError
@@ -18,6 +19,7 @@ from server.errors import NotReady, StoreDown
 from server.limits import BoundedWrites, limit_store
 from server.offer_log import OfferLog
 from server.offers import FactsCache
+from server.response import NoResponseModel
 from server.snapshot import SnapshotKeeper
 
 
@@ -30,6 +32,8 @@ class Offering:
     ttl: timedelta
     facts: FactsCache = field(default_factory=FactsCache)
     writes: BoundedWrites = field(default_factory=BoundedWrites)
+    # The response model `optimal` rules price with (server.response); create_server sets it.
+    respond: Respond = field(default_factory=NoResponseModel)
 
     @classmethod
     def open(cls, url: str, keys: OfferKeys | None, ttl: float, poll: float) -> Offering:

@@ -15,7 +15,15 @@ from typing import Any
 import numpy as np
 
 from core import offer_token
-from core.offers import Decision, FeatureError, ItemInput, Snapshot, decide, resolve_features
+from core.offers import (
+    Decision,
+    FeatureError,
+    ItemInput,
+    Respond,
+    Snapshot,
+    decide,
+    resolve_features,
+)
 from core.shop import ShopFacts, load_shop_facts
 from server.errors import FieldViolation, InvalidRequest, UnknownIds
 from server.model import ModelVersion
@@ -168,12 +176,18 @@ def candidates(model: ModelVersion, facts: ShopFacts, query: OffersQuery) -> lis
 
 
 def simulate(
-    model: ModelVersion, facts: ShopFacts, snapshot: Snapshot, query: OffersQuery, now: datetime
+    model: ModelVersion,
+    facts: ShopFacts,
+    snapshot: Snapshot,
+    query: OffersQuery,
+    now: datetime,
+    respond: Respond | None = None,
 ) -> Decision:
-    """What the user would be offered, and why, without issuing anything."""
+    """What the user would be offered, and why, without issuing anything. ``respond`` is the
+    response model `optimal` rules need (server.response)."""
     validate(query)
     features = resolve_features(facts.user_features.get(query.user_id), query.context)
-    return decide(snapshot, query.user_id, features, candidates(model, facts, query), now)
+    return decide(snapshot, query.user_id, features, candidates(model, facts, query), now, respond)
 
 
 def _cents(amount: Decimal) -> int:
@@ -187,9 +201,10 @@ def get_offers(
     query: OffersQuery,
     keys: offer_token.OfferKeys,
     ttl: timedelta,
+    respond: Respond | None = None,
 ) -> OffersResult:
     now = datetime.now(UTC)
-    decision = simulate(model, facts, snapshot, query, now)
+    decision = simulate(model, facts, snapshot, query, now, respond)
     # Whole seconds, because the token keeps its expiry to the second.
     expires = (now + ttl).replace(microsecond=0)
     offers, rows = [], []

@@ -205,7 +205,13 @@ class DiscountService(pb_grpc.DiscountServiceServicer):
         # Model runs and a first read of the version's catalog happen in a worker thread.
         result = await asyncio.to_thread(
             lambda: get_offers(
-                model, offering.facts.get(model), snapshot, query, offering.keys, offering.ttl
+                model,
+                offering.facts.get(model),
+                snapshot,
+                query,
+                offering.keys,
+                offering.ttl,
+                offering.respond,
             )
         )
         offering.log.append(result.log_rows)

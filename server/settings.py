@@ -21,6 +21,7 @@ DEVICES = ("auto", "cpu", "cuda")
 # Flag name -> (environment fallback, default).
 SOURCES: dict[str, tuple[str, str | None]] = {
     "model_dir": ("DISCOUNT_MODEL_DIR", None),
+    "response_model_dir": ("DISCOUNT_RESPONSE_MODEL_DIR", None),
     "device": ("DISCOUNT_DEVICE", "auto"),
     "host": ("DISCOUNT_GRPC_HOST", "0.0.0.0"),
     "port": ("DISCOUNT_GRPC_PORT", "50051"),
@@ -88,6 +89,8 @@ class Settings:
     ort_threads: int = 0
     # Calls served at once per process; more answer RESOURCE_EXHAUSTED (server.limits).
     max_concurrent_rpcs: int = MAX_CONCURRENT_RPCS
+    # The folder `discount-train response` wrote; None: `optimal` rules grant no discount.
+    response_model_dir: Path | None = None
 
 
 def resolve(
@@ -112,6 +115,12 @@ def resolve(
         problems.append(f"{flag('model_dir')} is required: the folder `discount-train fit` wrote")
     elif not Path(model_dir).is_dir():
         problems.append(f"{flag('model_dir')}: {model_dir} is not a directory")
+    response_dir = raw["response_model_dir"]
+    if response_dir and not Path(response_dir).is_dir():
+        problems.append(
+            f"{flag('response_model_dir')}: {response_dir} is not a directory "
+            "(a folder `discount-train response --out DIR` wrote)"
+        )
     device = (raw["device"] or "").lower()
     if device not in DEVICES:
         problems.append(f"{flag('device')}: {raw['device']!r} is not one of {', '.join(DEVICES)}")
@@ -196,6 +205,7 @@ def resolve(
         batch_max_wait_us=batch_wait,
         workers=workers,
         ort_threads=0 if workers == 1 else max(1, (os.cpu_count() or 1) // workers),
+        response_model_dir=Path(response_dir) if response_dir else None,
     )
 
 

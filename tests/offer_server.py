@@ -30,7 +30,12 @@ def ctl(url: str, *args: str) -> Result:
 
 class OfferServer:
     def __init__(
-        self, model_dir: Path, db_url: str, rules_poll_interval: float = 0.2, offer_ttl: float = 60
+        self,
+        model_dir: Path,
+        db_url: str,
+        rules_poll_interval: float = 0.2,
+        offer_ttl: float = 60,
+        response_model_dir: Path | None = None,
     ) -> None:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -45,6 +50,7 @@ class OfferServer:
             rules_poll_interval=rules_poll_interval,
             offer_ttl=offer_ttl,
             offer_keys=OfferKeys(KEY),
+            response_model_dir=response_model_dir,
         )
         self.server, self.port = self.call(self._start(settings))
         self.call(self.server.first_load.wait())

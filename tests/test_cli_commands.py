@@ -302,8 +302,8 @@ INVALID = [
     (("rules", "create", "t2", *TIER, "--valid-from", "tomorrow"), "not an ISO 8601 time"),
     (("rules", "create", "t2", *TIER, "--budget", "-1"), "budget must be >= 0"),
     (
-        ("rules", "create", "t2", "--policy", "optimal", "--param", "grid=[5,10]"),
-        "needs a response model",
+        ("rules", "create", "t2", "--policy", "optimal", "--param", "grid=[10,5]"),
+        "sorted ascending without repeats",
     ),
     (
         ("rules", "create", "t2", "--policy", "threshold", "--param", "t=0.5"),

@@ -16,8 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from core import response_artifact
 from core.artifact import ArtifactError
-from trainer import response_artifact
+from core.response_artifact import FEATURES, GRAPH, ResponseManifest
 from trainer.cli import main
 from trainer.market import (
     GRID,
@@ -41,7 +42,6 @@ from trainer.response import (
     predict,
     save,
 )
-from trainer.response_artifact import FEATURES, GRAPH, ResponseManifest
 
 torch.set_num_threads(1)
 SMALL = ResponseConfig(epochs=2, min_steps=300, batch_size=512, hidden=16, threads=1)

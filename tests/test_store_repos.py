@@ -153,11 +153,13 @@ def test_rule_validation(
     assert _audit_count(store) == 0
 
 
-def test_optimal_policy_params_validate_but_creation_is_refused(store: Store) -> None:
-    with pytest.raises(InvalidInput, match="needs a response model"), store.transaction() as s:
-        Rules(s, "t").create("o", "optimal", {"grid": [0, 5, 10]})
+def test_optimal_rules_are_created_with_a_valid_grid_only(store: Store) -> None:
+    with store.transaction() as s:
+        assert Rules(s, "t").create("o", "optimal", {"grid": [0, 5, 10]}).params == {
+            "grid": [0.0, 5.0, 10.0]
+        }
     with pytest.raises(InvalidInput, match="'grid' must be"), store.transaction() as s:
-        Rules(s, "t").create("o", "optimal", {"grid": []})
+        Rules(s, "t").create("o2", "optimal", {"grid": []})
 
 
 def test_experiment_lifecycle(store: Store) -> None:

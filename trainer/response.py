@@ -25,9 +25,9 @@ import torch
 from scipy.stats import rankdata
 from torch import Tensor, nn
 
-from trainer import response_artifact
+from core import response_artifact
+from core.response_artifact import FEATURES, GRAPH, INPUTS, OUTPUTS, ResponseManifest
 from trainer.dataset import Floats
-from trainer.response_artifact import FEATURES, GRAPH, INPUTS, OUTPUTS, ResponseManifest
 
 # Ramp centres sit between the usual 5-point grid steps so that each step can carry its own jump.
 RAMP_CENTRES: tuple[float, ...] = (0.025, 0.075, 0.125, 0.175, 0.225, 0.275)

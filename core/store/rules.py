@@ -15,11 +15,6 @@ from core.store.errors import Conflict, InvalidInput, NotFound
 from core.store.segments import Segments, check_version
 from core.store.tables import Experiment, Rule, Variant, utcnow
 
-# Policies whose parameters validate but which this build cannot serve yet.
-UNSERVABLE = {
-    "optimal": "policy 'optimal' needs a response model, which this build cannot serve yet"
-}
-
 DEFAULTS: dict[str, Any] = {
     "description": "",
     "segment": None,
@@ -131,8 +126,6 @@ class Rules:
             params = validate_params(policy, v["params"])
         except PolicyError as e:
             raise InvalidInput(f"invalid policy parameters: {e}") from None
-        if policy in UNSERVABLE:
-            raise InvalidInput(UNSERVABLE[policy])
         max_pct = _number("max discount percent", v["max_discount_pct"])
         if not 0 <= max_pct < 100:
             raise InvalidInput(f"max discount percent must be in [0, 100), got {max_pct:g}")

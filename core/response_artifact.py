@@ -18,11 +18,14 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import numpy.typing as npt
 
 from core.artifact import MANIFEST, ArtifactError, sha256_file
 from core.features import NUMERIC_FEATURES
@@ -153,3 +156,14 @@ def load(folder: Path) -> ResponseManifest:
         if sha256_file(file) != expected:
             raise ArtifactError(f"{folder}: {name} does not match its sha256 in the manifest")
     return manifest
+
+
+def feature_rows(
+    user: Mapping[str, float | str], offers: Sequence[tuple[float, float, float]]
+) -> npt.NDArray[np.float32]:
+    """The graph's ``features`` input in FEATURES order: one row per (cf_score, price, cost)
+    offer, followed by the user's numeric features (absent ones as a new user's 0)."""
+    history = [float(user.get(name, 0.0)) for name in NUMERIC_FEATURES]
+    return np.array([[*offer, *history] for offer in offers], dtype=np.float32).reshape(
+        len(offers), len(FEATURES)
+    )

@@ -1,0 +1,83 @@
+"""The response model in discountd: P(buy | offer, discount) for the `optimal` policy.
+
+Loaded once at start from ``--response-model-dir`` (a folder `discount-train response` wrote,
+verified by core.response_artifact). GetOffers calls it at most once per request, with a row per
+`optimal` item and the union of those rules' candidate discounts as columns (core.offers).
+It runs on the CPU whatever ``--device`` says: a small MLP over a few rows gains nothing from a
+GPU transfer.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from core import response_artifact
+from core.artifact import ArtifactError
+from core.offers import Features, ItemInput, Probabilities
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ResponseModel:
+    path: Path
+    version: str
+    session: ort.InferenceSession
+
+    @classmethod
+    def load(cls, path: Path, threads: int = 0) -> ResponseModel:
+        """Verify the folder and open its graph; ArtifactError says what is wrong."""
+        manifest = response_artifact.load(path)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        graph = path / response_artifact.GRAPH
+        try:
+            session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # ORT raises its own untyped errors for any unreadable model
+            raise ArtifactError(f"{graph}: ONNX Runtime cannot load it ({e})") from None
+        model = cls(path, manifest.version, session)
+        probability = model(
+            {}, [ItemInput("warm-up", "", 10.0, 5.0, 1, 0.0)], list(manifest.grid) or [0.0]
+        )
+        if probability is None or not np.isfinite(probability).all():
+            raise ArtifactError(f"{graph}: warm-up inference gave no finite probabilities")
+        return model
+
+    def __call__(
+        self, user: Features, items: Sequence[ItemInput], grid: Sequence[float]
+    ) -> Probabilities | None:
+        offers = [
+            (float(i.score or 0.0), float(i.price or 0.0), float(i.cost or 0.0)) for i in items
+        ]
+        discounts = np.tile(np.asarray(grid, dtype=np.float32), (len(items), 1))
+        [probability] = self.session.run(
+            None, {"features": response_artifact.feature_rows(user, offers), "discounts": discounts}
+        )
+        return np.asarray(probability, dtype=np.float64)
+
+
+class NoResponseModel:
+    """Stands in when no response model is loaded: `optimal` rules grant nothing, and the first
+    time one applies the log says why, once per process."""
+
+    def __init__(self) -> None:
+        self._told = threading.Event()
+
+    def __call__(
+        self, user: Features, items: Sequence[ItemInput], grid: Sequence[float]
+    ) -> Probabilities | None:
+        if not self._told.is_set():
+            self._told.set()
+            log.warning(
+                "an `optimal` rule applies but no response model is loaded: its offers get no "
+                "discount (reason NO_RESPONSE_MODEL); start discountd with --response-model-dir "
+                "(a folder `discount-train response` wrote)"
+            )
+        return None

@@ -1,0 +1,219 @@
+"""The `optimal` policy: the shared argmax under guardrails (core), and discountd serving it with
+a real response model (ONNX) through a real server, matching the trainer's choice."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from offer_server import OfferServer, ctl
+
+from core.artifact import ArtifactError
+from core.optimal import expected_margin
+from core.policy import (
+    Candidate,
+    Guardrails,
+    Reason,
+    Rule,
+    allowed_percents,
+    floor_price,
+    optimal_choices,
+    price_after,
+    price_items,
+    to_cents,
+)
+from core.response_artifact import GRAPH, feature_rows
+from discount.v1 import discount_pb2 as pb
+from server.settings import Settings
+from trainer.market import GRID, MarketConfig, make_market, make_offers, randomized_discounts
+from trainer.market import simulate as simulate_market
+from trainer.policy_eval import allowed_discounts, best_discounts, response_data
+from trainer.response import ResponseConfig, Trained, fit, predict, save
+
+pytestmark = pytest.mark.timeout(120)
+torch.set_num_threads(1)
+
+money = st.integers(min_value=1, max_value=10_000_000).map(lambda m: Decimal(m) / 100)
+probability = st.floats(min_value=0, max_value=1, allow_nan=False)
+
+
+@st.composite
+def optimal_cases(draw: st.DrawFn) -> tuple[Rule, Candidate]:
+    grid = sorted(draw(st.sets(st.integers(1, 9_999), min_size=1, max_size=8)))
+    limits = Guardrails(
+        draw(st.integers(0, 9_999).map(lambda m: Decimal(m) / 100)),
+        draw(st.integers(0, 10_000).map(lambda m: Decimal(m) / 100)),
+    )
+    rule = Rule("optimal", {"grid": [g / 100 for g in grid]}, limits)
+    n = len(optimal_choices(rule.params))
+    p = tuple(draw(st.lists(probability, min_size=n, max_size=n)))
+    item = Candidate("a", draw(money), draw(money), 1, score=0.5, purchase_probability=p)
+    return rule, item
+
+
+@settings(max_examples=300, deadline=None)
+@given(optimal_cases())
+def test_optimal_respects_guardrails_and_takes_the_best_allowed_choice(
+    case: tuple[Rule, Candidate],
+) -> None:
+    rule, item = case
+    [priced] = price_items(rule, [item])
+    base, cost = to_cents(item.base_price), to_cents(item.cost)
+    assert priced.final_price == price_after(base, priced.discount_pct) <= base
+    assert priced.discount_pct <= rule.guardrails.max_discount_pct
+    if priced.discount_pct > 0:
+        assert priced.final_price >= floor_price(item.cost, rule.guardrails.min_margin_pct)
+    assert priced.reasons[0] == Reason.POLICY_OPTIMAL
+    assert priced.reasons[1].startswith("EXPECTED_UPLIFT_CENTS=")
+    if Reason.ROUNDED_TO_NO_DISCOUNT in priced.reasons:
+        return  # the best choice was too small to take a cent off: the base price stands
+    # The choice is an allowed one, and no allowed choice has a larger expected margin.
+    choices = optimal_choices(rule.params)
+    allowed = allowed_percents(base, cost, choices, rule.guardrails)
+    assert allowed[choices.index(priced.discount_pct)]
+    value = expected_margin(
+        np.array([item.purchase_probability]),
+        np.array([float(base)]),
+        np.array([float(cost)]),
+        np.array([float(c) / 100 for c in choices]),
+    )[0]
+    chosen = value[choices.index(priced.discount_pct)]
+    assert all(chosen >= v for v, ok in zip(value, allowed, strict=True) if ok)
+    # Ties go to the smaller discount.
+    assert all(
+        v < chosen for c, v, ok in zip(choices, value, allowed, strict=True)
+        if ok and c < priced.discount_pct
+    )  # fmt: skip
+    uplift = int(priced.reasons[1].split("=")[1])
+    assert uplift == round((chosen - value[0]) * 100) >= 0
+
+
+def test_a_probability_per_choice_is_required() -> None:
+    rule = Rule("optimal", {"grid": [5, 10]}, Guardrails.of(30))
+    short = Candidate("a", Decimal(10), Decimal(1), 1, score=0.5, purchase_probability=(0.1,))
+    unscored = Candidate("b", Decimal(10), Decimal(1), 1, purchase_probability=(0.1, 0.2, 0.3))
+    assert [p.reasons for p in price_items(rule, [short, unscored])] == [
+        (Reason.NO_RESPONSE_MODEL,),
+        (Reason.NO_SCORE,),
+    ]
+
+
+# --- a real discountd with a response model -----------------------------------------------
+
+GRID_PCT = [round(g * 100) for g in GRID if g > 0]  # the rule's grid: the trainer's, less 0
+
+
+@pytest.fixture(scope="module")
+def response_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Trained]:
+    """A response model fit in seconds on a small randomized simulator log."""
+    market = make_market(MarketConfig(n_users=300, n_items=60, visits=3, seed=0))
+    offers = make_offers(market, seed=0)
+    log = simulate_market(market, offers, *randomized_discounts(len(offers), 0), seed=0)
+    config = ResponseConfig(epochs=2, min_steps=200, batch_size=512, hidden=16, threads=1)
+    trained = fit(response_data(market, log), config)
+    folder = tmp_path_factory.mktemp("response") / "model"
+    save(trained, folder, list(GRID), config, {"source": "tests/test_optimal.py"})
+    return folder, trained
+
+
+# Minimum margins: 10% leaves the whole grid allowed (the model's choice is interior), 50%
+# puts the floor at 9.00 and allows at most 10% off (the guardrail binds).
+@pytest.fixture(params=[10, 50])
+def optimal_server(
+    request: pytest.FixtureRequest,
+    model_store: Path,
+    db_url: str,
+    response_model: tuple[Path, Trained],
+) -> Iterator[tuple[OfferServer, int]]:
+    ctl(
+        db_url, "rules", "create", "best", "--policy", "optimal",
+        "--param", f"grid={GRID_PCT}", "--max-discount", "30", "--min-margin", str(request.param),
+    )  # fmt: skip
+    running = OfferServer(model_store, db_url, response_model_dir=response_model[0])
+    yield running, request.param
+    running.close()
+
+
+def _scores(server: OfferServer, limit: int) -> dict[str, float]:
+    response = server.stub.Recommend(pb.RecommendRequest(user_id="user-0", limit=limit))
+    return {item.item_id: item.score for item in response.items}
+
+
+def test_server_picks_the_argmax_the_onnx_model_implies_as_the_trainer_would(
+    optimal_server: tuple[OfferServer, int], response_model: tuple[Path, Trained]
+) -> None:
+    server, min_margin = optimal_server
+    response = server.stub.GetOffers(pb.GetOffersRequest(user_id="user-0", limit=8))
+    scores = _scores(server, 8)
+    offers = list(response.offers)
+    assert len(offers) == 8 and [o.item_id for o in offers] == list(scores)
+    # The tiny shop: every item at price 10.00, cost 6.00.
+    price, cost = np.full(8, 10.0), np.full(8, 6.0)
+    rows = feature_rows({"order_count": 3.0}, [(scores[o.item_id], 10.0, 6.0) for o in offers])
+    session = ort.InferenceSession(str(response_model[0] / GRAPH))
+    grid = np.tile(np.asarray(GRID, dtype=np.float32), (8, 1))
+    [p_onnx] = session.run(None, {"features": rows, "discounts": grid})
+    value = expected_margin(p_onnx.astype(np.float64), price, cost, np.asarray(GRID))
+    floor = 6.0 * (1 + min_margin / 100)
+    allowed = 10.0 * (1 - np.asarray(GRID)) >= floor - 1e-9
+    best = np.where(allowed, value, -np.inf).argmax(axis=1)
+    served = [o.discount_percent / 100 for o in offers]
+    assert served == pytest.approx([GRID[b] for b in best])
+    assert all(10.0 * (1 - d) >= floor - 1e-9 for d in served)
+    for offer, b, v in zip(offers, best, value, strict=True):
+        assert offer.final_price_cents == round(1000 * (1 - GRID[b]))
+        assert "POLICY_OPTIMAL" in offer.reason_codes
+        assert f"EXPECTED_UPLIFT_CENTS={round((v[b] - v[0]) * 100)}" in offer.reason_codes
+    # The trainer's policy evaluation, with the torch model on the same rows, chooses the same.
+    limits = Guardrails.of(30, min_margin)
+    p_torch = predict(response_model[1].model, rows.astype(np.float64), grid.astype(np.float64))
+    trainer_choice = best_discounts(p_torch, price, cost, allowed_discounts(price, cost, limits))
+    assert served == pytest.approx(list(trainer_choice))
+
+
+def test_server_without_a_response_model_fails_closed_and_says_so_once(
+    model_store: Path, db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    ctl(db_url, "rules", "create", "best", "--policy", "optimal", "--param", "grid=[5,10]")
+    running = OfferServer(model_store, db_url)
+    try:
+        with caplog.at_level(logging.WARNING, logger="server.response"):
+            for _ in range(3):
+                response = running.stub.GetOffers(pb.GetOffersRequest(user_id="user-0", limit=3))
+                assert all(
+                    o.discount_percent == 0 and "NO_RESPONSE_MODEL" in o.reason_codes
+                    for o in response.offers
+                )
+    finally:
+        running.close()
+    told = [r for r in caplog.records if "no response model is loaded" in r.getMessage()]
+    assert len(told) == 1
+
+
+def test_rules_simulate_shows_the_optimal_choice(
+    model_store: Path, db_url: str, response_model: tuple[Path, Trained]
+) -> None:
+    ctl(db_url, "rules", "create", "best", "--policy", "optimal", "--param", "grid=[5,10]")
+    args = ["rules", "simulate", "--user", "user-0", "--model-dir", str(model_store)]
+    without = ctl(db_url, *args, "--output", "json").output
+    assert "NO_RESPONSE_MODEL" in without and "POLICY_OPTIMAL" not in without
+    served = ctl(
+        db_url, *args, "--response-model-dir", str(response_model[0]), "--output", "json"
+    ).output
+    assert "POLICY_OPTIMAL" in served and "EXPECTED_UPLIFT_CENTS=" in served
+
+
+def test_a_folder_that_is_no_response_model_refuses_to_start(model_store: Path) -> None:
+    from server.app import create_server
+
+    settings = Settings(model_dir=model_store, response_model_dir=model_store, port=0)
+    with pytest.raises(ArtifactError, match="train one with `discount-train response"):
+        create_server(settings)
