@@ -36,7 +36,7 @@ def test_demo_runs_end_to_end(tmp_path: Path, restore_env: None) -> None:
     result = _demo(out)
     assert result.exit_code == 0, result.output
     headings = [line for line in result.stderr.splitlines() if line.startswith("==> ")]
-    assert [h.split("] ")[1].split()[0] for h in headings] == [f"{n}/9" for n in range(1, 10)]
+    assert [h.split("] ")[1].split()[0] for h in headings] == [f"{n}/10" for n in range(1, 11)]
     stdout = result.stdout
     assert "— known user" in stdout and "demo-new-visitor" in stdout  # the storefront's calls
     assert "100/100 shoppers" in result.stderr and "0 rejected" in result.stderr
@@ -47,12 +47,16 @@ def test_demo_runs_end_to_end(tmp_path: Path, restore_env: None) -> None:
 
     url = f"sqlite:///{out / 'discount.db'}"
     reported = json.loads(
-        ctl(url, "experiments", "report", "demo-tiered-ab", "--output", "json").stdout
+        ctl(url, "experiments", "report", "demo-tiered-vs-optimal", "--output", "json").stdout
     )
     users = {v["variant"]: v["users_assigned"] for v in reported["variants"]}
     # 100 shoppers: 90 of the 120 known users and 10 new visitors, each once.
-    assert set(users) == {"control", "treatment"} and sum(users.values()) == 100
-    assert reported["variants"][1]["discount_cost"] > 0
+    assert set(users) == {"control", "tiered", "optimal"} and sum(users.values()) == 100
+    cost = {v["variant"]: v["discount_cost"] for v in reported["variants"]}
+    assert cost["control"] == 0 and cost["tiered"] > 0
+    # The optimal variant is priced by the response model, not failed closed.
+    log = (out / "discountd.log").read_text()
+    assert "loaded for `optimal` rules" in log and "no response model" not in log
 
 
 @pytest.mark.slow

@@ -1,11 +1,13 @@
 """`make demo`: a shop's purchase history to a measured discount experiment, on this machine.
 
-Builds a small synthetic shop (or reads Online Retail), trains and exports a model, migrates a
-fresh SQLite store, seeds segments, a tiered_topk rule and an experiment (control: no discount;
-treatment: the rule), starts discountd as its own process, asks it for recommendations as a
-storefront would, replays simulated shoppers through the experiment, stops the server and
-prints the experiment report with its plot. Every step prints the command a user would type;
-the commands run in this process, which saves a dozen interpreter start-ups.
+Builds a small synthetic shop (or reads Online Retail), trains and exports a model, trains a
+response model on a randomized discount experiment logged in the market simulator, migrates a
+fresh SQLite store, seeds segments, a tiered_topk and an optimal rule and an experiment
+(control: no discount; tiered: the classic rule; optimal: the response model's choice), starts
+discountd as its own process, asks it for recommendations as a storefront would, replays
+simulated shoppers through the experiment, stops the server and prints the experiment report
+with its plot. Every step prints the command a user would type; the commands run in this
+process, which saves a dozen interpreter start-ups.
 
 Example:
     python -m tools.demo                          # synthetic shop into var/demo
@@ -35,8 +37,8 @@ from admin.cli import cli as discountctl
 from tools import demo_client
 from trainer.cli import main as discount_train
 
-EXPERIMENT = "demo-tiered-ab"
-STEPS = 9
+EXPERIMENT = "demo-tiered-vs-optimal"
+STEPS = 10
 DATA_SOURCES = ("synthetic", "online-retail")
 LISTENING = re.compile(r"listening on \S+:(\d+)")
 
@@ -150,11 +152,26 @@ def _train(config: DemoConfig, clock: Clock) -> Path:
     return shop / "interactions.csv"
 
 
+def _train_response(config: DemoConfig, clock: Clock) -> Path:
+    """Step 3: the response model the `optimal` rule prices with."""
+    market, response = config.out / "market", config.out / "response"
+    users = str(max(50, min(config.users // 2, 1500)))
+    clock.step(3, "a response model from a randomized discount experiment in the market simulator")
+    run(discount_train, "discount-train", "simulate", "--out", str(market), "--users", users,
+        "--seed", str(config.seed), quiet=True)  # fmt: skip
+    run(discount_train, "discount-train", "response", "--offers", str(market / "offers.csv"),
+        "--events", str(market / "events.csv"), "--out", str(response), "--epochs", "5",
+        "--hidden", "32", "--seed", str(config.seed))  # fmt: skip
+    return response
+
+
 def _seed_store(clock: Clock) -> None:
-    """Steps 3 and 4: a migrated store with segments, a rule and a running experiment."""
-    clock.step(3, f"a fresh store: {os.environ['DISCOUNT_DB_URL']}")
+    """Steps 4 and 5: a migrated store with segments, two rules and a running experiment."""
+    clock.step(4, f"a fresh store: {os.environ['DISCOUNT_DB_URL']}")
     run(discountctl, "discountctl", "db", "upgrade")
-    clock.step(4, "segments (new, high value, lapsed), a tiered_topk rule, an experiment")
+    clock.step(
+        5, "segments (new, high value, lapsed), tiered_topk and optimal rules, an experiment"
+    )
     for name, where, priority in (
         ("new-customers", "days_since_first_order < 30", "10"),
         ("high-value", "lifetime_value >= 400", "20"),
@@ -167,9 +184,14 @@ def _seed_store(clock: Clock) -> None:
         "--min-margin", "10", "--priority", "10",
         "--description", "the 2 best recommendations 15% off, the rest 5%",
         quiet=True)  # fmt: skip
-    run(discountctl, "discountctl", "experiments", "create", EXPERIMENT, "--variant", "control:50",
-        "--variant", "treatment:50:demo-tiered", "--salt", "demo",
-        "--description", "does a tiered discount on recommendations pay?", quiet=True)  # fmt: skip
+    run(discountctl, "discountctl", "rules", "create", "demo-optimal", "--policy", "optimal",
+        "--param", "grid=[5,10,15,20]", "--max-discount", "20", "--min-margin", "10",
+        "--priority", "5", "--description", "the discount with the largest expected margin",
+        quiet=True)  # fmt: skip
+    run(discountctl, "discountctl", "experiments", "create", EXPERIMENT, "--variant", "control:34",
+        "--variant", "tiered:33:demo-tiered", "--variant", "optimal:33:demo-optimal",
+        "--salt", "demo", "--description", "which discount pays: none, tiered or optimal?",
+        quiet=True)  # fmt: skip
     run(discountctl, "discountctl", "experiments", "start", EXPERIMENT, quiet=True)
     run(discountctl, "discountctl", "segments", "list")
     run(discountctl, "discountctl", "rules", "list")
@@ -183,18 +205,20 @@ def demo(config: DemoConfig) -> None:
     os.environ["DISCOUNT_DB_URL"] = f"sqlite:///{out / 'discount.db'}"
     os.environ["DISCOUNT_ACTOR"] = "demo"
     users_from = _train(config, clock)
+    response = _train_response(config, clock)
     _seed_store(clock)
     models = out / "models"
     version = (models / "CURRENT").read_text().strip()
-    clock.step(5, f"register and promote model version {version}; a token for the storefront")
+    clock.step(6, f"register and promote model version {version}; a token for the storefront")
     run(discountctl, "discountctl", "models", "register", str(models / version), quiet=True)
     run(discountctl, "discountctl", "models", "promote", version, quiet=True)
     created = run(discountctl, "discountctl", "clients", "create", "demo-storefront",
                   "--output", "json", quiet=True)  # fmt: skip
     os.environ["DISCOUNT_CLIENT_TOKEN"] = _token(created)
 
-    clock.step(6, "start discountd (plaintext, public demo offer key, client auth required)")
-    argv = [_discountd_executable(), "--model-dir", str(models), "--host", "127.0.0.1",
+    clock.step(7, "start discountd (plaintext, public demo offer key, client auth required)")
+    argv = [_discountd_executable(), "--model-dir", str(models),
+            "--response-model-dir", str(response), "--host", "127.0.0.1",
             "--port", str(config.port), "--insecure", "--insecure-demo-key", "--auth", "required",
             "--rules-poll-interval", "1"]  # fmt: skip
     click.echo(f"$ {shlex.join(['discountd', *argv[1:]])} &", err=True)
@@ -204,14 +228,14 @@ def demo(config: DemoConfig) -> None:
         click.echo(
             f"discountd pid {server.process.pid} on {target}, log {server.log_path}", err=True
         )
-        clock.step(7, "recommendations for known users and a new visitor, as a storefront asks")
+        clock.step(8, "recommendations for known users and a new visitor, as a storefront asks")
         run(demo_client.main, "python -m tools.demo_client", "--target", target,
             "--model-dir", str(models), "--wait", str(config.wait_s))  # fmt: skip
-        clock.step(8, f"replay {config.shoppers:,} simulated shoppers through the experiment")
+        clock.step(9, f"replay {config.shoppers:,} simulated shoppers through the experiment")
         run(discount_train, "discount-train", "replay", "--target", target,
             "--users-from", str(users_from), "--shoppers", str(config.shoppers),
             "--seed", str(config.seed))  # fmt: skip
-        clock.step(9, "stop discountd (SIGTERM flushes the offer log); the experiment report")
+        clock.step(10, "stop discountd (SIGTERM flushes the offer log); the experiment report")
         status = server.stop()
         if status != 0:
             raise DemoError(f"discountd exited with status {status} on SIGTERM")
