@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from sqlalchemy import event
 
 from core.store.db import Store
+from core.store.tables import ID_LENGTH
 from server.errors import Overloaded
 
 T = TypeVar("T")
@@ -34,6 +35,19 @@ OFFER_LOG_MAX_PENDING = 200_000
 # a worker thread and a pooled connection for as long as the lock lasts.
 STORE_STATEMENT_TIMEOUT_MS = 5_000
 STORE_LOCK_TIMEOUT_MS = 2_000
+
+
+# User ids are stored with every offer, in a column of this width: a longer one would make the
+# offer log's insert fail on PostgreSQL, and every offer queued behind it wait forever.
+MAX_ID_CHARS = ID_LENGTH
+# Error messages echo what the caller sent; past gRPC's 16 KiB metadata limit the caller
+# would get RESOURCE_EXHAUSTED instead of the error, so messages are cut.
+MAX_ERROR_CHARS = 1000
+MAX_VIOLATION_CHARS = 300
+
+
+def shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def grpc_options() -> list[tuple[str, int]]:

@@ -26,6 +26,7 @@ from core.offers import (
 )
 from core.shop import ShopFacts, load_shop_facts
 from server.errors import FieldViolation, InvalidRequest, UnknownIds
+from server.limits import MAX_ID_CHARS
 from server.model import ModelVersion
 from server.recommend import DEFAULT_LIMIT, MAX_IDS, MAX_LIMIT, RecommendQuery, recommend
 
@@ -83,6 +84,8 @@ def validate(query: OffersQuery) -> None:
     problems: list[FieldViolation] = []
     if not query.user_id.strip():
         problems.append(FieldViolation("user_id", "required: the shop's id of the user"))
+    elif len(query.user_id) > MAX_ID_CHARS:
+        problems.append(FieldViolation("user_id", f"at most {MAX_ID_CHARS} characters"))
     if not 0 <= query.limit <= MAX_LIMIT:
         problems.append(
             FieldViolation(

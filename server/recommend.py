@@ -13,6 +13,7 @@ import numpy as np
 import numpy.typing as npt
 
 from server.errors import FieldViolation, InvalidRequest
+from server.limits import MAX_ID_CHARS
 from server.model import ModelVersion
 
 DEFAULT_LIMIT = 10
@@ -55,6 +56,8 @@ def validate(query: RecommendQuery, model: ModelVersion | None) -> None:
     problems: list[FieldViolation] = []
     if not query.user_id.strip():
         problems.append(FieldViolation("user_id", "required: the shop's id of the user"))
+    elif len(query.user_id) > MAX_ID_CHARS:
+        problems.append(FieldViolation("user_id", f"at most {MAX_ID_CHARS} characters"))
     if not 0 <= query.limit <= MAX_LIMIT:
         problems.append(
             FieldViolation(

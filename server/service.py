@@ -28,6 +28,7 @@ from server.errors import (
     StoreDown,
     UnknownIds,
 )
+from server.limits import MAX_ERROR_CHARS, MAX_VIOLATION_CHARS, shorten
 from server.metrics import Metrics
 from server.offering import Offering
 from server.offers import OffersQuery, get_offers
@@ -84,7 +85,8 @@ def maps_errors(method: Method[Request, Response]) -> Method[Request, Response]:
             details = error_details_pb2.BadRequest(
                 field_violations=[
                     error_details_pb2.BadRequest.FieldViolation(
-                        field=v.field, description=v.description
+                        field=shorten(v.field, MAX_VIOLATION_CHARS),
+                        description=shorten(v.description, MAX_VIOLATION_CHARS),
                     )
                     for v in e.violations
                 ]
@@ -94,15 +96,15 @@ def maps_errors(method: Method[Request, Response]) -> Method[Request, Response]:
             status = rpc_status.to_status(
                 status_pb2.Status(
                     code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
-                    message=str(e),
+                    message=shorten(str(e), MAX_ERROR_CHARS),
                     details=[packed],
                 )
             )
             await context.abort(status.code, status.details, status.trailing_metadata)
         except (NotReady, StoreDown) as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, shorten(str(e), MAX_ERROR_CHARS))
         except UnknownIds as e:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+            await context.abort(grpc.StatusCode.NOT_FOUND, shorten(str(e), MAX_ERROR_CHARS))
         except Overloaded as e:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
 

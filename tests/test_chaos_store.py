@@ -26,6 +26,7 @@ from core.store import migrate
 from core.store.db import Store
 from core.store.tables import Event, Offer
 from discount.v1 import discount_pb2 as pb
+from server.limits import MAX_ID_CHARS
 from tests.conftest import RunningServer
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(120)]
@@ -129,6 +130,25 @@ def test_full_offer_log_refuses_offers_instead_of_dropping_them(
     log.max_pending = 10
     issued |= {o.offer_id for o in running.stub.GetOffers(request).offers}
     eventually(lambda: log.pending == 0, 10.0)
+    assert issued <= stored(url)[1]
+
+
+def test_a_user_id_too_long_to_log_is_refused_and_the_log_keeps_flowing(
+    start: type[RunningServer], url: str
+) -> None:
+    # Before the limit, a 129-character user id was handed offers whose rows PostgreSQL then
+    # refused, and every offer queued behind them waited for a write that never succeeded.
+    running = start()
+    longest = "u" * MAX_ID_CHARS
+    issued = {
+        o.offer_id
+        for o in running.stub.GetOffers(pb.GetOffersRequest(user_id=longest, limit=2)).offers
+    }
+    with pytest.raises(grpc.RpcError) as e:
+        running.stub.GetOffers(pb.GetOffersRequest(user_id=longest + "u", limit=2))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"at most {MAX_ID_CHARS} characters" in (e.value.details() or "")
+    eventually(lambda: running.server.offering.log.pending == 0, 10.0)
     assert issued <= stored(url)[1]
 
 
