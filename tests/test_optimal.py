@@ -4,7 +4,8 @@ a real response model (ONNX) through a real server, matching the trainer's choic
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 from offer_server import OfferServer, ctl
 
 from core.artifact import ArtifactError
+from core.offers import ItemInput, RuleDef, Snapshot, decide
 from core.optimal import expected_margin
 from core.policy import (
     Candidate,
@@ -103,6 +105,39 @@ def test_a_probability_per_choice_is_required() -> None:
     assert [p.reasons for p in price_items(rule, [short, unscored])] == [
         (Reason.NO_RESPONSE_MODEL,),
         (Reason.NO_SCORE,),
+    ]
+
+
+def test_one_response_call_per_answer_over_the_union_of_grids() -> None:
+    limits = Guardrails.of(30)
+    rules = tuple(
+        RuleDef(n, f"r{n}", Rule("optimal", {"grid": grid}, limits), categories=frozenset({cat}))
+        for n, (grid, cat) in enumerate((([5, 10], "a"), ([10, 20], "b")), start=1)
+    )
+    items = [
+        ItemInput("x", "a", 10.0, 1.0, 1, 0.9),
+        ItemInput("y", "b", 10.0, 1.0, 2, 0.5),
+        ItemInput("z", "b", 10.0, 1.0, 0, None),  # unscored: not sent to the model
+    ]
+    calls: list[tuple[list[str], list[float]]] = []
+
+    def respond(
+        user: Mapping[str, float | str], rows: Sequence[ItemInput], grid: Sequence[float]
+    ) -> np.ndarray:
+        calls.append(([r.item_id for r in rows], list(grid)))
+        return np.tile(0.1 + np.asarray(grid) * 2, (len(rows), 1))
+
+    decision = decide(Snapshot(rules=rules), "u", {}, items, datetime.now(UTC), respond)
+    assert calls == [(["x", "y"], [0.0, 0.05, 0.1, 0.2])]
+    reasons = [d.reasons for d in decision.items]
+    assert "POLICY_OPTIMAL" in reasons[0] and "POLICY_OPTIMAL" in reasons[1]
+    assert "NO_SCORE" in reasons[2]
+    # P(buy) = 0.1 + 2d at price 10, cost 1: expected margins 0.9, 1.7, 2.4 at 0, 5, 10% (r1)
+    # and 0.9, 2.4, 3.5 at 0, 10, 20% (r2).
+    assert [d.priced.discount_pct for d in decision.items] == [
+        Decimal("10.00"),
+        Decimal("20.00"),
+        Decimal("0.00"),
     ]
 
 
