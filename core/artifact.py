@@ -71,12 +71,8 @@ class Manifest:
 
     def signature(self) -> dict[str, Any]:
         return {
-            "inputs": [
-                {"name": n, "type": t, "shape": list(s)} for n, t, s in MODEL_INPUTS
-            ],
-            "outputs": [
-                {"name": n, "type": t, "shape": list(s)} for n, t, s in MODEL_OUTPUTS
-            ],
+            "inputs": [{"name": n, "type": t, "shape": list(s)} for n, t, s in MODEL_INPUTS],
+            "outputs": [{"name": n, "type": t, "shape": list(s)} for n, t, s in MODEL_OUTPUTS],
         }
 
     def to_json(self) -> dict[str, Any]:
