@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,10 +53,18 @@ def test_counters_and_histograms_move_after_calls(running: RunningServer) -> Non
     with pytest.raises(grpc.RpcError):
         running.stub.Recommend(pb.RecommendRequest(user_id=""))
     health_pb2_grpc.HealthStub(running.channel).Check(health_pb2.HealthCheckRequest())
-    after = scrape(running)
 
     def moved(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
+
+    # A call is counted after its status is sent (an abort sends it at once): poll briefly.
+    deadline = time.monotonic() + 10
+    while True:
+        after = scrape(running)
+        if moved("discountd_request_seconds_count", method="Recommend") >= 4:
+            break
+        assert time.monotonic() < deadline, "the calls were never counted"
+        time.sleep(0.02)
 
     assert moved("discountd_requests_total", method="Recommend", code="OK", client="-") == 3
     assert (
@@ -86,7 +95,14 @@ def test_access_log_is_debug_when_ok_and_carries_fields(
     )
     with pytest.raises(grpc.RpcError):
         running.stub.Recommend(pb.RecommendRequest(user_id=""), metadata=(("x-request-id", "q-2"),))
-    records = [r for r in caplog.records if r.name == "discountd.access"]
+    # An aborted call's status reaches the client before the server's access log line is
+    # written (abort sends it at once): wait for the line.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        records = [r for r in caplog.records if r.name == "discountd.access"]
+        if records:
+            break
+        time.sleep(0.02)
     assert [r.__dict__["request_id"] for r in records] == ["q-2"], "OK calls log at debug only"
     line = json.loads(JsonFormatter().format(records[0]))
     assert line["code"] == "INVALID_ARGUMENT"
