@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,9 +11,16 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 import pytest
+from hypothesis import settings
 
 from discount.v1 import discount_pb2_grpc
 from trainer.dataset import Catalog, Dataset, Factors, Interactions
+
+# CI (CI=true) runs every property test on the same examples each time: a red build then means a
+# change broke something, and a newly found counterexample shows up in a developer's run instead.
+settings.register_profile("ci", derandomize=True, database=None)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 DIM = 4
 T = TypeVar("T")
