@@ -12,9 +12,10 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -188,31 +189,71 @@ def fit_rows(data: ResponseData, config: ResponseConfig) -> ResponseNet:
     derived = ResponseNet.derive(features)
     mean, std = derived.mean(0), derived.std(0).clamp(min=1e-6)
     model = ResponseNet(mean, std, config.hidden)
-    rate = float(np.clip(data.bought.mean(), 1e-4, 1 - 1e-4))
+    discount = torch.from_numpy(data.discount.astype(np.float32)).unsqueeze(1)
+    return fit_logistic(model, features, discount, data.bought, config)
+
+
+class Schedule(Protocol):
+    """The optimizer settings fit_logistic reads; ResponseConfig and UpliftConfig have them."""
+
+    @property
+    def epochs(self) -> int: ...
+    @property
+    def min_steps(self) -> int: ...
+    @property
+    def batch_size(self) -> int: ...
+    @property
+    def learning_rate(self) -> float: ...
+    @property
+    def weight_decay(self) -> float: ...
+    @property
+    def seed(self) -> int: ...
+
+
+class LogisticNet(Protocol):
+    base: nn.Linear
+
+    def logits(self, x: Tensor, arm: Tensor) -> Tensor: ...
+
+    def parameters(self) -> Iterator[nn.Parameter]: ...
+
+    def train(self, mode: bool = True) -> Any: ...
+
+
+NetT = TypeVar("NetT", bound=LogisticNet)
+
+
+def fit_logistic(
+    model: NetT, features: Tensor, arm: Tensor, outcome: npt.NDArray[Any], config: Schedule
+) -> NetT:
+    """Fit model.logits(features, arm) to a binary outcome: AdamW, one-cycle rate, seeded
+    batches. The response model's arm is the discount, the uplift model's the treatment."""
+    rate = float(np.clip(outcome.mean(), 1e-4, 1 - 1e-4))
     with torch.no_grad():  # start at the base rate rather than 50%: fewer steps to calibration
         model.base.bias.fill_(math.log(rate / (1 - rate)))
-    discount = torch.from_numpy(data.discount.astype(np.float32)).unsqueeze(1)
-    target = torch.from_numpy(data.bought.astype(np.float32)).unsqueeze(1)
+    target = torch.from_numpy(outcome.astype(np.float32)).unsqueeze(1)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
     generator = torch.Generator().manual_seed(config.seed)
-    n = len(data)
+    n = len(outcome)
     per_epoch = math.ceil(n / config.batch_size)
     epochs = max(config.epochs, math.ceil(config.min_steps / per_epoch))
-    steps = epochs * per_epoch
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.learning_rate, steps)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, config.learning_rate, epochs * per_epoch
+    )
     model.train()
     for _ in range(epochs):
         for batch in torch.split(torch.randperm(n, generator=generator), config.batch_size):
             loss = nn.functional.binary_cross_entropy_with_logits(
-                model.logits(features[batch], discount[batch]), target[batch]
+                model.logits(features[batch], arm[batch]), target[batch]
             )
             optimizer.zero_grad()
             loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
             schedule.step()
-    return model.eval()
+    model.train(False)
+    return model
 
 
 def predict(model: ResponseNet, features: Floats, discounts: Floats) -> Floats:

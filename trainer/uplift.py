@@ -10,7 +10,6 @@ ranking on a held-out half.
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from trainer.dataset import Floats
+from trainer.response import fit_logistic
 
 HILLSTROM = Path(__file__).resolve().parents[2] / "shared/datasets/hillstrom/hillstrom.csv"
 OUTCOMES = ("visit", "conversion")
@@ -127,31 +127,8 @@ def fit_uplift(
     torch.manual_seed(config.seed)
     features = _prepare(x)
     model = UpliftNet(features.mean(0), features.std(0).clamp(min=1e-6), config.hidden)
-    rate = float(np.clip(y.mean(), 1e-4, 1 - 1e-4))
-    with torch.no_grad():
-        model.base.bias.fill_(math.log(rate / (1 - rate)))
     t = torch.from_numpy(treatment.astype(np.float32)).unsqueeze(1)
-    target = torch.from_numpy(y.astype(np.float32)).unsqueeze(1)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
-    )
-    generator = torch.Generator().manual_seed(config.seed)
-    n = len(y)
-    per_epoch = math.ceil(n / config.batch_size)
-    epochs = max(config.epochs, math.ceil(config.min_steps / per_epoch))
-    steps = epochs * per_epoch
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.learning_rate, steps)
-    model.train()
-    for _ in range(epochs):
-        for batch in torch.split(torch.randperm(n, generator=generator), config.batch_size):
-            loss = nn.functional.binary_cross_entropy_with_logits(
-                model.logits(features[batch], t[batch]), target[batch]
-            )
-            optimizer.zero_grad()
-            loss.backward()  # type: ignore[no-untyped-call]
-            optimizer.step()
-            schedule.step()
-    return model.eval()
+    return fit_logistic(model, features, t, y, config)
 
 
 def predict_uplift(model: UpliftNet, x: Floats) -> Floats:
