@@ -17,7 +17,7 @@ import random
 import sys
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -243,8 +243,3 @@ def _factors(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor, reg: float) -
             item_bias=bias.detach().numpy().astype(np.float32, copy=True),
             foldin=foldin.numpy().astype(np.float32),
         )
-
-
-def with_overrides(config: ModelConfig, **overrides: Any) -> ModelConfig:
-    """A config with the non-None overrides applied (CLI flags left unset keep defaults)."""
-    return replace(config, **{k: v for k, v in overrides.items() if v is not None})

@@ -5,7 +5,6 @@ The caller owns the transaction: repositories flush, ``transaction()`` commits o
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,11 +23,6 @@ PG_SCHEMA = "discount"
 # Channel that every admin change is announced on, inside the change's own transaction.
 NOTIFY_CHANNEL = "discount_changes"
 CONNECT_TIMEOUT_S = 5
-
-
-def store_url(explicit: str | None = None) -> str:
-    """--db-url, else DISCOUNT_DB_URL, else the embedded SQLite file under ./var/."""
-    return explicit or os.environ.get("DISCOUNT_DB_URL") or DEFAULT_URL
 
 
 def mask_url(url: str | URL) -> str:
