@@ -26,9 +26,8 @@ from core.offers import (
 )
 from core.shop import ShopFacts, load_shop_facts
 from server.errors import FieldViolation, InvalidRequest, UnknownIds
-from server.limits import MAX_ID_CHARS
 from server.model import ModelVersion
-from server.recommend import DEFAULT_LIMIT, MAX_IDS, MAX_LIMIT, RecommendQuery, recommend
+from server.recommend import MAX_IDS, RecommendQuery, recommend, user_and_limit_problems
 
 MAX_CONTEXT = 64
 
@@ -81,18 +80,7 @@ class FactsCache:
 
 
 def validate(query: OffersQuery) -> None:
-    problems: list[FieldViolation] = []
-    if not query.user_id.strip():
-        problems.append(FieldViolation("user_id", "required: the shop's id of the user"))
-    elif len(query.user_id) > MAX_ID_CHARS:
-        problems.append(FieldViolation("user_id", f"at most {MAX_ID_CHARS} characters"))
-    if not 0 <= query.limit <= MAX_LIMIT:
-        problems.append(
-            FieldViolation(
-                "limit",
-                f"must be 1 to {MAX_LIMIT} (0 for the default {DEFAULT_LIMIT}), got {query.limit}",
-            )
-        )
+    problems = user_and_limit_problems(query.user_id, query.limit)
     if len(query.item_ids) > MAX_IDS:
         problems.append(
             FieldViolation("item_ids", f"at most {MAX_IDS} entries, got {len(query.item_ids)}")

@@ -51,20 +51,26 @@ class Recommendation:
     cold_start: ColdStart
 
 
-def validate(query: RecommendQuery, model: ModelVersion | None) -> None:
-    """Raise InvalidRequest listing every problem; categories are checked once a model is known."""
+def user_and_limit_problems(user_id: str, limit: int) -> list[FieldViolation]:
+    """The user_id and limit checks Recommend and GetOffers share."""
     problems: list[FieldViolation] = []
-    if not query.user_id.strip():
+    if not user_id.strip():
         problems.append(FieldViolation("user_id", "required: the shop's id of the user"))
-    elif len(query.user_id) > MAX_ID_CHARS:
+    elif len(user_id) > MAX_ID_CHARS:
         problems.append(FieldViolation("user_id", f"at most {MAX_ID_CHARS} characters"))
-    if not 0 <= query.limit <= MAX_LIMIT:
+    if not 0 <= limit <= MAX_LIMIT:
         problems.append(
             FieldViolation(
                 "limit",
-                f"must be 1 to {MAX_LIMIT} (0 for the default {DEFAULT_LIMIT}), got {query.limit}",
+                f"must be 1 to {MAX_LIMIT} (0 for the default {DEFAULT_LIMIT}), got {limit}",
             )
         )
+    return problems
+
+
+def validate(query: RecommendQuery, model: ModelVersion | None) -> None:
+    """Raise InvalidRequest listing every problem; categories are checked once a model is known."""
+    problems = user_and_limit_problems(query.user_id, query.limit)
     for name in ("exclude_item_ids", "recent_item_ids", "categories"):
         count = len(getattr(query, name))
         if count > MAX_IDS:
