@@ -9,7 +9,8 @@ import click
 from admin.app import App
 from admin.options import confirm, if_version_option, yes_option
 from admin.output import emit, message, output_option
-from core.features import FEATURE_NAMES, NUMERIC_FEATURES
+from core.features import FEATURE_NAMES
+from core.offers import FeatureError, resolve_features
 from core.store.errors import InvalidInput
 from core.store.experiments import Experiments, VariantSpec
 
@@ -242,18 +243,16 @@ def assign(app: App, key: str, user_id: str, features: tuple[str, ...], output: 
 
 
 def _features(values: tuple[str, ...]) -> dict[str, float | str]:
-    out: dict[str, float | str] = {}
+    """The --feature values, read as the server reads context overrides (resolve_features)."""
+    given: dict[str, str] = {}
     for item in values:
         name, sep, raw = item.partition("=")
         if not sep:
             raise InvalidInput(f"--feature {item!r}: write NAME=VALUE")
         if name not in FEATURE_NAMES:
             raise InvalidInput(f"--feature {name!r}: unknown; known: {', '.join(FEATURE_NAMES)}")
-        if name in NUMERIC_FEATURES:
-            try:
-                out[name] = float(raw)
-            except ValueError:
-                raise InvalidInput(f"--feature {name}: {raw!r} is not a number") from None
-        else:
-            out[name] = raw
-    return out
+        given[name] = raw
+    try:
+        return resolve_features(None, given)
+    except FeatureError as e:
+        raise InvalidInput(f"--feature {e}") from None
