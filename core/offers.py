@@ -19,6 +19,8 @@ Choices, stated once:
   snapshot) plus those granted in this answer stay within the budget;
 - items under `optimal` rules are scored by the caller's response model in one call per answer
   (every such item, the union of the rules' candidate discounts); without one they get none.
+
+server.offers issues the decisions as signed offers; core.store.offers stores those offers.
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
 """GetOffers: validate, rank the items with the model, run the shared pipeline (core.offers)
 and issue each priced item as a signed offer. The store is never touched on this path: rules
-come from the snapshot, and issued offers go to the offer log's queue."""
+come from the snapshot, and issued offers go to the offer log's queue.
+
+Everything here is per request; the per-server state it reads (snapshot, offer log, facts cache)
+lives in server.offering. The pipeline is core.offers; core.store.offers stores the offers."""
 
 from __future__ import annotations
 
-import threading
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +26,7 @@ from core.offers import (
     decide,
     resolve_features,
 )
-from core.shop import ShopFacts, load_shop_facts
+from core.shop import ShopFacts
 from server.errors import FieldViolation, InvalidRequest, UnknownIds
 from server.model import ModelVersion
 from server.recommend import MAX_IDS, RecommendQuery, recommend, user_and_limit_problems
@@ -63,20 +65,6 @@ class OffersResult:
     model_version: str
     # Rows for the offer log (core.store.tables.Offer's columns).
     log_rows: list[dict[str, Any]]
-
-
-class FactsCache:
-    """Catalog prices and user features of the serving version, read once per version."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._cached: tuple[ModelVersion, ShopFacts] | None = None
-
-    def get(self, model: ModelVersion) -> ShopFacts:
-        with self._lock:
-            if self._cached is None or self._cached[0] is not model:
-                self._cached = (model, load_shop_facts(model.path))
-            return self._cached[1]
 
 
 def validate(query: OffersQuery) -> None:

@@ -1,4 +1,6 @@
-"""Issued offers: written in batches by the server's offer log, read by reports."""
+"""Issued offers: written in batches by the server's offer log, read by reports.
+
+server.offers issues them from the decisions of the pure pipeline, core.offers."""
 
 from __future__ import annotations
 
