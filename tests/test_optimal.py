@@ -95,7 +95,8 @@ def test_optimal_respects_guardrails_and_takes_the_best_allowed_choice(
         if ok and c < priced.discount_pct
     )  # fmt: skip
     uplift = int(priced.reasons[1].split("=")[1])
-    assert uplift == round((chosen - value[0]) * 100) >= 0
+    assert uplift == round((chosen - value[0]) * 100)
+    assert uplift >= 0
 
 
 def test_a_probability_per_choice_is_required() -> None:
