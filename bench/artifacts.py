@@ -2,15 +2,18 @@
 
 Scores are random, so they say nothing about quality; the shapes (users, items, 64 factors,
 categories, purchase histories) are those of a real export, so serving does the same work.
-Versions are cached under var/bench/ by size: the 1M-item export takes minutes.
+Versions are cached under var/bench/ by size and by the exporter's source (a changed graph
+must not be measured on a stale export): the 1M-item export takes minutes.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
 
+import trainer.export
 from core.artifact import ArtifactError, current_version_dir
 from trainer.dataset import Catalog, Dataset, Factors, Interactions
 
@@ -82,7 +85,8 @@ def build(store: Path, n_items: int, n_users: int, seed: int = 0) -> Path:
 
 def cached(n_items: int, n_users: int, root: Path = CACHE) -> Path:
     """The store for this size, built on first use."""
-    store = root / f"items-{n_items}-users-{n_users}"
+    exporter = hashlib.sha256(Path(trainer.export.__file__).read_bytes()).hexdigest()[:12]
+    store = root / f"items-{n_items}-users-{n_users}-export-{exporter}"
     try:
         current_version_dir(store)
     except ArtifactError:  # missing or half-built: build it afresh
