@@ -143,13 +143,18 @@ def load_manifest(version_dir: Path, verify: bool = True) -> Manifest:
         )
     if raw.get("signature") != manifest.signature():
         raise ArtifactError(f"{path}: model signature differs from what this build serves")
-    for name, expected in manifest.files.items():
-        file = version_dir / name
-        if not file.is_file():
-            raise ArtifactError(f"{version_dir}: {name} listed in the manifest is missing")
-        if sha256_file(file) != expected:
-            raise ArtifactError(f"{version_dir}: {name} does not match its sha256 in the manifest")
+    verify_files(version_dir, manifest.files)
     return manifest
+
+
+def verify_files(folder: Path, files: dict[str, str]) -> None:
+    """Every file a manifest lists exists in folder and matches its recorded sha256."""
+    for name, expected in files.items():
+        file = folder / name
+        if not file.is_file():
+            raise ArtifactError(f"{folder}: {name} listed in the manifest is missing")
+        if sha256_file(file) != expected:
+            raise ArtifactError(f"{folder}: {name} does not match its sha256 in the manifest")
 
 
 def current_version_dir(model_dir: Path) -> Path:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from core.artifact import MANIFEST, ArtifactError, sha256_file
+from core.artifact import MANIFEST, ArtifactError, sha256_file, verify_files
 from core.features import NUMERIC_FEATURES
 
 KIND = "response"
@@ -149,12 +149,7 @@ def load(folder: Path) -> ResponseManifest:
         raise ArtifactError(f"{path}: malformed manifest ({e!r})") from None
     if GRAPH not in manifest.files:
         raise ArtifactError(f"{path}: does not list {GRAPH}")
-    for name, expected in manifest.files.items():
-        file = folder / name
-        if not file.is_file():
-            raise ArtifactError(f"{folder}: {name} listed in the manifest is missing")
-        if sha256_file(file) != expected:
-            raise ArtifactError(f"{folder}: {name} does not match its sha256 in the manifest")
+    verify_files(folder, manifest.files)
     return manifest
 
 
