@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,6 +28,9 @@ from torch import Tensor, nn
 from core.artifact import MODEL_INPUTS, MODEL_OUTPUTS, Manifest, seal, set_current
 from core.catalog import category_vocabulary
 from trainer.dataset import Dataset, Factors, Ints
+
+# (name, element type, shape) per input or output; symbolic dimensions are strings.
+Signature = Sequence[tuple[str, str, tuple[int | str, ...]]]
 
 INPUT_NAMES = [name for name, _, _ in MODEL_INPUTS]
 OUTPUT_NAMES = [name for name, _, _ in MODEL_OUTPUTS]
@@ -116,32 +120,7 @@ def export_onnx(factors: Factors, item_category: Ints, n_categories: int, path: 
         "category_mask": {0: batch},
         "k": None,
     }
-    registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = registry_log.level
-    # The exporter warns about optional torchvision ops and dim-name sharing; neither applies.
-    registry_log.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                module,
-                tuple(torch.from_numpy(a) for a in example),
-                str(path),
-                input_names=INPUT_NAMES,
-                output_names=OUTPUT_NAMES,
-                dynamic_shapes=dynamic,
-                external_data=False,
-                verbose=False,
-            )
-    finally:
-        registry_log.setLevel(level)
-    model = onnx.load(str(path))
-    _name_dimensions(model)
-    try:
-        onnx.checker.check_model(model, full_check=True)
-    except onnx.checker.ValidationError as e:
-        raise ExportError(f"exported graph fails the ONNX checker: {e}") from None
-    onnx.save(model, str(path))
+    export_checked(module, example, path, MODEL_INPUTS, MODEL_OUTPUTS, dynamic)
     check_parity(module, path, factors, n_categories)
 
 
@@ -204,13 +183,48 @@ def _example_inputs(
     return [user_index, history, exclude, mask, k]
 
 
-def _name_dimensions(model: onnx.ModelProto) -> None:
+def export_checked(
+    module: nn.Module,
+    example: Sequence[np.ndarray[Any, Any]],
+    path: Path,
+    inputs: Signature,
+    outputs: Signature,
+    dynamic: dict[str, Any],
+) -> None:
+    """torch.onnx.export (dynamo) under the contract's input/output names and dimension names,
+    then the full ONNX check; ExportError when the checker refuses the graph."""
+    registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registry_log.level
+    # The exporter warns about optional torchvision ops and dim-name sharing; neither applies.
+    registry_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module,
+                tuple(torch.from_numpy(a) for a in example),
+                str(path),
+                input_names=[name for name, _, _ in inputs],
+                output_names=[name for name, _, _ in outputs],
+                dynamic_shapes=dynamic,
+                external_data=False,
+                verbose=False,
+            )
+    finally:
+        registry_log.setLevel(level)
+    model = onnx.load(str(path))
+    _name_dimensions(model, inputs, outputs)
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"exported graph fails the ONNX checker: {e}") from None
+    onnx.save(model, str(path))
+
+
+def _name_dimensions(model: onnx.ModelProto, inputs: Signature, outputs: Signature) -> None:
     """Give the graph's inputs and outputs the contract's dimension names (the exporter
     invents its own, e.g. "u0" for k), so the server can compare signatures exactly."""
-    for values, contract in (
-        (model.graph.input, MODEL_INPUTS),
-        (model.graph.output, MODEL_OUTPUTS),
-    ):
+    for values, contract in ((model.graph.input, inputs), (model.graph.output, outputs)):
         by_name = {name: shape for name, _, shape in contract}
         for value in values:
             dims = value.type.tensor_type.shape.dim

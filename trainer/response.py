@@ -9,9 +9,7 @@ only to large discounts and another in proportion, which a single slope could no
 
 from __future__ import annotations
 
-import logging
 import math
-import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,7 +17,6 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
-import onnx
 import onnxruntime as ort
 import pandas as pd
 import torch
@@ -29,6 +26,7 @@ from torch import Tensor, nn
 from core import response_artifact
 from core.response_artifact import FEATURES, GRAPH, INPUTS, OUTPUTS, ResponseManifest
 from trainer.dataset import Floats
+from trainer.export import ExportError, export_checked
 
 # Ramp centres sit between the usual 5-point grid steps so that each step can carry its own jump.
 RAMP_CENTRES: tuple[float, ...] = (0.025, 0.075, 0.125, 0.175, 0.225, 0.275)
@@ -313,31 +311,10 @@ def export_onnx(model: ResponseNet, path: Path) -> float:
         "features": {0: torch.export.Dim("batch")},
         "discounts": {0: torch.export.Dim("batch"), 1: torch.export.Dim("candidates")},
     }
-    registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = registry_log.level
-    registry_log.setLevel(logging.ERROR)  # warnings about optional torchvision ops do not apply
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                model,
-                tuple(torch.from_numpy(a) for a in example),
-                str(path),
-                input_names=[n for n, _, _ in INPUTS],
-                output_names=[n for n, _, _ in OUTPUTS],
-                dynamic_shapes=dynamic,
-                external_data=False,
-                verbose=False,
-            )
-    finally:
-        registry_log.setLevel(level)
-    graph = onnx.load(str(path))
-    _name_dimensions(graph)
-    try:
-        onnx.checker.check_model(graph, full_check=True)
-    except onnx.checker.ValidationError as e:
-        raise ResponseError(f"exported response graph fails the ONNX checker: {e}") from None
-    onnx.save(graph, str(path))
+        export_checked(model, example, path, INPUTS, OUTPUTS, dynamic)
+    except ExportError as e:
+        raise ResponseError(f"response model: {e}") from None
     return check_parity(model, path)
 
 
@@ -362,20 +339,6 @@ def _example(
     features = np.column_stack([rng.normal(0, 1, rows), price, price * 0.6, history])
     discounts = np.sort(rng.uniform(0, 0.3, (rows, candidates)), axis=1)
     return features.astype(np.float32), discounts.astype(np.float32)
-
-
-def _name_dimensions(graph: onnx.ModelProto) -> None:
-    """Use the contract's dimension names instead of the exporter's invented ones."""
-    for values, contract in ((graph.graph.input, INPUTS), (graph.graph.output, OUTPUTS)):
-        by_name = {name: shape for name, _, shape in contract}
-        for value in values:
-            for dim, wanted in zip(
-                value.type.tensor_type.shape.dim, by_name[value.name], strict=True
-            ):
-                if isinstance(wanted, str):
-                    dim.dim_param = wanted
-                else:
-                    dim.dim_value = wanted
 
 
 def save(
