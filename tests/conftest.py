@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -12,6 +12,7 @@ import grpc
 import numpy as np
 import pytest
 from hypothesis import settings
+from server_thread import ServerThread
 
 from discount.v1 import discount_pb2_grpc
 from trainer.dataset import Catalog, Dataset, Factors, Interactions
@@ -133,19 +134,13 @@ def flipped_version(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_artifact(store, make_tiny_shop(flip=True), make_current=False)
 
 
-class RunningServer:
-    """A real discountd (create_server + start) on 127.0.0.1:0, its event loop in a thread,
-    so tests call it through ordinary blocking stubs."""
+class RunningServer(ServerThread):
+    """A real discountd on a model store, not waiting for its first load (tests watch health go
+    from NOT_SERVING to SERVING), with a channel and stub."""
 
     def __init__(self, model_dir: Path, poll_interval: float = 0.0, **settings: Any) -> None:
-        import asyncio
-        import threading
-
         from server.settings import Settings
 
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
         resolved = Settings(
             model_dir=model_dir,
             device="cpu",
@@ -154,32 +149,13 @@ class RunningServer:
             poll_interval=poll_interval,
             **settings,
         )
-        self.server, self.port = self.call(self._start(resolved))
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        super().__init__(resolved, wait_loaded=False)
+        self.channel = grpc.insecure_channel(self.target)
         self.stub = discount_pb2_grpc.DiscountServiceStub(self.channel)
-
-    @staticmethod
-    async def _start(settings: Any) -> Any:
-        from server.app import create_server
-
-        server, port = create_server(settings)
-        await server.start()
-        return server, port
-
-    def call(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        import asyncio
-
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=60)
-
-    def wait_first_load(self) -> None:
-        self.call(self.server.first_load.wait())
 
     def close(self) -> None:
         self.channel.close()
-        self.call(self.server.stop(0))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=10)
-        self.loop.close()
+        super().close()
 
 
 @pytest.fixture

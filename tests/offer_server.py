@@ -3,15 +3,14 @@ discountctl run in-process the way an admin types it."""
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import grpc
 from click.testing import CliRunner, Result
+from server_thread import ServerThread
 
 from admin.cli import cli
 from core.offer_token import OfferKeys
@@ -28,7 +27,7 @@ def ctl(url: str, *args: str) -> Result:
     return result
 
 
-class OfferServer:
+class OfferServer(ServerThread):
     def __init__(
         self,
         model_dir: Path,
@@ -37,9 +36,6 @@ class OfferServer:
         offer_ttl: float = 60,
         response_model_dir: Path | None = None,
     ) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
         settings = Settings(
             model_dir=model_dir,
             device="cpu",
@@ -52,28 +48,13 @@ class OfferServer:
             offer_keys=OfferKeys(KEY),
             response_model_dir=response_model_dir,
         )
-        self.server, self.port = self.call(self._start(settings))
-        self.call(self.server.first_load.wait())
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        super().__init__(settings)
+        self.channel = grpc.insecure_channel(self.target)
         self.stub = discount_pb2_grpc.DiscountServiceStub(self.channel)
-
-    @staticmethod
-    async def _start(settings: Settings) -> Any:
-        from server.app import create_server
-
-        server, port = create_server(settings)
-        await server.start()
-        return server, port
-
-    def call(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=60)
 
     def close(self) -> None:
         self.channel.close()
-        self.call(self.server.stop(0))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=10)
-        self.loop.close()
+        super().close()
 
 
 def eventually(check: Callable[[], T | None], timeout: float, step: float = 0.05) -> T:

@@ -1,0 +1,43 @@
+"""A real discountd (create_server + start on 127.0.0.1:0) with its event loop in a thread, so
+tests call it through ordinary blocking stubs. Every test server is one of these."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from server.app import DiscountServer, create_server
+from server.settings import Settings
+
+T = TypeVar("T")
+
+
+class ServerThread:
+    def __init__(self, settings: Settings, wait_loaded: bool = True) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self.server, self.port = self.call(self._start(settings))
+        if wait_loaded:
+            self.wait_first_load()
+        self.target = f"127.0.0.1:{self.port}"
+
+    @staticmethod
+    async def _start(settings: Settings) -> tuple[DiscountServer, int]:
+        server, port = create_server(settings)
+        await server.start()
+        return server, port
+
+    def call(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=60)
+
+    def wait_first_load(self) -> None:
+        self.call(self.server.first_load.wait())
+
+    def close(self) -> None:
+        self.call(self.server.stop(0))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+        self.loop.close()
