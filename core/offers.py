@@ -159,8 +159,9 @@ class ItemInput:
 
 
 # The response model: P(buy) for each item (rows) at each discount (columns, fractions: 0.1 is
-# 10%) for this user; None when there is no model, so `optimal` grants nothing.
-Respond = Callable[[Features, Sequence[ItemInput], Sequence[float]], Probabilities | None]
+# 10%) for this user (id, to look up their past responses, and features); None when there is no
+# model, so `optimal` grants nothing.
+Respond = Callable[[str, Features, Sequence[ItemInput], Sequence[float]], Probabilities | None]
 
 
 @dataclass(frozen=True)
@@ -247,6 +248,7 @@ def _candidate(item: ItemInput, probability: tuple[float, ...] | None = None) ->
 def _purchase_probabilities(
     groups: Sequence[tuple[RuleDef, list[int]]],
     items: Sequence[ItemInput],
+    user_id: str,
     features: Features,
     respond: Respond | None,
 ) -> dict[int, tuple[float, ...]]:
@@ -262,7 +264,9 @@ def _purchase_probabilities(
     if not rows or respond is None:
         return {}
     union = sorted(set().union(*choices.values()))
-    probability = respond(features, [items[n] for n in rows], [float(c) / 100 for c in union])
+    probability = respond(
+        user_id, features, [items[n] for n in rows], [float(c) / 100 for c in union]
+    )
     if probability is None:
         return {}
     row_of = {n: r for r, n in enumerate(rows)}
@@ -345,7 +349,7 @@ def decide(
         else:
             under_rule.setdefault(rule.id, (rule, []))[1].append(n)
     groups = list(under_rule.values())
-    probabilities = _purchase_probabilities(groups, items, features, respond)
+    probabilities = _purchase_probabilities(groups, items, user_id, features, respond)
     for rule, positions in groups:
         assert rule.pricing is not None  # live() checked it
         priced_items = policy.price_items(

@@ -5,11 +5,16 @@ Kept free of torch so that the server can read and verify it with ONNX Runtime a
 Layout::
 
     RESPONSE_DIR/
-      manifest.json   # kind "response", feature order, discount grid, metrics, sha256 of files
-      response.onnx   # features [batch, F], discounts [batch, candidates] -> purchase_probability
+      manifest.json           # kind "response", feature order, discount grid, metrics, sha256
+      response.onnx           # features [batch, F], discounts [batch, candidates]
+                              #   -> purchase_probability
+      response_history.json   # per user, smoothed purchase rates in four discount bands
+                              #   (core.response_history); the last four feature columns
 
 The graph scores every candidate discount of every row in one inference: the server passes a
-row per offer and the rule's whole discount grid as columns, and picks the best column.
+row per offer and the rule's whole discount grid as columns, and picks the best column. The
+history table is the one the model's training features came from, so the server looks users up
+in it rather than in anything newer the model never saw.
 """
 
 from __future__ import annotations
@@ -29,13 +34,17 @@ import numpy.typing as npt
 
 from core.artifact import MANIFEST, ArtifactError, sha256_file, verify_files
 from core.features import NUMERIC_FEATURES
+from core.response_history import RATE_FEATURES
 
 KIND = "response"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 GRAPH = "response.onnx"
-# Raw per-offer inputs, in column order: the graph derives log price, margin rate and log-scaled
-# history itself, so the server passes what it already has.
-FEATURES: tuple[str, ...] = ("cf_score", "price", "cost", *NUMERIC_FEATURES)
+HISTORY = "response_history.json"
+# What an offer log records per offer, in column order: the graph derives log price, margin
+# rate and log-scaled order history itself, so the server passes what it already has.
+OFFER_FEATURES: tuple[str, ...] = ("cf_score", "price", "cost", *NUMERIC_FEATURES)
+# The graph's columns: the logged ones, then the user's response rates from the history table.
+FEATURES: tuple[str, ...] = (*OFFER_FEATURES, *RATE_FEATURES)
 INPUTS: tuple[tuple[str, str, tuple[int | str, ...]], ...] = (
     ("features", "float32", ("batch", len(FEATURES))),
     ("discounts", "float32", ("batch", "candidates")),  # fractions of the base price, 0.1 = 10%
@@ -147,18 +156,22 @@ def load(folder: Path) -> ResponseManifest:
         )
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ArtifactError(f"{path}: malformed manifest ({e!r})") from None
-    if GRAPH not in manifest.files:
-        raise ArtifactError(f"{path}: does not list {GRAPH}")
+    for name in (GRAPH, HISTORY):
+        if name not in manifest.files:
+            raise ArtifactError(f"{path}: does not list {name}")
     verify_files(folder, manifest.files)
     return manifest
 
 
 def feature_rows(
-    user: Mapping[str, float | str], offers: Sequence[tuple[float, float, float]]
+    user: Mapping[str, float | str],
+    rates: Sequence[float],
+    offers: Sequence[tuple[float, float, float]],
 ) -> npt.NDArray[np.float32]:
     """The graph's ``features`` input in FEATURES order: one row per (cf_score, price, cost)
-    offer, followed by the user's numeric features (absent ones as a new user's 0)."""
-    history = [float(user.get(name, 0.0)) for name in NUMERIC_FEATURES]
-    return np.array([[*offer, *history] for offer in offers], dtype=np.float32).reshape(
+    offer, followed by the user's numeric features (absent ones as a new user's 0) and their
+    response rates (HistoryTable.rates)."""
+    numeric = [float(user.get(name, 0.0)) for name in NUMERIC_FEATURES]
+    return np.array([[*offer, *numeric, *rates] for offer in offers], dtype=np.float32).reshape(
         len(offers), len(FEATURES)
     )

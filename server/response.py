@@ -3,6 +3,8 @@
 Loaded once at start from ``--response-model-dir`` (a folder `discount-train response` wrote,
 verified by core.response_artifact). GetOffers calls it at most once per request, with a row per
 `optimal` item and the union of those rules' candidate discounts as columns (core.offers).
+The user's response rates come from the history table shipped in the same folder; a user it does
+not know gets every band's overall rate.
 It runs on the CPU whatever ``--device`` says: a small MLP over a few rows gains nothing from a
 GPU transfer.
 """
@@ -21,6 +23,7 @@ import onnxruntime as ort
 from core import response_artifact
 from core.artifact import ArtifactError
 from core.offers import Features, ItemInput, Probabilities
+from core.response_history import HistoryTable
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +33,7 @@ class ResponseModel:
     path: Path
     version: str
     session: ort.InferenceSession
+    history: HistoryTable
 
     @classmethod
     def load(cls, path: Path, threads: int = 0) -> ResponseModel:
@@ -42,24 +46,24 @@ class ResponseModel:
             session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
         except Exception as e:  # ORT raises its own untyped errors for any unreadable model
             raise ArtifactError(f"{graph}: ONNX Runtime cannot load it ({e})") from None
-        model = cls(path, manifest.version, session)
+        history = HistoryTable.load(path / response_artifact.HISTORY)
+        model = cls(path, manifest.version, session, history)
         probability = model(
-            {}, [ItemInput("warm-up", "", 10.0, 5.0, 1, 0.0)], list(manifest.grid) or [0.0]
+            "", {}, [ItemInput("warm-up", "", 10.0, 5.0, 1, 0.0)], list(manifest.grid) or [0.0]
         )
         if probability is None or not np.isfinite(probability).all():
             raise ArtifactError(f"{graph}: warm-up inference gave no finite probabilities")
         return model
 
     def __call__(
-        self, user: Features, items: Sequence[ItemInput], grid: Sequence[float]
+        self, user_id: str, user: Features, items: Sequence[ItemInput], grid: Sequence[float]
     ) -> Probabilities | None:
         offers = [
             (float(i.score or 0.0), float(i.price or 0.0), float(i.cost or 0.0)) for i in items
         ]
+        rows = response_artifact.feature_rows(user, self.history.rates(user_id), offers)
         discounts = np.tile(np.asarray(grid, dtype=np.float32), (len(items), 1))
-        [probability] = self.session.run(
-            None, {"features": response_artifact.feature_rows(user, offers), "discounts": discounts}
-        )
+        [probability] = self.session.run(None, {"features": rows, "discounts": discounts})
         return np.asarray(probability, dtype=np.float64)
 
 
@@ -71,7 +75,7 @@ class NoResponseModel:
         self._told = threading.Event()
 
     def __call__(
-        self, user: Features, items: Sequence[ItemInput], grid: Sequence[float]
+        self, user_id: str, user: Features, items: Sequence[ItemInput], grid: Sequence[float]
     ) -> Probabilities | None:
         if not self._told.is_set():
             self._told.set()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -32,12 +33,13 @@ from core.policy import (
     price_items,
     to_cents,
 )
-from core.response_artifact import GRAPH, feature_rows
+from core.response_artifact import GRAPH, HISTORY, feature_rows
+from core.response_history import HistoryTable
 from discount.v1 import discount_pb2 as pb
 from server.settings import Settings
 from trainer.market import GRID, MarketConfig, make_market, make_offers, randomized_discounts
 from trainer.market import simulate as simulate_market
-from trainer.policy_eval import allowed_discounts, best_discounts, response_data
+from trainer.policy_eval import allowed_discounts, best_discounts, training_data
 from trainer.response import ResponseConfig, Trained, fit, predict, save
 
 pytestmark = pytest.mark.timeout(120)
@@ -120,16 +122,19 @@ def test_one_response_call_per_answer_over_the_union_of_grids() -> None:
         ItemInput("y", "b", 10.0, 1.0, 2, 0.5),
         ItemInput("z", "b", 10.0, 1.0, 0, None),  # unscored: not sent to the model
     ]
-    calls: list[tuple[list[str], list[float]]] = []
+    calls: list[tuple[str, list[str], list[float]]] = []
 
     def respond(
-        user: Mapping[str, float | str], rows: Sequence[ItemInput], grid: Sequence[float]
+        user_id: str,
+        user: Mapping[str, float | str],
+        rows: Sequence[ItemInput],
+        grid: Sequence[float],
     ) -> np.ndarray:
-        calls.append(([r.item_id for r in rows], list(grid)))
+        calls.append((user_id, [r.item_id for r in rows], list(grid)))
         return np.tile(0.1 + np.asarray(grid) * 2, (len(rows), 1))
 
     decision = decide(Snapshot(rules=rules), "u", {}, items, datetime.now(UTC), respond)
-    assert calls == [(["x", "y"], [0.0, 0.05, 0.1, 0.2])]
+    assert calls == [("u", ["x", "y"], [0.0, 0.05, 0.1, 0.2])]
     reasons = [d.reasons for d in decision.items]
     assert "POLICY_OPTIMAL" in reasons[0] and "POLICY_OPTIMAL" in reasons[1]
     assert "NO_SCORE" in reasons[2]
@@ -149,14 +154,17 @@ GRID_PCT = [round(g * 100) for g in GRID if g > 0]  # the rule's grid: the train
 
 @pytest.fixture(scope="module")
 def response_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Trained]:
-    """A response model fit in seconds on a small randomized simulator log."""
+    """A response model fit in seconds on a small randomized simulator log whose shoppers are
+    named like the tiny shop's, so that the server finds user-0's past responses."""
     market = make_market(MarketConfig(n_users=300, n_items=60, visits=3, seed=0))
+    market = replace(market, user_ids=[f"user-{u}" for u in range(len(market.user_ids))])
     offers = make_offers(market, seed=0)
     log = simulate_market(market, offers, *randomized_discounts(len(offers), 0), seed=0)
     config = ResponseConfig(epochs=2, min_steps=200, batch_size=512, hidden=16, threads=1)
-    trained = fit(response_data(market, log), config)
+    logged = training_data(market, log, seed=0)
+    trained = fit(logged.data, config)
     folder = tmp_path_factory.mktemp("response") / "model"
-    save(trained, folder, list(GRID), config, {"source": "tests/test_optimal.py"})
+    save(trained, folder, list(GRID), config, {"source": "tests/test_optimal.py"}, logged.history)
     return folder, trained
 
 
@@ -193,7 +201,13 @@ def test_server_picks_the_argmax_the_onnx_model_implies_as_the_trainer_would(
     assert len(offers) == 8 and [o.item_id for o in offers] == list(scores)
     # The tiny shop: every item at price 10.00, cost 6.00.
     price, cost = np.full(8, 10.0), np.full(8, 6.0)
-    rows = feature_rows({"order_count": 3.0}, [(scores[o.item_id], 10.0, 6.0) for o in offers])
+    history = HistoryTable.load(response_model[0] / HISTORY)
+    assert history.rates("user-0") != history.prior  # the server must look user-0 up
+    rows = feature_rows(
+        {"order_count": 3.0},
+        history.rates("user-0"),
+        [(scores[o.item_id], 10.0, 6.0) for o in offers],
+    )
     session = ort.InferenceSession(str(response_model[0] / GRAPH))
     grid = np.tile(np.asarray(GRID, dtype=np.float32), (8, 1))
     [p_onnx] = session.run(None, {"features": rows, "discounts": grid})

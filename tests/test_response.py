@@ -18,7 +18,8 @@ from hypothesis.extra.numpy import arrays
 
 from core import response_artifact
 from core.artifact import ArtifactError
-from core.response_artifact import FEATURES, GRAPH, ResponseManifest
+from core.response_artifact import FEATURES, GRAPH, HISTORY, ResponseManifest, feature_rows
+from core.response_history import HistoryTable
 from trainer.cli import main
 from trainer.market import (
     GRID,
@@ -31,6 +32,7 @@ from trainer.market import (
     simulate,
 )
 from trainer.response import (
+    Logged,
     ResponseConfig,
     ResponseData,
     ResponseError,
@@ -55,8 +57,13 @@ def _logs(seed: int = 0, users: int = 400) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 @pytest.fixture(scope="module")
-def data() -> ResponseData:
-    return from_logs(*_logs())
+def logged() -> Logged:
+    return from_logs(*_logs(), seed=0)
+
+
+@pytest.fixture(scope="module")
+def data(logged: Logged) -> ResponseData:
+    return logged.data
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +80,7 @@ def _random_net(seed: int) -> ResponseNet:
     return net.eval()
 
 
-feature_rows = arrays(
+any_rows = arrays(
     np.float64,
     (3, len(FEATURES)),
     elements=st.floats(0.01, 1000, allow_nan=False, allow_infinity=False),
@@ -82,7 +89,7 @@ feature_rows = arrays(
 
 @settings(max_examples=40, deadline=None)
 @given(
-    feature_rows,
+    any_rows,
     arrays(np.float64, (3, 12), elements=st.floats(0, 0.9)),
     st.integers(0, 1000),
 )
@@ -96,7 +103,7 @@ def test_probability_is_non_decreasing_in_the_discount_for_any_weights(
 
 
 @settings(max_examples=25, deadline=None)
-@given(feature_rows, st.floats(0, 0.5), st.floats(0, 0.5))
+@given(any_rows, st.floats(0, 0.5), st.floats(0, 0.5))
 def test_trained_model_is_monotone_too(
     trained: ResponseNet, features: np.ndarray, a: float, b: float
 ) -> None:
@@ -125,11 +132,11 @@ def test_learns_more_than_the_base_rate(data: ResponseData) -> None:
 
 @pytest.fixture(scope="module")
 def exported(
-    data: ResponseData, tmp_path_factory: pytest.TempPathFactory
+    logged: Logged, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Trained, Path, ResponseManifest]:
-    result = fit(data, SMALL)
+    result = fit(logged.data, SMALL)
     folder = tmp_path_factory.mktemp("export") / "response"
-    manifest = save(result, folder, list(GRID), SMALL, {"rows": len(data)})
+    manifest = save(result, folder, list(GRID), SMALL, {"rows": len(logged.data)}, logged.history)
     return result, folder, manifest
 
 
@@ -139,7 +146,7 @@ def test_export_scores_a_whole_grid_in_one_inference_like_pytorch(
     result, folder, manifest = exported
     assert response_artifact.load(folder) == manifest
     assert manifest.metrics["onnx_max_abs_diff"] < 1e-5
-    assert set(manifest.files) == {GRAPH}
+    assert set(manifest.files) == {GRAPH, HISTORY}
 
     session = ort.InferenceSession(str(folder / GRAPH), providers=["CPUExecutionProvider"])
     rows = data.features[:33].astype(np.float32)
@@ -150,14 +157,27 @@ def test_export_scores_a_whole_grid_in_one_inference_like_pytorch(
     assert np.all(np.diff(onnx_p, axis=1) >= -1e-6)
 
 
+def test_the_shipped_history_is_the_table_from_every_logged_row(
+    logged: Logged, exported: tuple[Trained, Path, ResponseManifest]
+) -> None:
+    shipped = HistoryTable.load(exported[1] / HISTORY)
+    assert shipped.user_ids == logged.history.user_ids
+    assert shipped.prior == logged.history.prior
+    np.testing.assert_array_equal(shipped.table, logged.history.table)
+    # Cross-fitted training features are not the shipped rates: those saw every row's outcome.
+    some = logged.history.user_ids[0]
+    assert logged.history.rates(some) != shipped.rates("no such user") == shipped.prior
+
+
+@pytest.mark.parametrize("tampered", [GRAPH, HISTORY])
 def test_a_tampered_or_foreign_folder_is_refused(
-    exported: tuple[Trained, Path, ResponseManifest], tmp_path: Path
+    exported: tuple[Trained, Path, ResponseManifest], tmp_path: Path, tampered: str
 ) -> None:
     folder = tmp_path / "response"
     shutil.copytree(exported[1], folder)
-    with (folder / GRAPH).open("ab") as f:
+    with (folder / tampered).open("ab") as f:
         f.write(b"\0")
-    with pytest.raises(ArtifactError, match="does not match its sha256"):
+    with pytest.raises(ArtifactError, match=f"{tampered}.*does not match its sha256"):
         response_artifact.load(folder)
     manifest = json.loads((folder / "manifest.json").read_text())
     (folder / "manifest.json").write_text(json.dumps({**manifest, "kind": "recommender"}))
@@ -167,16 +187,76 @@ def test_a_tampered_or_foreign_folder_is_refused(
         response_artifact.load(tmp_path / "nothing")
 
 
+def test_a_folder_without_its_history_table_is_refused(
+    exported: tuple[Trained, Path, ResponseManifest], tmp_path: Path
+) -> None:
+    """A model without the table its rate features came from would score every user as the
+    prior: refused, even when the manifest is resealed without the file."""
+    folder = tmp_path / "response"
+    shutil.copytree(exported[1], folder)
+    (folder / HISTORY).unlink()
+    with pytest.raises(ArtifactError, match=HISTORY):
+        response_artifact.load(folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    files = {k: v for k, v in manifest["files"].items() if k != HISTORY}
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "files": files}))
+    with pytest.raises(ArtifactError, match=f"does not list {HISTORY}"):
+        response_artifact.load(folder)
+
+
+def test_an_older_format_is_refused_by_name(
+    exported: tuple[Trained, Path, ResponseManifest], tmp_path: Path
+) -> None:
+    folder = tmp_path / "response"
+    shutil.copytree(exported[1], folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
+    with pytest.raises(ArtifactError, match="format_version 1, this build reads 2"):
+        response_artifact.load(folder)
+
+
+def test_discountd_scores_a_known_user_with_their_rates_and_a_stranger_with_the_prior(
+    logged: Logged, exported: tuple[Trained, Path, ResponseManifest]
+) -> None:
+    from core.offers import ItemInput
+    from server.response import ResponseModel
+
+    folder = exported[1]
+    served = ResponseModel.load(folder)
+    items = [ItemInput("a", "", 20.0, 12.0, 1, 0.8), ItemInput("b", "", 45.0, 20.0, 2, -0.3)]
+    user = {"order_count": 4.0, "avg_basket": 30.0}
+    session = ort.InferenceSession(str(folder / GRAPH), providers=["CPUExecutionProvider"])
+    grid = np.tile(np.asarray(GRID, dtype=np.float32), (2, 1))
+
+    def direct(rates: tuple[float, ...]) -> np.ndarray:
+        rows = feature_rows(user, rates, [(0.8, 20.0, 12.0), (-0.3, 45.0, 20.0)])
+        return np.asarray(session.run(None, {"features": rows, "discounts": grid})[0])
+
+    known = logged.history.user_ids[0]
+    assert logged.history.rates(known) != logged.history.prior
+    np.testing.assert_array_equal(
+        served(known, user, items, GRID), direct(logged.history.rates(known))
+    )
+    np.testing.assert_array_equal(
+        served("never-logged", user, items, GRID), direct(logged.history.prior)
+    )
+    assert not np.array_equal(served(known, user, items, GRID), served("x", user, items, GRID))
+
+
 def test_logs_a_model_cannot_learn_from_are_refused_with_the_fix() -> None:
     offers, events = _logs(users=50)
     with pytest.raises(ResponseError, match=r"missing column.*propensity"):
-        from_logs(offers.drop(columns=["propensity"]), events)
+        from_logs(offers.drop(columns=["propensity"]), events, 0)
+    with pytest.raises(ResponseError, match=r"missing column\(s\) user_id;"):
+        from_logs(offers.drop(columns=["user_id"]), events, 0)
+    with pytest.raises(ResponseError, match="every offer must name its user"):
+        from_logs(offers.assign(user_id=offers["user_id"].where(offers.index > 0)), events, 0)
     with pytest.raises(ResponseError, match="randomized discounts"):
-        from_logs(offers.assign(discount=0.1), events)
+        from_logs(offers.assign(discount=0.1), events, 0)
     with pytest.raises(ResponseError, match="propensity must be in"):
-        from_logs(offers.assign(propensity=0.0), events)
+        from_logs(offers.assign(propensity=0.0), events, 0)
     with pytest.raises(ResponseError, match="non-numeric"):
-        from_logs(offers.assign(price="n/a"), events)
+        from_logs(offers.assign(price="n/a"), events, 0)
 
 
 def test_cli_simulates_fits_and_exports(tmp_path: Path) -> None:

@@ -67,8 +67,8 @@ def simulate_command(out: Path, users: int, visits: int, seed: int) -> None:
     "offers_path",
     type=click.Path(dir_okay=False, path_type=Path),
     required=True,
-    help="offer log (CSV or .parquet): offer_id, discount, propensity, cf_score, price, cost "
-    "and the user features",
+    help="offer log (CSV or .parquet): offer_id, user_id, discount, propensity, cf_score, price, "
+    "cost and the user features",
 )
 @click.option(
     "--events",
@@ -90,16 +90,19 @@ def response_command(
 ) -> None:
     """Fit P(purchase | offer, discount) on logged offers with randomized discounts, measure it
     on a held-out share (log-loss, calibration error, AUC), and export it to ONNX with its own
-    sealed manifest in OUT (a previous model there is replaced whole, never half-written).
+    sealed manifest in OUT (a previous model there is replaced whole, never half-written). Each
+    shopper's purchase rates per discount band in the log are features too; OUT holds their
+    table for discountd to look users up in.
 
     Example: discount-train response --offers var/market/offers.csv
     --events var/market/events.csv --out var/response
     """
+    config = ResponseConfig(epochs=epochs, hidden=hidden, seed=seed)
     try:
-        data = from_logs(_read(offers_path, "offers"), _read(events_path, "events"))
+        logged = from_logs(_read(offers_path, "offers"), _read(events_path, "events"), seed)
     except ResponseError as e:
         raise click.ClickException(str(e)) from None
-    config = ResponseConfig(epochs=epochs, hidden=hidden, seed=seed)
+    data = logged.data
     grid = sorted({round(float(d), 4) for d in data.discount})
     _err(f"{len(data):,} offers, {int(data.bought.sum()):,} bought, discounts {grid}")
     try:
@@ -109,7 +112,13 @@ def response_command(
             out,
             grid,
             config,
-            {"offers": str(offers_path), "events": str(events_path), "rows": len(data)},
+            {
+                "offers": str(offers_path),
+                "events": str(events_path),
+                "rows": len(data),
+                "users": len(logged.history.user_ids),
+            },
+            logged.history,
         )
     except ResponseError as e:
         raise click.ClickException(str(e)) from None

@@ -25,6 +25,7 @@ from scipy import stats
 
 from core.optimal import choose
 from core.policy import Candidate, Guardrails, Rule, allowed_percents, price_items, to_cents
+from core.response_history import HistoryTable
 from trainer.dataset import Floats
 from trainer.market import (
     GRID,
@@ -37,7 +38,15 @@ from trainer.market import (
     randomized_discounts,
     simulate,
 )
-from trainer.response import ResponseConfig, ResponseData, evaluate, fit_rows, predict
+from trainer.response import (
+    Logged,
+    ResponseConfig,
+    ResponseData,
+    evaluate,
+    fit_rows,
+    logged,
+    predict,
+)
 
 Bools = npt.NDArray[np.bool_]
 POLICY_ORDER = (
@@ -167,15 +176,45 @@ def doubly_robust(log: Log, target: Floats, predicted: Floats) -> float:
     return float(np.mean(q_target + match / log.propensity * (log.margin() - q_logged)))
 
 
-def features(market: Market, offers: Offers) -> Floats:
-    """Response-model inputs in response_artifact.FEATURES order."""
+def user_ids(market: Market, offers: Offers) -> npt.NDArray[np.str_]:
+    """The user id of each offer, as the offer log writes it."""
+    ids: npt.NDArray[np.str_] = np.asarray(market.user_ids, dtype=str)[offers.user]
+    return ids
+
+
+def offer_features(market: Market, offers: Offers) -> Floats:
+    """The logged response-model inputs, in response_artifact.OFFER_FEATURES order."""
     return np.column_stack(
         [offers.cf_score, offers.price, offers.cost, market.user_features[offers.user]]
     )
 
 
-def response_data(market: Market, log: Log) -> ResponseData:
-    return ResponseData(features(market, log.offers), log.discount, log.bought, log.propensity)
+def features(market: Market, offers: Offers, history: HistoryTable) -> Floats:
+    """Response-model inputs in response_artifact.FEATURES order for offers outside the training
+    log, with the users' rates from its history table, as discountd looks them up."""
+    return np.column_stack(
+        [offer_features(market, offers), history.lookup(user_ids(market, offers))]
+    )
+
+
+def training_data(market: Market, log: Log, seed: int) -> Logged:
+    """The training log as `discount-train response` reads it: cross-fitted rates per row, the
+    table from every row."""
+    return logged(
+        offer_features(market, log.offers),
+        user_ids(market, log.offers),
+        log.discount,
+        log.bought,
+        log.propensity,
+        seed,
+    )
+
+
+def response_data(market: Market, log: Log, history: HistoryTable) -> ResponseData:
+    """A log of offers outside the training log, with its users' rates from history."""
+    return ResponseData(
+        features(market, log.offers, history), log.discount, log.bought, log.propensity
+    )
 
 
 @dataclass(frozen=True)
@@ -205,10 +244,11 @@ def run_seed(
     eval_d, eval_prop = randomized_discounts(len(eval_offers), seed + 10_000)
     eval_log = simulate(market, eval_offers, eval_d, eval_prop, seed=seed + 10_000)
     progress(f"seed {seed}: fitting the response model on {len(train_offers):,} logged offers")
-    model = fit_rows(response_data(market, train_log), replace(config.response, seed=seed))
-    metrics = evaluate(model, response_data(market, eval_log))
+    train = training_data(market, train_log, seed)
+    model = fit_rows(train.data, replace(config.response, seed=seed))
+    metrics = evaluate(model, response_data(market, eval_log, train.history))
 
-    x = features(market, eval_offers)
+    x = features(market, eval_offers, train.history)
     grid = np.tile(np.asarray(GRID), (len(eval_offers), 1))
     predicted = predict(model, x, grid)
     true_p = true_probabilities(market, eval_offers)

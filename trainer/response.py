@@ -5,6 +5,11 @@ the discount and every weight ``w_k(x) = softplus(·) ≥ 0``: the probability c
 the discount grows, whatever the weights, so the ``optimal`` policy never meets a curve that
 rewards a smaller discount with more purchases. Ramps at several thresholds let one shopper react
 only to large discounts and another in proportion, which a single slope could not.
+
+Besides the offer and the order history, the model sees each shopper's smoothed purchase rates in
+four discount bands from the same randomized log (core.response_history). A training row gets the
+rates computed without its own fold, so its label never leaks into its features; the artifact
+ships the rates computed from every row, which is what the server looks users up in.
 """
 
 from __future__ import annotations
@@ -24,7 +29,22 @@ from scipy.stats import rankdata
 from torch import Tensor, nn
 
 from core import response_artifact
-from core.response_artifact import FEATURES, GRAPH, INPUTS, OUTPUTS, ResponseManifest
+from core.features import NUMERIC_FEATURES
+from core.response_artifact import (
+    FEATURES,
+    GRAPH,
+    HISTORY,
+    INPUTS,
+    OFFER_FEATURES,
+    OUTPUTS,
+    ResponseManifest,
+)
+from core.response_history import (
+    RATE_FEATURES,
+    HistoryTable,
+    cross_fitted_rates,
+    smoothed_rates,
+)
 from trainer.dataset import Floats
 from trainer.export import ExportError, export_checked
 
@@ -32,6 +52,9 @@ from trainer.export import ExportError, export_checked
 RAMP_CENTRES: tuple[float, ...] = (0.025, 0.075, 0.125, 0.175, 0.225, 0.275)
 RAMP_WIDTH = 0.01
 PARITY_TOLERANCE = 1e-5
+# Column slices of FEATURES: the user's order history, then their response rates.
+ORDERS = slice(len(OFFER_FEATURES) - len(NUMERIC_FEATURES), len(OFFER_FEATURES))
+RATES = slice(len(OFFER_FEATURES), len(FEATURES))
 
 
 class ResponseError(Exception):
@@ -68,19 +91,51 @@ class ResponseData:
         )
 
 
-def from_logs(offers: pd.DataFrame, events: pd.DataFrame) -> ResponseData:
+@dataclass(frozen=True)
+class Logged:
+    """A randomized log ready to train on, and the history table to ship with its model."""
+
+    data: ResponseData  # response rates cross-fitted: no row sees its own outcome
+    history: HistoryTable  # rates from every row: what the server looks users up in
+
+
+def logged(
+    offer_features: Floats,
+    user_ids: npt.NDArray[np.str_],
+    discount: Floats,
+    bought: npt.NDArray[np.bool_],
+    propensity: Floats,
+    seed: int,
+) -> Logged:
+    """Append each row's cross-fitted response rates (folds drawn from seed) to its logged
+    features (OFFER_FEATURES), and compute the table to ship from all rows."""
+    rates = cross_fitted_rates(user_ids, discount, bought, seed)
+    return Logged(
+        ResponseData(np.column_stack([offer_features, rates]), discount, bought, propensity),
+        smoothed_rates(user_ids, discount, bought),
+    )
+
+
+def from_logs(offers: pd.DataFrame, events: pd.DataFrame, seed: int) -> Logged:
     """Join the offer log with purchase events by offer_id: an offer is bought when a purchase
-    event names it."""
-    needed = ("offer_id", "discount", "propensity", *FEATURES)
+    event names it. seed draws the cross-fitting folds."""
+    needed = ("offer_id", "user_id", "discount", "propensity", *OFFER_FEATURES)
     missing = [c for c in needed if c not in offers.columns]
     if missing:
         raise ResponseError(f"offers: missing column(s) {', '.join(missing)}; needed: {needed}")
+    if offers["user_id"].isna().any():
+        raise ResponseError(
+            "offers: user_id is empty in some rows; each shopper's past responses are features, "
+            "so every offer must name its user"
+        )
     missing = [c for c in ("type", "offer_id") if c not in events.columns]
     if missing:
         raise ResponseError(f"events: missing column(s) {', '.join(missing)}")
     if offers["offer_id"].duplicated().any():
         raise ResponseError("offers: offer_id repeats; each offer must appear once")
-    numeric = offers[["discount", "propensity", *FEATURES]].apply(pd.to_numeric, errors="coerce")
+    numeric = offers[["discount", "propensity", *OFFER_FEATURES]].apply(
+        pd.to_numeric, errors="coerce"
+    )
     bad = ~np.isfinite(numeric.to_numpy(dtype=np.float64)).all(axis=1)
     if bad.any():
         raise ResponseError(
@@ -100,11 +155,13 @@ def from_logs(offers: pd.DataFrame, events: pd.DataFrame) -> ResponseData:
         )
     purchased = set(events.loc[events["type"] == "purchase", "offer_id"].dropna().astype(str))
     bought = offers["offer_id"].astype(str).isin(purchased).to_numpy()
-    return ResponseData(
-        features=numeric[list(FEATURES)].to_numpy(dtype=np.float64),
-        discount=d,
-        bought=bought,
-        propensity=p,
+    return logged(
+        numeric[list(OFFER_FEATURES)].to_numpy(dtype=np.float64),
+        offers["user_id"].astype(str).to_numpy(dtype=str),
+        d,
+        bought,
+        p,
+        seed,
     )
 
 
@@ -128,11 +185,14 @@ class ResponseNet(nn.Module):
 
     @staticmethod
     def derive(features: Tensor) -> Tensor:
-        """CF score, log price, margin rate and log-scaled history from the raw columns."""
+        """CF score, log price, margin rate, log-scaled order history and the response rates
+        from the raw columns. The rates are already in [0, 1] and evenly spread: they go in as
+        they are."""
         price = features[:, 1:2].clamp(min=1e-3)
         margin_rate = (price - features[:, 2:3]) / price
-        history = torch.log1p(features[:, 3:].clamp(min=0.0))
-        return torch.cat([features[:, 0:1], torch.log(price), margin_rate, history], dim=1)
+        orders = torch.log1p(features[:, ORDERS].clamp(min=0.0))
+        rates = features[:, RATES]
+        return torch.cat([features[:, 0:1], torch.log(price), margin_rate, orders, rates], dim=1)
 
     def logits(self, features: Tensor, discounts: Tensor) -> Tensor:
         x = (self.derive(features) - self.mean) / self.std
@@ -335,8 +395,9 @@ def _example(
     rng: np.random.Generator, rows: int, candidates: int
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
     price = rng.uniform(5, 100, rows)
-    history = rng.exponential(30.0, (rows, len(FEATURES) - 3))
-    features = np.column_stack([rng.normal(0, 1, rows), price, price * 0.6, history])
+    orders = rng.exponential(30.0, (rows, len(NUMERIC_FEATURES)))
+    rates = rng.uniform(0, 1, (rows, len(RATE_FEATURES)))
+    features = np.column_stack([rng.normal(0, 1, rows), price, price * 0.6, orders, rates])
     discounts = np.sort(rng.uniform(0, 0.3, (rows, candidates)), axis=1)
     return features.astype(np.float32), discounts.astype(np.float32)
 
@@ -347,10 +408,13 @@ def save(
     grid: list[float],
     config: ResponseConfig,
     data_summary: dict[str, Any],
+    history: HistoryTable,
 ) -> ResponseManifest:
-    """Export the model to ONNX into a sealed response folder at out."""
+    """Export the model to ONNX, with the history table its features come from, into a sealed
+    response folder at out."""
 
     def write_files(folder: Path) -> dict[str, float]:
+        history.save(folder / HISTORY)
         return {"onnx_max_abs_diff": export_onnx(trained.model, folder / GRAPH)}
 
     manifest = ResponseManifest(
