@@ -6,7 +6,8 @@ Layout of a model store (``--model-dir``)::
       CURRENT                 # one line: the name of the version folder to serve
       20261128-172400-ab12cd/
         manifest.json         # see Manifest; sha256 of every other file
-        model.onnx            # see MODEL_INPUTS / MODEL_OUTPUTS
+        model.onnx            # top-k over the catalog: see MODEL_INPUTS / MODEL_OUTPUTS
+        score.onnx            # scores of named items: see SCORE_INPUTS / SCORE_OUTPUTS
         users.json            # list of user ids; position = user index in the graph
         items.json            # {"item_id": [...], "category": [...], "title": [...],
                               #  "price": [...], "cost": [...]}; position = item index
@@ -30,15 +31,17 @@ from typing import Any
 
 MANIFEST = "manifest.json"
 CURRENT = "CURRENT"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: score.onnx
 
-# The graph's signature: (name, element type, shape). Symbolic dimensions are strings.
+# A graph's signature: (name, element type, shape) per input or output; symbolic dimensions
+# are strings.
+Signature = tuple[tuple[str, str, tuple[int | str, ...]], ...]
 # user_index: index of a trained user, or -1 for a user the model has not seen.
 # history_items: item indices to fold an unseen user in from; -1 pads.
 # exclude_items: item indices never to return; -1 pads.
 # category_mask: 1.0 where the category may be returned, 0.0 where not.
 # k: how many items to return (a one-element tensor).
-MODEL_INPUTS: tuple[tuple[str, str, tuple[int | str, ...]], ...] = (
+MODEL_INPUTS: Signature = (
     ("user_index", "int64", ("batch",)),
     ("history_items", "int64", ("batch", "history")),
     ("exclude_items", "int64", ("batch", "excluded")),
@@ -46,10 +49,20 @@ MODEL_INPUTS: tuple[tuple[str, str, tuple[int | str, ...]], ...] = (
     ("k", "int64", (1,)),
 )
 # Filtered-out items score -inf; a reader drops non-finite scores.
-MODEL_OUTPUTS: tuple[tuple[str, str, tuple[int | str, ...]], ...] = (
+MODEL_OUTPUTS: Signature = (
     ("top_items", "int64", ("batch", "k")),
     ("top_scores", "float32", ("batch", "k")),
 )
+# score.onnx: the same user vector and scores for the items named in `items` only (-1 pads and
+# scores -inf), without filters or a sort, so pricing 20 named items never scores the whole
+# catalog. It holds its own copy of the factors: the price is one more copy of them on disk and
+# in memory, against a GEMM and a sort over the catalog per GetOffers call.
+SCORE_INPUTS: Signature = (
+    ("user_index", "int64", ("batch",)),
+    ("history_items", "int64", ("batch", "history")),
+    ("items", "int64", ("batch", "candidates")),
+)
+SCORE_OUTPUTS: Signature = (("item_scores", "float32", ("batch", "candidates")),)
 
 
 class ArtifactError(Exception):
@@ -70,9 +83,10 @@ class Manifest:
     format_version: int = FORMAT_VERSION
 
     def signature(self) -> dict[str, Any]:
+        """model.onnx's inputs and outputs, and score.onnx's under "score"."""
         return {
-            "inputs": [{"name": n, "type": t, "shape": list(s)} for n, t, s in MODEL_INPUTS],
-            "outputs": [{"name": n, "type": t, "shape": list(s)} for n, t, s in MODEL_OUTPUTS],
+            **_signature(MODEL_INPUTS, MODEL_OUTPUTS),
+            "score": _signature(SCORE_INPUTS, SCORE_OUTPUTS),
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -89,6 +103,13 @@ class Manifest:
             "signature": self.signature(),
             "files": self.files,
         }
+
+
+def _signature(inputs: Signature, outputs: Signature) -> dict[str, Any]:
+    return {
+        "inputs": [{"name": n, "type": t, "shape": list(s)} for n, t, s in inputs],
+        "outputs": [{"name": n, "type": t, "shape": list(s)} for n, t, s in outputs],
+    }
 
 
 def sha256_file(path: Path) -> str:

@@ -33,6 +33,11 @@ def session(version_dir: Path) -> ort.InferenceSession:
 
 
 @pytest.fixture(scope="module")
+def score_session(version_dir: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(version_dir / "score.onnx"), providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
 def graph(tiny_shop: TinyShop) -> RecommenderGraph:
     categories = tiny_shop.dataset.catalog.categories
     vocabulary = category_vocabulary(categories)
@@ -77,6 +82,7 @@ def test_artifact_is_sealed_complete_and_current(model_store: Path, version_dir:
     assert (manifest.n_users, manifest.n_items, manifest.n_categories) == (40, 30, 2)
     assert set(manifest.files) == {
         "model.onnx",
+        "score.onnx",
         "users.json",
         "items.json",
         "popularity.json",
@@ -203,3 +209,45 @@ def test_a_batch_answers_as_each_user_would_alone(session: ort.InferenceSession)
         )
         assert alone_items[0].tolist() == items[row].tolist()
         np.testing.assert_allclose(alone_scores[0], scores[row], atol=1e-6)
+
+
+def test_score_graph_passes_the_full_onnx_check_with_the_contract_signature(
+    version_dir: Path, score_session: ort.InferenceSession
+) -> None:
+    onnx.checker.check_model(onnx.load(str(version_dir / "score.onnx")), full_check=True)
+    signature = load_manifest(version_dir).signature()["score"]
+    assert [(i.name, i.shape) for i in score_session.get_inputs()] == [
+        (i["name"], i["shape"]) for i in signature["inputs"]
+    ]
+    assert [o.name for o in score_session.get_outputs()] == ["item_scores"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    users=hnp.arrays(np.int64, st.integers(1, 5), elements=st.integers(-1, 39)),
+    history_len=st.integers(1, 5),
+    named_len=st.integers(0, 8),
+    data=st.data(),
+)
+def test_named_item_scores_are_the_top_k_graphs_scores(
+    session: ort.InferenceSession,
+    score_session: ort.InferenceSession,
+    users: np.ndarray,
+    history_len: int,
+    named_len: int,
+    data: st.DataObject,
+) -> None:
+    """GetOffers ranks named items with score.onnx: every finite score must be the one the
+    top-k graph gives that item unfiltered, and padding must score -inf."""
+    batch = len(users)
+    history = data.draw(hnp.arrays(np.int64, (batch, history_len), elements=st.integers(-1, 29)))
+    named = data.draw(hnp.arrays(np.int64, (batch, named_len), elements=st.integers(-1, 29)))
+    (scores,) = score_session.run(
+        None, {"user_index": users, "history_items": history, "items": named}
+    )
+    items, top = run(session, feed(users.tolist(), history.tolist(), k=30))
+    full = np.full((batch, 30), np.nan, dtype=np.float32)
+    np.put_along_axis(full, items, top, axis=1)
+    expected = np.where(named >= 0, np.take_along_axis(full, named.clip(min=0), axis=1), -np.inf)
+    assert scores.shape == (batch, named_len)
+    np.testing.assert_allclose(scores, expected, atol=1e-5)

@@ -85,7 +85,12 @@ def test_store_outage_serves_from_snapshot_refuses_events_and_recovers(
             set_reachable(url, False)
             try:
                 info = eventually(lambda: stale_info(running), 10.0)
-                assert "not currently accepting connections" in info.store_error
+                # Which one the refresher meets first depends on timing: the kill of its open
+                # connection, or the refusal of its next one.
+                assert any(
+                    why in info.store_error
+                    for why in ("not currently accepting connections", "terminating connection")
+                )
                 assert mask_url(url) in info.store_error
                 assert rules_health(running) == NOT_SERVING
                 # The last good rules still price offers; the offer log keeps them for later.

@@ -122,7 +122,7 @@ def flip_a_byte(version: Path) -> None:
     model.write_bytes(bytes(data))
 
 
-def wrong_signature(version: Path) -> None:
+def wrong_signature(version: Path, graph_file: str = "model.onnx") -> None:
     """A valid ONNX graph with other inputs, resealed so its sha256 matches the manifest."""
     graph = helper.make_graph(
         [helper.make_node("Identity", ["user"], ["top_items"])],
@@ -132,9 +132,13 @@ def wrong_signature(version: Path) -> None:
     )
     onnx.save(
         helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10),
-        version / "model.onnx",
+        version / graph_file,
     )
     seal(version, load_manifest(version, verify=False))
+
+
+def wrong_score_signature(version: Path) -> None:
+    wrong_signature(version, "score.onnx")
 
 
 def drop_items_file(version: Path) -> None:
@@ -146,6 +150,7 @@ def drop_items_file(version: Path) -> None:
     [
         (flip_a_byte, "model.onnx does not match its sha256"),
         (wrong_signature, "model.onnx inputs are"),
+        (wrong_score_signature, "score.onnx inputs are"),
         (drop_items_file, "items.json listed in the manifest is missing"),
     ],
 )

@@ -1,7 +1,8 @@
 """Export a trained factor model to ONNX and write a sealed, versioned model artifact.
 
-The graph follows core.artifact.MODEL_INPUTS / MODEL_OUTPUTS: the user vector, scoring,
+model.onnx follows core.artifact.MODEL_INPUTS / MODEL_OUTPUTS: the user vector, scoring,
 exclusions, the category filter and top-k all run inside it, so the server only feeds indices.
+score.onnx (SCORE_INPUTS / SCORE_OUTPUTS) scores named items with the same user vector.
 """
 
 from __future__ import annotations
@@ -25,12 +26,18 @@ import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 
-from core.artifact import MODEL_INPUTS, MODEL_OUTPUTS, Manifest, seal, set_current
+from core.artifact import (
+    MODEL_INPUTS,
+    MODEL_OUTPUTS,
+    SCORE_INPUTS,
+    SCORE_OUTPUTS,
+    Manifest,
+    Signature,
+    seal,
+    set_current,
+)
 from core.catalog import category_vocabulary
 from trainer.dataset import Dataset, Factors, Ints
-
-# (name, element type, shape) per input or output; symbolic dimensions are strings.
-Signature = Sequence[tuple[str, str, tuple[int | str, ...]]]
 
 INPUT_NAMES = [name for name, _, _ in MODEL_INPUTS]
 OUTPUT_NAMES = [name for name, _, _ in MODEL_OUTPUTS]
@@ -75,14 +82,7 @@ class RecommenderGraph(nn.Module):
         category_mask: Tensor,
         k: Tensor,
     ) -> tuple[Tensor, Tensor]:
-        known = (user_index >= 0).unsqueeze(-1)
-        trained = self.user[user_index.clamp(min=0)]
-        # Padding (-1) is clamped to a real index, then zeroed out by the weight.
-        weight = (history_items >= 0).unsqueeze(-1).to(self.item.dtype)
-        history_sum = (self.item[history_items.clamp(min=0)] * weight).sum(dim=1)
-        folded = history_sum @ self.foldin.T
-        vector = torch.where(known, trained, folded)
-        scores = vector @ self.item.T + self.item_bias
+        scores = self.user_vector(user_index, history_items) @ self.item.T + self.item_bias
         # The filters are added as -inf penalties. The category penalty is gathered along the
         # first axis of its transpose (whole rows, one per item): gathering the batch × category
         # mask along its second axis was over half of a batch's run time at 100k items.
@@ -98,6 +98,29 @@ class RecommenderGraph(nn.Module):
         top_scores, top_items = torch.topk(scores, count, dim=1)
         return top_items, top_scores
 
+    def user_vector(self, user_index: Tensor, history_items: Tensor) -> Tensor:
+        known = (user_index >= 0).unsqueeze(-1)
+        trained = self.user[user_index.clamp(min=0)]
+        # Padding (-1) is clamped to a real index, then zeroed out by the weight.
+        weight = (history_items >= 0).unsqueeze(-1).to(self.item.dtype)
+        history_sum = (self.item[history_items.clamp(min=0)] * weight).sum(dim=1)
+        folded = history_sum @ self.foldin.T
+        return torch.where(known, trained, folded)
+
+
+class ScoreGraph(RecommenderGraph):
+    """The scores RecommenderGraph gives the named items (-1 pads and scores -inf), with no
+    filter and no sort: what GetOffers needs to rank the items a page shows."""
+
+    def forward(  # type: ignore[override]
+        self, user_index: Tensor, history_items: Tensor, items: Tensor
+    ) -> Tensor:
+        vector = self.user_vector(user_index, history_items)
+        named = items.clamp(min=0)
+        scores = torch.bmm(self.item[named], vector.unsqueeze(-1)).squeeze(-1)
+        scores = scores + self.item_bias[named]
+        return torch.where(items >= 0, scores, float("-inf"))
+
 
 @dataclass(frozen=True)
 class ParityReport:
@@ -109,7 +132,8 @@ class ParityReport:
 
 
 def export_onnx(factors: Factors, item_category: Ints, n_categories: int, path: Path) -> None:
-    """Export the graph to path, pass the full ONNX check, and prove parity with ONNX Runtime."""
+    """Export the top-k graph to path, pass the full ONNX check, and prove parity with ONNX
+    Runtime."""
     module = RecommenderGraph(factors, item_category).eval()
     example = _example_inputs(factors, n_categories, batch=4, seed=0)
     batch = torch.export.Dim("batch")
@@ -122,6 +146,42 @@ def export_onnx(factors: Factors, item_category: Ints, n_categories: int, path: 
     }
     export_checked(module, example, path, MODEL_INPUTS, MODEL_OUTPUTS, dynamic)
     check_parity(module, path, factors, n_categories)
+
+
+def export_score_onnx(factors: Factors, item_category: Ints, path: Path) -> None:
+    """Export the named-item graph to path, pass the full ONNX check, and prove parity with
+    PyTorch's scores."""
+    module = ScoreGraph(factors, item_category).eval()
+    batch = torch.export.Dim("batch")
+    dynamic = {
+        "user_index": {0: batch},
+        "history_items": {0: batch, 1: torch.export.Dim("history")},
+        "items": {0: batch, 1: torch.export.Dim("candidates")},
+    }
+    export_checked(
+        module, _score_inputs(factors, batch=4, seed=0), path, SCORE_INPUTS, SCORE_OUTPUTS, dynamic
+    )
+    check_score_parity(module, path, factors)
+
+
+def check_score_parity(module: ScoreGraph, path: Path, factors: Factors, rows: int = 64) -> float:
+    """ONNX Runtime's named-item scores against PyTorch's full score rows, read at those items:
+    the same -inf padding, and finite scores within SCORE_TOLERANCE."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    user_index, history, items = _score_inputs(factors, batch=rows, seed=1)
+    names = [name for name, _, _ in SCORE_INPUTS]
+    (onnx_scores,) = session.run(None, dict(zip(names, (user_index, history, items), strict=True)))
+    with torch.no_grad():
+        vector = module.user_vector(torch.from_numpy(user_index), torch.from_numpy(history))
+        full = (vector @ module.item.T + module.item_bias).numpy()
+    expected = np.where(items >= 0, np.take_along_axis(full, items.clip(min=0), axis=1), -np.inf)
+    finite = np.isfinite(expected)
+    if onnx_scores.shape != expected.shape or not np.array_equal(finite, np.isfinite(onnx_scores)):
+        raise ExportError("score.onnx pads differently from PyTorch")
+    max_diff = float(np.abs(onnx_scores[finite] - expected[finite]).max(initial=0.0))
+    if max_diff > SCORE_TOLERANCE:
+        raise ExportError(f"score.onnx differs from PyTorch by up to {max_diff:.2e}")
+    return max_diff
 
 
 def check_parity(
@@ -181,6 +241,15 @@ def _example_inputs(
     mask[: batch // 4] = 1.0
     k = np.array([min(10, n_items)], dtype=np.int64)
     return [user_index, history, exclude, mask, k]
+
+
+def _score_inputs(factors: Factors, *, batch: int, seed: int) -> list[np.ndarray[Any, Any]]:
+    """The top-k graph's users and histories, with random named items and some padding."""
+    user_index, history, *_ = _example_inputs(factors, 1, batch=batch, seed=seed)
+    rng = np.random.default_rng(seed + 100)
+    items = rng.integers(0, factors.item.shape[0], (batch, 7)).astype(np.int64)
+    items[rng.random(items.shape) < 0.2] = -1
+    return [user_index, history, items]
 
 
 def export_checked(
@@ -262,6 +331,7 @@ def write_artifact(
         position = {name: i for i, name in enumerate(vocabulary)}
         item_category = np.array([position[c] for c in catalog.categories], dtype=np.int64)
         export_onnx(factors, item_category, len(vocabulary), staging / "model.onnx")
+        export_score_onnx(factors, item_category, staging / "score.onnx")
         _write_json(staging / "users.json", list(dataset.user_ids))
         _write_json(
             staging / "items.json",

@@ -5,8 +5,9 @@ server.offers issues them from the decisions of the pure pipeline, core.offers."
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
+from sqlalchemy import Table
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -19,4 +20,8 @@ def insert_offers(session: Session, rows: Sequence[dict[str, Any]]) -> None:
     if not rows:
         return
     insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
-    session.execute(insert(Offer).on_conflict_do_nothing(index_elements=["offer_id"]), list(rows))
+    # The table, not the ORM class: a plain executemany, without the ORM's bulk bookkeeping.
+    statement = insert(cast(Table, Offer.__table__)).on_conflict_do_nothing(
+        index_elements=["offer_id"]
+    )
+    session.execute(statement, list(rows))
