@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from core.store.errors import StoreUnavailable
 from discount.v1 import discount_pb2
 from server.auth import AuthInterceptor, ClientRegistry
-from server.batching import INFERENCE_SLOTS, Batcher
+from server.batching import Batcher
 from server.decoding import add_discount_service
 from server.interceptors import AccessLogInterceptor, Interceptor, RequestIdInterceptor
 from server.limits import grpc_options
@@ -26,7 +26,7 @@ from server.metrics import Metrics
 from server.offering import Offering
 from server.response import ResponseModel
 from server.service import DiscountService
-from server.settings import Settings
+from server.settings import INFERENCE_SLOTS, Settings
 from server.tls import TlsCredentials
 from server.versions import ModelStore
 

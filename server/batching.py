@@ -15,9 +15,6 @@ from server.metrics import Metrics
 from server.model import ModelVersion
 from server.recommend import Plan, Recommendation, finish, run_plans
 
-# Model runs at a time per process: one per core keeps both busy on this 2-core machine while
-# ONNX Runtime's own threads split each run.
-INFERENCE_SLOTS = 2
 Pending = tuple[ModelVersion, Plan, "asyncio.Future[Recommendation]"]
 
 

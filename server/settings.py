@@ -17,6 +17,9 @@ from server.logs import LEVELS
 from server.tls import TlsError, TlsFiles, load
 
 DEVICES = ("auto", "cpu", "cuda")
+# Model runs at a time per process (server.batching): two keep a core each busy while the event
+# loop decodes and answers calls between runs.
+INFERENCE_SLOTS = 2
 
 # Flag name -> (environment fallback, default).
 SOURCES: dict[str, tuple[str, str | None]] = {
@@ -85,8 +88,8 @@ class Settings:
     batch_max_wait_us: int = 0
     # Processes serving the same port (SO_REUSEPORT; server.workers).
     workers: int = 1
-    # ONNX Runtime intra-op threads per process; 0: one per core. Workers split the cores.
-    ort_threads: int = 0
+    # ONNX Runtime intra-op threads per model run (see ort_threads_for).
+    ort_threads: int = 1
     # Calls served at once per process; more answer RESOURCE_EXHAUSTED (server.limits).
     max_concurrent_rpcs: int = MAX_CONCURRENT_RPCS
     # The folder `discount-train response` wrote; None: `optimal` rules grant no discount.
@@ -204,9 +207,17 @@ def resolve(
         batch_max_size=batch_size,
         batch_max_wait_us=batch_wait,
         workers=workers,
-        ort_threads=0 if workers == 1 else max(1, (os.cpu_count() or 1) // workers),
+        ort_threads=ort_threads_for(os.cpu_count() or 1, workers),
         response_model_dir=Path(response_dir) if response_dir else None,
     )
+
+
+def ort_threads_for(cores: int, workers: int) -> int:
+    """Intra-op threads per model run: the cores split between the workers and each worker's
+    INFERENCE_SLOTS, so the runs in flight never ask for more threads than there are cores.
+    More (the default of one per core for every run) made 2 slots × 2 threads fight over 2
+    cores and lose a third of Recommend's throughput (docs/BENCHMARKS.md)."""
+    return max(1, cores // (workers * INFERENCE_SLOTS))
 
 
 def _tls(

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from server.settings import Settings, SettingsError, resolve
+from server.settings import INFERENCE_SLOTS, Settings, SettingsError, ort_threads_for, resolve
 
 KEY = {"DISCOUNT_OFFER_KEY": "k" * 40}
 
@@ -86,3 +86,13 @@ def test_any_port_text_is_accepted_only_as_a_port_number(
         settings = None
     if settings is not None:
         assert 0 <= settings.port <= 65535 and int(port) == settings.port
+
+
+@given(cores=st.integers(1, 256), workers=st.integers(1, 64))
+def test_model_runs_in_flight_never_ask_for_more_threads_than_cores(
+    cores: int, workers: int
+) -> None:
+    threads = ort_threads_for(cores, workers)
+    assert threads >= 1
+    assert threads == 1 or threads * workers * INFERENCE_SLOTS <= cores
+    assert ort_threads_for(16, 1) == 8 and ort_threads_for(2, 1) == 1
