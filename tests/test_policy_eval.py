@@ -173,3 +173,19 @@ def test_evaluate_policy_cli_writes_the_report_and_the_plot(tmp_path: Path) -> N
     assert summary["seeds"] == [0, 1]
     assert list(summary["policies"]) == list(POLICY_ORDER)
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_train_visits_set_how_long_the_experiment_runs_before_the_evaluation(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "report.json"
+    result = CliRunner().invoke(
+        main,
+        ["evaluate-policy", "--seeds", "1", "--users", "120", "--epochs", "1",
+         "--train-visits", "5", "--json", str(path)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(path.read_text())
+    assert report["config"]["train_visits"] == 5 and report["config"]["market"]["visits"] == 8
+    # 120 shoppers × 8 offers × 3 evaluated visits, whatever the training length.
+    assert report["offers_per_seed"] == [2880]

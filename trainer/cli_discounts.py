@@ -144,6 +144,14 @@ def response_command(
     show_default=True,
 )
 @click.option(
+    "--train-visits",
+    type=click.IntRange(min=1),
+    default=policy_eval.EvalConfig().train_visits,
+    show_default=True,
+    help="visits of the randomized experiment the response model learns from (8 offers each "
+    "per shopper); the 3 visits after them are the evaluation population",
+)
+@click.option(
     "--plot",
     type=click.Path(dir_okay=False, path_type=Path),
     help="write margin vs discount spend per policy to this PNG",
@@ -152,7 +160,12 @@ def response_command(
     "--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="full report"
 )
 def evaluate_policy_command(
-    seeds: int, users: int, epochs: int, plot: Path | None, json_path: Path | None
+    seeds: int,
+    users: int,
+    epochs: int,
+    train_visits: int,
+    plot: Path | None,
+    json_path: Path | None,
 ) -> None:
     """Compare discount policies in the market simulator against its true response curves:
     no discount, blanket 10%, tiered_topk, threshold, linear, optimal (learned response model)
@@ -163,10 +176,12 @@ def evaluate_policy_command(
     Example: discount-train evaluate-policy --seeds 5 --plot docs/policy_margin.png
     """
     base = policy_eval.EvalConfig()
+    evaluated = base.market.visits - base.train_visits
     config = replace(
         base,
         seeds=tuple(range(seeds)),
-        market=replace(base.market, n_users=users),
+        market=replace(base.market, n_users=users, visits=train_visits + evaluated),
+        train_visits=train_visits,
         response=replace(base.response, epochs=epochs),
     )
     _, summary = policy_eval.run(config, _err)
