@@ -25,6 +25,7 @@ from server.model import ModelVersion
 from server.offer_log import OfferLog
 from server.response import NoResponseModel
 from server.snapshot import SnapshotKeeper
+from server.versions import freeze_long_lived
 
 
 class FactsCache:
@@ -38,6 +39,7 @@ class FactsCache:
         with self._lock:
             if self._cached is None or self._cached[0] is not model:
                 self._cached = (model, load_shop_facts(model.path))
+                freeze_long_lived()
             return self._cached[1]
 
 
