@@ -160,7 +160,8 @@ def load_manifest(version_dir: Path, verify: bool = True) -> Manifest:
         return manifest
     if manifest.format_version != FORMAT_VERSION:
         raise ArtifactError(
-            f"{path}: format_version {manifest.format_version}, this build reads {FORMAT_VERSION}"
+            f"{path}: format_version {manifest.format_version}, this build reads {FORMAT_VERSION}; "
+            "train and export it again with this build's `discount-train fit`"
         )
     if raw.get("signature") != manifest.signature():
         raise ArtifactError(f"{path}: model signature differs from what this build serves")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -141,6 +142,12 @@ def wrong_score_signature(version: Path) -> None:
     wrong_signature(version, "score.onnx")
 
 
+def format_1(version: Path) -> None:
+    """A version written before score.onnx existed."""
+    manifest = json.loads((version / "manifest.json").read_text())
+    (version / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
+
+
 def drop_items_file(version: Path) -> None:
     (version / "items.json").unlink()
 
@@ -152,6 +159,7 @@ def drop_items_file(version: Path) -> None:
         (wrong_signature, "model.onnx inputs are"),
         (wrong_score_signature, "score.onnx inputs are"),
         (drop_items_file, "items.json listed in the manifest is missing"),
+        (format_1, "format_version 1, this build reads 2; train and export it again"),
     ],
 )
 def test_a_broken_version_is_refused_and_the_old_one_keeps_serving(
