@@ -204,8 +204,10 @@ def _warm_up(model: ModelVersion) -> None:
         )
     except Exception as e:  # ORT's runtime errors are untyped
         raise ArtifactError(f"{model.path}: warm-up inference failed ({e})") from None
-    if items.shape != (2, 1) or scores.shape != (2, 1) or named.shape != (2, 1):
-        raise ArtifactError(f"{model.path}: warm-up returned shape {items.shape}, expected (2, 1)")
+    shapes = {"top_items": items.shape, "top_scores": scores.shape, "item_scores": named.shape}
+    wrong = {name: shape for name, shape in shapes.items() if shape != (2, 1)}
+    if wrong:
+        raise ArtifactError(f"{model.path}: warm-up returned shapes {wrong}, expected (2, 1)")
 
 
 def _check_consistent(
