@@ -140,8 +140,8 @@ def load(folder: Path) -> ResponseManifest:
         raise ArtifactError(f"{path}: not a response model (kind {raw.get('kind')!r})")
     if raw.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(
-            f"{path}: format_version {raw.get('format_version')}, this build reads {FORMAT_VERSION}; "
-            "train it again with this build's `discount-train response`"
+            f"{path}: format_version {raw.get('format_version')}, this build reads "
+            f"{FORMAT_VERSION}; train it again with this build's `discount-train response`"
         )
     if raw.get("signature") != signature() or raw.get("features") != list(FEATURES):
         raise ArtifactError(f"{path}: inputs or outputs differ from what this build expects")
