@@ -85,8 +85,8 @@ class Manifest:
     def signature(self) -> dict[str, Any]:
         """model.onnx's inputs and outputs, and score.onnx's under "score"."""
         return {
-            **_signature(MODEL_INPUTS, MODEL_OUTPUTS),
-            "score": _signature(SCORE_INPUTS, SCORE_OUTPUTS),
+            **signature_json(MODEL_INPUTS, MODEL_OUTPUTS),
+            "score": signature_json(SCORE_INPUTS, SCORE_OUTPUTS),
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -105,7 +105,8 @@ class Manifest:
         }
 
 
-def _signature(inputs: Signature, outputs: Signature) -> dict[str, Any]:
+def signature_json(inputs: Signature, outputs: Signature) -> dict[str, Any]:
+    """A graph's signature as manifests record it."""
     return {
         "inputs": [{"name": n, "type": t, "shape": list(s)} for n, t, s in inputs],
         "outputs": [{"name": n, "type": t, "shape": list(s)} for n, t, s in outputs],

@@ -32,7 +32,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from core.artifact import MANIFEST, ArtifactError, sha256_file, verify_files
+from core.artifact import (
+    MANIFEST,
+    ArtifactError,
+    Signature,
+    sha256_file,
+    signature_json,
+    verify_files,
+)
 from core.features import NUMERIC_FEATURES
 from core.response_history import RATE_FEATURES
 
@@ -45,13 +52,11 @@ HISTORY = "response_history.json"
 OFFER_FEATURES: tuple[str, ...] = ("cf_score", "price", "cost", *NUMERIC_FEATURES)
 # The graph's columns: the logged ones, then the user's response rates from the history table.
 FEATURES: tuple[str, ...] = (*OFFER_FEATURES, *RATE_FEATURES)
-INPUTS: tuple[tuple[str, str, tuple[int | str, ...]], ...] = (
+INPUTS: Signature = (
     ("features", "float32", ("batch", len(FEATURES))),
     ("discounts", "float32", ("batch", "candidates")),  # fractions of the base price, 0.1 = 10%
 )
-OUTPUTS: tuple[tuple[str, str, tuple[int | str, ...]], ...] = (
-    ("purchase_probability", "float32", ("batch", "candidates")),
-)
+OUTPUTS: Signature = (("purchase_probability", "float32", ("batch", "candidates")),)
 
 
 @dataclass(frozen=True)
@@ -81,10 +86,7 @@ class ResponseManifest:
 
 
 def signature() -> dict[str, Any]:
-    return {
-        "inputs": [{"name": n, "type": t, "shape": list(s)} for n, t, s in INPUTS],
-        "outputs": [{"name": n, "type": t, "shape": list(s)} for n, t, s in OUTPUTS],
-    }
+    return signature_json(INPUTS, OUTPUTS)
 
 
 def write(
