@@ -115,6 +115,12 @@ def _env(name: str) -> str:
     help="Processes serving the port together (SO_REUSEPORT), each with its share of the "
     f"cores for ONNX Runtime. {_env('workers')}",
 )
+@click.option(
+    "--ort-threads",
+    help="ONNX Runtime threads per model run; 0: each worker's share of the cores less one, "
+    "kept for its event loop. Raise it when the model, not the event loop, is the limit (very "
+    f"large catalogs on few cores). {_env('ort_threads')}",
+)
 def main(insecure_demo_key: bool, insecure: bool, **flags: str | None) -> None:
     """Serve recommendations and personalized offers over gRPC (with health and reflection).
 

@@ -17,9 +17,11 @@ from server.logs import LEVELS
 from server.tls import TlsError, TlsFiles, load
 
 DEVICES = ("auto", "cpu", "cuda")
-# Model runs at a time per process (server.batching): two keep a core each busy while the event
-# loop decodes and answers calls between runs.
-INFERENCE_SLOTS = 2
+# Model runs at a time per process (server.batching). One: while it runs, the calls that arrive
+# queue and the next run takes them together, and bigger batches read the factors fewer times
+# per user. Two slots on 2 cores halved the batches and cost Recommend a third of its
+# throughput at 100k items (docs/BENCHMARKS.md).
+INFERENCE_SLOTS = 1
 
 # Flag name -> (environment fallback, default).
 SOURCES: dict[str, tuple[str, str | None]] = {
@@ -45,6 +47,7 @@ SOURCES: dict[str, tuple[str, str | None]] = {
     "batch_max_size": ("DISCOUNT_BATCH_MAX_SIZE", "64"),
     "batch_max_wait_us": ("DISCOUNT_BATCH_MAX_WAIT_US", "0"),
     "workers": ("DISCOUNT_WORKERS", "1"),
+    "ort_threads": ("DISCOUNT_ORT_THREADS", "0"),
 }
 SWITCHES = ("on", "off")
 # A public key for `make demo` and local trials only: anyone can forge offers signed with it.
@@ -88,7 +91,7 @@ class Settings:
     batch_max_wait_us: int = 0
     # Processes serving the same port (SO_REUSEPORT; server.workers).
     workers: int = 1
-    # ONNX Runtime intra-op threads per model run (see ort_threads_for).
+    # ONNX Runtime intra-op threads per model run (0 in flags: ort_threads_for picks).
     ort_threads: int = 1
     # Calls served at once per process; more answer RESOURCE_EXHAUSTED (server.limits).
     max_concurrent_rpcs: int = MAX_CONCURRENT_RPCS
@@ -183,11 +186,17 @@ def resolve(
     workers = _number(raw["workers"], int)
     if workers is None or not 1 <= workers <= 64:
         problems.append(f"{flag('workers')}: {raw['workers']!r} is not 1 to 64")
+    ort_threads = _number(raw["ort_threads"], int)
+    if ort_threads is None or not 0 <= ort_threads <= 256:
+        problems.append(
+            f"{flag('ort_threads')}: {raw['ort_threads']!r} is not 0 (automatic) to 256"
+        )
     if problems:
         raise SettingsError("invalid settings: " + "; ".join(problems))
     assert model_dir is not None and port is not None and poll is not None and grace is not None
     assert rules_poll is not None and ttl is not None
     assert batch_size is not None and batch_wait is not None and workers is not None
+    assert ort_threads is not None
     return Settings(
         Path(model_dir),
         device,
@@ -207,17 +216,17 @@ def resolve(
         batch_max_size=batch_size,
         batch_max_wait_us=batch_wait,
         workers=workers,
-        ort_threads=ort_threads_for(os.cpu_count() or 1, workers),
+        ort_threads=ort_threads or ort_threads_for(os.cpu_count() or 1, workers),
         response_model_dir=Path(response_dir) if response_dir else None,
     )
 
 
 def ort_threads_for(cores: int, workers: int) -> int:
-    """Intra-op threads per model run: the cores split between the workers and each worker's
-    INFERENCE_SLOTS, so the runs in flight never ask for more threads than there are cores.
-    More (the default of one per core for every run) made 2 slots × 2 threads fight over 2
-    cores and lose a third of Recommend's throughput (docs/BENCHMARKS.md)."""
-    return max(1, cores // (workers * INFERENCE_SLOTS))
+    """Intra-op threads per model run: each worker's share of the cores less one, which its
+    event loop needs to decode and answer calls. On 2 cores the event loop, not the model, caps
+    Recommend at 100k items: one thread measured +40% there over two. A catalog so large that
+    the model is the cap (1M items on 2 cores) gains from --ort-threads 2 (docs/BENCHMARKS.md)."""
+    return max(1, cores // workers - 1)
 
 
 def _tls(

@@ -4,6 +4,7 @@ Functional only: the table is produced and no call failed; no timing is asserted
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -31,10 +32,12 @@ def test_bench_writes_its_section_and_keeps_the_others(tmp_path: Path) -> None:
     rows = [
         line for line in text.splitlines() if re.match(r"\| (health|Recommend|GetOffers)", line)
     ]
+    cores = os.cpu_count() or 1
     assert [r.split(" | ")[0] for r in rows] == [
         "| health Check (ceiling)",
         "| Recommend, batched",
         "| Recommend, batched, 80% rate",
+        *([f"| Recommend, batched, --ort-threads {os.cpu_count()}"] if cores > 1 else []),
         "| Recommend, batched, 2 workers",
         "| Recommend, unbatched",
         "| GetOffers, 20 items, tiered_topk",

@@ -3,13 +3,14 @@ reported in one error."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from server.settings import INFERENCE_SLOTS, Settings, SettingsError, ort_threads_for, resolve
+from server.settings import Settings, SettingsError, ort_threads_for, resolve
 
 KEY = {"DISCOUNT_OFFER_KEY": "k" * 40}
 
@@ -52,6 +53,7 @@ def test_every_bad_setting_is_reported_at_once(tmp_path: Path) -> None:
         "poll_interval": "-1",
         "grace": "soon",
         "host": "",
+        "ort_threads": "-2",
     }
     with pytest.raises(SettingsError) as raised:
         resolve(flags, env=KEY, insecure=True)
@@ -63,6 +65,7 @@ def test_every_bad_setting_is_reported_at_once(tmp_path: Path) -> None:
         "--poll-interval / DISCOUNT_POLL_INTERVAL: '-1'",
         "--grace / DISCOUNT_SHUTDOWN_GRACE: 'soon'",
         "--host / DISCOUNT_GRPC_HOST must not be empty",
+        "--ort-threads / DISCOUNT_ORT_THREADS: '-2'",
     ):
         assert expected in message
 
@@ -89,10 +92,19 @@ def test_any_port_text_is_accepted_only_as_a_port_number(
 
 
 @given(cores=st.integers(1, 256), workers=st.integers(1, 64))
-def test_model_runs_in_flight_never_ask_for_more_threads_than_cores(
-    cores: int, workers: int
-) -> None:
+def test_each_worker_leaves_its_event_loop_a_core(cores: int, workers: int) -> None:
     threads = ort_threads_for(cores, workers)
     assert threads >= 1
-    assert threads == 1 or threads * workers * INFERENCE_SLOTS <= cores
-    assert ort_threads_for(16, 1) == 8 and ort_threads_for(2, 1) == 1
+    assert threads == 1 or (threads + 1) * workers <= cores
+    assert ort_threads_for(16, 1) == 15 and ort_threads_for(16, 2) == 7
+    assert ort_threads_for(2, 1) == 1
+
+
+def test_ort_threads_given_win_over_the_automatic_choice(tmp_path: Path) -> None:
+    automatic = resolve({"model_dir": str(tmp_path)}, env=KEY, insecure=True)
+    assert automatic.ort_threads == ort_threads_for(os.cpu_count() or 1, 1)
+    given_env = resolve({"model_dir": str(tmp_path)}, env={**KEY, "DISCOUNT_ORT_THREADS": "3"},
+                        insecure=True)  # fmt: skip
+    assert given_env.ort_threads == 3
+    assert resolve({"model_dir": str(tmp_path), "ort_threads": "2"}, env=KEY,
+                   insecure=True).ort_threads == 2  # fmt: skip
