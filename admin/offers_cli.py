@@ -16,7 +16,6 @@ from admin.output import emit, message, output_option
 from admin.report import plot, report
 from core.artifact import ArtifactError, current_version_dir
 from core.offers import FeatureError
-from core.shop import load_shop_facts
 from core.store.errors import InvalidInput
 from core.store.model_versions import ModelVersions
 from core.store.snapshot import load_snapshot
@@ -166,8 +165,7 @@ def simulate_command(
     context = {k: str(v) for k, v in parse_assignments(context_pairs, "--context").items()}
     try:
         version = _model_dir(app, model_dir)
-        model = load_version(version, "cpu")
-        facts = load_shop_facts(version)
+        model = load_version(version, "cpu", facts=True)
         respond = ResponseModel.load(Path(response_model_dir)) if response_model_dir else None
     except ArtifactError as e:
         raise InvalidInput(f"cannot load the model: {e}") from None
@@ -176,7 +174,7 @@ def simulate_command(
         snapshot = load_snapshot(session, now)
     query = OffersQuery(user_id, list(item_ids), limit, context)
     try:
-        decision = simulate(model, facts, snapshot, query, now, respond)
+        decision = simulate(model, snapshot, query, now, respond)
     except (InvalidRequest, UnknownIds, FeatureError) as e:
         raise InvalidInput(str(e)) from None
     items: list[dict[str, Any]] = [

@@ -149,7 +149,9 @@ def create_server(settings: Settings) -> tuple[DiscountServer, int]:
         options=grpc_options(),
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
-    store = ModelStore(settings.model_dir, settings.device, settings.ort_threads)
+    store = ModelStore(
+        settings.model_dir, settings.device, settings.ort_threads, facts=offering is not None
+    )
     server = DiscountServer(settings, grpc_server, store, offering, clients, tls, metrics)
     batcher = None
     if settings.batch_max_size > 1:

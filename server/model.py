@@ -1,6 +1,7 @@
 """Load one model version: verify it, open its graphs in ONNX Runtime (the top-k graph on the
 requested device, the named-item graph on the CPU), check their signatures against the manifest,
-warm them up, and precompute the lookups Recommend and GetOffers need.
+warm them up, and precompute the lookups Recommend and GetOffers need (with a store, the
+catalog's prices and costs and the users' features too).
 
 A version that fails any step raises ArtifactError and is never served.
 """
@@ -19,6 +20,7 @@ import onnxruntime as ort
 
 from core.artifact import MODEL_OUTPUTS, ArtifactError, Manifest, load_manifest
 from core.catalog import category_vocabulary
+from core.shop import ShopFacts, load_shop_facts
 from server.errors import DeviceUnavailable
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,8 @@ class ModelVersion:
     popularity: Ints
     history_indptr: Ints
     history_indices: Ints
+    # Prices, costs and user features for GetOffers; None when loaded without them.
+    facts: ShopFacts | None = None
 
     @property
     def version(self) -> str:
@@ -102,9 +106,9 @@ def providers_for(device: str) -> list[str]:
     return [CUDA, CPU]
 
 
-def load_version(path: Path, device: str, threads: int = 0) -> ModelVersion:
+def load_version(path: Path, device: str, threads: int = 0, facts: bool = False) -> ModelVersion:
     """Verify and load the version folder at path, ready to serve; threads: ONNX Runtime's
-    intra-op threads (0: one per core)."""
+    intra-op threads (0: one per core); facts: also read what pricing needs (GetOffers)."""
     manifest = load_manifest(path)
     unsealed = REQUIRED_FILES - set(manifest.files)
     if unsealed:
@@ -146,6 +150,7 @@ def load_version(path: Path, device: str, threads: int = 0) -> ModelVersion:
         popularity=popularity,
         history_indptr=indptr,
         history_indices=indices,
+        facts=load_shop_facts(path) if facts else None,
     )
     _warm_up(model)
     return model

@@ -6,7 +6,6 @@ This module holds the per-server state; the per-request work is server.offers.""
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -15,32 +14,14 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from core.offer_token import OfferKeys
 from core.offers import Respond
-from core.shop import ShopFacts, load_shop_facts
 from core.store import events
 from core.store.db import Store
 from core.store.errors import StoreError
 from server.errors import NotReady, StoreDown
 from server.limits import BoundedWrites, limit_store
-from server.model import ModelVersion
 from server.offer_log import OfferLog
 from server.response import NoResponseModel
 from server.snapshot import SnapshotKeeper
-from server.versions import freeze_long_lived
-
-
-class FactsCache:
-    """Catalog prices and user features of the serving version, read once per version."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._cached: tuple[ModelVersion, ShopFacts] | None = None
-
-    def get(self, model: ModelVersion) -> ShopFacts:
-        with self._lock:
-            if self._cached is None or self._cached[0] is not model:
-                self._cached = (model, load_shop_facts(model.path))
-                freeze_long_lived()
-            return self._cached[1]
 
 
 @dataclass
@@ -50,7 +31,6 @@ class Offering:
     log: OfferLog
     keys: OfferKeys
     ttl: timedelta
-    facts: FactsCache = field(default_factory=FactsCache)
     writes: BoundedWrites = field(default_factory=BoundedWrites)
     # The response model `optimal` rules price with (server.response); create_server sets it.
     respond: Respond = field(default_factory=NoResponseModel)

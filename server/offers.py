@@ -150,15 +150,17 @@ def candidates(model: ModelVersion, facts: ShopFacts, query: OffersQuery) -> lis
 
 def simulate(
     model: ModelVersion,
-    facts: ShopFacts,
     snapshot: Snapshot,
     query: OffersQuery,
     now: datetime,
     respond: Respond | None = None,
 ) -> Decision:
-    """What the user would be offered, and why, without issuing anything. ``respond`` is the
-    response model `optimal` rules need (server.response)."""
+    """What the user would be offered, and why, without issuing anything. The model must be
+    loaded with its facts (load_version(..., facts=True)); ``respond`` is the response model
+    `optimal` rules need (server.response)."""
     validate(query)
+    facts = model.facts
+    assert facts is not None, "a model version loaded without its shop facts cannot price"
     features = resolve_features(facts.user_features.get(query.user_id), query.context)
     return decide(snapshot, query.user_id, features, candidates(model, facts, query), now, respond)
 
@@ -169,7 +171,6 @@ def _cents(amount: Decimal) -> int:
 
 def get_offers(
     model: ModelVersion,
-    facts: ShopFacts,
     snapshot: Snapshot,
     query: OffersQuery,
     keys: offer_token.OfferKeys,
@@ -177,7 +178,7 @@ def get_offers(
     respond: Respond | None = None,
 ) -> OffersResult:
     now = datetime.now(UTC)
-    decision = simulate(model, facts, snapshot, query, now, respond)
+    decision = simulate(model, snapshot, query, now, respond)
     # Whole seconds, because the token keeps its expiry to the second.
     expires = (now + ttl).replace(microsecond=0)
     offers, rows = [], []

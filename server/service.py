@@ -204,18 +204,10 @@ class DiscountService(pb_grpc.DiscountServiceServicer):
         offering = self._require_offering()
         model = self._store.require()
         snapshot = offering.keeper.require()
-        # Model runs and a first read of the version's catalog happen in a worker thread.
-        result = await asyncio.to_thread(
-            lambda: get_offers(
-                model,
-                offering.facts.get(model),
-                snapshot,
-                query,
-                offering.keys,
-                offering.ttl,
-                offering.respond,
-            )
-        )
+        # On the event loop: pricing is Python under the GIL wherever it runs, the model runs
+        # are a few dot products, and a worker thread's hand-offs cost more than they freed
+        # (docs/BENCHMARKS.md). The version's facts were read when it loaded.
+        result = get_offers(model, snapshot, query, offering.keys, offering.ttl, offering.respond)
         offering.log.append(result.log_rows)
         self._metrics.offers.inc(len(result.offers))
         self._metrics.discount_cents.inc(

@@ -33,10 +33,11 @@ def freeze_long_lived() -> None:
 
 
 class ModelStore:
-    def __init__(self, model_dir: Path, device: str, threads: int = 0) -> None:
+    def __init__(self, model_dir: Path, device: str, threads: int = 0, facts: bool = False) -> None:
         self.model_dir = model_dir
         self.device = device
         self.threads = threads  # ONNX Runtime intra-op threads; 0: one per core
+        self.facts = facts  # load each version's shop facts too (a server that offers)
         self.current: ModelVersion | None = None
         self.last_error: str | None = None
         self._refused: Path | None = None
@@ -64,7 +65,9 @@ class ModelStore:
             if not force and (unchanged or target == self._refused):
                 return False
             try:
-                model = await asyncio.to_thread(load_version, target, self.device, self.threads)
+                model = await asyncio.to_thread(
+                    load_version, target, self.device, self.threads, self.facts
+                )
             except (ArtifactError, DeviceUnavailable) as e:
                 self._refused = target
                 self._fail(f"refused {target.name}: {e}")
