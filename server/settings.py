@@ -224,8 +224,9 @@ def resolve(
 def ort_threads_for(cores: int, workers: int) -> int:
     """Intra-op threads per model run: each worker's share of the cores less one, which its
     event loop needs to decode and answer calls. On 2 cores the event loop, not the model, caps
-    Recommend at 100k items: one thread measured +40% there over two. A catalog so large that
-    the model is the cap (1M items on 2 cores) gains from --ort-threads 2 (docs/BENCHMARKS.md)."""
+    Recommend at 100k items, and one thread did at least as well as two there; a catalog so
+    large that the model is the cap (1M items on 2 cores) gains from --ort-threads 2
+    (docs/BENCHMARKS.md)."""
     return max(1, cores // workers - 1)
 
 
