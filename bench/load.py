@@ -1,5 +1,9 @@
 """A gRPC load generator (asyncio, one process) with ghz's main options: concurrency, a total
-or a duration, and a rate. It prints one JSON object: throughput, latency percentiles, errors.
+or a duration, a rate, and connections. It prints one JSON object: throughput, latency
+percentiles, errors.
+
+Calls are spread over ``connections`` channels (ghz's --connections): one HTTP/2 connection
+reaches one process, so a server with --workers N needs at least N of them to be loaded whole.
 
 Example:
     python -m bench.load --target 127.0.0.1:50051 --call recommend --concurrency 32 \\
@@ -37,6 +41,7 @@ class Load:
     target: str = "127.0.0.1:50051"
     call: str = "recommend"
     concurrency: int = 16
+    connections: int = 1  # channels the concurrent calls are spread over
     total: int = 0  # calls in all; 0: run for duration
     duration: float = 10.0  # seconds, when total is 0
     rate: float = 0.0  # calls per second across all workers; 0: as fast as answers come
@@ -52,6 +57,7 @@ class Load:
 class Report:
     call: str
     concurrency: int
+    connections: int
     rate: float
     requests: int
     errors: dict[str, int]
@@ -77,51 +83,67 @@ def _requests(load: Load) -> Any:
 
 async def run(load: Load) -> Report:
     metadata = (("authorization", f"Bearer {load.token}"),) if load.token else None
-    async with aio.insecure_channel(load.target) as channel:
-        if load.call == "check":
-            method: Any = health_pb2_grpc.HealthStub(channel).Check
-        elif load.call == "recommend":
-            method = pb_grpc.DiscountServiceStub(channel).Recommend
-        else:
-            method = pb_grpc.DiscountServiceStub(channel).GetOffers
-        await asyncio.wait_for(channel.channel_ready(), 30)
-        requests = _requests(load)
-        latencies: list[float] = []
-        errors: Counter[str] = Counter()
-        issued = 0
-        start = time.perf_counter()
-        stop_at = start + load.duration
+    # Each channel its own subchannel pool: channels with equal arguments share one connection.
+    channels = [
+        aio.insecure_channel(load.target, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(load.connections)
+    ]
+    try:
+        for channel in channels:
+            await asyncio.wait_for(channel.channel_ready(), 30)
+        return await _drive(load, [_method(load.call, c) for c in channels], metadata)
+    finally:
+        for channel in channels:
+            await channel.close(None)
 
-        def claim() -> float | None:
-            """The time this worker's next call is due, or None when the run is over."""
-            nonlocal issued
-            if (load.total and issued >= load.total) or (
-                not load.total and time.perf_counter() >= stop_at
-            ):
-                return None
-            issued += 1
-            return start + (issued - 1) / load.rate if load.rate else 0.0
 
-        async def worker() -> None:
-            while (due := claim()) is not None:
-                delay = due - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                sent = time.perf_counter()
-                try:
-                    await method(next(requests), metadata=metadata, timeout=30)
-                except grpc.RpcError as e:
-                    errors[e.code().name] += 1
-                    continue
-                latencies.append(time.perf_counter() - sent)
+def _method(call: str, channel: aio.Channel) -> Any:
+    if call == "check":
+        return health_pb2_grpc.HealthStub(channel).Check
+    if call == "recommend":
+        return pb_grpc.DiscountServiceStub(channel).Recommend
+    return pb_grpc.DiscountServiceStub(channel).GetOffers
 
-        await asyncio.gather(*(worker() for _ in range(load.concurrency)))
-        seconds = time.perf_counter() - start
+
+async def _drive(load: Load, methods: list[Any], metadata: Any) -> Report:
+    requests = _requests(load)
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+    issued = 0
+    start = time.perf_counter()
+    stop_at = start + load.duration
+
+    def claim() -> float | None:
+        """The time this worker's next call is due, or None when the run is over."""
+        nonlocal issued
+        if (load.total and issued >= load.total) or (
+            not load.total and time.perf_counter() >= stop_at
+        ):
+            return None
+        issued += 1
+        return start + (issued - 1) / load.rate if load.rate else 0.0
+
+    async def worker(method: Any) -> None:
+        while (due := claim()) is not None:
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            sent = time.perf_counter()
+            try:
+                await method(next(requests), metadata=metadata, timeout=30)
+            except grpc.RpcError as e:
+                errors[e.code().name] += 1
+                continue
+            latencies.append(time.perf_counter() - sent)
+
+    await asyncio.gather(*(worker(methods[n % len(methods)]) for n in range(load.concurrency)))
+    seconds = time.perf_counter() - start
     ms = np.array(latencies) * 1000 if latencies else np.zeros(1)
     p50, p95, p99 = (float(np.percentile(ms, q)) for q in (50, 95, 99))
     return Report(
         load.call,
         load.concurrency,
+        load.connections,
         load.rate,
         len(latencies),
         dict(errors),
@@ -142,6 +164,12 @@ async def run(load: Load) -> Report:
 @click.option("--target", help="host:port of a plaintext discountd.")
 @click.option("--call", type=click.Choice(CALLS), help="check: health Check (the ceiling).")
 @click.option("--concurrency", type=click.IntRange(1), help="Calls in flight at once.")
+@click.option(
+    "--connections",
+    type=click.IntRange(1),
+    help="Channels (HTTP/2 connections) the calls are spread over; at least --workers of the "
+    "server, since each connection reaches one worker.",
+)
 @click.option("--total", type=click.IntRange(0), help="Calls in all (0: use --duration).")
 @click.option("--duration", type=click.FloatRange(0, min_open=True), help="Seconds to run.")
 @click.option("--rate", type=click.FloatRange(0), help="Calls per second; 0: unthrottled.")

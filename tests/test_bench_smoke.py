@@ -3,12 +3,16 @@ Functional only: the table is produced and no call failed; no timing is asserted
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from click.testing import CliRunner
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from bench import load, serving
 
@@ -38,9 +42,11 @@ def test_bench_writes_its_section_and_keeps_the_others(tmp_path: Path) -> None:
         "| Recommend, batched",
         "| Recommend, batched, 80% rate",
         *([f"| Recommend, batched, --ort-threads {os.cpu_count()}"] if cores > 1 else []),
-        "| Recommend, batched, 2 workers",
         "| Recommend, unbatched",
         "| GetOffers, 20 items, tiered_topk",
+        "| health Check, 2 workers (their ceiling)",
+        "| Recommend, batched, 2 workers",
+        "| GetOffers, 20 items, 2 workers",
     ]
     measured = json.loads((tmp_path / "cache" / "last.json").read_text())
     for row in measured["rows"]:
@@ -56,3 +62,32 @@ def test_loadtest_config_is_valid_and_flags_override_it(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "unknown keys nonsense" in result.output
     committed = json.loads(Path("bench/loadtest.json").read_text())
     assert load.Load(**committed).call == "recommend"
+
+
+def test_calls_spread_over_the_connections_asked_for() -> None:
+    """Each connection reaches one --workers process, so they must be distinct connections."""
+    peers: list[str] = []
+
+    class Recording(health.HealthServicer):
+        async def Check(  # type: ignore[override]
+            self, request: health_pb2.HealthCheckRequest, context: aio.ServicerContext[Any, Any]
+        ) -> health_pb2.HealthCheckResponse:
+            peers.append(context.peer())
+            return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+    async def scenario() -> load.Report:
+        server = aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(Recording(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            return await load.run(
+                load.Load(target=f"127.0.0.1:{port}", call="check", concurrency=6,
+                          connections=3, total=60)
+            )  # fmt: skip
+        finally:
+            await server.stop(None)
+
+    report = asyncio.run(scenario())
+    assert report.requests == 60 and report.connections == 3
+    assert len(set(peers)) == 3  # three client ports: three TCP connections
