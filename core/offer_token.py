@@ -101,6 +101,10 @@ def load_offer_keys(environ: Mapping[str, str] = os.environ) -> OfferKeys:
     return OfferKeys(current.encode(), previous)
 
 
+# One encoder for every token: json.dumps builds a new one per call when given options.
+_compact_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
@@ -128,7 +132,7 @@ def sign(
     if not final_price.is_finite():
         raise ValueError(f"final_price must be a finite amount, got {final_price}")
     fields = [_VERSION, offer_id, user_id, item_id, str(final_price), int(expires_at.timestamp())]
-    payload = _b64(json.dumps(fields, ensure_ascii=False, separators=(",", ":")).encode())
+    payload = _b64(_compact_json(fields).encode())
     return f"{payload}.{_mac(key, payload)}"
 
 
