@@ -19,8 +19,8 @@ from server.tls import TlsError, TlsFiles, load
 DEVICES = ("auto", "cpu", "cuda")
 # Model runs at a time per process (server.batching). One: while it runs, the calls that arrive
 # queue and the next run takes them together, and bigger batches read the factors fewer times
-# per user. Two slots on 2 cores halved the batches and cost Recommend a third of its
-# throughput at 100k items (docs/BENCHMARKS.md).
+# per user. Two slots on 2 cores cut the batches to a third (3.4 calls against ~11) and cost
+# Recommend about 30% of its throughput at 100k items (docs/BENCHMARKS.md).
 INFERENCE_SLOTS = 1
 
 # Flag name -> (environment fallback, default).
