@@ -115,19 +115,24 @@ def gpu_sh(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
-def test_wheel_travels_in_parts_one_call_each(tmp_path: Path) -> None:
-    downloaded = tmp_path / "download"
-    downloaded.mkdir()
-    wheel = fake_wheel(downloaded)
-    here = tmp_path / "here"  # .ortgpu in the checkout
-    env = {
+def ortgpu_env(tmp_path: Path, parts: Path) -> dict[str, str]:
+    """gpu.sh's folders under tmp_path, the parts folder (the checkout's .ortgpu), 1 KiB parts."""
+    return {
         **os.environ,
-        "ORTGPU_PARTS": str(here),
+        "ORTGPU_PARTS": str(parts),
         "ORTGPU_STASH": str(tmp_path / "stash"),
         "ORTGPU_SITE": str(tmp_path / "site"),
         "ORTGPU_PART_SIZE": "1K",
         "PYTHON": sys.executable,
     }
+
+
+def test_wheel_travels_in_parts_one_call_each(tmp_path: Path) -> None:
+    downloaded = tmp_path / "download"
+    downloaded.mkdir()
+    wheel = fake_wheel(downloaded)
+    here = tmp_path / "here"  # .ortgpu in the checkout
+    env = ortgpu_env(tmp_path, here)
     split = gpu_sh("split", str(wheel), env=env)
     assert split.returncode == 0, split.stderr
     parts = sorted(p.name for p in here.glob("part*"))
@@ -161,14 +166,7 @@ def test_damaged_part_is_refused(tmp_path: Path) -> None:
     downloaded = tmp_path / "download"
     downloaded.mkdir()
     here = tmp_path / "here"
-    env = {
-        **os.environ,
-        "ORTGPU_PARTS": str(here),
-        "ORTGPU_STASH": str(tmp_path / "stash"),
-        "ORTGPU_SITE": str(tmp_path / "site"),
-        "ORTGPU_PART_SIZE": "1K",
-        "PYTHON": sys.executable,
-    }
+    env = ortgpu_env(tmp_path, here)
     assert gpu_sh("split", str(fake_wheel(downloaded)), env=env).returncode == 0
     (here / "part1").write_bytes(b"not the part")
     kept = gpu_sh("keep", env=env)
