@@ -120,7 +120,7 @@ def create_server(settings: Settings) -> tuple[DiscountServer, int]:
     """
     respond = None
     if settings.response_model_dir is not None:
-        respond = ResponseModel.load(settings.response_model_dir, settings.ort_threads)
+        respond = ResponseModel.load(settings.response_model_dir)
         log.info("response model %s loaded for `optimal` rules", respond.version)
     offering = None
     if settings.db_url is not None:

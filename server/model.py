@@ -128,11 +128,11 @@ def load_version(path: Path, device: str, threads: int = 0, facts: bool = False)
     _check_consistent(path, manifest, users, item_ids, item_categories, categories, popularity)
     if len(indptr) != manifest.n_users + 1 or (indices.size and indices.max() >= len(item_ids)):
         raise ArtifactError(f"{path}: user_history.npz does not fit {manifest.n_users} users")
-    session, provider = _open_session(path / "model.onnx", device, threads)
+    session, provider = open_session(path / "model.onnx", device, threads)
     signature = manifest.signature()
     _check_signature(path / "model.onnx", session, signature)
     # A few dot products: one thread, on the CPU, is the fastest place for them.
-    score_session, _ = _open_session(path / "score.onnx", "cpu", 1)
+    score_session, _ = open_session(path / "score.onnx", "cpu", 1)
     _check_signature(path / "score.onnx", score_session, signature["score"])
     model = ModelVersion(
         path=path,
@@ -156,7 +156,8 @@ def load_version(path: Path, device: str, threads: int = 0, facts: bool = False)
     return model
 
 
-def _open_session(model_file: Path, device: str, threads: int) -> tuple[ort.InferenceSession, str]:
+def open_session(model_file: Path, device: str, threads: int) -> tuple[ort.InferenceSession, str]:
+    """An ONNX Runtime session on the device asked for, and the provider really active."""
     wanted = providers_for(device)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads

@@ -24,6 +24,7 @@ from core import response_artifact
 from core.artifact import ArtifactError
 from core.offers import Features, ItemInput, Probabilities
 from core.response_history import HistoryTable
+from server.model import open_session
 
 log = logging.getLogger(__name__)
 
@@ -36,16 +37,13 @@ class ResponseModel:
     history: HistoryTable
 
     @classmethod
-    def load(cls, path: Path, threads: int = 0) -> ResponseModel:
+    def load(cls, path: Path) -> ResponseModel:
         """Verify the folder and open its graph; ArtifactError says what is wrong."""
         manifest = response_artifact.load(path)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
         graph = path / response_artifact.GRAPH
-        try:
-            session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
-        except Exception as e:  # ORT raises its own untyped errors for any unreadable model
-            raise ArtifactError(f"{graph}: ONNX Runtime cannot load it ({e})") from None
+        # One thread: GetOffers runs it on the event loop over a few rows, where waking a pool
+        # of threads would cost more than the run.
+        session, _ = open_session(graph, "cpu", 1)
         history = HistoryTable.load(path / response_artifact.HISTORY)
         model = cls(path, manifest.version, session, history)
         probability = model(
