@@ -52,7 +52,8 @@ class ModelVersion:
     item_categories: list[str]
     categories: list[str]  # category_mask column order
     category_index: dict[str, int]
-    popularity: Ints
+    popularity: Ints  # item indices, most bought first
+    popularity_rank: Ints  # per item, its position in popularity; -1 when absent
     history_indptr: Ints
     history_indices: Ints
     # Prices, costs and user features for GetOffers; None when loaded without them.
@@ -148,6 +149,7 @@ def load_version(path: Path, device: str, threads: int = 0, facts: bool = False)
         categories=categories,
         category_index={c: i for i, c in enumerate(categories)},
         popularity=popularity,
+        popularity_rank=_ranks(popularity, len(item_ids)),
         history_indptr=indptr,
         history_indices=indices,
         facts=load_shop_facts(path) if facts else None,
@@ -178,6 +180,12 @@ def open_session(model_file: Path, device: str, threads: int) -> tuple[ort.Infer
     if device == "auto" and CUDA in wanted and active != CUDA:
         log.warning("CUDA provider failed to start; serving on %s", active)
     return session, active
+
+
+def _ranks(popularity: Ints, n_items: int) -> Ints:
+    rank = np.full(n_items, -1, dtype=np.int64)
+    rank[popularity] = np.arange(len(popularity))
+    return rank
 
 
 def _check_signature(graph: Path, session: ort.InferenceSession, expected: dict[str, Any]) -> None:

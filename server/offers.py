@@ -107,11 +107,8 @@ def _named_items(model: ModelVersion, facts: ShopFacts, query: OffersQuery) -> l
         scores = {i: float(v) for i, v in zip(indices, values, strict=True) if np.isfinite(v)}
     else:
         # No history to fold in: the popularity score Recommend gives unknown users.
-        ranked = model.popularity
-        n = len(model.item_ids)
-        rank_of = np.full(n, -1, dtype=np.int64)
-        rank_of[ranked] = np.arange(len(ranked))
-        scores = {i: 1.0 - int(rank_of[i]) / len(ranked) for i in set(indices) if rank_of[i] >= 0}
+        ranks, n = model.popularity_rank, len(model.popularity)
+        scores = {i: 1.0 - int(ranks[i]) / n for i in set(indices) if ranks[i] >= 0}
     order = sorted(
         (p for p, i in enumerate(indices) if i in scores), key=lambda p: -scores[indices[p]]
     )

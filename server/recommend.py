@@ -178,13 +178,14 @@ def _popular(
     allowed: np.ndarray[tuple[int], np.dtype[np.float32]],
 ) -> Recommendation:
     """Most popular items passing the same filters; score falls linearly with popularity rank."""
-    ranked = model.popularity.tolist()
+    n = len(model.popularity)
     found: list[ScoredItem] = []
-    for rank, item in enumerate(ranked):
+    # Item by item, not the whole ranking as a list: the walk usually stops after `limit`.
+    for rank, item in enumerate(map(int, model.popularity)):
         category = model.item_categories[item]
         if item in excluded or allowed[model.category_index[category]] == 0.0:
             continue
-        found.append(ScoredItem(model.item_ids[item], 1.0 - rank / len(ranked), category))
+        found.append(ScoredItem(model.item_ids[item], 1.0 - rank / n, category))
         if len(found) == limit:
             break
     return Recommendation(found, model.version, ColdStart.POPULARITY)
