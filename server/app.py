@@ -26,7 +26,7 @@ from server.metrics import Metrics
 from server.offering import Offering
 from server.response import ResponseModel
 from server.service import DiscountService
-from server.settings import INFERENCE_SLOTS, Settings
+from server.settings import Settings
 from server.tls import TlsCredentials
 from server.versions import ModelStore
 
@@ -155,9 +155,7 @@ def create_server(settings: Settings) -> tuple[DiscountServer, int]:
     server = DiscountServer(settings, grpc_server, store, offering, clients, tls, metrics)
     batcher = None
     if settings.batch_max_size > 1:
-        batcher = Batcher(
-            settings.batch_max_size, settings.batch_max_wait_us, INFERENCE_SLOTS, metrics
-        )
+        batcher = Batcher(settings.batch_max_size, settings.batch_max_wait_us, metrics)
     metrics.watch(
         lambda: (store.current.version, store.current.provider) if store.current else None,
         lambda: offering.keeper.age_seconds if offering is not None else None,

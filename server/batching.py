@@ -1,9 +1,11 @@
 """Dynamic micro-batching for Recommend: concurrent calls share one graph run.
 
 Reading the item factors dominates a single-user run on a large catalog, and one batched run
-reads them once for every user in it. A batch starts as soon as an inference slot is free:
-while all slots are busy, calls queue and the next batch takes them together, so batches grow
-with load on their own. max_wait_us adds a deliberate pause to gather more (0: none).
+reads them once for every user in it. One run at a time: a batch starts as soon as the previous
+run is done, and while it runs calls queue and the next batch takes them together, so batches
+grow with load on their own. Two runs at a time on 2 cores cut the batches to a third (3.4
+calls against ~11) and cost Recommend about 30% of its throughput at 100k items
+(docs/BENCHMARKS.md). max_wait_us adds a deliberate pause to gather more (0: none).
 """
 
 from __future__ import annotations
@@ -19,12 +21,10 @@ Pending = tuple[ModelVersion, Plan, "asyncio.Future[Recommendation]"]
 
 
 class Batcher:
-    def __init__(
-        self, max_batch: int, max_wait_us: int, slots: int, metrics: Metrics | None = None
-    ) -> None:
+    def __init__(self, max_batch: int, max_wait_us: int, metrics: Metrics | None = None) -> None:
         self.max_batch = max_batch
         self.max_wait = max_wait_us / 1e6
-        self._slots = asyncio.Semaphore(slots)
+        self._model_free = asyncio.Lock()  # held from a batch's start to the end of its run
         self._metrics = metrics
         self._pending: list[Pending] = []
         self._arrived = asyncio.Event()
@@ -41,7 +41,7 @@ class Batcher:
 
     async def _collect(self) -> None:
         while self._pending:
-            await self._slots.acquire()
+            await self._model_free.acquire()
             if self.max_wait > 0 and len(self._pending) < self.max_batch:
                 await self._gather_more()
             batch = self._take()
@@ -89,4 +89,4 @@ class Batcher:
                 if not future.done():
                     future.set_exception(e)
         finally:
-            self._slots.release()
+            self._model_free.release()

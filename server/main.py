@@ -107,8 +107,8 @@ def _env(name: str) -> str:
 )
 @click.option(
     "--batch-max-wait-us",
-    help="Microseconds a batch waits for more calls before it runs; 0: it runs as soon as a "
-    f"model slot is free. {_env('batch_max_wait_us')}",
+    help="Microseconds a batch waits for more calls before it runs; 0: it runs as soon as the "
+    f"previous model run is done. {_env('batch_max_wait_us')}",
 )
 @click.option(
     "--workers",

@@ -17,11 +17,6 @@ from server.logs import LEVELS
 from server.tls import TlsError, TlsFiles, load
 
 DEVICES = ("auto", "cpu", "cuda")
-# Model runs at a time per process (server.batching). One: while it runs, the calls that arrive
-# queue and the next run takes them together, and bigger batches read the factors fewer times
-# per user. Two slots on 2 cores cut the batches to a third (3.4 calls against ~11) and cost
-# Recommend about 30% of its throughput at 100k items (docs/BENCHMARKS.md).
-INFERENCE_SLOTS = 1
 
 # Flag name -> (environment fallback, default).
 SOURCES: dict[str, tuple[str, str | None]] = {
@@ -87,7 +82,7 @@ class Settings:
     log_level: str = "info"
     # Recommend calls gathered into one model run (server.batching); 1 turns batching off.
     batch_max_size: int = 64
-    # Microseconds a batch waits for more calls once an inference slot is free (0: none).
+    # Microseconds a batch waits for more calls once the previous run is done (0: none).
     batch_max_wait_us: int = 0
     # Processes serving the same port (SO_REUSEPORT; server.workers).
     workers: int = 1
