@@ -2,8 +2,10 @@
 and issue each priced item as a signed offer. The store is never touched on this path: rules
 come from the snapshot, and issued offers go to the offer log's queue.
 
-Everything here is per request; the per-server state it reads (snapshot, offer log, facts cache)
-lives in server.offering. The pipeline is core.offers; core.store.offers stores the offers."""
+Everything here is per request; the per-server state it reads (snapshot, offer log, keys) lives
+in server.offering, and the catalog's prices and costs and the users' features come with the
+model version (ModelVersion.facts). The pipeline is core.offers; core.store.offers stores the
+offers."""
 
 from __future__ import annotations
 
