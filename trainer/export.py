@@ -59,15 +59,18 @@ class RecommenderGraph(nn.Module):
     An unseen user (index -1) gets the least-squares fold-in vector foldin @ Σ item[h] over its
     history items, so cold-start users go through the same graph as known ones.
 
-    The category filter rides in the score GEMM: each item row carries a one-hot of its
-    category after its factors, and the user side carries BLOCKED for each category the
-    caller filters out, so a blocked item's score is BLOCKED + its real score with no pass over
-    the batch × catalog scores of its own (that pass, a gather and a transpose, was 30% of a
-    batch's time at 100k items).
+    The item bias and the category filter ride in the score GEMM: each item row carries its
+    bias and a one-hot of its category after its factors, and the user side carries 1 for the
+    bias and BLOCKED for each category the caller filters out, so a blocked item's score is
+    BLOCKED + its real score. Neither needs a pass over the batch × catalog scores of its own:
+    the filter's (a gather and a transpose) was 30% of a batch's time at 100k items, and the
+    bias as the GEMM's addend (a broadcast copy first) made runs of 16 and 32 users 11-14%
+    slower.
     """
 
     user: Tensor
-    item_rows: Tensor  # items × (factors + categories): item factors, then the category one-hot
+    # items × (factors + 1 + categories): item factors, the bias, then the category one-hot
+    item_rows: Tensor
     item_bias: Tensor
     foldin: Tensor
 
@@ -77,7 +80,10 @@ class RecommenderGraph(nn.Module):
         one_hot = np.eye(int(item_category.max(initial=0)) + 1, dtype=np.float32)[item_category]
         for name, array in (
             ("user", factors.user),
-            ("item_rows", np.hstack([factors.item.astype(np.float32), one_hot])),
+            (
+                "item_rows",
+                np.hstack([factors.item.astype(np.float32), factors.item_bias[:, None], one_hot]),
+            ),
             ("item_bias", factors.item_bias),
             ("foldin", factors.foldin),
         ):
@@ -93,7 +99,8 @@ class RecommenderGraph(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         vector = self.user_vector(user_index, history_items)
         blocked = torch.where(category_mask > 0, 0.0, BLOCKED)
-        scores = torch.cat([vector, blocked], dim=1) @ self.item_rows.T + self.item_bias
+        ones = torch.ones_like(vector[:, :1])  # the bias column's weight
+        scores = torch.cat([vector, ones, blocked], dim=1) @ self.item_rows.T
         # scatter_add rather than scatter: padding and repeats hit the same slot, and scatter
         # with duplicate indices has no defined winner. Padding adds 0.
         excluded = torch.where(exclude_items >= 0, float("-inf"), 0.0)
