@@ -17,7 +17,15 @@ from hypothesis.extra import numpy as hnp
 from core.artifact import CURRENT, load_manifest
 from core.catalog import category_vocabulary
 from tests.conftest import TinyShop, make_tiny_shop
-from trainer.export import INPUT_NAMES, OUTPUT_NAMES, RecommenderGraph, write_artifact
+from trainer.dataset import Factors
+from trainer.export import (
+    INPUT_NAMES,
+    MAX_CATEGORIES_IN_GEMM,
+    OUTPUT_NAMES,
+    RecommenderGraph,
+    export_onnx,
+    write_artifact,
+)
 
 N_CATEGORIES = 2
 
@@ -251,3 +259,78 @@ def test_named_item_scores_are_the_top_k_graphs_scores(
     expected = np.where(named >= 0, np.take_along_axis(full, named.clip(min=0), axis=1), -np.inf)
     assert scores.shape == (batch, named_len)
     np.testing.assert_allclose(scores, expected, atol=1e-5)
+
+
+MANY = MAX_CATEGORIES_IN_GEMM + 22  # categories of a catalog whose filter is gathered per item
+
+
+@pytest.fixture(scope="module")
+def many_categories(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Factors, np.ndarray, ort.InferenceSession, onnx.ModelProto]:
+    """A 400-item catalog in MANY categories, exported (with the exporter's own parity check)."""
+    rng = np.random.default_rng(3)
+    n_items, n_users, dim = 400, 20, 8
+    item = rng.normal(0.0, 1.0, (n_items, dim)).astype(np.float32)
+    factors = Factors(
+        rng.normal(0.0, 1.0, (n_users, dim)).astype(np.float32),
+        item,
+        rng.normal(0.0, 0.1, n_items).astype(np.float32),
+        np.linalg.inv(item.T @ item + np.eye(dim)).astype(np.float32),
+    )
+    item_category = rng.integers(0, MANY, n_items)
+    item_category[:MANY] = np.arange(MANY)  # every category has an item
+    path = tmp_path_factory.mktemp("many") / "model.onnx"
+    export_onnx(factors, item_category, MANY, path)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return factors, item_category, session, onnx.load(str(path))
+
+
+def test_many_categories_do_not_widen_the_item_rows(
+    many_categories: tuple[Factors, np.ndarray, ort.InferenceSession, onnx.ModelProto],
+) -> None:
+    """Past MAX_CATEGORIES_IN_GEMM the graph holds a category per item, not a one-hot column
+    per category: the model stays the size of its factors."""
+    factors, _, _, model = many_categories
+    shapes = [tuple(t.dims) for t in model.graph.initializer]
+    n_items, dim = factors.item.shape
+    assert {(n_items, dim + 1), (dim + 1, n_items)} & set(shapes)
+    assert not [s for s in shapes if dim + 1 + MANY in s]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    users=hnp.arrays(np.int64, st.integers(1, 6), elements=st.integers(0, 19)),
+    k=st.integers(1, 50),
+    data=st.data(),
+)
+def test_many_categories_filter_and_rank_as_the_reference(
+    many_categories: tuple[Factors, np.ndarray, ort.InferenceSession, onnx.ModelProto],
+    users: np.ndarray,
+    k: int,
+    data: st.DataObject,
+) -> None:
+    factors, item_category, session, _ = many_categories
+    batch = len(users)
+    mask = data.draw(hnp.arrays(np.float32, (batch, MANY), elements=st.sampled_from([0.0, 1.0])))
+    exclude = data.draw(hnp.arrays(np.int64, (batch, 5), elements=st.integers(-1, 399)))
+    items, scores = session.run(
+        OUTPUT_NAMES,
+        dict(
+            zip(
+                INPUT_NAMES,
+                [users, np.full((batch, 1), -1), exclude, mask, np.array([k])],
+                strict=True,
+            )
+        ),
+    )
+    expected = factors.user[users] @ factors.item.T + factors.item_bias
+    expected[mask[:, item_category] == 0] = -np.inf
+    for row in range(batch):
+        expected[row, exclude[row][exclude[row] >= 0]] = -np.inf
+    order = np.argsort(-expected, axis=1, kind="stable")[:, :k]
+    want = np.take_along_axis(expected, order, axis=1)
+    finite = np.isfinite(want)
+    assert np.array_equal(np.isfinite(scores), finite)
+    assert np.array_equal(items[finite], order[finite])
+    np.testing.assert_allclose(scores[finite], want[finite], rtol=1e-5, atol=1e-5)
