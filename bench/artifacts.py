@@ -9,11 +9,11 @@ must not be measured on a stale export): the 1M-item export takes minutes.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 from pathlib import Path
 
 import numpy as np
 
-import trainer.export
 from core.artifact import ArtifactError, current_version_dir
 from trainer.dataset import Catalog, Dataset, Factors, Interactions
 
@@ -85,7 +85,11 @@ def build(store: Path, n_items: int, n_users: int, seed: int = 0) -> Path:
 
 def cached(n_items: int, n_users: int, root: Path = CACHE) -> Path:
     """The store for this size, built on first use."""
-    exporter = hashlib.sha256(Path(trainer.export.__file__).read_bytes()).hexdigest()[:12]
+    # The exporter's file, not the module: importing it imports torch, which the load
+    # generator (bench.load imports this module for its ids) must run without.
+    spec = importlib.util.find_spec("trainer.export")
+    assert spec is not None and spec.origin is not None
+    exporter = hashlib.sha256(Path(spec.origin).read_bytes()).hexdigest()[:12]
     store = root / f"items-{n_items}-users-{n_users}-export-{exporter}"
     try:
         current_version_dir(store)

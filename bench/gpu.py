@@ -188,10 +188,12 @@ def open_cuda(path: Path, threads: int) -> tuple[ModelVersion | None, str | None
             f"this onnxruntime build ({ort.__version__}, {ort.__file__}) has no CUDA provider; "
             "bench/gpu.sh installs onnxruntime-gpu from carried parts"
         )
+    # Importing torch loads CUDA 13 and cuDNN from its nvidia wheels; ORT's CUDA provider
+    # finds them by name. bench/gpu.sh also puts them on LD_LIBRARY_PATH, for an ORT that
+    # looks before torch has loaded them.
+    import torch  # noqa: F401
+
     try:
-        # torch (imported with bench.artifacts) loaded CUDA 13 and cuDNN from its nvidia wheels;
-        # ORT's CUDA provider finds them by name. bench/gpu.sh also puts them on
-        # LD_LIBRARY_PATH, for an ORT that looks before torch has loaded them.
         return load_version(path, "cuda", threads), None
     except (DeviceUnavailable, ArtifactError) as e:
         return None, str(e)

@@ -7,6 +7,8 @@ import asyncio
 import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -91,3 +93,11 @@ def test_calls_spread_over_the_connections_asked_for() -> None:
     report = asyncio.run(scenario())
     assert report.requests == 60 and report.connections == 3
     assert len(set(peers)) == 3  # three client ports: three TCP connections
+
+
+def test_the_load_generator_runs_without_the_training_extra() -> None:
+    """bench.load is for anyone with a running discountd (make loadtest): a serving install
+    has no torch, and importing it would also cost every load run seconds of start-up."""
+    probe = "import sys, bench.load; print(sorted({'torch', 'trainer.export'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
