@@ -66,6 +66,7 @@ class Report:
     p50_ms: float
     p95_ms: float
     p99_ms: float
+    cpu_seconds: float  # this process's CPU during the run: what the load itself costs
 
 
 def _requests(load: Load) -> Any:
@@ -110,6 +111,7 @@ async def _drive(load: Load, methods: list[Any], metadata: Any) -> Report:
     latencies: list[float] = []
     errors: Counter[str] = Counter()
     issued = 0
+    cpu = time.process_time()
     start = time.perf_counter()
     stop_at = start + load.duration
 
@@ -138,6 +140,7 @@ async def _drive(load: Load, methods: list[Any], metadata: Any) -> Report:
 
     await asyncio.gather(*(worker(methods[n % len(methods)]) for n in range(load.concurrency)))
     seconds = time.perf_counter() - start
+    cpu = time.process_time() - cpu
     ms = np.array(latencies) * 1000 if latencies else np.zeros(1)
     p50, p95, p99 = (float(np.percentile(ms, q)) for q in (50, 95, 99))
     return Report(
@@ -152,6 +155,7 @@ async def _drive(load: Load, methods: list[Any], metadata: Any) -> Report:
         round(p50, 3),
         round(p95, 3),
         round(p99, 3),
+        round(cpu, 3),
     )
 
 

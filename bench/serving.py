@@ -280,8 +280,9 @@ def table(rows: list[Row]) -> list[str]:
     ceilings = {r.workers: r.load["rps"] for r in rows if r.load["call"] == "check"}
     out = [
         "| scenario | items | concurrency | rate | calls | calls/s | vs ceiling | p50 ms | "
-        "p95 ms | p99 ms | errors | CPU s / 1k calls | peak RSS MB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "p95 ms | p99 ms | errors | server CPU s / 1k calls | load gen CPU s / 1k calls | "
+        "peak RSS MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         x = r.load
@@ -291,7 +292,7 @@ def table(rows: list[Row]) -> list[str]:
             f"| {r.scenario} | {r.items:,} | {x['concurrency']} | {rate} | {x['requests']:,} | "
             f"{x['rps']:,.0f} | {x['rps'] / ceilings[r.workers]:.0%} | {x['p50_ms']:.2f} | "
             f"{x['p95_ms']:.2f} | {x['p99_ms']:.2f} | {errors} | {r.cpu_s_per_1k:.3f} | "
-            f"{r.peak_rss_mb:,.0f} |"
+            f"{x['cpu_seconds'] / max(x['requests'], 1) * 1000:.3f} | {r.peak_rss_mb:,.0f} |"
         )
     return out
 
@@ -393,9 +394,10 @@ def main(
         f"{concurrency} calls in flight over {connections} connections, {duration:.0f} s per "
         f"run after {warmup} warm-up calls; "
         f"Recommend for random users of {users:,} with limit 10. Models: random factors "
-        f"(bench/artifacts.py), 64 factors, 20 categories. CPU s / 1k calls is the server's "
-        f"user+system time; peak RSS is its VmHWM (both summed over the processes with 2 "
-        f"workers). `vs ceiling` divides by the health Check throughput of a server with as "
+        f"(bench/artifacts.py), 64 factors, 20 categories. Server CPU is its user+system "
+        f"time; peak RSS is its VmHWM (both summed over the processes with 2 workers); load "
+        f"gen CPU is the load generator's own, on the same cores. `vs ceiling` divides by the "
+        f"health Check throughput of a server with as "
         f"many workers ({ceiling:,.0f}/s with one); the targets are judged on one worker.",
         "",
         *table(rows),

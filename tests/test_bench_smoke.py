@@ -53,6 +53,7 @@ def test_bench_writes_its_section_and_keeps_the_others(tmp_path: Path) -> None:
     measured = json.loads((tmp_path / "cache" / "last.json").read_text())
     for row in measured["rows"]:
         assert row["load"]["requests"] > 0 and row["load"]["errors"] == {}, row
+        assert row["load"]["cpu_seconds"] > 0, row
     assert [r["batch"] for r in measured["runtimes"]] == [1, 32, 256]
     assert all(r["same_top10"] for r in measured["runtimes"])
 
