@@ -150,7 +150,11 @@ def create_server(settings: Settings) -> tuple[DiscountServer, int]:
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
     store = ModelStore(
-        settings.model_dir, settings.device, settings.ort_threads, facts=offering is not None
+        settings.model_dir,
+        settings.device,
+        settings.ort_threads,
+        settings.workers,
+        facts=offering is not None,
     )
     server = DiscountServer(settings, grpc_server, store, offering, clients, tls, metrics)
     batcher = None

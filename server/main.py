@@ -19,6 +19,7 @@ from core.store.errors import StoreError
 from server.app import create_server
 from server.logs import configure as configure_logs
 from server.settings import SOURCES, Settings, SettingsError, insecure_demo_key_in_use, resolve
+from server.versions import LARGE_CATALOG
 from server.workers import supervise
 
 log = logging.getLogger("discountd")
@@ -117,9 +118,9 @@ def _env(name: str) -> str:
 )
 @click.option(
     "--ort-threads",
-    help="ONNX Runtime threads per model run; 0: each worker's share of the cores less one, "
-    "kept for its event loop. Raise it when the model, not the event loop, is the limit (very "
-    f"large catalogs on few cores). {_env('ort_threads')}",
+    help="ONNX Runtime threads per model run; 0: chosen for each model version, each worker's "
+    "share of the cores less one (kept for its event loop), or the whole share for catalogs of "
+    f"{LARGE_CATALOG:,} items or more, where the model is the limit. {_env('ort_threads')}",
 )
 def main(insecure_demo_key: bool, insecure: bool, **flags: str | None) -> None:
     """Serve recommendations and personalized offers over gRPC (with health and reflection).

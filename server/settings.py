@@ -86,8 +86,9 @@ class Settings:
     batch_max_wait_us: int = 0
     # Processes serving the same port (SO_REUSEPORT; server.workers).
     workers: int = 1
-    # ONNX Runtime intra-op threads per model run (0 in flags: ort_threads_for picks).
-    ort_threads: int = 1
+    # ONNX Runtime intra-op threads per model run; 0: server.versions.ort_threads_for picks
+    # them for each version, by its catalog size.
+    ort_threads: int = 0
     # Calls served at once per process; more answer RESOURCE_EXHAUSTED (server.limits).
     max_concurrent_rpcs: int = MAX_CONCURRENT_RPCS
     # The folder `discount-train response` wrote; None: `optimal` rules grant no discount.
@@ -211,18 +212,9 @@ def resolve(
         batch_max_size=batch_size,
         batch_max_wait_us=batch_wait,
         workers=workers,
-        ort_threads=ort_threads or ort_threads_for(os.cpu_count() or 1, workers),
+        ort_threads=ort_threads,
         response_model_dir=Path(response_dir) if response_dir else None,
     )
-
-
-def ort_threads_for(cores: int, workers: int) -> int:
-    """Intra-op threads per model run: each worker's share of the cores less one, which its
-    event loop needs to decode and answer calls. On 2 cores the event loop, not the model, caps
-    Recommend at 100k items, and one thread did at least as well as two there; a catalog so
-    large that the model is the cap (1M items on 2 cores) gains from --ort-threads 2
-    (docs/BENCHMARKS.md)."""
-    return max(1, cores // workers - 1)
 
 
 def _tls(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,7 @@ from core.artifact import CURRENT, load_manifest, seal, set_current
 from discount.v1 import discount_pb2 as pb
 from server.errors import DeviceUnavailable
 from server.model import CUDA, load_version
+from server.versions import ModelStore, ort_threads_for
 from tests.conftest import RunningServer
 
 SERVICE = "discount.v1.DiscountService"
@@ -197,3 +199,13 @@ def test_cuda_is_used_or_refused_never_silently_replaced(model_store: Path) -> N
         assert "--device" in str(e)
     else:
         assert model.provider == CUDA
+
+
+def test_onnx_runtime_threads_follow_the_catalog_unless_given(model_store: Path) -> None:
+    n_items = load_manifest(model_store / current_version(model_store)).n_items
+    for given, expected in ((0, ort_threads_for(os.cpu_count() or 1, 2, n_items)), (3, 3)):
+        models = ModelStore(model_store, "cpu", given, workers=2)
+        assert asyncio.run(models.reload()) is True
+        assert models.current is not None
+        options = models.current.session.get_session_options()
+        assert options.intra_op_num_threads == expected

@@ -3,14 +3,14 @@ reported in one error."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from server.settings import Settings, SettingsError, ort_threads_for, resolve
+from server.settings import Settings, SettingsError, resolve
+from server.versions import LARGE_CATALOG, ort_threads_for
 
 KEY = {"DISCOUNT_OFFER_KEY": "k" * 40}
 
@@ -91,18 +91,24 @@ def test_any_port_text_is_accepted_only_as_a_port_number(
         assert 0 <= settings.port <= 65535 and int(port) == settings.port
 
 
-@given(cores=st.integers(1, 256), workers=st.integers(1, 64))
-def test_each_worker_leaves_its_event_loop_a_core(cores: int, workers: int) -> None:
-    threads = ort_threads_for(cores, workers)
-    assert threads >= 1
-    assert threads == 1 or (threads + 1) * workers <= cores
-    assert ort_threads_for(16, 1) == 15 and ort_threads_for(16, 2) == 7
-    assert ort_threads_for(2, 1) == 1
+@given(cores=st.integers(1, 256), workers=st.integers(1, 64), n_items=st.integers(1, 10_000_000))
+def test_each_worker_leaves_its_event_loop_a_core_unless_the_catalog_is_large(
+    cores: int, workers: int, n_items: int
+) -> None:
+    threads = ort_threads_for(cores, workers, n_items)
+    share = max(1, cores // workers)
+    assert 1 <= threads <= share
+    if n_items < LARGE_CATALOG:
+        assert threads == 1 or (threads + 1) * workers <= cores
+    else:
+        assert threads == share
+    assert ort_threads_for(16, 1, 100_000) == 15 and ort_threads_for(16, 2, 100_000) == 7
+    assert ort_threads_for(2, 1, 100_000) == 1 and ort_threads_for(2, 1, 1_000_000) == 2
 
 
 def test_ort_threads_given_win_over_the_automatic_choice(tmp_path: Path) -> None:
     automatic = resolve({"model_dir": str(tmp_path)}, env=KEY, insecure=True)
-    assert automatic.ort_threads == ort_threads_for(os.cpu_count() or 1, 1)
+    assert automatic.ort_threads == 0  # chosen for each version as it loads
     given_env = resolve({"model_dir": str(tmp_path)}, env={**KEY, "DISCOUNT_ORT_THREADS": "3"},
                         insecure=True)  # fmt: skip
     assert given_env.ort_threads == 3
