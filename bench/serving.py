@@ -29,6 +29,7 @@ import click
 import numpy as np
 
 from bench.artifacts import CACHE, cached, random_shop
+from server.versions import LARGE_CATALOG
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -176,11 +177,12 @@ def scenarios(
                             **common)
                 )  # fmt: skip
         if n == max(stores) and cores > 1:
-            # The default keeps a core for the event loop; where the model is the limit, all
-            # cores for the model may serve more (the --ort-threads trade-off).
-            with serving(store, *flags, "--ort-threads", str(cores)) as server:
+            # The other side of the default's choice (server.versions.ort_threads_for): all the
+            # cores below LARGE_CATALOG items, one kept for the event loop from there on.
+            other = cores - 1 if n >= LARGE_CATALOG else cores
+            with serving(store, *flags, "--ort-threads", str(other)) as server:
                 rows.append(
-                    measure(server, f"Recommend, batched, --ort-threads {cores}", n, "recommend",
+                    measure(server, f"Recommend, batched, --ort-threads {other}", n, "recommend",
                             **common)
                 )  # fmt: skip
     with serving(stores[middle], *flags, "--batch-max-size", "1") as server:
