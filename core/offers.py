@@ -285,13 +285,21 @@ def _scored(item: ItemInput) -> bool:
     return item.score is not None and math.isfinite(item.score)
 
 
+def _open_rules(
+    snapshot: Snapshot, user_id: str, features: Features, now: datetime
+) -> list[RuleDef]:
+    """The rules live now whose segment holds this user, highest priority first: which of them
+    prices an item then depends on the item alone, so segments are evaluated once per request
+    rather than once per item and rule."""
+    return [
+        rule
+        for rule in snapshot.rules
+        if rule.live(now) and _in_segment(snapshot, rule.segment, user_id, features)
+    ]
+
+
 def _rule_for(
-    snapshot: Snapshot,
-    variant: VariantDef | None,
-    item: ItemInput,
-    user_id: str,
-    features: Features,
-    now: datetime,
+    variant: VariantDef | None, open_rules: Sequence[RuleDef], item: ItemInput, now: datetime
 ) -> tuple[RuleDef | None, Why | None]:
     if variant is not None:
         if variant.rule is None:
@@ -299,12 +307,8 @@ def _rule_for(
         if not (variant.rule.live(now) and variant.rule.covers(item)):
             return None, Why.VARIANT_RULE_NOT_APPLICABLE
         return variant.rule, None
-    for rule in snapshot.rules:
-        if (
-            rule.live(now)
-            and rule.covers(item)
-            and _in_segment(snapshot, rule.segment, user_id, features)
-        ):
+    for rule in open_rules:
+        if rule.covers(item):
             return rule, Why.RULE_HIGHEST_PRIORITY
     return None, None
 
@@ -325,6 +329,7 @@ def decide(
     if assigned is not None:
         head.append(Why.EXPERIMENT_VARIANT)
     variant = assigned[1] if assigned is not None else None
+    open_rules = _open_rules(snapshot, user_id, features, now) if variant is None else []
     decided: list[ItemDecision | None] = [None] * len(items)
     under_rule: dict[int, tuple[RuleDef, list[int]]] = {}
     reasons: list[tuple[str, ...]] = []
@@ -333,7 +338,7 @@ def decide(
         rule, rule_reason = (
             (None, Why.NO_PRICE)
             if item.price is None
-            else _rule_for(snapshot, variant, item, user_id, features, now)
+            else _rule_for(variant, open_rules, item, now)
         )
         if rule_reason is not None:
             why.append(rule_reason)

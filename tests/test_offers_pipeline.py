@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -90,6 +91,18 @@ def test_guardrails_budgets_and_fail_closed_always_hold(
     snapshot = Snapshot((big,), ordered, experiments)
     decision = decide(snapshot, user, {"lifetime_value": value}, priced, NOW)
     assert [d.item_id for d in decision.items] == [i.item_id for i in priced]
+    if decision.variant is None:  # each item goes to the first rule that may price it
+        for item, d in zip(priced, decision.items, strict=True):
+            first = next(
+                (
+                    r
+                    for r in ordered
+                    if r.live(NOW) and r.covers(item) and (r.segment is None or value >= 500)
+                ),
+                None,
+            )
+            usable = item.price is not None and item.cost is not None
+            assert d.rule == (first if usable else None)
     granted: dict[int, Decimal] = {}
     for item, d in zip(priced, decision.items, strict=True):
         p = d.priced
@@ -114,3 +127,37 @@ def test_guardrails_budgets_and_fail_closed_always_hold(
             assert granted.get(rule.id, Decimal(0)) <= max(remaining, Decimal(0))
     if decision.variant == "control":
         assert all(Why.VARIANT_NO_DISCOUNT in d.reasons for d in decision.items if d.priced_ok)
+
+
+def test_each_item_goes_to_the_highest_priority_rule_that_may_price_it() -> None:
+    def rule(n: int, segment: str | None = None, categories: str = "") -> RuleDef:
+        pricing = policy.Rule(
+            "tiered_topk", {"k1": 1, "d1": 10 + n, "d2": 10 + n}, policy.Guardrails.of(50)
+        )
+        return RuleDef(
+            id=n,
+            name=f"r{n}",
+            pricing=pricing,
+            priority=10 - n,
+            segment=segment,
+            categories=frozenset(categories),
+        )
+
+    big = SegmentDef("big", 0, parse_condition({"feature": "lifetime_value", "op": ">=",
+                                                 "value": 500}))  # fmt: skip
+    ordered = (
+        replace(rule(0), enabled=False),  # would win everything
+        replace(rule(1), valid_until=NOW),  # ended
+        rule(2, segment="big", categories="a"),
+        rule(3, categories="b"),
+        rule(4),
+    )
+    snapshot = Snapshot((big,), ordered)
+    shown = [ItemInput("x", "a", 10.0, 1.0, 1, 0.5), ItemInput("y", "b", 10.0, 1.0, 2, 0.4)]
+
+    def chosen(value: float) -> list[int | None]:
+        decision = decide(snapshot, "u", {"lifetime_value": value}, shown, NOW)
+        return [d.rule.id if d.rule else None for d in decision.items]
+
+    assert chosen(600) == [2, 3]
+    assert chosen(100) == [4, 3]
