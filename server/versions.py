@@ -87,12 +87,7 @@ class ModelStore:
             if not force and (unchanged or target == self._refused):
                 return False
             try:
-                threads = self.threads or ort_threads_for(
-                    os.cpu_count() or 1, self.workers, load_manifest(target).n_items
-                )
-                model = await asyncio.to_thread(
-                    load_version, target, self.device, threads, self.facts
-                )
+                model, threads = await asyncio.to_thread(self._load, target)
             except (ArtifactError, DeviceUnavailable) as e:
                 self._refused = target
                 self._fail(f"refused {target.name}: {e}")
@@ -110,6 +105,15 @@ class ModelStore:
                 f", replacing {previous.version}" if previous else "",
             )
             return True
+
+    def _load(self, target: Path) -> tuple[ModelVersion, int]:
+        """The version at target and its ONNX Runtime threads (in a worker thread: it reads and
+        hashes every file). The item count that sizes the threads comes from the manifest
+        unverified; load_version verifies it before anything is served."""
+        threads = self.threads or ort_threads_for(
+            os.cpu_count() or 1, self.workers, load_manifest(target, verify=False).n_items
+        )
+        return load_version(target, self.device, threads, self.facts), threads
 
     def _fail(self, message: str) -> None:
         if message != self.last_error:
