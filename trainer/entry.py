@@ -3,15 +3,15 @@ saying what to install, not an ImportError's traceback."""
 
 from __future__ import annotations
 
-# Top-level packages of the `train` extra (pyproject.toml) that the trainer imports.
-TRAIN_EXTRA = frozenset({"torch", "onnx", "onnxscript", "pandas", "pyarrow", "scipy", "matplotlib"})
+# This project's own packages: a missing one is a broken install, not a missing extra.
+OWN_PACKAGES = frozenset({"trainer", "core", "server", "admin", "bench", "discount"})
 
 
 def main() -> None:
     try:
         from trainer.cli import main as cli
     except ModuleNotFoundError as e:
-        if (e.name or "").split(".")[0] not in TRAIN_EXTRA:
+        if (e.name or "").split(".")[0] in OWN_PACKAGES:
             raise
         raise SystemExit(
             f"discount-train needs the training extra ({e.name} is not installed): "
