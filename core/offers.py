@@ -38,6 +38,7 @@ import numpy.typing as npt
 from core import policy
 from core.assignment import variant_index
 from core.features import CATEGORICAL_FEATURES, FEATURE_NAMES, NEW_USER, NUMERIC_FEATURES
+from core.records import record
 from core.segments import Condition, evaluate
 
 Features = Mapping[str, float | str]
@@ -146,7 +147,7 @@ class Snapshot:
         return next((s for s in self.segments if s.name == name), None)
 
 
-@dataclass(frozen=True)
+@record
 class ItemInput:
     """An item to price: catalog facts and the model's rank/score for this user."""
 
@@ -164,7 +165,7 @@ class ItemInput:
 Respond = Callable[[str, Features, Sequence[ItemInput], Sequence[float]], Probabilities | None]
 
 
-@dataclass(frozen=True)
+@record
 class ItemDecision:
     item_id: str
     rank: int

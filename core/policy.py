@@ -21,7 +21,7 @@ import decimal
 import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from decimal import ROUND_CEILING, ROUND_DOWN, ROUND_HALF_UP, Decimal
 from enum import StrEnum
 from typing import Any
@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from core.optimal import choose
+from core.records import record
 
 POLICIES: tuple[str, ...] = ("tiered_topk", "threshold", "linear", "optimal")
 
@@ -243,7 +244,7 @@ class Rule:
         object.__setattr__(self, "params", validate_params(self.policy, self.params))
 
 
-@dataclass(frozen=True)
+@record
 class Candidate:
     """An item to price: catalog price and cost, and the model's view of it for this user.
 
@@ -260,7 +261,7 @@ class Candidate:
     purchase_probability: tuple[float, ...] | None = None
 
 
-@dataclass(frozen=True)
+@record
 class PricedItem:
     """One item's offer: ``final_price == price_after(base_price, discount_pct)`` always."""
 
@@ -269,7 +270,7 @@ class PricedItem:
     discount_pct: Decimal
     final_price: Decimal
     # Reason values, and for `optimal` the uplift code (uplift_code).
-    reasons: tuple[str, ...] = field(default_factory=tuple)
+    reasons: tuple[str, ...] = ()
 
     @property
     def discount_amount(self) -> Decimal:

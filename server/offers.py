@@ -28,6 +28,7 @@ from core.offers import (
     decide,
     resolve_features,
 )
+from core.records import record
 from core.shop import ShopFacts
 from server.errors import FieldViolation, InvalidRequest, UnknownIds
 from server.model import ModelVersion
@@ -44,7 +45,7 @@ class OffersQuery:
     context: Mapping[str, str] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@record
 class IssuedOffer:
     item_id: str
     base_price_cents: int
