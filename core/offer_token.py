@@ -18,7 +18,7 @@ import hashlib
 import hmac
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
@@ -126,14 +126,38 @@ def sign(
     key: bytes,
 ) -> str:
     """A token for one offer; ``expires_at`` must be timezone-aware (kept to the second)."""
+    return sign_all(user_id, expires_at, key, [(offer_id, item_id, final_price)])[0]
+
+
+def sign_all(
+    user_id: str,
+    expires_at: datetime,
+    key: bytes,
+    offers: Sequence[tuple[str, str, Decimal]],
+) -> list[str]:
+    """Tokens for one user's (offer_id, item_id, final_price) offers with one expiry, as sign
+    makes them one by one: the checks, the key's HMAC state and the fields the offers share
+    are prepared once (a GetOffers answer signs up to a hundred)."""
     _check_key(key, "the signing key")
     if expires_at.tzinfo is None:
         raise ValueError("expires_at must be timezone-aware, e.g. datetime.now(UTC)")
-    if not final_price.is_finite():
-        raise ValueError(f"final_price must be a finite amount, got {final_price}")
-    fields = [_VERSION, offer_id, user_id, item_id, str(final_price), int(expires_at.timestamp())]
-    payload = _b64(_compact_json(fields).encode())
-    return f"{payload}.{_mac(key, payload)}"
+    keyed = hmac.new(key, digestmod=hashlib.sha256)
+    # The JSON array of sign's fields, spelled as _compact_json spells it.
+    user = _compact_json(user_id)
+    expires = int(expires_at.timestamp())
+    tokens = []
+    for offer_id, item_id, final_price in offers:
+        if not final_price.is_finite():
+            raise ValueError(f"final_price must be a finite amount, got {final_price}")
+        fields = (
+            f'["{_VERSION}",{_compact_json(offer_id)},{user},{_compact_json(item_id)},'
+            f'"{final_price}",{expires}]'
+        )
+        payload = _b64(fields.encode())
+        mac = keyed.copy()
+        mac.update(payload.encode("ascii"))
+        tokens.append(f"{payload}.{_b64(mac.digest())}")
+    return tokens
 
 
 def _claims(payload: str) -> OfferClaims | None:

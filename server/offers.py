@@ -9,6 +9,7 @@ offers."""
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -91,23 +92,23 @@ def validate(query: OffersQuery) -> None:
 
 
 def _named_items(model: ModelVersion, facts: ShopFacts, query: OffersQuery) -> list[ItemInput]:
-    unknown = [i for i in dict.fromkeys(query.item_ids) if i not in model.item_index]
-    if unknown:
+    indices = [model.item_index.get(i, -1) for i in query.item_ids]
+    if -1 in indices:
+        unknown = [i for i in dict.fromkeys(query.item_ids) if i not in model.item_index]
         shown = ", ".join(repr(i) for i in unknown[:5])
         more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
         raise UnknownIds(
             f"item_ids: {len(unknown)} not in the catalog of model {model.version}: {shown}{more}"
         )
-    indices = [model.item_index[i] for i in query.item_ids]
     user = model.user_index.get(query.user_id)
     scores: dict[int, float] = {}
     if user is not None:
-        values = model.score(
+        values: list[float] = model.score(
             np.array([user], dtype=np.int64),
             np.array([[-1]], dtype=np.int64),
             np.array([indices], dtype=np.int64),
-        )[0]
-        scores = {i: float(v) for i, v in zip(indices, values, strict=True) if np.isfinite(v)}
+        )[0].tolist()
+        scores = {i: v for i, v in zip(indices, values, strict=True) if math.isfinite(v)}
     else:
         # No history to fold in: the popularity score Recommend gives unknown users.
         ranks, n = model.popularity_rank, len(model.popularity)
@@ -123,9 +124,9 @@ def _named_items(model: ModelVersion, facts: ShopFacts, query: OffersQuery) -> l
             facts.prices.get(item_id),
             facts.costs.get(item_id),
             rank.get(p, 0),
-            scores.get(indices[p]),
+            scores.get(i),
         )
-        for p, item_id in enumerate(query.item_ids)
+        for p, (item_id, i) in enumerate(zip(query.item_ids, indices, strict=True))
     ]
 
 
@@ -181,24 +182,34 @@ def get_offers(
     decision = simulate(model, snapshot, query, now, respond)
     # Whole seconds, because the token keeps its expiry to the second.
     expires = (now + ttl).replace(microsecond=0)
-    offers, rows = [], []
+    signed = [item for item in decision.items if item.priced_ok]
     # One read of the kernel's random source per answer rather than one per offer: 16 random
     # bytes (as a uuid4) per offer id.
-    entropy = os.urandom(16 * len(decision.items)).hex()
-    for n, item in enumerate(decision.items):
+    entropy = os.urandom(16 * len(signed)).hex()
+    offer_ids = [entropy[32 * n : 32 * (n + 1)] for n in range(len(signed))]
+    tokens = offer_token.sign_all(
+        query.user_id,
+        expires,
+        keys.current,
+        [
+            (offer_id, item.item_id, item.priced.final_price)
+            for offer_id, item in zip(offer_ids, signed, strict=True)
+        ],
+    )
+    issued = zip(offer_ids, tokens, strict=True)
+    offers, rows = [], []
+    for item in decision.items:
         priced = item.priced
-        offer_id = token = ""
-        if item.priced_ok:
-            offer_id = entropy[32 * n : 32 * (n + 1)]
-            token = offer_token.sign(
-                offer_id, query.user_id, item.item_id, priced.final_price, expires, keys.current
-            )
+        rule_id = item.rule.id if item.rule else None
+        reasons = tuple(map(str, item.reasons))
+        offer_id, token = next(issued) if item.priced_ok else ("", "")
+        if offer_id:
             rows.append(
                 {
                     "offer_id": offer_id,
                     "user_id": query.user_id,
                     "item_id": item.item_id,
-                    "rule_id": item.rule.id if item.rule else None,
+                    "rule_id": rule_id,
                     "segment": decision.segment,
                     "experiment_key": decision.experiment_key,
                     "variant": decision.variant,
@@ -206,7 +217,7 @@ def get_offers(
                     "discount_pct": float(priced.discount_pct),
                     "final_price": float(priced.final_price),
                     "model_version": model.version,
-                    "reason_codes": [str(r) for r in item.reasons],
+                    "reason_codes": list(reasons),
                     "issued_at": now,
                     "expires_at": expires,
                 }
@@ -217,8 +228,8 @@ def get_offers(
                 base_price_cents=_cents(priced.base_price),
                 discount_percent=float(priced.discount_pct),
                 final_price_cents=_cents(priced.final_price),
-                rule_id=str(item.rule.id) if item.rule else "",
-                reason_codes=tuple(str(r) for r in item.reasons),
+                rule_id=str(rule_id) if rule_id is not None else "",
+                reason_codes=reasons,
                 offer_id=offer_id,
                 offer_token=token,
                 expires_at=expires if offer_id else None,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -16,6 +18,7 @@ from core.offer_token import (
     TokenStatus,
     load_offer_keys,
     sign,
+    sign_all,
     verify,
 )
 
@@ -51,6 +54,23 @@ def test_a_signed_token_verifies_with_its_fields(
     assert result.status is TokenStatus.VALID
     assert result.claims == OfferClaims(offer_id, user_id, item_id, price, expires_at)
     assert token.isascii() and " " not in token
+
+
+@given(ids, expiries, st.lists(st.tuples(ids, ids, prices), max_size=5))
+def test_signing_an_answer_at_once_gives_each_offer_the_token_sign_gives_it(
+    user_id: str, expires_at: datetime, offers: list[tuple[str, str, Decimal]]
+) -> None:
+    tokens = sign_all(user_id, expires_at, KEY, offers)
+    assert tokens == [sign(o, user_id, i, p, expires_at, KEY) for o, i, p in offers]
+    for token, (offer_id, item_id, price) in zip(tokens, offers, strict=True):
+        claims = verify(token, OfferKeys(KEY), NOW).claims
+        assert claims == OfferClaims(offer_id, user_id, item_id, price, expires_at)
+
+
+def test_the_payload_is_the_documented_json_array() -> None:
+    payload, _ = _token(user_id='u "ü"').split(".")
+    fields = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    assert fields == ["v1", "off-1", 'u "ü"', "85123A", "2.55", int(LATER.timestamp())]
 
 
 @given(st.data())
