@@ -166,6 +166,18 @@ def simulate(
     return decide(snapshot, query.user_id, features, candidates(model, facts, query), now, respond)
 
 
+def _offer_ids(now: datetime, n: int) -> list[str]:
+    """n offer ids, 32 hex digits each: the issue time in milliseconds (12 digits), then 80
+    random bits. Ids in time order land at the end of the offers table's primary-key index
+    instead of at random pages of it: on a SQLite store of 1.6M offers, an offer's insert cost
+    45 us with uniformly random ids and 21 us with these (docs/BENCHMARKS.md); UUIDv7 orders
+    its ids the same way for the same reason. One read of the kernel's random source per answer
+    rather than one per offer."""
+    stamp = f"{int(now.timestamp() * 1000):012x}"
+    entropy = os.urandom(10 * n).hex()
+    return [stamp + entropy[20 * k : 20 * (k + 1)] for k in range(n)]
+
+
 def _cents(amount: Decimal) -> int:
     return int((amount * 100).to_integral_value())
 
@@ -183,10 +195,7 @@ def get_offers(
     # Whole seconds, because the token keeps its expiry to the second.
     expires = (now + ttl).replace(microsecond=0)
     signed = [item for item in decision.items if item.priced_ok]
-    # One read of the kernel's random source per answer rather than one per offer: 16 random
-    # bytes (as a uuid4) per offer id.
-    entropy = os.urandom(16 * len(signed)).hex()
-    offer_ids = [entropy[32 * n : 32 * (n + 1)] for n in range(len(signed))]
+    offer_ids = _offer_ids(now, len(signed))
     tokens = offer_token.sign_all(
         query.user_id,
         expires,

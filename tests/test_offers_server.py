@@ -3,7 +3,10 @@ PostgreSQL when it answers), governed by discountctl as an admin would."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -237,10 +240,16 @@ def test_record_events_per_event_verdicts(server: OfferServer, seeded: str) -> N
 
 def test_issued_offers_are_logged_and_flushed_on_shutdown(model_store: Path, seeded: str) -> None:
     running = OfferServer(model_store, seeded)
-    issued = []
+    answers = []
     for n in range(3):
         response = running.stub.GetOffers(pb.GetOffersRequest(user_id=f"user-{n}", limit=5))
-        issued += [o.offer_id for o in response.offers]
+        answers.append([o.offer_id for o in response.offers])
+        time.sleep(0.002)  # the next answer's ids carry a later millisecond
+    issued = [offer_id for answer in answers for offer_id in answer]
+    # Unique, 32 hex digits, and in issue order from one answer to the next (the table's
+    # primary key then grows at its end).
+    assert len(set(issued)) == len(issued) and all(re.fullmatch("[0-9a-f]{32}", i) for i in issued)
+    assert all(max(a) < min(b) for a, b in itertools.pairwise(answers))
     info = running.stub.GetModelInfo(pb.GetModelInfoRequest())
     assert info.snapshot_fresh and info.store_error == ""
     running.close()
