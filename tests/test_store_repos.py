@@ -17,9 +17,10 @@ from core.store import audit, migrate
 from core.store.db import NOTIFY_CHANNEL, Store
 from core.store.errors import Conflict, InvalidInput, NotFound
 from core.store.experiments import Experiments, VariantSpec
+from core.store.offers import insert_offers
 from core.store.rules import Rules
 from core.store.segments import Segments
-from core.store.tables import AuditEntry, Rule
+from core.store.tables import AuditEntry, Offer, Rule
 
 NEW = {"feature": "days_since_first_order", "op": "<", "value": 30}
 TIERED = {"k1": 3, "d1": 15, "d2": 5}
@@ -276,3 +277,29 @@ def _notified(store: Store) -> None:
             seg = Segments(s, "t").create("seg", NEW)
         got = [json.loads(n.payload) for n in listener.notifies(timeout=2, stop_after=1)]
     assert got == [{"entity": "segment", "id": str(seg.id), "action": "create"}]
+
+
+def _offer_row(n: int) -> dict[str, object]:
+    issued = datetime(2026, 11, 29, 2, 0, 0, 123456, tzinfo=UTC)
+    return {
+        "offer_id": f"0{n}", "user_id": f"用户-{n}", "item_id": "item'; --", "rule_id": n or None,
+        "segment": None, "experiment_key": "ab", "variant": "b", "base_price": 12.34,
+        "discount_pct": 15.5, "final_price": 10.43, "model_version": "v1",
+        "reason_codes": ["RANKED", 'quote "'], "issued_at": issued,
+        "expires_at": issued + timedelta(minutes=15),
+    }  # fmt: skip
+
+
+def test_offers_round_trip_and_a_retried_batch_adds_only_what_is_missing(store: Store) -> None:
+    rows = [_offer_row(n) for n in range(3)]
+    with store.transaction() as s:
+        insert_offers(s, rows[:2])
+    # The offer log retries a whole batch when a commit's acknowledgement was lost.
+    with store.transaction() as s:
+        insert_offers(s, rows)
+    with store.transaction() as s:
+        stored = [
+            {column.name: getattr(o, column.name) for column in Offer.__table__.columns}
+            for o in s.scalars(select(Offer).order_by(Offer.offer_id))
+        ]
+    assert stored == rows
