@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import re
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -146,8 +147,8 @@ def measure(
     return row
 
 
-def offers_store(tmp: Path) -> str:
-    url = f"sqlite:///{tmp / 'store.db'}"
+def offers_store(url: str) -> str:
+    """Migrate the store at url and give it the bench's one rule."""
     ctl = [str(BIN / "discountctl"), "--db-url", url, "--actor", "bench"]
     for args in (
         ["db", "upgrade"],
@@ -158,11 +159,35 @@ def offers_store(tmp: Path) -> str:
     return url
 
 
+@contextmanager
+def postgres_store(server_url: str) -> Iterator[str]:
+    """A new database on the PostgreSQL server of server_url, migrated; dropped afterwards."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    base = make_url(server_url)
+    name = f"discount_bench_{secrets.token_hex(4)}"
+    admin = create_engine(base.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        yield offers_store(base.set(database=name).render_as_string(hide_password=False))
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
+
+
 def scenarios(
-    stores: dict[int, Path], middle: int, flags: tuple[str, ...], common: dict[str, Any]
+    stores: dict[int, Path],
+    middle: int,
+    flags: tuple[str, ...],
+    common: dict[str, Any],
+    pg_url: str,
 ) -> list[Row]:
-    """The ceiling first, then Recommend per catalog size, unbatched, and GetOffers; then the
-    ceiling, Recommend and GetOffers again with 2 workers."""
+    """The ceiling first, then Recommend per catalog size, unbatched, and GetOffers (again on
+    a PostgreSQL store when pg_url names a server); then the ceiling, Recommend and GetOffers
+    again with 2 workers."""
     with serving(stores[middle], *flags) as server:
         rows = [measure(server, "health Check (ceiling)", middle, "check", **common)]
     cores = os.cpu_count() or 1
@@ -192,6 +217,16 @@ def scenarios(
             measure(server, "GetOffers, 20 items, tiered_topk", middle, "offers", items=middle,
                     **common)
         )  # fmt: skip
+    if pg_url:
+        # The production store: the offer log writes its batches there instead of to SQLite.
+        with (
+            postgres_store(pg_url) as url,
+            serving(stores[middle], "--db-url", url, "--offer-ttl", "60") as server,
+        ):
+            rows.append(
+                measure(server, "GetOffers, 20 items, PostgreSQL store", middle, "offers",
+                        items=middle, **common)
+            )  # fmt: skip
     # Each of the load generator's connections reaches one worker: it spreads its calls over
     # several (--connections), or a second worker would sit idle.
     with serving(stores[middle], *flags, "--workers", "2") as server:
@@ -349,6 +384,10 @@ def write_section(doc: Path, lines: list[str]) -> None:
               help="Where the random-factor versions are kept between runs.")  # fmt: skip
 @click.option("--doc", type=click.Path(path_type=Path), default=DOC, show_default=True,
               help="Markdown file whose Serving performance section is rewritten.")  # fmt: skip
+@click.option("--pg-url", envvar="DISCOUNT_BENCH_PG_URL", default="",
+              help="A PostgreSQL server (SQLAlchemy URL) for one more GetOffers run with the "
+              "store there: a database is created next to the URL's and dropped afterwards. "
+              "Unset: SQLite only.")  # fmt: skip
 def main(
     sizes: str,
     users: int,
@@ -359,6 +398,7 @@ def main(
     repeats: int,
     cache: Path,
     doc: Path,
+    pg_url: str,
 ) -> None:
     """Measure discountd's throughput and latency and write them to docs/BENCHMARKS.md."""
     counts = [int(s) for s in sizes.split(",")]
@@ -379,8 +419,13 @@ def main(
     }
     with tempfile.TemporaryDirectory() as tmp:
         # Every server gets the same store (discountd always has one): SQLite with one rule.
-        flags = ("--db-url", offers_store(Path(tmp)), "--offer-ttl", "60")
-        rows = scenarios(stores, middle, flags, common)
+        flags = (
+            "--db-url",
+            offers_store(f"sqlite:///{Path(tmp) / 'store.db'}"),
+            "--offer-ttl",
+            "60",
+        )
+        rows = scenarios(stores, middle, flags, common, pg_url)
     ceiling = rows[0].load["rps"]
     runtimes = compare_runtimes(stores[middle], middle, users, repeats)
     load_after = os.getloadavg()
@@ -391,7 +436,8 @@ def main(
         "machine, so absolute figures are noisy.",
         "",
         "Server: discountd (one process unless the row says 2 workers), ONNX Runtime CPU, "
-        "plaintext, auth off, info logging. "
+        "plaintext, auth off, info logging, its store SQLite unless the row says PostgreSQL "
+        "(a local server, on the same cores). "
         f"Load: `bench.load` (asyncio gRPC client, one process on the same machine), "
         f"{concurrency} calls in flight over {connections} connections, {duration:.0f} s per "
         f"run after {warmup} warm-up calls; "

@@ -183,7 +183,13 @@ def main() -> None:
     clients = int(os.environ.get("SOAK_CLIENTS", "8"))
     model = cached(ITEMS, USERS)
     with tempfile.TemporaryDirectory() as tmp:
-        server = Server(model, "--db-url", offers_store(Path(tmp)), "--poll-interval", "0")
+        server = Server(
+            model,
+            "--db-url",
+            offers_store(f"sqlite:///{Path(tmp) / 'store.db'}"),
+            "--poll-interval",
+            "0",
+        )
         try:
             body = asyncio.run(soak(server, seconds, interval, rate, clients))
         finally:

@@ -15,6 +15,9 @@ from typing import Any
 from click.testing import CliRunner
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from pg import pg_url_if_answering
+from sqlalchemy import create_engine
+from sqlalchemy import text as sql
 
 from bench import load, serving
 
@@ -25,10 +28,12 @@ def test_bench_writes_its_section_and_keeps_the_others(tmp_path: Path) -> None:
         "# Benchmarks\n\n## Serving performance\n\nold\n\n### Notes on the serving figures\n\n"
         "by hand\n\n## Other\n\nkept\n"
     )
+    postgres = pg_url_if_answering()  # the GetOffers run on a PostgreSQL store, when one answers
     result = CliRunner().invoke(
         serving.main,
         ["--sizes", "300", "--users", "40", "--duration", "0.5", "--concurrency", "4",
-         "--warmup", "0", "--repeats", "2", "--cache", str(tmp_path / "cache"), "--doc", str(doc)],
+         "--warmup", "0", "--repeats", "2", "--cache", str(tmp_path / "cache"), "--doc", str(doc),
+         "--pg-url", postgres],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     text = doc.read_text()
@@ -46,10 +51,19 @@ def test_bench_writes_its_section_and_keeps_the_others(tmp_path: Path) -> None:
         *([f"| Recommend, batched, --ort-threads {os.cpu_count()}"] if cores > 1 else []),
         "| Recommend, unbatched",
         "| GetOffers, 20 items, tiered_topk",
+        *(["| GetOffers, 20 items, PostgreSQL store"] if postgres else []),
         "| health Check, 2 workers (their ceiling)",
         "| Recommend, batched, 2 workers",
         "| GetOffers, 20 items, 2 workers",
     ]
+    if postgres:  # the bench's database is gone
+        engine = create_engine(postgres)
+        with engine.connect() as conn:
+            left = conn.scalar(
+                sql("SELECT count(*) FROM pg_database WHERE datname LIKE 'discount_bench_%'")
+            )
+        engine.dispose()
+        assert left == 0
     measured = json.loads((tmp_path / "cache" / "last.json").read_text())
     for row in measured["rows"]:
         assert row["load"]["requests"] > 0 and row["load"]["errors"] == {}, row
