@@ -126,6 +126,17 @@ def test_graph_passes_the_full_onnx_check_with_the_contract_signature(
     assert [o.name for o in session.get_outputs()] == OUTPUT_NAMES
 
 
+def test_only_a_batch_that_filters_categories_multiplies_by_them(version_dir: Path) -> None:
+    """The category one-hot is read inside the If's filtering branch alone: a batch with no
+    category filtered scores with a GEMM over the factors and the bias only."""
+    graph = onnx.load(str(version_dir / "model.onnx")).graph
+    onehot = [t.name for t in graph.initializer if 2 in t.dims and 30 in t.dims]
+    (branching,) = [n for n in graph.node if n.op_type == "If"]
+    branches = {a.name: {i for n in a.g.node for i in n.input} for a in branching.attribute}
+    top_level = {i for n in graph.node for i in n.input}
+    assert len(onehot) == 1 and onehot[0] not in top_level | branches["else_branch"]
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     users=hnp.arrays(np.int64, st.integers(1, 6), elements=st.integers(-1, 39)),

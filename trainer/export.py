@@ -51,10 +51,10 @@ class ExportError(Exception):
 # A blocked category's penalty: finite, because it is multiplied inside the score GEMM (where
 # 0 · -inf would be NaN), and far below any real score; top-k turns it into -inf.
 BLOCKED = -1e30
-# Up to this many categories the category filter rides in the score GEMM, one column each;
-# past it, a per-item gather costs less than the columns. One ORT thread, 100k items, batch
-# 16: 20 categories 6.1 ms in the GEMM against 10.6 ms gathered, 128 about even (9.0 against
-# 9.4 ms), 300 categories 20.9 against 8.5 ms and a model file five times the size.
+# Up to this many categories the category filter is one more GEMM over a one-hot column per
+# category; past it, a per-item gather costs less than the columns. One ORT thread, 100k items,
+# batch 16: 20 categories 6.1 ms in the GEMM against 10.6 ms gathered, 128 about even (9.0
+# against 9.4 ms), 300 categories 20.9 against 8.5 ms and a model file five times the size.
 MAX_CATEGORIES_IN_GEMM = 128
 
 
@@ -66,34 +66,36 @@ class RecommenderGraph(nn.Module):
 
     The item bias rides in the score GEMM: each item row carries it after its factors and the
     user side carries 1 for it (as the GEMM's addend it cost a broadcast copy of the batch ×
-    catalog scores first: runs of 16 and 32 users were 11-14% slower). So does the category
-    filter while there are at most MAX_CATEGORIES_IN_GEMM categories: item rows then end with a
-    one-hot of their category and the user side carries BLOCKED for each category the caller
-    filters out, so a blocked item's score is BLOCKED + its real score with no pass of its own
-    over the scores (a gather and a transpose, 30% of a batch's time at 100k items). Past that
-    many, the columns would cost more than the pass, and the filter is gathered per item.
+    catalog scores first: runs of 16 and 32 users were 11-14% slower).
+
+    The category filter costs only the batches that filter (an If in ONNX): the user side
+    carries BLOCKED for each category a caller filters out, times a one-hot of the item's
+    category (MAX_CATEGORIES_IN_GEMM categories at most; past that, gathered per item), added
+    to the scores. In the score GEMM itself, as it once was, its columns made every batch
+    20% slower at 100k items and 20 categories (65 columns against 85).
     """
 
     user: Tensor
-    # items × (factors + 1 [+ categories]): item factors, the bias [, the category one-hot]
-    item_rows: Tensor
+    item_rows: Tensor  # items × (factors + 1): item factors, then the bias
     item_bias: Tensor
     foldin: Tensor
+    item_onehot: Tensor | None  # items × categories, up to MAX_CATEGORIES_IN_GEMM
     item_category: Tensor | None  # set when the filter is gathered instead
 
     def __init__(self, factors: Factors, item_category: Ints) -> None:
         super().__init__()
         self.n_factors = factors.item.shape[1]
         n_categories = int(item_category.max(initial=0)) + 1
-        columns = [factors.item.astype(np.float32), factors.item_bias[:, None]]
         if n_categories <= MAX_CATEGORIES_IN_GEMM:
-            columns.append(np.eye(n_categories, dtype=np.float32)[item_category])
+            onehot = np.eye(n_categories, dtype=np.float32)[item_category]
+            self.register_buffer("item_onehot", torch.from_numpy(onehot))
             self.item_category = None
         else:
+            self.item_onehot = None
             self.register_buffer("item_category", torch.from_numpy(item_category.astype(np.int64)))
         for name, array in (
             ("user", factors.user),
-            ("item_rows", np.hstack(columns)),
+            ("item_rows", np.hstack([factors.item, factors.item_bias[:, None]])),
             ("item_bias", factors.item_bias),
             ("foldin", factors.foldin),
         ):
@@ -108,15 +110,18 @@ class RecommenderGraph(nn.Module):
         k: Tensor,
     ) -> tuple[Tensor, Tensor]:
         vector = self.user_vector(user_index, history_items)
+        user_side = torch.cat([vector, torch.ones_like(vector[:, :1])], dim=1)
         blocked = torch.where(category_mask > 0, 0.0, BLOCKED)
-        ones = torch.ones_like(vector[:, :1])  # the bias column's weight
-        if self.item_category is None:
-            scores = torch.cat([vector, ones, blocked], dim=1) @ self.item_rows.T
-        else:
-            # Rows of the transposed mask, not columns of the mask: a gather along the last
-            # axis copies element by element (16 ms at batch 16 and 100k items, against ~3).
-            scores = torch.cat([vector, ones], dim=1) @ self.item_rows.T
-            scores = scores + blocked.T[self.item_category].T
+        # The buffers go in as operands, transposed once: each branch transposing its own
+        # would hand torch.cond two views of one tensor, which it refuses.
+        item_filter = self.item_category if self.item_onehot is None else self.item_onehot.T
+        assert item_filter is not None
+        scores = torch.cond(
+            blocked.ne(0).any(),
+            self._filtered_scores,
+            self._scores,
+            (user_side, blocked, self.item_rows.T, item_filter),
+        )
         # scatter_add rather than scatter: padding and repeats hit the same slot, and scatter
         # with duplicate indices has no defined winner. Padding adds 0.
         excluded = torch.where(exclude_items >= 0, float("-inf"), 0.0)
@@ -126,6 +131,22 @@ class RecommenderGraph(nn.Module):
         count = cast(int, torch.clamp(k, max=scores.shape[1]).item())
         top_scores, top_items = torch.topk(scores, count, dim=1)
         return top_items, torch.where(top_scores > BLOCKED / 2, top_scores, float("-inf"))
+
+    def _scores(
+        self, user_side: Tensor, blocked: Tensor, rows_t: Tensor, item_filter: Tensor
+    ) -> Tensor:
+        return user_side @ rows_t
+
+    def _filtered_scores(
+        self, user_side: Tensor, blocked: Tensor, rows_t: Tensor, item_filter: Tensor
+    ) -> Tensor:
+        """The scores plus BLOCKED for each item of a category the row filters out;
+        item_filter is the one-hot's transpose, or each item's category."""
+        if self.item_onehot is not None:
+            return user_side @ rows_t + blocked @ item_filter
+        # Rows of the transposed mask, not columns of the mask: a gather along the last axis
+        # copies element by element (16 ms at batch 16 and 100k items, against ~3).
+        return user_side @ rows_t + blocked.T[item_filter].T
 
     def factors_of(self, items: Tensor) -> Tensor:
         """Item factor rows of these indices (any shape), without the category one-hot."""
@@ -222,31 +243,37 @@ def check_parity(
     module: RecommenderGraph, path: Path, factors: Factors, n_categories: int, rows: int = 64
 ) -> ParityReport:
     """Run random users (trained and folded-in, with exclusions and category masks) through
-    PyTorch and ONNX Runtime; the top-k must agree and scores stay within SCORE_TOLERANCE."""
+    PyTorch and ONNX Runtime, once with some categories filtered out and once with none (the
+    graph's two branches); the top-k must agree and scores stay within SCORE_TOLERANCE."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    inputs = _example_inputs(factors, n_categories, batch=rows, seed=1)
-    feeds = dict(zip(INPUT_NAMES, inputs, strict=True))
-    onnx_items, onnx_scores = session.run(OUTPUT_NAMES, feeds)
-    with torch.no_grad():
-        torch_inputs = [torch.from_numpy(a) for a in inputs]
-        torch_items, torch_scores = (t.numpy() for t in module(*torch_inputs))
-        all_scores = _full_scores(module, torch_inputs)
-    if onnx_items.shape != torch_items.shape:
-        raise ExportError(f"ONNX returns shape {onnx_items.shape}, PyTorch {torch_items.shape}")
-    finite = np.isfinite(torch_scores)
-    if not np.array_equal(finite, np.isfinite(onnx_scores)):
-        raise ExportError("ONNX and PyTorch disagree on which results are filtered out")
-    diff = np.abs(onnx_scores[finite] - torch_scores[finite])
-    max_diff = float(diff.max()) if diff.size else 0.0
-    if max_diff > SCORE_TOLERANCE:
-        raise ExportError(f"ONNX scores differ from PyTorch by up to {max_diff:.2e}")
-    # A different item at a position is only a tie: its PyTorch score must match there.
-    same = onnx_items == torch_items
-    rows_idx = np.nonzero(finite & ~same)
-    picked = all_scores[rows_idx[0], onnx_items[rows_idx]]
-    if np.any(np.abs(picked - torch_scores[rows_idx]) > SCORE_TOLERANCE):
-        raise ExportError("ONNX top-k items differ from PyTorch's beyond ties")
-    return ParityReport(rows, max_diff, float(same[finite].mean()) if finite.any() else 1.0)
+    filtered = _example_inputs(factors, n_categories, batch=rows, seed=1)
+    unfiltered = [*filtered[:3], np.ones_like(filtered[3]), filtered[4]]
+    max_diff, same, finite_count = 0.0, 0, 0
+    for inputs in (filtered, unfiltered):
+        feeds = dict(zip(INPUT_NAMES, inputs, strict=True))
+        onnx_items, onnx_scores = session.run(OUTPUT_NAMES, feeds)
+        with torch.no_grad():
+            torch_inputs = [torch.from_numpy(a) for a in inputs]
+            torch_items, torch_scores = (t.numpy() for t in module(*torch_inputs))
+            all_scores = _full_scores(module, torch_inputs)
+        if onnx_items.shape != torch_items.shape:
+            raise ExportError(f"ONNX returns shape {onnx_items.shape}, PyTorch {torch_items.shape}")
+        finite = np.isfinite(torch_scores)
+        if not np.array_equal(finite, np.isfinite(onnx_scores)):
+            raise ExportError("ONNX and PyTorch disagree on which results are filtered out")
+        diff = np.abs(onnx_scores[finite] - torch_scores[finite])
+        max_diff = max(max_diff, float(diff.max()) if diff.size else 0.0)
+        if max_diff > SCORE_TOLERANCE:
+            raise ExportError(f"ONNX scores differ from PyTorch by up to {max_diff:.2e}")
+        # A different item at a position is only a tie: its PyTorch score must match there.
+        at_same = onnx_items == torch_items
+        rows_idx = np.nonzero(finite & ~at_same)
+        picked = all_scores[rows_idx[0], onnx_items[rows_idx]]
+        if np.any(np.abs(picked - torch_scores[rows_idx]) > SCORE_TOLERANCE):
+            raise ExportError("ONNX top-k items differ from PyTorch's beyond ties")
+        same += int(at_same[finite].sum())
+        finite_count += int(finite.sum())
+    return ParityReport(2 * rows, max_diff, same / finite_count if finite_count else 1.0)
 
 
 def _full_scores(module: RecommenderGraph, inputs: list[Tensor]) -> np.ndarray[Any, Any]:
