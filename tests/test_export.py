@@ -126,6 +126,12 @@ def test_graph_passes_the_full_onnx_check_with_the_contract_signature(
     assert [o.name for o in session.get_outputs()] == OUTPUT_NAMES
 
 
+def test_graphs_do_not_carry_the_exporters_stack_traces(version_dir: Path) -> None:
+    """The same factors give the same bytes wherever and however often they are exported."""
+    for graph in ("model.onnx", "score.onnx"):
+        assert b"trainer/export.py" not in (version_dir / graph).read_bytes()
+
+
 def test_only_a_batch_that_filters_categories_multiplies_by_them(version_dir: Path) -> None:
     """The category one-hot is read inside the If's filtering branch alone: a batch with no
     category filtered scores with a GEMM over the factors and the bias only."""

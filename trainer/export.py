@@ -344,11 +344,25 @@ def export_checked(
         registry_log.setLevel(level)
     model = onnx.load(str(path))
     _name_dimensions(model, inputs, outputs)
+    _drop_stack_traces(model.graph)
     try:
         onnx.checker.check_model(model, full_check=True)
     except onnx.checker.ValidationError as e:
         raise ExportError(f"exported graph fails the ONNX checker: {e}") from None
     onnx.save(model, str(path))
+
+
+def _drop_stack_traces(graph: onnx.GraphProto) -> None:
+    """Remove the exporter's per-node metadata (the Python stack that made each node): it
+    names this checkout's paths and, inside an If's branches, a counter that grows with every
+    export in the process, so the same factors would give different bytes."""
+    for node in graph.node:
+        del node.metadata_props[:]
+        for attribute in node.attribute:
+            if attribute.HasField("g"):
+                _drop_stack_traces(attribute.g)
+            for subgraph in attribute.graphs:
+                _drop_stack_traces(subgraph)
 
 
 def _name_dimensions(model: onnx.ModelProto, inputs: Signature, outputs: Signature) -> None:
