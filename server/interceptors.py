@@ -49,7 +49,10 @@ def _wrap(handler: Handler | None, wrapper: Callable[[Behavior], Behavior]) -> A
 
 
 class RequestIdInterceptor(Interceptor):
-    """Take the caller's x-request-id (or make one), expose it to logs, echo it back.
+    """Take the caller's x-request-id (or make one), expose it to logs, echo it back in the
+    trailing metadata, which goes out with the answer and with any error status. As a header
+    it took a send of its own before the answer: about a tenth of the server's CPU per Check
+    or Recommend (docs/BENCHMARKS.md).
 
     A made id is this process's random prefix and a counter: unique, which is all a request id
     needs, without a call into the kernel's random source per request."""
@@ -68,7 +71,7 @@ class RequestIdInterceptor(Interceptor):
             async def with_request_id(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
                 rid = str(incoming) if incoming else next(self._ids)
                 request_id.set(rid)
-                await context.send_initial_metadata(((REQUEST_ID_HEADER, rid),))
+                context.set_trailing_metadata(((REQUEST_ID_HEADER, rid),))
                 return await behavior(request, context)
 
             return with_request_id

@@ -100,7 +100,9 @@ def maps_errors(method: Method[Request, Response]) -> Method[Request, Response]:
                     details=[packed],
                 )
             )
-            await context.abort(status.code, status.details, status.trailing_metadata)
+            # Given trailing metadata of its own, abort drops what was set (the request id).
+            trailing = (*status.trailing_metadata, *context.trailing_metadata())
+            await context.abort(status.code, status.details, trailing)
         except (NotReady, StoreDown) as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, shorten(str(e), MAX_ERROR_CHARS))
         except UnknownIds as e:

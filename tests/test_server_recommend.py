@@ -218,10 +218,25 @@ def test_request_id_is_echoed_or_created(running: RunningServer) -> None:
     _, call = running.stub.Recommend.with_call(
         pb.RecommendRequest(user_id=GARDEN_USER), metadata=(("x-request-id", "abc-123"),)
     )
-    assert ("x-request-id", "abc-123") in call.initial_metadata()
+    assert ("x-request-id", "abc-123") in call.trailing_metadata()
     _, call = running.stub.Recommend.with_call(pb.RecommendRequest(user_id=GARDEN_USER))
-    created = dict(call.initial_metadata())["x-request-id"]
+    created = dict(call.trailing_metadata())["x-request-id"]
     assert len(created) == 32
+
+
+def test_a_failed_call_echoes_its_request_id_too(running: RunningServer) -> None:
+    metadata = (("x-request-id", "bad-1"),)
+    # A rich status (BadRequest details) brings trailing metadata of its own; a plain one not.
+    with pytest.raises(grpc.RpcError) as invalid:
+        running.stub.Recommend(pb.RecommendRequest(user_id=""), metadata=metadata)
+    with pytest.raises(grpc.RpcError) as unavailable:  # this server has no store
+        running.stub.GetOffers(pb.GetOffersRequest(user_id=GARDEN_USER), metadata=metadata)
+    for failed, code in ((invalid, grpc.StatusCode.INVALID_ARGUMENT),
+                         (unavailable, grpc.StatusCode.UNAVAILABLE)):  # fmt: skip
+        error = failed.value
+        assert isinstance(error, grpc.Call) and error.code() == code
+        assert ("x-request-id", "bad-1") in error.trailing_metadata()
+    assert rpc_status.from_call(invalid.value) is not None  # the details survived the merge
 
 
 def test_model_info_describes_the_serving_version(running: RunningServer) -> None:
