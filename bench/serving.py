@@ -178,6 +178,25 @@ def postgres_store(server_url: str) -> Iterator[str]:
         admin.dispose()
 
 
+def require_postgres(server_url: str) -> None:
+    """Fail in one line before any run, not after the SQLite ones, when PostgreSQL does not
+    answer at server_url."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from core.store.db import Store
+    from core.store.errors import StoreError
+
+    try:
+        store = Store(make_url(server_url).set(database="postgres").render_as_string(False))
+        try:
+            store.ping()
+        finally:
+            store.dispose()
+    except (StoreError, SQLAlchemyError) as e:
+        raise SystemExit(f"bench: --pg-url: {e}") from None
+
+
 def scenarios(
     stores: dict[int, Path],
     middle: int,
@@ -401,6 +420,8 @@ def main(
     pg_url: str,
 ) -> None:
     """Measure discountd's throughput and latency and write them to docs/BENCHMARKS.md."""
+    if pg_url:
+        require_postgres(pg_url)
     counts = [int(s) for s in sizes.split(",")]
     middle = counts[len(counts) // 2]
     started = datetime.now(UTC)

@@ -72,6 +72,17 @@ def test_bench_writes_its_section_and_keeps_the_others(tmp_path: Path) -> None:
     assert all(r["same_top10"] for r in measured["runtimes"])
 
 
+def test_a_postgresql_that_does_not_answer_stops_the_bench_before_any_run(tmp_path: Path) -> None:
+    url = "postgresql+psycopg://bench:secret@127.0.0.1:1/none"
+    result = CliRunner().invoke(serving.main, ["--pg-url", url, "--cache", str(tmp_path)])
+    assert result.exit_code == 1
+    assert (
+        result.output.startswith("bench: --pg-url: cannot use store")
+        and "secret" not in result.output
+    )
+    assert list(tmp_path.iterdir()) == []  # no version was built
+
+
 def test_loadtest_config_is_valid_and_flags_override_it(tmp_path: Path) -> None:
     config = tmp_path / "load.json"
     config.write_text(json.dumps({"target": "127.0.0.1:1", "concurrency": 2, "nonsense": 1}))
