@@ -172,9 +172,9 @@ def postgres_store(server_url: str) -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(text(f'CREATE DATABASE "{name}"'))
         yield offers_store(base.set(database=name).render_as_string(hide_password=False))
+    finally:  # also when the work in it failed: no database is left behind
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    finally:
         admin.dispose()
 
 

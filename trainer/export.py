@@ -48,13 +48,14 @@ class ExportError(Exception):
     """The exported graph failed the ONNX checker or disagrees with PyTorch."""
 
 
-# A blocked category's penalty: finite, because it is multiplied inside the score GEMM (where
-# 0 · -inf would be NaN), and far below any real score; top-k turns it into -inf.
+# A blocked category's penalty: finite, because it is multiplied inside the filter's GEMM
+# (where 0 · -inf would be NaN), and far below any real score; top-k turns it into -inf.
 BLOCKED = -1e30
 # Up to this many categories the category filter is one more GEMM over a one-hot column per
-# category; past it, a per-item gather costs less than the columns. One ORT thread, 100k items,
-# batch 16: 20 categories 6.1 ms in the GEMM against 10.6 ms gathered, 128 about even (9.0
-# against 9.4 ms), 300 categories 20.9 against 8.5 ms and a model file five times the size.
+# category; past it, a per-item gather costs less than the columns. Measured when the columns
+# still sat in the score GEMM (one ORT thread, 100k items, batch 16): 20 categories 6.1 ms
+# against 10.6 ms gathered, 128 about even (9.0 against 9.4 ms), 300 categories 20.9 against
+# 8.5 ms and a model file five times the size.
 MAX_CATEGORIES_IN_GEMM = 128
 
 
@@ -149,7 +150,7 @@ class RecommenderGraph(nn.Module):
         return user_side @ rows_t + blocked.T[item_filter].T
 
     def factors_of(self, items: Tensor) -> Tensor:
-        """Item factor rows of these indices (any shape), without the category one-hot."""
+        """Item factor rows of these indices (any shape), without the bias column."""
         return self.item_rows[items][..., : self.n_factors]
 
     def user_vector(self, user_index: Tensor, history_items: Tensor) -> Tensor:
