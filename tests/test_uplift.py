@@ -28,7 +28,7 @@ from trainer.uplift import (
 )
 
 torch.set_num_threads(1)
-FAST = UpliftConfig(epochs=8, hidden=16)
+FAST = {"linear": UpliftConfig(epochs=20), "MLP": UpliftConfig(epochs=8, hidden=16)}
 
 
 def _hillstrom_like(n: int, seed: int) -> pd.DataFrame:
@@ -99,22 +99,27 @@ def test_split_is_half_and_half_stratified_and_fixed_by_the_seed(csv: Path) -> N
 
 
 @settings(max_examples=40, deadline=None)
-@given(arrays(np.float64, (5, 13), elements=st.floats(-50, 500)), st.integers(0, 1000))
-def test_uplift_is_never_negative_by_construction(x: np.ndarray, seed: int) -> None:
+@given(
+    arrays(np.float64, (5, 13), elements=st.floats(-50, 500)),
+    st.integers(0, 1000),
+    st.sampled_from([0, 8]),
+)
+def test_uplift_is_never_negative_by_construction(x: np.ndarray, seed: int, hidden: int) -> None:
     """An e-mail can only raise the purchase probability, whatever the weights."""
     torch.manual_seed(seed)
-    model = UpliftNet(torch.zeros(13), torch.ones(13), hidden=8)
+    model = UpliftNet(torch.zeros(13), torch.ones(13), hidden=hidden)
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.normal_(0, 2)
     assert np.all(predict_uplift(model.eval(), x) >= 0)
 
 
-def test_finds_the_customers_an_email_moves(csv: Path) -> None:
+@pytest.mark.parametrize("body", FAST)
+def test_finds_the_customers_an_email_moves(csv: Path, body: str) -> None:
     experiment = load_hillstrom(csv)
     train, test = split(experiment, seed=0)
     x, t, y = experiment.features, experiment.treatment, experiment.outcomes["visit"]
-    model = fit_uplift(x[train], t[train], y[train], FAST)
+    model = fit_uplift(x[train], t[train], y[train], FAST[body])
     uplift = predict_uplift(model, x[test])
     web = x[test][:, experiment.columns.index("channel_Web")] == 1
     assert uplift[web].mean() > 2 * uplift[~web].mean()
@@ -127,11 +132,19 @@ def test_cli_reports_the_model_next_to_both_baselines(csv: Path, tmp_path: Path)
         main, ["uplift", "--data", str(csv), "--epochs", "3", "--json", str(report)]
     )
     assert result.exit_code == 0, result.output
-    for name in ("response model (uplift variant)", "ClassTransformation", "TwoModels"):
+    for name in ("uplift variant (linear)", "ClassTransformation", "TwoModels"):
         assert name in result.stdout
     (run,) = json.loads(report.read_text())
     assert set(run["outcomes"]) == set(OUTCOMES)
     assert run["train_rows"] + run["test_rows"] == 3000
+
+
+def test_cli_fits_the_mlp_variant_when_asked(csv: Path) -> None:
+    result = CliRunner().invoke(
+        main, ["uplift", "--data", str(csv), "--hidden", "8", "--epochs", "2"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "uplift variant (2 × 8 MLP)" in result.stdout
 
 
 def test_cli_names_a_missing_data_file(tmp_path: Path) -> None:

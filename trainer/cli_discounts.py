@@ -213,17 +213,42 @@ def evaluate_policy_command(
     show_default=True,
     help="split (and model) seed; repeat for several splits",
 )
-@click.option("--epochs", type=click.IntRange(min=1), default=uplift.UpliftConfig.epochs)
+@click.option(
+    "--hidden",
+    type=click.IntRange(min=0),
+    default=uplift.UpliftConfig.hidden,
+    show_default=True,
+    help="units in each of the model's two hidden layers; 0: linear in the features",
+)
+@click.option(
+    "--epochs", type=click.IntRange(min=1), default=uplift.UpliftConfig.epochs, show_default=True
+)
+@click.option(
+    "--learning-rate",
+    type=click.FloatRange(min=0, min_open=True),
+    default=uplift.UpliftConfig.learning_rate,
+    show_default=True,
+    help="peak of the one-cycle schedule",
+)
 @click.option(
     "--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="full report"
 )
-def uplift_command(data: Path, seeds: tuple[int, ...], epochs: int, json_path: Path | None) -> None:
+def uplift_command(
+    data: Path,
+    seeds: tuple[int, ...],
+    hidden: int,
+    epochs: int,
+    learning_rate: float,
+    json_path: Path | None,
+) -> None:
     """Uplift on real data: e-mail (Mens or Womens) against none, outcomes visit and conversion,
     a 50/50 split stratified by treatment and outcomes. Qini coefficient (scikit-uplift's
     qini_auc_score) and uplift@30% of the response model's uplift variant next to
     scikit-uplift's ClassTransformation and TwoModels, all on the same split.
 
     Example: discount-train uplift --seed 0 --json var/uplift.json
+
+    With the response model's MLP body instead: --hidden 32 --epochs 30 --learning-rate 3e-3
     """
     try:
         experiment = uplift.load_hillstrom(data)
@@ -233,7 +258,7 @@ def uplift_command(data: Path, seeds: tuple[int, ...], epochs: int, json_path: P
         raise click.ClickException(
             f"the uplift benchmark needs scikit-uplift ({e}); install with: pip install -e '.[dev]'"
         ) from None
-    config = uplift.UpliftConfig(epochs=epochs)
+    config = uplift.UpliftConfig(hidden=hidden, epochs=epochs, learning_rate=learning_rate)
     reports = []
     for seed in seeds:
         _err(f"split seed {seed}: fitting on {len(experiment.treatment) // 2:,} customers")
