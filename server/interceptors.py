@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, cast
 import grpc
 from grpc import aio
 
+from server.limits import MAX_REQUEST_ID_CHARS
 from server.metrics import Metrics
 
 log = logging.getLogger("discountd.access")
@@ -69,7 +70,7 @@ class RequestIdInterceptor(Interceptor):
 
         def wrapper(behavior: Behavior) -> Behavior:
             async def with_request_id(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
-                rid = str(incoming) if incoming else next(self._ids)
+                rid = str(incoming)[:MAX_REQUEST_ID_CHARS] if incoming else next(self._ids)
                 request_id.set(rid)
                 context.set_trailing_metadata(((REQUEST_ID_HEADER, rid),))
                 return await behavior(request, context)

@@ -40,14 +40,36 @@ STORE_LOCK_TIMEOUT_MS = 2_000
 # User ids are stored with every offer, in a column of this width: a longer one would make the
 # offer log's insert fail on PostgreSQL, and every offer queued behind it wait forever.
 MAX_ID_CHARS = ID_LENGTH
-# Error messages echo what the caller sent; past gRPC's 16 KiB metadata limit the caller
-# would get RESOURCE_EXHAUSTED instead of the error, so messages are cut.
-MAX_ERROR_CHARS = 1000
-MAX_VIOLATION_CHARS = 300
+# Error messages echo what the caller sent, and gRPC sends a status (message and details) in
+# the trailing metadata, where a caller's default limit is 8 KiB: past it the call fails at
+# random with "Stream removed" instead of the error. So the message and each violation's field
+# and description are cut to these many bytes as sent, the details list at most MAX_VIOLATIONS
+# (no request has more problems today), and the request id echoed with them is cut to
+# MAX_REQUEST_ID_CHARS: a status of at most ~5.5 KB.
+MAX_ERROR_BYTES = 1000
+MAX_VIOLATION_BYTES = 250
+MAX_VIOLATIONS = 6
+MAX_REQUEST_ID_CHARS = 128
+
+
+def _sent_bytes(char: str) -> int:
+    # A status message goes percent-encoded: each UTF-8 byte of a character outside printable
+    # ASCII, and "%", as three ("é" is "%C3%A9"). Details go as base64 of UTF-8, which costs less.
+    return 1 if " " <= char <= "~" and char != "%" else 3 * len(char.encode(errors="replace"))
 
 
 def shorten(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    """The text, or its start and "...", in at most limit bytes as gRPC sends it."""
+    if len(text) <= limit and text.isascii() and text.isprintable() and "%" not in text:
+        return text
+    used, room = 0, 0  # room: how many characters fit with "..." after them
+    for end, char in enumerate(text):
+        used += _sent_bytes(char)
+        if used <= limit - 3:
+            room = end + 1
+        elif used > limit:
+            return text[:room] + "..."
+    return text
 
 
 def grpc_options() -> list[tuple[str, int]]:

@@ -28,7 +28,7 @@ from server.errors import (
     StoreDown,
     UnknownIds,
 )
-from server.limits import MAX_ERROR_CHARS, MAX_VIOLATION_CHARS, shorten
+from server.limits import MAX_ERROR_BYTES, MAX_VIOLATION_BYTES, MAX_VIOLATIONS, shorten
 from server.metrics import Metrics
 from server.offering import Offering
 from server.offers import OffersQuery, get_offers
@@ -85,10 +85,10 @@ def maps_errors(method: Method[Request, Response]) -> Method[Request, Response]:
             details = error_details_pb2.BadRequest(
                 field_violations=[
                     error_details_pb2.BadRequest.FieldViolation(
-                        field=shorten(v.field, MAX_VIOLATION_CHARS),
-                        description=shorten(v.description, MAX_VIOLATION_CHARS),
+                        field=shorten(v.field, MAX_VIOLATION_BYTES),
+                        description=shorten(v.description, MAX_VIOLATION_BYTES),
                     )
-                    for v in e.violations
+                    for v in e.violations[:MAX_VIOLATIONS]
                 ]
             )
             packed = any_pb2.Any()
@@ -96,7 +96,7 @@ def maps_errors(method: Method[Request, Response]) -> Method[Request, Response]:
             status = rpc_status.to_status(
                 status_pb2.Status(
                     code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
-                    message=shorten(str(e), MAX_ERROR_CHARS),
+                    message=shorten(str(e), MAX_ERROR_BYTES),
                     details=[packed],
                 )
             )
@@ -104,9 +104,9 @@ def maps_errors(method: Method[Request, Response]) -> Method[Request, Response]:
             trailing = (*status.trailing_metadata, *context.trailing_metadata())
             await context.abort(status.code, status.details, trailing)
         except (NotReady, StoreDown) as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, shorten(str(e), MAX_ERROR_CHARS))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, shorten(str(e), MAX_ERROR_BYTES))
         except UnknownIds as e:
-            await context.abort(grpc.StatusCode.NOT_FOUND, shorten(str(e), MAX_ERROR_CHARS))
+            await context.abort(grpc.StatusCode.NOT_FOUND, shorten(str(e), MAX_ERROR_BYTES))
         except Overloaded as e:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
 

@@ -8,6 +8,9 @@ cases ran and which statuses they got.
 
 from __future__ import annotations
 
+import math
+import string
+import urllib.parse
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,7 +18,9 @@ from typing import Any
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from offer_server import KEY, ctl
@@ -27,10 +32,15 @@ from core.store import migrate
 from core.store.db import Store
 from core.store.tables import Event
 from discount.v1 import discount_pb2 as pb
-from server.limits import MAX_RECEIVE_MESSAGE_BYTES
+from server.limits import MAX_RECEIVE_MESSAGE_BYTES, shorten
 from tests.conftest import RunningServer
 
 FORBIDDEN = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
+# A caller's default limit on trailing metadata is 8 KiB (past it the call fails at random with
+# "Stream removed"); an error status, whatever the request echoes, stays well under it.
+STATUS_BYTES = 6 * 1024
+# gRPC percent-encodes a status message except printable ASCII other than "%".
+UNENCODED = "".join(c for c in string.printable if " " <= c <= "~" and c != "%")
 # RESOURCE_EXHAUSTED: only for a request over the size limit (outcome checks).
 REFUSALS = {
     grpc.StatusCode.INVALID_ARGUMENT,
@@ -123,10 +133,60 @@ def outcome(rpc: str, send: Callable[[], Any], size: int) -> grpc.StatusCode:
     except grpc.RpcError as e:
         code = e.code()
         assert code not in FORBIDDEN, f"{rpc}: {code.name}: {e.details()}"
+        assert status_bytes(e) <= STATUS_BYTES, f"{rpc}: {code.name}: {e.details()[:200]}"
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             assert size > MAX_RECEIVE_MESSAGE_BYTES, f"{rpc}, {size} bytes: {e.details()}"
     seen[(rpc, code.name)] += 1
     return code
+
+
+def sent_len(message: str) -> int:
+    return len(urllib.parse.quote(message, safe=UNENCODED))
+
+
+def status_bytes(error: Any) -> int:
+    """The error's trailing metadata as gRPC sent it: the message percent-encoded, binary
+    values (the status details) in base64."""
+    metadata = error.trailing_metadata() or ()
+    return sent_len(error.details() or "") + sum(
+        len(key) + (math.ceil(len(value) / 3) * 4 if key.endswith("-bin") else len(value))
+        for key, value in metadata
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.one_of(texts, st.text(max_size=300)), limit=st.integers(3, 400))
+def test_shortened_text_fits_its_budget_as_sent(text: str, limit: int) -> None:
+    short = shorten(text, limit)
+    assert sent_len(short) <= limit
+    if sent_len(text) <= limit:
+        assert short == text
+    else:
+        assert short.endswith("...") and text.startswith(short[:-3])
+        assert sent_len(text[: len(short) - 2]) > limit - 3  # no more of the text would fit
+
+
+def test_the_largest_error_a_request_can_cause_stays_under_the_callers_limit(
+    running: RunningServer,
+) -> None:
+    """Every GetOffers check fails at once, and the values echoed are long and non-ASCII."""
+    context = {f"k{i}": "1" for i in range(64)} | {"avg_basket": "🎁" * 100_000}
+    request = pb.GetOffersRequest(
+        user_id="é" * 5000, item_ids=[""] * 1001, limit=-1, context=context
+    )
+    with pytest.raises(grpc.RpcError) as failed:
+        running.stub.GetOffers(request, metadata=(("x-request-id", "r" * 4000),), timeout=30)
+    error = failed.value
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert status_bytes(error) <= STATUS_BYTES
+    assert ("x-request-id", "r" * 128) in error.trailing_metadata()
+    status = rpc_status.from_call(error)
+    assert status is not None
+    bad = error_details_pb2.BadRequest()
+    status.details[0].Unpack(bad)
+    fields = [v.field for v in bad.field_violations]
+    assert fields == ["user_id", "limit", "item_ids", "item_ids", "context", "context[avg_basket]"]
+    assert bad.field_violations[-1].description.endswith("...")
 
 
 @FUZZ
