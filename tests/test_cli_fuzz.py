@@ -168,15 +168,18 @@ def test_sql_looking_text_is_stored_and_returned_literally(
     shutil.copy(template, db)
     url = f"sqlite:///{db}"
 
-    def ctl(*args: str) -> object:
-        result = CliRunner().invoke(cli, ["--db-url", url, "--actor", name, *args, "-o", "json"])
+    def ctl(group: str, command: str, *args: str) -> object:
+        result = CliRunner().invoke(
+            cli, ["--db-url", url, "--actor", name, group, command, "-o", "json", *args]
+        )
         assert result.exit_code == 0, (args, result.output)
         return json.loads(result.stdout)
 
-    created = ctl("segments", "create", name, "--description", description)
-    assert created == ctl("segments", "show", name)
+    # "--" before the name: a name may start with "-" (any printable text may be a name).
+    created = ctl("segments", "create", "--description", description, "--", name)
+    assert created == ctl("segments", "show", "--", name)
     assert (created["name"], created["description"]) == (name, description)  # type: ignore[index]
-    client = ctl("clients", "create", name)
+    client = ctl("clients", "create", "--", name)
     assert client["name"] == name  # type: ignore[index]
     assert [c["name"] for c in ctl("clients", "list")] == [name]  # type: ignore[attr-defined]
     audit = ctl("audit", "list")
