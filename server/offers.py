@@ -56,7 +56,7 @@ class IssuedOffer:
     reason_codes: tuple[str, ...]
     offer_id: str
     offer_token: str
-    expires_at: datetime | None
+    expires_at: str  # ISO 8601, "" for an offer not issued
     rank: int
 
 
@@ -206,6 +206,7 @@ def get_offers(
         ],
     )
     issued = zip(offer_ids, tokens, strict=True)
+    expires_text = expires.isoformat()  # once: every offer of an answer expires together
     offers, rows = [], []
     for item in decision.items:
         priced = item.priced
@@ -241,7 +242,7 @@ def get_offers(
                 reason_codes=reasons,
                 offer_id=offer_id,
                 offer_token=token,
-                expires_at=expires if offer_id else None,
+                expires_at=expires_text if offer_id else "",
                 rank=item.rank,
             )
         )
