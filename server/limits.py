@@ -40,21 +40,23 @@ STORE_LOCK_TIMEOUT_MS = 2_000
 # User ids are stored with every offer, in a column of this width: a longer one would make the
 # offer log's insert fail on PostgreSQL, and every offer queued behind it wait forever.
 MAX_ID_CHARS = ID_LENGTH
-# Error messages echo what the caller sent, and gRPC sends a status (message and details) in
-# the trailing metadata, where a caller's default limit is 8 KiB: past it the call fails at
-# random with "Stream removed" instead of the error. So the message and each violation's field
-# and description are cut to these many bytes as sent, the details list at most MAX_VIOLATIONS
-# (no request has more problems today), and the request id echoed with them is cut to
-# MAX_REQUEST_ID_CHARS: a status of at most ~5.5 KB.
-MAX_ERROR_BYTES = 1000
-MAX_VIOLATION_BYTES = 250
+# Error messages echo what the caller sent, and gRPC sends a status in the trailing metadata,
+# where a caller's default limit is 8 KiB: past it the call fails at random with "Stream
+# removed" instead of the error. So the message and each violation's field and description
+# are cut to these many bytes as sent, the details list at most MAX_VIOLATIONS (no request has
+# more problems today), and the request id echoed with them is cut to MAX_REQUEST_ID_CHARS.
+# At most ~5.5 KB in all: the message percent-encoded (800), the details in base64 (4/3 of the
+# message again and 6 × 2 × 200 bytes of violations: 4.4 KB), the request id and a few headers.
+MAX_ERROR_BYTES = 800
+MAX_VIOLATION_BYTES = 200
 MAX_VIOLATIONS = 6
 MAX_REQUEST_ID_CHARS = 128
 
 
 def _sent_bytes(char: str) -> int:
     # A status message goes percent-encoded: each UTF-8 byte of a character outside printable
-    # ASCII, and "%", as three ("é" is "%C3%A9"). Details go as base64 of UTF-8, which costs less.
+    # ASCII, and "%", as three ("é" is "%C3%A9"). Counting so also bounds the UTF-8 bytes of the
+    # same text in the details.
     return 1 if " " <= char <= "~" and char != "%" else 3 * len(char.encode(errors="replace"))
 
 
