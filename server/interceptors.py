@@ -50,7 +50,8 @@ def _wrap(handler: Handler | None, wrapper: Callable[[Behavior], Behavior]) -> A
 
 
 class RequestIdInterceptor(Interceptor):
-    """Take the caller's x-request-id (or make one), expose it to logs, echo it back in the
+    """Take the caller's x-request-id (cut to MAX_REQUEST_ID_CHARS: it rides along with error
+    statuses, server.limits) or make one, expose it to logs, echo it back in the
     trailing metadata, which goes out with the answer and with any error status. As a header
     it took a send of its own before the answer: about a tenth of the server's CPU per Check
     or Recommend (docs/BENCHMARKS.md).

@@ -248,7 +248,7 @@ def uplift_command(
 
     Example: discount-train uplift --seed 0 --json var/uplift.json
 
-    With the response model's MLP body instead: --hidden 32 --epochs 30 --learning-rate 3e-3
+    With a 2 × 32 MLP body (the earlier default): --hidden 32 --epochs 30 --learning-rate 3e-3
     """
     try:
         experiment = uplift.load_hillstrom(data)

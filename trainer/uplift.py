@@ -7,9 +7,10 @@ treatment can only raise the purchase probability, and a customer's uplift is
 ``P(y | x, t=1) − P(y | x, t=0)``. Customers are ranked by it; Qini and uplift@30% measure the
 ranking on a held-out half.
 
-By default ``base`` and ``lift`` are linear in the standardized features: on Hillstrom the
-response model's 2 × 32 MLP body overfits the uplift (a weak signal in 11 features) and ranked
-customers worse on visits in most splits (docs/BENCHMARKS.md); ``hidden > 0`` restores it.
+By default ``base`` and ``lift`` are linear in the standardized features: on Hillstrom an MLP
+body like the response model's (2 × 32, the earlier default) overfits the uplift (a weak signal
+in 11 features) and ranked customers worse on visits in most splits (docs/BENCHMARKS.md);
+``hidden > 0`` restores it.
 """
 
 from __future__ import annotations
