@@ -280,12 +280,13 @@ def _notified(store: Store) -> None:
 
 
 def _offer_row(n: int) -> dict[str, object]:
-    issued = datetime(2026, 11, 29, 2, 0, 0, 123456, tzinfo=UTC)
+    # Rows 0 and 2 share their times and reason codes, bound once per batch (insert_offers).
+    issued = datetime(2026, 11, 29, 2, 0, n % 2, 123456, tzinfo=UTC)
     return {
         "offer_id": f"0{n}", "user_id": f"用户-{n}", "item_id": "item'; --", "rule_id": n or None,
         "segment": None, "experiment_key": "ab", "variant": "b", "base_price": 12.34,
         "discount_pct": 15.5, "final_price": 10.43, "model_version": "v1",
-        "reason_codes": ["RANKED", 'quote "'], "issued_at": issued,
+        "reason_codes": ["RANKED", 'quote "'][n % 2 :], "issued_at": issued,
         "expires_at": issued + timedelta(minutes=15),
     }  # fmt: skip
 
