@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DATA ?=
 PG_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
 
-.PHONY: demo test protos lint bench bench-gpu bench-quality bench-discounts loadtest soak clean
+.PHONY: demo test protos lint bench profile bench-gpu bench-quality bench-discounts loadtest soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ lint: $(STAMP)
 # versions are built once into var/bench (the 1M-item one takes about 3 minutes).
 bench: $(STAMP)
 	$(BIN)/python -m bench.serving
+
+# Where the serving time goes: each server thread's CPU and py-spy's samples of Python under
+# load (docs/BENCHMARKS.md "Serving profile"); uses the 100k-item version make bench builds.
+profile: $(STAMP)
+	$(BIN)/python -m bench.profile
 
 # Recommend's 1M-item graph on ONNX Runtime's CUDA provider against its CPU provider (issue #6):
 # CPU rows only without a GPU. bench/gpu.sh's header: how a device run carries onnxruntime-gpu.
