@@ -18,6 +18,7 @@ Every offer satisfies ``final_price == price_after(base_price, discount_pct)``.
 from __future__ import annotations
 
 import decimal
+import functools
 import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -185,8 +186,15 @@ def to_cents(amount: Decimal | float | int | str) -> Decimal:
 
 def floor_price(cost: Decimal, min_margin_pct: Decimal) -> Decimal:
     """The lowest price a discount may reach: cost × (1 + min_margin/100), rounded up to cents."""
-    exact = _EXACT.multiply(cost, _EXACT.add(1, _EXACT.divide(min_margin_pct, HUNDRED)))
-    return exact.quantize(CENT, rounding=ROUND_CEILING, context=_EXACT)
+    return _floor(cost, _floor_factor(min_margin_pct))
+
+
+def _floor_factor(min_margin_pct: Decimal) -> Decimal:
+    return _EXACT.add(1, _EXACT.divide(min_margin_pct, HUNDRED))
+
+
+def _floor(cost: Decimal, factor: Decimal) -> Decimal:
+    return _EXACT.multiply(cost, factor).quantize(CENT, rounding=ROUND_CEILING, context=_EXACT)
 
 
 def price_after(base_price: Decimal, discount_pct: Decimal) -> Decimal:
@@ -280,18 +288,25 @@ class PricedItem:
 _PolicyFn = Callable[[Rule, Candidate], tuple[Decimal, tuple[str, ...]]]
 
 
+@functools.lru_cache(maxsize=256)
+def _param_percent(value: float) -> Decimal:
+    """A validated percent parameter as a Decimal: a rule's few percents, converted once each
+    rather than once per item priced."""
+    return as_decimal(value, "percent")
+
+
 def _tiered_topk_discount(rule: Rule, item: Candidate) -> tuple[Decimal, tuple[str, ...]]:
     params = rule.params
     if item.rank <= params["k1"]:
-        return as_decimal(params["d1"], "d1"), (Reason.POLICY_TIERED_TOP,)
-    return as_decimal(params["d2"], "d2"), (Reason.POLICY_TIERED_REST,)
+        return _param_percent(params["d1"]), (Reason.POLICY_TIERED_TOP,)
+    return _param_percent(params["d2"]), (Reason.POLICY_TIERED_REST,)
 
 
 def _threshold_discount(rule: Rule, item: Candidate) -> tuple[Decimal, tuple[str, ...]]:
     if item.score is None or not math.isfinite(item.score):
         return Decimal(0), (Reason.NO_SCORE,)
     if item.score >= rule.params["t"]:
-        return as_decimal(rule.params["d"], "d"), (Reason.POLICY_THRESHOLD_MET,)
+        return _param_percent(rule.params["d"]), (Reason.POLICY_THRESHOLD_MET,)
     return Decimal(0), (Reason.POLICY_THRESHOLD_NOT_MET,)
 
 
@@ -384,24 +399,28 @@ def _floor_bound_percent(base: Decimal, floor: Decimal) -> Decimal:
     return smallest.quantize(CENT, rounding=ROUND_CEILING, context=_EXACT)
 
 
-def _price_one(rule: Rule, item: Candidate) -> PricedItem:
+def _price_one(rule: Rule, item: Candidate, max_pct: Decimal, floor_factor: Decimal) -> PricedItem:
+    """One item under rule; max_pct and floor_factor are the rule's guardrails as pricing uses
+    them (_percent_down of the maximum, _floor_factor of the margin), computed once a call."""
     _check_candidate(item)
     base = to_cents(item.base_price)
     proposed, policy_reasons = _POLICY_FNS[rule.policy](rule, item)
     reasons = list(policy_reasons)
     pct = _percent_down(proposed)
     if pct > rule.guardrails.max_discount_pct:
-        pct = _percent_down(rule.guardrails.max_discount_pct)
+        pct = max_pct
         reasons.append(Reason.GUARDRAIL_MAX_DISCOUNT)
+    final = base
     if pct > 0:
-        floor = floor_price(item.cost, rule.guardrails.min_margin_pct)
+        floor = _floor(item.cost, floor_factor)
+        final = price_after(base, pct)
         if floor > base:
-            pct = Decimal(0)
+            pct, final = Decimal(0), base
             reasons.append(Reason.LOSS_LEADER_NO_DISCOUNT)
-        elif price_after(base, pct) < floor:
+        elif final < floor:
             pct = _floor_bound_percent(base, floor)
+            final = price_after(base, pct)
             reasons.append(Reason.GUARDRAIL_MARGIN_FLOOR)
-    final = price_after(base, pct)
     if pct > 0 and final == base:
         pct = Decimal(0)
         reasons.append(Reason.ROUNDED_TO_NO_DISCOUNT)
@@ -421,7 +440,9 @@ def price_items(rule: Rule | None, items: Iterable[Candidate]) -> list[PricedIte
     """
     if rule is None:
         return [no_discount(item) for item in items]
-    return [_price_one(rule, item) for item in items]
+    max_pct = _percent_down(rule.guardrails.max_discount_pct)
+    floor_factor = _floor_factor(rule.guardrails.min_margin_pct)
+    return [_price_one(rule, item, max_pct, floor_factor) for item in items]
 
 
 def apply_budget(items: Sequence[PricedItem], remaining: Decimal | None) -> list[PricedItem]:
