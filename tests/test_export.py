@@ -19,9 +19,12 @@ from core.catalog import category_vocabulary
 from tests.conftest import TinyShop, make_tiny_shop
 from trainer.dataset import Factors
 from trainer.export import (
+    BLOCKED,
     INPUT_NAMES,
     MAX_CATEGORIES_IN_GEMM,
     OUTPUT_NAMES,
+    TOP_K_BLOCK,
+    TWO_STAGE_MIN_ITEMS,
     RecommenderGraph,
     export_onnx,
     write_artifact,
@@ -351,3 +354,67 @@ def test_many_categories_filter_and_rank_as_the_reference(
     assert np.array_equal(np.isfinite(scores), finite)
     assert np.array_equal(items[finite], order[finite])
     np.testing.assert_allclose(scores[finite], want[finite], rtol=1e-5, atol=1e-5)
+
+
+LARGE = TWO_STAGE_MIN_ITEMS + 37  # a large catalog, not a whole number of top-k blocks
+
+
+@pytest.fixture(scope="module")
+def large_catalog(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Factors, np.ndarray, ort.InferenceSession]:
+    """A catalog that takes its top k in two stages, with small integer factors: every score
+    is an exact small integer in NumPy and in ONNX Runtime alike, so scores tie all over the
+    catalog, within blocks and across them."""
+    rng = np.random.default_rng(5)
+    dim, n_users = 4, 20
+    item = rng.integers(-2, 3, (LARGE, dim)).astype(np.float32)
+    factors = Factors(
+        rng.integers(-2, 3, (n_users, dim)).astype(np.float32),
+        item,
+        rng.integers(-3, 4, LARGE).astype(np.float32),
+        np.linalg.inv(item.T @ item + np.eye(dim)).astype(np.float32),
+    )
+    item_category = rng.integers(0, 3, LARGE)
+    assert RecommenderGraph(factors, item_category).two_stage
+    path = tmp_path_factory.mktemp("large") / "model.onnx"
+    export_onnx(factors, item_category, 3, path)
+    return (
+        factors,
+        item_category,
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]),
+    )
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    users=hnp.arrays(np.int64, st.integers(1, 4), elements=st.integers(0, 19)),
+    # Few items, or nearly the whole catalog (down to its excluded items, and past its end).
+    k=st.one_of(
+        st.integers(1, 3 * TOP_K_BLOCK), st.integers(LARGE - 300, LARGE), st.just(LARGE + 10)
+    ),
+    data=st.data(),
+)
+def test_two_stage_top_k_is_one_top_k_ties_and_all(
+    large_catalog: tuple[Factors, np.ndarray, ort.InferenceSession],
+    users: np.ndarray,
+    k: int,
+    data: st.DataObject,
+) -> None:
+    """The same items in the same order as one stable sort of the whole catalog: higher score
+    first, the lower index among equal scores, filtered items (BLOCKED) after every other and
+    excluded ones (-inf) last; never a padding item."""
+    factors, item_category, session = large_catalog
+    batch = len(users)
+    mask = data.draw(hnp.arrays(np.float32, (batch, 3), elements=st.sampled_from([0.0, 1.0])))
+    exclude = data.draw(hnp.arrays(np.int64, (batch, 40), elements=st.integers(-1, LARGE - 1)))
+    feeds = [users, np.full((batch, 1), -1), exclude, mask, np.array([k])]
+    items, scores = session.run(OUTPUT_NAMES, dict(zip(INPUT_NAMES, feeds, strict=True)))
+    expected = factors.user[users] @ factors.item.T + factors.item_bias
+    expected[mask[:, item_category] == 0] = BLOCKED
+    for row in range(batch):
+        expected[row, exclude[row][exclude[row] >= 0]] = -np.inf
+    order = np.argsort(-expected, axis=1, kind="stable")[:, : min(k, LARGE)]
+    want = np.take_along_axis(expected, order, axis=1)
+    assert np.array_equal(items, order)
+    assert np.array_equal(scores, np.where(want > BLOCKED / 2, want, -np.inf))
