@@ -166,7 +166,8 @@ class RecommenderGraph(nn.Module):
         the lower block, whose items have the lower indices); taken in catalog order, the
         blocks' items keep one top-k's preference for the lower index. (ONNX's TopK prefers
         the lower index among equal scores, so padding items, which tie with excluded ones at
-        -inf, are never returned; PyTorch's topk promises no order among ties.)"""
+        -inf, are never returned; PyTorch's topk promises no order among ties, and discountd
+        drops every -inf result before it names an item.)"""
         if not self.two_stage:
             return torch.topk(scores, count, dim=1)
         rows, blocks = scores.shape[0], scores.shape[1] // TOP_K_BLOCK
