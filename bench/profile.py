@@ -93,11 +93,10 @@ def parse_raw(text: str) -> tuple[dict[int, str], list[tuple[list[str], int]]]:
     for line in text.splitlines():
         stack, _, count = line.rpartition(" ")
         frames = stack.split(";")
-        found = re.match(r"thread \((?:0x)?([0-9a-fA-F]+)\): (.*)", frames[0])
+        found = re.match(r"thread \((\d+)\): (.*)", frames[0])
         if not found or not count.isdigit():
             continue
-        tid = int(found.group(1), 16 if frames[0].startswith("thread (0x") else 10)
-        names[tid] = found.group(2)
+        names[int(found.group(1))] = found.group(2)
         # "f (path/file.py:123)" -> "f (path/file.py)": lines of one function add up.
         work = [re.sub(r":\d+\)$", ")", f) for f in frames[1:]]
         for root in ROOTS:

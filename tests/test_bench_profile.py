@@ -49,7 +49,7 @@ def test_raw_stacks_are_cut_at_the_event_loop_and_lines_of_a_function_add_up() -
     raw = (
         f"thread (101): MainThread;{loop};get_offers (server/offers.py:190);sign (core/t.py:3) 3\n"
         f"thread (101): MainThread;{loop};get_offers (server/offers.py:200) 1\n"
-        "thread (0x2a): asyncio_0;Thread.run (threading.py:982);_write (server/offer_log.py:9) 4\n"
+        "thread (42): asyncio_0;Thread.run (threading.py:982);_write (server/offer_log.py:9) 4\n"
     )
     names, stacks = profile.parse_raw(raw)
     assert names == {101: "MainThread", 42: "asyncio_0"}
