@@ -26,6 +26,7 @@ from typing import Any
 import click
 
 from bench.artifacts import CACHE, cached
+from bench.doc import write_section
 from bench.serving import BIN, DOC, TICKS, Server, cpu_name, load, offers_store, serving, versions
 
 SECTION = "## Serving profile"
@@ -192,20 +193,6 @@ def render(profile: Profile) -> list[str]:
     return [*lines, ""]
 
 
-def write_section(doc: Path, lines: list[str]) -> None:
-    """Replace the Serving profile section (up to the next '## '), or add it before Soak."""
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    body = "\n".join([SECTION, "", *lines]).rstrip() + "\n"
-    start = text.find(SECTION)
-    if start >= 0:
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + (text[end + 1 :] if end >= 0 else "")
-    at = text.find("\n## Soak")
-    at = at + 1 if at >= 0 else len(text.rstrip()) + 1
-    head = text[:at].rstrip()
-    doc.write_text(head + "\n\n" + body + ("\n" + text[at:] if text[at:].strip() else ""))
-
-
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--calls", default="check,recommend,offers", show_default=True,
               help="RPCs to profile, comma-separated: check, recommend, offers.")  # fmt: skip
@@ -259,7 +246,7 @@ def main(calls: str, items: int, users: int, seconds: int, rate: int, concurrenc
     ]
     for profile in profiles:
         lines += render(profile)
-    write_section(doc, lines)
+    write_section(doc, SECTION, "\n".join(lines), before="## Soak")
     print(f"wrote {doc}")
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
 
+from bench.doc import write_section
 from trainer.data import Loaded, load_movielens, load_online_retail
 from trainer.dataset import Factors
 from trainer.evaluate import (
@@ -280,8 +281,6 @@ def _machine() -> str:
 
 def render(results: dict[str, tuple[list[Row], str]], command: str) -> str:
     lines = [
-        SECTION,
-        "",
         f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC with `{command}` on {_machine()}.",
         "Protocol: trainer/evaluate.py (docs/TRAINING.md). Every model's hyper-parameters and "
         "iteration count were chosen by validation NDCG@10 on a split carved from the training "
@@ -297,20 +296,6 @@ def render(results: dict[str, tuple[list[Row], str]], command: str) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace the section (up to the next ``## `` heading) or append it."""
-    existing = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = existing.find(SECTION)
-    if start < 0:
-        updated = existing.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
-    else:
-        end = existing.find("\n## ", start + len(SECTION))
-        tail = existing[end + 1 :] if end >= 0 else ""
-        updated = existing[:start] + text.rstrip("\n") + "\n" + ("\n" + tail if tail else "")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(updated)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "docs/BENCHMARKS.md")
@@ -321,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         print(line, file=sys.stderr, flush=True)
 
     results = {name: run_dataset(name, say) for name in args.datasets}
-    write_section(args.out, render(results, "make bench-quality"))
+    write_section(args.out, SECTION, render(results, "make bench-quality"))
     say(f"wrote {args.out}")
     return 0
 

@@ -30,6 +30,7 @@ import click
 import numpy as np
 
 from bench.artifacts import CACHE, cached, random_shop
+from bench.doc import write_section
 from server.versions import LARGE_CATALOG
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -371,22 +372,6 @@ def targets(rows: list[Row], ceiling: float, middle: int) -> list[str]:
     ]
 
 
-def write_section(doc: Path, lines: list[str]) -> None:
-    """Replace the Serving performance section (up to the next '## '), or append it."""
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    body = "\n".join([SECTION, "", *lines]).rstrip() + "\n"
-    start = text.find(SECTION)
-    if start < 0:
-        doc.write_text(text.rstrip() + "\n\n" + body)
-        return
-    end = text.find("\n## ", start + len(SECTION))
-    rest = text[end + 1 :] if end >= 0 else ""
-    notes = text.find(NOTES, start, end if end >= 0 else len(text))
-    if notes >= 0:  # hand-written analysis below the generated part stays
-        body += "\n" + text[notes : end + 1 if end >= 0 else len(text)].rstrip() + "\n"
-    doc.write_text(text[:start] + body + ("\n" + rest if rest else ""))
-
-
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--sizes", default="10000,100000,1000000", show_default=True,
               help="Catalog sizes (items) for Recommend; the ceiling and GetOffers use the "
@@ -488,7 +473,8 @@ def main(
     (cache / "last.json").write_text(
         json.dumps({"rows": [r.__dict__ for r in rows], "runtimes": runtimes}, indent=1)
     )
-    write_section(doc, lines)
+    # Hand-written analysis below the generated part stays.
+    write_section(doc, SECTION, "\n".join(lines), keep=NOTES)
     print(f"wrote the Serving performance section of {doc}")
 
 

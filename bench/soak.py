@@ -26,6 +26,7 @@ import grpc
 from grpc import aio
 
 from bench.artifacts import cached, item_id, user_id
+from bench.doc import write_section
 from bench.serving import Server, cpu_name, offers_store
 from discount.v1 import discount_pb2 as pb
 from discount.v1 import discount_pb2_grpc as pb_grpc
@@ -163,19 +164,6 @@ def report(
     return "\n".join(lines)
 
 
-def write_section(doc: Path, body: str) -> None:
-    """Replace the Soak section (up to the next '## '), or append it."""
-    text = doc.read_text()
-    section = f"{SECTION}\n\n{body}\n"
-    start = text.find(SECTION + "\n")
-    if start < 0:
-        doc.write_text(text.rstrip() + "\n\n" + section)
-        return
-    end = text.find("\n## ", start + len(SECTION))
-    rest = text[end + 1 :] if end >= 0 else ""
-    doc.write_text(text[:start] + section + ("\n" + rest if rest else ""))
-
-
 def main() -> None:
     seconds = float(os.environ.get("SOAK_SECONDS", "600"))
     interval = float(os.environ.get("SOAK_INTERVAL", "30"))
@@ -195,7 +183,7 @@ def main() -> None:
         finally:
             server.stop()
     print(body)
-    write_section(DOC, body)
+    write_section(DOC, SECTION, body)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from bench import profile
+from bench.doc import write_section
 
 DOC = "# Benchmarks\n\n## Serving performance\n\ntable\n\n## Soak\n\nsoak\n"
 
@@ -36,8 +37,8 @@ def test_profile_writes_its_section_between_serving_and_soak(tmp_path: Path) -> 
 def test_a_rewrite_replaces_the_section_and_keeps_the_others(tmp_path: Path) -> None:
     doc = tmp_path / "BENCHMARKS.md"
     doc.write_text(DOC)
-    profile.write_section(doc, ["first"])
-    profile.write_section(doc, ["second"])
+    write_section(doc, profile.SECTION, "first", before="## Soak")
+    write_section(doc, profile.SECTION, "second", before="## Soak")
     assert doc.read_text() == (
         "# Benchmarks\n\n## Serving performance\n\ntable\n\n## Serving profile\n\nsecond\n\n"
         "## Soak\n\nsoak\n"
