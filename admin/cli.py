@@ -20,8 +20,9 @@ from admin.models import models
 from admin.offers_cli import report_command, simulate_command
 from admin.rules import rules
 from admin.segments import segments
+from core.store import validate
 from core.store.db import DEFAULT_URL, first_line, mask_url
-from core.store.errors import StoreError
+from core.store.errors import InvalidInput, StoreError
 
 
 class Cli(click.Group):
@@ -62,6 +63,11 @@ def cli(ctx: click.Context, db_url: str, actor: str) -> None:
       discountctl db upgrade
       discountctl segments create new-customers --where 'days_since_first_order < 30'
     """
+    try:
+        # The audit log's "who": never empty, and never more than its column holds.
+        validate.name("actor", actor)
+    except InvalidInput as e:
+        raise click.ClickException(f"--actor / DISCOUNT_ACTOR: {e}") from None
     app = App(db_url, actor)
     ctx.obj = app
     ctx.call_on_close(app.close)

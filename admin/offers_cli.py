@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from admin.app import App
-from admin.options import parse_assignments
+from admin.options import parse_pairs
 from admin.output import emit, message, output_option
 from admin.report import plot, report
 from core.artifact import ArtifactError, current_version_dir
@@ -162,7 +162,8 @@ def simulate_command(
     from server.offers import OffersQuery, simulate
     from server.response import ResponseModel
 
-    context = {k: str(v) for k, v in parse_assignments(context_pairs, "--context").items()}
+    # Strings, as the API's context map carries them: a category like 1.50 stays 1.50.
+    context = parse_pairs(context_pairs, "--context")
     try:
         version = _model_dir(app, model_dir)
         model = load_version(version, "cpu", facts=True)

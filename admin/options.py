@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 import click
 
 F = TypeVar("F", bound=Callable[..., Any])
+# Priorities live in an INTEGER column: 32 bits on PostgreSQL, and SQLite refuses beyond 64.
+PRIORITY_MIN, PRIORITY_MAX = -(2**31), 2**31 - 1
 
 
 def yes_option(f: F) -> F:
@@ -31,6 +33,15 @@ def if_version_option(f: F) -> F:
         metavar="N",
         help="Refuse the change unless the record is still at version N (from `show`).",
     )(f)
+
+
+def check_priority(_ctx: click.Context, _param: click.Parameter, value: int | None) -> int | None:
+    """--priority callback: refuse a value the store cannot hold, on either backend alike."""
+    if value is not None and not PRIORITY_MIN <= value <= PRIORITY_MAX:
+        raise click.ClickException(
+            f"--priority {value} is out of range; use {PRIORITY_MIN} to {PRIORITY_MAX}"
+        )
+    return value
 
 
 def confirm(question: str, yes: bool) -> None:
@@ -56,7 +67,8 @@ def parse_time(value: str | None, option: str) -> datetime | None:
             f"{option}: {value!r} is not an ISO 8601 time, "
             "e.g. 2026-12-01 or 2026-12-01T09:00:00+01:00"
         ) from None
-    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+    # In UTC, as the store gives times back: what `create` prints matches `show`.
+    return parsed.astimezone(UTC) if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
 
 
 def parse_json(value: str, option: str) -> Any:
@@ -66,13 +78,21 @@ def parse_json(value: str, option: str) -> Any:
         raise click.ClickException(f"{option}: not valid JSON ({e})") from None
 
 
-def parse_assignments(values: tuple[str, ...], option: str) -> dict[str, Any]:
-    """NAME=VALUE pairs; a value that reads as JSON (15, 2.5, [5,10]) is taken as such."""
-    out: dict[str, Any] = {}
+def parse_pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
+    """NAME=VALUE pairs, the values kept exactly as typed."""
+    out: dict[str, str] = {}
     for item in values:
         name, sep, raw = item.partition("=")
         if not sep or not name:
             raise click.ClickException(f"{option}: {item!r} is not NAME=VALUE")
+        out[name] = raw
+    return out
+
+
+def parse_assignments(values: tuple[str, ...], option: str) -> dict[str, Any]:
+    """NAME=VALUE pairs; a value that reads as JSON (15, 2.5, [5,10]) is taken as such."""
+    out: dict[str, Any] = {}
+    for name, raw in parse_pairs(values, option).items():
         try:
             out[name] = json.loads(raw)
         except json.JSONDecodeError:

@@ -314,7 +314,14 @@ def plot(session: Session, key: str, path: Path) -> None:
     ax.set_ylabel("users who bought (%)")
     ax.set_xlabel(f"{unit_name} since the first offer")
     ax.grid(alpha=0.3)
-    ax.legend(title="variant")
+    if ax.get_legend_handles_labels()[0]:  # no offers yet: an empty plot, without a warning
+        ax.legend(title="variant")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        fig.savefig(path)
+    except ValueError as e:  # matplotlib: a file extension it has no writer for
+        raise InvalidInput(f"--plot {path}: {e}") from None
+    except OSError as e:
+        raise InvalidInput(f"--plot {path}: cannot write it ({e.strerror})") from None
+    finally:
+        plt.close(fig)

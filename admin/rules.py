@@ -9,6 +9,7 @@ import click
 
 from admin.app import App
 from admin.options import (
+    check_priority,
     confirm,
     if_version_option,
     parse_assignments,
@@ -48,7 +49,9 @@ def _rule_options(create: bool) -> Callable[[Any], Any]:
             type=click.Choice(POLICIES),
             required=create,
             help="tiered_topk: the k1 best-ranked items get d1%, the rest d2%; threshold: "
-            "score >= t gets d%; linear: d = a*score + b clipped to [min, max].",
+            "score >= t gets d%; linear: d = a*score + b clipped to [min, max]; optimal: per "
+            "item, the grid percent (e.g. grid=[5,10,15,20]) or none with the largest expected "
+            "margin under discountd's response model.",
         ),
         click.option(
             "--param",
@@ -85,6 +88,7 @@ def _rule_options(create: bool) -> Callable[[Any], Any]:
             type=int,
             default=0 if create else None,
             show_default=create,
+            callback=check_priority,
             help="The highest-priority applicable rule wins.",
         ),
         click.option("--description", help="Free text for people."),

@@ -8,7 +8,7 @@ from typing import IO, Any
 import click
 
 from admin.app import App
-from admin.options import confirm, if_version_option, parse_json, yes_option
+from admin.options import check_priority, confirm, if_version_option, parse_json, yes_option
 from admin.output import emit, message, output_option
 from core.segments import ConditionError, parse_expression, to_json
 from core.store.errors import InvalidInput
@@ -67,7 +67,14 @@ def _with_condition_options(f: Any) -> Any:
 @click.argument("name")
 @_with_condition_options
 @click.option("--description", default="", help="Free text for people.")
-@click.option("--priority", type=int, default=100, show_default=True, help="Lower is tried first.")
+@click.option(
+    "--priority",
+    type=int,
+    default=100,
+    show_default=True,
+    callback=check_priority,
+    help="Lower is tried first.",
+)
 @output_option
 @click.pass_obj
 def create(
@@ -132,7 +139,7 @@ def show(app: App, name: str, output: str) -> None:
 @click.option("--name", "new_name", help="Rename the segment.")
 @_with_condition_options
 @click.option("--description", help="Free text for people.")
-@click.option("--priority", type=int, help="Lower is tried first.")
+@click.option("--priority", type=int, callback=check_priority, help="Lower is tried first.")
 @if_version_option
 @output_option
 @click.pass_obj
@@ -187,7 +194,8 @@ def delete(app: App, name: str, if_version: int | None, yes: bool, output: str) 
 
 @segments.command("import-members")
 @click.argument("name")
-@click.argument("file", type=click.File("r", encoding="utf-8"))
+# utf-8-sig: spreadsheets save CSV with a byte-order mark, which would hide the user_id header.
+@click.argument("file", type=click.File("r", encoding="utf-8-sig"))
 @click.option("--replace", is_flag=True, help="Replace the members instead of adding to them.")
 @output_option
 @click.pass_obj
@@ -209,7 +217,12 @@ def import_members(app: App, name: str, file: IO[str], replace: bool, output: st
 
 
 def _read_ids(file: IO[str]) -> list[str]:
-    lines = [line.rstrip("\r\n") for line in file]
+    try:
+        lines = [line.rstrip("\r\n") for line in file]
+    except UnicodeDecodeError:
+        raise InvalidInput(
+            f"{file.name}: not UTF-8 text; save it as UTF-8 and import again"
+        ) from None
     rows = [line for line in lines if line.strip()]
     if rows and "user_id" in next(csv.reader([rows[0]])):
         reader = csv.DictReader(rows)

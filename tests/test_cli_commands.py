@@ -14,9 +14,11 @@ from typing import Any
 import click
 import pytest
 from cli import ctl, row_counts
+from click.testing import CliRunner
 from pg import BACKENDS, empty_database
 
 from admin.cli import cli
+from core.policy import POLICIES
 from core.store import migrate
 from core.store.db import Store
 
@@ -114,6 +116,15 @@ def test_every_command_has_help_an_example_and_output_option() -> None:
         )
         options = {o for p in command.params for o in getattr(p, "opts", [])}
         assert "--output" in options, f"{label} lacks --output"
+
+
+def test_policy_help_describes_every_policy() -> None:
+    for path in (("rules", "create"), ("rules", "update")):
+        command = _leaves(cli)[[p for p, _ in _leaves(cli)].index(path)][1]
+        (policy,) = [p for p in command.params if p.name == "policy"]
+        assert isinstance(policy, click.Option) and policy.help
+        for name in POLICIES:
+            assert f"{name}:" in policy.help, f"{' '.join(path)} --policy help lacks {name}"
 
 
 def ok(url: str, line: str, input: str | None = None) -> Any:
@@ -214,6 +225,14 @@ def test_member_lists_import_from_csv_or_lines(db_url: str) -> None:
     assert (got["member_count"], got["added"]) == (3, 1)
     got = ok(db_url, "segments import-members vip - --replace", input="9\n")
     assert (got["member_count"], got["added"]) == (1, 1)
+    # Spreadsheets save CSV with a byte-order mark; the header is still the header.
+    got = ok(
+        db_url, "segments import-members vip - --replace", input="\ufeffuser_id,name\r\n5,A\r\n"
+    )
+    assert (got["member_count"], got["added"]) == (1, 1)
+    assert ok(db_url, "experiments create vip-ab --variant a:50 --variant b:50 "
+              "--target-segment vip")["target_segment"] == "vip"  # fmt: skip
+    assert ok(db_url, "experiments assign vip-ab 5")["in_target"] is True
 
 
 def _seed(url: str) -> str:
@@ -257,6 +276,10 @@ INVALID = [
     (("segments", "create", "x", "--condition", '{"all": []}'), "non-empty list"),
     (("segments", "create", " x"), "leading or trailing spaces"),
     (("segments", "create", "a\x01b"), "control characters"),
+    (
+        ("segments", "create", "x", "--priority", "99999999999999999999"),
+        "--priority 99999999999999999999 is out of range",
+    ),
     (("segments", "show", "nope"), "no segment named 'nope'"),
     (
         ("segments", "update", "new-customers", "--if-version", "9", "--priority", "1"),
@@ -267,6 +290,7 @@ INVALID = [
     (("segments", "delete", "new-customers", "--yes"), "used by rule 'tier'"),
     (("segments", "delete", "vip"), "no terminal; pass --yes"),
     (("segments", "import-members", "vip", "/dev/null"), "no user ids to import"),
+    (("segments", "import-members", "vip", "{latin1}"), "not UTF-8 text; save it as UTF-8"),
     (("segments", "import-members", "new-customers", "/dev/null"), "defined by a condition"),
     (
         (
@@ -317,6 +341,10 @@ INVALID = [
     (("rules", "show", "nope"), "no rule named 'nope'"),
     (("rules", "update", "tier", "--if-version", "5", "--priority", "1"), "at version 1, not 5"),
     (("rules", "update", "tier", "--param", "d2=50"), "must not exceed 'd1'"),
+    (
+        ("rules", "update", "tier", "--priority", "2147483648"),
+        "--priority 2147483648 is out of range; use -2147483648 to 2147483647",
+    ),
     (("rules", "enable", "nope"), "no rule named 'nope'"),
     (("rules", "disable", "tier", "--if-version", "2"), "at version 1, not 2"),
     (("rules", "delete", "tier"), "no terminal; pass --yes"),
@@ -381,10 +409,12 @@ INVALID = [
 
 @pytest.mark.parametrize(("args", "fragment"), INVALID, ids=[" ".join(a[:3]) for a, _ in INVALID])
 def test_invalid_input_is_refused_and_nothing_is_written(
-    seeded_once: str, args: tuple[str, ...], fragment: str
+    seeded_once: str, args: tuple[str, ...], fragment: str, tmp_path: Path
 ) -> None:
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("café\n12\n".encode("latin-1"))
     before = row_counts(seeded_once)
-    result = ctl(seeded_once, *args)
+    result = ctl(seeded_once, *(a.replace("{latin1}", str(latin1)) for a in args))
     assert result.exit_code == 1, result.output
     assert fragment in result.stderr
     assert result.stderr.startswith("Error: ") and len(result.stderr.strip().splitlines()) == 1
@@ -439,6 +469,32 @@ def test_destructive_commands_work_with_yes(seeded: str) -> None:
     assert ok(seeded, "experiments stop ab --yes")["status"] == "stopped"
     result = ctl(seeded, "experiments", "start", "ab")
     assert result.exit_code == 1 and "a stopped experiment cannot restart" in result.stderr
+
+
+def test_times_are_given_back_in_utc(seeded: str) -> None:
+    rule = ok(seeded, "rules update tier --valid-from 2026-12-01T09:00:00+01:00")
+    assert rule["valid_from"] == "2026-12-01T08:00:00+00:00"
+    assert ok(seeded, "audit list --limit 1")[0]["after"]["valid_from"] == rule["valid_from"]
+    assert ok(seeded, "rules show tier")["valid_from"] == rule["valid_from"]
+
+
+def test_actor_is_checked_before_anything_is_written(seeded_once: str) -> None:
+    before = row_counts(seeded_once)
+    for actor, fragment in (("", "must not be empty"), ("a" * 201, "the limit is 200")):
+        result = CliRunner().invoke(cli, ["--db-url", seeded_once, "--actor", actor,
+                                          "segments", "create", "x"])  # fmt: skip
+        assert result.exit_code == 1, result.output
+        assert result.stderr.startswith("Error: --actor / DISCOUNT_ACTOR: actor name ")
+        assert fragment in result.stderr
+    assert row_counts(seeded_once) == before
+
+
+def test_grant_server_role_dry_run_is_refused_on_sqlite(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    ok(url, "db upgrade")
+    result = ctl(url, "db", "grant-server-role", "discount_server", "--dry-run")
+    assert result.exit_code == 1 and result.stdout == ""
+    assert "database roles exist only on PostgreSQL" in result.stderr
 
 
 def test_concurrent_cli_updates_of_one_rule_one_wins(seeded: str) -> None:

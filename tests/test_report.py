@@ -138,6 +138,32 @@ def test_simulate_shows_the_servers_answer_without_issuing(db_url: str, model_st
     store.dispose()
 
 
+def test_simulate_passes_context_values_as_typed(db_url: str, model_store: Path) -> None:
+    """The API's context is strings: a category 1.50 must not reach the pipeline as 1.5."""
+    ctl(db_url, "segments", "create", "code-150", "--where", "favourite_category == 1.50")
+    args = ("--user", "new-user", "--context", "favourite_category=1.50")
+    result = ctl(db_url, "rules", "simulate", *args, "--model-dir", str(model_store), "-o", "json")
+    assert json.loads(result.stdout)["segment"] == "code-150"
+
+
+def test_report_plot_that_cannot_be_written_is_one_line(db_url: str, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from admin.cli import cli
+
+    ctl(db_url, "experiments", "create", "ab", "--variant", "a:50", "--variant", "b:50")
+    for path, fragment in (
+        (tmp_path / "report.txt", "Format 'txt' is not supported"),
+        # /proc takes no new files, whoever runs the test (root included).
+        (Path("/proc/report.png"), "cannot write it (No such file or directory)"),
+    ):
+        result = CliRunner().invoke(cli, ["--db-url", db_url, "experiments", "report", "ab",
+                                          "--plot", str(path)])  # fmt: skip
+        assert result.exit_code == 1, result.output
+        assert result.stderr.startswith(f"Error: --plot {path}: "), result.stderr
+        assert fragment in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
