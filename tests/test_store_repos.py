@@ -257,6 +257,28 @@ def test_rule_update_keeps_unnamed_fields(store: Store) -> None:
         }
 
 
+def test_an_update_that_changes_nothing_is_not_a_new_version(store: Store) -> None:
+    """Else it would fail others' --if-version for nothing, and fill the audit log."""
+    with store.transaction() as s:
+        Segments(s, "t").create("seg", NEW)
+        Rules(s, "t").create("r", "tiered_topk", TIERED, segment="seg")
+    before = _audit_count(store)
+    with store.transaction() as s:
+        Rules(s, "t").update("r")
+        Rules(s, "t").update("r", params=dict(TIERED), priority=0, new_name="r")
+        Rules(s, "t").set_enabled("r", True)
+        Segments(s, "t").update("seg", condition=dict(NEW), priority=100, new_name="seg")
+    with store.transaction() as s:
+        assert (Rules(s).get("r").version, Segments(s).get("seg").version) == (1, 1)
+    assert _audit_count(store) == before
+    with store.transaction() as s:
+        Rules(s, "t").update("r", priority=1)
+        Segments(s, "t").update("seg", description="changed")
+    with store.transaction() as s:
+        assert (Rules(s).get("r").version, Segments(s).get("seg").version) == (2, 2)
+    assert _audit_count(store) == before + 2
+
+
 @pytest.mark.postgres
 def test_changes_are_notified_on_commit_only() -> None:
     with pg_database() as url:

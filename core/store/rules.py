@@ -89,6 +89,10 @@ class Rules:
         }
         for key, value in self._validated({**current, **changes}).items():
             setattr(rule, key, value)
+        if not self.session.is_modified(rule):
+            # Nothing to change: no new version, which would fail others' --if-version for
+            # nothing, and no audit entry.
+            return rule
         rule.updated_at = utcnow()
         self.session.flush()
         audit.record(

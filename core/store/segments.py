@@ -113,6 +113,8 @@ class Segments:
             segment.description = description
         if priority is not None:
             segment.priority = priority
+        if not self.session.is_modified(segment):
+            return segment  # nothing to change: no new version, no audit entry (as for rules)
         segment.updated_at = utcnow()
         self.session.flush()
         audit.record(
