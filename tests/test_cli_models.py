@@ -65,6 +65,7 @@ def test_register_promote_rollback(db_url: str, tmp_path: Path) -> None:
     before = row_counts(db_url)
     result = ctl(db_url, "models", "rollback", "--yes")
     assert result.exit_code == 1 and "nothing to roll back to" in result.stderr
+    assert "no version but 'v1' has been active, except ones rolled back from" in result.stderr
     assert row_counts(db_url) == before
     assert (tmp_path / "CURRENT").read_text().strip() == "v1"
 

@@ -96,8 +96,10 @@ class ModelVersions:
             .limit(1)
         )
         if previous is None:
+            # Versions rolled back from do not count: rollback never returns to one.
             raise InvalidInput(
-                f"{current.version!r} is the only version ever active; nothing to roll back to"
+                f"nothing to roll back to: no version but {current.version!r} has been active, "
+                "except ones rolled back from; `discountctl models promote VERSION` picks one"
             )
         return self._activate(previous, "rollback", rolled_back=current)
 
