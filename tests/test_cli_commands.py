@@ -339,6 +339,22 @@ INVALID = [
     ),
     (("rules", "create", "tier", *TIER), "rule 'tier' already exists"),
     (("rules", "show", "nope"), "no rule named 'nope'"),
+    (
+        (
+            "rules",
+            "create",
+            "x",
+            "--policy",
+            "threshold",
+            "--param",
+            "t=0.5",
+            "--param",
+            "d=10",
+            "--category",
+            "To\x01ys",
+        ),
+        "category 'To\\x01ys' must be 1-",
+    ),
     (("rules", "update", "tier", "--if-version", "5", "--priority", "1"), "at version 1, not 5"),
     (("rules", "update", "tier", "--param", "d2=50"), "must not exceed 'd1'"),
     (

@@ -157,7 +157,9 @@ class Rules:
         return {
             "description": str(v["description"]),
             "segment": None if segment is None else Segments(self.session).get(segment),
-            "categories": _strings("category", v["categories"]),
+            "categories": [
+                validate.ident("category", c) for c in _strings("category", v["categories"])
+            ],
             "item_ids": [validate.ident("item id", i) for i in _strings("item id", v["item_ids"])],
             "policy": policy,
             "params": params,
