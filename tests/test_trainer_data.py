@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,45 @@ def test_unusable_rows_are_dropped_and_counted(tmp_path: Path) -> None:
     }
 
 
+def test_out_of_range_timestamps_and_quantities_are_dropped_not_overflowed(
+    tmp_path: Path,
+) -> None:
+    """inf, 1e30 and Unix milliseconds are no Unix seconds; quantities must be whole units."""
+    inter = write(
+        tmp_path / "i.csv",
+        "user_id,item_id,timestamp,quantity\n"
+        "u1,007,inf,1\n"
+        "u1,007,1e30,1\n"
+        "u1,007,1704164645000,1\n"
+        "u1,007, 2024-01-02T03:04:05Z ,1\n"
+        "u1,007,1704164645,inf\n"
+        "u1,007,1704164645,1e30\n"
+        "u1,007,1704164645,0.3\n"
+        "u1,7,1704164645,1.6\n",
+    )
+    loaded = load_files(inter, write(tmp_path / "items.csv", ITEMS))
+    assert loaded.dropped == {
+        "timestamp neither ISO 8601 nor Unix seconds": 3,
+        "quantity not a positive number": 3,
+    }
+    assert loaded.dataset.interactions.timestamp.tolist() == [1704164645, 1704164645]
+    assert loaded.dataset.interactions.quantity.tolist() == [1, 2]
+
+
+def test_item_prices_must_be_finite_and_bad_costs_are_assumed(tmp_path: Path) -> None:
+    items = write(
+        tmp_path / "items.csv",
+        "item_id,price,cost\nfree,inf,1\na,10,inf\nb,10,-4\nc,10,6\n",
+    )
+    inter = write(tmp_path / "i.csv", "user_id,item_id,timestamp\nu1,a,1\nu1,b,2\nu1,c,3\n")
+    loaded = load_files(inter, items)
+    assert loaded.dropped == {"items: price missing, not a number or negative": 1}
+    catalog = loaded.dataset.catalog
+    assert catalog.item_ids == ["a", "b", "c"]
+    assert catalog.cost_assumed.tolist() == [True, True, False]
+    assert catalog.costs.tolist() == [pytest.approx(7.0), pytest.approx(7.0), 6.0]
+
+
 OR_HEADER = "InvoiceNo,StockCode,Description,Quantity,InvoiceDate,UnitPrice,CustomerID,Country\n"
 OR_GOOD = "536365,85123A,WHITE HANGING HEART,6,2010-12-01 08:26:00,2.55,17850.0,United Kingdom\n"
 
@@ -127,6 +167,23 @@ def test_movielens_reads_every_rating_with_genre_as_category(tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize(
+    ("ratings", "films", "message"),
+    [
+        ("", None, "u.data: no ratings"),
+        ("1\t10\t5\t881250949\n", "", "u.item: not MovieLens u.item (EmptyDataError)"),
+    ],
+)
+def test_broken_movielens_files_are_data_errors(
+    tmp_path: Path, ratings: str, films: str | None, message: str
+) -> None:
+    write(tmp_path / "u.data", ratings)
+    if films is not None:
+        write(tmp_path / "u.item", films)
+    with pytest.raises(DataError, match=re.escape(message)):
+        load_movielens(tmp_path)
+
+
+@pytest.mark.parametrize(
     ("interactions", "items", "message"),
     [
         ("user_id,item_id\nu1,007\n", ITEMS, "i.csv: missing column(s) timestamp"),
@@ -143,6 +200,17 @@ def test_movielens_reads_every_rating_with_genre_as_category(tmp_path: Path) -> 
             "no usable item rows",
         ),
         ('user_id,item_id,timestamp\n"u1,007,1\n', ITEMS, "i.csv: unreadable as CSV or Parquet"),
+        (
+            "user_id,item_id,timestamp\nu1,007,yesterday\nu1,404,1\n",
+            ITEMS,
+            "i.csv: no usable interaction rows after cleaning (dropped: 1 timestamp neither "
+            "ISO 8601 nor Unix seconds; 1 item_id not in the items file)",
+        ),
+        (
+            "user_id,item_id,timestamp\nu1,007,1\n",
+            "item_id,price\n007,-1\n",
+            "no usable item rows (dropped: 1 items: price missing, not a number or negative)",
+        ),
     ],
 )
 def test_bad_files_are_one_line_errors(
@@ -177,9 +245,20 @@ def test_missing_file_and_missing_flag(tmp_path: Path) -> None:
     )  # fmt: skip
     assert missing.exit_code == 1
     assert missing.output == f"Error: {tmp_path / 'nope.csv'}: no such file\n"
-    usage = runner.invoke(main, ["fit", "--interactions", "x.csv", "--out", str(tmp_path)])
+    usage = runner.invoke(main, ["fit", "--interactions", "x.csv", "--out", str(tmp_path / "u")])
     assert usage.exit_code == 2
     assert "--interactions and --items are both required" in usage.output
+    assert not (tmp_path / "u").exists()  # a usage error leaves nothing behind
+
+
+def test_a_directory_for_a_file_is_a_one_line_error(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        main,
+        ["fit", "--interactions", str(tmp_path), "--items", str(write(tmp_path / "i.csv", ITEMS)),
+         "--out", str(tmp_path / "m")],
+    )  # fmt: skip
+    assert result.exit_code == 1
+    assert result.output == f"Error: {tmp_path}: is a directory; expected a CSV or Parquet file\n"
 
 
 def test_data_error_names_the_file(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ DEFAULT_MARGIN = 0.3
 EVENTS = ("purchase", "view", "click", "cart")
 INTERACTION_COLUMNS = ("user_id", "item_id", "timestamp")
 ITEM_COLUMNS = ("item_id", "price")
+MAX_QUANTITY = 2**53  # larger quantities are not whole numbers in float64, nor sane ones
 
 ONLINE_RETAIL = (
     Path(__file__).resolve().parents[2] / "shared/datasets/online-retail/online_retail.csv.gz"
@@ -81,6 +82,8 @@ class Loaded:
 
 def read_table(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
     """A CSV (optionally gzipped) or Parquet file with every column as a string."""
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory; expected a CSV or Parquet file")
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     try:
@@ -102,9 +105,16 @@ def read_table(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
     return frame
 
 
+# Unix seconds a pandas Timestamp can hold (years 1677-2262), as ISO 8601 text can give. Beyond
+# them lie "inf" and Unix milliseconds, which would overflow int64 or every date computed later.
+MAX_UNIX_SECONDS = pd.Timestamp.max.value // 10**9
+
+
 def parse_timestamps(values: pd.Series) -> pd.Series:
     """Unix seconds from Unix seconds or ISO 8601 text (naive means UTC); NaN where neither."""
+    values = values.str.strip()
     numeric = pd.to_numeric(values, errors="coerce")
+    numeric = numeric.where(numeric.abs() <= MAX_UNIX_SECONDS)
     text = values[numeric.isna()]
     if len(text):
         parsed = pd.to_datetime(text, errors="coerce", utc=True, format="ISO8601")
@@ -135,20 +145,24 @@ def load_files(interactions: Path, items: Path, default_margin: float = DEFAULT_
     item_drops = _Drops(catalog_frame)
     item_drops.drop("items: empty item_id", item_drops.frame["item_id"] == "")
     price = pd.to_numeric(item_drops.frame["price"], errors="coerce")
-    item_drops.drop("items: price missing, not a number or negative", ~(price >= 0))
+    item_drops.drop(
+        "items: price missing, not a number or negative", ~(np.isfinite(price) & (price >= 0))
+    )
     item_drops.drop(
         "items: duplicate item_id (first kept)", item_drops.frame["item_id"].duplicated()
     )
     if item_drops.frame.empty:
-        raise DataError(f"{items}: no usable item rows (every row lacks an item_id or a price)")
+        raise DataError(f"{items}: no usable item rows{_dropped(item_drops.counts)}")
     cat = item_drops.frame
+    # A negative or infinite cost is a broken export, not a cost: assume one like a missing cost.
+    cost = pd.to_numeric(cat["cost"] if "cost" in cat else pd.Series(np.nan, cat.index), "coerce")
     catalog = pd.DataFrame(
         {
             "item_id": cat["item_id"],
             "title": cat.get("title", ""),
             "category": cat["category"].str.strip() if "category" in cat else "",
             "price": pd.to_numeric(cat["price"]),
-            "cost": pd.to_numeric(cat["cost"], errors="coerce") if "cost" in cat else np.nan,
+            "cost": cost.where(np.isfinite(cost) & (cost >= 0)),
         }
     )
 
@@ -169,8 +183,9 @@ def load_files(interactions: Path, items: Path, default_margin: float = DEFAULT_
     else:
         drops.frame = drops.frame.assign(event="purchase")
     if "quantity" in drops.frame:
-        qty = pd.to_numeric(drops.frame["quantity"].replace("", "1"), errors="coerce")
-        drops.drop("quantity not a positive number", ~(qty > 0))
+        qty = pd.to_numeric(drops.frame["quantity"].replace("", "1"), errors="coerce").round()
+        # Quantities are whole units (int64): 0.3 rounds to none, and 1e30 or inf do not fit.
+        drops.drop("quantity not a positive number", ~((qty >= 1) & (qty <= MAX_QUANTITY)))
         drops.frame = drops.frame.assign(quantity=qty.loc[drops.frame.index].round())
     else:
         drops.frame = drops.frame.assign(quantity=1)
@@ -182,7 +197,9 @@ def load_files(interactions: Path, items: Path, default_margin: float = DEFAULT_
     drops.frame = drops.frame.assign(price=paid.where(paid >= 0, np.nan))
     drops.drop("item_id not in the items file", ~drops.frame["item_id"].isin(catalog["item_id"]))
     if drops.frame.empty:
-        raise DataError(f"{interactions}: no usable interaction rows after cleaning")
+        raise DataError(
+            f"{interactions}: no usable interaction rows after cleaning{_dropped(drops.counts)}"
+        )
     dropped = {**item_drops.counts, **drops.counts}
     return Loaded(
         dataset=build_dataset(drops.frame, catalog, default_margin),
@@ -191,6 +208,13 @@ def load_files(interactions: Path, items: Path, default_margin: float = DEFAULT_
         dropped=dropped,
         default_margin=default_margin,
     )
+
+
+def _dropped(counts: dict[str, int]) -> str:
+    """The drop counts for an error message: why nothing was left."""
+    if not counts:
+        return ""
+    return " (dropped: " + "; ".join(f"{n:,} {reason}" for reason, n in counts.items()) + ")"
 
 
 def load_online_retail(
@@ -272,6 +296,8 @@ def load_movielens(directory: Path = MOVIELENS) -> Loaded:
         ts = pd.to_numeric(ratings["ts"], errors="raise").astype("int64")
     except (OSError, ValueError, pd.errors.ParserError) as e:
         raise DataError(f"{ratings_path}: not MovieLens u.data ({type(e).__name__})") from None
+    if ratings.empty:
+        raise DataError(f"{ratings_path}: no ratings")
     rows = pd.DataFrame(
         {
             "user_id": ratings["user"].str.strip(),
@@ -287,9 +313,17 @@ def load_movielens(directory: Path = MOVIELENS) -> Loaded:
     titles = dict.fromkeys(item_ids, "")
     categories = dict.fromkeys(item_ids, "")
     if items_path.is_file():
-        item_table = pd.read_csv(
-            items_path, sep="|", header=None, dtype=str, encoding="latin-1", keep_default_na=False
-        )
+        try:
+            item_table = pd.read_csv(
+                items_path,
+                sep="|",
+                header=None,
+                dtype=str,
+                encoding="latin-1",
+                keep_default_na=False,
+            )
+        except (OSError, ValueError, pd.errors.ParserError) as e:
+            raise DataError(f"{items_path}: not MovieLens u.item ({type(e).__name__})") from None
         for row in item_table.itertuples(index=False):
             flags = [str(f) == "1" for f in row[5 : 5 + len(MOVIELENS_GENRES)]]
             genre = next((g for g, on in zip(MOVIELENS_GENRES, flags, strict=False) if on), "")
