@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import click
-from click.testing import CliRunner
+import pytest
+from click.testing import CliRunner, Result
 
 from trainer.cli import main
+from trainer.export import ExportError
+from trainer.fit import grid
+from trainer.model import ModelConfig
 
 
 def test_every_command_has_help_with_an_example() -> None:
@@ -44,3 +49,82 @@ def test_with_the_training_extra_the_entry_point_runs_the_cli() -> None:
         text=True,
     )
     assert done.returncode == 0 and "fit" in done.stdout
+
+
+@pytest.fixture(scope="module")
+def shop(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """A small synthetic shop's files, as fit's --interactions and --items."""
+    out = tmp_path_factory.mktemp("shop")
+    made = CliRunner().invoke(main, ["synth", "--out", str(out), "--users", "60", "--items", "30"])
+    assert made.exit_code == 0, made.output
+    return ["--interactions", str(out / "interactions.csv"), "--items", str(out / "items.csv")]
+
+
+def fit(shop: list[str], out: Path, *extra: str) -> Result:
+    return CliRunner().invoke(main, ["fit", *shop, "--out", str(out), *extra])
+
+
+def test_bpr_trains_each_regularization_once_and_refuses_ials_settings(
+    shop: list[str], tmp_path: Path
+) -> None:
+    small = ("--objective", "bpr", "--epochs", "1", "--factors", "4")
+    result = fit(shop, tmp_path / "m", *small, *("--regularization", "5") * 2,
+                 "--regularization", "7")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    tried = [line for line in result.output.splitlines() if line.startswith("bpr: ")]
+    assert tried == [
+        f"bpr: factors=4 regularization={r} alpha=1 confidence_offset=1" for r in (5, 7)
+    ]
+    for flag in ("--alpha", "--confidence-offset"):
+        refused = fit(shop, tmp_path / "m", *small, flag, "2")
+        assert refused.exit_code == 2
+        assert f"{flag}: iALS settings; --objective bpr has none" in refused.output
+
+
+def test_a_value_given_twice_is_one_candidate() -> None:
+    candidates = grid(ModelConfig(), (5.0, 5.0, 2.0), (1.0, 1.0), (0.0,))
+    assert [(c.regularization, c.alpha) for c in candidates] == [(5.0, 1.0), (2.0, 1.0)]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--regularization", "0"], "'--regularization': 0.0 is not in the range x>0"),
+        (["--format", "online-retail"], "--items is for --format files"),
+    ],
+)
+def test_nonsense_options_are_usage_errors(
+    shop: list[str], tmp_path: Path, extra: list[str], message: str
+) -> None:
+    result = fit(shop, tmp_path / "m", *extra)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert not (tmp_path / "m").exists()
+
+
+def test_an_unwritable_out_fails_before_reading_or_training(
+    shop: list[str], tmp_path: Path
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = fit(shop, blocker / "models")
+    assert result.exit_code == 1
+    assert result.output.startswith(f"Error: {blocker / 'models'}: cannot write the model (")
+    assert "read " not in result.output
+
+
+def test_a_failed_export_check_is_one_line(
+    shop: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No small shop makes the real export check fail on demand: the failure is injected."""
+
+    def broken(*_: object) -> None:
+        raise ExportError("score.onnx differs from PyTorch by up to 1.02e+03")
+
+    monkeypatch.setattr("trainer.cli.run_fit", broken)
+    result = fit(shop, tmp_path / "m")
+    assert result.exit_code == 1
+    assert result.output.splitlines()[-1].startswith(
+        "Error: the trained model failed its export check (score.onnx differs"
+    )
+    assert "Traceback" not in result.output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import click
@@ -19,6 +20,7 @@ from trainer.data import (
     load_online_retail,
 )
 from trainer.evaluate import protocol_for
+from trainer.export import ExportError
 from trainer.fit import ALPHA_GRID, OFFSET_GRID, REGULARIZATION_GRID, grid
 from trainer.fit import fit as run_fit
 from trainer.model import OBJECTIVES, ModelConfig
@@ -86,7 +88,8 @@ def synth(out: Path, users: int, items: int, seed: int) -> None:
 )
 @click.option(
     "--regularization",
-    type=click.FloatRange(min=0),
+    # λ = 0 leaves the fold-in matrix (YᵀY + λI)⁻¹ singular once factors outnumber items.
+    type=click.FloatRange(min=0, min_open=True),
     multiple=True,
     default=REGULARIZATION_GRID,
     show_default=True,
@@ -135,8 +138,29 @@ def fit(
     Example: discount-train fit --interactions shop/interactions.csv --items shop/items.csv
     --out var/models
     """
+    ctx = click.get_current_context()
+    given = [
+        f"--{name.replace('_', '-')}"
+        for name in ("alpha", "confidence_offset")
+        if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+    ]
+    if objective == "bpr" and given:
+        raise click.UsageError(f"{' and '.join(given)}: iALS settings; --objective bpr has none")
+    if objective == "bpr":
+        # BPR has no confidence: the default α × c₀ grid would train each λ four times over.
+        alpha, confidence_offset = alpha[:1], confidence_offset[:1]
+    if format_name != "files" and items is not None:
+        raise click.UsageError(f"--items is for --format files; {format_name} has its own items")
+    if format_name == "files" and (interactions is None or items is None):
+        raise click.UsageError("--interactions and --items are both required with --format files")
     base = ModelConfig(objective=objective, factors=factors, max_epochs=epochs, seed=seed)
     candidates = grid(base, regularization, alpha, confidence_offset)
+    try:
+        # Fail now, not after minutes of training, when the model could not be written.
+        out.mkdir(parents=True, exist_ok=True)
+        Path(tempfile.mkdtemp(prefix=".probe-", dir=out)).rmdir()
+    except OSError as e:
+        raise click.ClickException(f"{out}: cannot write the model ({e.strerror or e})") from None
     try:
         loaded = _load(format_name, interactions, items, default_margin)
     except DataError as e:
@@ -147,6 +171,11 @@ def fit(
         outcome = run_fit(loaded, protocol_for(format_name), candidates, out, _err)
     except OSError as e:
         raise click.ClickException(f"{out}: cannot write the model ({e.strerror or e})") from None
+    except ExportError as e:
+        raise click.ClickException(
+            f"the trained model failed its export check ({e}); nothing was written. "
+            "A larger --regularization or fewer --factors usually fixes this."
+        ) from None
     _err(f"epochs: {outcome.epochs}")
     for name, value in outcome.metrics.items():
         _err(f"  {name:32s} {value:.4f}")
@@ -162,8 +191,7 @@ def _load(
         return load_online_retail(interactions or ONLINE_RETAIL, default_margin)
     if format_name == "movielens":
         return load_movielens(interactions or MOVIELENS)
-    if interactions is None or items is None:
-        raise click.UsageError("--interactions and --items are both required with --format files")
+    assert interactions is not None and items is not None  # checked with the other flags
     return load_files(interactions, items, default_margin)
 
 

@@ -156,9 +156,10 @@ def grid(
     """Candidates to choose from on the validation split: a shop's size decides the best λ."""
     return [
         replace(base, regularization=r, alpha=a, confidence_offset=c)
-        for c in offset
-        for r in regularization
-        for a in alpha
+        # dict.fromkeys: a value given twice is one candidate, not two identical trainings.
+        for c in dict.fromkeys(offset)
+        for r in dict.fromkeys(regularization)
+        for a in dict.fromkeys(alpha)
     ]
 
 
