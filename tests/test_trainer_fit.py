@@ -85,3 +85,18 @@ def test_losing_to_popularity_is_loud(tasteful: Path, tmp_path: Path) -> None:
     assert "WARNING: the model LOSES to popularity on its validation split" in log
     manifest = load_manifest(Path(str(answer["version_dir"])))
     assert manifest.metrics["loses_to_popularity"] == 1.0
+
+
+def test_without_validation_users_no_win_over_popularity_is_claimed(tmp_path: Path) -> None:
+    """One purchase per shopper: nobody has history before the validation period."""
+    shop = tmp_path / "shop"
+    shop.mkdir()
+    (shop / "interactions.csv").write_text(
+        "user_id,item_id,timestamp\n"
+        + "".join(f"u{u},i{u % 10},{1_700_000_000 + u * 86_400}\n" for u in range(40))
+    )
+    (shop / "items.csv").write_text("item_id,price\n" + "".join(f"i{i},5\n" for i in range(10)))
+    answer, log = fit(shop, tmp_path / "models")
+    assert "WARNING: no validation users" in log
+    metrics = load_manifest(Path(str(answer["version_dir"]))).metrics
+    assert "loses_to_popularity" not in metrics and "val_ndcg@10" not in metrics

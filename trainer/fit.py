@@ -91,6 +91,7 @@ def fit(
         baseline = ndcg10(popularity_scorer(val.train), val)
         metrics.update({"val_ndcg@10": best, "val_popularity_ndcg@10": baseline})
         loses = best <= baseline
+        metrics["loses_to_popularity"] = float(loses)  # only where measured: 0 would claim a win
         if loses:
             say(
                 f"WARNING: the model LOSES to popularity on its validation split "
@@ -101,7 +102,6 @@ def fit(
         config = candidates[0]
         epochs = config.max_epochs
         say(f"WARNING: no validation users ({val.description}); training {epochs} epochs blind")
-    metrics["loses_to_popularity"] = float(loses)
     metrics["epochs"] = float(epochs)
 
     if len(hold.eval_users):
