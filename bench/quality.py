@@ -38,7 +38,7 @@ from trainer.evaluate import (
     popularity_scorer,
     protocol_for,
 )
-from trainer.fit import ALPHA_GRID, REGULARIZATION_GRID, grid
+from trainer.fit import ALPHA_GRID, BPR_REGULARIZATION_GRID, REGULARIZATION_GRID, grid
 from trainer.model import ModelConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,7 +87,7 @@ def _ours(hold: Split, val: Split, objective: str, say: Callable[[str], None]) -
     if objective == "ials":
         candidates = grid(base, REGULARIZATION_GRID, ALPHA_GRID)
     else:
-        candidates = [replace(base, regularization=0.01)]
+        candidates = [replace(base, regularization=r) for r in BPR_REGULARIZATION_GRID]
     start = time.perf_counter()
     tried = []
     for config in candidates:

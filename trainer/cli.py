@@ -21,7 +21,13 @@ from trainer.data import (
 )
 from trainer.evaluate import protocol_for
 from trainer.export import ExportError
-from trainer.fit import ALPHA_GRID, OFFSET_GRID, REGULARIZATION_GRID, grid
+from trainer.fit import (
+    ALPHA_GRID,
+    BPR_REGULARIZATION_GRID,
+    OFFSET_GRID,
+    REGULARIZATION_GRID,
+    grid,
+)
 from trainer.fit import fit as run_fit
 from trainer.model import OBJECTIVES, ModelConfig
 from trainer.replay import replay_command
@@ -91,8 +97,8 @@ def synth(out: Path, users: int, items: int, seed: int) -> None:
     # λ = 0 leaves the fold-in matrix (YᵀY + λI)⁻¹ singular once factors outnumber items.
     type=click.FloatRange(min=0, min_open=True),
     multiple=True,
-    default=REGULARIZATION_GRID,
-    show_default=True,
+    show_default=f"{', '.join(map(str, REGULARIZATION_GRID))}; with bpr "
+    f"{', '.join(map(str, BPR_REGULARIZATION_GRID))}",
     help="λ; repeat to try several, the best on validation wins",
 )
 @click.option(
@@ -146,6 +152,8 @@ def fit(
     ]
     if objective == "bpr" and given:
         raise click.UsageError(f"{' and '.join(given)}: iALS settings; --objective bpr has none")
+    if not regularization:
+        regularization = BPR_REGULARIZATION_GRID if objective == "bpr" else REGULARIZATION_GRID
     if objective == "bpr":
         # BPR has no confidence: the default α × c₀ grid would train each λ four times over.
         alpha, confidence_offset = alpha[:1], confidence_offset[:1]

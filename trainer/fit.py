@@ -38,6 +38,9 @@ from trainer.model import ModelConfig, train
 # Chosen on the validation split of each fit; these bracket what won on Online Retail,
 # MovieLens 100K and the synthetic shop (docs/TRAINING.md).
 REGULARIZATION_GRID = (10.0, 30.0)
+# BPR's λ weighs a per-triple penalty, not iALS's whole-matrix one: the iALS values smother it
+# (docs/BENCHMARKS.md measured BPR at this λ).
+BPR_REGULARIZATION_GRID = (0.01,)
 ALPHA_GRID = (1.0, 4.0)
 OFFSET_GRID = (1.0, 0.0)
 SHIPPED = (
