@@ -175,6 +175,22 @@ def test_evaluate_policy_cli_writes_the_report_and_the_plot(tmp_path: Path) -> N
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize(
+    ("command", "option"),
+    [("evaluate-policy", "--json"), ("evaluate-policy", "--plot"), ("uplift", "--json")],
+)
+def test_a_report_path_that_cannot_be_written_is_refused_before_the_work(
+    tmp_path: Path, command: str, option: str
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = CliRunner().invoke(main, [command, option, str(blocker / "out")])
+    assert result.exit_code == 1
+    assert result.output == (
+        f"Error: {blocker / 'out'}: cannot write it ({blocker} is no writable folder)\n"
+    )
+
+
 def test_train_visits_set_how_long_the_experiment_runs_before_the_evaluation(
     tmp_path: Path,
 ) -> None:

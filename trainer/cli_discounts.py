@@ -4,6 +4,7 @@ evaluate policies against the simulator's truth."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,6 +26,16 @@ from trainer.response import ResponseConfig, ResponseError, fit, from_logs, save
 
 def _err(line: str) -> None:
     click.echo(line, err=True)
+
+
+def _writable(*paths: Path | None) -> None:
+    """Refuse now a report path that could not be written after minutes of work."""
+    for path in paths:
+        if path is None:
+            continue
+        folder = path.parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise click.ClickException(f"{path}: cannot write it ({folder} is no writable folder)")
 
 
 def _read(path: Path, what: str) -> pd.DataFrame:
@@ -175,6 +186,7 @@ def evaluate_policy_command(
 
     Example: discount-train evaluate-policy --seeds 5 --plot docs/policy_margin.png
     """
+    _writable(json_path, plot)
     base = policy_eval.EvalConfig()
     evaluated = base.market.visits - base.train_visits
     config = replace(
@@ -250,6 +262,7 @@ def uplift_command(
 
     With a 2 × 32 MLP body (the earlier default): --hidden 32 --epochs 30 --learning-rate 3e-3
     """
+    _writable(json_path)
     try:
         experiment = uplift.load_hillstrom(data)
     except uplift.UpliftError as e:
