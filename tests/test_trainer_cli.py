@@ -89,6 +89,7 @@ def test_a_value_given_twice_is_one_candidate() -> None:
     [
         (["--regularization", "0"], "'--regularization': 0.0 is not in the range x>0"),
         (["--format", "online-retail"], "--items is for --format files"),
+        (["--alpha", "0", "--confidence-offset", "0"], "gives every purchase zero confidence"),
     ],
 )
 def test_nonsense_options_are_usage_errors(

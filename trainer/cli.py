@@ -161,6 +161,11 @@ def fit(
         raise click.UsageError(f"--items is for --format files; {format_name} has its own items")
     if format_name == "files" and (interactions is None or items is None):
         raise click.UsageError("--interactions and --items are both required with --format files")
+    if objective == "ials" and 0 in alpha and 0 in confidence_offset:
+        raise click.UsageError(
+            "--alpha 0 with --confidence-offset 0 gives every purchase zero confidence: "
+            "nothing to learn"
+        )
     base = ModelConfig(objective=objective, factors=factors, max_epochs=epochs, seed=seed)
     candidates = grid(base, regularization, alpha, confidence_offset)
     try:
