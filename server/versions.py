@@ -80,7 +80,7 @@ class ModelStore:
         async with self._lock:
             try:
                 target = current_version_dir(self.model_dir)
-            except ArtifactError as e:
+            except (ArtifactError, OSError, ValueError) as e:  # also an unreadable CURRENT
                 self._fail(str(e))
                 return False
             unchanged = self.current is not None and self.current.path == target
@@ -91,6 +91,13 @@ class ModelStore:
             except (ArtifactError, DeviceUnavailable) as e:
                 self._refused = target
                 self._fail(f"refused {target.name}: {e}")
+                return False
+            except Exception as e:
+                # Sealed files with content the loader did not expect (items.json without a
+                # category list, say). Refused like any broken version: an escaping error would
+                # end the poller for good, hang the first load, and break the SIGTERM drain.
+                self._refused = target
+                self._fail(f"refused {target.name}: malformed version ({e!r})")
                 return False
             previous, self.current = self.current, model
             self._refused, self.last_error = None, None

@@ -154,6 +154,14 @@ def drop_items_file(version: Path) -> None:
     (version / "items.json").unlink()
 
 
+def items_without_categories(version: Path) -> None:
+    """Sealed, so every sha256 matches, but items.json lacks a key the loader reads."""
+    items = json.loads((version / "items.json").read_text())
+    del items["category"]
+    (version / "items.json").write_text(json.dumps(items))
+    seal(version, load_manifest(version, verify=False))
+
+
 @pytest.mark.parametrize(
     ("break_it", "reason"),
     [
@@ -161,6 +169,7 @@ def drop_items_file(version: Path) -> None:
         (wrong_signature, "model.onnx inputs are"),
         (wrong_score_signature, "score.onnx inputs are"),
         (drop_items_file, "items.json listed in the manifest is missing"),
+        (items_without_categories, "malformed version (KeyError('category'))"),
         (format_1, "format_version 1, this build reads 2; train and export it again"),
     ],
 )
