@@ -58,6 +58,10 @@ def user_and_limit_problems(user_id: str, limit: int) -> list[FieldViolation]:
         problems.append(FieldViolation("user_id", "required: the shop's id of the user"))
     elif len(user_id) > MAX_ID_CHARS:
         problems.append(FieldViolation("user_id", f"at most {MAX_ID_CHARS} characters"))
+    elif "\x00" in user_id:
+        # PostgreSQL text cannot hold NUL: the offer log's insert would fail for good, and every
+        # offer queued behind it would wait forever, its token already handed out.
+        problems.append(FieldViolation("user_id", "must not contain NUL characters"))
     if not 0 <= limit <= MAX_LIMIT:
         problems.append(
             FieldViolation(

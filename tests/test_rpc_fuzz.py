@@ -284,6 +284,15 @@ def test_raw_bytes(running: RunningServer, method: str, body: bytes) -> None:
     outcome(rpc, lambda: call(body, timeout=30), len(body))
 
 
+def test_a_user_id_postgresql_cannot_store_gets_no_offer(running: RunningServer) -> None:
+    """A NUL in the user id would make the offer log's insert fail on PostgreSQL for good,
+    holding back every offer queued after it: refused before any token is handed out."""
+    with pytest.raises(grpc.RpcError) as refused:
+        running.stub.GetOffers(pb.GetOffersRequest(user_id="user-0\x00", limit=1))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "user_id: must not contain NUL characters" in refused.value.details()
+
+
 @pytest.mark.parametrize("text", SQL)
 def test_sql_looking_ids_are_stored_and_returned_literally(
     running: RunningServer, text: str

@@ -164,6 +164,7 @@ def test_unknown_user_without_known_items_gets_popular_items(
     [
         (pb.RecommendRequest(user_id=""), ["user_id"]),
         (pb.RecommendRequest(user_id="   "), ["user_id"]),
+        (pb.RecommendRequest(user_id="user\x000"), ["user_id"]),
         (pb.RecommendRequest(user_id="u", limit=1001), ["limit"]),
         (pb.RecommendRequest(user_id="u", limit=-1), ["limit"]),
         (pb.RecommendRequest(user_id="u", categories=["toys"]), ["categories"]),
