@@ -3,6 +3,7 @@ explicitly. Every bad value is reported at once, so one restart fixes them all."
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -182,6 +183,12 @@ def resolve(
     workers = _number(raw["workers"], int)
     if workers is None or not 1 <= workers <= 64:
         problems.append(f"{flag('workers')}: {raw['workers']!r} is not 1 to 64")
+    elif metrics_port and metrics_port <= 65535 < metrics_port + workers - 1:
+        # Worker i serves its metrics on metrics_port + i (server.workers).
+        problems.append(
+            f"{flag('metrics_port')}: {metrics_port} + {workers} workers passes port 65535; "
+            "pick a lower port"
+        )
     ort_threads = _number(raw["ort_threads"], int)
     if ort_threads is None or not 0 <= ort_threads <= 256:
         problems.append(
@@ -226,7 +233,10 @@ def _tls(
     cert, key, ca = raw["tls_cert"], raw["tls_key"], raw["tls_client_ca"]
     if insecure:
         if cert or key or ca:
-            problems.append("--insecure serves plaintext; leave out the --tls-* settings, or it")
+            problems.append(
+                "--insecure serves plaintext; leave out the --tls-* settings (and DISCOUNT_TLS_* "
+                "variables), or drop --insecure to serve TLS with them"
+            )
         return None
     if not cert or not key:
         problems.append(
@@ -252,6 +262,9 @@ Number = TypeVar("Number", int, float)
 
 def _number(text: str | None, kind: type[Number]) -> Number | None:
     try:
-        return kind(text) if text is not None else None
+        value = kind(text) if text is not None else None
     except ValueError:
         return None
+    # float() takes "nan" and "inf": a nan grace or poll interval passes every range check and
+    # then stops polling for good, or drains for "nans".
+    return value if value is None or math.isfinite(value) else None

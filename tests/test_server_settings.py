@@ -114,3 +114,36 @@ def test_ort_threads_given_win_over_the_automatic_choice(tmp_path: Path) -> None
     assert given_env.ort_threads == 3
     assert resolve({"model_dir": str(tmp_path), "ort_threads": "2"}, env=KEY,
                    insecure=True).ort_threads == 2  # fmt: skip
+
+
+@pytest.mark.parametrize("text", ["nan", "NaN", "inf", "-inf", "Infinity"])
+def test_seconds_that_are_not_finite_are_refused(tmp_path: Path, text: str) -> None:
+    # A nan grace drained for "nans"; a nan poll interval passed every range check and then
+    # never polled again.
+    flags = {
+        "model_dir": str(tmp_path),
+        "poll_interval": text,
+        "grace": text,
+        "rules_poll_interval": text,
+        "offer_ttl": text,
+    }
+    with pytest.raises(SettingsError) as raised:
+        resolve(flags, env=KEY, insecure=True)
+    for name in ("POLL_INTERVAL", "SHUTDOWN_GRACE", "RULES_POLL_INTERVAL", "OFFER_TTL"):
+        assert f"DISCOUNT_{name}: {text!r}" in str(raised.value)
+
+
+def test_each_workers_metrics_port_must_be_a_port(tmp_path: Path) -> None:
+    flags = {"model_dir": str(tmp_path), "metrics_port": "65535", "workers": "2"}
+    with pytest.raises(SettingsError, match="65535 \\+ 2 workers passes port 65535"):
+        resolve(flags, env=KEY, insecure=True)
+    assert resolve({**flags, "workers": "1"}, env=KEY, insecure=True).metrics_port == 65535
+    assert resolve({**flags, "metrics_port": "0"}, env=KEY, insecure=True).metrics_port == 0
+
+
+def test_tls_files_with_insecure_say_both_ways_out(tmp_path: Path) -> None:
+    flags = {"model_dir": str(tmp_path), "tls_cert": str(tmp_path / "tls.crt")}
+    with pytest.raises(SettingsError) as raised:
+        resolve(flags, env=KEY, insecure=True)
+    assert "leave out the --tls-* settings" in str(raised.value)
+    assert "or drop --insecure" in str(raised.value)
