@@ -209,9 +209,11 @@ class DiscountService(pb_grpc.DiscountServiceServicer):
         # (docs/BENCHMARKS.md). The version's facts were read when it loaded.
         result = get_offers(model, snapshot, query, offering.keys, offering.ttl, offering.respond)
         offering.log.append(result.log_rows)
-        self._metrics.offers.inc(len(result.offers))
+        # Issued: signed and logged. An item the catalog has no price for comes back without
+        # an offer id or token.
+        self._metrics.offers.inc(len(result.log_rows))
         self._metrics.discount_cents.inc(
-            sum(o.base_price_cents - o.final_price_cents for o in result.offers)
+            sum(o.base_price_cents - o.final_price_cents for o in result.offers if o.offer_id)
         )
         response = pb.GetOffersResponse(
             segment=result.segment,

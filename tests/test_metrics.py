@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -13,8 +14,10 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from core.artifact import CURRENT, load_manifest, seal
 from discount.v1 import discount_pb2 as pb
 from server.logs import JsonFormatter
 from tests.conftest import RunningServer
@@ -150,3 +153,33 @@ def test_offer_and_event_metrics(model_store: Path, db_url: str) -> None:
     # the wrong origin (e.g. the epoch).
     assert 0 <= value(samples, "discountd_rule_snapshot_age_seconds") < 60
     assert ("discountd_rule_snapshot_age_seconds", ()) in samples
+
+
+def test_an_item_without_a_price_is_not_counted_as_an_issued_offer(
+    model_store: Path, db_url: str, tmp_path: Path
+) -> None:
+    from offer_server import OfferServer
+
+    store = tmp_path / "models"
+    shutil.copytree(model_store, store)
+    version = store / (store / CURRENT).read_text().strip()
+    items = json.loads((version / "items.json").read_text())
+    items["price"][1] = None
+    (version / "items.json").write_text(json.dumps(items))
+    seal(version, load_manifest(version, verify=False))
+    server = OfferServer(store, db_url)
+    try:
+        reply = server.stub.GetOffers(
+            pb.GetOffersRequest(user_id="user-0", item_ids=["00000", "00001"])
+        )
+        text = generate_latest(server.server.metrics.registry).decode()
+    finally:
+        server.close()
+    assert [bool(o.offer_id) for o in reply.offers] == [True, False]
+    assert "NO_PRICE" in reply.offers[1].reason_codes
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    assert value(samples, "discountd_offers_issued_total") == 1
