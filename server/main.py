@@ -179,7 +179,15 @@ async def serve(settings: Settings) -> int:
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, reload)
-    await server.start()
+    try:
+        await server.start()
+    except OSError as e:  # the metrics port: in use, or an address it cannot bind
+        click.echo(
+            f"discountd: cannot serve metrics on {settings.host}:{settings.metrics_port}: {e}",
+            err=True,
+        )
+        await server.stop(0)
+        return 1
     await server.first_load.wait()
     if server.store.current is None:
         click.echo(f"discountd: cannot serve: {server.store.last_error}", err=True)

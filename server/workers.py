@@ -29,7 +29,11 @@ Serve = Callable[[Settings], Coroutine[Any, Any, int]]
 
 def supervise(settings: Settings, serve: Serve) -> int:
     """Fork settings.workers processes running serve; the exit code: 0 when all drained."""
-    port = settings.port or _free_port(settings.host)
+    try:
+        port = settings.port or _free_port(settings.host)
+    except OSError as e:  # as serve() reports a port it cannot bind
+        print(f"discountd: cannot listen on {settings.host}:0: {e}", file=sys.stderr)
+        return 1
     children: dict[int, int] = {}
     stopping = False
 
@@ -79,6 +83,9 @@ def _run_child(settings: Settings, serve: Serve) -> None:
     code = 1
     try:
         code = asyncio.run(serve(settings))
+    except Exception:
+        # os._exit below skips the interpreter's report of an escaping error: say what it was.
+        log.exception("worker (pid %d) failed", os.getpid())
     finally:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -8,6 +8,7 @@ import queue
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -284,4 +285,81 @@ def test_a_store_without_a_model_exits_1_saying_how_to_fix(tmp_path: Path, db_ur
     )
     assert result.returncode == 1
     assert "discountd: cannot serve:" in result.stderr and "discount-train fit" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_metrics_port_in_use_exits_1_in_one_line(store: Path, db_url: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = subprocess.run(
+            [
+                str(DISCOUNTD),
+                "--model-dir",
+                str(store),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--metrics-port",
+                str(taken.getsockname()[1]),
+                "--device",
+                "cpu",
+                "--db-url",
+                db_url,
+                "--insecure-demo-key",
+                "--insecure",
+                "--auth",
+                "off",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1
+    assert "discountd: cannot serve metrics on 127.0.0.1:" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_worker_that_fails_is_reported_not_silent(tmp_path: Path) -> None:
+    script = (
+        "import logging, sys\n"
+        "from pathlib import Path\n"
+        "from server.settings import Settings\n"
+        "from server.workers import supervise\n"
+        "async def serve(settings):\n"
+        "    raise RuntimeError('boom in worker')\n"
+        "logging.basicConfig()\n"
+        f"sys.exit(supervise(Settings(Path({str(tmp_path)!r}), port=1, workers=2), serve))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 1
+    assert "RuntimeError: boom in worker" in result.stderr
+
+
+def test_workers_on_an_unknown_host_exit_1_in_one_line(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            str(DISCOUNTD),
+            "--model-dir",
+            str(tmp_path),
+            "--workers",
+            "2",
+            "--port",
+            "0",
+            "--host",
+            "nosuchhost.invalid",
+            "--insecure-demo-key",
+            "--insecure",
+            "--auth",
+            "off",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "discountd: cannot listen on nosuchhost.invalid:0" in result.stderr
     assert "Traceback" not in result.stderr
