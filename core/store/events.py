@@ -66,6 +66,9 @@ def problem(event: EventIn, now: datetime) -> str | None:
     for name in ("event_id", "user_id", "item_id", "offer_id"):
         if len(getattr(event, name)) > ID_LENGTH:
             return f"ID_TOO_LONG: {name} is longer than {ID_LENGTH} characters"
+        if "\x00" in getattr(event, name):
+            # PostgreSQL text cannot hold NUL: the whole batch's insert would fail on every retry.
+            return f"NUL_IN_ID: {name} contains a NUL character, which the store cannot hold"
     if event.revenue_cents < 0:
         return f"NEGATIVE_REVENUE: revenue_cents must be >= 0, got {event.revenue_cents}"
     if event.quantity < 0:
