@@ -19,12 +19,12 @@ import grpc
 from grpc import aio
 
 from server.limits import MAX_REQUEST_ID_CHARS
+from server.logs import request_id
 from server.metrics import Metrics
 
 log = logging.getLogger("discountd.access")
 
 REQUEST_ID_HEADER = "x-request-id"
-request_id: ContextVar[str] = ContextVar("request_id", default="-")
 # The authenticated calling service (server.auth sets it); "-" when auth is off or denied.
 # Logs and metrics label calls by it.
 client_name: ContextVar[str] = ContextVar("client_name", default="-")
@@ -84,8 +84,9 @@ class RequestIdInterceptor(Interceptor):
 class AccessLogInterceptor(Interceptor):
     """Per call: a structured log line (debug when OK, always otherwise) and the request metrics.
 
-    The line carries method, code, ms, request_id and client as record attributes (server.logs
-    writes them as JSON fields); the message repeats them for plain-text handlers.
+    The line carries method, code, ms and client as record attributes, and request_id as every
+    record made during a call does (server.logs writes them as JSON fields); the message
+    repeats them for plain-text handlers.
     """
 
     def __init__(self, metrics: Metrics | None = None) -> None:
@@ -134,7 +135,6 @@ class AccessLogInterceptor(Interceptor):
                                 "method": method,
                                 "code": name,
                                 "ms": round(seconds * 1000, 3),
-                                "request_id": rid,
                                 "client": client,
                             },
                         )

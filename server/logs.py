@@ -5,11 +5,28 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from contextvars import ContextVar
 from datetime import UTC, datetime
+from typing import Any
 
 LEVELS = ("debug", "info", "warning", "error")
 # Attributes the access log attaches to its records (server.interceptors).
 FIELDS = ("method", "code", "ms", "request_id", "client")
+# The call being served (server.interceptors sets it). "-" outside any call.
+request_id: ContextVar[str] = ContextVar("request_id", default="-")
+_make_record = logging.getLogRecordFactory()
+
+
+def _record_with_request_id(*args: Any, **kwargs: Any) -> logging.LogRecord:
+    """Every record made on behalf of a call carries its id: a warning or a traceback as well as
+    the access line, whichever logger and handler (the logging cookbook's way to add context)."""
+    record = _make_record(*args, **kwargs)
+    if (rid := request_id.get()) != "-":
+        record.request_id = rid
+    return record
+
+
+logging.setLogRecordFactory(_record_with_request_id)
 
 
 class JsonFormatter(logging.Formatter):

@@ -21,6 +21,7 @@ from core import offer_token
 from core.store.db import Store
 from core.store.tables import Event, Offer
 from discount.v1 import discount_pb2 as pb
+from server.logs import JsonFormatter
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -270,9 +271,10 @@ def test_issued_offers_are_logged_and_flushed_on_shutdown(model_store: Path, see
 
 
 def test_an_optimal_rule_without_a_response_model_fails_closed(
-    server: OfferServer, seeded: str
+    server: OfferServer, seeded: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """No response model loaded: the `optimal` rule applies but grants nothing, not INTERNAL."""
+    """No response model loaded: the `optimal` rule applies but grants nothing, not INTERNAL;
+    the warning that says so carries the request id of the call it was logged in."""
     from core.store.tables import Rule
 
     store = Store(seeded)
@@ -288,9 +290,15 @@ def test_an_optimal_rule_without_a_response_model_fails_closed(
         store.dispose()
     ctl(seeded, "rules", "disable", "tier")
     request = pb.GetOffersRequest(user_id="user-0", limit=2)
-    eventually(lambda: server.stub.GetOffers(request).offers[0].final_price_cents == 1000, 5.0)
+    rid = (("x-request-id", "opt-1"),)
+    eventually(
+        lambda: server.stub.GetOffers(request, metadata=rid).offers[0].final_price_cents == 1000,
+        5.0,
+    )
     response = server.stub.GetOffers(request)
     assert all(
         "NO_RESPONSE_MODEL" in o.reason_codes and o.discount_percent == 0 and o.rule_id != ""
         for o in response.offers
     )
+    (warning,) = [r for r in caplog.records if "no response model is loaded" in r.getMessage()]
+    assert json.loads(JsonFormatter().format(warning))["request_id"] == "opt-1"
