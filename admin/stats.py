@@ -8,7 +8,9 @@ are implemented here and checked against scipy in the tests.
 Choices, stated once:
 - a proportion's interval is the Wilson score interval (sane near 0 and 1, unlike the normal
   approximation, which matters for conversion rates of a few percent);
-- rates are compared with the pooled two-proportion z-test, two-sided;
+- rates are compared with the pooled two-proportion z-test, two-sided; the difference's interval
+  is Newcombe's hybrid score interval (from the two Wilson intervals: the Wald interval of a
+  difference has no width when both rates are 0 or both 1, and poor coverage near them);
 - per-user money is compared with Welch's t-test (unequal variances), two-sided, and its
   interval is Welch's interval for the difference of means;
 - sample ratio mismatch is Pearson's chi-square goodness of fit against the variant weights.
@@ -86,17 +88,22 @@ def proportion(successes: int, trials: int, confidence: float = 0.95) -> Estimat
 def two_proportion_ztest(
     successes_a: int, trials_a: int, successes_b: int, trials_b: int, confidence: float = 0.95
 ) -> Comparison:
-    """Pooled two-proportion z-test of rate a − rate b, with the unpooled (Wald) interval of
-    the difference. NaN when a side has no trials; p = 1 when both rates are 0 or both 1."""
+    """Pooled two-proportion z-test of rate a − rate b, with Newcombe's hybrid score interval
+    of the difference (his method 10). NaN when a side has no trials; p = 1 when both rates are
+    0 or both 1."""
     _check_confidence(confidence)
     _check_counts(successes_a, trials_a)
     _check_counts(successes_b, trials_b)
     if trials_a == 0 or trials_b == 0:
         return Comparison(Estimate(_NAN, _NAN, _NAN), _NAN, _NAN)
-    pa, pb = successes_a / trials_a, successes_b / trials_b
-    diff = pa - pb
-    half = _z(confidence) * math.sqrt(pa * (1 - pa) / trials_a + pb * (1 - pb) / trials_b)
-    interval = Estimate(diff, diff - half, diff + half)
+    a = proportion(successes_a, trials_a, confidence)
+    b = proportion(successes_b, trials_b, confidence)
+    diff = a.value - b.value
+    interval = Estimate(
+        diff,
+        diff - math.hypot(a.value - a.low, b.high - b.value),
+        diff + math.hypot(a.high - a.value, b.value - b.low),
+    )
     pooled = (successes_a + successes_b) / (trials_a + trials_b)
     se = math.sqrt(pooled * (1 - pooled) * (1 / trials_a + 1 / trials_b))
     if se == 0:
@@ -116,13 +123,16 @@ def _values(
 
 
 def mean(values: Sequence[float] | npt.NDArray[np.floating], confidence: float = 0.95) -> Estimate:
-    """A mean with its Student-t interval; NaN interval with fewer than two values."""
+    """A mean with its Student-t interval; NaN interval with fewer than two values or none of
+    their variance (every user spent the same, e.g. nobody bought): a zero-width interval there
+    would claim a certainty the sample cannot give. scipy's t.interval gives NaN too."""
     _check_confidence(confidence)
     x = _values(values, "values")
     if x.size == 0:
         return Estimate(_NAN, _NAN, _NAN)
     m = float(x.mean())
-    if x.size < 2:
+    # Equal values, not var() == 0: the mean of [0.1] * 3 leaves rounding dust in the variance.
+    if x.size < 2 or np.all(x == x[0]):
         return Estimate(m, _NAN, _NAN)
     half = t_quantile(confidence, x.size - 1) * math.sqrt(float(x.var(ddof=1)) / x.size)
     return Estimate(m, m - half, m + half)

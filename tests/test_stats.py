@@ -64,6 +64,43 @@ def test_two_proportion_ztest_matches_the_uncorrected_chi_square_of_scipy(
     assert ours.difference.low <= ours.difference.value <= ours.difference.high
 
 
+@given(counts(10_000), counts(10_000), st.sampled_from([0.9, 0.95, 0.99]))
+def test_difference_interval_is_newcombes_from_scipys_wilson_intervals(
+    a: tuple[int, int], b: tuple[int, int], level: float
+) -> None:
+    (xa, na), (xb, nb) = a, b
+    wa = scipy.stats.binomtest(xa, na).proportion_ci(level, method="wilson")
+    wb = scipy.stats.binomtest(xb, nb).proportion_ci(level, method="wilson")
+    pa, pb = xa / na, xb / nb
+    low = pa - pb - math.sqrt((pa - wa.low) ** 2 + (wb.high - pb) ** 2)
+    high = pa - pb + math.sqrt((wa.high - pa) ** 2 + (pb - wb.low) ** 2)
+    ours = two_proportion_ztest(xa, na, xb, nb, level).difference
+    assert close(ours.low, low, 1e-6) and close(ours.high, high, 1e-6)
+    assert -1 <= ours.low <= ours.value <= ours.high <= 1
+    assert ours.low < ours.high  # never a zero-width interval, even at 0 % or 100 %
+
+
+@pytest.mark.parametrize(
+    ("xa", "na", "xb", "nb", "low", "high"),
+    [
+        (56, 70, 48, 80, 0.0524, 0.3339),
+        (9, 10, 3, 10, 0.1705, 0.8090),
+        (6, 7, 2, 7, 0.0582, 0.8062),
+        (5, 56, 0, 29, -0.0381, 0.1926),
+        (0, 10, 0, 20, -0.1611, 0.2775),
+        (0, 10, 0, 10, -0.2775, 0.2775),
+        (10, 10, 0, 20, 0.6791, 1.0),
+        (10, 10, 0, 10, 0.6075, 1.0),
+    ],
+)
+def test_difference_interval_matches_newcombes_published_table(
+    xa: int, na: int, xb: int, nb: int, low: float, high: float
+) -> None:
+    # Newcombe (1998), Statistics in Medicine 17:873-890, Table II, method 10.
+    ours = two_proportion_ztest(xa, na, xb, nb).difference
+    assert (round(ours.low, 4), round(ours.high, 4)) == (low, high)
+
+
 @st.composite
 def samples(draw: st.DrawFn) -> np.ndarray:
     seed = draw(st.integers(min_value=0, max_value=2**32 - 1))
@@ -156,6 +193,10 @@ def test_undefined_quantities_are_nan_not_made_up() -> None:
     assert math.isnan(welch_ttest([1.0], [1.0, 2.0]).p_value)
     assert math.isnan(mean([3.0]).low) and mean([3.0]).value == 3.0
     assert math.isnan(mean([]).value)
+    # No variance: the t interval is undefined (scipy's t.interval says NaN), not [m, m].
+    for values in ([0.0] * 50, [0.1] * 3):
+        assert mean(values).value == pytest.approx(values[0])
+        assert math.isnan(mean(values).low) and math.isnan(mean(values).high)
     assert math.isnan(srm_p_value([0, 0], [50, 50]))
     assert math.isnan(srm_p_value([10], [100]))
 
