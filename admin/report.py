@@ -13,9 +13,9 @@ Definitions (user level, so that every test compares independent units):
   from the active model version's catalog (n/a without one);
 - 30-day repeat rate: converters who bought again on a later day within 30 days of their first
   purchase / converters (only converters whose first purchase is 30 days old count).
-The first variant is the control. Rates: Wilson intervals and pooled two-proportion z-tests;
-money: Student/Welch intervals and Welch's t-test; sample-ratio mismatch: chi-square against the
-weights, flagged below p = 0.001.
+The first variant is the control. Rates: Wilson intervals, pooled two-proportion z-tests and
+Newcombe intervals of the difference; money: Student/Welch intervals and Welch's t-test;
+sample-ratio mismatch: chi-square against the weights, flagged below p = 0.001.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class _User:
     revenue: float = 0.0
     cost: float = 0.0
     cost_known: bool = True
-    purchase_days: set[int] = field(default_factory=set)
+    purchases: list[datetime] = field(default_factory=list)
     first_purchase: datetime | None = None
 
 
@@ -101,12 +101,17 @@ def _users(session: Session, key: str) -> dict[str, dict[str, _User]]:
         .group_by(Offer.variant, Offer.user_id)
     )
     users: dict[str, dict[str, _User]] = defaultdict(dict)
-    owner: dict[str, _User] = {}
+    owner: dict[str, tuple[str, _User]] = {}
     for variant, user_id, when in rows:
-        # A user whose variant changed (weights edited in a draft) counts where first offered.
-        if user_id in owner and owner[user_id].first_offer <= when:
-            continue
-        owner[user_id] = users[variant or ""][user_id] = _User(when)
+        # A user whose variant changed (weights edited in a draft) counts where first offered,
+        # and only there: the rows come in no particular order.
+        if user_id in owner:
+            previous, seen = owner[user_id]
+            if seen.first_offer <= when:
+                continue
+            del users[previous][user_id]
+        owner[user_id] = (variant or "", _User(when))
+        users[variant or ""][user_id] = owner[user_id][1]
     return users
 
 
@@ -145,7 +150,7 @@ def report(session: Session, key: str, now: datetime) -> dict[str, Any]:
                 u.cost_known = False
             else:
                 u.cost += cost * (quantity or 1)
-            u.purchase_days.add(int(occurred.timestamp() // 86_400))
+            u.purchases.append(occurred)
             if u.first_purchase is None:
                 u.first_purchase = occurred
     discount_cost = dict(
@@ -236,10 +241,17 @@ def report(session: Session, key: str, now: datetime) -> dict[str, Any]:
     }
 
 
+def _day(t: datetime) -> int:
+    return int(t.timestamp() // 86_400)
+
+
 def _repeated(u: _User) -> bool:
-    assert u.first_purchase is not None
-    start = int(u.first_purchase.timestamp() // 86_400)
-    return any(start < d <= start + REPEAT_WINDOW.days for d in u.purchase_days)
+    """Bought again on a later (UTC) day, so not the same order split into lines, and within
+    REPEAT_WINDOW of the first purchase, the window every eligible converter has lived through.
+    """
+    first = u.first_purchase
+    assert first is not None
+    return any(_day(t) > _day(first) and t - first <= REPEAT_WINDOW for t in u.purchases)
 
 
 def conversion_curves(
@@ -250,13 +262,15 @@ def conversion_curves(
     users = _users(session, key)
     owner = {u: d for g in users.values() for u, d in g.items()}
     bought: dict[str, datetime] = {}
+    # The first purchase at or after the first offer, as in report(): a customer who had also
+    # bought before the experiment still converts.
     for user_id, occurred in session.execute(
-        select(Event.user_id, func.min(Event.occurred_at))
+        select(Event.user_id, Event.occurred_at)
         .where(Event.type.in_(BUYING))
         .where(Event.user_id.in_(select(Offer.user_id).where(Offer.experiment_key == key)))
-        .group_by(Event.user_id)
+        .order_by(Event.occurred_at)
     ):
-        if user_id in owner and occurred >= owner[user_id].first_offer:
+        if user_id in owner and user_id not in bought and occurred >= owner[user_id].first_offer:
             bought[user_id] = occurred
     moments = sorted({d.first_offer for d in owner.values()} | set(bought.values()))
     if not moments:

@@ -7,6 +7,7 @@ import json
 import math
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -188,3 +189,82 @@ def test_offer_commands_refuse_bad_input_in_one_line(
     result = CliRunner().invoke(cli, argv)
     assert result.exit_code == 1, result.output
     assert fragment in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def _report(url: str) -> dict[str, Any]:
+    return cast(
+        dict[str, Any], json.loads(ctl(url, "experiments", "report", "ab", "-o", "json").stdout)
+    )
+
+
+def test_a_user_offered_under_two_variants_counts_once_where_first_offered(db_url: str) -> None:
+    ctl(db_url, "experiments", "create", "ab", "--variant", "control:50",
+        "--variant", "treatment:50")  # fmt: skip
+    offers = [offer(n, f"u{n}", "control" if n < 10 else "treatment", 0.0) for n in range(20)]
+    # "x" was first offered under the treatment, an hour later under the control: whichever
+    # order the store returns the rows in, x is one treatment user.
+    late = {**offer(20, "x", "control", 0.0), "issued_at": START + timedelta(hours=1)}
+    offers += [offer(21, "x", "treatment", 0.0), late]
+    store = Store(db_url)
+    with store.transaction() as session:
+        insert_offers(session, offers)
+        record(
+            session,
+            [EventIn("p", "purchase", "x", "00001", "", 500, 1, int(START.timestamp()) + 7200)],
+            datetime.now(UTC),
+        )
+    store.dispose()
+    control, treatment = _report(db_url)["variants"]
+    assert (control["users_assigned"], treatment["users_assigned"]) == (10, 11)
+    assert (control["conversion"]["value"], treatment["conversion"]["value"]) == (0.0, 1 / 11)
+
+
+def test_conversion_curve_ends_at_the_reports_conversion(db_url: str) -> None:
+    """A customer who also bought before the experiment converts in the curve as in the report."""
+    from admin.report import conversion_curves
+
+    ctl(db_url, "experiments", "create", "ab", "--variant", "control:50",
+        "--variant", "treatment:50")  # fmt: skip
+    t0 = int(START.timestamp())
+    store = Store(db_url)
+    with store.transaction() as session:
+        insert_offers(session, [offer(n, f"u{n}", "control", 0.0) for n in range(4)])
+        record(session, [
+            EventIn("before", "purchase", "u0", "00001", "", 500, 1, t0 - 86_400),
+            EventIn("after", "purchase", "u0", "00001", "", 500, 1, t0 + 3600),
+            EventIn("only", "purchase", "u1", "00001", "", 500, 1, t0 + 7200),
+        ], datetime.now(UTC))  # fmt: skip
+    with store.transaction() as session:
+        series = conversion_curves(session, "ab")["control"][1]
+    store.dispose()
+    assert _report(db_url)["variants"][0]["conversion"]["value"] == 2 / 4
+    assert series[-1].value == 2 / 4
+
+
+@pytest.mark.parametrize(
+    ("again", "repeated"),
+    [
+        (timedelta(hours=2), False),  # the same day: the same order, split into lines
+        (timedelta(days=29, hours=23), True),
+        (timedelta(days=30), True),
+        # A later calendar day within 30 days of the *day* but not of the purchase: out.
+        (timedelta(days=30, hours=22), False),
+    ],
+)
+def test_repeat_purchase_is_within_30_days_of_the_first(
+    db_url: str, again: timedelta, repeated: bool
+) -> None:
+    ctl(db_url, "experiments", "create", "ab", "--variant", "control:50",
+        "--variant", "treatment:50")  # fmt: skip
+    # The first purchase a second after midnight UTC, the day after the offer.
+    first = (int(START.timestamp()) // 86_400 + 1) * 86_400 + 1
+    second = first + int(again.total_seconds())
+    store = Store(db_url)
+    with store.transaction() as session:
+        insert_offers(session, [offer(0, "u0", "control", 0.0)])
+        record(session, [
+            EventIn("p1", "purchase", "u0", "00001", "", 500, 1, first),
+            EventIn("p2", "purchase", "u0", "00001", "", 500, 1, second),
+        ], datetime.now(UTC))  # fmt: skip
+    store.dispose()
+    assert _report(db_url)["variants"][0]["repeat_rate_30d"]["value"] == float(repeated)
