@@ -4,7 +4,6 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA ?=
-PG_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
 
 .PHONY: demo test protos lint bench profile bench-gpu bench-quality bench-discounts loadtest soak clean
 
@@ -43,7 +42,8 @@ profile: $(STAMP)
 bench-gpu: $(STAMP)
 	PYTHON=$(BIN)/python bash bench/gpu.sh
 
-# Load a running discountd (plaintext) with bench/loadtest.json; e.g. make loadtest ARGS="--call check"
+# Load a running discountd (plaintext) with bench/loadtest.json, by ghz when it is on PATH, else
+# the built-in generator; e.g. make loadtest ARGS="--call check"
 loadtest: $(STAMP)
 	$(BIN)/python -m bench.load --config bench/loadtest.json $(ARGS)
 

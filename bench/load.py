@@ -1,6 +1,7 @@
 """A gRPC load generator (asyncio, one process) with ghz's main options: concurrency, a total
 or a duration, a rate, and connections. It prints one JSON object: throughput, latency
-percentiles, errors.
+percentiles, errors. With ghz on PATH, ghz runs the same options instead (bench.ghz), unless
+--generator builtin.
 
 Calls are spread over ``connections`` channels (ghz's --connections): one HTTP/2 connection
 reaches one process, so a server with --workers N needs at least N of them to be loaded whole.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import shutil
 import sys
 import time
 from collections import Counter
@@ -66,10 +68,12 @@ class Report:
     p50_ms: float
     p95_ms: float
     p99_ms: float
-    cpu_seconds: float  # this process's CPU during the run: what the load itself costs
+    cpu_seconds: float  # the generator's CPU during the run: what the load itself costs
+    generator: str = "bench.load"  # or "ghz VERSION"
 
 
-def _requests(load: Load) -> Any:
+def requests(load: Load) -> Any:
+    """Endless requests for load.call: random users (and items), fixed by load.seed."""
     rng = random.Random(load.seed)
     while True:
         user = user_id(rng.randrange(load.users))
@@ -107,7 +111,7 @@ def _method(call: str, channel: aio.Channel) -> Any:
 
 
 async def _drive(load: Load, methods: list[Any], metadata: Any) -> Report:
-    requests = _requests(load)
+    made = requests(load)
     latencies: list[float] = []
     errors: Counter[str] = Counter()
     issued = 0
@@ -132,7 +136,7 @@ async def _drive(load: Load, methods: list[Any], metadata: Any) -> Report:
                 await asyncio.sleep(delay)
             sent = time.perf_counter()
             try:
-                await method(next(requests), metadata=metadata, timeout=30)
+                await method(next(made), metadata=metadata, timeout=30)
             except grpc.RpcError as e:
                 errors[e.code().name] += 1
                 continue
@@ -181,7 +185,14 @@ async def _drive(load: Load, methods: list[Any], metadata: Any) -> Report:
 @click.option("--items", type=click.IntRange(1), help="Catalog size (item-0 ..) for offers.")
 @click.option("--offer-items", type=click.IntRange(1), help="Items per GetOffers call.")
 @click.option("--token", help="Bearer token when the server has --auth required.")
-def main(config: Path | None, **flags: Any) -> None:
+@click.option(
+    "--generator",
+    type=click.Choice(["auto", "ghz", "builtin"]),
+    default="auto",
+    show_default=True,
+    help="auto: ghz when it is on PATH, else this built-in asyncio generator.",
+)
+def main(config: Path | None, generator: str, **flags: Any) -> None:
     """Load a running discountd and print throughput and latency as JSON."""
     values: dict[str, Any] = {}
     if config is not None:
@@ -194,10 +205,22 @@ def main(config: Path | None, **flags: Any) -> None:
         if unknown:
             raise click.UsageError(f"--config {config}: unknown keys {', '.join(unknown)}")
     values.update({k: v for k, v in flags.items() if v is not None})
+    load = Load(**values)
+    ghz = shutil.which("ghz") if generator != "builtin" else None
+    if generator == "ghz" and ghz is None:
+        raise click.UsageError("--generator ghz: no ghz on PATH")
     try:
-        report = asyncio.run(run(Load(**values)))
+        if ghz is not None:
+            from bench import ghz as ghz_run  # it builds on this module's Load and Report
+
+            report = ghz_run.run(load, ghz)
+        else:
+            report = asyncio.run(run(load))
     except TimeoutError:
         click.echo(f"bench.load: no server answers at {values.get('target')}", err=True)
+        sys.exit(1)
+    except RuntimeError as e:  # ghz failed; its own words
+        click.echo(f"bench.load: {e}", err=True)
         sys.exit(1)
     click.echo(json.dumps(asdict(report)))
 

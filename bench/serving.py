@@ -314,6 +314,14 @@ def compare_runtimes(store: Path, n_items: int, n_users: int, repeats: int) -> l
     return rows
 
 
+def _generator(rows: list[Row]) -> str:
+    """Who made the load: bench.load's own asyncio client, or ghz when it was on PATH."""
+    names = sorted({row.load.get("generator", "bench.load") for row in rows})
+    if names == ["bench.load"]:
+        return "`bench.load` (asyncio gRPC client, one process on the same machine)"
+    return f"{', '.join(names)} (run by `bench.load`, on the same machine)"
+
+
 def versions() -> str:
     import grpc
     import onnxruntime
@@ -444,7 +452,7 @@ def main(
         "Server: discountd (one process unless the row says 2 workers), ONNX Runtime CPU, "
         "plaintext, auth off, info logging, its store SQLite unless the row says PostgreSQL "
         "(a local server, on the same cores). "
-        f"Load: `bench.load` (asyncio gRPC client, one process on the same machine), "
+        f"Load: {_generator(rows)}, "
         f"{concurrency} calls in flight over {connections} connections, {duration:.0f} s per "
         f"run after {warmup} warm-up calls; "
         f"Recommend for random users of {users:,} with limit 10. Models: random factors "
