@@ -80,7 +80,7 @@ class Metrics:
         )
         self.batch_size = Histogram(
             "discountd_inference_batch_size",
-            "Users scored in one ONNX Runtime run.",
+            "Recommend calls answered by one ONNX Runtime run (the micro-batch size).",
             buckets=BATCH_BUCKETS,
             registry=self.registry,
         )

@@ -159,7 +159,8 @@ class DiscountService(pb_grpc.DiscountServiceServicer):
         else:
             # ONNX Runtime releases the GIL; a worker thread keeps the event loop answering.
             result = await asyncio.to_thread(recommend, model, query)
-            self._metrics.batch_size.observe(1)
+            if result.cold_start is not ColdStart.POPULARITY:  # a popularity answer runs no model
+                self._metrics.batch_size.observe(1)
         response = pb.RecommendResponse(
             model_version=result.model_version,
             cold_start=result.cold_start is not ColdStart.NONE,

@@ -43,7 +43,7 @@ def answers(server: RunningServer, calls: list[pb.RecommendRequest]) -> list[pb.
 
 def test_batched_equals_single(model_store: Path, tiny_shop: TinyShop) -> None:
     calls = requests(tiny_shop)
-    single = RunningServer(model_store, batch_max_size=1)
+    single = RunningServer(model_store, batch_max_size=1, metrics_port=0)
     batched = RunningServer(
         model_store, batch_max_size=32, batch_max_wait_us=50_000, metrics_port=0
     )
@@ -53,6 +53,7 @@ def test_batched_equals_single(model_store: Path, tiny_shop: TinyShop) -> None:
         alone = [single.stub.Recommend(r) for r in calls]
         together = answers(batched, calls)
         samples = scrape(batched)
+        unbatched = scrape(single)
     finally:
         single.close()
         batched.close()
@@ -61,6 +62,7 @@ def test_batched_equals_single(model_store: Path, tiny_shop: TinyShop) -> None:
     users = value(samples, "discountd_inference_batch_size_sum")
     assert users == len(calls) - 1, "every call but the popularity one ran the model"
     assert runs < users, "no two calls shared a run: nothing was batched"
+    assert value(unbatched, "discountd_inference_batch_size_count") == len(calls) - 1
 
 
 def test_a_bad_call_does_not_fail_its_batch(model_store: Path, tiny_shop: TinyShop) -> None:
