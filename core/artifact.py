@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,16 @@ from typing import Any
 MANIFEST = "manifest.json"
 CURRENT = "CURRENT"
 FORMAT_VERSION = 2  # 2: score.onnx
+# What a reader opens unconditionally: a manifest that does not seal them describes no version
+# that can serve (user_features.json is optional, and sealed like every other file when there).
+REQUIRED_FILES = (
+    "model.onnx",
+    "score.onnx",
+    "users.json",
+    "items.json",
+    "popularity.json",
+    "user_history.npz",
+)
 
 # A graph's signature: (name, element type, shape) per input or output; symbolic dimensions
 # are strings.
@@ -166,12 +177,26 @@ def load_manifest(version_dir: Path, verify: bool = True) -> Manifest:
         )
     if raw.get("signature") != manifest.signature():
         raise ArtifactError(f"{path}: model signature differs from what this build serves")
+    unsealed = [name for name in REQUIRED_FILES if name not in manifest.files]
+    if unsealed:
+        raise ArtifactError(f"{path}: does not list {', '.join(unsealed)}")
     verify_files(version_dir, manifest.files)
     return manifest
 
 
 def verify_files(folder: Path, files: dict[str, str]) -> None:
-    """Every file a manifest lists exists in folder and matches its recorded sha256."""
+    """Every file a manifest lists is a plain name in folder and matches its recorded sha256,
+    and folder holds no file the manifest leaves out: a reader opens only sealed bytes."""
+    for name in files:
+        if name in ("", ".", "..", MANIFEST) or "/" in name or "\\" in name:
+            raise ArtifactError(f"{folder}: manifest lists {name!r}, not a file of the folder")
+    listed = {*files, MANIFEST}
+    unlisted = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name not in listed)
+    if unlisted:
+        raise ArtifactError(
+            f"{folder}: {', '.join(unlisted)} not listed in the manifest; remove it, or export "
+            "the version again"
+        )
     for name, expected in files.items():
         file = folder / name
         if not file.is_file():
@@ -198,7 +223,15 @@ def current_version_dir(model_dir: Path) -> Path:
 
 
 def set_current(model_dir: Path, version: str) -> None:
-    """Point CURRENT at version atomically (write a temp file, then rename)."""
-    tmp = model_dir / f".{CURRENT}.tmp"
-    tmp.write_text(version + "\n")
-    os.replace(tmp, model_dir / CURRENT)
+    """Point CURRENT at version atomically (write a temp file, then rename). The temp file's
+    name is unique: a trainer and `discountctl models promote` may switch the same store at
+    once, and with one shared name one could rename the other's half-written file into place."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{CURRENT}-", suffix=".tmp", dir=model_dir)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(version + "\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a server may run as another user
+        os.replace(tmp, model_dir / CURRENT)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from core.artifact import CURRENT, load_manifest
+from core.artifact import CURRENT, load_manifest, set_current
 from core.catalog import category_vocabulary
 from tests.conftest import TinyShop, make_tiny_shop
 from trainer.dataset import Factors
@@ -106,6 +108,35 @@ def test_artifact_is_sealed_complete_and_current(model_store: Path, version_dir:
     assert items["item_id"][:2] == ["00000", "00001"]
     features = json.loads((version_dir / "user_features.json").read_text())
     assert features["columns"] == ["order_count"] and len(features["rows"]) == 40
+
+
+def test_concurrent_switches_of_current_never_fail_or_tear(tmp_path: Path) -> None:
+    """A trainer and `discountctl models promote` may point one store's CURRENT at once: each
+    switch succeeds, and a reader only ever sees a whole version name."""
+    errors: list[BaseException] = []
+    seen: set[str] = set()
+
+    def switch(version: str) -> None:
+        for _ in range(500):
+            try:
+                set_current(tmp_path, version)
+            except OSError as e:
+                errors.append(e)
+
+    def read() -> None:
+        for _ in range(1000):
+            with contextlib.suppress(FileNotFoundError):
+                seen.add((tmp_path / CURRENT).read_text())
+
+    threads = [threading.Thread(target=switch, args=(v,)) for v in ("v1", "v2")]
+    threads.append(threading.Thread(target=read))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert seen <= {"v1\n", "v2\n"}
+    assert [p.name for p in tmp_path.iterdir()] == [CURRENT]
 
 
 def test_user_history_holds_each_users_purchases(tiny_shop: TinyShop, version_dir: Path) -> None:

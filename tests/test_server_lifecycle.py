@@ -154,6 +154,13 @@ def drop_items_file(version: Path) -> None:
     (version / "items.json").unlink()
 
 
+def unlisted_user_features(version: Path) -> None:
+    """user_features.json left out of the manifest: its bytes would reach offers unverified."""
+    manifest = json.loads((version / "manifest.json").read_text())
+    del manifest["files"]["user_features.json"]
+    (version / "manifest.json").write_text(json.dumps(manifest))
+
+
 def items_without_categories(version: Path) -> None:
     """Sealed, so every sha256 matches, but items.json lacks a key the loader reads."""
     items = json.loads((version / "items.json").read_text())
@@ -169,6 +176,7 @@ def items_without_categories(version: Path) -> None:
         (wrong_signature, "model.onnx inputs are"),
         (wrong_score_signature, "score.onnx inputs are"),
         (drop_items_file, "items.json listed in the manifest is missing"),
+        (unlisted_user_features, "user_features.json not listed in the manifest"),
         (items_without_categories, "malformed version (KeyError('category'))"),
         (format_1, "format_version 1, this build reads 2; train and export it again"),
     ],
