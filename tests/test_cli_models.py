@@ -10,13 +10,15 @@ from typing import Any
 import pytest
 from cli import ctl, row_counts
 
-from core.artifact import Manifest, seal
+from core.artifact import REQUIRED_FILES, Manifest, load_manifest, seal
 
 
 def _version(root: Path, name: str) -> Path:
     """A sealed version folder; registration checks the manifest, not what the graph computes."""
     folder = root / name
     folder.mkdir()
+    for file in REQUIRED_FILES:
+        (folder / file).write_bytes(f"{file} of {name}".encode())
     (folder / "model.onnx").write_bytes(b"graph " + name.encode())
     (folder / "items.json").write_text('{"item_id": ["85123A"]}')
     seal(
@@ -32,6 +34,18 @@ def _version(root: Path, name: str) -> Path:
         ),
     )
     return folder
+
+
+def _reseal_without(folder: Path, name: str) -> None:
+    (folder / name).unlink()
+    seal(folder, load_manifest(folder, verify=False))
+
+
+def _list(folder: Path, name: str, same_as: str) -> None:
+    """List name in the manifest with the sha256 of a file that is there."""
+    raw = json.loads((folder / "manifest.json").read_text())
+    raw["files"][name] = raw["files"][same_as]
+    (folder / "manifest.json").write_text(json.dumps(raw))
 
 
 def run(url: str, *args: str) -> Any:
@@ -97,6 +111,16 @@ def test_rollback_asks_first(db_url: str, tmp_path: Path) -> None:
         ),
         (lambda d: (d / "items.json").unlink(), "items.json listed in the manifest is missing"),
         (lambda d: (d / "manifest.json").write_text("{"), "unreadable manifest"),
+        # Files a reader opens but the manifest does not vouch for.
+        (lambda d: _reseal_without(d, "score.onnx"), "does not list score.onnx"),
+        (
+            lambda d: (d / "user_features.json").write_text("{}"),
+            "user_features.json not listed in the manifest",
+        ),
+        (
+            lambda d: _list(d, "../v1/model.onnx", "model.onnx"),
+            "manifest lists '../v1/model.onnx', not a file of the folder",
+        ),
     ],
 )
 def test_register_refuses_a_version_that_does_not_match_its_manifest(
@@ -120,3 +144,19 @@ def test_register_twice_and_promote_after_tampering_are_refused(
     result = ctl(db_url, "models", "promote", "v1")
     assert result.exit_code == 1 and "does not match its sha256" in result.stderr
     assert run(db_url, "list")[0]["status"] == "staged"
+
+
+def test_rollback_refuses_a_version_whose_files_changed(db_url: str, tmp_path: Path) -> None:
+    """Rollback re-verifies like promote: a server would refuse the files, so the registry and
+    CURRENT must not move to them either."""
+    for name in ("v1", "v2"):
+        run(db_url, "register", str(_version(tmp_path, name)))
+        run(db_url, "promote", name)
+    (tmp_path / "v1" / "model.onnx").write_bytes(b"overwritten since")
+    result = ctl(db_url, "models", "rollback", "--yes")
+    assert result.exit_code == 1
+    assert "cannot roll back to 'v1'" in result.stderr
+    assert "model.onnx does not match its sha256" in result.stderr
+    statuses = {m["version"]: m["status"] for m in run(db_url, "list")}
+    assert statuses == {"v1": "retired", "v2": "active"}
+    assert (tmp_path / "CURRENT").read_text().strip() == "v2"

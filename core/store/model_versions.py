@@ -71,13 +71,7 @@ class ModelVersions:
         model = self.get(version)
         if model.status == "active":
             raise InvalidInput(f"model version {version!r} is already active")
-        # The files may have changed since registration; never activate what was not verified.
-        _verified(Path(model.path))
-        if sha256_file(Path(model.path) / MANIFEST) != model.manifest_sha256:
-            raise InvalidInput(
-                f"{model.path}: manifest changed since {version!r} was registered; "
-                "register the new version instead"
-            )
+        _unchanged(model)
         return self._activate(model, "promote", rolled_back=None)
 
     def rollback(self) -> ModelVersion:
@@ -101,6 +95,13 @@ class ModelVersions:
                 f"nothing to roll back to: no version but {current.version!r} has been active, "
                 "except ones rolled back from; `discountctl models promote VERSION` picks one"
             )
+        try:
+            _unchanged(previous)
+        except InvalidInput as e:
+            raise InvalidInput(
+                f"cannot roll back to {previous.version!r}: {e}; "
+                "`discountctl models promote VERSION` picks another"
+            ) from None
         return self._activate(previous, "rollback", rolled_back=current)
 
     def _activate(
@@ -130,6 +131,16 @@ class ModelVersions:
             model.to_dict(),
         )
         return model
+
+
+def _unchanged(model: ModelVersion) -> None:
+    """The files may have changed since registration; never activate what was not verified."""
+    _verified(Path(model.path))
+    if sha256_file(Path(model.path) / MANIFEST) != model.manifest_sha256:
+        raise InvalidInput(
+            f"{model.path}: manifest changed since {model.version!r} was registered; "
+            "register the new version instead"
+        )
 
 
 def _verified(path: Path) -> Manifest:
