@@ -96,6 +96,11 @@ def write(
     the folder is swapped into place, so a reader never sees half a model. write_files returns
     metrics measured while writing (e.g. ONNX parity), which join the manifest's."""
     out = out.resolve()
+    if out.exists() and not _replaceable(out):
+        # The swap below deletes what is at out: never a model store, a data folder or a home.
+        raise ArtifactError(
+            f"{out} exists and is not a response model folder; pass a new or empty --out"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-incoming-", dir=out.parent))
     try:
@@ -117,7 +122,11 @@ def write(
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
             old.rmdir()
             out.rename(old)
-            staging.rename(out)
+            try:
+                staging.rename(out)
+            except BaseException:
+                old.rename(out)  # the previous model stays, rather than none at all
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             staging.rename(out)
@@ -125,6 +134,19 @@ def write(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return sealed
+
+
+def _replaceable(out: Path) -> bool:
+    """An empty folder, or one with a response model's manifest (sound or not)."""
+    if not out.is_dir():
+        return False
+    if not any(out.iterdir()):
+        return True
+    try:
+        raw = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and raw.get("kind") == KIND
 
 
 def load(folder: Path) -> ResponseManifest:

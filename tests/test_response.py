@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -213,6 +214,59 @@ def test_an_older_format_is_refused_by_name(
     (folder / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
     with pytest.raises(ArtifactError, match="format_version 1, this build reads 2"):
         response_artifact.load(folder)
+
+
+def _copy_files(source: Path) -> Callable[[Path], dict[str, float]]:
+    """write_files for response_artifact.write: the graph and history of an exported folder."""
+
+    def write_files(folder: Path) -> dict[str, float]:
+        for name in (GRAPH, HISTORY):
+            shutil.copy(source / name, folder / name)
+        return {}
+
+    return write_files
+
+
+def test_writing_over_a_folder_that_is_not_a_response_model_is_refused(
+    exported: tuple[Trained, Path, ResponseManifest], tmp_path: Path
+) -> None:
+    """`--out var/models` by mistake must not delete the model store the swap would replace."""
+    store = tmp_path / "models"
+    (store / "20261128-172400-ab12cd").mkdir(parents=True)
+    (store / "CURRENT").write_text("20261128-172400-ab12cd\n")
+    manifest = ResponseManifest(version="", created_at="", grid=list(GRID))
+    with pytest.raises(ArtifactError, match="not a response model folder"):
+        response_artifact.write(store, manifest, _copy_files(exported[1]))
+    assert sorted(p.name for p in store.iterdir()) == ["20261128-172400-ab12cd", "CURRENT"]
+    assert [p.name for p in tmp_path.iterdir()] == ["models"]
+    # A response model folder, or an empty one, is replaced as before.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    response_artifact.write(empty, manifest, _copy_files(exported[1]))
+    again = response_artifact.write(empty, manifest, _copy_files(exported[1]))
+    assert response_artifact.load(empty) == again
+
+
+def test_a_failed_swap_keeps_the_previous_response_model(
+    exported: tuple[Trained, Path, ResponseManifest],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    folder = tmp_path / "response"
+    shutil.copytree(exported[1], folder)
+    rename = Path.rename
+
+    def failing(self: Path, target: Path) -> Path:
+        if self.name.startswith(".response-incoming-"):
+            raise OSError("disk trouble")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing)
+    manifest = ResponseManifest(version="", created_at="", grid=list(GRID))
+    with pytest.raises(OSError, match="disk trouble"):
+        response_artifact.write(folder, manifest, _copy_files(exported[1]))
+    assert response_artifact.load(folder) == exported[2]
+    assert [p.name for p in tmp_path.iterdir()] == ["response"]
 
 
 def test_discountd_scores_a_known_user_with_their_rates_and_a_stranger_with_the_prior(
