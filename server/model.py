@@ -131,10 +131,10 @@ def load_version(path: Path, device: str, threads: int = 0, facts: bool = False)
         raise ArtifactError(f"{path}: user_history.npz does not fit {manifest.n_users} users")
     session, provider = open_session(path / "model.onnx", device, threads)
     signature = manifest.signature()
-    _check_signature(path / "model.onnx", session, signature)
+    check_signature(path / "model.onnx", session, signature)
     # A few dot products: one thread, on the CPU, is the fastest place for them.
     score_session, _ = open_session(path / "score.onnx", "cpu", 1)
-    _check_signature(path / "score.onnx", score_session, signature["score"])
+    check_signature(path / "score.onnx", score_session, signature["score"])
     model = ModelVersion(
         path=path,
         manifest=manifest,
@@ -188,7 +188,8 @@ def _ranks(popularity: Ints, n_items: int) -> Ints:
     return rank
 
 
-def _check_signature(graph: Path, session: ort.InferenceSession, expected: dict[str, Any]) -> None:
+def check_signature(graph: Path, session: ort.InferenceSession, expected: dict[str, Any]) -> None:
+    """The graph's inputs and outputs are those the manifest promises (names, types, shapes)."""
     for kind, actual in (("inputs", session.get_inputs()), ("outputs", session.get_outputs())):
         want = [(s["name"], ORT_TYPES[s["type"]], s["shape"]) for s in expected[kind]]
         have = [(a.name, a.type, list(a.shape)) for a in actual]

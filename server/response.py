@@ -24,7 +24,7 @@ from core import response_artifact
 from core.artifact import ArtifactError
 from core.offers import Features, ItemInput, Probabilities
 from core.response_history import HistoryTable
-from server.model import open_session
+from server.model import check_signature, open_session
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +44,15 @@ class ResponseModel:
         # One thread: GetOffers runs it on the event loop over a few rows, where waking a pool
         # of threads would cost more than the run.
         session, _ = open_session(graph, "cpu", 1)
+        check_signature(graph, session, response_artifact.signature())
         history = HistoryTable.load(path / response_artifact.HISTORY)
         model = cls(path, manifest.version, session, history)
-        probability = model(
-            "", {}, [ItemInput("warm-up", "", 10.0, 5.0, 1, 0.0)], list(manifest.grid) or [0.0]
-        )
+        try:
+            probability = model(
+                "", {}, [ItemInput("warm-up", "", 10.0, 5.0, 1, 0.0)], list(manifest.grid) or [0.0]
+            )
+        except Exception as e:  # ONNX Runtime's errors have no common base; a graph it cannot run
+            raise ArtifactError(f"{graph}: warm-up inference failed ({e})") from None
         if probability is None or not np.isfinite(probability).all():
             raise ArtifactError(f"{graph}: warm-up inference gave no finite probabilities")
         return model

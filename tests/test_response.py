@@ -269,6 +269,32 @@ def test_a_failed_swap_keeps_the_previous_response_model(
     assert [p.name for p in tmp_path.iterdir()] == ["response"]
 
 
+def test_discountd_refuses_a_sealed_graph_that_is_no_response_model(
+    exported: tuple[Trained, Path, ResponseManifest], tmp_path: Path
+) -> None:
+    """Sealed and verified, but not the graph the manifest promises: one ArtifactError (which
+    discountd reports in one line), not an ONNX Runtime error from the warm-up."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from server.response import ResponseModel
+
+    def identity(folder: Path) -> dict[str, float]:
+        _copy_files(exported[1])(folder)
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])
+        graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])
+        opset = [helper.make_opsetid("", 17)]
+        onnx.save(helper.make_model(graph, opset_imports=opset, ir_version=8), folder / GRAPH)
+        return {}
+
+    folder = tmp_path / "response"
+    manifest = ResponseManifest(version="", created_at="", grid=list(GRID))
+    response_artifact.write(folder, manifest, identity)
+    with pytest.raises(ArtifactError, match=r"response\.onnx inputs are"):
+        ResponseModel.load(folder)
+
+
 def test_discountd_scores_a_known_user_with_their_rates_and_a_stranger_with_the_prior(
     logged: Logged, exported: tuple[Trained, Path, ResponseManifest]
 ) -> None:
