@@ -12,8 +12,8 @@ Choices, stated once:
   that segment, not whether it is the first one matched, so adding a broad low-priority segment
   never silently takes users out of a rule;
 - among running experiments the first by key whose target holds the user decides; its variant's
-  rule (or none: no discount) prices every item, even where another rule has higher priority,
-  so the experiment measures what it says;
+  rule (or none: no discount) prices every item its scope covers (segment included), even where
+  another rule has higher priority, so the experiment measures what it says;
 - without an experiment each item gets the highest-priority live rule whose scope covers it;
 - a rule with a budget grants discounts only while the discounts redeemed under it (as of the
   snapshot) plus those granted in this answer stay within the budget;
@@ -53,7 +53,8 @@ class Why(StrEnum):
     EXPERIMENT_VARIANT = "EXPERIMENT_VARIANT"
     # The user's variant has no rule: no discount, by design (usually the control).
     VARIANT_NO_DISCOUNT = "VARIANT_NO_DISCOUNT"
-    # The variant's rule is disabled, outside its validity window, or does not cover the item.
+    # The variant's rule is disabled, outside its validity window, or does not cover the user
+    # (its segment) or the item.
     VARIANT_RULE_NOT_APPLICABLE = "VARIANT_RULE_NOT_APPLICABLE"
     RULE_HIGHEST_PRIORITY = "RULE_HIGHEST_PRIORITY"
     RANKED = "RANKED"
@@ -300,12 +301,18 @@ def _open_rules(
 
 
 def _rule_for(
-    variant: VariantDef | None, open_rules: Sequence[RuleDef], item: ItemInput, now: datetime
+    variant: VariantDef | None,
+    in_variant_segment: bool,
+    open_rules: Sequence[RuleDef],
+    item: ItemInput,
+    now: datetime,
 ) -> tuple[RuleDef | None, Why | None]:
     if variant is not None:
         if variant.rule is None:
             return None, Why.VARIANT_NO_DISCOUNT
-        if not (variant.rule.live(now) and variant.rule.covers(item)):
+        # The experiment decides which rule, never whom a rule may reach: a variant's rule
+        # scoped to a segment still prices only that segment's users.
+        if not (in_variant_segment and variant.rule.live(now) and variant.rule.covers(item)):
             return None, Why.VARIANT_RULE_NOT_APPLICABLE
         return variant.rule, None
     for rule in open_rules:
@@ -331,6 +338,11 @@ def decide(
         head.append(Why.EXPERIMENT_VARIANT)
     variant = assigned[1] if assigned is not None else None
     open_rules = _open_rules(snapshot, user_id, features, now) if variant is None else []
+    in_variant_segment = (
+        variant is not None
+        and variant.rule is not None
+        and _in_segment(snapshot, variant.rule.segment, user_id, features)
+    )
     decided: list[ItemDecision | None] = [None] * len(items)
     under_rule: dict[int, tuple[RuleDef, list[int]]] = {}
     reasons: list[tuple[str, ...]] = []
@@ -339,7 +351,7 @@ def decide(
         rule, rule_reason = (
             (None, Why.NO_PRICE)
             if item.price is None
-            else _rule_for(variant, open_rules, item, now)
+            else _rule_for(variant, in_variant_segment, open_rules, item, now)
         )
         if rule_reason is not None:
             why.append(rule_reason)

@@ -119,7 +119,7 @@ def test_guardrails_budgets_and_fail_closed_always_hold(
         granted[rule.id] = granted.get(rule.id, Decimal(0)) + p.discount_amount
         if decision.variant:
             assert decision.variant == "treat"
-        elif rule.segment == "big":
+        if rule.segment == "big":  # an experiment never widens its rule's segment
             assert value >= 500
     for rule in ordered:
         remaining = rule.remaining()
@@ -161,3 +161,21 @@ def test_each_item_goes_to_the_highest_priority_rule_that_may_price_it() -> None
 
     assert chosen(600) == [2, 3]
     assert chosen(100) == [4, 3]
+
+
+def test_a_variant_rule_prices_only_the_users_of_its_segment() -> None:
+    pricing = policy.Rule("tiered_topk", {"k1": 1, "d1": 20, "d2": 20}, policy.Guardrails.of(50))
+    vip_rule = RuleDef(id=1, name="vip-20", pricing=pricing, segment="big")
+    big = SegmentDef("big", 0, parse_condition({"feature": "lifetime_value", "op": ">=",
+                                                 "value": 500}))  # fmt: skip
+    # Everyone in the treatment: the experiment has no target segment of its own.
+    experiment = ExperimentDef("ab", "salt", (VariantDef("treat", 100, vip_rule),))
+    snapshot = Snapshot((big,), (vip_rule,), (experiment,))
+    shown = [ItemInput("x", "a", 10.0, 1.0, 1, 0.5)]
+    [inside] = decide(snapshot, "u", {"lifetime_value": 600}, shown, NOW).items
+    assert inside.priced.discount_pct == 20 and inside.rule == vip_rule
+    outside = decide(snapshot, "u", {"lifetime_value": 100}, shown, NOW)
+    assert outside.variant == "treat"
+    [item] = outside.items
+    assert item.priced.discount_pct == 0 and item.rule is None
+    assert Why.VARIANT_RULE_NOT_APPLICABLE in item.reasons
