@@ -152,7 +152,8 @@ class Reason(StrEnum):
     # The discount with the largest expected margin under the response model; followed by
     # EXPECTED_UPLIFT_CENTS=<n> (see uplift_code).
     POLICY_OPTIMAL = "POLICY_OPTIMAL"
-    # An `optimal` rule applies but no response model is loaded: no discount (fail closed).
+    # An `optimal` rule applies but no response model is loaded, or it gave no probability in
+    # [0, 1]: no discount (fail closed).
     NO_RESPONSE_MODEL = "NO_RESPONSE_MODEL"
     # The policy needs a model score and the item has none (e.g. unknown to the model).
     NO_SCORE = "NO_SCORE"
@@ -351,12 +352,21 @@ def _optimal_discount(rule: Rule, item: Candidate) -> tuple[Decimal, tuple[str, 
     if item.score is None or not math.isfinite(item.score):
         return Decimal(0), (Reason.NO_SCORE,)
     choices = optimal_choices(rule.params)
-    if item.purchase_probability is None or len(item.purchase_probability) != len(choices):
+    probability = item.purchase_probability
+    # A NaN would win argmax and make the uplift code raise; a value outside [0, 1] is no
+    # probability either: without a usable answer from the model, no discount.
+    if (
+        probability is None
+        or len(probability) != len(choices)
+        or not all(0 <= p <= 1 for p in probability)
+    ):
         return Decimal(0), (Reason.NO_RESPONSE_MODEL,)
     base, cost = to_cents(item.base_price), to_cents(item.cost)
-    allowed = allowed_percents(base, cost, choices, rule.guardrails)
+    # The floor from the catalog's cost as _price_one computes it, not the cost rounded to cents:
+    # a choice allowed against a lower floor would be moved off the grid by the floor guardrail.
+    allowed = allowed_percents(base, item.cost, choices, rule.guardrails)
     picked = choose(
-        np.array([item.purchase_probability], dtype=np.float64),
+        np.array([probability], dtype=np.float64),
         np.array([float(base)]),
         np.array([float(cost)]),
         [float(p) / 100 for p in choices],

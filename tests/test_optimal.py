@@ -46,6 +46,10 @@ pytestmark = pytest.mark.timeout(120)
 torch.set_num_threads(1)
 
 money = st.integers(min_value=1, max_value=10_000_000).map(lambda m: Decimal(m) / 100)
+# Catalog costs need not be whole cents (a cost derived from a margin, an average landed cost).
+costs = st.one_of(money, st.integers(min_value=1, max_value=1_000_000_000).map(
+    lambda m: Decimal(m) / 10_000
+))  # fmt: skip
 probability = st.floats(min_value=0, max_value=1, allow_nan=False)
 
 
@@ -59,7 +63,7 @@ def optimal_cases(draw: st.DrawFn) -> tuple[Rule, Candidate]:
     rule = Rule("optimal", {"grid": [g / 100 for g in grid]}, limits)
     n = len(optimal_choices(rule.params))
     p = tuple(draw(st.lists(probability, min_size=n, max_size=n)))
-    item = Candidate("a", draw(money), draw(money), 1, score=0.5, purchase_probability=p)
+    item = Candidate("a", draw(money), draw(costs), 1, score=0.5, purchase_probability=p)
     return rule, item
 
 
@@ -77,11 +81,14 @@ def test_optimal_respects_guardrails_and_takes_the_best_allowed_choice(
         assert priced.final_price >= floor_price(item.cost, rule.guardrails.min_margin_pct)
     assert priced.reasons[0] == Reason.POLICY_OPTIMAL
     assert priced.reasons[1].startswith("EXPECTED_UPLIFT_CENTS=")
+    # The choice is one the guardrails allow as priced: none of them had to move it.
+    assert Reason.GUARDRAIL_MARGIN_FLOOR not in priced.reasons
+    assert Reason.GUARDRAIL_MAX_DISCOUNT not in priced.reasons
     if Reason.ROUNDED_TO_NO_DISCOUNT in priced.reasons:
         return  # the best choice was too small to take a cent off: the base price stands
     # The choice is an allowed one, and no allowed choice has a larger expected margin.
     choices = optimal_choices(rule.params)
-    allowed = allowed_percents(base, cost, choices, rule.guardrails)
+    allowed = allowed_percents(base, item.cost, choices, rule.guardrails)
     assert allowed[choices.index(priced.discount_pct)]
     value = expected_margin(
         np.array([item.purchase_probability]),
@@ -99,6 +106,30 @@ def test_optimal_respects_guardrails_and_takes_the_best_allowed_choice(
     uplift = int(priced.reasons[1].split("=")[1])
     assert uplift == round((chosen - value[0]) * 100)
     assert uplift >= 0
+
+
+def test_optimal_checks_the_floor_of_the_catalog_cost_not_of_the_cost_in_cents() -> None:
+    # Floor 6.3649 × 1.10 = 7.00139 -> 7.01; the cost in cents (6.36) would give 7.00, which
+    # 30% off 10.00 reaches. 30% is not allowed: no discount, not 29.90% set by the floor.
+    rule = Rule("optimal", {"grid": [30]}, Guardrails.of(30, 10))
+    item = Candidate(
+        "a", Decimal("10.00"), Decimal("6.3649"), 1, score=0.5, purchase_probability=(0.1, 0.9)
+    )
+    [priced] = price_items(rule, [item])
+    assert priced.discount_pct == 0 and priced.final_price == Decimal("10.00")
+    assert priced.reasons == (Reason.POLICY_OPTIMAL, "EXPECTED_UPLIFT_CENTS=0")
+
+
+@pytest.mark.parametrize(
+    "p", [(0.1, float("nan"), 0.2), (float("nan"),) * 3, (0.1, 1.5, 0.2), (-0.1, 0.2, 0.3)]
+)
+def test_no_probability_from_the_response_model_means_no_discount(
+    p: tuple[float, ...],
+) -> None:
+    rule = Rule("optimal", {"grid": [10, 20]}, Guardrails.of(30))
+    item = Candidate("a", Decimal(10), Decimal(1), 1, score=0.5, purchase_probability=p)
+    [priced] = price_items(rule, [item])
+    assert priced.discount_pct == 0 and priced.reasons == (Reason.NO_RESPONSE_MODEL,)
 
 
 def test_a_probability_per_choice_is_required() -> None:
