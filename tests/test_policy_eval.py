@@ -79,6 +79,13 @@ def _offers(price: np.ndarray, cost: np.ndarray, rank: np.ndarray | None = None)
 money = st.decimals(Decimal("0.5"), Decimal("500"), places=2).map(float)
 
 
+def test_the_margin_floor_is_the_exact_costs_as_the_server_prices() -> None:
+    # 6.3649 × 1.1 = 7.0014, a floor of 7.01: 30% off 10.00 (7.00) is below it, though the cost
+    # rounded to cents (6.36 × 1.1 = 6.996) would allow it.
+    allowed = allowed_discounts(np.array([10.0]), np.array([6.3649]), Guardrails.of(30, 10))
+    assert dict(zip(GRID, allowed[0], strict=True)) == {d: d <= 0.25 for d in GRID}
+
+
 @settings(max_examples=80, deadline=None)
 @given(
     st.lists(st.tuples(money, st.floats(0.05, 1.3)), min_size=1, max_size=20),
@@ -90,7 +97,7 @@ def test_optimal_never_breaks_a_guardrail(
     items: list[tuple[float, float]], max_pct: int, min_margin: int, seed: int
 ) -> None:
     price = np.array([p for p, _ in items])
-    cost = np.round(price * np.array([c for _, c in items]), 2)
+    cost = price * np.array([c for _, c in items])  # not whole cents, as simulated costs
     limits = Guardrails.of(max_pct, min_margin)
     allowed = allowed_discounts(price, cost, limits)
     # Any model, even a random one, must be held to the guardrails.
@@ -100,7 +107,9 @@ def test_optimal_never_breaks_a_guardrail(
         pct = Decimal(str(round(d * 100, 2)))
         assert pct <= Decimal(max_pct)
         if d > 0:  # a discount never takes a price under the margin floor
-            assert price_after(to_cents(p), pct) >= floor_price(to_cents(c), Decimal(min_margin))
+            # The floor of the exact cost, as the server prices (core.offers' candidates).
+            floor = floor_price(Decimal(str(c)), Decimal(min_margin))
+            assert price_after(to_cents(p), pct) >= floor
 
 
 def test_classic_rules_are_priced_by_core_policy_and_rounded_down_onto_the_grid() -> None:

@@ -24,7 +24,15 @@ import numpy.typing as npt
 from scipy import stats
 
 from core.optimal import choose
-from core.policy import Candidate, Guardrails, Rule, allowed_percents, price_items, to_cents
+from core.policy import (
+    Candidate,
+    Guardrails,
+    Rule,
+    allowed_percents,
+    as_decimal,
+    price_items,
+    to_cents,
+)
 from core.response_history import HistoryTable
 from trainer.dataset import Floats
 from trainer.market import (
@@ -92,7 +100,7 @@ def allowed_discounts(price: Floats, cost: Floats, limits: Guardrails) -> Bools:
     percents = [Decimal(str(round(d * 100, 2))) for d in GRID]
     table = np.array(
         [
-            allowed_percents(to_cents(float(p)), to_cents(float(c)), percents, limits)
+            allowed_percents(to_cents(float(p)), as_decimal(float(c), "cost"), percents, limits)
             for p, c in pairs
         ],
         dtype=bool,
