@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cli import ctl, row_counts
+from pg import pg_database
 
 from core.artifact import REQUIRED_FILES, Manifest, load_manifest, seal
+from core.store.db import Store
+from core.store.errors import Conflict
+from core.store.model_versions import ModelVersions
 
 
 def _version(root: Path, name: str) -> Path:
@@ -160,3 +165,38 @@ def test_rollback_refuses_a_version_whose_files_changed(db_url: str, tmp_path: P
     statuses = {m["version"]: m["status"] for m in run(db_url, "list")}
     assert statuses == {"v1": "retired", "v2": "active"}
     assert (tmp_path / "CURRENT").read_text().strip() == "v2"
+
+
+@pytest.mark.postgres
+def test_two_racing_promotions_leave_one_version_active(tmp_path: Path) -> None:
+    """The second promote waits on the first's lock of the version both retire, then would go
+    on and commit a second active version; the database's one-active index refuses it."""
+    with pg_database() as url:
+        assert ctl(url, "db", "upgrade").exit_code == 0
+        for name in ("v1", "v2", "v3"):
+            run(url, "register", str(_version(tmp_path, name)))
+        run(url, "promote", "v1")
+        first, second = Store(url), Store(url)
+        outcome: list[BaseException | None] = []
+
+        def promote_v3() -> None:
+            try:
+                with second.transaction() as s:
+                    ModelVersions(s, "bob").promote("v3")
+                outcome.append(None)
+            except BaseException as e:
+                outcome.append(e)
+
+        with first.transaction() as s:
+            ModelVersions(s, "alice").promote("v2")  # flushed, not committed
+            racing = threading.Thread(target=promote_v3)
+            racing.start()
+            racing.join(timeout=1)
+            assert racing.is_alive(), "bob's promote should wait for alice's transaction"
+        racing.join(timeout=30)
+        assert isinstance(outcome[0], Conflict), outcome
+        assert "another model version was activated at the same time" in str(outcome[0])
+        statuses = {m["version"]: m["status"] for m in run(url, "list")}
+        assert statuses == {"v1": "retired", "v2": "active", "v3": "staged"}
+        first.dispose()
+        second.dispose()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from core.artifact import MANIFEST, ArtifactError, Manifest, load_manifest, sha256_file
@@ -119,7 +120,13 @@ class ModelVersions:
         model.status = "active"
         model.activated_at = now
         model.rolled_back_at = None
-        self.session.flush()
+        try:
+            self.session.flush()
+        except IntegrityError:  # the one-active index: another promote or rollback won
+            raise Conflict(
+                "another model version was activated at the same time; see `discountctl "
+                "models list` and try again"
+            ) from None
         audit.record(
             self.session,
             self.actor,

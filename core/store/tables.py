@@ -25,6 +25,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, declared_attr, mapped_column, relationship
 
@@ -277,7 +278,17 @@ class Variant(Base):
 
 class ModelVersion(Base):
     __tablename__ = "model_versions"
-    __table_args__ = (CheckConstraint(_in("status", MODEL_STATUSES), name="status"),)
+    __table_args__ = (
+        CheckConstraint(_in("status", MODEL_STATUSES), name="status"),
+        # At most one active version, whatever two racing promotes do (migration 0004).
+        Index(
+            "ix_model_versions_one_active",
+            "status",
+            unique=True,
+            postgresql_where=text("status = 'active'"),
+            sqlite_where=text("status = 'active'"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     version: Mapped[str] = mapped_column(String(NAME_LENGTH), unique=True)
