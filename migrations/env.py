@@ -1,7 +1,14 @@
 """Alembic environment. Run through ``discountctl db`` (core.store.migrate), which hands over an
 open connection, so that migrations see the same URL handling and search_path as everything
 else. Revisions are frozen; only autogenerate comparison (``alembic check``) reads the live
-tables here."""
+tables here.
+
+Writing a revision: SQLite connections run with ``PRAGMA foreign_keys=ON`` (core.store.db), so
+a batch operation that recreates a parent table (segments, rules, experiments) would delete its
+children's rows through ON DELETE CASCADE; no revision does so yet. One that must switches
+foreign keys off around it, outside the transaction, and runs ``PRAGMA foreign_key_check``
+after. The CHECK constraints of 0001 carry their names twice (``ck_events_ck_events_type``; the
+naming convention prefixed names given in full): a revision that touches one names it so."""
 
 from __future__ import annotations
 
