@@ -288,34 +288,22 @@ def test_a_store_without_a_model_exits_1_saying_how_to_fix(tmp_path: Path, db_ur
     assert "Traceback" not in result.stderr
 
 
+def _exiting(*args: str) -> subprocess.CompletedProcess[str]:
+    """A discountd expected to exit at start: args plus the local-trial flags."""
+    local = ("--insecure-demo-key", "--insecure", "--auth", "off")
+    return subprocess.run(
+        [str(DISCOUNTD), *args, *local], capture_output=True, text=True, timeout=60
+    )
+
+
 def test_a_metrics_port_in_use_exits_1_in_one_line(store: Path, db_url: str) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        result = subprocess.run(
-            [
-                str(DISCOUNTD),
-                "--model-dir",
-                str(store),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--metrics-port",
-                str(taken.getsockname()[1]),
-                "--device",
-                "cpu",
-                "--db-url",
-                db_url,
-                "--insecure-demo-key",
-                "--insecure",
-                "--auth",
-                "off",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        result = _exiting(
+            "--model-dir", str(store), "--host", "127.0.0.1", "--port", "0",
+            "--metrics-port", str(taken.getsockname()[1]), "--device", "cpu", "--db-url", db_url,
+        )  # fmt: skip
     assert result.returncode == 1
     assert "discountd: cannot serve metrics on 127.0.0.1:" in result.stderr
     assert "Traceback" not in result.stderr
@@ -340,26 +328,10 @@ def test_a_worker_that_fails_is_reported_not_silent(tmp_path: Path) -> None:
 
 
 def test_workers_on_an_unknown_host_exit_1_in_one_line(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [
-            str(DISCOUNTD),
-            "--model-dir",
-            str(tmp_path),
-            "--workers",
-            "2",
-            "--port",
-            "0",
-            "--host",
-            "nosuchhost.invalid",
-            "--insecure-demo-key",
-            "--insecure",
-            "--auth",
-            "off",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = _exiting(
+        "--model-dir", str(tmp_path), "--workers", "2", "--port", "0",
+        "--host", "nosuchhost.invalid",
+    )  # fmt: skip
     assert result.returncode == 1
     assert "discountd: cannot listen on nosuchhost.invalid:0" in result.stderr
     assert "Traceback" not in result.stderr
