@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from cli import ctl
+from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from hypothesis import given, settings
@@ -25,6 +27,7 @@ from core.store.clients import Clients
 from core.store.db import Store
 from discount.v1 import discount_pb2 as pb
 from discount.v1 import discount_pb2_grpc as pb_grpc
+from server import decoding
 from server.auth import ClientRegistry, bearer_token
 
 pytestmark = pytest.mark.timeout(120)
@@ -106,6 +109,48 @@ def test_every_rpc_but_health_needs_a_valid_token(
     assert stub.Recommend(RECOMMEND, metadata=(("authorization", f"bearer {token}"),)).items
     code, _ = status_of(lambda: stub.Recommend(RECOMMEND, metadata=bearer(token.upper())))
     assert code == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_a_refused_call_is_never_decoded(
+    model_store: Path, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # protobuf grows a 4 MiB request of empty events into ~200 MB: a caller without a token
+    # must not be able to make the server parse one, let alone many at once.
+    decoded: list[str] = []
+    real_decoder = decoding._decoder
+
+    def counting(message: type[Message]) -> Callable[[bytes], Any]:
+        decode = real_decoder(message)
+
+        def counted(data: bytes) -> Any:
+            decoded.append(message.DESCRIPTOR.name)
+            return decode(data)
+
+        return counted
+
+    monkeypatch.setattr(decoding, "_decoder", counting)
+    running = ServerThread(server_settings(model_store, db_url, auth="required"))
+    try:
+        with grpc.insecure_channel(running.target) as channel:
+            stub = pb_grpc.DiscountServiceStub(channel)
+            events = pb.RecordEventsRequest(events=[pb.Event()] * 10_000)
+            for metadata in ((), bearer("dct_wrong")):
+                code, _ = status_of(lambda m=metadata: stub.RecordEvents(events, metadata=m))
+                assert code == grpc.StatusCode.UNAUTHENTICATED
+            assert decoded == []
+            token = create_client(db_url, "events")
+            eventually(
+                lambda: (
+                    status_of(
+                        lambda: stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=bearer(token))
+                    )[0]
+                    == grpc.StatusCode.OK
+                ),
+                timeout=10,
+            )
+            assert "GetModelInfoRequest" in decoded
+    finally:
+        running.close()
 
 
 def test_revocation_reaches_the_running_server(
