@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,24 @@ def load(files: TlsFiles) -> grpc.ServerCertificateConfiguration:
     )
 
 
+def warn_if_exposed(key: Path) -> None:
+    """Log a warning when users other than the key's owner (and its group, read-only) may read
+    or change the private key: whoever reads it can impersonate this server. A warning, not a
+    refusal, since containers and secret mounts set modes their own way."""
+    try:
+        mode = stat.S_IMODE(key.stat().st_mode)
+    except OSError:
+        return  # load() has just read it; a file gone since is the next load's problem
+    if mode & (stat.S_IWGRP | stat.S_IRWXO):
+        log.warning(
+            "TLS key %s is open to other users of this host (mode %04o): anyone who reads it "
+            "can impersonate this server; restrict it with `chmod 600 %s`",
+            key,
+            mode,
+            key,
+        )
+
+
 def _reason(error: OSError | ssl.SSLError) -> str:
     if isinstance(error, ssl.SSLError):
         return error.reason or "not PEM"
@@ -65,6 +84,7 @@ class TlsCredentials:
     def __init__(self, files: TlsFiles) -> None:
         self.files = files
         self._initial = load(files)
+        warn_if_exposed(files.key)
         self._pending: grpc.ServerCertificateConfiguration | None = None
         self._lock = threading.Lock()
 
@@ -83,6 +103,7 @@ class TlsCredentials:
         except TlsError as e:
             log.error("TLS reload refused, keeping the current certificate: %s", e)
             return False
+        warn_if_exposed(self.files.key)
         with self._lock:
             self._pending = config
         log.info("TLS certificate reloaded from %s", self.files.cert)

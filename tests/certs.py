@@ -23,6 +23,7 @@ class Pem:
         cert, key = folder / f"{stem}.crt", folder / f"{stem}.key"
         cert.write_bytes(self.cert)
         key.write_bytes(self.key)
+        key.chmod(0o600)  # as a deployment keeps it; discountd warns about looser modes
         return cert, key
 
 

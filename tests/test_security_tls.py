@@ -4,6 +4,7 @@ SIGHUP swaps the certificate in a running discountd, and bad files are refused i
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import re
@@ -26,7 +27,7 @@ from discount.v1 import discount_pb2 as pb
 from discount.v1 import discount_pb2_grpc as pb_grpc
 from server.main import main
 from server.settings import SettingsError, resolve
-from server.tls import TlsFiles
+from server.tls import TlsCredentials, TlsFiles
 
 pytestmark = pytest.mark.timeout(120)
 RECOMMEND = pb.RecommendRequest(user_id="user-0", limit=3)
@@ -215,3 +216,25 @@ def test_tls_auth_and_reflection_settings_fall_back_to_the_environment(
         )
     for fragment in ("--auth / DISCOUNT_AUTH: 'maybe'", "--reflection", "TLS is required"):
         assert fragment in str(e.value)
+
+
+def test_a_key_other_users_can_read_is_warned_about(
+    server_files: TlsFiles, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="server.tls")
+    server_files.key.chmod(0o600)
+    credentials = TlsCredentials(server_files)
+    assert credentials.reload()
+    server_files.key.chmod(0o640)  # group-readable: the ssl-cert group convention
+    assert credentials.reload()
+    assert caplog.records == []
+    for mode in (0o644, 0o660, 0o604):
+        server_files.key.chmod(mode)
+        assert credentials.reload()  # served anyway: a warning, not an outage
+        (record,) = caplog.records
+        assert f"TLS key {server_files.key}" in record.getMessage()
+        assert f"mode {mode:04o}" in record.getMessage()
+        assert f"chmod 600 {server_files.key}" in record.getMessage()
+        caplog.clear()
+    TlsCredentials(server_files)
+    assert len(caplog.records) == 1
