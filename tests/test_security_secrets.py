@@ -60,6 +60,8 @@ def test_help_never_shows_secrets_from_the_environment() -> None:
         f"postgresql+psycopg://admin:{PASSWORD}@127.0.0.1:notaport/shop",
         f"mysql://admin:{PASSWORD}@127.0.0.1/shop",
         f"admin:{PASSWORD}",
+        f"postgresql+psycopg://admin@127.0.0.1:1/shop?password={PASSWORD}",
+        f"postgresql+psycopg://admin@127.0.0.1:1/shop?sslmode=require&sslpassword={PASSWORD}",
     ],
 )
 def test_store_errors_mask_the_password(url: str) -> None:
@@ -67,8 +69,10 @@ def test_store_errors_mask_the_password(url: str) -> None:
         result = CliRunner().invoke(cli, ["--db-url", url, *args])
         assert result.exit_code == 1, result.output
         assert_no_secret(result.output)
-    if "@127.0.0.1:1/" in url:
+    if f":{PASSWORD}@127.0.0.1:1/" in url:
         assert "admin:***@127.0.0.1:1/shop" in result.output
+    if f"password={PASSWORD}" in url:
+        assert "password=***" in result.output
 
 
 def test_discountd_errors_and_logs_mask_the_password_and_never_show_the_key(

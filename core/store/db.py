@@ -25,10 +25,18 @@ NOTIFY_CHANNEL = "discount_changes"
 CONNECT_TIMEOUT_S = 5
 
 
+# Query parameters libpq (and so psycopg) takes a password from.
+SECRET_QUERY_KEYS = ("password", "sslpassword")
+
+
 def mask_url(url: str | URL) -> str:
-    """The URL with its password replaced by ***, safe for messages and logs."""
+    """The URL with its passwords replaced by ***, safe for messages and logs: the one before
+    the @ and any given as a query parameter (?password=...)."""
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        parsed = make_url(url)
+        hidden = {k: "***" for k in parsed.query if k.lower() in SECRET_QUERY_KEYS}
+        shown = parsed.update_query_dict(hidden).render_as_string(hide_password=True)
+        return shown.replace("=%2A%2A%2A", "=***")  # the query's *** as the password's
     except (ArgumentError, ValueError):  # ValueError: a port that is not a number
         return "<unparseable URL>"
 
