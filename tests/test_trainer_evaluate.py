@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -92,6 +93,24 @@ def test_user_last_fraction_holds_out_at_least_one_per_user() -> None:
     assert split.relevant[0].indices.tolist() == [8, 9]
     assert split.relevant[1].indices.tolist() == [1]
     assert split.train_rows.sum() == 9
+
+
+@given(st.lists(st.integers(0, 3), min_size=60, max_size=60), st.integers(1, 20))
+def test_ties_go_to_the_lower_item_index_even_across_the_kth_place(
+    scores: list[int], k: int
+) -> None:
+    """Popularity ties a lot (buyer counts); which of the items tied at the k-th place make the
+    list must not depend on argpartition's internals, or the baseline's Recall@50 does."""
+    s = np.array([scores], dtype=np.float64)
+    exclude = sp.csr_matrix(([1.0], ([0], [7])), shape=(1, 60))
+    got = top_k(lambda users: s[users], np.array([0]), exclude, k)
+    s[0, 7] = -np.inf
+    expected = sorted(range(60), key=lambda i: (-s[0, i], i))[:k]
+    assert got.tolist() == [expected]
+    flat = np.zeros((1, 3000))
+    assert top_k(
+        lambda users: flat[users], np.array([0]), sp.csr_matrix((1, 3000)), 10
+    ).tolist() == [list(range(10))]
 
 
 @given(
