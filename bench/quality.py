@@ -142,7 +142,8 @@ def _implicit(hold: Split, val: Split, kind: str, say: Callable[[str], None]) ->
         )
 
     if kind == "als":
-        # The same input signal as ours: log(1 + summed event weight); implicit adds 1 + α·x.
+        # The same input signal as ours: log(1 + summed event weight); implicit weighs it α·x (our
+        # c₀ = 0: implicit 0.7 scales the matrix by alpha, with no constant added).
         space = [
             {"regularization": r, "alpha": a}
             for r in (0.1, 1.0, 10.0, 30.0)
