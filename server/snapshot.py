@@ -5,7 +5,7 @@ Refreshes come from two sources: PostgreSQL LISTEN on core.store.db.NOTIFY_CHANN
 notifies inside its own transaction, so a notice means the change is committed) and polling
 every ``interval`` seconds, the only mechanism on SQLite and the safety net for a lost notice.
 A failed refresh keeps the last good snapshot, marks it stale with the (password-masked)
-error, and the next poll retries.
+error, and the next poll retries. So does one the store leaves unanswered for STALL_S.
 """
 
 from __future__ import annotations
@@ -32,6 +32,10 @@ from server.errors import NotReady
 
 log = logging.getLogger(__name__)
 LISTEN_RECONNECT_S = 1.0
+# A store that hangs rather than refuses (a frozen host, a network that drops packets: its
+# statement timeout cannot fire) holds a refresh for as long as TCP waits, minutes. Past this
+# the snapshot is reported stale meanwhile; a store that answers takes well under it.
+STALL_S = 15.0
 
 
 class SnapshotKeeper:
@@ -42,6 +46,7 @@ class SnapshotKeeper:
         self.fresh = False
         self.error = ""
         self._loaded_at = 0.0  # time.monotonic() of the last good load
+        self.stall_s = STALL_S
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._stop_listening = threading.Event()
@@ -82,25 +87,35 @@ class SnapshotKeeper:
     async def refresh(self) -> bool:
         """Reload from the store; on failure keep the last snapshot and report why."""
         was_fresh = self.fresh
-        ok = await self._refresh()
-        if self._on_change is not None and self.fresh != was_fresh:
-            await self._on_change(self.fresh)
+        load = asyncio.ensure_future(asyncio.to_thread(self._load))
+        done, _ = await asyncio.wait({load}, timeout=self.stall_s)
+        if not done:
+            # Stale while the store is silent; this load is waited for, not joined by more
+            # (each would hold a thread and a pooled connection).
+            self._stale(f"cannot use store {self.store.masked_url}: no answer in {self.stall_s:g}s")
+            await self._changed(was_fresh)
+            was_fresh = self.fresh
+        try:
+            await load
+            ok = True
+        except (StoreError, SQLAlchemyError, OSError) as e:
+            self._stale(str(e) if isinstance(e, StoreError) else str(self.store.unavailable(e)))
+            ok = False
+        await self._changed(was_fresh)
         return ok
 
-    async def _refresh(self) -> bool:
-        try:
-            await asyncio.to_thread(self._load)
-            return True
-        except (StoreError, SQLAlchemyError, OSError) as e:
-            message = str(e) if isinstance(e, StoreError) else str(self.store.unavailable(e))
-            if message != self.error:
-                log.error(
-                    "rule snapshot stale (age %.0fs), serving the last good one: %s",
-                    self.age_seconds,
-                    message,
-                )
-            self.fresh, self.error = False, message
-            return False
+    def _stale(self, message: str) -> None:
+        if message != self.error:
+            log.error(
+                "rule snapshot stale (age %.0fs), serving the last good one: %s",
+                self.age_seconds,
+                message,
+            )
+        self.fresh, self.error = False, message
+
+    async def _changed(self, was_fresh: bool) -> None:
+        if self._on_change is not None and self.fresh != was_fresh:
+            await self._on_change(self.fresh)
 
     def start(self, on_change: Callable[[bool], Awaitable[None]] | None = None) -> None:
         """Refresh in the background; on_change(fresh) hears when freshness flips."""

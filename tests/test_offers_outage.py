@@ -6,6 +6,7 @@ it stops accepting connections and its sessions are terminated; then it accepts 
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import grpc
@@ -115,4 +116,40 @@ def test_store_outage_serves_from_snapshot_refuses_events_and_recovers(
             eventually(lambda: running.server.offering.log.pending == 0, 10.0)
             assert offer_ids(url) >= {o.offer_id for o in offers}
         finally:
+            running.close()
+
+
+def test_a_store_that_hangs_instead_of_refusing_makes_the_snapshot_stale(
+    model_store: Path,
+) -> None:
+    # A frozen host or a network that drops packets answers nothing, and the server's statement
+    # timeout cannot fire: the refresh waited for minutes while the snapshot, ever older, was
+    # reported fresh in GetModelInfo and in health.
+    with pg_database() as url:
+        store = Store(url)
+        migrate.upgrade(store)
+        store.dispose()
+        running = OfferServer(model_store, url, rules_poll_interval=0.2)
+        keeper = running.server.offering.keeper
+        answer = threading.Event()
+        load = keeper._load
+
+        def hanging() -> None:
+            answer.wait(60)
+            load()
+
+        try:
+            keeper.stall_s = 0.5
+            keeper._load = hanging  # type: ignore[method-assign]
+            info = eventually(lambda: stale_info(running), 10.0)
+            assert "no answer in 0.5s" in info.store_error
+            assert mask_url(url) in info.store_error
+            assert rules_health(running) == NOT_SERVING
+            answer.set()
+            eventually(
+                lambda: running.stub.GetModelInfo(pb.GetModelInfoRequest()).snapshot_fresh, 10.0
+            )
+            assert rules_health(running) == SERVING
+        finally:
+            answer.set()
             running.close()
