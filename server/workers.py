@@ -4,13 +4,16 @@ which grpc sets on Linux), so Python's per-call work runs on every core.
 The parent forks before any gRPC object exists (gRPC's core does not survive a fork once
 started), then only relays signals: SIGHUP to every worker, SIGTERM/SIGINT to every worker
 for a graceful drain. When a worker exits on its own the others are stopped too, so the
-process supervisor sees one failed service rather than a silently shrunken one.
+process supervisor sees one failed service rather than a silently shrunken one. When the parent
+dies (killed, out of memory) its workers drain and exit too: left running, they would keep
+serving the port unsupervised, beside the workers of the service the supervisor restarts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import dataclasses
 import logging
 import os
@@ -25,6 +28,7 @@ from server.settings import Settings
 log = logging.getLogger("discountd.workers")
 
 Serve = Callable[[Settings], Coroutine[Any, Any, int]]
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def supervise(settings: Settings, serve: Serve) -> int:
@@ -46,6 +50,7 @@ def supervise(settings: Settings, serve: Serve) -> int:
     # Before forking: a SIGTERM from now on reaches every worker started so far.
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, relay)
+    parent = os.getpid()
     for n in range(settings.workers):
         metrics = settings.metrics_port
         if metrics:  # each worker serves its own registry, on consecutive ports
@@ -53,7 +58,7 @@ def supervise(settings: Settings, serve: Serve) -> int:
         worker = dataclasses.replace(settings, port=port, metrics_port=metrics)
         pid = os.fork()
         if pid == 0:
-            _run_child(worker, serve)
+            _run_child(worker, serve, parent)
         children[pid] = n
     log.info("%d workers on %s:%d", settings.workers, settings.host, port)
     code = 0
@@ -76,10 +81,11 @@ def supervise(settings: Settings, serve: Serve) -> int:
     return code
 
 
-def _run_child(settings: Settings, serve: Serve) -> None:
+def _run_child(settings: Settings, serve: Serve, parent: int) -> None:
     # The parent's handlers relay; a worker installs its own in serve().
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
+    _drain_when_orphaned(parent)
     code = 1
     try:
         code = asyncio.run(serve(settings))
@@ -90,6 +96,17 @@ def _run_child(settings: Settings, serve: Serve) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+def _drain_when_orphaned(parent: int) -> None:
+    """SIGTERM this worker (a graceful drain) when the parent dies; Linux only."""
+    if sys.platform != "linux":
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        log.warning("worker (pid %d) will not stop with its parent: prctl failed", os.getpid())
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _signal(pid: int, sig: int) -> None:

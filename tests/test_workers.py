@@ -3,7 +3,10 @@ the parent drains both and exits 0."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -14,6 +17,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from offer_server import eventually
 
 from discount.v1 import discount_pb2 as pb
 from discount.v1 import discount_pb2_grpc as pb_grpc
@@ -108,3 +112,34 @@ def test_two_workers_share_the_port_and_drain(workers: subprocess.Popen[str]) ->
     assert workers.wait(timeout=60) == 0
     reader.join(timeout=30)
     assert sum(m == "stopped" for m in rest) == 2, rest
+
+
+def stopped(pid: str) -> bool:
+    """Gone, or a zombie not yet reaped: either way it serves nothing."""
+    try:
+        return "zombie" in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="workers follow their parent on Linux only")
+def test_workers_stop_when_the_parent_is_killed(workers: subprocess.Popen[str]) -> None:
+    # A parent killed outright (SIGKILL, the OOM killer) left its workers serving the port
+    # unsupervised, next to the workers of the service a supervisor then restarts.
+    log = messages(workers, "listening on", 2)
+    port = log[-1].rsplit(":", 1)[1]
+    children = Path(f"/proc/{workers.pid}/task/{workers.pid}/children").read_text().split()
+    assert len(children) == 2, children
+    workers.kill()
+    workers.wait(timeout=30)
+    try:
+        for child in children:
+            eventually(functools.partial(stopped, child), 30.0)
+    finally:  # no orphan outlives a failed run
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(child), signal.SIGKILL)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, pytest.raises(grpc.RpcError):
+        pb_grpc.DiscountServiceStub(channel).Recommend(
+            pb.RecommendRequest(user_id="user-0", limit=3), timeout=5
+        )
