@@ -59,7 +59,9 @@ class OfferLog:
                 "retry later"
             )
         self._pending.extend(rows)
-        if len(self._pending) >= BATCH:
+        # A full batch goes at once, but while the store refuses, retries keep to the interval:
+        # woken by every GetOffers, the log tried a new connection per call during an outage.
+        if len(self._pending) >= BATCH and not self._error:
             self._wake.set()
 
     def start(self) -> None:

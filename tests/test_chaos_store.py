@@ -27,6 +27,7 @@ from core.store.db import Store
 from core.store.tables import Event, Offer
 from discount.v1 import discount_pb2 as pb
 from server.limits import MAX_ID_CHARS
+from server.offer_log import BATCH
 from tests.conftest import RunningServer
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(120)]
@@ -152,6 +153,112 @@ def test_a_user_id_too_long_to_log_is_refused_and_the_log_keeps_flowing(
     assert issued <= stored(url)[1]
 
 
+def test_an_event_the_store_cannot_hold_is_rejected_alone(
+    start: type[RunningServer], url: str
+) -> None:
+    # An offer_id of 65-128 characters (the column holds 64) or a revenue past the column's
+    # Numeric(14, 2) passed the checks; PostgreSQL then refused the whole batch, which came back
+    # UNAVAILABLE ("retry it") on every retry.
+    running = start()
+    events = [
+        pb.Event(event_id="holdable", type=pb.EVENT_TYPE_CLICK, user_id="u", item_id="00001"),
+        pb.Event(
+            event_id="long-offer", type=pb.EVENT_TYPE_REDEMPTION, user_id="u", offer_id="o" * 65
+        ),
+        pb.Event(
+            event_id="rich", type=pb.EVENT_TYPE_PURCHASE, user_id="u", item_id="00001",
+            revenue_cents=10**14,
+        ),
+    ]  # fmt: skip
+    reply = running.stub.RecordEvents(pb.RecordEventsRequest(events=events), timeout=10)
+    assert [(r.status, r.reason.split(":")[0]) for r in reply.results] == [
+        (pb.EVENT_STATUS_ACCEPTED, ""),
+        (pb.EVENT_STATUS_REJECTED, "ID_TOO_LONG"),
+        (pb.EVENT_STATUS_REJECTED, "REVENUE_TOO_LARGE"),
+    ]
+    rows = stored(url)[0]
+    assert rows["holdable"] == 1 and "long-offer" not in rows and "rich" not in rows
+
+
+def test_an_event_id_resent_with_other_content_is_rejected_not_a_silent_duplicate(
+    start: type[RunningServer], url: str
+) -> None:
+    running = start()
+
+    def purchase(event_id: str, item_id: str = "00001", cents: int = 1999) -> pb.Event:
+        return pb.Event(
+            event_id=event_id, type=pb.EVENT_TYPE_PURCHASE, user_id="u", item_id=item_id,
+            revenue_cents=cents, occurred_at=1_700_000_000,
+        )  # fmt: skip
+
+    def verdicts(*events: pb.Event) -> list[tuple[int, str]]:
+        reply = running.stub.RecordEvents(pb.RecordEventsRequest(events=events), timeout=10)
+        return [(r.status, r.reason.split(":")[0]) for r in reply.results]
+
+    first = verdicts(purchase("reuse-1"), purchase("reuse-2"), purchase("reuse-2", "00002"))
+    assert first == [
+        (pb.EVENT_STATUS_ACCEPTED, ""),
+        (pb.EVENT_STATUS_ACCEPTED, ""),
+        # The same id twice in one call, with another item: the second one is not stored.
+        (pb.EVENT_STATUS_REJECTED, "EVENT_ID_REUSED"),
+    ]
+    again = verdicts(
+        purchase("reuse-1"),  # a true resend
+        purchase("reuse-2", cents=2999),  # another purchase under a used id
+        purchase("reuse-2", cents=2999),  # and its repeat: never stored either
+    )
+    assert again == [
+        (pb.EVENT_STATUS_DUPLICATE, ""),
+        (pb.EVENT_STATUS_REJECTED, "EVENT_ID_REUSED"),
+        (pb.EVENT_STATUS_REJECTED, "EVENT_ID_REUSED"),
+    ]
+    store = Store(url)
+    try:
+        with store.transaction() as session:
+            kept = session.get(Event, "reuse-2")
+            assert kept is not None and (kept.item_id, kept.revenue) == ("00001", 19.99)
+    finally:
+        store.dispose()
+
+
+def test_offer_log_retries_an_unreachable_store_at_its_interval_not_once_per_call(
+    start: type[RunningServer], url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Once a full batch waited, every GetOffers woke the log, which tried a new connection to
+    # the store per call all through an outage (600 in 3 s where the interval allows 6).
+    running = start()
+    log = running.server.offering.log
+    writes: Counter[str] = Counter()
+    write = log._write
+
+    def counted(batch: list[dict[str, object]]) -> None:
+        writes["tried"] += 1
+        try:
+            write(batch)
+        except Exception:
+            writes["failed"] += 1
+            raise
+
+    monkeypatch.setattr(log, "_write", counted)
+    request = pb.GetOffersRequest(user_id="user-0", limit=5)
+    issued: set[str] = set()
+    set_reachable(url, False)
+    try:
+        log.interval = 3600.0  # from now on only a full batch wakes the log
+        while log.pending < BATCH:
+            issued |= {o.offer_id for o in running.stub.GetOffers(request).offers}
+        eventually(lambda: writes["failed"] >= 1, 10.0)
+        tried = writes["tried"]
+        for _ in range(50):
+            issued |= {o.offer_id for o in running.stub.GetOffers(request).offers}
+        # At most one write woken while the failed one ran; then none until the interval.
+        assert writes["tried"] - tried <= 1, writes
+    finally:
+        set_reachable(url, True)
+    assert running.call(log.flush())
+    assert issued <= stored(url)[1]
+
+
 def test_locked_events_table_fails_fast_bounded_and_recovers(
     start: type[RunningServer], url: str
 ) -> None:
@@ -222,7 +329,7 @@ def test_outage_during_mixed_load_loses_and_doubles_no_event(
     stop = threading.Event()
     lock = threading.Lock()
     acked: Counter[str] = Counter()
-    unacked: set[str] = set()
+    unacked: dict[str, pb.Event] = {}
     codes: Counter[str] = Counter()
 
     def note(name: str) -> None:
@@ -246,13 +353,12 @@ def test_outage_during_mixed_load_loses_and_doubles_no_event(
         while not stop.is_set():
             batch += 1
             request = clicks(f"w{n}-{batch}", 5)
-            ids = {e.event_id for e in request.events}
             try:
                 reply = running.stub.RecordEvents(request, timeout=10)
             except grpc.RpcError as e:
                 note(f"RecordEvents {e.code().name}")
                 with lock:
-                    unacked.update(ids)
+                    unacked.update((e.event_id, e) for e in request.events)
                 continue
             note("RecordEvents OK")
             with lock:
@@ -279,15 +385,10 @@ def test_outage_during_mixed_load_loses_and_doubles_no_event(
         stop.set()
         for worker in workers:
             worker.join(timeout=30)
-    # What a client does after UNAVAILABLE: resend the same ids; none may count twice.
-    retried = sorted(unacked)
+    # What a client does after UNAVAILABLE: resend the same events; none may count twice.
+    retried = list(unacked.values())
     for start_at in range(0, len(retried), 500):
-        request = pb.RecordEventsRequest(
-            events=[
-                pb.Event(event_id=i, type=pb.EVENT_TYPE_CLICK, user_id="user-1", item_id="00000")
-                for i in retried[start_at : start_at + 500]
-            ]
-        )
+        request = pb.RecordEventsRequest(events=retried[start_at : start_at + 500])
         reply = running.stub.RecordEvents(request, timeout=10)
         acked.update(r.event_id for r in reply.results if r.status in ACKED)
     eventually(lambda: running.server.offering.log.pending == 0, 10.0)

@@ -3,24 +3,38 @@
 Each event gets its own verdict, so one bad event never costs the rest of the batch: rejected
 events are named with a reason, the others are written in one INSERT ... ON CONFLICT DO NOTHING
 (both backends), and an id already stored comes back as a duplicate instead of counting twice.
+A resend is a duplicate only when it is the same event: an id stored with other content is
+rejected, so a client that reuses an id for a new event hears that the new one was not stored.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import cast
 
+from sqlalchemy import Numeric, String, Table, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from core.store.tables import EVENT_TYPES, ID_LENGTH, Event
+from core.store.tables import EVENT_TYPES, Event
 
 MAX_BATCH = 1000
 MAX_FUTURE = timedelta(days=1)
 # Items are what impressions, clicks, carts and purchases are about; a redemption names an offer.
 NEEDS_ITEM = frozenset({"impression", "click", "add_to_cart", "purchase"})
+_COLUMNS = cast(Table, Event.__table__).columns
+# The widths of the store's columns: PostgreSQL refuses a longer id or a larger revenue, and
+# with it the whole batch, on every retry (SQLite would store it), so they are refused here.
+MAX_CHARS = {
+    name: cast(String, _COLUMNS[name].type).length or 0
+    for name in ("event_id", "user_id", "item_id", "offer_id")
+}
+MAX_REVENUE_CENTS = 10 ** (cast(Numeric[float], _COLUMNS["revenue"].type).precision or 0) - 1
+# What makes two events with one id the same event (occurred_at too, when the client gives it).
+CONTENT = ("type", "user_id", "item_id", "offer_id", "revenue", "quantity")
 
 
 class Verdict(enum.Enum):
@@ -63,14 +77,16 @@ def problem(event: EventIn, now: datetime) -> str | None:
         return f"MISSING_ITEM_ID: a {event.type} event names its item_id"
     if event.type == "redemption" and not event.offer_id:
         return "MISSING_OFFER_ID: a redemption names the offer_id it redeems"
-    for name in ("event_id", "user_id", "item_id", "offer_id"):
-        if len(getattr(event, name)) > ID_LENGTH:
-            return f"ID_TOO_LONG: {name} is longer than {ID_LENGTH} characters"
+    for name, width in MAX_CHARS.items():
+        if len(getattr(event, name)) > width:
+            return f"ID_TOO_LONG: {name} is longer than {width} characters"
         if "\x00" in getattr(event, name):
             # PostgreSQL text cannot hold NUL: the whole batch's insert would fail on every retry.
             return f"NUL_IN_ID: {name} contains a NUL character, which the store cannot hold"
     if event.revenue_cents < 0:
         return f"NEGATIVE_REVENUE: revenue_cents must be >= 0, got {event.revenue_cents}"
+    if event.revenue_cents > MAX_REVENUE_CENTS:
+        return f"REVENUE_TOO_LARGE: revenue_cents must be <= {MAX_REVENUE_CENTS}"
     if event.quantity < 0:
         return f"NEGATIVE_QUANTITY: quantity must be >= 0 (0 means 1), got {event.quantity}"
     if event.occurred_at < 0:
@@ -103,24 +119,58 @@ def _row(event: EventIn, now: datetime) -> dict[str, object]:
     }
 
 
+def _cents(revenue: object) -> int:
+    return round(cast(float, revenue) * 100) if revenue is not None else 0
+
+
+def _differs(event: EventIn, row: Mapping[str, object], now: datetime) -> str | None:
+    """The first field in which the event is not the one stored as row, or None."""
+    mine = _row(event, now)
+    for name in CONTENT:
+        if name == "revenue":  # a float from cents, compared in cents
+            if _cents(mine[name]) != _cents(row[name]):
+                return name
+        elif mine[name] != row[name]:
+            return name
+    # 0 means "now": a resend of such an event cannot repeat the time of the first.
+    if event.occurred_at and mine["occurred_at"] != row["occurred_at"]:
+        return "occurred_at"
+    return None
+
+
+def _resent(event: EventIn, row: Mapping[str, object], now: datetime) -> Outcome:
+    """DUPLICATE for a resend of the stored event, REJECTED for another event under its id."""
+    field = _differs(event, row, now)
+    if field is None:
+        return Outcome(event.event_id, Verdict.DUPLICATE)
+    return Outcome(
+        event.event_id,
+        Verdict.REJECTED,
+        f"EVENT_ID_REUSED: an event with this event_id and another {field} is already stored; "
+        "resend an event unchanged, and give a new event a new event_id",
+    )
+
+
 def record(session: Session, events: Sequence[EventIn], now: datetime) -> list[Outcome]:
     """Store the valid events (within the caller's transaction); one Outcome per event, in order.
 
-    A repeat of an id within the batch is a duplicate of its first occurrence.
+    A repeat of an id within the batch is a duplicate of its first occurrence (rejected when
+    its content differs), as is an id stored before.
     """
     if len(events) > MAX_BATCH:
         raise ValueError(f"at most {MAX_BATCH} events per call, got {len(events)}")
-    outcomes: list[Outcome | None] = []
+    outcomes: list[Outcome | None] = []  # None: valid, decided once the insert has run
     rows: dict[str, dict[str, object]] = {}
-    for event in events:
+    first: set[int] = set()
+    for n, event in enumerate(events):
         why = problem(event, now)
         if why is not None:
             outcomes.append(Outcome(event.event_id, Verdict.REJECTED, why))
-        elif event.event_id in rows:
-            outcomes.append(Outcome(event.event_id, Verdict.DUPLICATE))
-        else:
+            continue
+        if event.event_id not in rows:
             rows[event.event_id] = _row(event, now)
-            outcomes.append(None)
+            first.add(n)
+        outcomes.append(None)
     stored: set[str] = set()
     if rows:
         dialect = session.get_bind().dialect.name
@@ -132,11 +182,17 @@ def record(session: Session, events: Sequence[EventIn], now: datetime) -> list[O
             .returning(Event.event_id)
         )
         stored = set(session.scalars(statement))
+    # What each valid event's id holds now: this batch's row, or the one stored before it.
+    held: dict[str, Mapping[str, object]] = {i: rows[i] for i in stored}
+    if len(stored) < len(rows):
+        columns = [_COLUMNS[name] for name in ("event_id", *CONTENT, "occurred_at")]
+        query = select(*columns).where(Event.event_id.in_([i for i in rows if i not in stored]))
+        held |= {row["event_id"]: dict(row) for row in session.execute(query).mappings()}
     return [
         o
         if o is not None
-        else Outcome(
-            event.event_id, Verdict.ACCEPTED if event.event_id in stored else Verdict.DUPLICATE
-        )
-        for o, event in zip(outcomes, events, strict=True)
+        else Outcome(event.event_id, Verdict.ACCEPTED)
+        if n in first and event.event_id in stored
+        else _resent(event, held[event.event_id], now)
+        for n, (o, event) in enumerate(zip(outcomes, events, strict=True))
     ]
