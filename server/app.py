@@ -89,8 +89,10 @@ class DiscountServer:
                 await self.health.set(service, SERVING)
         return switched
 
-    async def stop(self, grace: float | None) -> None:
-        """NOT_SERVING first, so balancers drain us, then let in-flight calls finish."""
+    async def stop(self, grace: float | None) -> int:
+        """NOT_SERVING first, so balancers drain us, then let in-flight calls finish; then the
+        offer log gets as long again to write what it holds. The number of issued offers it
+        could not write (0 without a store)."""
         await self.health.enter_graceful_shutdown()
         if self._watcher is not None:
             self._watcher.cancel()
@@ -100,7 +102,8 @@ class DiscountServer:
         self.metrics.stop()
         # After the last call: every offer issued is in the log's queue, flushed here.
         if self.offering is not None:
-            await self.offering.stop()
+            return await self.offering.stop(grace or 0.0)
+        return 0
 
     async def _watch(self) -> None:
         await self.reload(force=False)

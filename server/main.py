@@ -2,7 +2,8 @@
 
 Signals: SIGHUP reloads the version CURRENT names (retrying one refused before) and the TLS
 certificate files; SIGTERM and SIGINT drain: health NOT_SERVING, in-flight calls get --grace
-seconds, exit 0.
+seconds, then the offer log as long again to write what it holds; exit 0, or 1 when issued
+offers are left unwritten.
 """
 
 from __future__ import annotations
@@ -54,7 +55,11 @@ def _env(name: str) -> str:
     "--poll-interval",
     help=f"Seconds between checks of CURRENT; 0: SIGHUP only. {_env('poll_interval')}",
 )
-@click.option("--grace", help=f"Seconds in-flight calls get on shutdown. {_env('grace')}")
+@click.option(
+    "--grace",
+    help="Seconds in-flight calls get on shutdown, and the offer log after them to write what "
+    f"it holds. {_env('grace')}",
+)
 @click.option(
     "--db-url",
     help=f"Store with rules and experiments; offers and events go there. {_env('db_url')}",
@@ -198,6 +203,7 @@ async def serve(settings: Settings) -> int:
         log.info("metrics on http://%s:%d/metrics", settings.host, server.metrics_port)
     await stopping.wait()
     log.info("shutting down: draining for up to %.0fs", settings.grace)
-    await server.stop(settings.grace)
+    lost = await server.stop(settings.grace)
     log.info("stopped")
-    return 0
+    # Offers whose tokens are out but that are not in the store: a failed stop, not a clean one.
+    return 1 if lost else 0

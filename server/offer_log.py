@@ -99,10 +99,18 @@ class OfferLog:
             self._wake.clear()
             await self.flush()
 
-    async def close(self) -> None:
+    async def close(self, budget: float = 0.0) -> int:
+        """Stop writing in the background and flush what is queued, retrying at the interval
+        for up to budget seconds while the store refuses (a shutdown during a short outage
+        must not lose offers whose tokens are out); the number of offers left unwritten."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        if not await self.flush():
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + budget
+        while not await self.flush() and loop.time() + self.interval <= deadline:
+            await asyncio.sleep(self.interval)
+        if self.pending:
             log.error("offer log: %d offers could not be written before shutdown", self.pending)
+        return self.pending

@@ -54,11 +54,14 @@ class Offering:
         self.keeper.start(on_change)
         self.log.start()
 
-    async def stop(self) -> None:
+    async def stop(self, budget: float = 0.0) -> int:
+        """Close the store's users; the number of issued offers the offer log could not write
+        within budget seconds."""
         await asyncio.to_thread(self.writes.close)
-        await self.log.close()
+        lost = await self.log.close(budget)
         await self.keeper.stop()
         self.store.dispose()
+        return lost
 
     def record_events(self, batch: list[events.EventIn]) -> list[events.Outcome]:
         """Commit the accepted events before returning (runs in a worker thread)."""

@@ -15,6 +15,7 @@ import pytest
 from offer_server import ctl
 from pg import pg_database
 from sqlalchemy import select
+from test_offers_outage import offer_ids, set_reachable
 from test_server_process import Discountd
 
 from core.store import migrate
@@ -108,3 +109,54 @@ def test_sigterm_under_load_flushes_offers_and_keeps_every_acked_event(
         # Calls after the port closed are refused; calls gRPC had queued are cancelled.
         refused = {k.split()[1] for k in codes if not k.endswith(" OK")}
         assert refused <= {"UNAVAILABLE", "CANCELLED"}
+
+
+def _offering_server(url: str, model_store: Path, tmp_path: Path, grace: str) -> Discountd:
+    store = Store(url)
+    migrate.upgrade(store)
+    store.dispose()
+    ctl(url, "rules", "create", "all", "--policy", "threshold",
+        "--param", "t=-100", "--param", "d=10")  # fmt: skip
+    return Discountd(model_store, tmp_path, url, "--grace", grace, "--poll-interval", "0")
+
+
+def _offers_during_an_outage(server: Discountd, url: str) -> set[str]:
+    request = pb.GetOffersRequest(user_id="user-0", limit=3)
+    server.stub.GetOffers(request)
+    set_reachable(url, False)
+    return {o.offer_id for _ in range(5) for o in server.stub.GetOffers(request).offers}
+
+
+def test_sigterm_during_an_outage_writes_the_offers_when_the_store_is_back_within_grace(
+    model_store: Path, tmp_path: Path
+) -> None:
+    """The offer log keeps retrying for --grace after the last call: a deploy during a short
+    store outage loses no offer whose token is out."""
+    with pg_database() as url:
+        server = _offering_server(url, model_store, tmp_path, grace="30")
+        try:
+            handed_out = _offers_during_an_outage(server, url)
+            server.process.send_signal(signal.SIGTERM)
+            server.wait_for("shutting down")
+            time.sleep(2)  # the first write after the last call has failed by now
+            set_reachable(url, True)
+            assert server.process.wait(timeout=60) == 0
+        finally:
+            set_reachable(url, True)
+            server.close()
+        assert handed_out and handed_out <= offer_ids(url)
+
+
+def test_offers_still_unwritten_at_the_end_of_grace_make_the_exit_code_1(
+    model_store: Path, tmp_path: Path
+) -> None:
+    with pg_database() as url:
+        server = _offering_server(url, model_store, tmp_path, grace="1")
+        try:
+            _offers_during_an_outage(server, url)
+            server.process.send_signal(signal.SIGTERM)
+            assert server.process.wait(timeout=60) == 1
+        finally:
+            set_reachable(url, True)
+            server.close()
+        assert [line for line in server.drain_log() if "could not be written" in line]
