@@ -35,5 +35,10 @@ class StoreDown(Exception):
     """The store cannot take a write now; nothing was acknowledged. Maps to UNAVAILABLE."""
 
 
+class StoreRefused(Exception):
+    """The store refused a write's data itself: a check of ours let through what its columns
+    cannot hold. Retrying cannot help, so not UNAVAILABLE: maps to INTERNAL, a bug."""
+
+
 class Overloaded(Exception):
     """A bounded queue is full; nothing was done. Maps to RESOURCE_EXHAUSTED."""

@@ -10,14 +10,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DataError, SQLAlchemyError
 
 from core.offer_token import OfferKeys
 from core.offers import Respond
 from core.store import events
-from core.store.db import Store
-from core.store.errors import StoreError
-from server.errors import NotReady, StoreDown
+from core.store.db import Store, first_line
+from core.store.errors import Conflict, StoreError
+from server.errors import NotReady, StoreDown, StoreRefused
 from server.limits import BoundedWrites, limit_store
 from server.offer_log import OfferLog
 from server.response import NoResponseModel
@@ -68,6 +68,11 @@ class Offering:
         try:
             with self.store.transaction() as session:
                 return events.record(session, batch, datetime.now(UTC))
+        except (DataError, Conflict) as e:
+            raise StoreRefused(
+                f"the store refused this batch ({first_line(e)}); no event of it was stored, and "
+                "resending it will not help: report it as a discountd bug"
+            ) from None
         except (StoreError, SQLAlchemyError, OSError) as e:
             message = str(e) if isinstance(e, StoreError) else str(self.store.unavailable(e))
             raise StoreDown(

@@ -26,6 +26,7 @@ from server.errors import (
     NotReady,
     Overloaded,
     StoreDown,
+    StoreRefused,
     UnknownIds,
 )
 from server.limits import MAX_ERROR_BYTES, MAX_VIOLATION_BYTES, MAX_VIOLATIONS, shorten
@@ -109,6 +110,8 @@ def maps_errors(method: Method[Request, Response]) -> Method[Request, Response]:
             await context.abort(grpc.StatusCode.NOT_FOUND, shorten(str(e), MAX_ERROR_BYTES))
         except Overloaded as e:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except StoreRefused as e:
+            await context.abort(grpc.StatusCode.INTERNAL, shorten(str(e), MAX_ERROR_BYTES))
 
     return mapped
 

@@ -22,7 +22,7 @@ from sqlalchemy import create_engine, select, text
 from test_offers_outage import set_reachable
 
 from core.offer_token import OfferKeys
-from core.store import migrate
+from core.store import events, migrate
 from core.store.db import Store
 from core.store.tables import Event, Offer
 from discount.v1 import discount_pb2 as pb
@@ -178,6 +178,21 @@ def test_an_event_the_store_cannot_hold_is_rejected_alone(
     ]
     rows = stored(url)[0]
     assert rows["holdable"] == 1 and "long-offer" not in rows and "rich" not in rows
+
+
+def test_a_batch_the_store_refuses_is_internal_not_a_retry_forever(
+    start: type[RunningServer], url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A check missing (here: the offer_id width, loosened on purpose) lets PostgreSQL refuse
+    the batch's data: a bug of ours that no resend can cure, so INTERNAL, not UNAVAILABLE."""
+    monkeypatch.setitem(events.MAX_CHARS, "offer_id", 128)
+    running = start()
+    event = pb.Event(event_id="e", type=pb.EVENT_TYPE_REDEMPTION, user_id="u", offer_id="o" * 65)
+    with pytest.raises(grpc.RpcError) as refused:
+        running.stub.RecordEvents(pb.RecordEventsRequest(events=[event]), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.INTERNAL
+    assert "resending it will not help" in (refused.value.details() or "")
+    assert "e" not in stored(url)[0]
 
 
 def test_an_event_id_resent_with_other_content_is_rejected_not_a_silent_duplicate(
