@@ -101,6 +101,24 @@ def test_out_of_range_timestamps_and_quantities_are_dropped_not_overflowed(
     assert loaded.dataset.interactions.quantity.tolist() == [1, 2]
 
 
+def test_ids_the_store_cannot_hold_are_dropped(tmp_path: Path) -> None:
+    """Offers and events name these ids in columns of 128 characters that hold no control
+    characters: a model serving such an id would jam the offer log on PostgreSQL."""
+    long_id = "u" * 129
+    inter = write(
+        tmp_path / "i.csv",
+        f"user_id,item_id,timestamp\nu1,007,1\n{long_id},007,2\nu\x01x,007,3\nu2,bad\x02,4\n",
+    )
+    items = write(tmp_path / "items.csv", f"{ITEMS}bad\x02,B,garden,3.0,1.0\n{'i' * 129},I,,1.0,\n")
+    loaded = load_files(inter, items)
+    assert loaded.dropped == {
+        "items: longer than 128 characters or with control characters": 2,
+        "user_id longer than 128 characters or with control characters": 2,
+        "item_id longer than 128 characters or with control characters": 1,
+    }
+    assert loaded.dataset.user_ids == ["u1"]
+
+
 def test_item_prices_must_be_finite_and_bad_costs_are_assumed(tmp_path: Path) -> None:
     items = write(
         tmp_path / "items.csv",

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from core.store.tables import ID_LENGTH
 from trainer.dataset import Catalog, Dataset, Interactions
 
 DEFAULT_MARGIN = 0.3
@@ -138,12 +139,22 @@ class _Drops:
             self.frame = self.frame.loc[~mask]
 
 
+UNSTORABLE_ID = f"longer than {ID_LENGTH} characters or with control characters"
+
+
+def _unstorable(ids: pd.Series) -> pd.Series:
+    """Ids the store's columns cannot hold: discountd would log their offers and events into
+    a table that refuses them (PostgreSQL, for a NUL or past the column's width)."""
+    return (ids.str.len() > ID_LENGTH) | ids.str.contains(r"[\x00-\x1f\x7f]", regex=True)
+
+
 def load_files(interactions: Path, items: Path, default_margin: float = DEFAULT_MARGIN) -> Loaded:
     """Interactions and items in the DESIGN.md columns."""
     catalog_frame = read_table(items, ITEM_COLUMNS)
     catalog_frame["item_id"] = catalog_frame["item_id"].str.strip()
     item_drops = _Drops(catalog_frame)
     item_drops.drop("items: empty item_id", item_drops.frame["item_id"] == "")
+    item_drops.drop(f"items: {UNSTORABLE_ID}", _unstorable(item_drops.frame["item_id"]))
     price = pd.to_numeric(item_drops.frame["price"], errors="coerce")
     item_drops.drop(
         "items: price missing, not a number or negative", ~(np.isfinite(price) & (price >= 0))
@@ -172,6 +183,7 @@ def load_files(interactions: Path, items: Path, default_margin: float = DEFAULT_
     for column in ("user_id", "item_id"):
         drops.frame = drops.frame.assign(**{column: drops.frame[column].str.strip()})
         drops.drop(f"empty {column}", drops.frame[column] == "")
+        drops.drop(f"{column} {UNSTORABLE_ID}", _unstorable(drops.frame[column]))
     ts = parse_timestamps(drops.frame["timestamp"])
     drops.drop("timestamp neither ISO 8601 nor Unix seconds", ts.isna())
     ts = ts.loc[drops.frame.index]
