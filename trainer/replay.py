@@ -10,7 +10,9 @@ discounted price, a purchase for one bought at the base price.
 
 Shoppers are the shop's users plus a share of brand-new visitor ids. All random draws depend only
 on the seed and the shopper's position, never on the order calls complete in, and event ids are
-derived from the same, so a rerun with the same arguments records nothing twice.
+derived from the same, so a rerun with the same arguments records nothing twice (its events
+name the rerun's offers, so the store answers EVENT_ID_REUSED where it kept the first run's:
+counted here as already recorded).
 """
 
 from __future__ import annotations
@@ -297,7 +299,9 @@ class _Replay:
         for r in reply.results:
             if r.status == pb.EVENT_STATUS_ACCEPTED:
                 self.result.accepted += 1
-            elif r.status == pb.EVENT_STATUS_DUPLICATE:
+            elif r.status == pb.EVENT_STATUS_DUPLICATE or r.reason.startswith("EVENT_ID_REUSED"):
+                # A rerun's events carry this run's offer ids, not the first run's: the store
+                # keeps the first run's events under these ids, as for any resend.
                 self.result.duplicate += 1
             else:
                 self.result.rejected += 1
