@@ -200,10 +200,12 @@ def test_an_event_id_resent_with_other_content_is_rejected_not_a_silent_duplicat
 ) -> None:
     running = start()
 
-    def purchase(event_id: str, item_id: str = "00001", cents: int = 1999) -> pb.Event:
+    def purchase(
+        event_id: str, item_id: str = "00001", cents: int = 1999, at: int = 1_700_000_000
+    ) -> pb.Event:
         return pb.Event(
             event_id=event_id, type=pb.EVENT_TYPE_PURCHASE, user_id="u", item_id=item_id,
-            revenue_cents=cents, occurred_at=1_700_000_000,
+            revenue_cents=cents, occurred_at=at,
         )  # fmt: skip
 
     def verdicts(*events: pb.Event) -> list[tuple[int, str]]:
@@ -218,7 +220,7 @@ def test_an_event_id_resent_with_other_content_is_rejected_not_a_silent_duplicat
         (pb.EVENT_STATUS_REJECTED, "EVENT_ID_REUSED"),
     ]
     again = verdicts(
-        purchase("reuse-1"),  # a true resend
+        purchase("reuse-1", at=1_700_000_060),  # a true resend, stamped when it was sent
         purchase("reuse-2", cents=2999),  # another purchase under a used id
         purchase("reuse-2", cents=2999),  # and its repeat: never stored either
     )

@@ -31,6 +31,7 @@ import pandas as pd
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from core.artifact import ArtifactError, current_version_dir
+from core.store.events import EVENT_ID_REUSED
 from discount.v1 import discount_pb2 as pb
 from discount.v1 import discount_pb2_grpc as pb_grpc
 from trainer.market import Market, MarketConfig, make_market
@@ -299,7 +300,7 @@ class _Replay:
         for r in reply.results:
             if r.status == pb.EVENT_STATUS_ACCEPTED:
                 self.result.accepted += 1
-            elif r.status == pb.EVENT_STATUS_DUPLICATE or r.reason.startswith("EVENT_ID_REUSED"):
+            elif r.status == pb.EVENT_STATUS_DUPLICATE or r.reason.startswith(EVENT_ID_REUSED):
                 # A rerun's events carry this run's offer ids, not the first run's: the store
                 # keeps the first run's events under these ids, as for any resend.
                 self.result.duplicate += 1

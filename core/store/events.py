@@ -33,8 +33,10 @@ MAX_CHARS = {
     for name in ("event_id", "user_id", "item_id", "offer_id")
 }
 MAX_REVENUE_CENTS = 10 ** (cast(Numeric[float], _COLUMNS["revenue"].type).precision or 0) - 1
-# What makes two events with one id the same event (occurred_at too, when the client gives it).
+# What makes two events with one id the same event. Not occurred_at: a client may stamp each
+# attempt with the time it sends it, and that resend is still the same event.
 CONTENT = ("type", "user_id", "item_id", "offer_id", "revenue", "quantity")
+EVENT_ID_REUSED = "EVENT_ID_REUSED"
 
 
 class Verdict(enum.Enum):
@@ -132,9 +134,6 @@ def _differs(event: EventIn, row: Mapping[str, object], now: datetime) -> str | 
                 return name
         elif mine[name] != row[name]:
             return name
-    # 0 means "now": a resend of such an event cannot repeat the time of the first.
-    if event.occurred_at and mine["occurred_at"] != row["occurred_at"]:
-        return "occurred_at"
     return None
 
 
@@ -146,7 +145,7 @@ def _resent(event: EventIn, row: Mapping[str, object], now: datetime) -> Outcome
     return Outcome(
         event.event_id,
         Verdict.REJECTED,
-        f"EVENT_ID_REUSED: an event with this event_id and another {field} is already stored; "
+        f"{EVENT_ID_REUSED}: an event with this event_id and another {field} is already stored; "
         "resend an event unchanged, and give a new event a new event_id",
     )
 
@@ -185,7 +184,7 @@ def record(session: Session, events: Sequence[EventIn], now: datetime) -> list[O
     # What each valid event's id holds now: this batch's row, or the one stored before it.
     held: dict[str, Mapping[str, object]] = {i: rows[i] for i in stored}
     if len(stored) < len(rows):
-        columns = [_COLUMNS[name] for name in ("event_id", *CONTENT, "occurred_at")]
+        columns = [_COLUMNS[name] for name in ("event_id", *CONTENT)]
         query = select(*columns).where(Event.event_id.in_([i for i in rows if i not in stored]))
         held |= {row["event_id"]: dict(row) for row in session.execute(query).mappings()}
     return [

@@ -90,7 +90,7 @@ class _EventStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventStat
     EVENT_STATUS_ACCEPTED: _EventStatus.ValueType  # 1
     """Stored now."""
     EVENT_STATUS_DUPLICATE: _EventStatus.ValueType  # 2
-    """Already stored earlier under the same event_id; not counted again."""
+    """The same event was already stored under this event_id; not counted again."""
     EVENT_STATUS_REJECTED: _EventStatus.ValueType  # 3
     """Not stored; reason says why."""
 
@@ -102,7 +102,7 @@ EVENT_STATUS_UNSPECIFIED: EventStatus.ValueType  # 0
 EVENT_STATUS_ACCEPTED: EventStatus.ValueType  # 1
 """Stored now."""
 EVENT_STATUS_DUPLICATE: EventStatus.ValueType  # 2
-"""Already stored earlier under the same event_id; not counted again."""
+"""The same event was already stored under this event_id; not counted again."""
 EVENT_STATUS_REJECTED: EventStatus.ValueType  # 3
 """Not stored; reason says why."""
 Global___EventStatus: _TypeAlias = EventStatus  # noqa: Y015
@@ -529,7 +529,9 @@ class Event(_message.Message):
     QUANTITY_FIELD_NUMBER: _builtins.int
     OCCURRED_AT_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
-    """Client-chosen unique id; a retry with the same id is counted once."""
+    """Client-chosen unique id; a retry of the same event with the same id is counted once.
+    Another event under an id already used is rejected (EVENT_ID_REUSED).
+    """
     type: Global___EventType.ValueType
     """What happened."""
     user_id: _builtins.str
