@@ -3,8 +3,9 @@
 Promote retires the active version and activates another in one transaction, but two promotes
 racing on PostgreSQL could each do so and commit two active versions: the second waits on the
 first's lock of the version both retire, then goes on. A unique index over the active rows
-makes the second one fail instead. (A store already holding two active versions must retire
-one before this upgrade.)
+makes the second one fail instead. A store that the race already left with several active
+versions keeps the most recently activated one (the one its last promote pointed CURRENT at)
+and the others are retired, so the index can be built.
 
 Revision ID: 0004
 Revises: 0003
@@ -25,6 +26,11 @@ ACTIVE = sa.text("status = 'active'")
 
 
 def upgrade() -> None:
+    op.execute(
+        "UPDATE model_versions SET status = 'retired' WHERE status = 'active' AND id <> ("
+        "SELECT id FROM model_versions WHERE status = 'active' "
+        "ORDER BY activated_at DESC, id DESC LIMIT 1)"
+    )
     op.create_index(
         "ix_model_versions_one_active",
         "model_versions",
