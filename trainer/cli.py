@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 import click
 
 from trainer.cli_discounts import COMMANDS as DISCOUNT_COMMANDS
+from trainer.cli_discounts import ensure_writable
 from trainer.data import (
     DEFAULT_MARGIN,
     MOVIELENS,
@@ -168,12 +168,7 @@ def fit(
         )
     base = ModelConfig(objective=objective, factors=factors, max_epochs=epochs, seed=seed)
     candidates = grid(base, regularization, alpha, confidence_offset)
-    try:
-        # Fail now, not after minutes of training, when the model could not be written.
-        out.mkdir(parents=True, exist_ok=True)
-        Path(tempfile.mkdtemp(prefix=".probe-", dir=out)).rmdir()
-    except OSError as e:
-        raise click.ClickException(f"{out}: cannot write the model ({e.strerror or e})") from None
+    ensure_writable(out, "the model")
     try:
         loaded = _load(format_name, interactions, items, default_margin)
     except DataError as e:

@@ -4,7 +4,7 @@ evaluate policies against the simulator's truth."""
 from __future__ import annotations
 
 import json
-import os
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,14 +28,20 @@ def _err(line: str) -> None:
     click.echo(line, err=True)
 
 
+def ensure_writable(folder: Path, what: str) -> None:
+    """Make folder (with its parents) and create a file in it: a place that cannot take what a
+    command writes is refused before minutes of work, not after."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        Path(tempfile.mkdtemp(prefix=".probe-", dir=folder)).rmdir()
+    except OSError as e:
+        raise click.ClickException(f"{folder}: cannot write {what} ({e.strerror or e})") from None
+
+
 def _writable(*paths: Path | None) -> None:
-    """Refuse now a report path that could not be written after minutes of work."""
     for path in paths:
-        if path is None:
-            continue
-        folder = path.parent
-        if not folder.is_dir() or not os.access(folder, os.W_OK):
-            raise click.ClickException(f"{path}: cannot write it ({folder} is no writable folder)")
+        if path is not None:
+            ensure_writable(path.parent, path.name)
 
 
 def _read(path: Path, what: str) -> pd.DataFrame:
