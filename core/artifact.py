@@ -43,6 +43,8 @@ REQUIRED_FILES = (
     "popularity.json",
     "user_history.npz",
 )
+# Read when present: a folder holding one the manifest leaves out would be read unverified.
+OPTIONAL_FILES = ("user_features.json",)
 
 # A graph's signature: (name, element type, shape) per input or output; symbolic dimensions
 # are strings.
@@ -186,12 +188,13 @@ def load_manifest(version_dir: Path, verify: bool = True) -> Manifest:
 
 def verify_files(folder: Path, files: dict[str, str]) -> None:
     """Every file a manifest lists is a plain name in folder and matches its recorded sha256,
-    and folder holds no file the manifest leaves out: a reader opens only sealed bytes."""
+    and no file a reader opens is there unlisted: a reader opens only sealed bytes. (Other
+    files, a README or an editor's backup, are nobody's input and are left alone.)"""
     for name in files:
         if name in ("", ".", "..", MANIFEST) or "/" in name or "\\" in name:
             raise ArtifactError(f"{folder}: manifest lists {name!r}, not a file of the folder")
-    listed = {*files, MANIFEST}
-    unlisted = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name not in listed)
+    read = (*REQUIRED_FILES, *OPTIONAL_FILES)
+    unlisted = [name for name in read if name not in files and (folder / name).exists()]
     if unlisted:
         raise ArtifactError(
             f"{folder}: {', '.join(unlisted)} not listed in the manifest; remove it, or export "

@@ -59,6 +59,15 @@ def run(url: str, *args: str) -> Any:
     return json.loads(result.stdout)
 
 
+def test_a_file_no_reader_opens_does_not_make_a_version_unusable(
+    db_url: str, tmp_path: Path
+) -> None:
+    folder = _version(tmp_path, "v1")
+    (folder / "README.txt").write_text("trained for the spring sale")
+    (folder / ".items.json.swp").write_bytes(b"editor")
+    assert run(db_url, "register", str(folder))["status"] == "staged"
+
+
 def test_register_promote_rollback(db_url: str, tmp_path: Path) -> None:
     for name in ("v1", "v2", "v3"):
         got = run(db_url, "register", str(_version(tmp_path, name)))
