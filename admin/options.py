@@ -16,7 +16,7 @@ import click
 
 F = TypeVar("F", bound=Callable[..., Any])
 # Priorities live in an INTEGER column: 32 bits on PostgreSQL, and SQLite refuses beyond 64.
-PRIORITY_MIN, PRIORITY_MAX = -(2**31), 2**31 - 1
+PRIORITY = click.IntRange(-(2**31), 2**31 - 1)
 
 
 def yes_option(f: F) -> F:
@@ -33,15 +33,6 @@ def if_version_option(f: F) -> F:
         metavar="N",
         help="Refuse the change unless the record is still at version N (from `show`).",
     )(f)
-
-
-def check_priority(_ctx: click.Context, _param: click.Parameter, value: int | None) -> int | None:
-    """--priority callback: refuse a value the store cannot hold, on either backend alike."""
-    if value is not None and not PRIORITY_MIN <= value <= PRIORITY_MAX:
-        raise click.ClickException(
-            f"--priority {value} is out of range; use {PRIORITY_MIN} to {PRIORITY_MAX}"
-        )
-    return value
 
 
 def confirm(question: str, yes: bool) -> None:

@@ -9,7 +9,7 @@ import click
 
 from admin.app import App
 from admin.options import (
-    check_priority,
+    PRIORITY,
     confirm,
     if_version_option,
     parse_assignments,
@@ -85,10 +85,9 @@ def _rule_options(create: bool) -> Callable[[Any], Any]:
         click.option("--valid-until", metavar="TIME", help="ISO 8601; UTC when no zone is given."),
         click.option(
             "--priority",
-            type=int,
+            type=PRIORITY,
             default=0 if create else None,
             show_default=create,
-            callback=check_priority,
             help="The highest-priority applicable rule wins.",
         ),
         click.option("--description", help="Free text for people."),

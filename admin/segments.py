@@ -8,7 +8,7 @@ from typing import IO, Any
 import click
 
 from admin.app import App
-from admin.options import check_priority, confirm, if_version_option, parse_json, yes_option
+from admin.options import PRIORITY, confirm, if_version_option, parse_json, yes_option
 from admin.output import emit, message, output_option
 from core.segments import ConditionError, parse_expression, to_json
 from core.store.errors import InvalidInput
@@ -69,10 +69,9 @@ def _with_condition_options(f: Any) -> Any:
 @click.option("--description", default="", help="Free text for people.")
 @click.option(
     "--priority",
-    type=int,
+    type=PRIORITY,
     default=100,
     show_default=True,
-    callback=check_priority,
     help="Lower is tried first.",
 )
 @output_option
@@ -139,7 +138,7 @@ def show(app: App, name: str, output: str) -> None:
 @click.option("--name", "new_name", help="Rename the segment.")
 @_with_condition_options
 @click.option("--description", help="Free text for people.")
-@click.option("--priority", type=int, callback=check_priority, help="Lower is tried first.")
+@click.option("--priority", type=PRIORITY, help="Lower is tried first.")
 @if_version_option
 @output_option
 @click.pass_obj

@@ -276,10 +276,6 @@ INVALID = [
     (("segments", "create", "x", "--condition", '{"all": []}'), "non-empty list"),
     (("segments", "create", " x"), "leading or trailing spaces"),
     (("segments", "create", "a\x01b"), "control characters"),
-    (
-        ("segments", "create", "x", "--priority", "99999999999999999999"),
-        "--priority 99999999999999999999 is out of range",
-    ),
     (("segments", "show", "nope"), "no segment named 'nope'"),
     (
         ("segments", "update", "new-customers", "--if-version", "9", "--priority", "1"),
@@ -357,10 +353,6 @@ INVALID = [
     ),
     (("rules", "update", "tier", "--if-version", "5", "--priority", "1"), "at version 1, not 5"),
     (("rules", "update", "tier", "--param", "d2=50"), "must not exceed 'd1'"),
-    (
-        ("rules", "update", "tier", "--priority", "2147483648"),
-        "--priority 2147483648 is out of range; use -2147483648 to 2147483647",
-    ),
     (("rules", "enable", "nope"), "no rule named 'nope'"),
     (("rules", "disable", "tier", "--if-version", "2"), "at version 1, not 2"),
     (("rules", "delete", "tier"), "no terminal; pass --yes"),
@@ -475,6 +467,9 @@ def test_usage_errors_exit_2(seeded_once: str) -> None:
         ("audit", "list", "--limit", "0"),
         ("segments", "list", "--output", "yaml"),
         ("nouns",),
+        # Priorities live in a 32-bit column.
+        ("segments", "create", "x", "--priority", "99999999999999999999"),
+        ("rules", "update", "tier", "--priority", "2147483648"),
     ):
         result = ctl(seeded_once, *args)
         assert result.exit_code == 2, (args, result.output)
