@@ -8,7 +8,6 @@ from admin.app import App
 from admin.options import confirm, yes_option
 from admin.output import emit, message, output_option
 from core.store import migrate, roles
-from core.store.errors import InvalidInput
 
 
 @click.group()
@@ -107,12 +106,6 @@ def grant_server_role(app: App, role: str, dry_run: bool, output: str) -> None:
     """
     store = app.store()
     if dry_run:
-        if store.engine.dialect.name != "postgresql":
-            # As the real run refuses: PostgreSQL GRANTs for an SQLite store would mislead.
-            raise InvalidInput(
-                "database roles exist only on PostgreSQL; an SQLite store is protected by its "
-                "file permissions"
-            )
         statements = roles.server_grants(store.engine, role)
     else:
         statements = roles.grant_server_role(store.engine, role)

@@ -33,6 +33,11 @@ ADMIN_ONLY = ("audit_log",)
 
 def server_grants(engine: Engine, role: str) -> list[str]:
     """The GRANT statements for ROLE, identifiers quoted by the database's own rules."""
+    if engine.dialect.name != "postgresql":
+        raise InvalidInput(
+            "database roles exist only on PostgreSQL; an SQLite store is protected by its "
+            "file permissions"
+        )
     quote = engine.dialect.identifier_preparer.quote_identifier
     who, schema = quote(role), quote(PG_SCHEMA)
 
@@ -49,11 +54,6 @@ def server_grants(engine: Engine, role: str) -> list[str]:
 def grant_server_role(engine: Engine, role: str) -> list[str]:
     """Grant ROLE exactly the server's rights; the role must exist (it holds a password,
     which is not this command's business)."""
-    if engine.dialect.name != "postgresql":
-        raise InvalidInput(
-            "database roles exist only on PostgreSQL; an SQLite store is protected by its "
-            "file permissions"
-        )
     statements = server_grants(engine, role)
     with engine.begin() as conn:
         if conn.scalar(text("SELECT 1 FROM pg_roles WHERE rolname = :r"), {"r": role}) is None:
