@@ -173,17 +173,9 @@ def top_k(scorer: Scorer, users: Ints, exclude: sp.csr_matrix, k: int, batch: in
         scores = np.array(scorer(chunk), dtype=np.float64)
         mask = exclude[chunk]
         scores[np.repeat(np.arange(len(chunk)), np.diff(mask.indptr)), mask.indices] = -np.inf
-        # Ties broken by item index, so results do not depend on a partial sort's internals
-        # (argpartition keeps an arbitrary few of the items tied at the k-th place): every item
-        # above the k-th best score, then the lowest-indexed of those equal to it.
-        kth = np.partition(scores, scores.shape[1] - k, axis=1)[:, -k]
-        above = scores > kth[:, None]
-        tied = scores == kth[:, None]
-        keep = above | (tied & (np.cumsum(tied, axis=1) <= (k - above.sum(axis=1))[:, None]))
-        part = np.nonzero(keep)[1].reshape(len(chunk), k)
-        part_scores = np.take_along_axis(scores, part, axis=1)
-        order = np.lexsort((part, -part_scores), axis=1)
-        out[start : start + len(chunk)] = np.take_along_axis(part, order, axis=1)
+        # A stable sort breaks ties by item index, at the k-th place too (popularity ties a
+        # lot; a partial sort kept an arbitrary few of the items tied there).
+        out[start : start + len(chunk)] = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     return out
 
 
