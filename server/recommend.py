@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from core.store.validate import CONTROL_CHARACTERS
 from server.errors import FieldViolation, InvalidRequest
 from server.limits import MAX_ID_CHARS
 from server.model import ModelVersion
@@ -58,10 +59,10 @@ def user_and_limit_problems(user_id: str, limit: int) -> list[FieldViolation]:
         problems.append(FieldViolation("user_id", "required: the shop's id of the user"))
     elif len(user_id) > MAX_ID_CHARS:
         problems.append(FieldViolation("user_id", f"at most {MAX_ID_CHARS} characters"))
-    elif "\x00" in user_id:
-        # PostgreSQL text cannot hold NUL: the offer log's insert would fail for good, and every
-        # offer queued behind it would wait forever, its token already handed out.
-        problems.append(FieldViolation("user_id", "must not contain NUL characters"))
+    elif CONTROL_CHARACTERS.search(user_id):
+        # As the store's ids (core.store.validate): PostgreSQL text cannot even hold NUL, and
+        # the offer log's insert would fail for good, every offer queued behind it waiting.
+        problems.append(FieldViolation("user_id", "must not contain control characters"))
     if not 0 <= limit <= MAX_LIMIT:
         problems.append(
             FieldViolation(

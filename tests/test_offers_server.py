@@ -211,10 +211,10 @@ def test_record_events_per_event_verdicts(server: OfferServer, seeded: str) -> N
         (event("q", quantity=-2), pb.EVENT_STATUS_REJECTED, "NEGATIVE_QUANTITY"),
         (event("f", occurred_at=future), pb.EVENT_STATUS_REJECTED, "FUTURE_TIME"),
         (event("l", user_id="u" * 200), pb.EVENT_STATUS_REJECTED, "ID_TOO_LONG"),
-        (event("nul\x00"), pb.EVENT_STATUS_REJECTED, "NUL_IN_ID"),
-        (event("nu", user_id="user\x000"), pb.EVENT_STATUS_REJECTED, "NUL_IN_ID"),
+        (event("nul\x00"), pb.EVENT_STATUS_REJECTED, "CONTROL_CHARACTER_IN_ID"),
+        (event("nu", user_id="user\t0"), pb.EVENT_STATUS_REJECTED, "CONTROL_CHARACTER_IN_ID"),
         (event("no", type=pb.EVENT_TYPE_REDEMPTION, offer_id="o\x00"),
-         pb.EVENT_STATUS_REJECTED, "NUL_IN_ID"),
+         pb.EVENT_STATUS_REJECTED, "CONTROL_CHARACTER_IN_ID"),
     ]  # fmt: skip
     response = server.stub.RecordEvents(pb.RecordEventsRequest(events=[c[0] for c in cases]))
     assert len(response.results) == len(cases)

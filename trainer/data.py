@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from core.store.tables import ID_LENGTH
+from core.store.validate import CONTROL_CHARACTERS
 from trainer.dataset import Catalog, Dataset, Interactions
 
 DEFAULT_MARGIN = 0.3
@@ -145,7 +146,7 @@ UNSTORABLE_ID = f"longer than {ID_LENGTH} characters or with control characters"
 def _unstorable(ids: pd.Series) -> pd.Series:
     """Ids the store's columns cannot hold: discountd would log their offers and events into
     a table that refuses them (PostgreSQL, for a NUL or past the column's width)."""
-    return (ids.str.len() > ID_LENGTH) | ids.str.contains(r"[\x00-\x1f\x7f]", regex=True)
+    return (ids.str.len() > ID_LENGTH) | ids.str.contains(CONTROL_CHARACTERS.pattern, regex=True)
 
 
 def load_files(interactions: Path, items: Path, default_margin: float = DEFAULT_MARGIN) -> Loaded:

@@ -20,6 +20,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from core.store.tables import EVENT_TYPES, Event
+from core.store.validate import CONTROL_CHARACTERS
 
 MAX_BATCH = 1000
 MAX_FUTURE = timedelta(days=1)
@@ -82,9 +83,10 @@ def problem(event: EventIn, now: datetime) -> str | None:
     for name, width in MAX_CHARS.items():
         if len(getattr(event, name)) > width:
             return f"ID_TOO_LONG: {name} is longer than {width} characters"
-        if "\x00" in getattr(event, name):
-            # PostgreSQL text cannot hold NUL: the whole batch's insert would fail on every retry.
-            return f"NUL_IN_ID: {name} contains a NUL character, which the store cannot hold"
+        if CONTROL_CHARACTERS.search(getattr(event, name)):
+            # As the store's other ids (core.store.validate); PostgreSQL text cannot even hold
+            # NUL, and the whole batch's insert would fail on every retry.
+            return f"CONTROL_CHARACTER_IN_ID: {name} contains a control character"
     if event.revenue_cents < 0:
         return f"NEGATIVE_REVENUE: revenue_cents must be >= 0, got {event.revenue_cents}"
     if event.revenue_cents > MAX_REVENUE_CENTS:

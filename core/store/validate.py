@@ -7,7 +7,8 @@ import re
 from core.store.errors import InvalidInput
 from core.store.tables import ID_LENGTH, NAME_LENGTH
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Control characters: no id or name holds one (PostgreSQL text cannot even hold NUL).
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -19,7 +20,7 @@ def name(kind: str, value: str) -> str:
         raise InvalidInput(f"{kind} name {value!r} has leading or trailing spaces; remove them")
     if len(value) > NAME_LENGTH:
         raise InvalidInput(f"{kind} name is {len(value)} characters; the limit is {NAME_LENGTH}")
-    if _CONTROL.search(value):
+    if CONTROL_CHARACTERS.search(value):
         raise InvalidInput(f"{kind} name {value!r} contains control characters; remove them")
     return value
 
@@ -35,7 +36,7 @@ def key(kind: str, value: str) -> str:
 
 def ident(kind: str, value: str) -> str:
     """A shop's user or item id: any text without control characters, as in the catalog."""
-    if not value or len(value) > ID_LENGTH or _CONTROL.search(value):
+    if not value or len(value) > ID_LENGTH or CONTROL_CHARACTERS.search(value):
         raise InvalidInput(
             f"{kind} {value!r} must be 1-{ID_LENGTH} characters without control characters"
         )
