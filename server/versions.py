@@ -94,8 +94,10 @@ class ModelStore:
                 return False
             except Exception as e:
                 # Sealed files with content the loader did not expect (items.json without a
-                # category list, say). Refused like any broken version: an escaping error would
-                # end the poller for good, hang the first load, and break the SIGTERM drain.
+                # category list, say), or a bug of the loader's. Refused like any broken version:
+                # an escaping error would end the poller for good, hang the first load, and break
+                # the SIGTERM drain. The traceback tells which of the two it was.
+                log.exception("loading %s failed", target.name)
                 self._refused = target
                 self._fail(f"refused {target.name}: malformed version ({e!r})")
                 return False
