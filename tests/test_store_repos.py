@@ -277,6 +277,15 @@ def test_an_update_that_changes_nothing_is_not_a_new_version(store: Store) -> No
     with store.transaction() as s:
         assert (Rules(s).get("r").version, Segments(s).get("seg").version) == (2, 2)
     assert _audit_count(store) == before + 2
+    arms = [VariantSpec("control", 50, None), VariantSpec("treatment", 50, "r")]
+    with store.transaction() as s:
+        Experiments(s, "t").create("ab", arms)
+    before = _audit_count(store)
+    with store.transaction() as s:
+        Experiments(s, "t").update("ab", variants=arms, description="")
+    with store.transaction() as s:
+        assert Experiments(s).get("ab").version == 1
+    assert _audit_count(store) == before
 
 
 @pytest.mark.postgres

@@ -110,6 +110,8 @@ class Experiments:
             experiment.target_segment = self._segment(target_segment)
         if description is not None:
             experiment.description = description
+        if experiment.to_dict() == before:
+            return experiment  # nothing to change: no new version, no audit entry (as for rules)
         experiment.updated_at = utcnow()
         self.session.flush()
         audit.record(
