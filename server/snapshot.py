@@ -46,7 +46,6 @@ class SnapshotKeeper:
         self.fresh = False
         self.error = ""
         self._loaded_at = 0.0  # time.monotonic() of the last good load
-        self.stall_s = STALL_S
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._stop_listening = threading.Event()
@@ -88,11 +87,11 @@ class SnapshotKeeper:
         """Reload from the store; on failure keep the last snapshot and report why."""
         was_fresh = self.fresh
         load = asyncio.ensure_future(asyncio.to_thread(self._load))
-        done, _ = await asyncio.wait({load}, timeout=self.stall_s)
+        done, _ = await asyncio.wait({load}, timeout=STALL_S)
         if not done:
             # Stale while the store is silent; this load is waited for, not joined by more
             # (each would hold a thread and a pooled connection).
-            self._stale(f"cannot use store {self.store.masked_url}: no answer in {self.stall_s:g}s")
+            self._stale(f"cannot use store {self.store.masked_url}: no answer in {STALL_S:g}s")
             await self._changed(was_fresh)
             was_fresh = self.fresh
         try:

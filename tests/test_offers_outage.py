@@ -21,6 +21,7 @@ from core.store import migrate
 from core.store.db import Store, mask_url
 from core.store.tables import Offer
 from discount.v1 import discount_pb2 as pb
+from server import snapshot
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -120,7 +121,7 @@ def test_store_outage_serves_from_snapshot_refuses_events_and_recovers(
 
 
 def test_a_store_that_hangs_instead_of_refusing_makes_the_snapshot_stale(
-    model_store: Path,
+    model_store: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A frozen host or a network that drops packets answers nothing, and the server's statement
     # timeout cannot fire: the refresh waited for minutes while the snapshot, ever older, was
@@ -139,7 +140,7 @@ def test_a_store_that_hangs_instead_of_refusing_makes_the_snapshot_stale(
             load()
 
         try:
-            keeper.stall_s = 0.5
+            monkeypatch.setattr(snapshot, "STALL_S", 0.5)
             keeper._load = hanging  # type: ignore[method-assign]
             info = eventually(lambda: stale_info(running), 10.0)
             assert "no answer in 0.5s" in info.store_error
