@@ -13,6 +13,7 @@ from core.features import FEATURE_NAMES
 from core.offers import FeatureError, resolve_features
 from core.store.errors import InvalidInput
 from core.store.experiments import Experiments, VariantSpec
+from core.store.tables import Experiment
 
 COLUMNS = ("key", "status", "target_segment", "variants", "started_at", "ended_at", "version")
 
@@ -85,10 +86,29 @@ def create(
             key, _variants(variants), salt, target_segment, description
         )
         data = experiment.to_dict()
+        notes = _narrower_rules(experiment)
     message(
         f"created experiment {key!r} (draft); start it with `discountctl experiments start {key}`"
     )
+    for note in notes:
+        message(note)
     emit(data if output == "json" else _table_row(data), output)
+
+
+def _narrower_rules(experiment: Experiment) -> list[str]:
+    """A note per variant whose rule reaches fewer users than the experiment: its arm holds
+    users the rule never prices (core.offers: a variant never widens its rule's segment)."""
+    target = experiment.target_segment
+    notes = []
+    for variant in experiment.variants:
+        segment = variant.rule.segment if variant.rule is not None else None
+        if variant.rule is not None and segment is not None and segment is not target:
+            notes.append(
+                f"note: variant {variant.name!r} prices with rule {variant.rule.name!r}, which "
+                f"reaches only segment {segment.name!r}; the variant's other users get no "
+                "discount (--target-segment limits the experiment to that segment)"
+            )
+    return notes
 
 
 @experiments.command("list")
@@ -157,8 +177,12 @@ def update(
 
 def _move(app: App, key: str, command: str, if_version: int | None, output: str) -> None:
     with app.transaction() as session:
-        data = Experiments(session, app.actor).transition(key, command, if_version).to_dict()
+        experiment = Experiments(session, app.actor).transition(key, command, if_version)
+        data = experiment.to_dict()
+        notes = _narrower_rules(experiment) if command == "start" else []
     message(f"experiment {key!r} is {data['status']}")
+    for note in notes:
+        message(note)
     emit(data if output == "json" else _table_row(data), output)
 
 

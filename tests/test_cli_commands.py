@@ -508,6 +508,22 @@ def test_grant_server_role_dry_run_is_refused_on_sqlite(tmp_path: Path) -> None:
     assert "database roles exist only on PostgreSQL" in result.stderr
 
 
+def test_a_variant_whose_rule_reaches_fewer_users_than_the_experiment_is_noted(
+    seeded: str,
+) -> None:
+    """A variant never widens its rule's segment: its other users get no discount. Said when
+    the experiment is created and started, and not when the target segment matches."""
+    wide = ctl(seeded, "experiments", "create", "wide", "--variant", "control:50",
+               "--variant", "treatment:50:tier")  # fmt: skip
+    assert wide.exit_code == 0, wide.output
+    note = "rule 'tier', which reaches only segment 'new-customers'"
+    assert note in wide.stderr
+    assert note in ctl(seeded, "experiments", "start", "wide").stderr
+    narrow = ctl(seeded, "experiments", "create", "narrow", "--variant", "control:50",
+                 "--variant", "treatment:50:tier", "--target-segment", "new-customers")  # fmt: skip
+    assert narrow.exit_code == 0 and "reaches only" not in narrow.stderr
+
+
 def test_concurrent_cli_updates_of_one_rule_one_wins(seeded: str) -> None:
     """Two admins both read version 1 and update with --if-version 1: the second is refused."""
     first = ctl(seeded, "rules", "update", "tier", "--priority", "7", "--if-version", "1")
