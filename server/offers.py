@@ -113,20 +113,20 @@ def _named_items(model: ModelVersion, facts: ShopFacts, query: OffersQuery) -> l
         # No history to fold in: the popularity score Recommend gives unknown users.
         ranks, n = model.popularity_rank, len(model.popularity)
         scores = {i: 1.0 - int(ranks[i]) / n for i in set(indices) if ranks[i] >= 0}
-    order = sorted(
-        (p for p, i in enumerate(indices) if i in scores), key=lambda p: -scores[indices[p]]
-    )
-    rank = {p: r for r, p in enumerate(order, start=1)}
+    # Ranked among the distinct named items (ties: first named first): an item named twice is
+    # one item with one rank and one price, and does not push the others down a tier.
+    distinct = [i for i in dict.fromkeys(indices) if i in scores]
+    rank = {i: r for r, i in enumerate(sorted(distinct, key=lambda i: -scores[i]), start=1)}
     return [
         ItemInput(
             item_id,
             facts.categories.get(item_id, ""),
             facts.prices.get(item_id),
             facts.costs.get(item_id),
-            rank.get(p, 0),
+            rank.get(i, 0),
             scores.get(i),
         )
-        for p, (item_id, i) in enumerate(zip(query.item_ids, indices, strict=True))
+        for item_id, i in zip(query.item_ids, indices, strict=True)
     ]
 
 

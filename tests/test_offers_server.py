@@ -76,6 +76,18 @@ def test_named_items_are_ranked_among_themselves(server: OfferServer) -> None:
     assert response.offers[0].rank == 3 and response.offers[0].final_price_cents == 950
 
 
+def test_an_item_named_twice_keeps_one_rank_and_price(server: OfferServer) -> None:
+    # Two lines of one item in a cart: both get the item's rank, and the item ranked second
+    # keeps its place in the tier (k1=2) instead of falling to third behind the repeat.
+    recommended = server.stub.Recommend(pb.RecommendRequest(user_id="user-0", limit=2)).items
+    first, second = (item.item_id for item in recommended)
+    response = server.stub.GetOffers(
+        pb.GetOffersRequest(user_id="user-0", item_ids=[first, first, second])
+    )
+    assert [o.item_id for o in response.offers] == [first, first, second]
+    assert prices(response) == [(1, 800), (1, 800), (2, 800)]
+
+
 def top_offer(server: OfferServer, cents: int) -> pb.Offer | None:
     """user-0's best-ranked offer once its price is ``cents``, else None."""
     offer = server.stub.GetOffers(pb.GetOffersRequest(user_id="user-0", limit=1)).offers[0]
