@@ -148,7 +148,9 @@ class RecommendRequest(_message.Message):
     CATEGORIES_FIELD_NUMBER: _builtins.int
     INCLUDE_PURCHASED_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
-    """The shop's id of the user; required. Unknown users get a cold-start answer."""
+    """The shop's id of the user; required, at most 128 characters, no control characters.
+    Unknown users get a cold-start answer.
+    """
     limit: _builtins.int
     """How many items to return, 1 to 1000; 0 means the server default (10)."""
     include_purchased: _builtins.bool
@@ -322,7 +324,7 @@ class GetModelInfoResponse(_message.Message):
     """The device that was asked for: auto, cpu or cuda."""
     snapshot_fresh: _builtins.bool
     """True when the rule snapshot reflects the store; false while the store is unreachable and
-    the last good snapshot serves.
+    the last good snapshot serves, and on a server started without a store.
     """
     snapshot_age_seconds: _builtins.float
     """Seconds since the rule snapshot was last loaded from the store."""
@@ -385,17 +387,20 @@ class GetOffersRequest(_message.Message):
     LIMIT_FIELD_NUMBER: _builtins.int
     CONTEXT_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
-    """The shop's id of the user; required."""
+    """The shop's id of the user; required, at most 128 characters, no control characters."""
     limit: _builtins.int
     """How many recommended items to price when item_ids is empty, 1 to 1000; 0 means 10."""
     @_builtins.property
     def item_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Items to price, at most 1000; empty means the user's recommendations."""
+        """Items to price, at most 1000, no empty entry; empty means the user's recommendations.
+        An id the model's catalog does not have answers NOT_FOUND; an item named twice gets an
+        offer per entry, with one rank.
+        """
 
     @_builtins.property
     def context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Request context: overrides of user features by name (e.g. lifetime_value), and free-form
-        keys such as channel; values are strings and parsed per feature.
+        """Request context, at most 64 keys: overrides of user features by name (e.g.
+        lifetime_value), and free-form keys such as channel; values are strings parsed per feature.
         """
 
     def __init__(
@@ -433,7 +438,10 @@ class Offer(_message.Message):
     item_id: _builtins.str
     """The shop's item id."""
     base_price_cents: _builtins.int
-    """Unit price before discount, in minor units of the shop's currency (cents)."""
+    """Unit price before discount, in minor units of the shop's currency (cents); 0, with empty
+    offer_id, offer_token and expires_at and NO_PRICE in reason_codes, for an item the catalog
+    has no price for: not for sale at a price, not free.
+    """
     discount_percent: _builtins.float
     """Discount in percent of the base price, 0 when none."""
     final_price_cents: _builtins.int
@@ -447,7 +455,9 @@ class Offer(_message.Message):
     expires_at: _builtins.str
     """When the offer expires, RFC 3339."""
     rank: _builtins.int
-    """1-based rank of the item in the user's recommendations; 0 when not ranked."""
+    """1-based rank of the item: in the user's recommendations, or among the named item_ids;
+    0 when not ranked.
+    """
     @_builtins.property
     def reason_codes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Why this price: segment, rule, variant, rank, guardrails applied (UPPER_SNAKE codes)."""
@@ -652,7 +662,7 @@ class VerifyOfferRequest(_message.Message):
 
     OFFER_TOKEN_FIELD_NUMBER: _builtins.int
     offer_token: _builtins.str
-    """The offer_token as issued."""
+    """The offer_token as issued; at most 4096 characters."""
     def __init__(
         self,
         *,
