@@ -107,16 +107,21 @@ def _leaf(feature: object, op: object, value: object, where: str) -> Leaf:
         )
     assert isinstance(feature, str)
     if feature in NUMERIC_FEATURES:
-        if op not in NUMERIC_OPS:
+        # A list or object as op is unhashable: check the type before looking it up.
+        if not isinstance(op, str) or op not in NUMERIC_OPS:
             raise ConditionError(
                 f"{where}: operator {op!r} does not apply to numeric feature {feature!r}; "
                 f"use one of {' '.join(NUMERIC_OPS)}"
             )
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConditionError(f"{where}: {feature} compares with a number, got {value!r}")
-        if not math.isfinite(value):
-            raise ConditionError(f"{where}: {feature} compares with a finite number, got {value}")
-        return Leaf(feature, str(op), float(value))
+        try:
+            number = float(value)
+        except OverflowError:  # an integer past the float range, e.g. 10**400 in the JSON
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConditionError(f"{where}: {feature} compares with a finite number, got {number}")
+        return Leaf(feature, op, number)
     if op not in CATEGORICAL_OPS:
         raise ConditionError(
             f"{where}: operator {op!r} does not apply to categorical feature {feature!r}; "
@@ -172,12 +177,16 @@ def evaluate(condition: Condition, features: Mapping[str, float | str]) -> bool:
             return NUMERIC_OPS[op](float(actual), value)
 
 
-_EXPRESSION = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=|==|!=|<|>|\bin\b)\s*(.+?)\s*$")
+_EXPRESSION = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=|==|!=|<|>|\bin\b)\s*(\S.*?)\s*$")
+# A feature named inside a categorical value means two comparisons in one expression
+# ("favourite_category != Toys and order_count > 2"), not a category of that name.
+_FEATURE_WORD = re.compile(r"\b(?:" + "|".join(FEATURE_NAMES) + r")\b")
 
 
 def parse_expression(text: str) -> Condition:
     """A leaf written as text: ``lifetime_value >= 500``, ``favourite_category == Toys``,
-    ``favourite_category in Toys,Garden``. Categorical values are taken literally."""
+    ``favourite_category in Toys,Garden``. Categorical values are taken literally, less one pair
+    of surrounding quotes, so ``'Toys'`` is Toys and ``""`` the empty (new-user) category."""
     m = _EXPRESSION.match(text)
     if not m:
         raise ConditionError(
@@ -185,13 +194,32 @@ def parse_expression(text: str) -> Condition:
         )
     feature, op, raw = m.groups()
     value: object = raw
-    if feature in NUMERIC_FEATURES:
+    # 'in' on a numeric feature is left to _leaf, which names the operator as the mistake.
+    if feature in NUMERIC_FEATURES and op != "in":
         try:
             value = float(raw)
         except ValueError:
             raise ConditionError(
                 f"{text!r}: {feature} compares with a number, got {raw!r}"
             ) from None
-    elif op == "in":
-        value = [v.strip() for v in raw.split(",")]
+    elif feature in CATEGORICAL_FEATURES:
+        if _FEATURE_WORD.search(raw):
+            raise ConditionError(
+                f"{text!r}: one comparison per expression; repeat --where to require all of "
+                "them, or write --condition JSON for 'any' and 'not'"
+            )
+        if op == "in":
+            value = [_text_value(v, text) for v in raw.split(",")]
+        else:
+            value = _text_value(raw, text)
     return _leaf(feature, op, value, repr(text))
+
+
+def _text_value(raw: str, text: str) -> str:
+    value = raw.strip()
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return value[1:-1]
+    if not value:
+        # A stray comma would otherwise add the empty category, which every new user has.
+        raise ConditionError(f'{text!r}: empty value; write "" to mean no category')
+    return value
