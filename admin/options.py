@@ -67,6 +67,8 @@ def parse_json(value: str, option: str) -> Any:
         return json.loads(value)
     except json.JSONDecodeError as e:
         raise click.ClickException(f"{option}: not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # a number of over 4300 digits; nesting too deep
+        raise click.ClickException(f"{option}: JSON the store cannot take ({e})") from None
 
 
 def parse_pairs(values: tuple[str, ...], option: str) -> dict[str, str]:

@@ -461,6 +461,21 @@ def test_every_store_command_has_an_invalid_input_case() -> None:
     assert STORE_COMMANDS - NO_INPUT - {a[:2] for a, _ in INVALID} == set()
 
 
+@pytest.mark.parametrize(
+    "condition",
+    [
+        "[" * 20_000 + "]" * 20_000,
+        '{"feature": "order_count", "op": "<", "value": 1' + "0" * 5000 + "}",
+    ],
+    ids=["nested too deep", "too many digits"],
+)
+def test_json_python_cannot_read_is_one_line(seeded_once: str, condition: str) -> None:
+    result = ctl(seeded_once, "segments", "create", "x", "--condition", condition)
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith("Error: --condition: JSON the store cannot take (")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 def test_usage_errors_exit_2(seeded_once: str) -> None:
     for args in (
         ("rules", "create", "x"),
