@@ -243,8 +243,8 @@ def stop(app: App, key: str, if_version: int | None, yes: bool, output: str) -> 
     "features",
     multiple=True,
     metavar="NAME=VALUE",
-    help="A user feature, to check a condition target segment (repeat); without features the "
-    "condition is not checked and in_target is null.",
+    help="A user feature, to check a condition target segment (repeat); unless every feature "
+    "the condition reads is given, it is not checked and in_target is null.",
 )
 @output_option
 @click.pass_obj
@@ -261,7 +261,8 @@ def assign(app: App, key: str, user_id: str, features: tuple[str, ...], output: 
     if data["in_target"] is None:
         message(
             f"target segment {data['target_segment']!r} is a condition; pass --feature "
-            "NAME=VALUE to check it (the variant shown applies if the user is in it)"
+            "NAME=VALUE for every feature it reads to check it (the variant shown applies if "
+            "the user is in it)"
         )
     emit(data, output)
 
@@ -277,6 +278,7 @@ def _features(values: tuple[str, ...]) -> dict[str, float | str]:
             raise InvalidInput(f"--feature {name!r}: unknown; known: {', '.join(FEATURE_NAMES)}")
         given[name] = raw
     try:
-        return resolve_features(None, given)
+        resolved = resolve_features(None, given)
     except FeatureError as e:
         raise InvalidInput(f"--feature {e}") from None
+    return {name: value for name, value in resolved.items() if name in given}

@@ -153,6 +153,17 @@ def to_json(condition: Condition) -> dict[str, Any]:
             }
 
 
+def features_of(condition: Condition) -> set[str]:
+    """The features a condition reads."""
+    match condition:
+        case All(items) | AnyOf(items):
+            return set().union(*(features_of(c) for c in items))
+        case Not(item):
+            return features_of(item)
+        case Leaf(feature, _, _):
+            return {feature}
+
+
 def evaluate(condition: Condition, features: Mapping[str, float | str]) -> bool:
     """Whether a user with these features is in the segment.
 

@@ -539,6 +539,16 @@ def test_a_variant_whose_rule_reaches_fewer_users_than_the_experiment_is_noted(
     assert narrow.exit_code == 0 and "reaches only" not in narrow.stderr
 
 
+def test_assign_judges_a_condition_only_on_the_features_given(seeded: str) -> None:
+    """A feature not given would be taken as a new user's: the answer would be a guess."""
+    ok(seeded, "segments create big --where 'lifetime_value >= 500' --where 'order_count >= 3'")
+    ok(seeded, "experiments create big-ab --target-segment big --variant a:50 --variant b:50")
+    half = "experiments assign big-ab 17850 --feature lifetime_value=800"
+    assert ok(seeded, half)["in_target"] is None
+    assert ok(seeded, f"{half} --feature order_count=5")["in_target"] is True
+    assert ok(seeded, f"{half} --feature order_count=1")["in_target"] is False
+
+
 def test_concurrent_cli_updates_of_one_rule_one_wins(seeded: str) -> None:
     """Two admins both read version 1 and update with --if-version 1: the second is refused."""
     first = ctl(seeded, "rules", "update", "tier", "--priority", "7", "--if-version", "1")

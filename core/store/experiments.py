@@ -11,7 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.assignment import WeightsError, bucket, check_weights, variant_index
-from core.segments import evaluate, parse_condition
+from core.segments import evaluate, features_of, parse_condition
 from core.store import audit, validate
 from core.store.errors import Conflict, InvalidInput, NotFound
 from core.store.rules import Rules
@@ -171,7 +171,8 @@ class Experiments:
         """The variant this user gets, by the hash the server uses.
 
         Targeting: a member-list segment is checked in the store; a condition segment only when
-        ``features`` are given (the CLI has no feature store), else ``in_target`` is None.
+        ``features`` holds every feature it reads (the CLI has no feature store), else
+        ``in_target`` is None.
         """
         validate.ident("user id", user_id)
         experiment = self.get(key)
@@ -180,11 +181,13 @@ class Experiments:
         if segment is not None:
             if segment.kind == "members":
                 in_target = Segments(self.session).is_member(segment, user_id)
-            elif features is not None:
-                assert segment.condition is not None
-                in_target = evaluate(parse_condition(segment.condition), features)
             else:
-                in_target = None
+                assert segment.condition is not None
+                condition = parse_condition(segment.condition)
+                # Judged only on features given: a missing one would be taken as a new user's,
+                # and the answer stated with a confidence nobody has.
+                known = features is not None and features_of(condition) <= set(features)
+                in_target = evaluate(condition, features) if known and features else None
         variants = experiment.variants
         chosen = variants[variant_index(experiment.salt, user_id, [v.weight for v in variants])]
         served: bool | None = in_target
