@@ -134,7 +134,10 @@ async def _drive(load: Load, methods: list[Any], metadata: Any) -> Report:
             delay = due - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            sent = time.perf_counter()
+            # At a fixed rate a call's latency runs from when it was due, not from when a worker
+            # got free to send it: a call held back behind slow ones waited that long too, and
+            # leaving the wait out (coordinated omission) would hide the tail the rate causes.
+            sent = due if load.rate else time.perf_counter()
             try:
                 await method(next(made), metadata=metadata, timeout=30)
             except grpc.RpcError as e:
