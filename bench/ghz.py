@@ -48,6 +48,9 @@ def config(load: Load) -> dict[str, Any]:
         out["total"] = load.total
     else:
         out["duration"] = f"{load.duration:g}s"
+        # As bench.load does: the calls in flight at the end are waited for and counted. ghz's
+        # default ("close") cancels them and reports each as an error.
+        out["duration-stop"] = "wait"
     if load.rate:
         out["rps"] = round(load.rate)
     if load.token:
@@ -103,5 +106,7 @@ def version(ghz: str) -> str:
 
 def _upper_snake(code: str) -> str:
     """Go's codes.InvalidArgument.String() is "InvalidArgument"; grpc's Python name is
-    INVALID_ARGUMENT, as bench.load reports it."""
+    INVALID_ARGUMENT, as bench.load reports it. Go spells one code Canceled, Python CANCELLED."""
+    if code == "Canceled":
+        return "CANCELLED"
     return "OK" if code == "OK" else re.sub(r"(?<!^)(?=[A-Z])", "_", code).upper()

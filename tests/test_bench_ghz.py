@@ -14,8 +14,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grpc
 from google.protobuf.json_format import ParseDict
 
+from bench import ghz
+from bench.load import Load
 from discount.v1 import discount_pb2 as pb
 
 STAND_IN = """#!{python}
@@ -79,3 +82,22 @@ def test_ghz_asked_for_but_not_on_path_is_a_usage_error(tmp_path: Path) -> None:
     done = _load(tmp_path, "--generator", "ghz", path=str(tmp_path))
     assert done.returncode == 2
     assert "--generator ghz: no ghz on PATH" in done.stderr
+
+
+def test_ghz_status_codes_read_as_grpc_names_them() -> None:
+    """bench.load reports errors by grpc.StatusCode's names; ghz's report spells them as Go
+    does, CANCELLED with one L."""
+    go_names = {"Canceled": 1, "DeadlineExceeded": 2, "ResourceExhausted": 3, "OK": 4}
+    report = ghz.report(
+        Load(), {"count": 10, "total": 10**9, "statusCodeDistribution": go_names}, 0.0, "ghz"
+    )
+    assert report.errors == {"CANCELLED": 1, "DEADLINE_EXCEEDED": 2, "RESOURCE_EXHAUSTED": 3}
+    assert set(report.errors) <= {code.name for code in grpc.StatusCode}
+    assert report.requests == 4
+
+
+def test_a_ghz_run_for_a_duration_waits_for_the_calls_in_flight() -> None:
+    """ghz's default cancels the calls in flight when the duration ends and counts them as
+    errors; bench.load waits for them, and ghz must count them the same way."""
+    assert ghz.config(Load(duration=2))["duration-stop"] == "wait"
+    assert "duration-stop" not in ghz.config(Load(total=100))
