@@ -106,14 +106,16 @@ async def soak(server: Server, seconds: float, interval: float, rate: float, cli
             asyncio.create_task(client(stub, seed, rate / clients, stop_at, tally))
             for seed in range(clients)
         ]
-        before = Counter(tally.answered)
+        before, sampled = Counter(tally.answered), start
         while time.monotonic() < stop_at:
             await asyncio.sleep(min(interval, max(0.0, stop_at - time.monotonic())))
-            now = Counter(tally.answered)
-            elapsed = time.monotonic() - start
-            per_call = {c: (now[c] - before[c]) / interval for c in CALLS}
+            now, at = Counter(tally.answered), time.monotonic()
+            elapsed = at - start
+            # Over the time since the last sample: the last interval is cut short at stop_at,
+            # and a busy event loop wakes late.
+            per_call = {c: (now[c] - before[c]) / (at - sampled) for c in CALLS}
             rows.append((elapsed, per_call, rss_mb(server.process.pid), sum(tally.errors.values())))
-            before = now
+            before, sampled = now, at
             print(
                 f"{elapsed:6.0f}s " + " ".join(f"{c} {v:6.1f}/s" for c, v in per_call.items())
                 + f" RSS {rows[-1][2]:.1f} MB errors {rows[-1][3]}",
