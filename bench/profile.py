@@ -175,7 +175,9 @@ def profile_one(spy: str, server: Server, call: str, seconds: int, rate: int, to
 def render(profile: Profile) -> list[str]:
     total = sum(profile.threads.values())
     lines = [
-        f"### {SCENARIOS[profile.call]} ({profile.rps:,.0f} calls/s while sampled)",
+        # The load run's mean, a second either side of the sampling included (the generator
+        # reports one rate per run): py-spy slows the server, so the sampled window ran slower.
+        f"### {SCENARIOS[profile.call]} ({profile.rps:,.0f} calls/s, the load run's mean)",
         "",
         "| thread | ms of CPU per call |",
         "|---|---:|",
