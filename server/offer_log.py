@@ -2,9 +2,11 @@
 
 GetOffers only appends to an in-memory queue; a background task writes batches in a worker
 thread. A batch that fails stays queued and is retried, so a store outage delays the log
-instead of losing it. The queue holds at most max_pending offers: past that, append refuses
-(GetOffers answers RESOURCE_EXHAUSTED) rather than grow memory or drop an offer whose token
-was handed out. ``close`` flushes what is queued, for a graceful shutdown.
+instead of losing it; a batch the store refuses as data is written row by row, and only the
+rows it refuses are dropped (logged), so one bad row never holds back the others. The queue
+holds at most max_pending offers: past that, append refuses (GetOffers answers
+RESOURCE_EXHAUSTED) rather than grow memory or drop an offer whose token was handed out.
+``close`` flushes what is queued, for a graceful shutdown.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from core.store.db import Store
-from core.store.errors import StoreError
+from core.store.errors import Conflict, DataRefused, StoreError
 from core.store.offers import insert_offers
 from server.errors import Overloaded
 from server.limits import OFFER_LOG_MAX_PENDING
@@ -35,6 +37,7 @@ class OfferLog:
         self.interval = interval
         self.max_pending = max_pending
         self.refused = 0
+        self.dropped = 0  # offers the store refused as data: a bug upstream, logged each
         self._error = ""
         self._pending: collections.deque[dict[str, Any]] = collections.deque()
         self._wake = asyncio.Event()
@@ -73,6 +76,10 @@ class OfferLog:
             batch = [self._pending[i] for i in range(min(BATCH, len(self._pending)))]
             try:
                 await asyncio.to_thread(self._write, batch)
+            except (DataRefused, Conflict):
+                # Not an outage: a row the store cannot take. Retried as it is, it would hold
+                # back every offer behind it for good; row by row, only the bad ones are lost.
+                await asyncio.to_thread(self._write_each, batch)
             except (StoreError, SQLAlchemyError, OSError) as e:
                 message = str(e) if isinstance(e, StoreError) else str(self.store.unavailable(e))
                 if message != self._error:  # once per outage, not once per retry
@@ -91,6 +98,18 @@ class OfferLog:
     def _write(self, batch: list[dict[str, Any]]) -> None:
         with self.store.transaction() as session:
             insert_offers(session, batch)
+
+    def _write_each(self, batch: list[dict[str, Any]]) -> None:
+        """Write rows one at a time, dropping (and logging) those the store refuses; an outage
+        meanwhile propagates, and the batch is retried whole."""
+        for row in batch:
+            try:
+                self._write([row])
+            except (DataRefused, Conflict) as e:
+                self.dropped += 1
+                log.error(
+                    "offer log: offer %s dropped, the store refuses it: %s", row["offer_id"], e
+                )
 
     async def _run(self) -> None:
         while True:

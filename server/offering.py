@@ -10,13 +10,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy.exc import DataError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 
 from core.offer_token import OfferKeys
 from core.offers import Respond
 from core.store import events
 from core.store.db import Store, first_line
-from core.store.errors import Conflict, StoreError
+from core.store.errors import Conflict, DataRefused, StoreError
 from server.errors import NotReady, StoreDown, StoreRefused
 from server.limits import BoundedWrites, limit_store
 from server.offer_log import OfferLog
@@ -68,7 +68,7 @@ class Offering:
         try:
             with self.store.transaction() as session:
                 return events.record(session, batch, datetime.now(UTC))
-        except (DataError, Conflict) as e:
+        except (DataRefused, Conflict) as e:
             raise StoreRefused(
                 f"the store refused this batch ({first_line(e)}); no event of it was stored, and "
                 "resending it will not help: report it as a discountd bug"

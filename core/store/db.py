@@ -12,11 +12,17 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DataError,
+    DBAPIError,
+    IntegrityError,
+    OperationalError,
+)
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.exc import StaleDataError
 
-from core.store.errors import Conflict, StoreUnavailable
+from core.store.errors import Conflict, DataRefused, StoreUnavailable
 
 DEFAULT_URL = "sqlite:///var/discount.db"
 PG_SCHEMA = "discount"
@@ -130,6 +136,8 @@ class Store:
             ) from None
         except IntegrityError as e:
             raise Conflict(f"the store refused the change: {first_line(e)}") from None
+        except DataError as e:
+            raise DataRefused(f"the store refused the data: {first_line(e)}") from None
         except OperationalError as e:
             raise self.unavailable(e) from None
         finally:

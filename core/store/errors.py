@@ -23,5 +23,10 @@ class Conflict(StoreError):
     """A write lost a race or would break a uniqueness rule; nothing was changed."""
 
 
+class DataRefused(StoreError):
+    """The database refused a write's data itself (a value its columns cannot hold): a check
+    upstream let it through, and retrying the same data cannot help."""
+
+
 class InvalidInput(StoreError):
     """Input that the store refuses to write; nothing was changed."""

@@ -11,7 +11,7 @@ import psycopg
 from sqlalchemy import Table
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Dialect
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
 from core.store.tables import Offer
@@ -39,6 +39,11 @@ def insert_offers(session: Session, rows: Sequence[dict[str, Any]]) -> None:
         return
     except psycopg.errors.UniqueViolation:
         pass  # a retried batch, some of it stored: the insert below skips what is there
+    # As SQLAlchemy would wrap them, so that a row the table refuses is told from an outage.
+    except psycopg.DataError as e:
+        raise DataError("COPY offers", None, e) from None
+    except psycopg.IntegrityError as e:
+        raise IntegrityError("COPY offers", None, e) from None
     except psycopg.Error as e:
         raise DBAPIError("COPY offers", None, e) from None
     # The table, not the ORM class: a plain executemany, without the ORM's bulk bookkeeping.
