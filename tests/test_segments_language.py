@@ -12,6 +12,7 @@ import pytest
 from cli import ctl, row_counts
 from hypothesis import given
 from hypothesis import strategies as st
+from test_store_conditions import condition_trees
 
 from core.features import CATEGORICAL_FEATURES, FEATURE_NAMES, NEW_USER, NUMERIC_FEATURES
 from core.offers import resolve_features
@@ -60,15 +61,7 @@ categorical_leaf = st.sampled_from(CATEGORICAL_FEATURES).flatmap(
         )
     )
 )
-conditions = st.recursive(
-    numeric_leaf | categorical_leaf,
-    lambda children: (
-        st.builds(lambda xs: {"all": xs}, st.lists(children, min_size=1, max_size=3))
-        | st.builds(lambda xs: {"any": xs}, st.lists(children, min_size=1, max_size=3))
-        | st.builds(lambda x: {"not": x}, children)
-    ),
-    max_leaves=8,
-)
+conditions = condition_trees(numeric_leaf | categorical_leaf)
 # Some features left out: an unknown user, or one the artifact knows only in part.
 users = st.fixed_dictionaries(
     {},

@@ -34,15 +34,22 @@ categorical_leaf = st.builds(
     st.sampled_from(["==", "!=", "in"]),
     st.text(max_size=10),
 )
-conditions = st.recursive(
-    numeric_leaf | categorical_leaf,
-    lambda children: (
-        st.builds(lambda xs: {"all": xs}, st.lists(children, min_size=1, max_size=3))
-        | st.builds(lambda xs: {"any": xs}, st.lists(children, min_size=1, max_size=3))
-        | st.builds(lambda x: {"not": x}, children)
-    ),
-    max_leaves=8,
-)
+
+
+def condition_trees(leaves: st.SearchStrategy[dict[str, Any]]) -> st.SearchStrategy[Any]:
+    """JSON conditions: leaves combined by all, any and not, up to 8 leaves."""
+    return st.recursive(
+        leaves,
+        lambda children: (
+            st.builds(lambda xs: {"all": xs}, st.lists(children, min_size=1, max_size=3))
+            | st.builds(lambda xs: {"any": xs}, st.lists(children, min_size=1, max_size=3))
+            | st.builds(lambda x: {"not": x}, children)
+        ),
+        max_leaves=8,
+    )
+
+
+conditions = condition_trees(numeric_leaf | categorical_leaf)
 features = st.fixed_dictionaries(
     {f: st.floats(-1e6, 1e6) for f in NUMERIC_FEATURES}
     | {f: st.sampled_from(["", "Toys", "Garden"]) for f in CATEGORICAL_FEATURES}
