@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
 from core.store import audit, migrate
-from core.store.db import NOTIFY_CHANNEL, Store
+from core.store.db import DEAD_PEER_DETECTION, NOTIFY_CHANNEL, Store
 from core.store.errors import Conflict, InvalidInput, NotFound
 from core.store.experiments import Experiments, VariantSpec
 from core.store.offers import insert_offers
@@ -335,3 +335,18 @@ def test_offers_round_trip_and_a_retried_batch_adds_only_what_is_missing(store: 
             for o in s.scalars(select(Offer).order_by(Offer.offer_id))
         ]
     assert stored == rows
+
+
+@pytest.mark.postgres
+def test_postgres_connections_detect_a_dead_host_on_their_own() -> None:
+    """A host that dies without closing its connections sends nothing the client could act on;
+    only libpq's TCP timeouts end the wait (the server-side statement_timeout cannot fire)."""
+    with pg_database() as url:
+        store = Store(url)
+        try:
+            with store.engine.connect() as conn:
+                info = conn.connection.dbapi_connection.info  # type: ignore[union-attr]
+                used = info.get_parameters()
+        finally:
+            store.dispose()
+    assert {k: int(used[k]) for k in DEAD_PEER_DETECTION} == DEAD_PEER_DETECTION

@@ -29,6 +29,18 @@ PG_SCHEMA = "discount"
 # Channel that every admin change is announced on, inside the change's own transaction.
 NOTIFY_CHANNEL = "discount_changes"
 CONNECT_TIMEOUT_S = 5
+# libpq's own timeouts, for a database host that dies or drops off the network without closing
+# its connections: nothing tells the client, and the server-side statement_timeout cannot
+# fire. Without these a query waits ~15 minutes of TCP retransmissions, and an idle pooled
+# connection stays "open" for ever. A request unanswered at the TCP level fails after
+# tcp_user_timeout; an idle connection is found dead after idle + interval x count.
+DEAD_PEER_DETECTION = {
+    "tcp_user_timeout": 30_000,  # ms
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+}
 
 
 # Query parameters libpq (and so psycopg) takes a password from.
@@ -76,6 +88,7 @@ def make_engine(url: str) -> Engine:
             connect_args={
                 "connect_timeout": CONNECT_TIMEOUT_S,
                 "options": f"-c search_path={PG_SCHEMA}",
+                **DEAD_PEER_DETECTION,
             },
         )
     raise StoreUnavailable(
