@@ -105,6 +105,11 @@ class DiscountServer:
             return await self.offering.stop(grace or 0.0)
         return 0
 
+    @property
+    def store_abandoned(self) -> bool:
+        """stop() gave up on a store that does not answer: threads still wait on it."""
+        return self.offering is not None and self.offering.abandoned
+
     async def _watch(self) -> None:
         await self.reload(force=False)
         self.first_load.set()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 
@@ -204,6 +205,12 @@ async def serve(settings: Settings) -> int:
     await stopping.wait()
     log.info("shutting down: draining for up to %.0fs", settings.grace)
     lost = await server.stop(settings.grace)
+    if server.store_abandoned:
+        # Joining the threads that wait on it (asyncio.run does, then the interpreter) would
+        # hold the process until TCP gives up on the store, long past --grace.
+        log.error("stopped without waiting for the store")
+        logging.shutdown()
+        os._exit(1)
     log.info("stopped")
     # Offers whose tokens are out but that are not in the store: a failed stop, not a clean one.
     return 1 if lost else 0

@@ -6,6 +6,7 @@ This module holds the per-server state; the per-request work is server.offers.""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -23,6 +24,10 @@ from server.offer_log import OfferLog
 from server.response import NoResponseModel
 from server.snapshot import SnapshotKeeper
 
+log = logging.getLogger(__name__)
+# What a stop allows past its budget for the offer log's last write.
+STOP_SLACK_S = 3.0
+
 
 @dataclass
 class Offering:
@@ -34,6 +39,7 @@ class Offering:
     writes: BoundedWrites = field(default_factory=BoundedWrites)
     # The response model `optimal` rules price with (server.response); create_server sets it.
     respond: Respond = field(default_factory=NoResponseModel)
+    abandoned: bool = False  # stop() gave up on a store that does not answer
 
     @classmethod
     def open(cls, url: str, keys: OfferKeys | None, ttl: float, poll: float) -> Offering:
@@ -56,7 +62,25 @@ class Offering:
 
     async def stop(self, budget: float = 0.0) -> int:
         """Close the store's users; the number of issued offers the offer log could not write
-        within budget seconds."""
+        within budget seconds (and STOP_SLACK_S for a last write).
+
+        A store that hangs (a frozen host: no answer, no error) would hold this for as long as
+        TCP takes to give up, which can be forever. So the stop gives up at its deadline and
+        sets ``abandoned``: threads still wait on the store, and the process must exit without
+        joining them."""
+        try:
+            return await asyncio.wait_for(self._stop(budget), budget + STOP_SLACK_S)
+        except TimeoutError:
+            self.abandoned = True
+            log.error(
+                "the store did not answer within %.0fs of shutdown; "
+                "offer log: %d offers could not be written before shutdown",
+                budget + STOP_SLACK_S,
+                self.log.pending,
+            )
+            return self.log.pending
+
+    async def _stop(self, budget: float) -> int:
         await asyncio.to_thread(self.writes.close)
         lost = await self.log.close(budget)
         await self.keeper.stop()

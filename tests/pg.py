@@ -6,8 +6,11 @@ and dropped here. When no PostgreSQL answers, its tests skip, unless DISCOUNT_RE
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import socket
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -111,3 +114,65 @@ def store(db_url: str) -> Iterator[Store]:
     s = Store(db_url)
     yield s
     s.dispose()
+
+
+class HangingProxy:
+    """A TCP proxy in front of PostgreSQL that can stop passing bytes, both ways, without
+    closing anything: to its clients, a store host that hangs (a frozen machine, dropped
+    packets), which no error reveals. Kernel-level ACKs still flow, so TCP never gives up."""
+
+    def __init__(self, url: str) -> None:
+        self.target = make_url(url)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        here = self.target.set(host="127.0.0.1", port=self._listener.getsockname()[1])
+        self.url = here.render_as_string(hide_password=False)
+        self._passing = threading.Event()
+        self._passing.set()
+        self._closed = False
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def hang(self) -> None:
+        self._passing.clear()
+
+    def resume(self) -> None:
+        self._passing.set()
+
+    def close(self) -> None:
+        self._closed = True
+        self._passing.set()
+        for s in [self._listener, *self._sockets]:
+            with contextlib.suppress(OSError):
+                s.close()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+                upstream = socket.create_connection(
+                    (self.target.host or "127.0.0.1", self.target.port or 5432)
+                )
+            except OSError:
+                return  # closed
+            self._sockets += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                self._passing.wait()  # hanging: the bytes read are held, not passed on
+                if self._closed:
+                    return
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+
+@contextmanager
+def hanging_proxy(url: str) -> Iterator[HangingProxy]:
+    proxy = HangingProxy(url)
+    try:
+        yield proxy
+    finally:
+        proxy.close()

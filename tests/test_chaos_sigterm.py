@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 from offer_server import ctl
-from pg import pg_database
+from pg import hanging_proxy, pg_database
 from sqlalchemy import select
 from test_offers_outage import offer_ids, set_reachable
 from test_server_process import Discountd
@@ -22,6 +22,7 @@ from core.store import migrate
 from core.store.db import Store
 from core.store.tables import Event, Offer
 from discount.v1 import discount_pb2 as pb
+from server.offering import STOP_SLACK_S
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow, pytest.mark.timeout(120)]
 ACKED = (pb.EVENT_STATUS_ACCEPTED, pb.EVENT_STATUS_DUPLICATE)
@@ -160,3 +161,26 @@ def test_offers_still_unwritten_at_the_end_of_grace_make_the_exit_code_1(
             set_reachable(url, True)
             server.close()
         assert [line for line in server.drain_log() if "could not be written" in line]
+
+
+def test_sigterm_while_the_store_hangs_stops_within_grace_and_exits_1(
+    model_store: Path, tmp_path: Path
+) -> None:
+    """A store that answers nothing (no error either) cannot hold the stop past its bound:
+    2 x --grace and STOP_SLACK_S. Threads still waiting on the store are left behind."""
+    with pg_database() as url, hanging_proxy(url) as proxy:
+        server = _offering_server(proxy.url, model_store, tmp_path, grace="1")
+        try:
+            request = pb.GetOffersRequest(user_id="user-0", limit=3)
+            server.stub.GetOffers(request)
+            proxy.hang()
+            for _ in range(5):
+                server.stub.GetOffers(request)
+            server.process.send_signal(signal.SIGTERM)
+            assert server.process.wait(timeout=2 * 1 + STOP_SLACK_S + 10) == 1
+        finally:
+            proxy.resume()
+            server.close()
+        log = server.drain_log()
+        assert [line for line in log if "could not be written before shutdown" in line]
+        assert [line for line in log if "stopped without waiting for the store" in line]
