@@ -29,6 +29,7 @@ log = logging.getLogger("discountd.workers")
 
 Serve = Callable[[Settings], Coroutine[Any, Any, int]]
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+RELAYED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def supervise(settings: Settings, serve: Serve) -> int:
@@ -48,18 +49,24 @@ def supervise(settings: Settings, serve: Serve) -> int:
             _signal(pid, sig)
 
     # Before forking: a SIGTERM from now on reaches every worker started so far.
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in RELAYED:
         signal.signal(sig, relay)
     parent = os.getpid()
     for n in range(settings.workers):
+        if stopping:  # told to stop while starting: no more workers
+            break
         metrics = settings.metrics_port
         if metrics:  # each worker serves its own registry, on consecutive ports
             metrics += n
         worker = dataclasses.replace(settings, port=port, metrics_port=metrics)
+        # Held from the fork until the worker is recorded: a signal in between would be
+        # relayed to the workers recorded so far, and never to this one.
+        unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, RELAYED)
         pid = os.fork()
         if pid == 0:
-            _run_child(worker, serve, parent)
+            _run_child(worker, serve, parent, unblocked)
         children[pid] = n
+        signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)  # one held is relayed now
     log.info("%d workers on %s:%d", settings.workers, settings.host, port)
     code = 0
     while children:
@@ -81,10 +88,13 @@ def supervise(settings: Settings, serve: Serve) -> int:
     return code
 
 
-def _run_child(settings: Settings, serve: Serve, parent: int) -> None:
+def _run_child(
+    settings: Settings, serve: Serve, parent: int, mask: set[int | signal.Signals]
+) -> None:
     # The parent's handlers relay; a worker installs its own in serve().
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in RELAYED:
         signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     _drain_when_orphaned(parent)
     code = 1
     try:
