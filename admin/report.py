@@ -21,6 +21,7 @@ sample-ratio mismatch: chi-square against the weights, flagged below p = 0.001.
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -280,11 +281,12 @@ def conversion_curves(
     points = [moments[i] for i in picks]
     curves = {}
     for variant, group in users.items():
-        series = []
-        for t in points:
-            n = sum(1 for d in group.values() if d.first_offer <= t)
-            k = sum(1 for u in group if u in bought and bought[u] <= t)
-            series.append(stats.proportion(k, n))
+        offered = sorted(d.first_offer for d in group.values())
+        converted = sorted(bought[u] for u in group if u in bought)
+        # Users offered by t, and those of them who bought by t (a purchase follows its offer).
+        series = [
+            stats.proportion(bisect_right(converted, t), bisect_right(offered, t)) for t in points
+        ]
         curves[variant] = (points, series)
     return curves
 
