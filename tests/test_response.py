@@ -339,6 +339,20 @@ def test_logs_a_model_cannot_learn_from_are_refused_with_the_fix() -> None:
         from_logs(offers.assign(price="n/a"), events, 0)
 
 
+def test_a_sale_recorded_as_a_redemption_counts_as_bought() -> None:
+    """A storefront records a line bought at an offer's price as a redemption alone (OFFERS.md),
+    not as a purchase too, as the simulator does: those offers were bought all the same."""
+    offers, events = _logs(users=50)
+    redeemed = set(events.loc[events["type"] == "redemption", "offer_id"])
+    assert redeemed
+    storefront = events[~((events["type"] == "purchase") & events["offer_id"].isin(redeemed))]
+    expected = from_logs(offers, events, 0)
+    assert expected.data.bought[offers["offer_id"].isin(redeemed).to_numpy()].all()
+    np.testing.assert_array_equal(
+        from_logs(offers, storefront, 0).data.bought, expected.data.bought
+    )
+
+
 def test_cli_simulates_fits_and_exports(tmp_path: Path) -> None:
     runner = CliRunner()
     out = runner.invoke(

@@ -92,7 +92,8 @@ def simulate_command(out: Path, users: int, visits: int, seed: int) -> None:
     "events_path",
     type=click.Path(dir_okay=False, path_type=Path),
     required=True,
-    help="events (CSV or .parquet): type and offer_id; a purchase naming an offer is a success",
+    help="events (CSV or .parquet): type and offer_id; a purchase or redemption naming an offer "
+    "is a success",
 )
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option(

@@ -117,8 +117,9 @@ def logged(
 
 
 def from_logs(offers: pd.DataFrame, events: pd.DataFrame, seed: int) -> Logged:
-    """Join the offer log with purchase events by offer_id: an offer is bought when a purchase
-    event names it. seed draws the cross-fitting folds."""
+    """Join the offer log with purchase events by offer_id: an offer is bought when a purchase or
+    a redemption names it (a storefront records a line bought at the offer's discounted price as
+    a redemption, docs/OFFERS.md). seed draws the cross-fitting folds."""
     needed = ("offer_id", "user_id", "discount", "propensity", *OFFER_FEATURES)
     missing = [c for c in needed if c not in offers.columns]
     if missing:
@@ -153,7 +154,8 @@ def from_logs(offers: pd.DataFrame, events: pd.DataFrame, seed: int) -> Logged:
             "offers: every offer has the same discount; a response model needs randomized "
             "discounts (run an experiment that draws them from a grid)"
         )
-    purchased = set(events.loc[events["type"] == "purchase", "offer_id"].dropna().astype(str))
+    sold = events["type"].isin(("purchase", "redemption"))
+    purchased = set(events.loc[sold, "offer_id"].dropna().astype(str))
     bought = offers["offer_id"].astype(str).isin(purchased).to_numpy()
     return logged(
         numeric[list(OFFER_FEATURES)].to_numpy(dtype=np.float64),
