@@ -84,8 +84,9 @@ def test_optimal_respects_guardrails_and_takes_the_best_allowed_choice(
     # The choice is one the guardrails allow as priced: none of them had to move it.
     assert Reason.GUARDRAIL_MARGIN_FLOOR not in priced.reasons
     assert Reason.GUARDRAIL_MAX_DISCOUNT not in priced.reasons
-    if Reason.ROUNDED_TO_NO_DISCOUNT in priced.reasons:
-        return  # the best choice was too small to take a cent off: the base price stands
+    # A candidate too small to take a cent off is no choice: the customer would see the base
+    # price, not the discount the model was asked about.
+    assert Reason.ROUNDED_TO_NO_DISCOUNT not in priced.reasons
     # The choice is an allowed one, and no allowed choice has a larger expected margin.
     choices = optimal_choices(rule.params)
     allowed = allowed_percents(base, item.cost, choices, rule.guardrails)
@@ -96,6 +97,9 @@ def test_optimal_respects_guardrails_and_takes_the_best_allowed_choice(
         np.array([float(cost)]),
         np.array([float(c) / 100 for c in choices]),
     )[0]
+    allowed = [ok and (c == 0 or price_after(base, c) < base) for c, ok in zip(
+        choices, allowed, strict=True
+    )]  # fmt: skip
     chosen = value[choices.index(priced.discount_pct)]
     assert all(chosen >= v for v, ok in zip(value, allowed, strict=True) if ok)
     # Ties go to the smaller discount.
@@ -117,6 +121,29 @@ def test_optimal_checks_the_floor_of_the_catalog_cost_not_of_the_cost_in_cents()
     )
     [priced] = price_items(rule, [item])
     assert priced.discount_pct == 0 and priced.final_price == Decimal("10.00")
+    assert priced.reasons == (Reason.POLICY_OPTIMAL, "EXPECTED_UPLIFT_CENTS=0")
+
+
+def test_a_discount_that_takes_no_cent_off_is_no_choice() -> None:
+    # At 0.05, 5% and 10% off round back up to 0.05: the shopper would see the base price, so
+    # the model's P(buy) at those discounts says nothing about this offer. 20% (0.04) is real,
+    # and better than no discount: 0.7 × 0.03 > 0.1 × 0.04.
+    rule = Rule("optimal", {"grid": [5, 10, 20]}, Guardrails.of(30))
+    item = Candidate(
+        "a",
+        Decimal("0.05"),
+        Decimal("0.01"),
+        1,
+        score=0.5,
+        purchase_probability=(0.1, 0.5, 0.6, 0.7),
+    )
+    [priced] = price_items(rule, [item])
+    assert priced.discount_pct == 20 and priced.final_price == Decimal("0.04")
+    assert priced.reasons == (Reason.POLICY_OPTIMAL, "EXPECTED_UPLIFT_CENTS=2")
+    # Nothing real to offer: no discount, and no uplift claimed for one the shopper never sees.
+    rule = Rule("optimal", {"grid": [5, 10]}, Guardrails.of(30))
+    [priced] = price_items(rule, [replace(item, purchase_probability=(0.1, 0.5, 0.6))])
+    assert priced.discount_pct == 0
     assert priced.reasons == (Reason.POLICY_OPTIMAL, "EXPECTED_UPLIFT_CENTS=0")
 
 
