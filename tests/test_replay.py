@@ -36,6 +36,7 @@ from trainer.replay import (
     replay,
     replay_command,
     shopper_events,
+    shopper_rows,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -288,3 +289,9 @@ def test_a_larger_discount_never_loses_a_sale(index: int, low: list[float], extr
         if e.type == pb.EVENT_TYPE_PURCHASE:
             assert e.revenue_cents == 1000
     assert tally_high.purchases >= tally_low.purchases
+
+
+def test_a_user_who_comes_back_is_the_same_shopper() -> None:
+    # Each visit's market row: a returning user keeps the row (discount behaviour, price
+    # sensitivity) of their first visit; a new visitor id has its own.
+    assert shopper_rows(["k1", "k2", "k1", "visitor-0", "k2"]) == [0, 1, 0, 3, 1]

@@ -8,11 +8,11 @@ At checkout a discounted line's offer token is checked with ``VerifyOffer``. Eve
 through ``RecordEvents`` in batches: a redemption (with the offer id) for a line bought at a
 discounted price, a purchase for one bought at the base price.
 
-Shoppers are the shop's users plus a share of brand-new visitor ids. All random draws depend only
-on the seed and the shopper's position, never on the order calls complete in, and event ids are
-derived from the same, so a rerun with the same arguments records nothing twice (its events
-name the rerun's offers, so the store answers EVENT_ID_REUSED where it kept the first run's:
-counted here as already recorded).
+Shoppers are the shop's users plus a share of brand-new visitor ids; a user who comes back keeps
+the behaviour of their first visit. All random draws depend only on the seed and the shopper's
+position, never on the order calls complete in, and event ids are derived from the same, so a
+rerun with the same arguments records nothing twice (its events name the rerun's offers, so the
+store answers EVENT_ID_REUSED where it kept the first run's: counted here as already recorded).
 """
 
 from __future__ import annotations
@@ -113,17 +113,30 @@ def pick_shoppers(known: Sequence[str], count: int, new_share: float, seed: int)
     return [shoppers[i] for i in rng.permutation(len(shoppers))]
 
 
+def shopper_rows(shoppers: Sequence[str]) -> list[int]:
+    """The market row of each shopper visit: a user who comes back is the same shopper, with the
+    discount behaviour and price sensitivity of their first visit's row."""
+    first: dict[str, int] = {}
+    return [first.setdefault(user, k) for k, user in enumerate(shoppers)]
+
+
 def shopper_events(
-    market: Market, seed: int, index: int, user: str, reply: pb.GetOffersResponse
+    market: Market,
+    seed: int,
+    index: int,
+    user: str,
+    reply: pb.GetOffersResponse,
+    row: int | None = None,
 ) -> tuple[list[pb.Event], Tally]:
-    """The events shopper ``index`` (row ``index`` of the market) produces on these offers."""
+    """The events visit ``index`` produces on these offers, by the shopper in ``row`` of the
+    market (``index`` when not given; shopper_rows)."""
     offers = [o for o in reply.offers if o.offer_id]  # an item without a price gets no offer
     tally = Tally(visits=1, offers=len(offers))
     if not offers:
         return [], tally
     n = len(offers)
     p_buy = market.response(
-        np.full(n, index),
+        np.full(n, index if row is None else row),
         np.array([relevance_of_rank(o.rank) for o in offers]),
         np.array([o.base_price_cents / 100 for o in offers]),
         np.array([o.discount_percent / 100 for o in offers]),
@@ -214,6 +227,7 @@ class _Replay:
         # One simulated population, one row per shopper: their discount behaviour and price
         # sensitivity. Its catalog is unused; the shop's items come from discountd.
         self.market = make_market(MarketConfig(n_users=len(shoppers), n_items=1, seed=config.seed))
+        self.rows = shopper_rows(shoppers)
         self.result = ReplayResult()
         self.pending: list[pb.Event] = []
         self.done = 0
@@ -243,7 +257,9 @@ class _Replay:
             )
         except grpc.aio.AioRpcError as e:
             raise ReplayError(self._failure("GetOffers", user, e)) from None
-        events, tally = shopper_events(self.market, self.config.seed, index, user, reply)
+        events, tally = shopper_events(
+            self.market, self.config.seed, index, user, reply, self.rows[index]
+        )
         tokens = {o.offer_id: o.offer_token for o in reply.offers}
         for line in events:
             if line.type == pb.EVENT_TYPE_REDEMPTION:
