@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from server.settings import Settings, SettingsError, resolve
+from server.settings import SettingsError, resolve
 from server.versions import LARGE_CATALOG, ort_threads_for
 
 KEY = {"DISCOUNT_OFFER_KEY": "k" * 40}
@@ -75,20 +75,28 @@ def test_model_dir_is_required() -> None:
         resolve({}, env=KEY, insecure=True)
 
 
-@given(port=st.text(max_size=8))
+# Arbitrary text seldom spells a number: numbers in and around the port range, and text made of
+# the characters numbers are written with, are drawn too.
+port_texts = (
+    st.text(max_size=8)
+    | st.integers(-70_000, 140_000).map(str)
+    | st.text(alphabet="0123456789 +-_.e", max_size=7)
+)
+
+
+@given(port=port_texts)
 def test_any_port_text_is_accepted_only_as_a_port_number(
     tmp_path_factory: pytest.TempPathFactory, port: str
 ) -> None:
     model_dir = str(tmp_path_factory.getbasetemp())
+    is_port = port.isascii() and port.isdigit() and int(port) <= 65535
     try:
-        settings: Settings | None = resolve(
-            {"model_dir": model_dir, "port": port}, env=KEY, insecure=True
-        )
+        settings = resolve({"model_dir": model_dir, "port": port}, env=KEY, insecure=True)
     except SettingsError as e:
-        assert "--port / DISCOUNT_GRPC_PORT" in str(e)
-        settings = None
-    if settings is not None:
-        assert 0 <= settings.port <= 65535 and int(port) == settings.port
+        assert f"--port / DISCOUNT_GRPC_PORT: {port!r} is not a port number" in str(e)
+        assert not is_port, f"the port {port!r} was refused"
+        return
+    assert 0 <= settings.port <= 65535 and int(port) == settings.port
 
 
 @given(cores=st.integers(1, 256), workers=st.integers(1, 64), n_items=st.integers(1, 10_000_000))
