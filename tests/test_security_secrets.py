@@ -106,16 +106,19 @@ def test_a_client_token_is_shown_once_and_stored_only_as_a_digest(db_url: str) -
     created = ctl(db_url, "clients", "create", "checkout", "-o", "json")
     token = json.loads(created.stdout)["token"]
     assert token not in created.stderr  # data on stdout only, never in the message
-    later = "\n".join(
-        ctl(db_url, *args).output
+    later = [
+        ctl(db_url, *args)
         for args in (
             ("clients", "list", "-o", "json"),
             ("clients", "list"),
             ("audit", "list", "-o", "json"),
             ("clients", "revoke", "checkout", "--yes", "-o", "json"),
         )
-    )
-    assert token not in later and digest(token) not in later
+    ]
+    # Each command worked and named the client: its output is where a token could have leaked.
+    for result in later:
+        assert result.exit_code == 0 and "checkout" in result.output, result.output
+        assert token not in result.output and digest(token) not in result.output
     conflict = ctl(db_url, "clients", "create", "checkout")
     assert conflict.exit_code == 1 and "already exists" in conflict.output
     assert token not in conflict.output

@@ -12,13 +12,13 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from offer_server import eventually
 
 from core.artifact import CURRENT, set_current
 from discount.v1 import discount_pb2 as pb
@@ -222,8 +222,8 @@ def test_sigterm_drains_in_flight_calls_and_exits_zero(start: type[Discountd]) -
     workers = [threading.Thread(target=hammer) for _ in range(6)]
     for worker in workers:
         worker.start()
-    while len(outcomes) < 50:
-        time.sleep(0.01)
+    # Calls are flowing (a worker that fails stops: then this fails, rather than waiting on).
+    eventually(lambda: len(outcomes) >= 50, timeout=60)
     server.process.send_signal(signal.SIGTERM)
     # Health turns NOT_SERVING on the open Watch stream before the server stops.
     assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING

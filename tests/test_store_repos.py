@@ -306,7 +306,8 @@ def _notified(store: Store) -> None:
             raise InvalidInput("abort")
         with store.transaction() as s:
             seg = Segments(s, "t").create("seg", NEW)
-        got = [json.loads(n.payload) for n in listener.notifies(timeout=2, stop_after=1)]
+        # stop_after=1: back as soon as the first arrives; the timeout only bounds a failure.
+        got = [json.loads(n.payload) for n in listener.notifies(timeout=10, stop_after=1)]
     assert got == [{"entity": "segment", "id": str(seg.id), "action": "create"}]
 
 
