@@ -6,14 +6,13 @@ it stops accepting connections and its sessions are terminated; then it accepts 
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from offer_server import OfferServer, ctl, eventually
-from pg import pg_database
+from pg import hanging_proxy, pg_database
 from sqlalchemy import create_engine, select, text
 from sqlalchemy.engine import make_url
 
@@ -125,32 +124,26 @@ def test_a_store_that_hangs_instead_of_refusing_makes_the_snapshot_stale(
 ) -> None:
     # A frozen host or a network that drops packets answers nothing, and the server's statement
     # timeout cannot fire: the refresh waited for minutes while the snapshot, ever older, was
-    # reported fresh in GetModelInfo and in health.
-    with pg_database() as url:
+    # reported fresh in GetModelInfo and in health. The server reaches the store through a proxy
+    # that stops passing bytes (no error, no close), as such a host does.
+    with pg_database() as url, hanging_proxy(url) as proxy:
         store = Store(url)
         migrate.upgrade(store)
         store.dispose()
-        running = OfferServer(model_store, url, rules_poll_interval=0.2)
-        keeper = running.server.offering.keeper
-        answer = threading.Event()
-        load = keeper._load
-
-        def hanging() -> None:
-            answer.wait(60)
-            load()
-
+        # 0.5 s, not 15 s, from the start: a refresh begun before the change would keep 15 s.
+        monkeypatch.setattr(snapshot, "STALL_S", 0.5)
+        running = OfferServer(model_store, proxy.url, rules_poll_interval=0.2)
         try:
-            monkeypatch.setattr(snapshot, "STALL_S", 0.5)
-            keeper._load = hanging  # type: ignore[method-assign]
+            proxy.hang()
             info = eventually(lambda: stale_info(running), 10.0)
             assert "no answer in 0.5s" in info.store_error
-            assert mask_url(url) in info.store_error
+            assert mask_url(proxy.url) in info.store_error
             assert rules_health(running) == NOT_SERVING
-            answer.set()
+            proxy.resume()
             eventually(
                 lambda: running.stub.GetModelInfo(pb.GetModelInfoRequest()).snapshot_fresh, 10.0
             )
             assert rules_health(running) == SERVING
         finally:
-            answer.set()
+            proxy.resume()
             running.close()
