@@ -12,7 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from offer_server import ctl
+from offer_server import ctl, eventually
 from pg import hanging_proxy, pg_database
 from sqlalchemy import select
 from test_offers_outage import offer_ids, set_reachable
@@ -51,7 +51,8 @@ def test_sigterm_under_load_flushes_offers_and_keeps_every_acked_event(
                         pb.GetOffersRequest(user_id=f"user-{n}", limit=3), timeout=10
                     )
                 except grpc.RpcError as e:
-                    codes[f"GetOffers {e.code().name}"] += 1
+                    with lock:
+                        codes[f"GetOffers {e.code().name}"] += 1
                     return
                 with lock:
                     handed_out.update(o.offer_id for o in reply.offers)
@@ -71,7 +72,8 @@ def test_sigterm_under_load_flushes_offers_and_keeps_every_acked_event(
                 try:
                     reply = server.stub.RecordEvents(request, timeout=10)
                 except grpc.RpcError as e:
-                    codes[f"RecordEvents {e.code().name}"] += 1
+                    with lock:
+                        codes[f"RecordEvents {e.code().name}"] += 1
                     return
                 with lock:
                     acked.update(r.event_id for r in reply.results if r.status in ACKED)
@@ -82,8 +84,8 @@ def test_sigterm_under_load_flushes_offers_and_keeps_every_acked_event(
         try:
             for worker in workers:
                 worker.start()
-            while codes["GetOffers OK"] < 30 or codes["RecordEvents OK"] < 10:
-                time.sleep(0.01)
+            # Bounded: a worker that failed early would otherwise leave this waiting forever.
+            eventually(lambda: codes["GetOffers OK"] >= 30 and codes["RecordEvents OK"] >= 10, 60.0)
             server.process.send_signal(signal.SIGTERM)
             assert server.process.wait(timeout=60) == 0
         finally:
@@ -145,6 +147,8 @@ def test_sigterm_during_an_outage_writes_the_offers_when_the_store_is_back_withi
         finally:
             set_reachable(url, True)
             server.close()
+        # The outage held the offers back (else this proves nothing), and they were written.
+        assert [line for line in server.drain_log() if "offers wait for the store" in line]
         assert handed_out and handed_out <= offer_ids(url)
 
 

@@ -373,7 +373,9 @@ def test_outage_during_mixed_load_loses_and_doubles_no_event(
     stop = threading.Event()
     lock = threading.Lock()
     acked: Counter[str] = Counter()
+    accepted: Counter[str] = Counter()  # ACCEPTED means "stored now": once per event id at most
     unacked: dict[str, pb.Event] = {}
+    sent: list[pb.Event] = []
     codes: Counter[str] = Counter()
 
     def note(name: str) -> None:
@@ -397,6 +399,8 @@ def test_outage_during_mixed_load_loses_and_doubles_no_event(
         while not stop.is_set():
             batch += 1
             request = clicks(f"w{n}-{batch}", 5)
+            with lock:
+                sent.extend(request.events)
             try:
                 reply = running.stub.RecordEvents(request, timeout=10)
             except grpc.RpcError as e:
@@ -407,6 +411,9 @@ def test_outage_during_mixed_load_loses_and_doubles_no_event(
             note("RecordEvents OK")
             with lock:
                 acked.update(r.event_id for r in reply.results if r.status in ACKED)
+                accepted.update(
+                    r.event_id for r in reply.results if r.status == pb.EVENT_STATUS_ACCEPTED
+                )
             time.sleep(0.01)
 
     workers = [threading.Thread(target=reader, args=(n,)) for n in range(2)]
@@ -435,6 +442,13 @@ def test_outage_during_mixed_load_loses_and_doubles_no_event(
         request = pb.RecordEventsRequest(events=retried[start_at : start_at + 500])
         reply = running.stub.RecordEvents(request, timeout=10)
         acked.update(r.event_id for r in reply.results if r.status in ACKED)
+        accepted.update(r.event_id for r in reply.results if r.status == pb.EVENT_STATUS_ACCEPTED)
+    # A client that lost a reply resends events the store already holds: each one is answered
+    # DUPLICATE, never stored or counted again.
+    for start_at in range(0, len(sent), 500):
+        request = pb.RecordEventsRequest(events=sent[start_at : start_at + 500])
+        reply = running.stub.RecordEvents(request, timeout=10)
+        assert {r.status for r in reply.results} == {pb.EVENT_STATUS_DUPLICATE}
     eventually(lambda: running.server.offering.log.pending == 0, 10.0)
     rows = stored(url)[0]
     mine = Counter({i: c for i, c in rows.items() if i.startswith("w")})
@@ -445,5 +459,8 @@ def test_outage_during_mixed_load_loses_and_doubles_no_event(
     )
     assert not {k for k in codes if k.startswith("read")}, codes
     assert set(acked) == set(mine)
+    assert len(mine) == len({e.event_id for e in sent}) and set(mine.values()) == {1}
+    # What a client counts does not double either: ACCEPTED at most once per event id.
+    assert max(accepted.values()) == 1, accepted.most_common(3)
     info = running.stub.GetModelInfo(pb.GetModelInfoRequest())
     assert info.snapshot_fresh and not info.store_error
