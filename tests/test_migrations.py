@@ -4,6 +4,7 @@ revision, models match the DDL (`alembic check`), and the startup check names th
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from alembic import command
@@ -39,11 +40,39 @@ def test_base_to_head_creates_every_table(store: Store) -> None:
     assert _tables(store) == set(Base.metadata.tables)
 
 
+def _sorted_reprs(rows: list[Any]) -> list[str]:
+    return sorted(repr(sorted(row.items())) for row in rows)
+
+
+def _schema(store: Store) -> dict[str, object]:
+    """Every table's columns, indexes, keys and checks, as the database reports them."""
+    inspector = inspect(store.engine)
+    return {
+        table: (
+            [(c["name"], str(c["type"]), c["nullable"]) for c in inspector.get_columns(table)],
+            _sorted_reprs(inspector.get_indexes(table)),
+            _sorted_reprs(inspector.get_unique_constraints(table)),
+            _sorted_reprs(inspector.get_foreign_keys(table)),
+            _sorted_reprs(inspector.get_check_constraints(table)),
+            inspector.get_pk_constraint(table)["constrained_columns"],
+        )
+        for table in sorted(_tables(store))
+    }
+
+
 def test_down_and_up_through_every_revision(store: Store) -> None:
+    """Each revision's downgrade leaves the schema exactly as it found it: a column or index
+    left behind would break the next upgrade over it, or linger unseen."""
     revisions = [r.revision for r in reversed(list(migrate.script().walk_revisions()))]
     for rev in revisions:
+        before = _schema(store)
         migrate.upgrade(store, rev)
         assert migrate.current_revision(store) == rev
+        down = migrate.script().get_revision(rev).down_revision
+        migrate.downgrade(store, "base" if down is None else str(down))
+        assert migrate.current_revision(store) == down
+        assert _schema(store) == before, f"downgrade of {rev} leaves the schema changed"
+        migrate.upgrade(store, rev)
     for rev in reversed(revisions):
         down = migrate.script().get_revision(rev).down_revision
         migrate.downgrade(store, "base" if down is None else str(down))
