@@ -1,4 +1,4 @@
-"""Helpers for CLI tests: run discountctl in-process against a store, count what it holds."""
+"""Helpers for CLI tests: run discountctl in-process against a store, see what it holds."""
 
 from __future__ import annotations
 
@@ -24,6 +24,20 @@ def row_counts(url: str) -> dict[str, int]:
         with store.transaction() as s:
             return {
                 t.name: int(s.scalar(select(func.count()).select_from(t)) or 0)
+                for t in Base.metadata.sorted_tables
+            }
+    finally:
+        store.dispose()
+
+
+def contents(url: str) -> dict[str, list[str]]:
+    """Every row of every table, audit log included: "nothing was written" means this is
+    unchanged (counts alone miss an update that changes a row in place)."""
+    store = Store(url)
+    try:
+        with store.transaction() as s:
+            return {
+                t.name: sorted(repr(tuple(row)) for row in s.execute(select(t)))
                 for t in Base.metadata.sorted_tables
             }
     finally:

@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 import pytest
-from cli import ctl, row_counts
+from cli import contents, ctl
 from click.testing import CliRunner
 from pg import BACKENDS, empty_database
 
@@ -421,13 +421,13 @@ def test_invalid_input_is_refused_and_nothing_is_written(
 ) -> None:
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("café\n12\n".encode("latin-1"))
-    before = row_counts(seeded_once)
+    before = contents(seeded_once)
     result = ctl(seeded_once, *(a.replace("{latin1}", str(latin1)) for a in args))
     assert result.exit_code == 1, result.output
     assert fragment in result.stderr
     assert result.stderr.startswith("Error: ") and len(result.stderr.strip().splitlines()) == 1
     assert result.stdout == ""
-    assert row_counts(seeded_once) == before
+    assert contents(seeded_once) == before
 
 
 # The store's commands (issue 3); commands other modules add are tested with their own code.
@@ -505,14 +505,14 @@ def test_times_are_given_back_in_utc(seeded: str) -> None:
 
 
 def test_actor_is_checked_before_anything_is_written(seeded_once: str) -> None:
-    before = row_counts(seeded_once)
+    before = contents(seeded_once)
     for actor, fragment in (("", "must not be empty"), ("a" * 201, "the limit is 200")):
         result = CliRunner().invoke(cli, ["--db-url", seeded_once, "--actor", actor,
                                           "segments", "create", "x"])  # fmt: skip
         assert result.exit_code == 1, result.output
         assert result.stderr.startswith("Error: --actor / DISCOUNT_ACTOR: actor name ")
         assert fragment in result.stderr
-    assert row_counts(seeded_once) == before
+    assert contents(seeded_once) == before
 
 
 def test_grant_server_role_dry_run_is_refused_on_sqlite(tmp_path: Path) -> None:

@@ -10,7 +10,10 @@ from typing import Any
 
 import pytest
 from cli import ctl, row_counts
+from offer_server import eventually
 from pg import pg_database
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 
 from core.artifact import REQUIRED_FILES, Manifest, load_manifest, seal
 from core.store.db import Store
@@ -176,6 +179,20 @@ def test_rollback_refuses_a_version_whose_files_changed(db_url: str, tmp_path: P
     assert (tmp_path / "CURRENT").read_text().strip() == "v2"
 
 
+def lock_waits(url: str) -> int:
+    """Sessions of url's database waiting on a lock, as PostgreSQL sees them."""
+    admin = create_engine(make_url(url).set(database="postgres"))
+    try:
+        with admin.connect() as conn:
+            query = text(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = :name AND wait_event_type = 'Lock'"
+            )
+            return int(conn.scalar(query, {"name": make_url(url).database}) or 0)
+    finally:
+        admin.dispose()
+
+
 @pytest.mark.postgres
 def test_two_racing_promotions_leave_one_version_active(tmp_path: Path) -> None:
     """The second promote waits on the first's lock of the version both retire, then would go
@@ -200,8 +217,12 @@ def test_two_racing_promotions_leave_one_version_active(tmp_path: Path) -> None:
             ModelVersions(s, "alice").promote("v2")  # flushed, not committed
             racing = threading.Thread(target=promote_v3)
             racing.start()
-            racing.join(timeout=1)
-            assert racing.is_alive(), "bob's promote should wait for alice's transaction"
+            # Seen from the server, not guessed from a pause: bob's session waits on a lock
+            # (that is, on alice's open transaction), and bob has no outcome yet.
+            eventually(lambda: lock_waits(url) or not racing.is_alive(), 30.0)
+            assert racing.is_alive() and lock_waits(url) == 1, (
+                f"bob's promote should wait for alice's transaction: {outcome}"
+            )
         racing.join(timeout=30)
         assert isinstance(outcome[0], Conflict), outcome
         assert "another model version was activated at the same time" in str(outcome[0])
