@@ -66,6 +66,8 @@ def test_batched_equals_single(model_store: Path, tiny_shop: TinyShop) -> None:
 
 
 def test_a_bad_call_does_not_fail_its_batch(model_store: Path, tiny_shop: TinyShop) -> None:
+    """A call refused by validation (an unknown category) fails alone; the one beside it is
+    answered. Validation runs before a call joins a batch, so this guards that order."""
     server = RunningServer(model_store, batch_max_size=8, batch_max_wait_us=50_000)
     try:
         server.wait_first_load()
@@ -77,5 +79,25 @@ def test_a_bad_call_does_not_fail_its_batch(model_store: Path, tiny_shop: TinySh
         with pytest.raises(grpc.RpcError) as raised:
             bad.result(timeout=30)
         assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        server.close()
+
+
+def test_a_caller_gone_from_a_batch_does_not_fail_it(model_store: Path) -> None:
+    """A call whose deadline passes while its batch gathers (50 ms here) is cancelled inside
+    the batch; the run then finds its future done, and the others must still get answers."""
+    server = RunningServer(model_store, batch_max_size=8, batch_max_wait_us=50_000)
+    try:
+        server.wait_first_load()
+        alone = server.stub.Recommend(pb.RecommendRequest(user_id="user-0", limit=3))
+        first = server.stub.Recommend.future(pb.RecommendRequest(user_id="user-0", limit=3))
+        gone = server.stub.Recommend.future(
+            pb.RecommendRequest(user_id="user-1", limit=3), timeout=0.01
+        )
+        last = server.stub.Recommend.future(pb.RecommendRequest(user_id="user-0", limit=3))
+        with pytest.raises(grpc.RpcError) as raised:
+            gone.result(timeout=30)
+        assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert first.result(timeout=30) == alone and last.result(timeout=30) == alone
     finally:
         server.close()

@@ -78,6 +78,30 @@ def test_with_ghz_on_path_ghz_runs_the_same_options(tmp_path: Path) -> None:
     assert all(len(set(r.item_ids)) == 20 for r in requests)
 
 
+def test_a_config_file_gives_the_options_and_flags_override_it(tmp_path: Path) -> None:
+    ghz = tmp_path / "bin" / "ghz"
+    ghz.parent.mkdir()
+    ghz.write_text(STAND_IN.format(python=sys.executable))
+    ghz.chmod(0o755)
+    config = tmp_path / "load.json"
+    config.write_text(
+        json.dumps({"target": "127.0.0.1:1", "call": "offers", "concurrency": 2, "rate": 30})
+    )
+    done = _load(
+        tmp_path, "--config", str(config), "--concurrency", "5", "--duration", "3",
+        path=f"{ghz.parent}{os.pathsep}{os.environ['PATH']}",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    seen = json.loads((tmp_path / "seen.json").read_text())
+    # From the file: target, call and rate; from the flags, over the file's 2: concurrency.
+    assert (seen["host"], seen["call"], seen["rps"]) == (
+        "127.0.0.1:1",
+        "discount.v1.DiscountService/GetOffers",
+        30,
+    )
+    assert (seen["concurrency"], seen["duration"]) == (5, "3s")
+
+
 def test_ghz_asked_for_but_not_on_path_is_a_usage_error(tmp_path: Path) -> None:
     done = _load(tmp_path, "--generator", "ghz", path=str(tmp_path))
     assert done.returncode == 2

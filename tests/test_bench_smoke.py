@@ -83,7 +83,8 @@ def test_a_postgresql_that_does_not_answer_stops_the_bench_before_any_run(tmp_pa
     assert list(tmp_path.iterdir()) == []  # no version was built
 
 
-def test_loadtest_config_is_valid_and_flags_override_it(tmp_path: Path) -> None:
+def test_loadtest_config_is_valid_and_unknown_keys_are_refused(tmp_path: Path) -> None:
+    """That flags override the config is checked where the options can be seen (test_bench_ghz)."""
     config = tmp_path / "load.json"
     config.write_text(json.dumps({"target": "127.0.0.1:1", "concurrency": 2, "nonsense": 1}))
     result = CliRunner().invoke(load.main, ["--config", str(config)])

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from offer_server import KEY, OfferServer, ctl, eventually
 from sqlalchemy import func, select
 
@@ -189,13 +191,19 @@ def test_bad_requests_name_the_field(server: OfferServer) -> None:
     for request, field in (
         (pb.GetOffersRequest(user_id=""), "user_id"),
         (pb.GetOffersRequest(user_id="u", limit=1001), "limit"),
-        (pb.GetOffersRequest(user_id="u", context={"order_count": "many"}), "order_count"),
+        (pb.GetOffersRequest(user_id="u", context={"order_count": "many"}), "context[order_count]"),
         (pb.GetOffersRequest(user_id="u", item_ids=["x"] * 1001), "item_ids"),
     ):
         with pytest.raises(grpc.RpcError) as e:
             server.stub.GetOffers(request)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert field in (e.value.details() or "")
+        # Named where a caller's code looks: the BadRequest detail, one violation per problem.
+        status = rpc_status.from_call(e.value)
+        assert status is not None and len(status.details) == 1, e.value.details()
+        bad = error_details_pb2.BadRequest()
+        assert status.details[0].Unpack(bad)
+        assert [v.field for v in bad.field_violations] == [field]
+        assert bad.field_violations[0].description
 
 
 def event(event_id: str, **fields: object) -> pb.Event:
