@@ -51,6 +51,11 @@ EVENT_COLUMNS = (
     "quantity",
     "timestamp",
 )
+# Each purpose draws from a stream of its own, SeedSequence([seed, purpose]); the market draws
+# from the seed alone. Purposes are distinct and non-zero, since [seed, 0] is the seed's own
+# stream. (Offers once drew from [seed, seed]: the market's stream for seed 0, the discount
+# draws' for seed 1, the purchases' for 2; replay and core.response_history use 4 and 7.)
+DISCOUNT_DRAWS, PURCHASE_DRAWS, OFFER_SAMPLING = 1, 2, 3
 _START = 1_790_000_000  # 2026-09-21, Unix seconds: a fixed clock keeps logs reproducible.
 
 
@@ -230,7 +235,7 @@ def _user_features(behaviour: Ints, rng: np.random.Generator) -> Floats:
 def make_offers(market: Market, seed: int, visits: int | None = None) -> Offers:
     """Each visit shows every user ``offers_per_user`` items sampled from their CF top list."""
     cfg = market.config
-    rng = np.random.default_rng([cfg.seed, seed])
+    rng = np.random.default_rng([cfg.seed, seed, OFFER_SAMPLING])
     n_visits = cfg.visits if visits is None else visits
     top = np.argsort(-market.cf_score, axis=1)[:, : cfg.candidates]
     per_visit = cfg.offers_per_user
@@ -260,7 +265,7 @@ def make_offers(market: Market, seed: int, visits: int | None = None) -> Offers:
 def randomized_discounts(n: int, seed: int, weights: Floats | None = None) -> tuple[Floats, Floats]:
     """A randomized logging policy: each discount drawn from GRID; returns (d, propensity)."""
     p = np.full(len(GRID), 1.0 / len(GRID)) if weights is None else weights / weights.sum()
-    rng = np.random.default_rng([seed, 1])
+    rng = np.random.default_rng([seed, DISCOUNT_DRAWS])
     choice = rng.choice(len(GRID), size=n, p=p)
     return np.asarray(GRID)[choice], p[choice]
 
@@ -270,7 +275,7 @@ def simulate(
 ) -> Log:
     """Draw who buys under the given discounts."""
     p = market.purchase_probability(offers.user, offers.item, discount)
-    bought = np.random.default_rng([seed, 2]).random(len(p)) < p
+    bought = np.random.default_rng([seed, PURCHASE_DRAWS]).random(len(p)) < p
     return Log(offers=offers, discount=discount, propensity=propensity, bought=bought)
 
 

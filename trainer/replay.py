@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 TOP_RELEVANCE = 1.0
 RELEVANCE_PER_RANK = 0.25
 UNRANKED_RELEVANCE = -0.5
+SHOPPER_PICKS = 4  # its random stream: trainer.market's purposes are 1 to 3
 # A shopper clicks up to this many times as often as they buy; every purchase follows a click.
 CLICKS_PER_PURCHASE = 4.0
 MAX_EVENTS_PER_CALL = 1000
@@ -103,7 +104,7 @@ def relevance_of_rank(rank: int) -> float:
 def pick_shoppers(known: Sequence[str], count: int, new_share: float, seed: int) -> list[str]:
     """``count`` shopper ids in a seeded order: about ``new_share`` brand-new visitors, the rest
     known users, each once before any comes back for another visit."""
-    rng = np.random.default_rng([seed, 0])
+    rng = np.random.default_rng([seed, SHOPPER_PICKS])  # not [seed, 0]: the market's stream
     n_new = round(count * new_share) if known else count
     n_known = count - n_new
     rounds = -(-n_known // len(known)) if known else 0
