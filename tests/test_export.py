@@ -29,6 +29,7 @@ from trainer.export import (
     TWO_STAGE_MIN_ITEMS,
     RecommenderGraph,
     export_onnx,
+    export_score_onnx,
     write_artifact,
 )
 
@@ -160,10 +161,20 @@ def test_graph_passes_the_full_onnx_check_with_the_contract_signature(
     assert [o.name for o in session.get_outputs()] == OUTPUT_NAMES
 
 
-def test_graphs_do_not_carry_the_exporters_stack_traces(version_dir: Path) -> None:
-    """The same factors give the same bytes wherever and however often they are exported."""
+def test_the_same_factors_export_to_the_same_bytes(
+    version_dir: Path, tiny_shop: TinyShop, tmp_path: Path
+) -> None:
+    """Wherever and however often they are exported: no exporter's stack traces (this
+    checkout's paths) and no per-process counters in the graph."""
+    categories = tiny_shop.dataset.catalog.categories
+    vocabulary = category_vocabulary(categories)
+    item_category = np.array([vocabulary.index(c) for c in categories], dtype=np.int64)
+    export_onnx(tiny_shop.factors, item_category, len(vocabulary), tmp_path / "model.onnx")
+    export_score_onnx(tiny_shop.factors, item_category, tmp_path / "score.onnx")
     for graph in ("model.onnx", "score.onnx"):
-        assert b"trainer/export.py" not in (version_dir / graph).read_bytes()
+        exported = (version_dir / graph).read_bytes()
+        assert b"trainer/export.py" not in exported
+        assert (tmp_path / graph).read_bytes() == exported, graph
 
 
 def test_only_a_batch_that_filters_categories_multiplies_by_them(version_dir: Path) -> None:
