@@ -51,8 +51,8 @@ EVENT_COLUMNS = (
     "quantity",
     "timestamp",
 )
-# Each purpose draws from a stream of its own, SeedSequence([seed, purpose]); the market draws
-# from the seed alone. Purposes are distinct and non-zero, since [seed, 0] is the seed's own
+# Each purpose draws from a stream of its own, SeedSequence([seed(s)..., purpose]); the market
+# draws from the seed alone. Purposes are distinct and non-zero, since [seed, 0] is the seed's own
 # stream. (Offers once drew from [seed, seed]: the market's stream for seed 0, the discount
 # draws' for seed 1, the purchases' for 2; replay and core.response_history use 4 and 7.)
 DISCOUNT_DRAWS, PURCHASE_DRAWS, OFFER_SAMPLING = 1, 2, 3
