@@ -28,13 +28,18 @@ percent = st.floats(min_value=0, max_value=99.99)
 
 
 @st.composite
-def rules(draw: st.DrawFn, n: int) -> RuleDef:
+def tiered(draw: st.DrawFn, max_margin: float) -> policy.Rule:
     d1 = draw(percent)
-    pricing = policy.Rule(
+    return policy.Rule(
         "tiered_topk",
         {"k1": draw(st.integers(1, 5)), "d1": d1, "d2": draw(st.floats(0, d1))},
-        policy.Guardrails.of(draw(percent), draw(st.floats(0, 200))),
+        policy.Guardrails.of(draw(percent), draw(st.floats(0, max_margin))),
     )
+
+
+@st.composite
+def rules(draw: st.DrawFn, n: int) -> RuleDef:
+    pricing = draw(tiered(200))
     budget = draw(st.none() | st.decimals(min_value=0, max_value=100, places=2))
     return RuleDef(
         id=n,
@@ -196,12 +201,7 @@ def shop_items(draw: st.DrawFn) -> list[ItemInput]:
 @st.composite
 def live_rule(draw: st.DrawFn) -> RuleDef:
     """One enabled rule for every item, its guardrails and budget drawn to bind or not."""
-    d1 = draw(percent)
-    pricing = policy.Rule(
-        "tiered_topk",
-        {"k1": draw(st.integers(1, 5)), "d1": d1, "d2": draw(st.floats(0, d1))},
-        policy.Guardrails.of(draw(percent), draw(st.floats(0, 60))),
-    )
+    pricing = draw(tiered(60))
     budget = draw(st.none() | st.decimals(min_value=0, max_value=50, places=2))
     spent = draw(st.decimals(min_value=0, max_value=30, places=2))
     return RuleDef(id=1, name="r", pricing=pricing, budget=budget, spent=spent)
