@@ -22,7 +22,7 @@ from server.app import create_server
 from server.logs import configure as configure_logs
 from server.settings import SOURCES, Settings, SettingsError, insecure_demo_key_in_use, resolve
 from server.versions import LARGE_CATALOG
-from server.workers import supervise
+from server.workers import RELAYED, supervise
 
 log = logging.getLogger("discountd")
 
@@ -185,6 +185,8 @@ async def serve(settings: Settings) -> int:
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, reload)
+    # A --workers worker holds them from its fork until now (server.workers); a no-op otherwise.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, RELAYED)
     try:
         await server.start()
     except OSError as e:  # the metrics port: in use, or an address it cannot bind

@@ -64,7 +64,7 @@ def supervise(settings: Settings, serve: Serve) -> int:
         unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, RELAYED)
         pid = os.fork()
         if pid == 0:
-            _run_child(worker, serve, parent, unblocked)
+            _run_child(worker, serve, parent)
         children[pid] = n
         signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)  # one held is relayed now
     log.info("%d workers on %s:%d", settings.workers, settings.host, port)
@@ -88,13 +88,12 @@ def supervise(settings: Settings, serve: Serve) -> int:
     return code
 
 
-def _run_child(
-    settings: Settings, serve: Serve, parent: int, mask: set[int | signal.Signals]
-) -> None:
-    # The parent's handlers relay; a worker installs its own in serve().
+def _run_child(settings: Settings, serve: Serve, parent: int) -> None:
+    # The parent's handlers relay; a worker installs its own in serve(), and only then lets the
+    # signals in (held since the fork): one that comes meanwhile, while the worker opens its
+    # store, drains it then instead of killing it undrained.
     for sig in RELAYED:
         signal.signal(sig, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     _drain_when_orphaned(parent)
     code = 1
     try:

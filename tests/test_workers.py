@@ -12,12 +12,14 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 from offer_server import eventually
+from pg import hanging_proxy, pg_database
 
 from discount.v1 import discount_pb2 as pb
 from discount.v1 import discount_pb2_grpc as pb_grpc
@@ -143,3 +145,40 @@ def test_workers_stop_when_the_parent_is_killed(workers: subprocess.Popen[str]) 
         pb_grpc.DiscountServiceStub(channel).Recommend(
             pb.RecommendRequest(user_id="user-0", limit=3), timeout=5
         )
+
+
+@pytest.mark.postgres
+def test_a_sigterm_while_the_workers_start_is_held_until_they_can_drain(
+    tmp_path: Path, model_store: Path
+) -> None:
+    """A SIGTERM that reaches the workers before their event loops handle signals (here: while
+    they wait for a store that does not answer yet) waits for them to, then drains them: exit
+    0, not workers killed outright by the signal and a supervisor reporting them failed."""
+    from core.store.db import Store
+    from core.store.migrate import upgrade
+
+    with pg_database() as url, hanging_proxy(url) as proxy:
+        store = Store(url)
+        upgrade(store)
+        store.dispose()
+        shutil.copytree(model_store, tmp_path / "models")
+        proxy.hang()
+        process = subprocess.Popen(
+            [str(DISCOUNTD), "--model-dir", str(tmp_path / "models"), "--host", "127.0.0.1",
+             "--port", "0", "--device", "cpu", "--db-url", proxy.url, "--insecure-demo-key",
+             "--insecure", "--auth", "off", "--workers", "2"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            messages(process, "workers on", 1)
+            process.send_signal(signal.SIGTERM)
+            # Relayed at once; the workers' store connections wait out the hang meanwhile
+            # (they would give up after CONNECT_TIMEOUT_S, 5 s).
+            time.sleep(1)
+            proxy.resume()
+            assert process.wait(timeout=60) == 0
+        finally:
+            proxy.resume()
+            if process.poll() is None:
+                process.kill()
+            process.wait(timeout=30)
