@@ -105,7 +105,8 @@ def _env(name: str) -> str:
 )
 @click.option(
     "--log-level",
-    help=f"debug: one JSON log line per call; info and up: failed calls only. {_env('log_level')}",
+    help="debug: one JSON log line per call; info: failed calls only; warning: UNAVAILABLE and "
+    f"server errors; error: server errors (INTERNAL, UNKNOWN, DATA_LOSS). {_env('log_level')}",
 )
 @click.option(
     "--batch-max-size",
