@@ -14,9 +14,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from offer_server import KEY, OfferServer, ctl, eventually
+from server_thread import bad_requests
 from sqlalchemy import func, select
 
 from core import offer_token
@@ -198,10 +197,7 @@ def test_bad_requests_name_the_field(server: OfferServer) -> None:
             server.stub.GetOffers(request)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         # Named where a caller's code looks: the BadRequest detail, one violation per problem.
-        status = rpc_status.from_call(e.value)
-        assert status is not None and len(status.details) == 1, e.value.details()
-        bad = error_details_pb2.BadRequest()
-        assert status.details[0].Unpack(bad)
+        (bad,) = bad_requests(e.value)
         assert [v.field for v in bad.field_violations] == [field]
         assert bad.field_violations[0].description
 
