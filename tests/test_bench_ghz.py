@@ -49,15 +49,20 @@ def _load(tmp_path: Path, *args: str, path: str) -> subprocess.CompletedProcess[
     )
 
 
+def _with_stand_in(tmp_path: Path) -> str:
+    """PATH with the ghz stand-in ahead of everything else."""
+    stand_in = tmp_path / "bin" / "ghz"
+    stand_in.parent.mkdir()
+    stand_in.write_text(STAND_IN.format(python=sys.executable))
+    stand_in.chmod(0o755)
+    return f"{stand_in.parent}{os.pathsep}{os.environ['PATH']}"
+
+
 def test_with_ghz_on_path_ghz_runs_the_same_options(tmp_path: Path) -> None:
-    ghz = tmp_path / "bin" / "ghz"
-    ghz.parent.mkdir()
-    ghz.write_text(STAND_IN.format(python=sys.executable))
-    ghz.chmod(0o755)
     done = _load(
         tmp_path, "--target", "127.0.0.1:1", "--call", "offers", "--concurrency", "4",
         "--connections", "2", "--duration", "2", "--rate", "50", "--users", "30",
-        "--items", "100", "--token", "t0k", path=f"{ghz.parent}{os.pathsep}{os.environ['PATH']}",
+        "--items", "100", "--token", "t0k", path=_with_stand_in(tmp_path),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
@@ -79,17 +84,13 @@ def test_with_ghz_on_path_ghz_runs_the_same_options(tmp_path: Path) -> None:
 
 
 def test_a_config_file_gives_the_options_and_flags_override_it(tmp_path: Path) -> None:
-    ghz = tmp_path / "bin" / "ghz"
-    ghz.parent.mkdir()
-    ghz.write_text(STAND_IN.format(python=sys.executable))
-    ghz.chmod(0o755)
     config = tmp_path / "load.json"
     config.write_text(
         json.dumps({"target": "127.0.0.1:1", "call": "offers", "concurrency": 2, "rate": 30})
     )
     done = _load(
         tmp_path, "--config", str(config), "--concurrency", "5", "--duration", "3",
-        path=f"{ghz.parent}{os.pathsep}{os.environ['PATH']}",
+        path=_with_stand_in(tmp_path),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     seen = json.loads((tmp_path / "seen.json").read_text())
