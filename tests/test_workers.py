@@ -42,15 +42,21 @@ def db_url(tmp_path: Path) -> str:
     return url
 
 
-@pytest.fixture
-def workers(tmp_path: Path, model_store: Path, db_url: str) -> Iterator[subprocess.Popen[str]]:
+def two_workers(tmp_path: Path, model_store: Path, db_url: str) -> subprocess.Popen[str]:
+    """`discountd --workers 2` on a copy of the model store, each worker with its own metrics
+    port."""
     shutil.copytree(model_store, tmp_path / "models")
-    process = subprocess.Popen(
+    return subprocess.Popen(
         [str(DISCOUNTD), "--model-dir", str(tmp_path / "models"), "--host", "127.0.0.1",
          "--port", "0", "--metrics-port", "0", "--device", "cpu", "--db-url", db_url,
          "--insecure-demo-key", "--insecure", "--auth", "off", "--workers", "2"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
+
+
+@pytest.fixture
+def workers(tmp_path: Path, model_store: Path, db_url: str) -> Iterator[subprocess.Popen[str]]:
+    process = two_workers(tmp_path, model_store, db_url)
     yield process
     if process.poll() is None:
         process.kill()
@@ -161,14 +167,8 @@ def test_a_sigterm_while_the_workers_start_is_held_until_they_can_drain(
         store = Store(url)
         upgrade(store)
         store.dispose()
-        shutil.copytree(model_store, tmp_path / "models")
         proxy.hang()
-        process = subprocess.Popen(
-            [str(DISCOUNTD), "--model-dir", str(tmp_path / "models"), "--host", "127.0.0.1",
-             "--port", "0", "--device", "cpu", "--db-url", proxy.url, "--insecure-demo-key",
-             "--insecure", "--auth", "off", "--workers", "2"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+        process = two_workers(tmp_path, model_store, proxy.url)
         try:
             messages(process, "workers on", 1)
             process.send_signal(signal.SIGTERM)
