@@ -3,8 +3,8 @@
 Per offer, among the candidate discounts the guardrails allow, pick the one with the largest
 expected margin P(buy | d) · (price · (1 − d) − cost); ties go to the smaller discount. No
 discount is always allowed (core.policy.allowed_percents says which others are), so an offer
-whose floor rules out every candidate still has a choice; a discount too small to take a cent
-off the price is never chosen. The expected uplift is that margin minus the margin at no
+whose floor rules out every candidate still has a choice, and a discount too small to take a
+cent off the price is none. The expected uplift is that margin minus the margin at no
 discount.
 
 numpy only: the server scores probabilities with ONNX Runtime, the trainer with torch, and both
@@ -44,15 +44,8 @@ def choose(
     and containing 0 (the baseline of the uplift)."""
     fractions = np.asarray(grid, dtype=np.float64)
     value = expected_margin(probability, price, cost, fractions)
-    # A discount worth less than a cent leaves the price, rounded up to cents as the server
-    # prices (core.policy.price_after), at the base price: the shopper never sees it, so the
-    # model's P(buy) at it describes no offer. Prices are whole cents and percents have two
-    # decimals, so the cents taken off have at most four decimals; rounding to six absorbs the
-    # float error before the comparison.
-    cents_off = np.round(price[:, None] * fractions[None, :] * 100, 6)
-    real = (fractions[None, :] == 0) | (cents_off >= 1)
     # argmax returns the first maximum: on an ascending grid, the smaller discount.
-    column = np.argmax(np.where(allowed & real, value, -np.inf), axis=1).astype(np.int64)
+    column = np.argmax(np.where(allowed, value, -np.inf), axis=1).astype(np.int64)
     rows = np.arange(len(column))
     zero = int(np.flatnonzero(fractions == 0)[0])
     uplift: Floats = value[rows, column] - value[:, zero]

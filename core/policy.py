@@ -333,11 +333,17 @@ def allowed_percents(
 ) -> list[bool]:
     """Which candidate percents keep an offer at ``base`` (in cents) within the guardrails as
     pricing enforces them: at most the maximum discount, a rounded price at or above the margin
-    floor, never above base. 0 is always allowed."""
+    floor, never above base. 0 is always allowed; another percent only when it takes at least a
+    cent off (the price is rounded up to cents): else the shopper sees the base price, and a
+    response model's P(buy) at that discount describes no offer."""
     floor = floor_price(cost, limits.min_margin_pct)
     return [
         pct == 0
-        or (pct <= limits.max_discount_pct and floor <= base and price_after(base, pct) >= floor)
+        or (
+            pct <= limits.max_discount_pct
+            and floor <= base
+            and floor <= price_after(base, pct) < base
+        )
         for pct in percents
     ]
 
