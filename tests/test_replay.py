@@ -267,10 +267,10 @@ def _reply(discounts: list[float]) -> pb.GetOffersResponse:
 def test_a_larger_discount_never_loses_a_sale(index: int, low: list[float], extra: float) -> None:
     """Same shopper, same draws, every discount raised: each sale still happens, events are
     well formed, and what is bought was carted, clicked and shown."""
-    events_low, tally_low = shopper_events(MARKET, 9, index, "u", _reply(low))
+    events_low, tally_low = shopper_events(MARKET, 9, index, index, "u", _reply(low))
     high = [d + extra for d in low]
-    events_high, tally_high = shopper_events(MARKET, 9, index, "u", _reply(high))
-    assert events_low == shopper_events(MARKET, 9, index, "u", _reply(low))[0]
+    events_high, tally_high = shopper_events(MARKET, 9, index, index, "u", _reply(high))
+    assert events_low == shopper_events(MARKET, 9, index, index, "u", _reply(low))[0]
 
     def sold(events: list[pb.Event]) -> set[str]:
         kinds = (pb.EVENT_TYPE_PURCHASE, pb.EVENT_TYPE_REDEMPTION)

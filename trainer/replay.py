@@ -125,19 +125,19 @@ def shopper_events(
     market: Market,
     seed: int,
     index: int,
+    row: int,
     user: str,
     reply: pb.GetOffersResponse,
-    row: int | None = None,
 ) -> tuple[list[pb.Event], Tally]:
     """The events visit ``index`` produces on these offers, by the shopper in ``row`` of the
-    market (``index`` when not given; shopper_rows)."""
+    market (shopper_rows)."""
     offers = [o for o in reply.offers if o.offer_id]  # an item without a price gets no offer
     tally = Tally(visits=1, offers=len(offers))
     if not offers:
         return [], tally
     n = len(offers)
     p_buy = market.response(
-        np.full(n, index if row is None else row),
+        np.full(n, row),
         np.array([relevance_of_rank(o.rank) for o in offers]),
         np.array([o.base_price_cents / 100 for o in offers]),
         np.array([o.discount_percent / 100 for o in offers]),
@@ -259,7 +259,7 @@ class _Replay:
         except grpc.aio.AioRpcError as e:
             raise ReplayError(self._failure("GetOffers", user, e)) from None
         events, tally = shopper_events(
-            self.market, self.config.seed, index, user, reply, self.rows[index]
+            self.market, self.config.seed, index, self.rows[index], user, reply
         )
         tokens = {o.offer_id: o.offer_token for o in reply.offers}
         for line in events:
