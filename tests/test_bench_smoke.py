@@ -93,6 +93,22 @@ def test_loadtest_config_is_valid_and_unknown_keys_are_refused(tmp_path: Path) -
     assert load.Load(**committed).call == "recommend"
 
 
+def load_health(servicer: health.HealthServicer, **options: Any) -> load.Report:
+    """bench.load's health Check run against a bare gRPC server answering with servicer."""
+
+    async def scenario() -> load.Report:
+        server = aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            return await load.run(load.Load(target=f"127.0.0.1:{port}", call="check", **options))
+        finally:
+            await server.stop(None)
+
+    return asyncio.run(scenario())
+
+
 def test_calls_spread_over_the_connections_asked_for() -> None:
     """Each connection reaches one --workers process, so they must be distinct connections."""
     peers: list[str] = []
@@ -104,20 +120,7 @@ def test_calls_spread_over_the_connections_asked_for() -> None:
             peers.append(context.peer())
             return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
 
-    async def scenario() -> load.Report:
-        server = aio.server()
-        health_pb2_grpc.add_HealthServicer_to_server(Recording(), server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        try:
-            return await load.run(
-                load.Load(target=f"127.0.0.1:{port}", call="check", concurrency=6,
-                          connections=3, total=60)
-            )  # fmt: skip
-        finally:
-            await server.stop(None)
-
-    report = asyncio.run(scenario())
+    report = load_health(Recording(), concurrency=6, connections=3, total=60)
     assert report.requests == 60 and report.connections == 3
     assert len(set(peers)) == 3  # three client ports: three TCP connections
 
@@ -145,19 +148,6 @@ def test_at_a_fixed_rate_latency_counts_from_when_a_call_was_due() -> None:
                 await asyncio.sleep(0.3)
             return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
 
-    async def scenario() -> load.Report:
-        server = aio.server()
-        health_pb2_grpc.add_HealthServicer_to_server(Stalling(), server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        try:
-            return await load.run(
-                load.Load(target=f"127.0.0.1:{port}", call="check", concurrency=1, total=10,
-                          rate=50)
-            )  # fmt: skip
-        finally:
-            await server.stop(None)
-
-    report = asyncio.run(scenario())
+    report = load_health(Stalling(), concurrency=1, total=10, rate=50)
     assert report.requests == 10 and report.errors == {}
     assert report.p50_ms >= 100, report
