@@ -28,7 +28,7 @@ MARKET = make_market(CONFIG)
 
 
 def _users_of(behaviour: Behaviour) -> np.ndarray:
-    return np.flatnonzero(MARKET.behaviour == behaviour)
+    return np.flatnonzero(MARKET.shoppers.behaviour == behaviour)
 
 
 @settings(max_examples=60, deadline=None)
@@ -55,7 +55,7 @@ def test_each_behaviour_has_its_own_response_curve() -> None:
         curve = [MARKET.purchase_probability(u, item, np.array([d]))[0] for d in GRID]
         assert np.ptp(curve) == 0, behaviour
     u = _users_of(Behaviour.LARGE_ONLY)[:1]
-    threshold = MARKET.threshold[u[0]]
+    threshold = MARKET.shoppers.threshold[u[0]]
     below = MARKET.purchase_probability(u, item, np.array([threshold - 0.05]))[0]
     none = MARKET.purchase_probability(u, item, np.array([0.0]))[0]
     at = MARKET.purchase_probability(u, item, np.array([threshold]))[0]

@@ -14,7 +14,7 @@ possible.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import IntEnum
 from pathlib import Path
 
@@ -81,17 +81,62 @@ class MarketConfig:
 
 
 @dataclass(frozen=True)
+class Shoppers:
+    """Each shopper's hidden response parameters: the truth a discount policy tries to learn."""
+
+    behaviour: Ints
+    intercept: Floats  # log-odds of buying a typical item at full price
+    strength: Floats  # log-odds a discount adds, at most
+    threshold: Floats  # LARGE_ONLY: discount at which the reaction sets in
+    price_elasticity: Floats
+
+    def take(self, rows: Ints) -> Shoppers:
+        return Shoppers(*(getattr(self, f.name)[rows] for f in fields(self)))
+
+    def lift(self, discounts: Floats) -> Floats:
+        """Log-odds each shopper's discount adds; non-decreasing in the discount."""
+        d = np.asarray(discounts, dtype=np.float64)
+        b = self.behaviour
+        return np.where(
+            b == Behaviour.GRADED,
+            self.strength * d / GRID[-1],
+            np.where(
+                b == Behaviour.LARGE_ONLY,
+                self.strength * _sigmoid((d - self.threshold + 0.025) / 0.008),
+                0.0,
+            ),
+        )
+
+    def base_logit(self, relevance: Floats, prices: Floats) -> Floats:
+        """Log-odds of buying an item of this relevance and price without a discount."""
+        return self.intercept + relevance - self.price_elasticity * np.log(prices / 30.0)
+
+
+def draw_shoppers(behaviour: Ints, rng: np.random.Generator) -> Shoppers:
+    """The hidden parameters of shoppers with the given behaviours, from the market's prior."""
+    n = len(behaviour)
+    intercept = rng.normal(-4.3, 0.4, n)
+    intercept[behaviour == Behaviour.REGARDLESS] += 1.8
+    strength = np.zeros(n)
+    graded = behaviour == Behaviour.GRADED
+    strength[graded] = rng.uniform(0.8, 3.5, graded.sum())
+    large = behaviour == Behaviour.LARGE_ONLY
+    strength[large] = rng.uniform(1.5, 3.0, large.sum())
+    threshold = np.where(large, rng.choice([0.15, 0.2, 0.25], n), 1.0)
+    price_elasticity = rng.uniform(0.2, 1.0, n)
+    return Shoppers(
+        np.asarray(behaviour, dtype=np.int64), intercept, strength, threshold, price_elasticity
+    )
+
+
+@dataclass(frozen=True)
 class Market:
     config: MarketConfig
     user_ids: list[str]
     item_ids: list[str]
     prices: Floats
     costs: Floats
-    behaviour: Ints
-    intercept: Floats  # per-user log-odds of buying a typical item at full price
-    strength: Floats  # per-user log-odds a discount adds, at most
-    threshold: Floats  # LARGE_ONLY: discount at which the reaction sets in
-    price_elasticity: Floats
+    shoppers: Shoppers
     relevance: Floats  # users × items, standardized
     cf_score: Floats  # users × items: relevance as a CF model sees it
     user_features: Floats  # users × NUMERIC_FEATURES
@@ -103,24 +148,8 @@ class Market:
     def response(self, users: Ints, relevance: Floats, prices: Floats, discounts: Floats) -> Floats:
         """True P(buy) of these users for items of the given relevance and price: the same curve
         for items outside this market's catalog (a real shop's, replayed against discountd)."""
-        d = np.asarray(discounts, dtype=np.float64)
-        b = self.behaviour[users]
-        lift = np.where(
-            b == Behaviour.GRADED,
-            self.strength[users] * d / GRID[-1],
-            np.where(
-                b == Behaviour.LARGE_ONLY,
-                self.strength[users] * _sigmoid((d - self.threshold[users] + 0.025) / 0.008),
-                0.0,
-            ),
-        )
-        logit = (
-            self.intercept[users]
-            + relevance
-            - self.price_elasticity[users] * np.log(prices / 30.0)
-            + lift
-        )
-        return _sigmoid(logit)
+        shoppers = self.shoppers.take(users)
+        return _sigmoid(shoppers.base_logit(relevance, prices) + shoppers.lift(discounts))
 
 
 @dataclass(frozen=True)
@@ -187,15 +216,7 @@ def make_market(config: MarketConfig) -> Market:
     relevance = (relevance - relevance.mean()) / relevance.std()
     cf_score = relevance + rng.normal(0, config.cf_noise, relevance.shape)
 
-    intercept = rng.normal(-4.3, 0.4, n_u)
-    intercept[behaviour == Behaviour.REGARDLESS] += 1.8
-    strength = np.zeros(n_u)
-    graded = behaviour == Behaviour.GRADED
-    strength[graded] = rng.uniform(0.8, 3.5, graded.sum())
-    large = behaviour == Behaviour.LARGE_ONLY
-    strength[large] = rng.uniform(1.5, 3.0, large.sum())
-    threshold = np.where(large, rng.choice([0.15, 0.2, 0.25], n_u), 1.0)
-    price_elasticity = rng.uniform(0.2, 1.0, n_u)
+    shoppers = draw_shoppers(behaviour, rng)
 
     return Market(
         config=config,
@@ -203,25 +224,30 @@ def make_market(config: MarketConfig) -> Market:
         item_ids=[f"i{i:05d}" for i in range(n_i)],
         prices=prices,
         costs=costs,
-        behaviour=behaviour.astype(np.int64),
-        intercept=intercept,
-        strength=strength,
-        threshold=threshold,
-        price_elasticity=price_elasticity,
+        shoppers=shoppers,
         relevance=relevance,
         cf_score=cf_score,
         user_features=_user_features(behaviour, rng),
     )
 
 
+# Order history by behaviour (NEVER, LARGE_ONLY, REGARDLESS, GRADED): loyal buyers order often
+# and recently, bargain hunters have lapsed, graded responders have small baskets, non-reactors
+# large ones. Orders are 1 + Poisson(ORDERS), days since the last order exponential with mean
+# LAST_ORDER_DAYS, the basket log-normal around BASKET with log-sd BASKET_SPREAD.
+ORDERS = np.array([4.0, 2.0, 12.0, 5.0])
+LAST_ORDER_DAYS = np.array([40.0, 120.0, 12.0, 45.0])
+BASKET = np.array([80.0, 40.0, 45.0, 25.0])
+BASKET_SPREAD = 0.45
+
+
 def _user_features(behaviour: Ints, rng: np.random.Generator) -> Floats:
-    """Order history that hints at behaviour: loyal buyers order often and recently, bargain
-    hunters have lapsed, graded responders have small baskets, non-reactors large ones."""
+    """Order history that hints at behaviour, in NUMERIC_FEATURES order."""
     n = len(behaviour)
-    orders = rng.poisson(np.array([4.0, 2.0, 12.0, 5.0])[behaviour]) + 1
-    last = rng.exponential(np.array([40.0, 120.0, 12.0, 45.0])[behaviour])
+    orders = rng.poisson(ORDERS[behaviour]) + 1
+    last = rng.exponential(LAST_ORDER_DAYS[behaviour])
     first = last + orders * rng.exponential(30.0, n)
-    basket = np.exp(rng.normal(np.log(np.array([80.0, 40.0, 45.0, 25.0])[behaviour]), 0.45))
+    basket = np.exp(rng.normal(np.log(BASKET[behaviour]), BASKET_SPREAD))
     columns = {
         "days_since_first_order": first,
         "days_since_last_order": last,
