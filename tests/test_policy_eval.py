@@ -51,6 +51,8 @@ def test_oracle_earns_at_least_as_much_as_every_policy_on_the_truth(result: Seed
     for name, outcome in result.outcomes.items():
         assert outcome.margin <= oracle + 1e-9, name
     assert oracle > result.outcomes["no_discount"].margin  # there is something to win
+    # The Bayes bound learns from the same log as optimal, and knows the market's prior too.
+    assert result.outcomes["bayes"].margin > result.outcomes["optimal"].margin
     assert result.outcomes["no_discount"].discount_spend == 0
 
 
@@ -177,7 +179,7 @@ def test_evaluate_policy_cli_writes_the_report_and_the_plot(tmp_path: Path) -> N
         ],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert "optimal" in result.stdout and "oracle" in result.stdout
+    assert all(name in result.stdout for name in ("optimal", "bayes", "oracle"))
     summary = json.loads(report.read_text())
     assert summary["seeds"] == [0, 1]
     assert list(summary["policies"]) == list(POLICY_ORDER)

@@ -258,6 +258,21 @@ def _user_features(behaviour: Ints, rng: np.random.Generator) -> Floats:
     return np.round(np.column_stack([columns[name] for name in NUMERIC_FEATURES]), 2)
 
 
+def behaviour_log_likelihood(user_features: Floats) -> Floats:
+    """[users, 4]: log-density of each user's order history under each behaviour, up to a term
+    the same for all four (days since the first order and lifetime value add nothing once order
+    count, recency and basket are known)."""
+    column = {name: user_features[:, k, None] for k, name in enumerate(NUMERIC_FEATURES)}
+    extra_orders = column["order_count"] - 1
+    last = column["days_since_last_order"]
+    log_basket = np.log(np.maximum(column["avg_basket"], 0.01))
+    poisson = extra_orders * np.log(ORDERS) - ORDERS  # less log(k!), the same for all four
+    exponential = -np.log(LAST_ORDER_DAYS) - last / LAST_ORDER_DAYS
+    log_normal = -0.5 * ((log_basket - np.log(BASKET)) / BASKET_SPREAD) ** 2
+    total: Floats = poisson + exponential + log_normal
+    return total
+
+
 def make_offers(market: Market, seed: int, visits: int | None = None) -> Offers:
     """Each visit shows every user ``offers_per_user`` items sampled from their CF top list."""
     cfg = market.config

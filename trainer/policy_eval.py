@@ -2,9 +2,11 @@
 
 Per seed: draw a market, log a randomized experiment (discounts drawn uniformly from GRID) over
 the first visits, fit the response model on it, then take the later visits as the evaluation
-population. On it each policy's outcome is computed exactly from the true response curves; off-
-policy estimates (IPS, doubly robust) of each policy's margin come from a randomized log of those
-same offers, so estimate and truth measure the same thing.
+population. On it each policy's outcome is computed exactly from the true response curves, and
+two bounds with it: ``bayes`` (trainer/posterior.py), the most a policy learned from the log can
+earn, and the oracle, which knows every curve. Off-policy estimates (IPS, doubly robust) of each
+policy's margin come from a randomized log of those same offers, so estimate and truth measure
+the same thing.
 
 Every policy chooses from GRID (classic policies' percents are rounded down onto it) because a
 randomized log only supports the discounts it drew; rounding down never breaks a guardrail.
@@ -46,6 +48,7 @@ from trainer.market import (
     randomized_discounts,
     simulate,
 )
+from trainer.posterior import posterior_probabilities
 from trainer.response import (
     Logged,
     ResponseConfig,
@@ -64,6 +67,7 @@ POLICY_ORDER = (
     "threshold",
     "linear",
     "optimal",
+    "bayes",
     "oracle",
 )
 
@@ -267,6 +271,9 @@ def run_seed(
     for name, rule in classic_rules(train_offers, limits).items():
         discounts[name] = rule_discounts(rule, eval_offers)
     discounts["optimal"] = best_discounts(predicted, eval_offers.price, eval_offers.cost, allowed)
+    progress(f"seed {seed}: the Bayes bound, each shopper's posterior under the true prior")
+    posterior = posterior_probabilities(market, train_log, eval_offers, seed=seed)
+    discounts["bayes"] = best_discounts(posterior, eval_offers.price, eval_offers.cost, allowed)
     discounts["oracle"] = best_discounts(true_p, eval_offers.price, eval_offers.cost, allowed)
 
     outcomes = {name: outcome(true_p, eval_offers, d) for name, d in discounts.items()}
