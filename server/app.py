@@ -20,8 +20,13 @@ from discount.v1 import discount_pb2
 from server.auth import AuthInterceptor, ClientRegistry
 from server.batching import Batcher
 from server.decoding import add_discount_service
-from server.interceptors import AccessLogInterceptor, Interceptor, RequestIdInterceptor
-from server.limits import grpc_options
+from server.interceptors import (
+    AccessLogInterceptor,
+    CallCapInterceptor,
+    Interceptor,
+    RequestIdInterceptor,
+)
+from server.limits import PROBE_SLOTS, grpc_options
 from server.metrics import Metrics
 from server.offering import Offering
 from server.response import ResponseModel
@@ -141,7 +146,11 @@ def create_server(settings: Settings) -> tuple[DiscountServer, int]:
         if respond is not None:
             offering.respond = respond
     metrics = Metrics()
-    interceptors: list[Interceptor] = [RequestIdInterceptor(), AccessLogInterceptor(metrics)]
+    interceptors: list[Interceptor] = [
+        RequestIdInterceptor(),
+        AccessLogInterceptor(metrics),
+        CallCapInterceptor(settings.max_concurrent_rpcs),
+    ]
     clients = None
     if settings.auth == "required":
         if offering is None:
@@ -155,7 +164,7 @@ def create_server(settings: Settings) -> tuple[DiscountServer, int]:
     grpc_server = aio.server(
         interceptors=interceptors,
         options=grpc_options(),
-        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs + PROBE_SLOTS,
     )
     store = ModelStore(
         settings.model_dir,

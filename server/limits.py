@@ -24,9 +24,13 @@ T = TypeVar("T")
 # The largest request is RecordEvents with 1000 events or GetOffers with 1000 item ids, well
 # under 1 MiB; 4 MiB leaves room for long ids while refusing a caller who sends megabytes.
 MAX_RECEIVE_MESSAGE_BYTES = 4 * 1024 * 1024
-# Calls being served at once, per process. Past this gRPC answers RESOURCE_EXHAUSTED at once,
-# so a burst cannot queue unboundedly behind the model or the store's connection pool.
+# Calls being served at once, per process, health checks not counted. Past this the server
+# answers RESOURCE_EXHAUSTED at once (server.interceptors CallCapInterceptor), so a burst
+# cannot queue unboundedly behind the model or the store's connection pool.
 MAX_CONCURRENT_RPCS = 1000
+# gRPC's own cap, which counts every call, sits this many above: room for health probes, and
+# for the calls over the cap while they are being refused.
+PROBE_SLOTS = 64
 # Offers issued but not yet written to the store (a store outage keeps them queued). When the
 # queue is full GetOffers refuses: handing out a token whose offer might never be logged
 # would break "every offer id handed out is in the offers table".

@@ -90,7 +90,8 @@ class Settings:
     # ONNX Runtime intra-op threads per model run; 0: server.versions.ort_threads_for picks
     # them for each version, by its catalog size.
     ort_threads: int = 0
-    # Calls served at once per process; more answer RESOURCE_EXHAUSTED (server.limits).
+    # Calls served at once per process, health checks not counted; more answer
+    # RESOURCE_EXHAUSTED (server.limits).
     max_concurrent_rpcs: int = MAX_CONCURRENT_RPCS
     # The folder `discount-train response` wrote; None: `optimal` rules grant no discount.
     response_model_dir: Path | None = None

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from offer_server import KEY, ctl, eventually
 from pg import pg_database
 from sqlalchemy import create_engine, select, text
@@ -357,6 +358,12 @@ def test_concurrent_call_cap_answers_resource_exhausted(
             with pytest.raises(grpc.RpcError) as e:
                 running.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5)
             assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert e.value.details() == "3 calls in flight already; retry with backoff"
+            # A busy server is not a dead one: its load balancer's probe still gets an answer.
+            probe = health_pb2_grpc.HealthStub(running.channel)
+            for _ in range(3):
+                reply = probe.Check(health_pb2.HealthCheckRequest(), timeout=5)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
             for call in held:
                 with pytest.raises(grpc.RpcError) as held_error:
                     call.result()
