@@ -142,6 +142,7 @@ def create_server(settings: Settings) -> tuple[DiscountServer, int]:
             settings.offer_keys,
             settings.offer_ttl,
             settings.rules_poll_interval,
+            settings.offer_spill_dir,
         )
         if respond is not None:
             offering.respond = respond

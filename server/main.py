@@ -71,6 +71,12 @@ def _env(name: str) -> str:
 )
 @click.option("--offer-ttl", help=f"Seconds an offer's price holds. {_env('offer_ttl')}")
 @click.option(
+    "--offer-spill-dir",
+    help="Folder (on a disk that outlives the process) where a shutdown puts the issued offers "
+    "the store would not take within --grace; the next start writes them to the store. Unset: "
+    "they are lost (logged; exit code 1). [env DISCOUNT_OFFER_SPILL_DIR]",
+)
+@click.option(
     "--insecure-demo-key",
     is_flag=True,
     help="Sign offers with a public demo key instead of DISCOUNT_OFFER_KEY (demos only: "

@@ -7,6 +7,11 @@ rows it refuses are dropped (logged), so one bad row never holds back the others
 holds at most max_pending offers: past that, append refuses (GetOffers answers
 RESOURCE_EXHAUSTED) rather than grow memory or drop an offer whose token was handed out.
 ``close`` flushes what is queued, for a graceful shutdown.
+
+An outage that outlasts the shutdown would still lose the offers left in the queue, though
+their tokens are out. With a spill directory they go to a file there instead (``spill``), and
+the next server to start on that directory writes them to the store before it serves
+(``replay``): JSON lines, one offer each, written whole or not at all.
 """
 
 from __future__ import annotations
@@ -14,7 +19,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import fcntl
+import json
 import logging
+import os
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -27,6 +37,8 @@ from server.limits import OFFER_LOG_MAX_PENDING
 
 log = logging.getLogger(__name__)
 BATCH = 500
+SPILL_PATTERN = "offers-*.jsonl"
+_TIMES = ("issued_at", "expires_at")  # the rows' datetimes, written in ISO 8601
 
 
 class OfferLog:
@@ -130,6 +142,79 @@ class OfferLog:
         deadline = loop.time() + budget
         while not await self.flush() and loop.time() + self.interval <= deadline:
             await asyncio.sleep(self.interval)
-        if self.pending:
-            log.error("offer log: %d offers could not be written before shutdown", self.pending)
         return self.pending
+
+    def spill(self, directory: Path) -> Path | None:
+        """Move the queued offers to a new file in directory; its path (None when nothing was
+        queued). OSError when it cannot be written: the offers stay queued."""
+        if not self._pending:
+            return None
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+        path = directory / SPILL_PATTERN.replace("*", f"{stamp}-{os.getpid()}")
+        partial = path.with_name(path.name + ".partial")  # not matched by SPILL_PATTERN
+        # Offers name users and prices: readable by the server's user alone, like the store.
+        descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w", encoding="utf-8") as out:
+            for row in self._pending:
+                times = {k: row[k].isoformat() for k in _TIMES}
+                out.write(json.dumps({**row, **times}, separators=(",", ":")) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        partial.rename(path)
+        _sync_directory(directory)
+        log.warning("offer log: %d offers spilled to %s", self.pending, path)
+        self._pending.clear()
+        return path
+
+    def replay(self, directory: Path) -> int:
+        """Write to the store the offers spilled to directory, deleting each file once its
+        offers are stored; how many offers the files held. A file another process is replaying
+        is left to it; one the store cannot take now (an outage) is kept for the next start."""
+        written = 0
+        for path in sorted(directory.glob(SPILL_PATTERN)):
+            try:
+                file = path.open("r", encoding="utf-8")
+            except FileNotFoundError:
+                continue  # replayed and deleted by another worker meanwhile
+            with file:
+                try:
+                    fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # another worker is replaying it
+                try:
+                    rows = [_decode(line) for line in file if line.strip()]
+                except (ValueError, KeyError, TypeError) as e:
+                    log.error("offer log: %s is not a spill file, left as it is: %s", path, e)
+                    continue
+                try:
+                    for start in range(0, len(rows), BATCH):
+                        batch = rows[start : start + BATCH]
+                        try:
+                            self._write(batch)
+                        except (DataRefused, Conflict):
+                            self._write_each(batch)
+                except (StoreError, SQLAlchemyError, OSError) as e:
+                    log.error("offer log: %s kept for the next start: %s", path, e)
+                    continue
+                # Another worker may have replayed it too: the store skips offers it holds.
+                path.unlink(missing_ok=True)
+            log.info("offer log: %d spilled offers from %s written", len(rows), path)
+            written += len(rows)
+        return written
+
+
+def _decode(line: str) -> dict[str, Any]:
+    row: dict[str, Any] = json.loads(line)
+    for key in _TIMES:
+        row[key] = datetime.fromisoformat(row[key])
+    return row
+
+
+def _sync_directory(directory: Path) -> None:
+    """Make a rename in directory survive a power cut."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

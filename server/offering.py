@@ -10,6 +10,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -40,52 +41,66 @@ class Offering:
     # The response model `optimal` rules price with (server.response); create_server sets it.
     respond: Respond = field(default_factory=NoResponseModel)
     abandoned: bool = False  # stop() gave up on a store that does not answer
+    # Where a stop puts the offers it could not write, for the next start (server.offer_log).
+    spill_dir: Path | None = None
 
     @classmethod
-    def open(cls, url: str, keys: OfferKeys | None, ttl: float, poll: float) -> Offering:
-        """Connect, refuse a schema that is not at head, load the first snapshot."""
+    def open(
+        cls,
+        url: str,
+        keys: OfferKeys | None,
+        ttl: float,
+        poll: float,
+        spill_dir: Path | None = None,
+    ) -> Offering:
+        """Connect, refuse a schema that is not at head, load the first snapshot, and write
+        the offers an earlier stop spilled to spill_dir."""
         if keys is None:
             raise NotReady("no offer signing key; set DISCOUNT_OFFER_KEY")
         store = Store(url)
         limit_store(store)
         keeper = SnapshotKeeper(store, poll)
+        offer_log = OfferLog(store)
         try:
             keeper.open()
+            if spill_dir is not None:
+                offer_log.replay(spill_dir)
         except BaseException:
             store.dispose()
             raise
-        return cls(store, keeper, OfferLog(store), keys, timedelta(seconds=ttl))
+        return cls(store, keeper, offer_log, keys, timedelta(seconds=ttl), spill_dir=spill_dir)
 
     def start(self, on_change: Callable[[bool], Awaitable[None]] | None = None) -> None:
         self.keeper.start(on_change)
         self.log.start()
 
     async def stop(self, budget: float = 0.0) -> int:
-        """Close the store's users; the number of issued offers the offer log could not write
-        within budget seconds (and STOP_SLACK_S for a last write).
+        """Close the store's users; the number of issued offers the offer log could neither
+        write within budget seconds (and STOP_SLACK_S for a last write) nor spill.
 
         A store that hangs (a frozen host: no answer, no error) would hold this for as long as
         TCP takes to give up, which can be forever. So the stop gives up at its deadline and
         sets ``abandoned``: threads still wait on the store, and the process must exit without
         joining them."""
         try:
-            return await asyncio.wait_for(self._stop(budget), budget + STOP_SLACK_S)
+            await asyncio.wait_for(self._stop(budget), budget + STOP_SLACK_S)
         except TimeoutError:
             self.abandoned = True
-            log.error(
-                "the store did not answer within %.0fs of shutdown; "
-                "offer log: %d offers could not be written before shutdown",
-                budget + STOP_SLACK_S,
-                self.log.pending,
-            )
-            return self.log.pending
+            log.error("the store did not answer within %.0fs of shutdown", budget + STOP_SLACK_S)
+        if self.log.pending and self.spill_dir is not None:
+            try:
+                self.log.spill(self.spill_dir)
+            except OSError as e:
+                log.error("offer log: cannot spill to %s: %s", self.spill_dir, e)
+        if self.log.pending:
+            log.error("offer log: %d offers could not be written before shutdown", self.log.pending)
+        return self.log.pending
 
-    async def _stop(self, budget: float) -> int:
+    async def _stop(self, budget: float) -> None:
         await asyncio.to_thread(self.writes.close)
-        lost = await self.log.close(budget)
+        await self.log.close(budget)
         await self.keeper.stop()
         self.store.dispose()
-        return lost
 
     def record_events(self, batch: list[events.EventIn]) -> list[events.Outcome]:
         """Commit the accepted events before returning (runs in a worker thread)."""

@@ -31,6 +31,7 @@ SOURCES: dict[str, tuple[str, str | None]] = {
     "db_url": ("DISCOUNT_DB_URL", DEFAULT_URL),
     "rules_poll_interval": ("DISCOUNT_RULES_POLL_INTERVAL", "5"),
     "offer_ttl": ("DISCOUNT_OFFER_TTL", "900"),
+    "offer_spill_dir": ("DISCOUNT_OFFER_SPILL_DIR", None),
     # Deny by default: a forgotten flag must not open a money-issuing API to anyone who can
     # reach the port. The demo turns it off explicitly.
     "auth": ("DISCOUNT_AUTH", "required"),
@@ -72,6 +73,9 @@ class Settings:
     # How long an offer's price holds, in seconds.
     offer_ttl: float = 900.0
     offer_keys: OfferKeys | None = None
+    # Where a shutdown puts the issued offers it could not write to the store, and where a
+    # start looks for them (server.offer_log); None: such offers are lost, and logged.
+    offer_spill_dir: Path | None = None
     # Code that builds Settings itself (tests, embedding) opts in to auth and TLS; the
     # command line (resolve) requires both unless told otherwise.
     auth: str = "off"
@@ -148,6 +152,17 @@ def resolve(
     ttl = _number(raw["offer_ttl"], float)
     if ttl is None or not 1 <= ttl <= 7 * 86_400:
         problems.append(f"{flag('offer_ttl')}: {raw['offer_ttl']!r} is not 1 to 604800 seconds")
+    spill_dir = Path(raw["offer_spill_dir"]) if raw["offer_spill_dir"] else None
+    if spill_dir is not None:
+        try:
+            spill_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not os.access(spill_dir, os.W_OK | os.X_OK):
+                raise PermissionError("not writable")
+        except OSError as e:
+            problems.append(
+                f"{flag('offer_spill_dir')}: {spill_dir} cannot take spilled offers "
+                f"({e.strerror or e})"
+            )
     keys: OfferKeys | None = None
     if insecure_demo_key:
         keys = OfferKeys(DEMO_OFFER_KEY)
@@ -222,6 +237,7 @@ def resolve(
         workers=workers,
         ort_threads=ort_threads,
         response_model_dir=Path(response_dir) if response_dir else None,
+        offer_spill_dir=spill_dir,
     )
 
 

@@ -4,6 +4,7 @@ table once the process has exited (the offer log is flushed on the way out)."""
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
@@ -114,13 +115,15 @@ def test_sigterm_under_load_flushes_offers_and_keeps_every_acked_event(
         assert refused <= {"UNAVAILABLE", "CANCELLED"}
 
 
-def _offering_server(url: str, model_store: Path, tmp_path: Path, grace: str) -> Discountd:
+def _offering_server(
+    url: str, model_store: Path, tmp_path: Path, grace: str, *extra: str
+) -> Discountd:
     store = Store(url)
     migrate.upgrade(store)
     store.dispose()
     ctl(url, "rules", "create", "all", "--policy", "threshold",
         "--param", "t=-100", "--param", "d=10")  # fmt: skip
-    return Discountd(model_store, tmp_path, url, "--grace", grace, "--poll-interval", "0")
+    return Discountd(model_store, tmp_path, url, "--grace", grace, "--poll-interval", "0", *extra)
 
 
 def _offers_during_an_outage(server: Discountd, url: str) -> set[str]:
@@ -188,3 +191,71 @@ def test_sigterm_while_the_store_hangs_stops_within_grace_and_exits_1(
         log = server.drain_log()
         assert [line for line in log if "could not be written before shutdown" in line]
         assert [line for line in log if "stopped without waiting for the store" in line]
+
+
+def _spilled_ids(spill: Path) -> set[str]:
+    return {
+        json.loads(line)["offer_id"]
+        for path in spill.glob("offers-*.jsonl")
+        for line in path.read_text().splitlines()
+    }
+
+
+def _written_at_the_next_start(
+    url: str, model_store: Path, tmp_path: Path, spill: Path, offers: set[str]
+) -> None:
+    again = Discountd(model_store, tmp_path, url, "--offer-spill-dir", str(spill))
+    try:
+        assert offers <= offer_ids(url)  # written before the server listened
+    finally:
+        again.process.send_signal(signal.SIGTERM)
+        assert again.process.wait(timeout=60) == 0
+        again.close()
+    assert [line for line in again.drain_log() if "spilled offers from" in line]
+    assert list(spill.iterdir()) == []
+
+
+def test_offers_the_store_refuses_past_grace_are_spilled_and_written_at_the_next_start(
+    model_store: Path, tmp_path: Path
+) -> None:
+    spill = tmp_path / "spill"
+    with pg_database() as url:
+        server = _offering_server(url, model_store, tmp_path, "1", "--offer-spill-dir", str(spill))
+        try:
+            handed_out = _offers_during_an_outage(server, url)
+            server.process.send_signal(signal.SIGTERM)
+            assert server.process.wait(timeout=60) == 0  # nothing lost
+        finally:
+            set_reachable(url, True)
+            server.close()
+        assert [line for line in server.drain_log() if "offers spilled to" in line]
+        assert handed_out and handed_out <= _spilled_ids(spill)
+        assert not handed_out & offer_ids(url)
+        _written_at_the_next_start(url, model_store, tmp_path, spill, handed_out)
+
+
+def test_offers_held_by_a_hanging_store_are_spilled_and_written_at_the_next_start(
+    model_store: Path, tmp_path: Path
+) -> None:
+    spill = tmp_path / "spill"
+    with pg_database() as url, hanging_proxy(url) as proxy:
+        server = _offering_server(
+            proxy.url, model_store, tmp_path, "1", "--offer-spill-dir", str(spill)
+        )
+        try:
+            request = pb.GetOffersRequest(user_id="user-0", limit=3)
+            server.stub.GetOffers(request)
+            eventually(lambda: bool(offer_ids(url)), 10.0)  # the first answer's offers are in
+            proxy.hang()
+            handed_out = {
+                o.offer_id for _ in range(5) for o in server.stub.GetOffers(request).offers
+            }
+            server.process.send_signal(signal.SIGTERM)
+            # Threads still wait on the store: the process leaves them, and says so.
+            assert server.process.wait(timeout=2 * 1 + STOP_SLACK_S + 10) == 1
+        finally:
+            proxy.resume()
+            server.close()
+        assert [line for line in server.drain_log() if "offers spilled to" in line]
+        assert handed_out and handed_out <= _spilled_ids(spill)
+        _written_at_the_next_start(url, model_store, tmp_path, spill, handed_out)

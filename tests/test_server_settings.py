@@ -155,3 +155,19 @@ def test_tls_files_with_insecure_say_both_ways_out(tmp_path: Path) -> None:
         resolve(flags, env=KEY, insecure=True)
     assert "leave out the --tls-* settings" in str(raised.value)
     assert "or drop --insecure" in str(raised.value)
+
+
+def test_the_offer_spill_dir_is_made_at_start_and_must_take_files(tmp_path: Path) -> None:
+    spill = tmp_path / "state" / "spill"
+    env = {**KEY, "DISCOUNT_OFFER_SPILL_DIR": str(spill)}
+    settings = resolve({"model_dir": str(tmp_path)}, env=env, insecure=True)
+    assert settings.offer_spill_dir == spill and spill.is_dir()
+    assert resolve({"model_dir": str(tmp_path)}, env=KEY, insecure=True).offer_spill_dir is None
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    with pytest.raises(SettingsError) as e:
+        flags = {"model_dir": str(tmp_path), "offer_spill_dir": str(a_file / "spill")}
+        resolve(flags, env=KEY, insecure=True)
+    assert f"--offer-spill-dir / DISCOUNT_OFFER_SPILL_DIR: {a_file / 'spill'} cannot take" in str(
+        e.value
+    )
