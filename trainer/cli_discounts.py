@@ -185,13 +185,13 @@ def evaluate_policy_command(
     plot: Path | None,
     json_path: Path | None,
 ) -> None:
-    """Compare discount policies in the market simulator against its true response curves:
-    no discount, blanket 10%, tiered_topk, threshold, linear, optimal (learned response model),
-    bayes (each shopper's posterior under the simulator's own prior: the most any policy learned
-    from the same log can earn) and the oracle (true curves). Prints expected outcomes per 1,000
-    offers, each policy's share of the oracle's incremental margin over no discount, and how far
-    off-policy estimates (IPS, doubly robust) from a randomized log land from the truth; 95%
-    intervals over seeds.
+    """Compare discount policies in the market simulator against its true response curves: no
+    discount, blanket 10%, tiered_topk, threshold, linear, optimal (learned response model),
+    bayes (each shopper's posterior under the simulator's own prior: the most a policy learned
+    from the same log can earn in expectation) and the oracle (true curves). Prints expected
+    outcomes per 1,000 offers, each policy's share of the oracle's incremental margin over no
+    discount, and how far off-policy estimates (IPS, doubly robust) from a randomized log land
+    from the truth; 95% intervals over seeds.
 
     Example: discount-train evaluate-policy --seeds 5 --plot docs/policy_margin.png
     """

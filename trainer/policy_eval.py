@@ -1,12 +1,12 @@
 """Policy evaluation in the market simulator: every policy against the truth and the oracle.
 
-Per seed: draw a market, log a randomized experiment (discounts drawn uniformly from GRID) over
-the first visits, fit the response model on it, then take the later visits as the evaluation
-population. On it each policy's outcome is computed exactly from the true response curves, and
-two bounds with it: ``bayes`` (trainer/posterior.py), the most a policy learned from the log can
-earn, and the oracle, which knows every curve. Off-policy estimates (IPS, doubly robust) of each
-policy's margin come from a randomized log of those same offers, so estimate and truth measure
-the same thing.
+Per seed: draw a market, log a randomized experiment (discounts drawn uniformly from GRID) over the
+first visits, fit the response model on it, then take the later visits as the evaluation
+population. On it each policy's outcome is computed exactly from the true response curves, and two
+bounds with it: ``bayes`` (trainer/posterior.py), the most a policy learned from the log can earn
+in expectation, and the oracle, which knows every curve. Off-policy estimates (IPS, doubly robust)
+of each policy's margin come from a randomized log of those same offers, so estimate and truth
+measure the same thing.
 
 Every policy chooses from GRID (classic policies' percents are rounded down onto it) because a
 randomized log only supports the discounts it drew; rounding down never breaks a guardrail.

@@ -5,9 +5,12 @@ A learned response model sees a shopper through their order history and a few do
 offers. Given exactly those, plus what no model is given (the prior the simulator draws shoppers
 from and every item's true relevance), the posterior over the shopper's hidden parameters predicts
 their response as well as anything can, and choosing each discount by it earns the largest
-expected margin of any policy that learns from the same log. Its share of the oracle's lift is
-therefore a ceiling for `optimal`; the oracle is higher still because it knows each shopper's
-parameters exactly, which no log of this length reveals.
+expected margin, over markets the simulator draws, of any policy that prices the same offers
+from the same grid using the same log: what a learned model sees beyond it (other shoppers' rows,
+the CF scores) says nothing about this shopper once the prior and the true relevance are known.
+Its share of the oracle's lift is therefore a ceiling for `optimal` (importance sampling can only
+lower it); the oracle is higher still because it knows each shopper's parameters exactly, which
+no log of this length reveals.
 
 The posterior is taken by importance sampling: ``samples`` shoppers drawn from the prior for each
 behaviour, weighted for every real shopper by the likelihood of their order history and of what
