@@ -20,12 +20,7 @@ from discount.v1 import discount_pb2
 from server.auth import AuthInterceptor, ClientRegistry
 from server.batching import Batcher
 from server.decoding import add_discount_service
-from server.interceptors import (
-    AccessLogInterceptor,
-    CallCapInterceptor,
-    Interceptor,
-    RequestIdInterceptor,
-)
+from server.interceptors import AccessLogInterceptor, Interceptor, RequestIdInterceptor
 from server.limits import PROBE_SLOTS, grpc_options
 from server.metrics import Metrics
 from server.offering import Offering
@@ -147,11 +142,7 @@ def create_server(settings: Settings) -> tuple[DiscountServer, int]:
         if respond is not None:
             offering.respond = respond
     metrics = Metrics()
-    interceptors: list[Interceptor] = [
-        RequestIdInterceptor(),
-        AccessLogInterceptor(metrics),
-        CallCapInterceptor(settings.max_concurrent_rpcs),
-    ]
+    interceptors: list[Interceptor] = [RequestIdInterceptor(), AccessLogInterceptor(metrics)]
     clients = None
     if settings.auth == "required":
         if offering is None:
@@ -183,7 +174,10 @@ def create_server(settings: Settings) -> tuple[DiscountServer, int]:
         lambda: offering.keeper.age_seconds if offering is not None else None,
     )
     add_discount_service(
-        DiscountService(store, settings.device, offering, metrics, batcher), grpc_server
+        DiscountService(
+            store, settings.device, offering, metrics, batcher, settings.max_concurrent_rpcs
+        ),
+        grpc_server,
     )
     health_pb2_grpc.add_HealthServicer_to_server(server.health, grpc_server)
     if settings.reflection:

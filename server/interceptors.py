@@ -1,4 +1,4 @@
-"""Interceptors, outermost first: request id, access log, call cap, then auth (server.auth).
+"""Interceptors, outermost first: request id, then access log, then auth (server.auth).
 
 Only unary-unary methods (the DiscountService API) are wrapped; health Watch and reflection
 streams pass through untouched.
@@ -25,7 +25,6 @@ from server.metrics import Metrics
 log = logging.getLogger("discountd.access")
 
 REQUEST_ID_HEADER = "x-request-id"
-HEALTH_METHODS = "/grpc.health.v1.Health/"
 # The authenticated calling service (server.auth sets it); "-" when auth is off or denied.
 # Logs and metrics label calls by it.
 client_name: ContextVar[str] = ContextVar("client_name", default="-")
@@ -143,44 +142,6 @@ class AccessLogInterceptor(Interceptor):
             return logged
 
         return _wrap(await continuation(handler_call_details), wrapper)
-
-
-class CallCapInterceptor(Interceptor):
-    """At most ``cap`` calls in flight, health checks not counted; past it RESOURCE_EXHAUSTED.
-
-    gRPC's own cap (``maximum_concurrent_rpcs``) counts every call: at it a load balancer's
-    health probe was refused like the rest, and a server that was only busy was taken for
-    dead and restarted, its load thrown onto the others. Calls are counted here instead and
-    gRPC's cap is set higher (server.limits ``PROBE_SLOTS``), so that a probe finds a slot.
-    """
-
-    def __init__(self, cap: int) -> None:
-        self.cap = cap
-        self.in_flight = 0  # changed only on the event loop: no lock needed
-
-    async def intercept_service(
-        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> Any:
-        handler = await continuation(handler_call_details)
-        if handler_call_details.method.startswith(HEALTH_METHODS):
-            return handler
-
-        def wrapper(behavior: Behavior) -> Behavior:
-            async def capped(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
-                if self.in_flight >= self.cap:
-                    await context.abort(
-                        grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        f"{self.cap} calls in flight already; retry with backoff",
-                    )
-                self.in_flight += 1
-                try:
-                    return await behavior(request, context)
-                finally:
-                    self.in_flight -= 1
-
-            return capped
-
-        return _wrap(handler, wrapper)
 
 
 # OK is the hot path: one line per call only when debugging. Failures the caller caused are

@@ -25,7 +25,7 @@ T = TypeVar("T")
 # under 1 MiB; 4 MiB leaves room for long ids while refusing a caller who sends megabytes.
 MAX_RECEIVE_MESSAGE_BYTES = 4 * 1024 * 1024
 # Calls being served at once, per process, health checks not counted. Past this the server
-# answers RESOURCE_EXHAUSTED at once (server.interceptors CallCapInterceptor), so a burst
+# answers RESOURCE_EXHAUSTED at once (counted by server.service `rpc`), so a burst
 # cannot queue unboundedly behind the model or the store's connection pool.
 MAX_CONCURRENT_RPCS = 1000
 # gRPC's own cap, which counts every call, sits this many above: room for health probes, and

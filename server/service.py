@@ -29,7 +29,13 @@ from server.errors import (
     StoreRefused,
     UnknownIds,
 )
-from server.limits import MAX_ERROR_BYTES, MAX_VIOLATION_BYTES, MAX_VIOLATIONS, shorten
+from server.limits import (
+    MAX_CONCURRENT_RPCS,
+    MAX_ERROR_BYTES,
+    MAX_VIOLATION_BYTES,
+    MAX_VIOLATIONS,
+    shorten,
+)
 from server.metrics import Metrics
 from server.offering import Offering
 from server.offers import OffersQuery, get_offers
@@ -75,11 +81,23 @@ MAX_EVENTS = 1000
 MAX_TOKEN_CHARS = 4096
 
 
-def maps_errors(method: Method[Request, Response]) -> Method[Request, Response]:
-    """Turn domain errors into status codes with details a caller can act on."""
+def rpc(method: Method[Request, Response]) -> Method[Request, Response]:
+    """Every call of the service: refused at once past the cap of calls in flight, and domain
+    errors turned into status codes with details a caller can act on.
+
+    The cap is counted here rather than by gRPC's ``maximum_concurrent_rpcs``, which counts
+    health probes too: at it a load balancer's probe was refused, and a server that was only
+    busy was taken for dead (server.limits ``PROBE_SLOTS``). Here rather than in an
+    interceptor of its own, which would add an await to every call, health checks included."""
 
     @functools.wraps(method)
-    async def mapped(self: Any, request: Request, context: Context) -> Response:
+    async def mapped(self: DiscountService, request: Request, context: Context) -> Response:
+        if self.in_flight >= self.max_in_flight:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self.max_in_flight} calls in flight already; retry with backoff",
+            )
+        self.in_flight += 1  # on the event loop only: no lock needed
         try:
             return await method(self, request, context)
         except InvalidRequest as e:
@@ -112,6 +130,8 @@ def maps_errors(method: Method[Request, Response]) -> Method[Request, Response]:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except StoreRefused as e:
             await context.abort(grpc.StatusCode.INTERNAL, shorten(str(e), MAX_ERROR_BYTES))
+        finally:
+            self.in_flight -= 1
 
     return mapped
 
@@ -124,7 +144,10 @@ class DiscountService(pb_grpc.DiscountServiceServicer):
         offering: Offering | None = None,
         metrics: Metrics | None = None,
         batcher: Batcher | None = None,
+        max_in_flight: int = MAX_CONCURRENT_RPCS,
     ) -> None:
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0
         self._metrics = metrics or Metrics()
         self._batcher = batcher
         self._store = store
@@ -138,7 +161,7 @@ class DiscountService(pb_grpc.DiscountServiceServicer):
             )
         return self._offering
 
-    @maps_errors
+    @rpc
     async def Recommend(
         self, request: pb.RecommendRequest, context: Context
     ) -> pb.RecommendResponse:
@@ -174,7 +197,7 @@ class DiscountService(pb_grpc.DiscountServiceServicer):
             add(item_id=item.item_id, score=item.score, rank=rank, category=item.category)
         return response
 
-    @maps_errors
+    @rpc
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: Context
     ) -> pb.GetModelInfoResponse:
@@ -194,7 +217,7 @@ class DiscountService(pb_grpc.DiscountServiceServicer):
             requested_device=self._requested_device,
         )
 
-    @maps_errors
+    @rpc
     async def GetOffers(
         self, request: pb.GetOffersRequest, context: Context
     ) -> pb.GetOffersResponse:
@@ -243,7 +266,7 @@ class DiscountService(pb_grpc.DiscountServiceServicer):
             )
         return response
 
-    @maps_errors
+    @rpc
     async def RecordEvents(
         self, request: pb.RecordEventsRequest, context: Context
     ) -> pb.RecordEventsResponse:
@@ -281,7 +304,7 @@ class DiscountService(pb_grpc.DiscountServiceServicer):
             ]
         )
 
-    @maps_errors
+    @rpc
     async def VerifyOffer(
         self, request: pb.VerifyOfferRequest, context: Context
     ) -> pb.VerifyOfferResponse:
