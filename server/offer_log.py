@@ -130,10 +130,10 @@ class OfferLog:
             self._wake.clear()
             await self.flush()
 
-    async def close(self, budget: float = 0.0) -> int:
+    async def close(self, budget: float = 0.0) -> None:
         """Stop writing in the background and flush what is queued, retrying at the interval
         for up to budget seconds while the store refuses (a shutdown during a short outage
-        must not lose offers whose tokens are out); the number of offers left unwritten."""
+        must not lose offers whose tokens are out); what is left stays ``pending``."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -142,7 +142,6 @@ class OfferLog:
         deadline = loop.time() + budget
         while not await self.flush() and loop.time() + self.interval <= deadline:
             await asyncio.sleep(self.interval)
-        return self.pending
 
     def spill(self, directory: Path) -> Path | None:
         """Move the queued offers to a new file in directory; its path (None when nothing was
