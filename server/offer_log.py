@@ -87,11 +87,7 @@ class OfferLog:
         while self._pending:
             batch = [self._pending[i] for i in range(min(BATCH, len(self._pending)))]
             try:
-                await asyncio.to_thread(self._write, batch)
-            except (DataRefused, Conflict):
-                # Not an outage: a row the store cannot take. Retried as it is, it would hold
-                # back every offer behind it for good; row by row, only the bad ones are lost.
-                await asyncio.to_thread(self._write_each, batch)
+                await asyncio.to_thread(self._store, batch)
             except (StoreError, SQLAlchemyError, OSError) as e:
                 message = str(e) if isinstance(e, StoreError) else str(self.store.unavailable(e))
                 if message != self._error:  # once per outage, not once per retry
@@ -106,6 +102,15 @@ class OfferLog:
             log.info("offer log: the store takes offers again")
             self._error = ""
         return True
+
+    def _store(self, batch: list[dict[str, Any]]) -> None:
+        """Write a batch; an outage propagates, and the caller keeps the batch."""
+        try:
+            self._write(batch)
+        except (DataRefused, Conflict):
+            # Not an outage: a row the store cannot take. Retried as it is, it would hold
+            # back every offer behind it for good; row by row, only the bad ones are lost.
+            self._write_each(batch)
 
     def _write(self, batch: list[dict[str, Any]]) -> None:
         with self.store.transaction() as session:
@@ -170,37 +175,34 @@ class OfferLog:
         """Write to the store the offers spilled to directory, deleting each file once its
         offers are stored; how many offers the files held. A file another process is replaying
         is left to it; one the store cannot take now (an outage) is kept for the next start."""
-        written = 0
-        for path in sorted(directory.glob(SPILL_PATTERN)):
+        return sum(self._replay(path) for path in sorted(directory.glob(SPILL_PATTERN)))
+
+    def _replay(self, path: Path) -> int:
+        """One spill file's offers written and the file deleted; 0 when it is left in place."""
+        try:
+            file = path.open("r", encoding="utf-8")
+        except FileNotFoundError:
+            return 0  # replayed and deleted by another worker meanwhile
+        with file:
             try:
-                file = path.open("r", encoding="utf-8")
-            except FileNotFoundError:
-                continue  # replayed and deleted by another worker meanwhile
-            with file:
-                try:
-                    fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    continue  # another worker is replaying it
-                try:
-                    rows = [_decode(line) for line in file if line.strip()]
-                except (ValueError, KeyError, TypeError) as e:
-                    log.error("offer log: %s is not a spill file, left as it is: %s", path, e)
-                    continue
-                try:
-                    for start in range(0, len(rows), BATCH):
-                        batch = rows[start : start + BATCH]
-                        try:
-                            self._write(batch)
-                        except (DataRefused, Conflict):
-                            self._write_each(batch)
-                except (StoreError, SQLAlchemyError, OSError) as e:
-                    log.error("offer log: %s kept for the next start: %s", path, e)
-                    continue
-                # Another worker may have replayed it too: the store skips offers it holds.
-                path.unlink(missing_ok=True)
-            log.info("offer log: %d spilled offers from %s written", len(rows), path)
-            written += len(rows)
-        return written
+                fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return 0  # another worker is replaying it
+            try:
+                rows = [_decode(line) for line in file if line.strip()]
+            except (ValueError, KeyError, TypeError) as e:
+                log.error("offer log: %s is not a spill file, left as it is: %s", path, e)
+                return 0
+            try:
+                for start in range(0, len(rows), BATCH):
+                    self._store(rows[start : start + BATCH])
+            except (StoreError, SQLAlchemyError, OSError) as e:
+                log.error("offer log: %s kept for the next start: %s", path, e)
+                return 0
+            # Another worker may have replayed it too: the store skips offers it holds.
+            path.unlink(missing_ok=True)
+        log.info("offer log: %d spilled offers from %s written", len(rows), path)
+        return len(rows)
 
 
 def _decode(line: str) -> dict[str, Any]:
