@@ -12,7 +12,6 @@ import logging
 
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from core.store.errors import StoreUnavailable
@@ -20,6 +19,7 @@ from discount.v1 import discount_pb2
 from server.auth import AuthInterceptor, ClientRegistry
 from server.batching import Batcher
 from server.decoding import add_discount_service
+from server.health import CappedHealth
 from server.interceptors import AccessLogInterceptor, Interceptor, RequestIdInterceptor
 from server.limits import PROBE_SLOTS, grpc_options
 from server.metrics import Metrics
@@ -61,7 +61,7 @@ class DiscountServer:
         self.metrics = metrics or Metrics()
         # Bound by start() when settings.metrics_port is set.
         self.metrics_port: int | None = None
-        self.health = HealthServicer()
+        self.health = CappedHealth(settings.max_health_watches)
         self.first_load = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
 
@@ -156,7 +156,9 @@ def create_server(settings: Settings) -> tuple[DiscountServer, int]:
     grpc_server = aio.server(
         interceptors=interceptors,
         options=grpc_options(),
-        maximum_concurrent_rpcs=settings.max_concurrent_rpcs + PROBE_SLOTS,
+        maximum_concurrent_rpcs=(
+            settings.max_concurrent_rpcs + PROBE_SLOTS + settings.max_health_watches
+        ),
     )
     store = ModelStore(
         settings.model_dir,

@@ -31,6 +31,10 @@ MAX_CONCURRENT_RPCS = 1000
 # gRPC's own cap, which counts every call, sits this many above: room for health probes, and
 # for the calls over the cap while they are being refused.
 PROBE_SLOTS = 64
+# Health Watch streams open at once (server.health); more are refused RESOURCE_EXHAUSTED.
+# gRPC's cap sits this many higher again, so open streams take no slot of a call or a probe.
+# A client channel with gRPC's client-side health checking holds one per server address.
+MAX_HEALTH_WATCHES = 256
 # Offers issued but not yet written to the store (a store outage keeps them queued). When the
 # queue is full GetOffers refuses: handing out a token whose offer might never be logged
 # would break "every offer id handed out is in the offers table".

@@ -13,7 +13,7 @@ from typing import TypeVar
 from core.offer_token import OfferKeyError, OfferKeys, load_offer_keys
 from core.store.db import DEFAULT_URL
 from server.auth import AUTH_MODES
-from server.limits import MAX_CONCURRENT_RPCS
+from server.limits import MAX_CONCURRENT_RPCS, MAX_HEALTH_WATCHES
 from server.logs import LEVELS
 from server.tls import TlsError, TlsFiles, load
 
@@ -97,6 +97,8 @@ class Settings:
     # Calls served at once per process, health checks not counted; more answer
     # RESOURCE_EXHAUSTED (server.limits).
     max_concurrent_rpcs: int = MAX_CONCURRENT_RPCS
+    # Health Watch streams open at once; more are refused RESOURCE_EXHAUSTED (server.health).
+    max_health_watches: int = MAX_HEALTH_WATCHES
     # The folder `discount-train response` wrote; None: `optimal` rules grant no discount.
     response_model_dir: Path | None = None
 

@@ -163,8 +163,8 @@ def serve() -> Iterator[Callable[..., RunningServer]]:
     """Start servers on given model dirs; all are stopped after the test."""
     started: list[RunningServer] = []
 
-    def start(model_dir: Path, poll_interval: float = 0.0) -> RunningServer:
-        running = RunningServer(model_dir, poll_interval)
+    def start(model_dir: Path, poll_interval: float = 0.0, **settings: Any) -> RunningServer:
+        running = RunningServer(model_dir, poll_interval, **settings)
         started.append(running)
         return running
 

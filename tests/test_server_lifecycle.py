@@ -25,6 +25,7 @@ from server.errors import DeviceUnavailable
 from server.model import CUDA, load_version
 from server.versions import ModelStore, ort_threads_for
 from tests.conftest import RunningServer
+from tests.offer_server import eventually
 
 SERVICE = "discount.v1.DiscountService"
 Serve = Callable[..., RunningServer]
@@ -82,6 +83,34 @@ def test_health_is_not_serving_until_a_model_loads(
     assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
     watch.cancel()
     assert running.stub.GetModelInfo(pb.GetModelInfoRequest()).model_version == version
+
+
+def test_health_watch_streams_are_capped(store: Path, serve: Serve) -> None:
+    # Health needs no token, and each open Watch holds a gRPC call slot: uncapped, a caller
+    # could hold them all and leave the port answering nobody.
+    running = serve(store, max_health_watches=2)
+    running.wait_first_load()
+    health = health_pb2_grpc.HealthStub(running.channel)
+    request = health_pb2.HealthCheckRequest(service=SERVICE)
+    watches = [health.Watch(request, timeout=30) for _ in range(2)]
+    for watch in watches:
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    with pytest.raises(grpc.RpcError) as refused:
+        next(health.Watch(request, timeout=30))
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert refused.value.details() == (
+        "2 health Watch streams open already; retry with backoff, or poll Check"
+    )
+    # The streams at their cap take nothing from probes and calls.
+    assert health.Check(request).status == health_pb2.HealthCheckResponse.SERVING
+    assert running.stub.GetModelInfo(pb.GetModelInfoRequest()).model_version
+    # A closed stream gives its slot back.
+    watches[0].cancel()
+    eventually(lambda: running.server.health.watching == 1, 10.0)
+    reopened = health.Watch(request, timeout=30)
+    assert next(reopened).status == health_pb2.HealthCheckResponse.SERVING
+    reopened.cancel()
+    watches[1].cancel()
 
 
 def test_reflection_lists_the_services(store: Path, serve: Serve) -> None:
