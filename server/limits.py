@@ -82,8 +82,14 @@ def shorten(text: str, limit: int) -> str:
     return text
 
 
-def grpc_options() -> list[tuple[str, int]]:
-    return [("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES)]
+def grpc_options(share_port: bool) -> list[tuple[str, int]]:
+    """share_port: let other processes bind the same port (SO_REUSEPORT, which gRPC sets on
+    Linux unless told not to); only --workers wants it. Left on for one process, a second
+    discountd started by mistake on the same port would bind too, and take half its calls."""
+    return [
+        ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
+        ("grpc.so_reuseport", int(share_port)),
+    ]
 
 
 # RecordEvents batches waiting for, or holding, a store-write thread. More are refused with

@@ -1,5 +1,5 @@
 """N discountd processes on one port: the kernel spreads connections over them (SO_REUSEPORT,
-which grpc sets on Linux), so Python's per-call work runs on every core.
+which gRPC sets on Linux when told to), so Python's per-call work runs on every core.
 
 The parent forks before any gRPC object exists (gRPC's core does not survive a fork once
 started), then only relays signals: SIGHUP to every worker, SIGTERM/SIGINT to every worker
@@ -35,9 +35,9 @@ RELAYED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 def supervise(settings: Settings, serve: Serve) -> int:
     """Fork settings.workers processes running serve; the exit code: 0 when all drained."""
     try:
-        port = settings.port or _free_port(settings.host)
+        port = _unowned_port(settings.host, settings.port)
     except OSError as e:  # as serve() reports a port it cannot bind
-        print(f"discountd: cannot listen on {settings.host}:0: {e}", file=sys.stderr)
+        print(f"discountd: cannot listen on {settings.host}:{settings.port}: {e}", file=sys.stderr)
         return 1
     children: dict[int, int] = {}
     stopping = False
@@ -123,9 +123,14 @@ def _signal(pid: int, sig: int) -> None:
         os.kill(pid, sig)
 
 
-def _free_port(host: str) -> int:
-    """A port for all workers when --port is 0 (they cannot each pick one)."""
+def _unowned_port(host: str, port: int) -> int:
+    """The port for all workers, checked to be no other process's; 0 picks one (the workers
+    cannot each pick one). The workers share it with SO_REUSEPORT, which would as well let them
+    join another discountd already on it, so the check binds without: another service's
+    listener, shared or not, refuses it."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
+        # A previous run's connections in TIME_WAIT own nothing; gRPC binds past them too.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
         return int(probe.getsockname()[1])

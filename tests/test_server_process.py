@@ -80,8 +80,8 @@ class Discountd:
         self.lines: queue.Queue[str] = queue.Queue()
         self.log: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
-        port = int(self.wait_for(r"listening on 127\.0\.0\.1:(\d+)").group(1))
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        self.port = int(self.wait_for(r"listening on 127\.0\.0\.1:(\d+)").group(1))
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
         self.stub = pb_grpc.DiscountServiceStub(self.channel)
 
     def _read(self) -> None:
@@ -307,6 +307,23 @@ def test_a_metrics_port_in_use_exits_1_in_one_line(store: Path, db_url: str) -> 
     assert result.returncode == 1
     assert "discountd: cannot serve metrics on 127.0.0.1:" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_port_another_discountd_serves_is_refused(
+    start: type[Discountd], store: Path, db_url: str
+) -> None:
+    # gRPC sets SO_REUSEPORT unless told not to, and the kernel would then let a second server
+    # bind the same port and take half its calls, with its own model and keys.
+    running = start()
+    for workers in ("1", "2"):
+        result = _exiting(
+            "--model-dir", str(store), "--host", "127.0.0.1", "--port", str(running.port),
+            "--device", "cpu", "--db-url", db_url, "--workers", workers,
+        )  # fmt: skip
+        assert result.returncode == 1, result.stderr
+        assert f"discountd: cannot listen on 127.0.0.1:{running.port}: " in result.stderr
+        assert "Traceback" not in result.stderr
+    assert running.stub.GetModelInfo(pb.GetModelInfoRequest()).model_version
 
 
 def test_a_worker_that_fails_is_reported_not_silent(tmp_path: Path) -> None:
