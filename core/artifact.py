@@ -155,6 +155,11 @@ def load_manifest(version_dir: Path, verify: bool = True) -> Manifest:
         raise ArtifactError(f"{version_dir}: no {MANIFEST}; not a model version") from None
     except (OSError, ValueError) as e:
         raise ArtifactError(f"{path}: unreadable manifest: {e}") from None
+    if isinstance(raw, dict) and raw.get("kind") == "response":
+        raise ArtifactError(
+            f"{version_dir}: a response model (`discount-train response`), not a model version "
+            "of `discount-train fit`; discountd takes it as --response-model-dir"
+        )
     try:
         manifest = Manifest(
             version=str(raw["version"]),

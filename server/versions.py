@@ -81,7 +81,7 @@ class ModelStore:
             try:
                 target = current_version_dir(self.model_dir)
             except (ArtifactError, OSError, ValueError) as e:  # also an unreadable CURRENT
-                self._fail(str(e))
+                self._fail(str(e), force)
                 return False
             unchanged = self.current is not None and self.current.path == target
             if not force and (unchanged or target == self._refused):
@@ -90,7 +90,7 @@ class ModelStore:
                 model, threads = await asyncio.to_thread(self._load, target)
             except (ArtifactError, DeviceUnavailable) as e:
                 self._refused = target
-                self._fail(f"refused {target.name}: {e}")
+                self._fail(f"refused {target.name}: {e}", force)
                 return False
             except Exception as e:
                 # Sealed files with content the loader did not expect (items.json without a
@@ -99,7 +99,7 @@ class ModelStore:
                 # the SIGTERM drain. The traceback tells which of the two it was.
                 log.exception("loading %s failed", target.name)
                 self._refused = target
-                self._fail(f"refused {target.name}: malformed version ({e!r})")
+                self._fail(f"refused {target.name}: malformed version ({e!r})", force)
                 return False
             previous, self.current = self.current, model
             self._refused, self.last_error = None, None
@@ -124,8 +124,10 @@ class ModelStore:
         )
         return load_version(target, self.device, threads, self.facts), threads
 
-    def _fail(self, message: str) -> None:
-        if message != self.last_error:
+    def _fail(self, message: str, asked: bool) -> None:
+        # The poller repeats a failure every few seconds: logged once. A reload someone asked
+        # for (SIGHUP) is answered every time, or a retry that fails the same way looks ignored.
+        if asked or message != self.last_error:
             serving = self.current.version if self.current else "nothing"
             log.error("%s; still serving %s", message, serving)
         self.last_error = message

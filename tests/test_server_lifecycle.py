@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable
@@ -200,6 +201,12 @@ def items_without_categories(version: Path) -> None:
     seal(version, load_manifest(version, verify=False))
 
 
+def a_response_model(version: Path) -> None:
+    """The folder `discount-train response` writes, named as a model version by mistake."""
+    manifest = json.loads((version / "manifest.json").read_text())
+    (version / "manifest.json").write_text(json.dumps({**manifest, "kind": "response"}))
+
+
 @pytest.mark.parametrize(
     ("break_it", "reason"),
     [
@@ -210,6 +217,7 @@ def items_without_categories(version: Path) -> None:
         (unlisted_user_features, "user_features.json not listed in the manifest"),
         (items_without_categories, "malformed version (KeyError('category'))"),
         (format_1, "format_version 1, this build reads 2; train and export it again"),
+        (a_response_model, "discountd takes it as --response-model-dir"),
     ],
 )
 def test_a_broken_version_is_refused_and_the_old_one_keeps_serving(
@@ -237,6 +245,26 @@ def test_a_broken_version_is_refused_and_the_old_one_keeps_serving(
     assert running.stub.GetModelInfo(pb.GetModelInfoRequest()).model_version == (
         flipped_version.name
     )
+
+
+def test_a_reload_asked_for_that_fails_again_is_logged_again(
+    store: Path, flipped_version: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    models = ModelStore(store, "cpu", 1)
+    broken = add_version(store, flipped_version, "20991231-000000-broken")
+    flip_a_byte(broken)
+
+    async def poll_twice_then_sighup() -> None:
+        assert await models.reload()
+        set_current(store, broken.name)
+        for force in (False, False, True):
+            assert await models.reload(force=force) is False
+
+    with caplog.at_level(logging.ERROR, logger="server.versions"):
+        asyncio.run(poll_twice_then_sighup())
+    # The poller's repeat is not logged; the operator's retry is, or it looks ignored.
+    refusals = [r for r in caplog.records if "refused 20991231-000000-broken" in r.message]
+    assert len(refusals) == 2
 
 
 def test_cuda_is_used_or_refused_never_silently_replaced(model_store: Path) -> None:
