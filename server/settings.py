@@ -280,6 +280,9 @@ Number = TypeVar("Number", int, float)
 
 
 def _number(text: str | None, kind: type[Number]) -> Number | None:
+    # int() and float() read "1_0000" as 10000: a typo more likely than a way to write a port.
+    if text is not None and "_" in text:
+        return None
     try:
         value = kind(text) if text is not None else None
     except ValueError:

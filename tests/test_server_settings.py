@@ -141,6 +141,14 @@ def test_seconds_that_are_not_finite_are_refused(tmp_path: Path, text: str) -> N
         assert f"DISCOUNT_{name}: {text!r}" in str(raised.value)
 
 
+def test_numbers_with_underscores_are_refused(tmp_path: Path) -> None:
+    flags = {"model_dir": str(tmp_path), "port": "1_0000", "grace": "1_0"}
+    with pytest.raises(SettingsError) as raised:
+        resolve(flags, env=KEY, insecure=True)
+    assert "DISCOUNT_GRPC_PORT: '1_0000'" in str(raised.value)
+    assert "DISCOUNT_SHUTDOWN_GRACE: '1_0'" in str(raised.value)
+
+
 def test_each_workers_metrics_port_must_be_a_port(tmp_path: Path) -> None:
     flags = {"model_dir": str(tmp_path), "metrics_port": "65535", "workers": "2"}
     with pytest.raises(SettingsError, match="65535 \\+ 2 workers passes port 65535"):
