@@ -353,6 +353,29 @@ def test_a_sale_recorded_as_a_redemption_counts_as_bought() -> None:
     )
 
 
+def test_events_that_join_no_offer_are_named_not_counted_as_no_purchases() -> None:
+    offers, events = _logs(users=50)
+    sold = int(events["type"].isin(("purchase", "redemption")).sum())
+    with pytest.raises(
+        ResponseError,
+        match=rf"no purchase or redemption event names a logged offer \({sold:,} such events "
+        rf"of {len(events):,}, {len(offers):,} offers\)",
+    ):
+        from_logs(offers, events.assign(offer_id="x" + events["offer_id"]), 0)
+
+
+def test_event_types_are_read_as_record_events_names_them() -> None:
+    """The store writes "purchase"; RecordEvents' enum says EVENT_TYPE_PURCHASE."""
+    offers, events = _logs(users=50)
+    expected = from_logs(offers, events, 0).data.bought
+    for spelled in (events["type"].str.upper(), "EVENT_TYPE_" + events["type"].str.upper()):
+        np.testing.assert_array_equal(
+            from_logs(offers, events.assign(type=spelled), 0).data.bought, expected
+        )
+    with pytest.raises(ResponseError, match=r"events: 2 of [\d,]+ rows have a type that is not"):
+        from_logs(offers, events.assign(type=events["type"].where(events.index > 1, "sold")), 0)
+
+
 def test_cli_simulates_fits_and_exports(tmp_path: Path) -> None:
     runner = CliRunner()
     out = runner.invoke(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 import pytest
@@ -127,3 +129,75 @@ def test_a_failed_export_check_is_one_line(
         "Error: the trained model failed its export check (score.onnx differs"
     )
     assert "Traceback" not in result.output
+
+
+def test_an_out_that_is_a_file_is_refused_in_one_line(shop: list[str], tmp_path: Path) -> None:
+    """Exit 1 like every other unwritable --out (TRAINING.md), not click's usage error."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = fit(shop, blocker)
+    assert result.exit_code == 1
+    assert (
+        result.output
+        == f"Error: {blocker}: cannot write the model ({blocker} is a file, not a folder)\n"
+    )
+
+
+def test_a_report_under_a_file_names_the_file(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = CliRunner().invoke(
+        main, ["evaluate-policy", "--json", str(blocker / "x.json"), "--seeds", "1"]
+    )
+    assert result.exit_code == 1
+    assert (
+        result.output
+        == f"Error: {blocker}: cannot write x.json ({blocker} is a file, not a folder)\n"
+    )
+
+
+def _dates_only_shop(folder: Path, days: int) -> list[str]:
+    """Each of 60 shoppers buys a new item every day; timestamps are dates only."""
+    folder.mkdir()
+    rows = [f"u{u},i{(u + d) % 18},2024-03-{d + 1:02d}\n" for d in range(days) for u in range(60)]
+    (folder / "i.csv").write_text("user_id,item_id,timestamp\n" + "".join(rows))
+    (folder / "items.csv").write_text("item_id,price\n" + "".join(f"i{i},5\n" for i in range(18)))
+    return ["--interactions", str(folder / "i.csv"), "--items", str(folder / "items.csv")]
+
+
+def _manifest(result: Result) -> dict[str, Any]:
+    version = json.loads(result.stdout.strip().splitlines()[-1])["version_dir"]
+    return json.loads((Path(version) / "manifest.json").read_text())
+
+
+TWO = ("--factors", "4", "--epochs", "2", "--alpha", "1", "--confidence-offset", "1",
+       "--regularization", "10", "--regularization", "30")  # fmt: skip
+
+
+def test_dates_only_data_is_validated_and_compares_every_candidate(tmp_path: Path) -> None:
+    """The last day holds a seventh of the rows, so the hold-out is one day long: the validation
+    window before it must still hold a day, or fit trains blind on the first candidate."""
+    result = fit(_dates_only_shop(tmp_path / "shop", days=7), tmp_path / "m", *TWO)
+    assert result.exit_code == 0, result.output
+    assert "validation: global time split at 2024-03-06 00:00 UTC, 60 users" in result.output
+    manifest = _manifest(result)
+    assert manifest["training"]["candidates"] == [
+        "ials: factors=4 regularization=10 alpha=1 confidence_offset=1",
+        "ials: factors=4 regularization=30 alpha=1 confidence_offset=1",
+    ]
+    assert manifest["training"]["chosen_by"] == "best validation NDCG@10"
+    assert "loses_to_popularity" in manifest["metrics"]
+
+
+def test_training_blind_says_which_candidate_and_claims_no_comparison(tmp_path: Path) -> None:
+    """Two days of dates: the validation window is the first day, with no history before it."""
+    result = fit(_dates_only_shop(tmp_path / "shop", days=2), tmp_path / "m", *TWO)
+    assert result.exit_code == 0, result.output
+    assert (
+        "; training 2 epochs blind with the first candidate given, ials: factors=4 "
+        "regularization=10 alpha=1 confidence_offset=1; 1 other candidate(s) not tried"
+    ) in result.output
+    training = _manifest(result)["training"]
+    assert training["candidates"] == []
+    assert training["chosen_by"] == "first of 2 candidates given, untested: no validation users"
+    assert training["regularization"] == 10.0

@@ -8,12 +8,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 from trainer.cli import main
 from trainer.data import DataError, load_files, load_movielens, load_online_retail
 
 ITEMS = "item_id,title,category,price,cost\n007,Seven,kitchen,10.0,6.0\n7,Plain seven,garden,4.0,\n"
+T = 1704164645  # 2024-01-02T03:04:05Z in Unix seconds
 
 
 def write(path: Path, text: str) -> Path:
@@ -44,7 +45,7 @@ def test_ids_keep_leading_zeros_and_both_timestamp_forms(tmp_path: Path) -> None
 
 def test_parquet_reads_like_csv(tmp_path: Path) -> None:
     pd.DataFrame(
-        {"user_id": ["001", "002"], "item_id": ["007", "007"], "timestamp": [1, 2]}
+        {"user_id": ["001", "002"], "item_id": ["007", "007"], "timestamp": [T, T + 1]}
     ).to_parquet(tmp_path / "i.parquet")
     pd.DataFrame({"item_id": ["007"], "price": [3.5]}).to_parquet(tmp_path / "items.parquet")
     ds = load_files(tmp_path / "i.parquet", tmp_path / "items.parquet").dataset
@@ -68,10 +69,10 @@ def test_unusable_rows_are_dropped_and_counted(tmp_path: Path) -> None:
     assert loaded.rows_read == 6
     assert loaded.dataset.interactions.event == ["view"]
     assert loaded.dropped == {
-        "empty user_id": 1,
+        "missing user_id (empty, NULL, None, NaN, NA or N/A)": 1,
         "timestamp neither ISO 8601 nor Unix seconds": 1,
         "event not one of purchase, view, click, cart": 1,
-        "quantity not a positive number": 1,
+        "quantity not a positive whole number": 1,
         "item_id not in the items file": 1,
     }
 
@@ -90,12 +91,12 @@ def test_out_of_range_timestamps_and_quantities_are_dropped_not_overflowed(
         "u1,007,1704164645,inf\n"
         "u1,007,1704164645,1e30\n"
         "u1,007,1704164645,0.3\n"
-        "u1,7,1704164645,1.6\n",
+        "u1,7,1704164645,2.0\n",
     )
     loaded = load_files(inter, write(tmp_path / "items.csv", ITEMS))
     assert loaded.dropped == {
         "timestamp neither ISO 8601 nor Unix seconds": 3,
-        "quantity not a positive number": 3,
+        "quantity not a positive whole number": 3,
     }
     assert loaded.dataset.interactions.timestamp.tolist() == [1704164645, 1704164645]
     assert loaded.dataset.interactions.quantity.tolist() == [1, 2]
@@ -107,7 +108,7 @@ def test_ids_the_store_cannot_hold_are_dropped(tmp_path: Path) -> None:
     long_id = "u" * 129
     inter = write(
         tmp_path / "i.csv",
-        f"user_id,item_id,timestamp\nu1,007,1\n{long_id},007,2\nu\x01x,007,3\nu2,bad\x02,4\n",
+        f"user_id,item_id,timestamp\nu1,007,{T}\n{long_id},007,{T}\nu\x01x,007,{T}\nu2,bad\x02,{T}\n",
     )
     items = write(tmp_path / "items.csv", f"{ITEMS}bad\x02,B,garden,3.0,1.0\n{'i' * 129},I,,1.0,\n")
     loaded = load_files(inter, items)
@@ -124,7 +125,7 @@ def test_item_prices_must_be_finite_and_bad_costs_are_assumed(tmp_path: Path) ->
         tmp_path / "items.csv",
         "item_id,price,cost\nfree,inf,1\na,10,inf\nb,10,-4\nc,10,6\n",
     )
-    inter = write(tmp_path / "i.csv", "user_id,item_id,timestamp\nu1,a,1\nu1,b,2\nu1,c,3\n")
+    inter = write(tmp_path / "i.csv", f"user_id,item_id,timestamp\nu1,a,{T}\nu1,b,{T}\nu1,c,{T}\n")
     loaded = load_files(inter, items)
     assert loaded.dropped == {"items: price missing, not a number or negative": 1}
     catalog = loaded.dataset.catalog
@@ -206,26 +207,26 @@ def test_broken_movielens_files_are_data_errors(
     [
         ("user_id,item_id\nu1,007\n", ITEMS, "i.csv: missing column(s) timestamp"),
         ("user_id,item_id,timestamp\n", ITEMS, "i.csv: no usable interaction rows"),
-        ("user_id,item_id,timestamp\nu1,404,1\n", ITEMS, "i.csv: no usable interaction rows"),
+        (f"user_id,item_id,timestamp\nu1,404,{T}\n", ITEMS, "i.csv: no usable interaction rows"),
         (
-            "user_id,item_id,timestamp\nu1,007,1\n",
+            f"user_id,item_id,timestamp\nu1,007,{T}\n",
             "item_id,title\n007,x\n",
             "missing column(s) price",
         ),
         (
-            "user_id,item_id,timestamp\nu1,007,1\n",
+            f"user_id,item_id,timestamp\nu1,007,{T}\n",
             "item_id,price\n007,free\n",
             "no usable item rows",
         ),
         ('user_id,item_id,timestamp\n"u1,007,1\n', ITEMS, "i.csv: unreadable as CSV or Parquet"),
         (
-            "user_id,item_id,timestamp\nu1,007,yesterday\nu1,404,1\n",
+            f"user_id,item_id,timestamp\nu1,007,yesterday\nu1,404,{T}\n",
             ITEMS,
             "i.csv: no usable interaction rows after cleaning (dropped: 1 timestamp neither "
             "ISO 8601 nor Unix seconds; 1 item_id not in the items file)",
         ),
         (
-            "user_id,item_id,timestamp\nu1,007,1\n",
+            f"user_id,item_id,timestamp\nu1,007,{T}\n",
             "item_id,price\n007,-1\n",
             "no usable item rows (dropped: 1 items: price missing, not a number or negative)",
         ),
@@ -283,3 +284,143 @@ def test_data_error_names_the_file(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"retail\.csv: missing column\(s\) CustomerID"):
         load_online_retail(write(tmp_path / "retail.csv", "InvoiceNo,StockCode,Description,"
                                  "Quantity,InvoiceDate,UnitPrice\n"))  # fmt: skip
+
+
+def fit_cli(tmp_path: Path, interactions: Path, items: Path, *extra: str) -> Result:
+    return CliRunner().invoke(
+        main,
+        ["fit", "--interactions", str(interactions), "--items", str(items),
+         "--out", str(tmp_path / "m"), *extra],
+    )  # fmt: skip
+
+
+def test_basic_iso_dates_are_dates_and_numbers_before_1990_are_no_unix_seconds(
+    tmp_path: Path,
+) -> None:
+    """20260708 as Unix seconds lands in August 1970 without a word; any Unix seconds before 1990
+    are more likely days, a year or a row number. MovieLens' 1997 seconds are still seconds."""
+    inter = write(
+        tmp_path / "i.csv",
+        "user_id,item_id,timestamp\n"
+        "u1,007,20260708\n"
+        "u2,007,881250949\n"
+        "u3,007,2024\n"
+        "u4,007,-86400\n"
+        "u5,007,20261340\n",  # no valid date: as seconds, 1970
+    )
+    loaded = load_files(inter, write(tmp_path / "items.csv", ITEMS))
+    assert loaded.dataset.user_ids == ["u1", "u2"]
+    assert sorted(loaded.dataset.interactions.timestamp.tolist()) == [
+        881250949,
+        int(pd.Timestamp("2026-07-08", tz="UTC").timestamp()),
+    ]
+    assert loaded.dropped == {
+        "timestamp a number before 1990 as Unix seconds (days, a year, a row number?)": 3
+    }
+
+
+def test_parquet_float_ids_are_whole_numbers_or_refused(tmp_path: Path) -> None:
+    """pandas stores an integer column with a null as floats: 17 must not become "17.0"."""
+    pd.DataFrame(
+        {"user_id": [17.0, None, 18.0], "item_id": [7, 7, 7], "timestamp": [T, T, T]}
+    ).to_parquet(tmp_path / "i.parquet")
+    pd.DataFrame({"item_id": [7.0, 8.0], "price": [3.5, 1.0]}).to_parquet(tmp_path / "it.parquet")
+    loaded = load_files(tmp_path / "i.parquet", tmp_path / "it.parquet")
+    assert loaded.dataset.user_ids == ["17", "18"]
+    assert loaded.dataset.catalog.item_ids == ["7", "8"]
+    assert loaded.dropped == {"missing user_id (empty, NULL, None, NaN, NA or N/A)": 1}
+    pd.DataFrame({"user_id": ["a"], "item_id": [7.5], "timestamp": [T]}).to_parquet(
+        tmp_path / "bad.parquet"
+    )
+    result = fit_cli(tmp_path, tmp_path / "bad.parquet", tmp_path / "it.parquet")
+    assert result.exit_code == 1
+    assert result.output == (
+        f"Error: {tmp_path / 'bad.parquet'}: column item_id holds ids that are not whole "
+        "numbers (e.g. 7.5); write ids as text or integers\n"
+    )
+
+
+def test_paid_prices_that_are_no_prices_are_replaced_and_counted(tmp_path: Path) -> None:
+    inter = write(
+        tmp_path / "i.csv",
+        "user_id,item_id,timestamp,price\n"
+        + "".join(f"u{n},007,{T},{price}\n" for n, price in enumerate(
+            ["nan", "-5", "inf", "abc", "", " ", "9.5"]
+        )),
+    )  # fmt: skip
+    loaded = load_files(inter, write(tmp_path / "items.csv", ITEMS))
+    assert loaded.dropped == {}
+    assert loaded.changed == {
+        "paid prices that are not numbers ≥ 0, replaced by the catalog price": 4
+    }
+    assert (
+        "  changed        4  paid prices that are not numbers ≥ 0, replaced by the catalog price"
+        in loaded.summary_lines()
+    )
+    price = loaded.dataset.interactions.price
+    assert np.isnan(price[:6]).all() and price[6] == 9.5
+
+
+def test_exact_duplicates_and_fractional_quantities_are_dropped(tmp_path: Path) -> None:
+    """A copied line doubles a purchase's weight and its lifetime value; 2.5 units is no count."""
+    inter = write(
+        tmp_path / "i.csv",
+        "user_id,item_id,timestamp,quantity\n"
+        f"u1,007,{T},2\n"
+        f"u1,007,{T},2\n"
+        f"u1,007,{T + 1},2\n"
+        f"u2,007,{T},2.5\n",
+    )
+    loaded = load_files(inter, write(tmp_path / "items.csv", ITEMS))
+    assert loaded.dropped == {
+        "exact duplicate rows": 1,
+        "quantity not a positive whole number": 1,
+    }
+    assert loaded.dataset.interactions.quantity.tolist() == [2, 2]
+
+
+def test_interactions_of_items_dropped_for_their_price_say_so(tmp_path: Path) -> None:
+    items = write(tmp_path / "items.csv", "item_id,price\nfree,-1\na,10\n")
+    inter = write(
+        tmp_path / "i.csv", f"user_id,item_id,timestamp\nu1,a,{T}\nu1,free,{T}\nu1,b,{T}\n"
+    )
+    loaded = load_files(inter, items)
+    assert loaded.dropped == {
+        "items: price missing, not a number or negative": 1,
+        "item dropped from the items file (bad price)": 1,
+        "item_id not in the items file": 1,
+    }
+
+
+@pytest.mark.parametrize("null", ["NULL", "None", "nan", "NaN", "null", "NA", " n/a ", "N/A"])
+def test_null_markers_are_missing_ids_not_one_big_shopper(tmp_path: Path, null: str) -> None:
+    inter = write(
+        tmp_path / "i.csv",
+        f"user_id,item_id,timestamp\n{null},007,{T}\n{null},7,{T}\nu1,{null},{T}\nu1,7,{T}\n",
+    )
+    items = write(tmp_path / "items.csv", f"{ITEMS}{null},Null,,1.0,\n")
+    loaded = load_files(inter, items)
+    assert loaded.dataset.user_ids == ["u1"]
+    assert loaded.dropped == {
+        "items: missing item_id (empty, NULL, None, NaN, NA or N/A)": 1,
+        "missing user_id (empty, NULL, None, NaN, NA or N/A)": 2,
+        "missing item_id (empty, NULL, None, NaN, NA or N/A)": 1,
+    }
+
+
+def test_online_retail_with_no_usable_row_says_what_was_dropped(tmp_path: Path) -> None:
+    """US-format dates fail every row: the error says so rather than only "nothing left"."""
+    path = write(
+        tmp_path / "retail.csv",
+        OR_HEADER + "536365,85123A,WHITE HANGING HEART,6,12/1/2010 8:26,2.55,17850.0,UK\n",
+    )
+    result = CliRunner().invoke(
+        main,
+        ["fit", "--format", "online-retail", "--interactions", str(path),
+         "--out", str(tmp_path / "m")],
+    )  # fmt: skip
+    assert result.exit_code == 1
+    assert result.output == (
+        f"Error: {path}: no usable purchase rows after cleaning (dropped: 1 unparseable "
+        "InvoiceDate)\n"
+    )

@@ -81,10 +81,24 @@ def test_time_split_relevance_rules() -> None:
     assert split.train.nnz == 3
     # Training items are excluded from the ranking: user 0 gets 2, 3 and never 0 or 1.
     assert top_k(popularity_scorer(split.train), np.array([0]), split.train, 2).tolist() == [[2, 3]]
-    # The validation window (7..10) is as long as the hold-out (10..13) and just before it.
+    # The validation window is as long as the hold-out (10..13) and just before it, but 7..10
+    # holds no interaction: it reaches back to the last one before the hold-out, at 3.
     inner = Protocol("time", cutoff=10).inner(ds, split)
-    assert inner.train_rows.tolist() == [True, True, False, False, False, True, False]
+    assert inner.train_rows.tolist() == [True, True, False, False, False, False, False]
     assert inner.eval_users.tolist() == []
+
+
+def test_dates_only_still_leave_a_validation_window() -> None:
+    """When the last day holds a tenth of the rows or more, the hold-out is that one day: a
+    window of length zero, and a validation window as long held nothing."""
+    day = 86_400
+    rows = [(u, (u + d) % 7, d * day) for d in range(7) for u in range(10)]  # a new item a day
+    ds = shop(rows, n_users=10, n_items=7)
+    hold = Protocol("time").split(ds)
+    assert hold.description == "global time split at 1970-01-07 00:00 UTC"
+    inner = Protocol("time").inner(ds, hold)
+    assert inner.description == "global time split at 1970-01-06 00:00 UTC"
+    assert len(inner.eval_users) == 10
 
 
 def test_user_last_fraction_holds_out_at_least_one_per_user() -> None:

@@ -151,3 +151,27 @@ def test_cli_names_a_missing_data_file(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["uplift", "--data", str(tmp_path / "none.csv")])
     assert result.exit_code == 1
     assert "none.csv: not found" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "unreadable as CSV (No columns to parse from file)"),
+        (",".join(_hillstrom_like(1, 0).columns) + "\n", "a header and no customers"),
+        (
+            _hillstrom_like(4, 0).assign(history=["1.5", "abc", "2", ""]).to_csv(index=False),
+            "2 row(s) where history is missing or not a number, e.g. line 3; fix or drop them",
+        ),
+        (
+            _hillstrom_like(3, 0).assign(visit=[0, 1, 2]).to_csv(index=False),
+            "1 row(s) where visit is not 0 or 1, e.g. line 4; fix or drop them",
+        ),
+    ],
+)
+def test_cli_refuses_a_broken_file_in_one_line(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "hillstrom.csv"
+    path.write_text(text)
+    result = CliRunner().invoke(main, ["uplift", "--data", str(path), "--epochs", "1"])
+    assert result.exit_code == 1
+    assert result.output.startswith(f"Error: {path}: ") and result.output.count("\n") == 1
+    assert message in result.output

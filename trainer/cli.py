@@ -80,7 +80,8 @@ def synth(out: Path, users: int, items: int, seed: int) -> None:
     help="interactions file (online-retail, movielens: defaults to the shared dataset)",
 )
 @click.option("--items", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+# No file_okay=False: a file in the way is an unwritable --out, exit 1 like the others, not 2.
+@click.option("--out", type=click.Path(path_type=Path), required=True)
 @click.option("--objective", type=click.Choice(OBJECTIVES), default=ModelConfig.objective)
 @click.option(
     "--factors", type=click.IntRange(min=1), default=ModelConfig.factors, show_default=True

@@ -35,7 +35,10 @@ def ensure_writable(folder: Path, what: str) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         Path(tempfile.mkdtemp(prefix=".probe-", dir=folder)).rmdir()
     except OSError as e:
-        raise click.ClickException(f"{folder}: cannot write {what} ({e.strerror or e})") from None
+        # mkdir says "File exists" or "Not a directory" without saying which path is the file.
+        file = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+        reason = f"{file} is a file, not a folder" if file else e.strerror or str(e)
+        raise click.ClickException(f"{folder}: cannot write {what} ({reason})") from None
 
 
 def _writable(*paths: Path | None) -> None:

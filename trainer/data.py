@@ -22,6 +22,10 @@ EVENTS = ("purchase", "view", "click", "cart")
 INTERACTION_COLUMNS = ("user_id", "item_id", "timestamp")
 ITEM_COLUMNS = ("item_id", "price")
 MAX_QUANTITY = 2**53  # larger quantities are not whole numbers in float64, nor sane ones
+# What databases and pandas write for a null: an id like that is no id. Guest checkouts exported
+# as "NULL" would otherwise merge into one enormous shopper.
+NULL_IDS = frozenset({"", "null", "none", "nan", "na", "n/a"})
+BAD_PAID_PRICE = "paid prices that are not numbers ≥ 0, replaced by the catalog price"
 
 ONLINE_RETAIL = (
     Path(__file__).resolve().parents[2] / "shared/datasets/online-retail/online_retail.csv.gz"
@@ -51,6 +55,7 @@ class Loaded:
     dropped: dict[str, int]
     default_margin: float
     notes: tuple[str, ...] = field(default_factory=tuple)
+    changed: dict[str, int] = field(default_factory=dict)  # rows kept with a value replaced
 
     def summary(self) -> dict[str, Any]:
         catalog = self.dataset.catalog
@@ -58,6 +63,7 @@ class Loaded:
             "sources": [str(p) for p in self.sources],
             "rows_read": self.rows_read,
             "dropped": dict(self.dropped),
+            "changed": dict(self.changed),
             "rows_kept": len(self.dataset.interactions.user_index),
             "users": len(self.dataset.user_ids),
             "items": len(catalog),
@@ -70,6 +76,7 @@ class Loaded:
         s = self.summary()
         lines = [f"read {s['rows_read']:,} rows from {', '.join(s['sources'])}"]
         lines += [f"  dropped {n:>8,}  {reason}" for reason, n in s["dropped"].items()]
+        lines += [f"  changed {n:>8,}  {reason}" for reason, n in s["changed"].items()]
         lines.append(
             f"kept {s['rows_kept']:,} interactions: {s['users']:,} users, {s['items']:,} items"
         )
@@ -82,8 +89,9 @@ class Loaded:
         return lines
 
 
-def read_table(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
-    """A CSV (optionally gzipped) or Parquet file with every column as a string."""
+def read_table(path: Path, required: tuple[str, ...], ids: tuple[str, ...] = ()) -> pd.DataFrame:
+    """A CSV (optionally gzipped) or Parquet file with every column as a string; ids names the
+    id columns, which a Parquet file may hold as numbers."""
     if path.is_dir():
         raise DataError(f"{path}: is a directory; expected a CSV or Parquet file")
     if not path.is_file():
@@ -91,7 +99,8 @@ def read_table(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
     try:
         if path.suffix == ".parquet":
             frame = pd.read_parquet(path)
-            frame = frame.astype(str).where(frame.notna(), "")
+            for name in frame.columns:
+                frame[name] = _parquet_text(frame[name], path, str(name).strip() in ids)
         else:
             frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[])
     except (OSError, ValueError, UnicodeDecodeError, pd.errors.ParserError) as e:
@@ -107,23 +116,47 @@ def read_table(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
     return frame
 
 
+def _parquet_text(column: pd.Series, path: Path, is_id: bool) -> pd.Series:
+    """A Parquet column as the text a CSV would hold: "" for a null."""
+    if is_id and pd.api.types.is_float_dtype(column):
+        # pandas turns an integer column with one null into floats: id 17 must stay "17".
+        given = column.dropna()
+        fraction = given[(given % 1 != 0) | (given.abs() > MAX_QUANTITY)]
+        if len(fraction):
+            raise DataError(
+                f"{path}: column {column.name} holds ids that are not whole numbers "
+                f"(e.g. {fraction.iloc[0]}); write ids as text or integers"
+            )
+        column = column.astype("Int64")
+    return column.astype(str).where(column.notna(), "")
+
+
 # Unix seconds a pandas Timestamp can hold (years 1677-2262), as ISO 8601 text can give. Beyond
 # them lie "inf" and Unix milliseconds, which would overflow int64 or every date computed later.
 MAX_UNIX_SECONDS = pd.Timestamp.max.value // 10**9
+# Unix seconds before 1990 predate nearly every shop's records: such a number is more likely a
+# day count, a year or a row number than a time.
+EARLIEST_UNIX_SECONDS = int(pd.Timestamp("1990-01-01", tz="UTC").timestamp())
+EARLY_TIMESTAMP = "timestamp a number before 1990 as Unix seconds (days, a year, a row number?)"
 
 
-def parse_timestamps(values: pd.Series) -> pd.Series:
-    """Unix seconds from Unix seconds or ISO 8601 text (naive means UTC); NaN where neither."""
+def parse_timestamps(values: pd.Series) -> tuple[pd.Series, pd.Series]:
+    """Unix seconds from ISO 8601 text (naive means UTC, 20240131 a date) or Unix seconds; NaN
+    where neither. The mask marks the numbers refused as Unix seconds before 1990 (NaN too)."""
     values = values.str.strip()
-    numeric = pd.to_numeric(values, errors="coerce")
-    numeric = numeric.where(numeric.abs() <= MAX_UNIX_SECONDS)
-    text = values[numeric.isna()]
+    # 20240131 is both a number and an ISO 8601 basic date; as Unix seconds it is August 1970.
+    eight_digits = values.where(values.str.fullmatch(r"\d{8}"))
+    basic = pd.to_datetime(eight_digits, format="%Y%m%d", errors="coerce").notna()
+    numeric = pd.to_numeric(values.where(~basic), errors="coerce")
+    numeric = numeric.where(numeric.abs() <= MAX_UNIX_SECONDS).astype("float64")
+    early = numeric < EARLIEST_UNIX_SECONDS
+    numeric[early] = np.nan
+    text = values[numeric.isna() & ~early]
     if len(text):
         parsed = pd.to_datetime(text, errors="coerce", utc=True, format="ISO8601")
         seconds = (parsed - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)
-        numeric = numeric.astype("float64")
         numeric[text.index] = seconds.astype("float64").where(parsed.notna(), np.nan)
-    return numeric.astype("float64")
+    return numeric, early
 
 
 class _Drops:
@@ -143,6 +176,14 @@ class _Drops:
 UNSTORABLE_ID = f"longer than {ID_LENGTH} characters or with control characters"
 
 
+def _missing(ids: pd.Series) -> pd.Series:
+    return ids.str.lower().isin(NULL_IDS)
+
+
+def _missing_reason(column: str) -> str:
+    return f"missing {column} (empty, NULL, None, NaN, NA or N/A)"
+
+
 def _unstorable(ids: pd.Series) -> pd.Series:
     """Ids the store's columns cannot hold: discountd would log their offers and events into
     a table that refuses them (PostgreSQL, for a NUL or past the column's width)."""
@@ -151,15 +192,15 @@ def _unstorable(ids: pd.Series) -> pd.Series:
 
 def load_files(interactions: Path, items: Path, default_margin: float = DEFAULT_MARGIN) -> Loaded:
     """Interactions and items in the DESIGN.md columns."""
-    catalog_frame = read_table(items, ITEM_COLUMNS)
+    catalog_frame = read_table(items, ITEM_COLUMNS, ids=("item_id",))
     catalog_frame["item_id"] = catalog_frame["item_id"].str.strip()
     item_drops = _Drops(catalog_frame)
-    item_drops.drop("items: empty item_id", item_drops.frame["item_id"] == "")
+    item_drops.drop(f"items: {_missing_reason('item_id')}", _missing(item_drops.frame["item_id"]))
     item_drops.drop(f"items: {UNSTORABLE_ID}", _unstorable(item_drops.frame["item_id"]))
     price = pd.to_numeric(item_drops.frame["price"], errors="coerce")
-    item_drops.drop(
-        "items: price missing, not a number or negative", ~(np.isfinite(price) & (price >= 0))
-    )
+    bad_price = ~(np.isfinite(price) & (price >= 0))
+    priceless = item_drops.frame.loc[bad_price, "item_id"]
+    item_drops.drop("items: price missing, not a number or negative", bad_price)
     item_drops.drop(
         "items: duplicate item_id (first kept)", item_drops.frame["item_id"].duplicated()
     )
@@ -178,17 +219,19 @@ def load_files(interactions: Path, items: Path, default_margin: float = DEFAULT_
         }
     )
 
-    frame = read_table(interactions, INTERACTION_COLUMNS)
+    frame = read_table(interactions, INTERACTION_COLUMNS, ids=("user_id", "item_id"))
     rows_read = len(frame)
     drops = _Drops(frame)
     for column in ("user_id", "item_id"):
         drops.frame = drops.frame.assign(**{column: drops.frame[column].str.strip()})
-        drops.drop(f"empty {column}", drops.frame[column] == "")
+        drops.drop(_missing_reason(column), _missing(drops.frame[column]))
         drops.drop(f"{column} {UNSTORABLE_ID}", _unstorable(drops.frame[column]))
-    ts = parse_timestamps(drops.frame["timestamp"])
-    drops.drop("timestamp neither ISO 8601 nor Unix seconds", ts.isna())
-    ts = ts.loc[drops.frame.index]
-    drops.frame = drops.frame.assign(timestamp=ts.astype("int64"))
+    # A copied line would count a purchase twice, in the model's weights and in lifetime value.
+    drops.drop("exact duplicate rows", drops.frame.duplicated())
+    ts, early = parse_timestamps(drops.frame["timestamp"])
+    drops.drop(EARLY_TIMESTAMP, early)
+    drops.drop("timestamp neither ISO 8601 nor Unix seconds", ts.loc[drops.frame.index].isna())
+    drops.frame = drops.frame.assign(timestamp=ts.loc[drops.frame.index].astype("int64"))
     if "event" in drops.frame:
         event = drops.frame["event"].str.strip().str.lower().replace("", "purchase")
         drops.frame = drops.frame.assign(event=event)
@@ -196,30 +239,42 @@ def load_files(interactions: Path, items: Path, default_margin: float = DEFAULT_
     else:
         drops.frame = drops.frame.assign(event="purchase")
     if "quantity" in drops.frame:
-        qty = pd.to_numeric(drops.frame["quantity"].replace("", "1"), errors="coerce").round()
-        # Quantities are whole units (int64): 0.3 rounds to none, and 1e30 or inf do not fit.
-        drops.drop("quantity not a positive number", ~((qty >= 1) & (qty <= MAX_QUANTITY)))
-        drops.frame = drops.frame.assign(quantity=qty.loc[drops.frame.index].round())
+        qty = pd.to_numeric(drops.frame["quantity"].str.strip().replace("", "1"), errors="coerce")
+        # Quantities are whole units (int64): 2.5 units is no count, and 1e30 or inf do not fit.
+        whole = (qty >= 1) & (qty <= MAX_QUANTITY) & (qty % 1 == 0)
+        drops.drop("quantity not a positive whole number", ~whole)
+        drops.frame = drops.frame.assign(quantity=qty.loc[drops.frame.index])
     else:
         drops.frame = drops.frame.assign(quantity=1)
-    paid = (
-        pd.to_numeric(drops.frame["price"], errors="coerce")
-        if "price" in drops.frame
-        else pd.Series(np.nan, index=drops.frame.index)
+    # The items file has these ids, so "not in the items file" would send the user looking
+    # for ids that are there.
+    in_catalog = drops.frame["item_id"].isin(catalog["item_id"])
+    drops.drop(
+        "item dropped from the items file (bad price)",
+        ~in_catalog & drops.frame["item_id"].isin(priceless),
     )
-    drops.frame = drops.frame.assign(price=paid.where(paid >= 0, np.nan))
     drops.drop("item_id not in the items file", ~drops.frame["item_id"].isin(catalog["item_id"]))
     if drops.frame.empty:
         raise DataError(
             f"{interactions}: no usable interaction rows after cleaning{_dropped(drops.counts)}"
         )
-    dropped = {**item_drops.counts, **drops.counts}
+    paid_text = (
+        drops.frame["price"].str.strip()
+        if "price" in drops.frame
+        else pd.Series("", index=drops.frame.index)
+    )
+    paid = pd.to_numeric(paid_text, errors="coerce")
+    usable = np.isfinite(paid) & (paid >= 0)
+    # An empty price was not recorded; anything else that is no price is a broken export.
+    bad_paid = int((~usable & (paid_text != "")).sum())
+    drops.frame = drops.frame.assign(price=paid.where(usable))
     return Loaded(
         dataset=build_dataset(drops.frame, catalog, default_margin),
         sources=(interactions, items),
         rows_read=rows_read,
-        dropped=dropped,
+        dropped={**item_drops.counts, **drops.counts},
         default_margin=default_margin,
+        changed={BAD_PAID_PRICE: bad_paid} if bad_paid else {},
     )
 
 
@@ -243,7 +298,7 @@ def load_online_retail(
         "cancellations and returns (InvoiceNo C…, Quantity ≤ 0)",
         frame["InvoiceNo"].str.upper().str.startswith("C") | ~(qty > 0),
     )
-    drops.drop("no CustomerID", drops.frame["CustomerID"].str.strip() == "")
+    drops.drop("no CustomerID", _missing(drops.frame["CustomerID"].str.strip()))
     drops.drop("exact duplicate rows", drops.frame.duplicated())
     code = drops.frame["StockCode"].str.strip().str.upper()
     drops.drop(
@@ -252,11 +307,11 @@ def load_online_retail(
     )
     unit_price = pd.to_numeric(drops.frame["UnitPrice"], errors="coerce")
     drops.drop("zero, negative or missing UnitPrice", ~(unit_price > 0))
-    ts = parse_timestamps(drops.frame["InvoiceDate"])
+    ts, _ = parse_timestamps(drops.frame["InvoiceDate"])
     drops.drop("unparseable InvoiceDate", ts.isna())
     kept = drops.frame
     if kept.empty:
-        raise DataError(f"{path}: no usable purchase rows after cleaning")
+        raise DataError(f"{path}: no usable purchase rows after cleaning{_dropped(drops.counts)}")
     # CustomerID is written as a float ("17850.0"); the id is the integer part.
     user = kept["CustomerID"].str.strip().str.removesuffix(".0")
     item = kept["StockCode"].str.strip()

@@ -75,8 +75,12 @@ class Protocol:
             test_start = int(ts[~split.train_rows].min()) if (~split.train_rows).any() else None
             last = int(ts.max())
             if test_start is not None:
-                # A validation window as long as the hold-out window, just before it.
+                # A validation window as long as the hold-out window, just before it, holding
+                # at least the last timestamp before it: with dates only, the hold-out is often
+                # one day, a window of length zero.
                 cutoff = test_start - (last - test_start)
+                if split.train_rows.any():
+                    cutoff = min(cutoff, int(ts[split.train_rows].max()))
                 return Protocol("time", cutoff, self.fraction, self.relevant_must_be_new).split(
                     dataset, split.train_rows
                 )

@@ -81,6 +81,7 @@ def fit(
     val = protocol.inner(dataset, hold)
     metrics: dict[str, float] = {}
     loses = False
+    compared = candidates
     if len(val.eval_users):
         say(f"validation: {val.description}, {len(val.eval_users):,} users")
         tried = []
@@ -90,6 +91,7 @@ def fit(
             best = max(h["val_ndcg@10"] for h in result.history)
             tried.append((best, result.epochs, candidate))
         best, epochs, config = max(tried, key=lambda t: t[0])  # the first of equals wins
+        chosen_by = "best validation NDCG@10"
         say(f"chosen: {_describe(config)}, {epochs} epochs, val NDCG@10 {best:.4f}")
         baseline = ndcg10(popularity_scorer(val.train), val)
         metrics.update({"val_ndcg@10": best, "val_popularity_ndcg@10": baseline})
@@ -104,7 +106,13 @@ def fit(
     else:
         config = candidates[0]
         epochs = config.max_epochs
-        say(f"WARNING: no validation users ({val.description}); training {epochs} epochs blind")
+        compared = []
+        chosen_by = f"first of {len(candidates)} candidates given, untested: no validation users"
+        say(
+            f"WARNING: no validation users ({val.description}); training {epochs} epochs blind "
+            f"with the first candidate given, {_describe(config)}"
+            + (f"; {len(candidates) - 1} other candidate(s) not tried" if candidates[1:] else "")
+        )
     metrics["epochs"] = float(epochs)
 
     if len(hold.eval_users):
@@ -133,7 +141,8 @@ def fit(
         training={
             **config.resolved(),
             "epochs": epochs,
-            "candidates": [_describe(c) for c in candidates],
+            "candidates": [_describe(c) for c in compared],  # compared on validation
+            "chosen_by": chosen_by,
             "shipped_model": SHIPPED,
             "protocol": hold.description,
             "validation": val.description,

@@ -45,6 +45,7 @@ from core.response_history import (
     cross_fitted_rates,
     smoothed_rates,
 )
+from core.store.tables import EVENT_TYPES
 from trainer.dataset import Floats
 from trainer.export import ExportError, export_checked
 
@@ -154,9 +155,24 @@ def from_logs(offers: pd.DataFrame, events: pd.DataFrame, seed: int) -> Logged:
             "offers: every offer has the same discount; a response model needs randomized "
             "discounts (run an experiment that draws them from a grid)"
         )
-    sold = events["type"].isin(("purchase", "redemption"))
+    # The store writes "purchase"; RecordEvents names it EVENT_TYPE_PURCHASE: both, in any case.
+    kind = events["type"].astype(str).str.strip().str.lower().str.removeprefix("event_type_")
+    unknown = ~kind.isin(EVENT_TYPES)
+    if unknown.any():
+        raise ResponseError(
+            f"events: {int(unknown.sum()):,} of {len(events):,} rows have a type that is not one "
+            f"of {', '.join(EVENT_TYPES)} (e.g. {events['type'][unknown].iloc[0]!r}); "
+            "fix or drop them"
+        )
+    sold = kind.isin(("purchase", "redemption"))
     purchased = set(events.loc[sold, "offer_id"].dropna().astype(str))
     bought = offers["offer_id"].astype(str).isin(purchased).to_numpy()
+    if not bought.any():
+        raise ResponseError(
+            f"events: no purchase or redemption event names a logged offer "
+            f"({int(sold.sum()):,} such events of {len(events):,}, {len(offers):,} offers); "
+            "events must carry the offer_id of the offer log"
+        )
     return logged(
         numeric[list(OFFER_FEATURES)].to_numpy(dtype=np.float64),
         offers["user_id"].astype(str).to_numpy(dtype=str),

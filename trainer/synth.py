@@ -80,7 +80,14 @@ def make_shop(config: SynthConfig) -> Shop:
                 qty = 1 + int(rng.poisson(0.5))
                 rows.append((user, item, START + int(day) * DAY + second, qty))
 
-    table = np.array(rows, dtype=np.int64)
+    # An item drawn twice for one basket is one line with both units, as a shop's export has
+    # it: fit drops exact duplicate lines.
+    table = (
+        pd.DataFrame(rows, columns=["user", "item", "ts", "qty"])
+        .groupby(["user", "item", "ts"], sort=False, as_index=False)["qty"]
+        .sum()
+        .to_numpy(dtype=np.int64)
+    )
     user_ids = np.array([f"U{u:05d}" for u in range(config.users)])
     item_ids = np.array([f"{i:06d}" for i in range(config.items)])
     interactions = pd.DataFrame(

@@ -53,18 +53,38 @@ def load_hillstrom(path: Path = HILLSTROM) -> Experiment:
         frame = pd.read_csv(path)
     except FileNotFoundError:
         raise UpliftError(f"{path}: not found; pass --data PATH to hillstrom.csv") from None
+    except (OSError, ValueError, UnicodeDecodeError) as e:  # EmptyDataError and ParserError too
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UpliftError(
+            f"{path}: unreadable as CSV ({first_line}); pass --data PATH to hillstrom.csv"
+        ) from None
     needed = (*NUMERIC, *CATEGORICAL, "segment", *OUTCOMES)
     missing = [c for c in needed if c not in frame.columns]
     if missing:
         raise UpliftError(f"{path}: missing column(s) {', '.join(missing)}; is it Hillstrom's?")
+    if frame.empty:
+        raise UpliftError(f"{path}: a header and no customers; is it Hillstrom's?")
+    numbers = frame[[*NUMERIC, *OUTCOMES]].apply(pd.to_numeric, errors="coerce")
+    _refuse_rows(path, ~np.isfinite(numbers[list(NUMERIC)]), "missing or not a number")
+    _refuse_rows(path, ~numbers[list(OUTCOMES)].isin((0, 1)), "not 0 or 1")
     encoded = pd.get_dummies(frame[list(CATEGORICAL)], dtype=np.float64)
-    x = pd.concat([frame[list(NUMERIC)].astype(np.float64), encoded], axis=1)
+    x = pd.concat([numbers[list(NUMERIC)], encoded], axis=1)
     return Experiment(
-        features=x.to_numpy(),
+        features=x.to_numpy(dtype=np.float64),
         columns=list(x.columns),
         treatment=(frame["segment"] != CONTROL).to_numpy().astype(np.int64),
-        outcomes={o: frame[o].to_numpy().astype(np.int64) for o in OUTCOMES},
+        outcomes={o: numbers[o].to_numpy().astype(np.int64) for o in OUTCOMES},
     )
+
+
+def _refuse_rows(path: Path, bad: pd.DataFrame, what: str) -> None:
+    rows = bad.any(axis=1).to_numpy()
+    if rows.any():
+        columns = ", ".join(str(c) for c in bad.columns[bad.any(axis=0).to_numpy()])
+        raise UpliftError(
+            f"{path}: {int(rows.sum())} row(s) where {columns} is {what}, e.g. line "
+            f"{int(np.argmax(rows)) + 2}; fix or drop them"
+        )
 
 
 def split(experiment: Experiment, seed: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
