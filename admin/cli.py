@@ -26,7 +26,20 @@ from core.store.errors import InvalidInput, StoreError
 
 
 class Cli(click.Group):
-    """Turns the store's typed errors into one-line messages with exit status 1."""
+    """Refuses arguments that are not UTF-8, and turns the store's typed errors into one-line
+    messages; both with exit status 1."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # Python hands on bytes that are not UTF-8 as lone surrogates, which fail wherever the
+        # text is encoded again (the database, the terminal): refused here, once for every
+        # argument, option and environment setting.
+        for arg in args:
+            _check_utf8("argument", arg)
+        rest = super().parse_args(ctx, args)
+        # The settings that may come from the environment instead.
+        _check_utf8("--db-url / DISCOUNT_DB_URL", ctx.params.get("db_url") or "")
+        _check_utf8("--actor / DISCOUNT_ACTOR", ctx.params.get("actor") or "")
+        return rest
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -36,6 +49,15 @@ class Cli(click.Group):
         except SQLAlchemyError as e:
             url = ctx.obj.db_url if isinstance(ctx.obj, App) else None
             raise click.ClickException(f"store {mask_url(url or '')}: {first_line(e)}") from None
+
+
+def _check_utf8(label: str, value: str) -> None:
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise click.ClickException(
+            f"{label} {value!a} is not valid UTF-8 text; give it in UTF-8"
+        ) from None
 
 
 @click.group(cls=Cli, context_settings={"help_option_names": ["-h", "--help"]})

@@ -6,7 +6,7 @@ import click
 
 from admin.app import App
 from admin.options import confirm, yes_option
-from admin.output import emit, message, output_option
+from admin.output import echo, emit, message, output_option
 from core.store import migrate, roles
 
 
@@ -26,6 +26,12 @@ def _state(app: App) -> dict[str, object]:
     }
 
 
+def _where(state: dict[str, object]) -> str:
+    if state["current"] is None:
+        return f"store {state['url']} has no schema; `discountctl db upgrade` creates it"
+    return f"store {state['url']} is at revision {state['current']}"
+
+
 @db.command("upgrade")
 @click.argument("revision", default="head")
 @output_option
@@ -39,7 +45,7 @@ def upgrade(app: App, revision: str, output: str) -> None:
     """
     migrate.upgrade(app.store(check_schema=False), revision)
     state = _state(app)
-    message(f"store {state['url']} is at revision {state['current']}")
+    message(_where(state))
     emit(state, output)
 
 
@@ -59,7 +65,7 @@ def downgrade(app: App, revision: str, yes: bool, output: str) -> None:
     confirm(f"Downgrade {store.masked_url} to {revision}? Dropped tables lose their data.", yes)
     migrate.downgrade(store, revision)
     state = _state(app)
-    message(f"store {state['url']} is at revision {state['current']}")
+    message(_where(state))
     emit(state, output)
 
 
@@ -113,4 +119,4 @@ def grant_server_role(app: App, role: str, dry_run: bool, output: str) -> None:
     if output == "json":
         emit({"role": role, "applied": not dry_run, "statements": statements}, output)
     else:
-        click.echo(";\n".join(statements) + ";")
+        echo(";\n".join(statements) + ";")

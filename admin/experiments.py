@@ -7,8 +7,8 @@ from typing import Any
 import click
 
 from admin.app import App
-from admin.options import confirm, if_version_option, yes_option
-from admin.output import emit, message, output_option
+from admin.options import confirm, if_version_option, parse_pairs, yes_option
+from admin.output import emit, message, output_option, updated
 from core.features import FEATURE_NAMES
 from core.offers import FeatureError, resolve_features
 from core.store.errors import InvalidInput
@@ -167,11 +167,13 @@ def update(
         --variant control:20 --variant treatment:80:new-tiered
     """
     with app.transaction() as session:
-        experiment = Experiments(session, app.actor).update(
+        repo = Experiments(session, app.actor)
+        version = repo.get(key).version
+        experiment = repo.update(
             key, if_version, _variants(variants) if variants else None, target_segment, description
         )
         data = experiment.to_dict()
-    message(f"updated experiment {key!r} (version {data['version']})")
+    updated("experiment", key, version, data["version"])
     emit(data if output == "json" else _table_row(data), output)
 
 
@@ -269,14 +271,10 @@ def assign(app: App, key: str, user_id: str, features: tuple[str, ...], output: 
 
 def _features(values: tuple[str, ...]) -> dict[str, float | str]:
     """The --feature values, read as the server reads context overrides (resolve_features)."""
-    given: dict[str, str] = {}
-    for item in values:
-        name, sep, raw = item.partition("=")
-        if not sep:
-            raise InvalidInput(f"--feature {item!r}: write NAME=VALUE")
+    given = parse_pairs(values, "--feature")
+    for name in given:
         if name not in FEATURE_NAMES:
             raise InvalidInput(f"--feature {name!r}: unknown; known: {', '.join(FEATURE_NAMES)}")
-        given[name] = raw
     try:
         resolved = resolve_features(None, given)
     except FeatureError as e:

@@ -1,7 +1,10 @@
 """Option decorators and value parsers that several command groups share.
 
-A value that parses but makes no sense is a user error (exit 1), like any refused input; only
-a missing or unknown option is a usage error (exit 2).
+Exit 2 (a usage error) is Click's: the command line does not parse (an unknown command or
+option, a missing argument or option value, a value not of the option's type or not one of its
+choices). Everything refused after that is exit 1, like any refused input: a number out of
+range, a time or JSON that does not read, a name the store refuses. So options take plain
+types (int, not IntRange) and their ranges are checked where the values are used.
 """
 
 from __future__ import annotations
@@ -15,8 +18,6 @@ from typing import Any, TypeVar
 import click
 
 F = TypeVar("F", bound=Callable[..., Any])
-# Priorities live in an INTEGER column: 32 bits on PostgreSQL, and SQLite refuses beyond 64.
-PRIORITY = click.IntRange(-(2**31), 2**31 - 1)
 
 
 def yes_option(f: F) -> F:
@@ -58,17 +59,25 @@ def parse_time(value: str | None, option: str) -> datetime | None:
             f"{option}: {value!r} is not an ISO 8601 time, "
             "e.g. 2026-12-01 or 2026-12-01T09:00:00+01:00"
         ) from None
-    # In UTC, as the store gives times back: what `create` prints matches `show`.
-    return parsed.astimezone(UTC) if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+    try:
+        # In UTC, as the store gives times back: what `create` prints matches `show`.
+        return parsed.astimezone(UTC) if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+    except OverflowError:  # e.g. 9999-12-31T23:00-05:00 is in the year 10000 in UTC
+        raise click.ClickException(
+            f"{option}: {value!r} falls outside the years 1-9999 in UTC; give a time inside them"
+        ) from None
 
 
 def parse_json(value: str, option: str) -> Any:
     try:
-        return json.loads(value)
+        parsed = json.loads(value)
+        # An escape like "\ud800" reads as half a character, which no text encoding holds.
+        json.dumps(parsed, ensure_ascii=False).encode()
     except json.JSONDecodeError as e:
         raise click.ClickException(f"{option}: not valid JSON ({e})") from None
     except (ValueError, RecursionError) as e:  # a number of over 4300 digits; nesting too deep
         raise click.ClickException(f"{option}: JSON the store cannot take ({e})") from None
+    return parsed
 
 
 def parse_pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
@@ -78,6 +87,8 @@ def parse_pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
         name, sep, raw = item.partition("=")
         if not sep or not name:
             raise click.ClickException(f"{option}: {item!r} is not NAME=VALUE")
+        if name in out:
+            raise click.ClickException(f"{option}: {name!r} is given twice; give it once")
         out[name] = raw
     return out
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -27,6 +30,27 @@ def message(text: str) -> None:
     click.echo(text, err=True)
 
 
+def updated(kind: str, name: str, version_before: int, version_after: int) -> None:
+    """The message after an update: one that changed nothing keeps the version."""
+    if version_after == version_before:
+        message(f"{kind} {name!r} unchanged (version {version_after})")
+    else:
+        message(f"updated {kind} {name!r} (version {version_after})")
+
+
+def echo(text: str) -> None:
+    """Data to stdout. A stdout that cannot take it (a full disk, /dev/full) is one line and
+    exit 1; a closed pipe (`| head`) stays Click's, which exits quietly."""
+    try:
+        click.echo(text)
+    except OSError as e:
+        if e.errno == errno.EPIPE:
+            raise
+        # The unwritten rest would fail again when Python flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise click.ClickException(f"cannot write the output: {e.strerror or e}") from None
+
+
 def emit(
     data: dict[str, Any] | list[dict[str, Any]],
     output: str,
@@ -34,12 +58,12 @@ def emit(
 ) -> None:
     """A list is a table with ``columns`` (all keys by default); an object is key: value lines."""
     if output == "json":
-        click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+        echo(json.dumps(data, indent=2, ensure_ascii=False))
         return
     if isinstance(data, dict):
         width = max((len(k) for k in data), default=0)
         for key, value in data.items():
-            click.echo(f"{key.ljust(width)}  {_cell(value)}")
+            echo(f"{key.ljust(width)}  {_cell(value)}")
         return
     if not data:
         message("(none)")
@@ -47,9 +71,9 @@ def emit(
     cols = list(columns or data[0].keys())
     rows = [[_cell(row.get(c)) for c in cols] for row in data]
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
-    click.echo("  ".join(c.upper().ljust(w) for c, w in zip(cols, widths, strict=True)).rstrip())
+    echo("  ".join(c.upper().ljust(w) for c, w in zip(cols, widths, strict=True)).rstrip())
     for row in rows:
-        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+        echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
 
 
 def _cell(value: object) -> str:

@@ -6,10 +6,10 @@ from collections.abc import Callable
 from typing import Any
 
 import click
+from sqlalchemy.orm import Session
 
 from admin.app import App
 from admin.options import (
-    PRIORITY,
     confirm,
     if_version_option,
     parse_assignments,
@@ -17,9 +17,11 @@ from admin.options import (
     parse_time,
     yes_option,
 )
-from admin.output import emit, message, output_option
+from admin.output import emit, message, output_option, updated
 from core.policy import POLICIES
+from core.store.experiments import Experiments
 from core.store.rules import Rules
+from core.store.tables import Rule
 
 COLUMNS = (
     "name",
@@ -85,7 +87,7 @@ def _rule_options(create: bool) -> Callable[[Any], Any]:
         click.option("--valid-until", metavar="TIME", help="ISO 8601; UTC when no zone is given."),
         click.option(
             "--priority",
-            type=PRIORITY,
+            type=int,
             default=0 if create else None,
             show_default=create,
             help="The highest-priority applicable rule wins.",
@@ -225,12 +227,45 @@ def update(
     with app.transaction() as session:
         repo = Rules(session, app.actor)
         current = repo.get(name)
+        before = current.to_dict()
         if kw["param_pairs"] and fields.get("policy", current.policy) == current.policy:
             # --param changes one parameter of the same policy; --params replaces them all.
             fields["params"] = {**current.params, **fields["params"]}
-        data = repo.update(name, if_version, new_name, **fields).to_dict()
-    message(f"updated rule {data['name']!r} (version {data['version']})")
+        rule = repo.update(name, if_version, new_name, **fields)
+        data = rule.to_dict()
+        notes = _measured_notes(session, before, rule)
+    updated("rule", data["name"], before["version"], data["version"])
+    for note in notes:
+        message(note)
     emit(data, output)
+
+
+def _measured_notes(session: Session, before: dict[str, Any], rule: Rule) -> list[str]:
+    """A note per running experiment's variant that a change of its rule alters: the change is
+    allowed (a rule that gives money away must be stoppable), but the experiment keeps
+    assigning users to the variant, and `experiments start` would have refused a disabled rule."""
+    disabled = before["enabled"] and not rule.enabled
+    repriced = rule.enabled and (before["policy"], before["params"]) != (rule.policy, rule.params)
+    if not (disabled or repriced):
+        return []
+    notes = []
+    for key, variant in Experiments(session).running_variants_of(rule):
+        note = f"note: variant {variant!r} of running experiment {key!r} prices with rule "
+        if disabled:
+            note += (
+                f"{rule.name!r}, which is now disabled: the variant's users get no discount "
+                "(VARIANT_RULE_NOT_APPLICABLE) while the experiment keeps assigning users to it; "
+                f"pause the experiment (`discountctl experiments pause {key}`) or enable the "
+                "rule again"
+            )
+        else:
+            note += (
+                f"{rule.name!r}, whose policy or parameters changed: from now on the variant's "
+                "users get the new discounts, so the experiment's results mix the old rule and "
+                "the new one"
+            )
+        notes.append(note)
+    return notes
 
 
 def _toggle(enabled: bool) -> Callable[..., None]:
@@ -241,8 +276,17 @@ def _toggle(enabled: bool) -> Callable[..., None]:
     @click.pass_obj
     def command(app: App, name: str, if_version: int | None, output: str) -> None:
         with app.transaction() as session:
-            data = Rules(session, app.actor).set_enabled(name, enabled, if_version).to_dict()
-        message(f"{verb}d rule {name!r}")
+            repo = Rules(session, app.actor)
+            before = repo.get(name).to_dict()
+            rule = repo.set_enabled(name, enabled, if_version)
+            data = rule.to_dict()
+            notes = _measured_notes(session, before, rule)
+        if before["enabled"] == enabled:
+            message(f"rule {name!r} is already {verb}d")
+        else:
+            message(f"{verb}d rule {name!r}")
+        for note in notes:
+            message(note)
         emit(data, output)
 
     command.__doc__ = f"""{verb.capitalize()} a rule.

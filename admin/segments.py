@@ -8,8 +8,8 @@ from typing import IO, Any
 import click
 
 from admin.app import App
-from admin.options import PRIORITY, confirm, if_version_option, parse_json, yes_option
-from admin.output import emit, message, output_option
+from admin.options import confirm, if_version_option, parse_json, yes_option
+from admin.output import emit, message, output_option, updated
 from core.segments import ConditionError, parse_expression, to_json
 from core.store.errors import InvalidInput
 from core.store.segments import Segments
@@ -69,7 +69,7 @@ def _with_condition_options(f: Any) -> Any:
 @click.option("--description", default="", help="Free text for people.")
 @click.option(
     "--priority",
-    type=PRIORITY,
+    type=int,
     default=100,
     show_default=True,
     help="Lower is tried first.",
@@ -138,7 +138,7 @@ def show(app: App, name: str, output: str) -> None:
 @click.option("--name", "new_name", help="Rename the segment.")
 @_with_condition_options
 @click.option("--description", help="Free text for people.")
-@click.option("--priority", type=PRIORITY, help="Lower is tried first.")
+@click.option("--priority", type=int, help="Lower is tried first.")
 @if_version_option
 @output_option
 @click.pass_obj
@@ -161,11 +161,12 @@ def update(
     """
     with app.transaction() as session:
         repo = Segments(session, app.actor)
+        version = repo.get(name).version
         segment = repo.update(
             name, if_version, new_name, description, _condition(condition, where), priority
         )
         data = repo.as_dict(segment)
-    message(f"updated segment {data['name']!r} (version {data['version']})")
+    updated("segment", data["name"], version, data["version"])
     emit(data, output)
 
 
@@ -209,21 +210,53 @@ def import_members(app: App, name: str, file: IO[str], replace: bool, output: st
     user_ids = _read_ids(file)
     with app.transaction() as session:
         repo = Segments(session, app.actor)
+        version = repo.get(name).version
         segment, added = repo.import_members(name, user_ids, replace)
         data = {**repo.as_dict(segment), "added": added}
-    message(f"segment {name!r}: {added} new member(s), {data['member_count']} in all")
+    if data["version"] == version:
+        message(f"segment {name!r} unchanged: {data['member_count']} member(s)")
+    else:
+        message(f"segment {name!r}: {added} new member(s), {data['member_count']} in all")
     emit(data, output)
 
 
+# A first line holding one of these is a CSV header, whose columns they separate.
+DELIMITERS = (",", ";", "\t")
+
+
 def _read_ids(file: IO[str]) -> list[str]:
+    """One id per line, or a CSV whose header names a user_id column; blank lines are skipped
+    and ids stripped of surrounding spaces."""
+    # A stream without a name (stdin in Click's test runner) is stdin.
+    label = getattr(file, "name", "<stdin>")
     try:
-        lines = [line.rstrip("\r\n") for line in file]
+        lines = [(number, line.strip()) for number, line in enumerate(file, 1) if line.strip()]
     except UnicodeDecodeError:
+        raise InvalidInput(f"{label}: not UTF-8 text; save it as UTF-8 and import again") from None
+    if not lines:
+        return []
+    first, header = lines[0]
+    # A header that named no user_id column would otherwise be imported as ids, and each of
+    # its rows as one id, commas and all.
+    if header.lower() != "user_id" and not any(d in header for d in DELIMITERS):
+        return [line for _, line in lines]
+    for delimiter in DELIMITERS:
+        columns = [c.strip().lower() for c in next(csv.reader([header], delimiter=delimiter))]
+        if "user_id" in columns:
+            break
+    else:
         raise InvalidInput(
-            f"{file.name}: not UTF-8 text; save it as UTF-8 and import again"
-        ) from None
-    rows = [line for line in lines if line.strip()]
-    if rows and "user_id" in next(csv.reader([rows[0]])):
-        reader = csv.DictReader(rows)
-        return [row["user_id"] for row in reader]
-    return rows
+            f"{label}: line {first} is a CSV header without a user_id column (found "
+            f"{header!r}); name the id column user_id, or give one id per line without a header"
+        )
+    column = columns.index("user_id")
+    ids = []
+    for number, line in lines[1:]:
+        row = next(csv.reader([line], delimiter=delimiter))
+        user_id = row[column].strip() if column < len(row) else ""
+        if not user_id:
+            raise InvalidInput(
+                f"{label}: line {number} has no user_id; fill it in or remove the line"
+            )
+        ids.append(user_id)
+    return ids

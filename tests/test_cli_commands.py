@@ -16,11 +16,14 @@ import pytest
 from cli import contents, ctl
 from click.testing import CliRunner
 from pg import BACKENDS, empty_database
+from sqlalchemy import select
 
 from admin.cli import cli
 from core.policy import POLICIES
 from core.store import migrate
 from core.store.db import Store
+from core.store.segments import Segments
+from core.store.tables import SegmentMember
 
 SEGMENT_KEYS = {
     "id",
@@ -235,6 +238,67 @@ def test_member_lists_import_from_csv_or_lines(db_url: str) -> None:
     assert ok(db_url, "experiments assign vip-ab 5")["in_target"] is True
 
 
+def _members(url: str, name: str) -> list[str]:
+    store = Store(url)
+    try:
+        with store.transaction() as s:
+            segment = Segments(s).get(name)
+            query = select(SegmentMember.user_id).where(SegmentMember.segment_id == segment.id)
+            return sorted(s.scalars(query))
+    finally:
+        store.dispose()
+
+
+@pytest.mark.parametrize(
+    ("text", "members"),
+    [
+        (" u3 \n\n u4\n", ["u3", "u4"]),
+        ("User_ID\n17850\n", ["17850"]),
+        ("user_id;name\nu1;Ann\n", ["u1"]),
+        ("name\t USER_ID \nAnn\t u9 \n", ["u9"]),
+        ('email,user_id\n"a,b@c.com",u2\n', ["u2"]),
+    ],
+    ids=["plain", "header in another case", "semicolons", "tabs", "quoted"],
+)
+def test_import_members_reads_plain_ids_or_a_user_id_column(
+    db_url: str, text: str, members: list[str]
+) -> None:
+    ok(db_url, "segments create vip")
+    ok(db_url, "segments import-members vip -", input=text)
+    assert _members(db_url, "vip") == members
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("customer_id,email\n17850,a@b.com\n", "(found 'customer_id,email')"),
+        ("User ID;name\nu1;Ann\n", "(found 'User ID;name')"),
+        ("user_id,email\n1,a\n\n,b@c.com\n", "<stdin>: line 4 has no user_id"),
+        ("email;user_id\na@b.com\n", "<stdin>: line 2 has no user_id"),
+    ],
+)
+def test_import_members_refuses_a_csv_without_user_ids(
+    db_url: str, text: str, fragment: str
+) -> None:
+    ok(db_url, "segments create vip")
+    before = contents(db_url)
+    result = ctl(db_url, "segments", "import-members", "vip", "-", input=text)
+    assert result.exit_code == 1 and fragment in result.stderr, result.output
+    assert len(result.stderr.splitlines()) == 1
+    assert contents(db_url) == before
+
+
+def test_import_members_that_changes_nothing_says_so_and_replace_can_empty(db_url: str) -> None:
+    ok(db_url, "segments create vip")
+    ok(db_url, "segments import-members vip -", input="1\n2\n")
+    before = contents(db_url)
+    same = ctl(db_url, "segments", "import-members", "vip", "-", input="2\n")
+    assert same.exit_code == 0 and "segment 'vip' unchanged: 2 member(s)" in same.stderr
+    assert contents(db_url) == before
+    emptied = ok(db_url, "segments import-members vip - --replace", input="")
+    assert (emptied["member_count"], emptied["version"]) == (0, 3)
+
+
 def _seed(url: str) -> str:
     for line in (
         "segments create new-customers --where 'days_since_first_order < 30'",
@@ -274,8 +338,15 @@ INVALID = [
     (("segments", "create", "x", "--where", "order_count > lots"), "compares with a number"),
     (("segments", "create", "x", "--condition", "{not json"), "--condition: not valid JSON"),
     (("segments", "create", "x", "--condition", '{"all": []}'), "non-empty list"),
+    (
+        # An escaped lone surrogate: JSON, but no text the store (or a terminal) can encode.
+        ("segments", "create", "x", "--condition", '{"all": [{"feature": "\\ud800"}]}'),
+        "--condition: JSON the store cannot take",
+    ),
     (("segments", "create", " x"), "leading or trailing spaces"),
-    (("segments", "create", "a\x01b"), "control characters"),
+    (("segments", "create", "a\x01b"), "not printable"),
+    (("segments", "create", "a\u2028b"), "not printable ('\\u2028')"),
+    (("segments", "create", "pp", "--priority", "2147483648"), "priority must be an integer"),
     (("segments", "show", "nope"), "no segment named 'nope'"),
     (
         ("segments", "update", "new-customers", "--if-version", "9", "--priority", "1"),
@@ -288,6 +359,10 @@ INVALID = [
     (("segments", "import-members", "vip", "/dev/null"), "no user ids to import"),
     (("segments", "import-members", "vip", "{latin1}"), "not UTF-8 text; save it as UTF-8"),
     (("segments", "import-members", "new-customers", "/dev/null"), "defined by a condition"),
+    (
+        ("segments", "import-members", "vip", "{csv}"),
+        "line 1 is a CSV header without a user_id column (found 'customer_id,email')",
+    ),
     (
         (
             "rules",
@@ -320,6 +395,17 @@ INVALID = [
         "must be before valid until",
     ),
     (("rules", "create", "t2", *TIER, "--valid-from", "tomorrow"), "not an ISO 8601 time"),
+    (
+        ("rules", "create", "t2", *TIER, "--valid-from", "9999-12-31T23:00:00-05:00"),
+        "falls outside the years 1-9999 in UTC",
+    ),
+    (
+        ("rules", "create", "t2", *TIER, "--valid-until", "0001-01-01T00:00:00+05:00"),
+        "falls outside the years 1-9999 in UTC",
+    ),
+    (("rules", "create", "t2", *TIER, "--budget", "1234.567"), "has more than 2 decimals"),
+    (("rules", "create", "t2", *TIER, "--budget", "1e20"), "above the largest allowed"),
+    (("rules", "create", "t2", *TIER, "--param", "k1=4"), "--param: 'k1' is given twice"),
     (("rules", "create", "t2", *TIER, "--budget", "-1"), "budget must be >= 0"),
     (
         ("rules", "create", "t2", "--policy", "optimal", "--param", "grid=[10,5]"),
@@ -353,6 +439,7 @@ INVALID = [
     ),
     (("rules", "update", "tier", "--if-version", "5", "--priority", "1"), "at version 1, not 5"),
     (("rules", "update", "tier", "--param", "d2=50"), "must not exceed 'd1'"),
+    (("rules", "update", "tier", "--priority", "2147483648"), "priority must be an integer"),
     (("rules", "enable", "nope"), "no rule named 'nope'"),
     (("rules", "disable", "tier", "--if-version", "2"), "at version 1, not 2"),
     (("rules", "delete", "tier"), "no terminal; pass --yes"),
@@ -363,6 +450,32 @@ INVALID = [
         "sum to 100, got 90",
     ),
     (("experiments", "create", "ab2", "--variant", "a:100"), "at least two variants"),
+    (
+        ("experiments", "create", "ab2", "--variant", "control:0", "--variant", "t:100:measured"),
+        "'control' have weight 0: nobody would be assigned",
+    ),
+    (
+        (
+            "experiments",
+            "create",
+            "ab2",
+            "--variant",
+            "a:50",
+            "--variant",
+            "b:50",
+            "--variant",
+            "x:0",
+        ),
+        "'x' have weight 0",
+    ),
+    (
+        ("experiments", "create", "ab2\n", "--variant", "a:50", "--variant", "b:50"),
+        "must be 1-64 letters",
+    ),
+    (
+        ("experiments", "create", "ab2", "--variant", "a:50", "--variant", "b:50", "--salt", "a b"),
+        "must be 1-64 printable characters without spaces",
+    ),
     (
         ("experiments", "create", "ab2", "--variant", "a:x", "--variant", "b:50"),
         "is not an integer",
@@ -410,6 +523,9 @@ INVALID = [
     (("clients", "revoke", "nope", "--yes"), "no client 'nope'"),
     (("db", "upgrade", "nope"), "cannot upgrade to 'nope'"),
     (("db", "upgrade", "head+1"), "not a revision"),
+    (("db", "upgrade", "base"), "the store is already at"),
+    (("db", "upgrade", "0001"), "to go back, `discountctl db downgrade 0001`"),
+    (("audit", "list", "--limit", "0"), "--limit must be from 1 to 10000, got 0"),
     (("db", "downgrade", "base"), "no terminal; pass --yes"),
     (("db", "downgrade", "nope", "--yes"), "cannot downgrade to 'nope'"),
 ]
@@ -421,8 +537,11 @@ def test_invalid_input_is_refused_and_nothing_is_written(
 ) -> None:
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("café\n12\n".encode("latin-1"))
+    csv = tmp_path / "members.csv"
+    csv.write_text("customer_id,email\n17850,a@b.com\n")
     before = contents(seeded_once)
-    result = ctl(seeded_once, *(a.replace("{latin1}", str(latin1)) for a in args))
+    files = {"{latin1}": str(latin1), "{csv}": str(csv)}
+    result = ctl(seeded_once, *(files.get(a, a) for a in args))
     assert result.exit_code == 1, result.output
     assert fragment in result.stderr
     assert result.stderr.startswith("Error: ") and len(result.stderr.strip().splitlines()) == 1
@@ -477,14 +596,13 @@ def test_json_python_cannot_read_is_one_line(seeded_once: str, condition: str) -
 
 
 def test_usage_errors_exit_2(seeded_once: str) -> None:
+    """Only what does not parse; a number out of range is a refused input (INVALID, exit 1)."""
     for args in (
         ("rules", "create", "x"),
-        ("audit", "list", "--limit", "0"),
+        ("audit", "list", "--limit", "ten"),
         ("segments", "list", "--output", "yaml"),
         ("nouns",),
-        # Priorities live in a 32-bit column.
-        ("segments", "create", "x", "--priority", "99999999999999999999"),
-        ("rules", "update", "tier", "--priority", "2147483648"),
+        ("segments", "create", "x", "--priority", "high"),
     ):
         result = ctl(seeded_once, *args)
         assert result.exit_code == 2, (args, result.output)
@@ -549,6 +667,42 @@ def test_assign_judges_a_condition_only_on_the_features_given(seeded: str) -> No
     assert ok(seeded, f"{half} --feature order_count=1")["in_target"] is False
 
 
+def test_changes_to_a_rule_a_running_experiment_measures_are_noted(seeded: str) -> None:
+    """Allowed (a rule that gives money away must be stoppable), but the experiment keeps
+    assigning users to the variant, so the admin hears what happens to it."""
+    ok(seeded, "experiments create m --variant control:50 --variant t:50:measured")
+    ok(seeded, "experiments start m")
+    quiet = ctl(seeded, "rules", "update", "measured", "--description", "x")
+    assert quiet.exit_code == 0 and "note:" not in quiet.stderr
+    changed = ctl(seeded, "rules", "update", "measured", "--param", "d=20")
+    assert changed.exit_code == 0
+    assert (
+        "note: variant 't' of running experiment 'm' prices with rule 'measured', whose "
+        "policy or parameters changed"
+    ) in changed.stderr
+    disabled = ctl(seeded, "rules", "disable", "measured")
+    assert disabled.exit_code == 0
+    notes = [line for line in disabled.stderr.splitlines() if line.startswith("note:")]
+    # The draft experiment 'ab' uses the rule too, but nobody is assigned to it yet.
+    assert len(notes) == 1 and "running experiment 'm'" in notes[0]
+    assert "VARIANT_RULE_NOT_APPLICABLE" in notes[0]
+    assert "`discountctl experiments pause m`" in notes[0]
+    assert ok(seeded, "rules show measured")["enabled"] is False
+
+
+def test_an_update_that_changes_nothing_says_so(seeded: str) -> None:
+    before = contents(seeded)
+    for args, said in (
+        (("rules", "update", "tier", "--param", "d1=15"), "rule 'tier' unchanged (version 1)"),
+        (("rules", "enable", "tier"), "rule 'tier' is already enabled"),
+        (("segments", "update", "vip", "--priority", "100"), "segment 'vip' unchanged"),
+        (("experiments", "update", "ab", "--description", ""), "experiment 'ab' unchanged"),
+    ):
+        result = ctl(seeded, *args)
+        assert result.exit_code == 0 and said in result.stderr, (args, result.output)
+    assert contents(seeded) == before
+
+
 def test_concurrent_cli_updates_of_one_rule_one_wins(seeded: str) -> None:
     """Two admins both read version 1 and update with --if-version 1: the second is refused."""
     first = ctl(seeded, "rules", "update", "tier", "--priority", "7", "--if-version", "1")
@@ -576,6 +730,14 @@ def test_schema_not_at_head_names_the_fix(tmp_path: Path) -> None:
     assert current["current"] is None and current["at_head"] is False
 
 
+def test_a_store_without_schema_says_so(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    ok(url, "db upgrade")
+    result = ctl(url, "db", "downgrade", "base", "--yes")
+    assert result.exit_code == 0
+    assert result.stderr.strip().endswith("has no schema; `discountctl db upgrade` creates it")
+
+
 def test_db_commands(db_url: str) -> None:
     current = ok(db_url, "db current")
     assert current["at_head"] is True and current["current"] == current["head"]
@@ -600,6 +762,61 @@ def test_unreachable_store_is_one_line_with_the_password_masked(url: str) -> Non
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
     assert "s3cret" not in result.stderr
     assert ("***" in lines[0]) == ("s3cret" in url)
+
+
+NOT_UTF8 = "new\udcff"  # how Python hands on the byte 0xff of an argument
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("segments", "create", NOT_UTF8),
+        ("segments", "create", "x", "--description", NOT_UTF8),
+        ("experiments", "assign", "live", NOT_UTF8),
+        (
+            "experiments",
+            "create",
+            "x",
+            "--variant",
+            "a:50",
+            "--variant",
+            "b:50",
+            "--salt",
+            NOT_UTF8,
+        ),
+        ("audit", "list", "--name", NOT_UTF8),
+        ("--actor", NOT_UTF8, "segments", "create", "x"),
+    ],
+    ids=["name", "description", "user id", "salt", "audit name", "actor"],
+)
+def test_arguments_that_are_not_utf8_are_one_line(seeded_once: str, args: tuple[str, ...]) -> None:
+    before = contents(seeded_once)
+    result = CliRunner().invoke(cli, ["--db-url", seeded_once, *args])
+    assert result.exit_code == 1, result.output
+    assert (
+        result.stderr == "Error: argument 'new\\udcff' is not valid UTF-8 text; give it in UTF-8\n"
+    )
+    env = CliRunner(env={"DISCOUNT_ACTOR": NOT_UTF8}).invoke(
+        cli, ["--db-url", seeded_once, "segments", "create", "x"]
+    )
+    assert env.exit_code == 1 and env.stderr.startswith("Error: --actor / DISCOUNT_ACTOR 'new")
+    assert contents(seeded_once) == before
+
+
+def test_a_stdout_that_cannot_take_the_output_is_one_line(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    ok(url, "db upgrade")
+    script = Path(sys.executable).parent / "discountctl"
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [str(script), "--db-url", url, "audit", "list", "-o", "json"],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1
+    assert result.stderr == "Error: cannot write the output: No space left on device\n"
 
 
 def test_installed_command_prints_no_traceback() -> None:

@@ -133,6 +133,10 @@ def test_failed_write_leaves_no_audit_row(store: Store) -> None:
         (TIERED, {"max_discount_pct": 100}, "max discount percent must be in [0, 100)"),
         (TIERED, {"min_margin_pct": -1}, "min margin percent must be >= 0"),
         (TIERED, {"budget": -5}, "budget must be >= 0"),
+        # NUMERIC(14, 2): PostgreSQL would round to cents and overflow above 10^12.
+        (TIERED, {"budget": 1234.567}, "budget 1234.567 has more than 2 decimals"),
+        (TIERED, {"budget": 1e20}, "above the largest allowed, 999999999999.99"),
+        (TIERED, {"priority": 2**31}, "priority must be an integer from -2147483648"),
         (TIERED, {"segment": "nope"}, "no segment named 'nope'"),
         (TIERED, {"categories": [""]}, "category list must hold non-empty strings"),
         (
@@ -152,6 +156,88 @@ def test_rule_validation(
         Rules(s, "t").create("r", "tiered_topk", params, **fields)
     assert fragment in str(info.value)
     assert _audit_count(store) == 0
+
+
+@pytest.mark.parametrize(
+    ("key", "variant", "fragment"),
+    [
+        ("abc\n", "control", "experiment key 'abc\\n' must be 1-64"),
+        ("abc", "control\n", "variant name 'control\\n' must be 1-64"),
+    ],
+)
+def test_keys_ending_in_a_newline_are_refused(
+    store: Store, key: str, variant: str, fragment: str
+) -> None:
+    with pytest.raises(InvalidInput) as info, store.transaction() as s:
+        Experiments(s, "t").create(
+            key, [VariantSpec(variant, 50, None), VariantSpec("t", 50, None)]
+        )
+    assert fragment in str(info.value)
+    assert _audit_count(store) == 0
+
+
+@pytest.mark.parametrize("name", ["a\x85b", "a\u2028b", "a\u200bb", "a\u00a0b", "a\tb"])
+def test_names_with_characters_that_are_not_printable_are_refused(store: Store, name: str) -> None:
+    with pytest.raises(InvalidInput, match="not printable"), store.transaction() as s:
+        Segments(s, "t").create(name, NEW)
+    with pytest.raises(InvalidInput, match="not printable"), store.transaction() as s:
+        Rules(s, "t").create(name, "tiered_topk", TIERED)
+    assert _audit_count(store) == 0
+
+
+@pytest.mark.parametrize("salt", ["", " ", "a b", "salt\n", "a\u2028b", "x" * 65])
+def test_salts_that_cannot_be_typed_back_are_refused(store: Store, salt: str) -> None:
+    arms = [VariantSpec("a", 50, None), VariantSpec("b", 50, None)]
+    with pytest.raises(InvalidInput, match=r"salt .* must be 1-64 printable characters"):  # noqa: SIM117
+        with store.transaction() as s:
+            Experiments(s, "t").create("ab", arms, salt=salt)
+    assert _audit_count(store) == 0
+
+
+@pytest.mark.parametrize("weights", [(0, 100), (50, 50, 0)])
+def test_a_variant_nobody_is_assigned_to_is_refused(store: Store, weights: tuple[int, ...]) -> None:
+    arms = [VariantSpec(f"v{i}", w, None) for i, w in enumerate(weights)]
+    with pytest.raises(InvalidInput, match="weight 0: nobody would be assigned"):  # noqa: SIM117
+        with store.transaction() as s:
+            Experiments(s, "t").create("ab", arms)
+    assert _audit_count(store) == 0
+
+
+def test_segment_priorities_must_fit_their_column(store: Store) -> None:
+    for priority in (2**31, -(2**31) - 1):
+        with pytest.raises(InvalidInput, match="priority must be an integer from"):  # noqa: SIM117
+            with store.transaction() as s:
+                Segments(s, "t").create("seg", NEW, priority=priority)
+    with store.transaction() as s:
+        Segments(s, "t").create("seg", NEW, priority=2**31 - 1)
+    with pytest.raises(InvalidInput, match="priority must be an integer from"):  # noqa: SIM117
+        with store.transaction() as s:
+            Segments(s, "t").update("seg", priority=-(2**31) - 1)
+
+
+def test_import_members_that_adds_nothing_is_not_a_new_version(store: Store) -> None:
+    with store.transaction() as s:
+        Segments(s, "t").create("vip", None)
+        Segments(s, "t").import_members("vip", ["1", "2"])
+    before = _audit_count(store)
+    with store.transaction() as s:
+        assert Segments(s, "t").import_members("vip", ["2", "1"])[1] == 0
+        assert Segments(s, "t").import_members("vip", ["1", "2", "1"], replace=True)[1] == 0
+    with store.transaction() as s:
+        assert Segments(s).get("vip").version == 2
+    assert _audit_count(store) == before
+
+
+def test_replacing_members_with_none_empties_the_list(store: Store) -> None:
+    with store.transaction() as s:
+        Segments(s, "t").create("vip", None)
+        Segments(s, "t").import_members("vip", ["1", "2"])
+    with pytest.raises(InvalidInput, match="no user ids to import"), store.transaction() as s:
+        Segments(s, "t").import_members("vip", [])
+    with store.transaction() as s:
+        segment, added = Segments(s, "t").import_members("vip", [], replace=True)
+        assert (added, Segments(s).member_count(segment), segment.version) == (0, 0, 3)
+        assert audit.entries(s, limit=1)[0].action == "import_members"
 
 
 def test_optimal_rules_are_created_with_a_valid_grid_only(store: Store) -> None:

@@ -16,7 +16,7 @@ from core.store import audit, validate
 from core.store.errors import Conflict, InvalidInput, NotFound
 from core.store.rules import Rules
 from core.store.segments import Segments, check_version
-from core.store.tables import Experiment, Segment, Variant, utcnow
+from core.store.tables import Experiment, Rule, Segment, Variant, utcnow
 
 # status -> the statuses a command may move it to
 TRANSITIONS = {
@@ -60,8 +60,15 @@ class Experiments:
         validate.key("experiment key", key)
         if self.session.scalar(select(Experiment.id).where(Experiment.key == key)) is not None:
             raise Conflict(f"experiment {key!r} already exists; pick another key")
-        if salt is not None and not 1 <= len(salt) <= 64:
-            raise InvalidInput("salt must be 1-64 characters")
+        # Whitespace and invisible characters would make a salt that cannot be typed back to
+        # reproduce the split.
+        if salt is not None and (
+            not 1 <= len(salt) <= 64 or not salt.isprintable() or any(c.isspace() for c in salt)
+        ):
+            raise InvalidInput(
+                f"salt {salt!r} must be 1-64 printable characters without spaces "
+                "(or left out for a random one)"
+            )
         experiment = Experiment(
             key=key,
             description=description,
@@ -165,6 +172,16 @@ class Experiments:
         )
         return experiment
 
+    def running_variants_of(self, rule: Rule) -> list[tuple[str, str]]:
+        """(experiment key, variant name) of every running experiment's variant priced by rule."""
+        query = (
+            select(Experiment.key, Variant.name)
+            .join(Variant)
+            .where(Variant.rule_id == rule.id, Experiment.status == "running")
+            .order_by(Experiment.key, Variant.position)
+        )
+        return [(key, name) for key, name in self.session.execute(query)]
+
     def assign(
         self, key: str, user_id: str, features: Mapping[str, float | str] | None = None
     ) -> dict[str, Any]:
@@ -223,6 +240,14 @@ class Experiments:
             check_weights([s.weight for s in specs])
         except WeightsError as e:
             raise InvalidInput(str(e)) from None
+        # A split allows it, an experiment does not: a variant nobody is assigned to measures
+        # nothing, and an empty control leaves the others nothing to be compared with.
+        empty = [s.name for s in specs if s.weight == 0]
+        if empty:
+            raise InvalidInput(
+                f"variant(s) {', '.join(map(repr, empty))} have weight 0: nobody would be "
+                "assigned to them; give every variant a weight of at least 1, or leave it out"
+            )
         rules = Rules(self.session)
         return [
             Variant(

@@ -74,6 +74,15 @@ def _run(store: Store, action: str, revision: str) -> None:
             f"cannot {action} to {revision!r}: not a revision; use head, base or an id from "
             "`discountctl db history`"
         )
+    current = current_revision(store) if action == "upgrade" else None
+    # Alembic upgrades "to" an older revision by doing nothing, and says nothing either.
+    if current in known and revision != current:
+        older = {rev.revision for rev in script().iterate_revisions(current, "base")}
+        if revision == "base" or revision in older:
+            raise InvalidInput(
+                f"cannot upgrade to {revision!r}: the store is already at {current}, which is "
+                f"newer; to go back, `discountctl db downgrade {revision}`"
+            )
     try:
         with store.engine.begin() as conn:
             config = alembic_config(conn)

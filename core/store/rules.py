@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 from datetime import datetime
-from typing import Any
+from decimal import Decimal
+from typing import Any, cast
 
-from sqlalchemy import select
+from sqlalchemy import Numeric, Table, select
 from sqlalchemy.orm import Session
 
 from core.policy import PolicyError, validate_params
@@ -29,6 +30,14 @@ DEFAULTS: dict[str, Any] = {
     "enabled": True,
 }
 FIELDS = frozenset(DEFAULTS) | {"policy", "params"}
+# The budget column's NUMERIC(p, s): PostgreSQL rounds a value to s decimals and refuses one
+# above the largest it holds, while SQLite stores either as given; refused here, so both
+# store exactly what the caller (and the audit log) saw.
+_BUDGET = cast(Numeric[float], cast(Table, Rule.__table__).columns["budget"].type)
+BUDGET_DECIMALS = _BUDGET.scale or 0
+MAX_BUDGET = (
+    Decimal(10) ** ((_BUDGET.precision or 0) - BUDGET_DECIMALS) - Decimal(10) ** -BUDGET_DECIMALS
+)
 
 
 class Rules:
@@ -141,6 +150,15 @@ class Rules:
             budget = _number("budget", budget)
             if budget < 0:
                 raise InvalidInput(f"budget must be >= 0 (or absent for no cap), got {budget:g}")
+            # repr: the shortest text that reads back as this float, i.e. what was typed.
+            exact = Decimal(repr(budget))
+            if exact.as_tuple().exponent < -BUDGET_DECIMALS:  # type: ignore[operator]
+                raise InvalidInput(
+                    f"budget {budget!r} has more than {BUDGET_DECIMALS} decimals; give it in "
+                    f"whole cents, e.g. {exact:.{BUDGET_DECIMALS}f}"
+                )
+            if exact > MAX_BUDGET:
+                raise InvalidInput(f"budget {budget!r} is above the largest allowed, {MAX_BUDGET}")
         valid_from, valid_until = v["valid_from"], v["valid_until"]
         for label, when in (("valid from", valid_from), ("valid until", valid_until)):
             if when is not None and (not isinstance(when, datetime) or when.tzinfo is None):
@@ -150,9 +168,7 @@ class Rules:
                 f"valid from ({valid_from.isoformat()}) must be before valid until "
                 f"({valid_until.isoformat()})"
             )
-        priority = v["priority"]
-        if isinstance(priority, bool) or not isinstance(priority, int):
-            raise InvalidInput(f"priority must be an integer, got {priority!r}")
+        priority = validate.priority(v["priority"])
         segment = v["segment"]
         return {
             "description": str(v["description"]),

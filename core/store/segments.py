@@ -62,6 +62,7 @@ class Segments:
     ) -> Segment:
         """A condition segment, or an empty member list when condition is None."""
         validate.name("segment", name)
+        validate.priority(priority)
         if self.session.scalar(select(Segment.id).where(Segment.name == name)) is not None:
             raise Conflict(f"segment {name!r} already exists; pick another name or update it")
         segment = Segment(
@@ -112,7 +113,7 @@ class Segments:
         if description is not None:
             segment.description = description
         if priority is not None:
-            segment.priority = priority
+            segment.priority = validate.priority(priority)
         if not self.session.is_modified(segment):
             return segment  # nothing to change: no new version, no audit entry (as for rules)
         segment.updated_at = utcnow()
@@ -158,7 +159,7 @@ class Segments:
         self, name: str, user_ids: Iterable[str], replace: bool = False
     ) -> tuple[Segment, int]:
         """Add (or with replace, set) the members of a member-list segment; returns (segment,
-        number of ids newly added)."""
+        number of ids newly added). Replacing with no ids empties the list."""
         segment = self.get(name)
         if segment.kind != "members":
             raise InvalidInput(
@@ -166,22 +167,23 @@ class Segments:
                 "(created without --condition/--where) take imported members"
             )
         wanted = list(dict.fromkeys(validate.ident("user id", u) for u in user_ids))
-        if not wanted:
+        if not wanted and not replace:
             raise InvalidInput("no user ids to import; the file has no rows")
+        existing = set(
+            self.session.scalars(
+                select(SegmentMember.user_id).where(SegmentMember.segment_id == segment.id)
+            )
+        )
+        new = [u for u in wanted if u not in existing]
+        if not new and (not replace or existing == set(wanted)):
+            return segment, 0  # nothing to change: no new version, no audit entry (as for rules)
         before = self.as_dict(segment)
         if replace:
             self.session.execute(
                 delete(SegmentMember).where(SegmentMember.segment_id == segment.id)
             )
-            existing: set[str] = set()
-        else:
-            existing = set(
-                self.session.scalars(
-                    select(SegmentMember.user_id).where(SegmentMember.segment_id == segment.id)
-                )
-            )
-        new = [u for u in wanted if u not in existing]
-        self.session.add_all(SegmentMember(segment_id=segment.id, user_id=u) for u in new)
+        added = wanted if replace else new
+        self.session.add_all(SegmentMember(segment_id=segment.id, user_id=u) for u in added)
         segment.updated_at = utcnow()
         self.session.flush()
         audit.record(

@@ -9,7 +9,10 @@ from core.store.tables import ID_LENGTH, NAME_LENGTH
 
 # Control characters: no id or name holds one (PostgreSQL text cannot even hold NUL).
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
-KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# Matched with fullmatch: `$` would also match before a final newline.
+KEY_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+# Priorities live in an INTEGER column: 32 bits on PostgreSQL (SQLite would take 64).
+PRIORITY_RANGE = (-(2**31), 2**31 - 1)
 
 
 def name(kind: str, value: str) -> str:
@@ -20,13 +23,19 @@ def name(kind: str, value: str) -> str:
         raise InvalidInput(f"{kind} name {value!r} has leading or trailing spaces; remove them")
     if len(value) > NAME_LENGTH:
         raise InvalidInput(f"{kind} name is {len(value)} characters; the limit is {NAME_LENGTH}")
-    if CONTROL_CHARACTERS.search(value):
-        raise InvalidInput(f"{kind} name {value!r} contains control characters; remove them")
+    # Not only ASCII controls: line and paragraph separators, zero-width and other invisible
+    # characters would make two names that look the same, or break a listing's lines.
+    hidden = [c for c in dict.fromkeys(value) if not c.isprintable()]
+    if hidden:
+        raise InvalidInput(
+            f"{kind} name {value!r} contains characters that are not printable "
+            f"({', '.join(ascii(c) for c in hidden)}); remove them"
+        )
     return value
 
 
 def key(kind: str, value: str) -> str:
-    if not KEY_PATTERN.match(value):
+    if not KEY_PATTERN.fullmatch(value):
         raise InvalidInput(
             f"{kind} {value!r} must be 1-64 letters, digits, '_', '.' or '-', "
             "starting with a letter or digit"
@@ -40,4 +49,11 @@ def ident(kind: str, value: str) -> str:
         raise InvalidInput(
             f"{kind} {value!r} must be 1-{ID_LENGTH} characters without control characters"
         )
+    return value
+
+
+def priority(value: object) -> int:
+    low, high = PRIORITY_RANGE
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidInput(f"priority must be an integer from {low} to {high}, got {value!r}")
     return value
