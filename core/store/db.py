@@ -124,8 +124,22 @@ class Store:
         self.engine = make_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
+    @property
+    def file_missing(self) -> bool:
+        """An SQLite store whose file does not exist: connecting would create it, and a mistyped
+        path would leave an empty file behind. Only `db upgrade` makes it."""
+        url = self.engine.url
+        database = url.database or ""
+        return (
+            url.get_backend_name() == "sqlite"
+            and database not in ("", ":memory:")
+            and not Path(database).exists()
+        )
+
     def ping(self) -> None:
         """Connect once, so an unreachable store fails fast with one clear line."""
+        if self.file_missing:
+            return  # nothing to reach yet; the schema check says what to run
         try:
             with self.engine.connect() as conn:
                 conn.execute(text("SELECT 1"))

@@ -39,6 +39,8 @@ def head_revision() -> str:
 
 
 def current_revision(store: Store) -> str | None:
+    if store.file_missing:
+        return None
     try:
         with store.engine.connect() as conn:
             return MigrationContext.configure(conn).get_current_revision()
