@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from core.artifact import current_version_dir, load_manifest
+from core.artifact import CURRENT, current_version_dir, load_manifest
 from core.features import FEATURE_NAMES
 from trainer.cli import main
 from trainer.synth import SynthConfig, make_shop, write_shop
@@ -85,6 +85,21 @@ def test_losing_to_popularity_is_loud(tasteful: Path, tmp_path: Path) -> None:
     assert "WARNING: the model LOSES to popularity on its validation split" in log
     manifest = load_manifest(Path(str(answer["version_dir"])))
     assert manifest.metrics["loses_to_popularity"] == 1.0
+    # The first version of a store is made current all the same: a server needs one.
+    assert answer["current"] is True
+    assert (tmp_path / "models" / CURRENT).read_text().strip() == manifest.version
+
+
+def test_a_version_that_loses_to_popularity_does_not_replace_the_serving_one(
+    tasteful: Path, tmp_path: Path
+) -> None:
+    good, _ = fit(tasteful, tmp_path / "models")
+    serving = Path(str(good["version_dir"])).name
+    worse, log = fit(tasteful, tmp_path / "models", "--regularization", "1000000")
+    assert worse["current"] is False
+    assert f"NOT made CURRENT: it loses to popularity, so {serving} keeps serving" in log
+    assert (tmp_path / "models" / CURRENT).read_text().strip() == serving
+    assert Path(str(worse["version_dir"])).is_dir()  # written and sealed, to promote by hand
 
 
 def test_without_validation_users_no_win_over_popularity_is_claimed(tmp_path: Path) -> None:

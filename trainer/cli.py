@@ -190,7 +190,15 @@ def fit(
         _err(f"  {name:32s} {value:.4f}")
     if outcome.loses_to_popularity:
         _err("WARNING: this model loses to popularity on its validation split (see above)")
-    click.echo(json.dumps({"version_dir": str(outcome.version_dir), "metrics": outcome.metrics}))
+    click.echo(
+        json.dumps(
+            {
+                "version_dir": str(outcome.version_dir),
+                "current": outcome.current,
+                "metrics": outcome.metrics,
+            }
+        )
+    )
 
 
 def _load(

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from core.artifact import CURRENT, MANIFEST
 from trainer.data import Loaded
 from trainer.evaluate import (
     Protocol,
@@ -55,6 +56,7 @@ class FitOutcome:
     metrics: dict[str, float]
     epochs: int
     loses_to_popularity: bool
+    current: bool  # CURRENT names it now
 
 
 def fingerprint(paths: tuple[Path, ...]) -> dict[str, str]:
@@ -131,6 +133,10 @@ def fit(
     final = train(config, everything, epochs=epochs, log=lambda _: None)
     order = np.argsort(-popularity(everything), kind="stable").astype(np.int64)
     reference = int(dataset.interactions.timestamp.max())
+    # A version that loses to popularity does not take over from one already serving:
+    # discountd follows CURRENT, so making it current would deploy it within seconds.
+    serving = _serving(out)
+    make_current = not loses or serving is None
     version_dir = write_artifact(
         out,
         dataset,
@@ -148,8 +154,24 @@ def fit(
             "validation": val.description,
         },
         data=_data_summary(loaded, reference),
+        make_current=make_current,
     )
-    return FitOutcome(version_dir, metrics, epochs, loses)
+    if not make_current:
+        say(
+            f"NOT made CURRENT: it loses to popularity, so {serving} keeps serving; to serve it "
+            f"anyway, write {version_dir.name} into {out / CURRENT} (or `discountctl models "
+            "register` and `promote` it)"
+        )
+    return FitOutcome(version_dir, metrics, epochs, loses, make_current)
+
+
+def _serving(out: Path) -> str | None:
+    """The version out's CURRENT names, if it names one that is there."""
+    try:
+        name = (out / CURRENT).read_text().strip()
+    except OSError:
+        return None
+    return name if name and (out / name / MANIFEST).is_file() else None
 
 
 def _describe(config: ModelConfig) -> str:
