@@ -56,6 +56,9 @@ class ModelVersion:
     popularity_rank: Ints  # per item, its position in popularity; -1 when absent
     history_indptr: Ints
     history_indices: Ints
+    # Per item, whether anyone bought it in training: an item nobody bought (a new arrival)
+    # has no factors to fold a user in from.
+    bought_in_training: npt.NDArray[np.bool_]
     # Prices, costs and user features for GetOffers; None when loaded without them.
     facts: ShopFacts | None = None
 
@@ -152,6 +155,7 @@ def load_version(path: Path, device: str, threads: int = 0, facts: bool = False)
         popularity_rank=_ranks(popularity, len(item_ids)),
         history_indptr=indptr,
         history_indices=indices,
+        bought_in_training=np.bincount(indices, minlength=len(item_ids)) > 0,
         facts=load_shop_facts(path) if facts else None,
     )
     _warm_up(model)

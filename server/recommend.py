@@ -25,7 +25,7 @@ MAX_IDS = 1000
 class ColdStart(enum.Enum):
     NONE = "none"  # a user the model was trained on
     FOLD_IN = "fold_in"  # unknown user, vector folded in from recent items
-    POPULARITY = "popularity"  # unknown user without usable recent items
+    POPULARITY = "popularity"  # unknown user without recent items the model learned from
 
 
 @dataclass(frozen=True)
@@ -129,12 +129,14 @@ def plan(model: ModelVersion, query: RecommendQuery) -> Plan | Recommendation:
                 model.item_index[i] for i in query.recent_item_ids if i in model.item_index
             )
         )
-        if not history:
-            return _popular(model, limit, excluded, allowed)
-        user, path = -1, ColdStart.FOLD_IN
         # For a user the model never saw, recent items play the part of purchases.
         if not query.include_purchased:
             excluded.update(history)
+        # Items nobody bought in training (new arrivals) have factors of zero: a user folded in
+        # from only those would be ranked by noise.
+        if not model.bought_in_training[history].any():
+            return _popular(model, limit, excluded, allowed)
+        user, path = -1, ColdStart.FOLD_IN
     return Plan(user, history, sorted(excluded), allowed, limit, path)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -18,7 +19,10 @@ from server_thread import bad_requests
 from core.artifact import CURRENT
 from discount.v1 import discount_pb2 as pb
 from discount.v1 import discount_pb2_grpc as pb_grpc
-from tests.conftest import RunningServer, TinyShop
+from server.model import load_version
+from server.recommend import ColdStart, RecommendQuery, recommend
+from tests.conftest import RunningServer, TinyShop, write_tiny_artifact
+from trainer.dataset import Interactions
 
 GARDEN_USER, KITCHEN_USER = "user-0", "user-39"
 
@@ -271,3 +275,32 @@ def test_access_log_names_method_status_and_request_id(
         for line in lines
     ), lines
     assert any("Recommend OK" in line and "request_id=r-2" in line for line in lines), lines
+
+
+def test_recent_items_nobody_bought_in_training_fall_back_to_popularity(
+    tmp_path: Path, tiny_shop: TinyShop
+) -> None:
+    # A new arrival: in the catalog, bought by nobody in training, so its factors say nothing.
+    bought = tiny_shop.dataset.interactions
+    keep = bought.item_index != 0
+    interactions = Interactions(
+        bought.user_index[keep],
+        bought.item_index[keep],
+        bought.timestamp[keep],
+        [e for e, k in zip(bought.event, keep, strict=True) if k],
+        bought.quantity[keep],
+        bought.price[keep],
+    )
+    shop = replace(tiny_shop, dataset=replace(tiny_shop.dataset, interactions=interactions))
+    model = load_version(write_tiny_artifact(tmp_path, shop), "cpu")
+    new_arrival, bestseller = "00000", model.item_ids[int(model.popularity[0])]
+
+    alone = recommend(model, RecommendQuery("new-shopper", 5, recent_item_ids=[new_arrival]))
+    assert alone.cold_start == ColdStart.POPULARITY
+    assert alone.items[0].item_id == bestseller
+    assert new_arrival not in {i.item_id for i in alone.items}, "recent items count as bought"
+
+    with_signal = recommend(
+        model, RecommendQuery("new-shopper", 5, recent_item_ids=[new_arrival, bestseller])
+    )
+    assert with_signal.cold_start == ColdStart.FOLD_IN
