@@ -70,15 +70,16 @@ class Outcome:
 
 def problem(event: EventIn, now: datetime) -> str | None:
     """Why the event cannot be stored ("CODE: sentence"), or None when it can."""
-    if not event.event_id:
+    # Blank counts as missing, as Recommend and GetOffers read a user_id: " " names no one.
+    if not event.event_id.strip():
         return "MISSING_EVENT_ID: every event needs a client-chosen event_id"
     if event.type not in EVENT_TYPES:
         return f"UNKNOWN_TYPE: type must be one of {', '.join(EVENT_TYPES)}"
-    if not event.user_id:
+    if not event.user_id.strip():
         return "MISSING_USER_ID: user_id is required"
-    if event.type in NEEDS_ITEM and not event.item_id:
+    if event.type in NEEDS_ITEM and not event.item_id.strip():
         return f"MISSING_ITEM_ID: a {event.type} event names its item_id"
-    if event.type == "redemption" and not event.offer_id:
+    if event.type == "redemption" and not event.offer_id.strip():
         return "MISSING_OFFER_ID: a redemption names the offer_id it redeems"
     for name, width in MAX_CHARS.items():
         if len(getattr(event, name)) > width:
