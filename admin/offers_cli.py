@@ -95,6 +95,13 @@ def report_command(app: App, key: str, plot_path: Path | None, output: str) -> N
             f"experiment {key} ({data['status']}); control: {data['control']}; "
             f"SRM p = {'n/a' if srm is None or math.isnan(srm) else f'{srm:.3g}'}"
         )
+        compared = 3 * (len(rows) - 1)
+        if compared > 1:
+            message(
+                f"p-values are per comparison and uncorrected: of these {compared}, about "
+                f"{compared * 0.05:.2g} fall below 0.05 by chance alone when nothing differs; "
+                "judge the one metric chosen before the experiment started"
+            )
     for warning in data["warnings"]:
         message(f"warning: {warning}")
     if plot_path is not None:

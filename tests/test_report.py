@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
@@ -14,6 +15,7 @@ import pytest
 from offer_server import ctl
 from scipy import stats as sps
 
+from core.artifact import CURRENT
 from core.store.db import Store
 from core.store.events import EventIn, record
 from core.store.offers import insert_offers
@@ -268,3 +270,65 @@ def test_repeat_purchase_is_within_30_days_of_the_first(
         ], datetime.now(UTC))  # fmt: skip
     store.dispose()
     assert _report(db_url)["variants"][0]["repeat_rate_30d"]["value"] == float(repeated)
+
+
+def test_events_count_from_the_offers_second_and_discounts_only_for_the_holder(
+    db_url: str,
+) -> None:
+    ctl(db_url, "rules", "create", "tier", "--policy", "tiered_topk",
+        "--param", "k1=1", "--param", "d1=20", "--param", "d2=0")  # fmt: skip
+    ctl(db_url, "experiments", "create", "ab", "--variant", "control:50",
+        "--variant", "treatment:50:tier")  # fmt: skip
+    # Offers carry microseconds, events whole seconds: an impression 0.3 s after an offer
+    # issued at .7 is stored in the offer's own second.
+    issued = START.replace(microsecond=700_000)
+    second = int(issued.timestamp())
+    offers = [
+        {**offer(0, "u0", "control", 0.0), "issued_at": issued},
+        {**offer(1, "u1", "treatment", 20.0), "issued_at": issued},
+    ]
+    events = [
+        EventIn("i0", "impression", "u0", "00001", occurred_at=second),
+        EventIn("i1", "impression", "u1", "00001", occurred_at=second),
+        EventIn("r1", "redemption", "u1", "", "o1", 800, 1, second),
+        # A control user checking out with the treatment user's token: control's revenue, and
+        # no discount charged to treatment, whose user this is not.
+        EventIn("r0", "redemption", "u0", "", "o1", 800, 1, second + 5),
+    ]
+    store = Store(db_url)
+    with store.transaction() as session:
+        insert_offers(session, offers)
+        record(session, events, datetime.now(UTC))
+    store.dispose()
+    result = ctl(db_url, "experiments", "report", "ab", "--output", "json")
+    control, treatment = json.loads(result.stdout)["variants"]
+    assert (control["users_exposed"], treatment["users_exposed"]) == (1, 1)
+    assert control["conversion"]["value"] == treatment["conversion"]["value"] == 1.0
+    assert (control["discount_cost"], treatment["discount_cost"]) == (0.0, 2.0)
+    assert "fewer than 10 buyers in control, treatment" in result.stderr
+    table = ctl(db_url, "experiments", "report", "ab")
+    assert "of these 3, about 0.15 fall below 0.05 by chance alone" in table.stderr
+
+
+def test_a_variant_without_margin_says_why(db_url: str, model_store: Path, tmp_path: Path) -> None:
+    store_copy = tmp_path / "models"
+    shutil.copytree(model_store, store_copy)
+    version = (store_copy / CURRENT).read_text().strip()
+    ctl(db_url, "models", "register", str(store_copy / version))
+    ctl(db_url, "models", "promote", version)
+    ctl(db_url, "experiments", "create", "ab", "--variant", "a:50", "--variant", "b:50")
+    second = int(START.timestamp()) + 10
+    store = Store(db_url)
+    with store.transaction() as session:
+        insert_offers(session, [offer(0, "u0", "a", 0.0), offer(1, "u1", "b", 0.0)])
+        # An item the active version's catalog does not have: its cost is unknown.
+        purchases = [
+            EventIn("p0", "purchase", "u0", "00001", "", 1000, 1, second),
+            EventIn("p1", "purchase", "u1", "new-item", "", 1000, 1, second),
+        ]
+        record(session, purchases, datetime.now(UTC))
+    store.dispose()
+    result = ctl(db_url, "experiments", "report", "ab", "--output", "json")
+    a, b = json.loads(result.stdout)["variants"]
+    assert a["margin_per_user"] is not None and b["margin_per_user"] is None
+    assert "margin is n/a for b: purchases of items without a cost" in result.stderr
