@@ -125,6 +125,7 @@ def _users(session: Session, key: str) -> dict[str, dict[str, _User]]:
 def report(session: Session, key: str, now: datetime) -> dict[str, Any]:
     experiment = Experiments(session).get(key)
     variants = experiment.variants
+    names = {v.name for v in variants}
     users = _users(session, key)
     owner = {u: data for group in users.values() for u, data in group.items()}
     costs = _costs(session)
@@ -235,6 +236,13 @@ def report(session: Session, key: str, now: datetime) -> dict[str, Any]:
         out.append(row)
     srm = stats.srm_p_value([r["users_assigned"] for r in out], [v.weight for v in variants])
     warnings = []
+    unknown = {name: len(group) for name, group in users.items() if name not in names}
+    if unknown:
+        shown = ", ".join(f"{name or '(none)'}: {n}" for name, n in sorted(unknown.items()))
+        warnings.append(
+            f"{sum(unknown.values())} users were offered under variants this experiment does not "
+            f"have ({shown}); they are left out of every figure and of the SRM check"
+        )
     if not math.isnan(srm) and srm < SRM_ALPHA:
         warnings.append(
             f"sample ratio mismatch: users per variant do not match the weights "

@@ -332,3 +332,18 @@ def test_a_variant_without_margin_says_why(db_url: str, model_store: Path, tmp_p
     a, b = json.loads(result.stdout)["variants"]
     assert a["margin_per_user"] is not None and b["margin_per_user"] is None
     assert "margin is n/a for b: purchases of items without a cost" in result.stderr
+
+
+def test_users_offered_under_a_variant_the_experiment_lacks_are_named(db_url: str) -> None:
+    ctl(db_url, "experiments", "create", "ab", "--variant", "a:50", "--variant", "b:50")
+    offers = [offer(0, "u0", "a", 0.0), offer(1, "u1", "b", 0.0)]
+    offers += [{**offer(n, f"u{n}", "", 0.0), "variant": None} for n in range(2, 5)]
+    store = Store(db_url)
+    with store.transaction() as session:
+        insert_offers(session, offers)
+    store.dispose()
+    result = ctl(db_url, "experiments", "report", "ab", "--output", "json")
+    assert [v["users_assigned"] for v in json.loads(result.stdout)["variants"]] == [1, 1]
+    assert "3 users were offered under variants this experiment does not have ((none): 3)" in (
+        result.stderr
+    )
