@@ -95,7 +95,9 @@ def report_command(app: App, key: str, plot_path: Path | None, output: str) -> N
             f"experiment {key} ({data['status']}); control: {data['control']}; "
             f"SRM p = {'n/a' if srm is None or math.isnan(srm) else f'{srm:.3g}'}"
         )
-        compared = 3 * (len(rows) - 1)
+        compared = sum(
+            row[column] != "-" for row in rows for column in ("p_conv", "p_rev", "p_margin")
+        )
         if compared > 1:
             message(
                 f"p-values are per comparison and uncorrected: of these {compared}, about "

@@ -54,6 +54,7 @@ MAX_POINTS = 400
 @dataclass
 class _User:
     first_offer: datetime
+    variant: str
     exposed: bool = False
     clicked: bool = False
     revenue: float = 0.0
@@ -117,7 +118,7 @@ def _users(session: Session, key: str) -> dict[str, dict[str, _User]]:
             del users[previous][user_id]
         # Events carry whole seconds and offers microseconds: an impression in the same second
         # as the first offer came after it, not before.
-        owner[user_id] = (variant or "", _User(when.replace(microsecond=0)))
+        owner[user_id] = (variant or "", _User(when.replace(microsecond=0), variant or ""))
         users[variant or ""][user_id] = owner[user_id][1]
     return users
 
@@ -129,11 +130,11 @@ def report(session: Session, key: str, now: datetime) -> dict[str, Any]:
     users = _users(session, key)
     owner = {u: data for group in users.values() for u, data in group.items()}
     costs = _costs(session)
-    variant_of = {u: v for v, group in users.items() for u in group}
     offer_item = select(
         Offer.offer_id,
         Offer.item_id,
         Offer.user_id,
+        Offer.experiment_key,
         Offer.variant,
         (Offer.base_price - Offer.final_price).label("discount"),
     ).subquery()
@@ -146,6 +147,7 @@ def report(session: Session, key: str, now: datetime) -> dict[str, Any]:
             Event.occurred_at,
             func.coalesce(Event.item_id, offer_item.c.item_id),
             offer_item.c.user_id,
+            offer_item.c.experiment_key,
             offer_item.c.variant,
             offer_item.c.discount,
         )
@@ -153,14 +155,14 @@ def report(session: Session, key: str, now: datetime) -> dict[str, Any]:
         .where(Event.user_id.in_(select(Offer.user_id).where(Offer.experiment_key == key)))
         .order_by(Event.occurred_at)
     )
-    for user_id, kind, revenue, quantity, occurred, item_id, holder, arm, discount in events:
+    for user_id, kind, revenue, quantity, occurred, item_id, holder, of, arm, discount in events:
         u = owner.get(user_id)
         if u is None or occurred < u.first_offer:
             continue
-        # Counted like the user's revenue, and only for an offer of the user's own variant made
-        # to this user: another's token, or an offer of a variant the user is not counted in,
-        # would charge an arm for a discount its users were not given.
-        if kind == "redemption" and holder == user_id and arm == variant_of[user_id]:
+        # Counted like the user's revenue, and only for an offer of this experiment and the
+        # user's own variant made to this user: another's token, or an offer of another
+        # experiment or variant, would charge an arm for a discount its users were not given.
+        if kind == "redemption" and (holder, of, arm) == (user_id, key, u.variant):
             u.discount += float(discount or 0.0) * (quantity or 1)
         if kind == "impression":
             u.exposed = True
@@ -236,7 +238,7 @@ def report(session: Session, key: str, now: datetime) -> dict[str, Any]:
         out.append(row)
     srm = stats.srm_p_value([r["users_assigned"] for r in out], [v.weight for v in variants])
     warnings = []
-    unknown = {name: len(group) for name, group in users.items() if name not in names}
+    unknown = {name: len(group) for name, group in users.items() if group and name not in names}
     if unknown:
         shown = ", ".join(f"{name or '(none)'}: {n}" for name, n in sorted(unknown.items()))
         warnings.append(

@@ -56,8 +56,8 @@ class ModelVersion:
     popularity_rank: Ints  # per item, its position in popularity; -1 when absent
     history_indptr: Ints
     history_indices: Ints
-    # Per item, whether anyone bought it in training: an item nobody bought (a new arrival)
-    # has no factors to fold a user in from.
+    # Per item, whether anyone bought it in training (the artifact records purchases only): an
+    # item nobody bought is most often a new arrival, with no factors to fold a user in from.
     bought_in_training: npt.NDArray[np.bool_]
     # Prices, costs and user features for GetOffers; None when loaded without them.
     facts: ShopFacts | None = None

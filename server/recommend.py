@@ -132,8 +132,9 @@ def plan(model: ModelVersion, query: RecommendQuery) -> Plan | Recommendation:
         # For a user the model never saw, recent items play the part of purchases.
         if not query.include_purchased:
             excluded.update(history)
-        # Items nobody bought in training (new arrivals) have factors of zero: a user folded in
-        # from only those would be ranked by noise.
+        # Items nobody bought in training are most often new arrivals, whose factors are zero:
+        # a user folded in from only those would be ranked by noise. (An item only viewed in
+        # training has factors, but the artifact records purchases only: popularity for it.)
         if not model.bought_in_training[history].any():
             return _popular(model, limit, excluded, allowed)
         user, path = -1, ColdStart.FOLD_IN

@@ -728,6 +728,8 @@ def test_schema_not_at_head_names_the_fix(tmp_path: Path) -> None:
     assert "has no schema yet; run `discountctl db upgrade`" in result.stderr
     current = ok(empty_db_url, "db current")
     assert current["current"] is None and current["at_head"] is False
+    downgrade = ctl(empty_db_url, "db", "downgrade", "base", "--yes")
+    assert downgrade.exit_code == 1 and "has no schema: nothing to downgrade" in downgrade.stderr
     # Asking created nothing: a mistyped path leaves no empty store behind.
     assert not (tmp_path / "new.db").exists()
 

@@ -105,6 +105,8 @@ def test_report_numbers_and_statistics(
     assert png.stat().st_size > 10_000
     table = ctl(url, "experiments", "report", "ab")
     assert "treatment" in table.stdout and "20.00%" in table.stdout
+    # Margin is n/a (no model version), so two p-values: conversion and revenue.
+    assert "of these 2, about 0.1 fall below 0.05 by chance alone" in table.stderr
 
 
 def test_sample_ratio_mismatch_warns(db_url: str) -> None:
@@ -306,8 +308,28 @@ def test_events_count_from_the_offers_second_and_discounts_only_for_the_holder(
     assert control["conversion"]["value"] == treatment["conversion"]["value"] == 1.0
     assert (control["discount_cost"], treatment["discount_cost"]) == (0.0, 2.0)
     assert "fewer than 10 buyers in control, treatment" in result.stderr
-    table = ctl(db_url, "experiments", "report", "ab")
-    assert "of these 3, about 0.15 fall below 0.05 by chance alone" in table.stderr
+
+
+def test_a_redemption_under_another_experiment_costs_this_one_nothing(db_url: str) -> None:
+    for key in ("ab", "other"):
+        ctl(db_url, "experiments", "create", key, "--variant", "control:50",
+            "--variant", "treatment:50")  # fmt: skip
+    second = int(START.timestamp()) + 10
+    offers = [
+        offer(0, "u0", "treatment", 0.0),
+        # The same user and variant name in another experiment, with a discount.
+        {**offer(1, "u0", "treatment", 20.0), "experiment_key": "other"},
+    ]
+    store = Store(db_url)
+    with store.transaction() as session:
+        insert_offers(session, offers)
+        record(session, [EventIn("r1", "redemption", "u0", "", "o1", 800, 1, second)],
+               datetime.now(UTC))  # fmt: skip
+    store.dispose()
+    result = ctl(db_url, "experiments", "report", "ab", "--output", "json")
+    treatment = json.loads(result.stdout)["variants"][1]
+    assert treatment["conversion"]["value"] == 1.0  # a purchase is a purchase
+    assert treatment["discount_cost"] == 0.0
 
 
 def test_a_variant_without_margin_says_why(db_url: str, model_store: Path, tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from onnx import TensorProto, helper
 from core.artifact import CURRENT, load_manifest, seal, set_current
 from discount.v1 import discount_pb2 as pb
 from server.errors import DeviceUnavailable
+from server.limits import PROBE_SLOTS
 from server.model import CUDA, load_version
 from server.versions import ModelStore, ort_threads_for
 from tests.conftest import RunningServer
@@ -89,29 +90,32 @@ def test_health_is_not_serving_until_a_model_loads(
 def test_health_watch_streams_are_capped(store: Path, serve: Serve) -> None:
     # Health needs no token, and each open Watch holds a gRPC call slot: uncapped, a caller
     # could hold them all and leave the port answering nobody.
-    running = serve(store, max_health_watches=2)
+    # More streams than the probe slots, and a call cap of one: only slots of their own, on
+    # top of gRPC's cap, leave room for the streams, a probe and a call all at once.
+    cap = PROBE_SLOTS + 2
+    running = serve(store, max_health_watches=cap, max_concurrent_rpcs=1)
     running.wait_first_load()
     health = health_pb2_grpc.HealthStub(running.channel)
     request = health_pb2.HealthCheckRequest(service=SERVICE)
-    watches = [health.Watch(request, timeout=30) for _ in range(2)]
+    watches = [health.Watch(request, timeout=60) for _ in range(cap)]
     for watch in watches:
         assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
     with pytest.raises(grpc.RpcError) as refused:
         next(health.Watch(request, timeout=30))
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert refused.value.details() == (
-        "2 health Watch streams open already; retry with backoff, or poll Check"
+        f"{cap} health Watch streams open already; retry with backoff, or poll Check"
     )
-    # The streams at their cap take nothing from probes and calls.
     assert health.Check(request).status == health_pb2.HealthCheckResponse.SERVING
     assert running.stub.GetModelInfo(pb.GetModelInfoRequest()).model_version
     # A closed stream gives its slot back.
     watches[0].cancel()
-    eventually(lambda: running.server.health.watching == 1, 10.0)
+    eventually(lambda: running.server.health.watching == cap - 1, 10.0)
     reopened = health.Watch(request, timeout=30)
     assert next(reopened).status == health_pb2.HealthCheckResponse.SERVING
     reopened.cancel()
-    watches[1].cancel()
+    for watch in watches[1:]:
+        watch.cancel()
 
 
 def test_reflection_lists_the_services(store: Path, serve: Serve) -> None:

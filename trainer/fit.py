@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from core.artifact import CURRENT, MANIFEST
+from core.artifact import CURRENT, MANIFEST, ArtifactError, current_version_dir
 from trainer.data import Loaded
 from trainer.evaluate import (
     Protocol,
@@ -168,10 +168,10 @@ def fit(
 def _serving(out: Path) -> str | None:
     """The version out's CURRENT names, if it names one that is there."""
     try:
-        name = (out / CURRENT).read_text().strip()
-    except OSError:
+        version = current_version_dir(out)
+    except (ArtifactError, OSError):
         return None
-    return name if name and (out / name / MANIFEST).is_file() else None
+    return version.name if (version / MANIFEST).is_file() else None
 
 
 def _describe(config: ModelConfig) -> str:

@@ -76,6 +76,8 @@ def _run(store: Store, action: str, revision: str) -> None:
             f"cannot {action} to {revision!r}: not a revision; use head, base or an id from "
             "`discountctl db history`"
         )
+    if action == "downgrade" and store.file_missing:
+        raise InvalidInput(f"store {store.masked_url} has no schema: nothing to downgrade")
     current = current_revision(store) if action == "upgrade" else None
     # Alembic upgrades "to" an older revision by doing nothing, and says nothing either.
     if current in known and revision != current:
