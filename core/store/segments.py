@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, insert, select
 from sqlalchemy.orm import Session
 
 from core.segments import ConditionError, parse_condition, to_json
@@ -183,7 +183,11 @@ class Segments:
                 delete(SegmentMember).where(SegmentMember.segment_id == segment.id)
             )
         added = wanted if replace else new
-        self.session.add_all(SegmentMember(segment_id=segment.id, user_id=u) for u in added)
+        if added:
+            # One executemany, not an ORM object per member: 200,000 members took 21 s that way.
+            self.session.execute(
+                insert(SegmentMember), [{"segment_id": segment.id, "user_id": u} for u in added]
+            )
         segment.updated_at = utcnow()
         self.session.flush()
         audit.record(
