@@ -332,6 +332,8 @@ def seeded_once(
 
 
 TIER = ("--policy", "tiered_topk", "--param", "k1=3", "--param", "d1=15", "--param", "d2=5")
+# A valid experiment so far: each case adds the one argument it refuses.
+AB2 = ("experiments", "create", "ab2", "--variant", "a:50", "--variant", "b:50")
 INVALID = [
     (("segments", "create", "new-customers", "--where", "order_count > 1"), "already exists"),
     (("segments", "create", "x", "--where", "age < 3"), "unknown feature 'age'"),
@@ -454,26 +456,13 @@ INVALID = [
         ("experiments", "create", "ab2", "--variant", "control:0", "--variant", "t:100:measured"),
         "'control' have weight 0: nobody would be assigned",
     ),
-    (
-        (
-            "experiments",
-            "create",
-            "ab2",
-            "--variant",
-            "a:50",
-            "--variant",
-            "b:50",
-            "--variant",
-            "x:0",
-        ),
-        "'x' have weight 0",
-    ),
+    ((*AB2, "--variant", "x:0"), "'x' have weight 0"),
     (
         ("experiments", "create", "ab2\n", "--variant", "a:50", "--variant", "b:50"),
         "must be 1-64 letters",
     ),
     (
-        ("experiments", "create", "ab2", "--variant", "a:50", "--variant", "b:50", "--salt", "a b"),
+        (*AB2, "--salt", "a b"),
         "must be 1-64 printable characters without spaces",
     ),
     (
@@ -489,20 +478,7 @@ INVALID = [
         ("experiments", "create", "bad key!", "--variant", "a:50", "--variant", "b:50"),
         "must be 1-64 letters",
     ),
-    (
-        (
-            "experiments",
-            "create",
-            "ab2",
-            "--variant",
-            "a:50",
-            "--variant",
-            "b:50",
-            "--target-segment",
-            "nope",
-        ),
-        "no segment named 'nope'",
-    ),
+    ((*AB2, "--target-segment", "nope"), "no segment named 'nope'"),
     (("experiments", "show", "nope"), "no experiment with key 'nope'"),
     (
         ("experiments", "update", "live", "--variant", "a:10", "--variant", "b:90"),
