@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA ?=
 
-.PHONY: demo test protos lint bench profile bench-gpu bench-quality bench-discounts loadtest soak clean
+.PHONY: demo test protos lint bench profile bench-gpu bench-quality bench-discounts bench-purchases loadtest soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,11 @@ loadtest: $(STAMP)
 # time into docs/BENCHMARKS.md "Soak". Not part of make test.
 soak: $(STAMP)
 	$(BIN)/python -m bench.soak
+
+# What discountd's hold of purchases since the model's data costs (server/purchases.py): read
+# times and memory into docs/BENCHMARKS.md "Recent purchases"; DISCOUNT_BENCH_PG_URL adds PostgreSQL.
+bench-purchases: $(STAMP)
+	$(BIN)/python -m bench.purchases
 
 # Popularity, our model, implicit ALS and BPR on Online Retail and MovieLens 100K; rewrites the
 # "Recommendation quality" section of docs/BENCHMARKS.md. Needs ../shared/datasets.

@@ -24,6 +24,7 @@ from server.interceptors import AccessLogInterceptor, Interceptor, RequestIdInte
 from server.limits import PROBE_SLOTS, grpc_options
 from server.metrics import Metrics
 from server.offering import Offering
+from server.purchases import RecentPurchases, data_end
 from server.response import ResponseModel
 from server.service import DiscountService
 from server.settings import Settings
@@ -37,6 +38,9 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # Health entry for the rule snapshot: NOT_SERVING while the store is unreachable.
 RULES_HEALTH = "discountd.rule_snapshot"
+# How long a new model version waits for the store's purchases since its data ended
+# (server.purchases) before it serves without them.
+PURCHASES_WAIT_S = 2.0
 
 
 class DiscountServer:
@@ -64,6 +68,7 @@ class DiscountServer:
         self.health = CappedHealth(settings.max_health_watches)
         self.first_load = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
+        self._refresh: asyncio.Future[bool] | None = None  # held: the loop keeps weak references
 
     async def start(self) -> None:
         for service in ("", SERVICE_NAME):
@@ -84,6 +89,11 @@ class DiscountServer:
     async def reload(self, force: bool = True) -> bool:
         """Load the version CURRENT names; SIGHUP forces a retry of a refused one."""
         switched = await self.store.reload(force=force)
+        if switched and self.offering is not None:
+            # Which purchases are recent depends on the model: read before it serves, unless
+            # the store is slow to answer; the read then goes on and later calls get it.
+            self._refresh = asyncio.ensure_future(self.offering.keeper.refresh())
+            await asyncio.wait({self._refresh}, timeout=PURCHASES_WAIT_S)
         if self.store.current is not None:
             for service in ("", SERVICE_NAME):
                 await self.health.set(service, SERVING)
@@ -150,7 +160,7 @@ def create_server(settings: Settings) -> tuple[DiscountServer, int]:
         clients = ClientRegistry()
         with offering.store.transaction() as session:
             clients.load_from(session)
-        offering.keeper.on_load = clients.load_from
+        offering.keeper.loaders.append(clients.load_from)
         interceptors.append(AuthInterceptor(clients))
     tls = TlsCredentials(settings.tls) if settings.tls is not None else None
     grpc_server = aio.server(
@@ -167,6 +177,9 @@ def create_server(settings: Settings) -> tuple[DiscountServer, int]:
         settings.workers,
         facts=offering is not None,
     )
+    if offering is not None:
+        offering.purchases = RecentPurchases(lambda: data_end(store.current))
+        offering.keeper.loaders.append(offering.purchases.load_from)
     server = DiscountServer(settings, grpc_server, store, offering, clients, tls, metrics)
     batcher = None
     if settings.batch_max_size > 1:

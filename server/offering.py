@@ -22,6 +22,7 @@ from core.store.errors import Conflict, DataRefused, StoreError
 from server.errors import NotReady, StoreDown, StoreRefused
 from server.limits import BoundedWrites, limit_store
 from server.offer_log import OfferLog
+from server.purchases import RecentPurchases
 from server.response import NoResponseModel
 from server.snapshot import SnapshotKeeper
 
@@ -40,6 +41,8 @@ class Offering:
     writes: BoundedWrites = field(default_factory=BoundedWrites)
     # The response model `optimal` rules price with (server.response); create_server sets it.
     respond: Respond = field(default_factory=NoResponseModel)
+    # What users bought since the serving model's data ended; create_server wires its reads.
+    purchases: RecentPurchases = field(default_factory=lambda: RecentPurchases(lambda: None))
     abandoned: bool = False  # stop() gave up on a store that does not answer
     # Where a stop puts the offers it could not write, for the next start (server.offer_log).
     spill_dir: Path | None = None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -44,6 +44,8 @@ class OffersQuery:
     item_ids: Sequence[str] = ()
     limit: int = 0
     context: Mapping[str, str] = field(default_factory=dict)
+    # As RecommendQuery.bought: kept out of the recommendations priced when item_ids is empty.
+    bought: Collection[str] = ()
 
 
 @record
@@ -135,7 +137,7 @@ def candidates(model: ModelVersion, facts: ShopFacts, query: OffersQuery) -> lis
     or the user's recommendations."""
     if query.item_ids:
         return _named_items(model, facts, query)
-    recommended = recommend(model, RecommendQuery(query.user_id, query.limit))
+    recommended = recommend(model, RecommendQuery(query.user_id, query.limit, bought=query.bought))
     return [
         ItemInput(
             item.item_id,

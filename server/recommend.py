@@ -6,7 +6,7 @@ Ids stay strings here; integer indices exist only between this module and the gr
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +36,9 @@ class RecommendQuery:
     recent_item_ids: Sequence[str] = ()
     categories: Sequence[str] = ()
     include_purchased: bool = False
+    # Items the store holds the user's purchases of since the model's data ended
+    # (server.purchases): excluded, with those the model was trained on, unless include_purchased.
+    bought: Collection[str] = ()
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,8 @@ def plan(model: ModelVersion, query: RecommendQuery) -> Plan | Recommendation:
     validate(query, model)
     limit = query.limit or DEFAULT_LIMIT
     excluded = {model.item_index[i] for i in query.exclude_item_ids if i in model.item_index}
+    if not query.include_purchased:
+        excluded.update(model.item_index[i] for i in query.bought if i in model.item_index)
     allowed = np.ones(len(model.categories), dtype=np.float32)
     if query.categories:
         allowed[:] = 0.0

@@ -172,6 +172,7 @@ class DiscountService(pb_grpc.DiscountServiceServicer):
             recent_item_ids=list(request.recent_item_ids),
             categories=list(request.categories),
             include_purchased=request.include_purchased,
+            bought=self._offering.purchases.of(request.user_id) if self._offering else (),
         )
         validate(query, None)
         model = self._store.require()
@@ -226,6 +227,7 @@ class DiscountService(pb_grpc.DiscountServiceServicer):
             item_ids=list(request.item_ids),
             limit=request.limit,
             context=dict(request.context),
+            bought=self._offering.purchases.of(request.user_id) if self._offering else (),
         )
         validate_offers(query)
         offering = self._require_offering()
@@ -295,6 +297,9 @@ class DiscountService(pb_grpc.DiscountServiceServicer):
         ]
         # A store-write thread: the event loop keeps answering while the store commits.
         outcomes = await offering.writes.run(lambda: offering.record_events(batch))
+        for event, outcome in zip(batch, outcomes, strict=True):
+            if event.type == "purchase" and outcome.verdict is not Verdict.REJECTED:
+                offering.purchases.add(event.user_id, event.item_id)  # stored: excluded at once
         for outcome in outcomes:
             self._metrics.events.labels(outcome.verdict.value).inc()
         return pb.RecordEventsResponse(

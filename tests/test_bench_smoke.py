@@ -19,7 +19,7 @@ from pg import pg_url_if_answering
 from sqlalchemy import create_engine
 from sqlalchemy import text as sql
 
-from bench import load, serving
+from bench import load, purchases, serving
 
 
 def test_bench_writes_its_section_and_keeps_the_others(tmp_path: Path) -> None:
@@ -151,3 +151,16 @@ def test_at_a_fixed_rate_latency_counts_from_when_a_call_was_due() -> None:
     report = load_health(Stalling(), concurrency=1, total=10, rate=50)
     assert report.requests == 10 and report.errors == {}
     assert report.p50_ms >= 100, report
+
+
+def test_bench_purchases_writes_its_table(tmp_path: Path) -> None:
+    doc = tmp_path / "BENCHMARKS.md"
+    postgres = pg_url_if_answering()
+    result = CliRunner().invoke(
+        purchases.main,
+        ["--purchases", "2500", "--users", "100", "--items", "50", "--doc", str(doc),
+         "--pg-url", postgres],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    table = re.findall(r"^\| (SQLite|PostgreSQL) \| ([\d,]+) \|", doc.read_text(), re.M)
+    assert table == [("SQLite", "2,500")] + ([("PostgreSQL", "2,500")] if postgres else [])

@@ -198,3 +198,12 @@ def record(session: Session, events: Sequence[EventIn], now: datetime) -> list[O
         else _resent(event, held[event.event_id], now)
         for n, (o, event) in enumerate(zip(outcomes, events, strict=True))
     ]
+
+
+def purchases_received_after(session: Session, after: datetime) -> list[tuple[str, str, datetime]]:
+    """(user_id, item_id, received_at) of every purchase stored after the given time, read
+    through the (type, received_at) index."""
+    query = select(Event.user_id, Event.item_id, Event.received_at).where(
+        Event.type == "purchase", Event.received_at > after
+    )
+    return [(user, item or "", received) for user, item, received in session.execute(query)]

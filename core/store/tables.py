@@ -353,6 +353,8 @@ class Event(Base):
         Index(None, "user_id"),
         Index(None, "offer_id"),
         Index(None, "type", "occurred_at"),
+        # discountd reads the purchases stored since its last read (server.purchases).
+        Index(None, "type", "received_at"),
     )
 
     event_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)

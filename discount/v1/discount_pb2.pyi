@@ -154,7 +154,9 @@ class RecommendRequest(_message.Message):
     limit: _builtins.int
     """How many items to return, 1 to 1000; 0 means the server default (10)."""
     include_purchased: _builtins.bool
-    """Also return items the user already bought in the training history (excluded by default)."""
+    """Also return items the user already bought (excluded by default): in the training history
+    and, on a server with a store, in the purchases it holds since the model's data ended.
+    """
     @_builtins.property
     def exclude_item_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Items never to return, at most 1000."""

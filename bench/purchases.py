@@ -1,0 +1,120 @@
+"""What discountd's hold of recent purchases (server.purchases) costs: the full read a new
+model version makes, a poll's read, and the memory held per purchase.
+
+The store gets `purchases` purchases of random users and items, stored 1,000 a minute (so a
+poll's read, which reaches back a minute, re-reads 1,000). SQLite always; PostgreSQL too with
+--pg-url or DISCOUNT_BENCH_PG_URL.
+
+    python -m bench.purchases [--pg-url postgresql+psycopg://postgres@127.0.0.1:5432/test]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import random
+import tempfile
+import time
+import tracemalloc
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import click
+
+from bench.doc import write_section
+from bench.serving import cpu_name, postgres_store, require_postgres
+from core.store import migrate
+from core.store.db import Store
+from core.store.events import EventIn, record
+from server.purchases import RecentPurchases
+
+SECTION = "## Recent purchases"
+PER_MINUTE = 1000
+START = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def fill(store: Store, purchases: int, users: int, items: int) -> None:
+    rng = random.Random(0)
+    for start in range(0, purchases, PER_MINUTE):
+        batch = [
+            EventIn(f"e{n}", "purchase", f"user-{rng.randrange(users)}", f"{rng.randrange(items)}")
+            for n in range(start, min(start + PER_MINUTE, purchases))
+        ]
+        with store.transaction() as session:
+            record(session, batch, START + timedelta(minutes=start // PER_MINUTE))
+
+
+def measure(store: Store) -> tuple[float, float, float]:
+    """Seconds of the full read, milliseconds of a poll's read, bytes held per purchase."""
+    purchases = RecentPurchases(lambda: START - timedelta(days=1))
+    started = time.perf_counter()
+    with store.transaction() as session:
+        purchases.load_from(session)
+    full = time.perf_counter() - started
+    started = time.perf_counter()
+    with store.transaction() as session:
+        purchases.load_from(session)
+    poll = time.perf_counter() - started
+    held = RecentPurchases(lambda: START - timedelta(days=1))
+    tracemalloc.start()
+    with store.transaction() as session:
+        held.load_from(session)
+    size, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return full, poll * 1000, size
+
+
+@click.command(help=__doc__)
+@click.option("--purchases", default=300_000, show_default=True, help="Purchases stored.")
+@click.option("--users", default=100_000, show_default=True, help="Distinct users they come from.")
+@click.option("--items", default=50_000, show_default=True, help="Distinct items they name.")
+@click.option(
+    "--pg-url",
+    envvar="DISCOUNT_BENCH_PG_URL",
+    default="",
+    help="Also a PostgreSQL store: a database is created on this server and dropped.",
+)
+@click.option("--doc", type=Path, default=Path("docs/BENCHMARKS.md"), show_default=True)
+def main(purchases: int, users: int, items: int, pg_url: str, doc: Path) -> None:
+    rows = []
+    with contextlib.ExitStack() as stack:
+        folder = stack.enter_context(tempfile.TemporaryDirectory())
+        backends = {"SQLite": f"sqlite:///{folder}/store.db"}
+        if pg_url:
+            require_postgres(pg_url)
+            backends["PostgreSQL"] = stack.enter_context(postgres_store(pg_url))
+        for name, url in backends.items():
+            store = Store(url)
+            try:
+                migrate.upgrade(store)
+                click.echo(f"{name}: storing {purchases:,} purchases", err=True)
+                fill(store, purchases, users, items)
+                full, poll_ms, size = measure(store)
+            finally:
+                store.dispose()
+            rows.append(
+                f"| {name} | {purchases:,} | {full:.2f} | {poll_ms:.1f} | {size / 1e6:.1f} "
+                f"| {size / purchases:.0f} |"
+            )
+            click.echo(rows[-1], err=True)
+    now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    body = f"""Measured {now} with `python -m bench.purchases{" --pg-url ..." if pg_url else ""}` \
+(`make bench-purchases`) on {cpu_name()}, Python {platform.python_version()}; the stores are \
+local (PostgreSQL on the same cores).
+
+The store holds {purchases:,} purchases by {users:,} users of {items:,} items, stored \
+{PER_MINUTE:,} a minute. The full read is what a newly served model version does (all purchases \
+since its data ended; it serves after 2 s, with or without them); a poll's read is what every rule \
+refresh adds (the purchases of the last minute again, then nothing new). Memory held is \
+tracemalloc's count after the full read.
+
+| store | purchases | full read s | poll's read ms | held MB | bytes per purchase |
+|---|---:|---:|---:|---:|---:|
+{chr(10).join(rows)}
+"""
+    write_section(doc, SECTION, body, before="## Serving profile")
+    click.echo(f"wrote {doc} ({SECTION})", err=True)
+
+
+if __name__ == "__main__":
+    main()
