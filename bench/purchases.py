@@ -10,6 +10,7 @@ poll's read, which reaches back a minute, re-reads 1,000). SQLite always; Postgr
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import platform
 import random
@@ -26,7 +27,7 @@ from bench.serving import cpu_name, postgres_store, require_postgres
 from core.store import migrate
 from core.store.db import Store
 from core.store.events import EventIn, record
-from server.purchases import RecentPurchases
+from server.purchases import MAX_HELD, RecentPurchases
 
 SECTION = "## Recent purchases"
 PER_MINUTE = 1000
@@ -44,21 +45,25 @@ def fill(store: Store, purchases: int, users: int, items: int) -> None:
             record(session, batch, START + timedelta(minutes=start // PER_MINUTE))
 
 
+def read(purchases: RecentPurchases) -> float:
+    """Seconds one read takes, as discountd's poll makes it."""
+    started = time.perf_counter()
+    asyncio.run(_read(purchases))
+    return time.perf_counter() - started
+
+
+async def _read(purchases: RecentPurchases) -> None:
+    await purchases.read()
+
+
 def measure(store: Store) -> tuple[float, float, float]:
     """Seconds of the full read, milliseconds of a poll's read, bytes held per purchase."""
-    purchases = RecentPurchases(lambda: START - timedelta(days=1))
-    started = time.perf_counter()
-    with store.transaction() as session:
-        purchases.load_from(session)
-    full = time.perf_counter() - started
-    started = time.perf_counter()
-    with store.transaction() as session:
-        purchases.load_from(session)
-    poll = time.perf_counter() - started
-    held = RecentPurchases(lambda: START - timedelta(days=1))
+    data_end = START - timedelta(days=1)
+    purchases = RecentPurchases(store, lambda: data_end, 60.0)
+    full, poll = read(purchases), read(purchases)
     tracemalloc.start()
-    with store.transaction() as session:
-        held.load_from(session)
+    held = RecentPurchases(store, lambda: data_end, 60.0)
+    read(held)
     size, _ = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     return full, poll * 1000, size
@@ -103,10 +108,10 @@ def main(purchases: int, users: int, items: int, pg_url: str, doc: Path) -> None
 local (PostgreSQL on the same cores).
 
 The store holds {purchases:,} purchases by {users:,} users of {items:,} items, stored \
-{PER_MINUTE:,} a minute. The full read is what a newly served model version does (all purchases \
-since its data ended; it serves after 2 s, with or without them); a poll's read is what every rule \
-refresh adds (the purchases of the last minute again, then nothing new). Memory held is \
-tracemalloc's count after the full read.
+{PER_MINUTE:,} a minute. The full read is what discountd does when a model version starts \
+serving (the newest purchases since its data end, {MAX_HELD:,} at most); a poll's read is what it \
+does every `--rules-poll-interval` (the purchases of the last minute again, then nothing new). \
+Memory held is tracemalloc's count after a full read, in one process.
 
 | store | purchases | full read s | poll's read ms | held MB | bytes per purchase |
 |---|---:|---:|---:|---:|---:|

@@ -68,7 +68,6 @@ class DiscountServer:
         self.health = CappedHealth(settings.max_health_watches)
         self.first_load = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
-        self._refresh: asyncio.Future[bool] | None = None  # held: the loop keeps weak references
 
     async def start(self) -> None:
         for service in ("", SERVICE_NAME):
@@ -90,10 +89,10 @@ class DiscountServer:
         """Load the version CURRENT names; SIGHUP forces a retry of a refused one."""
         switched = await self.store.reload(force=force)
         if switched and self.offering is not None:
-            # Which purchases are recent depends on the model: read before it serves, unless
-            # the store is slow to answer; the read then goes on and later calls get it.
-            self._refresh = asyncio.ensure_future(self.offering.keeper.refresh())
-            await asyncio.wait({self._refresh}, timeout=PURCHASES_WAIT_S)
+            # Which purchases are recent depends on the model. The first version waits for
+            # them before health says SERVING, unless the store is slow to answer; the read
+            # then goes on and later calls get it.
+            await asyncio.wait({self.offering.purchases.read()}, timeout=PURCHASES_WAIT_S)
         if self.store.current is not None:
             for service in ("", SERVICE_NAME):
                 await self.health.set(service, SERVING)
@@ -160,7 +159,7 @@ def create_server(settings: Settings) -> tuple[DiscountServer, int]:
         clients = ClientRegistry()
         with offering.store.transaction() as session:
             clients.load_from(session)
-        offering.keeper.loaders.append(clients.load_from)
+        offering.keeper.on_load = clients.load_from
         interceptors.append(AuthInterceptor(clients))
     tls = TlsCredentials(settings.tls) if settings.tls is not None else None
     grpc_server = aio.server(
@@ -178,8 +177,9 @@ def create_server(settings: Settings) -> tuple[DiscountServer, int]:
         facts=offering is not None,
     )
     if offering is not None:
-        offering.purchases = RecentPurchases(lambda: data_end(store.current))
-        offering.keeper.loaders.append(offering.purchases.load_from)
+        offering.purchases = RecentPurchases(
+            offering.store, lambda: data_end(store.current), settings.rules_poll_interval
+        )
     server = DiscountServer(settings, grpc_server, store, offering, clients, tls, metrics)
     batcher = None
     if settings.batch_max_size > 1:

@@ -41,8 +41,11 @@ class Offering:
     writes: BoundedWrites = field(default_factory=BoundedWrites)
     # The response model `optimal` rules price with (server.response); create_server sets it.
     respond: Respond = field(default_factory=NoResponseModel)
-    # What users bought since the serving model's data ended; create_server wires its reads.
-    purchases: RecentPurchases = field(default_factory=lambda: RecentPurchases(lambda: None))
+    # What users bought since the serving model's data ended; create_server gives it the
+    # store to read and the model whose data end counts.
+    purchases: RecentPurchases = field(
+        default_factory=lambda: RecentPurchases(None, lambda: None, 0.0)
+    )
     abandoned: bool = False  # stop() gave up on a store that does not answer
     # Where a stop puts the offers it could not write, for the next start (server.offer_log).
     spill_dir: Path | None = None
@@ -76,6 +79,7 @@ class Offering:
     def start(self, on_change: Callable[[bool], Awaitable[None]] | None = None) -> None:
         self.keeper.start(on_change)
         self.log.start()
+        self.purchases.start()
 
     async def stop(self, budget: float = 0.0) -> int:
         """Close the store's users; the number of issued offers the offer log could neither
@@ -103,6 +107,7 @@ class Offering:
         await asyncio.to_thread(self.writes.close)
         await self.log.close(budget)
         await self.keeper.stop()
+        await self.purchases.stop()
         self.store.dispose()
 
     def record_events(self, batch: list[events.EventIn]) -> list[events.Outcome]:

@@ -2,34 +2,43 @@
 excludes the purchases the model was trained on.
 
 A purchase is held as soon as this process stores it through RecordEvents. Purchases stored
-by anyone else (another worker or replica, a backfill) are read along with the rule snapshot
-(server.snapshot), so they arrive as fast as rule changes do and go stale with them. Each read
-asks only for purchases stored since the previous one, less OVERLAP. When a model whose data
-ends later starts serving, everything is read again from that point, which also drops the
-purchases the new model was trained on. So memory grows with the purchases made since the last
-training, not with the shop's history.
+by anyone else (another worker or replica, a backfill) are polled from the store, in reads of
+their own: a slow or failing read never holds up the rule snapshot. Each read asks only for
+purchases stored since the newest one the last read saw, less OVERLAP. When a model whose
+data ends elsewhere starts serving, the newest MAX_HELD purchases since its data end are read
+again from scratch, which also drops the ones the new model was trained on. So memory holds
+the purchases made since the model's data end, at most MAX_HELD of them at the switch.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import sys
 from collections import defaultdict
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy.orm import Session
+from sqlalchemy.exc import SQLAlchemyError
 
+from core.store.db import Store
+from core.store.errors import StoreError
 from core.store.events import purchases_received_after
 from server.model import ModelVersion
 
 log = logging.getLogger(__name__)
 # How far back each read reaches past the newest purchase the last one saw. received_at is
 # stamped before the transaction commits, so a purchase can become visible after a later-stamped
-# one has been read. The store's statement timeout (5 s) bounds that delay; different hosts'
-# clocks must also agree to within this.
+# one has been read: by the statement timeout on PostgreSQL (5 s, server.limits), the busy
+# timeout on SQLite. Different hosts' clocks must also agree to within this.
 OVERLAP = timedelta(seconds=60)
+# The most purchases a model switch reads (the newest; docs/BENCHMARKS.md "Recent purchases":
+# 300,000 took 35 MB and 1.2-1.3 s). A model trained on an old export would otherwise load the
+# store's whole purchase history into every worker.
+MAX_HELD = 500_000
 NONE: frozenset[str] = frozenset()
+Held = dict[str, frozenset[str]]
 
 
 def data_end(model: ModelVersion | None) -> datetime | None:
@@ -47,15 +56,35 @@ def data_end(model: ModelVersion | None) -> datetime | None:
     return None
 
 
-class RecentPurchases:
-    """Item ids per user id. The event loop reads and adds; a snapshot thread loads. Each user's
-    set is replaced, never changed in place, so a reader never sees one half-updated."""
+def _group(rows: list[tuple[str, str, datetime]]) -> Held:
+    read: dict[str, set[str]] = defaultdict(set)
+    for user, item, _ in rows:
+        read[user].add(sys.intern(item))
+    return {user: frozenset(items) for user, items in read.items()}
 
-    def __init__(self, since: Callable[[], datetime | None]) -> None:
+
+class RecentPurchases:
+    """Item ids per user id. Changed on the event loop only (reads run in a thread and hand
+    their rows back), so a purchase added while a read runs is never overwritten by it."""
+
+    def __init__(
+        self,
+        store: Store | None,
+        since: Callable[[], datetime | None],
+        interval: float,
+        limit: int = MAX_HELD,
+    ) -> None:
+        self._store = store  # None: hold only what this process adds
         self._since = since  # the serving model's data_end
-        self._loaded_since: datetime | None = None
+        self._interval = interval
+        self._limit = limit
+        self._items: Held = {}
+        self._read_for: datetime | None = None  # the data end the held purchases are since
         self._newest: datetime | None = None  # the newest received_at read so far
-        self._items: dict[str, frozenset[str]] = {}
+        self._added: list[tuple[str, str]] | None = None  # adds while a full read runs
+        self._reading: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.error = ""
 
     def of(self, user_id: str) -> frozenset[str]:
         return self._items.get(user_id, NONE)
@@ -65,29 +94,90 @@ class RecentPurchases:
         held = self.of(user_id)
         if item_id not in held:
             self._items[user_id] = held | {sys.intern(item_id)}
+        if self._added is not None:
+            self._added.append((user_id, item_id))
 
-    def load_from(self, session: Session) -> None:
+    def read(self) -> asyncio.Task[None]:
+        """A read of what the store holds since the last one; the one running, if one is (a
+        store that hangs then holds one thread, not one per poll)."""
+        if self._reading is None or self._reading.done():
+            self._reading = asyncio.create_task(self._read())
+        return self._reading
+
+    def start(self) -> None:
+        if self._store is not None:
+            self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        for task in (self._task, self._reading):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.read()
+            except Exception:  # a bug must not end the polls for the life of the process
+                log.exception("reading recent purchases failed")
+            await asyncio.sleep(self._interval)
+
+    async def _read(self) -> None:
         since = self._since()
-        if since is None:  # no model yet: nothing to measure "after its data" from
+        if since is None or self._store is None:
             return
-        if since != self._loaded_since or self._newest is None:
-            anew, after, newest = True, since, since
-        else:
-            anew, after, newest = False, max(since, self._newest - OVERLAP), self._newest
-        read: dict[str, set[str]] = defaultdict(set)
-        for user, item, received in purchases_received_after(session, after):
-            read[user].add(sys.intern(item))
-            newest = max(newest, received)
+        anew = since != self._read_for or self._newest is None
         if anew:
-            self._items = {user: frozenset(items) for user, items in read.items()}
-            log.info(
-                "recent purchases: %d users bought since %s, the serving model's data end",
-                len(read),
+            # Not after now: a data end ahead of the store's clock (local times read as UTC)
+            # would skip what is stored until then.
+            after, limit = min(since, datetime.now(UTC)), self._limit
+            self._added = []
+        else:
+            assert self._newest is not None
+            after, limit = self._newest - OVERLAP, None
+        try:
+            rows, held = await asyncio.to_thread(self._fetch, after, limit)
+        except (StoreError, SQLAlchemyError, OSError) as e:
+            self._failed(str(e) if isinstance(e, StoreError) else str(self._store.unavailable(e)))
+            return
+        finally:
+            added, self._added = self._added, None
+        if anew:
+            for user, item in added or ():
+                held[user] = held.get(user, NONE) | {item}
+            self._items = held
+            capped = len(rows) == limit
+            log.log(
+                logging.WARNING if capped else logging.INFO,
+                "recent purchases: %s%d of %d users since %s, the serving model's data end%s",
+                "the newest " if capped else "",
+                len(rows),
+                len(held),
                 since.isoformat(),
+                "; older ones are not excluded until the next model" if capped else "",
             )
         else:
-            for user, items in read.items():
-                held = self.of(user)
-                if not items <= held:
-                    self._items[user] = held | items
-        self._loaded_since, self._newest = since, newest
+            for user, items in held.items():
+                mine = self.of(user)
+                if not items <= mine:
+                    self._items[user] = mine | items
+        if self.error:
+            log.info("recent purchases read again from %s", self._store.masked_url)
+        self.error = ""
+        newest = max((received for _, _, received in rows), default=after)
+        self._read_for = since
+        self._newest = newest if anew or self._newest is None else max(newest, self._newest)
+
+    def _fetch(
+        self, after: datetime, limit: int | None
+    ) -> tuple[list[tuple[str, str, datetime]], Held]:
+        assert self._store is not None
+        with self._store.transaction() as session:
+            rows = purchases_received_after(session, after, limit)
+        return rows, _group(rows)
+
+    def _failed(self, message: str) -> None:
+        if message != self.error:
+            log.error("recent purchases: keeping what is held: %s", message)
+        self.error = message

@@ -52,9 +52,8 @@ class SnapshotKeeper:
         self._listener: threading.Thread | None = None
         self._on_change: Callable[[bool], Awaitable[None]] | None = None
         # Also read, in the snapshot's own transaction, by whoever needs store data kept as
-        # current as the rules (server.auth's client list, server.purchases): one refresh
-        # path, one staleness.
-        self.loaders: list[Callable[[Session], None]] = []
+        # current as the rules (server.auth's client list): one refresh path, one staleness.
+        self.on_load: Callable[[Session], None] | None = None
 
     def open(self) -> None:
         """Refuse a store that is unreachable or not at the schema head; load the first
@@ -77,8 +76,8 @@ class SnapshotKeeper:
     def _load(self) -> None:
         with self.store.transaction() as session:
             snapshot = load_snapshot(session, datetime.now(UTC))
-            for load in self.loaders:
-                load(session)
+            if self.on_load is not None:
+                self.on_load(session)
         self.snapshot, self._loaded_at = snapshot, time.monotonic()
         if not self.fresh and self.error:
             log.info("rule snapshot fresh again from %s", self.store.masked_url)

@@ -1,9 +1,10 @@
 """Purchases stored after the model's data ended are kept out of Recommend and GetOffers, as the
-purchases the model was trained on are: at once when this server stored them, after a rule
-snapshot refresh when another process did. SQLite, and PostgreSQL when it answers."""
+purchases the model was trained on are: at once when this server stored them, at its next poll
+of the store when another process did. SQLite, and PostgreSQL when it answers."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,7 +17,7 @@ from core.store.db import Store
 from core.store.events import EventIn, record
 from core.store.tables import Event
 from discount.v1 import discount_pb2 as pb
-from server.purchases import RecentPurchases
+from server.purchases import MAX_HELD, RecentPurchases
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -56,9 +57,14 @@ def stored_elsewhere(db_url: str, event_id: str, user: str, item: str) -> None:
 
 
 def test_a_purchase_recorded_here_leaves_recommendations_at_once(server: OfferServer) -> None:
-    top = recommended(server, "user-0")[0]
+    top, second = recommended(server, "user-0")[:2]
     buy(server, "p1", "user-0", top)
     assert top not in recommended(server, "user-0")
+    # Refused (another event under p1's id), so not stored, so not a purchase.
+    reused = pb.Event(event_id="p1", type=pb.EVENT_TYPE_PURCHASE, user_id="user-0", item_id=second)
+    refused = server.stub.RecordEvents(pb.RecordEventsRequest(events=[reused])).results[0]
+    assert refused.status == pb.EVENT_STATUS_REJECTED
+    assert second in recommended(server, "user-0")
     assert top in recommended(server, "user-0", include_purchased=True)
     assert top in recommended(server, "user-1")  # only the buyer's own purchase
     # The other store-backed path to a ranking: GetOffers prices recommendations.
@@ -77,9 +83,7 @@ def test_an_unknown_users_purchase_leaves_popularity_and_fold_in(server: OfferSe
     assert folded and popular not in folded
 
 
-def test_a_purchase_another_process_stored_is_read_with_the_rules(
-    model_store: Path, db_url: str
-) -> None:
+def test_a_purchase_another_process_stored_is_polled(model_store: Path, db_url: str) -> None:
     running = OfferServer(model_store, db_url, rules_poll_interval=0.2)
     try:
         top = recommended(running, "user-0")[0]
@@ -106,39 +110,100 @@ def test_purchases_stored_before_a_start_are_held_from_the_first_call(
         running.close()
 
 
+def stored_on(store: Store, received: dict[str, datetime], user: str = "u") -> None:
+    """Purchases of item-<id> by user, stored at the given times (received_at as set)."""
+    with store.transaction() as session:
+        record(session, [EventIn(f"e-{i}", "purchase", user, f"item-{i}") for i in received], T0)
+        for i, at in received.items():
+            session.execute(update(Event).where(Event.event_id == f"e-{i}").values(received_at=at))
+
+
+class Held:
+    """A RecentPurchases read by hand, as discountd's poll would, for a data end set by hand."""
+
+    def __init__(self, store: Store | None, limit: int = MAX_HELD) -> None:
+        self.data_end: datetime | None = None
+        self.purchases = RecentPurchases(store, lambda: self.data_end, 60.0, limit)
+
+    def read(self, user: str = "u") -> frozenset[str]:
+        asyncio.run(self._read())
+        return self.purchases.of(user)
+
+    async def _read(self) -> None:
+        await self.purchases.read()
+
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
 def test_only_purchases_after_the_models_data_are_held(store: Store) -> None:
     """The read starts where the serving model's data ends and again, from scratch, where a
     newer model's ends: purchases a model was trained on are not held twice."""
-    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    stored_on(store, {str(day): T0 + timedelta(days=day) for day in range(4)})  # item-N on day N
     with store.transaction() as session:
-        record(
-            session,
-            [EventIn(f"e{day}", "purchase", "u", f"item-{day}") for day in range(4)]
-            + [EventIn("v", "view", "u", "viewed")],
-            t0,
-        )
-        for day in range(4):  # item-N stored on day N
-            session.execute(
-                update(Event)
-                .where(Event.event_id == f"e{day}")
-                .values(received_at=t0 + timedelta(days=day))
-            )
-    data_end: list[datetime | None] = [None]
-    purchases = RecentPurchases(lambda: data_end[0])
+        record(session, [EventIn("v", "view", "u", "viewed")], T0)
+    held = Held(store)
+    assert held.read() == frozenset()  # no model serving yet
+    held.data_end = T0 + timedelta(hours=12)
+    assert held.read() == {"item-1", "item-2", "item-3"}
+    held.purchases.add("u", "item-9")  # stored by this process a moment ago
+    assert held.read() == {"item-1", "item-2", "item-3", "item-9"}  # a re-read keeps it
+    held.data_end = T0 + timedelta(days=1, hours=12)  # a model trained on day 1's purchase
+    assert held.read() == {"item-2", "item-3"}
+    stored_on(store, {"4": datetime.now(UTC)})
+    assert held.read() == {"item-2", "item-3", "item-4"}
+    assert held.purchases.of("someone else") == frozenset()
 
-    def load() -> frozenset[str]:
-        with store.transaction() as session:
-            purchases.load_from(session)
-        return purchases.of("u")
 
-    assert load() == frozenset()  # no model serving yet
-    data_end[0] = t0 + timedelta(hours=12)
-    assert load() == {"item-1", "item-2", "item-3"}
-    purchases.add("u", "item-9")  # stored by this process a moment ago
-    assert load() == {"item-1", "item-2", "item-3", "item-9"}  # a re-read keeps it
-    data_end[0] = t0 + timedelta(days=1, hours=12)  # a model trained on day 1's purchase
-    assert load() == {"item-2", "item-3"}
-    with store.transaction() as session:
-        record(session, [EventIn("e4", "purchase", "u", "item-4")], datetime.now(UTC))
-    assert load() == {"item-2", "item-3", "item-4"}
-    assert purchases.of("someone else") == frozenset()
+def test_a_purchase_committed_after_a_later_one_was_read_is_still_held(store: Store) -> None:
+    """received_at is stamped before the commit: a slow transaction's purchase can appear
+    after the read that saw a newer one, and the next read reaches back for it."""
+    now = datetime.now(UTC)
+    stored_on(store, {"new": now})
+    held = Held(store)
+    held.data_end = now - timedelta(days=1)
+    assert held.read() == {"item-new"}
+    stored_on(store, {"slow": now - timedelta(seconds=30)})
+    assert held.read() == {"item-new", "item-slow"}
+
+
+def test_a_model_switch_reads_the_newest_purchases_up_to_the_limit(store: Store) -> None:
+    stored_on(store, {str(n): T0 + timedelta(minutes=n) for n in range(5)})
+    held = Held(store, limit=3)
+    held.data_end = T0 - timedelta(days=1)
+    assert held.read() == {"item-2", "item-3", "item-4"}
+
+
+def test_a_data_end_ahead_of_the_stores_clock_misses_no_purchase(store: Store) -> None:
+    # Local times east of UTC read as UTC: the data seems to end after now.
+    held = Held(store)
+    held.data_end = datetime.now(UTC) + timedelta(hours=2)
+    assert held.read() == frozenset()
+    stored_on(store, {"x": datetime.now(UTC)})
+    assert held.read() == {"item-x"}
+
+
+def test_a_failed_read_keeps_what_is_held(tmp_path: Path) -> None:
+    unmigrated = Store(f"sqlite:///{tmp_path / 'empty.db'}")  # no events table: every read fails
+    try:
+        held = Held(unmigrated)
+        held.data_end = T0
+        held.purchases.add("u", "item-1")
+        assert held.read() == {"item-1"}
+        assert "events" in held.purchases.error
+    finally:
+        unmigrated.dispose()
+
+
+def test_a_purchase_added_while_a_read_runs_is_kept(store: Store) -> None:
+    held = Held(store)
+    held.data_end = T0
+
+    async def add_during_the_read() -> None:
+        reading = held.purchases.read()
+        await asyncio.sleep(0)  # the read has started; its rows are applied after this add
+        held.purchases.add("u", "item-9")
+        await reading
+
+    asyncio.run(add_during_the_read())
+    assert held.purchases.of("u") == {"item-9"}

@@ -200,10 +200,14 @@ def record(session: Session, events: Sequence[EventIn], now: datetime) -> list[O
     ]
 
 
-def purchases_received_after(session: Session, after: datetime) -> list[tuple[str, str, datetime]]:
-    """(user_id, item_id, received_at) of every purchase stored after the given time, read
-    through the (type, received_at) index."""
+def purchases_received_after(
+    session: Session, after: datetime, limit: int | None = None
+) -> list[tuple[str, str, datetime]]:
+    """(user_id, item_id, received_at) of the purchases stored after the given time (the newest
+    `limit` of them, when given), read through the (type, received_at) index."""
     query = select(Event.user_id, Event.item_id, Event.received_at).where(
         Event.type == "purchase", Event.received_at > after
     )
+    if limit is not None:
+        query = query.order_by(Event.received_at.desc()).limit(limit)
     return [(user, item or "", received) for user, item, received in session.execute(query)]

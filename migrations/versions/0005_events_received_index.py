@@ -1,8 +1,8 @@
 """events: an index on (type, received_at) for discountd's read of new purchases
 
 discountd excludes from recommendations what a user bought since the model's data ended; it
-reads the purchases stored since its last read every rule refresh (server.purchases), which
-without this index is a scan of every event ever stored.
+polls the purchases stored since its last read (server.purchases), which without this index is
+a scan of every event ever stored.
 
 Revision ID: 0005
 Revises: 0004
