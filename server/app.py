@@ -164,7 +164,9 @@ def create_server(settings: Settings) -> tuple[DiscountServer, int]:
     tls = TlsCredentials(settings.tls) if settings.tls is not None else None
     grpc_server = aio.server(
         interceptors=interceptors,
-        options=grpc_options(share_port=settings.workers > 1),
+        options=grpc_options(
+            settings.workers > 1, settings.max_connection_age, settings.max_connection_age_grace
+        ),
         maximum_concurrent_rpcs=(
             settings.max_concurrent_rpcs + PROBE_SLOTS + settings.max_health_watches
         ),

@@ -35,6 +35,8 @@ PROBE_SLOTS = 64
 # gRPC's cap sits this many higher again, so open streams take no slot of a call or a probe.
 # A client channel with gRPC's client-side health checking holds one per server address.
 MAX_HEALTH_WATCHES = 256
+# What calls get to finish on a connection past its --max-connection-age (grpc_options).
+MAX_CONNECTION_AGE_GRACE_S = 30.0
 # Offers issued but not yet written to the store (a store outage keeps them queued). When the
 # queue is full GetOffers refuses: handing out a token whose offer might never be logged
 # would break "every offer id handed out is in the offers table".
@@ -82,14 +84,29 @@ def shorten(text: str, limit: int) -> str:
     return text
 
 
-def grpc_options(share_port: bool) -> list[tuple[str, int]]:
+def grpc_options(
+    share_port: bool, max_connection_age: float = 0.0, grace: float = MAX_CONNECTION_AGE_GRACE_S
+) -> list[tuple[str, int]]:
     """share_port: let other processes bind the same port (SO_REUSEPORT, which gRPC sets on
     Linux unless told not to); only --workers wants it. Left on for one process, a second
-    discountd started by mistake on the same port would bind too, and take half its calls."""
-    return [
+    discountd started by mistake on the same port would bind too, and take half its calls.
+
+    max_connection_age (seconds; 0: for ever): after it gRPC sends the client a GOAWAY, and
+    its channel reconnects for the next call. The kernel spreads connections over --workers
+    (and a balancer over replicas) only when they are made, so a long-lived client channel
+    would stay on one process for good. And a connection closes `grace` seconds later with
+    whatever it still holds, so a call whose request never arrives keeps its slot of gRPC's
+    call cap for at most the two together, instead of until its client goes."""
+    options = [
         ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
         ("grpc.so_reuseport", int(share_port)),
     ]
+    if max_connection_age > 0:
+        options += [
+            ("grpc.max_connection_age_ms", int(max_connection_age * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(grace * 1000)),
+        ]
+    return options
 
 
 # RecordEvents batches waiting for, or holding, a store-write thread. More are refused with

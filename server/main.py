@@ -19,6 +19,7 @@ import click
 from core.artifact import ArtifactError
 from core.store.errors import StoreError
 from server.app import create_server
+from server.limits import MAX_CONNECTION_AGE_GRACE_S
 from server.logs import configure as configure_logs
 from server.settings import SOURCES, Settings, SettingsError, insecure_demo_key_in_use, resolve
 from server.versions import LARGE_CATALOG
@@ -134,6 +135,12 @@ def _env(name: str) -> str:
     help="ONNX Runtime threads per model run; 0: chosen for each model version, each worker's "
     "share of the cores less one (kept for its event loop), or the whole share for catalogs of "
     f"{LARGE_CATALOG:,} items or more, where the model is the limit. {_env('ort_threads')}",
+)
+@click.option(
+    "--max-connection-age",
+    help="Seconds a client connection lives before the server asks its client to reconnect "
+    "(GOAWAY), so --workers and replicas get new connections to share; calls in flight get "
+    f"{MAX_CONNECTION_AGE_GRACE_S:g} s more to finish; 0: for ever. {_env('max_connection_age')}",
 )
 def main(insecure_demo_key: bool, insecure: bool, **flags: str | None) -> None:
     """Serve recommendations and personalized offers over gRPC (with health and reflection).

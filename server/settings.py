@@ -13,7 +13,7 @@ from typing import TypeVar
 from core.offer_token import OfferKeyError, OfferKeys, load_offer_keys
 from core.store.db import DEFAULT_URL
 from server.auth import AUTH_MODES
-from server.limits import MAX_CONCURRENT_RPCS, MAX_HEALTH_WATCHES
+from server.limits import MAX_CONCURRENT_RPCS, MAX_CONNECTION_AGE_GRACE_S, MAX_HEALTH_WATCHES
 from server.logs import LEVELS
 from server.tls import TlsError, TlsFiles, load
 
@@ -45,8 +45,11 @@ SOURCES: dict[str, tuple[str, str | None]] = {
     "batch_max_wait_us": ("DISCOUNT_BATCH_MAX_WAIT_US", "0"),
     "workers": ("DISCOUNT_WORKERS", "1"),
     "ort_threads": ("DISCOUNT_ORT_THREADS", "0"),
+    "max_connection_age": ("DISCOUNT_MAX_CONNECTION_AGE", "300"),
 }
 SWITCHES = ("on", "off")
+# gRPC keeps the age in int32 milliseconds: 24.8 days at most; a week is plenty.
+MAX_CONNECTION_AGE_S = 7 * 86_400
 # A public key for `make demo` and local trials only: anyone can forge offers signed with it.
 DEMO_OFFER_KEY = b"discountd-insecure-demo-key--anyone-can-forge-offers-signed-with-it"
 
@@ -99,6 +102,11 @@ class Settings:
     max_concurrent_rpcs: int = MAX_CONCURRENT_RPCS
     # Health Watch streams open at once; more are refused RESOURCE_EXHAUSTED (server.health).
     max_health_watches: int = MAX_HEALTH_WATCHES
+    # Seconds a client connection lives before the server asks its client to reconnect (gRPC's
+    # GOAWAY, jittered by ±10%; server.limits.grpc_options); 0: for ever.
+    max_connection_age: float = 300.0
+    # Seconds the calls on such a connection get to finish before it is closed under them.
+    max_connection_age_grace: float = MAX_CONNECTION_AGE_GRACE_S
     # The folder `discount-train response` wrote; None: `optimal` rules grant no discount.
     response_model_dir: Path | None = None
 
@@ -212,12 +220,18 @@ def resolve(
         problems.append(
             f"{flag('ort_threads')}: {raw['ort_threads']!r} is not 0 (automatic) to 256"
         )
+    connection_age = _number(raw["max_connection_age"], float)
+    if connection_age is None or not 0 <= connection_age <= MAX_CONNECTION_AGE_S:
+        problems.append(
+            f"{flag('max_connection_age')}: {raw['max_connection_age']!r} is not 0 (for ever) "
+            f"to {MAX_CONNECTION_AGE_S:g} seconds"
+        )
     if problems:
         raise SettingsError("invalid settings: " + "; ".join(problems))
     assert model_dir is not None and port is not None and poll is not None and grace is not None
     assert rules_poll is not None and ttl is not None
     assert batch_size is not None and batch_wait is not None and workers is not None
-    assert ort_threads is not None
+    assert ort_threads is not None and connection_age is not None
     return Settings(
         Path(model_dir),
         device,
@@ -240,6 +254,7 @@ def resolve(
         ort_threads=ort_threads,
         response_model_dir=Path(response_dir) if response_dir else None,
         offer_spill_dir=spill_dir,
+        max_connection_age=connection_age,
     )
 
 

@@ -7,7 +7,8 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -116,6 +117,28 @@ def test_health_watch_streams_are_capped(store: Path, serve: Serve) -> None:
     reopened.cancel()
     for watch in watches[1:]:
         watch.cancel()
+
+
+def test_a_connection_past_its_age_is_closed_and_its_client_reconnects(
+    store: Path, serve: Serve
+) -> None:
+    running = serve(store, max_connection_age=1.0, max_connection_age_grace=0.5)
+    running.wait_first_load()
+    # A call whose request never arrives: it holds a slot of gRPC's call cap until its
+    # connection goes, which the connection's age now decides, not the caller.
+    never = threading.Event()
+
+    def no_request() -> Iterator[bytes]:
+        never.wait()
+        yield b""
+
+    stalled = running.channel.stream_stream(f"/{SERVICE}/Recommend")(no_request(), timeout=30)
+    with pytest.raises(grpc.RpcError) as closed:
+        next(stalled)
+    never.set()
+    assert closed.value.code() == grpc.StatusCode.UNAVAILABLE  # not DEADLINE_EXCEEDED
+    # The same channel reconnects for the next call.
+    assert running.stub.GetModelInfo(pb.GetModelInfoRequest()).model_version
 
 
 def test_reflection_lists_the_services(store: Path, serve: Serve) -> None:

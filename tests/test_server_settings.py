@@ -41,8 +41,14 @@ def test_environment_fills_in_and_flags_win(tmp_path: Path) -> None:
         6000,
         0.0,
     )
-    flagged = resolve({"port": "7000", "device": "cuda", "grace": "1.5"}, env=env, insecure=True)
+    assert from_env.max_connection_age == 300.0
+    flagged = resolve(
+        {"port": "7000", "device": "cuda", "grace": "1.5", "max_connection_age": "0"},
+        env=env,
+        insecure=True,
+    )
     assert (flagged.port, flagged.device, flagged.grace) == (7000, "cuda", 1.5)
+    assert flagged.max_connection_age == 0.0
 
 
 def test_every_bad_setting_is_reported_at_once(tmp_path: Path) -> None:
@@ -54,6 +60,7 @@ def test_every_bad_setting_is_reported_at_once(tmp_path: Path) -> None:
         "grace": "soon",
         "host": "",
         "ort_threads": "-2",
+        "max_connection_age": "1e9",
     }
     with pytest.raises(SettingsError) as raised:
         resolve(flags, env=KEY, insecure=True)
@@ -66,6 +73,7 @@ def test_every_bad_setting_is_reported_at_once(tmp_path: Path) -> None:
         "--grace / DISCOUNT_SHUTDOWN_GRACE: 'soon'",
         "--host / DISCOUNT_GRPC_HOST must not be empty",
         "--ort-threads / DISCOUNT_ORT_THREADS: '-2'",
+        "--max-connection-age / DISCOUNT_MAX_CONNECTION_AGE: '1e9' is not 0 (for ever) to 604800",
     ):
         assert expected in message
 
