@@ -38,8 +38,8 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # Health entry for the rule snapshot: NOT_SERVING while the store is unreachable.
 RULES_HEALTH = "discountd.rule_snapshot"
-# How long a new model version waits for the store's purchases since its data ended
-# (server.purchases) before it serves without them.
+# How long health waits, at the first model load, for the store's purchases since the model's
+# data ended (server.purchases) before it says SERVING without them.
 PURCHASES_WAIT_S = 2.0
 
 
@@ -89,9 +89,9 @@ class DiscountServer:
         """Load the version CURRENT names; SIGHUP forces a retry of a refused one."""
         switched = await self.store.reload(force=force)
         if switched and self.offering is not None:
-            # Which purchases are recent depends on the model. The first version waits for
-            # them before health says SERVING, unless the store is slow to answer; the read
-            # then goes on and later calls get it.
+            # Which purchases are recent depends on the model. A switch is already serving;
+            # after a start, health says SERVING once they are read, or the store was slow
+            # and the read goes on.
             await asyncio.wait({self.offering.purchases.read()}, timeout=PURCHASES_WAIT_S)
         if self.store.current is not None:
             for service in ("", SERVICE_NAME):

@@ -96,7 +96,8 @@ def grpc_options(
     (and a balancer over replicas) only when they are made, so a long-lived client channel
     would stay on one process for good. And a connection closes `grace` seconds later with
     whatever it still holds, so a call whose request never arrives keeps its slot of gRPC's
-    call cap for at most the two together, instead of until its client goes."""
+    call cap for at most the age (which gRPC stretches by up to 10%, so connections made
+    together do not all go at once) and the grace, instead of until its client goes."""
     options = [
         ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
         ("grpc.so_reuseport", int(share_port)),
@@ -114,6 +115,16 @@ def grpc_options(
 MAX_WAITING_EVENT_BATCHES = 64
 # Threads of their own, so a stalled store cannot take the threads Recommend and GetOffers use.
 STORE_WRITE_THREADS = 4
+
+
+async def settled(work: asyncio.Future[Any] | None, wait: float) -> bool:
+    """Whether work running in a thread is over, waiting up to `wait` seconds. A thread that
+    waits on a store that hangs cannot be stopped, and joining it (asyncio.run does at exit,
+    then the interpreter) would hold the process until TCP gives up on the store."""
+    if work is None or work.done():
+        return True
+    done, _ = await asyncio.wait({work}, timeout=wait)
+    return bool(done)
 
 
 def limit_store(store: Store) -> None:

@@ -68,7 +68,8 @@ def _env(name: str) -> str:
 )
 @click.option(
     "--rules-poll-interval",
-    help=f"Seconds between rule reloads (PostgreSQL also on NOTIFY). {_env('rules_poll_interval')}",
+    help="Seconds between rule reloads (PostgreSQL also on NOTIFY), and between reads of the "
+    f"purchases other processes stored. {_env('rules_poll_interval')}",
 )
 @click.option("--offer-ttl", help=f"Seconds an offer's price holds. {_env('offer_ttl')}")
 @click.option(

@@ -89,7 +89,7 @@ class OfferLog:
             try:
                 await asyncio.to_thread(self._store, batch)
             except (StoreError, SQLAlchemyError, OSError) as e:
-                message = str(e) if isinstance(e, StoreError) else str(self.store.unavailable(e))
+                message = self.store.why(e)
                 if message != self._error:  # once per outage, not once per retry
                     log.warning(
                         "offer log: %d offers wait for the store: %s", self.pending, message

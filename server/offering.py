@@ -29,6 +29,9 @@ from server.snapshot import SnapshotKeeper
 log = logging.getLogger(__name__)
 # What a stop allows past its budget for the offer log's last write.
 STOP_SLACK_S = 3.0
+# What a stop waits for a read of the store in progress (rules, recent purchases); a store
+# that answers takes milliseconds.
+READ_WAIT_S = 1.0
 
 
 @dataclass
@@ -106,8 +109,10 @@ class Offering:
     async def _stop(self, budget: float) -> None:
         await asyncio.to_thread(self.writes.close)
         await self.log.close(budget)
-        await self.keeper.stop()
-        await self.purchases.stop()
+        if not all([await self.keeper.stop(READ_WAIT_S), await self.purchases.stop(READ_WAIT_S)]):
+            # Their threads wait on a store that hangs: the process must exit without them.
+            self.abandoned = True
+            log.error("a read of the store was still waiting for an answer at shutdown")
         self.store.dispose()
 
     def record_events(self, batch: list[events.EventIn]) -> list[events.Outcome]:
@@ -121,7 +126,7 @@ class Offering:
                 "resending it will not help: report it as a discountd bug"
             ) from None
         except (StoreError, SQLAlchemyError, OSError) as e:
-            message = str(e) if isinstance(e, StoreError) else str(self.store.unavailable(e))
+            message = self.store.why(e)
             raise StoreDown(
                 f"{message}; no event of this batch was stored, retry it with the same event ids"
             ) from None

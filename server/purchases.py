@@ -25,6 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from core.store.db import Store
 from core.store.errors import StoreError
 from core.store.events import purchases_received_after
+from server.limits import settled
 from server.model import ModelVersion
 
 log = logging.getLogger(__name__)
@@ -37,8 +38,8 @@ OVERLAP = timedelta(seconds=60)
 # 300,000 took 35 MB and 1.2-1.3 s). A model trained on an old export would otherwise load the
 # store's whole purchase history into every worker.
 MAX_HELD = 500_000
-NONE: frozenset[str] = frozenset()
-Held = dict[str, frozenset[str]]
+EMPTY: frozenset[str] = frozenset()
+ByUser = dict[str, frozenset[str]]
 
 
 def data_end(model: ModelVersion | None) -> datetime | None:
@@ -56,7 +57,7 @@ def data_end(model: ModelVersion | None) -> datetime | None:
     return None
 
 
-def _group(rows: list[tuple[str, str, datetime]]) -> Held:
+def _group(rows: list[tuple[str, str, datetime]]) -> ByUser:
     read: dict[str, set[str]] = defaultdict(set)
     for user, item, _ in rows:
         read[user].add(sys.intern(item))
@@ -78,16 +79,18 @@ class RecentPurchases:
         self._since = since  # the serving model's data_end
         self._interval = interval
         self._limit = limit
-        self._items: Held = {}
+        self._items: ByUser = {}
         self._read_for: datetime | None = None  # the data end the held purchases are since
         self._newest: datetime | None = None  # the newest received_at read so far
         self._added: list[tuple[str, str]] | None = None  # adds while a full read runs
         self._reading: asyncio.Task[None] | None = None
+        self._reading_for: datetime | None = None  # the data end when _reading was asked for
         self._task: asyncio.Task[None] | None = None
+        self._stopped = False
         self.error = ""
 
     def of(self, user_id: str) -> frozenset[str]:
-        return self._items.get(user_id, NONE)
+        return self._items.get(user_id, EMPTY)
 
     def add(self, user_id: str, item_id: str) -> None:
         """A purchase this process has just stored: excluded from the next call on."""
@@ -98,22 +101,29 @@ class RecentPurchases:
             self._added.append((user_id, item_id))
 
     def read(self) -> asyncio.Task[None]:
-        """A read of what the store holds since the last one; the one running, if one is (a
-        store that hangs then holds one thread, not one per poll)."""
-        if self._reading is None or self._reading.done():
-            self._reading = asyncio.create_task(self._read())
-        return self._reading
+        """A read of what the store holds since the last one: the one running when it was
+        asked for with the same model (a store that hangs then holds one thread, not one per
+        poll), else a new one once that is done."""
+        running, since = self._reading, self._since()
+        if running is None or running.done():
+            running = asyncio.create_task(self._read())
+        elif since != self._reading_for:
+            running = asyncio.create_task(self._read(behind=running))
+        self._reading, self._reading_for = running, since
+        return running
 
     def start(self) -> None:
         if self._store is not None:
             self._task = asyncio.create_task(self._run())
 
-    async def stop(self) -> None:
-        for task in (self._task, self._reading):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+    async def stop(self, wait: float = 0.0) -> bool:
+        """Stop reading; False when a read still waits on the store after `wait` seconds."""
+        self._stopped = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        return await settled(self._reading, wait)
 
     async def _run(self) -> None:
         while True:
@@ -123,9 +133,11 @@ class RecentPurchases:
                 log.exception("reading recent purchases failed")
             await asyncio.sleep(self._interval)
 
-    async def _read(self) -> None:
+    async def _read(self, behind: asyncio.Task[None] | None = None) -> None:
+        if behind is not None:
+            await asyncio.wait({behind})
         since = self._since()
-        if since is None or self._store is None:
+        if since is None or self._store is None or self._stopped:
             return
         anew = since != self._read_for or self._newest is None
         if anew:
@@ -139,23 +151,24 @@ class RecentPurchases:
         try:
             rows, held = await asyncio.to_thread(self._fetch, after, limit)
         except (StoreError, SQLAlchemyError, OSError) as e:
-            self._failed(str(e) if isinstance(e, StoreError) else str(self._store.unavailable(e)))
+            self._failed(self._store.why(e))
             return
         finally:
             added, self._added = self._added, None
         if anew:
             for user, item in added or ():
-                held[user] = held.get(user, NONE) | {item}
+                held[user] = held.get(user, EMPTY) | {item}
             self._items = held
             capped = len(rows) == limit
             log.log(
                 logging.WARNING if capped else logging.INFO,
-                "recent purchases: %s%d of %d users since %s, the serving model's data end%s",
+                "recent purchases: %s%d purchases by %d users since %s, the serving model's "
+                "data end%s",
                 "the newest " if capped else "",
                 len(rows),
                 len(held),
                 since.isoformat(),
-                "; older ones are not excluded until the next model" if capped else "",
+                " (the limit: older ones are not excluded until the next model)" if capped else "",
             )
         else:
             for user, items in held.items():
@@ -171,7 +184,7 @@ class RecentPurchases:
 
     def _fetch(
         self, after: datetime, limit: int | None
-    ) -> tuple[list[tuple[str, str, datetime]], Held]:
+    ) -> tuple[list[tuple[str, str, datetime]], ByUser]:
         assert self._store is not None
         with self._store.transaction() as session:
             rows = purchases_received_after(session, after, limit)

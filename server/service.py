@@ -161,6 +161,10 @@ class DiscountService(pb_grpc.DiscountServiceServicer):
             )
         return self._offering
 
+    def _bought(self, user_id: str) -> frozenset[str]:
+        """What the store holds the user bought since the model's data ended (server.purchases)."""
+        return self._offering.purchases.of(user_id) if self._offering else frozenset()
+
     @rpc
     async def Recommend(
         self, request: pb.RecommendRequest, context: Context
@@ -172,7 +176,7 @@ class DiscountService(pb_grpc.DiscountServiceServicer):
             recent_item_ids=list(request.recent_item_ids),
             categories=list(request.categories),
             include_purchased=request.include_purchased,
-            bought=self._offering.purchases.of(request.user_id) if self._offering else (),
+            bought=self._bought(request.user_id),
         )
         validate(query, None)
         model = self._store.require()
@@ -227,7 +231,7 @@ class DiscountService(pb_grpc.DiscountServiceServicer):
             item_ids=list(request.item_ids),
             limit=request.limit,
             context=dict(request.context),
-            bought=self._offering.purchases.of(request.user_id) if self._offering else (),
+            bought=self._bought(request.user_id),
         )
         validate_offers(query)
         offering = self._require_offering()

@@ -221,10 +221,12 @@ def resolve(
             f"{flag('ort_threads')}: {raw['ort_threads']!r} is not 0 (automatic) to 256"
         )
     connection_age = _number(raw["max_connection_age"], float)
-    if connection_age is None or not 0 <= connection_age <= MAX_CONNECTION_AGE_S:
+    if connection_age is None or not (
+        connection_age == 0 or 1 <= connection_age <= MAX_CONNECTION_AGE_S
+    ):
         problems.append(
             f"{flag('max_connection_age')}: {raw['max_connection_age']!r} is not 0 (for ever) "
-            f"to {MAX_CONNECTION_AGE_S:g} seconds"
+            f"or 1 to {MAX_CONNECTION_AGE_S:g} seconds"
         )
     if problems:
         raise SettingsError("invalid settings: " + "; ".join(problems))

@@ -29,6 +29,7 @@ from core.store.errors import StoreError
 from core.store.migrate import require_head
 from core.store.snapshot import load_snapshot
 from server.errors import NotReady
+from server.limits import settled
 
 log = logging.getLogger(__name__)
 LISTEN_RECONNECT_S = 1.0
@@ -48,6 +49,7 @@ class SnapshotKeeper:
         self._loaded_at = 0.0  # time.monotonic() of the last good load
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
+        self._loading: asyncio.Future[None] | None = None  # the latest load's thread
         self._stop_listening = threading.Event()
         self._listener: threading.Thread | None = None
         self._on_change: Callable[[bool], Awaitable[None]] | None = None
@@ -86,7 +88,7 @@ class SnapshotKeeper:
     async def refresh(self) -> bool:
         """Reload from the store; on failure keep the last snapshot and report why."""
         was_fresh = self.fresh
-        load = asyncio.ensure_future(asyncio.to_thread(self._load))
+        load = self._loading = asyncio.ensure_future(asyncio.to_thread(self._load))
         done, _ = await asyncio.wait({load}, timeout=STALL_S)
         if not done:
             # Stale while the store is silent; this load is waited for, not joined by more
@@ -98,7 +100,7 @@ class SnapshotKeeper:
             await load
             ok = True
         except (StoreError, SQLAlchemyError, OSError) as e:
-            self._stale(str(e) if isinstance(e, StoreError) else str(self.store.unavailable(e)))
+            self._stale(self.store.why(e))
             ok = False
         await self._changed(was_fresh)
         return ok
@@ -128,7 +130,8 @@ class SnapshotKeeper:
             )
             self._listener.start()
 
-    async def stop(self) -> None:
+    async def stop(self, wait: float = 0.0) -> bool:
+        """Stop refreshing; False when a load still waits on the store after `wait` seconds."""
         self._stop_listening.set()
         if self._task is not None:
             self._task.cancel()
@@ -136,6 +139,7 @@ class SnapshotKeeper:
                 await self._task
         if self._listener is not None:
             await asyncio.to_thread(self._listener.join, 5)
+        return await settled(self._loading, wait)
 
     async def _run(self) -> None:
         assert self._wake is not None

@@ -193,6 +193,28 @@ def test_sigterm_while_the_store_hangs_stops_within_grace_and_exits_1(
         assert [line for line in log if "stopped without waiting for the store" in line]
 
 
+def test_sigterm_while_only_reads_of_the_store_hang_exits_1_without_them(
+    model_store: Path, tmp_path: Path
+) -> None:
+    """No offer or event waits: only the polls of rules and recent purchases hang on the
+    store. Their threads cannot be stopped, and joining them would hold the exit for good."""
+    with pg_database() as url, hanging_proxy(url) as proxy:
+        server = _offering_server(
+            proxy.url, model_store, tmp_path, "1", "--rules-poll-interval", "0.2"
+        )
+        try:
+            proxy.hang()
+            time.sleep(1)  # the polls have asked the store by now
+            server.process.send_signal(signal.SIGTERM)
+            assert server.process.wait(timeout=2 * 1 + STOP_SLACK_S + 10) == 1
+        finally:
+            proxy.resume()
+            server.close()
+        log = server.drain_log()
+        assert [line for line in log if "still waiting for an answer at shutdown" in line]
+        assert [line for line in log if "stopped without waiting for the store" in line]
+
+
 def _spilled_ids(spill: Path) -> set[str]:
     return {
         json.loads(line)["offer_id"]

@@ -118,7 +118,7 @@ def stored_on(store: Store, received: dict[str, datetime], user: str = "u") -> N
             session.execute(update(Event).where(Event.event_id == f"e-{i}").values(received_at=at))
 
 
-class Held:
+class Reads:
     """A RecentPurchases read by hand, as discountd's poll would, for a data end set by hand."""
 
     def __init__(self, store: Store | None, limit: int = MAX_HELD) -> None:
@@ -142,7 +142,7 @@ def test_only_purchases_after_the_models_data_are_held(store: Store) -> None:
     stored_on(store, {str(day): T0 + timedelta(days=day) for day in range(4)})  # item-N on day N
     with store.transaction() as session:
         record(session, [EventIn("v", "view", "u", "viewed")], T0)
-    held = Held(store)
+    held = Reads(store)
     assert held.read() == frozenset()  # no model serving yet
     held.data_end = T0 + timedelta(hours=12)
     assert held.read() == {"item-1", "item-2", "item-3"}
@@ -160,7 +160,7 @@ def test_a_purchase_committed_after_a_later_one_was_read_is_still_held(store: St
     after the read that saw a newer one, and the next read reaches back for it."""
     now = datetime.now(UTC)
     stored_on(store, {"new": now})
-    held = Held(store)
+    held = Reads(store)
     held.data_end = now - timedelta(days=1)
     assert held.read() == {"item-new"}
     stored_on(store, {"slow": now - timedelta(seconds=30)})
@@ -169,14 +169,14 @@ def test_a_purchase_committed_after_a_later_one_was_read_is_still_held(store: St
 
 def test_a_model_switch_reads_the_newest_purchases_up_to_the_limit(store: Store) -> None:
     stored_on(store, {str(n): T0 + timedelta(minutes=n) for n in range(5)})
-    held = Held(store, limit=3)
+    held = Reads(store, limit=3)
     held.data_end = T0 - timedelta(days=1)
     assert held.read() == {"item-2", "item-3", "item-4"}
 
 
 def test_a_data_end_ahead_of_the_stores_clock_misses_no_purchase(store: Store) -> None:
     # Local times east of UTC read as UTC: the data seems to end after now.
-    held = Held(store)
+    held = Reads(store)
     held.data_end = datetime.now(UTC) + timedelta(hours=2)
     assert held.read() == frozenset()
     stored_on(store, {"x": datetime.now(UTC)})
@@ -186,7 +186,7 @@ def test_a_data_end_ahead_of_the_stores_clock_misses_no_purchase(store: Store) -
 def test_a_failed_read_keeps_what_is_held(tmp_path: Path) -> None:
     unmigrated = Store(f"sqlite:///{tmp_path / 'empty.db'}")  # no events table: every read fails
     try:
-        held = Held(unmigrated)
+        held = Reads(unmigrated)
         held.data_end = T0
         held.purchases.add("u", "item-1")
         assert held.read() == {"item-1"}
@@ -196,7 +196,7 @@ def test_a_failed_read_keeps_what_is_held(tmp_path: Path) -> None:
 
 
 def test_a_purchase_added_while_a_read_runs_is_kept(store: Store) -> None:
-    held = Held(store)
+    held = Reads(store)
     held.data_end = T0
 
     async def add_during_the_read() -> None:

@@ -22,7 +22,7 @@ from sqlalchemy.exc import (
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.exc import StaleDataError
 
-from core.store.errors import Conflict, DataRefused, StoreUnavailable
+from core.store.errors import Conflict, DataRefused, StoreError, StoreUnavailable
 
 DEFAULT_URL = "sqlite:///var/discount.db"
 PG_SCHEMA = "discount"
@@ -148,6 +148,11 @@ class Store:
 
     def unavailable(self, error: BaseException) -> StoreUnavailable:
         return StoreUnavailable(f"cannot use store {self.masked_url}: {first_line(error)}")
+
+    def why(self, error: BaseException) -> str:
+        """One line on why a store operation failed: a StoreError says it itself; any other
+        error (the driver's, the network's) is named with the store, password masked."""
+        return str(error) if isinstance(error, StoreError) else str(self.unavailable(error))
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
