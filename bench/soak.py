@@ -143,7 +143,9 @@ def report(
         f"average {os.getloadavg()[0]:.1f} at the end: other work shared the machine). "
         f"One discountd process (batching on, SQLite store, {ITEMS:,}-item random-factor "
         f"version), {clients} client tasks at {rate:.0f} calls/s in all, Recommend, GetOffers "
-        f"(20 items) and RecordEvents (10 events; a tenth resent) in equal shares.",
+        f"(20 items) and RecordEvents (10 events; a tenth resent) in equal shares. The server's "
+        "other settings are its defaults, `--max-connection-age` 300 s among them: a run longer "
+        "than that has its client connection closed and replaced under load.",
         "",
         "| time (s) | Recommend/s | GetOffers/s | RecordEvents/s | server RSS (MB) "
         "| errors so far |",
