@@ -36,12 +36,18 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 ModelState = Callable[[], tuple[str, str] | None]
 # Age in seconds of the rule snapshot, or None without a store.
 SnapshotAge = Callable[[], float | None]
+# (seconds since the last good read, users held) of the recent purchases (server.purchases);
+# None without a store. The age is None until a read has succeeded.
+PurchasesState = Callable[[], tuple[float | None, int] | None]
 
 
 class _Live(Collector):
-    def __init__(self, model: ModelState, snapshot_age: SnapshotAge) -> None:
+    def __init__(
+        self, model: ModelState, snapshot_age: SnapshotAge, purchases: PurchasesState
+    ) -> None:
         self._model = model
         self._snapshot_age = snapshot_age
+        self._purchases = purchases
 
     def collect(self) -> Iterable[Metric]:
         info = GaugeMetricFamily(
@@ -60,6 +66,21 @@ class _Live(Collector):
                 "Seconds since the rule snapshot was last loaded from the store.",
                 value=age,
             )
+        purchases = self._purchases()
+        if purchases is None:
+            return
+        read_age, users = purchases
+        if read_age is not None:
+            yield GaugeMetricFamily(
+                "discountd_recent_purchases_age_seconds",
+                "Seconds since the purchases stored since the model's data ended were last read.",
+                value=read_age,
+            )
+        yield GaugeMetricFamily(
+            "discountd_recent_purchase_users",
+            "Users whose purchases since the model's data ended Recommend excludes.",
+            value=users,
+        )
 
 
 class Metrics:
@@ -103,8 +124,10 @@ class Metrics:
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
-    def watch(self, model: ModelState, snapshot_age: SnapshotAge) -> None:
-        self.registry.register(_Live(model, snapshot_age))
+    def watch(
+        self, model: ModelState, snapshot_age: SnapshotAge, purchases: PurchasesState
+    ) -> None:
+        self.registry.register(_Live(model, snapshot_age, purchases))
 
     def serve(self, host: str, port: int) -> int:
         """Serve /metrics over HTTP in a daemon thread; returns the bound port (port 0 picks)."""

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import sys
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -87,7 +88,14 @@ class RecentPurchases:
         self._reading_for: datetime | None = None  # the data end when _reading was asked for
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
+        self._read_at: float | None = None  # time.monotonic() of the last good read
         self.error = ""
+
+    @property
+    def state(self) -> tuple[float | None, int]:
+        """Seconds since the last good read (None before one), and the users held."""
+        age = time.monotonic() - self._read_at if self._read_at is not None else None
+        return age, len(self._items)
 
     def of(self, user_id: str) -> frozenset[str]:
         return self._items.get(user_id, EMPTY)
@@ -177,7 +185,7 @@ class RecentPurchases:
                     self._items[user] = mine | items
         if self.error:
             log.info("recent purchases read again from %s", self._store.masked_url)
-        self.error = ""
+        self.error, self._read_at = "", time.monotonic()
         newest = max((received for _, _, received in rows), default=after)
         self._read_for = since
         self._newest = newest if anew or self._newest is None else max(newest, self._newest)

@@ -86,8 +86,13 @@ def test_model_version_and_provider(running: RunningServer) -> None:
     samples = scrape(running)
     labels = {"version": info.model_version, "provider": "CPUExecutionProvider"}
     assert value(samples, "discountd_model_info", **labels) == 1.0
-    # Without a store there is no rule snapshot to age.
-    assert not [name for name, _ in samples if name == "discountd_rule_snapshot_age_seconds"]
+    # Without a store there is no rule snapshot to age, nor purchases to read.
+    names = {name for name, _ in samples}
+    assert not names & {
+        "discountd_rule_snapshot_age_seconds",
+        "discountd_recent_purchases_age_seconds",
+        "discountd_recent_purchase_users",
+    }
 
 
 def test_access_log_is_debug_when_ok_and_carries_fields(
@@ -139,6 +144,8 @@ def test_offer_and_event_metrics(model_store: Path, db_url: str) -> None:
                 ]
             )
         )
+        bought = pb.Event(event_id="p-1", **{**click, "type": pb.EVENT_TYPE_PURCHASE})  # type: ignore[arg-type]
+        server.stub.RecordEvents(pb.RecordEventsRequest(events=[bought]))
         text = generate_latest(server.server.metrics.registry).decode()
     finally:
         server.close()
@@ -151,12 +158,14 @@ def test_offer_and_event_metrics(model_store: Path, db_url: str) -> None:
     assert value(samples, "discountd_offers_issued_total") == 4
     offered = sum(o.base_price_cents - o.final_price_cents for o in offers)
     assert offered > 0 and value(samples, "discountd_discount_offered_cents_total") == offered
-    for verdict in ("accepted", "duplicate", "rejected"):
-        assert value(samples, "discountd_events_total", verdict=verdict) == 1, verdict
+    for verdict, n in (("accepted", 2), ("duplicate", 1), ("rejected", 1)):
+        assert value(samples, "discountd_events_total", verdict=verdict) == n, verdict
     # The snapshot was loaded moments ago; the bound is loose but catches an age measured from
     # the wrong origin (e.g. the epoch).
     assert 0 <= value(samples, "discountd_rule_snapshot_age_seconds") < 60
     assert ("discountd_rule_snapshot_age_seconds", ()) in samples
+    assert 0 <= value(samples, "discountd_recent_purchases_age_seconds") < 60
+    assert value(samples, "discountd_recent_purchase_users") == 1  # user-0, just now
 
 
 def test_an_item_without_a_price_is_not_counted_as_an_issued_offer(
