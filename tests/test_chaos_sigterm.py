@@ -170,6 +170,13 @@ def test_offers_still_unwritten_at_the_end_of_grace_make_the_exit_code_1(
         assert [line for line in server.drain_log() if "could not be written" in line]
 
 
+def _sigterm_leaves_the_hung_store(server: Discountd) -> None:
+    """Threads still wait on the store: the process leaves them and exits 1 within its bound,
+    2 x --grace (1 s here) and STOP_SLACK_S."""
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(timeout=2 * 1 + STOP_SLACK_S + 10) == 1
+
+
 def test_sigterm_while_the_store_hangs_stops_within_grace_and_exits_1(
     model_store: Path, tmp_path: Path
 ) -> None:
@@ -183,8 +190,7 @@ def test_sigterm_while_the_store_hangs_stops_within_grace_and_exits_1(
             proxy.hang()
             for _ in range(5):
                 server.stub.GetOffers(request)
-            server.process.send_signal(signal.SIGTERM)
-            assert server.process.wait(timeout=2 * 1 + STOP_SLACK_S + 10) == 1
+            _sigterm_leaves_the_hung_store(server)
         finally:
             proxy.resume()
             server.close()
@@ -205,8 +211,7 @@ def test_sigterm_while_only_reads_of_the_store_hang_exits_1_without_them(
         try:
             proxy.hang()
             time.sleep(1)  # the polls have asked the store by now
-            server.process.send_signal(signal.SIGTERM)
-            assert server.process.wait(timeout=2 * 1 + STOP_SLACK_S + 10) == 1
+            _sigterm_leaves_the_hung_store(server)
         finally:
             proxy.resume()
             server.close()
@@ -272,9 +277,7 @@ def test_offers_held_by_a_hanging_store_are_spilled_and_written_at_the_next_star
             handed_out = {
                 o.offer_id for _ in range(5) for o in server.stub.GetOffers(request).offers
             }
-            server.process.send_signal(signal.SIGTERM)
-            # Threads still wait on the store: the process leaves them, and says so.
-            assert server.process.wait(timeout=2 * 1 + STOP_SLACK_S + 10) == 1
+            _sigterm_leaves_the_hung_store(server)
         finally:
             proxy.resume()
             server.close()
