@@ -55,8 +55,9 @@ def _check_utf8(label: str, value: str) -> None:
     try:
         value.encode()
     except UnicodeEncodeError:
+        shown = mask_url(value) if "://" in value else value  # a store URL's password: never
         raise click.ClickException(
-            f"{label} {value!a} is not valid UTF-8 text; give it in UTF-8"
+            f"{label} {shown!a} is not valid UTF-8 text; give it in UTF-8"
         ) from None
 
 

@@ -19,7 +19,7 @@ import hmac
 import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from enum import StrEnum
@@ -47,8 +47,9 @@ class TokenStatus(StrEnum):
 class OfferKeys:
     """The key that signs new tokens and the older keys still accepted when verifying."""
 
-    current: bytes
-    previous: tuple[bytes, ...] = ()
+    # Out of repr: a Settings or a traceback's locals printed in a log must not show a key.
+    current: bytes = field(repr=False)
+    previous: tuple[bytes, ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         for n, key in enumerate((self.current, *self.previous)):

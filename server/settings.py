@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from core.offer_token import OfferKeyError, OfferKeys, load_offer_keys
-from core.store.db import DEFAULT_URL
+from core.store.db import DEFAULT_URL, mask_url
 from server.auth import AUTH_MODES
 from server.limits import MAX_CONCURRENT_RPCS, MAX_CONNECTION_AGE_GRACE_S, MAX_HEALTH_WATCHES
 from server.logs import LEVELS
@@ -154,6 +154,9 @@ def resolve(
     host = raw["host"] or ""
     if not host:
         problems.append(f"{flag('host')} must not be empty")
+    db_url = raw["db_url"] or ""
+    if not _utf8(db_url):  # a byte that is not UTF-8, from argv or the environment
+        problems.append(f"{flag('db_url')}: {mask_url(db_url)!a} is not valid UTF-8 text")
     rules_poll = _number(raw["rules_poll_interval"], float)
     if rules_poll is None or rules_poll <= 0:
         problems.append(
@@ -181,6 +184,12 @@ def resolve(
             keys = load_offer_keys(env)
         except OfferKeyError as e:
             problems.append(f"{e} (or pass --insecure-demo-key for a local demo)")
+        if keys is not None and DEMO_OFFER_KEY in keys.accepted:
+            # Public: tokens it signs (a 1-cent price, a year's expiry) would verify.
+            problems.append(
+                "the offer keys hold the public demo key, with which anyone can sign offers; "
+                "remove it (--insecure-demo-key is the one way to use it, for a local demo)"
+            )
     auth = (raw["auth"] or "").lower()
     if auth not in AUTH_MODES:
         problems.append(f"{flag('auth')}: {raw['auth']!r} is not one of {', '.join(AUTH_MODES)}")
@@ -258,6 +267,14 @@ def resolve(
         offer_spill_dir=spill_dir,
         max_connection_age=connection_age,
     )
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _tls(

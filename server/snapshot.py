@@ -19,7 +19,6 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 import psycopg
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -155,19 +154,33 @@ class SnapshotKeeper:
     def _listen(self, loop: asyncio.AbstractEventLoop, wake: asyncio.Event) -> None:
         """LISTEN in a thread of its own (psycopg blocks); each notice wakes the refresher.
         A broken connection is retried; polling covers the gap."""
-        url = make_url(self.store.url).set(drivername="postgresql")
-        conninfo = url.render_as_string(hide_password=False)
+        # Connected as the store's engine connects: a URL rendered back to text would not
+        # quote a password with a space, which libpq then refuses.
+        args, params = self.store.engine.dialect.create_connect_args(self.store.engine.url)
+        params = {"connect_timeout": 5, **params}
+        failed = ""
         while not self._stop_listening.is_set():
             try:
-                with psycopg.connect(conninfo, autocommit=True, connect_timeout=5) as conn:
+                with psycopg.connect(*args, autocommit=True, **params) as conn:
                     conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    failed = ""
                     # Changes made while not listening are picked up by this refresh.
                     loop.call_soon_threadsafe(wake.set)
                     while not self._stop_listening.is_set():
                         for _ in conn.notifies(timeout=0.5, stop_after=1):
                             loop.call_soon_threadsafe(wake.set)
             except (psycopg.Error, OSError) as e:
-                log.debug("LISTEN %s failed: %s", NOTIFY_CHANNEL, first_line(e))
+                # Once per new reason: without LISTEN, changes wait for the next poll.
+                reason = first_line(e)
+                if params.get("password"):  # libpq quotes a conninfo it cannot parse
+                    reason = reason.replace(str(params["password"]), "***")
+                log.log(
+                    logging.WARNING if reason != failed else logging.DEBUG,
+                    "LISTEN %s failed, changes wait for the next poll: %s",
+                    NOTIFY_CHANNEL,
+                    reason,
+                )
+                failed = reason
                 self._stop_listening.wait(LISTEN_RECONNECT_S)
             except RuntimeError:  # the event loop closed under us: the server is gone
                 return

@@ -783,6 +783,16 @@ def test_arguments_that_are_not_utf8_are_one_line(seeded_once: str, args: tuple[
     assert contents(seeded_once) == before
 
 
+def test_a_store_url_that_is_not_utf8_is_refused_without_its_password() -> None:
+    url = "postgresql+psycopg://admin:Tr\udce9sSecret@db.internal/shop"  # Latin-1 é, as argv
+    flag = CliRunner().invoke(cli, ["--db-url", url, "clients", "list"])
+    env = CliRunner(env={"DISCOUNT_DB_URL": url}).invoke(cli, ["clients", "list"])
+    for result in (flag, env):
+        assert result.exit_code == 1, result.output
+        assert "is not valid UTF-8 text" in result.stderr
+        assert "Secret" not in result.stderr and "admin:***@db.internal" in result.stderr
+
+
 def test_a_stdout_that_cannot_take_the_output_is_one_line(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'x.db'}"
     ok(url, "db upgrade")

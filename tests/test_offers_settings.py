@@ -10,7 +10,13 @@ from click.testing import CliRunner
 from core.store.errors import SchemaOutOfDate, StoreUnavailable
 from server.app import create_server
 from server.main import main
-from server.settings import Settings, SettingsError, insecure_demo_key_in_use, resolve
+from server.settings import (
+    DEMO_OFFER_KEY,
+    Settings,
+    SettingsError,
+    insecure_demo_key_in_use,
+    resolve,
+)
 
 GOOD_KEY = "k" * 32
 
@@ -26,7 +32,15 @@ def test_offer_key_is_required_and_checked(tmp_path: Path) -> None:
     )
     assert settings.offer_keys is not None and settings.offer_keys.current == GOOD_KEY.encode()
     assert settings.offer_ttl == 60 and not insecure_demo_key_in_use(settings)
+    assert GOOD_KEY not in repr(settings)
     assert insecure_demo_key_in_use(resolve(flags, env={}, insecure_demo_key=True, insecure=True))
+    # Taken from a demo into a rotation, it would still verify whatever anyone signs with it.
+    for env in (
+        {"DISCOUNT_OFFER_KEY": DEMO_OFFER_KEY.decode()},
+        {"DISCOUNT_OFFER_KEY": GOOD_KEY, "DISCOUNT_OFFER_PREVIOUS_KEYS": DEMO_OFFER_KEY.decode()},
+    ):
+        with pytest.raises(SettingsError, match="the offer keys hold the public demo key"):
+            resolve(flags, env=env, insecure=True)
     with pytest.raises(SettingsError) as e:
         resolve({**flags, "offer_ttl": "0", "rules_poll_interval": "-1"}, env={}, insecure=True)
     for fragment in ("--offer-ttl", "--rules-poll-interval", "DISCOUNT_OFFER_KEY"):

@@ -62,6 +62,8 @@ def test_help_never_shows_secrets_from_the_environment() -> None:
         f"admin:{PASSWORD}",
         f"postgresql+psycopg://admin@127.0.0.1:1/shop?password={PASSWORD}",
         f"postgresql+psycopg://admin@127.0.0.1:1/shop?sslmode=require&sslpassword={PASSWORD}",
+        # A bare @ in the password: the URL splits at the first one, its tail reads as the host.
+        f"postgresql+psycopg://admin:pre@{PASSWORD}@127.0.0.1:1/shop",
     ],
 )
 def test_store_errors_mask_the_password(url: str) -> None:

@@ -80,6 +80,15 @@ def test_every_bad_setting_is_reported_at_once(tmp_path: Path) -> None:
         assert expected in message
 
 
+def test_a_store_url_that_is_not_utf8_is_refused_without_its_password(tmp_path: Path) -> None:
+    url = "postgresql+psycopg://admin:Tr\udce9sSecret@db.internal/shop"  # Latin-1 é, as argv
+    with pytest.raises(SettingsError) as raised:
+        resolve({"model_dir": str(tmp_path), "db_url": url}, env=KEY, insecure=True)
+    message = str(raised.value)
+    assert "--db-url / DISCOUNT_DB_URL" in message and "is not valid UTF-8 text" in message
+    assert "Secret" not in message and "admin:***@db.internal" in message
+
+
 def test_model_dir_is_required() -> None:
     with pytest.raises(SettingsError, match="--model-dir / DISCOUNT_MODEL_DIR is required"):
         resolve({}, env=KEY, insecure=True)

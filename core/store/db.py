@@ -52,6 +52,8 @@ def mask_url(url: str | URL) -> str:
     the @ and any given as a query parameter (?password=...)."""
     try:
         parsed = make_url(url)
+        if "@" in (parsed.host or ""):  # a bare @ in the password: its tail reads as the host
+            parsed = parsed.set(host="***")
         hidden = {k: "***" for k in parsed.query if k.lower() in SECRET_QUERY_KEYS}
         shown = parsed.update_query_dict(hidden).render_as_string(hide_password=True)
         return shown.replace("=%2A%2A%2A", "=***")  # the query's *** as the password's
@@ -76,6 +78,13 @@ def make_engine(url: str) -> Engine:
             "the store URL (--db-url / DISCOUNT_DB_URL) is not a database URL; "
             "use e.g. sqlite:///var/discount.db or postgresql+psycopg://user@host/db"
         ) from None
+    if "@" in (parsed.host or ""):
+        # A password holding a bare @: the URL splits at its first @, so the password's tail
+        # would become the host, and the driver's "cannot resolve host" would print it.
+        raise StoreUnavailable(
+            "the store URL (--db-url / DISCOUNT_DB_URL) has an @ in its password or user name; "
+            "write it as %40"
+        )
     backend = parsed.get_backend_name()
     if backend == "sqlite":
         return _sqlite_engine(parsed)
