@@ -15,11 +15,13 @@ from pathlib import Path
 import grpc
 import pytest
 from offer_server import KEY, OfferServer, ctl, eventually
+from pg import pg_database
 from server_thread import bad_requests
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
 from core import offer_token
+from core.store import migrate
 from core.store.db import Store
 from core.store.tables import Event, Offer
 from discount.v1 import discount_pb2 as pb
@@ -128,21 +130,26 @@ def test_rules_update_reaches_the_running_server_before_its_next_poll(
     eventually(lambda: server.stub.GetOffers(request).offers[0].final_price_cents == 1000, 10.0)
 
 
-def test_a_store_password_with_a_space_does_not_stop_listening(
-    model_store: Path, seeded: str
-) -> None:
-    if seeded.startswith("sqlite"):
-        pytest.skip("LISTEN/NOTIFY is PostgreSQL's")
-    # The test server trusts local connections, so any password gets in.
-    url = make_url(seeded).set(password="my secret").render_as_string(hide_password=False)
-    running = OfferServer(model_store, url, rules_poll_interval=300.0)
-    try:
-        request = pb.GetOffersRequest(user_id="user-0", limit=1)
-        assert running.stub.GetOffers(request).offers[0].final_price_cents == 800
-        ctl(seeded, "rules", "update", "tier", "--param", "d1=10")
-        eventually(lambda: running.stub.GetOffers(request).offers[0].final_price_cents == 900, 10)
-    finally:
-        running.close()
+@pytest.mark.postgres
+def test_a_store_password_with_a_space_does_not_stop_listening(model_store: Path) -> None:
+    with pg_database() as plain:
+        store = Store(plain)
+        migrate.upgrade(store)
+        store.dispose()
+        ctl(plain, "rules", "create", "all", "--policy", "threshold",
+            "--param", "t=-100", "--param", "d=10")  # fmt: skip
+        # The test server trusts local connections, so any password gets in.
+        url = make_url(plain).set(password="my secret").render_as_string(hide_password=False)
+        running = OfferServer(model_store, url, rules_poll_interval=300.0)
+        try:
+            request = pb.GetOffersRequest(user_id="user-0", limit=1)
+            assert running.stub.GetOffers(request).offers[0].final_price_cents == 900
+            ctl(plain, "rules", "update", "all", "--param", "d=20")
+            eventually(
+                lambda: running.stub.GetOffers(request).offers[0].final_price_cents == 800, 10.0
+            )
+        finally:
+            running.close()
 
 
 def test_experiment_variants_follow_assignment(server: OfferServer, seeded: str) -> None:
