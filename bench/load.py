@@ -187,7 +187,12 @@ async def _drive(load: Load, methods: list[Any], metadata: Any) -> Report:
 @click.option("--users", type=click.IntRange(1), help="User ids user-0 .. user-N-1.")
 @click.option("--items", type=click.IntRange(1), help="Catalog size (item-0 ..) for offers.")
 @click.option("--offer-items", type=click.IntRange(1), help="Items per GetOffers call.")
-@click.option("--token", help="Bearer token when the server has --auth required.")
+@click.option(
+    "--token",
+    envvar="DISCOUNT_CLIENT_TOKEN",
+    help="Bearer token when the server has --auth required (env DISCOUNT_CLIENT_TOKEN: a flag "
+    "shows in ps).",
+)
 @click.option(
     "--generator",
     type=click.Choice(["auto", "ghz", "builtin"]),

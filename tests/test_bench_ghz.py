@@ -42,8 +42,12 @@ print(json.dumps({{
 """
 
 
-def _load(tmp_path: Path, *args: str, path: str) -> subprocess.CompletedProcess[str]:
+def _load(
+    tmp_path: Path, *args: str, path: str, token: str = ""
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PATH": path, "GHZ_SEEN": str(tmp_path / "seen.json")}
+    if token:
+        env["DISCOUNT_CLIENT_TOKEN"] = token
     return subprocess.run(
         [sys.executable, "-m", "bench.load", *args], capture_output=True, text=True, env=env
     )
@@ -62,7 +66,7 @@ def test_with_ghz_on_path_ghz_runs_the_same_options(tmp_path: Path) -> None:
     done = _load(
         tmp_path, "--target", "127.0.0.1:1", "--call", "offers", "--concurrency", "4",
         "--connections", "2", "--duration", "2", "--rate", "50", "--users", "30",
-        "--items", "100", "--token", "t0k", path=_with_stand_in(tmp_path),
+        "--items", "100", path=_with_stand_in(tmp_path), token="t0k",  # a flag shows in ps
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
