@@ -109,7 +109,8 @@ class Offering:
     async def _stop(self, budget: float) -> None:
         await asyncio.to_thread(self.writes.close)
         await self.log.close(budget)
-        if not all([await self.keeper.stop(READ_WAIT_S), await self.purchases.stop(READ_WAIT_S)]):
+        stopped = self.keeper.stop(READ_WAIT_S), self.purchases.stop(READ_WAIT_S)
+        if not all(await asyncio.gather(*stopped)):
             # Their threads wait on a store that hangs: the process must exit without them.
             self.abandoned = True
             log.error("a read of the store was still waiting for an answer at shutdown")

@@ -215,9 +215,10 @@ def test_sigterm_while_only_reads_of_the_store_hang_exits_1_without_them(
         finally:
             proxy.resume()
             server.close()
-        log = server.drain_log()
-        assert [line for line in log if "still waiting for an answer at shutdown" in line]
-        assert [line for line in log if "stopped without waiting for the store" in line]
+        # Left by the reads' own check, or by the stop's deadline when the reads took too long.
+        assert [
+            line for line in server.drain_log() if "stopped without waiting for the store" in line
+        ]
 
 
 def _spilled_ids(spill: Path) -> set[str]:
