@@ -24,7 +24,7 @@ from server.interceptors import AccessLogInterceptor, Interceptor, RequestIdInte
 from server.limits import PROBE_SLOTS, grpc_options
 from server.metrics import Metrics
 from server.offering import Offering
-from server.purchases import RecentPurchases, data_end
+from server.purchases import data_end
 from server.response import ResponseModel
 from server.service import DiscountService
 from server.settings import Settings
@@ -139,6 +139,13 @@ def create_server(settings: Settings) -> tuple[DiscountServer, int]:
     if settings.response_model_dir is not None:
         respond = ResponseModel.load(settings.response_model_dir)
         log.info("response model %s loaded for `optimal` rules", respond.version)
+    store = ModelStore(
+        settings.model_dir,
+        settings.device,
+        settings.ort_threads,
+        settings.workers,
+        facts=settings.db_url is not None,
+    )
     offering = None
     if settings.db_url is not None:
         offering = Offering.open(
@@ -146,6 +153,7 @@ def create_server(settings: Settings) -> tuple[DiscountServer, int]:
             settings.offer_keys,
             settings.offer_ttl,
             settings.rules_poll_interval,
+            lambda: data_end(store.current),
             settings.offer_spill_dir,
         )
         if respond is not None:
@@ -171,17 +179,6 @@ def create_server(settings: Settings) -> tuple[DiscountServer, int]:
             settings.max_concurrent_rpcs + PROBE_SLOTS + settings.max_health_watches
         ),
     )
-    store = ModelStore(
-        settings.model_dir,
-        settings.device,
-        settings.ort_threads,
-        settings.workers,
-        facts=offering is not None,
-    )
-    if offering is not None:
-        offering.purchases = RecentPurchases(
-            offering.store, lambda: data_end(store.current), settings.rules_poll_interval
-        )
     server = DiscountServer(settings, grpc_server, store, offering, clients, tls, metrics)
     batcher = None
     if settings.batch_max_size > 1:

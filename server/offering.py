@@ -41,14 +41,11 @@ class Offering:
     log: OfferLog
     keys: OfferKeys
     ttl: timedelta
+    # What users bought since the serving model's data ended (server.purchases).
+    purchases: RecentPurchases
     writes: BoundedWrites = field(default_factory=BoundedWrites)
     # The response model `optimal` rules price with (server.response); create_server sets it.
     respond: Respond = field(default_factory=NoResponseModel)
-    # What users bought since the serving model's data ended; create_server gives it the
-    # store to read and the model whose data end counts.
-    purchases: RecentPurchases = field(
-        default_factory=lambda: RecentPurchases(None, lambda: None, 0.0)
-    )
     abandoned: bool = False  # stop() gave up on a store that does not answer
     # Where a stop puts the offers it could not write, for the next start (server.offer_log).
     spill_dir: Path | None = None
@@ -60,10 +57,12 @@ class Offering:
         keys: OfferKeys | None,
         ttl: float,
         poll: float,
+        data_end: Callable[[], datetime | None],
         spill_dir: Path | None = None,
     ) -> Offering:
         """Connect, refuse a schema that is not at head, load the first snapshot, and write
-        the offers an earlier stop spilled to spill_dir."""
+        the offers an earlier stop spilled to spill_dir. data_end: when the serving model's
+        data ends (server.purchases.data_end), which purchases count as recent from."""
         if keys is None:
             raise NotReady("no offer signing key; set DISCOUNT_OFFER_KEY")
         store = Store(url)
@@ -77,7 +76,10 @@ class Offering:
         except BaseException:
             store.dispose()
             raise
-        return cls(store, keeper, offer_log, keys, timedelta(seconds=ttl), spill_dir=spill_dir)
+        purchases = RecentPurchases(store, data_end, poll)
+        return cls(
+            store, keeper, offer_log, keys, timedelta(seconds=ttl), purchases, spill_dir=spill_dir
+        )
 
     def start(self, on_change: Callable[[bool], Awaitable[None]] | None = None) -> None:
         self.keeper.start(on_change)

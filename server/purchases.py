@@ -71,21 +71,21 @@ class RecentPurchases:
 
     def __init__(
         self,
-        store: Store | None,
+        store: Store,
         since: Callable[[], datetime | None],
         interval: float,
         limit: int = MAX_HELD,
     ) -> None:
-        self._store = store  # None: hold only what this process adds
+        self._store = store
         self._since = since  # the serving model's data_end
         self._interval = interval
         self._limit = limit
         self._items: ByUser = {}
-        self._read_for: datetime | None = None  # the data end the held purchases are since
+        self._held_since: datetime | None = None  # the data end of the purchases held
         self._newest: datetime | None = None  # the newest received_at read so far
         self._added: list[tuple[str, str]] | None = None  # adds while a full read runs
         self._reading: asyncio.Task[None] | None = None
-        self._reading_for: datetime | None = None  # the data end when _reading was asked for
+        self._asked_since: datetime | None = None  # the data end when _reading was asked for
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
         self._read_at: float | None = None  # time.monotonic() of the last good read
@@ -115,14 +115,13 @@ class RecentPurchases:
         running, since = self._reading, self._since()
         if running is None or running.done():
             running = asyncio.create_task(self._read())
-        elif since != self._reading_for:
+        elif since != self._asked_since:
             running = asyncio.create_task(self._read(behind=running))
-        self._reading, self._reading_for = running, since
+        self._reading, self._asked_since = running, since
         return running
 
     def start(self) -> None:
-        if self._store is not None:
-            self._task = asyncio.create_task(self._run())
+        self._task = asyncio.create_task(self._run())
 
     async def stop(self, wait: float = 0.0) -> bool:
         """Stop reading; False when a read still waits on the store after `wait` seconds."""
@@ -145,17 +144,19 @@ class RecentPurchases:
         if behind is not None:
             await asyncio.wait({behind})
         since = self._since()
-        if since is None or self._store is None or self._stopped:
+        if since is None or self._stopped:
             return
-        anew = since != self._read_for or self._newest is None
+        anew = since != self._held_since
         if anew:
             # Not after now: a data end ahead of the store's clock (local times read as UTC)
             # would skip what is stored until then.
             after, limit = min(since, datetime.now(UTC)), self._limit
+            newest = after
             self._added = []
         else:
             assert self._newest is not None
-            after, limit = self._newest - OVERLAP, None
+            newest = self._newest
+            after, limit = newest - OVERLAP, None
         try:
             rows, held = await asyncio.to_thread(self._fetch, after, limit)
         except (StoreError, SQLAlchemyError, OSError) as e:
@@ -186,14 +187,12 @@ class RecentPurchases:
         if self.error:
             log.info("recent purchases read again from %s", self._store.masked_url)
         self.error, self._read_at = "", time.monotonic()
-        newest = max((received for _, _, received in rows), default=after)
-        self._read_for = since
-        self._newest = newest if anew or self._newest is None else max(newest, self._newest)
+        self._held_since = since
+        self._newest = max([newest, *(received for _, _, received in rows)])
 
     def _fetch(
         self, after: datetime, limit: int | None
     ) -> tuple[list[tuple[str, str, datetime]], ByUser]:
-        assert self._store is not None
         with self._store.transaction() as session:
             rows = purchases_received_after(session, after, limit)
         return rows, _group(rows)

@@ -14,6 +14,8 @@ from server_thread import ServerThread
 
 from admin.cli import cli
 from core.offer_token import OfferKeys
+from core.store import migrate
+from core.store.db import Store
 from discount.v1 import discount_pb2_grpc
 from server.settings import Settings
 
@@ -55,6 +57,16 @@ class OfferServer(ServerThread):
     def close(self) -> None:
         self.channel.close()
         super().close()
+
+
+def ten_percent_off_everything(url: str) -> str:
+    """Migrate the store at url and give it one rule: 10% off every item, for every user."""
+    store = Store(url)
+    migrate.upgrade(store)
+    store.dispose()
+    ctl(url, "rules", "create", "all", "--policy", "threshold",
+        "--param", "t=-100", "--param", "d=10")  # fmt: skip
+    return url
 
 
 def eventually(check: Callable[[], T | None], timeout: float, step: float = 0.05) -> T:

@@ -13,13 +13,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-from offer_server import ctl, eventually
+from offer_server import eventually, ten_percent_off_everything
 from pg import hanging_proxy, pg_database
 from sqlalchemy import select
 from test_offers_outage import offer_ids, set_reachable
 from test_server_process import Discountd
 
-from core.store import migrate
 from core.store.db import Store
 from core.store.tables import Event, Offer
 from discount.v1 import discount_pb2 as pb
@@ -33,11 +32,7 @@ def test_sigterm_under_load_flushes_offers_and_keeps_every_acked_event(
     model_store: Path, tmp_path: Path
 ) -> None:
     with pg_database() as url:
-        store = Store(url)
-        migrate.upgrade(store)
-        store.dispose()
-        ctl(url, "rules", "create", "all", "--policy", "threshold",
-            "--param", "t=-100", "--param", "d=10")  # fmt: skip
+        ten_percent_off_everything(url)
         server = Discountd(model_store, tmp_path, url, "--grace", "5", "--poll-interval", "0")
         handed_out: set[str] = set()
         acked: set[str] = set()
@@ -118,11 +113,7 @@ def test_sigterm_under_load_flushes_offers_and_keeps_every_acked_event(
 def _offering_server(
     url: str, model_store: Path, tmp_path: Path, grace: str, *extra: str
 ) -> Discountd:
-    store = Store(url)
-    migrate.upgrade(store)
-    store.dispose()
-    ctl(url, "rules", "create", "all", "--policy", "threshold",
-        "--param", "t=-100", "--param", "d=10")  # fmt: skip
+    ten_percent_off_everything(url)
     return Discountd(model_store, tmp_path, url, "--grace", grace, "--poll-interval", "0", *extra)
 
 

@@ -18,13 +18,13 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from offer_server import KEY, ctl, eventually
+from offer_server import KEY, eventually, ten_percent_off_everything
 from pg import pg_database
 from sqlalchemy import create_engine, select, text
 from test_offers_outage import set_reachable
 
 from core.offer_token import OfferKeys
-from core.store import events, migrate
+from core.store import events
 from core.store.db import Store
 from core.store.tables import Event, Offer
 from discount.v1 import discount_pb2 as pb
@@ -39,11 +39,7 @@ ACKED = (pb.EVENT_STATUS_ACCEPTED, pb.EVENT_STATUS_DUPLICATE)
 @pytest.fixture(scope="module")
 def url() -> Iterator[str]:
     with pg_database() as url:
-        store = Store(url)
-        migrate.upgrade(store)
-        store.dispose()
-        ctl(url, "rules", "create", "all", "--policy", "threshold",
-            "--param", "t=-100", "--param", "d=10")  # fmt: skip
+        ten_percent_off_everything(url)
         yield url
 
 

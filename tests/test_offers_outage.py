@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from offer_server import OfferServer, ctl, eventually
+from offer_server import OfferServer, eventually, ten_percent_off_everything
 from pg import hanging_proxy, pg_database
 from sqlalchemy import create_engine, select, text
 from sqlalchemy.engine import make_url
@@ -74,11 +74,7 @@ def test_store_outage_serves_from_snapshot_refuses_events_and_recovers(
     model_store: Path,
 ) -> None:
     with pg_database() as url:
-        store = Store(url)
-        migrate.upgrade(store)
-        store.dispose()
-        ctl(url, "rules", "create", "all", "--policy", "threshold",
-            "--param", "t=-100", "--param", "d=10")  # fmt: skip
+        ten_percent_off_everything(url)
         running = OfferServer(model_store, url, rules_poll_interval=0.2)
         try:
             request = pb.GetOffersRequest(user_id="user-0", limit=2)

@@ -14,14 +14,13 @@ from pathlib import Path
 
 import grpc
 import pytest
-from offer_server import KEY, OfferServer, ctl, eventually
+from offer_server import KEY, OfferServer, ctl, eventually, ten_percent_off_everything
 from pg import pg_database
 from server_thread import bad_requests
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
 from core import offer_token
-from core.store import migrate
 from core.store.db import Store
 from core.store.tables import Event, Offer
 from discount.v1 import discount_pb2 as pb
@@ -133,11 +132,7 @@ def test_rules_update_reaches_the_running_server_before_its_next_poll(
 @pytest.mark.postgres
 def test_a_store_password_with_a_space_does_not_stop_listening(model_store: Path) -> None:
     with pg_database() as plain:
-        store = Store(plain)
-        migrate.upgrade(store)
-        store.dispose()
-        ctl(plain, "rules", "create", "all", "--policy", "threshold",
-            "--param", "t=-100", "--param", "d=10")  # fmt: skip
+        ten_percent_off_everything(plain)
         # The test server trusts local connections, so any password gets in.
         url = make_url(plain).set(password="my secret").render_as_string(hide_password=False)
         running = OfferServer(model_store, url, rules_poll_interval=300.0)

@@ -21,13 +21,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from offer_server import KEY, ctl
+from offer_server import KEY, ten_percent_off_everything
 from server_thread import bad_requests
 from sqlalchemy import select
 
 from core.features import FEATURE_NAMES
 from core.offer_token import OfferKeys
-from core.store import migrate
 from core.store.db import Store
 from core.store.tables import Event
 from discount.v1 import discount_pb2 as pb
@@ -108,11 +107,7 @@ event_lists = st.one_of(
 @pytest.fixture(scope="module")
 def running(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     url = f"sqlite:///{tmp_path_factory.mktemp('fuzz') / 'store.db'}"
-    store = Store(url)
-    migrate.upgrade(store)
-    store.dispose()
-    ctl(url, "rules", "create", "all", "--policy", "threshold",
-        "--param", "t=-100", "--param", "d=10")  # fmt: skip
+    ten_percent_off_everything(url)
     server = RunningServer(model_store, db_url=url, offer_keys=OfferKeys(KEY))
     server.wait_first_load()
     server.url = url  # type: ignore[attr-defined]
