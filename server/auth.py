@@ -61,15 +61,16 @@ class AuthInterceptor(Interceptor):
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> Any:
         handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(OPEN_PREFIX):
+        if handler_call_details.method.startswith(OPEN_PREFIX):
             return handler
+        # Checked before UNIMPLEMENTED too: without a token, nobody learns which methods exist.
         token = bearer_token(handler_call_details.invocation_metadata)
         if token is None:
             return _denied(handler, f"missing `{HEADER}: Bearer TOKEN` metadata; {HOW_TO_GET_ONE}")
         name = self.registry.name_for(token)
         if name is None:
             return _denied(handler, f"unknown or revoked client token; {HOW_TO_GET_ONE}")
-        if handler.unary_unary is None:
+        if handler is None or handler.unary_unary is None:
             return handler
         behavior = cast(Behavior, handler.unary_unary)
 
@@ -84,8 +85,10 @@ class AuthInterceptor(Interceptor):
         )
 
 
-def _denied(handler: Handler, why: str) -> Any:
-    """A handler of the same shape as ``handler`` that answers UNAUTHENTICATED.
+def _denied(handler: Handler | None, why: str) -> Any:
+    """A handler of the same shape as ``handler`` that answers UNAUTHENTICATED; for a method
+    that does not exist, a streaming one, which answers a call of any shape and which the access
+    log leaves out, so that made-up method names never become metric labels.
 
     It takes the request as the bytes that came in, never decoded: parsing is the costly part
     of a refused call, and protobuf grows a 4 MiB message of empty repeated entries into
@@ -95,6 +98,8 @@ def _denied(handler: Handler, why: str) -> Any:
     async def deny(_request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
 
+    if handler is None:
+        return grpc.stream_stream_rpc_method_handler(deny)
     codec = {"request_deserializer": None, "response_serializer": handler.response_serializer}
     if handler.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(deny, **codec)

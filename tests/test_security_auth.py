@@ -111,6 +111,27 @@ def test_every_rpc_but_health_needs_a_valid_token(
     assert code == grpc.StatusCode.UNAUTHENTICATED
 
 
+def test_without_a_token_nobody_learns_which_methods_exist(
+    server: ServerThread, channel: grpc.Channel, db_url: str
+) -> None:
+    made_up = ("/discount.v1.DiscountService/ListCustomers", "/admin.v1.Admin/Dump")
+
+    def code_of(method: str, streaming: bool, token: str = "") -> grpc.StatusCode:
+        metadata = bearer(token) if token else ()
+        if streaming:
+            stream = channel.stream_stream(method, bytes, bytes)
+            return status_of(lambda: list(stream(iter([b""]), metadata=metadata, timeout=10)))[0]
+        unary = channel.unary_unary(method, bytes, bytes)
+        return status_of(lambda: unary(b"", metadata=metadata, timeout=10))[0]
+
+    for method in made_up:
+        for streaming in (False, True):
+            assert code_of(method, streaming) == grpc.StatusCode.UNAUTHENTICATED
+    token = create_client(db_url, "prober")
+    eventually(lambda: code_of(made_up[0], False, token) == grpc.StatusCode.UNIMPLEMENTED, 10)
+    assert code_of(made_up[1], True, token) == grpc.StatusCode.UNIMPLEMENTED
+
+
 def test_a_refused_call_is_never_decoded(
     model_store: Path, db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
