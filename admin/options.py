@@ -68,9 +68,18 @@ def parse_time(value: str | None, option: str) -> datetime | None:
         ) from None
 
 
+def _refuse_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    names = [name for name, _ in pairs]
+    for name in names:
+        if names.count(name) > 1:
+            raise ValueError(f"key {name!r} is given twice; give it once")
+    return dict(pairs)
+
+
 def parse_json(value: str, option: str) -> Any:
     try:
-        parsed = json.loads(value)
+        # A repeated key would silently keep its last value (a 90% discount for a typo).
+        parsed = json.loads(value, object_pairs_hook=_refuse_repeated_keys)
         # An escape like "\ud800" reads as half a character, which no text encoding holds.
         json.dumps(parsed, ensure_ascii=False).encode()
     except json.JSONDecodeError as e:
@@ -78,6 +87,16 @@ def parse_json(value: str, option: str) -> Any:
     except (ValueError, RecursionError) as e:  # a number of over 4300 digits; nesting too deep
         raise click.ClickException(f"{option}: JSON the store cannot take ({e})") from None
     return parsed
+
+
+def _json_or_text(raw: str, option: str) -> Any:
+    try:
+        json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+    except (ValueError, RecursionError):
+        pass  # JSON, but JSON parse_json refuses with its reason
+    return parse_json(raw, option)
 
 
 def parse_pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
@@ -97,8 +116,5 @@ def parse_assignments(values: tuple[str, ...], option: str) -> dict[str, Any]:
     """NAME=VALUE pairs; a value that reads as JSON (15, 2.5, [5,10]) is taken as such."""
     out: dict[str, Any] = {}
     for name, raw in parse_pairs(values, option).items():
-        try:
-            out[name] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[name] = raw
+        out[name] = _json_or_text(raw, f"{option} {name}")
     return out

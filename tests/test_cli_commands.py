@@ -4,6 +4,7 @@ input (message, exit 1, nothing written), confirmation, conflicts, unreachable s
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -408,6 +409,26 @@ INVALID = [
     (("rules", "create", "t2", *TIER, "--budget", "1234.567"), "has more than 2 decimals"),
     (("rules", "create", "t2", *TIER, "--budget", "1e20"), "above the largest allowed"),
     (("rules", "create", "t2", *TIER, "--param", "k1=4"), "--param: 'k1' is given twice"),
+    (
+        ("rules", "create", "t2", "--policy", "threshold", "--params", '{"t":0,"d":5,"d":90}'),
+        "--params: JSON the store cannot take (key 'd' is given twice; give it once)",
+    ),
+    (
+        ("rules", "create", "t2", *TIER[:-2], "--param", "d2=" + "9" * 5000),
+        "--param d2: JSON the store cannot take (",
+    ),
+    (
+        (
+            "rules",
+            "create",
+            "t2",
+            "--policy",
+            "optimal",
+            "--param",
+            "grid=" + "[" * 3000 + "]" * 3000,
+        ),
+        "--param grid: JSON the store cannot take (",
+    ),
     (("rules", "create", "t2", *TIER, "--budget", "-1"), "budget must be >= 0"),
     (
         ("rules", "create", "t2", "--policy", "optimal", "--param", "grid=[10,5]"),
@@ -579,6 +600,8 @@ def test_usage_errors_exit_2(seeded_once: str) -> None:
         ("segments", "list", "--output", "yaml"),
         ("nouns",),
         ("segments", "create", "x", "--priority", "high"),
+        ("segments", "create", "x", "--where", "order_count > 1", "--condition", "{}"),
+        ("rules", "update", "tier", "--segment", "vip", "--clear", "segment"),
     ):
         result = ctl(seeded_once, *args)
         assert result.exit_code == 2, (args, result.output)
@@ -708,6 +731,28 @@ def test_schema_not_at_head_names_the_fix(tmp_path: Path) -> None:
     assert downgrade.exit_code == 1 and "has no schema: nothing to downgrade" in downgrade.stderr
     # Asking created nothing: a mistyped path leaves no empty store behind.
     assert not (tmp_path / "new.db").exists()
+
+
+def test_only_db_upgrade_makes_the_default_store_and_its_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DISCOUNT_DB_URL", raising=False)
+    listed = CliRunner().invoke(cli, ["segments", "list"])
+    assert listed.exit_code == 1 and "has no schema yet" in listed.stderr
+    assert list(tmp_path.iterdir()) == []
+    upgraded = CliRunner().invoke(cli, ["db", "upgrade"])
+    assert upgraded.exit_code == 0, upgraded.output
+    assert (tmp_path / "var" / "discount.db").is_file()
+
+
+def test_tables_show_amounts_exactly(seeded: str) -> None:
+    ok(seeded, "rules update tier --budget 1234567.89 --max-discount 12.5")
+    shown = ctl(seeded, "rules", "show", "tier").stdout
+    assert re.search(r"^budget +1234567\.89$", shown, re.M), shown
+    assert re.search(r"^max_discount_pct +12\.5$", shown, re.M), shown
+    listed = ctl(seeded, "rules", "list").stdout
+    assert "1234567.89" in listed and "e+" not in listed, listed
 
 
 def test_a_store_without_schema_says_so(tmp_path: Path) -> None:

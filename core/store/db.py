@@ -107,10 +107,6 @@ def make_engine(url: str) -> Engine:
 
 
 def _sqlite_engine(url: URL) -> Engine:
-    database = url.database or ""
-    if database and database != ":memory:" and url.render_as_string() == DEFAULT_URL:
-        # The default store lives under ./var/, which a fresh checkout does not have yet.
-        Path(database).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(url, connect_args={"timeout": CONNECT_TIMEOUT_S})
 
     @event.listens_for(engine, "connect")
@@ -144,6 +140,12 @@ class Store:
             and database not in ("", ":memory:")
             and not Path(database).exists()
         )
+
+    def make_default_folder(self) -> None:
+        """The default store lives under ./var/, which a fresh checkout does not have yet; only
+        `db upgrade` makes it, as it makes the file."""
+        if self.file_missing and self.engine.url.render_as_string() == DEFAULT_URL:
+            Path(self.engine.url.database or "").parent.mkdir(parents=True, exist_ok=True)
 
     def ping(self) -> None:
         """Connect once, so an unreachable store fails fast with one clear line."""

@@ -87,6 +87,8 @@ def _run(store: Store, action: str, revision: str) -> None:
                 f"cannot upgrade to {revision!r}: the store is already at {current}, which is "
                 f"newer; to go back, `discountctl db downgrade {revision}`"
             )
+    if action == "upgrade":
+        store.make_default_folder()
     try:
         with store.engine.begin() as conn:
             config = alembic_config(conn)
