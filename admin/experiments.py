@@ -179,9 +179,12 @@ def update(
 
 def _move(app: App, key: str, command: str, if_version: int | None, output: str) -> None:
     with app.transaction() as session:
-        experiment = Experiments(session, app.actor).transition(key, command, if_version)
+        repo = Experiments(session, app.actor)
+        experiment = repo.transition(key, command, if_version)
         data = experiment.to_dict()
-        notes = _narrower_rules(experiment) if command == "start" else []
+        notes = []
+        if command == "start":
+            notes = _narrower_rules(experiment) + _shared_users(repo, experiment)
     message(f"experiment {key!r} is {data['status']}")
     for note in notes:
         message(note)
@@ -196,6 +199,9 @@ def _move(app: App, key: str, command: str, if_version: int | None, output: str)
 def start(app: App, key: str, if_version: int | None, output: str) -> None:
     """Start (or resume) an experiment: the server begins assigning users to variants.
 
+    Running experiments that share users keep them in the order they first started: one started
+    later never takes users from one that is measuring them. A note names each it shares with.
+
     \b
     Example:
       discountctl experiments start new-tiered-ab
@@ -209,7 +215,8 @@ def start(app: App, key: str, if_version: int | None, output: str) -> None:
 @output_option
 @click.pass_obj
 def pause(app: App, key: str, if_version: int | None, output: str) -> None:
-    """Pause a running experiment: users get the ordinary rules until it starts again.
+    """Pause a running experiment: until it starts again, its users get the ordinary rules, or
+    another running experiment whose target holds them.
 
     \b
     Example:
@@ -260,6 +267,11 @@ def assign(app: App, key: str, user_id: str, features: tuple[str, ...], output: 
     parsed = _features(features)
     with app.transaction() as session:
         data = Experiments(session).assign(key, user_id, parsed if features else None)
+    if data["served_by"] is not None:
+        message(
+            f"{user_id!r} is in the target of {data['served_by']!r}, a running experiment that "
+            f"started first and keeps its users: the server gives this user that one"
+        )
     if data["in_target"] is None:
         message(
             f"target segment {data['target_segment']!r} is a condition; pass --feature "
@@ -267,6 +279,31 @@ def assign(app: App, key: str, user_id: str, features: tuple[str, ...], output: 
             "the user is in it)"
         )
     emit(data, output)
+
+
+def _shared_users(repo: Experiments, started: Experiment) -> list[str]:
+    """Notes on the running experiments that may share users with one just started: a user
+    both target goes to the one that started first (the server's order)."""
+    notes = []
+    earlier = {e.key for e in repo.running_before(started)}
+    for other in repo.running():
+        if other.key == started.key:
+            continue
+        first, second = (other, started) if other.key in earlier else (started, other)
+        if first.target_segment is None or first.target_segment == second.target_segment:
+            whom = f"every user of {second.key!r}"
+            effect = f"{second.key!r} gets nobody until {first.key!r} pauses or stops"
+        else:
+            whom = f"the users in both targets ({_target(first)} and {_target(second)})"
+            effect = f"{second.key!r} gets only the rest"
+        moved = "" if first is other else f"; they leave {second.key!r} now"
+        notes.append(f"note: {first.key!r} started first and keeps {whom}{moved}: {effect}")
+    return notes
+
+
+def _target(experiment: Experiment) -> str:
+    segment = experiment.target_segment
+    return "everyone" if segment is None else f"segment {segment.name!r}"
 
 
 def _features(values: tuple[str, ...]) -> dict[str, float | str]:

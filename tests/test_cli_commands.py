@@ -9,6 +9,7 @@ import shlex
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from core.policy import POLICIES
 from core.store import migrate
 from core.store.db import Store
 from core.store.segments import Segments
+from core.store.snapshot import load_snapshot
 from core.store.tables import SegmentMember
 
 SEGMENT_KEYS = {
@@ -81,6 +83,7 @@ ASSIGN_KEYS = {
     "target_segment",
     "in_target",
     "served",
+    "served_by",
 }
 AUDIT_KEYS = {
     "id",
@@ -654,6 +657,41 @@ def test_a_variant_whose_rule_reaches_fewer_users_than_the_experiment_is_noted(
     narrow = ctl(seeded, "experiments", "create", "narrow", "--variant", "control:50",
                  "--variant", "treatment:50:tier", "--target-segment", "new-customers")  # fmt: skip
     assert narrow.exit_code == 0 and "reaches only" not in narrow.stderr
+
+
+def test_running_experiments_keep_the_users_they_share_in_the_order_they_started(
+    seeded: str,
+) -> None:
+    """'live' runs for everyone; 'ab', also for everyone and first by key, must not take its
+    users from it mid-flight, and the admin hears what starting it does."""
+    started = ctl(seeded, "experiments", "start", "ab")
+    assert started.exit_code == 0, started.output
+    assert (
+        "note: 'live' started first and keeps every user of 'ab': 'ab' gets nobody until "
+        "'live' pauses or stops"
+    ) in started.stderr
+    assert ok(seeded, "experiments assign live u1")["served"] is True
+    assigned = ctl(seeded, "experiments", "assign", "ab", "u1", "-o", "json")
+    assert json.loads(assigned.stdout)["served"] is False
+    assert json.loads(assigned.stdout)["served_by"] == "live"
+    assert "the server gives this user that one" in assigned.stderr
+
+    def server_order() -> list[str]:
+        store = Store(seeded)
+        try:
+            with store.transaction() as session:
+                return [e.key for e in load_snapshot(session, datetime.now(UTC)).experiments]
+        finally:
+            store.dispose()
+
+    assert server_order() == ["live", "ab"]
+    ok(seeded, "experiments pause live")
+    assert ok(seeded, "experiments assign ab u1")["served"] is True
+    resumed = ctl(seeded, "experiments", "start", "live")
+    assert "note: 'live' started first and keeps every user of 'ab'; they leave 'ab' now" in (
+        resumed.stderr
+    )
+    assert server_order() == ["live", "ab"]
 
 
 def test_assign_judges_a_condition_only_on_the_features_given(seeded: str) -> None:

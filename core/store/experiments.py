@@ -26,6 +26,15 @@ TRANSITIONS = {
 }
 
 
+# Running experiments that share users: the first started keeps them, so starting another
+# never moves users out of one that is measuring them.
+RUNNING_ORDER = (Experiment.started_at, Experiment.key)
+
+
+def _order(experiment: Experiment) -> tuple[Any, str]:
+    return (experiment.started_at, experiment.key)
+
+
 @dataclass(frozen=True)
 class VariantSpec:
     name: str
@@ -193,23 +202,19 @@ class Experiments:
         """
         validate.ident("user id", user_id)
         experiment = self.get(key)
-        in_target: bool | None = True
         segment = experiment.target_segment
-        if segment is not None:
-            if segment.kind == "members":
-                in_target = Segments(self.session).is_member(segment, user_id)
-            else:
-                assert segment.condition is not None
-                condition = parse_condition(segment.condition)
-                # Judged only on features given: a missing one would be taken as a new user's,
-                # and the answer stated with a confidence nobody has.
-                known = features is not None and features_of(condition) <= set(features)
-                in_target = evaluate(condition, features) if known and features else None
+        in_target = self._in_target(experiment, user_id, features)
         variants = experiment.variants
         chosen = variants[variant_index(experiment.salt, user_id, [v.weight for v in variants])]
-        served: bool | None = in_target
-        if experiment.status != "running":
-            served = False
+        served: bool | None = in_target if experiment.status == "running" else False
+        served_by = None
+        for earlier in self.running_before(experiment) if served is not False else ():
+            held = self._in_target(earlier, user_id, features)
+            if held:
+                served, served_by = False, earlier.key
+                break
+            if held is None:
+                served = None
         return {
             "experiment": key,
             "status": experiment.status,
@@ -219,9 +224,38 @@ class Experiments:
             "rule": chosen.rule.name if chosen.rule is not None else None,
             "target_segment": segment.name if segment is not None else None,
             "in_target": in_target,
-            # Whether the server gives this user the variant now (running and in the target).
+            # Whether the server gives this user the variant now: running, in the target, and
+            # in no running experiment that started earlier (served_by names it).
             "served": served,
+            "served_by": served_by,
         }
+
+    def running_before(self, experiment: Experiment) -> list[Experiment]:
+        """Running experiments that started before this one: they keep the users they share
+        with it, as the server orders them (core.store.snapshot)."""
+        return [e for e in self.running() if _order(e) < _order(experiment)]
+
+    def running(self) -> list[Experiment]:
+        """Running experiments in the order the server tries them: the first started first."""
+        query = select(Experiment).where(Experiment.status == "running")
+        return list(self.session.scalars(query.order_by(*RUNNING_ORDER)))
+
+    def _in_target(
+        self, experiment: Experiment, user_id: str, features: Mapping[str, float | str] | None
+    ) -> bool | None:
+        """A member-list segment is checked in the store; a condition segment only when
+        ``features`` holds every feature it reads, else None."""
+        segment = experiment.target_segment
+        if segment is None:
+            return True
+        if segment.kind == "members":
+            return Segments(self.session).is_member(segment, user_id)
+        assert segment.condition is not None
+        condition = parse_condition(segment.condition)
+        # Judged only on features given: a missing one would be taken as a new user's, and
+        # the answer stated with a confidence nobody has.
+        known = features is not None and features_of(condition) <= set(features)
+        return evaluate(condition, features) if known and features else None
 
     def _segment(self, name: str | None) -> Segment | None:
         return None if name is None else Segments(self.session).get(name)
