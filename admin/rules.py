@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import click
@@ -244,28 +245,55 @@ def _measured_notes(session: Session, before: dict[str, Any], rule: Rule) -> lis
     """A note per running experiment's variant that a change of its rule alters: the change is
     allowed (a rule that gives money away must be stoppable), but the experiment keeps
     assigning users to the variant, and `experiments start` would have refused a disabled rule."""
-    disabled = before["enabled"] and not rule.enabled
-    repriced = rule.enabled and (before["policy"], before["params"]) != (rule.policy, rule.params)
-    if not (disabled or repriced):
+    after = rule.to_dict()
+    now = datetime.now(UTC)
+    was_live = before["enabled"] and _in_window(before, now)
+    stopped = was_live and not (rule.enabled and _in_window(after, now))
+    changed = [f for f in PRICING_FIELDS if before[f] != after[f]]
+    if not stopped and not (rule.enabled and changed):
         return []
     notes = []
     for key, variant in Experiments(session).running_variants_of(rule):
         note = f"note: variant {variant!r} of running experiment {key!r} prices with rule "
-        if disabled:
+        if stopped:
+            why = "disabled" if not rule.enabled else "outside its validity window"
             note += (
-                f"{rule.name!r}, which is now disabled: the variant's users get no discount "
+                f"{rule.name!r}, which is now {why}: the variant's users get no discount "
                 "(VARIANT_RULE_NOT_APPLICABLE) while the experiment keeps assigning users to it; "
-                f"pause the experiment (`discountctl experiments pause {key}`) or enable the "
-                "rule again"
+                f"pause the experiment (`discountctl experiments pause {key}`) or change the "
+                "rule back"
             )
         else:
             note += (
-                f"{rule.name!r}, whose policy or parameters changed: from now on the variant's "
+                f"{rule.name!r}, whose {', '.join(changed)} changed: from now on the variant's "
                 "users get the new discounts, so the experiment's results mix the old rule and "
                 "the new one"
             )
         notes.append(note)
     return notes
+
+
+# What decides a variant's discounts (its priority does not: the variant's rule always prices).
+PRICING_FIELDS = (
+    "policy",
+    "params",
+    "segment",
+    "categories",
+    "item_ids",
+    "max_discount_pct",
+    "min_margin_pct",
+    "budget",
+    "valid_from",
+    "valid_until",
+)
+
+
+def _in_window(fields: dict[str, Any], now: datetime) -> bool:
+    """As the server judges a rule's window (core.offers.RuleDef), on to_dict's ISO times."""
+    start, end = fields["valid_from"], fields["valid_until"]
+    return (start is None or datetime.fromisoformat(start) <= now) and (
+        end is None or now < datetime.fromisoformat(end)
+    )
 
 
 def _toggle(enabled: bool) -> Callable[..., None]:

@@ -715,8 +715,22 @@ def test_changes_to_a_rule_a_running_experiment_measures_are_noted(seeded: str) 
     assert changed.exit_code == 0
     assert (
         "note: variant 't' of running experiment 'm' prices with rule 'measured', whose "
-        "policy or parameters changed"
+        "params changed"
     ) in changed.stderr
+    narrowed = ctl(seeded, "rules", "update", "measured", "--item", "000001", "--budget", "50")
+    assert "whose item_ids, budget changed" in narrowed.stderr
+    expired = ctl(seeded, "rules", "update", "measured", "--valid-until", "2020-01-01")
+    assert "which is now outside its validity window" in expired.stderr
+    assert "VARIANT_RULE_NOT_APPLICABLE" in expired.stderr
+    ok(seeded, "experiments pause m")
+    restart = ctl(seeded, "experiments", "start", "m")
+    assert restart.exit_code == 1
+    assert (
+        "variant 't' uses rule 'measured', whose validity ended at 2020-01-01T00:00:00+00:00; "
+        "extend it first"
+    ) in restart.stderr
+    ok(seeded, "rules update measured --clear valid_until")
+    ok(seeded, "experiments start m")
     disabled = ctl(seeded, "rules", "disable", "measured")
     assert disabled.exit_code == 0
     notes = [line for line in disabled.stderr.splitlines() if line.startswith("note:")]

@@ -153,16 +153,23 @@ class Experiments:
             else:
                 hint = f"it can {command} only from {' or '.join(sorted(allowed))}"
             raise InvalidInput(f"experiment {key!r} is {experiment.status}; {hint}")
+        now = utcnow()
         if target == "running":
             for v in experiment.variants:
-                if v.rule is not None and not v.rule.enabled:
+                rule = v.rule
+                if rule is not None and not rule.enabled:
                     raise InvalidInput(
-                        f"variant {v.name!r} uses rule {v.rule.name!r}, which is disabled; "
-                        f"enable it first (`discountctl rules enable {v.rule.name}`)"
+                        f"variant {v.name!r} uses rule {rule.name!r}, which is disabled; "
+                        f"enable it first (`discountctl rules enable {rule.name}`)"
+                    )
+                if rule is not None and rule.valid_until is not None and rule.valid_until <= now:
+                    raise InvalidInput(
+                        f"variant {v.name!r} uses rule {rule.name!r}, whose validity ended at "
+                        f"{rule.valid_until.isoformat()}; extend it first "
+                        f"(`discountctl rules update {rule.name} --valid-until TIME`)"
                     )
         before = experiment.to_dict()
         experiment.status = target
-        now = utcnow()
         if target == "running" and experiment.started_at is None:
             experiment.started_at = now
         if target == "stopped":
