@@ -244,6 +244,28 @@ def stop(app: App, key: str, if_version: int | None, yes: bool, output: str) -> 
     _move(app, key, "stop", if_version, output)
 
 
+@experiments.command("delete")
+@click.argument("key")
+@if_version_option
+@yes_option
+@output_option
+@click.pass_obj
+def delete(app: App, key: str, if_version: int | None, yes: bool, output: str) -> None:
+    """Delete a draft experiment; one that has run stays, as the record its report reads.
+
+    \b
+    Example:
+      discountctl experiments delete homepage-test --yes
+    """
+    with app.transaction() as session:
+        Experiments(session).get(key)
+    confirm(f"Delete experiment {key!r}?", yes)
+    with app.transaction() as session:
+        data = Experiments(session, app.actor).delete(key, if_version)
+    message(f"deleted experiment {key!r}")
+    emit(data if output == "json" else _table_row(data), output)
+
+
 @experiments.command("assign")
 @click.argument("key")
 @click.argument("user_id")

@@ -511,6 +511,8 @@ INVALID = [
     (("experiments", "start", "live"), "it can start only from draft or paused"),
     (("experiments", "pause", "ab"), "it can pause only from running"),
     (("experiments", "stop", "ab"), "no terminal; pass --yes"),
+    (("experiments", "delete", "live", "--yes"), "is running; only a draft can be deleted"),
+    (("experiments", "delete", "ab"), "no terminal; pass --yes"),
     (("experiments", "assign", "nope", "u1"), "no experiment with key 'nope'"),
     (("experiments", "assign", "ab", "u1", "--feature", "age=3"), "unknown"),
     (("experiments", "assign", "ab", "u1", "--feature", "order_count=lots"), "must be a number"),
@@ -555,7 +557,7 @@ STORE_COMMANDS = (
     | {("rules", v) for v in ("create", "list", "show", "update", "enable", "disable", "delete")}
     | {
         ("experiments", v)
-        for v in ("create", "list", "show", "update", "start", "pause", "stop", "assign")
+        for v in ("create", "list", "show", "update", "start", "pause", "stop", "assign", "delete")
     }
     | {("models", v) for v in ("register", "list", "promote", "rollback")}
     | {("clients", v) for v in ("create", "list", "revoke")}
@@ -615,6 +617,28 @@ def test_destructive_commands_work_with_yes(seeded: str) -> None:
     assert ok(seeded, "experiments stop ab --yes")["status"] == "stopped"
     result = ctl(seeded, "experiments", "start", "ab")
     assert result.exit_code == 1 and "a stopped experiment cannot restart" in result.stderr
+
+
+def test_a_segment_an_experiment_targets_goes_with_the_draft_and_stays_after_a_run(
+    seeded: str,
+) -> None:
+    ok(seeded, "experiments create vip-ab --target-segment vip --variant a:50 --variant b:50")
+    refused = ctl(seeded, "segments", "delete", "vip", "--yes")
+    assert "used by draft experiment 'vip-ab'; change or delete those first" in refused.stderr
+    assert ok(seeded, "experiments delete vip-ab --yes")["key"] == "vip-ab"
+    assert ok(seeded, "audit list --limit 1")[0]["action"] == "delete"
+    assert ok(seeded, "segments delete vip --yes")["name"] == "vip"
+
+    ok(seeded, "segments create vip2")
+    ok(seeded, "experiments create ran --target-segment vip2 --variant a:50 --variant b:50")
+    ok(seeded, "experiments start ran")
+    ok(seeded, "experiments stop ran --yes")
+    kept = ctl(seeded, "segments", "delete", "vip2", "--yes")
+    assert kept.exit_code == 1
+    assert (
+        "used by stopped experiment 'ran'; an experiment that has run keeps its target as the "
+        "record its report reads, so the segment stays"
+    ) in kept.stderr
 
 
 def test_times_are_given_back_in_utc(seeded: str) -> None:

@@ -188,6 +188,23 @@ class Experiments:
         )
         return experiment
 
+    def delete(self, key: str, expected_version: int | None = None) -> dict[str, Any]:
+        """Only a draft: one that has run keeps the record its report reads."""
+        experiment = self.get(key)
+        check_version("experiment", key, experiment.version, expected_version)
+        if experiment.status != "draft":
+            raise Conflict(
+                f"experiment {key!r} is {experiment.status}; only a draft can be deleted, since "
+                "one that has run keeps the record its report reads"
+            )
+        before = experiment.to_dict()
+        self.session.delete(experiment)
+        self.session.flush()
+        audit.record(
+            self.session, self.actor, "delete", "experiment", before["id"], key, before, None
+        )
+        return before
+
     def running_variants_of(self, rule: Rule) -> list[tuple[str, str]]:
         """(experiment key, variant name) of every running experiment's variant priced by rule."""
         query = (

@@ -137,14 +137,23 @@ class Segments:
             f"rule {r!r}"
             for r in self.session.scalars(select(Rule.name).where(Rule.segment_id == segment.id))
         ] + [
-            f"experiment {k!r}"
-            for k in self.session.scalars(
-                select(Experiment.key).where(Experiment.target_segment_id == segment.id)
+            f"{status} experiment {k!r}"
+            for k, status in self.session.execute(
+                select(Experiment.key, Experiment.status).where(
+                    Experiment.target_segment_id == segment.id
+                )
             )
         ]
         if users:
+            has_run = not all(u.startswith(("rule", "draft")) for u in users)
             raise Conflict(
-                f"segment {name!r} is used by {', '.join(users)}; change or delete those first"
+                f"segment {name!r} is used by {', '.join(users)}; "
+                + (
+                    "an experiment that has run keeps its target as the record its report "
+                    "reads, so the segment stays"
+                    if has_run
+                    else "change or delete those first"
+                )
             )
         before = self.as_dict(segment)
         self.session.execute(delete(SegmentMember).where(SegmentMember.segment_id == segment.id))
