@@ -224,3 +224,22 @@ def test_train_visits_set_how_long_the_experiment_runs_before_the_evaluation(
     assert report["config"]["train_visits"] == 5 and report["config"]["market"]["visits"] == 8
     # 120 shoppers × 8 offers × 3 evaluated visits, whatever the training length.
     assert report["offers_per_seed"] == [2880]
+
+
+def test_one_seed_has_no_interval(tmp_path: Path) -> None:
+    """A 95% interval over one seed is no interval: n/a in the table, null in the report."""
+    plot, report = tmp_path / "margin.png", tmp_path / "report.json"
+    result = CliRunner().invoke(
+        main,
+        ["evaluate-policy", "--seeds", "1", "--users", "100", "--epochs", "1",
+         "--train-visits", "1", "--json", str(report), "--plot", str(plot)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = result.stdout.splitlines()[1 : 1 + len(POLICY_ORDER)]
+    assert all(" n/a " in row and "[" not in row for row in rows), rows
+    summary = json.loads(report.read_text())
+    for figures in [*summary["policies"].values(), summary["response_model_holdout"]]:
+        for v in figures.values():
+            if isinstance(v, dict):
+                assert v["low"] is None and v["high"] is None
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

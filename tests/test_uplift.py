@@ -175,3 +175,42 @@ def test_cli_refuses_a_broken_file_in_one_line(tmp_path: Path, text: str, messag
     assert result.exit_code == 1
     assert result.output.startswith(f"Error: {path}: ") and result.output.count("\n") == 1
     assert message in result.output
+
+
+HILLSTROM = _hillstrom_like(3000, 0)
+
+
+@pytest.mark.parametrize(
+    ("frame", "message"),
+    [
+        (
+            HILLSTROM.replace({"segment": {"No E-Mail": "no e-mail", "Mens E-Mail": "Mens"}}),
+            "segment 'Mens', 'no e-mail' is not one of Mens E-Mail, Womens E-Mail, No E-Mail; "
+            "fix or drop those rows",
+        ),
+        (
+            HILLSTROM[HILLSTROM["segment"] != "No E-Mail"],
+            "split seed 0 leaves no No E-Mail customer in the fit half; no No E-Mail customer "
+            "in the score half; each half needs",
+        ),
+        (
+            HILLSTROM.assign(conversion=0),
+            "split seed 0 leaves no conversion = 1 among e-mailed in the fit half; ",
+        ),
+        (
+            _hillstrom_like(12, 1),
+            "split seed 0 leaves no visit = 1 among e-mailed in the fit half; ",
+        ),
+    ],
+    ids=["unknown segment", "no control", "one class", "tiny"],
+)
+def test_cli_refuses_data_it_cannot_fit_or_score_before_fitting(
+    tmp_path: Path, frame: pd.DataFrame, message: str
+) -> None:
+    path = tmp_path / "hillstrom.csv"
+    frame.to_csv(path, index=False)
+    result = CliRunner().invoke(main, ["uplift", "--data", str(path), "--epochs", "1"])
+    assert result.exit_code == 1
+    # One line and nothing before it: no "fitting on" progress, no traceback.
+    assert result.output.startswith(f"Error: {path}: {message}")
+    assert result.output.count("\n") == 1

@@ -194,7 +194,7 @@ def evaluate_policy_command(
     from the same log can earn in expectation) and the oracle (true curves). Prints expected
     outcomes per 1,000 offers, each policy's share of the oracle's incremental margin over no
     discount, and how far off-policy estimates (IPS, doubly robust) from a randomized log land
-    from the truth; 95% intervals over seeds.
+    from the truth; 95% intervals over seeds (n/a with one seed).
 
     Example: discount-train evaluate-policy --seeds 5 --plot docs/policy_margin.png
     """
@@ -268,7 +268,9 @@ def uplift_command(
     """Uplift on real data: e-mail (Mens or Womens) against none, outcomes visit and conversion,
     a 50/50 split stratified by treatment and outcomes. Qini coefficient (scikit-uplift's
     qini_auc_score) and uplift@30% of the response model's uplift variant next to
-    scikit-uplift's ClassTransformation and TwoModels, all on the same split.
+    scikit-uplift's ClassTransformation and TwoModels, all on the same split. A file with
+    other segments, or a split half without both arms and, within each, both values of each
+    outcome, is refused before any fitting.
 
     Example: discount-train uplift --seed 0 --json var/uplift.json
 
@@ -277,6 +279,8 @@ def uplift_command(
     _writable(json_path)
     try:
         experiment = uplift.load_hillstrom(data)
+        for seed in seeds:  # all of them before minutes of fitting
+            uplift.check_split(data, experiment, seed)
     except uplift.UpliftError as e:
         raise click.ClickException(str(e)) from None
     except ImportError as e:

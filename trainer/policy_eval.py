@@ -289,12 +289,12 @@ def run_seed(
     )
 
 
-def interval(values: list[float]) -> dict[str, float]:
-    """Mean and a 95% t-interval over seeds."""
+def interval(values: list[float]) -> dict[str, float | None]:
+    """Mean and a 95% t-interval over seeds; one seed has no interval (low and high None)."""
     a = np.asarray(values, dtype=np.float64)
     mean = float(a.mean())
     if len(a) < 2:
-        return {"mean": mean, "low": mean, "high": mean}
+        return {"mean": mean, "low": None, "high": None}
     half = float(stats.t.ppf(0.975, len(a) - 1) * a.std(ddof=1) / math.sqrt(len(a)))
     return {"mean": mean, "low": mean - half, "high": mean + half}
 
@@ -350,8 +350,10 @@ def config_summary(config: EvalConfig) -> Mapping[str, Any]:
 def format_table(summary: Mapping[str, Any]) -> str:
     """The summary as an aligned text table (means, with 95% intervals for the key figures)."""
 
-    def ci(v: Mapping[str, float], fmt: str) -> str:
-        return f"{v['mean']:{fmt}} [{v['low']:{fmt}}, {v['high']:{fmt}}]"
+    def ci(v: Mapping[str, float | None], fmt: str) -> str:
+        low, high = v["low"], v["high"]
+        spread = "n/a" if low is None or high is None else f"[{low:{fmt}}, {high:{fmt}}]"
+        return f"{v['mean']:{fmt}} {spread}"
 
     lines = [
         f"{'policy':12s} {'conv/1k':>8s} {'revenue/1k':>11s} {'spend/1k':>9s} {'margin/1k':>10s}"
@@ -387,8 +389,8 @@ def plot_margin_vs_spend(summary: Mapping[str, Any], path: Path) -> None:
         ax.errorbar(
             x["mean"],
             y["mean"],
-            xerr=[[x["mean"] - x["low"]], [x["high"] - x["mean"]]],
-            yerr=[[y["mean"] - y["low"]], [y["high"] - y["mean"]]],
+            xerr=_bar(x),
+            yerr=_bar(y),
             fmt="o",
             capsize=3,
         )
@@ -403,3 +405,10 @@ def plot_margin_vs_spend(summary: Mapping[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
+
+
+def _bar(v: Mapping[str, Any]) -> list[list[float]] | None:
+    """An error bar from the mean to each end of the interval; none with one seed."""
+    if v["low"] is None:
+        return None
+    return [[v["mean"] - v["low"]], [v["high"] - v["mean"]]]

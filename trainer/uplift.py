@@ -34,6 +34,7 @@ OUTCOMES = ("visit", "conversion")
 NUMERIC = ("recency", "history", "mens", "womens", "newbie")
 CATEGORICAL = ("zip_code", "channel")
 CONTROL = "No E-Mail"
+SEGMENTS = ("Mens E-Mail", "Womens E-Mail", CONTROL)
 
 
 class UpliftError(Exception):
@@ -64,6 +65,14 @@ def load_hillstrom(path: Path = HILLSTROM) -> Experiment:
         raise UpliftError(f"{path}: missing column(s) {', '.join(missing)}; is it Hillstrom's?")
     if frame.empty:
         raise UpliftError(f"{path}: a header and no customers; is it Hillstrom's?")
+    # Anything but Hillstrom's own segments would silently count as an e-mail.
+    segment = frame["segment"].fillna("").astype(str)
+    unknown = sorted(set(segment) - set(SEGMENTS))
+    if unknown:
+        shown = ", ".join(repr(u) for u in unknown[:5]) + (", …" if unknown[5:] else "")
+        raise UpliftError(
+            f"{path}: segment {shown} is not one of {', '.join(SEGMENTS)}; fix or drop those rows"
+        )
     numbers = frame[[*NUMERIC, *OUTCOMES]].apply(pd.to_numeric, errors="coerce")
     _refuse_rows(path, ~np.isfinite(numbers[list(NUMERIC)]), "missing or not a number")
     _refuse_rows(path, ~numbers[list(OUTCOMES)].isin((0, 1)), "not 0 or 1")
@@ -72,7 +81,7 @@ def load_hillstrom(path: Path = HILLSTROM) -> Experiment:
     return Experiment(
         features=x.to_numpy(dtype=np.float64),
         columns=list(x.columns),
-        treatment=(frame["segment"] != CONTROL).to_numpy().astype(np.int64),
+        treatment=(segment != CONTROL).to_numpy().astype(np.int64),
         outcomes={o: numbers[o].to_numpy().astype(np.int64) for o in OUTCOMES},
     )
 
@@ -102,6 +111,30 @@ def split(experiment: Experiment, seed: int) -> tuple[npt.NDArray[np.int64], npt
         train.append(rows[:half])
         test.append(rows[half:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def check_split(path: Path, experiment: Experiment, seed: int) -> None:
+    """Refuse a split whose half lacks an arm, or an outcome's class within an arm: every model
+    fits on one half and is scored on the other, and TwoModels fits one model per arm."""
+    missing = []
+    for half, rows in zip(("fit", "score"), split(experiment, seed), strict=True):
+        for arm, name in ((1, "e-mailed"), (0, CONTROL)):
+            in_arm = rows[experiment.treatment[rows] == arm]
+            if not len(in_arm):
+                missing.append(f"no {name} customer in the {half} half")
+                continue
+            for outcome in OUTCOMES:
+                present = set(experiment.outcomes[outcome][in_arm].tolist())
+                missing += [
+                    f"no {outcome} = {v} among {name} in the {half} half"
+                    for v in (0, 1)
+                    if v not in present
+                ]
+    if missing:
+        raise UpliftError(
+            f"{path}: split seed {seed} leaves {'; '.join(missing)}; each half needs e-mailed "
+            f"and {CONTROL} customers, each with visit and conversion both 0 and 1"
+        )
 
 
 @dataclass(frozen=True)
