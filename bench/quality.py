@@ -198,10 +198,10 @@ def _implicit(hold: Split, val: Split, kind: str, say: Callable[[str], None]) ->
 
 
 def _popularity(hold: Split, val: Split) -> Row:
-    seconds, _ = _median_seconds(lambda: popularity_scorer(hold.train))
-    val_score = ndcg10(popularity_scorer(val.train), val)
+    seconds, _ = _median_seconds(lambda: popularity_scorer(hold.bought))
+    val_score = ndcg10(popularity_scorer(val.bought), val)
     return Row("popularity", "distinct buyers per item", val_score,
-               evaluate(popularity_scorer(hold.train), hold), seconds, 0.0)  # fmt: skip
+               evaluate(popularity_scorer(hold.bought), hold), seconds, 0.0)  # fmt: skip
 
 
 def run_dataset(name: str, say: Callable[[str], None]) -> tuple[list[Row], str]:

@@ -201,3 +201,21 @@ def test_training_blind_says_which_candidate_and_claims_no_comparison(tmp_path: 
     assert training["candidates"] == []
     assert training["chosen_by"] == "first of 2 candidates given, untested: no validation users"
     assert training["regularization"] == 10.0
+
+
+def test_an_out_that_is_a_model_version_is_refused_naming_the_store(
+    shop: list[str], tmp_path: Path
+) -> None:
+    """A version nested in a version is served by nobody, yet fit would report it current."""
+    store = tmp_path / "models"
+    first = fit(shop, store, *TWO)
+    assert first.exit_code == 0, first.output
+    version = Path(json.loads(first.stdout.strip().splitlines()[-1])["version_dir"])
+    inside = set(version.iterdir())
+    result = fit(shop, version, *TWO)
+    assert result.exit_code == 1
+    assert result.output == (
+        f"Error: {version}: is a model version (it has manifest.json); give the model store "
+        f"folder above it, --out {store}\n"
+    )
+    assert set(version.iterdir()) == inside

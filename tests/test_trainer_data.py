@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -153,16 +155,18 @@ def test_online_retail_drops_each_reason_on_purpose(tmp_path: Path) -> None:
         + "536382,POST,POSTAGE,1,2010-12-01 09:41:00,18.0,12583.0,France\n"
         + "536383,gift_0001_20,VOUCHER,1,2010-12-01 09:41:00,16.0,12583.0,France\n"
         + "536384,BANK CHARGES,Bank Charges,1,2010-12-01 09:41:00,15.0,12583.0,France\n"
-        + "536385,22222,FREEBIE,1,2010-12-01 09:41:00,0.0,12583.0,France\n",
+        + "536385,22222,FREEBIE,1,2010-12-01 09:41:00,0.0,12583.0,France\n"
+        + "536386,22223,TYPO YEAR,1,2099-12-01 09:41:00,1.0,12583.0,France\n",
     )
     loaded = load_online_retail(path)
-    assert loaded.rows_read == 12
+    assert loaded.rows_read == 13
     assert loaded.dropped == {
         "cancellations and returns (InvoiceNo C…, Quantity ≤ 0)": 2,
         "no CustomerID": 1,
         "exact duplicate rows": 1,
         "non-product codes (postage, fees, adjustments, vouchers)": 3,
         "zero, negative or missing UnitPrice": 1,
+        "timestamp more than a day after the time of the fit (latest 2099-12-01 09:41:00 UTC)": 1,
     }
     ds = loaded.dataset
     assert ds.user_ids == ["13047", "17850"]
@@ -424,3 +428,51 @@ def test_online_retail_with_no_usable_row_says_what_was_dropped(tmp_path: Path) 
         f"Error: {path}: no usable purchase rows after cleaning (dropped: 1 unparseable "
         "InvoiceDate)\n"
     )
+
+
+def test_rows_dated_after_the_fit_are_dropped_naming_the_latest(tmp_path: Path) -> None:
+    """One 2099 row would stretch the hold-out and date every user's features from 2099."""
+    skewed = int(time.time()) + 3600  # a shop clock an hour fast: kept
+    inter = write(
+        tmp_path / "i.csv",
+        "user_id,item_id,timestamp\n"
+        + "".join(f"u{u},{item},{T + d * 86_400}\n" for u in range(30) for d, item in
+                  enumerate(("007", "7", "007", "7")))
+        + f"u0,7,{skewed}\nu1,007,2099-01-01\nu2,7,2099-06-01T12:00:00Z\n",
+    )  # fmt: skip
+    items = write(tmp_path / "items.csv", ITEMS)
+    reason = "timestamp more than a day after the time of the fit (latest 2099-06-01 12:00:00 UTC)"
+    assert load_files(inter, items).dropped == {reason: 2}
+    result = fit_cli(tmp_path, inter, items, "--factors", "2", "--epochs", "1")
+    assert result.exit_code == 0, result.output
+    assert f"  dropped        2  {reason}\n" in result.output
+    version = json.loads(result.stdout.strip().splitlines()[-1])["version_dir"]
+    data = json.loads((Path(version) / "manifest.json").read_text())["data"]
+    assert data["reference_time"] == pd.Timestamp(skewed, unit="s", tz="UTC").isoformat()
+
+
+def test_future_ratings_are_dropped_from_movielens_too(tmp_path: Path) -> None:
+    write(tmp_path / "u.data", "1\t10\t5\t881250949\n2\t10\t1\t4102444800\n")
+    loaded = load_movielens(tmp_path)
+    assert loaded.dataset.user_ids == ["1"]
+    assert loaded.dropped == {
+        "timestamp more than a day after the time of the fit (latest 2100-01-01 00:00:00 UTC)": 1
+    }
+
+
+def test_movielens_without_u_item_says_items_have_no_category_or_title(tmp_path: Path) -> None:
+    write(tmp_path / "u.data", "1\t10\t5\t881250949\n2\t20\t1\t881250950\n")
+    loaded = load_movielens(tmp_path)
+    assert loaded.dataset.catalog.categories == ["", ""]
+    assert "  note: u.item not found beside u.data: items have no category or title" in (
+        loaded.summary_lines()
+    )
+
+
+def test_an_items_directory_is_a_one_line_error_like_interactions(tmp_path: Path) -> None:
+    folder = tmp_path / "items"
+    folder.mkdir()
+    result = fit_cli(tmp_path, write(tmp_path / "i.csv", f"user_id,item_id,timestamp\nu,7,{T}\n"),
+                     folder)  # fmt: skip
+    assert result.exit_code == 1
+    assert result.output == f"Error: {folder}: is a directory; expected a CSV or Parquet file\n"

@@ -39,7 +39,9 @@ def test_recall_divides_by_min_of_k_and_relevant() -> None:
     assert m["ndcg@10"] == pytest.approx(sum(DCG[0:10:2]) / sum(DCG))
 
 
-def shop(rows: list[tuple[int, int, int]], n_users: int, n_items: int) -> Dataset:
+def shop(
+    rows: list[tuple[int, int, int]], n_users: int, n_items: int, events: list[str] | None = None
+) -> Dataset:
     users, items, ts = (np.array(c, dtype=np.int64) for c in zip(*rows, strict=True))
     return Dataset(
         user_ids=[f"u{u}" for u in range(n_users)],
@@ -55,7 +57,7 @@ def shop(rows: list[tuple[int, int, int]], n_users: int, n_items: int) -> Datase
             user_index=users,
             item_index=items,
             timestamp=ts,
-            event=["purchase"] * len(rows),
+            event=events or ["purchase"] * len(rows),
             quantity=np.ones(len(rows), dtype=np.int64),
             price=np.full(len(rows), np.nan),
         ),
@@ -86,6 +88,27 @@ def test_time_split_relevance_rules() -> None:
     inner = Protocol("time", cutoff=10).inner(ds, split)
     assert inner.train_rows.tolist() == [True, True, False, False, False, False, False]
     assert inner.eval_users.tolist() == []
+
+
+def test_a_view_is_no_purchase_in_relevance_exclusion_or_popularity() -> None:
+    """TRAINING.md: bought before, bought after, someone bought and popularity are purchases."""
+    rows_events = [
+        ((1, 1, 1), "purchase"), ((2, 1, 2), "purchase"), ((3, 2, 3), "purchase"),
+        ((1, 0, 4), "view"), ((2, 0, 4), "view"), ((3, 0, 4), "view"),  # item 0: most viewed
+        ((1, 2, 5), "view"),  # user 1 looked at item 2 before buying it
+        ((0, 2, 6), "view"),  # user 0 only looked before the cutoff
+        ((1, 2, 11), "purchase"),  # new to user 1 as a purchase, bought by user 3: relevant
+        ((1, 0, 12), "purchase"),  # nobody bought item 0 before: not relevant
+        ((0, 2, 13), "purchase"),  # user 0 bought nothing before: not evaluated
+    ]  # fmt: skip
+    rows, events = zip(*rows_events, strict=True)
+    split = Protocol("time", cutoff=10).split(shop(list(rows), 4, 3, list(events)))
+    assert split.eval_users.tolist() == [1]
+    assert split.relevant[1].indices.tolist() == [2]
+    # Popularity counts buyers, not viewers; a viewed item may still be recommended.
+    ranked = top_k(popularity_scorer(split.bought), np.array([1]), split.bought, 2)
+    assert ranked.tolist() == [[2, 0]]
+    assert evaluate(popularity_scorer(split.bought), split, k=2)["hit_rate@10"] == 1.0
 
 
 def test_dates_only_still_leave_a_validation_window() -> None:

@@ -102,16 +102,55 @@ def test_a_version_that_loses_to_popularity_does_not_replace_the_serving_one(
     assert Path(str(worse["version_dir"])).is_dir()  # written and sealed, to promote by hand
 
 
-def test_without_validation_users_no_win_over_popularity_is_claimed(tmp_path: Path) -> None:
-    """One purchase per shopper: nobody has history before the validation period."""
-    shop = tmp_path / "shop"
+def _one_purchase_per_shopper(shop: Path) -> Path:
+    """Nobody has history before the validation period: fit trains blind."""
     shop.mkdir()
     (shop / "interactions.csv").write_text(
         "user_id,item_id,timestamp\n"
         + "".join(f"u{u},i{u % 10},{1_700_000_000 + u * 86_400}\n" for u in range(40))
     )
     (shop / "items.csv").write_text("item_id,price\n" + "".join(f"i{i},5\n" for i in range(10)))
-    answer, log = fit(shop, tmp_path / "models")
+    return shop
+
+
+def test_without_validation_users_no_win_over_popularity_is_claimed(tmp_path: Path) -> None:
+    answer, log = fit(_one_purchase_per_shopper(tmp_path / "shop"), tmp_path / "models")
     assert "WARNING: no validation users" in log
     metrics = load_manifest(Path(str(answer["version_dir"]))).metrics
     assert "loses_to_popularity" not in metrics and "val_ndcg@10" not in metrics
+
+
+def test_a_version_never_compared_with_popularity_does_not_replace_the_serving_one(
+    tasteful: Path, tmp_path: Path
+) -> None:
+    blind = _one_purchase_per_shopper(tmp_path / "blind")
+    first, _ = fit(blind, tmp_path / "first")
+    assert first["current"] is True  # the first version of a store: a server needs one
+    good, _ = fit(tasteful, tmp_path / "models")
+    serving = Path(str(good["version_dir"])).name
+    unmeasured, log = fit(blind, tmp_path / "models")
+    assert "WARNING: no validation users" in log
+    assert unmeasured["current"] is False
+    name = Path(str(unmeasured["version_dir"])).name
+    assert (
+        "NOT made CURRENT: it was never compared with popularity (no validation users: trained "
+        f"blind), so {serving} keeps serving; to serve it anyway, write {name} into "
+        f"{tmp_path / 'models' / CURRENT}"
+    ) in log
+    assert (tmp_path / "models" / CURRENT).read_text().strip() == serving
+
+
+def test_views_are_not_bestsellers_in_the_cold_start_list(tmp_path: Path) -> None:
+    """Everyone views item v, a few buy item b: popularity.json puts b first."""
+    shop = tmp_path / "shop"
+    shop.mkdir()
+    day = 86_400
+    rows = [f"u{u},v,{1_700_000_000 + u * day},view\n" for u in range(40)]
+    rows += [f"u{u},b,{1_700_000_000 + u * day + 1},purchase\n" for u in range(0, 40, 4)]
+    rows += [f"u{u},i{u % 5},{1_700_000_000 + u * day + 2},purchase\n" for u in range(40)]
+    (shop / "interactions.csv").write_text("user_id,item_id,timestamp,event\n" + "".join(rows))
+    items = ["v", "b", *(f"i{i}" for i in range(5))]
+    (shop / "items.csv").write_text("item_id,price\n" + "".join(f"{i},5\n" for i in items))
+    answer, _ = fit(shop, tmp_path / "models")
+    order = json.loads((Path(str(answer["version_dir"])) / "popularity.json").read_text())
+    assert [items[i] for i in order] == ["b", "i0", "i1", "i2", "i3", "i4", "v"]

@@ -50,7 +50,7 @@ def test_beats_popularity_on_a_shop_with_strong_tastes(strong: tuple[Shop, Datas
     lines: list[str] = []
     result = train(FAST, val.train, lambda f: ndcg10(factor_scorer(f), val), lines.append)
     model = ndcg10(factor_scorer(result.factors), val)
-    baseline = ndcg10(popularity_scorer(val.train), val)
+    baseline = ndcg10(popularity_scorer(val.bought), val)
     assert model > 1.5 * baseline
     # Progress per epoch on the log, and the returned factors are the best epoch's.
     assert lines[0].startswith("epoch   1  loss ") and "val NDCG@10" in lines[0]

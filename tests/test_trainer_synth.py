@@ -53,3 +53,10 @@ def test_cli_refuses_too_few_items(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["synth", "--out", str(tmp_path), "--items", "3"])
     assert result.exit_code == 2
     assert "--items" in result.output
+
+
+def test_the_shop_year_is_over_so_fit_keeps_every_row() -> None:
+    """fit drops rows dated more than a day after its own time: a shop must never have one."""
+    shop = make_shop(SynthConfig(users=400, items=20, seed=3))
+    latest = pd.to_datetime(shop.interactions["timestamp"]).max()
+    assert latest < pd.Timestamp("2026-11-01", tz="UTC")

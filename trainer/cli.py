@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from core.artifact import MANIFEST
 from trainer.cli_discounts import COMMANDS as DISCOUNT_COMMANDS
 from trainer.cli_discounts import ensure_writable
 from trainer.data import (
@@ -79,9 +80,15 @@ def synth(out: Path, users: int, items: int, seed: int) -> None:
     type=click.Path(dir_okay=True, path_type=Path),
     help="interactions file (online-retail, movielens: defaults to the shared dataset)",
 )
-@click.option("--items", type=click.Path(dir_okay=False, path_type=Path))
+# dir_okay: a folder is named in one line by the reader, exit 1, as for --interactions.
+@click.option("--items", type=click.Path(path_type=Path), help="items file (--format files)")
 # No file_okay=False: a file in the way is an unwritable --out, exit 1 like the others, not 2.
-@click.option("--out", type=click.Path(path_type=Path), required=True)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="the model store: the folder of versions and CURRENT, not a version in it",
+)
 @click.option("--objective", type=click.Choice(OBJECTIVES), default=ModelConfig.objective)
 @click.option(
     "--factors", type=click.IntRange(min=1), default=ModelConfig.factors, show_default=True
@@ -169,6 +176,12 @@ def fit(
         )
     base = ModelConfig(objective=objective, factors=factors, max_epochs=epochs, seed=seed)
     candidates = grid(base, regularization, alpha, confidence_offset)
+    if (out / MANIFEST).is_file():
+        # A version nested in a version is served by nobody, yet fit would call it current.
+        raise click.ClickException(
+            f"{out}: is a model version (it has {MANIFEST}); give the model store folder above "
+            f"it, --out {out.resolve().parent}"
+        )
     ensure_writable(out, "the model")
     try:
         loaded = _load(format_name, interactions, items, default_margin)

@@ -6,7 +6,9 @@ why, because real data is dirty and a silent drop hides a broken export. Ids are
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +140,18 @@ MAX_UNIX_SECONDS = pd.Timestamp.max.value // 10**9
 # day count, a year or a row number than a time.
 EARLIEST_UNIX_SECONDS = int(pd.Timestamp("1990-01-01", tz="UTC").timestamp())
 EARLY_TIMESTAMP = "timestamp a number before 1990 as Unix seconds (days, a year, a row number?)"
+# A shop's clock running a little fast is no reason to drop a row; a date years ahead (a typo, a
+# placeholder such as 2099-01-01) would stretch the hold-out and make every shopper look lapsed.
+CLOCK_SKEW_SECONDS = 86_400
+
+
+def future_timestamps(seconds: pd.Series) -> tuple[str, pd.Series]:
+    """A drop reason naming the latest row dated after now plus a day of clock skew, and those
+    rows."""
+    future = seconds > time.time() + CLOCK_SKEW_SECONDS
+    latest = datetime.fromtimestamp(int(seconds[future].max()), UTC) if future.any() else None
+    when = latest.strftime("%Y-%m-%d %H:%M:%S UTC") if latest else ""
+    return f"timestamp more than a day after the time of the fit (latest {when})", future
 
 
 def parse_timestamps(values: pd.Series) -> tuple[pd.Series, pd.Series]:
@@ -232,6 +246,7 @@ def load_files(interactions: Path, items: Path, default_margin: float = DEFAULT_
     drops.drop(EARLY_TIMESTAMP, early)
     drops.drop("timestamp neither ISO 8601 nor Unix seconds", ts.loc[drops.frame.index].isna())
     drops.frame = drops.frame.assign(timestamp=ts.loc[drops.frame.index].astype("int64"))
+    drops.drop(*future_timestamps(drops.frame["timestamp"]))
     if "event" in drops.frame:
         event = drops.frame["event"].str.strip().str.lower().replace("", "purchase")
         drops.frame = drops.frame.assign(event=event)
@@ -309,6 +324,7 @@ def load_online_retail(
     drops.drop("zero, negative or missing UnitPrice", ~(unit_price > 0))
     ts, _ = parse_timestamps(drops.frame["InvoiceDate"])
     drops.drop("unparseable InvoiceDate", ts.isna())
+    drops.drop(*future_timestamps(ts.loc[drops.frame.index]))
     kept = drops.frame
     if kept.empty:
         raise DataError(f"{path}: no usable purchase rows after cleaning{_dropped(drops.counts)}")
@@ -376,6 +392,12 @@ def load_movielens(directory: Path = MOVIELENS) -> Loaded:
             "price": np.nan,
         }
     )
+    drops = _Drops(rows)
+    drops.drop(*future_timestamps(rows["timestamp"]))
+    rows = drops.frame
+    if rows.empty:
+        raise DataError(f"{ratings_path}: no usable ratings{_dropped(drops.counts)}")
+    notes = ["a rating of any value counts as an interaction", "no prices in this data"]
     items_path = directory / "u.item"
     item_ids = sorted(set(rows["item_id"]), key=lambda s: (len(s), s))
     titles = dict.fromkeys(item_ids, "")
@@ -398,6 +420,11 @@ def load_movielens(directory: Path = MOVIELENS) -> Loaded:
             if str(row[0]) in titles:
                 titles[str(row[0])] = str(row[1])
                 categories[str(row[0])] = genre
+    else:
+        notes.append(
+            f"{items_path.name} not found beside {ratings_path.name}: items have no "
+            "category or title"
+        )
     catalog = pd.DataFrame(
         {
             "item_id": item_ids,
@@ -411,9 +438,9 @@ def load_movielens(directory: Path = MOVIELENS) -> Loaded:
         dataset=build_dataset(rows, catalog, DEFAULT_MARGIN),
         sources=(ratings_path,),
         rows_read=len(ratings),
-        dropped={},
+        dropped=drops.counts,
         default_margin=DEFAULT_MARGIN,
-        notes=("a rating of any value counts as an interaction", "no prices in this data"),
+        notes=tuple(notes),
     )
 
 

@@ -4,7 +4,7 @@ Online Retail: one global time split; MovieLens: each user's last 20 % of rating
 data gets a global time split that holds out the last tenth of its interactions. Every split can
 split its training part again the same way, so validation never sees the hold-out period.
 
-Metrics for the top-K of each evaluated user (training items excluded from the ranking):
+Metrics for the top-K of each evaluated user (items the user bought in training excluded):
 Recall@K = hits / min(K, #relevant); NDCG@K binary, ideal over min(K, #relevant);
 HitRate@K = share of users with a hit; coverage@K = distinct items recommended / catalog size.
 """
@@ -37,6 +37,9 @@ class Split:
     train: sp.csr_matrix  # users × items, summed event weights of train_rows
     relevant: sp.csr_matrix  # users × items, 1 where an evaluated user's item is relevant
     description: str
+    # users × items, 1 where a user purchased the item in train_rows: a view is no purchase, so
+    # it counts in no baseline, history or exclusion (discountd excludes only purchases too).
+    bought: sp.csr_matrix
 
     @property
     def eval_users(self) -> Ints:
@@ -50,7 +53,7 @@ class Protocol:
     kind: str  # "time" | "user_last"
     cutoff: int | None = None  # Unix seconds, for "time"; None: the last tenth of interactions
     fraction: float = 0.2
-    relevant_must_be_new: bool = True  # relevant excludes items the user had before the cutoff
+    relevant_must_be_new: bool = True  # relevant excludes items the user bought before
 
     def split(self, dataset: Dataset, rows: Bools | None = None) -> Split:
         inter = dataset.interactions
@@ -107,6 +110,11 @@ def interaction_matrix(dataset: Dataset, rows: Bools) -> sp.csr_matrix:
     return matrix
 
 
+def purchases(dataset: Dataset) -> Bools:
+    """Which interaction rows are purchases."""
+    return np.array([e == "purchase" for e in dataset.interactions.event], dtype=bool)
+
+
 def _user_last(dataset: Dataset, rows: Bools, fraction: float) -> tuple[Bools, Bools]:
     inter = dataset.interactions
     idx = np.flatnonzero(rows)
@@ -126,24 +134,28 @@ def _user_last(dataset: Dataset, rows: Bools, fraction: float) -> tuple[Bools, B
 def _make_split(
     dataset: Dataset, train_rows: Bools, test_rows: Bools, must_be_new: bool, description: str
 ) -> Split:
-    inter = dataset.interactions
-    train = interaction_matrix(dataset, train_rows)
-    purchases = np.array([e == "purchase" for e in inter.event], dtype=bool)
-    test = interaction_matrix(dataset, test_rows & purchases)
+    bought_rows = purchases(dataset)
+    test = interaction_matrix(dataset, test_rows & bought_rows)
     test.data[:] = 1.0
-    has_train = (np.diff(train.indptr) > 0).astype(np.float32)
+    bought = interaction_matrix(dataset, train_rows & bought_rows)
+    bought.data[:] = 1.0
+    has_train = (np.diff(bought.indptr) > 0).astype(np.float32)
     keep = sp.diags(has_train) @ test  # evaluated users bought something before
     if must_be_new:
-        seen = train.copy()
-        seen.data[:] = 1.0
-        keep = keep - keep.multiply(seen)
+        keep = keep - keep.multiply(bought)
         # Items nobody bought in training cannot be recommended by any model.
-        known = (np.diff(train.tocsc().indptr) > 0).astype(np.float32)
+        known = (np.diff(bought.tocsc().indptr) > 0).astype(np.float32)
         keep = keep @ sp.diags(known)
     relevant = sp.csr_matrix(keep, dtype=np.float32)
     relevant.eliminate_zeros()
     relevant.sort_indices()
-    return Split(train_rows, train, relevant, description)
+    return Split(
+        train_rows=train_rows,
+        train=interaction_matrix(dataset, train_rows),
+        relevant=relevant,
+        description=description,
+        bought=bought,
+    )
 
 
 def factor_scorer(factors: Factors) -> Scorer:
@@ -154,7 +166,8 @@ def factor_scorer(factors: Factors) -> Scorer:
 
 
 def popularity(train: sp.csr_matrix) -> Floats:
-    """Distinct users per item in train: the baseline every model must beat."""
+    """Distinct users per item in train (given a split's bought, distinct buyers): the
+    baseline every model must beat."""
     binary = train.copy()
     binary.data[:] = 1.0
     return np.asarray(binary.sum(axis=0)).ravel().astype(np.float64)
@@ -210,8 +223,8 @@ def evaluate(scorer: Scorer, split: Split, k: int = max(KS)) -> dict[str, float]
     users = split.eval_users
     if len(users) == 0:
         return {}
-    # A catalog smaller than k gives shorter lists (training items still excluded: -inf last).
-    recommended = top_k(scorer, users, split.train, min(k, split.train.shape[1]))
+    # A catalog smaller than k gives shorter lists (bought items still excluded: -inf last).
+    recommended = top_k(scorer, users, split.bought, min(k, split.train.shape[1]))
     rel = split.relevant
     relevant = [set(rel.indices[rel.indptr[u] : rel.indptr[u + 1]].tolist()) for u in users]
     return ranking_metrics(recommended, relevant, split.train.shape[1])

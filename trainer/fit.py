@@ -31,6 +31,7 @@ from trainer.evaluate import (
     ndcg10,
     popularity,
     popularity_scorer,
+    purchases,
 )
 from trainer.export import write_artifact
 from trainer.features import user_features
@@ -95,7 +96,7 @@ def fit(
         best, epochs, config = max(tried, key=lambda t: t[0])  # the first of equals wins
         chosen_by = "best validation NDCG@10"
         say(f"chosen: {_describe(config)}, {epochs} epochs, val NDCG@10 {best:.4f}")
-        baseline = ndcg10(popularity_scorer(val.train), val)
+        baseline = ndcg10(popularity_scorer(val.bought), val)
         metrics.update({"val_ndcg@10": best, "val_popularity_ndcg@10": baseline})
         loses = best <= baseline
         metrics["loses_to_popularity"] = float(loses)  # only where measured: 0 would claim a win
@@ -122,7 +123,7 @@ def fit(
         held = train(config, hold.train, epochs=epochs, log=lambda _: None)
         for name, value in evaluate(factor_scorer(held.factors), hold).items():
             metrics[f"test_{name}"] = value
-        for name, value in evaluate(popularity_scorer(hold.train), hold).items():
+        for name, value in evaluate(popularity_scorer(hold.bought), hold).items():
             if name != "users":
                 metrics[f"test_popularity_{name}"] = value
     else:
@@ -131,12 +132,15 @@ def fit(
     say(f"final fit on all {len(dataset.interactions.user_index):,} interactions")
     everything = interaction_matrix(dataset, np.ones(len(dataset.interactions.user_index), bool))
     final = train(config, everything, epochs=epochs, log=lambda _: None)
-    order = np.argsort(-popularity(everything), kind="stable").astype(np.int64)
+    # The cold-start list is the bestsellers, not the most viewed.
+    buyers = popularity(interaction_matrix(dataset, purchases(dataset)))
+    order = np.argsort(-buyers, kind="stable").astype(np.int64)
     reference = int(dataset.interactions.timestamp.max())
-    # A version that loses to popularity does not take over from one already serving:
-    # discountd follows CURRENT, so making it current would deploy it within seconds.
+    # A version that loses to popularity, or was never compared with it, does not take over
+    # from one already serving: discountd follows CURRENT, so it would deploy within seconds.
     serving = _serving(out)
-    make_current = not loses or serving is None
+    validated = "loses_to_popularity" in metrics
+    make_current = serving is None or (validated and not loses)
     version_dir = write_artifact(
         out,
         dataset,
@@ -157,8 +161,13 @@ def fit(
         make_current=make_current,
     )
     if not make_current:
+        why = (
+            "it loses to popularity"
+            if loses
+            else "it was never compared with popularity (no validation users: trained blind)"
+        )
         say(
-            f"NOT made CURRENT: it loses to popularity, so {serving} keeps serving; to serve it "
+            f"NOT made CURRENT: {why}, so {serving} keeps serving; to serve it "
             f"anyway, write {version_dir.name} into {out / CURRENT} (or `discountctl models "
             "register` and `promote` it)"
         )
