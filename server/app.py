@@ -27,7 +27,7 @@ from server.offering import Offering
 from server.purchases import data_end
 from server.response import ResponseModel
 from server.service import DiscountService
-from server.settings import Settings
+from server.settings import Settings, address
 from server.tls import TlsCredentials
 from server.versions import ModelStore
 
@@ -199,9 +199,9 @@ def create_server(settings: Settings) -> tuple[DiscountServer, int]:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), grpc_server
         )
-    address = f"{settings.host}:{settings.port}"
+    bind = address(settings.host, settings.port)
     if tls is None:
-        port = grpc_server.add_insecure_port(address)
+        port = grpc_server.add_insecure_port(bind)
     else:
-        port = grpc_server.add_secure_port(address, tls.server_credentials())
+        port = grpc_server.add_secure_port(bind, tls.server_credentials())
     return server, port

@@ -9,7 +9,10 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
+import onnxruntime as ort
+
 LEVELS = ("debug", "info", "warning", "error")
+ORT_WARNING, ORT_FATAL = 2, 4  # onnxruntime's logger severities
 # Attributes the access log attaches to its records (server.interceptors).
 FIELDS = ("method", "code", "ms", "request_id", "client")
 # The call being served (server.interceptors sets it). "-" outside any call.
@@ -56,3 +59,7 @@ def configure(level: str) -> None:
     handler.setFormatter(JsonFormatter())
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # ONNX Runtime writes coloured plain-text lines of its own to stderr, at every model load on
+    # a host without CUDA's libraries among others; discountd logs what matters itself (the
+    # provider really active), and ONNX Runtime's own lines show at debug only.
+    ort.set_default_logger_severity(ORT_WARNING if level == "debug" else ORT_FATAL)

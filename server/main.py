@@ -21,7 +21,14 @@ from core.store.errors import StoreError
 from server.app import create_server
 from server.limits import MAX_CONNECTION_AGE_GRACE_S
 from server.logs import configure as configure_logs
-from server.settings import SOURCES, Settings, SettingsError, insecure_demo_key_in_use, resolve
+from server.settings import (
+    SOURCES,
+    Settings,
+    SettingsError,
+    address,
+    insecure_demo_key_in_use,
+    resolve,
+)
 from server.versions import LARGE_CATALOG
 from server.workers import RELAYED, supervise
 
@@ -51,7 +58,7 @@ def _env(name: str) -> str:
     "--device",
     help=f"Where ONNX Runtime runs: auto (CUDA, else CPU), cpu or cuda. {_env('device')}",
 )
-@click.option("--host", help=f"Address to listen on. {_env('host')}")
+@click.option("--host", help=f"Address to listen on (IPv6 bare or in brackets). {_env('host')}")
 @click.option("--port", help=f"gRPC port; 0 picks a free one. {_env('port')}")
 @click.option(
     "--poll-interval",
@@ -113,8 +120,10 @@ def _env(name: str) -> str:
 )
 @click.option(
     "--log-level",
-    help="debug: one JSON log line per call; info: failed calls only; warning: UNAVAILABLE and "
-    f"server errors; error: server errors (INTERNAL, UNKNOWN, DATA_LOSS). {_env('log_level')}",
+    help="The whole log's level. debug: one JSON log line per call, and ONNX Runtime's own "
+    "lines; info: failed calls only, and start-up lines (the ports 0 picked); warning: "
+    "UNAVAILABLE and server errors; error: server errors (INTERNAL, UNKNOWN, DATA_LOSS). "
+    f"{_env('log_level')}",
 )
 @click.option(
     "--batch-max-size",
@@ -164,7 +173,9 @@ async def serve(settings: Settings) -> int:
     try:
         server, port = create_server(settings)
     except RuntimeError as e:  # grpc reports a port it cannot bind this way
-        click.echo(f"discountd: cannot listen on {settings.host}:{settings.port}: {e}", err=True)
+        click.echo(
+            f"discountd: cannot listen on {address(settings.host, settings.port)}: {e}", err=True
+        )
         return 1
     except StoreError as e:
         click.echo(f"discountd: cannot use the store: {e}", err=True)
@@ -205,10 +216,8 @@ async def serve(settings: Settings) -> int:
     try:
         await server.start()
     except OSError as e:  # the metrics port: in use, or an address it cannot bind
-        click.echo(
-            f"discountd: cannot serve metrics on {settings.host}:{settings.metrics_port}: {e}",
-            err=True,
-        )
+        where = address(settings.host, settings.metrics_port or 0)
+        click.echo(f"discountd: cannot serve metrics on {where}: {e}", err=True)
         await server.stop(0)
         return 1
     await server.first_load.wait()
@@ -216,9 +225,9 @@ async def serve(settings: Settings) -> int:
         click.echo(f"discountd: cannot serve: {server.store.last_error}", err=True)
         await server.stop(0)
         return 1
-    log.info("listening on %s:%d", settings.host, port)
+    log.info("listening on %s", address(settings.host, port))
     if server.metrics_port is not None:
-        log.info("metrics on http://%s:%d/metrics", settings.host, server.metrics_port)
+        log.info("metrics on http://%s/metrics", address(settings.host, server.metrics_port))
     await stopping.wait()
     log.info("shutting down: draining for up to %.0fs", settings.grace)
     lost = await server.stop(settings.grace)

@@ -179,10 +179,15 @@ def open_session(model_file: Path, device: str, threads: int) -> tuple[ort.Infer
     if device == "cuda" and active != CUDA:
         raise DeviceUnavailable(
             f"--device cuda: ONNX Runtime could not start CUDA and fell back to {active}; "
-            "check the NVIDIA driver and CUDA libraries, or use --device auto"
+            "check the NVIDIA driver and CUDA libraries (--log-level debug shows ONNX Runtime's "
+            "reason), or use --device auto"
         )
     if device == "auto" and CUDA in wanted and active != CUDA:
-        log.warning("CUDA provider failed to start; serving on %s", active)
+        log.warning(
+            "CUDA provider failed to start; serving on %s (ONNX Runtime's own reason is logged "
+            "with --log-level debug)",
+            active,
+        )
     return session, active
 
 

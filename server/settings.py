@@ -152,6 +152,8 @@ def resolve(
     if grace is None or grace < 0:
         problems.append(f"{flag('grace')}: {raw['grace']!r} is not seconds >= 0")
     host = raw["host"] or ""
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]  # [::1], as in a URL: the bare address is what sockets take
     if not host:
         problems.append(f"{flag('host')} must not be empty")
     db_url = raw["db_url"] or ""
@@ -267,6 +269,11 @@ def resolve(
         offer_spill_dir=spill_dir,
         max_connection_age=connection_age,
     )
+
+
+def address(host: str, port: int) -> str:
+    """host:port as gRPC and people read it: an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _utf8(text: str) -> bool:

@@ -23,7 +23,7 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from server.settings import Settings
+from server.settings import Settings, address
 
 log = logging.getLogger("discountd.workers")
 
@@ -37,7 +37,8 @@ def supervise(settings: Settings, serve: Serve) -> int:
     try:
         port = _unowned_port(settings.host, settings.port)
     except OSError as e:  # as serve() reports a port it cannot bind
-        print(f"discountd: cannot listen on {settings.host}:{settings.port}: {e}", file=sys.stderr)
+        where = address(settings.host, settings.port)
+        print(f"discountd: cannot listen on {where}: {e}", file=sys.stderr)
         return 1
     children: dict[int, int] = {}
     stopping = False
@@ -67,7 +68,7 @@ def supervise(settings: Settings, serve: Serve) -> int:
             _run_child(worker, serve, parent)
         children[pid] = n
         signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)  # one held is relayed now
-    log.info("%d workers on %s:%d", settings.workers, settings.host, port)
+    log.info("%d workers on %s", settings.workers, address(settings.host, port))
     code = 0
     while children:
         try:

@@ -3,6 +3,7 @@ and refuses bad settings with one clear message."""
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -12,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,7 +51,9 @@ EXITED = "<discountd closed its stderr>"
 class Discountd:
     """A discountd subprocess; its log lines are collected as they come."""
 
-    def __init__(self, model_dir: Path, blocker_dir: Path, db_url: str, *extra: str) -> None:
+    def __init__(
+        self, model_dir: Path, blocker_dir: Path, db_url: str, *extra: str, host: str = "127.0.0.1"
+    ) -> None:
         env = {**os.environ, "PYTHONPATH": f"{blocker_dir}{os.pathsep}{ROOT}"}
         self.process = subprocess.Popen(
             [
@@ -57,7 +61,7 @@ class Discountd:
                 "--model-dir",
                 str(model_dir),
                 "--host",
-                "127.0.0.1",
+                host,
                 "--port",
                 "0",
                 "--device",
@@ -80,8 +84,10 @@ class Discountd:
         self.lines: queue.Queue[str] = queue.Queue()
         self.log: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
-        self.port = int(self.wait_for(r"listening on 127\.0\.0\.1:(\d+)").group(1))
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        bare = host.strip("[]")
+        address = f"[{bare}]" if ":" in bare else bare
+        self.port = int(self.wait_for(rf"listening on {re.escape(address)}:(\d+)").group(1))
+        self.channel = grpc.insecure_channel(f"{address}:{self.port}")
         self.stub = pb_grpc.DiscountServiceStub(self.channel)
 
     def _read(self) -> None:
@@ -160,8 +166,8 @@ def start(store: Path, blocker: Path, db_url: str) -> Iterator[type[Discountd]]:
     started: list[Discountd] = []
 
     class Started(Discountd):
-        def __init__(self, *extra: str) -> None:
-            super().__init__(store, blocker, db_url, *extra)
+        def __init__(self, *extra: str, host: str = "127.0.0.1") -> None:
+            super().__init__(store, blocker, db_url, *extra, host=host)
             started.append(self)
 
     yield Started  # type: ignore[misc]
@@ -183,6 +189,28 @@ def test_discountd_serves_with_torch_blocked(start: type[Discountd], blocker: Pa
     info = server.stub.GetModelInfo(pb.GetModelInfoRequest())
     assert info.provider == "CPUExecutionProvider"
     assert not [line for line in server.drain_log() if "Traceback" in line]
+
+
+def test_the_log_is_json_lines_even_where_cuda_fails_to_start(start: type[Discountd]) -> None:
+    """On a host without CUDA's libraries ONNX Runtime writes coloured text lines of its own at
+    every model load; at info they must not reach the log."""
+    server = start("--device", "auto", "--log-level", "info")
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(timeout=60) == 0
+    lines = server.drain_log()
+    assert any("listening on" in line for line in lines)
+    for line in lines:
+        assert isinstance(json.loads(line), dict), line
+
+
+@pytest.mark.parametrize("host", ["::1", "[::1]"])
+def test_an_ipv6_host_serves_grpc_and_metrics(start: type[Discountd], host: str) -> None:
+    server = start("--metrics-port", "0", host=host)
+    health = health_pb2_grpc.HealthStub(server.channel)
+    assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == 1
+    port = server.wait_for(r"metrics on http://\[::1\]:(\d+)/metrics").group(1)
+    with urllib.request.urlopen(f"http://[::1]:{port}/metrics", timeout=10) as answer:
+        assert b"discountd_model_info" in answer.read()
 
 
 def test_sighup_reloads_the_version_current_names(
