@@ -225,6 +225,10 @@ def current_version_dir(model_dir: Path) -> Path:
             f"{model_dir}: neither a model version nor a store with a {CURRENT} file; "
             "train one with `discount-train fit --out DIR`"
         ) from None
+    except UnicodeDecodeError:
+        raise ArtifactError(
+            f"{pointer}: not UTF-8 text; it must hold the name of a version folder"
+        ) from None
     if not name or "/" in name or name in (".", ".."):
         raise ArtifactError(f"{pointer}: must name a version folder, got {name!r}")
     return model_dir / name

@@ -11,6 +11,7 @@ import logging
 import ssl
 import stat
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +36,9 @@ def load(files: TlsFiles) -> grpc.ServerCertificateConfiguration:
     """Read and check the files: the key must match the certificate, the CA must parse."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
-        context.load_cert_chain(files.cert, files.key)
+        # Asked for only by an encrypted key: without it OpenSSL would prompt on the terminal,
+        # and gRPC cannot take a passphrase anyway.
+        context.load_cert_chain(files.cert, files.key, password=_encrypted(files.key))
     except (OSError, ssl.SSLError) as e:
         raise TlsError(
             f"cannot load certificate {files.cert} with key {files.key} ({_reason(e)}); both "
@@ -54,6 +57,16 @@ def load(files: TlsFiles) -> grpc.ServerCertificateConfiguration:
     return grpc.ssl_server_certificate_configuration(
         [(files.key.read_bytes(), files.cert.read_bytes())], root_certificates=ca
     )
+
+
+def _encrypted(key: Path) -> Callable[[], str]:
+    def refuse() -> str:
+        raise TlsError(
+            f"TLS key {key} is encrypted with a passphrase, which discountd cannot give gRPC; "
+            f"store it decrypted with mode 600 (`openssl pkey -in {key} -out KEY`)"
+        )
+
+    return refuse
 
 
 def warn_if_exposed(key: Path) -> None:

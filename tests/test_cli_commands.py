@@ -820,6 +820,12 @@ def test_only_db_upgrade_makes_the_default_store_and_its_folder(
     upgraded = CliRunner().invoke(cli, ["db", "upgrade"])
     assert upgraded.exit_code == 0, upgraded.output
     assert (tmp_path / "var" / "discount.db").is_file()
+    # Any SQLite path: `db upgrade` is what the "no schema yet" refusal tells the user to run.
+    nested = f"sqlite:///{tmp_path / 'new' / 'folder' / 'x.db'}"
+    assert "has no schema yet" in ctl(nested, "rules", "list").stderr
+    assert not (tmp_path / "new").exists()
+    ok(nested, "db upgrade")
+    assert (tmp_path / "new" / "folder" / "x.db").is_file()
 
 
 def test_tables_show_amounts_exactly(seeded: str) -> None:

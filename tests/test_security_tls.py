@@ -19,6 +19,7 @@ import grpc
 import pytest
 from certs import Authority, Pem
 from click.testing import CliRunner
+from cryptography.hazmat.primitives import serialization
 from secure_server import ServerThread, settings
 
 from core.store import migrate
@@ -192,6 +193,20 @@ def test_plaintext_only_when_asked_and_bad_files_refused_in_one_line(
     )
     assert code == 2 and "cannot load client CA" in output
     assert "Traceback" not in output and "PRIVATE KEY" not in output
+    encrypted = tmp_path / "encrypted.key"
+    key = serialization.load_pem_private_key(server_files.key.read_bytes(), password=None)
+    encrypted.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"passphrase"),
+        )
+    )
+    code, output = discountd(
+        *model, "--tls-cert", str(server_files.cert), "--tls-key", str(encrypted)
+    )
+    assert code == 2 and f"TLS key {encrypted} is encrypted with a passphrase" in output
+    assert "pass phrase:" not in output
 
 
 def test_tls_auth_and_reflection_settings_fall_back_to_the_environment(

@@ -312,3 +312,10 @@ def test_onnx_runtime_threads_follow_the_catalog_unless_given(model_store: Path)
         assert models.current is not None
         options = models.current.session.get_session_options()
         assert options.intra_op_num_threads == expected
+
+
+def test_a_current_that_is_not_utf8_is_refused_naming_the_file(store: Path) -> None:
+    models = ModelStore(store, "cpu", 1)
+    (store / CURRENT).write_bytes(b"\xff\xfe\x00bad")
+    assert asyncio.run(models.reload(force=True)) is False
+    assert f"{store / CURRENT}: not UTF-8 text" in (models.last_error or "")

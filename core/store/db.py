@@ -141,11 +141,14 @@ class Store:
             and not Path(database).exists()
         )
 
-    def make_default_folder(self) -> None:
-        """The default store lives under ./var/, which a fresh checkout does not have yet; only
-        `db upgrade` makes it, as it makes the file."""
-        if self.file_missing and self.engine.url.render_as_string() == DEFAULT_URL:
-            Path(self.engine.url.database or "").parent.mkdir(parents=True, exist_ok=True)
+    def make_folder(self) -> None:
+        """The folder of an SQLite file `db upgrade` is about to create (the default store's
+        ./var/ is not in a fresh checkout); other commands never create it, as not the file."""
+        if self.file_missing:
+            try:
+                Path(self.engine.url.database or "").parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise self.unavailable(e) from None
 
     def ping(self) -> None:
         """Connect once, so an unreachable store fails fast with one clear line."""

@@ -88,7 +88,7 @@ def _run(store: Store, action: str, revision: str) -> None:
                 f"newer; to go back, `discountctl db downgrade {revision}`"
             )
     if action == "upgrade":
-        store.make_default_folder()
+        store.make_folder()
     try:
         with store.engine.begin() as conn:
             config = alembic_config(conn)
