@@ -30,7 +30,7 @@ from server.settings import (
     resolve,
 )
 from server.versions import LARGE_CATALOG
-from server.workers import RELAYED, supervise
+from server.workers import RELAYED, supervise, unowned_port
 
 log = logging.getLogger("discountd")
 
@@ -168,14 +168,22 @@ def main(insecure_demo_key: bool, insecure: bool, **flags: str | None) -> None:
     sys.exit(asyncio.run(serve(settings)))
 
 
+def _bind_error(settings: Settings) -> OSError | None:
+    """Why the kernel refuses the address (in use, unknown host), which gRPC's error leaves out."""
+    try:
+        unowned_port(settings.host, settings.port)
+    except OSError as e:
+        return e
+    return None
+
+
 async def serve(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT; the exit code: 0 after a clean drain, 1 when it cannot serve."""
     try:
         server, port = create_server(settings)
-    except RuntimeError as e:  # grpc reports a port it cannot bind this way
-        click.echo(
-            f"discountd: cannot listen on {address(settings.host, settings.port)}: {e}", err=True
-        )
+    except RuntimeError as e:  # grpc reports a port it cannot bind this way, without the reason
+        where = address(settings.host, settings.port)
+        click.echo(f"discountd: cannot listen on {where}: {_bind_error(settings) or e}", err=True)
         return 1
     except StoreError as e:
         click.echo(f"discountd: cannot use the store: {e}", err=True)

@@ -35,7 +35,7 @@ RELAYED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 def supervise(settings: Settings, serve: Serve) -> int:
     """Fork settings.workers processes running serve; the exit code: 0 when all drained."""
     try:
-        port = _unowned_port(settings.host, settings.port)
+        port = unowned_port(settings.host, settings.port)
     except OSError as e:  # as serve() reports a port it cannot bind
         where = address(settings.host, settings.port)
         print(f"discountd: cannot listen on {where}: {e}", file=sys.stderr)
@@ -124,7 +124,7 @@ def _signal(pid: int, sig: int) -> None:
         os.kill(pid, sig)
 
 
-def _unowned_port(host: str, port: int) -> int:
+def unowned_port(host: str, port: int) -> int:
     """The port for all workers, checked to be no other process's; 0 picks one (the workers
     cannot each pick one). The workers share it with SO_REUSEPORT, which would as well let them
     join another discountd already on it, so the check binds without: another service's

@@ -3,6 +3,7 @@ and refuses bad settings with one clear message."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import queue
@@ -349,7 +350,8 @@ def test_a_port_another_discountd_serves_is_refused(
             "--device", "cpu", "--db-url", db_url, "--workers", workers,
         )  # fmt: skip
         assert result.returncode == 1, result.stderr
-        assert f"discountd: cannot listen on 127.0.0.1:{running.port}: " in result.stderr
+        refusal = f"discountd: cannot listen on 127.0.0.1:{running.port}: "
+        assert f"{refusal}[Errno {errno.EADDRINUSE}] Address already in use" in result.stderr
         assert "Traceback" not in result.stderr
     assert running.stub.GetModelInfo(pb.GetModelInfoRequest()).model_version
 
