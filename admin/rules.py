@@ -83,7 +83,13 @@ def _rule_options(create: bool) -> Callable[[Any], Any]:
             show_default=create,
             help="Guardrail: final price >= cost * (1 + this/100).",
         ),
-        click.option("--budget", type=float, help="Most money this rule may give away."),
+        click.option(
+            "--budget",
+            type=float,
+            help="Discount money redeemed under this rule after which it grants no more; a "
+            "soft cap: offers issued before the server sees it spent can still be redeemed "
+            "(docs/OFFERS.md, Budget).",
+        ),
         click.option("--valid-from", metavar="TIME", help="ISO 8601; UTC when no zone is given."),
         click.option("--valid-until", metavar="TIME", help="ISO 8601; UTC when no zone is given."),
         click.option(

@@ -23,10 +23,15 @@ class ShopFacts:
     features_as_of: str
 
 
+# The most the store's offer log holds (NUMERIC(12, 2)): an item priced above it would get a
+# token for an offer the log can never store, outside budgets and reports.
+MAX_AMOUNT = 9_999_999_999.99
+
+
 def _money(value: Any) -> float | None:
     if value is None or isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    return float(value) if math.isfinite(value) and value >= 0 else None
+    return float(value) if math.isfinite(value) and 0 <= value <= MAX_AMOUNT else None
 
 
 def load_shop_facts(version_dir: Path) -> ShopFacts:
@@ -37,6 +42,10 @@ def load_shop_facts(version_dir: Path) -> ShopFacts:
         n = len(ids)
         prices = items.get("price") or [None] * n
         costs = items.get("cost") or [None] * n
+        # A cost the trainer assumed from its default margin is no cost here: a margin floor
+        # over an invented cost guards nothing, so such items get no discount (NO_COST).
+        assumed = items.get("cost_assumed") or [False] * n
+        costs = [None if guessed else cost for cost, guessed in zip(costs, assumed, strict=True)]
         categories = items.get("category") or [""] * n
         features_path = version_dir / "user_features.json"
         raw = json.loads(features_path.read_text()) if features_path.exists() else {}

@@ -8,12 +8,14 @@ import json
 import re
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
 import grpc
 import pytest
+from conftest import make_tiny_shop, write_tiny_artifact
 from offer_server import KEY, OfferServer, ctl, eventually, ten_percent_off_everything
 from pg import pg_database
 from server_thread import bad_requests
@@ -342,3 +344,26 @@ def test_an_optimal_rule_without_a_response_model_fails_closed(
     )
     (warning,) = [r for r in caplog.records if "no response model is loaded" in r.getMessage()]
     assert json.loads(JsonFormatter().format(warning))["request_id"] == "opt-1"
+
+
+def test_an_assumed_cost_gets_no_discount_and_a_price_the_log_cannot_hold_no_offer(
+    tmp_path: Path, db_url: str
+) -> None:
+    """A margin floor over a cost the trainer made up guards nothing (fail closed: NO_COST);
+    a price over the offer log's NUMERIC(12, 2) would get a token for an offer never stored."""
+    shop = make_tiny_shop()
+    catalog = shop.dataset.catalog
+    assumed, prices = catalog.cost_assumed.copy(), catalog.prices.copy()
+    assumed[0], prices[1] = True, 1e10
+    dataset = replace(shop.dataset, catalog=replace(catalog, cost_assumed=assumed, prices=prices))
+    write_tiny_artifact(tmp_path / "models", replace(shop, dataset=dataset))
+    ten_percent_off_everything(db_url)
+    args = ["--user", "user-0", "--item", "00000", "--item", "00001", "--item", "00002"]
+    result = ctl(db_url, "rules", "simulate", *args, "--model-dir", str(tmp_path / "models"),
+                 "--output", "json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    items = {i["item_id"]: i for i in json.loads(result.stdout)["items"]}
+    assert "NO_COST" in items["00000"]["reason_codes"]
+    assert Decimal(items["00000"]["discount_pct"]) == 0
+    assert "NO_PRICE" in items["00001"]["reason_codes"]
+    assert Decimal(items["00002"]["discount_pct"]) == 10

@@ -140,6 +140,12 @@ def _train(config: DemoConfig, clock: Clock) -> Path:
         run(discount_train, "discount-train", "fit", "--format", "online-retail", "--out", models,
             "--factors", "64", "--epochs", "15", "--regularization", "30", "--alpha", "4",
             "--seed", seed, quiet=True)  # fmt: skip
+        click.echo(
+            "note: Online Retail records no costs, so every cost is assumed and discountd "
+            "discounts no item (NO_COST: a margin floor over a made-up cost guards nothing); the "
+            "arms below price alike. The synthetic shop (the default) has costs.",
+            err=True,
+        )
         return out / "models"
     shop = out / "shop"
     clock.step(1, f"a synthetic shop: {config.users:,} users, {config.items:,} items")
