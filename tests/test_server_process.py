@@ -87,7 +87,12 @@ class Discountd:
         threading.Thread(target=self._read, daemon=True).start()
         bare = host.strip("[]")
         address = f"[{bare}]" if ":" in bare else bare
-        self.port = int(self.wait_for(rf"listening on {re.escape(address)}:(\d+)").group(1))
+        try:
+            self.port = int(self.wait_for(rf"listening on {re.escape(address)}:(\d+)").group(1))
+        except BaseException:  # a failed start must not leave the process behind
+            self.process.kill()
+            self.process.wait(timeout=30)
+            raise
         self.channel = grpc.insecure_channel(f"{address}:{self.port}")
         self.stub = pb_grpc.DiscountServiceStub(self.channel)
 

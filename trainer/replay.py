@@ -10,9 +10,11 @@ discounted price, a purchase for one bought at the base price.
 
 Shoppers are the shop's users plus a share of brand-new visitor ids; a user who comes back keeps
 the behaviour of their first visit. All random draws depend only on the seed and the shopper's
-position, never on the order calls complete in, and event ids are derived from the same, so a
-rerun with the same arguments records nothing twice (its events name the rerun's offers, so the
-store answers EVENT_ID_REUSED where it kept the first run's: counted here as already recorded).
+position, never on the order calls complete in, and event ids are derived from the same, so an
+event a rerun repeats is not recorded twice (its events name the rerun's offers, so the store
+answers EVENT_ID_REUSED where it kept the first run's: counted here as already recorded). The
+rerun's offers are not all the first run's, though: discountd excludes what that run bought, so
+events at other positions are new.
 """
 
 from __future__ import annotations
@@ -437,7 +439,8 @@ def replay_command(
 ) -> None:
     """Replay simulated shoppers through a running discountd: GetOffers, then impressions,
     clicks, purchases and redemptions through RecordEvents, decided by the market simulator's
-    known response curves. A rerun with the same arguments records nothing twice.
+    known response curves. An event a rerun repeats is not recorded twice; offers that differ
+    (discountd excludes what the first run bought) lead to new events: replay once per store.
 
     Example: discount-train replay --target 127.0.0.1:50051 --users-from shop/interactions.csv
     --shoppers 3000 --seed 1 --token "$TOKEN"
