@@ -257,10 +257,9 @@ def report(session: Session, key: str, now: datetime) -> dict[str, Any]:
         unpriced = [r["variant"] for r in out if r["margin_per_user"] is None]
         if unpriced:
             warnings.append(
-                f"margin is n/a for {', '.join(unpriced)}: purchases of items without a real "
-                "cost in the active model version's catalog (items added since it was trained, "
-                "costs the trainer assumed, or redemptions naming offers the store does not "
-                "hold)"
+                f"margin is n/a for {', '.join(unpriced)}: purchases of items without a cost in "
+                "the active model version's catalog (items added since it was trained, or "
+                "redemptions naming offers the store does not hold)"
             )
     few = [name for name, n in buyers.items() if n < FEW_CONVERSIONS]
     if few and len(out) > 1:

@@ -11,7 +11,7 @@ Choices, stated once:
 - scope checks (a rule's segment, an experiment's target segment) ask whether the user is *in*
   that segment, not whether it is the first one matched, so adding a broad low-priority segment
   never silently takes users out of a rule;
-- among running experiments the first by key whose target holds the user decides; its variant's
+- among running experiments the first started whose target holds the user decides; its variant's
   rule (or none: no discount) prices every item its scope covers (segment included), even where
   another rule has higher priority, so the experiment measures what it says;
 - without an experiment each item gets the highest-priority live rule whose scope covers it;
@@ -63,6 +63,9 @@ class Why(StrEnum):
     # The catalog has no price or no cost for the item, so no discount can be checked safely.
     NO_PRICE = "NO_PRICE"
     NO_COST = "NO_COST"
+    # The rule priced against a cost the trainer assumed from its default margin: the margin
+    # floor holds only as far as that margin does.
+    COST_ASSUMED = "COST_ASSUMED"
 
 
 class FeatureError(ValueError):
@@ -140,7 +143,7 @@ class Snapshot:
 
     segments: tuple[SegmentDef, ...] = ()  # ascending priority
     rules: tuple[RuleDef, ...] = ()  # descending priority
-    experiments: tuple[ExperimentDef, ...] = ()  # running ones, by key
+    experiments: tuple[ExperimentDef, ...] = ()  # running ones, the first started first
     active_model: str | None = None
     loaded_at: datetime | None = None
 
@@ -158,6 +161,7 @@ class ItemInput:
     cost: float | None
     rank: int  # 1-based among the request's items; 0: not ranked by the model
     score: float | None
+    cost_assumed: bool = False  # the trainer assumed the cost from its default margin
 
 
 # The response model: P(buy) for each item (rows) at each discount (columns, fractions: 0.1 is
@@ -358,6 +362,8 @@ def decide(
         if rule is not None and item.cost is None:
             rule = None
             why.append(Why.NO_COST)
+        elif rule is not None and item.cost_assumed:
+            why.append(Why.COST_ASSUMED)
         reasons.append(tuple(why))
         if rule is None:
             priced = policy.no_discount(_candidate(item))

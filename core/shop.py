@@ -17,6 +17,9 @@ from core.features import FEATURE_NAMES
 class ShopFacts:
     prices: dict[str, float | None]
     costs: dict[str, float | None]
+    # Items whose cost the trainer assumed from its default margin (DESIGN: assumed and
+    # reported): offers priced against one say COST_ASSUMED.
+    assumed_costs: frozenset[str]
     categories: dict[str, str]
     user_features: dict[str, dict[str, float | str]]
     # When the features were measured (the data's last timestamp), RFC 3339 or "".
@@ -42,10 +45,7 @@ def load_shop_facts(version_dir: Path) -> ShopFacts:
         n = len(ids)
         prices = items.get("price") or [None] * n
         costs = items.get("cost") or [None] * n
-        # A cost the trainer assumed from its default margin is no cost here: a margin floor
-        # over an invented cost guards nothing, so such items get no discount (NO_COST).
         assumed = items.get("cost_assumed") or [False] * n
-        costs = [None if guessed else cost for cost, guessed in zip(costs, assumed, strict=True)]
         categories = items.get("category") or [""] * n
         features_path = version_dir / "user_features.json"
         raw = json.loads(features_path.read_text()) if features_path.exists() else {}
@@ -61,6 +61,7 @@ def load_shop_facts(version_dir: Path) -> ShopFacts:
     return ShopFacts(
         prices={i: _money(p) for i, p in zip(ids, prices, strict=True)},
         costs={i: _money(c) for i, c in zip(ids, costs, strict=True)},
+        assumed_costs=frozenset(i for i, a in zip(ids, assumed, strict=True) if a),
         categories={i: str(c) for i, c in zip(ids, categories, strict=True)},
         user_features=features,
         features_as_of=str(raw.get("reference_time", "")),

@@ -127,6 +127,7 @@ def _named_items(model: ModelVersion, facts: ShopFacts, query: OffersQuery) -> l
             facts.costs.get(item_id),
             rank.get(i, 0),
             scores.get(i),
+            item_id in facts.assumed_costs,
         )
         for item_id, i in zip(query.item_ids, indices, strict=True)
     ]
@@ -146,6 +147,7 @@ def candidates(model: ModelVersion, facts: ShopFacts, query: OffersQuery) -> lis
             facts.costs.get(item.item_id),
             rank,
             item.score,
+            item.item_id in facts.assumed_costs,
         )
         for rank, item in enumerate(recommended.items, start=1)
     ]

@@ -346,11 +346,12 @@ def test_an_optimal_rule_without_a_response_model_fails_closed(
     assert json.loads(JsonFormatter().format(warning))["request_id"] == "opt-1"
 
 
-def test_an_assumed_cost_gets_no_discount_and_a_price_the_log_cannot_hold_no_offer(
+def test_an_assumed_cost_is_reported_and_a_price_the_log_cannot_hold_gets_no_offer(
     tmp_path: Path, db_url: str
 ) -> None:
-    """A margin floor over a cost the trainer made up guards nothing (fail closed: NO_COST);
-    a price over the offer log's NUMERIC(12, 2) would get a token for an offer never stored."""
+    """DESIGN: a cost the trainer assumed from its default margin is used and reported, so the
+    checkout knows the margin floor rests on it; a price over the offer log's NUMERIC(12, 2)
+    would get a token for an offer never stored."""
     shop = make_tiny_shop()
     catalog = shop.dataset.catalog
     assumed, prices = catalog.cost_assumed.copy(), catalog.prices.copy()
@@ -363,7 +364,8 @@ def test_an_assumed_cost_gets_no_discount_and_a_price_the_log_cannot_hold_no_off
                  "--output", "json")  # fmt: skip
     assert result.exit_code == 0, result.output
     items = {i["item_id"]: i for i in json.loads(result.stdout)["items"]}
-    assert "NO_COST" in items["00000"]["reason_codes"]
-    assert Decimal(items["00000"]["discount_pct"]) == 0
+    assert "COST_ASSUMED" in items["00000"]["reason_codes"]
+    assert Decimal(items["00000"]["discount_pct"]) == 10
     assert "NO_PRICE" in items["00001"]["reason_codes"]
+    assert "COST_ASSUMED" not in items["00002"]["reason_codes"]
     assert Decimal(items["00002"]["discount_pct"]) == 10

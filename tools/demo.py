@@ -141,9 +141,9 @@ def _train(config: DemoConfig, clock: Clock) -> Path:
             "--factors", "64", "--epochs", "15", "--regularization", "30", "--alpha", "4",
             "--seed", seed, quiet=True)  # fmt: skip
         click.echo(
-            "note: Online Retail records no costs, so every cost is assumed and discountd "
-            "discounts no item (NO_COST: a margin floor over a made-up cost guards nothing); the "
-            "arms below price alike. The synthetic shop (the default) has costs.",
+            "note: Online Retail records no costs: fit assumed each from its --default-margin, "
+            "and every discounted offer says COST_ASSUMED (the margin floor holds only as far "
+            "as that margin does)",
             err=True,
         )
         return out / "models"

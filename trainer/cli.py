@@ -131,7 +131,8 @@ def synth(out: Path, users: int, items: int, seed: int) -> None:
     type=click.FloatRange(0, 1, max_open=True),
     default=DEFAULT_MARGIN,
     show_default=True,
-    help="margin assumed for items without a cost",
+    help="margin assumed for items without a cost; discountd prices against it and marks "
+    "those offers COST_ASSUMED",
 )
 def fit(
     format_name: str,
