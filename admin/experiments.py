@@ -258,7 +258,7 @@ def delete(app: App, key: str, if_version: int | None, yes: bool, output: str) -
       discountctl experiments delete homepage-test --yes
     """
     with app.transaction() as session:
-        Experiments(session).get(key)
+        Experiments(session).deletable(key)
     confirm(f"Delete experiment {key!r}?", yes)
     with app.transaction() as session:
         data = Experiments(session, app.actor).delete(key, if_version)

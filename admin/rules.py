@@ -279,7 +279,8 @@ def _measured_notes(session: Session, before: dict[str, Any], rule: Rule) -> lis
     return notes
 
 
-# What decides a variant's discounts (its priority does not: the variant's rule always prices).
+# What decides a variant's discounts (its priority does not: the variant's rule always prices;
+# its window only whether it prices at all, which the note on a stopped rule covers).
 PRICING_FIELDS = (
     "policy",
     "params",
@@ -289,8 +290,6 @@ PRICING_FIELDS = (
     "max_discount_pct",
     "min_margin_pct",
     "budget",
-    "valid_from",
-    "valid_until",
 )
 
 

@@ -513,6 +513,7 @@ INVALID = [
     (("experiments", "stop", "ab"), "no terminal; pass --yes"),
     (("experiments", "delete", "live", "--yes"), "is running; only a draft can be deleted"),
     (("experiments", "delete", "ab"), "no terminal; pass --yes"),
+    (("experiments", "delete", "live"), "is running; only a draft can be deleted"),
     (("experiments", "assign", "nope", "u1"), "no experiment with key 'nope'"),
     (("experiments", "assign", "ab", "u1", "--feature", "age=3"), "unknown"),
     (("experiments", "assign", "ab", "u1", "--feature", "order_count=lots"), "must be a number"),
@@ -743,6 +744,8 @@ def test_changes_to_a_rule_a_running_experiment_measures_are_noted(seeded: str) 
     ) in changed.stderr
     narrowed = ctl(seeded, "rules", "update", "measured", "--item", "000001", "--budget", "50")
     assert "whose item_ids, budget changed" in narrowed.stderr
+    longer = ctl(seeded, "rules", "update", "measured", "--valid-until", "2999-01-01")
+    assert longer.exit_code == 0 and "note:" not in longer.stderr
     expired = ctl(seeded, "rules", "update", "measured", "--valid-until", "2020-01-01")
     assert "which is now outside its validity window" in expired.stderr
     assert "VARIANT_RULE_NOT_APPLICABLE" in expired.stderr

@@ -209,6 +209,16 @@ def test_the_log_is_json_lines_even_where_cuda_fails_to_start(start: type[Discou
         assert isinstance(json.loads(line), dict), line
 
 
+def _no_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return True
+    return False
+
+
+@pytest.mark.skipif(_no_ipv6_loopback(), reason="this host has no IPv6 loopback")
 @pytest.mark.parametrize("host", ["::1", "[::1]"])
 def test_an_ipv6_host_serves_grpc_and_metrics(start: type[Discountd], host: str) -> None:
     server = start("--metrics-port", "0", host=host)

@@ -149,8 +149,12 @@ def future_timestamps(seconds: pd.Series) -> tuple[str, pd.Series]:
     """A drop reason naming the latest row dated after now plus a day of clock skew, and those
     rows."""
     future = seconds > time.time() + CLOCK_SKEW_SECONDS
-    latest = datetime.fromtimestamp(int(seconds[future].max()), UTC) if future.any() else None
-    when = latest.strftime("%Y-%m-%d %H:%M:%S UTC") if latest else ""
+    latest = int(seconds[future].max()) if future.any() else 0
+    when = (
+        datetime.fromtimestamp(latest, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        if latest <= MAX_UNIX_SECONDS
+        else f"{latest} Unix seconds, past 2262"
+    )
     return f"timestamp more than a day after the time of the fit (latest {when})", future
 
 

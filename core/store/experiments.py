@@ -188,15 +188,19 @@ class Experiments:
         )
         return experiment
 
-    def delete(self, key: str, expected_version: int | None = None) -> dict[str, Any]:
-        """Only a draft: one that has run keeps the record its report reads."""
+    def deletable(self, key: str) -> Experiment:
+        """The experiment, if it is a draft: one that has run keeps the record its report reads."""
         experiment = self.get(key)
-        check_version("experiment", key, experiment.version, expected_version)
         if experiment.status != "draft":
             raise Conflict(
                 f"experiment {key!r} is {experiment.status}; only a draft can be deleted, since "
                 "one that has run keeps the record its report reads"
             )
+        return experiment
+
+    def delete(self, key: str, expected_version: int | None = None) -> dict[str, Any]:
+        experiment = self.deletable(key)
+        check_version("experiment", key, experiment.version, expected_version)
         before = experiment.to_dict()
         self.session.delete(experiment)
         self.session.flush()
