@@ -33,29 +33,56 @@ class TlsFiles:
 
 
 def load(files: TlsFiles) -> grpc.ServerCertificateConfiguration:
-    """Read and check the files: the key must match the certificate, the CA must parse."""
+    """Read and check the files: the key must match the certificate, the CA must parse.
+
+    What gRPC gets is what was checked: the files are read before and after the check, and a
+    rotation that changed them in between (a new certificate beside the old key) is refused."""
+    read = _read(files)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
         # Asked for only by an encrypted key: without it OpenSSL would prompt on the terminal,
         # and gRPC cannot take a passphrase anyway.
         context.load_cert_chain(files.cert, files.key, password=_encrypted(files.key))
     except (OSError, ssl.SSLError) as e:
-        raise TlsError(
-            f"cannot load certificate {files.cert} with key {files.key} ({_reason(e)}); both "
-            "must be readable PEM files and the key must belong to the certificate"
-        ) from None
-    ca = None
+        raise _unusable_pair(files, e) from None
     if files.client_ca is not None:
         try:
             context.load_verify_locations(cafile=files.client_ca)
-            ca = files.client_ca.read_bytes()
         except (OSError, ssl.SSLError) as e:
-            raise TlsError(
-                f"cannot load client CA {files.client_ca} ({_reason(e)}); it must be a readable "
-                "PEM file of CA certificates"
-            ) from None
-    return grpc.ssl_server_certificate_configuration(
-        [(files.key.read_bytes(), files.cert.read_bytes())], root_certificates=ca
+            raise _unusable_ca(files.client_ca, e) from None
+    if _read(files) != read:
+        raise TlsError(
+            f"{files.cert}, {files.key} or the client CA changed while being checked (a "
+            "rotation in progress?); nothing was replaced: reload once the new files are in place"
+        )
+    key, cert, ca = read
+    return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+
+
+def _read(files: TlsFiles) -> tuple[bytes, bytes, bytes | None]:
+    try:
+        key, cert = files.key.read_bytes(), files.cert.read_bytes()
+    except OSError as e:
+        raise _unusable_pair(files, e) from None
+    if files.client_ca is None:
+        return key, cert, None
+    try:
+        return key, cert, files.client_ca.read_bytes()
+    except OSError as e:
+        raise _unusable_ca(files.client_ca, e) from None
+
+
+def _unusable_pair(files: TlsFiles, error: OSError | ssl.SSLError) -> TlsError:
+    return TlsError(
+        f"cannot load certificate {files.cert} with key {files.key} ({_reason(error)}); both "
+        "must be readable PEM files and the key must belong to the certificate"
+    )
+
+
+def _unusable_ca(ca: Path, error: OSError | ssl.SSLError) -> TlsError:
+    return TlsError(
+        f"cannot load client CA {ca} ({_reason(error)}); it must be a readable PEM file of CA "
+        "certificates"
     )
 
 

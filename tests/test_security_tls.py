@@ -28,7 +28,7 @@ from discount.v1 import discount_pb2 as pb
 from discount.v1 import discount_pb2_grpc as pb_grpc
 from server.main import main
 from server.settings import SettingsError, resolve
-from server.tls import TlsCredentials, TlsFiles
+from server.tls import TlsCredentials, TlsError, TlsFiles, load
 
 pytestmark = pytest.mark.timeout(120)
 RECOMMEND = pb.RecommendRequest(user_id="user-0", limit=3)
@@ -105,6 +105,50 @@ def test_mutual_tls_requires_a_client_certificate_from_the_configured_ca(
             assert code_of(channel) == grpc.StatusCode.UNAVAILABLE
     finally:
         running.close()
+
+
+# Serves each file named after the pipe, one per open of the pipe by process PID, waiting for
+# that process to close it before the next (an open while a reader holds the pipe would join
+# that reader). A process, not a thread: OpenSSL may block in open() holding the GIL.
+PIPE_WRITER = """
+import os, sys, time
+pipe, pid, *contents = sys.argv[1:]
+def held():
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == pipe:
+                return True
+        except OSError:
+            pass
+    return False
+for content in contents:
+    with open(pipe, "wb") as f:
+        f.write(open(content, "rb").read())
+    while held():
+        time.sleep(0.001)
+"""
+
+
+def test_files_that_change_while_being_checked_are_refused(
+    server_files: TlsFiles, ca: Authority, tmp_path: Path
+) -> None:
+    """A rotation between the check and the read would hand gRPC a certificate nobody checked
+    against the key. The certificate is a pipe here, so each open gets the next content: the
+    checked certificate twice, then another server's."""
+    other = tmp_path / "other.crt"
+    other.write_bytes(ca.issue("another server", server=True).cert)
+    pipe = tmp_path / "rotating.crt"
+    os.mkfifo(pipe)
+    contents = [str(server_files.cert), str(server_files.cert), str(other)]
+    writer = subprocess.Popen(
+        [sys.executable, "-c", PIPE_WRITER, str(pipe), str(os.getpid()), *contents]
+    )
+    try:
+        with pytest.raises(TlsError, match="changed while being checked"):
+            load(TlsFiles(pipe, server_files.key))
+    finally:
+        writer.kill()
+        writer.wait(timeout=30)
 
 
 def test_a_broken_certificate_on_reload_keeps_the_working_one(
