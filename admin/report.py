@@ -47,6 +47,8 @@ SRM_ALPHA = 0.001
 FEW_CONVERSIONS = 10
 REPEAT_WINDOW = timedelta(days=30)
 BUYING = ("purchase", "redemption")
+COUNTED = ("impression", "click", *BUYING)  # add_to_cart counts in no figure
+STREAM_ROWS = 100_000
 Floats = npt.NDArray[np.float64]
 MAX_POINTS = 400
 
@@ -152,8 +154,14 @@ def report(session: Session, key: str, now: datetime) -> dict[str, Any]:
             offer_item.c.discount,
         )
         .outerjoin(offer_item, offer_item.c.offer_id == Event.offer_id)
-        .where(Event.user_id.in_(select(Offer.user_id).where(Offer.experiment_key == key)))
-        .order_by(Event.occurred_at)
+        .where(
+            Event.user_id.in_(select(Offer.user_id).where(Offer.experiment_key == key)),
+            Event.type.in_(COUNTED),
+        )
+        .order_by(Event.occurred_at),
+        # Streamed (a server-side cursor on PostgreSQL): memory follows the users, not the
+        # events, which a long experiment has millions of (docs/BENCHMARKS.md).
+        execution_options={"yield_per": STREAM_ROWS},
     )
     for user_id, kind, revenue, quantity, occurred, item_id, holder, of, arm, discount in events:
         u = owner.get(user_id)
