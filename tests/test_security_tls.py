@@ -124,6 +124,11 @@ def held():
 for content in contents:
     with open(pipe, "wb") as f:
         f.write(open(content, "rb").read())
+        f.flush()
+        # Until this end closes the reader cannot finish: wait for its fd to show, so that the
+        # wait below cannot mistake a reader still opening for one that has closed.
+        while not held():
+            time.sleep(0.001)
     while held():
         time.sleep(0.001)
 """

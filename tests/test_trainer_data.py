@@ -464,6 +464,9 @@ def test_future_ratings_are_dropped_from_movielens_too(tmp_path: Path) -> None:
         "timestamp more than a day after the time of the fit (latest 99999999999999 Unix seconds, "
         "past 2262)": 1
     }
+    write(tmp_path / "u.data", "1\t10\t5\t881250949\n2\t10\t1\t99999999999999999999\n")
+    with pytest.raises(DataError, match=r"not MovieLens u\.data \(OverflowError\)"):
+        load_movielens(tmp_path)
 
 
 def test_movielens_without_u_item_says_items_have_no_category_or_title(tmp_path: Path) -> None:

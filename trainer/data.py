@@ -382,7 +382,8 @@ def load_movielens(directory: Path = MOVIELENS) -> Loaded:
             ratings_path, sep="\t", header=None, dtype=str, names=["user", "item", "r", "ts"]
         )
         ts = pd.to_numeric(ratings["ts"], errors="raise").astype("int64")
-    except (OSError, ValueError, pd.errors.ParserError) as e:
+    except (OSError, ValueError, OverflowError, pd.errors.ParserError) as e:
+        # OverflowError: a timestamp of 20 digits, past any int64 of seconds.
         raise DataError(f"{ratings_path}: not MovieLens u.data ({type(e).__name__})") from None
     if ratings.empty:
         raise DataError(f"{ratings_path}: no ratings")
