@@ -90,14 +90,16 @@ def _comparison(c: stats.Comparison) -> dict[str, Any]:
     return {"difference": _estimate(c.difference), "p_value": _number(c.p_value)}
 
 
-def _costs(session: Session) -> dict[str, float | None] | None:
+def _costs(session: Session) -> tuple[dict[str, float | None], frozenset[str]] | None:
+    """The active version's item costs, and the items whose cost the trainer assumed."""
     active = ModelVersions(session).active()
     if active is None:
         return None
     try:
-        return load_shop_facts(Path(active.path)).costs
+        facts = load_shop_facts(Path(active.path))
     except ArtifactError:
         return None
+    return facts.costs, facts.assumed_costs
 
 
 def _users(session: Session, key: str) -> dict[str, dict[str, _User]]:
@@ -131,7 +133,9 @@ def report(session: Session, key: str, now: datetime) -> dict[str, Any]:
     names = {v.name for v in variants}
     users = _users(session, key)
     owner = {u: data for group in users.values() for u, data in group.items()}
-    costs = _costs(session)
+    catalog = _costs(session)
+    costs, assumed = catalog if catalog is not None else (None, frozenset[str]())
+    purchases = assumed_purchases = 0
     offer_item = select(
         Offer.offer_id,
         Offer.item_id,
@@ -183,6 +187,8 @@ def report(session: Session, key: str, now: datetime) -> dict[str, Any]:
                 u.cost_known = False
             else:
                 u.cost += cost * (quantity or 1)
+            purchases += 1
+            assumed_purchases += item_id in assumed
             u.purchases.append(occurred)
             if u.first_purchase is None:
                 u.first_purchase = occurred
@@ -268,6 +274,12 @@ def report(session: Session, key: str, now: datetime) -> dict[str, Any]:
                 f"margin is n/a for {', '.join(unpriced)}: purchases of items without a cost in "
                 "the active model version's catalog (items added since it was trained, or "
                 "redemptions naming offers the store does not hold)"
+            )
+        if assumed_purchases:
+            warnings.append(
+                f"margin rests on costs the trainer assumed from its --default-margin for "
+                f"{assumed_purchases:,} of {purchases:,} purchases (their offers say "
+                "COST_ASSUMED): it is only as right as that margin"
             )
     few = [name for name, n in buyers.items() if n < FEW_CONVERSIONS]
     if few and len(out) > 1:

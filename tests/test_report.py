@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 import pytest
+from conftest import make_tiny_shop, write_tiny_artifact
 from offer_server import ctl
 from scipy import stats as sps
 
@@ -354,6 +356,34 @@ def test_a_variant_without_margin_says_why(db_url: str, model_store: Path, tmp_p
     a, b = json.loads(result.stdout)["variants"]
     assert a["margin_per_user"] is not None and b["margin_per_user"] is None
     assert "margin is n/a for b: purchases of items without a cost" in result.stderr
+
+
+def test_a_margin_on_assumed_costs_says_so(db_url: str, tmp_path: Path) -> None:
+    """DESIGN: a cost assumed from the default margin is assumed and reported."""
+    shop = make_tiny_shop()
+    assumed = shop.dataset.catalog.cost_assumed.copy()
+    assumed[1] = True
+    catalog = replace(shop.dataset.catalog, cost_assumed=assumed)
+    version = write_tiny_artifact(
+        tmp_path / "models", replace(shop, dataset=replace(shop.dataset, catalog=catalog))
+    )
+    ctl(db_url, "models", "register", str(version))
+    ctl(db_url, "models", "promote", version.name)
+    ctl(db_url, "experiments", "create", "ab", "--variant", "a:50", "--variant", "b:50")
+    second = int(START.timestamp()) + 10
+    store = Store(db_url)
+    with store.transaction() as session:
+        insert_offers(session, [offer(0, "u0", "a", 0.0), offer(1, "u1", "b", 0.0)])
+        purchases = [
+            EventIn("p0", "purchase", "u0", "00001", "", 1000, 1, second),
+            EventIn("p1", "purchase", "u1", "00002", "", 1000, 1, second),
+        ]
+        record(session, purchases, datetime.now(UTC))
+    store.dispose()
+    result = ctl(db_url, "experiments", "report", "ab", "--output", "json")
+    a, b = json.loads(result.stdout)["variants"]
+    assert a["margin_per_user"] is not None and b["margin_per_user"] is not None
+    assert "the trainer assumed from its --default-margin for 1 of 2 purchases" in result.stderr
 
 
 def test_users_offered_under_a_variant_the_experiment_lacks_are_named(db_url: str) -> None:
