@@ -256,7 +256,8 @@ def _measured_notes(session: Session, before: dict[str, Any], rule: Rule) -> lis
     was_live = before["enabled"] and _in_window(before, now)
     stopped = was_live and not (rule.enabled and _in_window(after, now))
     changed = [f for f in PRICING_FIELDS if before[f] != after[f]]
-    if not stopped and not (rule.enabled and changed):
+    window = [f for f in ("valid_from", "valid_until") if before[f] != after[f]]
+    if not stopped and not (rule.enabled and (changed or window)):
         return []
     notes = []
     for key, variant in Experiments(session).running_variants_of(rule):
@@ -269,18 +270,25 @@ def _measured_notes(session: Session, before: dict[str, Any], rule: Rule) -> lis
                 f"pause the experiment (`discountctl experiments pause {key}`) or change the "
                 "rule back"
             )
-        else:
+        elif changed:
             note += (
                 f"{rule.name!r}, whose {', '.join(changed)} changed: from now on the variant's "
                 "users get the new discounts, so the experiment's results mix the old rule and "
                 "the new one"
+            )
+        else:
+            start, end = after["valid_from"] or "any time", after["valid_until"] or "no end"
+            note += (
+                f"{rule.name!r}, whose validity window is now {start} to {end}: outside it the "
+                "variant's users get no discount (VARIANT_RULE_NOT_APPLICABLE) while the "
+                "experiment keeps assigning users to it"
             )
         notes.append(note)
     return notes
 
 
 # What decides a variant's discounts (its priority does not: the variant's rule always prices;
-# its window only whether it prices at all, which the note on a stopped rule covers).
+# its window only whether it prices at all, which has notes of its own).
 PRICING_FIELDS = (
     "policy",
     "params",

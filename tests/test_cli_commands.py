@@ -744,8 +744,10 @@ def test_changes_to_a_rule_a_running_experiment_measures_are_noted(seeded: str) 
     ) in changed.stderr
     narrowed = ctl(seeded, "rules", "update", "measured", "--item", "000001", "--budget", "50")
     assert "whose item_ids, budget changed" in narrowed.stderr
+    # A window that keeps the rule live reprices nothing; where it ends is still worth a note.
     longer = ctl(seeded, "rules", "update", "measured", "--valid-until", "2999-01-01")
-    assert longer.exit_code == 0 and "note:" not in longer.stderr
+    assert longer.exit_code == 0 and "results mix" not in longer.stderr
+    assert "whose validity window is now any time to 2999-01-01T00:00:00+00:00" in longer.stderr
     expired = ctl(seeded, "rules", "update", "measured", "--valid-until", "2020-01-01")
     assert "which is now outside its validity window" in expired.stderr
     assert "VARIANT_RULE_NOT_APPLICABLE" in expired.stderr
