@@ -13,6 +13,7 @@ from typing import Any, cast
 
 import numpy as np
 import pytest
+from click.testing import Result
 from conftest import make_tiny_shop, write_tiny_artifact
 from offer_server import ctl
 from scipy import stats as sps
@@ -334,25 +335,31 @@ def test_a_redemption_under_another_experiment_costs_this_one_nothing(db_url: st
     assert treatment["discount_cost"] == 0.0
 
 
-def test_a_variant_without_margin_says_why(db_url: str, model_store: Path, tmp_path: Path) -> None:
-    store_copy = tmp_path / "models"
-    shutil.copytree(model_store, store_copy)
-    version = (store_copy / CURRENT).read_text().strip()
-    ctl(db_url, "models", "register", str(store_copy / version))
-    ctl(db_url, "models", "promote", version)
+def two_buyers(db_url: str, version: Path, items: tuple[str, str]) -> Result:
+    """The report of experiment ab, on the promoted version, where u0 (variant a) and u1 (b)
+    each bought one item after their offer."""
+    ctl(db_url, "models", "register", str(version))
+    ctl(db_url, "models", "promote", version.name)
     ctl(db_url, "experiments", "create", "ab", "--variant", "a:50", "--variant", "b:50")
     second = int(START.timestamp()) + 10
     store = Store(db_url)
     with store.transaction() as session:
         insert_offers(session, [offer(0, "u0", "a", 0.0), offer(1, "u1", "b", 0.0)])
-        # An item the active version's catalog does not have: its cost is unknown.
         purchases = [
-            EventIn("p0", "purchase", "u0", "00001", "", 1000, 1, second),
-            EventIn("p1", "purchase", "u1", "new-item", "", 1000, 1, second),
+            EventIn(f"p{n}", "purchase", f"u{n}", item, "", 1000, 1, second)
+            for n, item in enumerate(items)
         ]
         record(session, purchases, datetime.now(UTC))
     store.dispose()
-    result = ctl(db_url, "experiments", "report", "ab", "--output", "json")
+    return ctl(db_url, "experiments", "report", "ab", "--output", "json")
+
+
+def test_a_variant_without_margin_says_why(db_url: str, model_store: Path, tmp_path: Path) -> None:
+    store_copy = tmp_path / "models"
+    shutil.copytree(model_store, store_copy)
+    version = store_copy / (store_copy / CURRENT).read_text().strip()
+    # An item the active version's catalog does not have: its cost is unknown.
+    result = two_buyers(db_url, version, ("00001", "new-item"))
     a, b = json.loads(result.stdout)["variants"]
     assert a["margin_per_user"] is not None and b["margin_per_user"] is None
     assert "margin is n/a for b: purchases of items without a cost" in result.stderr
@@ -367,20 +374,7 @@ def test_a_margin_on_assumed_costs_says_so(db_url: str, tmp_path: Path) -> None:
     version = write_tiny_artifact(
         tmp_path / "models", replace(shop, dataset=replace(shop.dataset, catalog=catalog))
     )
-    ctl(db_url, "models", "register", str(version))
-    ctl(db_url, "models", "promote", version.name)
-    ctl(db_url, "experiments", "create", "ab", "--variant", "a:50", "--variant", "b:50")
-    second = int(START.timestamp()) + 10
-    store = Store(db_url)
-    with store.transaction() as session:
-        insert_offers(session, [offer(0, "u0", "a", 0.0), offer(1, "u1", "b", 0.0)])
-        purchases = [
-            EventIn("p0", "purchase", "u0", "00001", "", 1000, 1, second),
-            EventIn("p1", "purchase", "u1", "00002", "", 1000, 1, second),
-        ]
-        record(session, purchases, datetime.now(UTC))
-    store.dispose()
-    result = ctl(db_url, "experiments", "report", "ab", "--output", "json")
+    result = two_buyers(db_url, version, ("00001", "00002"))
     a, b = json.loads(result.stdout)["variants"]
     assert a["margin_per_user"] is not None and b["margin_per_user"] is not None
     assert "the trainer assumed from its --default-margin for 1 of 2 purchases" in result.stderr
