@@ -76,6 +76,10 @@ def _refuse_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
+class NotJson(click.ClickException):
+    """Text that does not parse as JSON at all (parse_assignments keeps it as text)."""
+
+
 def parse_json(value: str, option: str) -> Any:
     try:
         # A repeated key would silently keep its last value (a 90% discount for a typo).
@@ -83,20 +87,10 @@ def parse_json(value: str, option: str) -> Any:
         # An escape like "\ud800" reads as half a character, which no text encoding holds.
         json.dumps(parsed, ensure_ascii=False).encode()
     except json.JSONDecodeError as e:
-        raise click.ClickException(f"{option}: not valid JSON ({e})") from None
+        raise NotJson(f"{option}: not valid JSON ({e})") from None
     except (ValueError, RecursionError) as e:  # a number of over 4300 digits; nesting too deep
         raise click.ClickException(f"{option}: JSON the store cannot take ({e})") from None
     return parsed
-
-
-def _json_or_text(raw: str, option: str) -> Any:
-    try:
-        json.loads(raw)
-    except json.JSONDecodeError:
-        return raw
-    except (ValueError, RecursionError):
-        pass  # JSON, but JSON parse_json refuses with its reason
-    return parse_json(raw, option)
 
 
 def parse_pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
@@ -116,5 +110,8 @@ def parse_assignments(values: tuple[str, ...], option: str) -> dict[str, Any]:
     """NAME=VALUE pairs; a value that reads as JSON (15, 2.5, [5,10]) is taken as such."""
     out: dict[str, Any] = {}
     for name, raw in parse_pairs(values, option).items():
-        out[name] = _json_or_text(raw, f"{option} {name}")
+        try:
+            out[name] = parse_json(raw, f"{option} {name}")
+        except NotJson:
+            out[name] = raw
     return out

@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session
 
 from admin import stats
 from core.artifact import ArtifactError
-from core.shop import load_shop_facts
+from core.shop import ShopFacts, load_shop_facts
 from core.store.errors import InvalidInput
 from core.store.experiments import Experiments
 from core.store.model_versions import ModelVersions
@@ -90,16 +90,15 @@ def _comparison(c: stats.Comparison) -> dict[str, Any]:
     return {"difference": _estimate(c.difference), "p_value": _number(c.p_value)}
 
 
-def _costs(session: Session) -> tuple[dict[str, float | None], frozenset[str]] | None:
-    """The active version's item costs, and the items whose cost the trainer assumed."""
+def _catalog(session: Session) -> ShopFacts | None:
+    """The active version's facts: item costs, and which of them the trainer assumed."""
     active = ModelVersions(session).active()
     if active is None:
         return None
     try:
-        facts = load_shop_facts(Path(active.path))
+        return load_shop_facts(Path(active.path))
     except ArtifactError:
         return None
-    return facts.costs, facts.assumed_costs
 
 
 def _users(session: Session, key: str) -> dict[str, dict[str, _User]]:
@@ -133,8 +132,9 @@ def report(session: Session, key: str, now: datetime) -> dict[str, Any]:
     names = {v.name for v in variants}
     users = _users(session, key)
     owner = {u: data for group in users.values() for u, data in group.items()}
-    catalog = _costs(session)
-    costs, assumed = catalog if catalog is not None else (None, frozenset[str]())
+    catalog = _catalog(session)
+    costs = catalog.costs if catalog is not None else None
+    assumed = catalog.assumed_costs if catalog is not None else frozenset[str]()
     purchases = assumed_purchases = 0
     offer_item = select(
         Offer.offer_id,

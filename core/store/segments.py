@@ -133,19 +133,17 @@ class Segments:
     def delete(self, name: str, expected_version: int | None = None) -> dict[str, Any]:
         segment = self.get(name)
         check_version("segment", name, segment.version, expected_version)
+        experiments = self.session.execute(
+            select(Experiment.key, Experiment.status).where(
+                Experiment.target_segment_id == segment.id
+            )
+        ).all()
         users = [
             f"rule {r!r}"
             for r in self.session.scalars(select(Rule.name).where(Rule.segment_id == segment.id))
-        ] + [
-            f"{status} experiment {k!r}"
-            for k, status in self.session.execute(
-                select(Experiment.key, Experiment.status).where(
-                    Experiment.target_segment_id == segment.id
-                )
-            )
-        ]
+        ] + [f"{status} experiment {k!r}" for k, status in experiments]
         if users:
-            has_run = not all(u.startswith(("rule", "draft")) for u in users)
+            has_run = any(status != "draft" for _, status in experiments)
             raise Conflict(
                 f"segment {name!r} is used by {', '.join(users)}; "
                 + (
