@@ -13,11 +13,13 @@ top 10) at each batch size:
   back to the host).
 - cuda-iobinding-cpu-out: the same inputs, outputs written into bound host buffers (what a server
   using IO binding would do).
+- torch-cuda: the same graph in PyTorch eager on the GPU (bench.artifacts.eager_graph), inputs
+  copied to it and the top-k back each call: what serving from PyTorch instead would give.
 
 Without a CUDA provider that starts, the cuda rows are left out with the reason and the cpu rows
-are still measured. --cpu-iobinding runs the IO-binding code on the CPU provider, so a machine
-without a GPU exercises it too. Results: a markdown table on stdout, JSON at --json (rewritten
-after each row, so a run cut short still leaves what it measured).
+are still measured. --cpu-checks also runs the IO-binding and PyTorch code on the CPU, so a
+machine without a GPU exercises them too. Results: a markdown table on stdout, JSON at --json
+(rewritten after each row, so a run cut short still leaves what it measured).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import click
 import numpy as np
 import numpy.typing as npt
 
-from bench.artifacts import CACHE, cached
+from bench.artifacts import CACHE, cached, eager_graph
 from core.artifact import ArtifactError, current_version_dir
 from server.errors import DeviceUnavailable
 from server.model import CPU, CUDA, OUTPUT_NAMES, ModelVersion, load_version
@@ -150,6 +152,21 @@ def iobinding_call(
     return call, outputs
 
 
+def torch_call(
+    module: Any, feeds: Feeds, device: str
+) -> tuple[Callable[[], object], Callable[[], Any]]:
+    """PyTorch eager on `device`: each call copies the inputs there and the top-k back."""
+    import torch
+
+    def call() -> list[Any]:
+        with torch.no_grad():
+            tensors = [torch.from_numpy(array).to(device) for array in feeds.values()]
+            items, scores = module(*tensors)
+            return [items.cpu().numpy(), scores.cpu().numpy()]  # .cpu() waits for the GPU
+
+    return call, call
+
+
 def measure(
     row: Row,
     calls: tuple[Callable[[], object], Callable[[], Any]],
@@ -197,6 +214,15 @@ def open_cuda(path: Path, threads: int) -> tuple[ModelVersion | None, str | None
         return load_version(path, "cuda", threads), None
     except (DeviceUnavailable, ArtifactError) as e:
         return None, str(e)
+
+
+def torch_device(cpu_checks: bool) -> str | None:
+    """Where the PyTorch mode runs: the GPU when torch sees one, else the CPU as a check."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu" if cpu_checks else None
 
 
 def describe(ort_module: Any) -> dict[str, Any]:
@@ -282,8 +308,8 @@ def write_json(path: Path | None, report: Report) -> None:
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write results here.")
 @click.option("--require-cuda", is_flag=True, help="Exit 1 when the CUDA provider does not start.")
 @click.option(
-    "--cpu-iobinding", is_flag=True,
-    help="Also run the IO-binding modes on the CPU provider (checks that code without a GPU).",
+    "--cpu-checks", is_flag=True,
+    help="Also run the IO-binding and PyTorch modes on the CPU (checks that code without a GPU).",
 )  # fmt: skip
 def main(
     items: int,
@@ -297,7 +323,7 @@ def main(
     cache: Path,
     json_path: Path | None,
     require_cuda: bool,
-    cpu_iobinding: bool,
+    cpu_checks: bool,
 ) -> None:
     """Time Recommend's model.onnx on ONNX Runtime's CPU and CUDA providers.
 
@@ -342,31 +368,32 @@ def main(
     else:
         click.echo(f"bench.gpu: CUDA active: {report.cuda['providers']}", err=True)
 
-    modes: list[tuple[str, ModelVersion, str, str | None, bool]] = [
-        ("cpu", cpu_model, CPU, None, False)
-    ]
-    if cpu_iobinding:
-        modes += [
-            ("cpu-iobinding-cpu-out", cpu_model, CPU, "cpu", False),
-        ]
+    # (mode, provider, the calls for a batch's feeds)
+    Calls = Callable[[Feeds], tuple[Callable[[], object], Callable[[], Any]]]
+    modes: list[tuple[str, str, Calls]] = [("cpu", CPU, lambda f: run_call(cpu_model, f))]
+    if cpu_checks:
+        modes.append(
+            ("cpu-iobinding-cpu-out", CPU, lambda f: iobinding_call(cpu_model, f, "cpu", False))
+        )
     if cuda_model is not None:
+        cuda = cuda_model
         modes += [
-            ("cuda", cuda_model, CUDA, None, False),
-            ("cuda-iobinding-gpu-out", cuda_model, CUDA, "cuda", True),
-            ("cuda-iobinding-cpu-out", cuda_model, CUDA, "cuda", False),
+            ("cuda", CUDA, lambda f: run_call(cuda, f)),
+            ("cuda-iobinding-gpu-out", CUDA, lambda f: iobinding_call(cuda, f, "cuda", True)),
+            ("cuda-iobinding-cpu-out", CUDA, lambda f: iobinding_call(cuda, f, "cuda", False)),
         ]
+    device = torch_device(cpu_checks)
+    if device is not None:
+        module = eager_graph(items, users)[0].to(device)
+        on = device  # a str for the lambda, not str | None
+        modes.append((f"torch-{on}", f"PyTorch {on}", lambda f: torch_call(module, f, on)))
     for batch in batches:
         feeds = random_feeds(users, items, cpu_model.manifest.n_categories, batch)
         reference: list[Any] | None = None
         cpu_rate: float | None = None
-        for mode, model, provider, device, on_device in modes:
+        for mode, provider, make_calls in modes:
             row = Row(mode, provider, batch)
-            calls = (
-                run_call(model, feeds)
-                if device is None
-                else iobinding_call(model, feeds, device, on_device)
-            )
-            result = measure(row, calls, reference if mode != "cpu" else None, timing)
+            result = measure(row, make_calls(feeds), reference if mode != "cpu" else None, timing)
             if mode == "cpu":
                 reference, cpu_rate = result, row.users_per_s
             if cpu_rate and row.users_per_s is not None:

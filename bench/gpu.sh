@@ -4,109 +4,87 @@
 #
 # The device machine (nvidia-h200: Python 3.12, torch 2.11 cu130, CUDA 13 and cuDNN 9 as pip
 # wheels) has onnxruntime 1.30's CPU build only, can download nothing, and each call carries at
-# most 64 MiB of working tree. So onnxruntime-gpu's wheel (~255 MB) travels in parts of 56 MiB
-# (the ~1.5 MB tree beside one part stays under 64 MiB), one part per call into /tmp/ortgpu
-# there, and the last call reassembles it, checks its sha256, installs it into /tmp/site and runs
-# the benchmark. The parts live only as long as that machine: it goes back 30 s after a call, so
-# the calls must follow each other at once (a fresh machine starts with none: begin again).
+# most 64 MiB of working tree. onnxruntime-gpu's wheel (~255 MB) would take five calls, so
+# bench/ortgpu.py packs it into one archive of ~58 MiB that keeps only the kernels the GPU can
+# run (its docstring says how), and one call carries it, installs it into /tmp/site and runs
+# the benchmark.
 #
-# Here, once, with network, in the repository root:
-#   echo /.ortgpu/ >> .git/info/exclude
+# Here, once, with network, in the repository root (.gitignore ignores .ortgpu/):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #       --implementation cp --platform manylinux_2_28_x86_64 -d /tmp/ortgpu-wheel \
 #       onnxruntime-gpu==1.31.1
-#   bash bench/gpu.sh split /tmp/ortgpu-wheel/onnxruntime_gpu-1.31.1-*.whl
-#       -> .ortgpu/part0 .. .ortgpu/partN and .ortgpu/SHA256SUMS (parts, then the wheel)
-# Device calls, back to back (tool `run`):
-#   carry [".ortgpu/SHA256SUMS", ".ortgpu/part0"]  command "bash bench/gpu.sh keep"
-#   ... the same for part1 .. part(N-1)
-#   carry [".ortgpu/SHA256SUMS", ".ortgpu/partN"]  command "bash bench/gpu.sh"  timeout_s 480
+#   bash bench/gpu.sh pack /tmp/ortgpu-wheel/onnxruntime_gpu-1.31.1-*.whl
+#       -> .ortgpu/onnxruntime-gpu.tar.xz and .ortgpu/SHA256SUMS
+# The device call (tool `run`):
+#   carry [".ortgpu"]  command "bash bench/gpu.sh"  timeout_s 480
 # Results: $OUT/gpu.json and $OUT/gpu.log there (var/bench/ when OUT is unset, as here).
 #
-# Subcommands: split WHEEL (here), keep (store carried parts), install (reassemble and install),
-# none: keep, install when parts are present, then `python -m bench.gpu`. Extra arguments after
-# `--` go to bench.gpu. Exit status non-zero when any step or any measured mode fails, and on a
-# machine with nvidia-smi when the CUDA provider does not start.
+# discountd itself on the GPU (`serve`: bench/gpu_serving.py, Recommend over gRPC with --device
+# cuda, then cpu) needs discountd's own packages too, which the image lacks or has too old: ~17 MB
+# of wheels that do not fit beside the archive. Here (.gitignore ignores .whl/):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+#       --platform manylinux2014_x86_64 -d .whl grpcio==1.85.3 grpcio-health-checking==1.85.1 \
+#       grpcio-reflection==1.85.1 grpcio-status==1.85.3 protobuf==7.36.2 \
+#       googleapis-common-protos==1.76.0 SQLAlchemy==2.1.9 alembic==1.20.1 Mako==1.4.3 \
+#       psycopg==3.3.9 psycopg-binary==3.3.9 prometheus_client==0.26.0
+# then two calls back to back (the machine, and /tmp/site with it, goes back 30 s after a call):
+#   carry [".ortgpu"]  command "bash bench/gpu.sh install"
+#   carry [".whl"]     command "bash bench/gpu.sh serve"  timeout_s 480
+# Results: $OUT/gpu_serving.json and gpu_serving.log.
+#
+# Subcommands: pack WHEEL [--keep-sm N] (here), install (check and unpack the carried archive),
+# serve [ARGS] (install the carried wheels and discountd, then bench.gpu_serving ARGS), none:
+# install when the archive is carried, then `python -m bench.gpu`. Extra arguments after `--` go
+# to bench.gpu. Exit status non-zero when any step or any measured mode fails, and on a machine
+# with nvidia-smi when the CUDA provider does not start.
 set -euo pipefail
 
-PARTS=${ORTGPU_PARTS:-.ortgpu}        # carried parts and SHA256SUMS, in the repository
-STASH=${ORTGPU_STASH:-/tmp/ortgpu}     # where parts gather across calls on the device
-SITE=${ORTGPU_SITE:-/tmp/site}         # pip --target for onnxruntime-gpu
-PART_SIZE=${ORTGPU_PART_SIZE:-56M}     # split -b size
+PACKED=${ORTGPU_PACKED:-.ortgpu}      # the archive and SHA256SUMS, in the repository
+SITE=${ORTGPU_SITE:-/tmp/site}         # where onnxruntime-gpu is unpacked
+WHEELS=${ORTGPU_WHEELS:-.whl}          # discountd's packages, for serve
 PYTHON=${PYTHON:-python3}
+ARCHIVE=onnxruntime-gpu.tar.xz
 
 say() { echo "gpu.sh: $*" >&2; }
 die() { say "$*"; exit 1; }
 
-split_wheel() {
-    local wheel=${1:?usage: bench/gpu.sh split WHEEL}
-    [[ -f $wheel && $wheel == *.whl ]] || die "$wheel is not a wheel file"
-    # Untracked files that git does not ignore travel with every call: all parts at once would
-    # be far over 64 MiB. (Exit 128: the parts folder is outside a git checkout, as in tests.)
+pack() {
+    # Untracked files that git does not ignore travel with every call, and two copies of the
+    # archive would not fit. (Exit 128: outside a git checkout, as in tests.)
     local ignored=0
-    git check-ignore -q "$PARTS/SHA256SUMS" 2>/dev/null || ignored=$?
-    ((ignored != 1)) || die "$PARTS is not ignored: echo /.ortgpu/ >> .git/info/exclude first"
-    mkdir -p "$PARTS"
-    rm -f "$PARTS"/part* "$PARTS/SHA256SUMS"
-    split -b "$PART_SIZE" -d -a 1 "$wheel" "$PARTS/part"
-    # Parts first, the whole wheel last: `keep` checks each part as it arrives, `install` the
-    # reassembled wheel, and the last line names the file pip must see.
-    (cd "$PARTS" && sha256sum part*) >"$PARTS/SHA256SUMS"
-    (cd "$(dirname "$wheel")" && sha256sum "$(basename "$wheel")") >>"$PARTS/SHA256SUMS"
-    say "$(grep -c ' part' "$PARTS/SHA256SUMS") parts of $PART_SIZE in $PARTS:"
-    ls -l "$PARTS" >&2
-}
-
-wheel_name() { tail -n 1 "$STASH/SHA256SUMS" | awk '{print $2}'; }
-
-# Copy the parts this call carried into the stash, check them, and say which are still missing
-# (not an error: the calls before the last carry one part each).
-keep() {
-    mkdir -p "$STASH"
-    if [[ -f $PARTS/SHA256SUMS ]]; then
-        cp "$PARTS/SHA256SUMS" "$STASH/"
-    fi
-    [[ -f $STASH/SHA256SUMS ]] ||
-        die "no $PARTS/SHA256SUMS carried or kept: carry it with each part"
-    local part
-    for part in "$PARTS"/part*; do
-        [[ -f $part ]] || continue
-        cp "$part" "$STASH/"
-        (cd "$STASH" && grep " $(basename "$part")\$" SHA256SUMS | sha256sum -c --quiet -) ||
-            die "$(basename "$part") arrived damaged: carry it again"
-        say "kept $(basename "$part") ($(du -h "$part" | cut -f1)) in $STASH"
-    done
-    local missing
-    missing=$(missing_parts)
-    if [[ -n $missing ]]; then
-        say "still missing:" $missing "(carry each with $PARTS/SHA256SUMS)"
-    else
-        say "all parts of $(wheel_name) are in $STASH"
-    fi
-}
-
-missing_parts() {
-    local part
-    for part in $(grep ' part' "$STASH/SHA256SUMS" | awk '{print $2}'); do
-        [[ -f $STASH/$part ]] || echo "$part"
-    done
+    git check-ignore -q "$PACKED/$ARCHIVE" 2>/dev/null || ignored=$?
+    ((ignored != 1)) || die "$PACKED is not ignored by git: add /$PACKED/ to .gitignore"
+    "$PYTHON" -m bench.ortgpu --out "$PACKED" "$@"
 }
 
 install() {
-    local wheel missing
-    wheel=$(wheel_name)
-    missing=$(missing_parts)
-    [[ -z $missing ]] || die "cannot install onnxruntime-gpu: missing" $missing
+    [[ -f $PACKED/$ARCHIVE && -f $PACKED/SHA256SUMS ]] ||
+        die "no $PACKED/$ARCHIVE and SHA256SUMS carried: carry [\"$PACKED\"]"
+    (cd "$PACKED" && grep " $ARCHIVE\$" SHA256SUMS | sha256sum -c --quiet -) ||
+        die "$ARCHIVE arrived damaged (its sha256 is not the one in SHA256SUMS): carry it again"
     if ls "$SITE"/onnxruntime_gpu-*.dist-info >/dev/null 2>&1; then
-        say "onnxruntime-gpu already installed in $SITE"
+        say "onnxruntime-gpu already unpacked in $SITE"
         return 0
     fi
-    (cd "$STASH" && cat $(grep ' part' SHA256SUMS | awk '{print $2}') >"$wheel" &&
-        grep " $wheel\$" SHA256SUMS | sha256sum -c --quiet -) ||
-        die "the reassembled $wheel does not match SHA256SUMS"
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target "$SITE" "$STASH/$wheel"
-    say "installed $wheel into $SITE"
+    mkdir -p "$SITE"
+    # Python's tarfile: the machine may have no xz.
+    "$PYTHON" -c 'import sys, tarfile
+tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="data")' "$PACKED/$ARCHIVE" "$SITE"
+    say "unpacked $(tail -n 1 "$PACKED/SHA256SUMS" | awk '{print $2}') (packed) into $SITE"
+}
+
+# discountd and the carried wheels of its packages into the machine's Python, where
+# bench.serving looks for the discountd and discountctl it starts (beside sys.executable).
+install_server() {
+    local wheels=("$WHEELS"/*.whl)
+    if [[ ! -f ${wheels[0]} ]]; then
+        say "no $WHEELS/*.whl carried: discountd's packages as installed"
+        return 0
+    fi
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "${wheels[@]}"
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-build-isolation .
+    say "installed discountd and ${#wheels[@]} wheels beside $PYTHON"
 }
 
 # Shared-library folders of the nvidia-* wheels (CUDA 13 in nvidia/cu13/lib, cuDNN in
@@ -124,25 +102,28 @@ print(":".join(dict.fromkeys(found)))
 EOF
 }
 
-run() {
-    local out=${OUT:-var/bench}
-    mkdir -p "$out"
-    local require=()
+# Install what was carried, put it and the CUDA libraries in reach, and say what is there.
+prepare() {
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
         nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
-        require=(--require-cuda) # a GPU machine that cannot run CUDA is a failed run
+        REQUIRE=(--require-cuda) # a GPU machine that cannot run CUDA is a failed run
     else
         say "no NVIDIA GPU here: CPU rows only"
     fi
-    if [[ -f $PARTS/SHA256SUMS || -f $STASH/SHA256SUMS ]]; then
-        keep
-        install
+    local tag packed_for=""
+    tag=$("$PYTHON" -c 'import sys; print("cp%d%d" % sys.version_info[:2])')
+    [[ ! -f $PACKED/SHA256SUMS ]] || packed_for=$(tail -n 1 "$PACKED/SHA256SUMS")
+    if [[ -f $PACKED/$ARCHIVE && $packed_for != *-$tag-* ]]; then
+        # As after `pack` here: the archive is for the device's Python, not this one.
+        say "$PACKED/$ARCHIVE is not for this Python ($tag): using the installed onnxruntime"
     else
-        say "no onnxruntime-gpu parts ($PARTS, $STASH): using the installed onnxruntime"
-    fi
-    if ls "$SITE"/onnxruntime_gpu-*.dist-info >/dev/null 2>&1; then
-        # Ahead of site-packages, so it shadows the machine's CPU-only onnxruntime.
-        export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
+        [[ ! -f $PACKED/$ARCHIVE ]] || install
+        if ls "$SITE"/onnxruntime_gpu-*.dist-info >/dev/null 2>&1; then
+            # Ahead of site-packages, so it shadows the machine's CPU-only onnxruntime.
+            export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
+        else
+            say "no $PACKED/$ARCHIVE: using the installed onnxruntime"
+        fi
     fi
     local libs
     libs=$(nvidia_libs)
@@ -155,7 +136,7 @@ run() {
 print(f"gpu.sh: Python {sys.version.split()[0]}, onnxruntime {o.__version__} from {o.__file__}, "
       f"providers {o.get_available_providers()}, torch {torch.__version__}, "
       f"CUDA seen by torch: {torch.cuda.is_available()}", file=sys.stderr)'
-    if ((${#require[@]})); then
+    if ((${#REQUIRE[@]})); then
         local provider
         provider=$("$PYTHON" -c 'import onnxruntime, pathlib
 print(pathlib.Path(onnxruntime.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so")')
@@ -164,25 +145,35 @@ print(pathlib.Path(onnxruntime.__file__).parent / "capi" / "libonnxruntime_provi
             ldd "$provider" | grep 'not found' >&2 || say "ldd: every library of $provider found"
         fi
     fi
-    "$PYTHON" -m bench.gpu --json "$out/gpu.json" "${require[@]}" "$@"
 }
 
 main() {
     case ${1:-} in
-        split) shift; split_wheel "$@" ;;
-        keep) keep ;;
-        install) keep; install ;;
-        --) shift; run "$@" ;;
-        "") run ;;
-        *) die "unknown subcommand $1 (split WHEEL | keep | install | -- BENCH_ARGS)" ;;
+        pack) shift; pack "$@" ;;
+        install) install ;;
+        serve)
+            shift
+            install_server
+            prepare
+            "$PYTHON" -m bench.gpu_serving --json "$OUT_DIR/gpu_serving.json" "$@"
+            ;;
+        --|"")
+            [[ -z ${1:-} ]] || shift
+            prepare
+            "$PYTHON" -m bench.gpu --json "$OUT_DIR/gpu.json" "${REQUIRE[@]}" "$@"
+            ;;
+        *) die "unknown subcommand $1 (pack WHEEL | install | serve | -- BENCH_ARGS)" ;;
     esac
 }
 
-if [[ ${1:-} == split || ${1:-} == keep || ${1:-} == install ]]; then
+OUT_DIR=${OUT:-var/bench}
+REQUIRE=()
+if [[ ${1:-} == pack || ${1:-} == install ]]; then
     main "$@"
 else
-    log=${OUT:-var/bench}/gpu.log
-    mkdir -p "$(dirname "$log")"
+    log=$OUT_DIR/gpu.log
+    [[ ${1:-} != serve ]] || log=$OUT_DIR/gpu_serving.log
+    mkdir -p "$OUT_DIR"
     # The whole log beside the JSON: the device tool returns only the output's last 12,000 chars.
     main "$@" 2>&1 | tee "$log"
     exit "${PIPESTATUS[0]}"

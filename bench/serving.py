@@ -29,7 +29,7 @@ from typing import Any
 import click
 import numpy as np
 
-from bench.artifacts import CACHE, cached, random_shop
+from bench.artifacts import CACHE, cached, eager_graph
 from bench.doc import write_section
 from server.versions import LARGE_CATALOG
 
@@ -265,15 +265,9 @@ def compare_runtimes(store: Path, n_items: int, n_users: int, repeats: int) -> l
     import torch
 
     from core.artifact import current_version_dir
-    from core.catalog import category_vocabulary
-    from trainer.export import RecommenderGraph
 
     torch.set_num_threads(2)
-    dataset, factors = random_shop(n_items, n_users)
-    vocabulary = category_vocabulary(dataset.catalog.categories)
-    position = {c: i for i, c in enumerate(vocabulary)}
-    item_category = np.array([position[c] for c in dataset.catalog.categories], dtype=np.int64)
-    module = RecommenderGraph(factors, item_category).eval()
+    module, n_categories = eager_graph(n_items, n_users)
     # Two threads, as PyTorch's above: ORT's default is one per physical core, which matches
     # the table's "2 threads each" only on a 2-core machine.
     options = ort.SessionOptions()
@@ -288,7 +282,7 @@ def compare_runtimes(store: Path, n_items: int, n_users: int, repeats: int) -> l
             "user_index": rng.integers(0, n_users, batch).astype(np.int64),
             "history_items": np.full((batch, 1), -1, dtype=np.int64),
             "exclude_items": rng.integers(0, n_items, (batch, 8)).astype(np.int64),
-            "category_mask": np.ones((batch, len(vocabulary)), dtype=np.float32),
+            "category_mask": np.ones((batch, n_categories), dtype=np.float32),
             "k": np.array([10], dtype=np.int64),
         }
         tensors = [torch.from_numpy(a) for a in feeds.values()]

@@ -1,13 +1,12 @@
 """`make bench-gpu` in miniature, on the CPU: bench.gpu's table and JSON on a small catalog, and
-bench/gpu.sh carrying a wheel in parts across calls as a device run does. A device run is rare
+bench/gpu.sh packing a wheel for one device call and unpacking it there. A device run is rare
 and short, so what can break it must break here first. Functional only: no timing is asserted."""
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import os
+import struct
 import subprocess
 import sys
 import zipfile
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from bench import gpu
+from bench import gpu, gpu_serving, ortgpu
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCHES = [1, 32, 256]
@@ -32,7 +31,7 @@ def test_cpu_rows_table_and_json(tmp_path: Path, cache: Path) -> None:
     out = tmp_path / "out" / "gpu.json"
     args = ["--items", "2000", "--users", "100", "--seconds", "0.05", "--min-runs", "2",
             "--warmup", "1", "--cache", str(cache), "--json", str(out),
-            "--cpu-iobinding"]  # fmt: skip
+            "--cpu-checks"]  # fmt: skip
     for batch in BATCHES:
         args += ["--batch", str(batch)]
     result = CliRunner().invoke(gpu.main, args)
@@ -52,6 +51,10 @@ def test_cpu_rows_table_and_json(tmp_path: Path, cache: Path) -> None:
     bound = [r for r in rows if r["mode"] == "cpu-iobinding-cpu-out"]
     assert [r["batch"] for r in bound] == BATCHES
     assert all(r["top10_same_as_cpu"] == 1.0 and r["max_score_diff"] == 0.0 for r in bound)
+    # PyTorch eager on the same factors must find the same top 10 as the exported graph.
+    eager = [r for r in rows if r["mode"] == "torch-cpu"]
+    assert [r["batch"] for r in eager] == BATCHES
+    assert all(r["top10_same_as_cpu"] == 1.0 and r["max_score_diff"] < 1e-4 for r in eager)
     cuda = [r for r in rows if r["mode"].startswith("cuda")]
     if report["cuda"]["available"]:  # a machine with a working GPU
         assert {r["mode"] for r in cuda} == {
@@ -80,32 +83,58 @@ def test_require_cuda_fails_without_it_but_keeps_the_cpu_rows(tmp_path: Path, ca
         assert [r["mode"] for r in report["rows"]] == ["cpu"]
 
 
-def fake_wheel(folder: Path) -> Path:
-    """A real, installable wheel named like onnxruntime-gpu's, ~5 KB of incompressible data so
-    that 1 KB parts make several."""
+def fatbin_blob(*entries: tuple[int, int, bytes]) -> bytes:
+    """One fatbin blob of (kind, sm, payload) entries, laid out as bench.ortgpu reads them."""
+    body = b""
+    for kind, sm, payload in entries:
+        header = struct.pack("<HHIQ", kind, 0x0101, 64, len(payload)).ljust(28, b"\0")
+        body += (header + struct.pack("<I", sm)).ljust(64, b"\0") + payload
+    return struct.pack("<IHHQ", ortgpu.FATBIN_MAGIC, 1, 16, len(body)) + body
+
+
+def elf_with(section_name: str, data: bytes) -> bytes:
+    """A minimal ELF64 file: its header, `data`, the section names, and three section
+    headers (none, the named section, the names)."""
+    names = b"\0" + section_name.encode() + b"\0.shstrtab\0"
+    data_at = 64
+    names_at = data_at + len(data)
+    headers_at = (names_at + len(names) + 7) // 8 * 8
+    header = b"\x7fELF\x02\x01\x01".ljust(16, b"\0")
+    header += struct.pack("<HHIQQQIHHHHHH", 3, 62, 1, 0, 0, headers_at, 0, 64, 0, 0, 64, 3, 2)
+    sections = bytes(64)
+    sections += struct.pack("<IIQQQQIIQQ", 1, 1, 0, 0, data_at, len(data), 0, 0, 8, 0)
+    sections += struct.pack(
+        "<IIQQQQIIQQ", 2 + len(section_name), 3, 0, 0, names_at, len(names), 0, 0, 1, 0
+    )
+    return (header + data + names).ljust(headers_at, b"\0") + sections
+
+
+SM80, SM90, SM120, PTX = (os.urandom(3000) for _ in range(4))
+
+
+def fake_wheel(folder: Path, keep_sm: int = 90) -> Path:
+    """An onnxruntime-gpu-like wheel whose CUDA provider holds two fatbin blobs (kernels for
+    sm_80, sm_{keep_sm}, sm_120 and PTX), with an 8-byte gap between them as the linker leaves."""
+    fatbin = (
+        fatbin_blob((2, 80, SM80), (2, keep_sm, SM90))
+        + bytes(8)
+        + fatbin_blob((1, 80, PTX), (2, 120, SM120))
+    )
     name = "onnxruntime_gpu-0.0.1"
     files = {
-        "ortgpu_fake/__init__.py": b"MARK = 'installed from parts'\n",
-        "ortgpu_fake/blob.bin": os.urandom(5000),
-        f"{name}.dist-info/METADATA": b"Metadata-Version: 2.1\nName: onnxruntime-gpu\n"
-        b"Version: 0.0.1\n",
-        f"{name}.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
-        b"Tag: py3-none-any\n",
+        "onnxruntime/__init__.py": b"MARK = 'unpacked'\n",
+        ortgpu.CUDA_PROVIDER: elf_with(".nv_fatbin", fatbin),
+        "onnxruntime/capi/libonnxruntime.so.0.0.1": b"C API",
+        "onnxruntime/capi/libonnxruntime_providers_tensorrt.so": b"TensorRT",
+        f"{name}.dist-info/METADATA": b"Metadata-Version: 2.1\nName: onnxruntime-gpu\n",
     }
-    record = [f"{path},sha256={_digest(data)},{len(data)}" for path, data in files.items()]
-    files[f"{name}.dist-info/RECORD"] = (
-        "\n".join([*record, f"{name}.dist-info/RECORD,,"]) + "\n"
-    ).encode()
-    wheel = folder / f"{name}-py3-none-any.whl"
-    with zipfile.ZipFile(wheel, "w", zipfile.ZIP_STORED) as z:
+    wheel = folder / f"{name}-cp312-cp312-manylinux_2_28_x86_64.whl"
+    with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as z:
         for path, data in files.items():
-            z.writestr(path, data)
+            info = zipfile.ZipInfo(path)
+            info.external_attr = (0o755 if ".so" in path else 0o644) << 16  # as pip's wheels
+            z.writestr(info, data)
     return wheel
-
-
-def _digest(data: bytes) -> str:
-    """RECORD's hash: urlsafe base64 of the sha256, unpadded (PEP 376)."""
-    return base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
 
 
 def gpu_sh(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -115,59 +144,86 @@ def gpu_sh(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
-def ortgpu_env(tmp_path: Path, parts: Path) -> dict[str, str]:
-    """gpu.sh's folders under tmp_path, the parts folder (the checkout's .ortgpu), 1 KiB parts."""
+def ortgpu_env(tmp_path: Path) -> dict[str, str]:
+    """gpu.sh's folders under tmp_path: the packed archive (the checkout's .ortgpu, carried)
+    and the site it is unpacked into on the device."""
     return {
         **os.environ,
-        "ORTGPU_PARTS": str(parts),
-        "ORTGPU_STASH": str(tmp_path / "stash"),
+        "ORTGPU_PACKED": str(tmp_path / "packed"),
         "ORTGPU_SITE": str(tmp_path / "site"),
-        "ORTGPU_PART_SIZE": "1K",
         "PYTHON": sys.executable,
     }
 
 
-def test_wheel_travels_in_parts_one_call_each(tmp_path: Path) -> None:
-    downloaded = tmp_path / "download"
-    downloaded.mkdir()
-    wheel = fake_wheel(downloaded)
-    here = tmp_path / "here"  # .ortgpu in the checkout
-    env = ortgpu_env(tmp_path, here)
-    split = gpu_sh("split", str(wheel), env=env)
-    assert split.returncode == 0, split.stderr
-    parts = sorted(p.name for p in here.glob("part*"))
-    sums = (here / "SHA256SUMS").read_text().splitlines()
-    assert len(parts) >= 5 and [line.split()[1] for line in sums] == [*parts, wheel.name]
+def test_pack_keeps_only_the_kernels_the_gpu_runs(tmp_path: Path) -> None:
+    wheel = fake_wheel(tmp_path)
+    env = ortgpu_env(tmp_path)
+    packed = gpu_sh("pack", str(wheel), env=env)
+    assert packed.returncode == 0, packed.stderr
+    assert "kept 1 sm_90 kernel images" in packed.stderr
+    sums = (tmp_path / "packed" / "SHA256SUMS").read_text().split()
+    assert sums[1::2] == [ortgpu.ARCHIVE, wheel.name]
 
-    # Each device call carries SHA256SUMS and one part; only the last one completes the set.
-    for i, part in enumerate(parts):
-        carried = tmp_path / f"call{i}"
-        carried.mkdir()
-        (carried / "SHA256SUMS").write_bytes((here / "SHA256SUMS").read_bytes())
-        (carried / part).write_bytes((here / part).read_bytes())
-        kept = gpu_sh("keep", env={**env, "ORTGPU_PARTS": str(carried)})
-        assert kept.returncode == 0 and f"kept {part}" in kept.stderr, kept.stderr
-        last = i == len(parts) - 1
-        assert ("all parts" in kept.stderr) == last and ("still missing" in kept.stderr) != last
-        if i == 0:  # a run with parts missing stops before pip and the benchmark
-            early = gpu_sh("install", env={**env, "ORTGPU_PARTS": str(tmp_path / "nothing")})
-            assert early.returncode == 1 and "cannot install" in early.stderr
-
-    installed = gpu_sh("install", env={**env, "ORTGPU_PARTS": str(tmp_path / "nothing")})
-    assert installed.returncode == 0, installed.stderr
+    unpacked = gpu_sh("install", env=env)
+    assert unpacked.returncode == 0, unpacked.stderr
     site = tmp_path / "site"
-    assert (site / "onnxruntime_gpu-0.0.1.dist-info").is_dir()
-    assert (site / "ortgpu_fake" / "blob.bin").read_bytes() == zipfile.ZipFile(wheel).read(
-        "ortgpu_fake/blob.bin"
+    assert (site / "onnxruntime" / "__init__.py").read_bytes() == b"MARK = 'unpacked'\n"
+    assert (site / "onnxruntime_gpu-0.0.1.dist-info" / "METADATA").is_file()
+    assert not list((site / "onnxruntime" / "capi").glob("libonnxruntime.so*"))
+    assert not list((site / "onnxruntime" / "capi").glob("*tensorrt*"))
+    provider = site / ortgpu.CUDA_PROVIDER
+    original = zipfile.ZipFile(wheel).read(ortgpu.CUDA_PROVIDER)
+    data = provider.read_bytes()
+    assert len(data) == len(original) and os.access(provider, os.X_OK)
+    # Same layout; sm_90's kernels and the PTX as they were, the other kernels zeros.
+    for payload, kept in ((SM90, True), (PTX, True), (SM80, False), (SM120, False)):
+        at = original.index(payload)
+        assert data[at : at + len(payload)] == (payload if kept else bytes(len(payload)))
+    assert data.replace(b"\0", b"") == original.replace(SM80, b"").replace(SM120, b"").replace(
+        b"\0", b""
     )
 
+    again = gpu_sh("install", env=env)  # a rerun on the warm machine keeps what is there
+    assert again.returncode == 0 and "already unpacked" in again.stderr
 
-def test_damaged_part_is_refused(tmp_path: Path) -> None:
-    downloaded = tmp_path / "download"
-    downloaded.mkdir()
-    here = tmp_path / "here"
-    env = ortgpu_env(tmp_path, here)
-    assert gpu_sh("split", str(fake_wheel(downloaded)), env=env).returncode == 0
-    (here / "part1").write_bytes(b"not the part")
-    kept = gpu_sh("keep", env=env)
-    assert kept.returncode == 1 and "part1 arrived damaged" in kept.stderr
+
+def test_damaged_archive_is_refused(tmp_path: Path) -> None:
+    env = ortgpu_env(tmp_path)
+    assert gpu_sh("pack", str(fake_wheel(tmp_path)), env=env).returncode == 0
+    archive = tmp_path / "packed" / ortgpu.ARCHIVE
+    archive.write_bytes(archive.read_bytes()[:-10])
+    unpacked = gpu_sh("install", env=env)
+    assert unpacked.returncode == 1 and "arrived damaged" in unpacked.stderr
+    assert not (tmp_path / "site").exists()
+    missing = gpu_sh("install", env={**env, "ORTGPU_PACKED": str(tmp_path / "nothing")})
+    assert missing.returncode == 1 and "carry" in missing.stderr
+
+
+def test_pack_refuses_a_wheel_without_the_gpus_kernels(tmp_path: Path) -> None:
+    env = ortgpu_env(tmp_path)
+    no_sm90 = gpu_sh("pack", str(fake_wheel(tmp_path, keep_sm=89)), env=env)
+    assert no_sm90.returncode == 1 and "no kernels built for sm_90" in no_sm90.stderr
+    cpu_wheel = tmp_path / "onnxruntime-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(cpu_wheel, "w") as z:
+        z.writestr("onnxruntime/__init__.py", "")
+    refused = gpu_sh("pack", str(cpu_wheel), env=env)
+    assert refused.returncode == 1 and "not onnxruntime-gpu" in refused.stderr
+    assert "Traceback" not in no_sm90.stderr + refused.stderr
+
+
+def test_serving_rows_name_the_provider_each_server_reports(tmp_path: Path, cache: Path) -> None:
+    out = tmp_path / "serving.json"
+    result = CliRunner().invoke(
+        gpu_serving.main,
+        ["--device", "cpu", "--items", "2000", "--users", "100", "--duration", "0.3",
+         "--warmup", "5", "--cache", str(cache), "--json", str(out)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["providers"] == {"cpu": "CPUExecutionProvider"}
+    rows = report["rows"]
+    assert [r["scenario"].split(", --device")[0] for r in rows] == [
+        run[0] for run in gpu_serving.RUNS
+    ]
+    assert all(r["load"]["requests"] > 0 and not r["load"]["errors"] for r in rows), rows
+    assert "| Recommend, batched, 4 workers, --device cpu (CPUExecutionProvider) |" in result.output

@@ -176,7 +176,7 @@ class RecommenderGraph(nn.Module):
         n_blocks = cast(int, torch.sym_min(count, blocks))  # type: ignore[no-untyped-call]
         _, chosen = torch.topk(maxima, n_blocks, dim=1)
         chosen = torch.sort(chosen, dim=1).values
-        flat = chosen + torch.arange(rows).unsqueeze(1) * blocks
+        flat = chosen + torch.arange(rows, device=chosen.device).unsqueeze(1) * blocks
         candidates = scores.reshape(rows * blocks, TOP_K_BLOCK)[flat].reshape(rows, -1)
         top_scores, at = torch.topk(candidates, count, dim=1)
         items = chosen.gather(1, at // TOP_K_BLOCK) * TOP_K_BLOCK + at % TOP_K_BLOCK
