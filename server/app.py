@@ -1,7 +1,8 @@
 """Wiring: the gRPC server with DiscountService, health, reflection and interceptors.
 
 ``create_server`` builds everything and binds the port; ``DiscountServer.start`` begins serving
-and loading the model; health stays NOT_SERVING until a version is loaded and warm.
+and loading the model; health stays NOT_SERVING until a version is loaded and warm. A --workers
+worker binds only once its model is loaded (``DiscountServer.start``).
 """
 
 from __future__ import annotations
@@ -69,18 +70,38 @@ class DiscountServer:
         self.first_load = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
 
+    def bind(self) -> int:
+        """Listen on settings.host:settings.port; the port (0 picks one). RuntimeError when
+        gRPC cannot bind it."""
+        where = address(self.settings.host, self.settings.port)
+        if self.tls is None:
+            return int(self.grpc.add_insecure_port(where))
+        return int(self.grpc.add_secure_port(where, self.tls.server_credentials()))
+
     async def start(self) -> None:
+        """Serve, and load the model. A --workers worker loads first and binds then (without a
+        loadable version it never binds): its port is the other workers' too, and the kernel
+        hands a share of new connections to each listener, so one still loading would answer
+        its share UNAVAILABLE while the others could serve them. One process binds at once
+        (create_server): it answers NOT_SERVING while it loads, and nothing else could serve."""
         for service in ("", SERVICE_NAME):
             await self.health.set(service, NOT_SERVING)
-        await self.grpc.start()
+        if self.settings.workers == 1:
+            await self.grpc.start()
         if self.settings.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.settings.host, self.settings.metrics_port)
-        self._watcher = asyncio.create_task(self._watch())
         if self.offering is not None:
             # A health entry of its own: balancers keep routing while rules are stale, and
             # operators can still see it (grpc_health_probe -service discountd.rule_snapshot).
             await self.health.set(RULES_HEALTH, SERVING)
             self.offering.start(self._rules_freshness)
+        if self.settings.workers > 1:
+            await self._load_first()
+            if self.store.current is None:
+                return  # serve() says why and stops
+            self.bind()
+            await self.grpc.start()
+        self._watcher = asyncio.create_task(self._watch())
 
     async def _rules_freshness(self, fresh: bool) -> None:
         await self.health.set(RULES_HEALTH, SERVING if fresh else NOT_SERVING)
@@ -119,9 +140,13 @@ class DiscountServer:
         """stop() gave up on a store that does not answer: threads still wait on it."""
         return self.offering is not None and self.offering.abandoned
 
-    async def _watch(self) -> None:
+    async def _load_first(self) -> None:
         await self.reload(force=False)
         self.first_load.set()
+
+    async def _watch(self) -> None:
+        if not self.first_load.is_set():
+            await self._load_first()
         interval = self.settings.poll_interval
         while interval > 0:
             await asyncio.sleep(interval)
@@ -129,7 +154,8 @@ class DiscountServer:
 
 
 def create_server(settings: Settings) -> tuple[DiscountServer, int]:
-    """Build the server and bind settings.host:settings.port (0 picks a free port).
+    """Build the server and bind settings.host:settings.port (0 picks a free port); a --workers
+    worker binds in DiscountServer.start instead.
 
     With a store (settings.db_url) it is checked first: StoreError when unreachable or not at
     the schema head, so a misconfigured server never starts half-working; ArtifactError
@@ -199,9 +225,6 @@ def create_server(settings: Settings) -> tuple[DiscountServer, int]:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), grpc_server
         )
-    bind = address(settings.host, settings.port)
-    if tls is None:
-        port = grpc_server.add_insecure_port(bind)
-    else:
-        port = grpc_server.add_secure_port(bind, tls.server_credentials())
+    # A worker's port: the parent's (server.workers), bound by start() once loaded.
+    port = server.bind() if settings.workers == 1 else settings.port
     return server, port

@@ -168,6 +168,14 @@ def main(insecure_demo_key: bool, insecure: bool, **flags: str | None) -> None:
     sys.exit(asyncio.run(serve(settings)))
 
 
+def _cannot_listen(settings: Settings, error: RuntimeError) -> int:
+    where = address(settings.host, settings.port)
+    # A worker's siblings hold the port with SO_REUSEPORT: a probe would blame them.
+    reason = error if settings.workers > 1 else _bind_error(settings) or error
+    click.echo(f"discountd: cannot listen on {where}: {reason}", err=True)
+    return 1
+
+
 def _bind_error(settings: Settings) -> OSError | None:
     """Why the kernel refuses the address (in use, unknown host), which gRPC's error leaves out."""
     try:
@@ -182,9 +190,7 @@ async def serve(settings: Settings) -> int:
     try:
         server, port = create_server(settings)
     except RuntimeError as e:  # grpc reports a port it cannot bind this way, without the reason
-        where = address(settings.host, settings.port)
-        click.echo(f"discountd: cannot listen on {where}: {_bind_error(settings) or e}", err=True)
-        return 1
+        return _cannot_listen(settings, e)
     except StoreError as e:
         click.echo(f"discountd: cannot use the store: {e}", err=True)
         return 1
@@ -223,6 +229,9 @@ async def serve(settings: Settings) -> int:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, RELAYED)
     try:
         await server.start()
+    except RuntimeError as e:  # a --workers worker binds once loaded (DiscountServer.start)
+        await server.stop(0)
+        return _cannot_listen(settings, e)
     except OSError as e:  # the metrics port: in use, or an address it cannot bind
         where = address(settings.host, settings.metrics_port or 0)
         click.echo(f"discountd: cannot serve metrics on {where}: {e}", err=True)

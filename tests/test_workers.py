@@ -3,12 +3,14 @@ the parent drains both and exits 0."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -182,3 +184,60 @@ def test_a_sigterm_while_the_workers_start_is_held_until_they_can_drain(
             if process.poll() is None:
                 process.kill()
             process.wait(timeout=30)
+
+
+def test_a_worker_listens_only_once_its_model_is_loaded(tmp_path: Path, model_store: Path) -> None:
+    """The kernel hands each listener on a shared port its share of new connections: a worker
+    listening while it loads would answer them UNAVAILABLE beside workers that could serve.
+    A worker's server runs here in this process (create_server and start, as serve() runs them
+    in a forked worker), its load held on the manifest: a FIFO the test writes when it chooses."""
+    from server.app import DiscountServer, create_server
+    from server.settings import Settings
+    from server.workers import unowned_port
+
+    models = tmp_path / "models"
+    shutil.copytree(model_store, models)
+    manifest = models / (models / "CURRENT").read_text().strip() / "manifest.json"
+    content = manifest.read_bytes()
+    manifest.unlink()
+    os.mkfifo(manifest)
+    port = unowned_port("127.0.0.1", 0)  # as the parent picks it for its workers
+    settings = Settings(model_dir=models, host="127.0.0.1", port=port, device="cpu", workers=2)
+
+    async def start() -> DiscountServer:
+        server, _ = create_server(settings)
+        await server.start()
+        return server
+
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    started = asyncio.run_coroutine_threadsafe(start(), loop)
+    try:
+        # Opening for writing succeeds once the worker waits to read it: it is loading.
+        fd = eventually(lambda: _writer(manifest), timeout=60) - 1
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        # The manifest itself for the load's later reads, then the waiting read's content.
+        (tmp_path / "manifest.json").write_bytes(content)
+        os.replace(tmp_path / "manifest.json", manifest)
+        os.write(fd, content)
+        os.close(fd)
+        server = started.result(timeout=60)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            reply = pb_grpc.DiscountServiceStub(channel).Recommend(
+                pb.RecommendRequest(user_id="user-1", limit=3), timeout=30
+            )
+        assert len(reply.items) == 3
+        asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(timeout=30)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+
+
+def _writer(fifo: Path) -> int | None:
+    """A write end of fifo, plus one (0 is a valid descriptor); None while no one reads it."""
+    try:
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:  # ENXIO: no reader yet
+        return None
+    os.set_blocking(fd, True)  # the manifest may be larger than the pipe's buffer
+    return fd + 1
