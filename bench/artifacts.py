@@ -66,14 +66,12 @@ def random_shop(n_items: int, n_users: int, seed: int = 0) -> tuple[Dataset, Fac
 def eager_graph(n_items: int, n_users: int) -> tuple[Any, int]:
     """The graph of the version `cached(n_items, n_users)` holds, as a PyTorch module (the
     same factors: random_shop is seeded), and its number of categories."""
-    from core.catalog import category_vocabulary
-    from trainer.export import RecommenderGraph  # imports torch: only where it is compared
+    # Imports torch: only where it is compared.
+    from trainer.export import RecommenderGraph, item_categories
 
     dataset, factors = random_shop(n_items, n_users)
-    vocabulary = category_vocabulary(dataset.catalog.categories)
-    position = {c: i for i, c in enumerate(vocabulary)}
-    item_category = np.array([position[c] for c in dataset.catalog.categories], dtype=np.int64)
-    return RecommenderGraph(factors, item_category).eval(), len(vocabulary)
+    item_category, n_categories = item_categories(dataset.catalog)
+    return RecommenderGraph(factors, item_category).eval(), n_categories
 
 
 def build(store: Path, n_items: int, n_users: int, seed: int = 0) -> Path:

@@ -6,8 +6,9 @@
 # wheels) has onnxruntime 1.30's CPU build only, can download nothing, and each call carries at
 # most 64 MiB of working tree. onnxruntime-gpu's wheel (~255 MB) would take five calls, so
 # bench/ortgpu.py packs it into one archive of ~58 MiB that keeps only the kernels the GPU can
-# run (its docstring says how), and one call carries it, installs it into /tmp/site and runs
-# the benchmark.
+# run (its docstring says how; the archive runs CUDA on that architecture alone, sm_90 unless
+# --keep-sm says otherwise), and one call carries it, installs it into /tmp/site and runs the
+# benchmark.
 #
 # Here, once, with network, in the repository root (.gitignore ignores .ortgpu/):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
@@ -63,14 +64,18 @@ install() {
         die "no $PACKED/$ARCHIVE and SHA256SUMS carried: carry [\"$PACKED\"]"
     (cd "$PACKED" && grep " $ARCHIVE\$" SHA256SUMS | sha256sum -c --quiet -) ||
         die "$ARCHIVE arrived damaged (its sha256 is not the one in SHA256SUMS): carry it again"
-    if ls "$SITE"/onnxruntime_gpu-*.dist-info >/dev/null 2>&1; then
+    local sum
+    sum=$(grep " $ARCHIVE\$" "$PACKED/SHA256SUMS" | awk '{print $1}')
+    if [[ -f $SITE/.ortgpu-sha256 && $(cat "$SITE/.ortgpu-sha256") == "$sum" ]]; then
         say "onnxruntime-gpu already unpacked in $SITE"
         return 0
     fi
+    rm -rf "$SITE"/onnxruntime "$SITE"/onnxruntime_gpu-*.dist-info
     mkdir -p "$SITE"
     # Python's tarfile: the machine may have no xz.
     "$PYTHON" -c 'import sys, tarfile
 tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="data")' "$PACKED/$ARCHIVE" "$SITE"
+    echo "$sum" >"$SITE/.ortgpu-sha256"
     say "unpacked $(tail -n 1 "$PACKED/SHA256SUMS" | awk '{print $2}') (packed) into $SITE"
 }
 
@@ -113,7 +118,7 @@ prepare() {
     local tag packed_for=""
     tag=$("$PYTHON" -c 'import sys; print("cp%d%d" % sys.version_info[:2])')
     [[ ! -f $PACKED/SHA256SUMS ]] || packed_for=$(tail -n 1 "$PACKED/SHA256SUMS")
-    if [[ -f $PACKED/$ARCHIVE && $packed_for != *-$tag-* ]]; then
+    if [[ -f $PACKED/$ARCHIVE && -n $packed_for && $packed_for != *-$tag-* ]]; then
         # As after `pack` here: the archive is for the device's Python, not this one.
         say "$PACKED/$ARCHIVE is not for this Python ($tag): using the installed onnxruntime"
     else
@@ -175,6 +180,6 @@ else
     [[ ${1:-} != serve ]] || log=$OUT_DIR/gpu_serving.log
     mkdir -p "$OUT_DIR"
     # The whole log beside the JSON: the device tool returns only the output's last 12,000 chars.
+    # (pipefail: the script exits with main's status.)
     main "$@" 2>&1 | tee "$log"
-    exit "${PIPESTATUS[0]}"
 fi

@@ -3,8 +3,9 @@ Recommend over gRPC on the 1M-item version, on one machine (issue #6).
 
 bench.gpu times the model alone; this runs discountd as `make bench` does (bench.serving's
 server, store and load generator in a separate process) with --device cuda, then --device cpu,
-and reports the provider each server says it serves on: on a GPU machine the cuda server must
-say CUDAExecutionProvider, or the run fails. Rows: the health Check ceiling, then Recommend at
+and reports the provider each server says it serves on: the cuda server must say
+CUDAExecutionProvider, or the run fails (discountd --device cuda refuses to start without it;
+`--device cpu` alone runs anywhere). Rows: the health Check ceiling, then Recommend at
 the default batching (64 calls at most) with 32 calls in flight, and with 256 in flight and
 batches of up to 256; then both again with 4 workers. Results: a markdown table on stdout, JSON
 at --json.

@@ -84,10 +84,14 @@ def blank_other_architectures(elf: bytearray, keep_sm: int) -> Blanked:
             pos += 8
             continue
         entry, blob_end = pos + blob_header, pos + blob_header + entries_size
+        if blob_header < 16 or blob_end > end:
+            raise PackError(f"fatbin blob at byte {pos - offset} runs past .nv_fatbin")
         while entry < blob_end:
             kind, _, entry_header, payload = struct.unpack_from("<HHIQ", elf, entry)
             (sm,) = struct.unpack_from("<I", elf, entry + 28)
             start = entry + entry_header
+            if entry_header < 32 or start + payload > blob_end:
+                raise PackError(f"fatbin entry at byte {entry - offset} runs past its blob")
             if kind == ELF_ENTRY and sm != keep_sm:
                 elf[start : start + payload] = bytes(payload)
                 done.blanked += payload
@@ -102,34 +106,47 @@ def blank_other_architectures(elf: bytearray, keep_sm: int) -> Blanked:
 
 
 def pack(wheel: Path, out: Path, keep_sm: int) -> tuple[Path, Blanked]:
-    """Write out/ARCHIVE and out/SHA256SUMS (the archive's, then the wheel's)."""
+    """Write out/ARCHIVE and out/SHA256SUMS (the archive's, then the wheel's); a pack that
+    fails leaves what was there."""
     out.mkdir(parents=True, exist_ok=True)
-    archive = out / ARCHIVE
-    done = Blanked()
-    with zipfile.ZipFile(wheel) as z, lzma.open(archive, "wb", preset=9) as xz:
+    archive, staging = out / ARCHIVE, out / f"{ARCHIVE}.incoming"
+    with zipfile.ZipFile(wheel) as z:
         if CUDA_PROVIDER not in z.namelist():
             raise PackError(f"{wheel.name} has no {CUDA_PROVIDER}: not onnxruntime-gpu")
-        with tarfile.open(fileobj=xz, mode="w") as tar:
-            for info in z.infolist():
-                if info.is_dir() or info.filename.startswith(LEFT_OUT):
-                    continue
-                data = z.read(info)
-                if info.filename == CUDA_PROVIDER:
-                    provider = bytearray(data)
-                    done = blank_other_architectures(provider, keep_sm)
-                    data = bytes(provider)
-                member = tarfile.TarInfo(info.filename)
-                member.size = len(data)
-                member.mode = (info.external_attr >> 16) & 0o777 or 0o644  # as the wheel has it
-                tar.addfile(member, io.BytesIO(data))
+        try:
+            done = _write(z, staging, keep_sm)
+        except BaseException:
+            staging.unlink(missing_ok=True)
+            raise
+    if staging.stat().st_size > MAX_CARRY:
+        size = staging.stat().st_size / 2**20
+        staging.unlink()
+        raise PackError(
+            f"the archive would be {size:.1f} MiB, over the {MAX_CARRY / 2**20:.0f} MiB one "
+            "device call can carry beside the working tree"
+        )
+    staging.replace(archive)
     sums = [f"{sha256(archive)}  {ARCHIVE}", f"{sha256(wheel)}  {wheel.name}"]
     (out / "SHA256SUMS").write_text("\n".join(sums) + "\n")
-    if archive.stat().st_size > MAX_CARRY:
-        raise PackError(
-            f"{archive} is {archive.stat().st_size / 2**20:.1f} MiB, over the "
-            f"{MAX_CARRY / 2**20:.0f} MiB one device call can carry beside the working tree"
-        )
     return archive, done
+
+
+def _write(z: zipfile.ZipFile, path: Path, keep_sm: int) -> Blanked:
+    done = Blanked()
+    with lzma.open(path, "wb", preset=9) as xz, tarfile.open(fileobj=xz, mode="w") as tar:
+        for info in z.infolist():
+            if info.is_dir() or info.filename.startswith(LEFT_OUT):
+                continue
+            data = z.read(info)
+            if info.filename == CUDA_PROVIDER:
+                provider = bytearray(data)
+                done = blank_other_architectures(provider, keep_sm)
+                data = bytes(provider)
+            member = tarfile.TarInfo(info.filename)
+            member.size = len(data)
+            member.mode = (info.external_attr >> 16) & 0o777 or 0o644  # as the wheel has it
+            tar.addfile(member, io.BytesIO(data))
+    return done
 
 
 def sha256(path: Path) -> str:
@@ -160,8 +177,8 @@ def main(wheel: Path, out: Path, keep_sm: int) -> None:
         raise click.ClickException(str(e)) from None
     click.echo(
         f"ortgpu: {archive} ({archive.stat().st_size / 2**20:.1f} MiB): kept "
-        f"{done.entries_kept} sm_{keep_sm} kernel images ({done.kept / 2**20:.0f} MiB), "
-        f"blanked {done.blanked / 2**20:.0f} MiB of other architectures'",
+        f"{done.entries_kept} sm_{keep_sm} kernel images ({done.kept / 2**20:.0f} MiB with "
+        f"any PTX), blanked {done.blanked / 2**20:.0f} MiB of other architectures' kernels",
         err=True,
     )
 

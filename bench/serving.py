@@ -52,7 +52,9 @@ class Row:
 
 
 class Server:
-    """A discountd subprocess; port from its 'listening on' log line."""
+    """A discountd subprocess; port from its 'listening on' log line, once every worker has
+    said it (a worker listens only once its model is loaded: a run begun before would miss the
+    late ones, its connections all on the others)."""
 
     def __init__(self, model_dir: Path, *flags: str) -> None:
         self.process = subprocess.Popen(
@@ -62,11 +64,14 @@ class Server:
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         self.log: list[str] = []
+        workers = int(flags[flags.index("--workers") + 1]) if "--workers" in flags else 1
+        listening = 0
         assert self.process.stderr is not None
         for line in self.process.stderr:
             self.log.append(line)
             found = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
-            if found:
+            listening += found is not None
+            if found and listening == workers:
                 self.port = int(found.group(1))
                 break
         else:

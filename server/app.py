@@ -44,6 +44,10 @@ RULES_HEALTH = "discountd.rule_snapshot"
 PURCHASES_WAIT_S = 2.0
 
 
+class CannotListen(Exception):
+    """gRPC could not bind the address (its RuntimeError gives no reason)."""
+
+
 class DiscountServer:
     """The running server: gRPC, health, and the model store it keeps current."""
 
@@ -68,26 +72,31 @@ class DiscountServer:
         self.metrics_port: int | None = None
         self.health = CappedHealth(settings.max_health_watches)
         self.first_load = asyncio.Event()
+        self.listening = False
         self._watcher: asyncio.Task[None] | None = None
 
     def bind(self) -> int:
-        """Listen on settings.host:settings.port; the port (0 picks one). RuntimeError when
-        gRPC cannot bind it."""
+        """Listen on settings.host:settings.port; the port (0 picks one)."""
         where = address(self.settings.host, self.settings.port)
-        if self.tls is None:
-            return int(self.grpc.add_insecure_port(where))
-        return int(self.grpc.add_secure_port(where, self.tls.server_credentials()))
+        try:
+            if self.tls is None:
+                return int(self.grpc.add_insecure_port(where))
+            return int(self.grpc.add_secure_port(where, self.tls.server_credentials()))
+        except RuntimeError as e:
+            raise CannotListen(str(e)) from None
 
-    async def start(self) -> None:
-        """Serve, and load the model. A --workers worker loads first and binds then (without a
-        loadable version it never binds): its port is the other workers' too, and the kernel
-        hands a share of new connections to each listener, so one still loading would answer
-        its share UNAVAILABLE while the others could serve them. One process binds at once
-        (create_server): it answers NOT_SERVING while it loads, and nothing else could serve."""
+    async def start(self, stopping: asyncio.Event | None = None) -> None:
+        """Serve, and load the model. A --workers worker loads first and binds then (not at
+        all without a loadable version, or when told to stop meanwhile): its port is the other
+        workers' too, and the kernel hands a share of new connections to each listener, so one
+        still loading would answer its share UNAVAILABLE while the others could serve them.
+        One process binds at once (create_server): it answers NOT_SERVING while it loads, and
+        nothing else could serve."""
         for service in ("", SERVICE_NAME):
             await self.health.set(service, NOT_SERVING)
         if self.settings.workers == 1:
             await self.grpc.start()
+            self.listening = True
         if self.settings.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.settings.host, self.settings.metrics_port)
         if self.offering is not None:
@@ -97,10 +106,11 @@ class DiscountServer:
             self.offering.start(self._rules_freshness)
         if self.settings.workers > 1:
             await self._load_first()
-            if self.store.current is None:
+            if self.store.current is None or (stopping is not None and stopping.is_set()):
                 return  # serve() says why and stops
             self.bind()
             await self.grpc.start()
+            self.listening = True
         self._watcher = asyncio.create_task(self._watch())
 
     async def _rules_freshness(self, fresh: bool) -> None:

@@ -18,7 +18,7 @@ import click
 
 from core.artifact import ArtifactError
 from core.store.errors import StoreError
-from server.app import create_server
+from server.app import CannotListen, create_server
 from server.limits import MAX_CONNECTION_AGE_GRACE_S
 from server.logs import configure as configure_logs
 from server.settings import (
@@ -168,7 +168,7 @@ def main(insecure_demo_key: bool, insecure: bool, **flags: str | None) -> None:
     sys.exit(asyncio.run(serve(settings)))
 
 
-def _cannot_listen(settings: Settings, error: RuntimeError) -> int:
+def _cannot_listen(settings: Settings, error: CannotListen) -> int:
     where = address(settings.host, settings.port)
     # A worker's siblings hold the port with SO_REUSEPORT: a probe would blame them.
     reason = error if settings.workers > 1 else _bind_error(settings) or error
@@ -189,7 +189,7 @@ async def serve(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT; the exit code: 0 after a clean drain, 1 when it cannot serve."""
     try:
         server, port = create_server(settings)
-    except RuntimeError as e:  # grpc reports a port it cannot bind this way, without the reason
+    except CannotListen as e:
         return _cannot_listen(settings, e)
     except StoreError as e:
         click.echo(f"discountd: cannot use the store: {e}", err=True)
@@ -228,8 +228,8 @@ async def serve(settings: Settings) -> int:
     # A --workers worker holds them from its fork until now (server.workers); a no-op otherwise.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, RELAYED)
     try:
-        await server.start()
-    except RuntimeError as e:  # a --workers worker binds once loaded (DiscountServer.start)
+        await server.start(stopping)
+    except CannotListen as e:  # a --workers worker binds once loaded (DiscountServer.start)
         await server.stop(0)
         return _cannot_listen(settings, e)
     except OSError as e:  # the metrics port: in use, or an address it cannot bind
@@ -242,7 +242,8 @@ async def serve(settings: Settings) -> int:
         click.echo(f"discountd: cannot serve: {server.store.last_error}", err=True)
         await server.stop(0)
         return 1
-    log.info("listening on %s", address(settings.host, port))
+    if server.listening:  # a worker told to stop while it loaded never listens
+        log.info("listening on %s", address(settings.host, port))
     if server.metrics_port is not None:
         log.info("metrics on http://%s/metrics", address(settings.host, server.metrics_port))
     await stopping.wait()

@@ -128,7 +128,8 @@ def unowned_port(host: str, port: int) -> int:
     """The port for all workers, checked to be no other process's; 0 picks one (the workers
     cannot each pick one). The workers share it with SO_REUSEPORT, which would as well let them
     join another discountd already on it, so the check binds without: another service's
-    listener, shared or not, refuses it."""
+    listener, shared or not, refuses it. The workers bind once their model is loaded: a process
+    that takes the port meanwhile makes them fail (cannot listen)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         # A previous run's connections in TIME_WAIT own nothing; gRPC binds past them too.

@@ -112,14 +112,16 @@ def elf_with(section_name: str, data: bytes) -> bytes:
 SM80, SM90, SM120, PTX = (os.urandom(3000) for _ in range(4))
 
 
-def fake_wheel(folder: Path, keep_sm: int = 90) -> Path:
+def fake_wheel(folder: Path, keep_sm: int = 90, fatbin: bytes | None = None) -> Path:
     """An onnxruntime-gpu-like wheel whose CUDA provider holds two fatbin blobs (kernels for
-    sm_80, sm_{keep_sm}, sm_120 and PTX), with an 8-byte gap between them as the linker leaves."""
-    fatbin = (
-        fatbin_blob((2, 80, SM80), (2, keep_sm, SM90))
-        + bytes(8)
-        + fatbin_blob((1, 80, PTX), (2, 120, SM120))
-    )
+    sm_80, sm_{keep_sm}, sm_120 and PTX), with an 8-byte gap between them as the linker leaves;
+    or the given fatbin."""
+    if fatbin is None:
+        fatbin = (
+            fatbin_blob((2, 80, SM80), (2, keep_sm, SM90))
+            + bytes(8)
+            + fatbin_blob((1, 80, PTX), (2, 120, SM120))
+        )
     name = "onnxruntime_gpu-0.0.1"
     files = {
         "onnxruntime/__init__.py": b"MARK = 'unpacked'\n",
@@ -227,3 +229,17 @@ def test_serving_rows_name_the_provider_each_server_reports(tmp_path: Path, cach
     ]
     assert all(r["load"]["requests"] > 0 and not r["load"]["errors"] for r in rows), rows
     assert "| Recommend, batched, 4 workers, --device cpu (CPUExecutionProvider) |" in result.output
+
+
+def test_a_fatbin_it_cannot_read_is_refused_and_the_last_archive_kept(tmp_path: Path) -> None:
+    env = ortgpu_env(tmp_path)
+    assert gpu_sh("pack", str(fake_wheel(tmp_path)), env=env).returncode == 0
+    packed = tmp_path / "packed"
+    before = {f.name: f.read_bytes() for f in packed.iterdir()}
+    blob = bytearray(fatbin_blob((2, 90, SM90)))
+    struct.pack_into("<Q", blob, 16 + 8, len(SM90) + 1)  # the entry's payload runs past its blob
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    refused = gpu_sh("pack", str(fake_wheel(broken, fatbin=bytes(blob))), env=env)
+    assert refused.returncode == 1 and "runs past its blob" in refused.stderr, refused.stderr
+    assert {f.name: f.read_bytes() for f in packed.iterdir()} == before

@@ -186,11 +186,15 @@ def test_a_sigterm_while_the_workers_start_is_held_until_they_can_drain(
             process.wait(timeout=30)
 
 
-def test_a_worker_listens_only_once_its_model_is_loaded(tmp_path: Path, model_store: Path) -> None:
+@pytest.mark.parametrize("told_to_stop", [False, True], ids=["loaded", "stopped-while-loading"])
+def test_a_worker_listens_only_once_its_model_is_loaded(
+    tmp_path: Path, model_store: Path, told_to_stop: bool
+) -> None:
     """The kernel hands each listener on a shared port its share of new connections: a worker
     listening while it loads would answer them UNAVAILABLE beside workers that could serve.
     A worker's server runs here in this process (create_server and start, as serve() runs them
-    in a forked worker), its load held on the manifest: a FIFO the test writes when it chooses."""
+    in a forked worker), its load held on the manifest: a FIFO the test writes when it chooses.
+    A worker told to stop while it loads never listens."""
     from server.app import DiscountServer, create_server
     from server.settings import Settings
     from server.workers import unowned_port
@@ -203,33 +207,46 @@ def test_a_worker_listens_only_once_its_model_is_loaded(tmp_path: Path, model_st
     os.mkfifo(manifest)
     port = unowned_port("127.0.0.1", 0)  # as the parent picks it for its workers
     settings = Settings(model_dir=models, host="127.0.0.1", port=port, device="cpu", workers=2)
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    stopping = asyncio.Event()
 
     async def start() -> DiscountServer:
         server, _ = create_server(settings)
-        await server.start()
+        await server.start(stopping)
         return server
 
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, daemon=True).start()
     started = asyncio.run_coroutine_threadsafe(start(), loop)
+    fd = None
     try:
         # Opening for writing succeeds once the worker waits to read it: it is loading.
         fd = eventually(lambda: _writer(manifest), timeout=60) - 1
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        if told_to_stop:
+            loop.call_soon_threadsafe(stopping.set)  # as serve() does on SIGTERM
         # The manifest itself for the load's later reads, then the waiting read's content.
         (tmp_path / "manifest.json").write_bytes(content)
         os.replace(tmp_path / "manifest.json", manifest)
         os.write(fd, content)
         os.close(fd)
+        fd = None
         server = started.result(timeout=60)
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            reply = pb_grpc.DiscountServiceStub(channel).Recommend(
-                pb.RecommendRequest(user_id="user-1", limit=3), timeout=30
-            )
-        assert len(reply.items) == 3
+        assert server.store.current is not None and server.listening != told_to_stop
+        if told_to_stop:
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        else:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                reply = pb_grpc.DiscountServiceStub(channel).Recommend(
+                    pb.RecommendRequest(user_id="user-1", limit=3), timeout=30
+                )
+            assert len(reply.items) == 3
         asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(timeout=30)
     finally:
+        if fd is not None:  # the load still waits: let it read the real manifest and finish
+            os.write(fd, content)
+            os.close(fd)
         loop.call_soon_threadsafe(loop.stop)
 
 

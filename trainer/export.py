@@ -37,7 +37,7 @@ from core.artifact import (
     set_current,
 )
 from core.catalog import category_vocabulary
-from trainer.dataset import Dataset, Factors, Ints
+from trainer.dataset import Catalog, Dataset, Factors, Ints
 
 INPUT_NAMES = [name for name, _, _ in MODEL_INPUTS]
 OUTPUT_NAMES = [name for name, _, _ in MODEL_OUTPUTS]
@@ -233,6 +233,13 @@ class ParityReport:
     rows: int
     max_score_diff: float
     exact_item_positions: float  # share of positions with the very same item (ties may swap)
+
+
+def item_categories(catalog: Catalog) -> tuple[Ints, int]:
+    """Each item's index in the category vocabulary the server builds too, and its size."""
+    vocabulary = category_vocabulary(catalog.categories)
+    position = {name: i for i, name in enumerate(vocabulary)}
+    return np.array([position[c] for c in catalog.categories], dtype=np.int64), len(vocabulary)
 
 
 def export_onnx(factors: Factors, item_category: Ints, n_categories: int, path: Path) -> None:
@@ -450,10 +457,8 @@ def write_artifact(
     store_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=store_dir))
     try:
-        vocabulary = category_vocabulary(catalog.categories)
-        position = {name: i for i, name in enumerate(vocabulary)}
-        item_category = np.array([position[c] for c in catalog.categories], dtype=np.int64)
-        export_onnx(factors, item_category, len(vocabulary), staging / "model.onnx")
+        item_category, n_categories = item_categories(catalog)
+        export_onnx(factors, item_category, n_categories, staging / "model.onnx")
         export_score_onnx(factors, item_category, staging / "score.onnx")
         _write_json(staging / "users.json", list(dataset.user_ids))
         _write_json(
@@ -488,7 +493,7 @@ def write_artifact(
                 files={},
                 n_users=n_users,
                 n_items=n_items,
-                n_categories=len(vocabulary),
+                n_categories=n_categories,
                 metrics=dict(metrics),
                 training=dict(training),
                 data=dict(data),
