@@ -212,7 +212,11 @@ def open_cuda(path: Path, threads: int) -> tuple[ModelVersion | None, str | None
 
     try:
         return load_version(path, "cuda", threads), None
-    except (DeviceUnavailable, ArtifactError) as e:
+    except DeviceUnavailable as e:
+        # Its advice names discountd's options; here the log says why (ONNX Runtime's error
+        # above, gpu.sh's ldd line).
+        return None, f"{str(e).split(';')[0]} (ONNX Runtime's error above says why)"
+    except ArtifactError as e:
         return None, str(e)
 
 

@@ -31,14 +31,17 @@
 #       psycopg==3.3.9 psycopg-binary==3.3.9 prometheus_client==0.26.0
 # then two calls back to back (the machine, and /tmp/site with it, goes back 30 s after a call):
 #   carry [".ortgpu"]  command "bash bench/gpu.sh install"
-#   carry [".whl"]     command "bash bench/gpu.sh serve"  timeout_s 480
-# Results: $OUT/gpu_serving.json and gpu_serving.log.
+#   carry [".whl"]     command "bash bench/gpu.sh install-server && bash bench/gpu.sh serve"
+#                      timeout_s 480
+# Results: $OUT/gpu_serving.json and gpu_serving.log. docs/BENCHMARKS.md's "GPU" tables came
+# from these, and from `bash bench/gpu.sh -- --batch 1 --batch 32 --batch 256 --batch 1024`.
 #
 # Subcommands: pack WHEEL [--keep-sm N] (here), install (check and unpack the carried archive),
-# serve [ARGS] (install the carried wheels and discountd, then bench.gpu_serving ARGS), none:
-# install when the archive is carried, then `python -m bench.gpu`. Extra arguments after `--` go
-# to bench.gpu. Exit status non-zero when any step or any measured mode fails, and on a machine
-# with nvidia-smi when the CUDA provider does not start.
+# install-server (device only: the carried wheels and discountd into its Python), serve [ARGS]
+# (bench.gpu_serving ARGS), none: install when the archive is carried, then `python -m
+# bench.gpu`. Extra arguments after `--` go to bench.gpu. Exit status non-zero when any step or
+# any measured mode fails, and on a machine with nvidia-smi when the CUDA provider does not
+# start. An archive packed for another Python is left alone (as after `pack` here).
 set -euo pipefail
 
 PACKED=${ORTGPU_PACKED:-.ortgpu}      # the archive and SHA256SUMS, in the repository
@@ -59,14 +62,22 @@ pack() {
     "$PYTHON" -m bench.ortgpu --out "$PACKED" "$@"
 }
 
+python_tag() { "$PYTHON" -c 'import sys; print("cp%d%d" % sys.version_info[:2])'; }
+
+# The wheel the archive was packed from (SHA256SUMS' last line), e.g. ...-cp312-cp312-....whl
+packed_wheel() { tail -n 1 "$PACKED/SHA256SUMS" | awk '{print $2}'; }
+
 install() {
     [[ -f $PACKED/$ARCHIVE && -f $PACKED/SHA256SUMS ]] ||
         die "no $PACKED/$ARCHIVE and SHA256SUMS carried: carry [\"$PACKED\"]"
     (cd "$PACKED" && grep " $ARCHIVE\$" SHA256SUMS | sha256sum -c --quiet -) ||
         die "$ARCHIVE arrived damaged (its sha256 is not the one in SHA256SUMS): carry it again"
-    local sum
+    local sum tag
+    tag=$(python_tag)
+    [[ $(packed_wheel) == *-$tag-* ]] ||
+        die "$ARCHIVE holds $(packed_wheel), not a build for this Python ($tag)"
     sum=$(grep " $ARCHIVE\$" "$PACKED/SHA256SUMS" | awk '{print $1}')
-    if [[ -f $SITE/.ortgpu-sha256 && $(cat "$SITE/.ortgpu-sha256") == "$sum" ]]; then
+    if [[ $(cat "$SITE/.ortgpu" 2>/dev/null) == "$sum $tag" ]]; then
         say "onnxruntime-gpu already unpacked in $SITE"
         return 0
     fi
@@ -75,18 +86,19 @@ install() {
     # Python's tarfile: the machine may have no xz.
     "$PYTHON" -c 'import sys, tarfile
 tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="data")' "$PACKED/$ARCHIVE" "$SITE"
-    echo "$sum" >"$SITE/.ortgpu-sha256"
-    say "unpacked $(tail -n 1 "$PACKED/SHA256SUMS" | awk '{print $2}') (packed) into $SITE"
+    echo "$sum $tag" >"$SITE/.ortgpu" # what is there, for a rerun and for prepare
+    say "unpacked $(packed_wheel) (packed) into $SITE"
 }
 
-# discountd and the carried wheels of its packages into the machine's Python, where
-# bench.serving looks for the discountd and discountctl it starts (beside sys.executable).
+# For the device machine: discountd and the carried wheels of its packages into its Python,
+# where bench.serving looks for the discountd and discountctl it starts (beside
+# sys.executable). Not for a checkout's venv: it would replace the editable install.
 install_server() {
-    local wheels=("$WHEELS"/*.whl)
-    if [[ ! -f ${wheels[0]} ]]; then
-        say "no $WHEELS/*.whl carried: discountd's packages as installed"
-        return 0
-    fi
+    local wheels=("$WHEELS"/*.whl) tag
+    [[ -f ${wheels[0]} ]] || die "no $WHEELS/*.whl carried: carry [\"$WHEELS\"]"
+    tag=$(python_tag)
+    ls "$WHEELS"/grpcio-*-"$tag"-*.whl >/dev/null 2>&1 ||
+        die "$WHEELS holds no grpcio wheel for this Python ($tag): they are for another machine"
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "${wheels[@]}"
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-build-isolation .
     say "installed discountd and ${#wheels[@]} wheels beside $PYTHON"
@@ -113,22 +125,21 @@ prepare() {
         nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
         REQUIRE=(--require-cuda) # a GPU machine that cannot run CUDA is a failed run
     else
-        say "no NVIDIA GPU here: CPU rows only"
+        say "no NVIDIA GPU here: no CUDA"
     fi
-    local tag packed_for=""
-    tag=$("$PYTHON" -c 'import sys; print("cp%d%d" % sys.version_info[:2])')
-    [[ ! -f $PACKED/SHA256SUMS ]] || packed_for=$(tail -n 1 "$PACKED/SHA256SUMS")
-    if [[ -f $PACKED/$ARCHIVE && -n $packed_for && $packed_for != *-$tag-* ]]; then
+    local tag
+    tag=$(python_tag)
+    if [[ -f $PACKED/$ARCHIVE && -f $PACKED/SHA256SUMS && $(packed_wheel) != *-$tag-* ]]; then
         # As after `pack` here: the archive is for the device's Python, not this one.
         say "$PACKED/$ARCHIVE is not for this Python ($tag): using the installed onnxruntime"
+    elif [[ -f $PACKED/$ARCHIVE ]]; then
+        install
+    fi
+    if [[ $(cut -d' ' -f2 "$SITE/.ortgpu" 2>/dev/null) == "$tag" ]]; then
+        # Ahead of site-packages, so it shadows the machine's CPU-only onnxruntime.
+        export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
     else
-        [[ ! -f $PACKED/$ARCHIVE ]] || install
-        if ls "$SITE"/onnxruntime_gpu-*.dist-info >/dev/null 2>&1; then
-            # Ahead of site-packages, so it shadows the machine's CPU-only onnxruntime.
-            export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
-        else
-            say "no $PACKED/$ARCHIVE: using the installed onnxruntime"
-        fi
+        say "no onnxruntime-gpu unpacked for this Python: using the installed onnxruntime"
     fi
     local libs
     libs=$(nvidia_libs)
@@ -156,9 +167,9 @@ main() {
     case ${1:-} in
         pack) shift; pack "$@" ;;
         install) install ;;
+        install-server) install_server ;;
         serve)
             shift
-            install_server
             prepare
             "$PYTHON" -m bench.gpu_serving --json "$OUT_DIR/gpu_serving.json" "$@"
             ;;
@@ -167,13 +178,16 @@ main() {
             prepare
             "$PYTHON" -m bench.gpu --json "$OUT_DIR/gpu.json" "${REQUIRE[@]}" "$@"
             ;;
-        *) die "unknown subcommand $1 (pack WHEEL | install | serve | -- BENCH_ARGS)" ;;
     esac
 }
 
 OUT_DIR=${OUT:-var/bench}
 REQUIRE=()
-if [[ ${1:-} == pack || ${1:-} == install ]]; then
+case ${1:-} in
+    pack | install | install-server | serve | -- | "") ;;
+    *) die "unknown subcommand $1 (pack WHEEL | install | install-server | serve | -- BENCH_ARGS)" ;;
+esac
+if [[ ${1:-} == pack || ${1:-} == install || ${1:-} == install-server ]]; then
     main "$@"
 else
     log=$OUT_DIR/gpu.log

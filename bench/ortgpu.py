@@ -173,8 +173,10 @@ def main(wheel: Path, out: Path, keep_sm: int) -> None:
     click.echo(f"ortgpu: packing {wheel.name} for sm_{keep_sm} (a minute or two) ...", err=True)
     try:
         archive, done = pack(wheel, out, keep_sm)
-    except (PackError, zipfile.BadZipFile) as e:
+    except PackError as e:
         raise click.ClickException(str(e)) from None
+    except zipfile.BadZipFile as e:
+        raise click.ClickException(f"{wheel}: {e}") from None
     click.echo(
         f"ortgpu: {archive} ({archive.stat().st_size / 2**20:.1f} MiB): kept "
         f"{done.entries_kept} sm_{keep_sm} kernel images ({done.kept / 2**20:.0f} MiB with "

@@ -112,7 +112,12 @@ def elf_with(section_name: str, data: bytes) -> bytes:
 SM80, SM90, SM120, PTX = (os.urandom(3000) for _ in range(4))
 
 
-def fake_wheel(folder: Path, keep_sm: int = 90, fatbin: bytes | None = None) -> Path:
+TAG = f"cp{sys.version_info.major}{sys.version_info.minor}"  # gpu.sh unpacks builds for it only
+
+
+def fake_wheel(
+    folder: Path, keep_sm: int = 90, fatbin: bytes | None = None, tag: str = TAG
+) -> Path:
     """An onnxruntime-gpu-like wheel whose CUDA provider holds two fatbin blobs (kernels for
     sm_80, sm_{keep_sm}, sm_120 and PTX), with an 8-byte gap between them as the linker leaves;
     or the given fatbin."""
@@ -130,7 +135,7 @@ def fake_wheel(folder: Path, keep_sm: int = 90, fatbin: bytes | None = None) -> 
         "onnxruntime/capi/libonnxruntime_providers_tensorrt.so": b"TensorRT",
         f"{name}.dist-info/METADATA": b"Metadata-Version: 2.1\nName: onnxruntime-gpu\n",
     }
-    wheel = folder / f"{name}-cp312-cp312-manylinux_2_28_x86_64.whl"
+    wheel = folder / f"{name}-{tag}-{tag}-manylinux_2_28_x86_64.whl"
     with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as z:
         for path, data in files.items():
             info = zipfile.ZipInfo(path)
@@ -187,6 +192,14 @@ def test_pack_keeps_only_the_kernels_the_gpu_runs(tmp_path: Path) -> None:
 
     again = gpu_sh("install", env=env)  # a rerun on the warm machine keeps what is there
     assert again.returncode == 0 and "already unpacked" in again.stderr
+
+
+def test_an_archive_for_another_python_is_not_unpacked(tmp_path: Path) -> None:
+    env = ortgpu_env(tmp_path)
+    assert gpu_sh("pack", str(fake_wheel(tmp_path, tag="cp39")), env=env).returncode == 0
+    refused = gpu_sh("install", env=env)
+    assert refused.returncode == 1 and f"not a build for this Python ({TAG})" in refused.stderr
+    assert not (tmp_path / "site").exists()
 
 
 def test_damaged_archive_is_refused(tmp_path: Path) -> None:
