@@ -39,8 +39,9 @@ profile: $(STAMP)
 
 # Recommend's 1M-item graph on ONNX Runtime's CUDA provider against its CPU provider (issue #6):
 # CPU rows only without a GPU. bench/gpu.sh's header: how a device run carries onnxruntime-gpu.
+# ARGS go to bench.gpu, e.g. make bench-gpu ARGS="--items 100000 --batch 256"
 bench-gpu: $(STAMP)
-	PYTHON=$(BIN)/python bash bench/gpu.sh
+	PYTHON=$(BIN)/python bash bench/gpu.sh -- $(ARGS)
 
 # Load a running discountd (plaintext) with bench/loadtest.json, by ghz when it is on PATH, else
 # the built-in generator; e.g. make loadtest ARGS="--call check"
