@@ -307,11 +307,13 @@ def _shared_users(repo: Experiments, started: Experiment) -> list[str]:
     """Notes on the running experiments that may share users with one just started: a user
     both target goes to the one that started first (the server's order)."""
     notes = []
-    earlier = {e.key for e in repo.running_before(started)}
-    for other in repo.running():
+    running = repo.running()
+    position = {e.key: n for n, e in enumerate(running)}
+    for other in running:
         if other.key == started.key:
             continue
-        first, second = (other, started) if other.key in earlier else (started, other)
+        earlier = position[other.key] < position[started.key]
+        first, second = (other, started) if earlier else (started, other)
         if first.target_segment is None or first.target_segment == second.target_segment:
             whom = f"every user of {second.key!r}"
             effect = f"{second.key!r} gets nobody until {first.key!r} pauses or stops"

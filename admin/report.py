@@ -135,7 +135,7 @@ def report(session: Session, key: str, now: datetime) -> dict[str, Any]:
     catalog = _catalog(session)
     costs = catalog.costs if catalog is not None else None
     assumed = catalog.assumed_costs if catalog is not None else frozenset[str]()
-    purchases = assumed_purchases = 0
+    assumed_purchases = 0
     offer_item = select(
         Offer.offer_id,
         Offer.item_id,
@@ -187,7 +187,6 @@ def report(session: Session, key: str, now: datetime) -> dict[str, Any]:
                 u.cost_known = False
             else:
                 u.cost += cost * (quantity or 1)
-            purchases += 1
             assumed_purchases += item_id in assumed
             u.purchases.append(occurred)
             if u.first_purchase is None:
@@ -276,6 +275,7 @@ def report(session: Session, key: str, now: datetime) -> dict[str, Any]:
                 "redemptions naming offers the store does not hold)"
             )
         if assumed_purchases:
+            purchases = sum(len(u.purchases) for u in owner.values())
             warnings.append(
                 f"margin rests on costs the trainer assumed from its --default-margin for "
                 f"{assumed_purchases:,} of {purchases:,} purchases (their offers say "

@@ -19,6 +19,7 @@ from admin.options import (
     yes_option,
 )
 from admin.output import emit, message, output_option, updated
+from core.offers import in_window
 from core.policy import POLICIES
 from core.store.experiments import Experiments
 from core.store.rules import Rules
@@ -302,11 +303,12 @@ PRICING_FIELDS = (
 
 
 def _in_window(fields: dict[str, Any], now: datetime) -> bool:
-    """As the server judges a rule's window (core.offers.RuleDef), on to_dict's ISO times."""
-    start, end = fields["valid_from"], fields["valid_until"]
-    return (start is None or datetime.fromisoformat(start) <= now) and (
-        end is None or now < datetime.fromisoformat(end)
+    """The server's judgement of a rule's window (core.offers.in_window), on to_dict's times."""
+    start, end = (
+        None if fields[f] is None else datetime.fromisoformat(fields[f])
+        for f in ("valid_from", "valid_until")
     )
+    return in_window(start, end, now)
 
 
 def _toggle(enabled: bool) -> Callable[..., None]:

@@ -14,13 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from core.artifact import ArtifactError, current_version_dir
 from trainer.dataset import Catalog, Dataset, Factors, Interactions
 
+Feeds = dict[str, npt.NDArray[Any]]
+
 FACTORS = 64
 CATEGORIES = 20
 PURCHASES_PER_USER = 8
+TOP_K = 10  # what the benchmarks' Recommend asks for
+EXCLUDED = 8  # items each benchmark user excludes
 CACHE = Path("var/bench")
 
 
@@ -61,6 +66,19 @@ def random_shop(n_items: int, n_users: int, seed: int = 0) -> tuple[Dataset, Fac
     )
     dataset = Dataset([user_id(u) for u in range(n_users)], catalog, interactions)
     return dataset, Factors(user, item, bias, foldin)
+
+
+def random_feeds(n_users: int, n_items: int, n_categories: int, batch: int) -> Feeds:
+    """model.onnx's inputs for `batch` random known users, each excluding EXCLUDED random items,
+    every category allowed, top TOP_K (the same for the same arguments)."""
+    rng = np.random.default_rng(batch)
+    return {
+        "user_index": rng.integers(0, n_users, batch).astype(np.int64),
+        "history_items": np.full((batch, 1), -1, dtype=np.int64),
+        "exclude_items": rng.integers(0, n_items, (batch, EXCLUDED)).astype(np.int64),
+        "category_mask": np.ones((batch, n_categories), dtype=np.float32),
+        "k": np.array([TOP_K], dtype=np.int64),
+    }
 
 
 def eager_graph(n_items: int, n_users: int) -> tuple[Any, int]:

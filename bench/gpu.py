@@ -37,16 +37,19 @@ from typing import Any
 
 import click
 import numpy as np
-import numpy.typing as npt
 
-from bench.artifacts import CACHE, cached, eager_graph
+from bench.artifacts import (
+    CACHE,
+    EXCLUDED,
+    TOP_K,
+    Feeds,
+    cached,
+    eager_graph,
+    random_feeds,
+)
 from core.artifact import ArtifactError, current_version_dir
 from server.errors import DeviceUnavailable
 from server.model import CPU, CUDA, OUTPUT_NAMES, ModelVersion, load_version
-
-K = 10
-EXCLUDED = 8
-Feeds = dict[str, npt.NDArray[Any]]
 
 
 @dataclass
@@ -73,18 +76,6 @@ class Report:
     settings: dict[str, Any]
     cuda: dict[str, Any] = field(default_factory=dict)
     rows: list[Row] = field(default_factory=list)
-
-
-def random_feeds(n_users: int, n_items: int, n_categories: int, batch: int) -> Feeds:
-    """The inputs bench.serving's ORT-vs-PyTorch table uses: known users with a few exclusions."""
-    rng = np.random.default_rng(batch)
-    return {
-        "user_index": rng.integers(0, n_users, batch).astype(np.int64),
-        "history_items": np.full((batch, 1), -1, dtype=np.int64),
-        "exclude_items": rng.integers(0, n_items, (batch, EXCLUDED)).astype(np.int64),
-        "category_mask": np.ones((batch, n_categories), dtype=np.float32),
-        "k": np.array([K], dtype=np.int64),
-    }
 
 
 def time_calls(
@@ -131,7 +122,7 @@ def iobinding_call(
             continue
         buffers[name] = ort.OrtValue.ortvalue_from_numpy(array, device, 0)
         binding.bind_ortvalue_input(name, buffers[name])
-    batch, k = len(feeds["user_index"]), min(K, model.manifest.n_items)
+    batch, k = len(feeds["user_index"]), min(TOP_K, model.manifest.n_items)
     out_device = device if outputs_on_device else "cpu"
     for name, dtype in zip(OUTPUT_NAMES, (np.int64, np.float32), strict=True):
         out = ort.OrtValue.ortvalue_from_shape_and_type([batch, k], dtype, out_device, 0)
@@ -355,7 +346,7 @@ def main(
             "items": cpu_model.manifest.n_items,
             "users": cpu_model.manifest.n_users,
             "categories": cpu_model.manifest.n_categories,
-            "k": K,
+            "k": TOP_K,
             "excluded_per_user": EXCLUDED,
         },
         settings={**timing, "threads": threads, "batches": list(batches)},
@@ -409,7 +400,7 @@ def main(
 
     click.echo(
         f"\nRecommend's model.onnx, {items:,} items x {report.model['categories']} categories, "
-        f"top {K}; mean of >= {min_runs} runs (about {seconds:g} s per row) after {warmup} "
+        f"top {TOP_K}; mean of >= {min_runs} runs (about {seconds:g} s per row) after {warmup} "
         f"warm-up calls; {report.host['cpu']}, {report.host['cores']} cores; "
         f"onnxruntime {report.versions['onnxruntime']}; GPU: {report.versions['gpu'] or 'none'}.\n"
     )

@@ -29,7 +29,7 @@ from typing import Any
 import click
 import numpy as np
 
-from bench.artifacts import CACHE, cached, eager_graph
+from bench.artifacts import CACHE, cached, eager_graph, random_feeds
 from bench.doc import write_section
 from server.versions import LARGE_CATALOG
 
@@ -280,16 +280,9 @@ def compare_runtimes(store: Path, n_items: int, n_users: int, repeats: int) -> l
     session = ort.InferenceSession(
         str(current_version_dir(store) / "model.onnx"), options, providers=["CPUExecutionProvider"]
     )
-    rng = np.random.default_rng(1)
     rows = []
     for batch in (1, 32, 256):
-        feeds = {
-            "user_index": rng.integers(0, n_users, batch).astype(np.int64),
-            "history_items": np.full((batch, 1), -1, dtype=np.int64),
-            "exclude_items": rng.integers(0, n_items, (batch, 8)).astype(np.int64),
-            "category_mask": np.ones((batch, n_categories), dtype=np.float32),
-            "k": np.array([10], dtype=np.int64),
-        }
+        feeds = random_feeds(n_users, n_items, n_categories, batch)
         tensors = [torch.from_numpy(a) for a in feeds.values()]
         ort_items, _ = session.run(None, feeds)
         with torch.no_grad():

@@ -89,6 +89,12 @@ class SegmentDef:
         return evaluate(self.condition, features)
 
 
+def in_window(valid_from: datetime | None, valid_until: datetime | None, now: datetime) -> bool:
+    """Whether now lies in a rule's validity window (from inclusive, until exclusive; None:
+    open), as the server judges it; discountctl's notes judge it the same way."""
+    return (valid_from is None or valid_from <= now) and (valid_until is None or now < valid_until)
+
+
 @dataclass(frozen=True)
 class RuleDef:
     id: int
@@ -106,11 +112,11 @@ class RuleDef:
     spent: Decimal = Decimal(0)
 
     def live(self, now: datetime) -> bool:
-        if not self.enabled or self.pricing is None:
-            return False
-        if self.valid_from is not None and now < self.valid_from:
-            return False
-        return self.valid_until is None or now < self.valid_until
+        return (
+            self.enabled
+            and self.pricing is not None
+            and in_window(self.valid_from, self.valid_until, now)
+        )
 
     def covers(self, item: ItemInput) -> bool:
         if self.categories and item.category not in self.categories:

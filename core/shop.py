@@ -26,8 +26,10 @@ class ShopFacts:
     features_as_of: str
 
 
-# The most the store's offer log holds (NUMERIC(12, 2)): an item priced above it would get a
-# token for an offer the log can never store, outside budgets and reports.
+# The most the store's offer log holds (Offer.base_price, NUMERIC(12, 2)): an item priced above
+# it would get a token for an offer the log can never store, outside budgets and reports. Not
+# derived from the column: the model's loader (and bench.gpu on a machine without SQLAlchemy)
+# imports this module, not the store's tables; tests/test_offers_server.py checks the two agree.
 MAX_AMOUNT = 9_999_999_999.99
 
 

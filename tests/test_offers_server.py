@@ -369,3 +369,14 @@ def test_an_assumed_cost_is_reported_and_a_price_the_log_cannot_hold_gets_no_off
     assert "NO_PRICE" in items["00001"]["reason_codes"]
     assert "COST_ASSUMED" not in items["00002"]["reason_codes"]
     assert Decimal(items["00002"]["discount_pct"]) == 10
+
+
+def test_the_largest_price_is_the_largest_the_offer_log_holds() -> None:
+    from decimal import Decimal
+
+    from core.shop import MAX_AMOUNT
+    from core.store.tables import Offer
+
+    column = Offer.__table__.columns["base_price"].type
+    largest = Decimal(10) ** (column.precision - column.scale) - Decimal(10) ** -column.scale
+    assert Decimal(str(MAX_AMOUNT)) == largest

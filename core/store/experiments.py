@@ -26,15 +26,6 @@ TRANSITIONS = {
 }
 
 
-# Running experiments that share users: the first started keeps them, so starting another
-# never moves users out of one that is measuring them.
-RUNNING_ORDER = (Experiment.started_at, Experiment.key)
-
-
-def _order(experiment: Experiment) -> tuple[Any, str]:
-    return (experiment.started_at, experiment.key)
-
-
 @dataclass(frozen=True)
 class VariantSpec:
     name: str
@@ -259,14 +250,17 @@ class Experiments:
         }
 
     def running_before(self, experiment: Experiment) -> list[Experiment]:
-        """Running experiments that started before this one: they keep the users they share
-        with it, as the server orders them (core.store.snapshot)."""
-        return [e for e in self.running() if _order(e) < _order(experiment)]
+        """The running experiments that started before this running one: they keep the users
+        they share with it."""
+        running = self.running()
+        return running[: [e.key for e in running].index(experiment.key)]
 
     def running(self) -> list[Experiment]:
-        """Running experiments in the order the server tries them: the first started first."""
+        """Running experiments in the order the server tries them (core.store.snapshot): the
+        first started first, so starting another never moves users out of one that is
+        measuring them."""
         query = select(Experiment).where(Experiment.status == "running")
-        return list(self.session.scalars(query.order_by(*RUNNING_ORDER)))
+        return list(self.session.scalars(query.order_by(Experiment.started_at, Experiment.key)))
 
     def _in_target(
         self, experiment: Experiment, user_id: str, features: Mapping[str, float | str] | None

@@ -13,10 +13,9 @@ from core.offers import ExperimentDef, RuleDef, SegmentDef, Snapshot, VariantDef
 from core.policy import Guardrails, PolicyError
 from core.policy import Rule as Pricing
 from core.segments import Condition, ConditionError, parse_condition
-from core.store.experiments import RUNNING_ORDER
+from core.store.experiments import Experiments
 from core.store.tables import (
     Event,
-    Experiment,
     ModelVersion,
     Offer,
     Rule,
@@ -112,9 +111,7 @@ def load_snapshot(session: Session, now: datetime) -> Snapshot:
             ),
             e.target_segment.name if e.target_segment is not None else None,
         )
-        for e in session.scalars(
-            select(Experiment).where(Experiment.status == "running").order_by(*RUNNING_ORDER)
-        )
+        for e in Experiments(session).running()
     )
     active = session.scalar(select(ModelVersion.version).where(ModelVersion.status == "active"))
     return Snapshot(segments, tuple(rules.values()), experiments, active, now)
