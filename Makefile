@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA ?=
 
-.PHONY: demo test protos lint bench profile bench-gpu bench-quality bench-discounts bench-purchases loadtest soak clean
+.PHONY: demo test protos lint bench profile bench-gpu bench-quality bench-discounts bench-purchases bench-report loadtest soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -57,6 +57,11 @@ soak: $(STAMP)
 # times and memory into docs/BENCHMARKS.md "Recent purchases"; DISCOUNT_BENCH_PG_URL adds PostgreSQL.
 bench-purchases: $(STAMP)
 	$(BIN)/python -m bench.purchases
+
+# What `discountctl experiments report` costs on 1,000,000 events: wall time and peak RSS into
+# docs/BENCHMARKS.md "Experiment report"; DISCOUNT_BENCH_PG_URL adds PostgreSQL.
+bench-report: $(STAMP)
+	$(BIN)/python -m bench.report
 
 # Popularity, our model, implicit ALS and BPR on Online Retail and MovieLens 100K; rewrites the
 # "Recommendation quality" section of docs/BENCHMARKS.md. Needs ../shared/datasets.

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import Session
 
 from admin import stats
@@ -47,7 +47,7 @@ SRM_ALPHA = 0.001
 FEW_CONVERSIONS = 10
 REPEAT_WINDOW = timedelta(days=30)
 BUYING = ("purchase", "redemption")
-COUNTED = ("impression", "click", *BUYING)  # add_to_cart counts in no figure
+SEEN = ("impression", "click")  # add_to_cart counts in no figure
 STREAM_ROWS = 100_000
 Floats = npt.NDArray[np.float64]
 MAX_POINTS = 400
@@ -126,6 +126,11 @@ def _users(session: Session, key: str) -> dict[str, dict[str, _User]]:
     return users
 
 
+def _in_experiment(key: str) -> ColumnElement[bool]:
+    """The event's user was offered something under the experiment."""
+    return Event.user_id.in_(select(Offer.user_id).where(Offer.experiment_key == key))
+
+
 def report(session: Session, key: str, now: datetime) -> dict[str, Any]:
     experiment = Experiments(session).get(key)
     variants = experiment.variants
@@ -136,6 +141,21 @@ def report(session: Session, key: str, now: datetime) -> dict[str, Any]:
     costs = catalog.costs if catalog is not None else None
     assumed = catalog.assumed_costs if catalog is not None else frozenset[str]()
     assumed_purchases = 0
+    # Impressions and clicks, most of the events, only matter as "any since the first offer":
+    # the store keeps each user's latest of each kind, and only purchases come out one by one.
+    seen = session.execute(
+        select(Event.user_id, Event.type, func.max(Event.occurred_at))
+        .where(_in_experiment(key), Event.type.in_(SEEN))
+        .group_by(Event.user_id, Event.type)
+    )
+    for user_id, kind, latest in seen:
+        u = owner.get(user_id)
+        if u is None or latest < u.first_offer:
+            continue
+        if kind == "impression":
+            u.exposed = True
+        else:
+            u.clicked = True
     offer_item = select(
         Offer.offer_id,
         Offer.item_id,
@@ -158,13 +178,10 @@ def report(session: Session, key: str, now: datetime) -> dict[str, Any]:
             offer_item.c.discount,
         )
         .outerjoin(offer_item, offer_item.c.offer_id == Event.offer_id)
-        .where(
-            Event.user_id.in_(select(Offer.user_id).where(Offer.experiment_key == key)),
-            Event.type.in_(COUNTED),
-        )
+        .where(_in_experiment(key), Event.type.in_(BUYING))
         .order_by(Event.occurred_at),
         # Streamed (a server-side cursor on PostgreSQL): memory follows the users, not the
-        # events, which a long experiment has millions of (docs/BENCHMARKS.md).
+        # purchases, which a long experiment has millions of (docs/BENCHMARKS.md).
         execution_options={"yield_per": STREAM_ROWS},
     )
     for user_id, kind, revenue, quantity, occurred, item_id, holder, of, arm, discount in events:
@@ -176,21 +193,16 @@ def report(session: Session, key: str, now: datetime) -> dict[str, Any]:
         # experiment or variant, would charge an arm for a discount its users were not given.
         if kind == "redemption" and (holder, of, arm) == (user_id, key, u.variant):
             u.discount += float(discount or 0.0) * (quantity or 1)
-        if kind == "impression":
-            u.exposed = True
-        elif kind == "click":
-            u.clicked = True
-        elif kind in BUYING:
-            u.revenue += revenue or 0.0
-            cost = costs.get(item_id) if costs is not None and item_id else None
-            if cost is None:
-                u.cost_known = False
-            else:
-                u.cost += cost * (quantity or 1)
-            assumed_purchases += item_id in assumed
-            u.purchases.append(occurred)
-            if u.first_purchase is None:
-                u.first_purchase = occurred
+        u.revenue += revenue or 0.0
+        cost = costs.get(item_id) if costs is not None and item_id else None
+        if cost is None:
+            u.cost_known = False
+        else:
+            u.cost += cost * (quantity or 1)
+        assumed_purchases += item_id in assumed
+        u.purchases.append(occurred)
+        if u.first_purchase is None:
+            u.first_purchase = occurred
     out: list[dict[str, Any]] = []
     buyers: dict[str, int] = {}
     control: _Arm | None = None
@@ -324,8 +336,7 @@ def conversion_curves(
     # bought before the experiment still converts.
     for user_id, occurred in session.execute(
         select(Event.user_id, Event.occurred_at)
-        .where(Event.type.in_(BUYING))
-        .where(Event.user_id.in_(select(Offer.user_id).where(Offer.experiment_key == key)))
+        .where(_in_experiment(key), Event.type.in_(BUYING))
         .order_by(Event.occurred_at)
     ):
         if user_id in owner and user_id not in bought and occurred >= owner[user_id].first_offer:

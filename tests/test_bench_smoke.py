@@ -19,7 +19,7 @@ from pg import pg_url_if_answering
 from sqlalchemy import create_engine
 from sqlalchemy import text as sql
 
-from bench import load, purchases, serving
+from bench import load, purchases, report, serving
 
 
 def test_bench_writes_its_section_and_keeps_the_others(tmp_path: Path) -> None:
@@ -169,3 +169,21 @@ def test_bench_purchases_writes_its_table(tmp_path: Path) -> None:
         [("PostgreSQL", "2,500")] if postgres else []
     )
     assert all(int(row[2]) > 10 for row in table)  # bytes held per purchase: what was read is kept
+
+
+def test_bench_report_times_a_report_that_counted_every_user(tmp_path: Path) -> None:
+    doc = tmp_path / "BENCHMARKS.md"
+    postgres = pg_url_if_answering()
+    result = CliRunner().invoke(
+        report.main,
+        ["--users", "150", "--offers", "600", "--events", "2000", "--runs", "1",
+         "--doc", str(doc), "--pg-url", postgres],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    table = re.findall(
+        r"^\| (SQLite|PostgreSQL) \| ([\d,]+) \| [\d.]+ \| (\d+) \|$", doc.read_text(), re.M
+    )
+    assert [row[:2] for row in table] == [("SQLite", "2,000")] + (
+        [("PostgreSQL", "2,000")] if postgres else []
+    )
+    assert all(int(row[2]) > 10 for row in table)  # a report process's peak RSS, in MB
