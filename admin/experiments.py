@@ -200,7 +200,8 @@ def start(app: App, key: str, if_version: int | None, output: str) -> None:
     """Start (or resume) an experiment: the server begins assigning users to variants.
 
     Running experiments that share users keep them in the order they first started: one started
-    later never takes users from one that is measuring them. A note names each it shares with.
+    later never takes users from one that is measuring them, but a resumed one takes back the
+    users it shares with those started after it. A note names each it shares with.
 
     \b
     Example:

@@ -98,7 +98,8 @@ def _rule_options(create: bool) -> Callable[[Any], Any]:
             type=int,
             default=0 if create else None,
             show_default=create,
-            help="The highest-priority applicable rule wins.",
+            help="Of the rules that apply to an item, the one with the largest number wins (segments go the "
+            "other way: the lowest is tried first).",
         ),
         click.option("--description", help="Free text for people."),
     ]

@@ -511,6 +511,7 @@ INVALID = [
     (("experiments", "start", "live"), "it can start only from draft or paused"),
     (("experiments", "pause", "ab"), "it can pause only from running"),
     (("experiments", "stop", "ab"), "no terminal; pass --yes"),
+    (("experiments", "stop", "ab", "--yes"), "never ran, so there is nothing to stop; delete"),
     (("experiments", "delete", "live", "--yes"), "is running; only a draft can be deleted"),
     (("experiments", "delete", "ab"), "no terminal; pass --yes"),
     (("experiments", "delete", "live"), "is running; only a draft can be deleted"),
@@ -615,6 +616,7 @@ def test_usage_errors_exit_2(seeded_once: str) -> None:
 
 def test_destructive_commands_work_with_yes(seeded: str) -> None:
     assert ok(seeded, "segments delete vip --yes")["name"] == "vip"
+    ok(seeded, "experiments start ab")
     assert ok(seeded, "experiments stop ab --yes")["status"] == "stopped"
     result = ctl(seeded, "experiments", "start", "ab")
     assert result.exit_code == 1 and "a stopped experiment cannot restart" in result.stderr

@@ -266,6 +266,8 @@ def test_experiment_lifecycle(store: Store) -> None:
         assert stopped.ended_at is not None and stopped.started_at is not None
         with pytest.raises(InvalidInput, match="a stopped experiment cannot restart"):
             e.transition("ab", "start")
+        with pytest.raises(InvalidInput, match="it has ended; there is nothing to pause"):
+            e.transition("ab", "pause")
     with pytest.raises(Conflict, match="variant of experiment"), store.transaction() as s:
         Rules(s, "t").delete("tier")
 

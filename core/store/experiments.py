@@ -22,7 +22,9 @@ from core.store.tables import Experiment, Rule, Segment, Variant, utcnow
 TRANSITIONS = {
     "start": ({"draft", "paused"}, "running"),
     "pause": ({"running"}, "paused"),
-    "stop": ({"draft", "running", "paused"}, "stopped"),
+    # A draft never ran: there is nothing to end, and a stopped one is kept forever as the record
+    # its report reads, so a draft is deleted instead.
+    "stop": ({"running", "paused"}, "stopped"),
 }
 
 
@@ -139,8 +141,12 @@ class Experiments:
         check_version("experiment", key, experiment.version, expected_version)
         allowed, target = TRANSITIONS[command]
         if experiment.status not in allowed:
-            if experiment.status == "stopped":
+            if experiment.status == "stopped" and command == "start":
                 hint = "a stopped experiment cannot restart; create a new one"
+            elif experiment.status == "stopped":
+                hint = f"it has ended; there is nothing to {command}"
+            elif command == "stop":
+                hint = "it never ran, so there is nothing to stop; delete the draft instead"
             else:
                 hint = f"it can {command} only from {' or '.join(sorted(allowed))}"
             raise InvalidInput(f"experiment {key!r} is {experiment.status}; {hint}")
