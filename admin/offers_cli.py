@@ -176,9 +176,12 @@ def simulate_command(
     try:
         version = _model_dir(app, model_dir)
         model = load_version(version, "cpu", facts=True)
-        respond = ResponseModel.load(Path(response_model_dir)) if response_model_dir else None
     except ArtifactError as e:
         raise InvalidInput(f"cannot load the model: {e}") from None
+    try:
+        respond = ResponseModel.load(Path(response_model_dir)) if response_model_dir else None
+    except ArtifactError as e:
+        raise InvalidInput(f"cannot load the response model: {e}") from None
     now = datetime.now(UTC)
     with app.transaction() as session:
         snapshot = load_snapshot(session, now)

@@ -21,6 +21,7 @@ from admin.options import (
 from admin.output import emit, message, output_option, updated
 from core.offers import in_window
 from core.policy import POLICIES
+from core.store.errors import InvalidInput
 from core.store.experiments import Experiments
 from core.store.rules import Rules
 from core.store.tables import Rule
@@ -98,8 +99,8 @@ def _rule_options(create: bool) -> Callable[[Any], Any]:
             type=int,
             default=0 if create else None,
             show_default=create,
-            help="Of the rules that apply to an item, the one with the largest number wins (segments go the "
-            "other way: the lowest is tried first).",
+            help="Of the rules that apply to an item, the one with the largest number wins "
+            "(segments go the other way: the lowest is tried first).",
         ),
         click.option("--description", help="Free text for people."),
     ]
@@ -164,6 +165,7 @@ def create(app: App, /, name: str, disabled: bool, output: str, **kw: Any) -> No
         )
         data = rule.to_dict()
     message(f"created rule {name!r}")
+    _note_if_ended(data)
     emit(data, output)
 
 
@@ -237,7 +239,14 @@ def update(
         repo = Rules(session, app.actor)
         current = repo.get(name)
         before = current.to_dict()
-        if kw["param_pairs"] and fields.get("policy", current.policy) == current.policy:
+        new_policy = fields.get("policy", current.policy) != current.policy
+        if new_policy and "params" not in fields:
+            raise InvalidInput(
+                f"--policy {fields['policy']} needs its own parameters, passed with --param K=V "
+                f"(repeat) or --params JSON: the rule's ({', '.join(sorted(current.params))}) "
+                f"are {current.policy}'s"
+            )
+        if kw["param_pairs"] and not new_policy:
             # --param changes one parameter of the same policy; --params replaces them all.
             fields["params"] = {**current.params, **fields["params"]}
         rule = repo.update(name, if_version, new_name, **fields)
@@ -246,6 +255,7 @@ def update(
     updated("rule", data["name"], before["version"], data["version"])
     for note in notes:
         message(note)
+    _note_if_ended(data)
     emit(data, output)
 
 
@@ -278,6 +288,11 @@ def _measured_notes(session: Session, before: dict[str, Any], rule: Rule) -> lis
                 "users get the new discounts, so the experiment's results mix the old rule and "
                 "the new one"
             )
+        elif after["valid_from"] is None and after["valid_until"] is None:
+            note += (
+                f"{rule.name!r}, whose validity window is now gone: the variant's users get its "
+                "discounts at any time the experiment runs"
+            )
         else:
             start, end = after["valid_from"] or "any time", after["valid_until"] or "no end"
             note += (
@@ -301,6 +316,17 @@ PRICING_FIELDS = (
     "min_margin_pct",
     "budget",
 )
+
+
+def _note_if_ended(rule: dict[str, Any]) -> None:
+    """A rule whose window has already closed prices nothing; say so now rather than leave it to
+    `experiments start` or a quiet storefront."""
+    end = rule["valid_until"]
+    if end is not None and datetime.fromisoformat(end) <= datetime.now(UTC):
+        message(
+            f"note: rule {rule['name']!r} ended at {end} (--valid-until): it prices nothing until "
+            "its window is moved"
+        )
 
 
 def _in_window(fields: dict[str, Any], now: datetime) -> bool:

@@ -207,8 +207,8 @@ async def serve(settings: Settings) -> int:
         log.warning("client auth is off (--auth off): anyone who reaches the port may call")
     elif server.clients.count == 0:
         log.warning(
-            "client auth is required and no client exists yet: every call is refused until an "
-            "admin runs `discountctl clients create NAME`"
+            "client auth is required and no active client exists (none created yet, or every one "
+            "revoked): every call is refused until an admin runs `discountctl clients create NAME`"
         )
     # Handlers first: a signal during the model load must not kill the process mid-way.
     loop = asyncio.get_running_loop()

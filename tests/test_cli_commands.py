@@ -762,6 +762,11 @@ def test_changes_to_a_rule_a_running_experiment_measures_are_noted(seeded: str) 
     ) in restart.stderr
     ok(seeded, "rules update measured --clear valid_until")
     ok(seeded, "experiments start m")
+    ok(seeded, "rules update measured --valid-until 2999-01-01")
+    unbounded = ctl(seeded, "rules", "update", "measured", "--clear", "valid_until")
+    assert (
+        "whose validity window is now gone: the variant's users get its discounts at any time"
+    ) in unbounded.stderr
     disabled = ctl(seeded, "rules", "disable", "measured")
     assert disabled.exit_code == 0
     notes = [line for line in disabled.stderr.splitlines() if line.startswith("note:")]
@@ -770,6 +775,30 @@ def test_changes_to_a_rule_a_running_experiment_measures_are_noted(seeded: str) 
     assert "VARIANT_RULE_NOT_APPLICABLE" in notes[0]
     assert "`discountctl experiments pause m`" in notes[0]
     assert ok(seeded, "rules show measured")["enabled"] is False
+
+
+def test_a_rule_created_or_moved_past_its_window_says_it_prices_nothing(seeded: str) -> None:
+    old = ctl(seeded, "rules", "create", "old", "--policy", "threshold", "--param", "t=0.5",
+              "--param", "d=10", "--valid-until", "2020-01-01")  # fmt: skip
+    assert old.exit_code == 0
+    ended = "note: rule 'old' ended at 2020-01-01T00:00:00+00:00 (--valid-until): it prices nothing"
+    assert ended in old.stderr
+    assert ended not in ctl(seeded, "rules", "update", "old", "--clear", "valid_until").stderr
+    moved = ctl(seeded, "rules", "update", "old", "--valid-until", "2020-01-01")
+    assert ended in moved.stderr
+
+
+def test_a_new_policy_takes_new_parameters_not_the_old_ones(seeded: str) -> None:
+    ok(seeded, "rules create swap --policy threshold --param t=0.5 --param d=10")
+    bare = ctl(seeded, "rules", "update", "swap", "--policy", "tiered_topk")
+    assert bare.exit_code == 1
+    assert (
+        "--policy tiered_topk needs its own parameters, passed with --param K=V (repeat) or "
+        "--params JSON: the rule's (d, t) are threshold's"
+    ) in bare.stderr
+    swapped = ok(seeded, "rules update swap --policy tiered_topk --param k1=1 --param d1=10 "
+                 "--param d2=0")  # fmt: skip
+    assert (swapped["policy"], swapped["params"]) == ("tiered_topk", {"k1": 1, "d1": 10, "d2": 0})
 
 
 def test_an_update_that_changes_nothing_says_so(seeded: str) -> None:

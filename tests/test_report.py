@@ -183,6 +183,8 @@ def test_report_plot_that_cannot_be_written_is_one_line(db_url: str, tmp_path: P
           "{model}"), "order_count must be a number"),
         (("rules", "simulate", "--user", "u1", "--model-dir", "/nonexistent"),
          "cannot load the model"),
+        (("rules", "simulate", "--user", "u1", "--model-dir", "{model}", "--response-model-dir",
+          "/nonexistent"), "cannot load the response model"),
     ],
 )  # fmt: skip
 def test_offer_commands_refuse_bad_input_in_one_line(
