@@ -6,13 +6,17 @@ import csv
 from typing import IO, Any
 
 import click
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from admin.app import App
 from admin.options import confirm, if_version_option, parse_json, yes_option
 from admin.output import emit, message, output_option, updated
 from core.segments import ConditionError, parse_expression, to_json
 from core.store.errors import InvalidInput
+from core.store.experiments import Experiments
 from core.store.segments import Segments
+from core.store.tables import Rule, Segment
 
 COLUMNS = ("name", "kind", "priority", "condition", "member_count", "version")
 
@@ -161,12 +165,16 @@ def update(
     """
     with app.transaction() as session:
         repo = Segments(session, app.actor)
-        version = repo.get(name).version
+        before = repo.get(name)
+        version, old_condition = before.version, before.condition
         segment = repo.update(
             name, if_version, new_name, description, _condition(condition, where), priority
         )
         data = repo.as_dict(segment)
+        notes = _measured_notes(session, segment) if segment.condition != old_condition else []
     updated("segment", data["name"], version, data["version"])
+    for note in notes:
+        message(note)
     emit(data, output)
 
 
@@ -210,14 +218,45 @@ def import_members(app: App, name: str, file: IO[str], replace: bool, output: st
     user_ids = _read_ids(file)
     with app.transaction() as session:
         repo = Segments(session, app.actor)
-        version = repo.get(name).version
+        before = repo.as_dict(repo.get(name))
         segment, added = repo.import_members(name, user_ids, replace)
         data = {**repo.as_dict(segment), "added": added}
-    if data["version"] == version:
+        changed = data["version"] != before["version"]
+        notes = _measured_notes(session, segment) if changed else []
+    if not changed:
         message(f"segment {name!r} unchanged: {data['member_count']} member(s)")
     else:
-        message(f"segment {name!r}: {added} new member(s), {data['member_count']} in all")
+        removed = before["member_count"] + added - data["member_count"]
+        message(
+            f"segment {name!r}: {added} new member(s)"
+            + (f", {removed} removed" if replace else "")
+            + f", {data['member_count']} in all"
+        )
+    for note in notes:
+        message(note)
     emit(data, output)
+
+
+def _measured_notes(session: Session, segment: Segment) -> list[str]:
+    """A note per running experiment whose users a change of who is in the segment moves: the
+    change is allowed (a segment is the shop's to keep current), but the experiment measures a
+    different population from now on."""
+    experiments = Experiments(session)
+    notes = [
+        f"note: segment {segment.name!r} is the target of running experiment {e.key!r}: who "
+        "takes part changes from now on, so its results mix the old population and the new"
+        for e in experiments.running()
+        if e.target_segment_id == segment.id
+    ]
+    rules = session.scalars(select(Rule).where(Rule.segment_id == segment.id).order_by(Rule.name))
+    for rule in rules:
+        for key, variant in experiments.running_variants_of(rule):
+            notes.append(
+                f"note: segment {segment.name!r} scopes rule {rule.name!r}, which prices variant "
+                f"{variant!r} of running experiment {key!r}: which of the variant's users get "
+                "its discounts changes from now on"
+            )
+    return notes
 
 
 # A first line holding one of these is a CSV header, whose columns they separate.

@@ -777,6 +777,37 @@ def test_changes_to_a_rule_a_running_experiment_measures_are_noted(seeded: str) 
     assert ok(seeded, "rules show measured")["enabled"] is False
 
 
+def test_changes_to_who_is_in_a_segment_a_running_experiment_uses_are_noted(seeded: str) -> None:
+    """Allowed (the shop keeps its segments current), but the experiment's population or its
+    rule's reach changes mid-flight, so the admin hears which experiments it touches."""
+    ok(seeded, "segments import-members vip -", input="1\n2\n3\n")
+    ok(seeded, "rules create vip-rule --segment vip --policy threshold --param t=0 --param d=5")
+    ok(
+        seeded,
+        "experiments create vip-ab --target-segment vip --variant a:50 --variant b:50:vip-rule",
+    )
+    ok(seeded, "experiments create scoped --variant c:50 --variant t:50:tier")
+    ok(seeded, "experiments start vip-ab")
+    ok(seeded, "experiments start scoped")
+    emptied = ctl(seeded, "segments", "import-members", "vip", "-", "--replace", input="")
+    assert emptied.exit_code == 0
+    notes = [line for line in emptied.stderr.splitlines() if line.startswith("note:")]
+    assert "segment 'vip': 0 new member(s), 3 removed, 0 in all" in emptied.stderr
+    assert notes == [
+        "note: segment 'vip' is the target of running experiment 'vip-ab': who takes part "
+        "changes from now on, so its results mix the old population and the new",
+        "note: segment 'vip' scopes rule 'vip-rule', which prices variant 'b' of running "
+        "experiment 'vip-ab': which of the variant's users get its discounts changes from now on",
+    ]
+    renamed = ctl(seeded, "segments", "update", "new-customers", "--description", "x")
+    assert renamed.exit_code == 0 and "note:" not in renamed.stderr
+    redefined = ctl(seeded, "segments", "update", "new-customers", "--where", "order_count > 1")
+    assert (
+        "note: segment 'new-customers' scopes rule 'tier', which prices variant 't' of running "
+        "experiment 'scoped'"
+    ) in redefined.stderr
+
+
 def test_a_rule_created_or_moved_past_its_window_says_it_prices_nothing(seeded: str) -> None:
     old = ctl(seeded, "rules", "create", "old", "--policy", "threshold", "--param", "t=0.5",
               "--param", "d=10", "--valid-until", "2020-01-01")  # fmt: skip
