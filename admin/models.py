@@ -9,7 +9,7 @@ import click
 from admin.app import App
 from admin.options import confirm, yes_option
 from admin.output import emit, message, output_option
-from core.artifact import set_current
+from core.artifact import CURRENT, set_current
 from core.store.model_versions import ModelVersions
 
 COLUMNS = ("version", "status", "registered_at", "activated_at", "metrics", "path")
@@ -49,7 +49,11 @@ def list_(app: App, output: str) -> None:
       discountctl models list
     """
     with app.transaction() as session:
-        data = [m.to_dict() for m in ModelVersions(session).list_all()]
+        versions = ModelVersions(session)
+        data = [m.to_dict() for m in versions.list_all()]
+        active = versions.active()
+    if active is not None:
+        warn_if_served_elsewhere(active.path)
     emit(data, output, COLUMNS)
 
 
@@ -87,12 +91,32 @@ def rollback(app: App, yes: bool, output: str) -> None:
     with app.transaction() as session:
         active = ModelVersions(session).active()
     if active is not None:
+        warn_if_served_elsewhere(active.path)
         confirm(f"Roll back from model version {active.version!r}?", yes)
     with app.transaction() as session:
         data = ModelVersions(session, app.actor).rollback().to_dict()
     _serve(data["path"])
     message(f"rolled back; model version {data['version']!r} is active")
     emit(data, output)
+
+
+def warn_if_served_elsewhere(path: str) -> None:
+    """Say so when the model store's CURRENT names another version than the registry's active
+    one at path: discountd serves what CURRENT names, and `discount-train fit` moves it."""
+    version_dir = Path(path)
+    pointer = version_dir.parent / CURRENT
+    try:
+        named = pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return
+    if named != version_dir.name:
+        message(
+            f"warning: {pointer} names {named!r}, not the registry's active version "
+            f"{version_dir.name!r}, and discountd serves what it names (`discount-train fit` "
+            f"makes a version CURRENT unless given --no-current); `discountctl models register "
+            f"{version_dir.parent / named}` and `discountctl models promote {named}` bring the "
+            "registry in line"
+        )
 
 
 def _serve(path: str) -> None:

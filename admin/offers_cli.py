@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from admin.app import App
+from admin.models import warn_if_served_elsewhere
 from admin.options import parse_pairs
 from admin.output import emit, message, output_option
 from admin.report import plot, report
@@ -120,6 +121,7 @@ def _model_dir(app: App, explicit: str | None) -> Path:
             "no active model version in the store; pass --model-dir or "
             "`discountctl models promote VERSION`"
         )
+    warn_if_served_elsewhere(active.path)
     return Path(active.path)
 
 

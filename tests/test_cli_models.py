@@ -112,6 +112,28 @@ def test_register_promote_rollback(db_url: str, tmp_path: Path) -> None:
     assert actions[:3] == ["rollback", "promote", "rollback"] and actions.count("register") == 3
 
 
+def test_a_current_the_registry_did_not_set_is_pointed_out(db_url: str, tmp_path: Path) -> None:
+    """`discount-train fit` points CURRENT at what it trains: discountd serves that, while the
+    registry still names the version it last promoted."""
+    run(db_url, "register", str(_version(tmp_path, "v1")))
+    run(db_url, "promote", "v1")
+    assert "warning" not in ctl(db_url, "models", "list").stderr
+    _version(tmp_path, "v2")
+    (tmp_path / "CURRENT").write_text("v2\n")  # as fit writes it
+    warning = (
+        f"warning: {tmp_path / 'CURRENT'} names 'v2', not the registry's active version 'v1', "
+        "and discountd serves what it names"
+    )
+    assert warning in ctl(db_url, "models", "list").stderr
+    simulated = ctl(db_url, "rules", "simulate", "--user", "u1")
+    assert warning in simulated.stderr  # it prices with the registry's version, not the served
+    refused = ctl(db_url, "models", "rollback", "--yes")
+    assert warning in refused.stderr and "nothing to roll back to" in refused.stderr
+    run(db_url, "register", str(tmp_path / "v2"))
+    run(db_url, "promote", "v2")
+    assert "warning" not in ctl(db_url, "models", "list").stderr
+
+
 def test_rollback_asks_first(db_url: str, tmp_path: Path) -> None:
     run(db_url, "register", str(_version(tmp_path, "v1")))
     run(db_url, "promote", "v1")

@@ -102,6 +102,16 @@ def test_a_version_that_loses_to_popularity_does_not_replace_the_serving_one(
     assert Path(str(worse["version_dir"])).is_dir()  # written and sealed, to promote by hand
 
 
+def test_no_current_leaves_the_release_to_the_registry(tasteful: Path, tmp_path: Path) -> None:
+    staged, log = fit(tasteful, tmp_path / "models", "--no-current")
+    version = Path(str(staged["version_dir"]))
+    assert staged["current"] is False and load_manifest(version).version == version.name
+    assert not (tmp_path / "models" / CURRENT).exists()  # not even a store's first version
+    assert (
+        f"CURRENT left alone (--no-current); to serve it: `discountctl models register {version}`"
+    ) in log
+
+
 def _one_purchase_per_shopper(shop: Path) -> Path:
     """Nobody has history before the validation period: fit trains blind."""
     shop.mkdir()

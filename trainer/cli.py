@@ -134,6 +134,14 @@ def synth(out: Path, users: int, items: int, seed: int) -> None:
     help="margin assumed for items without a cost; discountd prices against it and marks "
     "those offers COST_ASSUMED",
 )
+@click.option(
+    "--current/--no-current",
+    default=True,
+    show_default=True,
+    help="make the version CURRENT (served at once) when it beats popularity; --no-current "
+    "leaves that to `discountctl models register` and `promote`, for a shop that releases "
+    "through the registry",
+)
 def fit(
     format_name: str,
     interactions: Path | None,
@@ -147,6 +155,7 @@ def fit(
     confidence_offset: tuple[float, ...],
     seed: int,
     default_margin: float,
+    current: bool,
 ) -> None:
     """Fit, evaluate on a time hold-out, and write a new model version into OUT.
 
@@ -191,7 +200,7 @@ def fit(
     for line in loaded.summary_lines():
         _err(line)
     try:
-        outcome = run_fit(loaded, protocol_for(format_name), candidates, out, _err)
+        outcome = run_fit(loaded, protocol_for(format_name), candidates, out, _err, current)
     except OSError as e:
         raise click.ClickException(f"{out}: cannot write the model ({e.strerror or e})") from None
     except ExportError as e:

@@ -77,7 +77,10 @@ def fit(
     candidates: list[ModelConfig],
     out: Path,
     log: Callable[[str], None] | None = None,
+    release: bool = True,
 ) -> FitOutcome:
+    """Choose, measure and write a version into the model store out; with release, make it
+    CURRENT where it may take over (below), else leave CURRENT to `discountctl models`."""
     say = log if log is not None else (lambda line: print(line, file=sys.stderr))
     dataset = loaded.dataset
     hold = protocol.split(dataset)
@@ -140,7 +143,7 @@ def fit(
     # from one already serving: discountd follows CURRENT, so it would deploy within seconds.
     serving = _serving(out)
     validated = "loses_to_popularity" in metrics
-    make_current = serving is None or (validated and not loses)
+    make_current = release and (serving is None or (validated and not loses))
     version_dir = write_artifact(
         out,
         dataset,
@@ -160,7 +163,12 @@ def fit(
         data=_data_summary(loaded, reference),
         make_current=make_current,
     )
-    if not make_current:
+    if not release:
+        say(
+            f"CURRENT left alone (--no-current); to serve it: `discountctl models register "
+            f"{version_dir}` and `discountctl models promote {version_dir.name}`"
+        )
+    elif not make_current:
         why = (
             "it loses to popularity"
             if loses
