@@ -70,8 +70,11 @@ def promote(app: App, version: str, output: str) -> None:
       discountctl models promote 20261128-172400-ab12cd
     """
     with app.transaction() as session:
-        data = ModelVersions(session, app.actor).promote(version).to_dict()
-    _serve(data["path"])
+        versions = ModelVersions(session, app.actor)
+        previous = versions.active()
+        left = previous.path if previous is not None else None
+        data = versions.promote(version).to_dict()
+    _serve(data["path"], left)
     message(f"model version {version!r} is active")
     emit(data, output)
 
@@ -95,7 +98,7 @@ def rollback(app: App, yes: bool, output: str) -> None:
         confirm(f"Roll back from model version {active.version!r}?", yes)
     with app.transaction() as session:
         data = ModelVersions(session, app.actor).rollback().to_dict()
-    _serve(data["path"])
+    _serve(data["path"], active.path if active is not None else None)
     message(f"rolled back; model version {data['version']!r} is active")
     emit(data, output)
 
@@ -105,11 +108,8 @@ def warn_if_served_elsewhere(path: str) -> None:
     one at path: discountd serves what CURRENT names, and `discount-train fit` moves it."""
     version_dir = Path(path)
     pointer = version_dir.parent / CURRENT
-    try:
-        named = pointer.read_text().strip()
-    except (OSError, UnicodeDecodeError):
-        return
-    if named != version_dir.name:
+    named = _named(version_dir.parent)
+    if named is not None and named != version_dir.name:
         message(
             f"warning: {pointer} names {named!r}, not the registry's active version "
             f"{version_dir.name!r}, and discountd serves what it names (`discount-train fit` "
@@ -119,8 +119,9 @@ def warn_if_served_elsewhere(path: str) -> None:
         )
 
 
-def _serve(path: str) -> None:
-    """Point the model store's CURRENT at the version folder: discountd follows CURRENT.
+def _serve(path: str, left: str | None) -> None:
+    """Point the model store's CURRENT at the version folder: discountd follows CURRENT. left is
+    the version that was active: a CURRENT in another model store keeps naming it.
 
     Done after the registry commits, so a refused change never moves what servers load.
     """
@@ -133,3 +134,18 @@ def _serve(path: str) -> None:
             f"{version_dir.parent}/CURRENT could not be written ({e.strerror}); "
             "fix the permissions and promote it again"
         ) from None
+    old = Path(left) if left is not None else version_dir
+    if old.parent != version_dir.parent and _named(old.parent) == old.name:
+        message(
+            f"note: {old.parent / CURRENT} still names {old.name!r}, which servers started with "
+            f"--model-dir {old.parent} keep serving: CURRENT names a folder beside it, so keep "
+            "the versions you promote in one model store"
+        )
+
+
+def _named(store: Path) -> str | None:
+    """The version the model store's CURRENT names, if it can be read."""
+    try:
+        return (store / CURRENT).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None

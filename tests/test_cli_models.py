@@ -134,6 +134,23 @@ def test_a_current_the_registry_did_not_set_is_pointed_out(db_url: str, tmp_path
     assert "warning" not in ctl(db_url, "models", "list").stderr
 
 
+def test_a_model_store_left_behind_is_named(db_url: str, tmp_path: Path) -> None:
+    """CURRENT can name only a folder beside it: promoting a version of another model store
+    leaves the old store's servers where they were, and the admin hears it."""
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    run(db_url, "register", str(_version(tmp_path / "a", "v1")))
+    run(db_url, "register", str(_version(tmp_path / "b", "v2")))
+    assert "note" not in ctl(db_url, "models", "promote", "v1").stderr
+    promoted = ctl(db_url, "models", "promote", "v2")
+    assert (
+        f"note: {tmp_path / 'a' / 'CURRENT'} still names 'v1', which servers started with "
+        f"--model-dir {tmp_path / 'a'} keep serving"
+    ) in promoted.stderr
+    back = ctl(db_url, "models", "rollback", "--yes")
+    assert f"note: {tmp_path / 'b' / 'CURRENT'} still names 'v2'" in back.stderr
+    assert (tmp_path / "a" / "CURRENT").read_text().strip() == "v1"
+
+
 def test_rollback_asks_first(db_url: str, tmp_path: Path) -> None:
     run(db_url, "register", str(_version(tmp_path, "v1")))
     run(db_url, "promote", "v1")
