@@ -92,6 +92,11 @@ def test_a_value_given_twice_is_one_candidate() -> None:
         (["--regularization", "0"], "'--regularization': 0.0 is not in the range x>0"),
         (["--format", "online-retail"], "--items is for --format files"),
         (["--alpha", "0", "--confidence-offset", "0"], "gives every purchase zero confidence"),
+        # nan passes every bound of a plain FloatRange, and a nan setting trains a model of nans.
+        (["--alpha", "nan"], "'--alpha': 'nan' is not a finite number"),
+        (["--regularization", "inf"], "'--regularization': 'inf' is not a finite number"),
+        (["--default-margin", "nan"], "'--default-margin': 'nan' is not a finite number"),
+        (["--seed", "-1"], "'--seed': -1 is not in the range 0<=x<=4294967295"),
     ],
 )
 def test_nonsense_options_are_usage_errors(
@@ -101,6 +106,33 @@ def test_nonsense_options_are_usage_errors(
     assert result.exit_code == 2
     assert message in result.output
     assert not (tmp_path / "m").exists()
+
+
+def test_a_diverged_training_writes_nothing(shop: list[str], tmp_path: Path) -> None:
+    result = fit(shop, tmp_path / "m", "--factors", "4", "--epochs", "2", "--alpha", "1e30")
+    assert result.exit_code == 1
+    assert result.output.splitlines()[-1].startswith(
+        "Error: training diverged: the factors are not finite (ials, regularization"
+    )
+    assert not list((tmp_path / "m").iterdir())  # no version, no CURRENT
+
+
+@pytest.mark.parametrize(
+    ("command", "message"),
+    [
+        (["simulate", "--out", "x", "--seed", "-1"], "'--seed': -1 is not in the range"),
+        (["uplift", "--seed", "4294967296"], "'--seed': 4294967296 is not in the range"),
+        (["uplift", "--learning-rate", "1e300"], "'--learning-rate': 1e+300 is not in the range"),
+        (["replay", "--target", "x:1", "--wait", "nan"], "'--wait': 'nan' is not a finite number"),
+        (["replay", "--target", "x:1", "--wait", "-5"], "'--wait': -5.0 is not in the range"),
+    ],
+)
+def test_other_commands_refuse_nonsense_numbers_before_any_work(
+    command: list[str], message: str
+) -> None:
+    result = CliRunner().invoke(main, command)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
 
 
 def test_an_unwritable_out_fails_before_reading_or_training(

@@ -27,10 +27,12 @@ from trainer.fit import (
     BPR_REGULARIZATION_GRID,
     OFFSET_GRID,
     REGULARIZATION_GRID,
+    Diverged,
     grid,
 )
 from trainer.fit import fit as run_fit
 from trainer.model import OBJECTIVES, ModelConfig
+from trainer.options import SEED, FiniteFloat
 from trainer.replay import replay_command
 from trainer.synth import SynthConfig, make_shop, write_shop
 
@@ -50,7 +52,7 @@ def main() -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--users", type=click.IntRange(min=1), default=SynthConfig.users, show_default=True)
 @click.option("--items", type=click.IntRange(min=8), default=SynthConfig.items, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 def synth(out: Path, users: int, items: int, seed: int) -> None:
     """Write a synthetic shop (interactions.csv, items.csv) drawn from a known taste model.
 
@@ -103,7 +105,7 @@ def synth(out: Path, users: int, items: int, seed: int) -> None:
 @click.option(
     "--regularization",
     # λ = 0 leaves the fold-in matrix (YᵀY + λI)⁻¹ singular once factors outnumber items.
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteFloat(min=0, min_open=True),
     multiple=True,
     show_default=f"{', '.join(map(str, REGULARIZATION_GRID))}; with bpr "
     f"{', '.join(map(str, BPR_REGULARIZATION_GRID))}",
@@ -111,7 +113,7 @@ def synth(out: Path, users: int, items: int, seed: int) -> None:
 )
 @click.option(
     "--alpha",
-    type=click.FloatRange(min=0),
+    type=FiniteFloat(min=0),
     multiple=True,
     default=ALPHA_GRID,
     show_default=True,
@@ -119,16 +121,16 @@ def synth(out: Path, users: int, items: int, seed: int) -> None:
 )
 @click.option(
     "--confidence-offset",
-    type=click.FloatRange(min=0),
+    type=FiniteFloat(min=0),
     multiple=True,
     default=OFFSET_GRID,
     show_default=True,
     help="c₀ in the iALS confidence c₀ + α·log(1 + w); repeat to try several",
 )
-@click.option("--seed", type=int, default=ModelConfig.seed, show_default=True)
+@click.option("--seed", type=SEED, default=ModelConfig.seed, show_default=True)
 @click.option(
     "--default-margin",
-    type=click.FloatRange(0, 1, max_open=True),
+    type=FiniteFloat(0, 1, max_open=True),
     default=DEFAULT_MARGIN,
     show_default=True,
     help="margin assumed for items without a cost; discountd prices against it and marks "
@@ -207,6 +209,11 @@ def fit(
         raise click.ClickException(
             f"the trained model failed its export check ({e}); nothing was written. "
             "A larger --regularization or fewer --factors usually fixes this."
+        ) from None
+    except Diverged as e:
+        raise click.ClickException(
+            f"{e}; nothing was written. A smaller --alpha or a larger --regularization usually "
+            "fixes this."
         ) from None
     _err(f"epochs: {outcome.epochs}")
     for name, value in outcome.metrics.items():

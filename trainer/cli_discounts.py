@@ -21,6 +21,7 @@ from trainer.market import (
     simulate,
     write_logs,
 )
+from trainer.options import SEED, FiniteFloat
 from trainer.response import ResponseConfig, ResponseError, fit, from_logs, save
 
 
@@ -62,7 +63,7 @@ def _read(path: Path, what: str) -> pd.DataFrame:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--users", type=click.IntRange(min=1), default=5_000, show_default=True)
 @click.option("--visits", type=click.IntRange(min=1), default=3, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 def simulate_command(out: Path, users: int, visits: int, seed: int) -> None:
     """Log a randomized discount experiment in the market simulator: offers.csv (discount and
     its propensity per offer) and events.csv (impressions, purchases, redemptions, in the
@@ -105,7 +106,7 @@ def simulate_command(out: Path, users: int, visits: int, seed: int) -> None:
 @click.option(
     "--hidden", type=click.IntRange(min=1), default=ResponseConfig.hidden, show_default=True
 )
-@click.option("--seed", type=int, default=ResponseConfig.seed, show_default=True)
+@click.option("--seed", type=SEED, default=ResponseConfig.seed, show_default=True)
 def response_command(
     offers_path: Path, events_path: Path, out: Path, epochs: int, hidden: int, seed: int
 ) -> None:
@@ -231,7 +232,7 @@ def evaluate_policy_command(
 @click.option(
     "--seed",
     "seeds",
-    type=int,
+    type=SEED,
     multiple=True,
     default=(0,),
     show_default=True,
@@ -249,7 +250,7 @@ def evaluate_policy_command(
 )
 @click.option(
     "--learning-rate",
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteFloat(min=0, max=1, min_open=True),
     default=uplift.UpliftConfig.learning_rate,
     show_default=True,
     help="peak of the one-cycle schedule",

@@ -37,6 +37,7 @@ from core.store.events import EVENT_ID_REUSED
 from discount.v1 import discount_pb2 as pb
 from discount.v1 import discount_pb2_grpc as pb_grpc
 from trainer.market import Market, MarketConfig, make_market
+from trainer.options import SEED, FiniteFloat
 
 if TYPE_CHECKING:
     from discount.v1.discount_pb2_grpc import DiscountServiceAsyncStub
@@ -394,12 +395,12 @@ def _table(result: ReplayResult) -> list[str]:
     help="Interactions file (CSV or .parquet, column user_id) or model store: the shop's users.",
 )
 @click.option("--shoppers", type=click.IntRange(min=1), default=1000, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same shoppers.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Same seed, same shoppers.")
 @click.option("--offers-per-shopper", type=click.IntRange(1, 1000), default=5, show_default=True)
 @click.option("--concurrency", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option(
     "--new-visitors",
-    type=click.FloatRange(0, 1),
+    type=FiniteFloat(0, 1),
     default=0.1,
     show_default=True,
     help="Share of shoppers that are brand-new visitor ids.",
@@ -414,7 +415,8 @@ def _table(result: ReplayResult) -> list[str]:
 @click.option(
     "--token",
     envvar="DISCOUNT_CLIENT_TOKEN",
-    help="Client token (discountctl clients create) when discountd runs with --auth required.",
+    help="Client token (discountctl clients create) when discountd runs with --auth required "
+    "(env DISCOUNT_CLIENT_TOKEN).",
 )
 @click.option(
     "--tls-ca",
@@ -422,7 +424,11 @@ def _table(result: ReplayResult) -> list[str]:
     help="PEM CA that signed discountd's certificate; without it the channel is plaintext.",
 )
 @click.option(
-    "--wait", type=float, default=30.0, show_default=True, help="Seconds to wait for SERVING."
+    "--wait",
+    type=FiniteFloat(min=0),
+    default=30.0,
+    show_default=True,
+    help="Seconds to wait for SERVING.",
 )
 def replay_command(
     target: str,
