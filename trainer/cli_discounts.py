@@ -13,6 +13,7 @@ import pandas as pd
 
 from core.artifact import ArtifactError
 from trainer import policy_eval, uplift
+from trainer.files import replace_text
 from trainer.market import (
     MarketConfig,
     make_market,
@@ -23,6 +24,8 @@ from trainer.market import (
 )
 from trainer.options import SEED, FiniteFloat
 from trainer.response import ResponseConfig, ResponseError, fit, from_logs, save
+
+PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 
 
 def _err(line: str) -> None:
@@ -176,7 +179,7 @@ def response_command(
 @click.option(
     "--plot",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="write margin vs discount spend per policy to this PNG",
+    help="write margin vs discount spend per policy to this image (.png, .svg or .pdf)",
 )
 @click.option(
     "--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="full report"
@@ -199,6 +202,11 @@ def evaluate_policy_command(
 
     Example: discount-train evaluate-policy --seeds 5 --plot docs/policy_margin.png
     """
+    if plot is not None and plot.suffix.lower() not in PLOT_SUFFIXES:
+        raise click.BadParameter(
+            f"{plot}: name a .png, .svg or .pdf file (the format follows the suffix)",
+            param_hint="'--plot'",
+        )
     _writable(json_path, plot)
     base = policy_eval.EvalConfig()
     evaluated = base.market.visits - base.train_visits
@@ -214,7 +222,7 @@ def evaluate_policy_command(
     click.echo(policy_eval.format_table(summary))
     try:
         if json_path is not None:
-            json_path.write_text(json.dumps(summary, indent=2) + "\n")
+            replace_text(json_path, json.dumps(summary, indent=2) + "\n")
         if plot is not None:
             policy_eval.plot_margin_vs_spend(summary, plot)
     except OSError as e:
@@ -296,7 +304,7 @@ def uplift_command(
     click.echo(uplift.format_table(reports))
     if json_path is not None:
         try:
-            json_path.write_text(json.dumps(reports, indent=2) + "\n")
+            replace_text(json_path, json.dumps(reports, indent=2) + "\n")
         except OSError as e:
             raise click.ClickException(f"{json_path}: cannot write ({e.strerror or e})") from None
 

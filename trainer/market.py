@@ -24,6 +24,7 @@ import pandas as pd
 
 from core.features import NUMERIC_FEATURES
 from trainer.dataset import Floats, Ints
+from trainer.files import replace_files
 
 # Candidate discounts (fractions of the base price): the randomized logging grid and the only
 # discounts a policy may choose here, so that off-policy estimates have support for every choice.
@@ -379,6 +380,10 @@ def write_logs(market: Market, log: Log, out: Path) -> tuple[Path, Path]:
     """Write offers.csv and events.csv into out; returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
     offers_path, events_path = out / "offers.csv", out / "events.csv"
-    offers_frame(market, log).to_csv(offers_path, index=False)
-    events_frame(market, log).to_csv(events_path, index=False)
+    replace_files(
+        {
+            offers_path: lambda tmp: offers_frame(market, log).to_csv(tmp, index=False),
+            events_path: lambda tmp: events_frame(market, log).to_csv(tmp, index=False),
+        }
+    )
     return offers_path, events_path

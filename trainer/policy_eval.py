@@ -37,6 +37,7 @@ from core.policy import (
 )
 from core.response_history import HistoryTable
 from trainer.dataset import Floats
+from trainer.files import replace_files
 from trainer.market import (
     GRID,
     Log,
@@ -403,7 +404,7 @@ def plot_margin_vs_spend(summary: Mapping[str, Any], path: Path) -> None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    replace_files({path: fig.savefig})
     plt.close(fig)
 
 

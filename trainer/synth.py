@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from trainer.dataset import Floats, Ints
+from trainer.files import replace_files
 
 CATEGORIES = ("kitchen", "garden", "toys", "books", "beauty", "sports", "music", "stationery")
 # Fixed, for a seed to give the same shop, and a year that is over (it ends 2026-10-31): fit drops
@@ -120,6 +121,10 @@ def make_shop(config: SynthConfig) -> Shop:
 def write_shop(shop: Shop, out: Path) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     interactions, items = out / "interactions.csv", out / "items.csv"
-    shop.interactions.to_csv(interactions, index=False)
-    shop.items.to_csv(items, index=False)
+    replace_files(
+        {
+            interactions: lambda tmp: shop.interactions.to_csv(tmp, index=False),
+            items: lambda tmp: shop.items.to_csv(tmp, index=False),
+        }
+    )
     return interactions, items
