@@ -96,11 +96,8 @@ def write(
     the folder is swapped into place, so a reader never sees half a model. write_files returns
     metrics measured while writing (e.g. ONNX parity), which join the manifest's."""
     out = out.resolve()
-    if out.exists() and not _replaceable(out):
-        # The swap below deletes what is at out: never a model store, a data folder or a home.
-        raise ArtifactError(
-            f"{out} exists and is not a response model folder; pass a new or empty --out"
-        )
+    # The swap below deletes what is at out: never a model store, a data folder or a home.
+    check_out(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-incoming-", dir=out.parent))
     try:
@@ -136,17 +133,32 @@ def write(
     return sealed
 
 
-def _replaceable(out: Path) -> bool:
-    """An empty folder, or one with a response model's manifest (sound or not)."""
+def check_out(out: Path) -> None:
+    """Refuse an out whose contents write would lose: anything but a new or empty folder, or a
+    response model folder holding only the model's own files. The CLI calls it before training
+    too, so a wrong --out costs no minutes of work."""
+    if not out.exists():
+        return
     if not out.is_dir():
-        return False
-    if not any(out.iterdir()):
-        return True
+        raise ArtifactError(f"{out} is a file; pass a new or empty folder as --out")
+    present = sorted(p.name for p in out.iterdir())
+    if not present:
+        return
     try:
         raw = json.loads((out / MANIFEST).read_text())
     except (OSError, ValueError):
-        return False
-    return isinstance(raw, dict) and raw.get("kind") == KIND
+        raw = None
+    if not isinstance(raw, dict) or raw.get("kind") != KIND:
+        raise ArtifactError(
+            f"{out} exists and is not a response model folder; pass a new or empty --out"
+        )
+    others = [name for name in present if name not in (MANIFEST, GRAPH, HISTORY)]
+    if others:
+        raise ArtifactError(
+            f"{out} holds {', '.join(others[:3])}{', …' if len(others) > 3 else ''}, which the "
+            "response model does not: a new model replaces the folder whole, so move them out "
+            "first"
+        )
 
 
 def load(folder: Path) -> ResponseManifest:

@@ -364,6 +364,24 @@ def test_events_that_join_no_offer_are_named_not_counted_as_no_purchases() -> No
         from_logs(offers, events.assign(offer_id="x" + events["offer_id"]), 0)
 
 
+def test_a_purchase_on_another_users_offer_is_not_that_offers_and_mixed_logs_are_refused() -> None:
+    offers, events = _logs(users=50)
+    expected = from_logs(offers, events, 0)
+    assert expected.foreign_purchases == 0
+    # One shopper bought with another's offer token: a purchase, but not that offer's.
+    redeemed = events.loc[events["type"] == "redemption", "offer_id"]
+    sold = events.index[(events["type"] == "purchase") & ~events["offer_id"].isin(redeemed)]
+    shared = events.assign(user_id=events["user_id"].where(events.index != sold[0], "u999999"))
+    got = from_logs(offers, shared, 0)
+    assert got.foreign_purchases == 1
+    row = offers.index[offers["offer_id"] == events.loc[sold[0], "offer_id"]][0]
+    assert expected.data.bought[row] and not got.data.bought[row]
+    # Another run's events beside this offer log: most purchases are of other users' offers.
+    _, other = _logs(users=80)
+    with pytest.raises(ResponseError, match="the events come from another log than the offers"):
+        from_logs(offers, other, 0)
+
+
 def test_event_types_are_read_as_record_events_names_them() -> None:
     """The store writes "purchase"; RecordEvents' enum says EVENT_TYPE_PURCHASE."""
     offers, events = _logs(users=50)
@@ -411,3 +429,32 @@ def test_cli_names_a_missing_file_in_one_line(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert "nope.csv: no such offers file" in result.output
     assert "Traceback" not in result.output
+
+
+def test_cli_refuses_an_out_it_would_lose_files_from_before_training(tmp_path: Path) -> None:
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "NOTES.md").write_text("mine")
+    (tmp_path / "file").write_text("mine")
+    for out, message in (
+        ("model", "is not a response model folder"),
+        ("file", "is a file; pass a new or empty folder as --out"),
+    ):
+        result = CliRunner().invoke(
+            main,
+            ["response", "--offers", str(tmp_path / "nope.csv"), "--events",
+             str(tmp_path / "nope.csv"), "--out", str(tmp_path / out)],
+        )  # fmt: skip
+        assert result.exit_code == 1 and message in result.output  # before reading the logs
+    assert (tmp_path / "model" / "NOTES.md").read_text() == "mine"
+
+
+def test_a_response_folder_with_files_of_its_own_is_not_replaced(
+    exported: tuple[Trained, Path, ResponseManifest], tmp_path: Path
+) -> None:
+    folder = tmp_path / "r"
+    shutil.copytree(exported[1], folder)
+    (folder / "NOTES.md").write_text("why this model")
+    manifest = ResponseManifest(version="", created_at="", grid=list(GRID))
+    with pytest.raises(ArtifactError, match=r"holds NOTES\.md, which the response model does not"):
+        response_artifact.write(folder, manifest, _copy_files(exported[1]))
+    assert (folder / "NOTES.md").read_text() == "why this model"

@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 import pandas as pd
 
+from core import response_artifact
 from core.artifact import ArtifactError
 from trainer import policy_eval, uplift
 from trainer.files import replace_text
@@ -102,7 +103,8 @@ def simulate_command(out: Path, users: int, visits: int, seed: int) -> None:
     help="events (CSV or .parquet): type and offer_id; a purchase or redemption naming an offer "
     "is a success",
 )
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+# No file_okay=False: a file in the way is refused in one line, exit 1, as fit refuses it.
+@click.option("--out", type=click.Path(path_type=Path), required=True)
 @click.option(
     "--epochs", type=click.IntRange(min=1), default=ResponseConfig.epochs, show_default=True
 )
@@ -124,10 +126,20 @@ def response_command(
     """
     config = ResponseConfig(epochs=epochs, hidden=hidden, seed=seed)
     try:
+        response_artifact.check_out(out.resolve())
+    except ArtifactError as e:
+        raise click.ClickException(str(e)) from None
+    ensure_writable(out.resolve().parent, "the model")
+    try:
         logged = from_logs(_read(offers_path, "offers"), _read(events_path, "events"), seed)
     except ResponseError as e:
         raise click.ClickException(str(e)) from None
     data = logged.data
+    if logged.foreign_purchases:
+        _err(
+            f"note: {logged.foreign_purchases:,} purchases name an offer made to another user "
+            "or for another item (a shared offer token): not counted as that offer's"
+        )
     grid = sorted({round(float(d), 4) for d in data.discount})
     _err(f"{len(data):,} offers, {int(data.bought.sum()):,} bought, discounts {grid}")
     try:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -98,6 +98,7 @@ class Logged:
 
     data: ResponseData  # response rates cross-fitted: no row sees its own outcome
     history: HistoryTable  # rates from every row: what the server looks users up in
+    foreign_purchases: int = 0  # purchases naming an offer of another user or item: not counted
 
 
 def logged(
@@ -165,7 +166,8 @@ def from_logs(offers: pd.DataFrame, events: pd.DataFrame, seed: int) -> Logged:
             "fix or drop them"
         )
     sold = kind.isin(("purchase", "redemption"))
-    purchased = set(events.loc[sold, "offer_id"].dropna().astype(str))
+    foreign = _foreign(offers, events[sold])
+    purchased = set(events.loc[sold & ~foreign, "offer_id"].dropna().astype(str))
     bought = offers["offer_id"].astype(str).isin(purchased).to_numpy()
     if not bought.any():
         raise ResponseError(
@@ -173,14 +175,43 @@ def from_logs(offers: pd.DataFrame, events: pd.DataFrame, seed: int) -> Logged:
             f"({int(sold.sum()):,} such events of {len(events):,}, {len(offers):,} offers); "
             "events must carry the offer_id of the offer log"
         )
-    return logged(
-        numeric[list(OFFER_FEATURES)].to_numpy(dtype=np.float64),
-        offers["user_id"].astype(str).to_numpy(dtype=str),
-        d,
-        bought,
-        p,
-        seed,
+    return replace(
+        logged(
+            numeric[list(OFFER_FEATURES)].to_numpy(dtype=np.float64),
+            offers["user_id"].astype(str).to_numpy(dtype=str),
+            d,
+            bought,
+            p,
+            seed,
+        ),
+        foreign_purchases=int(foreign.sum()),
     )
+
+
+def _foreign(offers: pd.DataFrame, sold: pd.DataFrame) -> pd.Series:
+    """Per purchase event, whether it names a logged offer made to another user or for another
+    item: a shopper who used someone else's offer token bought, but not because of the discount
+    that offer showed its own user, so it does not count as that offer's purchase. When most do,
+    the events come from another log than the offers (another run's events.csv beside this
+    offer log), and training would learn nothing true: ResponseError."""
+    foreign = pd.Series(False, index=sold.index)
+    logged = offers.assign(offer_id=offers["offer_id"].astype(str)).set_index("offer_id")
+    names = sold["offer_id"].astype(str)
+    named = sold["offer_id"].notna() & names.isin(logged.index)
+    for column in ("user_id", "item_id"):
+        if column in sold.columns and column in logged.columns:
+            theirs = logged[column].astype(str).reindex(names[named]).to_numpy()
+            said = sold.loc[named, column]
+            foreign[named] |= said.notna().to_numpy() & (said.astype(str).to_numpy() != theirs)
+    if foreign.sum() * 2 > named.sum():
+        first = sold[foreign].iloc[0]
+        raise ResponseError(
+            f"events: {int(foreign.sum()):,} of {int(named.sum()):,} purchases naming a logged "
+            f"offer are by another user or of another item than the offer (e.g. event "
+            f"{first.get('event_id')!r} names offer {first['offer_id']!r}); the events come from "
+            "another log than the offers"
+        )
+    return foreign.astype(bool)
 
 
 class ResponseNet(nn.Module):
