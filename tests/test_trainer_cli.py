@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -251,3 +252,19 @@ def test_an_out_that_is_a_model_version_is_refused_naming_the_store(
         f"folder above it, --out {store}\n"
     )
     assert set(version.iterdir()) == inside
+
+
+def test_sizes_beyond_memory_are_one_line_not_a_traceback() -> None:
+    """numpy's and torch's allocation failures, as a user meets them through the entry point."""
+    probe = (
+        "import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, 3 * 2**30)); "
+        "sys.argv = ['discount-train', 'synth', '--out', sys.argv[1], '--users', '90000000']; "
+        "from trainer.entry import main; main()"
+    )
+    with tempfile.TemporaryDirectory() as out:
+        done = subprocess.run([sys.executable, "-c", probe, out], capture_output=True, text=True)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "discount-train: not enough memory for the sizes asked for; try fewer users, items, "
+        "factors or hidden units"
+    ]

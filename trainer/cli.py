@@ -32,7 +32,7 @@ from trainer.fit import (
 )
 from trainer.fit import fit as run_fit
 from trainer.model import OBJECTIVES, ModelConfig
-from trainer.options import SEED, FiniteFloat
+from trainer.options import MAX_ROWS, SEED, FiniteFloat
 from trainer.replay import replay_command
 from trainer.synth import SynthConfig, make_shop, write_shop
 
@@ -50,8 +50,12 @@ def main() -> None:
 
 @main.command()
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
-@click.option("--users", type=click.IntRange(min=1), default=SynthConfig.users, show_default=True)
-@click.option("--items", type=click.IntRange(min=8), default=SynthConfig.items, show_default=True)
+@click.option(
+    "--users", type=click.IntRange(1, MAX_ROWS), default=SynthConfig.users, show_default=True
+)
+@click.option(
+    "--items", type=click.IntRange(8, MAX_ROWS), default=SynthConfig.items, show_default=True
+)
 @click.option("--seed", type=SEED, default=0, show_default=True)
 def synth(out: Path, users: int, items: int, seed: int) -> None:
     """Write a synthetic shop (interactions.csv, items.csv) drawn from a known taste model.

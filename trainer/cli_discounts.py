@@ -23,7 +23,7 @@ from trainer.market import (
     simulate,
     write_logs,
 )
-from trainer.options import SEED, FiniteFloat
+from trainer.options import MAX_ROWS, SEED, FiniteFloat
 from trainer.response import ResponseConfig, ResponseError, fit, from_logs, save
 
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
@@ -65,8 +65,8 @@ def _read(path: Path, what: str) -> pd.DataFrame:
 
 @click.command("simulate")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
-@click.option("--users", type=click.IntRange(min=1), default=5_000, show_default=True)
-@click.option("--visits", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--users", type=click.IntRange(1, MAX_ROWS), default=5_000, show_default=True)
+@click.option("--visits", type=click.IntRange(1, 10_000), default=3, show_default=True)
 @click.option("--seed", type=SEED, default=0, show_default=True)
 def simulate_command(out: Path, users: int, visits: int, seed: int) -> None:
     """Log a randomized discount experiment in the market simulator: offers.csv (discount and
@@ -170,7 +170,7 @@ def response_command(
 @click.option("--seeds", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option(
     "--users",
-    type=click.IntRange(min=100),
+    type=click.IntRange(100, MAX_ROWS),
     default=policy_eval.EvalConfig().market.n_users,
     show_default=True,
 )

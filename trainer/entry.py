@@ -17,4 +17,17 @@ def main() -> None:
             f"discount-train needs the training extra ({e.name} is not installed): "
             "pip install 'discountd[train]'"
         ) from None
-    cli()
+    try:
+        cli()
+    except MemoryError:
+        raise SystemExit(_TOO_BIG) from None
+    except RuntimeError as e:  # torch: "DefaultCPUAllocator: can't allocate memory: ..."
+        if "allocate" not in str(e):
+            raise
+        raise SystemExit(_TOO_BIG) from None
+
+
+_TOO_BIG = (
+    "discount-train: not enough memory for the sizes asked for; try fewer users, items, "
+    "factors or hidden units"
+)

@@ -8,6 +8,9 @@ from typing import Any
 
 import click
 
+# Shoppers or items one command may make: far above any shop here, below where numpy refuses an
+# array's size outright; in between, discount-train says it ran out of memory (trainer/entry.py).
+MAX_ROWS = 100_000_000
 # numpy's and torch's generators take seeds in [0, 2**32): outside it they raise mid-run.
 SEED = click.IntRange(0, 2**32 - 1)
 

@@ -37,7 +37,7 @@ from core.store.events import EVENT_ID_REUSED
 from discount.v1 import discount_pb2 as pb
 from discount.v1 import discount_pb2_grpc as pb_grpc
 from trainer.market import Market, MarketConfig, make_market
-from trainer.options import SEED, FiniteFloat
+from trainer.options import MAX_ROWS, SEED, FiniteFloat
 
 if TYPE_CHECKING:
     from discount.v1.discount_pb2_grpc import DiscountServiceAsyncStub
@@ -394,7 +394,7 @@ def _table(result: ReplayResult) -> list[str]:
     required=True,
     help="Interactions file (CSV or .parquet, column user_id) or model store: the shop's users.",
 )
-@click.option("--shoppers", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--shoppers", type=click.IntRange(1, MAX_ROWS), default=1000, show_default=True)
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Same seed, same shoppers.")
 @click.option("--offers-per-shopper", type=click.IntRange(1, 1000), default=5, show_default=True)
 @click.option("--concurrency", type=click.IntRange(min=1), default=8, show_default=True)
