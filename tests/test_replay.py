@@ -212,6 +212,34 @@ def test_a_file_without_user_ids_is_one_line(tmp_path: Path) -> None:
     assert result.output.count("\n") == 1
 
 
+def test_a_file_with_a_header_and_no_users_is_one_line(tmp_path: Path) -> None:
+    empty = tmp_path / "users.csv"
+    empty.write_text("user_id\n")
+    result = CliRunner().invoke(replay_command, ["--target", "x:1", "--users-from", str(empty)])
+    assert result.exit_code == 1
+    assert result.output == (
+        f"Error: {empty}: no user ids, so every shopper would be a new visitor; pass the shop's "
+        "interactions or model store\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--target", "127.0.0.1:99999"], "'127.0.0.1:99999': expected HOST:PORT with a port in"),
+        (["--target", "localhost"], "'localhost': expected HOST:PORT"),
+        (["--target", "x:1", "--tls-ca", "{users}"], "not a PEM certificate"),
+    ],
+)
+def test_a_target_or_ca_that_cannot_work_is_refused_before_waiting(
+    tmp_path: Path, extra: list[str], message: str
+) -> None:
+    users = str(_users_file(tmp_path))
+    args = ["--users-from", users, *(a.replace("{users}", users) for a in extra)]
+    result = CliRunner().invoke(replay_command, args)
+    assert result.exit_code == 2 and message in result.output
+
+
 def _users_file(tmp_path: Path) -> Path:
     path = tmp_path / "users.csv"
     path.write_text("user_id\nuser-0\nuser-1\n")

@@ -339,6 +339,12 @@ def test_logs_a_model_cannot_learn_from_are_refused_with_the_fix() -> None:
         from_logs(offers.assign(price="n/a"), events, 0)
 
 
+def test_an_offer_log_of_a_header_alone_says_so() -> None:
+    offers, events = _logs(users=50)
+    with pytest.raises(ResponseError, match="offers: the file has a header and no rows"):
+        from_logs(offers.iloc[:0], events, 0)
+
+
 def test_a_sale_recorded_as_a_redemption_counts_as_bought() -> None:
     """A storefront records a line bought at an offer's price as a redemption alone (OFFERS.md),
     not as a purchase too, as the simulator does: those offers were bought all the same."""

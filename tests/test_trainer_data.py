@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from trainer.cli import main
-from trainer.data import DataError, load_files, load_movielens, load_online_retail
+from trainer.data import DataError, load_files, load_movielens, load_online_retail, read_table
 
 ITEMS = "item_id,title,category,price,cost\n007,Seven,kitchen,10.0,6.0\n7,Plain seven,garden,4.0,\n"
 T = 1704164645  # 2024-01-02T03:04:05Z in Unix seconds
@@ -485,3 +487,16 @@ def test_an_items_directory_is_a_one_line_error_like_interactions(tmp_path: Path
                      folder)  # fmt: skip
     assert result.exit_code == 1
     assert result.output == f"Error: {folder}: is a directory; expected a CSV or Parquet file\n"
+
+
+def test_a_pipe_is_read_like_a_file(tmp_path: Path) -> None:
+    """`--items <(head -2 items.csv)`: the shell passes a pipe, which is no regular file."""
+    pipe = tmp_path / "items.csv"
+    os.mkfifo(pipe)
+    feeder = threading.Thread(target=pipe.write_text, args=(ITEMS,))
+    feeder.start()
+    try:
+        frame = read_table(pipe, ("item_id", "price"), ids=("item_id",))
+    finally:
+        feeder.join(timeout=10)
+    assert list(frame["item_id"]) == ["007", "7"]

@@ -95,7 +95,13 @@ def synth(out: Path, users: int, items: int, seed: int) -> None:
     required=True,
     help="the model store: the folder of versions and CURRENT, not a version in it",
 )
-@click.option("--objective", type=click.Choice(OBJECTIVES), default=ModelConfig.objective)
+@click.option(
+    "--objective",
+    type=click.Choice(OBJECTIVES),
+    default=ModelConfig.objective,
+    show_default=True,
+    help="ials: implicit ALS on confidence-weighted purchases; bpr: pairwise ranking",
+)
 @click.option(
     "--factors", type=click.IntRange(min=1), default=ModelConfig.factors, show_default=True
 )

@@ -96,7 +96,7 @@ def read_table(path: Path, required: tuple[str, ...], ids: tuple[str, ...] = ())
     id columns, which a Parquet file may hold as numbers."""
     if path.is_dir():
         raise DataError(f"{path}: is a directory; expected a CSV or Parquet file")
-    if not path.is_file():
+    if not path.exists():  # not is_file(): a pipe, <(head shop.csv), is a file to read too
         raise DataError(f"{path}: no such file")
     try:
         if path.suffix == ".parquet":
@@ -375,7 +375,7 @@ def load_movielens(directory: Path = MOVIELENS) -> Loaded:
     """MovieLens 100K: every rating is an interaction; a film's first genre is its category."""
     ratings_path = directory / "u.data" if directory.is_dir() else directory
     directory = ratings_path.parent
-    if not ratings_path.is_file():
+    if not ratings_path.exists():
         raise DataError(f"{ratings_path}: no such file (expected MovieLens 100K's u.data)")
     try:
         ratings = pd.read_csv(

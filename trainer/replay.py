@@ -369,7 +369,13 @@ def read_users(path: Path) -> list[str]:
         raise ReplayError(f"{path}: no such file") from None
     except (ArtifactError, OSError, ValueError, KeyError) as e:
         raise ReplayError(f"{path}: cannot read user ids ({e})") from None
-    return [str(u) for u in pd.unique(frame["user_id"].dropna().astype(str))]
+    users = [str(u) for u in pd.unique(frame["user_id"].dropna().astype(str))]
+    if not users:
+        raise ReplayError(
+            f"{path}: no user ids, so every shopper would be a new visitor; pass the shop's "
+            "interactions or model store"
+        )
+    return users
 
 
 def _table(result: ReplayResult) -> list[str]:
@@ -444,13 +450,25 @@ def replay_command(
     wait: float,
 ) -> None:
     """Replay simulated shoppers through a running discountd: GetOffers, then impressions,
-    clicks, purchases and redemptions through RecordEvents, decided by the market simulator's
-    known response curves. An event a rerun repeats is not recorded twice; offers that differ
-    (discountd excludes what the first run bought) lead to new events: replay once per store.
+    clicks, add-to-carts, purchases and redemptions through RecordEvents, decided by the market
+    simulator's known response curves. An event a rerun repeats is not recorded twice; offers
+    that differ (discountd excludes what the first run bought) lead to new events: replay once
+    per store.
 
     Example: discount-train replay --target 127.0.0.1:50051 --users-from shop/interactions.csv
     --shoppers 3000 --seed 1 --token "$TOKEN"
     """
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise click.BadParameter(
+            f"{target!r}: expected HOST:PORT with a port in 1-65535", param_hint="'--target'"
+        )
+    ca = tls_ca.read_bytes() if tls_ca is not None else None
+    if ca is not None and b"-----BEGIN CERTIFICATE-----" not in ca:
+        raise click.BadParameter(
+            f"{tls_ca}: not a PEM certificate (no BEGIN CERTIFICATE line)",
+            param_hint="'--tls-ca'",
+        )
     config = ReplayConfig(
         target=target,
         shoppers=shoppers,
@@ -460,7 +478,7 @@ def replay_command(
         new_visitor_share=new_visitors,
         batch_size=batch_size,
         token=token,
-        tls_ca=tls_ca.read_bytes() if tls_ca is not None else None,
+        tls_ca=ca,
         wait_s=wait,
     )
     step = max(1, shoppers // 10)

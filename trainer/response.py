@@ -126,6 +126,8 @@ def from_logs(offers: pd.DataFrame, events: pd.DataFrame, seed: int) -> Logged:
     missing = [c for c in needed if c not in offers.columns]
     if missing:
         raise ResponseError(f"offers: missing column(s) {', '.join(missing)}; needed: {needed}")
+    if offers.empty:
+        raise ResponseError("offers: the file has a header and no rows; nothing to learn from")
     if offers["user_id"].isna().any():
         raise ResponseError(
             "offers: user_id is empty in some rows; each shopper's past responses are features, "
