@@ -240,7 +240,7 @@ def stop(app: App, key: str, if_version: int | None, yes: bool, output: str) -> 
       discountctl experiments stop new-tiered-ab --yes
     """
     with app.transaction() as session:
-        Experiments(session).get(key)
+        Experiments(session).movable(key, "stop")  # refused before asking, not after
     confirm(f"Stop experiment {key!r} for good?", yes)
     _move(app, key, "stop", if_version, output)
 

@@ -195,9 +195,9 @@ def test_a_report_path_that_cannot_be_written_is_refused_before_the_work(
 ) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    result = CliRunner().invoke(main, [command, option, str(blocker / "out")])
+    result = CliRunner().invoke(main, [command, option, str(blocker / "out.png")])
     assert result.exit_code == 1
-    assert result.output.startswith(f"Error: {blocker}: cannot write out (")
+    assert result.output.startswith(f"Error: {blocker}: cannot write out.png (")
 
 
 def test_a_report_in_a_folder_not_made_yet_is_written_there(tmp_path: Path) -> None:

@@ -464,3 +464,26 @@ def test_a_response_folder_with_files_of_its_own_is_not_replaced(
     with pytest.raises(ArtifactError, match=r"holds NOTES\.md, which the response model does not"):
         response_artifact.write(folder, manifest, _copy_files(exported[1]))
     assert (folder / "NOTES.md").read_text() == "why this model"
+
+
+def test_cli_reads_numeric_ids_of_parquet_logs_as_their_csv_text(tmp_path: Path) -> None:
+    """A store's export with integer ids: redemptions name no item, so pandas reads the item
+    column as floats (17.0), which must still match the offer's item 17."""
+    offers, events = _logs(users=60)
+    number = {"offer_id": r"^o\d+-0*", "user_id": r"^u0*", "item_id": r"^i0*"}
+    for frame in (offers, events):
+        for column, prefix in number.items():
+            frame[column] = frame[column].str.replace(prefix, "", regex=True).replace("", "0")
+            frame[column] = frame[column].astype("int64")
+    events["item_id"] = events["item_id"].where(events["type"] != "redemption")
+    offers.to_parquet(tmp_path / "offers.parquet")
+    events.to_parquet(tmp_path / "events.parquet")
+    assert events["item_id"].dtype == "float64"
+    result = CliRunner().invoke(
+        main,
+        ["response", "--offers", str(tmp_path / "offers.parquet"), "--events",
+         str(tmp_path / "events.parquet"), "--out", str(tmp_path / "model"), "--hidden", "4",
+         "--epochs", "1"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "another user or for another item" not in result.output

@@ -272,6 +272,22 @@ def test_experiment_lifecycle(store: Store) -> None:
         Rules(s, "t").delete("tier")
 
 
+def test_a_draft_an_earlier_build_stopped_can_still_be_deleted(store: Store) -> None:
+    """Earlier builds let a draft be stopped; it never ran, so it holds no record to keep."""
+    with store.transaction() as s:
+        Experiments(s, "t").create("old", [VariantSpec("a", 50, None), VariantSpec("b", 50, None)])
+        Experiments(s, "t").create("ran", [VariantSpec("a", 50, None), VariantSpec("b", 50, None)])
+    with store.transaction() as s:
+        e = Experiments(s, "t")
+        e.get("old").status = "stopped"  # as such a build left it
+        e.transition("ran", "start")
+        e.transition("ran", "stop")
+    with store.transaction() as s:
+        assert Experiments(s, "t").delete("old")["status"] == "stopped"
+        with pytest.raises(Conflict, match="only a draft can be deleted"):
+            Experiments(s, "t").delete("ran")
+
+
 def test_draft_variants_can_be_replaced(store: Store) -> None:
     with store.transaction() as s:
         Experiments(s, "t").create("ab", [VariantSpec("a", 50, None), VariantSpec("b", 50, None)])

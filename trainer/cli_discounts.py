@@ -52,10 +52,20 @@ def _writable(*paths: Path | None) -> None:
             ensure_writable(path.parent, path.name)
 
 
+def _whole_ids(frame: pd.DataFrame) -> pd.DataFrame:
+    """pandas turns an integer id column with one null into floats: id 17 must stay "17", as a
+    CSV holds it, or an event's item would never match its offer's."""
+    for name in ("offer_id", "user_id", "item_id"):
+        if name in frame.columns and pd.api.types.is_float_dtype(frame[name]):
+            whole = (frame[name].dropna() % 1 == 0).all()
+            frame[name] = frame[name].astype("Int64") if whole else frame[name]
+    return frame
+
+
 def _read(path: Path, what: str) -> pd.DataFrame:
     try:
         if path.suffix == ".parquet":
-            return pd.read_parquet(path)
+            return _whole_ids(pd.read_parquet(path))
         return pd.read_csv(path, dtype={"offer_id": str, "user_id": str, "item_id": str})
     except FileNotFoundError:
         raise click.ClickException(f"{path}: no such {what} file") from None

@@ -91,13 +91,24 @@ class Loaded:
         return lines
 
 
+def _regular(path: Path, expected: str) -> None:
+    if not path.exists():
+        raise DataError(f"{path}: no such file{expected}")
+    if not path.is_file():
+        # A pipe, as <(head shop.csv) passes, reads once: the manifest's fingerprint of the
+        # data would hash nothing, or wait forever on a named one.
+        raise DataError(
+            f"{path}: not a regular file (a pipe?); fit reads its inputs twice, to train and to "
+            "fingerprint them in the manifest: save it to a file first"
+        )
+
+
 def read_table(path: Path, required: tuple[str, ...], ids: tuple[str, ...] = ()) -> pd.DataFrame:
     """A CSV (optionally gzipped) or Parquet file with every column as a string; ids names the
     id columns, which a Parquet file may hold as numbers."""
     if path.is_dir():
         raise DataError(f"{path}: is a directory; expected a CSV or Parquet file")
-    if not path.exists():  # not is_file(): a pipe, <(head shop.csv), is a file to read too
-        raise DataError(f"{path}: no such file")
+    _regular(path, "")
     try:
         if path.suffix == ".parquet":
             frame = pd.read_parquet(path)
@@ -375,8 +386,7 @@ def load_movielens(directory: Path = MOVIELENS) -> Loaded:
     """MovieLens 100K: every rating is an interaction; a film's first genre is its category."""
     ratings_path = directory / "u.data" if directory.is_dir() else directory
     directory = ratings_path.parent
-    if not ratings_path.exists():
-        raise DataError(f"{ratings_path}: no such file (expected MovieLens 100K's u.data)")
+    _regular(ratings_path, " (expected MovieLens 100K's u.data)")
     try:
         ratings = pd.read_csv(
             ratings_path, sep="\t", header=None, dtype=str, names=["user", "item", "r", "ts"]

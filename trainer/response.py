@@ -197,12 +197,12 @@ def _foreign(offers: pd.DataFrame, sold: pd.DataFrame) -> pd.Series:
     the events come from another log than the offers (another run's events.csv beside this
     offer log), and training would learn nothing true: ResponseError."""
     foreign = pd.Series(False, index=sold.index)
-    logged = offers.assign(offer_id=offers["offer_id"].astype(str)).set_index("offer_id")
+    by_id = offers.assign(offer_id=offers["offer_id"].astype(str)).set_index("offer_id")
     names = sold["offer_id"].astype(str)
-    named = sold["offer_id"].notna() & names.isin(logged.index)
+    named = sold["offer_id"].notna() & names.isin(by_id.index)
     for column in ("user_id", "item_id"):
-        if column in sold.columns and column in logged.columns:
-            theirs = logged[column].astype(str).reindex(names[named]).to_numpy()
+        if column in sold.columns and column in by_id.columns:
+            theirs = by_id[column].astype(str).reindex(names[named]).to_numpy()
             said = sold.loc[named, column]
             foreign[named] |= said.notna().to_numpy() & (said.astype(str).to_numpy() != theirs)
     if foreign.sum() * 2 > named.sum():

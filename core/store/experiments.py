@@ -135,11 +135,10 @@ class Experiments:
         )
         return experiment
 
-    def transition(self, key: str, command: str, expected_version: int | None = None) -> Experiment:
-        """start | pause | stop, with the lifecycle draft -> running <-> paused -> stopped."""
+    def movable(self, key: str, command: str) -> Experiment:
+        """The experiment, if its status lets command (start | pause | stop) move it."""
         experiment = self.get(key)
-        check_version("experiment", key, experiment.version, expected_version)
-        allowed, target = TRANSITIONS[command]
+        allowed = TRANSITIONS[command][0]
         if experiment.status not in allowed:
             if experiment.status == "stopped" and command == "start":
                 hint = "a stopped experiment cannot restart; create a new one"
@@ -150,6 +149,13 @@ class Experiments:
             else:
                 hint = f"it can {command} only from {' or '.join(sorted(allowed))}"
             raise InvalidInput(f"experiment {key!r} is {experiment.status}; {hint}")
+        return experiment
+
+    def transition(self, key: str, command: str, expected_version: int | None = None) -> Experiment:
+        """start | pause | stop, with the lifecycle draft -> running <-> paused -> stopped."""
+        experiment = self.movable(key, command)
+        check_version("experiment", key, experiment.version, expected_version)
+        target = TRANSITIONS[command][1]
         now = utcnow()
         if target == "running":
             for v in experiment.variants:
@@ -186,9 +192,10 @@ class Experiments:
         return experiment
 
     def deletable(self, key: str) -> Experiment:
-        """The experiment, if it is a draft: one that has run keeps the record its report reads."""
+        """The experiment, if it never ran (a draft, or one an earlier build let a draft be
+        stopped into): one that has run keeps the record its report reads."""
         experiment = self.get(key)
-        if experiment.status != "draft":
+        if experiment.started_at is not None:
             raise Conflict(
                 f"experiment {key!r} is {experiment.status}; only a draft can be deleted, since "
                 "one that has run keeps the record its report reads"
