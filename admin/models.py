@@ -9,7 +9,7 @@ import click
 from admin.app import App
 from admin.options import confirm, yes_option
 from admin.output import emit, message, output_option
-from core.artifact import CURRENT, set_current
+from core.artifact import CURRENT, ArtifactError, current_version_dir, set_current
 from core.store.model_versions import ModelVersions
 
 COLUMNS = ("version", "status", "registered_at", "activated_at", "metrics", "path")
@@ -134,8 +134,8 @@ def _serve(path: str, left: str | None) -> None:
             f"{version_dir.parent}/CURRENT could not be written ({e.strerror}); "
             "fix the permissions and promote it again"
         ) from None
-    old = Path(left) if left is not None else version_dir
-    if old.parent != version_dir.parent and _named(old.parent) == old.name:
+    old = Path(left) if left is not None else None
+    if old is not None and old.parent != version_dir.parent and _named(old.parent) == old.name:
         message(
             f"note: {old.parent / CURRENT} still names {old.name!r}, which servers started with "
             f"--model-dir {old.parent} keep serving: CURRENT names a folder beside it, so keep "
@@ -144,8 +144,8 @@ def _serve(path: str, left: str | None) -> None:
 
 
 def _named(store: Path) -> str | None:
-    """The version the model store's CURRENT names, if it can be read."""
+    """The version the model store's CURRENT names, if it names one there."""
     try:
-        return (store / CURRENT).read_text().strip()
-    except (OSError, UnicodeDecodeError):
+        return current_version_dir(store).name
+    except (ArtifactError, OSError):
         return None

@@ -255,7 +255,8 @@ def update(
     updated("rule", data["name"], before["version"], data["version"])
     for note in notes:
         message(note)
-    _note_if_ended(data)
+    if data["valid_until"] != before["valid_until"] and not notes:
+        _note_if_ended(data)
     emit(data, output)
 
 
@@ -322,7 +323,7 @@ def _note_if_ended(rule: dict[str, Any]) -> None:
     """A rule whose window has already closed prices nothing; say so now rather than leave it to
     `experiments start` or a quiet storefront."""
     end = rule["valid_until"]
-    if end is not None and datetime.fromisoformat(end) <= datetime.now(UTC):
+    if end is not None and not _in_window({**rule, "valid_from": None}, datetime.now(UTC)):
         message(
             f"note: rule {rule['name']!r} ended at {end} (--valid-until): it prices nothing until "
             "its window is moved"

@@ -6,7 +6,6 @@ import csv
 from typing import IO, Any
 
 import click
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from admin.app import App
@@ -16,7 +15,7 @@ from core.segments import ConditionError, parse_expression, to_json
 from core.store.errors import InvalidInput
 from core.store.experiments import Experiments
 from core.store.segments import Segments
-from core.store.tables import Rule, Segment
+from core.store.tables import Segment
 
 COLUMNS = ("name", "kind", "priority", "condition", "member_count", "version")
 
@@ -240,7 +239,8 @@ def import_members(app: App, name: str, file: IO[str], replace: bool, output: st
 def _measured_notes(session: Session, segment: Segment) -> list[str]:
     """A note per running experiment whose users a change of who is in the segment moves: the
     change is allowed (a segment is the shop's to keep current), but the experiment measures a
-    different population from now on."""
+    different population from now on. A paused one gets none: it resumes on the segment as it
+    is then, and `experiments start` names what it shares."""
     experiments = Experiments(session)
     notes = [
         f"note: segment {segment.name!r} is the target of running experiment {e.key!r}: who "
@@ -248,14 +248,12 @@ def _measured_notes(session: Session, segment: Segment) -> list[str]:
         for e in experiments.running()
         if e.target_segment_id == segment.id
     ]
-    rules = session.scalars(select(Rule).where(Rule.segment_id == segment.id).order_by(Rule.name))
-    for rule in rules:
-        for key, variant in experiments.running_variants_of(rule):
-            notes.append(
-                f"note: segment {segment.name!r} scopes rule {rule.name!r}, which prices variant "
-                f"{variant!r} of running experiment {key!r}: which of the variant's users get "
-                "its discounts changes from now on"
-            )
+    for key, variant, rule in experiments.running_variants_scoped_by(segment):
+        notes.append(
+            f"note: segment {segment.name!r} scopes rule {rule!r}, which prices variant "
+            f"{variant!r} of running experiment {key!r}: which of the variant's users get its "
+            "discounts changes from now on"
+        )
     return notes
 
 

@@ -1,7 +1,7 @@
 """What `discountctl experiments report` costs on a long experiment: wall time and peak memory.
 
-The store gets an experiment of three variants (no rules: the report reads the offer log, not
-the rules) whose `users` users were all offered something, `offers` offers in all, and `events`
+The store gets an experiment of three variants without rules (the report reads the offer log,
+not the rules) whose `users` users were all offered something, `offers` offers in all, and `events`
 events in the shapes discountd writes: impressions 70%, clicks 15%, carts 10%, purchases 3%,
 redemptions 2%, each about one offer of its user, within 20 days of it. SQLite always;
 PostgreSQL too with --pg-url or DISCOUNT_BENCH_PG_URL. The figure is the report command itself,
@@ -31,6 +31,7 @@ from core.store.db import Store
 from core.store.tables import Event, Offer
 
 SECTION = "## Experiment report"
+NOTES = "### Notes on the report figures"  # written by hand; a rerun keeps them
 KEY = "bench"
 VARIANTS = ("control", "a", "b")
 KINDS = ("impression", "click", "add_to_cart", "purchase", "redemption")
@@ -195,7 +196,7 @@ and no item cost is looked up.
 |---|---:|---|---:|
 {chr(10).join(rows)}
 """
-    write_section(doc, SECTION, body, keep="- ", before="## Soak")
+    write_section(doc, SECTION, body, keep=NOTES, before="## Soak")
     click.echo(f"wrote {doc} ({SECTION})", err=True)
 
 

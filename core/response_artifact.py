@@ -152,7 +152,9 @@ def check_out(out: Path) -> None:
         raise ArtifactError(
             f"{out} exists and is not a response model folder; pass a new or empty --out"
         )
-    others = [name for name in present if name not in (MANIFEST, GRAPH, HISTORY)]
+    listed = raw.get("files")
+    own = {MANIFEST, GRAPH, HISTORY, *(listed if isinstance(listed, dict) else {})}
+    others = [name for name in present if name not in own]
     if others:
         raise ArtifactError(
             f"{out} holds {', '.join(others[:3])}{', …' if len(others) > 3 else ''}, which the "

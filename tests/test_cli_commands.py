@@ -817,6 +817,8 @@ def test_a_rule_created_or_moved_past_its_window_says_it_prices_nothing(seeded: 
     assert ended not in ctl(seeded, "rules", "update", "old", "--clear", "valid_until").stderr
     moved = ctl(seeded, "rules", "update", "old", "--valid-until", "2020-01-01")
     assert ended in moved.stderr
+    described = ctl(seeded, "rules", "update", "old", "--description", "spring sale")
+    assert described.exit_code == 0 and "note:" not in described.stderr  # the window is as it was
 
 
 def test_a_new_policy_takes_new_parameters_not_the_old_ones(seeded: str) -> None:

@@ -137,7 +137,8 @@ def test_a_current_the_registry_did_not_set_is_pointed_out(db_url: str, tmp_path
 def test_a_model_store_left_behind_is_named(db_url: str, tmp_path: Path) -> None:
     """CURRENT can name only a folder beside it: promoting a version of another model store
     leaves the old store's servers where they were, and the admin hears it."""
-    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
     run(db_url, "register", str(_version(tmp_path / "a", "v1")))
     run(db_url, "register", str(_version(tmp_path / "b", "v2")))
     assert "note" not in ctl(db_url, "models", "promote", "v1").stderr

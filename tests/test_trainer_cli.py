@@ -255,7 +255,7 @@ def test_an_out_that_is_a_model_version_is_refused_naming_the_store(
 
 
 def test_sizes_beyond_memory_are_one_line_not_a_traceback() -> None:
-    """numpy's and torch's allocation failures, as a user meets them through the entry point."""
+    """An allocation that fails (numpy's, here), as a user meets it through the entry point."""
     probe = (
         "import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, 3 * 2**30)); "
         "sys.argv = ['discount-train', 'synth', '--out', sys.argv[1], '--users', '90000000']; "

@@ -100,7 +100,8 @@ def synth(out: Path, users: int, items: int, seed: int) -> None:
     type=click.Choice(OBJECTIVES),
     default=ModelConfig.objective,
     show_default=True,
-    help="ials: implicit ALS on confidence-weighted purchases; bpr: pairwise ranking",
+    help="ials: implicit ALS on confidence-weighted interactions (views, clicks, carts, "
+    "purchases); bpr: pairwise ranking",
 )
 @click.option(
     "--factors", type=click.IntRange(min=1), default=ModelConfig.factors, show_default=True
@@ -150,9 +151,9 @@ def synth(out: Path, users: int, items: int, seed: int) -> None:
     "--current/--no-current",
     default=True,
     show_default=True,
-    help="make the version CURRENT (served at once) when it beats popularity; --no-current "
-    "leaves that to `discountctl models register` and `promote`, for a shop that releases "
-    "through the registry",
+    help="make the version CURRENT (served at once) when it beats popularity, or when the store "
+    "has none yet; --no-current leaves that to `discountctl models register` and `promote`, for "
+    "a shop that releases through the registry",
 )
 def fit(
     format_name: str,

@@ -22,7 +22,7 @@ def main() -> None:
     except MemoryError:
         raise SystemExit(_TOO_BIG) from None
     except RuntimeError as e:  # torch: "DefaultCPUAllocator: can't allocate memory: ..."
-        if "allocate" not in str(e):
+        if "can't allocate memory" not in str(e):
             raise
         raise SystemExit(_TOO_BIG) from None
 

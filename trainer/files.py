@@ -13,8 +13,9 @@ from pathlib import Path
 
 def replace_files(writers: Mapping[Path, Callable[[Path], object]]) -> None:
     """Call each writer on a temporary path beside its target; only once every one has
-    succeeded are they renamed into place, so files that belong together (an offer log and its
-    events) are replaced together or not at all."""
+    succeeded are they renamed into place, one rename after another, so a failed or interrupted
+    write leaves every target as it was (only a crash between two renames, an instant, could
+    split files that belong together)."""
     written: dict[Path, Path] = {}
     try:
         for target, write in writers.items():

@@ -459,7 +459,7 @@ def replay_command(
     --shoppers 3000 --seed 1 --token "$TOKEN"
     """
     host, _, port = target.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise click.BadParameter(
             f"{target!r}: expected HOST:PORT with a port in 1-65535", param_hint="'--target'"
         )

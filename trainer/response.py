@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -108,6 +108,7 @@ def logged(
     bought: npt.NDArray[np.bool_],
     propensity: Floats,
     seed: int,
+    foreign_purchases: int = 0,
 ) -> Logged:
     """Append each row's cross-fitted response rates (folds drawn from seed) to its logged
     features (OFFER_FEATURES), and compute the table to ship from all rows."""
@@ -115,6 +116,7 @@ def logged(
     return Logged(
         ResponseData(np.column_stack([offer_features, rates]), discount, bought, propensity),
         smoothed_rates(user_ids, discount, bought),
+        foreign_purchases,
     )
 
 
@@ -177,15 +179,13 @@ def from_logs(offers: pd.DataFrame, events: pd.DataFrame, seed: int) -> Logged:
             f"({int(sold.sum()):,} such events of {len(events):,}, {len(offers):,} offers); "
             "events must carry the offer_id of the offer log"
         )
-    return replace(
-        logged(
-            numeric[list(OFFER_FEATURES)].to_numpy(dtype=np.float64),
-            offers["user_id"].astype(str).to_numpy(dtype=str),
-            d,
-            bought,
-            p,
-            seed,
-        ),
+    return logged(
+        numeric[list(OFFER_FEATURES)].to_numpy(dtype=np.float64),
+        offers["user_id"].astype(str).to_numpy(dtype=str),
+        d,
+        bought,
+        p,
+        seed,
         foreign_purchases=int(foreign.sum()),
     )
 

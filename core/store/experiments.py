@@ -223,6 +223,19 @@ class Experiments:
         )
         return [(key, name) for key, name in self.session.execute(query)]
 
+    def running_variants_scoped_by(self, segment: Segment) -> list[tuple[str, str, str]]:
+        """(experiment key, variant name, rule name) of every running experiment's variant
+        whose rule the segment scopes."""
+        query = (
+            select(Experiment.key, Variant.name, Rule.name)
+            .select_from(Experiment)
+            .join(Variant, Variant.experiment_id == Experiment.id)
+            .join(Rule, Rule.id == Variant.rule_id)
+            .where(Rule.segment_id == segment.id, Experiment.status == "running")
+            .order_by(Rule.name, Experiment.key, Variant.position)
+        )
+        return [(key, variant, rule) for key, variant, rule in self.session.execute(query)]
+
     def assign(
         self, key: str, user_id: str, features: Mapping[str, float | str] | None = None
     ) -> dict[str, Any]:
