@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import platform
 import random
-import tempfile
 import time
 import tracemalloc
 from datetime import UTC, datetime, timedelta
@@ -23,7 +22,7 @@ from pathlib import Path
 import click
 
 from bench.doc import write_section
-from bench.serving import cpu_name, postgres_store, require_postgres
+from bench.serving import bench_stores, cpu_name, store_options
 from core.store import migrate
 from core.store.db import Store
 from core.store.events import EventIn, record
@@ -73,22 +72,11 @@ def measure(store: Store) -> tuple[float, float, float]:
 @click.option("--purchases", default=300_000, show_default=True, help="Purchases stored.")
 @click.option("--users", default=100_000, show_default=True, help="Distinct users they come from.")
 @click.option("--items", default=50_000, show_default=True, help="Distinct items they name.")
-@click.option(
-    "--pg-url",
-    envvar="DISCOUNT_BENCH_PG_URL",
-    default="",
-    help="Also a PostgreSQL store: a database is created on this server and dropped.",
-)
-@click.option("--doc", type=Path, default=Path("docs/BENCHMARKS.md"), show_default=True)
+@store_options
 def main(purchases: int, users: int, items: int, pg_url: str, doc: Path) -> None:
     rows = []
     with contextlib.ExitStack() as stack:
-        folder = stack.enter_context(tempfile.TemporaryDirectory())
-        backends = {"SQLite": f"sqlite:///{folder}/store.db"}
-        if pg_url:
-            require_postgres(pg_url)
-            backends["PostgreSQL"] = stack.enter_context(postgres_store(pg_url))
-        for name, url in backends.items():
+        for name, url in bench_stores(stack, pg_url).items():
             store = Store(url)
             try:
                 migrate.upgrade(store)

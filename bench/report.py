@@ -16,17 +16,17 @@ import contextlib
 import json
 import platform
 import subprocess
-import tempfile
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 import numpy as np
 from sqlalchemy import insert
 
 from bench.doc import write_section
-from bench.serving import BIN, cpu_name, postgres_store, require_postgres
+from bench.serving import BIN, bench_stores, cpu_name, store_options
 from core.store.db import Store
 from core.store.tables import Event, Offer
 
@@ -38,6 +38,7 @@ KINDS = ("impression", "click", "add_to_cart", "purchase", "redemption")
 SHARES = (0.70, 0.15, 0.10, 0.03, 0.02)
 CHUNK = 20_000
 START = datetime(2026, 1, 1, tzinfo=UTC)
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def ctl(url: str, *args: str) -> str:
@@ -128,53 +129,24 @@ def measure(url: str, users: int) -> tuple[float, float]:
     return float(seconds), int(peak_kb) / 1024
 
 
+def _count(name: str, default: int, least: int, what: str) -> Callable[[F], F]:
+    return click.option(
+        name, default=default, type=click.IntRange(min=least), show_default=True, help=what
+    )
+
+
 @click.command(help=__doc__)
-@click.option(
-    "--users",
-    default=100_000,
-    type=click.IntRange(min=1),
-    show_default=True,
-    help="Users in the experiment.",
-)
-@click.option(
-    "--offers",
-    default=800_000,
-    type=click.IntRange(min=1),
-    show_default=True,
-    help="Offers logged in all.",
-)
-@click.option(
-    "--events",
-    default=1_000_000,
-    type=click.IntRange(min=0),
-    show_default=True,
-    help="Events of those users.",
-)
-@click.option(
-    "--runs",
-    default=3,
-    type=click.IntRange(min=1),
-    show_default=True,
-    help="Reports timed per store.",
-)
-@click.option(
-    "--pg-url",
-    envvar="DISCOUNT_BENCH_PG_URL",
-    default="",
-    help="Also a PostgreSQL store: a database is created on this server and dropped.",
-)
-@click.option("--doc", type=Path, default=Path("docs/BENCHMARKS.md"), show_default=True)
+@_count("--users", 100_000, 1, "Users in the experiment.")
+@_count("--offers", 800_000, 1, "Offers logged in all.")
+@_count("--events", 1_000_000, 0, "Events of those users.")
+@_count("--runs", 3, 1, "Reports timed per store.")
+@store_options
 def main(users: int, offers: int, events: int, runs: int, pg_url: str, doc: Path) -> None:
     if users > offers:
         raise click.UsageError("--users must not exceed --offers: every user is offered something")
     rows = []
     with contextlib.ExitStack() as stack:
-        folder = stack.enter_context(tempfile.TemporaryDirectory())
-        backends = {"SQLite": f"sqlite:///{folder}/store.db"}
-        if pg_url:
-            require_postgres(pg_url)
-            backends["PostgreSQL"] = stack.enter_context(postgres_store(pg_url))
-        for name, url in backends.items():
+        for name, url in bench_stores(stack, pg_url).items():
             click.echo(f"{name}: storing {offers:,} offers and {events:,} events", err=True)
             fill(url, users, offers, events)
             timed = [measure(url, users) for _ in range(runs)]

@@ -20,11 +20,11 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 import numpy as np
@@ -32,6 +32,8 @@ import numpy as np
 from bench.artifacts import CACHE, cached, eager_graph, random_feeds
 from bench.doc import write_section
 from server.versions import LARGE_CATALOG
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -182,6 +184,31 @@ def postgres_store(server_url: str) -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+def store_options(command: F) -> F:
+    """--pg-url and --doc, for a bench that measures the store on SQLite and PostgreSQL."""
+    command = click.option(
+        "--doc", type=Path, default=Path("docs/BENCHMARKS.md"), show_default=True
+    )(command)
+    return click.option(
+        "--pg-url",
+        envvar="DISCOUNT_BENCH_PG_URL",
+        default="",
+        help="Also a PostgreSQL store: a database is created on this server and dropped.",
+    )(command)
+
+
+def bench_stores(stack: ExitStack, pg_url: str) -> dict[str, str]:
+    """Store URLs by name, each alive until stack closes: SQLite in a temporary folder, and with
+    pg_url a PostgreSQL database made for the run (checked first, so that a server that does not
+    answer stops the bench before the SQLite runs)."""
+    folder = stack.enter_context(tempfile.TemporaryDirectory())
+    stores = {"SQLite": f"sqlite:///{folder}/store.db"}
+    if pg_url:
+        require_postgres(pg_url)
+        stores["PostgreSQL"] = stack.enter_context(postgres_store(pg_url))
+    return stores
 
 
 def require_postgres(server_url: str) -> None:
