@@ -495,3 +495,10 @@ def test_a_pipe_is_named_as_one_not_as_a_missing_file(tmp_path: Path) -> None:
     os.mkfifo(pipe)
     with pytest.raises(DataError, match=r"items\.csv: not a regular file \(a pipe\?\)"):
         read_table(pipe, ("item_id", "price"), ids=("item_id",))
+
+
+def test_a_required_column_named_twice_is_refused(tmp_path: Path) -> None:
+    inter = write(tmp_path / "i.csv", f"user_id,item_id,user_id,timestamp\nu1,007,u2,{T}\n")
+    items = write(tmp_path / "items.csv", ITEMS)
+    with pytest.raises(DataError, match=r"i\.csv: column\(s\) user_id appear more than once"):
+        load_files(inter, items)

@@ -116,6 +116,13 @@ def read_table(path: Path, required: tuple[str, ...], ids: tuple[str, ...] = ())
                 frame[name] = _parquet_text(frame[name], path, str(name).strip() in ids)
         else:
             frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[])
+            # pandas renames a repeated header (user_id, user_id.1) and reads on: which of the
+            # two holds the data is a question for the file's owner, not a guess for us.
+            header = pd.read_csv(path, dtype=str, header=None, nrows=1, keep_default_na=False)
+            names = [str(c).strip() for c in header.iloc[0]] if len(header) else []
+            twice = sorted({c for c in required if names.count(c) > 1})
+            if twice:
+                raise DataError(f"{path}: column(s) {', '.join(twice)} appear more than once")
     except (OSError, ValueError, UnicodeDecodeError, pd.errors.ParserError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"{path}: unreadable as CSV or Parquet ({first_line})") from None
