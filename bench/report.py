@@ -19,14 +19,14 @@ import subprocess
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 import numpy as np
 from sqlalchemy import insert
 
 from bench.doc import write_section
-from bench.serving import BIN, bench_stores, cpu_name, store_options
+from bench.serving import BIN, F, bench_stores, cpu_name, store_options
 from core.store.db import Store
 from core.store.tables import Event, Offer
 
@@ -38,7 +38,6 @@ KINDS = ("impression", "click", "add_to_cart", "purchase", "redemption")
 SHARES = (0.70, 0.15, 0.10, 0.03, 0.02)
 CHUNK = 20_000
 START = datetime(2026, 1, 1, tzinfo=UTC)
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 def ctl(url: str, *args: str) -> str:
