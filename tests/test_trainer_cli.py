@@ -115,7 +115,7 @@ def test_a_diverged_training_writes_nothing(shop: list[str], tmp_path: Path) -> 
     assert result.output.splitlines()[-1].startswith(
         "Error: training diverged: the factors are not finite (ials, regularization"
     )
-    assert not list((tmp_path / "m").iterdir())  # no version, no CURRENT
+    assert not (tmp_path / "m").exists()  # no version, no CURRENT, not even the folder
 
 
 @pytest.mark.parametrize(
@@ -134,6 +134,13 @@ def test_other_commands_refuse_nonsense_numbers_before_any_work(
     result = CliRunner().invoke(main, command)
     assert result.exit_code == 2, result.output
     assert message in result.output
+
+
+def test_a_run_that_fails_leaves_no_folder_it_made_behind(tmp_path: Path) -> None:
+    missing = ["--interactions", str(tmp_path / "nope.csv"), "--items", str(tmp_path / "nope.csv")]
+    result = fit(missing, tmp_path / "never" / "deep" / "store")
+    assert result.exit_code == 1 and "no such file" in result.output
+    assert not (tmp_path / "never").exists()
 
 
 def test_an_unwritable_out_fails_before_reading_or_training(

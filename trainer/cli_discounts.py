@@ -35,10 +35,14 @@ def _err(line: str) -> None:
 
 def ensure_writable(folder: Path, what: str) -> None:
     """Make folder (with its parents) and create a file in it: a place that cannot take what a
-    command writes is refused before minutes of work, not after."""
+    command writes is refused before minutes of work, not after. The folders it made go again,
+    so a run that fails later leaves none behind; the writer makes them when it writes."""
+    made = [p for p in (folder, *folder.parents) if not p.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
         Path(tempfile.mkdtemp(prefix=".probe-", dir=folder)).rmdir()
+        for path in made:  # deepest first
+            path.rmdir()
     except OSError as e:
         # mkdir says "File exists" or "Not a directory" without saying which path is the file.
         file = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)

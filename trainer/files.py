@@ -19,6 +19,7 @@ def replace_files(writers: Mapping[Path, Callable[[Path], object]]) -> None:
     written: dict[Path, Path] = {}
     try:
         for target, write in writers.items():
+            target.parent.mkdir(parents=True, exist_ok=True)
             # Created by the writer, so with the user's umask; the suffix kept, since matplotlib
             # picks the image format by it.
             temporary = target.with_name(f".{target.stem}.{secrets.token_hex(6)}{target.suffix}")
