@@ -56,6 +56,19 @@ def test_oracle_earns_at_least_as_much_as_every_policy_on_the_truth(result: Seed
     assert result.outcomes["no_discount"].discount_spend == 0
 
 
+def test_the_gap_bench_reproduces_optimal_and_bayes(result: SeedResult) -> None:
+    """bench.policy_gap swaps the response model's per-shopper columns; with the rates it must
+    be evaluate-policy's optimal, or its other columns say nothing about this table."""
+    from bench.policy_gap import COLUMNS, shares
+
+    o = result.outcomes
+    lift = o["oracle"].margin - o["no_discount"].margin
+    got = shares(0, TINY, COLUMNS, bayes=True)
+    assert got["rates"] == pytest.approx((o["optimal"].margin - o["no_discount"].margin) / lift)
+    assert got["bayes"] == pytest.approx((o["bayes"].margin - o["no_discount"].margin) / lift)
+    assert all(np.isfinite(v) for v in got.values())
+
+
 def test_shares_are_measured_against_the_oracle(result: SeedResult) -> None:
     summary = summarize([result])
     assert summary["policies"]["oracle"]["share_of_oracle_lift"]["mean"] == pytest.approx(1)

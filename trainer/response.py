@@ -31,7 +31,6 @@ from torch import Tensor, nn
 from core import response_artifact
 from core.features import NUMERIC_FEATURES
 from core.response_artifact import (
-    FEATURES,
     GRAPH,
     HISTORY,
     INPUTS,
@@ -53,9 +52,10 @@ from trainer.export import ExportError, export_checked
 RAMP_CENTRES: tuple[float, ...] = (0.025, 0.075, 0.125, 0.175, 0.225, 0.275)
 RAMP_WIDTH = 0.01
 PARITY_TOLERANCE = 1e-5
-# Column slices of FEATURES: the user's order history, then their response rates.
+# Column slices of FEATURES: the user's order history, then their response rates (to the end:
+# bench/policy_gap.py passes other per-shopper columns there, to see what the model makes of them).
 ORDERS = slice(len(OFFER_FEATURES) - len(NUMERIC_FEATURES), len(OFFER_FEATURES))
-RATES = slice(len(OFFER_FEATURES), len(FEATURES))
+RATES = slice(len(OFFER_FEATURES), None)
 
 
 class ResponseError(Exception):
