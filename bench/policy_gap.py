@@ -22,20 +22,12 @@ import click
 import numpy as np
 
 from trainer.dataset import Floats
-from trainer.market import (
-    GRID,
-    Log,
-    Market,
-    Offers,
-    make_market,
-    make_offers,
-    randomized_discounts,
-    simulate,
-)
+from trainer.market import GRID, Log, Market, Offers
 from trainer.policy_eval import (
     EvalConfig,
     allowed_discounts,
     best_discounts,
+    draw,
     features,
     guardrails,
     offer_features,
@@ -85,11 +77,8 @@ def inputs(
 
 def shares(seed: int, config: EvalConfig, kinds: tuple[str, ...], bayes: bool) -> dict[str, float]:
     """Each kind's (and bayes's) share of the oracle's lift on seed, as evaluate-policy draws it."""
-    market = make_market(replace(config.market, seed=seed))
-    offers = make_offers(market, seed=seed)
-    split = offers.visit < config.train_visits
-    train, evaluated = offers.take(np.flatnonzero(split)), offers.take(np.flatnonzero(~split))
-    log = simulate(market, train, *randomized_discounts(len(train), seed), seed=seed)
+    drawn = draw(seed, config)  # as evaluate-policy draws it
+    market, log, evaluated = drawn.market, drawn.train_log, drawn.evaluated
     true_p = true_probabilities(market, evaluated)
     allowed = allowed_discounts(evaluated.price, evaluated.cost, guardrails(config))
 

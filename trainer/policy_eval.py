@@ -241,19 +241,33 @@ class SeedResult:
     offers: int
 
 
+@dataclass(frozen=True)
+class SeedData:
+    """One seed's market, the randomized experiment logged over its first visits, and the
+    offers of the later visits, which every policy prices."""
+
+    market: Market
+    train_log: Log
+    evaluated: Offers
+
+
+def draw(seed: int, config: EvalConfig) -> SeedData:
+    """seed's market, training log and evaluation offers, the same for every run of seed."""
+    market = make_market(replace(config.market, seed=seed))
+    offers = make_offers(market, seed=seed)
+    split = offers.visit < config.train_visits
+    train = offers.take(np.flatnonzero(split))
+    log = simulate(market, train, *randomized_discounts(len(train), seed), seed=seed)
+    return SeedData(market, log, offers.take(np.flatnonzero(~split)))
+
+
 def run_seed(
     seed: int, config: EvalConfig, progress: Callable[[str], None] = lambda _: None
 ) -> SeedResult:
-    market = make_market(replace(config.market, seed=seed))
-    all_offers = make_offers(market, seed=seed)
-    split = all_offers.visit < config.train_visits
-    train_offers = all_offers.take(np.flatnonzero(split))
-    eval_offers = all_offers.take(np.flatnonzero(~split))
+    drawn = draw(seed, config)
+    market, train_log, eval_offers = drawn.market, drawn.train_log, drawn.evaluated
+    train_offers = train_log.offers
     limits = guardrails(config)
-
-    train_log = simulate(
-        market, train_offers, *randomized_discounts(len(train_offers), seed), seed=seed
-    )
     eval_d, eval_prop = randomized_discounts(len(eval_offers), seed + 10_000)
     eval_log = simulate(market, eval_offers, eval_d, eval_prop, seed=seed + 10_000)
     progress(f"seed {seed}: fitting the response model on {len(train_offers):,} logged offers")
