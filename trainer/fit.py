@@ -81,9 +81,9 @@ def fit(
     candidates: list[ModelConfig],
     out: Path,
     log: Callable[[str], None] | None = None,
-    release: bool = True,
+    current: bool = True,
 ) -> FitOutcome:
-    """Choose, measure and write a version into the model store out; with release, make it
+    """Choose, measure and write a version into the model store out; with current, make it
     CURRENT where it may take over (below), else leave CURRENT to `discountctl models`."""
     say = log if log is not None else (lambda line: print(line, file=sys.stderr))
     dataset = loaded.dataset
@@ -154,7 +154,7 @@ def fit(
     # from one already serving: discountd follows CURRENT, so it would deploy within seconds.
     serving = _serving(out)
     validated = "loses_to_popularity" in metrics
-    make_current = release and (serving is None or (validated and not loses))
+    make_current = current and (serving is None or (validated and not loses))
     version_dir = write_artifact(
         out,
         dataset,
@@ -174,7 +174,7 @@ def fit(
         data=_data_summary(loaded, reference),
         make_current=make_current,
     )
-    if not release:
+    if not current:
         say(
             f"CURRENT left alone (--no-current); to serve it: `discountctl models register "
             f"{version_dir}` and `discountctl models promote {version_dir.name}`"
