@@ -359,6 +359,20 @@ def conversion_curves(
     return curves
 
 
+# The largest unit of which the experiment has lasted at least two: a day-old experiment in
+# hours, a demo of seconds in seconds.
+AXIS_UNITS = (
+    (timedelta(days=1), "days"),
+    (timedelta(hours=1), "hours"),
+    (timedelta(minutes=1), "minutes"),
+    (timedelta(seconds=1), "seconds"),
+)
+
+
+def axis_unit(span: timedelta) -> tuple[timedelta, str]:
+    return next((u for u in AXIS_UNITS if span >= 2 * u[0]), AXIS_UNITS[-1])
+
+
 def plot(session: Session, key: str, path: Path) -> None:
     try:
         import matplotlib
@@ -375,9 +389,7 @@ def plot(session: Session, key: str, path: Path) -> None:
     moments = [t for when, _ in curves.values() for t in when]
     begin = min(moments, default=None)
     span = (max(moments) - begin) if begin is not None else timedelta(0)
-    unit, unit_name = (
-        (timedelta(days=1), "days") if span >= timedelta(days=2) else (timedelta(hours=1), "hours")
-    )
+    unit, unit_name = axis_unit(span)
     for variant, (when, series) in curves.items():
         assert begin is not None
         x = [(t - begin) / unit for t in when]

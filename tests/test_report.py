@@ -18,6 +18,7 @@ from conftest import make_tiny_shop, write_tiny_artifact
 from offer_server import ctl
 from scipy import stats as sps
 
+from admin.report import axis_unit
 from core.artifact import CURRENT
 from core.store.db import Store
 from core.store.events import EventIn, record
@@ -395,3 +396,21 @@ def test_users_offered_under_a_variant_the_experiment_lacks_are_named(db_url: st
     assert "3 users were offered under variants this experiment does not have ((none): 3)" in (
         result.stderr
     )
+
+
+@pytest.mark.parametrize(
+    ("span", "unit"),
+    [
+        (timedelta(0), "seconds"),
+        (timedelta(seconds=12), "seconds"),  # make demo's whole experiment
+        (timedelta(minutes=3), "minutes"),
+        (timedelta(hours=1, minutes=59), "minutes"),
+        (timedelta(hours=2), "hours"),
+        (timedelta(days=1), "hours"),
+        (timedelta(days=14), "days"),
+    ],
+)
+def test_the_plot_counts_time_in_the_largest_unit_the_experiment_has_lasted_twice(
+    span: timedelta, unit: str
+) -> None:
+    assert axis_unit(span)[1] == unit
