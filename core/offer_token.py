@@ -28,6 +28,7 @@ KEY_ENV = "DISCOUNT_OFFER_KEY"
 # Comma-separated keys that verify (never sign) tokens, for rotation.
 PREVIOUS_KEYS_ENV = "DISCOUNT_OFFER_PREVIOUS_KEYS"
 MIN_KEY_BYTES = 32
+MAX_PRICE = Decimal("9999999999.99")
 _VERSION = "v1"
 _HOW_TO_MAKE_A_KEY = "python -c 'import secrets; print(secrets.token_urlsafe(48))'"
 
@@ -169,9 +170,12 @@ def _claims(payload: str) -> OfferClaims | None:
             return None
         if not all(isinstance(f, str) for f in (offer_id, user_id, item_id, price)):
             return None
-        return OfferClaims(
-            offer_id, user_id, item_id, Decimal(price), datetime.fromtimestamp(expires, UTC)
-        )
+        amount = Decimal(price)
+        # No issued offer has another price (the offers table's is NUMERIC(12, 2)): a token that
+        # says so was signed by someone else holding the key, and its cents would not fit.
+        if not (amount.is_finite() and 0 <= amount <= MAX_PRICE):
+            return None
+        return OfferClaims(offer_id, user_id, item_id, amount, datetime.fromtimestamp(expires, UTC))
     except (ValueError, TypeError, InvalidOperation, binascii.Error, OverflowError, OSError):
         return None
 

@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from core.offer_token import (
+    MAX_PRICE,
     OfferClaims,
     OfferKeyError,
     OfferKeys,
@@ -105,6 +106,21 @@ def test_a_payload_with_any_field_changed_fails_the_original_signature(
 @pytest.mark.parametrize("garbage", ["", ".", "abc", "abc.def", "..", "é.é", _token() + "."])
 def test_garbage_is_tampered_not_an_error(garbage: str) -> None:
     assert verify(garbage, OfferKeys(KEY), NOW).status is TokenStatus.TAMPERED
+
+
+@pytest.mark.parametrize("price", ["-5", "1E+30", "10000000000.00", "1e400", "-0.01"])
+def test_a_price_no_offer_can_have_is_tampered_even_under_an_accepted_key(price: str) -> None:
+    """Only someone else holding the key signs these (the public demo key, a leaked one); the
+    server's VerifyOffer answered UNKNOWN for a price whose cents overflow int64."""
+    token = _token(final_price=Decimal(price))
+    assert verify(token, OfferKeys(KEY), NOW) == verify("forged", OfferKeys(KEY), NOW)
+
+
+def test_the_largest_price_the_store_holds_verifies() -> None:
+    token = _token(final_price=MAX_PRICE)
+    result = verify(token, OfferKeys(KEY), NOW)
+    assert result.status is TokenStatus.VALID and result.claims is not None
+    assert result.claims.final_price == MAX_PRICE
 
 
 def test_expiry_is_reported_only_for_genuine_tokens() -> None:
