@@ -39,14 +39,13 @@ from core.shop import ShopFacts, load_shop_facts
 from core.store.errors import InvalidInput
 from core.store.experiments import Experiments
 from core.store.model_versions import ModelVersions
-from core.store.tables import Event, Offer
+from core.store.tables import BUYING, Event, Offer
 
 SRM_ALPHA = 0.001
 # Below this many buyers in an arm, normal-approximation p-values are far from exact ones
 # (3 of 3 against 0 of 3: the z-test says 0.014, Fisher's exact test 0.10).
 FEW_CONVERSIONS = 10
 REPEAT_WINDOW = timedelta(days=30)
-BUYING = ("purchase", "redemption")
 SEEN = ("impression", "click")  # add_to_cart counts in no figure
 STREAM_ROWS = 100_000
 Floats = npt.NDArray[np.float64]

@@ -1,8 +1,9 @@
 """What discountd's hold of recent purchases (server.purchases) costs: the full read a new
 model version makes, a poll's read, and the memory held per purchase.
 
-The store gets `purchases` purchases of random users and items, stored 1,000 a minute (so a
-poll's read, which reaches back a minute, re-reads 1,000). SQLite always; PostgreSQL too with
+The store gets `purchases` sales of random users and items, stored 1,000 a minute (so a poll's
+read, which reaches back a minute, re-reads 1,000): one in five a redemption of an offer, half of
+those naming only the offer. SQLite always; PostgreSQL too with
 --pg-url or DISCOUNT_BENCH_PG_URL.
 
     python -m bench.purchases [--pg-url postgresql+psycopg://postgres@127.0.0.1:5432/test]
@@ -26,22 +27,42 @@ from bench.serving import bench_stores, cpu_name, store_options
 from core.store import migrate
 from core.store.db import Store
 from core.store.events import EventIn, record
+from core.store.offers import insert_offers
 from server.purchases import MAX_HELD, RecentPurchases
 
 SECTION = "## Recent purchases"
 PER_MINUTE = 1000
+REDEEMED = 5  # one sale in five at an offer's price
 START = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def fill(store: Store, purchases: int, users: int, items: int) -> None:
+    """Every REDEEMED-th sale a redemption of an offer the store holds, every other one of
+    those naming only its offer (the read takes its item from the offers table)."""
     rng = random.Random(0)
     for start in range(0, purchases, PER_MINUTE):
-        batch = [
-            EventIn(f"e{n}", "purchase", f"user-{rng.randrange(users)}", f"{rng.randrange(items)}")
-            for n in range(start, min(start + PER_MINUTE, purchases))
-        ]
+        at = START + timedelta(minutes=start // PER_MINUTE)
+        batch, offers = [], []
+        for n in range(start, min(start + PER_MINUTE, purchases)):
+            user, item = f"user-{rng.randrange(users)}", f"{rng.randrange(items)}"
+            if n % REDEEMED:
+                batch.append(EventIn(f"e{n}", "purchase", user, item))
+                continue
+            offers.append(_offer(f"o{n}", user, item, at))
+            named = item if n % (2 * REDEEMED) else ""
+            batch.append(EventIn(f"e{n}", "redemption", user, named, offer_id=f"o{n}"))
         with store.transaction() as session:
-            record(session, batch, START + timedelta(minutes=start // PER_MINUTE))
+            insert_offers(session, offers)
+            record(session, batch, at)
+
+
+def _offer(offer_id: str, user: str, item: str, at: datetime) -> dict[str, object]:
+    return {
+        "offer_id": offer_id, "user_id": user, "item_id": item, "rule_id": None,
+        "segment": None, "experiment_key": None, "variant": None, "base_price": 10.0,
+        "discount_pct": 10.0, "final_price": 9.0, "model_version": "v", "reason_codes": [],
+        "issued_at": at, "expires_at": at + timedelta(minutes=15),
+    }  # fmt: skip
 
 
 def read(purchases: RecentPurchases) -> float:
@@ -69,7 +90,12 @@ def measure(store: Store) -> tuple[float, float, float]:
 
 
 @click.command(help=__doc__)
-@click.option("--purchases", default=300_000, show_default=True, help="Purchases stored.")
+@click.option(
+    "--purchases",
+    default=300_000,
+    show_default=True,
+    help="Sales stored (purchases and redemptions).",
+)
 @click.option("--users", default=100_000, show_default=True, help="Distinct users they come from.")
 @click.option("--items", default=50_000, show_default=True, help="Distinct items they name.")
 @store_options
@@ -80,7 +106,7 @@ def main(purchases: int, users: int, items: int, pg_url: str, doc: Path) -> None
             store = Store(url)
             try:
                 migrate.upgrade(store)
-                click.echo(f"{name}: storing {purchases:,} purchases", err=True)
+                click.echo(f"{name}: storing {purchases:,} sales", err=True)
                 fill(store, purchases, users, items)
                 full, poll_ms, size = measure(store)
             finally:
@@ -95,13 +121,15 @@ def main(purchases: int, users: int, items: int, pg_url: str, doc: Path) -> None
 (`make bench-purchases`) on {cpu_name()}, Python {platform.python_version()}; the stores are \
 local (PostgreSQL on the same cores).
 
-The store holds {purchases:,} purchases by {users:,} users of {items:,} items, stored \
-{PER_MINUTE:,} a minute. The full read is what discountd does when a model version starts \
-serving (the newest purchases since its data end, {MAX_HELD:,} at most); a poll's read is what it \
-does every `--rules-poll-interval` (the purchases of the last minute again, then nothing new). \
-Memory held is tracemalloc's count after a full read, in one process.
+The store holds {purchases:,} sales by {users:,} users of {items:,} items, stored \
+{PER_MINUTE:,} a minute; one in {REDEEMED} is a redemption of an offer the store holds, half of \
+those naming only the offer, whose item the read takes from the offers table. The full read is \
+what discountd does when a model version starts serving (the newest sales since its data end, \
+{MAX_HELD:,} at most); a poll's read is what it does every `--rules-poll-interval` (the sales of \
+the last minute again, then nothing new). Memory held is tracemalloc's count after a full read, \
+in one process.
 
-| store | purchases | full read s | poll's read ms | held MB | bytes per purchase |
+| store | sales | full read s | poll's read ms | held MB | bytes per sale |
 |---|---:|---:|---:|---:|---:|
 {chr(10).join(rows)}
 """

@@ -118,11 +118,15 @@ class Offering:
             log.error("a read of the store was still waiting for an answer at shutdown")
         self.store.dispose()
 
-    def record_events(self, batch: list[events.EventIn]) -> list[events.Outcome]:
-        """Commit the accepted events before returning (runs in a worker thread)."""
+    def record_events(
+        self, batch: list[events.EventIn]
+    ) -> tuple[list[events.Outcome], list[tuple[str, str]]]:
+        """Commit the accepted events before returning (runs in a worker thread): their
+        outcomes, and the (user, item) of each sale the store now holds (events.sold)."""
         try:
             with self.store.transaction() as session:
-                return events.record(session, batch, datetime.now(UTC))
+                outcomes = events.record(session, batch, datetime.now(UTC))
+                return outcomes, events.sold(session, batch, outcomes)
         except (DataRefused, Conflict) as e:
             raise StoreRefused(
                 f"the store refused this batch ({first_line(e)}); no event of it was stored, and "

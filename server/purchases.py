@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 # timeout on SQLite. Different hosts' clocks must also agree to within this.
 OVERLAP = timedelta(seconds=60)
 # The most purchases a model switch reads (the newest; docs/BENCHMARKS.md "Recent purchases":
-# 300,000 took 35 MB and 1.2-1.3 s). A model trained on an old export would otherwise load the
+# 300,000 took 35 MB and 1.5 s). A model trained on an old export would otherwise load the
 # store's whole purchase history into every worker.
 MAX_HELD = 500_000
 EMPTY: frozenset[str] = frozenset()

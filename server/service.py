@@ -300,10 +300,9 @@ class DiscountService(pb_grpc.DiscountServiceServicer):
             for e in request.events
         ]
         # A store-write thread: the event loop keeps answering while the store commits.
-        outcomes = await offering.writes.run(lambda: offering.record_events(batch))
-        for event, outcome in zip(batch, outcomes, strict=True):
-            if event.type == "purchase" and outcome.verdict is not Verdict.REJECTED:
-                offering.purchases.add(event.user_id, event.item_id)  # stored: excluded at once
+        outcomes, sold = await offering.writes.run(lambda: offering.record_events(batch))
+        for user_id, item_id in sold:
+            offering.purchases.add(user_id, item_id)  # stored: excluded at once
         for outcome in outcomes:
             self._metrics.events.labels(outcome.verdict.value).inc()
         return pb.RecordEventsResponse(

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 from offer_server import OfferServer, ctl, eventually
-from sqlalchemy import update
+from sqlalchemy import func, select, update
 
 from core.store.db import Store
 from core.store.events import EventIn, record
-from core.store.tables import Event
+from core.store.tables import Event, Offer
 from discount.v1 import discount_pb2 as pb
 from server.purchases import MAX_HELD, RecentPurchases
 
@@ -73,6 +73,71 @@ def test_a_purchase_recorded_here_leaves_recommendations_at_once(server: OfferSe
     # A named item is priced all the same: the caller asked for it.
     named = server.stub.GetOffers(pb.GetOffersRequest(user_id="user-0", item_ids=[top])).offers
     assert [o.item_id for o in named] == [top]
+
+
+def issued(server: OfferServer, user: str, db_url: str) -> list[pb.Offer]:
+    """Offers GetOffers issued to user, once the offer log has stored them."""
+    offers = [
+        o
+        for o in server.stub.GetOffers(pb.GetOffersRequest(user_id=user, limit=8)).offers
+        if o.offer_id
+    ]
+    ids = [o.offer_id for o in offers]
+    store = Store(db_url)
+    try:
+
+        def stored() -> bool:
+            with store.transaction() as session:
+                query = select(func.count()).where(Offer.offer_id.in_(ids))
+                return session.scalar(query) == len(ids)
+
+        eventually(stored, timeout=10)
+    finally:
+        store.dispose()
+    return offers
+
+
+def redeem(server: OfferServer, event_id: str, user: str, offer: pb.Offer, item: str) -> None:
+    event = pb.Event(
+        event_id=event_id,
+        type=pb.EVENT_TYPE_REDEMPTION,
+        user_id=user,
+        item_id=item,
+        offer_id=offer.offer_id,
+        revenue_cents=offer.final_price_cents,
+    )
+    result = server.stub.RecordEvents(pb.RecordEventsRequest(events=[event])).results[0]
+    assert result.status != pb.EVENT_STATUS_REJECTED, result.reason
+
+
+def test_an_item_bought_at_an_offers_price_leaves_recommendations_at_once(
+    server: OfferServer, db_url: str
+) -> None:
+    """A redemption is a sale as a purchase is: with its item_id, or naming only its offer."""
+    named, unnamed = issued(server, "user-0", db_url)[:2]
+    redeem(server, "r1", "user-0", named, named.item_id)
+    redeem(server, "r2", "user-0", unnamed, "")
+    again = recommended(server, "user-0")
+    assert named.item_id not in again and unnamed.item_id not in again
+    assert named.item_id in recommended(server, "user-1")
+
+
+def test_a_redemption_another_process_stored_is_polled(model_store: Path, db_url: str) -> None:
+    ctl(db_url, "rules", "create", "all", "--policy", "tiered_topk", "--param", "k1=1",
+        "--param", "d1=10", "--param", "d2=5")  # fmt: skip
+    running = OfferServer(model_store, db_url, rules_poll_interval=0.2)
+    try:
+        offer = issued(running, "user-0", db_url)[0]
+        store = Store(db_url)
+        try:
+            with store.transaction() as session:
+                sale = EventIn("r1", "redemption", "user-0", offer_id=offer.offer_id)
+                record(session, [sale], datetime.now(UTC))
+        finally:
+            store.dispose()
+        eventually(lambda: offer.item_id not in recommended(running, "user-0"), timeout=10)
+    finally:
+        running.close()
 
 
 def test_an_unknown_users_purchase_leaves_popularity_and_fold_in(server: OfferServer) -> None:

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import cast
 
-from sqlalchemy import Numeric, String, Table, select
+from sqlalchemy import Numeric, String, Table, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from core.store.tables import EVENT_TYPES, Event
+from core.store.tables import BUYING, EVENT_TYPES, Event, Offer
 from core.store.validate import CONTROL_CHARACTERS
 
 MAX_BATCH = 1000
@@ -203,11 +203,40 @@ def record(session: Session, events: Sequence[EventIn], now: datetime) -> list[O
 def purchases_received_after(
     session: Session, after: datetime, limit: int | None = None
 ) -> list[tuple[str, str, datetime]]:
-    """(user_id, item_id, received_at) of the purchases stored after the given time (the newest
-    `limit` of them, when given), read through the (type, received_at) index."""
-    query = select(Event.user_id, Event.item_id, Event.received_at).where(
-        Event.type == "purchase", Event.received_at > after
+    """(user_id, item_id, received_at) of the sales (purchases and redemptions) stored after the
+    given time (the newest `limit` of them, when given), read through the (type, received_at)
+    index. A redemption that names no item was of its offer's item; one whose offer the store
+    does not hold names no item, and is left out."""
+    item = func.coalesce(Event.item_id, Offer.item_id)
+    query = (
+        select(Event.user_id, item, Event.received_at)
+        .outerjoin(Offer, Offer.offer_id == Event.offer_id)
+        .where(Event.type.in_(BUYING), Event.received_at > after)
     )
     if limit is not None:
         query = query.order_by(Event.received_at.desc()).limit(limit)
-    return [(user, item or "", received) for user, item, received in session.execute(query)]
+    return [
+        (user, item, received)
+        for user, item, received in session.execute(query)
+        if item is not None
+    ]
+
+
+def sold(
+    session: Session, events: Sequence[EventIn], outcomes: Sequence[Outcome]
+) -> list[tuple[str, str]]:
+    """(user_id, item_id) of each sale of a recorded batch that the store holds (accepted, or
+    stored before), a redemption without an item taking its offer's item where the store holds
+    the offer (one still in the offer log's queue is found by the next purchases poll)."""
+    kept = [
+        e
+        for e, o in zip(events, outcomes, strict=True)
+        if e.type in BUYING and o.verdict is not Verdict.REJECTED
+    ]
+    unnamed = {e.offer_id for e in kept if not e.item_id}
+    items: dict[str, str] = {}
+    if unnamed:
+        query = select(Offer.offer_id, Offer.item_id).where(Offer.offer_id.in_(unnamed))
+        items = {offer: item for offer, item in session.execute(query)}
+    pairs = [(e.user_id, e.item_id or items.get(e.offer_id, "")) for e in kept]
+    return [(user, item) for user, item in pairs if item]

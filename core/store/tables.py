@@ -43,6 +43,8 @@ SEGMENT_KINDS = ("condition", "members")
 EXPERIMENT_STATUSES = ("draft", "running", "paused", "stopped")
 MODEL_STATUSES = ("staged", "active", "retired")
 EVENT_TYPES = ("impression", "click", "add_to_cart", "purchase", "redemption")
+# The sales: a line bought at the base price, or at an offer's (docs/OFFERS.md, "Record").
+BUYING = ("purchase", "redemption")
 
 
 def utcnow() -> datetime:
