@@ -10,6 +10,7 @@ from admin.app import App
 from admin.options import confirm, yes_option
 from admin.output import emit, message, output_option
 from core.artifact import CURRENT, ArtifactError, current_version_dir, set_current
+from core.store.errors import InvalidInput
 from core.store.model_versions import ModelVersions
 
 COLUMNS = ("version", "status", "registered_at", "activated_at", "metrics", "path")
@@ -93,12 +94,14 @@ def rollback(app: App, yes: bool, output: str) -> None:
     """
     with app.transaction() as session:
         active = ModelVersions(session).active()
-    if active is not None:
-        warn_if_served_elsewhere(active.path)
-        confirm(f"Roll back from model version {active.version!r}?", yes)
+    if active is None:
+        raise InvalidInput("no active model version to roll back from")
+    warn_if_served_elsewhere(active.path)
+    confirm(f"Roll back from model version {active.version!r}?", yes)
     with app.transaction() as session:
-        data = ModelVersions(session, app.actor).rollback().to_dict()
-    _serve(data["path"], active.path if active is not None else None)
+        # From the version confirmed, not from one a colleague promoted while the prompt waited.
+        data = ModelVersions(session, app.actor).rollback(active.version).to_dict()
+    _serve(data["path"], active.path)
     message(f"rolled back; model version {data['version']!r} is active")
     emit(data, output)
 

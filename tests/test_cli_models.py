@@ -270,3 +270,31 @@ def test_two_racing_promotions_leave_one_version_active(tmp_path: Path) -> None:
         assert statuses == {"v1": "retired", "v2": "active", "v3": "staged"}
         first.dispose()
         second.dispose()
+
+
+def test_rollback_rolls_back_only_from_the_version_it_confirmed(
+    db_url: str, tmp_path: Path
+) -> None:
+    """A colleague's promote while the prompt waits: the rollback confirmed for v2 must not
+    retire v3 and bring back v2."""
+    for name in ("v1", "v2", "v3"):
+        run(db_url, "register", str(_version(tmp_path, name)))
+    run(db_url, "promote", "v1")
+    run(db_url, "promote", "v2")
+    run(db_url, "promote", "v3")  # after `rollback` read v2 as active, before it wrote
+    store = Store(db_url)
+    try:
+        with pytest.raises(Conflict, match="'v3' became active since rollback from 'v2'"):
+            with store.transaction() as session:
+                ModelVersions(session, "alice").rollback(expected="v2")
+    finally:
+        store.dispose()
+    statuses = {v["version"]: v["status"] for v in run(db_url, "list")}
+    assert statuses == {"v1": "retired", "v2": "retired", "v3": "active"}
+    assert run(db_url, "rollback", "--yes")["version"] == "v2"  # asked again: from v3
+
+
+def test_rollback_with_nothing_active_says_so(db_url: str, tmp_path: Path) -> None:
+    result = ctl(db_url, "models", "rollback", "--yes")
+    assert result.exit_code == 1
+    assert result.stderr.strip() == "Error: no active model version to roll back from"

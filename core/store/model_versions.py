@@ -75,11 +75,18 @@ class ModelVersions:
         _unchanged(model)
         return self._activate(model, "promote", rolled_back=None)
 
-    def rollback(self) -> ModelVersion:
-        """Retire the active version and reactivate the one active before it."""
+    def rollback(self, expected: str | None = None) -> ModelVersion:
+        """Retire the active version and reactivate the one active before it; with expected,
+        only while the active version is still that one (Conflict otherwise)."""
         current = self.active()
         if current is None:
             raise InvalidInput("no active model version to roll back from")
+        if expected is not None and current.version != expected:
+            raise Conflict(
+                f"model version {current.version!r} became active since rollback from "
+                f"{expected!r} was asked for; nothing was changed: run rollback again to roll "
+                f"back from {current.version!r}"
+            )
         previous = self.session.scalar(
             select(ModelVersion)
             .where(
