@@ -54,17 +54,31 @@ def load_shop_facts(version_dir: Path) -> ShopFacts:
         users = json.loads((version_dir / "users.json").read_text())
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ArtifactError(f"{version_dir}: unreadable catalog or user features ({e})") from None
-    columns = [str(c) for c in raw.get("columns", [])]
-    known = [(i, c) for i, c in enumerate(columns) if c in FEATURE_NAMES]
-    features = {
-        str(user): {c: row[i] for i, c in known}
-        for user, row in zip(users, raw.get("rows", []), strict=False)
-    }
+    lists = {"price": prices, "cost": costs, "cost_assumed": assumed, "category": categories}
+    uneven = [
+        f"{name} ({len(c) if isinstance(c, list) else 'not a list'})"
+        for name, c in lists.items()
+        if not isinstance(c, list) or len(c) != n
+    ]
+    if uneven:
+        raise ArtifactError(
+            f"{version_dir}: items.json has {n} item ids but not as many {', '.join(uneven)}"
+        )
+    try:
+        columns = [str(c) for c in raw.get("columns", [])]
+        known = [(i, c) for i, c in enumerate(columns) if c in FEATURE_NAMES]
+        features = {
+            str(user): {c: row[i] for i, c in known}
+            for user, row in zip(users, raw.get("rows", []), strict=False)
+        }
+        features_as_of = str(raw.get("reference_time", ""))
+    except (AttributeError, IndexError, KeyError, TypeError) as e:
+        raise ArtifactError(f"{version_dir}: malformed user_features.json ({e!r})") from None
     return ShopFacts(
         prices={i: _money(p) for i, p in zip(ids, prices, strict=True)},
         costs={i: _money(c) for i, c in zip(ids, costs, strict=True)},
         assumed_costs=frozenset(i for i, a in zip(ids, assumed, strict=True) if a),
         categories={i: str(c) for i, c in zip(ids, categories, strict=True)},
         user_features=features,
-        features_as_of=str(raw.get("reference_time", "")),
+        features_as_of=features_as_of,
     )

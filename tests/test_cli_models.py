@@ -29,6 +29,7 @@ def _version(root: Path, name: str) -> Path:
         (folder / file).write_bytes(f"{file} of {name}".encode())
     (folder / "model.onnx").write_bytes(b"graph " + name.encode())
     (folder / "items.json").write_text('{"item_id": ["85123A"]}')
+    (folder / "users.json").write_text('["17850"]')
     seal(
         folder,
         Manifest(
@@ -46,6 +47,12 @@ def _version(root: Path, name: str) -> Path:
 
 def _reseal_without(folder: Path, name: str) -> None:
     (folder / name).unlink()
+    seal(folder, load_manifest(folder, verify=False))
+
+
+def _rewrite(folder: Path, name: str, text: str) -> None:
+    """A file changed and the version sealed again: the manifest vouches for the new text."""
+    (folder / name).write_text(text)
     seal(folder, load_manifest(folder, verify=False))
 
 
@@ -178,6 +185,21 @@ def test_rollback_asks_first(db_url: str, tmp_path: Path) -> None:
             lambda d: _list(d, "../v1/model.onnx", "model.onnx"),
             "manifest lists '../v1/model.onnx', not a file of the folder",
         ),
+        # Sealed, yet unreadable: discountd could not price from it, the report crashed on it.
+        (
+            lambda d: _rewrite(d, "items.json", '{"item_id": ["A", "B"], "cost": [6]}'),
+            "items.json has 2 item ids but not as many cost (1)",
+        ),
+        (
+            lambda d: _rewrite(d, "items.json", '{"item_id": ["A"], "price": {"A": 1}}'),
+            "not as many price (not a list)",
+        ),
+        (
+            lambda d: _rewrite(
+                d, "user_features.json", '{"columns": ["order_count"], "rows": [[]]}'
+            ),
+            "malformed user_features.json",
+        ),
     ],
 )
 def test_register_refuses_a_version_that_does_not_match_its_manifest(
@@ -284,9 +306,11 @@ def test_rollback_rolls_back_only_from_the_version_it_confirmed(
     run(db_url, "promote", "v3")  # after `rollback` read v2 as active, before it wrote
     store = Store(db_url)
     try:
-        with pytest.raises(Conflict, match="'v3' became active since rollback from 'v2'"):
-            with store.transaction() as session:
-                ModelVersions(session, "alice").rollback(expected="v2")
+        with (
+            pytest.raises(Conflict, match="'v3' became active since rollback from 'v2'"),
+            store.transaction() as session,
+        ):
+            ModelVersions(session, "alice").rollback(expected="v2")
     finally:
         store.dispose()
     statuses = {v["version"]: v["status"] for v in run(db_url, "list")}

@@ -9,6 +9,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from core.artifact import MANIFEST, ArtifactError, Manifest, load_manifest, sha256_file
+from core.shop import load_shop_facts
 from core.store import audit
 from core.store.errors import Conflict, InvalidInput, NotFound
 from core.store.tables import ModelVersion, utcnow
@@ -158,7 +159,11 @@ def _unchanged(model: ModelVersion) -> None:
 
 
 def _verified(path: Path) -> Manifest:
+    """The manifest of a version whose files match it, and whose catalog discountd and the
+    report can read (InvalidInput otherwise)."""
     try:
-        return load_manifest(path, verify=True)
+        manifest = load_manifest(path, verify=True)
+        load_shop_facts(path)
     except ArtifactError as e:
         raise InvalidInput(f"not a valid model version: {e}") from None
+    return manifest
