@@ -18,11 +18,33 @@ from sqlalchemy import Connection, text
 from core.store.db import PG_SCHEMA
 from core.store.tables import Base
 
+# The key of the PostgreSQL advisory lock that upgrades take: "discount" in ASCII.
+MIGRATION_LOCK = int.from_bytes(b"discount", "big")
+
+
+def _serialize(connection: Connection) -> None:
+    """Make a concurrent upgrade (an init container per replica) wait for this one, then find
+    the work done, instead of failing on a table the other has just created. Taken before
+    Alembic reads the store's revision, and held to the end of the transaction."""
+    if connection.dialect.name == "postgresql":
+        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
+    else:
+        # SQLite: a write lock from the start (the driver would begin only at the first row
+        # written, and run CREATE TABLE outside any transaction before that).
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
 
 def run_migrations(connection: Connection) -> None:
+    _serialize(connection)
     if connection.dialect.name == "postgresql":
-        # The version table lands in this schema too, through the engine's search_path.
-        connection.execute(text(f"CREATE SCHEMA IF NOT EXISTS {PG_SCHEMA}"))
+        # The version table lands in this schema too, through the engine's search_path. Looked
+        # up first: CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even when the
+        # schema is there, which an admin role that owns only the schema does not have.
+        there = connection.scalar(
+            text("SELECT 1 FROM pg_namespace WHERE nspname = :name"), {"name": PG_SCHEMA}
+        )
+        if not there:
+            connection.execute(text(f"CREATE SCHEMA {PG_SCHEMA}"))
     context.configure(
         connection=connection,
         target_metadata=Base.metadata,

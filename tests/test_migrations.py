@@ -4,15 +4,21 @@ revision, models match the DDL (`alembic check`), and the startup check names th
 from __future__ import annotations
 
 import json
+import secrets
+import subprocess
+import sys
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 from alembic import command
-from sqlalchemy import inspect, text
+from pg import BACKENDS, empty_database, pg_database
+from sqlalchemy import create_engine, inspect, text
+from sqlalchemy.engine import make_url
 
 from core.store import migrate
-from core.store.db import Store
+from core.store.db import PG_SCHEMA, Store
 from core.store.errors import InvalidInput, SchemaOutOfDate
 from core.store.tables import Base
 
@@ -127,3 +133,63 @@ def test_schema_check_refuses_a_store_that_is_not_at_head(store: Store) -> None:
 def test_unknown_revision_is_a_clear_error(store: Store) -> None:
     with pytest.raises(InvalidInput, match=r"cannot upgrade to 'nope'.*discountctl db history"):
         migrate.upgrade(store, "nope")
+
+
+UPGRADE = "from admin.cli import main; main()"
+
+
+def race_upgrades(url: str, racers: int = 2) -> list[str]:
+    """`discountctl db upgrade` from several processes at once (Alembic keeps its context in
+    module state, so not threads): the output of each that failed."""
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", UPGRADE, "--db-url", url, "db", "upgrade"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(racers)
+    ]
+    outputs = [run.communicate(timeout=120)[0] for run in runs]
+    return [out for run, out in zip(runs, outputs, strict=True) if run.returncode != 0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_upgrades_racing_on_a_new_store_both_succeed(backend: str, tmp_path: Path) -> None:
+    """An init container per replica: each `db upgrade` waits for the other, then finds the
+    schema at head. Without the lock, one failed on a table (or on PostgreSQL, the schema)
+    the other had just created, in most rounds."""
+    for round_ in range(3):
+        folder = tmp_path / str(round_)
+        folder.mkdir()
+        with empty_database(backend, folder) as url:
+            assert race_upgrades(url) == [], f"round {round_}"
+            store = Store(url)
+            try:
+                assert migrate.current_revision(store) == migrate.head_revision()
+            finally:
+                store.dispose()
+
+
+@pytest.mark.postgres
+def test_an_admin_role_that_owns_only_the_schema_can_upgrade() -> None:
+    """The shared-database set-up of docs/ADMIN.md: the database's owner made the discount
+    schema for a role that cannot create anything else in the database."""
+    role = f"discount_admin_{secrets.token_hex(4)}"
+    with pg_database() as url:
+        superuser = create_engine(url, isolation_level="AUTOCOMMIT")
+        try:
+            with superuser.connect() as conn:
+                conn.execute(text(f'CREATE ROLE "{role}" LOGIN'))
+                conn.execute(text(f'CREATE SCHEMA {PG_SCHEMA} AUTHORIZATION "{role}"'))
+            store = Store(make_url(url).set(username=role).render_as_string(False))
+            try:
+                migrate.upgrade(store)
+                assert migrate.current_revision(store) == migrate.head_revision()
+            finally:
+                store.dispose()
+        finally:
+            superuser.dispose()
+    with create_engine(make_url(url).set(database="postgres")).connect() as conn:
+        conn.execute(text(f'DROP ROLE "{role}"'))
+        conn.commit()
