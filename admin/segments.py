@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import itertools
+from collections.abc import Iterator
 from typing import IO, Any
 
 import click
@@ -12,6 +14,7 @@ from admin.app import App
 from admin.options import confirm, if_version_option, parse_json, yes_option
 from admin.output import emit, message, output_option, updated
 from core.segments import ConditionError, parse_expression, to_json
+from core.store import validate
 from core.store.errors import InvalidInput
 from core.store.experiments import Experiments
 from core.store.segments import Segments
@@ -262,38 +265,67 @@ DELIMITERS = (",", ";", "\t")
 
 
 def _read_ids(file: IO[str]) -> list[str]:
-    """One id per line, or a CSV whose header names a user_id column; blank lines are skipped
-    and ids stripped of surrounding spaces."""
+    """One id per line, or a CSV whose header names a user_id column (read as CSV throughout:
+    quoted fields, a quoted field over several lines); blank lines are skipped and ids stripped
+    of surrounding spaces. Each id is checked here, so that a bad one is named by its line."""
     # A stream without a name (stdin in Click's test runner) is stdin.
     label = getattr(file, "name", "<stdin>")
-    try:
-        lines = [(number, line.strip()) for number, line in enumerate(file, 1) if line.strip()]
-    except UnicodeDecodeError:
-        raise InvalidInput(f"{label}: not UTF-8 text; save it as UTF-8 and import again") from None
-    if not lines:
-        return []
-    first, header = lines[0]
-    # A header that named no user_id column would otherwise be imported as ids, and each of
-    # its rows as one id, commas and all.
-    if header.lower() != "user_id" and not any(d in header for d in DELIMITERS):
-        return [line for _, line in lines]
-    for delimiter in DELIMITERS:
-        columns = [c.strip().lower() for c in next(csv.reader([header], delimiter=delimiter))]
-        if "user_id" in columns:
+    lines = _decoded(file, label)
+    skipped, header = 0, ""
+    for header in lines:
+        if header.strip():
             break
-    else:
-        raise InvalidInput(
-            f"{label}: line {first} is a CSV header without a user_id column (found "
-            f"{header!r}); name the id column user_id, or give one id per line without a header"
-        )
-    column = columns.index("user_id")
+        skipped += 1
+    if not header.strip():
+        return []
+    delimiter = _header_delimiter(header)
+    if delimiter is None:
+        # A header that named no user_id column would otherwise be imported as ids, and each
+        # of its rows as one id, commas and all.
+        if any(d in header for d in DELIMITERS):
+            raise InvalidInput(
+                f"{label}: line {skipped + 1} is a CSV header without a user_id column (found "
+                f"{header.strip()!r}); name the id column user_id, or give one id per line "
+                "without a header"
+            )
+        numbered = enumerate(itertools.chain([header], lines), start=skipped + 1)
+        return [_checked(line.strip(), label, n) for n, line in numbered if line.strip()]
+    reader = csv.reader(itertools.chain([header], lines), delimiter=delimiter)
+    column = [c.strip().lower() for c in next(reader)].index("user_id")
     ids = []
-    for number, line in lines[1:]:
-        row = next(csv.reader([line], delimiter=delimiter))
+    for row in reader:
+        number = skipped + reader.line_num
+        if not any(cell.strip() for cell in row):
+            continue
         user_id = row[column].strip() if column < len(row) else ""
         if not user_id:
             raise InvalidInput(
                 f"{label}: line {number} has no user_id; fill it in or remove the line"
             )
-        ids.append(user_id)
+        ids.append(_checked(user_id, label, number))
     return ids
+
+
+def _decoded(file: IO[str], label: str) -> Iterator[str]:
+    try:
+        # Not `yield from`: closing this generator would close the file (stdin too).
+        for line in file:  # noqa: UP028
+            yield line
+    except UnicodeDecodeError:
+        raise InvalidInput(f"{label}: not UTF-8 text; save it as UTF-8 and import again") from None
+
+
+def _header_delimiter(line: str) -> str | None:
+    """The delimiter under which line, read as CSV, has a user_id column; None if none does."""
+    for delimiter in DELIMITERS:
+        columns = next(csv.reader([line], delimiter=delimiter), [])
+        if "user_id" in (c.strip().lower() for c in columns):
+            return delimiter
+    return None
+
+
+def _checked(user_id: str, label: str, number: int) -> str:
+    try:
+        return validate.ident("user id", user_id)
+    except InvalidInput as e:
+        raise InvalidInput(f"{label}: line {number}: {e}") from None

@@ -261,8 +261,22 @@ def _members(url: str, name: str) -> list[str]:
         ("user_id;name\nu1;Ann\n", ["u1"]),
         ("name\t USER_ID \nAnn\t u9 \n", ["u9"]),
         ('email,user_id\n"a,b@c.com",u2\n', ["u2"]),
+        # pandas' QUOTE_ALL, psql's \copy ... FORCE QUOTE *: the header is quoted too.
+        ('"user_id"\r\n"12345"\r\n"0042"\r\n', ["0042", "12345"]),
+        # A CRM export whose notes run over two lines: one record, not a member "calls...".
+        ('user_id,notes\r\n1001,"VIP\r\ncalls on Fridays"\r\n1002,plain\r\n', ["1001", "1002"]),
+        ("\n\nuser_id\n\nu7\n", ["u7"]),
     ],
-    ids=["plain", "header in another case", "semicolons", "tabs", "quoted"],
+    ids=[
+        "plain",
+        "header in another case",
+        "semicolons",
+        "tabs",
+        "quoted",
+        "all quoted",
+        "a field over two lines",
+        "blank lines first",
+    ],
 )
 def test_import_members_reads_plain_ids_or_a_user_id_column(
     db_url: str, text: str, members: list[str]
@@ -279,6 +293,9 @@ def test_import_members_reads_plain_ids_or_a_user_id_column(
         ("User ID;name\nu1;Ann\n", "(found 'User ID;name')"),
         ("user_id,email\n1,a\n\n,b@c.com\n", "<stdin>: line 4 has no user_id"),
         ("email;user_id\na@b.com\n", "<stdin>: line 2 has no user_id"),
+        ('\nuser_id,notes\n1,"two\nlines"\n,x\n', "<stdin>: line 5 has no user_id"),
+        ("u1\n" + "x" * 129 + "\n", "<stdin>: line 2: user id 'xxx"),
+        ("user_id\nu1\nu\x012\n", "<stdin>: line 3: user id 'u\\x012'"),
     ],
 )
 def test_import_members_refuses_a_csv_without_user_ids(
