@@ -223,6 +223,11 @@ def create_server(settings: Settings) -> tuple[DiscountServer, int]:
         lambda: (store.current.version, store.current.provider) if store.current else None,
         lambda: offering.keeper.age_seconds if offering is not None else None,
         lambda: offering.purchases.state if offering is not None else None,
+        lambda: (
+            (offering.log.pending, offering.log.refused, offering.log.dropped)
+            if offering is not None
+            else None
+        ),
     )
     add_discount_service(
         DiscountService(

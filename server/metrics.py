@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 # Seconds: from a health check's tens of microseconds to a slow 1M-item inference.
@@ -39,15 +39,23 @@ SnapshotAge = Callable[[], float | None]
 # (seconds since the last good read, users held) of the recent purchases (server.purchases);
 # None without a store. The age is None until a read has succeeded.
 PurchasesState = Callable[[], tuple[float | None, int] | None]
+# (offers waiting for the store, GetOffers calls refused because that queue was full, offers the
+# store refused as data) of the offer log (server.offer_log); None without a store.
+OfferLogState = Callable[[], tuple[int, int, int] | None]
 
 
 class _Live(Collector):
     def __init__(
-        self, model: ModelState, snapshot_age: SnapshotAge, purchases: PurchasesState
+        self,
+        model: ModelState,
+        snapshot_age: SnapshotAge,
+        purchases: PurchasesState,
+        offer_log: OfferLogState,
     ) -> None:
         self._model = model
         self._snapshot_age = snapshot_age
         self._purchases = purchases
+        self._offer_log = offer_log
 
     def collect(self) -> Iterable[Metric]:
         info = GaugeMetricFamily(
@@ -65,6 +73,24 @@ class _Live(Collector):
                 "discountd_rule_snapshot_age_seconds",
                 "Seconds since the rule snapshot was last loaded from the store.",
                 value=age,
+            )
+        offer_log = self._offer_log()
+        if offer_log is not None:
+            pending, refused, dropped = offer_log
+            yield GaugeMetricFamily(
+                "discountd_offer_log_pending",
+                "Issued offers waiting to be written to the store (alert when it keeps growing).",
+                value=pending,
+            )
+            yield CounterMetricFamily(
+                "discountd_offer_log_refused",
+                "GetOffers calls refused because the offer log's queue was full.",
+                value=refused,
+            )
+            yield CounterMetricFamily(
+                "discountd_offer_log_dropped",
+                "Issued offers the store refused as data (logged each; a bug to report).",
+                value=dropped,
             )
         purchases = self._purchases()
         if purchases is None:
@@ -125,9 +151,13 @@ class Metrics:
         self._thread: threading.Thread | None = None
 
     def watch(
-        self, model: ModelState, snapshot_age: SnapshotAge, purchases: PurchasesState
+        self,
+        model: ModelState,
+        snapshot_age: SnapshotAge,
+        purchases: PurchasesState,
+        offer_log: OfferLogState,
     ) -> None:
-        self.registry.register(_Live(model, snapshot_age, purchases))
+        self.registry.register(_Live(model, snapshot_age, purchases, offer_log))
 
     def serve(self, host: str, port: int) -> int:
         """Serve /metrics over HTTP in a daemon thread; returns the bound port (port 0 picks)."""

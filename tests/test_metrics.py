@@ -92,6 +92,7 @@ def test_model_version_and_provider(running: RunningServer) -> None:
         "discountd_rule_snapshot_age_seconds",
         "discountd_recent_purchases_age_seconds",
         "discountd_recent_purchase_users",
+        "discountd_offer_log_pending",
     }
 
 
@@ -196,3 +197,43 @@ def test_an_item_without_a_price_is_not_counted_as_an_issued_offer(
         for s in family.samples
     }
     assert value(samples, "discountd_offers_issued_total") == 1
+
+
+def test_an_offer_log_that_cannot_write_shows_its_backlog(model_store: Path, db_url: str) -> None:
+    """A store that answers reads but not the offer log's writes (a lock, a lost INSERT grant)
+    leaves health and the snapshot fine: only these metrics show offers piling up."""
+    from offer_server import OfferServer, ctl, eventually
+
+    from core.store.db import Store
+
+    ctl(db_url, "rules", "create", "tier", "--policy", "tiered_topk", "--param", "k1=2",
+        "--param", "d1=20", "--param", "d2=5")  # fmt: skip
+    server = OfferServer(model_store, db_url)
+    store = Store(db_url)
+
+    def samples() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        text = generate_latest(server.server.metrics.registry).decode()
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+    try:
+        with store.engine.connect() as conn:
+            if conn.dialect.name == "sqlite":
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            else:
+                conn.exec_driver_sql("LOCK TABLE offers IN EXCLUSIVE MODE")  # reads still pass
+            request = pb.GetOffersRequest(user_id="user-0", limit=4)
+            issued = [o for o in server.stub.GetOffers(request).offers if o.offer_id]
+            time.sleep(1.0)  # two of the offer log's wake-ups: it tried, and could not write
+            assert issued and value(samples(), "discountd_offer_log_pending") == len(issued)
+            conn.rollback()
+        eventually(lambda: value(samples(), "discountd_offer_log_pending") == 0, timeout=20)
+        after = samples()
+        for name in ("discountd_offer_log_refused_total", "discountd_offer_log_dropped_total"):
+            assert (name, ()) in after and after[(name, ())] == 0, name
+    finally:
+        store.dispose()
+        server.close()
