@@ -1,0 +1,98 @@
+"""core.store.snapshot.load_snapshot against a real store: segment members reloaded only when
+their segment changed, and budgets' spend summed from redemptions. SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+from cli import ctl as with_input
+from offer_server import ctl
+
+from core.offers import Snapshot
+from core.store.db import Store
+from core.store.events import EventIn, record
+from core.store.offers import insert_offers
+from core.store.snapshot import MemberCache, load_snapshot
+
+NOW = datetime.now(UTC)
+
+
+def load(url: str, cache: MemberCache | None = None) -> Snapshot:
+    store = Store(url)
+    try:
+        with store.transaction() as session:
+            return load_snapshot(session, datetime.now(UTC), cache)
+    finally:
+        store.dispose()
+
+
+def members(snapshot: Snapshot, name: str) -> frozenset[str]:
+    return next(s.members for s in snapshot.segments if s.name == name)
+
+
+def test_members_are_read_again_exactly_when_their_segment_changed(db_url: str) -> None:
+    ctl(db_url, "segments", "create", "vip")
+    ctl(db_url, "segments", "create", "lapsed", "--where", "days_since_last_order > 90")
+    cache: MemberCache = {}
+    first = members(load(db_url, cache), "vip")
+    assert first == frozenset()
+
+    def imported(text: str, *flags: str) -> frozenset[str]:
+        result = with_input(db_url, "segments", "import-members", "vip", "-", *flags, input=text)
+        assert result.exit_code == 0, result.output
+        return members(load(db_url, cache), "vip")
+
+    assert imported("u1\nu2\n") == {"u1", "u2"}
+    held = members(load(db_url, cache), "vip")
+    assert members(load(db_url, cache), "vip") is held  # unchanged: not read again
+    assert imported("u3\n") == {"u1", "u2", "u3"}
+    assert imported("u9\n", "--replace") == {"u9"}
+    ctl(db_url, "segments", "delete", "vip", "--yes")
+    assert [s.name for s in load(db_url, cache).segments] == ["lapsed"]
+    ctl(db_url, "segments", "create", "vip")  # the same name, a new segment
+    assert imported("z\n") == {"z"}
+    assert len(cache) == 2
+    assert members(load(db_url), "vip") == {"z"}  # as a load without a cache reads it
+
+
+def _offer(offer_id: str, rule_id: int, base: float, final: float) -> dict[str, object]:
+    return {
+        "offer_id": offer_id, "user_id": "u", "item_id": "i", "rule_id": rule_id,
+        "segment": None, "experiment_key": None, "variant": None, "base_price": base,
+        "discount_pct": round(100 * (1 - final / base), 2), "final_price": final,
+        "model_version": "v", "reason_codes": [], "issued_at": NOW,
+        "expires_at": NOW + timedelta(minutes=15),
+    }  # fmt: skip
+
+
+def test_a_budgeted_rules_spend_is_what_its_redemptions_gave(db_url: str) -> None:
+    tier = ("--policy", "tiered_topk", "--param", "k1=1", "--param", "d1=20", "--param", "d2=5")
+    ctl(db_url, "rules", "create", "capped", *tier, "--budget", "100")
+    ctl(db_url, "rules", "create", "open", *tier)
+    ids = {r.name: r.id for r in load(db_url).rules}
+    store = Store(db_url)
+    try:
+        with store.transaction() as session:
+            insert_offers(
+                session,
+                [
+                    _offer("o1", ids["capped"], 10.0, 8.0),
+                    _offer("o2", ids["capped"], 25.0, 20.0),
+                    _offer("o3", ids["capped"], 40.0, 30.0),  # issued, never redeemed
+                    _offer("o4", ids["open"], 10.0, 9.5),
+                ],
+            )
+            sales = [
+                EventIn("e1", "redemption", "u", offer_id="o1", quantity=3),
+                EventIn("e2", "redemption", "u", offer_id="o2"),
+                EventIn("e3", "purchase", "u", "i", offer_id="o3"),  # at the base price
+                EventIn("e4", "redemption", "u", offer_id="o4"),
+            ]
+            record(session, sales, NOW)
+    finally:
+        store.dispose()
+    rules = {r.name: r for r in load(db_url).rules}
+    assert rules["capped"].spent == Decimal("11.00")  # 2.00 × 3 + 5.00
+    assert rules["capped"].remaining() == Decimal("89.00")
+    assert rules["open"].remaining() is None
