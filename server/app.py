@@ -15,6 +15,7 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from core.artifact import ArtifactError
 from core.store.errors import StoreUnavailable
 from discount.v1 import discount_pb2
 from server.auth import AuthInterceptor, ClientRegistry
@@ -26,7 +27,7 @@ from server.limits import PROBE_SLOTS, grpc_options
 from server.metrics import Metrics
 from server.offering import Offering
 from server.purchases import data_end
-from server.response import ResponseModel
+from server.response import ResponseModel, Stamp, stamp
 from server.service import DiscountService
 from server.settings import Settings, address
 from server.tls import TlsCredentials
@@ -70,6 +71,8 @@ class DiscountServer:
         self.metrics = metrics or Metrics()
         # Bound by start() when settings.metrics_port is set.
         self.metrics_port: int | None = None
+        # The response model folder's stamp when the serving one was loaded from it.
+        self.response_stamp: Stamp = None
         self.health = CappedHealth(settings.max_health_watches)
         self.first_load = asyncio.Event()
         self.listening = False
@@ -117,7 +120,9 @@ class DiscountServer:
         await self.health.set(RULES_HEALTH, SERVING if fresh else NOT_SERVING)
 
     async def reload(self, force: bool = True) -> bool:
-        """Load the version CURRENT names; SIGHUP forces a retry of a refused one."""
+        """Load the version CURRENT names; SIGHUP forces a retry of a refused one. Also load
+        a response model swapped into --response-model-dir since the last look."""
+        await self._reload_response()
         switched = await self.store.reload(force=force)
         if switched and self.offering is not None:
             # Which purchases are recent depends on the model. A switch is already serving;
@@ -128,6 +133,25 @@ class DiscountServer:
             for service in ("", SERVICE_NAME):
                 await self.health.set(service, SERVING)
         return switched
+
+    async def _reload_response(self) -> None:
+        """A response model that fails to load leaves the serving one in place, and says why
+        once per folder it finds there."""
+        path = self.settings.response_model_dir
+        if path is None or self.offering is None:
+            return
+        found = stamp(path)
+        if found == self.response_stamp:
+            return
+        self.response_stamp = found
+        serving = getattr(self.offering.respond, "version", None)
+        try:
+            model = await asyncio.to_thread(ResponseModel.load, path)
+        except ArtifactError as e:
+            log.error("response model in %s not loaded, %s keeps serving: %s", path, serving, e)
+            return
+        self.offering.respond = model
+        log.info("response model %s loaded for `optimal` rules (was %s)", model.version, serving)
 
     async def stop(self, grace: float | None) -> int:
         """NOT_SERVING first, so balancers drain us, then let in-flight calls finish; then the
@@ -171,8 +195,9 @@ def create_server(settings: Settings) -> tuple[DiscountServer, int]:
     the schema head, so a misconfigured server never starts half-working; ArtifactError
     when settings.response_model_dir is not a response model it can run.
     """
-    respond = None
+    respond, response_stamp = None, None
     if settings.response_model_dir is not None:
+        response_stamp = stamp(settings.response_model_dir)  # before: a swap meanwhile reloads
         respond = ResponseModel.load(settings.response_model_dir)
         log.info("response model %s loaded for `optimal` rules", respond.version)
     store = ModelStore(
@@ -216,6 +241,7 @@ def create_server(settings: Settings) -> tuple[DiscountServer, int]:
         ),
     )
     server = DiscountServer(settings, grpc_server, store, offering, clients, tls, metrics)
+    server.response_stamp = response_stamp
     batcher = None
     if settings.batch_max_size > 1:
         batcher = Batcher(settings.batch_max_size, settings.batch_max_wait_us, metrics)

@@ -1,8 +1,10 @@
 """The response model in discountd: P(buy | offer, discount) for the `optimal` policy.
 
-Loaded once at start from ``--response-model-dir`` (a folder `discount-train response` wrote,
-verified by core.response_artifact). GetOffers calls it at most once per request, with a row per
-`optimal` item and the union of those rules' candidate discounts as columns (core.offers).
+Loaded at start from ``--response-model-dir`` (a folder `discount-train response` wrote,
+verified by core.response_artifact), and again whenever a new one is swapped into that folder
+(``stamp`` moves; server.app checks at every model poll and SIGHUP). GetOffers calls it at
+most once per request, with a row per `optimal` item and the union of those rules' candidate
+discounts as columns (core.offers).
 The user's response rates come from the history table shipped in the same folder; a user it does
 not know gets every band's overall rate.
 It runs on the CPU whatever ``--device`` says: a small MLP over a few rows gains nothing from a
@@ -21,7 +23,7 @@ import numpy as np
 import onnxruntime as ort
 
 from core import response_artifact
-from core.artifact import ArtifactError
+from core.artifact import MANIFEST, ArtifactError
 from core.offers import Features, ItemInput, Probabilities
 from core.response_history import HistoryTable
 from server.model import check_signature, open_session
@@ -67,6 +69,19 @@ class ResponseModel:
         discounts = np.tile(np.asarray(grid, dtype=np.float32), (len(items), 1))
         [probability] = self.session.run(None, {"features": rows, "discounts": discounts})
         return np.asarray(probability, dtype=np.float64)
+
+
+Stamp = tuple[int, int, int] | None
+
+
+def stamp(path: Path) -> Stamp:
+    """What changes when `discount-train response` swaps a new model into path (the folder is
+    replaced whole, so its manifest is a new file); None while there is none."""
+    try:
+        st = (path / MANIFEST).stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 class NoResponseModel:

@@ -325,3 +325,43 @@ def test_a_folder_that_is_no_response_model_refuses_to_start(model_store: Path) 
     settings = Settings(model_dir=model_store, response_model_dir=model_store, port=0)
     with pytest.raises(ArtifactError, match="train one with `discount-train response"):
         create_server(settings)
+
+
+def test_a_response_model_swapped_into_its_folder_is_served_and_a_broken_one_is_not(
+    model_store: Path,
+    db_url: str,
+    response_model: tuple[Path, Trained],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A nightly `discount-train response --out DIR` replaces DIR whole; the next model poll (a
+    SIGHUP here) serves it, and a folder that is no response model leaves the old one serving."""
+    folder = tmp_path / "response"
+    history = HistoryTable.load(response_model[0] / HISTORY)
+    config = ResponseConfig(epochs=2, min_steps=200, batch_size=512, hidden=16, threads=1)
+    save(response_model[1], folder, list(GRID), config, {"run": "first"}, history)
+    ctl(db_url, "rules", "create", "best", "--policy", "optimal", "--param", "grid=[5,10,15]")
+    running = OfferServer(model_store, db_url, response_model_dir=folder)
+    try:
+        assert running.server.offering is not None
+        first = running.server.offering.respond
+        running.call(running.server.reload())
+        assert running.server.offering.respond is first  # nothing new: not loaded again
+
+        save(response_model[1], folder, list(GRID), config, {"run": "second"}, history)
+        running.call(running.server.reload())
+        second = running.server.offering.respond
+        assert second is not first
+        offers = running.stub.GetOffers(pb.GetOffersRequest(user_id="user-0", limit=3)).offers
+        assert all("POLICY_OPTIMAL" in o.reason_codes for o in offers)
+
+        (folder / GRAPH).write_bytes(b"not a graph")  # no longer matches its manifest
+        (folder / "manifest.json").touch()  # as a new folder's would, its stamp moves
+        with caplog.at_level(logging.ERROR, logger="server.app"):
+            running.call(running.server.reload())
+            running.call(running.server.reload())
+        assert running.server.offering.respond is second
+        told = [r for r in caplog.records if "not loaded" in r.getMessage()]
+        assert len(told) == 1 and "keeps serving" in told[0].getMessage()
+    finally:
+        running.close()
