@@ -282,7 +282,7 @@ def _read_ids(file: IO[str]) -> list[str]:
     if delimiter is None:
         # A header that named no user_id column would otherwise be imported as ids, and each
         # of its rows as one id, commas and all.
-        if any(d in header for d in DELIMITERS):
+        if any(d in header.strip() for d in DELIMITERS):
             raise InvalidInput(
                 f"{label}: line {skipped + 1} is a CSV header without a user_id column (found "
                 f"{header.strip()!r}); name the id column user_id, or give one id per line "
@@ -290,19 +290,28 @@ def _read_ids(file: IO[str]) -> list[str]:
             )
         numbered = enumerate(itertools.chain([header], lines), start=skipped + 1)
         return [_checked(line.strip(), label, n) for n, line in numbered if line.strip()]
-    reader = csv.reader(itertools.chain([header], lines), delimiter=delimiter)
-    column = [c.strip().lower() for c in next(reader)].index("user_id")
+    # Strict: a stray quote is an error at its line, not a field that swallows the rows after it.
+    reader = csv.reader(itertools.chain([header], lines), delimiter=delimiter, strict=True)
     ids = []
-    for row in reader:
-        number = skipped + reader.line_num
-        if not any(cell.strip() for cell in row):
-            continue
-        user_id = row[column].strip() if column < len(row) else ""
-        if not user_id:
-            raise InvalidInput(
-                f"{label}: line {number} has no user_id; fill it in or remove the line"
-            )
-        ids.append(_checked(user_id, label, number))
+    try:
+        columns = [c.strip().lower() for c in next(reader)]
+        if "user_id" not in columns:  # a quote in the header ran on past its line
+            raise csv.Error("the header's quotes do not close on its line")
+        column = columns.index("user_id")
+        for row in reader:
+            number = skipped + reader.line_num
+            if not any(cell.strip() for cell in row):
+                continue
+            user_id = row[column].strip() if column < len(row) else ""
+            if not user_id:
+                raise InvalidInput(
+                    f"{label}: line {number} has no user_id; fill it in or remove the line"
+                )
+            ids.append(_checked(user_id, label, number))
+    except csv.Error as e:
+        raise InvalidInput(
+            f"{label}: line {skipped + reader.line_num} is not valid CSV ({e}); check its quotes"
+        ) from None
     return ids
 
 

@@ -266,6 +266,7 @@ def _members(url: str, name: str) -> list[str]:
         # A CRM export whose notes run over two lines: one record, not a member "calls...".
         ('user_id,notes\r\n1001,"VIP\r\ncalls on Fridays"\r\n1002,plain\r\n', ["1001", "1002"]),
         ("\n\nuser_id\n\nu7\n", ["u7"]),
+        ("u1\t\n\tu2\n", ["u1", "u2"]),
     ],
     ids=[
         "plain",
@@ -276,6 +277,7 @@ def _members(url: str, name: str) -> list[str]:
         "all quoted",
         "a field over two lines",
         "blank lines first",
+        "plain ids with tabs around",
     ],
 )
 def test_import_members_reads_plain_ids_or_a_user_id_column(
@@ -296,6 +298,10 @@ def test_import_members_reads_plain_ids_or_a_user_id_column(
         ('\nuser_id,notes\n1,"two\nlines"\n,x\n', "<stdin>: line 5 has no user_id"),
         ("u1\n" + "x" * 129 + "\n", "<stdin>: line 2: user id 'xxx"),
         ("user_id\nu1\nu\x012\n", "<stdin>: line 3: user id 'u\\x012'"),
+        # A stray quote used to swallow every row after it, silently (or past 128 KiB, crash).
+        ('user_id,notes\n1,"oops\n2,x\n3,y\n', "<stdin>: line 4 is not valid CSV"),
+        ('user_id,notes\n1,"x"y\n2,z\n', "<stdin>: line 2 is not valid CSV"),
+        ('"user_id\nu1\n', "<stdin>: line 2 is not valid CSV"),
     ],
 )
 def test_import_members_refuses_a_csv_without_user_ids(
