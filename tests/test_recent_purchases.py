@@ -239,6 +239,20 @@ def test_a_model_switch_reads_the_newest_purchases_up_to_the_limit(store: Store)
     assert held.read() == {"item-2", "item-3", "item-4"}
 
 
+def test_the_limit_counts_only_sales_whose_item_is_known(store: Store) -> None:
+    """A redemption of an offer the store does not hold names no item: it must not take one of
+    the newest-N places of a model switch's read."""
+    stored_on(store, {str(n): T0 + timedelta(minutes=n) for n in range(3)})
+    with store.transaction() as session:
+        record(session, [EventIn("r", "redemption", "u", offer_id="unknown")], T0)
+        session.execute(
+            update(Event).where(Event.event_id == "r").values(received_at=T0 + timedelta(hours=1))
+        )
+    held = Reads(store, limit=2)
+    held.data_end = T0 - timedelta(days=1)
+    assert held.read() == {"item-1", "item-2"}
+
+
 def test_a_data_end_ahead_of_the_stores_clock_misses_no_purchase(store: Store) -> None:
     # Local times east of UTC read as UTC: the data seems to end after now.
     held = Reads(store)

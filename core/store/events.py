@@ -211,15 +211,11 @@ def purchases_received_after(
     query = (
         select(Event.user_id, item, Event.received_at)
         .outerjoin(Offer, Offer.offer_id == Event.offer_id)
-        .where(Event.type.in_(BUYING), Event.received_at > after)
+        .where(Event.type.in_(BUYING), Event.received_at > after, item.is_not(None))
     )
     if limit is not None:
         query = query.order_by(Event.received_at.desc()).limit(limit)
-    return [
-        (user, item, received)
-        for user, item, received in session.execute(query)
-        if item is not None
-    ]
+    return [(user, item, received) for user, item, received in session.execute(query)]
 
 
 def sold(
