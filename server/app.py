@@ -15,7 +15,6 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from core.artifact import ArtifactError
 from core.store.errors import StoreUnavailable
 from discount.v1 import discount_pb2
 from server.auth import AuthInterceptor, ClientRegistry
@@ -73,6 +72,8 @@ class DiscountServer:
         self.metrics_port: int | None = None
         # The response model folder's stamp when the serving one was loaded from it.
         self.response_stamp: Stamp = None
+        self._response_lock = asyncio.Lock()
+        self._response_refused = False  # the folder at response_stamp failed to load
         self.health = CappedHealth(settings.max_health_watches)
         self.first_load = asyncio.Event()
         self.listening = False
@@ -122,7 +123,7 @@ class DiscountServer:
     async def reload(self, force: bool = True) -> bool:
         """Load the version CURRENT names; SIGHUP forces a retry of a refused one. Also load
         a response model swapped into --response-model-dir since the last look."""
-        await self._reload_response()
+        await self._reload_response(force)
         switched = await self.store.reload(force=force)
         if switched and self.offering is not None:
             # Which purchases are recent depends on the model. A switch is already serving;
@@ -134,24 +135,28 @@ class DiscountServer:
                 await self.health.set(service, SERVING)
         return switched
 
-    async def _reload_response(self) -> None:
+    async def _reload_response(self, force: bool) -> None:
         """A response model that fails to load leaves the serving one in place, and says why
-        once per folder it finds there."""
+        once per folder it finds there (force, from SIGHUP: try a refused folder again)."""
         path = self.settings.response_model_dir
         if path is None or self.offering is None:
             return
-        found = stamp(path)
-        if found == self.response_stamp:
-            return
-        self.response_stamp = found
-        serving = getattr(self.offering.respond, "version", None)
-        try:
-            model = await asyncio.to_thread(ResponseModel.load, path)
-        except ArtifactError as e:
-            log.error("response model in %s not loaded, %s keeps serving: %s", path, serving, e)
-            return
-        self.offering.respond = model
-        log.info("response model %s loaded for `optimal` rules (was %s)", model.version, serving)
+        async with self._response_lock:  # one load at a time, so none lands out of order
+            found = stamp(path)
+            if found == self.response_stamp and not (force and self._response_refused):
+                return
+            self.response_stamp, self._response_refused = found, True
+            serving = getattr(self.offering.respond, "version", None)
+            try:
+                model = await asyncio.to_thread(ResponseModel.load, path)
+            # Any error: one that escaped would end the model poller, and with it the drain.
+            except Exception as e:
+                log.error("response model in %s not loaded, %s keeps serving: %s", path, serving, e)
+                return
+            self.offering.respond, self._response_refused = model, False
+            log.info(
+                "response model %s loaded for `optimal` rules (was %s)", model.version, serving
+            )
 
     async def stop(self, grace: float | None) -> int:
         """NOT_SERVING first, so balancers drain us, then let in-flight calls finish; then the

@@ -355,13 +355,20 @@ def test_a_response_model_swapped_into_its_folder_is_served_and_a_broken_one_is_
         offers = running.stub.GetOffers(pb.GetOffersRequest(user_id="user-0", limit=3)).offers
         assert all("POLICY_OPTIMAL" in o.reason_codes for o in offers)
 
+        graph = (folder / GRAPH).read_bytes()
         (folder / GRAPH).write_bytes(b"not a graph")  # no longer matches its manifest
         (folder / "manifest.json").touch()  # as a new folder's would, its stamp moves
         with caplog.at_level(logging.ERROR, logger="server.app"):
-            running.call(running.server.reload())
-            running.call(running.server.reload())
+            running.call(running.server.reload(force=False))  # a poll
+            running.call(running.server.reload(force=False))  # the next: told once
         assert running.server.offering.respond is second
         told = [r for r in caplog.records if "not loaded" in r.getMessage()]
         assert len(told) == 1 and "keeps serving" in told[0].getMessage()
+        # Mended in place, the manifest untouched: polls do not look again, SIGHUP does.
+        (folder / GRAPH).write_bytes(graph)
+        running.call(running.server.reload(force=False))
+        assert running.server.offering.respond is second
+        running.call(running.server.reload(force=True))
+        assert running.server.offering.respond is not second
     finally:
         running.close()
