@@ -5,9 +5,11 @@ tables here.
 
 Writing a revision: SQLite connections run with ``PRAGMA foreign_keys=ON`` (core.store.db), so
 a batch operation that recreates a parent table (segments, rules, experiments) would delete its
-children's rows through ON DELETE CASCADE; no revision does so yet. One that must switches
-foreign keys off around it, outside the transaction, and runs ``PRAGMA foreign_key_check``
-after. The CHECK constraints of 0001 carry their names twice (``ck_events_ck_events_type``; the
+children's rows through ON DELETE CASCADE; no revision does so yet. Every revision runs inside
+the one transaction ``_serialize`` begins, where SQLite ignores ``PRAGMA foreign_keys``: one that
+must recreate a parent table needs this file to switch foreign keys off before that transaction
+(and back on, on that pooled connection, after it), and ``PRAGMA foreign_key_check`` before it
+commits. The CHECK constraints of 0001 carry their names twice (``ck_events_ck_events_type``; the
 naming convention prefixed names given in full): a revision that touches one names it so."""
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Connection, text
 
-from core.store.db import PG_SCHEMA
+from core.store.db import CONNECT_TIMEOUT_S, PG_SCHEMA
 from core.store.tables import Base
 
 # The key of the PostgreSQL advisory lock that upgrades take: "discount" in ASCII.
 MIGRATION_LOCK = int.from_bytes(b"discount", "big")
+MIGRATION_WAIT_S = 600
 
 
 def _serialize(connection: Connection) -> None:
@@ -30,8 +33,12 @@ def _serialize(connection: Connection) -> None:
         connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
     else:
         # SQLite: a write lock from the start (the driver would begin only at the first row
-        # written, and run CREATE TABLE outside any transaction before that).
+        # written, and run CREATE TABLE outside any transaction before that), waited for as
+        # long as another upgrade may take (an index over a large events table), not the few
+        # seconds other commands wait.
+        connection.exec_driver_sql(f"PRAGMA busy_timeout = {MIGRATION_WAIT_S * 1000}")
         connection.exec_driver_sql("BEGIN IMMEDIATE")
+        connection.exec_driver_sql(f"PRAGMA busy_timeout = {CONNECT_TIMEOUT_S * 1000}")
 
 
 def run_migrations(connection: Connection) -> None:
