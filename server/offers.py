@@ -79,8 +79,9 @@ def validate(query: OffersQuery) -> None:
         problems.append(
             FieldViolation("item_ids", f"at most {MAX_IDS} entries, got {len(query.item_ids)}")
         )
-    if any(not i for i in query.item_ids):
-        problems.append(FieldViolation("item_ids", "must not contain empty ids"))
+    if any(not i.strip() for i in query.item_ids):
+        # As user_id: " " names no item (it was answered NOT_FOUND, as if the catalog lacked it).
+        problems.append(FieldViolation("item_ids", "must not contain empty or blank ids"))
     if len(query.context) > MAX_CONTEXT:
         problems.append(
             FieldViolation("context", f"at most {MAX_CONTEXT} keys, got {len(query.context)}")
