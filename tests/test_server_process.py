@@ -245,6 +245,14 @@ def test_sighup_reloads_the_version_current_names(
 
 
 def test_sigterm_drains_in_flight_calls_and_exits_zero(start: type[Discountd]) -> None:
+    # On a loaded machine the signal can land between calls, which tests nothing: another
+    # server, then (each run checks everything else regardless).
+    assert any(_drained_a_call(start) for _ in range(3)), "no call was in flight at SIGTERM"
+
+
+def _drained_a_call(start: type[Discountd]) -> bool:
+    """SIGTERM under load: every call the server began is answered OK, the rest are refused,
+    and it exits 0. Whether a call was in flight when the drain began."""
     server = start("--grace", "3")
     health = health_pb2_grpc.HealthStub(server.channel)
     watch = health.Watch(health_pb2.HealthCheckRequest(service="discount.v1.DiscountService"))
@@ -282,7 +290,6 @@ def test_sigterm_drains_in_flight_calls_and_exits_zero(start: type[Discountd]) -
     assert all(" OK " in line for line in handled), [line for line in handled if " OK " not in line]
     assert outcomes.count(grpc.StatusCode.OK) == len(handled)
     drain = log[next(i for i, line in enumerate(log) if "shutting down" in line) :]
-    assert any("Recommend OK" in line for line in drain), "no call was in flight at SIGTERM"
     assert "stopped" in drain[-1]
     # The rest were refused: new calls find the port closed (UNAVAILABLE), and calls gRPC had
     # queued but not yet handed to the server are cancelled by gRPC itself at shutdown.
@@ -291,6 +298,7 @@ def test_sigterm_drains_in_flight_calls_and_exits_zero(start: type[Discountd]) -
         grpc.StatusCode.UNAVAILABLE,
         grpc.StatusCode.CANCELLED,
     }
+    return any("Recommend OK" in line for line in drain)
 
 
 def test_bad_settings_are_listed_together_and_exit_2(tmp_path: Path) -> None:
