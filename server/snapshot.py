@@ -26,7 +26,7 @@ from core.offers import Snapshot
 from core.store.db import NOTIFY_CHANNEL, Store, first_line
 from core.store.errors import StoreError
 from core.store.migrate import require_head
-from core.store.snapshot import MemberCache, load_snapshot
+from core.store.snapshot import Held, load_snapshot
 from server.errors import NotReady
 from server.limits import settled
 
@@ -43,7 +43,7 @@ class SnapshotKeeper:
         self.store = store
         self.interval = interval
         self.snapshot: Snapshot | None = None
-        self._members: MemberCache = {}  # changed only by _load, one at a time (_loading)
+        self._held = Held()  # changed only by _load, one at a time (_loading)
         self.fresh = False
         self.error = ""
         self._loaded_at = 0.0  # time.monotonic() of the last good load
@@ -77,7 +77,7 @@ class SnapshotKeeper:
 
     def _load(self) -> None:
         with self.store.transaction() as session:
-            snapshot = load_snapshot(session, datetime.now(UTC), self._members)
+            snapshot = load_snapshot(session, datetime.now(UTC), self._held)
             if self.on_load is not None:
                 self.on_load(session)
         self.snapshot, self._loaded_at = snapshot, time.monotonic()

@@ -1,5 +1,6 @@
 """core.store.snapshot.load_snapshot against a real store: segment members reloaded only when
-their segment changed, and budgets' spend summed from redemptions. SQLite and PostgreSQL."""
+their segment changed, and budgets' spend summed from redemptions, incrementally from one load
+to the next as from scratch. SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -13,16 +14,16 @@ from core.offers import Snapshot
 from core.store.db import Store
 from core.store.events import EventIn, record
 from core.store.offers import insert_offers
-from core.store.snapshot import MemberCache, load_snapshot
+from core.store.snapshot import Held, load_snapshot
 
 NOW = datetime.now(UTC)
 
 
-def load(url: str, cache: MemberCache | None = None) -> Snapshot:
+def load(url: str, held: Held | None = None, at: datetime | None = None) -> Snapshot:
     store = Store(url)
     try:
         with store.transaction() as session:
-            return load_snapshot(session, datetime.now(UTC), cache)
+            return load_snapshot(session, at or datetime.now(UTC), held)
     finally:
         store.dispose()
 
@@ -34,7 +35,7 @@ def members(snapshot: Snapshot, name: str) -> frozenset[str]:
 def test_members_are_read_again_exactly_when_their_segment_changed(db_url: str) -> None:
     ctl(db_url, "segments", "create", "vip")
     ctl(db_url, "segments", "create", "lapsed", "--where", "days_since_last_order > 90")
-    cache: MemberCache = {}
+    cache = Held()
     first = members(load(db_url, cache), "vip")
     assert first == frozenset()
 
@@ -52,7 +53,7 @@ def test_members_are_read_again_exactly_when_their_segment_changed(db_url: str) 
     assert [s.name for s in load(db_url, cache).segments] == ["lapsed"]
     ctl(db_url, "segments", "create", "vip")  # the same name, a new segment
     assert imported("z\n") == {"z"}
-    assert len(cache) == 2
+    assert len(cache.members) == 2
     assert members(load(db_url), "vip") == {"z"}  # as a load without a cache reads it
 
 
@@ -96,3 +97,42 @@ def test_a_budgeted_rules_spend_is_what_its_redemptions_gave(db_url: str) -> Non
     assert rules["capped"].spent == Decimal("11.00")  # 2.00 × 3 + 5.00
     assert rules["capped"].remaining() == Decimal("89.00")
     assert rules["open"].remaining() is None
+
+
+def test_a_budgets_spend_carried_from_load_to_load_is_the_spend_from_scratch(db_url: str) -> None:
+    tier = ("--policy", "tiered_topk", "--param", "k1=1", "--param", "d1=20", "--param", "d2=5")
+    ctl(db_url, "rules", "create", "capped", *tier, "--budget", "1000")
+    ctl(db_url, "rules", "create", "open", *tier)
+    ids = {r.name: r.id for r in load(db_url).rules}
+    store = Store(db_url)
+    n = 0
+
+    def redeem(rule: str, cents_off: int, received: datetime) -> None:
+        nonlocal n
+        n += 1
+        with store.transaction() as session:
+            insert_offers(session, [_offer(f"o{n}", ids[rule], 10.0, 10.0 - cents_off / 100)])
+            record(session, [EventIn(f"e{n}", "redemption", "u", offer_id=f"o{n}")], received)
+
+    held = Held()
+
+    def spent(at: datetime) -> dict[str, Decimal]:
+        carried = {r.name: r.spent for r in load(db_url, held, at).rules}
+        assert carried == {r.name: r.spent for r in load(db_url, at=at).rules}
+        return carried
+
+    try:
+        t = datetime.now(UTC)
+        redeem("capped", 100, t - timedelta(hours=2))
+        redeem("open", 50, t - timedelta(hours=2))
+        assert spent(t) == {"capped": Decimal("1.00"), "open": Decimal(0)}
+        redeem("capped", 20, t - timedelta(seconds=10))  # not settled yet at t
+        assert spent(t)["capped"] == Decimal("1.20")
+        later = t + timedelta(minutes=5)  # now it is, and not counted twice
+        redeem("capped", 3, later - timedelta(seconds=1))
+        assert spent(later)["capped"] == Decimal("1.23")
+        assert held.settled_at == later - timedelta(seconds=60)
+        ctl(db_url, "rules", "update", "open", "--budget", "10")  # its past spend counts
+        assert spent(later) == {"capped": Decimal("1.23"), "open": Decimal("0.50")}
+    finally:
+        store.dispose()
