@@ -13,7 +13,7 @@ from core.features import FEATURE_NAMES
 from core.offers import FeatureError, resolve_features
 from core.store.errors import InvalidInput
 from core.store.experiments import Experiments, VariantSpec
-from core.store.tables import Experiment
+from core.store.tables import Experiment, Rule
 
 COLUMNS = ("key", "status", "target_segment", "variants", "started_at", "ended_at", "version")
 
@@ -74,7 +74,8 @@ def create(
     description: str,
     output: str,
 ) -> None:
-    """Create an experiment as a draft.
+    """Create an experiment as a draft. From now until it stops, the rules its variants name
+    price only through them: nobody gets them as ordinary rules (a note names each).
 
     \b
     Example:
@@ -86,13 +87,29 @@ def create(
             key, _variants(variants), salt, target_segment, description
         )
         data = experiment.to_dict()
-        notes = _narrower_rules(experiment)
+        notes = _narrower_rules(experiment) + [
+            f"note: rule {rule.name!r} now prices only through this experiment's variants (and "
+            "those of any other not yet stopped): nobody gets it as an ordinary rule, not before "
+            "the start, while paused or in the control arm"
+            for rule in Experiments(session).rules_only_of(experiment)
+        ]
     message(
         f"created experiment {key!r} (draft); start it with `discountctl experiments start {key}`"
     )
     for note in notes:
         message(note)
     emit(data if output == "json" else _table_row(data), output)
+
+
+def _released(rules: list[Rule]) -> list[str]:
+    """A note per rule an experiment held that prices as an ordinary rule again."""
+    return [
+        f"note: rule {rule.name!r} prices as an ordinary rule again: everyone its scope covers "
+        f"gets it from now on; `discountctl rules disable {rule.name}` unless you mean to roll "
+        "it out"
+        for rule in rules
+        if rule.enabled
+    ]
 
 
 def _narrower_rules(experiment: Experiment) -> list[str]:
@@ -185,6 +202,8 @@ def _move(app: App, key: str, command: str, if_version: int | None, output: str)
         notes = []
         if command == "start":
             notes = _narrower_rules(experiment) + _shared_users(repo, experiment)
+        if command == "stop":
+            notes = _released(repo.rules_only_of(experiment))
     message(f"experiment {key!r} is {data['status']}")
     for note in notes:
         message(note)
@@ -217,7 +236,8 @@ def start(app: App, key: str, if_version: int | None, output: str) -> None:
 @click.pass_obj
 def pause(app: App, key: str, if_version: int | None, output: str) -> None:
     """Pause a running experiment: until it starts again, its users get the ordinary rules, or
-    another running experiment whose target holds them.
+    another running experiment whose target holds them. Its variants' rules are no ordinary
+    rules: while paused they price nobody.
 
     \b
     Example:
@@ -233,7 +253,9 @@ def pause(app: App, key: str, if_version: int | None, output: str) -> None:
 @output_option
 @click.pass_obj
 def stop(app: App, key: str, if_version: int | None, yes: bool, output: str) -> None:
-    """Stop an experiment for good; a stopped experiment cannot restart.
+    """Stop an experiment for good; a stopped experiment cannot restart. Its variants' rules
+    become ordinary rules again (unless another experiment not yet stopped uses them): a note
+    names each, to disable unless it is to be rolled out.
 
     \b
     Example:
@@ -262,8 +284,12 @@ def delete(app: App, key: str, if_version: int | None, yes: bool, output: str) -
         Experiments(session).deletable(key)
     confirm(f"Delete experiment {key!r}?", yes)
     with app.transaction() as session:
-        data = Experiments(session, app.actor).delete(key, if_version)
+        repo = Experiments(session, app.actor)
+        released = repo.rules_only_of(repo.get(key))
+        data = repo.delete(key, if_version)
     message(f"deleted experiment {key!r}")
+    for note in _released(released):
+        message(note)
     emit(data if output == "json" else _table_row(data), output)
 
 

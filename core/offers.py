@@ -110,6 +110,10 @@ class RuleDef:
     valid_until: datetime | None = None
     budget: Decimal | None = None
     spent: Decimal = Decimal(0)
+    # A variant of an experiment not yet stopped prices with it: it prices only through that
+    # experiment's variant, never as an ordinary rule, so a draft or paused experiment gives its
+    # treatment to nobody rather than to everyone, control included.
+    experiment_only: bool = False
 
     def live(self, now: datetime) -> bool:
         return (
@@ -306,7 +310,9 @@ def _open_rules(
     return [
         rule
         for rule in snapshot.rules
-        if rule.live(now) and _in_segment(snapshot, rule.segment, user_id, features)
+        if not rule.experiment_only
+        and rule.live(now)
+        and _in_segment(snapshot, rule.segment, user_id, features)
     ]
 
 

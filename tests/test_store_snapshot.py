@@ -1,16 +1,17 @@
 """core.store.snapshot.load_snapshot against a real store: segment members reloaded only when
-their segment changed, and budgets' spend summed from redemptions, incrementally from one load
-to the next as from scratch. SQLite and PostgreSQL."""
+their segment changed, budgets' spend summed from redemptions, incrementally from one load to
+the next as from scratch, and the rules experiments hold. SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 from cli import ctl as with_input
 from offer_server import ctl
 
-from core.offers import Snapshot
+from core.offers import ItemInput, Snapshot, decide
 from core.store.db import Store
 from core.store.events import EventIn, record
 from core.store.offers import insert_offers
@@ -136,3 +137,37 @@ def test_a_budgets_spend_carried_from_load_to_load_is_the_spend_from_scratch(db_
         assert spent(later) == {"capped": Decimal("1.23"), "open": Decimal("0.50")}
     finally:
         store.dispose()
+
+
+def test_a_variants_rule_prices_only_through_its_experiment_until_that_stops(
+    db_url: str,
+) -> None:
+    """Not before the start, not while paused, not in the control arm: a treatment given to
+    everyone whenever the experiment is not running would reach the control arm too."""
+    tier = ("--policy", "tiered_topk", "--param", "k1=1", "--param", "d1=20", "--param", "d2=20")
+    ctl(db_url, "rules", "create", "treat", *tier)
+    ctl(db_url, "rules", "create", "everyone", *tier, "--priority", "-5")
+
+    def rule_for(user: str) -> str | None:
+        snapshot = load(db_url)
+        [item] = decide(snapshot, user, {}, [ItemInput("i", "", 10.0, 5.0, 1, 1.0)], NOW).items
+        return item.rule.name if item.rule is not None else None
+
+    assert rule_for("u1") == "treat"  # an ordinary rule, the highest priority
+    created = ctl(db_url, "experiments", "create", "ab", "--variant", "control:50",
+                  "--variant", "treatment:50:treat", "--salt", "s")  # fmt: skip
+    assert "note: rule 'treat' now prices only through this experiment" in created.stderr
+    variant = {
+        u: json.loads(ctl(db_url, "experiments", "assign", "ab", u, "-o", "json").stdout)["variant"]
+        for u in (f"u{n}" for n in range(10))
+    }
+    treated = next(u for u, v in variant.items() if v == "treatment")
+    control = next(u for u, v in variant.items() if v == "control")
+    assert rule_for(treated) == rule_for(control) == "everyone"  # a draft
+    ctl(db_url, "experiments", "start", "ab")
+    assert (rule_for(treated), rule_for(control)) == ("treat", None)
+    ctl(db_url, "experiments", "pause", "ab")
+    assert rule_for(treated) == rule_for(control) == "everyone"
+    stopped = ctl(db_url, "experiments", "stop", "ab", "--yes")
+    assert "note: rule 'treat' prices as an ordinary rule again" in stopped.stderr
+    assert rule_for(treated) == rule_for(control) == "treat"

@@ -281,6 +281,32 @@ class Experiments:
         running = self.running()
         return running[: [e.key for e in running].index(experiment.key)]
 
+    def owned_rule_ids(self) -> set[int]:
+        """The rules a variant of an experiment not yet stopped prices with: they price only
+        through those experiments (core.offers.RuleDef.experiment_only)."""
+        query = (
+            select(Variant.rule_id)
+            .join(Experiment, Experiment.id == Variant.experiment_id)
+            .where(Experiment.status != "stopped", Variant.rule_id.is_not(None))
+        )
+        return {rule_id for rule_id in self.session.scalars(query) if rule_id is not None}
+
+    def rules_only_of(self, experiment: Experiment) -> list[Rule]:
+        """The rules of experiment's variants that no other experiment not yet stopped prices
+        with: whether they are ordinary rules follows this experiment's state alone."""
+        others = (
+            select(Variant.rule_id)
+            .join(Experiment, Experiment.id == Variant.experiment_id)
+            .where(
+                Experiment.status != "stopped",
+                Experiment.id != experiment.id,
+                Variant.rule_id.is_not(None),
+            )
+        )
+        shared = set(self.session.scalars(others))
+        rules = {v.rule.id: v.rule for v in experiment.variants if v.rule is not None}
+        return sorted((r for i, r in rules.items() if i not in shared), key=lambda r: r.name)
+
     def running(self) -> list[Experiment]:
         """Running experiments in the order the server tries them (core.store.snapshot): the
         first started first, so starting another never moves users out of one that is

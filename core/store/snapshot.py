@@ -118,7 +118,7 @@ def _condition(segment: Segment) -> Condition | None:
         return None
 
 
-def _rule(row: Rule, spent: dict[int, Decimal]) -> RuleDef:
+def _rule(row: Rule, spent: dict[int, Decimal], owned: set[int]) -> RuleDef:
     return RuleDef(
         id=row.id,
         name=row.name,
@@ -132,6 +132,7 @@ def _rule(row: Rule, spent: dict[int, Decimal]) -> RuleDef:
         valid_until=row.valid_until,
         budget=None if row.budget is None else Decimal(str(row.budget)),
         spent=spent.get(row.id, Decimal(0)),
+        experiment_only=row.id in owned,
     )
 
 
@@ -162,7 +163,8 @@ def load_snapshot(session: Session, now: datetime, held: Held | None = None) -> 
     segments = tuple(SegmentDef(s.name, s.priority, _condition(s), members[s.id][1]) for s in rows)
     rule_rows = list(session.scalars(select(Rule).order_by(Rule.priority.desc(), Rule.name)))
     spent = _spent(session, [r.id for r in rule_rows if r.budget is not None], kept, now)
-    rules = {r.id: _rule(r, spent) for r in rule_rows}
+    owned = Experiments(session).owned_rule_ids()
+    rules = {r.id: _rule(r, spent, owned) for r in rule_rows}
     experiments = tuple(
         ExperimentDef(
             e.key,
