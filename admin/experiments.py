@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import click
@@ -112,6 +113,19 @@ def _released(rules: list[Rule]) -> list[str]:
     ]
 
 
+def _not_yet_valid(experiment: Experiment) -> list[str]:
+    """A note per variant whose rule's window has not begun: until it does, the arm's users get
+    no discount while the experiment keeps assigning them."""
+    now = datetime.now(UTC)
+    return [
+        f"note: variant {v.name!r} prices with rule {v.rule.name!r}, valid only from "
+        f"{v.rule.valid_from.isoformat()}: until then its users get no discount "
+        "(VARIANT_RULE_NOT_APPLICABLE) while the experiment assigns them"
+        for v in experiment.variants
+        if v.rule is not None and v.rule.valid_from is not None and v.rule.valid_from > now
+    ]
+
+
 def _narrower_rules(experiment: Experiment) -> list[str]:
     """A note per variant whose rule reaches fewer users than the experiment: its arm holds
     users the rule never prices (core.offers: a variant never widens its rule's segment)."""
@@ -201,7 +215,11 @@ def _move(app: App, key: str, command: str, if_version: int | None, output: str)
         data = experiment.to_dict()
         notes = []
         if command == "start":
-            notes = _narrower_rules(experiment) + _shared_users(repo, experiment)
+            notes = (
+                _narrower_rules(experiment)
+                + _not_yet_valid(experiment)
+                + _shared_users(repo, experiment)
+            )
         if command == "stop":
             notes = _released(repo.rules_only_of(experiment))
     message(f"experiment {key!r} is {data['status']}")

@@ -1046,3 +1046,16 @@ def test_installed_command_prints_no_traceback() -> None:
     assert result.returncode == 1
     assert result.stderr.startswith("Error: cannot use store postgresql+psycopg://admin:***@")
     assert "Traceback" not in result.stderr
+
+
+def test_starting_an_experiment_whose_rule_is_not_valid_yet_says_so(db_url: str) -> None:
+    ctl(db_url, "rules", "create", "later", *TIER, "--valid-from", "2030-01-01T00:00:00Z")
+    ctl(db_url, "experiments", "create", "f", "--variant", "control:50", "--variant", "t:50:later")
+    started = ctl(db_url, "experiments", "start", "f")
+    assert started.exit_code == 0
+    assert (
+        "note: variant 't' prices with rule 'later', valid only from 2030-01-01T00:00:00+00:00"
+        in started.stderr
+    )
+    another = ctl(db_url, "experiments", "create", "g", "--variant", "t:100:later")
+    assert "note: rule 'later' now prices only through" not in another.stderr  # f holds it
