@@ -58,7 +58,8 @@ def _p(row: dict[str, Any], name: str) -> str:
 def report_command(app: App, key: str, plot_path: Path | None, output: str) -> None:
     """Report an experiment: per variant users assigned and exposed, CTR, conversion, revenue,
     discount cost and margin per user, 30-day repeat rate, 95% intervals, p-values against the
-    control (the first variant), and a sample-ratio-mismatch check.
+    control (the first variant), and a sample-ratio-mismatch check. Purchases made while the
+    experiment was paused, or after it stopped, are not counted.
 
     \b
     Example:
@@ -96,6 +97,11 @@ def report_command(app: App, key: str, plot_path: Path | None, output: str) -> N
             f"experiment {key} ({data['status']}); control: {data['control']}; "
             f"SRM p = {'n/a' if srm is None or math.isnan(srm) else f'{srm:.3g}'}"
         )
+        for begin, end in data["idle"]:
+            message(
+                f"not counted: purchases from {begin} to {end or 'now'}, while it was "
+                + ("paused" if end else data["status"])
+            )
         compared = sum(
             row[column] != "-" for row in rows for column in ("p_conv", "p_rev", "p_margin")
         )

@@ -13,6 +13,8 @@ Definitions (user level, so that every test compares independent units):
   from the active model version's catalog (n/a without one);
 - 30-day repeat rate: converters who bought again on a later day within 30 days of their first
   purchase / converters (only converters whose first purchase is 30 days old count).
+Purchases count only while the experiment ran: not between a pause and the next start, nor after
+its stop, when other rules or experiments served its users.
 The first variant is the control. Rates: Wilson intervals, pooled two-proportion z-tests and
 Newcombe intervals of the difference; money: Student/Welch intervals and Welch's t-test;
 sample-ratio mismatch: chi-square against the weights, flagged below p = 0.001.
@@ -39,7 +41,7 @@ from core.shop import ShopFacts, load_shop_facts
 from core.store.errors import InvalidInput
 from core.store.experiments import Experiments
 from core.store.model_versions import ModelVersions
-from core.store.tables import BUYING, Event, Offer
+from core.store.tables import BUYING, AuditEntry, Event, Experiment, Offer
 
 SRM_ALPHA = 0.001
 # Below this many buyers in an arm, normal-approximation p-values are far from exact ones
@@ -125,6 +127,38 @@ def _users(session: Session, key: str) -> dict[str, dict[str, _User]]:
     return users
 
 
+Idle = list[tuple[datetime, datetime | None]]
+
+
+def _idle(session: Session, experiment: Experiment) -> Idle:
+    """When the experiment, having run, was not running: from each pause or stop to the next
+    start (open to now when none), from its audit trail. Whole seconds, as events carry."""
+    moves = session.execute(
+        select(AuditEntry.action, AuditEntry.at)
+        .where(
+            AuditEntry.entity_type == "experiment",
+            AuditEntry.entity_id == str(experiment.id),
+            AuditEntry.action.in_(("start", "pause", "stop")),
+        )
+        .order_by(AuditEntry.at, AuditEntry.id)
+    )
+    idle: Idle = []
+    since: datetime | None = None
+    for action, at in moves:
+        if action == "start" and since is not None:
+            idle.append((since, at.replace(microsecond=0)))
+            since = None
+        elif action != "start" and since is None:
+            since = at.replace(microsecond=0) + timedelta(seconds=1)
+    if since is not None:
+        idle.append((since, None))
+    return idle
+
+
+def _while_running(idle: Idle, t: datetime) -> bool:
+    return not any(begin <= t and (end is None or t < end) for begin, end in idle)
+
+
 def _in_experiment(key: str) -> ColumnElement[bool]:
     """The event's user was offered something under the experiment."""
     return Event.user_id.in_(select(Offer.user_id).where(Offer.experiment_key == key))
@@ -183,9 +217,10 @@ def report(session: Session, key: str, now: datetime) -> dict[str, Any]:
         # purchases, which a long experiment has millions of (docs/BENCHMARKS.md).
         execution_options={"yield_per": STREAM_ROWS},
     )
+    idle = _idle(session, experiment)
     for user_id, kind, revenue, quantity, occurred, item_id, holder, of, arm, discount in events:
         u = owner.get(user_id)
-        if u is None or occurred < u.first_offer:
+        if u is None or occurred < u.first_offer or not _while_running(idle, occurred):
             continue
         # Counted like the user's revenue, and only for an offer of this experiment and the
         # user's own variant made to this user: another's token, or an offer of another
@@ -303,6 +338,8 @@ def report(session: Session, key: str, now: datetime) -> dict[str, Any]:
         "experiment": key,
         "status": experiment.status,
         "started_at": experiment.started_at.isoformat() if experiment.started_at else None,
+        # Paused or stopped periods, whose purchases are not counted.
+        "idle": [[b.isoformat(), e.isoformat() if e else None] for b, e in idle],
         "control": variants[0].name,
         "variants": out,
         "srm_p_value": _number(srm),
@@ -330,15 +367,21 @@ def conversion_curves(
     among the users assigned by then."""
     users = _users(session, key)
     owner = {u: d for g in users.values() for u, d in g.items()}
+    idle = _idle(session, Experiments(session).get(key))
     bought: dict[str, datetime] = {}
-    # The first purchase at or after the first offer, as in report(): a customer who had also
-    # bought before the experiment still converts.
+    # The first purchase at or after the first offer while the experiment ran, as in report():
+    # a customer who had also bought before the experiment still converts.
     for user_id, occurred in session.execute(
         select(Event.user_id, Event.occurred_at)
         .where(_in_experiment(key), Event.type.in_(BUYING))
         .order_by(Event.occurred_at)
     ):
-        if user_id in owner and user_id not in bought and occurred >= owner[user_id].first_offer:
+        if (
+            user_id in owner
+            and user_id not in bought
+            and occurred >= owner[user_id].first_offer
+            and _while_running(idle, occurred)
+        ):
             bought[user_id] = occurred
     moments = sorted({d.first_offer for d in owner.values()} | set(bought.values()))
     if not moments:

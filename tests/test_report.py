@@ -17,12 +17,14 @@ from click.testing import Result
 from conftest import make_tiny_shop, write_tiny_artifact
 from offer_server import ctl
 from scipy import stats as sps
+from sqlalchemy import select
 
-from admin.report import axis_unit
+from admin.report import axis_unit, report
 from core.artifact import CURRENT
 from core.store.db import Store
 from core.store.events import EventIn, record
 from core.store.offers import insert_offers
+from core.store.tables import AuditEntry
 
 START = datetime.now(UTC) - timedelta(days=40)
 
@@ -414,3 +416,55 @@ def test_the_plot_counts_time_in_the_largest_unit_the_experiment_has_lasted_twic
     span: timedelta, unit: str
 ) -> None:
     assert axis_unit(span)[1] == unit
+
+
+def test_purchases_while_paused_or_after_the_stop_are_not_counted(db_url: str) -> None:
+    """Then other rules or experiments served the users: their purchases say nothing of this
+    experiment's arms."""
+    ctl(db_url, "experiments", "create", "w", "--variant", "control:50", "--variant", "b:50")
+    for move in ("start", "pause", "start", "stop"):
+        ctl(db_url, "experiments", move, "w", "--yes" if move == "stop" else "--output=json")
+    now = datetime.now(UTC).replace(microsecond=0)
+    moved = [now - timedelta(minutes=m) for m in (180, 120, 60, 30)]  # start, pause, start, stop
+    store = Store(db_url)
+    try:
+        with store.transaction() as session:
+            rows = session.scalars(
+                select(AuditEntry)
+                .where(AuditEntry.entity_type == "experiment")
+                .order_by(AuditEntry.id)
+            ).all()
+            moves = [r for r in rows if r.action in ("start", "pause", "stop")]
+            for row, at in zip(moves, moved, strict=True):
+                row.at = at
+            first = {**offer(1, "u1", "control", 0.0), "experiment_key": "w"}
+            insert_offers(session, [{**first, "issued_at": now - timedelta(minutes=170)}])
+            bought = {150: 100, 90: 200, 45: 400, 10: 800}  # minutes ago: cents
+            record(
+                session,
+                [
+                    EventIn(
+                        f"p{m}",
+                        "purchase",
+                        "u1",
+                        "00001",
+                        revenue_cents=cents,
+                        occurred_at=int((now - timedelta(minutes=m)).timestamp()),
+                    )
+                    for m, cents in bought.items()
+                ],
+                now,
+            )
+        with store.transaction() as session:
+            data = report(session, "w", now)
+    finally:
+        store.dispose()
+    control = next(v for v in data["variants"] if v["variant"] == "control")
+    assert control["revenue_per_user"]["value"] == 5.0  # 1.00 while running, 4.00 after resuming
+    assert data["idle"] == [
+        [(moved[1] + timedelta(seconds=1)).isoformat(), moved[2].isoformat()],
+        [(moved[3] + timedelta(seconds=1)).isoformat(), None],
+    ]
+    shown = ctl(db_url, "experiments", "report", "w")
+    assert f"not counted: purchases from {data['idle'][0][0]} to" in shown.stderr
+    assert "while it was stopped" in shown.stderr
