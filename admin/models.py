@@ -5,12 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from sqlalchemy.orm import Session
 
 from admin.app import App
 from admin.options import confirm, yes_option
 from admin.output import emit, message, output_option
 from core.artifact import CURRENT, ArtifactError, current_version_dir, set_current
+from core.offers import resolve_features
+from core.segments import ConditionError, evaluate, parse_condition
+from core.shop import load_shop_facts
 from core.store.errors import InvalidInput
+from core.store.experiments import Experiments
 from core.store.model_versions import ModelVersions
 
 COLUMNS = ("version", "status", "registered_at", "activated_at", "metrics", "path")
@@ -75,8 +80,11 @@ def promote(app: App, version: str, output: str) -> None:
         previous = versions.active()
         left = previous.path if previous is not None else None
         data = versions.promote(version).to_dict()
+        notes = _targets_moved(session, left, data["path"])
     _serve(data["path"], left)
     message(f"model version {version!r} is active")
+    for note in notes:
+        message(note)
     emit(data, output)
 
 
@@ -101,9 +109,50 @@ def rollback(app: App, yes: bool, output: str) -> None:
     with app.transaction() as session:
         # From the version confirmed, not from one a colleague promoted while the prompt waited.
         data = ModelVersions(session, app.actor).rollback(active.version).to_dict()
+        notes = _targets_moved(session, active.path, data["path"])
     _serve(data["path"], active.path)
     message(f"rolled back; model version {data['version']!r} is active")
+    for note in notes:
+        message(note)
     emit(data, output)
+
+
+def _targets_moved(session: Session, before: str | None, after: str) -> list[str]:
+    """A note per running experiment whose target is a condition: the server judges it on the
+    serving version's user features, so a new version moves users whose features changed in or
+    out of the experiment (and between experiments that share users)."""
+    running = [
+        e
+        for e in Experiments(session).running()
+        if e.target_segment is not None and e.target_segment.condition is not None
+    ]
+    if not running:
+        return []
+    try:
+        old = load_shop_facts(Path(before)).user_features if before else {}
+        new = load_shop_facts(Path(after)).user_features
+    except ArtifactError:
+        return []  # register refused unreadable ones; a folder changed since: nothing to count
+    notes = []
+    for experiment in running:
+        segment = experiment.target_segment
+        assert segment is not None
+        try:
+            condition = parse_condition(segment.condition)
+        except ConditionError:
+            continue
+        moved = sum(
+            evaluate(condition, resolve_features(old.get(u), {}))
+            != evaluate(condition, resolve_features(new.get(u), {}))
+            for u in old.keys() | new.keys()
+        )
+        if moved:
+            notes.append(
+                f"note: running experiment {experiment.key!r} targets segment {segment.name!r}, "
+                f"judged on the serving version's user features: {moved:,} known user(s) move "
+                "in or out of it with this version, so its arms mix users measured under both"
+            )
+    return notes
 
 
 def warn_if_served_elsewhere(path: str) -> None:

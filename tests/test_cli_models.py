@@ -322,3 +322,30 @@ def test_rollback_with_nothing_active_says_so(db_url: str, tmp_path: Path) -> No
     result = ctl(db_url, "models", "rollback", "--yes")
     assert result.exit_code == 1
     assert result.stderr.strip() == "Error: no active model version to roll back from"
+
+
+def test_promote_names_the_running_experiments_whose_targets_it_moves_users_across(
+    db_url: str, tmp_path: Path
+) -> None:
+    """Condition targets are judged on the serving version's user features: a version whose
+    features differ moves users in or out of an experiment mid-flight."""
+    for name, orders in (("v1", 5), ("v2", 0), ("v3", 7)):
+        folder = _version(tmp_path, name)
+        _rewrite(
+            folder, "user_features.json", f'{{"columns": ["order_count"], "rows": [[{orders}]]}}'
+        )
+        run(db_url, "register", str(folder))
+    run(db_url, "promote", "v1")
+    ctl(db_url, "segments", "create", "regulars", "--where", "order_count >= 1")
+    ctl(db_url, "experiments", "create", "ab", "--variant", "a:50", "--variant", "b:50",
+        "--target-segment", "regulars")  # fmt: skip
+    ctl(db_url, "experiments", "start", "ab")
+    moved = ctl(db_url, "models", "promote", "v2")
+    assert (
+        "note: running experiment 'ab' targets segment 'regulars', judged on the serving "
+        "version's user features: 1 known user(s) move in or out of it" in moved.stderr
+    )
+    back = ctl(db_url, "models", "rollback", "--yes")
+    assert "1 known user(s) move" in back.stderr
+    same = ctl(db_url, "models", "promote", "v3")  # 5 orders or 7: a regular either way
+    assert same.exit_code == 0 and "note: running experiment" not in same.stderr
