@@ -99,8 +99,8 @@ def report_command(app: App, key: str, plot_path: Path | None, output: str) -> N
         )
         for begin, end in data["idle"]:
             message(
-                f"not counted: purchases from {begin} to {end or 'now'}, while it was "
-                + ("paused" if end else data["status"])
+                f"not counted: purchases from {begin} to {end or 'now'}, while it was not "
+                "running (other than redemptions of its own offers)"
             )
         compared = sum(
             row[column] != "-" for row in rows for column in ("p_conv", "p_rev", "p_margin")

@@ -13,8 +13,10 @@ Definitions (user level, so that every test compares independent units):
   from the active model version's catalog (n/a without one);
 - 30-day repeat rate: converters who bought again on a later day within 30 days of their first
   purchase / converters (only converters whose first purchase is 30 days old count).
-Purchases count only while the experiment ran: not between a pause and the next start, nor after
-its stop, when other rules or experiments served its users.
+Purchases count towards conversion, revenue and margin only while the experiment ran: not
+between a pause and the next start, nor after its stop, when other rules or experiments served
+its users; a redemption of the arm's own offer counts whenever its token is used, and repeats
+count whenever they come. Impressions and clicks (exposure, CTR) are not filtered.
 The first variant is the control. Rates: Wilson intervals, pooled two-proportion z-tests and
 Newcombe intervals of the difference; money: Student/Welch intervals and Welch's t-test;
 sample-ratio mismatch: chi-square against the weights, flagged below p = 0.001.
@@ -140,7 +142,7 @@ def _idle(session: Session, experiment: Experiment) -> Idle:
             AuditEntry.entity_id == str(experiment.id),
             AuditEntry.action.in_(("start", "pause", "stop")),
         )
-        .order_by(AuditEntry.at, AuditEntry.id)
+        .order_by(AuditEntry.id)  # as written: `at` is each admin's clock
     )
     idle: Idle = []
     since: datetime | None = None
@@ -220,12 +222,18 @@ def report(session: Session, key: str, now: datetime) -> dict[str, Any]:
     idle = _idle(session, experiment)
     for user_id, kind, revenue, quantity, occurred, item_id, holder, of, arm, discount in events:
         u = owner.get(user_id)
-        if u is None or occurred < u.first_offer or not _while_running(idle, occurred):
+        if u is None or occurred < u.first_offer:
+            continue
+        own_offer = kind == "redemption" and (holder, of, arm) == (user_id, key, u.variant)
+        # A redemption of the arm's own offer is its treatment whenever the token is used.
+        if not own_offer and not _while_running(idle, occurred):
+            if u.first_purchase is not None:
+                u.purchases.append(occurred)  # a repeat is loyalty, whoever served it
             continue
         # Counted like the user's revenue, and only for an offer of this experiment and the
         # user's own variant made to this user: another's token, or an offer of another
         # experiment or variant, would charge an arm for a discount its users were not given.
-        if kind == "redemption" and (holder, of, arm) == (user_id, key, u.variant):
+        if own_offer:
             u.discount += float(discount or 0.0) * (quantity or 1)
         u.revenue += revenue or 0.0
         cost = costs.get(item_id) if costs is not None and item_id else None

@@ -452,6 +452,16 @@ def test_purchases_while_paused_or_after_the_stop_are_not_counted(db_url: str) -
                         occurred_at=int((now - timedelta(minutes=m)).timestamp()),
                     )
                     for m, cents in bought.items()
+                ]
+                + [  # its own offer's token, used while paused: the arm's treatment all the same
+                    EventIn(
+                        "r100",
+                        "redemption",
+                        "u1",
+                        offer_id="o1",
+                        revenue_cents=50,
+                        occurred_at=int((now - timedelta(minutes=100)).timestamp()),
+                    )
                 ],
                 now,
             )
@@ -460,11 +470,12 @@ def test_purchases_while_paused_or_after_the_stop_are_not_counted(db_url: str) -
     finally:
         store.dispose()
     control = next(v for v in data["variants"] if v["variant"] == "control")
-    assert control["revenue_per_user"]["value"] == 5.0  # 1.00 while running, 4.00 after resuming
+    # 1.00 while running, 0.50 its own offer's redemption while paused, 4.00 after resuming
+    assert control["revenue_per_user"]["value"] == 5.5
     assert data["idle"] == [
         [(moved[1] + timedelta(seconds=1)).isoformat(), moved[2].isoformat()],
         [(moved[3] + timedelta(seconds=1)).isoformat(), None],
     ]
     shown = ctl(db_url, "experiments", "report", "w")
     assert f"not counted: purchases from {data['idle'][0][0]} to" in shown.stderr
-    assert "while it was stopped" in shown.stderr
+    assert "to now, while it was not running" in shown.stderr
