@@ -88,18 +88,23 @@ def create(
             key, _variants(variants), salt, target_segment, description
         )
         data = experiment.to_dict()
-        notes = _narrower_rules(experiment) + [
-            f"note: rule {rule.name!r} now prices only through this experiment's variants (and "
-            "those of any other not yet stopped): nobody gets it as an ordinary rule, not before "
-            "the start, while paused or in the control arm"
-            for rule in Experiments(session).rules_only_of(experiment)
-        ]
+        notes = _narrower_rules(experiment) + _taken(Experiments(session).rules_only_of(experiment))
     message(
         f"created experiment {key!r} (draft); start it with `discountctl experiments start {key}`"
     )
     for note in notes:
         message(note)
     emit(data if output == "json" else _table_row(data), output)
+
+
+def _taken(rules: list[Rule]) -> list[str]:
+    """A note per ordinary rule an experiment now holds."""
+    return [
+        f"note: rule {rule.name!r} now prices only through this experiment's variants (and "
+        "those of any other not yet stopped): nobody gets it as an ordinary rule, not before the "
+        "start, while paused or in the control arm"
+        for rule in rules
+    ]
 
 
 def _released(rules: list[Rule]) -> list[str]:
@@ -190,7 +195,9 @@ def update(
     if_version: int | None,
     output: str,
 ) -> None:
-    """Change a draft experiment (variants and target are fixed once it has started).
+    """Change a draft experiment (variants and target are fixed once it has started). A rule
+    the new variants name is held by the experiment, one they no longer name is released: a
+    note names each.
 
     \b
     Example:
@@ -199,12 +206,19 @@ def update(
     """
     with app.transaction() as session:
         repo = Experiments(session, app.actor)
-        version = repo.get(key).version
+        before = repo.get(key)
+        version, held = before.version, repo.rules_only_of(before)
         experiment = repo.update(
             key, if_version, _variants(variants) if variants else None, target_segment, description
         )
         data = experiment.to_dict()
+        holds = repo.rules_only_of(experiment)
     updated("experiment", key, version, data["version"])
+    names = {r.name for r in held}
+    for note in _taken([r for r in holds if r.name not in names]) + _released(
+        [r for r in held if r.name not in {r.name for r in holds}]
+    ):
+        message(note)
     emit(data if output == "json" else _table_row(data), output)
 
 

@@ -1048,7 +1048,7 @@ def test_installed_command_prints_no_traceback() -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_starting_an_experiment_whose_rule_is_not_valid_yet_says_so(db_url: str) -> None:
+def test_experiment_notes_name_rules_not_valid_yet_and_rules_held_or_released(db_url: str) -> None:
     ctl(db_url, "rules", "create", "later", *TIER, "--valid-from", "2030-01-01T00:00:00Z")
     ctl(db_url, "experiments", "create", "f", "--variant", "control:50", "--variant", "t:50:later")
     started = ctl(db_url, "experiments", "start", "f")
@@ -1057,5 +1057,14 @@ def test_starting_an_experiment_whose_rule_is_not_valid_yet_says_so(db_url: str)
         "note: variant 't' prices with rule 'later', valid only from 2030-01-01T00:00:00+00:00"
         in started.stderr
     )
-    another = ctl(db_url, "experiments", "create", "g", "--variant", "t:100:later")
+    ctl(db_url, "rules", "create", "now", *TIER)
+    another = ctl(db_url, "experiments", "create", "g", "--variant", "c:50",
+                  "--variant", "t:50:later")  # fmt: skip
+    assert another.exit_code == 0
     assert "note: rule 'later' now prices only through" not in another.stderr  # f holds it
+    moved = ctl(db_url, "experiments", "update", "g", "--variant", "c:50", "--variant", "t:50:now")
+    assert moved.exit_code == 0
+    assert "note: rule 'now' now prices only through" in moved.stderr
+    assert "rule 'later' prices as an ordinary rule again" not in moved.stderr  # f still holds it
+    back = ctl(db_url, "experiments", "update", "g", "--variant", "c:50", "--variant", "t:50:later")
+    assert "note: rule 'now' prices as an ordinary rule again" in back.stderr
