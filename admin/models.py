@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 from sqlalchemy.orm import Session
@@ -80,10 +81,10 @@ def promote(app: App, version: str, output: str) -> None:
         previous = versions.active()
         left = previous.path if previous is not None else None
         data = versions.promote(version).to_dict()
-        notes = _targets_moved(session, left, data["path"])
+        targets = _condition_targets(session)
     _serve(data["path"], left)
     message(f"model version {version!r} is active")
-    for note in notes:
+    for note in _targets_moved(targets, left, data["path"]):
         message(note)
     emit(data, output)
 
@@ -109,24 +110,32 @@ def rollback(app: App, yes: bool, output: str) -> None:
     with app.transaction() as session:
         # From the version confirmed, not from one a colleague promoted while the prompt waited.
         data = ModelVersions(session, app.actor).rollback(active.version).to_dict()
-        notes = _targets_moved(session, active.path, data["path"])
+        targets = _condition_targets(session)
     _serve(data["path"], active.path)
     message(f"rolled back; model version {data['version']!r} is active")
-    for note in notes:
+    for note in _targets_moved(targets, active.path, data["path"]):
         message(note)
     emit(data, output)
 
 
-def _targets_moved(session: Session, before: str | None, after: str) -> list[str]:
-    """A note per running experiment whose target is a condition: the server judges it on the
-    serving version's user features, so a new version moves users whose features changed in or
-    out of the experiment (and between experiments that share users)."""
-    running = [
-        e
+def _condition_targets(session: Session) -> list[tuple[str, str, Any]]:
+    """(experiment key, segment name, condition) of each running experiment whose target is a
+    condition segment."""
+    return [
+        (e.key, e.target_segment.name, e.target_segment.condition)
         for e in Experiments(session).running()
         if e.target_segment is not None and e.target_segment.condition is not None
     ]
-    if not running:
+
+
+def _targets_moved(
+    targets: list[tuple[str, str, Any]], before: str | None, after: str
+) -> list[str]:
+    """A note per running experiment whose target is a condition: the server judges it on the
+    serving version's user features, so a new version moves users whose features changed in or
+    out of the experiment (and between experiments that share users). Counted after the
+    commit: two versions' features are read, which must not hold the store's write lock."""
+    if not targets:
         return []
     try:
         old = load_shop_facts(Path(before)).user_features if before else {}
@@ -134,11 +143,9 @@ def _targets_moved(session: Session, before: str | None, after: str) -> list[str
     except ArtifactError:
         return []  # register refused unreadable ones; a folder changed since: nothing to count
     notes = []
-    for experiment in running:
-        segment = experiment.target_segment
-        assert segment is not None
+    for key, segment, raw in targets:
         try:
-            condition = parse_condition(segment.condition)
+            condition = parse_condition(raw)
         except ConditionError:
             continue
         moved = sum(
@@ -148,9 +155,9 @@ def _targets_moved(session: Session, before: str | None, after: str) -> list[str
         )
         if moved:
             notes.append(
-                f"note: running experiment {experiment.key!r} targets segment {segment.name!r}, "
-                f"judged on the serving version's user features: {moved:,} known user(s) move "
-                "in or out of it with this version, so its arms mix users measured under both"
+                f"note: running experiment {key!r} targets segment {segment!r}, judged on the "
+                f"serving version's user features: {moved:,} known user(s) move in or out of it "
+                "with this version, so its arms mix users measured under both"
             )
     return notes
 
