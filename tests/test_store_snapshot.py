@@ -15,7 +15,7 @@ from core.offers import ItemInput, Snapshot, decide
 from core.store.db import Store
 from core.store.events import EventIn, record
 from core.store.offers import insert_offers
-from core.store.snapshot import Held, load_snapshot
+from core.store.snapshot import RESUM, Held, load_snapshot
 
 NOW = datetime.now(UTC)
 
@@ -135,6 +135,19 @@ def test_a_budgets_spend_carried_from_load_to_load_is_the_spend_from_scratch(db_
         assert held.settled_at == later - timedelta(seconds=60)
         ctl(db_url, "rules", "update", "open", "--budget", "10")  # its past spend counts
         assert spent(later) == {"capped": Decimal("1.23"), "open": Decimal("0.50")}
+        # A redemption whose offer row is stored long after it (an offer log that waited for
+        # the store): the carried sums miss it until the next sum from scratch, RESUM later.
+        with store.transaction() as session:
+            late = EventIn("late", "redemption", "u", offer_id="o-late")
+            record(session, [late], later - timedelta(minutes=30))
+        load(db_url, held, later)
+        with store.transaction() as session:
+            insert_offers(session, [_offer("o-late", ids["capped"], 10.0, 9.0)])
+        soon = later + timedelta(minutes=1)
+        assert {r.name: r.spent for r in load(db_url, held, soon).rules}["capped"] == Decimal(
+            "1.23"
+        )
+        assert spent(later + RESUM)["capped"] == Decimal("2.23")
     finally:
         store.dispose()
 

@@ -31,6 +31,11 @@ log = logging.getLogger(__name__)
 # How long before a load a redemption's row is taken as committed: received_at is stamped
 # before its transaction commits (as server.purchases.OVERLAP, whose reasoning this shares).
 SETTLE = timedelta(seconds=60)
+# How often the settled spend is summed from scratch anyway: a redemption whose offer row was
+# stored later than SETTLE after it (an offer log that waited for the store, offers spilled at
+# a shutdown), or that another host stamped with a clock running behind this one's, is missed by
+# the carried sums until then.
+RESUM = timedelta(minutes=10)
 
 
 @dataclass
@@ -48,6 +53,7 @@ class Held:
     members: dict[int, tuple[tuple[int, datetime], frozenset[str]]] = field(default_factory=dict)
     settled: dict[int, Decimal] = field(default_factory=dict)
     settled_at: datetime | None = None
+    summed_at: datetime | None = None  # when settled was last summed from scratch
 
 
 def spent_by_rule(
@@ -84,10 +90,19 @@ def _spent(session: Session, rule_ids: list[int], held: Held, now: datetime) -> 
     """spent_by_rule of the budgeted rules, from held's settled sums and what came since."""
     settle = now - SETTLE
     last = held.settled_at
-    if last is None or settle < last or any(r not in held.settled for r in rule_ids):
-        # The first load, a clock set back, or a rule newly budgeted: every rule from scratch.
+    anew = (
+        last is None
+        or settle < last
+        or any(r not in held.settled for r in rule_ids)
+        or held.summed_at is None
+        or now - held.summed_at >= RESUM
+    )
+    if anew:
+        # The first load, a clock set back, a rule newly budgeted, or RESUM since the last sum
+        # from scratch: every rule from scratch.
         added = spent_by_rule(session, rule_ids, until=settle)
         held.settled = dict.fromkeys(rule_ids, Decimal(0))
+        held.summed_at = now
     else:
         added = spent_by_rule(session, rule_ids, after=last, until=settle)
         held.settled = {r: held.settled[r] for r in rule_ids}
