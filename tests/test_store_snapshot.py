@@ -68,11 +68,18 @@ def _offer(offer_id: str, rule_id: int, base: float, final: float) -> dict[str, 
     }  # fmt: skip
 
 
+TIER = ("--policy", "tiered_topk", "--param", "k1=1", "--param", "d1=20", "--param", "d2=5")
+
+
+def capped_and_open(url: str, budget: str) -> dict[str, int]:
+    """Rule ids of 'capped' (with the budget) and 'open' (without one)."""
+    ctl(url, "rules", "create", "capped", *TIER, "--budget", budget)
+    ctl(url, "rules", "create", "open", *TIER)
+    return {r.name: r.id for r in load(url).rules}
+
+
 def test_a_budgeted_rules_spend_is_what_its_redemptions_gave(db_url: str) -> None:
-    tier = ("--policy", "tiered_topk", "--param", "k1=1", "--param", "d1=20", "--param", "d2=5")
-    ctl(db_url, "rules", "create", "capped", *tier, "--budget", "100")
-    ctl(db_url, "rules", "create", "open", *tier)
-    ids = {r.name: r.id for r in load(db_url).rules}
+    ids = capped_and_open(db_url, "100")
     store = Store(db_url)
     try:
         with store.transaction() as session:
@@ -101,10 +108,7 @@ def test_a_budgeted_rules_spend_is_what_its_redemptions_gave(db_url: str) -> Non
 
 
 def test_a_budgets_spend_carried_from_load_to_load_is_the_spend_from_scratch(db_url: str) -> None:
-    tier = ("--policy", "tiered_topk", "--param", "k1=1", "--param", "d1=20", "--param", "d2=5")
-    ctl(db_url, "rules", "create", "capped", *tier, "--budget", "1000")
-    ctl(db_url, "rules", "create", "open", *tier)
-    ids = {r.name: r.id for r in load(db_url).rules}
+    ids = capped_and_open(db_url, "1000")
     store = Store(db_url)
     n = 0
 
