@@ -29,6 +29,7 @@ from core.store.tables import Rule
 COLUMNS = (
     "name",
     "enabled",
+    "held_by",
     "priority",
     "segment",
     "policy",
@@ -173,15 +174,22 @@ def create(app: App, /, name: str, disabled: bool, output: str, **kw: Any) -> No
 @output_option
 @click.pass_obj
 def list_(app: App, output: str) -> None:
-    """List rules, highest priority first.
+    """List rules, highest priority first. HELD_BY names the experiments (not yet stopped)
+    whose variants price with a rule: it prices only through them, as no ordinary rule.
 
     \b
     Example:
       discountctl rules list
     """
     with app.transaction() as session:
-        data = [r.to_dict() for r in Rules(session).list_all()]
+        held = Experiments(session).holders()
+        data = [_with_holders(r, held) for r in Rules(session).list_all()]
     emit(data, output, COLUMNS)
+
+
+def _with_holders(rule: Rule, held: dict[int, list[str]]) -> dict[str, Any]:
+    """The rule, with the experiments that hold it (null: none, it is an ordinary rule)."""
+    return {**rule.to_dict(), "held_by": held.get(rule.id)}
 
 
 @rules.command("show")
@@ -196,7 +204,7 @@ def show(app: App, name: str, output: str) -> None:
       discountctl rules show new-tiered --output json
     """
     with app.transaction() as session:
-        data = Rules(session).get(name).to_dict()
+        data = _with_holders(Rules(session).get(name), Experiments(session).holders())
     emit(data, output)
 
 

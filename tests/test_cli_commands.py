@@ -207,8 +207,15 @@ def test_admin_walk_through(db_url: str) -> None:
     assert (log[0]["before"]["status"], log[0]["after"]["status"]) == ("draft", "running")
     table = ctl(db_url, "rules", "list")
     assert table.exit_code == 0 and table.stderr == ""
-    assert table.stdout.splitlines()[0].split()[:3] == ["NAME", "ENABLED", "PRIORITY"]
-    assert table.stdout.splitlines()[1].split()[:3] == ["new-tiered", "yes", "5"]
+    assert table.stdout.splitlines()[0].split()[:4] == ["NAME", "ENABLED", "HELD_BY", "PRIORITY"]
+    # The running experiment's treatment: a rule it holds, no ordinary one.
+    assert table.stdout.splitlines()[1].split()[:4] == [
+        "new-tiered",
+        "yes",
+        '["new-tiered-ab"]',
+        "5",
+    ]
+    assert ok(db_url, "rules show new-tiered")["held_by"] == ["new-tiered-ab"]
 
 
 def test_sql_looking_and_unicode_names_round_trip_through_the_cli(db_url: str) -> None:

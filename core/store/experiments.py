@@ -281,15 +281,21 @@ class Experiments:
         running = self.running()
         return running[: [e.key for e in running].index(experiment.key)]
 
-    def owned_rule_ids(self) -> set[int]:
-        """The rules a variant of an experiment not yet stopped prices with: they price only
-        through those experiments (core.offers.RuleDef.experiment_only)."""
+    def holders(self) -> dict[int, list[str]]:
+        """Rule id → keys of the experiments not yet stopped whose variants price with it: such
+        a rule prices only through them (core.offers.RuleDef.experiment_only)."""
         query = (
-            select(Variant.rule_id)
+            select(Variant.rule_id, Experiment.key)
             .join(Experiment, Experiment.id == Variant.experiment_id)
             .where(Experiment.status != "stopped", Variant.rule_id.is_not(None))
+            .distinct()
+            .order_by(Experiment.key)
         )
-        return {rule_id for rule_id in self.session.scalars(query) if rule_id is not None}
+        held: dict[int, list[str]] = {}
+        for rule_id, key in self.session.execute(query):
+            if rule_id is not None:
+                held.setdefault(rule_id, []).append(key)
+        return held
 
     def rules_only_of(self, experiment: Experiment) -> list[Rule]:
         """The rules of experiment's variants that no other experiment not yet stopped prices

@@ -178,7 +178,7 @@ def load_snapshot(session: Session, now: datetime, held: Held | None = None) -> 
     segments = tuple(SegmentDef(s.name, s.priority, _condition(s), members[s.id][1]) for s in rows)
     rule_rows = list(session.scalars(select(Rule).order_by(Rule.priority.desc(), Rule.name)))
     spent = _spent(session, [r.id for r in rule_rows if r.budget is not None], kept, now)
-    owned = Experiments(session).owned_rule_ids()
+    owned = set(Experiments(session).holders())
     rules = {r.id: _rule(r, spent, owned) for r in rule_rows}
     experiments = tuple(
         ExperimentDef(
