@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 from click.testing import CliRunner
 
@@ -51,6 +53,7 @@ def test_fit_writes_a_verified_version_with_metrics_and_config(
     for name in ("val_ndcg@10", "val_popularity_ndcg@10", "test_ndcg@10", "test_recall@10"):
         assert 0.0 <= manifest.metrics[name] <= 1.0
     assert manifest.metrics["loses_to_popularity"] == 0.0
+    assert manifest.metrics["loses_to_popularity_on_test"] == 0.0
     assert manifest.training["factors"] == 8
     assert manifest.training["regularization"] == 10.0
     assert manifest.training["epochs"] == manifest.metrics["epochs"]
@@ -100,6 +103,43 @@ def test_a_version_that_loses_to_popularity_does_not_replace_the_serving_one(
     assert f"NOT made CURRENT: it loses to popularity, so {serving} keeps serving" in log
     assert (tmp_path / "models" / CURRENT).read_text().strip() == serving
     assert Path(str(worse["version_dir"])).is_dir()  # written and sealed, to promote by hand
+
+
+def _bestsellers_held_out(shop: Path, out: Path) -> Path:
+    """shop, with every purchase of its last tenth (fit's hold-out) replaced by the best-selling
+    item its buyer had not bought yet: a period where tastes stopped mattering, which the
+    validation period before it does not foretell."""
+    out.mkdir()
+    frame = pd.read_csv(shop / "interactions.csv", dtype=str)
+    order = np.argsort(pd.to_datetime(frame["timestamp"]).to_numpy(), kind="stable")
+    held = order[-(len(frame) // 10) :]
+    before = frame.drop(frame.index[held])
+    ranked = list(before.groupby("item_id")["user_id"].nunique().sort_values(ascending=False).index)
+    owned = before.groupby("user_id")["item_id"].agg(set).to_dict()
+    for row in held:
+        have = owned.setdefault(frame.at[row, "user_id"], set())
+        frame.at[row, "item_id"] = next(i for i in ranked if i not in have)
+        have.add(frame.at[row, "item_id"])
+    frame.to_csv(out / "interactions.csv", index=False)
+    (out / "items.csv").write_text((shop / "items.csv").read_text())
+    return out
+
+
+def test_a_version_that_loses_on_the_hold_out_does_not_replace_the_serving_one(
+    tasteful: Path, tmp_path: Path
+) -> None:
+    """Validation's figure is the best of every candidate and epoch; the hold-out chose nothing,
+    and says the model loses here: that decides, as a loss on validation does."""
+    good, _ = fit(tasteful, tmp_path / "models")
+    serving = Path(str(good["version_dir"])).name
+    shop = _bestsellers_held_out(tasteful, tmp_path / "shop")
+    worse, log = fit(shop, tmp_path / "models")
+    metrics = worse["metrics"]
+    assert isinstance(metrics, dict)
+    assert (metrics["loses_to_popularity"], metrics["loses_to_popularity_on_test"]) == (0.0, 1.0)
+    assert "WARNING: on the hold-out the model LOSES to popularity" in log
+    assert worse["current"] is False
+    assert f"NOT made CURRENT: it loses to popularity, so {serving} keeps serving" in log
 
 
 def test_no_current_leaves_the_release_to_the_registry(tasteful: Path, tmp_path: Path) -> None:

@@ -230,7 +230,7 @@ def fit(
     for name, value in outcome.metrics.items():
         _err(f"  {name:32s} {value:.4f}")
     if outcome.loses_to_popularity:
-        _err("WARNING: this model loses to popularity on its validation split (see above)")
+        _err("WARNING: this model loses to popularity on its validation or hold-out split (above)")
     click.echo(
         json.dumps(
             {

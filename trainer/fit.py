@@ -133,6 +133,18 @@ def fit(
         for name, value in evaluate(popularity_scorer(hold.bought), hold).items():
             if name != "users":
                 metrics[f"test_popularity_{name}"] = value
+        # The clean comparison: the hold-out chose nothing, while the validation figure above
+        # is the best of every candidate and epoch, so it flatters the model.
+        model_ndcg, baseline = metrics["test_ndcg@10"], metrics["test_popularity_ndcg@10"]
+        loses_on_test = model_ndcg <= baseline
+        metrics["loses_to_popularity_on_test"] = float(loses_on_test)
+        if loses_on_test:
+            say(
+                f"WARNING: on the hold-out the model LOSES to popularity (NDCG@10 "
+                f"{model_ndcg:.4f} vs {baseline:.4f}); recommendations may be worse than a "
+                "bestseller list"
+            )
+        loses = loses or loses_on_test
     else:
         say(f"WARNING: no hold-out users ({hold.description}); no test metrics")
 
