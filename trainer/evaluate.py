@@ -182,6 +182,22 @@ def popularity_scorer(train: sp.csr_matrix) -> Scorer:
     return score
 
 
+def recent_popularity_scorer(dataset: Dataset, split: Split, days: int) -> Scorer:
+    """Distinct buyers per item in the last ``days`` days of the split's training rows, ties
+    (most items, over a short window) broken by all-time buyers: the baseline a shop whose
+    bestsellers change beats least easily."""
+    inter = dataset.interactions
+    end = int(inter.timestamp[split.train_rows].max())
+    recent_rows = split.train_rows & purchases(dataset) & (inter.timestamp >= end - days * 86_400)
+    total = popularity(split.bought)
+    counts = popularity(interaction_matrix(dataset, recent_rows)) * (total.max() + 1) + total
+
+    def score(users: Ints) -> npt.NDArray[np.floating]:
+        return np.broadcast_to(counts, (len(users), len(counts)))
+
+    return score
+
+
 def top_k(scorer: Scorer, users: Ints, exclude: sp.csr_matrix, k: int, batch: int = 1024) -> Ints:
     """The k best items per user, best first, never an excluded one."""
     out = np.empty((len(users), k), dtype=np.int64)
