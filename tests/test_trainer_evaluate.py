@@ -11,7 +11,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from trainer.dataset import Catalog, Dataset, Interactions
-from trainer.evaluate import Protocol, evaluate, popularity_scorer, ranking_metrics, top_k
+from trainer.evaluate import (
+    Protocol,
+    evaluate,
+    popularity_scorer,
+    ranking_metrics,
+    recent_popularity_scorer,
+    top_k,
+)
 
 DCG = [1.0 / math.log2(i + 2) for i in range(10)]
 
@@ -179,3 +186,25 @@ def test_evaluate_scores_only_users_with_relevant_items() -> None:
     m = evaluate(popularity_scorer(split.train), split, k=2)
     assert m["users"] == 1.0
     assert m["hit_rate@10"] == 1.0
+
+
+def test_recent_popularity_ranks_by_the_last_days_and_breaks_ties_by_all_time() -> None:
+    day = 86_400
+    ds = shop(
+        [
+            (0, 0, 0), (1, 0, 0), (2, 0, 0),  # item 0: three buyers, long ago
+            (0, 3, 1 * day), (1, 3, 1 * day),  # item 3: two buyers long ago...
+            (2, 3, 9 * day),  # ...and one in the last week
+            (0, 2, 9 * day), (1, 2, 9 * day),  # item 2: two buyers in the last week
+            (3, 1, 9 * day),  # item 1: one, in the last week
+            (0, 1, 20 * day),  # the hold-out
+        ],
+        n_users=4,
+        n_items=4,
+    )  # fmt: skip
+    split = Protocol("time", cutoff=15 * day).split(ds)
+    week = recent_popularity_scorer(ds, split, days=7)(np.array([0]))[0]
+    # 2 (two buyers lately), then 3 and 1 (one each; 3 has more buyers in all), then 0 (none).
+    assert np.argsort(-week, kind="stable").tolist() == [2, 3, 1, 0]
+    month = recent_popularity_scorer(ds, split, days=30)(np.array([0]))[0]
+    assert np.argsort(-month, kind="stable").tolist() == [0, 3, 2, 1]
