@@ -252,7 +252,8 @@ def start(app: App, key: str, if_version: int | None, output: str) -> None:
 
     Running experiments that share users keep them in the order they first started: one started
     later never takes users from one that is measuring them, but a resumed one takes back the
-    users it shares with those started after it. A note names each it shares with.
+    users it shares with those started after it. A note names each it shares with, and each
+    variant rule whose validity window has not begun (its arm gets no discount until then).
 
     \b
     Example:
@@ -306,7 +307,8 @@ def stop(app: App, key: str, if_version: int | None, yes: bool, output: str) -> 
 @output_option
 @click.pass_obj
 def delete(app: App, key: str, if_version: int | None, yes: bool, output: str) -> None:
-    """Delete a draft experiment; one that has run stays, as the record its report reads.
+    """Delete a draft experiment; one that has run stays, as the record its report reads. The
+    rules its variants held become ordinary rules again: a note names each.
 
     \b
     Example:

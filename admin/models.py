@@ -95,7 +95,8 @@ def promote(app: App, version: str, output: str) -> None:
 @click.pass_obj
 def rollback(app: App, yes: bool, output: str) -> None:
     """Retire the active model and reactivate the one that was active before it; the model
-    store's CURRENT file follows, so running servers switch back.
+    store's CURRENT file follows, so running servers switch back. It rolls back from the version
+    it asked about: if another became active meanwhile, it is refused and nothing changes.
 
     \b
     Example:

@@ -59,7 +59,8 @@ def report_command(app: App, key: str, plot_path: Path | None, output: str) -> N
     """Report an experiment: per variant users assigned and exposed, CTR, conversion, revenue,
     discount cost and margin per user, 30-day repeat rate, 95% intervals, p-values against the
     control (the first variant), and a sample-ratio-mismatch check. Purchases made while the
-    experiment was paused, or after it stopped, are not counted.
+    experiment was paused, or after it stopped, are not counted (redemptions of its own offers,
+    and converters' repeats, still are).
 
     \b
     Example:

@@ -161,6 +161,13 @@ def _while_running(idle: Idle, t: datetime) -> bool:
     return not any(begin <= t and (end is None or t < end) for begin, end in idle)
 
 
+def _own_offer(u: _User, user_id: str, key: str, kind: str, offer: tuple[Any, Any, Any]) -> bool:
+    """A redemption of an offer (holder, experiment, variant) this experiment made to this user
+    under their own variant: another's token, or another experiment's or variant's offer, is not
+    this arm's treatment."""
+    return kind == "redemption" and offer == (user_id, key, u.variant)
+
+
 def _in_experiment(key: str) -> ColumnElement[bool]:
     """The event's user was offered something under the experiment."""
     return Event.user_id.in_(select(Offer.user_id).where(Offer.experiment_key == key))
@@ -224,7 +231,7 @@ def report(session: Session, key: str, now: datetime) -> dict[str, Any]:
         u = owner.get(user_id)
         if u is None or occurred < u.first_offer:
             continue
-        own_offer = kind == "redemption" and (holder, of, arm) == (user_id, key, u.variant)
+        own_offer = _own_offer(u, user_id, key, kind, (holder, of, arm))
         # A redemption of the arm's own offer is its treatment whenever the token is used.
         if not own_offer and not _while_running(idle, occurred):
             if u.first_purchase is not None:
@@ -377,19 +384,22 @@ def conversion_curves(
     owner = {u: d for g in users.values() for u, d in g.items()}
     idle = _idle(session, Experiments(session).get(key))
     bought: dict[str, datetime] = {}
-    # The first purchase at or after the first offer while the experiment ran, as in report():
-    # a customer who had also bought before the experiment still converts.
-    for user_id, occurred in session.execute(
-        select(Event.user_id, Event.occurred_at)
+    # The first purchase at or after the first offer, as report() counts it: while the
+    # experiment ran, or a redemption of the arm's own offer; a customer who had also bought
+    # before the experiment still converts.
+    for user_id, occurred, kind, holder, of, arm in session.execute(
+        select(
+            Event.user_id, Event.occurred_at, Event.type, Offer.user_id, Offer.experiment_key,
+            Offer.variant,
+        )
+        .outerjoin(Offer, Offer.offer_id == Event.offer_id)
         .where(_in_experiment(key), Event.type.in_(BUYING))
         .order_by(Event.occurred_at)
-    ):
-        if (
-            user_id in owner
-            and user_id not in bought
-            and occurred >= owner[user_id].first_offer
-            and _while_running(idle, occurred)
-        ):
+    ):  # fmt: skip
+        u = owner.get(user_id)
+        if u is None or user_id in bought or occurred < u.first_offer:
+            continue
+        if _own_offer(u, user_id, key, kind, (holder, of, arm)) or _while_running(idle, occurred):
             bought[user_id] = occurred
     moments = sorted({d.first_offer for d in owner.values()} | set(bought.values()))
     if not moments:

@@ -51,7 +51,8 @@ def _env(name: str) -> str:
 )
 @click.option(
     "--response-model-dir",
-    help="Response model for `optimal` rules: a folder `discount-train response` wrote; "
+    help="Response model for `optimal` rules: a folder `discount-train response` wrote, "
+    "loaded again when a new one is written there (next --poll-interval check or SIGHUP); "
     f"without it they grant no discount. {_env('response_model_dir')}",
 )
 @click.option(
@@ -62,7 +63,8 @@ def _env(name: str) -> str:
 @click.option("--port", help=f"gRPC port; 0 picks a free one. {_env('port')}")
 @click.option(
     "--poll-interval",
-    help=f"Seconds between checks of CURRENT; 0: SIGHUP only. {_env('poll_interval')}",
+    help="Seconds between checks of CURRENT (and of --response-model-dir); 0: SIGHUP only. "
+    f"{_env('poll_interval')}",
 )
 @click.option(
     "--grace",

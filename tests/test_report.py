@@ -19,7 +19,7 @@ from offer_server import ctl
 from scipy import stats as sps
 from sqlalchemy import select
 
-from admin.report import axis_unit, report
+from admin.report import axis_unit, conversion_curves, report
 from core.artifact import CURRENT
 from core.store.db import Store
 from core.store.events import EventIn, record
@@ -438,7 +438,9 @@ def test_purchases_while_paused_or_after_the_stop_are_not_counted(db_url: str) -
             for row, at in zip(moves, moved, strict=True):
                 row.at = at
             first = {**offer(1, "u1", "control", 0.0), "experiment_key": "w"}
-            insert_offers(session, [{**first, "issued_at": now - timedelta(minutes=170)}])
+            second = {**offer(2, "u2", "control", 0.0), "experiment_key": "w"}
+            issued = now - timedelta(minutes=170)
+            insert_offers(session, [{**o, "issued_at": issued} for o in (first, second)])
             bought = {150: 100, 90: 200, 45: 400, 10: 800}  # minutes ago: cents
             record(
                 session,
@@ -455,23 +457,28 @@ def test_purchases_while_paused_or_after_the_stop_are_not_counted(db_url: str) -
                 ]
                 + [  # its own offer's token, used while paused: the arm's treatment all the same
                     EventIn(
-                        "r100",
+                        f"r{user}",
                         "redemption",
-                        "u1",
-                        offer_id="o1",
+                        user,
+                        offer_id=f"o{user[1:]}",
                         revenue_cents=50,
                         occurred_at=int((now - timedelta(minutes=100)).timestamp()),
                     )
+                    for user in ("u1", "u2")
                 ],
                 now,
             )
         with store.transaction() as session:
             data = report(session, "w", now)
+            curves = conversion_curves(session, "w")
     finally:
         store.dispose()
     control = next(v for v in data["variants"] if v["variant"] == "control")
-    # 1.00 while running, 0.50 its own offer's redemption while paused, 4.00 after resuming
-    assert control["revenue_per_user"]["value"] == 5.5
+    # u1: 1.00 while running, 0.50 its own offer's redemption while paused, 4.00 after resuming;
+    # u2: only that redemption, which converts it (in the plot's curve as in the table).
+    assert control["revenue_per_user"]["value"] == (5.5 + 0.5) / 2
+    assert control["conversion"]["value"] == 1.0
+    assert curves["control"][1][-1].value == 1.0
     assert data["idle"] == [
         [(moved[1] + timedelta(seconds=1)).isoformat(), moved[2].isoformat()],
         [(moved[3] + timedelta(seconds=1)).isoformat(), None],
