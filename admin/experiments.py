@@ -214,10 +214,9 @@ def update(
         data = experiment.to_dict()
         holds = repo.rules_only_of(experiment)
     updated("experiment", key, version, data["version"])
-    names = {r.name for r in held}
-    for note in _taken([r for r in holds if r.name not in names]) + _released(
-        [r for r in held if r.name not in {r.name for r in holds}]
-    ):
+    before_ids, after_ids = {r.id for r in held}, {r.id for r in holds}
+    taken = [r for r in holds if r.id not in before_ids]
+    for note in _taken(taken) + _released([r for r in held if r.id not in after_ids]):
         message(note)
     emit(data if output == "json" else _table_row(data), output)
 

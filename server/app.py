@@ -60,6 +60,7 @@ class DiscountServer:
         clients: ClientRegistry | None = None,
         tls: TlsCredentials | None = None,
         metrics: Metrics | None = None,
+        response_stamp: Stamp = None,
     ) -> None:
         self.settings = settings
         self.grpc = grpc_server
@@ -71,7 +72,7 @@ class DiscountServer:
         # Bound by start() when settings.metrics_port is set.
         self.metrics_port: int | None = None
         # The response model folder's stamp when the serving one was loaded from it.
-        self.response_stamp: Stamp = None
+        self.response_stamp = response_stamp
         self._response_lock = asyncio.Lock()
         self._response_refused = False  # the folder at response_stamp failed to load
         self.health = CappedHealth(settings.max_health_watches)
@@ -245,8 +246,9 @@ def create_server(settings: Settings) -> tuple[DiscountServer, int]:
             settings.max_concurrent_rpcs + PROBE_SLOTS + settings.max_health_watches
         ),
     )
-    server = DiscountServer(settings, grpc_server, store, offering, clients, tls, metrics)
-    server.response_stamp = response_stamp
+    server = DiscountServer(
+        settings, grpc_server, store, offering, clients, tls, metrics, response_stamp
+    )
     batcher = None
     if settings.batch_max_size > 1:
         batcher = Batcher(settings.batch_max_size, settings.batch_max_wait_us, metrics)

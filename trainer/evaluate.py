@@ -174,8 +174,10 @@ def popularity(train: sp.csr_matrix) -> Floats:
 
 
 def popularity_scorer(train: sp.csr_matrix) -> Scorer:
-    counts = popularity(train)
+    return _same_for_everyone(popularity(train))
 
+
+def _same_for_everyone(counts: Floats) -> Scorer:
     def score(users: Ints) -> npt.NDArray[np.floating]:
         return np.broadcast_to(counts, (len(users), len(counts)))
 
@@ -190,12 +192,9 @@ def recent_popularity_scorer(dataset: Dataset, split: Split, days: int) -> Score
     end = int(inter.timestamp[split.train_rows].max())
     recent_rows = split.train_rows & purchases(dataset) & (inter.timestamp >= end - days * 86_400)
     total = popularity(split.bought)
-    counts = popularity(interaction_matrix(dataset, recent_rows)) * (total.max() + 1) + total
-
-    def score(users: Ints) -> npt.NDArray[np.floating]:
-        return np.broadcast_to(counts, (len(users), len(counts)))
-
-    return score
+    return _same_for_everyone(
+        popularity(interaction_matrix(dataset, recent_rows)) * (total.max() + 1) + total
+    )
 
 
 def top_k(scorer: Scorer, users: Ints, exclude: sp.csr_matrix, k: int, batch: int = 1024) -> Ints:

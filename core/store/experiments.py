@@ -300,18 +300,12 @@ class Experiments:
     def rules_only_of(self, experiment: Experiment) -> list[Rule]:
         """The rules of experiment's variants that no other experiment not yet stopped prices
         with: whether they are ordinary rules follows this experiment's state alone."""
-        others = (
-            select(Variant.rule_id)
-            .join(Experiment, Experiment.id == Variant.experiment_id)
-            .where(
-                Experiment.status != "stopped",
-                Experiment.id != experiment.id,
-                Variant.rule_id.is_not(None),
-            )
-        )
-        shared = set(self.session.scalars(others))
+        held = self.holders()
         rules = {v.rule.id: v.rule for v in experiment.variants if v.rule is not None}
-        return sorted((r for i, r in rules.items() if i not in shared), key=lambda r: r.name)
+        return sorted(
+            (r for i, r in rules.items() if set(held.get(i, ())) <= {experiment.key}),
+            key=lambda r: r.name,
+        )
 
     def running(self) -> list[Experiment]:
         """Running experiments in the order the server tries them (core.store.snapshot): the
