@@ -57,6 +57,9 @@ class Why(StrEnum):
     # (its segment) or the item.
     VARIANT_RULE_NOT_APPLICABLE = "VARIANT_RULE_NOT_APPLICABLE"
     RULE_HIGHEST_PRIORITY = "RULE_HIGHEST_PRIORITY"
+    # No rule open to everyone covers the item, but a rule an experiment holds for its variant
+    # does, and this user is not in that variant: no discount.
+    RULE_HELD_BY_EXPERIMENT = "RULE_HELD_BY_EXPERIMENT"
     RANKED = "RANKED"
     # The model has no score for this item for this user (e.g. an item it was not trained on).
     NOT_RANKED = "NOT_RANKED"
@@ -306,13 +309,12 @@ def _open_rules(
 ) -> list[RuleDef]:
     """The rules live now whose segment holds this user, highest priority first: which of them
     prices an item then depends on the item alone, so segments are evaluated once per request
-    rather than once per item and rule."""
+    rather than once per item and rule. Rules an experiment holds are among them only so that
+    an item they alone cover can say so."""
     return [
         rule
         for rule in snapshot.rules
-        if not rule.experiment_only
-        and rule.live(now)
-        and _in_segment(snapshot, rule.segment, user_id, features)
+        if rule.live(now) and _in_segment(snapshot, rule.segment, user_id, features)
     ]
 
 
@@ -331,10 +333,13 @@ def _rule_for(
         if not (in_variant_segment and variant.rule.live(now) and variant.rule.covers(item)):
             return None, Why.VARIANT_RULE_NOT_APPLICABLE
         return variant.rule, None
+    held = False
     for rule in open_rules:
         if rule.covers(item):
-            return rule, Why.RULE_HIGHEST_PRIORITY
-    return None, None
+            if not rule.experiment_only:
+                return rule, Why.RULE_HIGHEST_PRIORITY
+            held = True
+    return None, Why.RULE_HELD_BY_EXPERIMENT if held else None
 
 
 def decide(

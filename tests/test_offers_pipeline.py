@@ -52,6 +52,7 @@ def rules(draw: st.DrawFn, n: int) -> RuleDef:
         valid_until=draw(st.sampled_from([None, NOW - timedelta(days=1), NOW + timedelta(1)])),
         budget=budget,
         spent=draw(st.decimals(min_value=0, max_value=50, places=2)),
+        experiment_only=draw(st.booleans()),
     )
 
 
@@ -102,7 +103,10 @@ def test_guardrails_budgets_and_fail_closed_always_hold(
                 (
                     r
                     for r in ordered
-                    if r.live(NOW) and r.covers(item) and (r.segment is None or value >= 500)
+                    if not r.experiment_only
+                    and r.live(NOW)
+                    and r.covers(item)
+                    and (r.segment is None or value >= 500)
                 ),
                 None,
             )
@@ -166,6 +170,26 @@ def test_each_item_goes_to_the_highest_priority_rule_that_may_price_it() -> None
 
     assert chosen(600) == [2, 3]
     assert chosen(100) == [4, 3]
+
+
+def test_an_item_only_a_held_rule_covers_says_so() -> None:
+    pricing = policy.Rule("tiered_topk", {"k1": 1, "d1": 20, "d2": 20}, policy.Guardrails.of(50))
+    toys = RuleDef(id=1, name="toys", pricing=pricing, categories=frozenset("a"))
+    everything = RuleDef(id=2, name="all", pricing=pricing, priority=-1)
+    shown = [ItemInput("x", "a", 10.0, 1.0, 1, 0.5), ItemInput("y", "b", 10.0, 1.0, 2, 0.4)]
+
+    def outcome(*rules: RuleDef) -> list[tuple[str | None, bool]]:
+        decision = decide(Snapshot((), rules), "u", {}, shown, NOW)
+        return [
+            (d.rule.name if d.rule else None, Why.RULE_HELD_BY_EXPERIMENT in d.reasons)
+            for d in decision.items
+        ]
+
+    held_toys = replace(toys, experiment_only=True)
+    assert outcome(toys) == [("toys", False), (None, False)]
+    assert outcome(held_toys) == [(None, True), (None, False)]
+    # An open rule of lower priority prices what the held one would have: nothing to say.
+    assert outcome(held_toys, everything) == [("all", False), ("all", False)]
 
 
 def test_a_variant_rule_prices_only_the_users_of_its_segment() -> None:
