@@ -138,6 +138,11 @@ def _targets_moved(
     commit: two versions' features are read, which must not hold the store's write lock."""
     if not targets:
         return []
+    # Both versions' features are read whole: about 20 s for a million users (docs/ADMIN.md).
+    message(
+        f"counting the known users this version moves in or out of {len(targets)} running "
+        "experiment(s) with a condition target..."
+    )
     try:
         old = load_shop_facts(Path(before)).user_features if before else {}
         new = load_shop_facts(Path(after)).user_features
