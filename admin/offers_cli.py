@@ -58,7 +58,8 @@ def _p(row: dict[str, Any], name: str) -> str:
 def report_command(app: App, key: str, plot_path: Path | None, output: str) -> None:
     """Report an experiment: per variant users assigned and exposed, CTR, conversion, revenue,
     discount cost and margin per user, 30-day repeat rate, 95% intervals, p-values against the
-    control (the first variant), and a sample-ratio-mismatch check. Purchases made while the
+    control (the first variant; the table shows those of conversion, revenue and margin, the
+    JSON every metric's), and a sample-ratio-mismatch check. Purchases made while the
     experiment was paused, or after it stopped, are not counted (redemptions of its own offers,
     and converters' repeats, still are).
 
@@ -85,7 +86,7 @@ def report_command(app: App, key: str, plot_path: Path | None, output: str) -> N
                 "p_conv": _p(r, "conversion"),
                 "revenue/user": _money(r["revenue_per_user"]),
                 "p_rev": _p(r, "revenue_per_user"),
-                "discount_cost": f"{r['discount_cost']:.2f}",
+                "discount/user": _money(r["discount_cost_per_user"]),
                 "margin/user": _money(r["margin_per_user"]),
                 "p_margin": _p(r, "margin_per_user"),
                 "repeat_30d": _pct(r["repeat_rate_30d"]),

@@ -78,6 +78,7 @@ class _Arm:
     converted: tuple[int, int]
     repeat: tuple[int, int]
     revenue: Floats
+    discount: Floats
     margin: Floats | None
 
 
@@ -113,19 +114,20 @@ def _users(session: Session, key: str) -> dict[str, dict[str, _User]]:
         .group_by(Offer.variant, Offer.user_id)
     )
     users: dict[str, dict[str, _User]] = defaultdict(dict)
-    owner: dict[str, tuple[str, _User]] = {}
+    # user → (variant, first offer to the microsecond) of the earliest variant so far.
+    owner: dict[str, tuple[str, datetime]] = {}
     for variant, user_id, when in rows:
         # A user whose variant changed (weights edited in a draft) counts where first offered,
         # and only there: the rows come in no particular order.
         if user_id in owner:
-            previous, seen = owner[user_id]
-            if seen.first_offer <= when:
+            previous, earliest = owner[user_id]
+            if earliest <= when:
                 continue
             del users[previous][user_id]
+        owner[user_id] = (variant or "", when)
         # Events carry whole seconds and offers microseconds: an impression in the same second
         # as the first offer came after it, not before.
-        owner[user_id] = (variant or "", _User(when.replace(microsecond=0), variant or ""))
-        users[variant or ""][user_id] = owner[user_id][1]
+        users[variant or ""][user_id] = _User(when.replace(microsecond=0), variant or "")
     return users
 
 
@@ -178,11 +180,13 @@ def report(session: Session, key: str, now: datetime) -> dict[str, Any]:
     variants = experiment.variants
     names = {v.name for v in variants}
     users = _users(session, key)
-    owner = {u: data for group in users.values() for u, data in group.items()}
+    # Users offered under a variant the experiment does not have enter no figure (a warning).
+    owner = _known(users, names)
     catalog = _catalog(session)
     costs = catalog.costs if catalog is not None else None
     assumed = catalog.assumed_costs if catalog is not None else frozenset[str]()
-    assumed_purchases = 0
+    # Purchases in the figures, and how many of them are priced at an assumed cost.
+    counted = assumed_purchases = 0
     # Impressions and clicks, most of the events, only matter as "any since the first offer":
     # the store keeps each user's latest of each kind, and only purchases come out one by one.
     seen = session.execute(
@@ -248,6 +252,7 @@ def report(session: Session, key: str, now: datetime) -> dict[str, Any]:
             u.cost_known = False
         else:
             u.cost += cost * (quantity or 1)
+        counted += 1
         assumed_purchases += item_id in assumed
         u.purchases.append(occurred)
         if u.first_purchase is None:
@@ -266,6 +271,7 @@ def report(session: Session, key: str, now: datetime) -> dict[str, Any]:
         repeaters = [u for u in eligible if _repeated(u)]
         buyers[v.name] = len(converters)
         revenues = np.array([u.revenue for u in group], dtype=np.float64)
+        discounts = np.array([u.discount for u in group], dtype=np.float64)
         margins: Floats | None = (
             np.array([u.revenue - u.cost for u in group], dtype=np.float64)
             if costs is not None and all(u.cost_known for u in group)
@@ -280,7 +286,8 @@ def report(session: Session, key: str, now: datetime) -> dict[str, Any]:
             "ctr": _estimate(stats.proportion(sum(u.clicked for u in exposed), len(exposed))),
             "conversion": _estimate(stats.proportion(len(converters), n)),
             "revenue_per_user": _estimate(stats.mean(revenues)),
-            "discount_cost": round(sum(u.discount for u in group), 2),
+            "discount_cost": round(float(discounts.sum()), 2),
+            "discount_cost_per_user": _estimate(stats.mean(discounts)),
             "margin_per_user": _estimate(stats.mean(margins)) if margins is not None else None,
             "repeat_rate_30d": _estimate(stats.proportion(len(repeaters), len(eligible))),
         }
@@ -289,6 +296,7 @@ def report(session: Session, key: str, now: datetime) -> dict[str, Any]:
             (len(converters), n),
             (len(repeaters), len(eligible)),
             revenues,
+            discounts,
             margins,
         )
         if control is None:
@@ -303,6 +311,9 @@ def report(session: Session, key: str, now: datetime) -> dict[str, Any]:
                     stats.two_proportion_ztest(*arm.repeat, *control.repeat)
                 ),
                 "revenue_per_user": _comparison(stats.welch_ttest(revenues, control.revenue)),
+                "discount_cost_per_user": _comparison(
+                    stats.welch_ttest(discounts, control.discount)
+                ),
                 "margin_per_user": (
                     _comparison(stats.welch_ttest(margins, control.margin))
                     if margins is not None and control.margin is not None
@@ -336,10 +347,9 @@ def report(session: Session, key: str, now: datetime) -> dict[str, Any]:
                 "redemptions naming offers the store does not hold)"
             )
         if assumed_purchases:
-            purchases = sum(len(u.purchases) for u in owner.values())
             warnings.append(
                 f"margin rests on costs the trainer assumed from its --default-margin for "
-                f"{assumed_purchases:,} of {purchases:,} purchases (their offers say "
+                f"{assumed_purchases:,} of {counted:,} purchases (their offers say "
                 "COST_ASSUMED): it is only as right as that margin"
             )
     few = [name for name, n in buyers.items() if n < FEW_CONVERSIONS]
@@ -362,6 +372,11 @@ def report(session: Session, key: str, now: datetime) -> dict[str, Any]:
     }
 
 
+def _known(users: dict[str, dict[str, _User]], names: set[str]) -> dict[str, _User]:
+    """user → their data, for the users of the experiment's own variants."""
+    return {u: data for name, group in users.items() if name in names for u, data in group.items()}
+
+
 def _day(t: datetime) -> int:
     return int(t.timestamp() // 86_400)
 
@@ -381,8 +396,10 @@ def conversion_curves(
     """Per variant, at each moment the numbers change: cumulative conversion with its interval
     among the users assigned by then."""
     users = _users(session, key)
-    owner = {u: d for g in users.values() for u, d in g.items()}
-    idle = _idle(session, Experiments(session).get(key))
+    experiment = Experiments(session).get(key)
+    variants = [v.name for v in experiment.variants]
+    owner = _known(users, set(variants))
+    idle = _idle(session, experiment)
     bought: dict[str, datetime] = {}
     # The first purchase at or after the first offer, as report() counts it: while the
     # experiment ran, or a redemption of the arm's own offer; a customer who had also bought
@@ -408,7 +425,8 @@ def conversion_curves(
     picks = np.unique(np.linspace(0, len(moments) - 1, min(len(moments), MAX_POINTS)).astype(int))
     points = [moments[i] for i in picks]
     curves = {}
-    for variant, group in users.items():
+    for variant in variants:
+        group = users.get(variant, {})
         offered = sorted(d.first_offer for d in group.values())
         converted = sorted(bought[u] for u in group if u in bought)
         # Users offered by t, and those of them who bought by t (a purchase follows its offer).

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -97,6 +98,12 @@ def test_report_numbers_and_statistics(
     assert treatment["repeat_rate_30d"]["value"] == pytest.approx(10 / 40)
     assert control["repeat_rate_30d"]["value"] == 0.0
     assert treatment["discount_cost"] == pytest.approx(40 * 2.0)
+    assert treatment["discount_cost_per_user"]["value"] == pytest.approx(40 * 2.0 / 200)
+    spent = [2.0] * 40 + [0.0] * 160
+    lift = treatment["vs_control"]["discount_cost_per_user"]
+    assert lift["p_value"] == pytest.approx(
+        sps.ttest_ind(spent, [0.0] * 200, equal_var=False).pvalue, rel=1e-4
+    )
     assert treatment["revenue_per_user"]["value"] == pytest.approx(np.mean(revenue["treatment"]))
     # Pooled two-proportion z-test, as scipy computes it from the normal distribution.
     pooled = 60 / 400
@@ -209,14 +216,29 @@ def _report(url: str) -> dict[str, Any]:
     )
 
 
-def test_a_user_offered_under_two_variants_counts_once_where_first_offered(db_url: str) -> None:
+@pytest.mark.parametrize(
+    ("first", "then"),
+    [
+        (timedelta(0), timedelta(hours=1)),
+        # Within one second: the report reads offers to the microsecond, events to the second.
+        (timedelta(seconds=0.3), timedelta(seconds=0.7)),
+        (timedelta(seconds=0.7), timedelta(seconds=0.9)),
+    ],
+)
+@pytest.mark.parametrize("arm", ["control", "treatment"])
+def test_a_user_offered_under_two_variants_counts_once_where_first_offered(
+    db_url: str, first: timedelta, then: timedelta, arm: str
+) -> None:
     ctl(db_url, "experiments", "create", "ab", "--variant", "control:50",
         "--variant", "treatment:50")  # fmt: skip
     offers = [offer(n, f"u{n}", "control" if n < 10 else "treatment", 0.0) for n in range(20)]
-    # "x" was first offered under the treatment, an hour later under the control: whichever
-    # order the store returns the rows in, x is one treatment user.
-    late = {**offer(20, "x", "control", 0.0), "issued_at": START + timedelta(hours=1)}
-    offers += [offer(21, "x", "treatment", 0.0), late]
+    # "x" was first offered under arm, later under the other one: whichever order the store
+    # returns the rows in, x is one user of arm.
+    other = "treatment" if arm == "control" else "control"
+    offers += [
+        {**offer(20, "x", other, 0.0), "issued_at": START + then},
+        {**offer(21, "x", arm, 0.0), "issued_at": START + first},
+    ]
     store = Store(db_url)
     with store.transaction() as session:
         insert_offers(session, offers)
@@ -226,9 +248,9 @@ def test_a_user_offered_under_two_variants_counts_once_where_first_offered(db_ur
             datetime.now(UTC),
         )
     store.dispose()
-    control, treatment = _report(db_url)["variants"]
-    assert (control["users_assigned"], treatment["users_assigned"]) == (10, 11)
-    assert (control["conversion"]["value"], treatment["conversion"]["value"]) == (0.0, 1 / 11)
+    shown = {v["variant"]: v for v in _report(db_url)["variants"]}
+    assert (shown[arm]["users_assigned"], shown[other]["users_assigned"]) == (11, 10)
+    assert (shown[arm]["conversion"]["value"], shown[other]["conversion"]["value"]) == (1 / 11, 0)
 
 
 def test_conversion_curve_ends_at_the_reports_conversion(db_url: str) -> None:
@@ -383,6 +405,20 @@ def test_a_margin_on_assumed_costs_says_so(db_url: str, tmp_path: Path) -> None:
     a, b = json.loads(result.stdout)["variants"]
     assert a["margin_per_user"] is not None and b["margin_per_user"] is not None
     assert "the trainer assumed from its --default-margin for 1 of 2 purchases" in result.stderr
+    # Purchases outside the figures are not counted in the warning either: a user of a variant
+    # the experiment lacks, and a purchase while the experiment was paused.
+    ctl(db_url, "experiments", "start", "ab")
+    ctl(db_url, "experiments", "pause", "ab")
+    store = Store(db_url)
+    with store.transaction() as session:
+        insert_offers(session, [offer(2, "z", "zz", 0.0)])
+        record(session, [
+            EventIn("pz", "purchase", "z", "00002", "", 1000, 1, int(START.timestamp()) + 10),
+            EventIn("paused", "purchase", "u1", "00002", "", 1000, 1, int(time.time()) + 5),
+        ], datetime.now(UTC))  # fmt: skip
+    store.dispose()
+    again = ctl(db_url, "experiments", "report", "ab", "--output", "json")
+    assert "for 1 of 2 purchases" in again.stderr
 
 
 def test_users_offered_under_a_variant_the_experiment_lacks_are_named(db_url: str) -> None:
@@ -395,6 +431,10 @@ def test_users_offered_under_a_variant_the_experiment_lacks_are_named(db_url: st
     store.dispose()
     result = ctl(db_url, "experiments", "report", "ab", "--output", "json")
     assert [v["users_assigned"] for v in json.loads(result.stdout)["variants"]] == [1, 1]
+    store = Store(db_url)
+    with store.transaction() as session:
+        assert list(conversion_curves(session, "ab")) == ["a", "b"]
+    store.dispose()
     assert "3 users were offered under variants this experiment does not have ((none): 3)" in (
         result.stderr
     )
