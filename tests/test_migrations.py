@@ -33,6 +33,8 @@ def store(empty_db_url: str) -> Store:
 
 
 def _tables(store: Store) -> set[str]:
+    if store.file_missing:  # SQLite before `db upgrade` made the file
+        return set()
     return set(inspect(store.engine).get_table_names()) - {"alembic_version"}
 
 
@@ -193,3 +195,13 @@ def test_an_admin_role_that_owns_only_the_schema_can_upgrade() -> None:
     with create_engine(make_url(url).set(database="postgres")).connect() as conn:
         conn.execute(text(f'DROP ROLE "{role}"'))
         conn.commit()
+
+
+def test_db_upgrade_makes_an_sqlite_file_its_owner_alone_can_read(tmp_path: Path) -> None:
+    db = tmp_path / "new" / "discount.db"
+    store = Store(f"sqlite:///{db}")
+    try:
+        migrate.upgrade(store)
+    finally:
+        store.dispose()
+    assert db.stat().st_mode & 0o777 == 0o600

@@ -115,6 +115,40 @@ def test_store_outage_serves_from_snapshot_refuses_events_and_recovers(
             running.close()
 
 
+@pytest.mark.parametrize("replaced", [False, True])
+def test_an_sqlite_file_moved_away_is_an_outage_not_a_new_store(
+    model_store: Path, tmp_path: Path, replaced: bool
+) -> None:
+    """SQLite made a new empty file where the store had been, and pooled connections went on
+    writing offers into the moved (or deleted) one: health said all was well while the offers
+    were lost. Moving it back ends the outage; an empty file put in its place is not the store
+    either (no tables: still an outage, and the offers wait)."""
+    db = tmp_path / "discount.db"
+    url = ten_percent_off_everything(f"sqlite:///{db}")
+    running = OfferServer(model_store, url, rules_poll_interval=0.2)
+    try:
+        request = pb.GetOffersRequest(user_id="user-0", limit=2)
+        assert running.stub.GetOffers(request).offers[0].final_price_cents == 900
+        moved = tmp_path / "moved.db"
+        db.rename(moved)
+        if replaced:
+            db.touch()
+        info = eventually(lambda: stale_info(running), 10.0)
+        assert rules_health(running) == NOT_SERVING
+        assert db.exists() == replaced  # not made again by the server
+        offers = running.stub.GetOffers(request).offers
+        assert [o.final_price_cents for o in offers] == [900, 900]
+        eventually(lambda: running.server.offering.log.pending >= 2, 10.0)
+        why = "no such table" if replaced else "the file does not exist (moved or deleted?)"
+        assert why in info.store_error
+        moved.replace(db)
+        eventually(lambda: running.server.offering.log.pending == 0, 10.0)
+        assert offer_ids(url) >= {o.offer_id for o in offers}
+        eventually(lambda: rules_health(running) == SERVING, 10.0)
+    finally:
+        running.close()
+
+
 def test_a_store_that_hangs_instead_of_refusing_makes_the_snapshot_stale(
     model_store: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -5,10 +5,12 @@ The caller owns the transaction: repositories flush, ``transaction()`` commits o
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
@@ -16,6 +18,7 @@ from sqlalchemy.exc import (
     ArgumentError,
     DataError,
     DBAPIError,
+    DisconnectionError,
     IntegrityError,
     OperationalError,
 )
@@ -106,16 +109,43 @@ def make_engine(url: str) -> Engine:
     )
 
 
+def _file_id(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _sqlite_engine(url: URL) -> Engine:
     engine = create_engine(url, connect_args={"timeout": CONNECT_TIMEOUT_S})
+    path = url.database or ""
+    on_disk = path not in ("", ":memory:") and not path.startswith("file:")
+
+    @event.listens_for(engine, "do_connect")
+    def _existing_only(_dialect: Any, _record: Any, cargs: list[Any], cparams: Any) -> None:
+        # SQLite creates a missing file, and a server whose store file was deleted would write
+        # its offers into a new empty one (or fail on its missing tables while reporting the
+        # store healthy). Only `db upgrade` creates the file (Store.create_file).
+        if on_disk:
+            cargs[:] = [f"file:{quote(os.path.abspath(path))}?mode=rw"]
+            cparams["uri"] = True
 
     @event.listens_for(engine, "connect")
-    def _configure(dbapi_connection: Any, _record: Any) -> None:
+    def _configure(dbapi_connection: Any, record: Any) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA foreign_keys=ON")
         # WAL: a polling server keeps reading while discountctl writes.
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.close()
+        record.info["file_id"] = _file_id(path)
+
+    @event.listens_for(engine, "checkout")
+    def _same_file(_dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        # A pooled connection holds the file it opened: after the file is deleted or replaced
+        # (a restore, a mv) it would go on reading and writing one nobody else sees.
+        if on_disk and _file_id(path) != record.info.get("file_id"):
+            raise DisconnectionError(f"the store file {path} was removed or replaced")
 
     return engine
 
@@ -141,12 +171,19 @@ class Store:
             and not Path(database).exists()
         )
 
-    def make_folder(self) -> None:
-        """The folder of an SQLite file `db upgrade` is about to create (the default store's
-        ./var/ is not in a fresh checkout); other commands never create it, as not the file."""
+    def create_file(self) -> None:
+        """The SQLite file (and its folder) `db upgrade` is about to fill (the default store's
+        ./var/ is not in a fresh checkout); no other command creates either: the engine opens
+        only a file that exists."""
         if self.file_missing:
+            path = Path(self.engine.url.database or "")
             try:
-                Path(self.engine.url.database or "").parent.mkdir(parents=True, exist_ok=True)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                # Readable by its owner alone: on SQLite the file's mode is the access control
+                # (docs/SECURITY.md). An empty file is a new database to SQLite.
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            except FileExistsError:
+                pass  # another `db upgrade` made it first
             except OSError as e:
                 raise self.unavailable(e) from None
 
@@ -161,6 +198,11 @@ class Store:
             raise self.unavailable(e) from None
 
     def unavailable(self, error: BaseException) -> StoreUnavailable:
+        if self.file_missing:  # SQLite says only "unable to open database file"
+            return StoreUnavailable(
+                f"cannot use store {self.masked_url}: the file does not exist (moved or "
+                "deleted?); `discountctl db upgrade` makes a new, empty one"
+            )
         return StoreUnavailable(f"cannot use store {self.masked_url}: {first_line(error)}")
 
     def why(self, error: BaseException) -> str:

@@ -88,7 +88,7 @@ def _run(store: Store, action: str, revision: str) -> None:
                 f"newer; to go back, `discountctl db downgrade {revision}`"
             )
     if action == "upgrade":
-        store.make_folder()
+        store.create_file()
     try:
         with store.engine.begin() as conn:
             config = alembic_config(conn)
