@@ -99,7 +99,9 @@ def load_offer_keys(environ: Mapping[str, str] = os.environ) -> OfferKeys:
             f"(make one with: {_HOW_TO_MAKE_A_KEY})"
         )
     raw_previous = environ.get(PREVIOUS_KEYS_ENV, "")
-    previous = tuple(k.encode() for k in raw_previous.split(",")) if raw_previous else ()
+    # "K1, K2" (or a line break from a secrets file) must not make K2 a key with a space in it:
+    # it would still pass the length check and silently fail every token it signed.
+    previous = tuple(k.strip().encode() for k in raw_previous.split(",")) if raw_previous else ()
     return OfferKeys(current.encode(), previous)
 
 

@@ -146,6 +146,9 @@ def test_keys_load_from_the_environment() -> None:
         {"DISCOUNT_OFFER_KEY": "c" * 32, "DISCOUNT_OFFER_PREVIOUS_KEYS": f"{'a' * 32},{'b' * 33}"}
     )
     assert keys == OfferKeys(b"c" * 32, (b"a" * 32, b"b" * 33))
+    spaced = f" {'a' * 32},\n{'b' * 33} "
+    environ = {"DISCOUNT_OFFER_KEY": "c" * 32, "DISCOUNT_OFFER_PREVIOUS_KEYS": spaced}
+    assert load_offer_keys(environ) == keys
     assert load_offer_keys({"DISCOUNT_OFFER_KEY": "é" * 16}).previous == ()  # 32 UTF-8 bytes
 
 
