@@ -159,11 +159,14 @@ class DiscountServer:
                 "response model %s loaded for `optimal` rules (was %s)", model.version, serving
             )
 
-    async def stop(self, grace: float | None) -> int:
-        """NOT_SERVING first, so balancers drain us, then let in-flight calls finish; then the
-        offer log gets as long again to write what it holds. The number of issued offers it
-        could not write (0 without a store)."""
+    async def stop(self, grace: float | None, drain_delay: float = 0.0) -> int:
+        """NOT_SERVING first, answering calls for drain_delay more seconds so that balancers
+        polling health drain us, then let in-flight calls finish; then the offer log gets as
+        long again to write what it holds. The number of issued offers it could not write (0
+        without a store)."""
         await self.health.enter_graceful_shutdown()
+        if drain_delay > 0:
+            await asyncio.sleep(drain_delay)
         if self._watcher is not None:
             self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):

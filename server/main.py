@@ -72,6 +72,12 @@ def _env(name: str) -> str:
     f"it holds. {_env('grace')}",
 )
 @click.option(
+    "--drain-delay",
+    help="Seconds between SIGTERM turning health NOT_SERVING and the port closing: calls are "
+    "still answered meanwhile, so that balancers polling health stop routing here first. "
+    f"{_env('drain_delay')}",
+)
+@click.option(
     "--db-url",
     help=f"Store with rules and experiments; offers and events go there. {_env('db_url')}",
 )
@@ -249,8 +255,12 @@ async def serve(settings: Settings) -> int:
     if server.metrics_port is not None:
         log.info("metrics on http://%s/metrics", address(settings.host, server.metrics_port))
     await stopping.wait()
-    log.info("shutting down: draining for up to %.0fs", settings.grace)
-    lost = await server.stop(settings.grace)
+    log.info(
+        "shutting down: health NOT_SERVING for %gs, then draining for up to %gs",
+        settings.drain_delay,
+        settings.grace,
+    )
+    lost = await server.stop(settings.grace, settings.drain_delay)
     if server.store_abandoned:
         # Joining the threads that wait on it (asyncio.run does, then the interpreter) would
         # hold the process until TCP gives up on the store, long past --grace.

@@ -28,6 +28,7 @@ SOURCES: dict[str, tuple[str, str | None]] = {
     "port": ("DISCOUNT_GRPC_PORT", "50051"),
     "poll_interval": ("DISCOUNT_POLL_INTERVAL", "2"),
     "grace": ("DISCOUNT_SHUTDOWN_GRACE", "10"),
+    "drain_delay": ("DISCOUNT_DRAIN_DELAY", "0"),
     "db_url": ("DISCOUNT_DB_URL", DEFAULT_URL),
     "rules_poll_interval": ("DISCOUNT_RULES_POLL_INTERVAL", "5"),
     "offer_ttl": ("DISCOUNT_OFFER_TTL", "900"),
@@ -109,6 +110,9 @@ class Settings:
     max_connection_age_grace: float = MAX_CONNECTION_AGE_GRACE_S
     # The folder `discount-train response` wrote; None: `optimal` rules grant no discount.
     response_model_dir: Path | None = None
+    # Seconds between health turning NOT_SERVING at SIGTERM and the port closing, for load
+    # balancers that poll health to stop routing here while calls are still answered.
+    drain_delay: float = 0.0
 
 
 def resolve(
@@ -151,6 +155,9 @@ def resolve(
     grace = _number(raw["grace"], float)
     if grace is None or grace < 0:
         problems.append(f"{flag('grace')}: {raw['grace']!r} is not seconds >= 0")
+    drain_delay = _number(raw["drain_delay"], float)
+    if drain_delay is None or drain_delay < 0:
+        problems.append(f"{flag('drain_delay')}: {raw['drain_delay']!r} is not seconds >= 0")
     host = raw["host"] or ""
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]  # [::1], as in a URL: the bare address is what sockets take
@@ -242,7 +249,7 @@ def resolve(
     if problems:
         raise SettingsError("invalid settings: " + "; ".join(problems))
     assert model_dir is not None and port is not None and poll is not None and grace is not None
-    assert rules_poll is not None and ttl is not None
+    assert rules_poll is not None and ttl is not None and drain_delay is not None
     assert batch_size is not None and batch_wait is not None and workers is not None
     assert ort_threads is not None and connection_age is not None
     return Settings(
@@ -268,6 +275,7 @@ def resolve(
         response_model_dir=Path(response_dir) if response_dir else None,
         offer_spill_dir=spill_dir,
         max_connection_age=connection_age,
+        drain_delay=drain_delay,
     )
 
 

@@ -84,7 +84,11 @@ class ModelStore:
                 self._fail(str(e), force)
                 return False
             unchanged = self.current is not None and self.current.path == target
-            if not force and (unchanged or target == self._refused):
+            # force (SIGHUP) retries a refused version; the serving one is sealed, so loading
+            # it again would only cost a load and, meanwhile, twice its memory.
+            if unchanged or (not force and target == self._refused):
+                if unchanged and force:
+                    log.info("model %s is serving already: nothing to load", target.name)
                 return False
             try:
                 model, threads = await asyncio.to_thread(self._load, target)

@@ -301,6 +301,29 @@ def _drained_a_call(start: type[Discountd]) -> bool:
     return any("Recommend OK" in line for line in drain)
 
 
+def test_drain_delay_answers_calls_while_health_says_not_serving(start: type[Discountd]) -> None:
+    """Balancers that poll Check need a window in which it says NOT_SERVING and calls are still
+    answered; without --drain-delay the port closes as health turns."""
+    server = start("--drain-delay", "30", "--grace", "1")
+    health = health_pb2_grpc.HealthStub(server.channel)
+    request = health_pb2.HealthCheckRequest(service="discount.v1.DiscountService")
+    assert health.Check(request, timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+    server.process.send_signal(signal.SIGTERM)
+    server.wait_for("shutting down: health NOT_SERVING for 30s")
+    status = eventually(lambda: health.Check(request, timeout=10).status, timeout=10)
+    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    reply = server.stub.Recommend(pb.RecommendRequest(user_id="user-0", limit=3), timeout=10)
+    assert len(reply.items) == 3
+    assert server.process.poll() is None
+
+
+def test_sighup_does_not_reload_the_version_already_serving(start: type[Discountd]) -> None:
+    server = start("--poll-interval", "0")
+    server.process.send_signal(signal.SIGHUP)
+    server.wait_for("is serving already: nothing to load")
+    assert not [line for line in server.log if "replacing" in line]
+
+
 def test_bad_settings_are_listed_together_and_exit_2(tmp_path: Path) -> None:
     result = subprocess.run(
         [str(DISCOUNTD), "--model-dir", str(tmp_path / "missing"), "--port", "http"],
