@@ -4,6 +4,7 @@ SIGHUP swaps the certificate in a running discountd, and bad files are refused i
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -184,17 +185,23 @@ def test_sighup_swaps_the_certificate_of_a_running_discountd(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        # Not this process's GRPC_VERBOSITY (importing server sets it): discountd's own choice.
+        env={
+            **{k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"},
+            "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+        },
     )
     lines: queue.Queue[str] = queue.Queue()
     assert process.stderr is not None
     stderr = process.stderr
-    threading.Thread(target=lambda: [lines.put(line) for line in stderr], daemon=True).start()
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in stderr], daemon=True)
+    reader.start()
+    seen: list[str] = []
 
     def wait_for(pattern: str) -> re.Match[str]:
         while True:
-            line = lines.get(timeout=60)
-            if found := re.search(pattern, line):
+            seen.append(lines.get(timeout=60))
+            if found := re.search(pattern, seen[-1]):
                 return found
 
     try:
@@ -210,9 +217,17 @@ def test_sighup_swaps_the_certificate_of_a_running_discountd(
             assert code_of(channel) == grpc.StatusCode.OK
         with tls_channel(target, ca) as channel:
             assert code_of(channel) == grpc.StatusCode.UNAVAILABLE
+        with grpc.insecure_channel(target) as channel:
+            assert code_of(channel) == grpc.StatusCode.UNAVAILABLE
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
+    reader.join(timeout=30)
+    seen.extend(lines.queue)
+    # Failed handshakes (anyone who reaches the port can cause them) leave no plain-text line
+    # of gRPC's own in the JSON log.
+    for line in seen:
+        assert isinstance(json.loads(line), dict), line
 
 
 def discountd(*args: str) -> tuple[int, str]:
