@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from core.offer_token import OfferKeyError, OfferKeys, load_offer_keys
-from core.store.db import DEFAULT_URL, mask_url
+from core.store.db import DEFAULT_URL, mask_url, parse_url
+from core.store.errors import StoreUnavailable
 from server.auth import AUTH_MODES
 from server.limits import MAX_CONCURRENT_RPCS, MAX_CONNECTION_AGE_GRACE_S, MAX_HEALTH_WATCHES
 from server.logs import LEVELS
@@ -166,6 +167,11 @@ def resolve(
     db_url = raw["db_url"] or ""
     if not _utf8(db_url):  # a byte that is not UTF-8, from argv or the environment
         problems.append(f"{flag('db_url')}: {mask_url(db_url)!a} is not valid UTF-8 text")
+    else:
+        try:
+            parse_url(db_url)
+        except StoreUnavailable as e:
+            problems.append(f"{flag('db_url')}: {e}")
     rules_poll = _number(raw["rules_poll_interval"], float)
     if rules_poll is None or rules_poll <= 0:
         problems.append(

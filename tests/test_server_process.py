@@ -327,7 +327,7 @@ def test_sighup_does_not_reload_the_version_already_serving(start: type[Discount
 def test_bad_settings_are_listed_together_and_exit_2(tmp_path: Path) -> None:
     result = subprocess.run(
         [str(DISCOUNTD), "--model-dir", str(tmp_path / "missing"), "--port", "http"],
-        env={**os.environ, "DISCOUNT_DEVICE": "tpu"},
+        env={**os.environ, "DISCOUNT_DEVICE": "tpu", "DISCOUNT_DB_URL": "mysql://u:pw@h/db"},
         capture_output=True,
         text=True,
     )
@@ -335,6 +335,7 @@ def test_bad_settings_are_listed_together_and_exit_2(tmp_path: Path) -> None:
     assert "missing is not a directory" in result.stderr
     assert "'tpu' is not one of auto, cpu, cuda" in result.stderr
     assert "'http' is not a port number" in result.stderr
+    assert "backend 'mysql' is not supported" in result.stderr and "pw" not in result.stderr
     assert "Traceback" not in result.stderr
 
 

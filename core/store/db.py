@@ -71,8 +71,9 @@ def first_line(error: BaseException) -> str:
     return lines[0] if lines else type(inner).__name__
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for SQLite or PostgreSQL (psycopg); PostgreSQL works in schema ``discount``."""
+def parse_url(url: str) -> URL:
+    """The store URL, parsed: StoreUnavailable (never echoing a password) when it is not one of
+    an SQLite file or a PostgreSQL database this build can open."""
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError):
@@ -89,23 +90,29 @@ def make_engine(url: str) -> Engine:
             "write it as %40"
         )
     backend = parsed.get_backend_name()
-    if backend == "sqlite":
-        return _sqlite_engine(parsed)
-    if backend == "postgresql":
-        if parsed.get_driver_name() != "psycopg":
-            parsed = parsed.set(drivername="postgresql+psycopg")
-        return create_engine(
-            parsed,
-            pool_pre_ping=True,
-            connect_args={
-                "connect_timeout": CONNECT_TIMEOUT_S,
-                "options": f"-c search_path={PG_SCHEMA}",
-                **DEAD_PEER_DETECTION,
-            },
+    if backend == "postgresql" and parsed.get_driver_name() != "psycopg":
+        return parsed.set(drivername="postgresql+psycopg")
+    if backend not in ("sqlite", "postgresql"):
+        raise StoreUnavailable(
+            f"store URL {mask_url(parsed)}: backend {backend!r} is not supported; "
+            "use sqlite:///PATH or postgresql+psycopg://..."
         )
-    raise StoreUnavailable(
-        f"store URL {mask_url(parsed)}: backend {backend!r} is not supported; "
-        "use sqlite:///PATH or postgresql+psycopg://..."
+    return parsed
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for SQLite or PostgreSQL (psycopg); PostgreSQL works in schema ``discount``."""
+    parsed = parse_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return _sqlite_engine(parsed)
+    return create_engine(
+        parsed,
+        pool_pre_ping=True,
+        connect_args={
+            "connect_timeout": CONNECT_TIMEOUT_S,
+            "options": f"-c search_path={PG_SCHEMA}",
+            **DEAD_PEER_DETECTION,
+        },
     )
 
 
