@@ -178,7 +178,9 @@ class DiscountService(pb_grpc.DiscountServiceServicer):
             include_purchased=request.include_purchased,
             bought=self._bought(request.user_id),
         )
-        validate(query, None)
+        # Every problem at once, unknown categories with the rest, when a model is loaded; a
+        # bad request is INVALID_ARGUMENT even before one is.
+        validate(query, self._store.current)
         model = self._store.require()
         if self._batcher is not None:
             planned = plan(model, query)

@@ -172,6 +172,10 @@ def test_unknown_user_without_known_items_gets_popular_items(
         (pb.RecommendRequest(user_id="u", recent_item_ids=["x"] * 1001), ["recent_item_ids"]),
         (pb.RecommendRequest(user_id="u", categories=["garden"] * 1001), ["categories"]),
         (pb.RecommendRequest(user_id="", limit=5000), ["user_id", "limit"]),
+        (
+            pb.RecommendRequest(user_id="", limit=1001, categories=["toys"]),
+            ["user_id", "limit", "categories"],
+        ),
     ],
 )
 def test_bad_requests_are_invalid_argument_naming_the_field(
