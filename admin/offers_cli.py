@@ -18,6 +18,7 @@ from admin.report import plot, report
 from core.artifact import ArtifactError, current_version_dir
 from core.offers import FeatureError
 from core.store.errors import InvalidInput
+from core.store.events import purchases_received_after
 from core.store.model_versions import ModelVersions
 from core.store.snapshot import load_snapshot
 
@@ -179,6 +180,7 @@ def simulate_command(
     from server.errors import InvalidRequest, UnknownIds
     from server.model import load_version
     from server.offers import OffersQuery, simulate
+    from server.purchases import data_end
     from server.response import ResponseModel
 
     # Strings, as the API's context map carries them: a category like 1.50 stays 1.50.
@@ -193,9 +195,16 @@ def simulate_command(
     except ArtifactError as e:
         raise InvalidInput(f"cannot load the response model: {e}") from None
     now = datetime.now(UTC)
+    since = data_end(model)
     with app.transaction() as session:
         snapshot = load_snapshot(session, now)
-    query = OffersQuery(user_id, list(item_ids), limit, context)
+        # As discountd: what the user bought since the model's data ended is not recommended.
+        bought = (
+            {item for _, item, _ in purchases_received_after(session, since, user_id=user_id)}
+            if since is not None
+            else set()
+        )
+    query = OffersQuery(user_id, list(item_ids), limit, context, bought)
     try:
         decision = simulate(model, snapshot, query, now, respond)
     except (InvalidRequest, UnknownIds, FeatureError) as e:

@@ -156,6 +156,29 @@ def test_simulate_shows_the_servers_answer_without_issuing(db_url: str, model_st
     store.dispose()
 
 
+def test_simulate_leaves_out_what_the_user_bought_since_the_models_data(
+    db_url: str, model_store: Path
+) -> None:
+    """As discountd does: an item bought (or redeemed) after the model's data ended is not
+    recommended again, so simulate prices the same recommendations the server would."""
+
+    def recommended() -> list[str]:
+        args = ("--user", "user-0", "--limit", "3", "--model-dir", str(model_store), "-o", "json")
+        return [i["item_id"] for i in json.loads(ctl(db_url, "rules", "simulate", *args).stdout)
+                ["items"]]  # fmt: skip
+
+    top, *rest = recommended()
+    store = Store(db_url)
+    with store.transaction() as session:
+        record(session, [
+            EventIn("p", "purchase", "user-0", top, "", 500, 1, int(time.time())),
+            EventIn("q", "purchase", "user-1", rest[0], "", 500, 1, int(time.time())),
+        ], datetime.now(UTC))  # fmt: skip
+    store.dispose()
+    after = recommended()
+    assert top not in after and after[:2] == rest
+
+
 def test_simulate_passes_context_values_as_typed(db_url: str, model_store: Path) -> None:
     """The API's context is strings: a category 1.50 must not reach the pipeline as 1.5."""
     ctl(db_url, "segments", "create", "code-150", "--where", "favourite_category == 1.50")

@@ -201,18 +201,20 @@ def record(session: Session, events: Sequence[EventIn], now: datetime) -> list[O
 
 
 def purchases_received_after(
-    session: Session, after: datetime, limit: int | None = None
+    session: Session, after: datetime, limit: int | None = None, user_id: str | None = None
 ) -> list[tuple[str, str, datetime]]:
     """(user_id, item_id, received_at) of the sales (purchases and redemptions) stored after the
-    given time (the newest `limit` of them, when given), read through the (type, received_at)
-    index. A redemption that names no item was of its offer's item; one whose offer the store
-    does not hold names no item, and is left out."""
+    given time (the newest `limit` of them, when given; only user_id's, when given), read
+    through the (type, received_at) index. A redemption that names no item was of its offer's
+    item; one whose offer the store does not hold names no item, and is left out."""
     item = func.coalesce(Event.item_id, Offer.item_id)
     query = (
         select(Event.user_id, item, Event.received_at)
         .outerjoin(Offer, Offer.offer_id == Event.offer_id)
         .where(Event.type.in_(BUYING), Event.received_at > after, item.is_not(None))
     )
+    if user_id is not None:
+        query = query.where(Event.user_id == user_id)
     if limit is not None:
         query = query.order_by(Event.received_at.desc()).limit(limit)
     return [(user, item, received) for user, item, received in session.execute(query)]
