@@ -36,7 +36,8 @@ log = logging.getLogger("discountd")
 
 
 def _env(name: str) -> str:
-    return f"[env {SOURCES[name][0]}; default {SOURCES[name][1]}]"
+    variable, default = SOURCES[name]
+    return f"[env {variable}]" if default is None else f"[env {variable}; default {default}]"
 
 
 @click.command(
