@@ -463,6 +463,14 @@ def replay_command(
         raise click.BadParameter(
             f"{target!r}: expected HOST:PORT with a port in 1-65535", param_hint="'--target'"
         )
+    # gRPC sends the token as metadata, which takes printable ASCII only: a newline left by
+    # `export DISCOUNT_CLIENT_TOKEN=$(cat file)` would fail every call with a traceback.
+    if token is not None and not all(" " <= c <= "~" for c in token):
+        raise click.BadParameter(
+            "must be printable ASCII, as gRPC metadata requires (it holds a newline, carriage "
+            "return, tab or non-ASCII character); check --token or DISCOUNT_CLIENT_TOKEN",
+            param_hint="'--token'",
+        )
     ca = tls_ca.read_bytes() if tls_ca is not None else None
     if ca is not None and b"-----BEGIN CERTIFICATE-----" not in ca:
         raise click.BadParameter(
