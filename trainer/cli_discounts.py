@@ -311,6 +311,13 @@ def uplift_command(
 
     With a 2 × 32 MLP body (the earlier default): --hidden 32 --epochs 30 --learning-rate 3e-3
     """
+    try:
+        uplift.require_baselines()
+    except ImportError as e:
+        raise click.ClickException(
+            f"the uplift benchmark needs scikit-uplift and scikit-learn ({e}); install with: "
+            "pip install -e '.[dev]'"
+        ) from None
     _writable(json_path)
     try:
         experiment = uplift.load_hillstrom(data)
@@ -318,10 +325,6 @@ def uplift_command(
             uplift.check_split(data, experiment, seed)
     except uplift.UpliftError as e:
         raise click.ClickException(str(e)) from None
-    except ImportError as e:
-        raise click.ClickException(
-            f"the uplift benchmark needs scikit-uplift ({e}); install with: pip install -e '.[dev]'"
-        ) from None
     config = uplift.UpliftConfig(hidden=hidden, epochs=epochs, learning_rate=learning_rate)
     reports = []
     for seed in seeds:

@@ -221,6 +221,14 @@ def baselines(seed: int) -> dict[str, Any]:
     }
 
 
+def require_baselines() -> None:
+    """Import what baselines() and scores() import when first called, raising ImportError: they
+    come from the dev extra, and a missing one must be said before minutes of fitting, not after
+    the first model."""
+    baselines(0)
+    import sklift.metrics  # noqa: F401
+
+
 def scores(
     y: npt.NDArray[np.int64], uplift: Floats, treatment: npt.NDArray[np.int64]
 ) -> dict[str, float]:
