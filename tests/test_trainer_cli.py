@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import pandas as pd
 import pytest
 from click.testing import CliRunner, Result
 
@@ -275,3 +277,59 @@ def test_sizes_beyond_memory_are_one_line_not_a_traceback() -> None:
         "discount-train: not enough memory for the sizes asked for; try fewer users, items, "
         "factors or hidden units"
     ]
+
+
+def _broken_gzip(folder: Path, kind: str) -> Path:
+    """A gzipped CSV cut off half way, or with its compressed stream garbled."""
+    rows = "".join(f"u{i},i{i * 7919 % 1000},{1700000000 + i}\n" for i in range(20_000))
+    packed = gzip.compress(f"user_id,item_id,timestamp\n{rows}".encode())
+    path = folder / f"{kind}.csv.gz"
+    if kind == "truncated":
+        path.write_bytes(packed[: len(packed) // 2])
+    else:
+        path.write_bytes(packed[:10] + bytes(range(256)) * 4)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["truncated", "corrupt"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["fit", "--interactions", "{bad}", "--items", "{items}", "--out", "{tmp}/m"],
+        ["fit", "--interactions", "{interactions}", "--items", "{bad}", "--out", "{tmp}/m"],
+        ["response", "--offers", "{bad}", "--events", "{items}", "--out", "{tmp}/r"],
+        ["response", "--offers", "{items}", "--events", "{bad}", "--out", "{tmp}/r"],
+        ["uplift", "--data", "{bad}"],
+        ["replay", "--target", "127.0.0.1:9", "--users-from", "{bad}"],
+    ],
+    ids=["fit interactions", "fit items", "response offers", "response events", "uplift", "replay"],
+)
+def test_a_broken_gzip_input_is_named_in_one_line(
+    shop: list[str], tmp_path: Path, kind: str, command: list[str]
+) -> None:
+    """gzip raises EOFError (truncated) or zlib.error (corrupt): click made the first a bare
+    "Aborted!" and the second a traceback."""
+    bad = _broken_gzip(tmp_path, kind)
+    names = {
+        "{bad}": str(bad),
+        "{interactions}": shop[1],
+        "{items}": shop[3],
+        "{tmp}": str(tmp_path),
+    }
+    args = [names.get(a, a.replace("{tmp}", str(tmp_path))) for a in command]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith(f"Error: {bad}: "), result.output
+    assert result.output.count("\n") == 1, result.output
+
+
+def test_users_from_a_parquet_without_user_ids_is_one_line(tmp_path: Path) -> None:
+    """pyarrow's message lists the file's whole schema, over several lines."""
+    path = tmp_path / "users.parquet"
+    pd.DataFrame({"customer": ["a", "b"], "n": [1, 2]}).to_parquet(path)
+    result = CliRunner().invoke(
+        main, ["replay", "--target", "127.0.0.1:9", "--users-from", str(path)]
+    )
+    assert result.exit_code == 1
+    assert result.output.startswith(f"Error: {path}: cannot read user ids (")
+    assert result.output.count("\n") == 1, result.output

@@ -14,6 +14,7 @@ import pandas as pd
 from core import response_artifact
 from core.artifact import ArtifactError
 from trainer import policy_eval, uplift
+from trainer.data import CORRUPT_COMPRESSED, first_line
 from trainer.files import replace_text
 from trainer.market import (
     MarketConfig,
@@ -73,8 +74,8 @@ def _read(path: Path, what: str) -> pd.DataFrame:
         return pd.read_csv(path, dtype={"offer_id": str, "user_id": str, "item_id": str})
     except FileNotFoundError:
         raise click.ClickException(f"{path}: no such {what} file") from None
-    except (OSError, ValueError) as e:
-        raise click.ClickException(f"{path}: cannot read the {what} ({e})") from None
+    except (OSError, ValueError, *CORRUPT_COMPRESSED) as e:
+        raise click.ClickException(f"{path}: cannot read the {what} ({first_line(e)})") from None
 
 
 @click.command("simulate")

@@ -36,6 +36,7 @@ from core.artifact import ArtifactError, current_version_dir
 from core.store.events import EVENT_ID_REUSED
 from discount.v1 import discount_pb2 as pb
 from discount.v1 import discount_pb2_grpc as pb_grpc
+from trainer.data import CORRUPT_COMPRESSED, first_line
 from trainer.market import Market, MarketConfig, make_market
 from trainer.options import MAX_ROWS, SEED, FiniteFloat
 
@@ -367,8 +368,8 @@ def read_users(path: Path) -> list[str]:
             frame = pd.read_csv(path, usecols=["user_id"], dtype={"user_id": str})
     except FileNotFoundError:
         raise ReplayError(f"{path}: no such file") from None
-    except (ArtifactError, OSError, ValueError, KeyError) as e:
-        raise ReplayError(f"{path}: cannot read user ids ({e})") from None
+    except (ArtifactError, OSError, ValueError, KeyError, *CORRUPT_COMPRESSED) as e:
+        raise ReplayError(f"{path}: cannot read user ids ({first_line(e)})") from None
     users = [str(u) for u in pd.unique(frame["user_id"].dropna().astype(str))]
     if not users:
         raise ReplayError(

@@ -26,6 +26,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from trainer.data import CORRUPT_COMPRESSED, first_line
 from trainer.dataset import Floats
 from trainer.response import fit_logistic, seed_everything
 
@@ -54,10 +55,10 @@ def load_hillstrom(path: Path = HILLSTROM) -> Experiment:
         frame = pd.read_csv(path)
     except FileNotFoundError:
         raise UpliftError(f"{path}: not found; pass --data PATH to hillstrom.csv") from None
-    except (OSError, ValueError, UnicodeDecodeError) as e:  # EmptyDataError and ParserError too
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    # ValueError: EmptyDataError and ParserError too.
+    except (OSError, ValueError, UnicodeDecodeError, *CORRUPT_COMPRESSED) as e:
         raise UpliftError(
-            f"{path}: unreadable as CSV ({first_line}); pass --data PATH to hillstrom.csv"
+            f"{path}: unreadable as CSV ({first_line(e)}); pass --data PATH to hillstrom.csv"
         ) from None
     needed = (*NUMERIC, *CATEGORICAL, "segment", *OUTCOMES)
     missing = [c for c in needed if c not in frame.columns]
