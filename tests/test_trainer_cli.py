@@ -333,3 +333,40 @@ def test_users_from_a_parquet_without_user_ids_is_one_line(tmp_path: Path) -> No
     assert result.exit_code == 1
     assert result.output.startswith(f"Error: {path}: cannot read user ids (")
     assert result.output.count("\n") == 1, result.output
+
+
+SMALL_RUNS = {
+    "synth": (["synth", "--users", "20", "--items", "10"], ("interactions.csv", "items.csv")),
+    "simulate": (["simulate", "--users", "20", "--visits", "1"], ("offers.csv", "events.csv")),
+}
+
+
+@pytest.mark.parametrize("command", SMALL_RUNS)
+@pytest.mark.parametrize("which", [0, 1])
+def test_synthetic_data_never_replaces_a_file_already_there(
+    tmp_path: Path, command: str, which: int
+) -> None:
+    """A shop's own files carry these names: a synthetic run over them would replace them."""
+    args, names = SMALL_RUNS[command]
+    mine = tmp_path / names[which]
+    mine.write_text("the shop's own\n")
+    result = CliRunner().invoke(main, [*args, "--out", str(tmp_path)])
+    assert result.exit_code == 1
+    assert result.output == (
+        f"Error: {tmp_path}: already holds {names[which]}; pick another --out or delete them\n"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [names[which]]
+    assert mine.read_text() == "the shop's own\n"
+
+
+@pytest.mark.parametrize("command", SMALL_RUNS)
+def test_synthetic_data_under_a_file_is_refused_in_one_line(tmp_path: Path, command: str) -> None:
+    """Exit 1, as fit and response refuse an --out they cannot write, not click's usage error."""
+    args, _ = SMALL_RUNS[command]
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for out in (blocker, blocker / "deeper"):
+        result = CliRunner().invoke(main, [*args, "--out", str(out)])
+        assert result.exit_code == 1, result.output
+        assert result.output.startswith(f"Error: {out}: cannot write the ")
+        assert result.output.endswith(f"({blocker} is a file, not a folder)\n")

@@ -9,7 +9,7 @@ import click
 
 from core.artifact import MANIFEST
 from trainer.cli_discounts import COMMANDS as DISCOUNT_COMMANDS
-from trainer.cli_discounts import ensure_writable
+from trainer.cli_discounts import ensure_writable, refuse_existing
 from trainer.data import (
     DEFAULT_MARGIN,
     MOVIELENS,
@@ -34,7 +34,7 @@ from trainer.fit import fit as run_fit
 from trainer.model import OBJECTIVES, ModelConfig
 from trainer.options import MAX_ROWS, SEED, FiniteFloat
 from trainer.replay import replay_command
-from trainer.synth import SynthConfig, make_shop, write_shop
+from trainer.synth import SHOP_FILES, SynthConfig, make_shop, write_shop
 
 FORMATS = ("files", "online-retail", "movielens")
 
@@ -49,7 +49,8 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+# No file_okay=False: a file in the way is refused in one line, exit 1, as fit refuses it.
+@click.option("--out", type=click.Path(path_type=Path), required=True)
 @click.option(
     "--users", type=click.IntRange(1, MAX_ROWS), default=SynthConfig.users, show_default=True
 )
@@ -62,6 +63,8 @@ def synth(out: Path, users: int, items: int, seed: int) -> None:
 
     Example: discount-train synth --out var/shop --users 2000 --items 500 --seed 7
     """
+    refuse_existing(out, SHOP_FILES)
+    ensure_writable(out, "the shop")
     try:
         shop = make_shop(SynthConfig(users=users, items=items, seed=seed))
         interactions, items_path = write_shop(shop, out)

@@ -17,6 +17,7 @@ from trainer import policy_eval, uplift
 from trainer.data import CORRUPT_COMPRESSED, first_line
 from trainer.files import replace_text
 from trainer.market import (
+    LOGS,
     MarketConfig,
     make_market,
     make_offers,
@@ -51,6 +52,16 @@ def ensure_writable(folder: Path, what: str) -> None:
         raise click.ClickException(f"{folder}: cannot write {what} ({reason})") from None
 
 
+def refuse_existing(folder: Path, names: tuple[str, ...]) -> None:
+    """Refuse to write over files a command would write: they carry the names of a shop's own
+    files (interactions.csv, offers.csv), which a synthetic run must never silently replace."""
+    there = [name for name in names if (folder / name).exists()]
+    if there:
+        raise click.ClickException(
+            f"{folder}: already holds {', '.join(there)}; pick another --out or delete them"
+        )
+
+
 def _writable(*paths: Path | None) -> None:
     for path in paths:
         if path is not None:
@@ -79,7 +90,8 @@ def _read(path: Path, what: str) -> pd.DataFrame:
 
 
 @click.command("simulate")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+# No file_okay=False: a file in the way is refused in one line, exit 1, as fit refuses it.
+@click.option("--out", type=click.Path(path_type=Path), required=True)
 @click.option("--users", type=click.IntRange(1, MAX_ROWS), default=5_000, show_default=True)
 @click.option("--visits", type=click.IntRange(1, 10_000), default=3, show_default=True)
 @click.option("--seed", type=SEED, default=0, show_default=True)
@@ -90,6 +102,8 @@ def simulate_command(out: Path, users: int, visits: int, seed: int) -> None:
 
     Example: discount-train simulate --out var/market --users 5000 --seed 1
     """
+    refuse_existing(out, LOGS)
+    ensure_writable(out, "the logs")
     market = make_market(MarketConfig(n_users=users, visits=visits, seed=seed))
     offers = make_offers(market, seed=seed)
     log = simulate(market, offers, *randomized_discounts(len(offers), seed), seed=seed)
