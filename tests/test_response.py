@@ -6,6 +6,7 @@ import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -487,3 +488,36 @@ def test_cli_reads_numeric_ids_of_parquet_logs_as_their_csv_text(tmp_path: Path)
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "another user or for another item" not in result.output
+
+
+def _strict_json(text: str) -> Any:
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_cli_a_hold_out_that_cannot_measure_auc_writes_valid_json(tmp_path: Path) -> None:
+    """Every offer bought: the hold-out has no offer not bought, so no AUC. NaN in the output
+    and the manifest made both invalid JSON."""
+    offers, _ = _logs(users=60)
+    offers = offers.head(150)
+    events = offers[["offer_id", "user_id", "item_id"]].assign(type="purchase")
+    offers.to_csv(tmp_path / "offers.csv", index=False)
+    events.to_csv(tmp_path / "events.csv", index=False)
+    result = CliRunner().invoke(
+        main,
+        ["response", "--offers", str(tmp_path / "offers.csv"), "--events",
+         str(tmp_path / "events.csv"), "--out", str(tmp_path / "model"), "--hidden", "4",
+         "--epochs", "1"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert _strict_json(result.stdout)["auc"] is None
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("WARNING")]
+    assert warnings == [
+        "WARNING: the hold-out (30 offers) has only purchases, so it cannot measure auc: null in "
+        "the output, left out of manifest.json"
+    ]
+    manifest = _strict_json((tmp_path / "model" / "manifest.json").read_text())
+    assert "auc" not in manifest["metrics"] and "log_loss" in manifest["metrics"]
+    assert response_artifact.load(tmp_path / "model").metrics == manifest["metrics"]

@@ -4,6 +4,7 @@ evaluate policies against the simulator's truth."""
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -190,9 +191,20 @@ def response_command(
         raise click.ClickException(str(e)) from None
     except (OSError, ArtifactError) as e:
         raise click.ClickException(f"{out}: cannot write the model ({e})") from None
-    for name, value in manifest.metrics.items():
-        _err(f"  {name:20s} {value:.6g}")
-    click.echo(json.dumps({"dir": str(out), "version": manifest.version, **manifest.metrics}))
+    metrics = {**trained.metrics, **manifest.metrics}
+    unmeasured = [name for name, value in metrics.items() if not math.isfinite(value)]
+    if unmeasured:
+        # AUC compares bought with not bought: a small log's hold-out can lack either.
+        rate = trained.metrics["base_rate"]
+        why = {0.0: "has no purchases", 1.0: "has only purchases"}.get(rate, "gave no number")
+        _err(
+            f"WARNING: the hold-out ({trained.metrics['rows']:,.0f} offers) {why}, so it cannot "
+            f"measure {', '.join(unmeasured)}: null in the output, left out of manifest.json"
+        )
+    for name, value in metrics.items():
+        _err(f"  {name:20s} {value:.6g}" if math.isfinite(value) else f"  {name:20s} n/a")
+    shown = {name: value if math.isfinite(value) else None for name, value in metrics.items()}
+    click.echo(json.dumps({"dir": str(out), "version": manifest.version, **shown}))
 
 
 @click.command("evaluate-policy")

@@ -472,7 +472,9 @@ def save(
         version="",
         created_at="",
         grid=grid,
-        metrics=dict(trained.metrics),
+        # JSON has no NaN and the manifest's reader takes numbers only: a metric the hold-out
+        # cannot measure (AUC without both outcomes) is left out.
+        metrics={k: v for k, v in trained.metrics.items() if math.isfinite(v)},
         training=asdict(config),
         data=data_summary,
     )
