@@ -521,3 +521,44 @@ def test_cli_a_hold_out_that_cannot_measure_auc_writes_valid_json(tmp_path: Path
     manifest = _strict_json((tmp_path / "model" / "manifest.json").read_text())
     assert "auc" not in manifest["metrics"] and "log_loss" in manifest["metrics"]
     assert response_artifact.load(tmp_path / "model").metrics == manifest["metrics"]
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "message"),
+    [
+        ("price", "-5", "1 row(s) with a negative price or cost, e.g. offer '{id}'; fix or drop"),
+        ("cost", "-0.01", "1 row(s) with a negative price or cost, e.g. offer '{id}'; fix or drop"),
+        (
+            "price",
+            "inf",
+            "1 row(s) with a missing, non-numeric or infinite value, e.g. offer '{id}'",
+        ),
+        (
+            "cost",
+            "nan",
+            "1 row(s) with a missing, non-numeric or infinite value, e.g. offer '{id}'",
+        ),
+        ("user_id", "", "user_id is empty in 1 row(s), e.g. offer '{id}'; each shopper's"),
+        ("user_id", "   ", "user_id is empty in 1 row(s), e.g. offer '{id}'; each shopper's"),
+        ("offer_id", "", "offer_id is empty in 1 row(s), e.g. data row 4; events name offers"),
+        ("offer_id", " ", "offer_id is empty in 1 row(s), e.g. data row 4; events name offers"),
+    ],
+)
+def test_cli_refuses_a_nonsense_offer_naming_it(
+    tmp_path: Path, column: str, value: str, message: str
+) -> None:
+    offers, events = _logs(users=60)
+    offers = offers.astype({column: str})
+    bad_id = offers.loc[3, "offer_id"]
+    offers.loc[3, column] = value
+    offers.to_csv(tmp_path / "offers.csv", index=False)
+    events.to_csv(tmp_path / "events.csv", index=False)
+    result = CliRunner().invoke(
+        main,
+        ["response", "--offers", str(tmp_path / "offers.csv"), "--events",
+         str(tmp_path / "events.csv"), "--out", str(tmp_path / "model"), "--epochs", "1"],
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("Error: offers: " + message.format(id=bad_id))
+    assert result.output.count("\n") == 1
+    assert not (tmp_path / "model").exists()

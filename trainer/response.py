@@ -130,10 +130,19 @@ def from_logs(offers: pd.DataFrame, events: pd.DataFrame, seed: int) -> Logged:
         raise ResponseError(f"offers: missing column(s) {', '.join(missing)}; needed: {needed}")
     if offers.empty:
         raise ResponseError("offers: the file has a header and no rows; nothing to learn from")
-    if offers["user_id"].isna().any():
+    # pandas reads an empty CSV cell as NaN, which str() makes the id "nan".
+    no_id = _blank(offers["offer_id"])
+    if no_id.any():
         raise ResponseError(
-            "offers: user_id is empty in some rows; each shopper's past responses are features, "
-            "so every offer must name its user"
+            f"offers: offer_id is empty in {int(no_id.sum())} row(s), e.g. data row "
+            f"{int(np.argmax(no_id)) + 1}; events name offers by it, so every offer needs one"
+        )
+    no_user = _blank(offers["user_id"])
+    if no_user.any():
+        raise ResponseError(
+            f"offers: user_id is empty in {int(no_user.sum())} row(s), e.g. offer "
+            f"{offers['offer_id'].iloc[int(np.argmax(no_user))]!r}; each shopper's past responses "
+            "are features, so every offer must name its user"
         )
     missing = [c for c in ("type", "offer_id") if c not in events.columns]
     if missing:
@@ -146,8 +155,14 @@ def from_logs(offers: pd.DataFrame, events: pd.DataFrame, seed: int) -> Logged:
     bad = ~np.isfinite(numeric.to_numpy(dtype=np.float64)).all(axis=1)
     if bad.any():
         raise ResponseError(
-            f"offers: {int(bad.sum())} row(s) with a missing or non-numeric value, e.g. offer "
-            f"{offers['offer_id'].iloc[int(np.argmax(bad))]!r}; fix or drop them"
+            f"offers: {int(bad.sum())} row(s) with a missing, non-numeric or infinite value, e.g. "
+            f"offer {offers['offer_id'].iloc[int(np.argmax(bad))]!r}; fix or drop them"
+        )
+    negative = (numeric[["price", "cost"]] < 0).any(axis=1).to_numpy()
+    if negative.any():
+        raise ResponseError(
+            f"offers: {int(negative.sum())} row(s) with a negative price or cost, e.g. offer "
+            f"{offers['offer_id'].iloc[int(np.argmax(negative))]!r}; fix or drop them"
         )
     d = numeric["discount"].to_numpy(dtype=np.float64)
     if (d < 0).any() or (d >= 1).any():
@@ -188,6 +203,10 @@ def from_logs(offers: pd.DataFrame, events: pd.DataFrame, seed: int) -> Logged:
         seed,
         foreign_purchases=int(foreign.sum()),
     )
+
+
+def _blank(ids: pd.Series) -> npt.NDArray[np.bool_]:
+    return np.asarray(ids.isna() | (ids.astype(str).str.strip() == ""), dtype=np.bool_)
 
 
 def _foreign(offers: pd.DataFrame, sold: pd.DataFrame) -> pd.Series:
