@@ -562,3 +562,20 @@ def test_cli_refuses_a_nonsense_offer_naming_it(
     assert result.output.startswith("Error: offers: " + message.format(id=bad_id))
     assert result.output.count("\n") == 1
     assert not (tmp_path / "model").exists()
+
+
+def test_cli_records_the_epochs_run_beside_those_asked_for(tmp_path: Path) -> None:
+    """A log this small takes one batch an epoch: at least 500 optimizer steps make --epochs 1
+    run 500, and the manifest said 1."""
+    offers, events = _logs(users=60)
+    offers.to_csv(tmp_path / "offers.csv", index=False)
+    events.to_csv(tmp_path / "events.csv", index=False)
+    result = CliRunner().invoke(
+        main,
+        ["response", "--offers", str(tmp_path / "offers.csv"), "--events",
+         str(tmp_path / "events.csv"), "--out", str(tmp_path / "model"), "--hidden", "4",
+         "--epochs", "1"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    training = json.loads((tmp_path / "model" / "manifest.json").read_text())["training"]
+    assert (training["epochs"], training["epochs_run"]) == (1, 500)

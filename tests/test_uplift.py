@@ -150,6 +150,18 @@ def test_cli_fits_the_mlp_variant_when_asked(csv: Path) -> None:
     assert "uplift variant (2 × 8 MLP)" in result.stdout
 
 
+def test_cli_says_how_many_epochs_ran(csv: Path, tmp_path: Path) -> None:
+    """1,499 customers to fit are two batches an epoch: at least 300 steps make it 150 epochs."""
+    report = tmp_path / "report.json"
+    result = CliRunner().invoke(
+        main, ["uplift", "--data", str(csv), "--epochs", "1", "--json", str(report)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "split seed 0: fitting on 1,499 customers (150 epochs)" in result.stderr
+    (written,) = json.loads(report.read_text())
+    assert (written["config"]["epochs"], written["epochs_run"]) == (1, 150)
+
+
 def test_cli_names_a_missing_data_file(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["uplift", "--data", str(tmp_path / "none.csv")])
     assert result.exit_code == 1

@@ -27,7 +27,7 @@ from trainer.market import (
     write_logs,
 )
 from trainer.options import MAX_ROWS, SEED, FiniteFloat
-from trainer.response import ResponseConfig, ResponseError, fit, from_logs, save
+from trainer.response import ResponseConfig, ResponseError, epochs_run, fit, from_logs, save
 
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 
@@ -136,7 +136,13 @@ def simulate_command(out: Path, users: int, visits: int, seed: int) -> None:
 # No file_okay=False: a file in the way is refused in one line, exit 1, as fit refuses it.
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 @click.option(
-    "--epochs", type=click.IntRange(min=1), default=ResponseConfig.epochs, show_default=True
+    "--epochs",
+    type=click.IntRange(min=1),
+    default=ResponseConfig.epochs,
+    show_default=True,
+    help=f"passes over the training offers; at least {ResponseConfig.min_steps} optimizer steps "
+    f"(batches of {ResponseConfig.batch_size:,}) are taken, so small logs run more epochs: the "
+    "manifest's training.epochs_run says how many ran",
 )
 @click.option(
     "--hidden", type=click.IntRange(min=1), default=ResponseConfig.hidden, show_default=True
@@ -220,6 +226,8 @@ def response_command(
     type=click.IntRange(min=1),
     default=policy_eval.EvalConfig().response.epochs,
     show_default=True,
+    help=f"the response model's passes over its log; at least {ResponseConfig.min_steps} "
+    "optimizer steps are taken, so small logs run more epochs (the progress lines say how many)",
 )
 @click.option(
     "--train-visits",
@@ -307,7 +315,13 @@ def evaluate_policy_command(
     help="units in each of the model's two hidden layers; 0: linear in the features",
 )
 @click.option(
-    "--epochs", type=click.IntRange(min=1), default=uplift.UpliftConfig.epochs, show_default=True
+    "--epochs",
+    type=click.IntRange(min=1),
+    default=uplift.UpliftConfig.epochs,
+    show_default=True,
+    help=f"passes over the fit half; at least {uplift.UpliftConfig.min_steps} optimizer steps "
+    f"(batches of {uplift.UpliftConfig.batch_size:,}) are taken, so small data runs more epochs "
+    "(the progress lines and the report's epochs_run say how many)",
 )
 @click.option(
     "--learning-rate",
@@ -355,7 +369,11 @@ def uplift_command(
     config = uplift.UpliftConfig(hidden=hidden, epochs=epochs, learning_rate=learning_rate)
     reports = []
     for seed in seeds:
-        _err(f"split seed {seed}: fitting on {len(experiment.treatment) // 2:,} customers")
+        fitted = len(uplift.split(experiment, seed)[0])
+        _err(
+            f"split seed {seed}: fitting on {fitted:,} customers "
+            f"({epochs_run(fitted, config)} epochs)"
+        )
         reports.append(uplift.benchmark(experiment, seed, config))
     click.echo(uplift.format_table(reports))
     if json_path is not None:

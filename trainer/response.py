@@ -351,6 +351,13 @@ class LogisticNet(Protocol):
 NetT = TypeVar("NetT", bound=LogisticNet)
 
 
+def epochs_run(rows: int, config: Schedule) -> int:
+    """The epochs fit_logistic runs on rows: config.epochs, or more when they would take fewer
+    than config.min_steps optimizer steps (too few leave the model uncalibrated)."""
+    per_epoch = math.ceil(rows / config.batch_size)
+    return max(config.epochs, math.ceil(config.min_steps / per_epoch))
+
+
 def fit_logistic(
     model: NetT, features: Tensor, arm: Tensor, outcome: npt.NDArray[Any], config: Schedule
 ) -> NetT:
@@ -365,10 +372,9 @@ def fit_logistic(
     )
     generator = torch.Generator().manual_seed(config.seed)
     n = len(outcome)
-    per_epoch = math.ceil(n / config.batch_size)
-    epochs = max(config.epochs, math.ceil(config.min_steps / per_epoch))
+    epochs = epochs_run(n, config)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, config.learning_rate, epochs * per_epoch
+        optimizer, config.learning_rate, epochs * math.ceil(n / config.batch_size)
     )
     model.train()
     for _ in range(epochs):
@@ -494,7 +500,8 @@ def save(
         # JSON has no NaN and the manifest's reader takes numbers only: a metric the hold-out
         # cannot measure (AUC without both outcomes) is left out.
         metrics={k: v for k, v in trained.metrics.items() if math.isfinite(v)},
-        training=asdict(config),
+        # "epochs" is what was asked for; small logs run more (min_steps).
+        training={**asdict(config), "epochs_run": epochs_run(len(trained.train_rows), config)},
         data=data_summary,
     )
     return response_artifact.write(out, manifest, write_files)

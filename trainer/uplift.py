@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from trainer.data import CORRUPT_COMPRESSED, first_line
 from trainer.dataset import Floats
-from trainer.response import fit_logistic, seed_everything
+from trainer.response import epochs_run, fit_logistic, seed_everything
 
 HILLSTROM = Path(__file__).resolve().parents[2] / "shared/datasets/hillstrom/hillstrom.csv"
 OUTCOMES = ("visit", "conversion")
@@ -257,6 +257,8 @@ def benchmark(experiment: Experiment, seed: int, config: UpliftConfig) -> dict[s
         "test_rows": len(test),
         "treated_share_test": float(t[test].mean()),
         "config": asdict(config),
+        # config's epochs is what was asked for; small data runs more (min_steps).
+        "epochs_run": epochs_run(len(train), config),
         "outcomes": {},
     }
     for outcome in OUTCOMES:
