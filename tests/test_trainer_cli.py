@@ -84,6 +84,19 @@ def test_bpr_trains_each_regularization_once_and_refuses_ials_settings(
         assert f"{flag}: iALS settings; --objective bpr has none" in refused.output
 
 
+def test_alpha_0_alone_trains_with_the_offsets_it_can_pair_with(
+    shop: list[str], tmp_path: Path
+) -> None:
+    """The default grid holds c₀ = 0: only α = 0 with c₀ = 0 has nothing to learn."""
+    result = fit(shop, tmp_path / "m", "--alpha", "0", "--factors", "4", "--epochs", "1")
+    assert result.exit_code == 0, result.output
+    tried = [line for line in result.output.splitlines() if line.startswith("ials: ")]
+    assert tried == [
+        "ials: factors=4 regularization=10 alpha=0 confidence_offset=1",
+        "ials: factors=4 regularization=30 alpha=0 confidence_offset=1",
+    ]
+
+
 def test_a_value_given_twice_is_one_candidate() -> None:
     candidates = grid(ModelConfig(), (5.0, 5.0, 2.0), (1.0, 1.0), (0.0,))
     assert [(c.regularization, c.alpha) for c in candidates] == [(5.0, 1.0), (2.0, 1.0)]

@@ -195,13 +195,19 @@ def fit(
         raise click.UsageError(f"--items is for --format files; {format_name} has its own items")
     if format_name == "files" and (interactions is None or items is None):
         raise click.UsageError("--interactions and --items are both required with --format files")
-    if objective == "ials" and 0 in alpha and 0 in confidence_offset:
+    base = ModelConfig(objective=objective, factors=factors, max_epochs=epochs, seed=seed)
+    # α = c₀ = 0 gives every purchase zero confidence: nothing to learn. Only that pairing goes;
+    # the default grid holds c₀ = 0, so --alpha 0 alone still has c₀ = 1 to pair with.
+    candidates = [
+        c
+        for c in grid(base, regularization, alpha, confidence_offset)
+        if objective == "bpr" or c.alpha or c.confidence_offset
+    ]
+    if not candidates:  # both flags given, each only 0: the defaults are not all 0
         raise click.UsageError(
             "--alpha 0 with --confidence-offset 0 gives every purchase zero confidence: "
             "nothing to learn"
         )
-    base = ModelConfig(objective=objective, factors=factors, max_epochs=epochs, seed=seed)
-    candidates = grid(base, regularization, alpha, confidence_offset)
     if (out / MANIFEST).is_file():
         # A version nested in a version is served by nobody, yet fit would call it current.
         raise click.ClickException(
