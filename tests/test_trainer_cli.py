@@ -17,7 +17,7 @@ from click.testing import CliRunner, Result
 
 from trainer.cli import main
 from trainer.export import ExportError
-from trainer.fit import grid
+from trainer.fit import Diverged, grid
 from trainer.model import ModelConfig
 
 
@@ -77,7 +77,13 @@ def test_bpr_trains_each_regularization_once_and_refuses_ials_settings(
     assert result.exit_code == 0, result.output
     # BPR's own default λ, once: not iALS's λ grid, nor each λ for every α × c₀ of iALS's.
     tried = [line for line in result.output.splitlines() if line.startswith("bpr: ")]
-    assert tried == ["bpr: factors=4 regularization=0.01 alpha=1 confidence_offset=1"]
+    assert tried == ["bpr: factors=4 regularization=0.01"]
+    # BPR has no α or c₀: nothing it prints or records claims one.
+    assert "chosen: bpr: factors=4 regularization=0.01, " in result.output
+    assert "alpha" not in result.output and "offset" not in result.output
+    training = _manifest(result)["training"]
+    assert (training["alpha"], training["confidence_offset"]) == (None, None)
+    assert training["candidates"] == ["bpr: factors=4 regularization=0.01"]
     for flag in ("--alpha", "--confidence-offset"):
         refused = fit(shop, tmp_path / "m", *small, flag, "2")
         assert refused.exit_code == 2
@@ -383,3 +389,19 @@ def test_synthetic_data_under_a_file_is_refused_in_one_line(tmp_path: Path, comm
         assert result.exit_code == 1, result.output
         assert result.output.startswith(f"Error: {out}: cannot write the ")
         assert result.output.endswith(f"({blocker} is a file, not a folder)\n")
+
+
+def test_a_diverged_bpr_suggests_only_what_bpr_has(
+    shop: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No small shop makes BPR diverge on demand: the failure is injected."""
+
+    def diverged(*_: object) -> None:
+        raise Diverged("training diverged: the factors are not finite (bpr, regularization 0.01)")
+
+    monkeypatch.setattr("trainer.cli.run_fit", diverged)
+    result = fit(shop, tmp_path / "m", "--objective", "bpr")
+    assert result.exit_code == 1
+    assert result.output.splitlines()[-1].endswith(
+        "; nothing was written. A larger --regularization usually fixes this."
+    )

@@ -231,9 +231,9 @@ def fit(
             "A larger --regularization or fewer --factors usually fixes this."
         ) from None
     except Diverged as e:
+        fix = "A smaller --alpha or a larger" if objective == "ials" else "A larger"
         raise click.ClickException(
-            f"{e}; nothing was written. A smaller --alpha or a larger --regularization usually "
-            "fixes this."
+            f"{e}; nothing was written. {fix} --regularization usually fixes this."
         ) from None
     _err(f"epochs: {outcome.epochs}")
     for name, value in outcome.metrics.items():

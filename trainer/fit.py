@@ -111,7 +111,8 @@ def fit(
             say(
                 f"WARNING: the model LOSES to popularity on its validation split "
                 f"(NDCG@10 {best:.4f} vs {baseline:.4f}); recommendations may be worse than "
-                "a bestseller list. Try more data, other --factors/--regularization/--alpha."
+                "a bestseller list. Try more data, other --factors/--regularization"
+                + ("/--alpha." if config.objective == "ials" else ".")
             )
     else:
         config = candidates[0]
@@ -156,7 +157,8 @@ def fit(
         # Caught here: the export check compares ONNX with PyTorch, where nan matches nan.
         raise Diverged(
             f"training diverged: the factors are not finite ({config.objective}, regularization "
-            f"{config.regularization:g}, alpha {config.alpha:g})"
+            f"{config.regularization:g}"
+            + (f", alpha {config.alpha:g})" if config.objective == "ials" else ")")
         )
     # The cold-start list is the bestsellers, not the most viewed.
     buyers = popularity(interaction_matrix(dataset, purchases(dataset)))
@@ -176,6 +178,8 @@ def fit(
         metrics=metrics,
         training={
             **config.resolved(),
+            # BPR has no confidence: its config's α and c₀ are defaults it never reads.
+            **({"alpha": None, "confidence_offset": None} if config.objective == "bpr" else {}),
             "epochs": epochs,
             "candidates": [_describe(c) for c in compared],  # compared on validation
             "chosen_by": chosen_by,
@@ -215,10 +219,12 @@ def _serving(out: Path) -> str | None:
 
 
 def _describe(config: ModelConfig) -> str:
-    return (
-        f"{config.objective}: factors={config.factors} regularization={config.regularization:g} "
-        f"alpha={config.alpha:g} confidence_offset={config.confidence_offset:g}"
+    described = (
+        f"{config.objective}: factors={config.factors} regularization={config.regularization:g}"
     )
+    if config.objective == "bpr":  # no confidence, so no α or c₀
+        return described
+    return f"{described} alpha={config.alpha:g} confidence_offset={config.confidence_offset:g}"
 
 
 def grid(
