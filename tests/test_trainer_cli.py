@@ -17,8 +17,8 @@ from click.testing import CliRunner, Result
 
 from trainer.cli import main
 from trainer.export import ExportError
-from trainer.fit import Diverged, grid
-from trainer.model import ModelConfig
+from trainer.fit import grid
+from trainer.model import Diverged, ModelConfig
 
 
 def test_every_command_has_help_with_an_example() -> None:
@@ -405,3 +405,27 @@ def test_a_diverged_bpr_suggests_only_what_bpr_has(
     assert result.output.splitlines()[-1].endswith(
         "; nothing was written. A larger --regularization usually fixes this."
     )
+
+
+def test_a_diverging_candidate_stops_at_once_without_raw_warnings(
+    shop: list[str], tmp_path: Path
+) -> None:
+    """A subprocess, as a user runs it: in pytest, pytest itself would catch numpy's warnings.
+    Training on printed nan losses and numpy's overflow warnings before the one-line error."""
+    args = ["fit", *shop, "--out", str(tmp_path / "m"), "--factors", "4", "--regularization",
+            "1e-300", "--alpha", "1e300", "--confidence-offset", "0"]  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", "from trainer.cli import main; main()", *args],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1
+    lines = done.stderr.splitlines()
+    assert lines[-2] == "ials: factors=4 regularization=1e-300 alpha=1e+300 confidence_offset=0"
+    assert lines[-1] == (
+        "Error: training diverged: the factors are not finite (ials, regularization 1e-300, "
+        "alpha 1e+300); nothing was written. A smaller --alpha or a larger --regularization "
+        "usually fixes this."
+    )
+    assert "Warning" not in done.stderr
+    assert not (tmp_path / "m").exists()

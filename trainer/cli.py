@@ -27,11 +27,10 @@ from trainer.fit import (
     BPR_REGULARIZATION_GRID,
     OFFSET_GRID,
     REGULARIZATION_GRID,
-    Diverged,
     grid,
 )
 from trainer.fit import fit as run_fit
-from trainer.model import OBJECTIVES, ModelConfig
+from trainer.model import OBJECTIVES, Diverged, ModelConfig
 from trainer.options import MAX_ROWS, SEED, FiniteFloat
 from trainer.replay import replay_command
 from trainer.synth import SHOP_FILES, SynthConfig, make_shop, write_shop

@@ -71,10 +71,6 @@ def fingerprint(paths: tuple[Path, ...]) -> dict[str, str]:
     return digests
 
 
-class Diverged(Exception):
-    """Training ended with factors that are not finite numbers; nothing was written."""
-
-
 def fit(
     loaded: Loaded,
     protocol: Protocol,
@@ -152,14 +148,6 @@ def fit(
     say(f"final fit on all {len(dataset.interactions.user_index):,} interactions")
     everything = interaction_matrix(dataset, np.ones(len(dataset.interactions.user_index), bool))
     final = train(config, everything, epochs=epochs, log=lambda _: None)
-    f = final.factors
-    if not all(np.isfinite(a).all() for a in (f.user, f.item, f.item_bias, f.foldin)):
-        # Caught here: the export check compares ONNX with PyTorch, where nan matches nan.
-        raise Diverged(
-            f"training diverged: the factors are not finite ({config.objective}, regularization "
-            f"{config.regularization:g}"
-            + (f", alpha {config.alpha:g})" if config.objective == "ials" else ")")
-        )
     # The cold-start list is the bestsellers, not the most viewed.
     buyers = popularity(interaction_matrix(dataset, purchases(dataset)))
     order = np.argsort(-buyers, kind="stable").astype(np.int64)
