@@ -579,3 +579,27 @@ def test_cli_records_the_epochs_run_beside_those_asked_for(tmp_path: Path) -> No
     assert result.exit_code == 0, result.output
     training = json.loads((tmp_path / "model" / "manifest.json").read_text())["training"]
     assert (training["epochs"], training["epochs_run"]) == (1, 500)
+
+
+def test_cli_refuses_an_out_the_shell_is_in(
+    exported: tuple[Trained, Path, ResponseManifest],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A response model folder would pass every other check, and be swapped out from under the
+    shell standing in it."""
+    folder = tmp_path / "r"
+    shutil.copytree(exported[1], folder)
+    before = sorted(p.name for p in folder.iterdir())
+    for cwd, out in ((folder, "."), (folder / "inner", "..")):
+        cwd.mkdir(exist_ok=True)
+        monkeypatch.chdir(cwd)
+        result = CliRunner().invoke(
+            main, ["response", "--offers", "o.csv", "--events", "e.csv", "--out", out]
+        )
+        assert result.exit_code == 1
+        assert result.output == (
+            f"Error: {out}: is the current folder or holds it, which writing the model would "
+            "replace; pass a folder of its own, e.g. --out response\n"
+        )
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*before, "inner"])
