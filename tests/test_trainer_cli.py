@@ -429,3 +429,29 @@ def test_a_diverging_candidate_stops_at_once_without_raw_warnings(
     )
     assert "Warning" not in done.stderr
     assert not (tmp_path / "m").exists()
+
+
+def test_data_without_a_purchase_is_refused(tmp_path: Path) -> None:
+    """Views only: the model trained and became CURRENT in a new store."""
+    rows = [
+        f"u{u},i{(u * 7 + d) % 18},2024-03-{d + 1:02d},view\n" for d in range(20) for u in range(60)
+    ]
+    (tmp_path / "i.csv").write_text("user_id,item_id,timestamp,event\n" + "".join(rows))
+    (tmp_path / "items.csv").write_text("item_id,price\n" + "".join(f"i{i},5\n" for i in range(18)))
+    files = ["--interactions", str(tmp_path / "i.csv"), "--items", str(tmp_path / "items.csv")]
+    result = fit(files, tmp_path / "m", *TWO)
+    assert result.exit_code == 1
+    assert result.output.splitlines()[-1] == (
+        f"Error: {tmp_path / 'i.csv'}, {tmp_path / 'items.csv'}: no purchases to learn from "
+        "(every row kept is a view, click or cart); fit needs a purchase history"
+    )
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_margin_for_movielens_which_has_no_prices_is_refused(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        main,
+        ["fit", "--format", "movielens", "--default-margin", "0.5", "--out", str(tmp_path / "m")],
+    )
+    assert result.exit_code == 2
+    assert "--default-margin: MovieLens has no prices, so no margin to assume" in result.output

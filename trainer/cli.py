@@ -20,7 +20,7 @@ from trainer.data import (
     load_movielens,
     load_online_retail,
 )
-from trainer.evaluate import protocol_for
+from trainer.evaluate import protocol_for, purchases
 from trainer.export import ExportError
 from trainer.fit import (
     ALPHA_GRID,
@@ -147,7 +147,7 @@ def synth(out: Path, users: int, items: int, seed: int) -> None:
     default=DEFAULT_MARGIN,
     show_default=True,
     help="margin assumed for items without a cost; discountd prices against it and marks "
-    "those offers COST_ASSUMED",
+    "those offers COST_ASSUMED (not with --format movielens, which has no prices)",
 )
 @click.option(
     "--current/--no-current",
@@ -190,6 +190,11 @@ def fit(
     if objective == "bpr":
         # BPR has no confidence: the default α × c₀ grid would train each λ four times over.
         alpha, confidence_offset = alpha[:1], confidence_offset[:1]
+    margin_given = (
+        ctx.get_parameter_source("default_margin") is not click.core.ParameterSource.DEFAULT
+    )
+    if format_name == "movielens" and margin_given:
+        raise click.UsageError("--default-margin: MovieLens has no prices, so no margin to assume")
     if format_name != "files" and items is not None:
         raise click.UsageError(f"--items is for --format files; {format_name} has its own items")
     if format_name == "files" and (interactions is None or items is None):
@@ -220,6 +225,13 @@ def fit(
         raise click.ClickException(str(e)) from None
     for line in loaded.summary_lines():
         _err(line)
+    if not purchases(loaded.dataset).any():
+        # Views, clicks and carts only weigh what a shopper bought; a model of none would still
+        # become CURRENT in a new store.
+        raise click.ClickException(
+            f"{', '.join(map(str, loaded.sources))}: no purchases to learn from (every row kept "
+            "is a view, click or cart); fit needs a purchase history"
+        )
     try:
         outcome = run_fit(loaded, protocol_for(format_name), candidates, out, _err, current)
     except OSError as e:
