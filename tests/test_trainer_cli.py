@@ -19,6 +19,7 @@ from trainer.cli import main
 from trainer.export import ExportError
 from trainer.fit import grid
 from trainer.model import Diverged, ModelConfig
+from trainer.uplift import HILLSTROM
 
 
 def test_every_command_has_help_with_an_example() -> None:
@@ -27,6 +28,24 @@ def test_every_command_has_help_with_an_example() -> None:
         result = CliRunner().invoke(main, [name, "--help"])
         assert result.exit_code == 0, result.output
         assert f"Example: discount-train {name} " in result.output, name
+
+
+def test_every_option_says_what_it_does() -> None:
+    assert isinstance(main, click.Group)
+    silent = [
+        f"{name} {param.opts[0]}"
+        for name, command in main.commands.items()
+        for param in command.params
+        if isinstance(param, click.Option) and not param.help
+    ]
+    assert silent == []
+
+
+def test_uplift_help_says_where_its_default_data_is_not_this_install_path() -> None:
+    result = CliRunner().invoke(main, ["uplift", "--help"])
+    shown = "".join(result.output.split())  # unwrapped: click breaks long lines
+    assert "../shared/datasets/hillstrom/hillstrom.csv" in shown
+    assert str(HILLSTROM) not in shown
 
 
 def test_unknown_command_is_a_usage_error() -> None:

@@ -49,14 +49,27 @@ def main() -> None:
 
 @main.command()
 # No file_okay=False: a file in the way is refused in one line, exit 1, as fit refuses it.
-@click.option("--out", type=click.Path(path_type=Path), required=True)
 @click.option(
-    "--users", type=click.IntRange(1, MAX_ROWS), default=SynthConfig.users, show_default=True
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="folder for interactions.csv and items.csv; refused if either is already there",
 )
 @click.option(
-    "--items", type=click.IntRange(8, MAX_ROWS), default=SynthConfig.items, show_default=True
+    "--users",
+    type=click.IntRange(1, MAX_ROWS),
+    default=SynthConfig.users,
+    show_default=True,
+    help="shoppers to draw",
 )
-@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option(
+    "--items",
+    type=click.IntRange(8, MAX_ROWS),
+    default=SynthConfig.items,
+    show_default=True,
+    help="items in the catalog",
+)
+@click.option("--seed", type=SEED, default=0, show_default=True, help="same seed, same shop")
 def synth(out: Path, users: int, items: int, seed: int) -> None:
     """Write a synthetic shop (interactions.csv, items.csv) drawn from a known taste model.
 
@@ -106,7 +119,11 @@ def synth(out: Path, users: int, items: int, seed: int) -> None:
     "purchases); bpr: pairwise ranking",
 )
 @click.option(
-    "--factors", type=click.IntRange(min=1), default=ModelConfig.factors, show_default=True
+    "--factors",
+    type=click.IntRange(min=1),
+    default=ModelConfig.factors,
+    show_default=True,
+    help="length of each user's and item's vector: more fit finer tastes and need more data",
 )
 @click.option(
     "--epochs",
@@ -140,7 +157,13 @@ def synth(out: Path, users: int, items: int, seed: int) -> None:
     show_default=True,
     help="c₀ in the iALS confidence c₀ + α·log(1 + w); repeat to try several",
 )
-@click.option("--seed", type=SEED, default=ModelConfig.seed, show_default=True)
+@click.option(
+    "--seed",
+    type=SEED,
+    default=ModelConfig.seed,
+    show_default=True,
+    help="draws the initial factors (and BPR's samples): same data and seed, same model",
+)
 @click.option(
     "--default-margin",
     type=FiniteFloat(0, 1, max_open=True),

@@ -92,10 +92,27 @@ def _read(path: Path, what: str) -> pd.DataFrame:
 
 @click.command("simulate")
 # No file_okay=False: a file in the way is refused in one line, exit 1, as fit refuses it.
-@click.option("--out", type=click.Path(path_type=Path), required=True)
-@click.option("--users", type=click.IntRange(1, MAX_ROWS), default=5_000, show_default=True)
-@click.option("--visits", type=click.IntRange(1, 10_000), default=3, show_default=True)
-@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="folder for offers.csv and events.csv; refused if either is already there",
+)
+@click.option(
+    "--users",
+    type=click.IntRange(1, MAX_ROWS),
+    default=5_000,
+    show_default=True,
+    help="simulated shoppers",
+)
+@click.option(
+    "--visits",
+    type=click.IntRange(1, 10_000),
+    default=3,
+    show_default=True,
+    help=f"visits per shopper, {MarketConfig.offers_per_user} offers each",
+)
+@click.option("--seed", type=SEED, default=0, show_default=True, help="same seed, same log")
 def simulate_command(out: Path, users: int, visits: int, seed: int) -> None:
     """Log a randomized discount experiment in the market simulator: offers.csv (discount and
     its propensity per offer) and events.csv (impressions, purchases, redemptions, in the
@@ -134,7 +151,12 @@ def simulate_command(out: Path, users: int, visits: int, seed: int) -> None:
     "is a success",
 )
 # No file_okay=False: a file in the way is refused in one line, exit 1, as fit refuses it.
-@click.option("--out", type=click.Path(path_type=Path), required=True)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="the model's folder: new, empty, or a response model folder, which is replaced whole",
+)
 @click.option(
     "--epochs",
     type=click.IntRange(min=1),
@@ -145,9 +167,19 @@ def simulate_command(out: Path, users: int, visits: int, seed: int) -> None:
     "manifest's training.epochs_run says how many ran",
 )
 @click.option(
-    "--hidden", type=click.IntRange(min=1), default=ResponseConfig.hidden, show_default=True
+    "--hidden",
+    type=click.IntRange(min=1),
+    default=ResponseConfig.hidden,
+    show_default=True,
+    help="units in each of the model's two hidden layers",
 )
-@click.option("--seed", type=SEED, default=ResponseConfig.seed, show_default=True)
+@click.option(
+    "--seed",
+    type=SEED,
+    default=ResponseConfig.seed,
+    show_default=True,
+    help="draws the held-out share, the cross-fitting folds and the initial weights",
+)
 def response_command(
     offers_path: Path, events_path: Path, out: Path, epochs: int, hidden: int, seed: int
 ) -> None:
@@ -221,12 +253,20 @@ def response_command(
 
 
 @click.command("evaluate-policy")
-@click.option("--seeds", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option(
+    "--seeds",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    help="how many seeds, not a seed: N runs seeds 0 to N-1, each its own simulated market, "
+    "log and model; the intervals are over them",
+)
 @click.option(
     "--users",
     type=click.IntRange(100, MAX_ROWS),
     default=policy_eval.EvalConfig().market.n_users,
     show_default=True,
+    help="simulated shoppers in each seed's market",
 )
 @click.option(
     "--epochs",
@@ -302,7 +342,7 @@ def evaluate_policy_command(
     "--data",
     type=click.Path(dir_okay=False, path_type=Path),
     default=uplift.HILLSTROM,
-    show_default=True,
+    show_default="../shared/datasets/hillstrom/hillstrom.csv, beside the checkout",
     help="the Hillstrom MineThatData e-mail experiment (hillstrom.csv)",
 )
 @click.option(

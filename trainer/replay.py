@@ -401,10 +401,28 @@ def _table(result: ReplayResult) -> list[str]:
     required=True,
     help="Interactions file (CSV or .parquet, column user_id) or model store: the shop's users.",
 )
-@click.option("--shoppers", type=click.IntRange(1, MAX_ROWS), default=1000, show_default=True)
+@click.option(
+    "--shoppers",
+    type=click.IntRange(1, MAX_ROWS),
+    default=1000,
+    show_default=True,
+    help="shopper visits to replay (a known user may come back for several)",
+)
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Same seed, same shoppers.")
-@click.option("--offers-per-shopper", type=click.IntRange(1, 1000), default=5, show_default=True)
-@click.option("--concurrency", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option(
+    "--offers-per-shopper",
+    type=click.IntRange(1, 1000),
+    default=5,
+    show_default=True,
+    help="offers each visit asks GetOffers for",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="shoppers in flight at once",
+)
 @click.option(
     "--new-visitors",
     type=FiniteFloat(0, 1),
