@@ -240,6 +240,23 @@ def test_a_target_or_ca_that_cannot_work_is_refused_before_waiting(
     assert result.exit_code == 2 and message in result.output
 
 
+@pytest.mark.parametrize("token", ["secret\n", "sec\rret", "sécret", "sec\tret"])
+@pytest.mark.parametrize("from_env", [False, True])
+def test_a_token_grpc_cannot_send_is_refused_before_any_call(
+    tmp_path: Path, token: str, from_env: bool
+) -> None:
+    """gRPC metadata is printable ASCII: anything else failed every call with a traceback."""
+    args = ["--target", "127.0.0.1:9", "--users-from", str(_users_file(tmp_path)), "--wait", "5"]
+    env = {"DISCOUNT_CLIENT_TOKEN": token} if from_env else {}
+    result = CliRunner().invoke(
+        replay_command, args if from_env else [*args, "--token", token], env=env
+    )
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for '--token': must be printable ASCII" in result.output
+    assert "not SERVING" not in result.output  # refused before waiting for the server
+    assert token not in result.output  # a secret, not echoed
+
+
 def _users_file(tmp_path: Path) -> Path:
     path = tmp_path / "users.csv"
     path.write_text("user_id\nuser-0\nuser-1\n")

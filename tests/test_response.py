@@ -6,6 +6,7 @@ import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -487,3 +488,118 @@ def test_cli_reads_numeric_ids_of_parquet_logs_as_their_csv_text(tmp_path: Path)
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "another user or for another item" not in result.output
+
+
+def _strict_json(text: str) -> Any:
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_cli_a_hold_out_that_cannot_measure_auc_writes_valid_json(tmp_path: Path) -> None:
+    """Every offer bought: the hold-out has no offer not bought, so no AUC. NaN in the output
+    and the manifest made both invalid JSON."""
+    offers, _ = _logs(users=60)
+    offers = offers.head(150)
+    events = offers[["offer_id", "user_id", "item_id"]].assign(type="purchase")
+    offers.to_csv(tmp_path / "offers.csv", index=False)
+    events.to_csv(tmp_path / "events.csv", index=False)
+    result = CliRunner().invoke(
+        main,
+        ["response", "--offers", str(tmp_path / "offers.csv"), "--events",
+         str(tmp_path / "events.csv"), "--out", str(tmp_path / "model"), "--hidden", "4",
+         "--epochs", "1"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert _strict_json(result.stdout)["auc"] is None
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("WARNING")]
+    assert warnings == [
+        "WARNING: the hold-out (30 offers) has only purchases, so it cannot measure auc: null in "
+        "the output, left out of manifest.json"
+    ]
+    manifest = _strict_json((tmp_path / "model" / "manifest.json").read_text())
+    assert "auc" not in manifest["metrics"] and "log_loss" in manifest["metrics"]
+    assert response_artifact.load(tmp_path / "model").metrics == manifest["metrics"]
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "message"),
+    [
+        ("price", "-5", "1 row(s) with a negative price or cost, e.g. offer '{id}'; fix or drop"),
+        ("cost", "-0.01", "1 row(s) with a negative price or cost, e.g. offer '{id}'; fix or drop"),
+        (
+            "price",
+            "inf",
+            "1 row(s) with a missing, non-numeric or infinite value, e.g. offer '{id}'",
+        ),
+        (
+            "cost",
+            "nan",
+            "1 row(s) with a missing, non-numeric or infinite value, e.g. offer '{id}'",
+        ),
+        ("user_id", "", "user_id is empty in 1 row(s), e.g. offer '{id}'; each shopper's"),
+        ("user_id", "   ", "user_id is empty in 1 row(s), e.g. offer '{id}'; each shopper's"),
+        ("offer_id", "", "offer_id is empty in 1 row(s), e.g. data row 4; events name offers"),
+        ("offer_id", " ", "offer_id is empty in 1 row(s), e.g. data row 4; events name offers"),
+    ],
+)
+def test_cli_refuses_a_nonsense_offer_naming_it(
+    tmp_path: Path, column: str, value: str, message: str
+) -> None:
+    offers, events = _logs(users=60)
+    offers = offers.astype({column: str})
+    bad_id = offers.loc[3, "offer_id"]
+    offers.loc[3, column] = value
+    offers.to_csv(tmp_path / "offers.csv", index=False)
+    events.to_csv(tmp_path / "events.csv", index=False)
+    result = CliRunner().invoke(
+        main,
+        ["response", "--offers", str(tmp_path / "offers.csv"), "--events",
+         str(tmp_path / "events.csv"), "--out", str(tmp_path / "model"), "--epochs", "1"],
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("Error: offers: " + message.format(id=bad_id))
+    assert result.output.count("\n") == 1
+    assert not (tmp_path / "model").exists()
+
+
+def test_cli_records_the_epochs_run_beside_those_asked_for(tmp_path: Path) -> None:
+    """A log this small takes one batch an epoch: at least 500 optimizer steps make --epochs 1
+    run 500, and the manifest said 1."""
+    offers, events = _logs(users=60)
+    offers.to_csv(tmp_path / "offers.csv", index=False)
+    events.to_csv(tmp_path / "events.csv", index=False)
+    result = CliRunner().invoke(
+        main,
+        ["response", "--offers", str(tmp_path / "offers.csv"), "--events",
+         str(tmp_path / "events.csv"), "--out", str(tmp_path / "model"), "--hidden", "4",
+         "--epochs", "1"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    training = json.loads((tmp_path / "model" / "manifest.json").read_text())["training"]
+    assert (training["epochs"], training["epochs_run"]) == (1, 500)
+
+
+def test_cli_refuses_an_out_the_shell_is_in(
+    exported: tuple[Trained, Path, ResponseManifest],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A response model folder would pass every other check, and be swapped out from under the
+    shell standing in it."""
+    folder = tmp_path / "r"
+    shutil.copytree(exported[1], folder)
+    before = sorted(p.name for p in folder.iterdir())
+    for cwd, out in ((folder, "."), (folder / "inner", "..")):
+        cwd.mkdir(exist_ok=True)
+        monkeypatch.chdir(cwd)
+        result = CliRunner().invoke(
+            main, ["response", "--offers", "o.csv", "--events", "e.csv", "--out", out]
+        )
+        assert result.exit_code == 1
+        assert result.output == (
+            f"Error: {out}: is the current folder or holds it, which writing the model would "
+            "replace; pass a folder of its own, e.g. --out response\n"
+        )
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*before, "inner"])

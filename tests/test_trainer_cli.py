@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import subprocess
 import sys
@@ -10,13 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import click
+import pandas as pd
 import pytest
 from click.testing import CliRunner, Result
 
 from trainer.cli import main
 from trainer.export import ExportError
 from trainer.fit import grid
-from trainer.model import ModelConfig
+from trainer.model import Diverged, ModelConfig
+from trainer.uplift import HILLSTROM
 
 
 def test_every_command_has_help_with_an_example() -> None:
@@ -25,6 +28,24 @@ def test_every_command_has_help_with_an_example() -> None:
         result = CliRunner().invoke(main, [name, "--help"])
         assert result.exit_code == 0, result.output
         assert f"Example: discount-train {name} " in result.output, name
+
+
+def test_every_option_says_what_it_does() -> None:
+    assert isinstance(main, click.Group)
+    silent = [
+        f"{name} {param.opts[0]}"
+        for name, command in main.commands.items()
+        for param in command.params
+        if isinstance(param, click.Option) and not param.help
+    ]
+    assert silent == []
+
+
+def test_uplift_help_says_where_its_default_data_is_not_this_install_path() -> None:
+    result = CliRunner().invoke(main, ["uplift", "--help"])
+    shown = "".join(result.output.split())  # unwrapped: click breaks long lines
+    assert "../shared/datasets/hillstrom/hillstrom.csv" in shown
+    assert str(HILLSTROM) not in shown
 
 
 def test_unknown_command_is_a_usage_error() -> None:
@@ -75,11 +96,30 @@ def test_bpr_trains_each_regularization_once_and_refuses_ials_settings(
     assert result.exit_code == 0, result.output
     # BPR's own default λ, once: not iALS's λ grid, nor each λ for every α × c₀ of iALS's.
     tried = [line for line in result.output.splitlines() if line.startswith("bpr: ")]
-    assert tried == ["bpr: factors=4 regularization=0.01 alpha=1 confidence_offset=1"]
+    assert tried == ["bpr: factors=4 regularization=0.01"]
+    # BPR has no α or c₀: nothing it prints or records claims one.
+    assert "chosen: bpr: factors=4 regularization=0.01, " in result.output
+    assert "alpha" not in result.output and "offset" not in result.output
+    training = _manifest(result)["training"]
+    assert (training["alpha"], training["confidence_offset"]) == (None, None)
+    assert training["candidates"] == ["bpr: factors=4 regularization=0.01"]
     for flag in ("--alpha", "--confidence-offset"):
         refused = fit(shop, tmp_path / "m", *small, flag, "2")
         assert refused.exit_code == 2
         assert f"{flag}: iALS settings; --objective bpr has none" in refused.output
+
+
+def test_alpha_0_alone_trains_with_the_offsets_it_can_pair_with(
+    shop: list[str], tmp_path: Path
+) -> None:
+    """The default grid holds c₀ = 0: only α = 0 with c₀ = 0 has nothing to learn."""
+    result = fit(shop, tmp_path / "m", "--alpha", "0", "--factors", "4", "--epochs", "1")
+    assert result.exit_code == 0, result.output
+    tried = [line for line in result.output.splitlines() if line.startswith("ials: ")]
+    assert tried == [
+        "ials: factors=4 regularization=10 alpha=0 confidence_offset=1",
+        "ials: factors=4 regularization=30 alpha=0 confidence_offset=1",
+    ]
 
 
 def test_a_value_given_twice_is_one_candidate() -> None:
@@ -275,3 +315,162 @@ def test_sizes_beyond_memory_are_one_line_not_a_traceback() -> None:
         "discount-train: not enough memory for the sizes asked for; try fewer users, items, "
         "factors or hidden units"
     ]
+
+
+def _broken_gzip(folder: Path, kind: str) -> Path:
+    """A gzipped CSV cut off half way, or with its compressed stream garbled."""
+    rows = "".join(f"u{i},i{i * 7919 % 1000},{1700000000 + i}\n" for i in range(20_000))
+    packed = gzip.compress(f"user_id,item_id,timestamp\n{rows}".encode())
+    path = folder / f"{kind}.csv.gz"
+    if kind == "truncated":
+        path.write_bytes(packed[: len(packed) // 2])
+    else:
+        path.write_bytes(packed[:10] + bytes(range(256)) * 4)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["truncated", "corrupt"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["fit", "--interactions", "{bad}", "--items", "{items}", "--out", "{tmp}/m"],
+        ["fit", "--interactions", "{interactions}", "--items", "{bad}", "--out", "{tmp}/m"],
+        ["response", "--offers", "{bad}", "--events", "{items}", "--out", "{tmp}/r"],
+        ["response", "--offers", "{items}", "--events", "{bad}", "--out", "{tmp}/r"],
+        ["uplift", "--data", "{bad}"],
+        ["replay", "--target", "127.0.0.1:9", "--users-from", "{bad}"],
+    ],
+    ids=["fit interactions", "fit items", "response offers", "response events", "uplift", "replay"],
+)
+def test_a_broken_gzip_input_is_named_in_one_line(
+    shop: list[str], tmp_path: Path, kind: str, command: list[str]
+) -> None:
+    """gzip raises EOFError (truncated) or zlib.error (corrupt): click made the first a bare
+    "Aborted!" and the second a traceback."""
+    bad = _broken_gzip(tmp_path, kind)
+    names = {
+        "{bad}": str(bad),
+        "{interactions}": shop[1],
+        "{items}": shop[3],
+        "{tmp}": str(tmp_path),
+    }
+    args = [names.get(a, a.replace("{tmp}", str(tmp_path))) for a in command]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith(f"Error: {bad}: "), result.output
+    assert result.output.count("\n") == 1, result.output
+
+
+def test_users_from_a_parquet_without_user_ids_is_one_line(tmp_path: Path) -> None:
+    """pyarrow's message lists the file's whole schema, over several lines."""
+    path = tmp_path / "users.parquet"
+    pd.DataFrame({"customer": ["a", "b"], "n": [1, 2]}).to_parquet(path)
+    result = CliRunner().invoke(
+        main, ["replay", "--target", "127.0.0.1:9", "--users-from", str(path)]
+    )
+    assert result.exit_code == 1
+    assert result.output.startswith(f"Error: {path}: cannot read user ids (")
+    assert result.output.count("\n") == 1, result.output
+
+
+SMALL_RUNS = {
+    "synth": (["synth", "--users", "20", "--items", "10"], ("interactions.csv", "items.csv")),
+    "simulate": (["simulate", "--users", "20", "--visits", "1"], ("offers.csv", "events.csv")),
+}
+
+
+@pytest.mark.parametrize("command", SMALL_RUNS)
+@pytest.mark.parametrize("which", [0, 1])
+def test_synthetic_data_never_replaces_a_file_already_there(
+    tmp_path: Path, command: str, which: int
+) -> None:
+    """A shop's own files carry these names: a synthetic run over them would replace them."""
+    args, names = SMALL_RUNS[command]
+    mine = tmp_path / names[which]
+    mine.write_text("the shop's own\n")
+    result = CliRunner().invoke(main, [*args, "--out", str(tmp_path)])
+    assert result.exit_code == 1
+    assert result.output == (
+        f"Error: {tmp_path}: already holds {names[which]}; pick another --out or delete them\n"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [names[which]]
+    assert mine.read_text() == "the shop's own\n"
+
+
+@pytest.mark.parametrize("command", SMALL_RUNS)
+def test_synthetic_data_under_a_file_is_refused_in_one_line(tmp_path: Path, command: str) -> None:
+    """Exit 1, as fit and response refuse an --out they cannot write, not click's usage error."""
+    args, _ = SMALL_RUNS[command]
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for out in (blocker, blocker / "deeper"):
+        result = CliRunner().invoke(main, [*args, "--out", str(out)])
+        assert result.exit_code == 1, result.output
+        assert result.output.startswith(f"Error: {out}: cannot write the ")
+        assert result.output.endswith(f"({blocker} is a file, not a folder)\n")
+
+
+def test_a_diverged_bpr_suggests_only_what_bpr_has(
+    shop: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No small shop makes BPR diverge on demand: the failure is injected."""
+
+    def diverged(*_: object) -> None:
+        raise Diverged("training diverged: the factors are not finite (bpr, regularization 0.01)")
+
+    monkeypatch.setattr("trainer.cli.run_fit", diverged)
+    result = fit(shop, tmp_path / "m", "--objective", "bpr")
+    assert result.exit_code == 1
+    assert result.output.splitlines()[-1].endswith(
+        "; nothing was written. A larger --regularization usually fixes this."
+    )
+
+
+def test_a_diverging_candidate_stops_at_once_without_raw_warnings(
+    shop: list[str], tmp_path: Path
+) -> None:
+    """A subprocess, as a user runs it: in pytest, pytest itself would catch numpy's warnings.
+    Training on printed nan losses and numpy's overflow warnings before the one-line error."""
+    args = ["fit", *shop, "--out", str(tmp_path / "m"), "--factors", "4", "--regularization",
+            "1e-300", "--alpha", "1e300", "--confidence-offset", "0"]  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", "from trainer.cli import main; main()", *args],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1
+    lines = done.stderr.splitlines()
+    assert lines[-2] == "ials: factors=4 regularization=1e-300 alpha=1e+300 confidence_offset=0"
+    assert lines[-1] == (
+        "Error: training diverged: the factors are not finite (ials, regularization 1e-300, "
+        "alpha 1e+300); nothing was written. A smaller --alpha or a larger --regularization "
+        "usually fixes this."
+    )
+    assert "Warning" not in done.stderr
+    assert not (tmp_path / "m").exists()
+
+
+def test_data_without_a_purchase_is_refused(tmp_path: Path) -> None:
+    """Views only: the model trained and became CURRENT in a new store."""
+    rows = [
+        f"u{u},i{(u * 7 + d) % 18},2024-03-{d + 1:02d},view\n" for d in range(20) for u in range(60)
+    ]
+    (tmp_path / "i.csv").write_text("user_id,item_id,timestamp,event\n" + "".join(rows))
+    (tmp_path / "items.csv").write_text("item_id,price\n" + "".join(f"i{i},5\n" for i in range(18)))
+    files = ["--interactions", str(tmp_path / "i.csv"), "--items", str(tmp_path / "items.csv")]
+    result = fit(files, tmp_path / "m", *TWO)
+    assert result.exit_code == 1
+    assert result.output.splitlines()[-1] == (
+        f"Error: {tmp_path / 'i.csv'}, {tmp_path / 'items.csv'}: no purchases to learn from "
+        "(every row kept is a view, click or cart); fit needs a purchase history"
+    )
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_margin_for_movielens_which_has_no_prices_is_refused(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        main,
+        ["fit", "--format", "movielens", "--default-margin", "0.5", "--out", str(tmp_path / "m")],
+    )
+    assert result.exit_code == 2
+    assert "--default-margin: MovieLens has no prices, so no margin to assume" in result.output

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -147,6 +150,18 @@ def test_cli_fits_the_mlp_variant_when_asked(csv: Path) -> None:
     assert "uplift variant (2 × 8 MLP)" in result.stdout
 
 
+def test_cli_says_how_many_epochs_ran(csv: Path, tmp_path: Path) -> None:
+    """1,499 customers to fit are two batches an epoch: at least 300 steps make it 150 epochs."""
+    report = tmp_path / "report.json"
+    result = CliRunner().invoke(
+        main, ["uplift", "--data", str(csv), "--epochs", "1", "--json", str(report)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "split seed 0: fitting on 1,499 customers (150 epochs)" in result.stderr
+    (written,) = json.loads(report.read_text())
+    assert (written["config"]["epochs"], written["epochs_run"]) == (1, 150)
+
+
 def test_cli_names_a_missing_data_file(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["uplift", "--data", str(tmp_path / "none.csv")])
     assert result.exit_code == 1
@@ -214,3 +229,28 @@ def test_cli_refuses_data_it_cannot_fit_or_score_before_fitting(
     # One line and nothing before it: no "fitting on" progress, no traceback.
     assert result.output.startswith(f"Error: {path}: {message}")
     assert result.output.count("\n") == 1
+
+
+@pytest.mark.parametrize("missing", ["sklift", "sklearn"])
+def test_cli_without_the_baselines_libraries_says_so_before_fitting(
+    csv: Path, tmp_path: Path, missing: str
+) -> None:
+    """The baselines import lazily: a missing library was a traceback after the first model."""
+    stub = tmp_path / "stub" / missing
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text(
+        f'raise ModuleNotFoundError("No module named {missing!r}", name={missing!r})\n'
+    )
+    path = os.pathsep.join([str(stub.parent), *sys.path])
+    command = "from trainer.cli import main; main()"
+    done = subprocess.run(
+        [sys.executable, "-c", command, "uplift", "--data", str(csv), "--epochs", "1"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": path},
+    )
+    assert done.returncode == 1
+    assert done.stderr == (
+        f"Error: the uplift benchmark needs scikit-uplift and scikit-learn (No module named "
+        f"'{missing}'); install with: pip install -e '.[dev]'\n"
+    )

@@ -9,7 +9,7 @@ import click
 
 from core.artifact import MANIFEST
 from trainer.cli_discounts import COMMANDS as DISCOUNT_COMMANDS
-from trainer.cli_discounts import ensure_writable
+from trainer.cli_discounts import ensure_writable, refuse_existing
 from trainer.data import (
     DEFAULT_MARGIN,
     MOVIELENS,
@@ -20,21 +20,20 @@ from trainer.data import (
     load_movielens,
     load_online_retail,
 )
-from trainer.evaluate import protocol_for
+from trainer.evaluate import protocol_for, purchases
 from trainer.export import ExportError
 from trainer.fit import (
     ALPHA_GRID,
     BPR_REGULARIZATION_GRID,
     OFFSET_GRID,
     REGULARIZATION_GRID,
-    Diverged,
     grid,
 )
 from trainer.fit import fit as run_fit
-from trainer.model import OBJECTIVES, ModelConfig
+from trainer.model import OBJECTIVES, Diverged, ModelConfig
 from trainer.options import MAX_ROWS, SEED, FiniteFloat
 from trainer.replay import replay_command
-from trainer.synth import SynthConfig, make_shop, write_shop
+from trainer.synth import SHOP_FILES, SynthConfig, make_shop, write_shop
 
 FORMATS = ("files", "online-retail", "movielens")
 
@@ -49,19 +48,35 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+# No file_okay=False: a file in the way is refused in one line, exit 1, as fit refuses it.
 @click.option(
-    "--users", type=click.IntRange(1, MAX_ROWS), default=SynthConfig.users, show_default=True
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="folder for interactions.csv and items.csv; refused if either is already there",
 )
 @click.option(
-    "--items", type=click.IntRange(8, MAX_ROWS), default=SynthConfig.items, show_default=True
+    "--users",
+    type=click.IntRange(1, MAX_ROWS),
+    default=SynthConfig.users,
+    show_default=True,
+    help="shoppers to draw",
 )
-@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option(
+    "--items",
+    type=click.IntRange(8, MAX_ROWS),
+    default=SynthConfig.items,
+    show_default=True,
+    help="items in the catalog",
+)
+@click.option("--seed", type=SEED, default=0, show_default=True, help="same seed, same shop")
 def synth(out: Path, users: int, items: int, seed: int) -> None:
     """Write a synthetic shop (interactions.csv, items.csv) drawn from a known taste model.
 
     Example: discount-train synth --out var/shop --users 2000 --items 500 --seed 7
     """
+    refuse_existing(out, SHOP_FILES)
+    ensure_writable(out, "the shop")
     try:
         shop = make_shop(SynthConfig(users=users, items=items, seed=seed))
         interactions, items_path = write_shop(shop, out)
@@ -104,7 +119,11 @@ def synth(out: Path, users: int, items: int, seed: int) -> None:
     "purchases); bpr: pairwise ranking",
 )
 @click.option(
-    "--factors", type=click.IntRange(min=1), default=ModelConfig.factors, show_default=True
+    "--factors",
+    type=click.IntRange(min=1),
+    default=ModelConfig.factors,
+    show_default=True,
+    help="length of each user's and item's vector: more fit finer tastes and need more data",
 )
 @click.option(
     "--epochs",
@@ -138,14 +157,20 @@ def synth(out: Path, users: int, items: int, seed: int) -> None:
     show_default=True,
     help="c₀ in the iALS confidence c₀ + α·log(1 + w); repeat to try several",
 )
-@click.option("--seed", type=SEED, default=ModelConfig.seed, show_default=True)
+@click.option(
+    "--seed",
+    type=SEED,
+    default=ModelConfig.seed,
+    show_default=True,
+    help="draws the initial factors (and BPR's samples): same data and seed, same model",
+)
 @click.option(
     "--default-margin",
     type=FiniteFloat(0, 1, max_open=True),
     default=DEFAULT_MARGIN,
     show_default=True,
     help="margin assumed for items without a cost; discountd prices against it and marks "
-    "those offers COST_ASSUMED",
+    "those offers COST_ASSUMED (not with --format movielens, which has no prices)",
 )
 @click.option(
     "--current/--no-current",
@@ -188,17 +213,28 @@ def fit(
     if objective == "bpr":
         # BPR has no confidence: the default α × c₀ grid would train each λ four times over.
         alpha, confidence_offset = alpha[:1], confidence_offset[:1]
+    margin_given = (
+        ctx.get_parameter_source("default_margin") is not click.core.ParameterSource.DEFAULT
+    )
+    if format_name == "movielens" and margin_given:
+        raise click.UsageError("--default-margin: MovieLens has no prices, so no margin to assume")
     if format_name != "files" and items is not None:
         raise click.UsageError(f"--items is for --format files; {format_name} has its own items")
     if format_name == "files" and (interactions is None or items is None):
         raise click.UsageError("--interactions and --items are both required with --format files")
-    if objective == "ials" and 0 in alpha and 0 in confidence_offset:
+    base = ModelConfig(objective=objective, factors=factors, max_epochs=epochs, seed=seed)
+    # α = c₀ = 0 gives every purchase zero confidence: nothing to learn. Only that pairing goes;
+    # the default grid holds c₀ = 0, so --alpha 0 alone still has c₀ = 1 to pair with.
+    candidates = [
+        c
+        for c in grid(base, regularization, alpha, confidence_offset)
+        if objective == "bpr" or c.alpha or c.confidence_offset
+    ]
+    if not candidates:  # both flags given, each only 0: the defaults are not all 0
         raise click.UsageError(
             "--alpha 0 with --confidence-offset 0 gives every purchase zero confidence: "
             "nothing to learn"
         )
-    base = ModelConfig(objective=objective, factors=factors, max_epochs=epochs, seed=seed)
-    candidates = grid(base, regularization, alpha, confidence_offset)
     if (out / MANIFEST).is_file():
         # A version nested in a version is served by nobody, yet fit would call it current.
         raise click.ClickException(
@@ -212,6 +248,13 @@ def fit(
         raise click.ClickException(str(e)) from None
     for line in loaded.summary_lines():
         _err(line)
+    if not purchases(loaded.dataset).any():
+        # Views, clicks and carts only weigh what a shopper bought; a model of none would still
+        # become CURRENT in a new store.
+        raise click.ClickException(
+            f"{', '.join(map(str, loaded.sources))}: no purchases to learn from (every row kept "
+            "is a view, click or cart); fit needs a purchase history"
+        )
     try:
         outcome = run_fit(loaded, protocol_for(format_name), candidates, out, _err, current)
     except OSError as e:
@@ -222,9 +265,9 @@ def fit(
             "A larger --regularization or fewer --factors usually fixes this."
         ) from None
     except Diverged as e:
+        fix = "A smaller --alpha or a larger" if objective == "ials" else "A larger"
         raise click.ClickException(
-            f"{e}; nothing was written. A smaller --alpha or a larger --regularization usually "
-            "fixes this."
+            f"{e}; nothing was written. {fix} --regularization usually fixes this."
         ) from None
     _err(f"epochs: {outcome.epochs}")
     for name, value in outcome.metrics.items():

@@ -4,6 +4,7 @@ evaluate policies against the simulator's truth."""
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -14,8 +15,10 @@ import pandas as pd
 from core import response_artifact
 from core.artifact import ArtifactError
 from trainer import policy_eval, uplift
+from trainer.data import CORRUPT_COMPRESSED, first_line
 from trainer.files import replace_text
 from trainer.market import (
+    LOGS,
     MarketConfig,
     make_market,
     make_offers,
@@ -24,7 +27,7 @@ from trainer.market import (
     write_logs,
 )
 from trainer.options import MAX_ROWS, SEED, FiniteFloat
-from trainer.response import ResponseConfig, ResponseError, fit, from_logs, save
+from trainer.response import ResponseConfig, ResponseError, epochs_run, fit, from_logs, save
 
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 
@@ -50,6 +53,16 @@ def ensure_writable(folder: Path, what: str) -> None:
         raise click.ClickException(f"{folder}: cannot write {what} ({reason})") from None
 
 
+def refuse_existing(folder: Path, names: tuple[str, ...]) -> None:
+    """Refuse to write over files a command would write: they carry the names of a shop's own
+    files (interactions.csv, offers.csv), which a synthetic run must never silently replace."""
+    there = [name for name in names if (folder / name).exists()]
+    if there:
+        raise click.ClickException(
+            f"{folder}: already holds {', '.join(there)}; pick another --out or delete them"
+        )
+
+
 def _writable(*paths: Path | None) -> None:
     for path in paths:
         if path is not None:
@@ -73,15 +86,33 @@ def _read(path: Path, what: str) -> pd.DataFrame:
         return pd.read_csv(path, dtype={"offer_id": str, "user_id": str, "item_id": str})
     except FileNotFoundError:
         raise click.ClickException(f"{path}: no such {what} file") from None
-    except (OSError, ValueError) as e:
-        raise click.ClickException(f"{path}: cannot read the {what} ({e})") from None
+    except (OSError, ValueError, *CORRUPT_COMPRESSED) as e:
+        raise click.ClickException(f"{path}: cannot read the {what} ({first_line(e)})") from None
 
 
 @click.command("simulate")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
-@click.option("--users", type=click.IntRange(1, MAX_ROWS), default=5_000, show_default=True)
-@click.option("--visits", type=click.IntRange(1, 10_000), default=3, show_default=True)
-@click.option("--seed", type=SEED, default=0, show_default=True)
+# No file_okay=False: a file in the way is refused in one line, exit 1, as fit refuses it.
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="folder for offers.csv and events.csv; refused if either is already there",
+)
+@click.option(
+    "--users",
+    type=click.IntRange(1, MAX_ROWS),
+    default=5_000,
+    show_default=True,
+    help="simulated shoppers",
+)
+@click.option(
+    "--visits",
+    type=click.IntRange(1, 10_000),
+    default=3,
+    show_default=True,
+    help=f"visits per shopper, {MarketConfig.offers_per_user} offers each",
+)
+@click.option("--seed", type=SEED, default=0, show_default=True, help="same seed, same log")
 def simulate_command(out: Path, users: int, visits: int, seed: int) -> None:
     """Log a randomized discount experiment in the market simulator: offers.csv (discount and
     its propensity per offer) and events.csv (impressions, purchases, redemptions, in the
@@ -89,6 +120,8 @@ def simulate_command(out: Path, users: int, visits: int, seed: int) -> None:
 
     Example: discount-train simulate --out var/market --users 5000 --seed 1
     """
+    refuse_existing(out, LOGS)
+    ensure_writable(out, "the logs")
     market = make_market(MarketConfig(n_users=users, visits=visits, seed=seed))
     offers = make_offers(market, seed=seed)
     log = simulate(market, offers, *randomized_discounts(len(offers), seed), seed=seed)
@@ -118,14 +151,35 @@ def simulate_command(out: Path, users: int, visits: int, seed: int) -> None:
     "is a success",
 )
 # No file_okay=False: a file in the way is refused in one line, exit 1, as fit refuses it.
-@click.option("--out", type=click.Path(path_type=Path), required=True)
 @click.option(
-    "--epochs", type=click.IntRange(min=1), default=ResponseConfig.epochs, show_default=True
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="the model's folder: new, empty, or a response model folder, which is replaced whole",
 )
 @click.option(
-    "--hidden", type=click.IntRange(min=1), default=ResponseConfig.hidden, show_default=True
+    "--epochs",
+    type=click.IntRange(min=1),
+    default=ResponseConfig.epochs,
+    show_default=True,
+    help=f"passes over the training offers; at least {ResponseConfig.min_steps} optimizer steps "
+    f"(batches of {ResponseConfig.batch_size:,}) are taken, so small logs run more epochs: the "
+    "manifest's training.epochs_run says how many ran",
 )
-@click.option("--seed", type=SEED, default=ResponseConfig.seed, show_default=True)
+@click.option(
+    "--hidden",
+    type=click.IntRange(min=1),
+    default=ResponseConfig.hidden,
+    show_default=True,
+    help="units in each of the model's two hidden layers",
+)
+@click.option(
+    "--seed",
+    type=SEED,
+    default=ResponseConfig.seed,
+    show_default=True,
+    help="draws the held-out share, the cross-fitting folds and the initial weights",
+)
 def response_command(
     offers_path: Path, events_path: Path, out: Path, epochs: int, hidden: int, seed: int
 ) -> None:
@@ -139,6 +193,13 @@ def response_command(
     --events var/market/events.csv --out var/response
     """
     config = ResponseConfig(epochs=epochs, hidden=hidden, seed=seed)
+    # The model replaces --out whole: the shell in it would be left in a deleted folder.
+    here = Path.cwd().resolve()
+    if out.resolve() in (here, *here.parents):
+        raise click.ClickException(
+            f"{out}: is the current folder or holds it, which writing the model would replace; "
+            "pass a folder of its own, e.g. --out response"
+        )
     try:
         response_artifact.check_out(out.resolve())
     except ArtifactError as e:
@@ -175,24 +236,45 @@ def response_command(
         raise click.ClickException(str(e)) from None
     except (OSError, ArtifactError) as e:
         raise click.ClickException(f"{out}: cannot write the model ({e})") from None
-    for name, value in manifest.metrics.items():
-        _err(f"  {name:20s} {value:.6g}")
-    click.echo(json.dumps({"dir": str(out), "version": manifest.version, **manifest.metrics}))
+    metrics = {**trained.metrics, **manifest.metrics}
+    unmeasured = [name for name, value in metrics.items() if not math.isfinite(value)]
+    if unmeasured:
+        # AUC compares bought with not bought: a small log's hold-out can lack either.
+        rate = trained.metrics["base_rate"]
+        why = {0.0: "has no purchases", 1.0: "has only purchases"}.get(rate, "gave no number")
+        _err(
+            f"WARNING: the hold-out ({trained.metrics['rows']:,.0f} offers) {why}, so it cannot "
+            f"measure {', '.join(unmeasured)}: null in the output, left out of manifest.json"
+        )
+    for name, value in metrics.items():
+        _err(f"  {name:20s} {value:.6g}" if math.isfinite(value) else f"  {name:20s} n/a")
+    shown = {name: value if math.isfinite(value) else None for name, value in metrics.items()}
+    click.echo(json.dumps({"dir": str(out), "version": manifest.version, **shown}))
 
 
 @click.command("evaluate-policy")
-@click.option("--seeds", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option(
+    "--seeds",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    help="how many seeds, not a seed: N runs seeds 0 to N-1, each its own simulated market, "
+    "log and model; the intervals are over them",
+)
 @click.option(
     "--users",
     type=click.IntRange(100, MAX_ROWS),
     default=policy_eval.EvalConfig().market.n_users,
     show_default=True,
+    help="simulated shoppers in each seed's market",
 )
 @click.option(
     "--epochs",
     type=click.IntRange(min=1),
     default=policy_eval.EvalConfig().response.epochs,
     show_default=True,
+    help=f"the response model's passes over its log; at least {ResponseConfig.min_steps} "
+    "optimizer steps are taken, so small logs run more epochs (the progress lines say how many)",
 )
 @click.option(
     "--train-visits",
@@ -260,7 +342,7 @@ def evaluate_policy_command(
     "--data",
     type=click.Path(dir_okay=False, path_type=Path),
     default=uplift.HILLSTROM,
-    show_default=True,
+    show_default="../shared/datasets/hillstrom/hillstrom.csv, beside the checkout",
     help="the Hillstrom MineThatData e-mail experiment (hillstrom.csv)",
 )
 @click.option(
@@ -280,7 +362,13 @@ def evaluate_policy_command(
     help="units in each of the model's two hidden layers; 0: linear in the features",
 )
 @click.option(
-    "--epochs", type=click.IntRange(min=1), default=uplift.UpliftConfig.epochs, show_default=True
+    "--epochs",
+    type=click.IntRange(min=1),
+    default=uplift.UpliftConfig.epochs,
+    show_default=True,
+    help=f"passes over the fit half; at least {uplift.UpliftConfig.min_steps} optimizer steps "
+    f"(batches of {uplift.UpliftConfig.batch_size:,}) are taken, so small data runs more epochs "
+    "(the progress lines and the report's epochs_run say how many)",
 )
 @click.option(
     "--learning-rate",
@@ -311,6 +399,13 @@ def uplift_command(
 
     With a 2 × 32 MLP body (the earlier default): --hidden 32 --epochs 30 --learning-rate 3e-3
     """
+    try:
+        uplift.require_baselines()
+    except ImportError as e:
+        raise click.ClickException(
+            f"the uplift benchmark needs scikit-uplift and scikit-learn ({e}); install with: "
+            "pip install -e '.[dev]'"
+        ) from None
     _writable(json_path)
     try:
         experiment = uplift.load_hillstrom(data)
@@ -318,14 +413,14 @@ def uplift_command(
             uplift.check_split(data, experiment, seed)
     except uplift.UpliftError as e:
         raise click.ClickException(str(e)) from None
-    except ImportError as e:
-        raise click.ClickException(
-            f"the uplift benchmark needs scikit-uplift ({e}); install with: pip install -e '.[dev]'"
-        ) from None
     config = uplift.UpliftConfig(hidden=hidden, epochs=epochs, learning_rate=learning_rate)
     reports = []
     for seed in seeds:
-        _err(f"split seed {seed}: fitting on {len(experiment.treatment) // 2:,} customers")
+        fitted = len(uplift.split(experiment, seed)[0])
+        _err(
+            f"split seed {seed}: fitting on {fitted:,} customers "
+            f"({epochs_run(fitted, config)} epochs)"
+        )
         reports.append(uplift.benchmark(experiment, seed, config))
     click.echo(uplift.format_table(reports))
     if json_path is not None:

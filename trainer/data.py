@@ -7,6 +7,7 @@ why, because real data is dirty and a silent drop hides a broken export. Ids are
 from __future__ import annotations
 
 import time
+import zlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,6 +44,18 @@ MOVIELENS_GENRES = (
     "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi",
     "Thriller", "War", "Western",
 )  # fmt: skip
+
+
+# A truncated or corrupt .gz raises these while pandas reads it, and neither is an OSError; click
+# would turn an EOFError into a bare "Aborted!". (A file that is not gzip at all: BadGzipFile, an
+# OSError.)
+CORRUPT_COMPRESSED = (EOFError, zlib.error)
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's message in one line: pandas' and pyarrow's run over several."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 class DataError(Exception):
@@ -123,9 +136,14 @@ def read_table(path: Path, required: tuple[str, ...], ids: tuple[str, ...] = ())
             twice = sorted({c for c in required if names.count(c) > 1})
             if twice:
                 raise DataError(f"{path}: column(s) {', '.join(twice)} appear more than once")
-    except (OSError, ValueError, UnicodeDecodeError, pd.errors.ParserError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"{path}: unreadable as CSV or Parquet ({first_line})") from None
+    except (
+        OSError,
+        ValueError,
+        UnicodeDecodeError,
+        pd.errors.ParserError,
+        *CORRUPT_COMPRESSED,
+    ) as e:
+        raise DataError(f"{path}: unreadable as CSV or Parquet ({first_line(e)})") from None
     frame.columns = [str(c).strip() for c in frame.columns]
     missing = [c for c in required if c not in frame.columns]
     if missing:
@@ -399,7 +417,7 @@ def load_movielens(directory: Path = MOVIELENS) -> Loaded:
             ratings_path, sep="\t", header=None, dtype=str, names=["user", "item", "r", "ts"]
         )
         ts = pd.to_numeric(ratings["ts"], errors="raise").astype("int64")
-    except (OSError, ValueError, OverflowError, pd.errors.ParserError) as e:
+    except (OSError, ValueError, OverflowError, pd.errors.ParserError, *CORRUPT_COMPRESSED) as e:
         # OverflowError: a timestamp of 20 digits, past any int64 of seconds.
         raise DataError(f"{ratings_path}: not MovieLens u.data ({type(e).__name__})") from None
     if ratings.empty:
@@ -434,7 +452,7 @@ def load_movielens(directory: Path = MOVIELENS) -> Loaded:
                 encoding="latin-1",
                 keep_default_na=False,
             )
-        except (OSError, ValueError, pd.errors.ParserError) as e:
+        except (OSError, ValueError, pd.errors.ParserError, *CORRUPT_COMPRESSED) as e:
             raise DataError(f"{items_path}: not MovieLens u.item ({type(e).__name__})") from None
         for row in item_table.itertuples(index=False):
             flags = [str(f) == "1" for f in row[5 : 5 + len(MOVIELENS_GENRES)]]

@@ -376,10 +376,13 @@ def events_frame(market: Market, log: Log) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True).sort_values("timestamp", kind="stable")
 
 
+LOGS = ("offers.csv", "events.csv")  # what write_logs writes
+
+
 def write_logs(market: Market, log: Log, out: Path) -> tuple[Path, Path]:
     """Write offers.csv and events.csv into out; returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
-    offers_path, events_path = out / "offers.csv", out / "events.csv"
+    offers_path, events_path = (out / name for name in LOGS)
     replace_files(
         {
             offers_path: lambda tmp: offers_frame(market, log).to_csv(tmp, index=False),

@@ -12,6 +12,7 @@ BPR (Rendle et al. 2009) is kept because the objective was chosen by measurement
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import sys
@@ -59,6 +60,22 @@ class ModelConfig:
         return asdict(self)
 
 
+class Diverged(Exception):
+    """Training produced factors that are not finite numbers; nothing was written."""
+
+
+def diverged(config: ModelConfig) -> Diverged:
+    settings = f"{config.objective}, regularization {config.regularization:g}"
+    if config.objective == "ials":  # BPR has no α
+        settings += f", alpha {config.alpha:g}"
+    return Diverged(f"training diverged: the factors are not finite ({settings})")
+
+
+def _finite(factors: Factors) -> bool:
+    arrays = (factors.user, factors.item, factors.item_bias, factors.foldin)
+    return all(np.isfinite(a).all() for a in arrays)
+
+
 @dataclass(frozen=True)
 class TrainResult:
     factors: Factors
@@ -96,10 +113,16 @@ def train(
     history: list[dict[str, float]] = []
     for epoch in range(1, total + 1):
         loss = step.epoch()
+        # Stop at the first epoch that breaks: training on would only print nan losses, and
+        # numpy's overflow warnings from scoring them.
+        if not (math.isfinite(loss) and step.finite()):
+            raise diverged(config)
         record = {"epoch": float(epoch), "loss": loss}
         line = f"epoch {epoch:3d}  loss {loss:.5f}"
         if validate is not None:
             factors = step.factors()
+            if not _finite(factors):
+                raise diverged(config)
             score = validate(factors)
             record["val_ndcg@10"] = score
             line += f"  val NDCG@10 {score:.4f}"
@@ -110,9 +133,14 @@ def train(
         if best is not None and epoch - best[1] >= config.patience:
             say(f"early stop: no better validation NDCG@10 since epoch {best[1]}")
             break
+    result = TrainResult(step.factors(), total, history)
     if best is not None:
-        return TrainResult(best[2], best[1], history)
-    return TrainResult(step.factors(), total, history)
+        result = TrainResult(best[2], best[1], history)
+    # Caught here: the export check compares ONNX with PyTorch, where nan matches nan; and the
+    # fold-in inverse can overflow where the factors did not.
+    if not _finite(result.factors):
+        raise diverged(config)
+    return result
 
 
 class _IALS:
@@ -159,6 +187,9 @@ class _IALS:
             p = r + beta[:, None] * p
             rs_old = rs_new
 
+    def finite(self) -> bool:
+        return bool(torch.isfinite(self.x).all() and torch.isfinite(self.y).all())
+
     def _loss(self) -> float:
         """Weighted squared error over all pairs plus the penalty, per observed pair."""
         pattern = self.by_user
@@ -181,8 +212,11 @@ class _Pattern:
         self.crow = torch.from_numpy(matrix.indptr.astype(np.int64))
         self.col = torch.from_numpy(matrix.indices.astype(np.int64))
         self.shape = matrix.shape
-        conf = config.confidence_offset + config.alpha * np.log1p(matrix.data)
-        conf = torch.from_numpy(conf.astype(np.float32))
+        # A huge α overflows here; the inf confidences make the factors nan in the first epoch,
+        # where train() stops with Diverged, so numpy's overflow warnings would only be noise.
+        with np.errstate(over="ignore"):
+            conf = config.confidence_offset + config.alpha * np.log1p(matrix.data)
+            conf = torch.from_numpy(conf.astype(np.float32))
         with warnings.catch_warnings():
             # torch warns once per process that sparse CSR is "beta"; the ops used here are not.
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
@@ -227,6 +261,9 @@ class _BPR:
             self.optimizer.step()
             total += float(loss.detach()) * len(idx)
         return total / max(1, len(order))
+
+    def finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in (self.x, self.y, self.b))
 
     def factors(self) -> Factors:
         with torch.no_grad():

@@ -54,6 +54,7 @@ from trainer.response import (
     Logged,
     ResponseConfig,
     ResponseData,
+    epochs_run,
     evaluate,
     fit_rows,
     logged,
@@ -270,8 +271,12 @@ def run_seed(
     limits = guardrails(config)
     eval_d, eval_prop = randomized_discounts(len(eval_offers), seed + 10_000)
     eval_log = simulate(market, eval_offers, eval_d, eval_prop, seed=seed + 10_000)
-    progress(f"seed {seed}: fitting the response model on {len(train_offers):,} logged offers")
     train = training_data(market, train_log, seed)
+    epochs = epochs_run(len(train.data), config.response)
+    progress(
+        f"seed {seed}: fitting the response model on {len(train_offers):,} logged offers "
+        f"({epochs} epochs)"
+    )
     model = fit_rows(train.data, replace(config.response, seed=seed))
     metrics = evaluate(model, response_data(market, eval_log, train.history))
 

@@ -36,6 +36,7 @@ from core.artifact import ArtifactError, current_version_dir
 from core.store.events import EVENT_ID_REUSED
 from discount.v1 import discount_pb2 as pb
 from discount.v1 import discount_pb2_grpc as pb_grpc
+from trainer.data import CORRUPT_COMPRESSED, first_line
 from trainer.market import Market, MarketConfig, make_market
 from trainer.options import MAX_ROWS, SEED, FiniteFloat
 
@@ -367,8 +368,8 @@ def read_users(path: Path) -> list[str]:
             frame = pd.read_csv(path, usecols=["user_id"], dtype={"user_id": str})
     except FileNotFoundError:
         raise ReplayError(f"{path}: no such file") from None
-    except (ArtifactError, OSError, ValueError, KeyError) as e:
-        raise ReplayError(f"{path}: cannot read user ids ({e})") from None
+    except (ArtifactError, OSError, ValueError, KeyError, *CORRUPT_COMPRESSED) as e:
+        raise ReplayError(f"{path}: cannot read user ids ({first_line(e)})") from None
     users = [str(u) for u in pd.unique(frame["user_id"].dropna().astype(str))]
     if not users:
         raise ReplayError(
@@ -400,10 +401,28 @@ def _table(result: ReplayResult) -> list[str]:
     required=True,
     help="Interactions file (CSV or .parquet, column user_id) or model store: the shop's users.",
 )
-@click.option("--shoppers", type=click.IntRange(1, MAX_ROWS), default=1000, show_default=True)
+@click.option(
+    "--shoppers",
+    type=click.IntRange(1, MAX_ROWS),
+    default=1000,
+    show_default=True,
+    help="shopper visits to replay (a known user may come back for several)",
+)
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Same seed, same shoppers.")
-@click.option("--offers-per-shopper", type=click.IntRange(1, 1000), default=5, show_default=True)
-@click.option("--concurrency", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option(
+    "--offers-per-shopper",
+    type=click.IntRange(1, 1000),
+    default=5,
+    show_default=True,
+    help="offers each visit asks GetOffers for",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="shoppers in flight at once",
+)
 @click.option(
     "--new-visitors",
     type=FiniteFloat(0, 1),
@@ -462,6 +481,14 @@ def replay_command(
     if not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise click.BadParameter(
             f"{target!r}: expected HOST:PORT with a port in 1-65535", param_hint="'--target'"
+        )
+    # gRPC sends the token as metadata, which takes printable ASCII only: a newline left by
+    # `export DISCOUNT_CLIENT_TOKEN=$(cat file)` would fail every call with a traceback.
+    if token is not None and not all(" " <= c <= "~" for c in token):
+        raise click.BadParameter(
+            "must be printable ASCII, as gRPC metadata requires (it holds a newline, carriage "
+            "return, tab or non-ASCII character); check --token or DISCOUNT_CLIENT_TOKEN",
+            param_hint="'--token'",
         )
     ca = tls_ca.read_bytes() if tls_ca is not None else None
     if ca is not None and b"-----BEGIN CERTIFICATE-----" not in ca:

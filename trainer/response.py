@@ -130,10 +130,19 @@ def from_logs(offers: pd.DataFrame, events: pd.DataFrame, seed: int) -> Logged:
         raise ResponseError(f"offers: missing column(s) {', '.join(missing)}; needed: {needed}")
     if offers.empty:
         raise ResponseError("offers: the file has a header and no rows; nothing to learn from")
-    if offers["user_id"].isna().any():
+    # pandas reads an empty CSV cell as NaN, which str() makes the id "nan".
+    no_id = _blank(offers["offer_id"])
+    if no_id.any():
         raise ResponseError(
-            "offers: user_id is empty in some rows; each shopper's past responses are features, "
-            "so every offer must name its user"
+            f"offers: offer_id is empty in {int(no_id.sum())} row(s), e.g. data row "
+            f"{int(np.argmax(no_id)) + 1}; events name offers by it, so every offer needs one"
+        )
+    no_user = _blank(offers["user_id"])
+    if no_user.any():
+        raise ResponseError(
+            f"offers: user_id is empty in {int(no_user.sum())} row(s), e.g. offer "
+            f"{offers['offer_id'].iloc[int(np.argmax(no_user))]!r}; each shopper's past responses "
+            "are features, so every offer must name its user"
         )
     missing = [c for c in ("type", "offer_id") if c not in events.columns]
     if missing:
@@ -146,8 +155,14 @@ def from_logs(offers: pd.DataFrame, events: pd.DataFrame, seed: int) -> Logged:
     bad = ~np.isfinite(numeric.to_numpy(dtype=np.float64)).all(axis=1)
     if bad.any():
         raise ResponseError(
-            f"offers: {int(bad.sum())} row(s) with a missing or non-numeric value, e.g. offer "
-            f"{offers['offer_id'].iloc[int(np.argmax(bad))]!r}; fix or drop them"
+            f"offers: {int(bad.sum())} row(s) with a missing, non-numeric or infinite value, e.g. "
+            f"offer {offers['offer_id'].iloc[int(np.argmax(bad))]!r}; fix or drop them"
+        )
+    negative = (numeric[["price", "cost"]] < 0).any(axis=1).to_numpy()
+    if negative.any():
+        raise ResponseError(
+            f"offers: {int(negative.sum())} row(s) with a negative price or cost, e.g. offer "
+            f"{offers['offer_id'].iloc[int(np.argmax(negative))]!r}; fix or drop them"
         )
     d = numeric["discount"].to_numpy(dtype=np.float64)
     if (d < 0).any() or (d >= 1).any():
@@ -188,6 +203,10 @@ def from_logs(offers: pd.DataFrame, events: pd.DataFrame, seed: int) -> Logged:
         seed,
         foreign_purchases=int(foreign.sum()),
     )
+
+
+def _blank(ids: pd.Series) -> npt.NDArray[np.bool_]:
+    return np.asarray(ids.isna() | (ids.astype(str).str.strip() == ""), dtype=np.bool_)
 
 
 def _foreign(offers: pd.DataFrame, sold: pd.DataFrame) -> pd.Series:
@@ -332,6 +351,13 @@ class LogisticNet(Protocol):
 NetT = TypeVar("NetT", bound=LogisticNet)
 
 
+def epochs_run(rows: int, config: Schedule) -> int:
+    """The epochs fit_logistic runs on rows: config.epochs, or more when they would take fewer
+    than config.min_steps optimizer steps (too few leave the model uncalibrated)."""
+    per_epoch = math.ceil(rows / config.batch_size)
+    return max(config.epochs, math.ceil(config.min_steps / per_epoch))
+
+
 def fit_logistic(
     model: NetT, features: Tensor, arm: Tensor, outcome: npt.NDArray[Any], config: Schedule
 ) -> NetT:
@@ -346,10 +372,9 @@ def fit_logistic(
     )
     generator = torch.Generator().manual_seed(config.seed)
     n = len(outcome)
-    per_epoch = math.ceil(n / config.batch_size)
-    epochs = max(config.epochs, math.ceil(config.min_steps / per_epoch))
+    epochs = epochs_run(n, config)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, config.learning_rate, epochs * per_epoch
+        optimizer, config.learning_rate, epochs * math.ceil(n / config.batch_size)
     )
     model.train()
     for _ in range(epochs):
@@ -472,8 +497,11 @@ def save(
         version="",
         created_at="",
         grid=grid,
-        metrics=dict(trained.metrics),
-        training=asdict(config),
+        # JSON has no NaN and the manifest's reader takes numbers only: a metric the hold-out
+        # cannot measure (AUC without both outcomes) is left out.
+        metrics={k: v for k, v in trained.metrics.items() if math.isfinite(v)},
+        # "epochs" is what was asked for; small logs run more (min_steps).
+        training={**asdict(config), "epochs_run": epochs_run(len(trained.train_rows), config)},
         data=data_summary,
     )
     return response_artifact.write(out, manifest, write_files)

@@ -118,9 +118,12 @@ def make_shop(config: SynthConfig) -> Shop:
     return Shop(interactions, items, taste, item_category)
 
 
+SHOP_FILES = ("interactions.csv", "items.csv")  # what write_shop writes
+
+
 def write_shop(shop: Shop, out: Path) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
-    interactions, items = out / "interactions.csv", out / "items.csv"
+    interactions, items = (out / name for name in SHOP_FILES)
     replace_files(
         {
             interactions: lambda tmp: shop.interactions.to_csv(tmp, index=False),

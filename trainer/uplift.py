@@ -26,8 +26,9 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from trainer.data import CORRUPT_COMPRESSED, first_line
 from trainer.dataset import Floats
-from trainer.response import fit_logistic, seed_everything
+from trainer.response import epochs_run, fit_logistic, seed_everything
 
 HILLSTROM = Path(__file__).resolve().parents[2] / "shared/datasets/hillstrom/hillstrom.csv"
 OUTCOMES = ("visit", "conversion")
@@ -54,10 +55,10 @@ def load_hillstrom(path: Path = HILLSTROM) -> Experiment:
         frame = pd.read_csv(path)
     except FileNotFoundError:
         raise UpliftError(f"{path}: not found; pass --data PATH to hillstrom.csv") from None
-    except (OSError, ValueError, UnicodeDecodeError) as e:  # EmptyDataError and ParserError too
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    # ValueError: EmptyDataError and ParserError too.
+    except (OSError, ValueError, UnicodeDecodeError, *CORRUPT_COMPRESSED) as e:
         raise UpliftError(
-            f"{path}: unreadable as CSV ({first_line}); pass --data PATH to hillstrom.csv"
+            f"{path}: unreadable as CSV ({first_line(e)}); pass --data PATH to hillstrom.csv"
         ) from None
     needed = (*NUMERIC, *CATEGORICAL, "segment", *OUTCOMES)
     missing = [c for c in needed if c not in frame.columns]
@@ -221,6 +222,14 @@ def baselines(seed: int) -> dict[str, Any]:
     }
 
 
+def require_baselines() -> None:
+    """Import what baselines() and scores() import when first called, raising ImportError: they
+    come from the dev extra, and a missing one must be said before minutes of fitting, not after
+    the first model."""
+    baselines(0)
+    import sklift.metrics  # noqa: F401
+
+
 def scores(
     y: npt.NDArray[np.int64], uplift: Floats, treatment: npt.NDArray[np.int64]
 ) -> dict[str, float]:
@@ -248,6 +257,8 @@ def benchmark(experiment: Experiment, seed: int, config: UpliftConfig) -> dict[s
         "test_rows": len(test),
         "treated_share_test": float(t[test].mean()),
         "config": asdict(config),
+        # config's epochs is what was asked for; small data runs more (min_steps).
+        "epochs_run": epochs_run(len(train), config),
         "outcomes": {},
     }
     for outcome in OUTCOMES:
