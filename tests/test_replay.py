@@ -184,6 +184,31 @@ def test_over_tls_with_the_servers_ca(
         running.close()
 
 
+def test_over_mutual_tls_with_a_client_certificate(
+    model_store: Path, shop_db: str, token: str, tmp_path: Path
+) -> None:
+    ca = Authority.create("replay test CA")
+    cert, key = ca.issue("discountd", server=True).write(tmp_path / "tls", "server")
+    client_cert, client_key = ca.issue("replay", server=False).write(tmp_path / "tls", "client")
+    ca_file = tmp_path / "ca.crt"
+    ca_file.write_bytes(ca.pem.cert)
+    files = TlsFiles(cert, key, client_ca=ca_file)
+    running = ServerThread(server_settings(model_store, shop_db, auth="required", tls=files))
+    try:
+        args = ["--target", running.target, "--users-from", str(_users_file(tmp_path)),
+                "--shoppers", "4", "--token", token, "--tls-ca", str(ca_file)]  # fmt: skip
+        without = CliRunner().invoke(replay_command, [*args, "--wait", "1"])
+        assert without.exit_code == 1 and "not SERVING" in without.output
+        client = ["--tls-cert", str(client_cert), "--tls-key", str(client_key)]
+        result = CliRunner().invoke(replay_command, [*args, *client, "--wait", "10"])
+        assert result.exit_code == 0, result.output
+        assert "4/4 shoppers" in result.stderr
+        half = CliRunner().invoke(replay_command, [*args, "--tls-cert", str(client_cert)])
+        assert half.exit_code == 2 and "takes --tls-cert, --tls-key and --tls-ca" in half.output
+    finally:
+        running.close()
+
+
 def test_without_a_token_the_cli_says_how_to_get_one(server: ServerThread, tmp_path: Path) -> None:
     result = CliRunner().invoke(
         replay_command,

@@ -72,6 +72,8 @@ class ReplayConfig:
     batch_size: int = 500
     token: str | None = None
     tls_ca: bytes | None = None  # PEM; None means a plaintext channel
+    # (certificate chain, private key) in PEM, for a discountd with mutual TLS.
+    tls_client: tuple[bytes, bytes] | None = None
     wait_s: float = 30.0
 
 
@@ -192,7 +194,9 @@ def _add(total: Tally, one: Tally) -> None:
 def _channel(config: ReplayConfig) -> grpc.aio.Channel:
     if config.tls_ca is None:
         return grpc.aio.insecure_channel(config.target)
-    return grpc.aio.secure_channel(config.target, grpc.ssl_channel_credentials(config.tls_ca))
+    chain, key = config.tls_client or (None, None)
+    credentials = grpc.ssl_channel_credentials(config.tls_ca, key, chain)
+    return grpc.aio.secure_channel(config.target, credentials)
 
 
 async def _wait_until_serving(channel: grpc.aio.Channel, config: ReplayConfig) -> None:
@@ -449,6 +453,17 @@ def _table(result: ReplayResult) -> list[str]:
     help="PEM CA that signed discountd's certificate; without it the channel is plaintext.",
 )
 @click.option(
+    "--tls-cert",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="PEM client certificate, for a discountd with mutual TLS (--tls-client-ca); with "
+    "--tls-key and --tls-ca.",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="PEM private key of --tls-cert.",
+)
+@click.option(
     "--wait",
     type=FiniteFloat(min=0),
     default=30.0,
@@ -466,6 +481,8 @@ def replay_command(
     batch_size: int,
     token: str | None,
     tls_ca: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
     wait: float,
 ) -> None:
     """Replay simulated shoppers through a running discountd: GetOffers, then impressions,
@@ -496,6 +513,9 @@ def replay_command(
             f"{tls_ca}: not a PEM certificate (no BEGIN CERTIFICATE line)",
             param_hint="'--tls-ca'",
         )
+    if (tls_cert is None) != (tls_key is None) or (tls_cert is not None and ca is None):
+        raise click.UsageError("a client certificate takes --tls-cert, --tls-key and --tls-ca")
+    client = (tls_cert.read_bytes(), tls_key.read_bytes()) if tls_cert and tls_key else None
     config = ReplayConfig(
         target=target,
         shoppers=shoppers,
@@ -506,6 +526,7 @@ def replay_command(
         batch_size=batch_size,
         token=token,
         tls_ca=ca,
+        tls_client=client,
         wait_s=wait,
     )
     step = max(1, shoppers // 10)
