@@ -99,10 +99,13 @@ def load_offer_keys(environ: Mapping[str, str] = os.environ) -> OfferKeys:
             f"(make one with: {_HOW_TO_MAKE_A_KEY})"
         )
     raw_previous = environ.get(PREVIOUS_KEYS_ENV, "")
-    # "K1, K2" (or a line break from a secrets file) must not make K2 a key with a space in it:
-    # it would still pass the length check and silently fail every token it signed.
-    previous = tuple(k.strip().encode() for k in raw_previous.split(",")) if raw_previous else ()
-    return OfferKeys(current.encode(), previous)
+    entries = raw_previous.split(",") if raw_previous else []
+    # "K1, K2" must not leave K2 verifying only as " K2", which passes the length check and
+    # fails every token K2 signed; but a key that signed with a space or line break around it
+    # (the current key is taken as it is) verifies as it was too, after the stripped ones so
+    # that an error's entry number is the one the operator wrote.
+    previous = [k.strip() for k in entries] + [k for k in entries if k != k.strip()]
+    return OfferKeys(current.encode(), tuple(k.encode() for k in previous))
 
 
 # One encoder for every token: json.dumps builds a new one per call when given options.

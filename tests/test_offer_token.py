@@ -146,9 +146,14 @@ def test_keys_load_from_the_environment() -> None:
         {"DISCOUNT_OFFER_KEY": "c" * 32, "DISCOUNT_OFFER_PREVIOUS_KEYS": f"{'a' * 32},{'b' * 33}"}
     )
     assert keys == OfferKeys(b"c" * 32, (b"a" * 32, b"b" * 33))
-    spaced = f" {'a' * 32},\n{'b' * 33} "
-    environ = {"DISCOUNT_OFFER_KEY": "c" * 32, "DISCOUNT_OFFER_PREVIOUS_KEYS": spaced}
-    assert load_offer_keys(environ) == keys
+    # "K1, K2" verifies K2's tokens; a current key with a line break, moved into the list,
+    # still verifies the tokens it signed.
+    previous = f"{'a' * 32}, {'b' * 33}"
+    spaced = {"DISCOUNT_OFFER_KEY": "c" * 32, "DISCOUNT_OFFER_PREVIOUS_KEYS": previous}
+    assert (b"b" * 33) in load_offer_keys(spaced).accepted
+    token = sign("o1", "u1", "i1", Decimal("9.00"), LATER, b"k" * 40 + b"\n")
+    rotated = {"DISCOUNT_OFFER_KEY": "n" * 32, "DISCOUNT_OFFER_PREVIOUS_KEYS": "k" * 40 + "\n"}
+    assert verify(token, load_offer_keys(rotated), NOW).status is TokenStatus.VALID
     assert load_offer_keys({"DISCOUNT_OFFER_KEY": "é" * 16}).previous == ()  # 32 UTF-8 bytes
 
 
