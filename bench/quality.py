@@ -39,7 +39,7 @@ from trainer.evaluate import (
     protocol_for,
     recent_popularity_scorer,
 )
-from trainer.fit import ALPHA_GRID, BPR_REGULARIZATION_GRID, REGULARIZATION_GRID, grid
+from trainer.fit import ALPHA_GRID, BPR_REGULARIZATION_GRID, REGULARIZATION_GRID, grid, select
 from trainer.model import ModelConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,12 +91,8 @@ def _ours(hold: Split, val: Split, objective: str, say: Callable[[str], None]) -
     else:
         candidates = [replace(base, regularization=r) for r in BPR_REGULARIZATION_GRID]
     start = time.perf_counter()
-    tried = []
-    for config in candidates:
-        result = train(config, val.train, lambda f: ndcg10(factor_scorer(f), val), _quiet)
-        tried.append((max(h["val_ndcg@10"] for h in result.history), result.epochs, config))
+    best, epochs, config = select(candidates, val, _quiet)
     selection = time.perf_counter() - start
-    best, epochs, config = max(tried, key=lambda t: t[0])
     # BPR fits take tens of seconds and no target depends on their time: timed once.
     seconds, fitted = _median_seconds(
         lambda: train(config, hold.train, epochs=epochs, log=_quiet).factors,

@@ -426,6 +426,20 @@ def test_a_diverged_bpr_suggests_only_what_bpr_has(
     )
 
 
+def test_a_diverging_candidate_is_dropped_and_the_others_compete(
+    shop: list[str], tmp_path: Path
+) -> None:
+    result = fit(shop, tmp_path / "m", "--factors", "4", "--regularization", "10",
+                 "--alpha", "1", "--alpha", "1e300", "--confidence-offset", "0")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (
+        "  dropped: training diverged: the factors are not finite (ials, regularization 10, "
+        "alpha 1e+300)" in result.output
+    )
+    assert "chosen: ials: factors=4 regularization=10 alpha=1 " in result.output
+    assert (tmp_path / "m" / "CURRENT").exists()
+
+
 def test_a_diverging_candidate_stops_at_once_without_raw_warnings(
     shop: list[str], tmp_path: Path
 ) -> None:

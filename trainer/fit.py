@@ -25,6 +25,7 @@ from core.artifact import CURRENT, MANIFEST, ArtifactError, current_version_dir
 from trainer.data import Loaded
 from trainer.evaluate import (
     Protocol,
+    Split,
     evaluate,
     factor_scorer,
     interaction_matrix,
@@ -35,7 +36,7 @@ from trainer.evaluate import (
 )
 from trainer.export import write_artifact
 from trainer.features import user_features
-from trainer.model import ModelConfig, train
+from trainer.model import Diverged, ModelConfig, train
 
 # Chosen on the validation split of each fit; these bracket what won on Online Retail,
 # MovieLens 100K and the synthetic shop (docs/TRAINING.md).
@@ -71,6 +72,30 @@ def fingerprint(paths: tuple[Path, ...]) -> dict[str, str]:
     return digests
 
 
+def select(
+    candidates: list[ModelConfig], val: Split, say: Callable[[str], None]
+) -> tuple[float, int, ModelConfig]:
+    """Train each candidate on val's training part, stopping early on its NDCG@10: the best
+    (the first of equals) with its score and epochs. A candidate that diverges is dropped, in
+    a line; Diverged when every one does."""
+    tried = []
+    failed: Diverged | None = None
+    for candidate in candidates:
+        say(_describe(candidate))
+        try:
+            result = train(candidate, val.train, lambda f: ndcg10(factor_scorer(f), val), say)
+        except Diverged as e:
+            if len(candidates) > 1:
+                say(f"  dropped: {e}")
+            failed = e
+            continue
+        tried.append((max(h["val_ndcg@10"] for h in result.history), result.epochs, candidate))
+    if not tried:
+        assert failed is not None
+        raise failed
+    return max(tried, key=lambda t: t[0])
+
+
 def fit(
     loaded: Loaded,
     protocol: Protocol,
@@ -90,13 +115,7 @@ def fit(
     compared = candidates
     if len(val.eval_users):
         say(f"validation: {val.description}, {len(val.eval_users):,} users")
-        tried = []
-        for candidate in candidates:
-            say(_describe(candidate))
-            result = train(candidate, val.train, lambda f: ndcg10(factor_scorer(f), val), say)
-            best = max(h["val_ndcg@10"] for h in result.history)
-            tried.append((best, result.epochs, candidate))
-        best, epochs, config = max(tried, key=lambda t: t[0])  # the first of equals wins
+        best, epochs, config = select(candidates, val, say)
         chosen_by = "best validation NDCG@10"
         say(f"chosen: {_describe(config)}, {epochs} epochs, val NDCG@10 {best:.4f}")
         baseline = ndcg10(popularity_scorer(val.bought), val)

@@ -133,14 +133,14 @@ def train(
         if best is not None and epoch - best[1] >= config.patience:
             say(f"early stop: no better validation NDCG@10 since epoch {best[1]}")
             break
-    result = TrainResult(step.factors(), total, history)
-    if best is not None:
-        result = TrainResult(best[2], best[1], history)
+    if best is not None:  # checked as they were scored
+        return TrainResult(best[2], best[1], history)
     # Caught here: the export check compares ONNX with PyTorch, where nan matches nan; and the
     # fold-in inverse can overflow where the factors did not.
-    if not _finite(result.factors):
+    factors = step.factors()
+    if not _finite(factors):
         raise diverged(config)
-    return result
+    return TrainResult(factors, total, history)
 
 
 class _IALS:
