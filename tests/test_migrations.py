@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from alembic import command
+from cli import ctl
 from pg import BACKENDS, empty_database, pg_database
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import make_url
@@ -205,3 +206,11 @@ def test_db_upgrade_makes_an_sqlite_file_its_owner_alone_can_read(tmp_path: Path
     finally:
         store.dispose()
     assert db.stat().st_mode & 0o777 == 0o600
+
+
+def test_db_upgrade_where_no_file_can_be_made_says_why(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("")
+    result = ctl(f"sqlite:///{tmp_path / 'afile' / 'x.db'}", "db", "upgrade")
+    assert result.exit_code != 0
+    assert "File exists" in result.output or "Not a directory" in result.output
+    assert "moved or deleted" not in result.output

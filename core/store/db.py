@@ -5,6 +5,7 @@ The caller owns the transaction: repositories flush, ``transaction()`` commits o
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -188,11 +189,12 @@ class Store:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 # Readable by its owner alone: on SQLite the file's mode is the access control
                 # (docs/SECURITY.md). An empty file is a new database to SQLite.
-                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-            except FileExistsError:
-                pass  # another `db upgrade` made it first
-            except OSError as e:
-                raise self.unavailable(e) from None
+                with contextlib.suppress(FileExistsError):  # another `db upgrade` made it
+                    os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            except OSError as e:  # a read-only folder, a path through a file, a full disk
+                raise StoreUnavailable(
+                    f"cannot use store {self.masked_url}: {first_line(e)}"
+                ) from None
 
     def ping(self) -> None:
         """Connect once, so an unreachable store fails fast with one clear line."""
@@ -205,7 +207,7 @@ class Store:
             raise self.unavailable(e) from None
 
     def unavailable(self, error: BaseException) -> StoreUnavailable:
-        if self.file_missing:  # SQLite says only "unable to open database file"
+        if self.file_missing and "unable to open database file" in str(error):
             return StoreUnavailable(
                 f"cannot use store {self.masked_url}: the file does not exist (moved or "
                 "deleted?); `discountctl db upgrade` makes a new, empty one"
