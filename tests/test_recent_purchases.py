@@ -263,7 +263,8 @@ def test_a_data_end_ahead_of_the_stores_clock_misses_no_purchase(store: Store) -
 
 
 def test_a_failed_read_keeps_what_is_held(tmp_path: Path) -> None:
-    unmigrated = Store(f"sqlite:///{tmp_path / 'empty.db'}")  # no events table: every read fails
+    (tmp_path / "empty.db").touch()  # a database without an events table: every read fails
+    unmigrated = Store(f"sqlite:///{tmp_path / 'empty.db'}")
     try:
         held = Reads(unmigrated)
         held.data_end = T0
