@@ -1,9 +1,10 @@
 """`discountd`: serve recommendations over gRPC from a model store.
 
-Signals: SIGHUP reloads the version CURRENT names (retrying one refused before) and the TLS
-certificate files; SIGTERM and SIGINT drain: health NOT_SERVING, in-flight calls get --grace
-seconds, then the offer log as long again to write what it holds; exit 0, or 1 when issued
-offers are left unwritten.
+Signals: SIGHUP reloads the version CURRENT names if it is not the one serving (retrying one
+refused before) and the TLS certificate files; SIGTERM and SIGINT drain: health NOT_SERVING,
+calls still answered for --drain-delay seconds, then in-flight calls get --grace seconds, then
+the offer log as long again to write what it holds; exit 0, or 1 when issued offers are left
+unwritten.
 """
 
 from __future__ import annotations

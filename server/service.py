@@ -178,10 +178,9 @@ class DiscountService(pb_grpc.DiscountServiceServicer):
             include_purchased=request.include_purchased,
             bought=self._bought(request.user_id),
         )
-        # Every problem at once, unknown categories with the rest, when a model is loaded; a
-        # bad request is INVALID_ARGUMENT even before one is.
-        validate(query, self._store.current)
-        model = self._store.require()
+        if self._store.current is None:
+            validate(query, None)  # a bad request is INVALID_ARGUMENT even before a model is
+        model = self._store.require()  # plan() below validates against it, categories too
         if self._batcher is not None:
             planned = plan(model, query)
             result = (

@@ -310,8 +310,8 @@ def test_drain_delay_answers_calls_while_health_says_not_serving(start: type[Dis
     assert health.Check(request, timeout=10).status == health_pb2.HealthCheckResponse.SERVING
     server.process.send_signal(signal.SIGTERM)
     server.wait_for("shutting down: health NOT_SERVING for 30s")
-    status = eventually(lambda: health.Check(request, timeout=10).status, timeout=10)
-    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+    eventually(lambda: health.Check(request, timeout=10).status == not_serving, timeout=10)
     reply = server.stub.Recommend(pb.RecommendRequest(user_id="user-0", limit=3), timeout=10)
     assert len(reply.items) == 3
     assert server.process.poll() is None
