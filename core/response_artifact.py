@@ -137,6 +137,13 @@ def check_out(out: Path) -> None:
     """Refuse an out whose contents write would lose: anything but a new or empty folder, or a
     response model folder holding only the model's own files. The CLI calls it before training
     too, so a wrong --out costs no minutes of work."""
+    # The model replaces out whole: a shell standing in it would be left in a deleted folder.
+    here = Path.cwd().resolve()
+    if out.resolve() in (here, *here.parents):
+        raise ArtifactError(
+            f"{out}: is the current folder or holds it, which writing the model would replace; "
+            "pass a folder of its own, e.g. --out response"
+        )
     if not out.exists():
         return
     if not out.is_dir():

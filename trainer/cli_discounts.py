@@ -193,15 +193,8 @@ def response_command(
     --events var/market/events.csv --out var/response
     """
     config = ResponseConfig(epochs=epochs, hidden=hidden, seed=seed)
-    # The model replaces --out whole: the shell in it would be left in a deleted folder.
-    here = Path.cwd().resolve()
-    if out.resolve() in (here, *here.parents):
-        raise click.ClickException(
-            f"{out}: is the current folder or holds it, which writing the model would replace; "
-            "pass a folder of its own, e.g. --out response"
-        )
     try:
-        response_artifact.check_out(out.resolve())
+        response_artifact.check_out(out)
     except ArtifactError as e:
         raise click.ClickException(str(e)) from None
     ensure_writable(out.resolve().parent, "the model")
