@@ -188,3 +188,44 @@ def test_a_variants_rule_prices_only_through_its_experiment_until_that_stops(
     stopped = ctl(db_url, "experiments", "stop", "ab", "--yes")
     assert "note: rule 'treat' prices as an ordinary rule again" in stopped.stderr
     assert rule_for(treated) == rule_for(control) == "treat"
+
+
+def test_users_offered_under_an_experiment_stay_in_it_whatever_its_target_says_now(
+    db_url: str,
+) -> None:
+    """Read whole at first and every RESUM, else only the offers issued since the last load
+    (less a settling minute); a user enrolled in a later experiment is not taken by an earlier
+    one whose target now holds them."""
+    ctl(db_url, "segments", "create", "big", "--where", "lifetime_value >= 500")
+    ctl(db_url, "experiments", "create", "ab", "--variant", "a:50", "--variant", "b:50",
+        "--target-segment", "big", "--salt", "s")  # fmt: skip
+    ctl(db_url, "experiments", "create", "later", "--variant", "a:50", "--variant", "b:50",
+        "--salt", "t")  # fmt: skip
+    ctl(db_url, "experiments", "start", "ab")
+    ctl(db_url, "experiments", "start", "later")
+
+    def offered(offer_id: str, user: str, key: str, at: datetime) -> None:
+        store = Store(db_url)
+        with store.transaction() as session:
+            row = {**_offer(offer_id, 0, 10.0, 10.0), "rule_id": None, "user_id": user}
+            insert_offers(session, [{**row, "experiment_key": key, "variant": "a",
+                                     "issued_at": at}])  # fmt: skip
+        store.dispose()
+
+    def experiment_of(snapshot: Snapshot, user: str, value: float) -> str | None:
+        return decide(snapshot, user, {"lifetime_value": value}, [], NOW).experiment_key
+
+    offered("o1", "rich", "ab", NOW - timedelta(hours=1))
+    offered("o2", "poor", "later", NOW - timedelta(hours=1))
+    held = Held()
+    first = load(db_url, held, NOW)
+    # rich no longer in ab's target, poor now in it: each stays where first offered.
+    assert experiment_of(first, "rich", 100) == "ab"
+    assert experiment_of(first, "poor", 900) == "later"
+    assert experiment_of(first, "new", 900) == "ab" and experiment_of(first, "new", 1) == "later"
+    offered("o3", "soon", "ab", NOW + timedelta(seconds=30))
+    offered("o4", "spilled", "ab", NOW - timedelta(hours=2))  # stored long after it was issued
+    later = NOW + timedelta(minutes=1)
+    assert experiment_of(load(db_url, held, later), "soon", 1) == "ab"
+    assert experiment_of(load(db_url, held, later), "spilled", 1) == "later"
+    assert experiment_of(load(db_url, held, NOW + RESUM), "spilled", 1) == "ab"
