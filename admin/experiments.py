@@ -351,13 +351,10 @@ def assign(app: App, key: str, user_id: str, features: tuple[str, ...], output: 
         data = Experiments(session).assign(key, user_id, parsed if features else None)
     if data["served_by"] is not None:
         message(
-            f"{user_id!r} is kept by {data['served_by']!r}, a running experiment that offered "
-            "them something already or started first and has them in its target: the server "
-            "gives this user that one"
+            f"{user_id!r} is in the target of {data['served_by']!r}, a running experiment that "
+            f"started first and keeps its users: the server gives this user that one"
         )
-    elif data["enrolled"]:
-        message(f"{user_id!r} was offered something under {key!r}: it keeps them, target or not")
-    if data["in_target"] is None and not data["enrolled"]:
+    if data["in_target"] is None:
         message(
             f"target segment {data['target_segment']!r} is a condition; pass --feature "
             "NAME=VALUE for every feature it reads to check it (the variant shown applies if "
@@ -368,8 +365,7 @@ def assign(app: App, key: str, user_id: str, features: tuple[str, ...], output: 
 
 def _shared_users(repo: Experiments, started: Experiment) -> list[str]:
     """Notes on the running experiments that may share users with one just started: a user
-    both target goes to the one that started first (the server's order), unless already
-    offered something under the other, which keeps them."""
+    both target goes to the one that started first (the server's order)."""
     notes = []
     running = repo.running()
     position = {e.key: n for n, e in enumerate(running)}
@@ -384,13 +380,8 @@ def _shared_users(repo: Experiments, started: Experiment) -> list[str]:
         else:
             whom = f"the users in both targets ({_target(first)} and {_target(second)})"
             effect = f"{second.key!r} gets only the rest"
-        moved = (
-            "" if first is other else f"; those {second.key!r} has offered nothing yet leave it now"
-        )
-        notes.append(
-            f"note: {first.key!r} started first and keeps {whom}{moved}: {effect} (a user "
-            "offered something under one of them already stays in that one)"
-        )
+        moved = "" if first is other else f"; they leave {second.key!r} now"
+        notes.append(f"note: {first.key!r} started first and keeps {whom}{moved}: {effect}")
     return notes
 
 

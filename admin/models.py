@@ -134,15 +134,14 @@ def _targets_moved(
 ) -> list[str]:
     """A note per running experiment whose target is a condition: the server judges it on the
     serving version's user features, so a new version moves users whose features changed in or
-    out of the target; those the experiment offered something already stay in it, the others
-    join or leave it. Counted after the commit: two versions' features are read, which must not
-    hold the store's write lock."""
+    out of the experiment (and between experiments that share users). Counted after the
+    commit: two versions' features are read, which must not hold the store's write lock."""
     if not targets:
         return []
     # Both versions' features are read whole: about 20 s for a million users (docs/ADMIN.md).
     message(
-        f"counting the known users this version moves in or out of the condition targets of "
-        f"{len(targets)} running experiment(s)..."
+        f"counting the known users this version moves in or out of {len(targets)} running "
+        "experiment(s) with a condition target..."
     )
     try:
         old = load_shop_facts(Path(before)).user_features if before else {}
@@ -164,8 +163,7 @@ def _targets_moved(
             notes.append(
                 f"note: running experiment {key!r} targets segment {segment!r}, judged on the "
                 f"serving version's user features: {moved:,} known user(s) move in or out of it "
-                "with this version (those it offered something already stay in it; the others "
-                "join or leave it)"
+                "with this version, so its arms mix users measured under both"
             )
     return notes
 

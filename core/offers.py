@@ -147,12 +147,6 @@ class ExperimentDef:
     salt: str
     variants: tuple[VariantDef, ...]
     target_segment: str | None = None
-    # Users already offered something under it: they stay in it whatever its target, or an
-    # earlier experiment's, says now. A new model version's features, or the treatment itself
-    # (a discount raises lifetime_value), would otherwise move users out of one arm more than
-    # another, and the arms would no longer compare like with like. Not read for a first
-    # experiment without a target: everyone is in it anyway.
-    enrolled: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -247,17 +241,11 @@ def _in_segment(snapshot: Snapshot, name: str | None, user_id: str, features: Fe
 def _experiment_of(
     snapshot: Snapshot, user_id: str, features: Features
 ) -> tuple[ExperimentDef, VariantDef] | None:
-    """The experiment that keeps the user, the first started of those they were offered
-    something under; else the first whose target holds them (ExperimentDef.enrolled)."""
-    experiments = snapshot.experiments
-    experiment = next((e for e in experiments if user_id in e.enrolled), None) or next(
-        (e for e in experiments if _in_segment(snapshot, e.target_segment, user_id, features)),
-        None,
-    )
-    if experiment is None:
-        return None
-    weights = [v.weight for v in experiment.variants]
-    return experiment, experiment.variants[variant_index(experiment.salt, user_id, weights)]
+    for experiment in snapshot.experiments:
+        if _in_segment(snapshot, experiment.target_segment, user_id, features):
+            weights = [v.weight for v in experiment.variants]
+            return experiment, experiment.variants[variant_index(experiment.salt, user_id, weights)]
+    return None
 
 
 def _rank_reason(item: ItemInput) -> Why:

@@ -341,7 +341,7 @@ def test_promote_names_the_running_experiments_whose_targets_it_moves_users_acro
         "--target-segment", "regulars")  # fmt: skip
     ctl(db_url, "experiments", "start", "ab")
     moved = ctl(db_url, "models", "promote", "v2")
-    assert "moves in or out of the condition targets of 1 running experiment" in moved.stderr
+    assert "counting the known users this version moves in or out of 1 running" in moved.stderr
     assert (
         "note: running experiment 'ab' targets segment 'regulars', judged on the serving "
         "version's user features: 1 known user(s) move in or out of it" in moved.stderr

@@ -16,7 +16,7 @@ from core.store import audit, validate
 from core.store.errors import Conflict, InvalidInput, NotFound
 from core.store.rules import Rules
 from core.store.segments import Segments, check_version
-from core.store.tables import Experiment, Offer, Rule, Segment, Variant, utcnow
+from core.store.tables import Experiment, Rule, Segment, Variant, utcnow
 
 # status -> the statuses a command may move it to
 TRANSITIONS = {
@@ -251,32 +251,15 @@ class Experiments:
         in_target = self._in_target(experiment, user_id, features)
         variants = experiment.variants
         chosen = variants[variant_index(experiment.salt, user_id, [v.weight for v in variants])]
-        # As the server: the first running experiment the user was offered something under
-        # keeps them, whatever the targets say; else the first whose target holds them.
-        sticky = enrolling(self.running())
-        offered = set(
-            self.session.scalars(
-                select(Offer.experiment_key)
-                .where(
-                    Offer.user_id == user_id,
-                    Offer.experiment_key.in_([key, *(e.key for e in sticky)]),
-                )
-                .distinct()
-            )
-        )
-        keeper = next((e.key for e in sticky if e.key in offered), None)
         served: bool | None = in_target if experiment.status == "running" else False
         served_by = None
-        if keeper is not None:
-            served, served_by = keeper == key, (None if keeper == key else keeper)
-        elif served is not False:
-            for earlier in self.running_before(experiment):
-                held = self._in_target(earlier, user_id, features)
-                if held:
-                    served, served_by = False, earlier.key
-                    break
-                if held is None:
-                    served = None
+        for earlier in self.running_before(experiment) if served is not False else ():
+            held = self._in_target(earlier, user_id, features)
+            if held:
+                served, served_by = False, earlier.key
+                break
+            if held is None:
+                served = None
         return {
             "experiment": key,
             "status": experiment.status,
@@ -286,11 +269,8 @@ class Experiments:
             "rule": chosen.rule.name if chosen.rule is not None else None,
             "target_segment": segment.name if segment is not None else None,
             "in_target": in_target,
-            # Offered something under this experiment already: the server keeps them in it.
-            "enrolled": key in offered,
-            # Whether the server gives this user the variant now: running, and enrolled in it;
-            # or enrolled in no running experiment, in the target, and in no running experiment
-            # that started earlier (served_by names the one that has the user).
+            # Whether the server gives this user the variant now: running, in the target, and
+            # in no running experiment that started earlier (served_by names it).
             "served": served,
             "served_by": served_by,
         }
@@ -386,10 +366,3 @@ class Experiments:
             )
             for i, s in enumerate(specs)
         ]
-
-
-def enrolling(running: list[Experiment]) -> list[Experiment]:
-    """The running experiments (in the server's order) that keep a user once they were offered
-    something under them (core.offers.ExperimentDef.enrolled): all but a first one without a
-    target, which every user is in anyway."""
-    return running[1:] if running and running[0].target_segment is None else running

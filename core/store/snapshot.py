@@ -15,7 +15,7 @@ from core.offers import ExperimentDef, RuleDef, SegmentDef, Snapshot, VariantDef
 from core.policy import Guardrails, PolicyError
 from core.policy import Rule as Pricing
 from core.segments import Condition, ConditionError, parse_condition
-from core.store.experiments import Experiments, enrolling
+from core.store.experiments import Experiments
 from core.store.tables import (
     Event,
     ModelVersion,
@@ -54,11 +54,6 @@ class Held:
     settled: dict[int, Decimal] = field(default_factory=dict)
     settled_at: datetime | None = None
     summed_at: datetime | None = None  # when settled was last summed from scratch
-    # Per running experiment, the users offered something under it (ExperimentDef.enrolled),
-    # up to enrolled_at; read whole when enrolled_read_at is RESUM old.
-    enrolled: dict[str, frozenset[str]] = field(default_factory=dict)
-    enrolled_at: datetime | None = None
-    enrolled_read_at: datetime | None = None
 
 
 def spent_by_rule(
@@ -173,42 +168,6 @@ def _members(session: Session, rows: list[Segment], held: Held) -> None:
     cache.update({i: (stamp[i], frozenset(users)) for i, users in read.items()})
 
 
-def _enrolled(session: Session, keys: list[str], held: Held, now: datetime) -> None:
-    """Bring held.enrolled up to date for the experiments keys (and forget the others): the
-    offers issued since the last load, less SETTLE (the offer log writes a few seconds late),
-    through the issued_at index; every RESUM all of them, which also finds offers stored much
-    later than issued (spilled at a shutdown)."""
-    last = held.enrolled_at
-    whole = (
-        last is None
-        or held.enrolled_read_at is None
-        or now - held.enrolled_read_at >= RESUM
-        or any(k not in held.enrolled for k in keys)
-    )
-    query = select(Offer.experiment_key, Offer.user_id)
-    if whole:
-        held.enrolled = dict.fromkeys(keys, frozenset())
-        held.enrolled_read_at = now
-        query = query.where(Offer.experiment_key.in_(keys)).distinct()
-    else:
-        assert last is not None
-        held.enrolled = {k: held.enrolled[k] for k in keys}
-        # The key as an expression, and no DISTINCT (the sets dedupe), so that the planner takes
-        # the issued_at index: SQLite, without statistics, took the experiment key's and read
-        # all of its offers each time.
-        query = query.where(
-            Offer.issued_at > last - SETTLE, func.coalesce(Offer.experiment_key, "").in_(keys)
-        )
-    found: dict[str, set[str]] = {}
-    if keys:
-        for key, user_id in session.execute(query):
-            found.setdefault(str(key), set()).add(user_id)
-    for key, users in found.items():
-        if not users <= held.enrolled[key]:
-            held.enrolled[key] = held.enrolled[key] | users
-    held.enrolled_at = now
-
-
 def load_snapshot(session: Session, now: datetime, held: Held | None = None) -> Snapshot:
     """The store's rules, segments and running experiments as of now. held: what a previous
     load of this caller kept, to read only what changed since (updated here)."""
@@ -221,8 +180,6 @@ def load_snapshot(session: Session, now: datetime, held: Held | None = None) -> 
     spent = _spent(session, [r.id for r in rule_rows if r.budget is not None], kept, now)
     owned = set(Experiments(session).holders())
     rules = {r.id: _rule(r, spent, owned) for r in rule_rows}
-    running = Experiments(session).running()
-    _enrolled(session, [e.key for e in enrolling(running)], kept, now)
     experiments = tuple(
         ExperimentDef(
             e.key,
@@ -232,9 +189,8 @@ def load_snapshot(session: Session, now: datetime, held: Held | None = None) -> 
                 for v in e.variants
             ),
             e.target_segment.name if e.target_segment is not None else None,
-            kept.enrolled.get(e.key, frozenset()),
         )
-        for e in running
+        for e in Experiments(session).running()
     )
     active = session.scalar(select(ModelVersion.version).where(ModelVersion.status == "active"))
     return Snapshot(segments, tuple(rules.values()), experiments, active, now)
