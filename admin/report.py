@@ -330,6 +330,13 @@ def report(session: Session, key: str, now: datetime) -> dict[str, Any]:
             f"{sum(unknown.values())} users were offered under variants this experiment does not "
             f"have ({shown}); they are left out of every figure and of the SRM check"
         )
+    shared = _shared_with_other_experiments(session, key)
+    if shared:
+        warnings.append(
+            f"{shared:,} users of this experiment were also offered something under another "
+            "experiment (one paused and resumed, or a new model version moving them across "
+            "targets): while that one treated them their purchases count here too"
+        )
     if not math.isnan(srm) and srm < SRM_ALPHA:
         warnings.append(
             f"sample ratio mismatch: users per variant do not match the weights "
@@ -370,6 +377,19 @@ def report(session: Session, key: str, now: datetime) -> dict[str, Any]:
         "srm_p_value": _number(srm),
         "warnings": warnings,
     }
+
+
+def _shared_with_other_experiments(session: Session, key: str) -> int:
+    """Users offered something under this experiment and under another one. IN over a subquery:
+    offers have no user_id index, and SQLite joins them row by row where it builds a temporary
+    index for IN."""
+    others = select(Offer.user_id).where(
+        Offer.experiment_key.is_not(None), Offer.experiment_key != key
+    )
+    query = select(func.count(func.distinct(Offer.user_id))).where(
+        Offer.experiment_key == key, Offer.user_id.in_(others)
+    )
+    return int(session.scalar(query) or 0)
 
 
 def _known(users: dict[str, dict[str, _User]], names: set[str]) -> dict[str, _User]:

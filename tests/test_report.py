@@ -372,6 +372,9 @@ def test_a_redemption_under_another_experiment_costs_this_one_nothing(db_url: st
         offer(0, "u0", "treatment", 0.0),
         # The same user and variant name in another experiment, with a discount.
         {**offer(1, "u0", "treatment", 20.0), "experiment_key": "other"},
+        offer(2, "u1", "control", 0.0),
+        {**offer(3, "u2", "control", 0.0), "experiment_key": "other"},
+        {**offer(4, "u3", "control", 0.0), "experiment_key": None, "variant": None},
     ]
     store = Store(db_url)
     with store.transaction() as session:
@@ -383,6 +386,7 @@ def test_a_redemption_under_another_experiment_costs_this_one_nothing(db_url: st
     treatment = json.loads(result.stdout)["variants"][1]
     assert treatment["conversion"]["value"] == 1.0  # a purchase is a purchase
     assert treatment["discount_cost"] == 0.0
+    assert "1 users of this experiment were also offered something under another" in (result.stderr)
 
 
 def two_buyers(db_url: str, version: Path, items: tuple[str, str]) -> Result:
