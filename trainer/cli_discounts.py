@@ -14,8 +14,9 @@ import pandas as pd
 
 from core import response_artifact
 from core.artifact import ArtifactError
+from core.store.db import first_line
 from trainer import policy_eval, uplift
-from trainer.data import CORRUPT_COMPRESSED, first_line
+from trainer.data import CORRUPT_COMPRESSED
 from trainer.files import replace_text
 from trainer.market import (
     LOGS,

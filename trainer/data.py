@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from core.store.db import first_line
 from core.store.tables import ID_LENGTH
 from core.store.validate import CONTROL_CHARACTERS
 from trainer.dataset import Catalog, Dataset, Interactions
@@ -50,12 +51,6 @@ MOVIELENS_GENRES = (
 # would turn an EOFError into a bare "Aborted!". (A file that is not gzip at all: BadGzipFile, an
 # OSError.)
 CORRUPT_COMPRESSED = (EOFError, zlib.error)
-
-
-def first_line(e: BaseException) -> str:
-    """An exception's message in one line: pandas' and pyarrow's run over several."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 class DataError(Exception):

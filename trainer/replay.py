@@ -33,10 +33,11 @@ import pandas as pd
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from core.artifact import ArtifactError, current_version_dir
+from core.store.db import first_line
 from core.store.events import EVENT_ID_REUSED
 from discount.v1 import discount_pb2 as pb
 from discount.v1 import discount_pb2_grpc as pb_grpc
-from trainer.data import CORRUPT_COMPRESSED, first_line
+from trainer.data import CORRUPT_COMPRESSED
 from trainer.market import Market, MarketConfig, make_market
 from trainer.options import MAX_ROWS, SEED, FiniteFloat
 

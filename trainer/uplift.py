@@ -26,7 +26,8 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from trainer.data import CORRUPT_COMPRESSED, first_line
+from core.store.db import first_line
+from trainer.data import CORRUPT_COMPRESSED
 from trainer.dataset import Floats
 from trainer.response import epochs_run, fit_logistic, seed_everything
 

@@ -66,7 +66,8 @@ def mask_url(url: str | URL) -> str:
 
 
 def first_line(error: BaseException) -> str:
-    """A driver error's first line without SQLAlchemy's background link."""
+    """An error's first line (pandas' and pyarrow's run over several); a driver error's without
+    SQLAlchemy's background link."""
     inner = error.orig if isinstance(error, DBAPIError) and error.orig is not None else error
     lines = str(inner).strip().splitlines()
     return lines[0] if lines else type(inner).__name__
