@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pandas as pd
 import pytest
 import torch
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -497,20 +497,26 @@ def _strict_json(text: str) -> Any:
     return json.loads(text, parse_constant=refuse)
 
 
+def _response(tmp_path: Path, offers: pd.DataFrame, events: pd.DataFrame) -> Result:
+    """`discount-train response` on these logs (written as CSV) into tmp_path / "model", small
+    and quick."""
+    offers.to_csv(tmp_path / "offers.csv", index=False)
+    events.to_csv(tmp_path / "events.csv", index=False)
+    return CliRunner().invoke(
+        main,
+        ["response", "--offers", str(tmp_path / "offers.csv"), "--events",
+         str(tmp_path / "events.csv"), "--out", str(tmp_path / "model"), "--hidden", "4",
+         "--epochs", "1"],
+    )  # fmt: skip
+
+
 def test_cli_a_hold_out_that_cannot_measure_auc_writes_valid_json(tmp_path: Path) -> None:
     """Every offer bought: the hold-out has no offer not bought, so no AUC. NaN in the output
     and the manifest made both invalid JSON."""
     offers, _ = _logs(users=60)
     offers = offers.head(150)
     events = offers[["offer_id", "user_id", "item_id"]].assign(type="purchase")
-    offers.to_csv(tmp_path / "offers.csv", index=False)
-    events.to_csv(tmp_path / "events.csv", index=False)
-    result = CliRunner().invoke(
-        main,
-        ["response", "--offers", str(tmp_path / "offers.csv"), "--events",
-         str(tmp_path / "events.csv"), "--out", str(tmp_path / "model"), "--hidden", "4",
-         "--epochs", "1"],
-    )  # fmt: skip
+    result = _response(tmp_path, offers, events)
     assert result.exit_code == 0, result.output
     assert _strict_json(result.stdout)["auc"] is None
     warnings = [line for line in result.stderr.splitlines() if line.startswith("WARNING")]
@@ -551,13 +557,7 @@ def test_cli_refuses_a_nonsense_offer_naming_it(
     offers = offers.astype({column: str})
     bad_id = offers.loc[3, "offer_id"]
     offers.loc[3, column] = value
-    offers.to_csv(tmp_path / "offers.csv", index=False)
-    events.to_csv(tmp_path / "events.csv", index=False)
-    result = CliRunner().invoke(
-        main,
-        ["response", "--offers", str(tmp_path / "offers.csv"), "--events",
-         str(tmp_path / "events.csv"), "--out", str(tmp_path / "model"), "--epochs", "1"],
-    )  # fmt: skip
+    result = _response(tmp_path, offers, events)
     assert result.exit_code == 1, result.output
     assert result.output.startswith("Error: offers: " + message.format(id=bad_id))
     assert result.output.count("\n") == 1
@@ -567,15 +567,7 @@ def test_cli_refuses_a_nonsense_offer_naming_it(
 def test_cli_records_the_epochs_run_beside_those_asked_for(tmp_path: Path) -> None:
     """A log this small takes one batch an epoch: at least 500 optimizer steps make --epochs 1
     run 500, and the manifest said 1."""
-    offers, events = _logs(users=60)
-    offers.to_csv(tmp_path / "offers.csv", index=False)
-    events.to_csv(tmp_path / "events.csv", index=False)
-    result = CliRunner().invoke(
-        main,
-        ["response", "--offers", str(tmp_path / "offers.csv"), "--events",
-         str(tmp_path / "events.csv"), "--out", str(tmp_path / "model"), "--hidden", "4",
-         "--epochs", "1"],
-    )  # fmt: skip
+    result = _response(tmp_path, *_logs(users=60))
     assert result.exit_code == 0, result.output
     training = json.loads((tmp_path / "model" / "manifest.json").read_text())["training"]
     assert (training["epochs"], training["epochs_run"]) == (1, 500)
