@@ -5,10 +5,9 @@ The caller owns the transaction: repositories flush, ``transaction()`` commits o
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -190,7 +189,7 @@ class Store:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 # Readable by its owner alone: on SQLite the file's mode is the access control
                 # (docs/SECURITY.md). An empty file is a new database to SQLite.
-                with contextlib.suppress(FileExistsError):  # another `db upgrade` made it
+                with suppress(FileExistsError):  # another `db upgrade` made it
                     os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
             except OSError as e:  # a read-only folder, a path through a file, a full disk
                 raise StoreUnavailable(
