@@ -45,6 +45,16 @@ COLD_START = {
     type=click.Path(path_type=Path, dir_okay=False, exists=True),
     help="PEM CA that signed discountd's certificate; without it the channel is plaintext.",
 )
+@click.option(
+    "--tls-cert",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="PEM client certificate, for a discountd with mutual TLS; with --tls-key and --tls-ca.",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="PEM private key of --tls-cert.",
+)
 def main(
     target: str,
     model_dir: Path | None,
@@ -53,16 +63,22 @@ def main(
     wait: float,
     token: str | None,
     tls_ca: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
 ) -> None:
     """Print recommendations for a few known users and one unknown user."""
     known = list(users) or _first_users(model_dir, 3)
     if not known:
         raise click.UsageError("give --user ID (repeatable) or --model-dir to pick users from")
-    channel = (
-        grpc.secure_channel(target, grpc.ssl_channel_credentials(tls_ca.read_bytes()))
-        if tls_ca is not None
-        else grpc.insecure_channel(target)
-    )
+    if (tls_cert is None) != (tls_key is None) or (tls_cert is not None and tls_ca is None):
+        raise click.UsageError("a client certificate takes --tls-cert, --tls-key and --tls-ca")
+    if tls_ca is None:
+        channel = grpc.insecure_channel(target)
+    else:
+        key = tls_key.read_bytes() if tls_key else None  # both or neither (checked above)
+        chain = tls_cert.read_bytes() if tls_cert else None
+        credentials = grpc.ssl_channel_credentials(tls_ca.read_bytes(), key, chain)
+        channel = grpc.secure_channel(target, credentials)
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
     with channel:
         _wait_until_serving(channel, target, wait)
