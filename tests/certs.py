@@ -12,6 +12,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from server.tls import TlsFiles
+
 
 @dataclass(frozen=True)
 class Pem:
@@ -88,3 +90,23 @@ def _pem(cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> Pem:
             serialization.NoEncryption(),
         ),
     )
+
+
+@dataclass(frozen=True)
+class MutualTls:
+    """A server's files requiring client certificates, and a client's files to pass them."""
+
+    server: TlsFiles
+    ca: Path
+    client_cert: Path
+    client_key: Path
+
+
+def mutual_tls(folder: Path) -> MutualTls:
+    """A fresh CA, a server certificate for 127.0.0.1 and a client certificate, in folder."""
+    ca = Authority.create("test CA")
+    cert, key = ca.issue("discountd", server=True).write(folder, "server")
+    client_cert, client_key = ca.issue("client", server=False).write(folder, "client")
+    ca_file = folder / "ca.crt"
+    ca_file.write_bytes(ca.pem.cert)
+    return MutualTls(TlsFiles(cert, key, client_ca=ca_file), ca_file, client_cert, client_key)

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from certs import Authority
+from certs import Authority, mutual_tls
 from cli import ctl
 from click.testing import CliRunner
 from hypothesis import given, settings
@@ -187,23 +187,18 @@ def test_over_tls_with_the_servers_ca(
 def test_over_mutual_tls_with_a_client_certificate(
     model_store: Path, shop_db: str, token: str, tmp_path: Path
 ) -> None:
-    ca = Authority.create("replay test CA")
-    cert, key = ca.issue("discountd", server=True).write(tmp_path / "tls", "server")
-    client_cert, client_key = ca.issue("replay", server=False).write(tmp_path / "tls", "client")
-    ca_file = tmp_path / "ca.crt"
-    ca_file.write_bytes(ca.pem.cert)
-    files = TlsFiles(cert, key, client_ca=ca_file)
-    running = ServerThread(server_settings(model_store, shop_db, auth="required", tls=files))
+    tls = mutual_tls(tmp_path)
+    running = ServerThread(server_settings(model_store, shop_db, auth="required", tls=tls.server))
     try:
         args = ["--target", running.target, "--users-from", str(_users_file(tmp_path)),
-                "--shoppers", "4", "--token", token, "--tls-ca", str(ca_file)]  # fmt: skip
+                "--shoppers", "4", "--token", token, "--tls-ca", str(tls.ca)]  # fmt: skip
         without = CliRunner().invoke(replay_command, [*args, "--wait", "1"])
         assert without.exit_code == 1 and "not SERVING" in without.output
-        client = ["--tls-cert", str(client_cert), "--tls-key", str(client_key)]
+        client = ["--tls-cert", str(tls.client_cert), "--tls-key", str(tls.client_key)]
         result = CliRunner().invoke(replay_command, [*args, *client, "--wait", "10"])
         assert result.exit_code == 0, result.output
         assert "4/4 shoppers" in result.stderr
-        half = CliRunner().invoke(replay_command, [*args, "--tls-cert", str(client_cert)])
+        half = CliRunner().invoke(replay_command, [*args, "--tls-cert", str(tls.client_cert)])
         assert half.exit_code == 2 and "takes --tls-cert, --tls-key and --tls-ca" in half.output
     finally:
         running.close()

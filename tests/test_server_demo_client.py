@@ -61,28 +61,21 @@ def test_demo_client_sends_its_token_when_auth_is_required(
 
 
 def test_demo_client_reaches_a_server_with_mutual_tls(tmp_path: Path, model_store: Path) -> None:
-    from certs import Authority
+    from certs import mutual_tls
     from secure_server import ServerThread, settings
 
-    from server.tls import TlsFiles
-
-    ca = Authority.create("demo client test CA")
-    cert, key = ca.issue("discountd", server=True).write(tmp_path, "server")
-    client_cert, client_key = ca.issue("demo", server=False).write(tmp_path, "client")
-    ca_file = tmp_path / "ca.crt"
-    ca_file.write_bytes(ca.pem.cert)
-    tls = TlsFiles(cert, key, client_ca=ca_file)
-    running = ServerThread(settings(model_store, None, tls=tls))
+    tls = mutual_tls(tmp_path)
+    running = ServerThread(settings(model_store, None, tls=tls.server))
     try:
         args = ["--target", running.target, "--user", "user-0", "--wait", "2",
-                "--tls-ca", str(ca_file)]  # fmt: skip
+                "--tls-ca", str(tls.ca)]  # fmt: skip
         without = CliRunner().invoke(main, args)
         assert without.exit_code == 1 and "not SERVING" in without.output
-        client = ["--tls-cert", str(client_cert), "--tls-key", str(client_key)]
+        client = ["--tls-cert", str(tls.client_cert), "--tls-key", str(tls.client_key)]
         allowed = CliRunner().invoke(main, [*args, *client])
         assert allowed.exit_code == 0, allowed.output
         assert "user-0 — known user" in allowed.output
-        half = CliRunner().invoke(main, [*args, "--tls-key", str(client_key)])
+        half = CliRunner().invoke(main, [*args, "--tls-key", str(tls.client_key)])
         assert half.exit_code == 2 and "takes --tls-cert, --tls-key and --tls-ca" in half.output
     finally:
         running.close()

@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from core.artifact import ArtifactError, current_version_dir
 from discount.v1 import discount_pb2 as pb
 from discount.v1 import discount_pb2_grpc as pb_grpc
+from trainer.client_tls import channel_credentials, tls_client_options
 
 COLD_START = {
     pb.COLD_START_UNSPECIFIED: "known user",
@@ -40,21 +41,7 @@ COLD_START = {
     envvar="DISCOUNT_CLIENT_TOKEN",
     help="Client token (discountctl clients create) when discountd runs with --auth required.",
 )
-@click.option(
-    "--tls-ca",
-    type=click.Path(path_type=Path, dir_okay=False, exists=True),
-    help="PEM CA that signed discountd's certificate; without it the channel is plaintext.",
-)
-@click.option(
-    "--tls-cert",
-    type=click.Path(path_type=Path, dir_okay=False, exists=True),
-    help="PEM client certificate, for a discountd with mutual TLS; with --tls-key and --tls-ca.",
-)
-@click.option(
-    "--tls-key",
-    type=click.Path(path_type=Path, dir_okay=False, exists=True),
-    help="PEM private key of --tls-cert.",
-)
+@tls_client_options
 def main(
     target: str,
     model_dir: Path | None,
@@ -70,15 +57,12 @@ def main(
     known = list(users) or _first_users(model_dir, 3)
     if not known:
         raise click.UsageError("give --user ID (repeatable) or --model-dir to pick users from")
-    if (tls_cert is None) != (tls_key is None) or (tls_cert is not None and tls_ca is None):
-        raise click.UsageError("a client certificate takes --tls-cert, --tls-key and --tls-ca")
-    if tls_ca is None:
-        channel = grpc.insecure_channel(target)
-    else:
-        key = tls_key.read_bytes() if tls_key else None  # both or neither (checked above)
-        chain = tls_cert.read_bytes() if tls_cert else None
-        credentials = grpc.ssl_channel_credentials(tls_ca.read_bytes(), key, chain)
-        channel = grpc.secure_channel(target, credentials)
+    credentials = channel_credentials(tls_ca, tls_cert, tls_key)
+    channel = (
+        grpc.insecure_channel(target)
+        if credentials is None
+        else grpc.secure_channel(target, credentials)
+    )
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
     with channel:
         _wait_until_serving(channel, target, wait)

@@ -37,6 +37,7 @@ from core.store.db import first_line
 from core.store.events import EVENT_ID_REUSED
 from discount.v1 import discount_pb2 as pb
 from discount.v1 import discount_pb2_grpc as pb_grpc
+from trainer.client_tls import channel_credentials, tls_client_options
 from trainer.data import CORRUPT_COMPRESSED
 from trainer.market import Market, MarketConfig, make_market
 from trainer.options import MAX_ROWS, SEED, FiniteFloat
@@ -72,9 +73,8 @@ class ReplayConfig:
     new_visitor_share: float = 0.1
     batch_size: int = 500
     token: str | None = None
-    tls_ca: bytes | None = None  # PEM; None means a plaintext channel
-    # (certificate chain, private key) in PEM, for a discountd with mutual TLS.
-    tls_client: tuple[bytes, bytes] | None = None
+    # trainer.client_tls.channel_credentials; None means a plaintext channel.
+    credentials: grpc.ChannelCredentials | None = None
     wait_s: float = 30.0
 
 
@@ -193,11 +193,9 @@ def _add(total: Tally, one: Tally) -> None:
 
 
 def _channel(config: ReplayConfig) -> grpc.aio.Channel:
-    if config.tls_ca is None:
+    if config.credentials is None:
         return grpc.aio.insecure_channel(config.target)
-    chain, key = config.tls_client or (None, None)
-    credentials = grpc.ssl_channel_credentials(config.tls_ca, key, chain)
-    return grpc.aio.secure_channel(config.target, credentials)
+    return grpc.aio.secure_channel(config.target, config.credentials)
 
 
 async def _wait_until_serving(channel: grpc.aio.Channel, config: ReplayConfig) -> None:
@@ -448,22 +446,7 @@ def _table(result: ReplayResult) -> list[str]:
     help="Client token (discountctl clients create) when discountd runs with --auth required "
     "(env DISCOUNT_CLIENT_TOKEN).",
 )
-@click.option(
-    "--tls-ca",
-    type=click.Path(path_type=Path, dir_okay=False, exists=True),
-    help="PEM CA that signed discountd's certificate; without it the channel is plaintext.",
-)
-@click.option(
-    "--tls-cert",
-    type=click.Path(path_type=Path, dir_okay=False, exists=True),
-    help="PEM client certificate, for a discountd with mutual TLS (--tls-client-ca); with "
-    "--tls-key and --tls-ca.",
-)
-@click.option(
-    "--tls-key",
-    type=click.Path(path_type=Path, dir_okay=False, exists=True),
-    help="PEM private key of --tls-cert.",
-)
+@tls_client_options
 @click.option(
     "--wait",
     type=FiniteFloat(min=0),
@@ -508,15 +491,7 @@ def replay_command(
             "return, tab or non-ASCII character); check --token or DISCOUNT_CLIENT_TOKEN",
             param_hint="'--token'",
         )
-    ca = tls_ca.read_bytes() if tls_ca is not None else None
-    if ca is not None and b"-----BEGIN CERTIFICATE-----" not in ca:
-        raise click.BadParameter(
-            f"{tls_ca}: not a PEM certificate (no BEGIN CERTIFICATE line)",
-            param_hint="'--tls-ca'",
-        )
-    if (tls_cert is None) != (tls_key is None) or (tls_cert is not None and ca is None):
-        raise click.UsageError("a client certificate takes --tls-cert, --tls-key and --tls-ca")
-    client = (tls_cert.read_bytes(), tls_key.read_bytes()) if tls_cert and tls_key else None
+    credentials = channel_credentials(tls_ca, tls_cert, tls_key)
     config = ReplayConfig(
         target=target,
         shoppers=shoppers,
@@ -526,8 +501,7 @@ def replay_command(
         new_visitor_share=new_visitors,
         batch_size=batch_size,
         token=token,
-        tls_ca=ca,
-        tls_client=client,
+        credentials=credentials,
         wait_s=wait,
     )
     step = max(1, shoppers // 10)
