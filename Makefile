@@ -43,7 +43,7 @@ profile: $(STAMP)
 bench-gpu: $(STAMP)
 	PYTHON=$(BIN)/python bash bench/gpu.sh -- $(ARGS)
 
-# Load a running discountd (plaintext) with bench/loadtest.json, by ghz when it is on PATH, else
+# Load a running discountd with bench/loadtest.json, by ghz when it is on PATH, else
 # the built-in generator; e.g. make loadtest ARGS="--call check"
 loadtest: $(STAMP)
 	$(BIN)/python -m bench.load --config bench/loadtest.json $(ARGS)

@@ -37,7 +37,7 @@ def config(load: Load) -> dict[str, Any]:
     out: dict[str, Any] = {
         "host": load.target,
         "call": METHODS[load.call],
-        "insecure": True,
+        "insecure": not load.tls_ca,
         "concurrency": load.concurrency,
         "connections": load.connections,
         "timeout": "30s",
@@ -53,6 +53,9 @@ def config(load: Load) -> dict[str, Any]:
         out["duration-stop"] = "wait"
     if load.rate:
         out["rps"] = round(load.rate)
+    for key, name in (("cacert", load.tls_ca), ("cert", load.tls_cert), ("key", load.tls_key)):
+        if name:
+            out[key] = str(Path(name).resolve())  # ghz reads the config from a temp folder
     if load.token:
         out["metadata"] = {"authorization": f"Bearer {load.token}"}
     return out

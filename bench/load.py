@@ -34,6 +34,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from bench.artifacts import item_id, user_id
 from discount.v1 import discount_pb2 as pb
 from discount.v1 import discount_pb2_grpc as pb_grpc
+from trainer.client_tls import channel_credentials, tls_client_options
 
 CALLS = ("check", "recommend", "offers")
 
@@ -52,6 +53,11 @@ class Load:
     offer_items: int = 20  # items per GetOffers call
     limit: int = 10
     token: str = ""  # bearer token for a server with --auth required
+    # PEM files: the CA that signed the server's certificate (no CA: plaintext), and a client
+    # certificate and its key for a server with mutual TLS.
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
     seed: int = 0
 
 
@@ -86,11 +92,23 @@ def requests(load: Load) -> Any:
             yield pb.GetOffersRequest(user_id=user, item_ids=[item_id(i) for i in picks])
 
 
+def credentials(load: Load) -> grpc.ChannelCredentials | None:
+    """load's TLS files as channel credentials; None: plaintext. click's usage errors for files
+    that do not go together or a CA that is not PEM; OSError for a file that cannot be read."""
+    return channel_credentials(
+        *(Path(name) if name else None for name in (load.tls_ca, load.tls_cert, load.tls_key))
+    )
+
+
 async def run(load: Load) -> Report:
     metadata = (("authorization", f"Bearer {load.token}"),) if load.token else None
+    tls = credentials(load)
     # Each channel its own subchannel pool: channels with equal arguments share one connection.
+    options = [("grpc.use_local_subchannel_pool", 1)]
     channels = [
-        aio.insecure_channel(load.target, options=[("grpc.use_local_subchannel_pool", 1)])
+        aio.secure_channel(load.target, tls, options=options)
+        if tls
+        else aio.insecure_channel(load.target, options=options)
         for _ in range(load.connections)
     ]
     try:
@@ -172,7 +190,7 @@ async def _drive(load: Load, methods: list[Any], metadata: Any) -> Report:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="JSON object with any of the options below (flags override it).",
 )
-@click.option("--target", help="host:port of a plaintext discountd.")
+@click.option("--target", help="host:port of discountd.")
 @click.option("--call", type=click.Choice(CALLS), help="check: health Check (the ceiling).")
 @click.option("--concurrency", type=click.IntRange(1), help="Calls in flight at once.")
 @click.option(
@@ -193,6 +211,7 @@ async def _drive(load: Load, methods: list[Any], metadata: Any) -> Report:
     help="Bearer token when the server has --auth required (env DISCOUNT_CLIENT_TOKEN: a flag "
     "shows in ps).",
 )
+@tls_client_options
 @click.option(
     "--generator",
     type=click.Choice(["auto", "ghz", "builtin"]),
@@ -212,8 +231,14 @@ def main(config: Path | None, generator: str, **flags: Any) -> None:
         unknown = sorted(set(values) - known)
         if unknown:
             raise click.UsageError(f"--config {config}: unknown keys {', '.join(unknown)}")
-    values.update({k: v for k, v in flags.items() if v is not None})
+    values.update(
+        {k: str(v) if isinstance(v, Path) else v for k, v in flags.items() if v is not None}
+    )
     load = Load(**values)
+    try:
+        credentials(load)  # bad TLS files are usage errors before any call
+    except OSError as e:
+        raise click.UsageError(f"cannot read a TLS file: {e}") from None
     ghz = shutil.which("ghz") if generator != "builtin" else None
     if generator == "ghz" and ghz is None:
         raise click.UsageError("--generator ghz: no ghz on PATH")

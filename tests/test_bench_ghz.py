@@ -107,6 +107,23 @@ def test_a_config_file_gives_the_options_and_flags_override_it(tmp_path: Path) -
     assert (seen["concurrency"], seen["duration"]) == (5, "3s")
 
 
+def test_tls_files_reach_ghz_as_its_own_options(tmp_path: Path) -> None:
+    from certs import mutual_tls
+
+    tls = mutual_tls(tmp_path)
+    done = _load(
+        tmp_path, "--target", "127.0.0.1:1", "--total", "5", "--tls-ca", str(tls.ca),
+        "--tls-cert", str(tls.client_cert), "--tls-key", str(tls.client_key),
+        path=_with_stand_in(tmp_path),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    seen = json.loads((tmp_path / "seen.json").read_text())
+    assert seen["insecure"] is False
+    assert (seen["cacert"], seen["cert"], seen["key"]) == (
+        str(tls.ca), str(tls.client_cert), str(tls.client_key)
+    )  # fmt: skip
+
+
 def test_ghz_asked_for_but_not_on_path_is_a_usage_error(tmp_path: Path) -> None:
     done = _load(tmp_path, "--generator", "ghz", path=str(tmp_path))
     assert done.returncode == 2

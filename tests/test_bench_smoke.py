@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,37 @@ def test_calls_spread_over_the_connections_asked_for() -> None:
     report = load_health(Recording(), concurrency=6, connections=3, total=60)
     assert report.requests == 60 and report.connections == 3
     assert len(set(peers)) == 3  # three client ports: three TCP connections
+
+
+def test_the_load_generator_reaches_a_server_with_mutual_tls(
+    tmp_path: Path, model_store: Path
+) -> None:
+    """A production discountd takes only TLS, often with client certificates; the load generator
+    must be able to load one (it was plaintext only)."""
+    from certs import mutual_tls
+    from secure_server import ServerThread, settings
+
+    tls = mutual_tls(tmp_path)
+    running = ServerThread(settings(model_store, None, tls=tls.server))
+    files = {"tls_ca": str(tls.ca), "tls_cert": str(tls.client_cert)}
+    try:
+        target = load.Load(target=running.target, call="recommend", total=20, concurrency=2)
+        report = asyncio.run(load.run(replace(target, **files, tls_key=str(tls.client_key))))
+        assert report.requests == 20 and report.errors == {}, report
+        half = CliRunner().invoke(
+            load.main, ["--target", running.target, "--tls-cert", files["tls_cert"]]
+        )
+        assert half.exit_code == 2 and "takes --tls-cert, --tls-key and --tls-ca" in half.output
+    finally:
+        running.close()
+
+
+def test_tls_files_in_the_config_that_cannot_be_read_are_a_usage_error(tmp_path: Path) -> None:
+    config = tmp_path / "load.json"
+    config.write_text(json.dumps({"target": "127.0.0.1:1", "tls_ca": str(tmp_path / "gone.crt")}))
+    result = CliRunner().invoke(load.main, ["--config", str(config)])
+    assert result.exit_code == 2 and "cannot read a TLS file" in result.output
+    assert "gone.crt" in result.output
 
 
 def test_the_load_generator_runs_without_the_training_extra() -> None:

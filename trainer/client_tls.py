@@ -1,5 +1,6 @@
-"""TLS for the project's own gRPC clients (`discount-train replay`, tools/demo_client): the
---tls-ca, --tls-cert and --tls-key options and the channel credentials they make."""
+"""TLS for the project's own gRPC clients (`discount-train replay`, tools/demo_client,
+bench.load): the --tls-ca, --tls-cert and --tls-key options and the channel credentials they
+make."""
 
 from __future__ import annotations
 
