@@ -16,7 +16,7 @@ from grpc import aio
 from grpc_status import rpc_status
 
 from core import offer_token
-from core.store.events import EventIn, Verdict
+from core.store.events import MAX_BATCH, EventIn, Verdict
 from discount.v1 import discount_pb2 as pb
 from discount.v1 import discount_pb2_grpc as pb_grpc
 from server.batching import Batcher
@@ -77,7 +77,6 @@ VALIDITY = {
     offer_token.TokenStatus.TAMPERED: pb.OFFER_VALIDITY_TAMPERED,
     offer_token.TokenStatus.EXPIRED: pb.OFFER_VALIDITY_EXPIRED,
 }
-MAX_EVENTS = 1000
 MAX_TOKEN_CHARS = 4096
 
 
@@ -277,12 +276,12 @@ class DiscountService(pb_grpc.DiscountServiceServicer):
     async def RecordEvents(
         self, request: pb.RecordEventsRequest, context: Context
     ) -> pb.RecordEventsResponse:
-        if len(request.events) > MAX_EVENTS:
+        if len(request.events) > MAX_BATCH:
             raise InvalidRequest(
                 [
                     FieldViolation(
                         "events",
-                        f"at most {MAX_EVENTS} per call, got {len(request.events)}; split it",
+                        f"at most {MAX_BATCH} per call, got {len(request.events)}; split it",
                     )
                 ]
             )
