@@ -30,7 +30,6 @@ from server.errors import (
     UnknownIds,
 )
 from server.limits import (
-    MAX_CONCURRENT_RPCS,
     MAX_ERROR_BYTES,
     MAX_VIOLATION_BYTES,
     MAX_VIOLATIONS,
@@ -140,14 +139,14 @@ class DiscountService(pb_grpc.DiscountServiceServicer):
         self,
         store: ModelStore,
         requested_device: str,
-        offering: Offering | None = None,
-        metrics: Metrics | None = None,
-        batcher: Batcher | None = None,
-        max_in_flight: int = MAX_CONCURRENT_RPCS,
+        offering: Offering | None,
+        metrics: Metrics,
+        batcher: Batcher | None,
+        max_in_flight: int,
     ) -> None:
         self.max_in_flight = max_in_flight
         self.in_flight = 0
-        self._metrics = metrics or Metrics()
+        self._metrics = metrics
         self._batcher = batcher
         self._store = store
         self._requested_device = requested_device
