@@ -151,14 +151,12 @@ class ExperimentDef:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """Everything the pipeline reads from the store, as of ``loaded_at``. Immutable: a refresh
+    """Everything the pipeline reads from the store, as of one load. Immutable: a refresh
     builds a new one, so a request never sees half an update."""
 
     segments: tuple[SegmentDef, ...] = ()  # ascending priority
     rules: tuple[RuleDef, ...] = ()  # descending priority
     experiments: tuple[ExperimentDef, ...] = ()  # running ones, the first started first
-    active_model: str | None = None
-    loaded_at: datetime | None = None
 
     def segment(self, name: str) -> SegmentDef | None:
         return next((s for s in self.segments if s.name == name), None)

@@ -22,8 +22,6 @@ class ShopFacts:
     assumed_costs: frozenset[str]
     categories: dict[str, str]
     user_features: dict[str, dict[str, float | str]]
-    # When the features were measured (the data's last timestamp), RFC 3339 or "".
-    features_as_of: str
 
 
 # The most the store's offer log holds (Offer.base_price, NUMERIC(12, 2)): an item priced above
@@ -71,7 +69,6 @@ def load_shop_facts(version_dir: Path) -> ShopFacts:
             str(user): {c: row[i] for i, c in known}
             for user, row in zip(users, raw.get("rows", []), strict=False)
         }
-        features_as_of = str(raw.get("reference_time", ""))
     except (AttributeError, IndexError, KeyError, TypeError) as e:
         raise ArtifactError(f"{version_dir}: malformed user_features.json ({e!r})") from None
     return ShopFacts(
@@ -80,5 +77,4 @@ def load_shop_facts(version_dir: Path) -> ShopFacts:
         assumed_costs=frozenset(i for i, a in zip(ids, assumed, strict=True) if a),
         categories={i: str(c) for i, c in zip(ids, categories, strict=True)},
         user_features=features,
-        features_as_of=features_as_of,
     )

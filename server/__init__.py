@@ -1,4 +1,5 @@
-"""discountd: the gRPC server. Serving needs ONNX Runtime, numpy and grpcio, never torch."""
+"""discountd: the gRPC server. Serving needs ONNX Runtime, numpy, grpcio and SQLAlchemy, never
+torch."""
 
 import os
 

@@ -56,11 +56,11 @@ class DiscountServer:
         settings: Settings,
         grpc_server: aio.Server,
         store: ModelStore,
-        offering: Offering | None = None,
-        clients: ClientRegistry | None = None,
-        tls: TlsCredentials | None = None,
-        metrics: Metrics | None = None,
-        response_stamp: Stamp = None,
+        offering: Offering | None,
+        clients: ClientRegistry | None,
+        tls: TlsCredentials | None,
+        metrics: Metrics,
+        response_stamp: Stamp,
     ) -> None:
         self.settings = settings
         self.grpc = grpc_server
@@ -68,7 +68,7 @@ class DiscountServer:
         self.offering = offering
         self.clients = clients
         self.tls = tls
-        self.metrics = metrics or Metrics()
+        self.metrics = metrics
         # Bound by start() when settings.metrics_port is set.
         self.metrics_port: int | None = None
         # The response model folder's stamp when the serving one was loaded from it.

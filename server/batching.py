@@ -21,7 +21,7 @@ Pending = tuple[ModelVersion, Plan, "asyncio.Future[Recommendation]"]
 
 
 class Batcher:
-    def __init__(self, max_batch: int, max_wait_us: int, metrics: Metrics | None = None) -> None:
+    def __init__(self, max_batch: int, max_wait_us: int, metrics: Metrics) -> None:
         self.max_batch = max_batch
         self.max_wait = max_wait_us / 1e6
         self._model_free = asyncio.Lock()  # held from a batch's start to the end of its run
@@ -79,8 +79,7 @@ class Batcher:
         try:
             # ONNX Runtime releases the GIL; a worker thread keeps the event loop answering.
             items, scores = await asyncio.to_thread(run_plans, model, plans)
-            if self._metrics is not None:
-                self._metrics.batch_size.observe(len(batch))
+            self._metrics.batch_size.observe(len(batch))
             for row, (_, plan, future) in enumerate(batch):
                 if not future.done():  # the caller may have gone (cancelled)
                     future.set_result(finish(model, plan, items[row], scores[row]))

@@ -89,7 +89,7 @@ class AccessLogInterceptor(Interceptor):
     repeats them for plain-text handlers.
     """
 
-    def __init__(self, metrics: Metrics | None = None) -> None:
+    def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
 
     async def intercept_service(
@@ -117,9 +117,8 @@ class AccessLogInterceptor(Interceptor):
                     code = context.code() or fallback
                     name = code.name if isinstance(code, grpc.StatusCode) else str(code)
                     client = client_name.get()
-                    if metrics is not None:
-                        metrics.requests.labels(short, name, client).inc()
-                        metrics.latency.labels(short).observe(seconds)
+                    metrics.requests.labels(short, name, client).inc()
+                    metrics.latency.labels(short).observe(seconds)
                     level = _LEVELS.get(name, logging.INFO)
                     if log.isEnabledFor(level):
                         rid = request_id.get()

@@ -85,7 +85,7 @@ def shorten(text: str, limit: int) -> str:
 
 
 def grpc_options(
-    share_port: bool, max_connection_age: float = 0.0, grace: float = MAX_CONNECTION_AGE_GRACE_S
+    share_port: bool, max_connection_age: float, grace: float
 ) -> list[tuple[str, int]]:
     """share_port: let other processes bind the same port (SO_REUSEPORT, which gRPC sets on
     Linux unless told not to); only --workers wants it. Left on for one process, a second

@@ -16,7 +16,7 @@ from grpc import aio
 from grpc_status import rpc_status
 
 from core import offer_token
-from core.store.events import EventIn, Verdict
+from core.store.events import MAX_BATCH, EventIn, Verdict
 from discount.v1 import discount_pb2 as pb
 from discount.v1 import discount_pb2_grpc as pb_grpc
 from server.batching import Batcher
@@ -30,7 +30,6 @@ from server.errors import (
     UnknownIds,
 )
 from server.limits import (
-    MAX_CONCURRENT_RPCS,
     MAX_ERROR_BYTES,
     MAX_VIOLATION_BYTES,
     MAX_VIOLATIONS,
@@ -77,7 +76,6 @@ VALIDITY = {
     offer_token.TokenStatus.TAMPERED: pb.OFFER_VALIDITY_TAMPERED,
     offer_token.TokenStatus.EXPIRED: pb.OFFER_VALIDITY_EXPIRED,
 }
-MAX_EVENTS = 1000
 MAX_TOKEN_CHARS = 4096
 
 
@@ -141,14 +139,14 @@ class DiscountService(pb_grpc.DiscountServiceServicer):
         self,
         store: ModelStore,
         requested_device: str,
-        offering: Offering | None = None,
-        metrics: Metrics | None = None,
-        batcher: Batcher | None = None,
-        max_in_flight: int = MAX_CONCURRENT_RPCS,
+        offering: Offering | None,
+        metrics: Metrics,
+        batcher: Batcher | None,
+        max_in_flight: int,
     ) -> None:
         self.max_in_flight = max_in_flight
         self.in_flight = 0
-        self._metrics = metrics or Metrics()
+        self._metrics = metrics
         self._batcher = batcher
         self._store = store
         self._requested_device = requested_device
@@ -277,12 +275,12 @@ class DiscountService(pb_grpc.DiscountServiceServicer):
     async def RecordEvents(
         self, request: pb.RecordEventsRequest, context: Context
     ) -> pb.RecordEventsResponse:
-        if len(request.events) > MAX_EVENTS:
+        if len(request.events) > MAX_BATCH:
             raise InvalidRequest(
                 [
                     FieldViolation(
                         "events",
-                        f"at most {MAX_EVENTS} per call, got {len(request.events)}; split it",
+                        f"at most {MAX_BATCH} per call, got {len(request.events)}; split it",
                     )
                 ]
             )

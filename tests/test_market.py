@@ -9,11 +9,9 @@ import pandas as pd
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from core.features import NUMERIC_FEATURES
 from trainer.market import (
-    EVENT_COLUMNS,
-    EVENT_TYPES,
     GRID,
-    OFFER_COLUMNS,
     Behaviour,
     MarketConfig,
     make_market,
@@ -21,6 +19,31 @@ from trainer.market import (
     randomized_discounts,
     simulate,
     write_logs,
+)
+
+# What write_logs writes: the offer log's columns and events in the RecordEvents shape.
+EVENT_TYPES = ("impression", "purchase", "redemption")
+OFFER_COLUMNS = (
+    "offer_id",
+    "user_id",
+    "item_id",
+    "rank",
+    "cf_score",
+    "price",
+    "cost",
+    "discount",
+    "propensity",
+    *NUMERIC_FEATURES,
+)
+EVENT_COLUMNS = (
+    "event_id",
+    "type",
+    "user_id",
+    "item_id",
+    "offer_id",
+    "revenue",
+    "quantity",
+    "timestamp",
 )
 
 CONFIG = MarketConfig(n_users=300, n_items=60, visits=2, seed=3)

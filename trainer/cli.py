@@ -1,4 +1,5 @@
-"""``discount-train``: make a synthetic shop, or fit a recommendation model on a shop's history."""
+"""``discount-train``: the command group, with synth and fit; the discount commands are in
+trainer.cli_discounts, replay in trainer.replay."""
 
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ def _err(line: str) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
-    """Train discountd's recommendation model from a shop's purchase history."""
+    """Train discountd's models from a shop's history: the recommendation model (fit) and the
+    discount response model (response); simulate, evaluate and replay shoppers to try them."""
 
 
 @main.command()

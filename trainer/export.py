@@ -15,7 +15,6 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
@@ -226,15 +225,6 @@ class ScoreGraph(RecommenderGraph):
         return torch.where(items >= 0, scores, float("-inf"))
 
 
-@dataclass(frozen=True)
-class ParityReport:
-    """How ONNX Runtime compared with PyTorch on the parity batch."""
-
-    rows: int
-    max_score_diff: float
-    exact_item_positions: float  # share of positions with the very same item (ties may swap)
-
-
 def item_categories(catalog: Catalog) -> tuple[Ints, int]:
     """Each item's index in the category vocabulary the server builds too, and its size."""
     vocabulary = category_vocabulary(catalog.categories)
@@ -275,7 +265,7 @@ def export_score_onnx(factors: Factors, item_category: Ints, path: Path) -> None
     check_score_parity(module, path, factors)
 
 
-def check_score_parity(module: ScoreGraph, path: Path, factors: Factors, rows: int = 64) -> float:
+def check_score_parity(module: ScoreGraph, path: Path, factors: Factors, rows: int = 64) -> None:
     """ONNX Runtime's named-item scores against PyTorch's full score rows, read at those items:
     the same -inf padding, and finite scores within SCORE_TOLERANCE."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -293,19 +283,18 @@ def check_score_parity(module: ScoreGraph, path: Path, factors: Factors, rows: i
     max_diff = float(np.abs(onnx_scores[finite] - expected[finite]).max(initial=0.0))
     if max_diff > SCORE_TOLERANCE:
         raise ExportError(f"score.onnx differs from PyTorch by up to {max_diff:.2e}")
-    return max_diff
 
 
 def check_parity(
     module: RecommenderGraph, path: Path, factors: Factors, n_categories: int, rows: int = 64
-) -> ParityReport:
+) -> None:
     """Run random users (trained and folded-in, with exclusions and category masks) through
     PyTorch and ONNX Runtime, once with some categories filtered out and once with none (the
     graph's two branches); the top-k must agree and scores stay within SCORE_TOLERANCE."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     filtered = _example_inputs(factors, n_categories, batch=rows, seed=1)
     unfiltered = [*filtered[:3], np.ones_like(filtered[3]), filtered[4]]
-    max_diff, same, finite_count = 0.0, 0, 0
+    max_diff = 0.0
     for inputs in (filtered, unfiltered):
         feeds = dict(zip(INPUT_NAMES, inputs, strict=True))
         onnx_items, onnx_scores = session.run(OUTPUT_NAMES, feeds)
@@ -328,9 +317,6 @@ def check_parity(
         picked = all_scores[rows_idx[0], onnx_items[rows_idx]]
         if np.any(np.abs(picked - torch_scores[rows_idx]) > SCORE_TOLERANCE):
             raise ExportError("ONNX top-k items differ from PyTorch's beyond ties")
-        same += int(at_same[finite].sum())
-        finite_count += int(finite.sum())
-    return ParityReport(2 * rows, max_diff, same / finite_count if finite_count else 1.0)
 
 
 def _full_scores(module: RecommenderGraph, inputs: list[Tensor]) -> np.ndarray[Any, Any]:

@@ -29,29 +29,6 @@ from trainer.files import replace_files
 # Candidate discounts (fractions of the base price): the randomized logging grid and the only
 # discounts a policy may choose here, so that off-policy estimates have support for every choice.
 GRID: tuple[float, ...] = (0.0, 0.05, 0.10, 0.15, 0.20, 0.25, 0.30)
-EVENT_TYPES = ("impression", "purchase", "redemption")
-OFFER_COLUMNS = (
-    "offer_id",
-    "user_id",
-    "item_id",
-    "rank",
-    "cf_score",
-    "price",
-    "cost",
-    "discount",
-    "propensity",
-    *NUMERIC_FEATURES,
-)
-EVENT_COLUMNS = (
-    "event_id",
-    "type",
-    "user_id",
-    "item_id",
-    "offer_id",
-    "revenue",
-    "quantity",
-    "timestamp",
-)
 # Each purpose draws from a stream of its own, SeedSequence([seed(s)..., purpose]); the market
 # draws from the seed alone. Purposes are distinct and non-zero, since [seed, 0] is the seed's own
 # stream. (Offers once drew from [seed, seed]: the market's stream for seed 0, the discount

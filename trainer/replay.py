@@ -34,7 +34,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from core.artifact import ArtifactError, current_version_dir
 from core.store.db import first_line
-from core.store.events import EVENT_ID_REUSED
+from core.store.events import EVENT_ID_REUSED, MAX_BATCH
 from discount.v1 import discount_pb2 as pb
 from discount.v1 import discount_pb2_grpc as pb_grpc
 from trainer.client_tls import channel_credentials, tls_client_options
@@ -53,7 +53,6 @@ UNRANKED_RELEVANCE = -0.5
 SHOPPER_PICKS = 4  # its random stream: trainer.market's purposes are 1 to 3
 # A shopper clicks up to this many times as often as they buy; every purchase follows a click.
 CLICKS_PER_PURCHASE = 4.0
-MAX_EVENTS_PER_CALL = 1000
 CALL_TIMEOUT_S = 30.0
 RECORD_RETRIES = 3
 NO_VARIANT = "(none)"
@@ -249,7 +248,7 @@ class _Replay:
         return self.result
 
     async def _worker(self) -> None:
-        size = min(self.config.batch_size, MAX_EVENTS_PER_CALL)
+        size = min(self.config.batch_size, MAX_BATCH)
         while self.next < len(self.shoppers):
             index, self.next = self.next, self.next + 1
             await self._shop(index)
@@ -303,7 +302,7 @@ class _Replay:
             )
 
     def _take(self) -> list[pb.Event]:
-        size = min(self.config.batch_size, MAX_EVENTS_PER_CALL)
+        size = min(self.config.batch_size, MAX_BATCH)
         batch, self.pending = self.pending[:size], self.pending[size:]
         return batch
 
@@ -435,7 +434,7 @@ def _table(result: ReplayResult) -> list[str]:
 )
 @click.option(
     "--batch-size",
-    type=click.IntRange(1, MAX_EVENTS_PER_CALL),
+    type=click.IntRange(1, MAX_BATCH),
     default=500,
     show_default=True,
     help="Events per RecordEvents call.",

@@ -22,6 +22,8 @@ from sqlalchemy.orm import Session
 from core.store.tables import BUYING, EVENT_TYPES, Event, Offer
 from core.store.validate import CONTROL_CHARACTERS
 
+# RecordEvents' cap (discount.proto): discountd refuses a larger call, discount-train replay sends
+# no larger one.
 MAX_BATCH = 1000
 MAX_FUTURE = timedelta(days=1)
 # Items are what impressions, clicks, carts and purchases are about; a redemption names an offer.

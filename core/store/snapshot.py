@@ -18,7 +18,6 @@ from core.segments import Condition, ConditionError, parse_condition
 from core.store.experiments import Experiments
 from core.store.tables import (
     Event,
-    ModelVersion,
     Offer,
     Rule,
     Segment,
@@ -192,5 +191,4 @@ def load_snapshot(session: Session, now: datetime, held: Held | None = None) -> 
         )
         for e in Experiments(session).running()
     )
-    active = session.scalar(select(ModelVersion.version).where(ModelVersion.status == "active"))
-    return Snapshot(segments, tuple(rules.values()), experiments, active, now)
+    return Snapshot(segments, tuple(rules.values()), experiments)
