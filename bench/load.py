@@ -34,7 +34,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from bench.artifacts import item_id, user_id
 from discount.v1 import discount_pb2 as pb
 from discount.v1 import discount_pb2_grpc as pb_grpc
-from trainer.client_tls import channel_credentials, tls_client_options
+from trainer.client_auth import channel_credentials, check_token, client_options
 
 CALLS = ("check", "recommend", "offers")
 
@@ -205,13 +205,7 @@ async def _drive(load: Load, methods: list[Any], metadata: Any) -> Report:
 @click.option("--users", type=click.IntRange(1), help="User ids user-0 .. user-N-1.")
 @click.option("--items", type=click.IntRange(1), help="Catalog size (item-0 ..) for offers.")
 @click.option("--offer-items", type=click.IntRange(1), help="Items per GetOffers call.")
-@click.option(
-    "--token",
-    envvar="DISCOUNT_CLIENT_TOKEN",
-    help="Bearer token when the server has --auth required (env DISCOUNT_CLIENT_TOKEN: a flag "
-    "shows in ps).",
-)
-@tls_client_options
+@client_options
 @click.option(
     "--generator",
     type=click.Choice(["auto", "ghz", "builtin"]),
@@ -235,6 +229,7 @@ def main(config: Path | None, generator: str, **flags: Any) -> None:
         {k: str(v) if isinstance(v, Path) else v for k, v in flags.items() if v is not None}
     )
     load = Load(**values)
+    check_token(load.token)  # the config's too
     try:
         credentials(load)  # bad TLS files are usage errors before any call
     except OSError as e:

@@ -149,6 +149,14 @@ def test_the_load_generator_reaches_a_server_with_mutual_tls(
         running.close()
 
 
+def test_a_token_grpc_cannot_send_is_refused_from_the_flag_and_the_config(tmp_path: Path) -> None:
+    config = tmp_path / "load.json"
+    config.write_text(json.dumps({"target": "127.0.0.1:1", "token": "sec\nret"}))
+    for args in (["--config", str(config)], ["--target", "127.0.0.1:1", "--token", "sécret"]):
+        result = CliRunner().invoke(load.main, args)
+        assert result.exit_code == 2 and "must be printable ASCII" in result.output, result.output
+
+
 def test_tls_files_in_the_config_that_cannot_be_read_are_a_usage_error(tmp_path: Path) -> None:
     config = tmp_path / "load.json"
     config.write_text(json.dumps({"target": "127.0.0.1:1", "tls_ca": str(tmp_path / "gone.crt")}))

@@ -79,3 +79,12 @@ def test_demo_client_reaches_a_server_with_mutual_tls(tmp_path: Path, model_stor
         assert half.exit_code == 2 and "takes --tls-cert, --tls-key and --tls-ca" in half.output
     finally:
         running.close()
+
+
+def test_a_token_grpc_cannot_send_is_refused_before_any_call() -> None:
+    """As replay refuses it (trainer.client_auth): the demo client gave a traceback."""
+    args = ["--target", "127.0.0.1:9", "--user", "user-0", "--wait", "5"]
+    result = CliRunner().invoke(main, args, env={"DISCOUNT_CLIENT_TOKEN": "sec\nret"})
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for '--token': must be printable ASCII" in result.output
+    assert "not SERVING" not in result.output

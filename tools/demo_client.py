@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from core.artifact import ArtifactError, current_version_dir
 from discount.v1 import discount_pb2 as pb
 from discount.v1 import discount_pb2_grpc as pb_grpc
-from trainer.client_tls import channel_credentials, tls_client_options
+from trainer.client_auth import channel_credentials, client_options
 
 COLD_START = {
     pb.COLD_START_UNSPECIFIED: "known user",
@@ -36,12 +36,7 @@ COLD_START = {
 @click.option("--user", "users", multiple=True, help="Known user id to show (repeatable).")
 @click.option("--limit", default=5, show_default=True, help="Items per user.")
 @click.option("--wait", default=30.0, show_default=True, help="Seconds to wait for SERVING.")
-@click.option(
-    "--token",
-    envvar="DISCOUNT_CLIENT_TOKEN",
-    help="Client token (discountctl clients create) when discountd runs with --auth required.",
-)
-@tls_client_options
+@client_options
 def main(
     target: str,
     model_dir: Path | None,

@@ -37,7 +37,7 @@ from core.store.db import first_line
 from core.store.events import EVENT_ID_REUSED, MAX_BATCH
 from discount.v1 import discount_pb2 as pb
 from discount.v1 import discount_pb2_grpc as pb_grpc
-from trainer.client_tls import channel_credentials, tls_client_options
+from trainer.client_auth import channel_credentials, client_options
 from trainer.data import CORRUPT_COMPRESSED
 from trainer.market import Market, MarketConfig, make_market
 from trainer.options import MAX_ROWS, SEED, FiniteFloat
@@ -72,7 +72,7 @@ class ReplayConfig:
     new_visitor_share: float = 0.1
     batch_size: int = 500
     token: str | None = None
-    # trainer.client_tls.channel_credentials; None means a plaintext channel.
+    # trainer.client_auth.channel_credentials; None means a plaintext channel.
     credentials: grpc.ChannelCredentials | None = None
     wait_s: float = 30.0
 
@@ -439,13 +439,7 @@ def _table(result: ReplayResult) -> list[str]:
     show_default=True,
     help="Events per RecordEvents call.",
 )
-@click.option(
-    "--token",
-    envvar="DISCOUNT_CLIENT_TOKEN",
-    help="Client token (discountctl clients create) when discountd runs with --auth required "
-    "(env DISCOUNT_CLIENT_TOKEN).",
-)
-@tls_client_options
+@client_options
 @click.option(
     "--wait",
     type=FiniteFloat(min=0),
@@ -481,14 +475,6 @@ def replay_command(
     if not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise click.BadParameter(
             f"{target!r}: expected HOST:PORT with a port in 1-65535", param_hint="'--target'"
-        )
-    # gRPC sends the token as metadata, which takes printable ASCII only: a newline left by
-    # `export DISCOUNT_CLIENT_TOKEN=$(cat file)` would fail every call with a traceback.
-    if token is not None and not all(" " <= c <= "~" for c in token):
-        raise click.BadParameter(
-            "must be printable ASCII, as gRPC metadata requires (it holds a newline, carriage "
-            "return, tab or non-ASCII character); check --token or DISCOUNT_CLIENT_TOKEN",
-            param_hint="'--token'",
         )
     credentials = channel_credentials(tls_ca, tls_cert, tls_key)
     config = ReplayConfig(

@@ -1,6 +1,6 @@
-"""TLS for the project's own gRPC clients (`discount-train replay`, tools/demo_client,
-bench.load): the --tls-ca, --tls-cert and --tls-key options and the channel credentials they
-make."""
+"""How the project's own gRPC clients (`discount-train replay`, tools/demo_client, bench.load)
+reach a discountd with auth and TLS: the --token, --tls-ca, --tls-cert and --tls-key options,
+and the channel credentials the TLS files make."""
 
 from __future__ import annotations
 
@@ -15,10 +15,31 @@ F = TypeVar("F", bound=Callable[..., object])
 _PEM_FILE = click.Path(path_type=Path, dir_okay=False, exists=True)
 
 
-def tls_client_options(command: F) -> F:
-    """Add --tls-ca, --tls-cert and --tls-key (parameters tls_ca, tls_cert, tls_key)."""
+def check_token(token: str | None) -> str | None:
+    """The token, or a usage error (exit 2) for one gRPC cannot send: metadata takes printable
+    ASCII only, and a newline left by `export DISCOUNT_CLIENT_TOKEN=$(cat file)` would fail
+    every call with a traceback."""
+    if token is not None and not all(" " <= c <= "~" for c in token):
+        raise click.BadParameter(
+            "must be printable ASCII, as gRPC metadata requires (it holds a newline, carriage "
+            "return, tab or non-ASCII character); check --token or DISCOUNT_CLIENT_TOKEN",
+            param_hint="'--token'",
+        )
+    return token
+
+
+def client_options(command: F) -> F:
+    """Add --token (env DISCOUNT_CLIENT_TOKEN), --tls-ca, --tls-cert and --tls-key (parameters
+    token, tls_ca, tls_cert, tls_key)."""
     for option in reversed(
         (
+            click.option(
+                "--token",
+                envvar="DISCOUNT_CLIENT_TOKEN",
+                callback=lambda _ctx, _param, value: check_token(value),
+                help="Client token (discountctl clients create) when discountd runs with --auth "
+                "required (env DISCOUNT_CLIENT_TOKEN: a flag shows in ps).",
+            ),
             click.option(
                 "--tls-ca",
                 type=_PEM_FILE,
