@@ -10,12 +10,12 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
-from sqlalchemy import Connection
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import Connection, text
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 import migrations
-from core.store.db import Store
-from core.store.errors import InvalidInput, SchemaOutOfDate
+from core.store.db import GRANT_HINT, PG_SCHEMA, Store, denied
+from core.store.errors import InvalidInput, SchemaOutOfDate, StoreUnavailable
 
 UPGRADE_HINT = "run `discountctl db upgrade`"
 
@@ -43,9 +43,25 @@ def current_revision(store: Store) -> str | None:
         return None
     try:
         with store.engine.connect() as conn:
+            if conn.dialect.name == "postgresql":
+                _require_usage(store, conn)
             return MigrationContext.configure(conn).get_current_revision()
-    except OperationalError as e:
+    except DBAPIError as e:  # unreachable, or a role refused the version table
         raise store.unavailable(e) from None
+
+
+def _require_usage(store: Store, conn: Connection) -> None:
+    """A role that may not use the schema sees no table in it: its store would read as one
+    with no schema yet, and `db upgrade` be named as the fix."""
+    usable = conn.scalar(
+        text("SELECT has_schema_privilege(oid, 'USAGE') FROM pg_namespace WHERE nspname = :s"),
+        {"s": PG_SCHEMA},
+    )
+    if usable is False:
+        raise StoreUnavailable(
+            f"cannot use store {store.masked_url}: permission denied for schema {PG_SCHEMA}; "
+            + GRANT_HINT
+        )
 
 
 def require_head(store: Store) -> None:
@@ -100,8 +116,12 @@ def _run(store: Store, action: str, revision: str) -> None:
         raise InvalidInput(
             f"cannot {action} to {revision!r}: {e}; see `discountctl db history`"
         ) from None
-    except OperationalError as e:
-        raise store.unavailable(e) from None
+    except DBAPIError as e:
+        # Unreachable, or a role refused what the revision does; a revision that fails on its
+        # own (an index already there) is named by the CLI as any other store error.
+        if isinstance(e, OperationalError) or denied(e):
+            raise store.unavailable(e) from None
+        raise
 
 
 def upgrade(store: Store, revision: str = "head") -> None:
