@@ -138,6 +138,52 @@ def test_unknown_revision_is_a_clear_error(store: Store) -> None:
         migrate.upgrade(store, "nope")
 
 
+def _all_tables(store: Store) -> set[str]:
+    """Every table the store's connection sees, alembic_version included."""
+    return set() if store.file_missing else set(inspect(store.engine).get_table_names())
+
+
+def test_downgrade_of_a_store_without_schema_is_refused_and_makes_nothing(store: Store) -> None:
+    """Alembic made the version table (on PostgreSQL, the schema too) and reported success."""
+    if not store.file_missing:
+        with store.engine.begin() as conn:
+            conn.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
+    before = _all_tables(store)
+    for target in ("base", "0001"):
+        with pytest.raises(InvalidInput, match="has no schema: nothing to downgrade"):
+            migrate.downgrade(store, target)
+    assert _all_tables(store) == before == set()
+
+
+def test_downgrade_to_a_newer_revision_names_upgrade(store: Store) -> None:
+    migrate.upgrade(store, "0002")
+    with pytest.raises(
+        InvalidInput, match=r"store is at 0002, which is older; .*`discountctl db upgrade 0004`"
+    ):
+        migrate.downgrade(store, "0004")
+    assert migrate.current_revision(store) == "0002"
+
+
+def test_a_store_a_newer_build_upgraded_is_named_so_by_upgrade_and_downgrade(
+    store: Store,
+) -> None:
+    """Alembic's "Can't locate revision identified by '0099'" pointed at `db history`, which
+    does not list it."""
+    migrate.upgrade(store)
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE alembic_version SET version_num = '0099'")
+    newer = r"at revision 0099, newer than this build knows \(head \d+\)"
+    with pytest.raises(InvalidInput, match=newer + "; upgrade discountd/discountctl"):
+        migrate.upgrade(store)
+    for target in ("base", "0004"):
+        with pytest.raises(InvalidInput, match=newer + "; only the newer discountctl"):
+            migrate.downgrade(store, target)
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql(
+            f"UPDATE alembic_version SET version_num = '{migrate.head_revision()}'"
+        )
+
+
 UPGRADE = "from admin.cli import main; main()"
 
 

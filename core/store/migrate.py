@@ -94,14 +94,34 @@ def _run(store: Store, action: str, revision: str) -> None:
         )
     if action == "downgrade" and store.file_missing:
         raise InvalidInput(f"store {store.masked_url} has no schema: nothing to downgrade")
-    current = current_revision(store) if action == "upgrade" else None
-    # Alembic upgrades "to" an older revision by doing nothing, and says nothing either.
-    if current in known and revision != current:
-        older = {rev.revision for rev in script().iterate_revisions(current, "base")}
-        if revision == "base" or revision in older:
+    current = current_revision(store)
+    if current is not None and current not in known:
+        # Alembic's "Can't locate revision" named a revision `db history` does not list.
+        fix = (
+            "upgrade discountd/discountctl"
+            if action == "upgrade"
+            else "only the newer discountctl that upgraded it can downgrade it"
+        )
+        raise InvalidInput(
+            f"cannot {action} to {revision!r}: store {store.masked_url} is at revision "
+            f"{current}, newer than this build knows (head {head_revision()}); {fix}"
+        )
+    if action == "downgrade" and current is None:
+        # Alembic would make the version table (and on PostgreSQL the schema) to find nothing.
+        raise InvalidInput(f"store {store.masked_url} has no schema: nothing to downgrade")
+    if current is not None and revision not in (current, "head", "heads"):
+        older = {rev.revision for rev in script().iterate_revisions(current, "base")} | {"base"}
+        # Alembic upgrades "to" an older revision by doing nothing, and says nothing either;
+        # it refuses a downgrade "to" a newer one in its own words.
+        if action == "upgrade" and revision in older:
             raise InvalidInput(
                 f"cannot upgrade to {revision!r}: the store is already at {current}, which is "
                 f"newer; to go back, `discountctl db downgrade {revision}`"
+            )
+        if action == "downgrade" and revision not in older:
+            raise InvalidInput(
+                f"cannot downgrade to {revision!r}: the store is at {current}, which is "
+                f"older; to go forward, `discountctl db upgrade {revision}`"
             )
     if action == "upgrade":
         store.create_file()
