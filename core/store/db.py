@@ -109,6 +109,13 @@ def parse_url(url: str) -> URL:
     backend = parsed.get_backend_name()
     if backend == "postgresql" and parsed.get_driver_name() != "psycopg":
         return parsed.set(drivername="postgresql+psycopg")
+    if backend == "sqlite" and (parsed.database or "") in ("", ":memory:"):
+        # Each connection would get a database of its own, gone when it closes: `db upgrade`
+        # reported a schema at head that no later command, nor discountd, could find.
+        raise StoreUnavailable(
+            f"store URL {mask_url(parsed)} names no file, and an in-memory SQLite database "
+            "does not outlive its connection; use sqlite:///PATH"
+        )
     if backend not in ("sqlite", "postgresql"):
         raise StoreUnavailable(
             f"store URL {mask_url(parsed)}: backend {backend!r} is not supported; "
