@@ -63,3 +63,7 @@ def configure(level: str) -> None:
     # a host without CUDA's libraries among others; discountd logs what matters itself (the
     # provider really active), and ONNX Runtime's own lines show at debug only.
     ort.set_default_logger_severity(ORT_WARNING if level == "debug" else ORT_FATAL)
+    # Alembic's context logs two lines at every schema check ("Will assume non-transactional
+    # DDL." on SQLite, though discountd runs no DDL): debug only, too.
+    if level != "debug":
+        logging.getLogger("alembic").setLevel(logging.WARNING)

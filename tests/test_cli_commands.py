@@ -970,6 +970,17 @@ def test_unreachable_store_is_one_line_with_the_password_masked(url: str) -> Non
     assert ("***" in lines[0]) == ("s3cret" in url)
 
 
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///", "sqlite:///:memory:"])
+def test_an_sqlite_url_without_a_file_is_refused(url: str) -> None:
+    """`db upgrade` reported revision head of an in-memory database that was gone when it
+    exited; every command after it said the store had no schema and named `db upgrade`."""
+    for args in (("db", "upgrade"), ("db", "current"), ("segments", "list")):
+        result = ctl(url, *args)
+        assert result.exit_code == 1, result.output
+        assert result.stderr.startswith("Error: ") and len(result.stderr.splitlines()) == 1
+        assert "names no file" in result.stderr and "sqlite:///PATH" in result.stderr
+
+
 NOT_UTF8 = "new\udcff"  # how Python hands on the byte 0xff of an argument
 
 

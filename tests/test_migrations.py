@@ -15,7 +15,7 @@ import pytest
 from alembic import command
 from cli import ctl
 from pg import BACKENDS, empty_database, pg_database
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import Engine, create_engine, inspect, text
 from sqlalchemy.engine import make_url
 
 from core.store import migrate
@@ -99,6 +99,39 @@ def test_models_match_migrations(store: Store) -> None:
         command.check(migrate.alembic_config(conn))
 
 
+def _checks(engine: Engine) -> dict[str, list[str]]:
+    """Each table's CHECK constraints as the database reports them; a name's doubled prefix
+    (0001's, see migrations/env.py) read as the single one the models give."""
+    inspector = inspect(engine)
+    out = {}
+    for table in sorted(set(inspector.get_table_names()) - {"alembic_version"}):
+        prefix = f"ck_{table}_"
+        out[table] = sorted(
+            f"{c['name'].replace(prefix + prefix, prefix)}: {c['sqltext']}"
+            for c in inspector.get_check_constraints(table)
+        )
+    return out
+
+
+def test_models_check_constraints_match_migrations(store: Store, tmp_path: Path) -> None:
+    """`alembic check` does not compare CHECK constraints: a status or event type added to a
+    model's list (core.store.tables) but not to a revision would pass it, and every write of
+    the new value be refused by the database."""
+    migrate.upgrade(store)
+    backend = "sqlite" if store.engine.dialect.name == "sqlite" else "postgres"
+    with empty_database(backend, tmp_path) as url:
+        models = Store(url)
+        try:
+            models.create_file()
+            with models.engine.begin() as conn:
+                if backend == "postgres":
+                    conn.execute(text(f"CREATE SCHEMA {PG_SCHEMA}"))
+                Base.metadata.create_all(conn)
+            assert _checks(models.engine) == _checks(store.engine)
+        finally:
+            models.dispose()
+
+
 def test_0004_keeps_the_latest_of_versions_a_race_left_active(store: Store) -> None:
     """Before 0004 two racing promotes could commit two active versions; the upgrade must not
     fail on them (every command would then refuse the old schema, and upgrade again fail)."""
@@ -136,6 +169,52 @@ def test_schema_check_refuses_a_store_that_is_not_at_head(store: Store) -> None:
 def test_unknown_revision_is_a_clear_error(store: Store) -> None:
     with pytest.raises(InvalidInput, match=r"cannot upgrade to 'nope'.*discountctl db history"):
         migrate.upgrade(store, "nope")
+
+
+def _all_tables(store: Store) -> set[str]:
+    """Every table the store's connection sees, alembic_version included."""
+    return set() if store.file_missing else set(inspect(store.engine).get_table_names())
+
+
+def test_downgrade_of_a_store_without_schema_is_refused_and_makes_nothing(store: Store) -> None:
+    """Alembic made the version table (on PostgreSQL, the schema too) and reported success."""
+    if not store.file_missing:
+        with store.engine.begin() as conn:
+            conn.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
+    before = _all_tables(store)
+    for target in ("base", "0001"):
+        with pytest.raises(InvalidInput, match="has no schema: nothing to downgrade"):
+            migrate.downgrade(store, target)
+    assert _all_tables(store) == before == set()
+
+
+def test_downgrade_to_a_newer_revision_names_upgrade(store: Store) -> None:
+    migrate.upgrade(store, "0002")
+    with pytest.raises(
+        InvalidInput, match=r"store is at 0002, which is older; .*`discountctl db upgrade 0004`"
+    ):
+        migrate.downgrade(store, "0004")
+    assert migrate.current_revision(store) == "0002"
+
+
+def test_a_store_a_newer_build_upgraded_is_named_so_by_upgrade_and_downgrade(
+    store: Store,
+) -> None:
+    """Alembic's "Can't locate revision identified by '0099'" pointed at `db history`, which
+    does not list it."""
+    migrate.upgrade(store)
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE alembic_version SET version_num = '0099'")
+    newer = r"at revision 0099, newer than this build knows \(head \d+\)"
+    with pytest.raises(InvalidInput, match=newer + "; upgrade discountd/discountctl"):
+        migrate.upgrade(store)
+    for target in ("base", "0004"):
+        with pytest.raises(InvalidInput, match=newer + "; only the newer discountctl"):
+            migrate.downgrade(store, target)
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql(
+            f"UPDATE alembic_version SET version_num = '{migrate.head_revision()}'"
+        )
 
 
 UPGRADE = "from admin.cli import main; main()"

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import secrets
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -126,3 +128,50 @@ def test_a_server_running_as_the_granted_role_serves_and_records_but_cannot_edit
         with psycopg.connect(conninfo) as conn, pytest.raises(psycopg.Error) as e:
             conn.execute(statement)
         assert isinstance(e.value, psycopg.errors.InsufficientPrivilege), (statement, e.value)
+
+
+DISCOUNTD = Path(sys.executable).with_name("discountd")
+
+
+def _discountd_refusal(url: str, tmp_path: Path, *extra: str) -> str:
+    """discountd's start against url, which must refuse the store: its stderr."""
+    # Any folder will do: the store is checked, and refused, before a model is looked for.
+    local = ("--insecure-demo-key", "--insecure", "--port", "0", "--device", "cpu")
+    result = subprocess.run(
+        [str(DISCOUNTD), "--model-dir", str(tmp_path), "--db-url", url, *local, *extra],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    return result.stderr
+
+
+def test_a_role_without_grants_is_told_so_not_that_the_schema_is_missing(
+    admin_url: str, server_role: str, tmp_path: Path
+) -> None:
+    """A role without USAGE on the schema sees none of its tables: the store read as having no
+    schema yet, and `db upgrade` (which that role cannot run) was named as the fix."""
+    url = as_role(admin_url, server_role)
+    for result in (ctl(url, "db", "current"), ctl(url, "segments", "list")):
+        assert result.exit_code == 1
+        assert "permission denied for schema discount" in result.stderr
+        assert "db grant-server-role" in result.stderr and "no schema" not in result.stderr
+    stderr = _discountd_refusal(url, tmp_path, "--auth", "off")
+    assert "permission denied for schema discount" in stderr and "grant-server-role" in stderr
+
+
+def test_a_server_role_missing_a_table_grant_is_refused_in_one_line(
+    admin_url: str, server_role: str, tmp_path: Path
+) -> None:
+    """The role granted before a `db upgrade` that added a table (as 0002 added clients) and
+    not granted again: discountd's start printed a traceback."""
+    assert ctl(admin_url, "db", "grant-server-role", server_role).exit_code == 0
+    engine = create_engine(admin_url)
+    with engine.begin() as conn:
+        conn.execute(text(f'REVOKE SELECT ON discount.clients FROM "{server_role}"'))
+    engine.dispose()
+    stderr = _discountd_refusal(as_role(admin_url, server_role), tmp_path, "--auth", "required")
+    assert "permission denied for table clients" in stderr
+    assert "again after each `db upgrade`" in stderr

@@ -21,6 +21,7 @@ from sqlalchemy.exc import (
     DisconnectionError,
     IntegrityError,
     OperationalError,
+    ProgrammingError,
 )
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.exc import StaleDataError
@@ -44,6 +45,21 @@ DEAD_PEER_DETECTION = {
     "keepalives_interval": 10,
     "keepalives_count": 3,
 }
+
+
+# PostgreSQL's insufficient_privilege: the role may not use the schema or a table in it.
+DENIED_SQLSTATE = "42501"
+GRANT_HINT = (
+    "the role lacks a privilege: discountctl runs as the admin role that owns the schema "
+    f"(CREATE SCHEMA {PG_SCHEMA} AUTHORIZATION ROLE), discountd as a role given its rights by "
+    "`discountctl db grant-server-role ROLE`, again after each `db upgrade` (docs/SECURITY.md)"
+)
+
+
+def denied(error: BaseException) -> bool:
+    """Whether PostgreSQL refused the role a privilege (not an outage, not bad data)."""
+    inner = error.orig if isinstance(error, DBAPIError) else error
+    return getattr(inner, "sqlstate", None) == DENIED_SQLSTATE
 
 
 # Query parameters libpq (and so psycopg) takes a password from.
@@ -93,6 +109,13 @@ def parse_url(url: str) -> URL:
     backend = parsed.get_backend_name()
     if backend == "postgresql" and parsed.get_driver_name() != "psycopg":
         return parsed.set(drivername="postgresql+psycopg")
+    if backend == "sqlite" and (parsed.database or "") in ("", ":memory:"):
+        # Each connection would get a database of its own, gone when it closes: `db upgrade`
+        # reported a schema at head that no later command, nor discountd, could find.
+        raise StoreUnavailable(
+            f"store URL {mask_url(parsed)} names no file, and an in-memory SQLite database "
+            "does not outlive its connection; use sqlite:///PATH"
+        )
     if backend not in ("sqlite", "postgresql"):
         raise StoreUnavailable(
             f"store URL {mask_url(parsed)}: backend {backend!r} is not supported; "
@@ -212,6 +235,10 @@ class Store:
                 f"cannot use store {self.masked_url}: the file does not exist (moved or "
                 "deleted?); `discountctl db upgrade` makes a new, empty one"
             )
+        if denied(error):
+            return StoreUnavailable(
+                f"cannot use store {self.masked_url}: {first_line(error)}; {GRANT_HINT}"
+            )
         return StoreUnavailable(f"cannot use store {self.masked_url}: {first_line(error)}")
 
     def why(self, error: BaseException) -> str:
@@ -236,6 +263,12 @@ class Store:
         except DataError as e:
             raise DataRefused(f"the store refused the data: {first_line(e)}") from None
         except OperationalError as e:
+            raise self.unavailable(e) from None
+        except ProgrammingError as e:
+            # A role without its grants: discountd's start says so in one line, a refresh
+            # reports the snapshot stale, like an outage that a GRANT ends.
+            if not denied(e):
+                raise
             raise self.unavailable(e) from None
         finally:
             session.close()

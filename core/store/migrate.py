@@ -10,12 +10,12 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
-from sqlalchemy import Connection
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import Connection, text
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 import migrations
-from core.store.db import Store
-from core.store.errors import InvalidInput, SchemaOutOfDate
+from core.store.db import GRANT_HINT, PG_SCHEMA, Store, denied
+from core.store.errors import InvalidInput, SchemaOutOfDate, StoreUnavailable
 
 UPGRADE_HINT = "run `discountctl db upgrade`"
 
@@ -43,9 +43,25 @@ def current_revision(store: Store) -> str | None:
         return None
     try:
         with store.engine.connect() as conn:
+            if conn.dialect.name == "postgresql":
+                _require_usage(store, conn)
             return MigrationContext.configure(conn).get_current_revision()
-    except OperationalError as e:
+    except DBAPIError as e:  # unreachable, or a role refused the version table
         raise store.unavailable(e) from None
+
+
+def _require_usage(store: Store, conn: Connection) -> None:
+    """A role that may not use the schema sees no table in it: its store would read as one
+    with no schema yet, and `db upgrade` be named as the fix."""
+    usable = conn.scalar(
+        text("SELECT has_schema_privilege(oid, 'USAGE') FROM pg_namespace WHERE nspname = :s"),
+        {"s": PG_SCHEMA},
+    )
+    if usable is False:
+        raise StoreUnavailable(
+            f"cannot use store {store.masked_url}: permission denied for schema {PG_SCHEMA}; "
+            + GRANT_HINT
+        )
 
 
 def require_head(store: Store) -> None:
@@ -78,14 +94,34 @@ def _run(store: Store, action: str, revision: str) -> None:
         )
     if action == "downgrade" and store.file_missing:
         raise InvalidInput(f"store {store.masked_url} has no schema: nothing to downgrade")
-    current = current_revision(store) if action == "upgrade" else None
-    # Alembic upgrades "to" an older revision by doing nothing, and says nothing either.
-    if current in known and revision != current:
-        older = {rev.revision for rev in script().iterate_revisions(current, "base")}
-        if revision == "base" or revision in older:
+    current = current_revision(store)
+    if current is not None and current not in known:
+        # Alembic's "Can't locate revision" named a revision `db history` does not list.
+        fix = (
+            "upgrade discountd/discountctl"
+            if action == "upgrade"
+            else "only the newer discountctl that upgraded it can downgrade it"
+        )
+        raise InvalidInput(
+            f"cannot {action} to {revision!r}: store {store.masked_url} is at revision "
+            f"{current}, newer than this build knows (head {head_revision()}); {fix}"
+        )
+    if action == "downgrade" and current is None:
+        # Alembic would make the version table (and on PostgreSQL the schema) to find nothing.
+        raise InvalidInput(f"store {store.masked_url} has no schema: nothing to downgrade")
+    if current is not None and revision not in (current, "head", "heads"):
+        older = {rev.revision for rev in script().iterate_revisions(current, "base")} | {"base"}
+        # Alembic upgrades "to" an older revision by doing nothing, and says nothing either;
+        # it refuses a downgrade "to" a newer one in its own words.
+        if action == "upgrade" and revision in older:
             raise InvalidInput(
                 f"cannot upgrade to {revision!r}: the store is already at {current}, which is "
                 f"newer; to go back, `discountctl db downgrade {revision}`"
+            )
+        if action == "downgrade" and revision not in older:
+            raise InvalidInput(
+                f"cannot downgrade to {revision!r}: the store is at {current}, which is "
+                f"older; to go forward, `discountctl db upgrade {revision}`"
             )
     if action == "upgrade":
         store.create_file()
@@ -100,8 +136,12 @@ def _run(store: Store, action: str, revision: str) -> None:
         raise InvalidInput(
             f"cannot {action} to {revision!r}: {e}; see `discountctl db history`"
         ) from None
-    except OperationalError as e:
-        raise store.unavailable(e) from None
+    except DBAPIError as e:
+        # Unreachable, or a role refused what the revision does; a revision that fails on its
+        # own (an index already there) is named by the CLI as any other store error.
+        if isinstance(e, OperationalError) or denied(e):
+            raise store.unavailable(e) from None
+        raise
 
 
 def upgrade(store: Store, revision: str = "head") -> None:
