@@ -109,6 +109,20 @@ def test_guardrails_hold(server: OfferServer, seeded: str) -> None:
     assert "GUARDRAIL_MARGIN_FLOOR" in top.reason_codes  # cost 6.00 * 1.30
 
 
+def test_extreme_minimum_margins_keep_the_floor(server: OfferServer, seeded: str) -> None:
+    """discountctl takes any margin >= 0. 6.00 × (1 + 1e-300/100) is above 6.00, so rounded up
+    to cents the floor is 6.01 (it was 6.00: the factor rounded to 1 in 80 digits); a margin
+    of 1e80% puts the floor above any price (it was INTERNAL: too many digits to round)."""
+    ctl(seeded, "rules", "update", "tier", "--param", "d1=50", "--max-discount", "60",
+        "--min-margin", "1e-300")  # fmt: skip
+    top = eventually(lambda: top_offer(server, 601), timeout=5)
+    assert top.discount_percent == pytest.approx(39.9)
+    assert "GUARDRAIL_MARGIN_FLOOR" in top.reason_codes
+    ctl(seeded, "rules", "update", "tier", "--min-margin", "1e80")
+    top = eventually(lambda: top_offer(server, 1000), timeout=5)
+    assert top.discount_percent == 0 and "LOSS_LEADER_NO_DISCOUNT" in top.reason_codes
+
+
 def test_new_users_fail_closed_unless_context_says_otherwise(server: OfferServer) -> None:
     response = server.stub.GetOffers(pb.GetOffersRequest(user_id="stranger", limit=2))
     assert response.segment == ""
