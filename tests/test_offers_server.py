@@ -14,6 +14,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from conftest import make_tiny_shop, write_tiny_artifact
 from offer_server import KEY, OfferServer, ctl, eventually, ten_percent_off_everything
@@ -384,6 +385,33 @@ def test_an_assumed_cost_is_reported_and_a_price_the_log_cannot_hold_gets_no_off
     assert "NO_PRICE" in items["00001"]["reason_codes"]
     assert "COST_ASSUMED" not in items["00002"]["reason_codes"]
     assert Decimal(items["00002"]["discount_pct"]) == 10
+
+
+def test_an_item_without_a_cost_says_which_rule_it_escaped_and_why(
+    tmp_path: Path, db_url: str
+) -> None:
+    """A rule covers the item but, with no cost, cannot check its margin floor: no discount,
+    reasons RULE_HIGHEST_PRIORITY then NO_COST, and not NO_RULE ("no rule applies"), which
+    contradicted them."""
+    shop = make_tiny_shop()
+    costs = shop.dataset.catalog.costs.copy()
+    costs[0] = np.nan
+    catalog = replace(shop.dataset.catalog, costs=costs)
+    write_tiny_artifact(tmp_path / "models", replace(shop, dataset=replace(shop.dataset,
+                        catalog=catalog)))  # fmt: skip
+    running = OfferServer(tmp_path / "models", ten_percent_off_everything(db_url))
+    try:
+        offers = running.stub.GetOffers(
+            pb.GetOffersRequest(user_id="user-0", item_ids=["00000", "00001"])
+        ).offers
+    finally:
+        running.close()
+    assert (offers[0].discount_percent, offers[0].final_price_cents, offers[0].rule_id) == (
+        0, 1000, "",
+    )  # fmt: skip
+    codes = list(offers[0].reason_codes)
+    assert codes[-2:] == ["RULE_HIGHEST_PRIORITY", "NO_COST"] and "NO_RULE" not in codes
+    assert offers[1].discount_percent == 10 and "NO_COST" not in offers[1].reason_codes
 
 
 def test_the_largest_price_is_the_largest_the_offer_log_holds() -> None:
