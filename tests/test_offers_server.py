@@ -301,6 +301,38 @@ def test_record_events_per_event_verdicts(server: OfferServer, seeded: str) -> N
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_a_spent_budget_stops_the_rule(model_store: Path, seeded: str) -> None:
+    """An answer grants what the budget left can pay, in order; redemptions that spend the
+    budget stop the rule for every later answer (fail closed), each withdrawn discount saying
+    BUDGET_EXHAUSTED."""
+    ctl(seeded, "rules", "update", "tier", "--budget", "3.50")
+    request = pb.GetOffersRequest(user_id="user-0", limit=4)
+    # Redemptions reach the snapshot at its polls (they send no NOTIFY): poll often.
+    server = OfferServer(model_store, seeded, rules_poll_interval=0.2)
+    try:
+        first = server.stub.GetOffers(request)
+        # 2.00 off, then 2.00 more does not fit in the 1.50 left, then 0.50 twice does.
+        assert prices(first) == [(1, 800), (2, 1000), (3, 950), (4, 950)]
+        assert first.offers[1].reason_codes[-1] == "BUDGET_EXHAUSTED"
+        assert first.offers[1].discount_percent == 0 and first.offers[1].rule_id
+        top = first.offers[0]
+        redeemed = event("spend", type=pb.EVENT_TYPE_REDEMPTION, offer_id=top.offer_id,
+                         item_id=top.item_id, revenue_cents=1600, quantity=2)  # fmt: skip
+        [result] = server.stub.RecordEvents(pb.RecordEventsRequest(events=[redeemed])).results
+        assert result.status == pb.EVENT_STATUS_ACCEPTED
+
+        def spent() -> pb.GetOffersResponse | None:
+            # 4.00 redeemed of 3.50, once the offer log and a reload have it.
+            response = server.stub.GetOffers(request)
+            return response if response.offers[0].discount_percent == 0 else None
+
+        after = eventually(spent, timeout=10)
+    finally:
+        server.close()
+    assert all(o.final_price_cents == 1000 and o.discount_percent == 0 for o in after.offers)
+    assert all(o.reason_codes[-1] == "BUDGET_EXHAUSTED" for o in after.offers)
+
+
 def test_issued_offers_are_logged_and_flushed_on_shutdown(model_store: Path, seeded: str) -> None:
     running = OfferServer(model_store, seeded)
     answers = []
