@@ -382,9 +382,10 @@ def decide(
         reasons.append(tuple(why))
         if rule is None:
             priced = policy.no_discount(_candidate(item))
-            decided[n] = ItemDecision(
-                item.item_id, item.rank, priced, None, (*why, *priced.reasons)
-            )
+            # Without a cost a rule that applies grants nothing, and NO_COST says so: NO_RULE
+            # ("no rule applies") would contradict the rule reason before it.
+            tail = () if Why.NO_COST in why else priced.reasons
+            decided[n] = ItemDecision(item.item_id, item.rank, priced, None, (*why, *tail))
         else:
             under_rule.setdefault(rule.id, (rule, []))[1].append(n)
     groups = list(under_rule.values())

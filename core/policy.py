@@ -36,8 +36,11 @@ POLICIES: tuple[str, ...] = ("tiered_topk", "threshold", "linear", "optimal")
 
 CENT = Decimal("0.01")
 HUNDRED = Decimal(100)
-# Enough digits that cost × (1 + margin) of any float-derived inputs is computed exactly.
+# Enough digits that the prices and percents of float-derived inputs are computed exactly.
 _EXACT = decimal.Context(prec=80)
+# The margin floor's arithmetic. cost × (1 + min_margin/100) is not always exact in 80 digits
+# (a min margin of 1e-300% needs 300): rounded up, a floor is never below what the rule asks.
+_UP = decimal.Context(prec=80, rounding=ROUND_CEILING)
 
 
 class PolicyError(Exception):
@@ -191,11 +194,16 @@ def floor_price(cost: Decimal, min_margin_pct: Decimal) -> Decimal:
 
 
 def _floor_factor(min_margin_pct: Decimal) -> Decimal:
-    return _EXACT.add(1, _EXACT.divide(min_margin_pct, HUNDRED))
+    return _UP.add(1, _UP.divide(min_margin_pct, HUNDRED))
 
 
 def _floor(cost: Decimal, factor: Decimal) -> Decimal:
-    return _EXACT.multiply(cost, factor).quantize(CENT, rounding=ROUND_CEILING, context=_EXACT)
+    floor = _UP.multiply(cost, factor)
+    if floor.adjusted() > _UP.prec - 3:
+        # Too large to quantize in 80 digits (a min margin of 1e80%), and with at most 80 digits
+        # already a whole number of cents: far above any price.
+        return floor
+    return floor.quantize(CENT, rounding=ROUND_CEILING, context=_UP)
 
 
 def price_after(base_price: Decimal, discount_pct: Decimal) -> Decimal:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from fractions import Fraction
 
+import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -255,3 +259,116 @@ def test_one_live_rule_keeps_its_guardrails_and_budget(
     remaining = rule.remaining()
     if remaining is not None:
         assert granted <= max(remaining, Decimal(0))
+
+
+@st.composite
+def any_policy(draw: st.DrawFn) -> policy.Rule:
+    """A rule of any policy, `optimal` included, with guardrails from loose to absurd."""
+    name = draw(st.sampled_from(policy.POLICIES))
+    pct = st.decimals(min_value=0, max_value=Decimal("99.99"), places=2).map(float)
+    if name == "tiered_topk":
+        d1 = draw(pct)
+        params = {"k1": draw(st.integers(1, 3)), "d1": d1, "d2": draw(st.floats(0, d1))}
+    elif name == "threshold":
+        params = {"t": draw(st.floats(-2, 2)), "d": draw(pct)}
+    elif name == "linear":
+        low, high = sorted((draw(pct), draw(pct)))
+        params = {"a": draw(st.floats(-50, 50)), "b": draw(st.floats(-50, 50)), "min": low,
+                  "max": high}  # fmt: skip
+    else:
+        params = {"grid": sorted(draw(st.sets(pct.filter(bool), min_size=1, max_size=5)))}
+    margin = draw(st.floats(0, 80) | st.sampled_from([1e-300, 1e80]))
+    return policy.Rule(name, params, policy.Guardrails.of(draw(pct), margin))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    pricings=st.lists(any_policy(), min_size=1, max_size=3),
+    budgets=st.lists(st.none() | st.decimals(min_value=0, max_value=30, places=2), max_size=3),
+    rows=st.lists(
+        st.tuples(
+            st.sampled_from("ab"),
+            st.decimals(min_value=0, max_value=1000, places=4).map(float),
+            st.decimals(min_value=0, max_value=Decimal("1.2"), places=3),
+            st.none() | st.floats(-3, 3),
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+    answers=st.dictionaries(
+        st.integers(0, 7),
+        st.floats(0, 1) | st.sampled_from([float("nan"), float("inf"), -0.5, 1.5]),
+    ),
+)
+def test_every_policy_keeps_guardrails_and_budgets_through_the_pipeline(
+    pricings: list[policy.Rule],
+    budgets: list[Decimal | None],
+    rows: list[tuple[str, float, Decimal, float | None]],
+    answers: dict[int, float],
+) -> None:
+    """Several rules of every policy (categories decide which prices an item), a response
+    model that answers anything per item (probabilities, NaN, outside [0, 1]) with P(buy)
+    rising in the discount: each `optimal` item gets its own row, its own rule's choices, and
+    the best of them the guardrails allow; every offer keeps its rule's guardrails and budget."""
+    rules = tuple(
+        RuleDef(
+            id=n,
+            name=f"r{n}",
+            pricing=pricing,
+            priority=-n,
+            categories=frozenset("ab"[n % 2]) if n < len(pricings) - 1 else frozenset(),
+            budget=budgets[n] if n < len(budgets) else None,
+        )
+        for n, pricing in enumerate(pricings)
+    )
+    items = [
+        ItemInput(f"i{n}", cat, price, float(Decimal(str(price)) * share), n + 1, score)
+        for n, (cat, price, share, score) in enumerate(rows)
+    ]
+
+    def probability(item: ItemInput, discount: float) -> float:
+        base = answers.get(int(item.item_id[1:]), 0.2)
+        return base if not 0 <= base <= 1 else base + (1 - base) * discount
+
+    def respond(
+        user_id: str, user: object, asked: Sequence[ItemInput], grid: Sequence[float]
+    ) -> np.ndarray:
+        return np.array([[probability(i, d) for d in grid] for i in asked])
+
+    decision = decide(Snapshot((), rules), "u", {}, items, NOW, respond)
+    granted: dict[int, Decimal] = {}
+    for item, d in zip(items, decision.items, strict=True):
+        p = d.priced
+        rule = next(r for r in rules if r.covers(item))
+        assert d.rule == rule and rule.pricing is not None
+        g = rule.pricing.guardrails
+        assert p.base_price == policy.to_cents(item.price or 0)
+        assert p.final_price == policy.price_after(p.base_price, p.discount_pct)
+        assert p.final_price <= p.base_price
+        assert 0 <= p.discount_pct <= g.max_discount_pct
+        if p.discount_pct > 0:
+            floor = Fraction(Decimal(str(item.cost))) * (1 + Fraction(g.min_margin_pct) / 100)
+            assert Fraction(p.final_price) >= floor
+        granted[rule.id] = granted.get(rule.id, Decimal(0)) + p.discount_amount
+        if rule.pricing.policy != "optimal" or item.score is None:
+            continue
+        choices = policy.optimal_choices(rule.pricing.params)
+        answer = [probability(item, float(c) / 100) for c in choices]
+        if not all(0 <= a <= 1 for a in answer):
+            assert policy.Reason.NO_RESPONSE_MODEL in d.reasons and p.discount_pct == 0
+            continue
+        assert policy.Reason.POLICY_OPTIMAL in d.reasons
+        allowed = policy.allowed_percents(p.base_price, Decimal(str(item.cost)), choices, g)
+        cost = float(policy.to_cents(Decimal(str(item.cost))))
+        value = [
+            a * (float(p.base_price) * (1 - float(c) / 100) - cost)
+            for a, c in zip(answer, choices, strict=True)
+        ]
+        best = max(v for v, ok in zip(value, allowed, strict=True) if ok)
+        if policy.Reason.BUDGET_EXHAUSTED not in d.reasons:
+            picked = choices.index(p.discount_pct)
+            assert allowed[picked] and value[picked] == pytest.approx(best, rel=1e-9, abs=1e-9)
+    for rule in rules:
+        remaining = rule.remaining()
+        if remaining is not None:
+            assert granted.get(rule.id, Decimal(0)) <= remaining

@@ -14,6 +14,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from conftest import make_tiny_shop, write_tiny_artifact
 from offer_server import KEY, OfferServer, ctl, eventually, ten_percent_off_everything
@@ -107,6 +108,20 @@ def test_guardrails_hold(server: OfferServer, seeded: str) -> None:
     ctl(seeded, "rules", "update", "tier", "--min-margin", "30")
     top = eventually(lambda: top_offer(server, 780), timeout=5)
     assert "GUARDRAIL_MARGIN_FLOOR" in top.reason_codes  # cost 6.00 * 1.30
+
+
+def test_extreme_minimum_margins_keep_the_floor(server: OfferServer, seeded: str) -> None:
+    """discountctl takes any margin >= 0. 6.00 × (1 + 1e-300/100) is above 6.00, so rounded up
+    to cents the floor is 6.01 (it was 6.00: the factor rounded to 1 in 80 digits); a margin
+    of 1e80% puts the floor above any price (it was INTERNAL: too many digits to round)."""
+    ctl(seeded, "rules", "update", "tier", "--param", "d1=50", "--max-discount", "60",
+        "--min-margin", "1e-300")  # fmt: skip
+    top = eventually(lambda: top_offer(server, 601), timeout=5)
+    assert top.discount_percent == pytest.approx(39.9)
+    assert "GUARDRAIL_MARGIN_FLOOR" in top.reason_codes
+    ctl(seeded, "rules", "update", "tier", "--min-margin", "1e80")
+    top = eventually(lambda: top_offer(server, 1000), timeout=5)
+    assert top.discount_percent == 0 and "LOSS_LEADER_NO_DISCOUNT" in top.reason_codes
 
 
 def test_new_users_fail_closed_unless_context_says_otherwise(server: OfferServer) -> None:
@@ -286,6 +301,38 @@ def test_record_events_per_event_verdicts(server: OfferServer, seeded: str) -> N
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_a_spent_budget_stops_the_rule(model_store: Path, seeded: str) -> None:
+    """An answer grants what the budget left can pay, in order; redemptions that spend the
+    budget stop the rule for every later answer (fail closed), each withdrawn discount saying
+    BUDGET_EXHAUSTED."""
+    ctl(seeded, "rules", "update", "tier", "--budget", "3.50")
+    request = pb.GetOffersRequest(user_id="user-0", limit=4)
+    # Redemptions reach the snapshot at its polls (they send no NOTIFY): poll often.
+    server = OfferServer(model_store, seeded, rules_poll_interval=0.2)
+    try:
+        first = server.stub.GetOffers(request)
+        # 2.00 off, then 2.00 more does not fit in the 1.50 left, then 0.50 twice does.
+        assert prices(first) == [(1, 800), (2, 1000), (3, 950), (4, 950)]
+        assert first.offers[1].reason_codes[-1] == "BUDGET_EXHAUSTED"
+        assert first.offers[1].discount_percent == 0 and first.offers[1].rule_id
+        top = first.offers[0]
+        redeemed = event("spend", type=pb.EVENT_TYPE_REDEMPTION, offer_id=top.offer_id,
+                         item_id=top.item_id, revenue_cents=1600, quantity=2)  # fmt: skip
+        [result] = server.stub.RecordEvents(pb.RecordEventsRequest(events=[redeemed])).results
+        assert result.status == pb.EVENT_STATUS_ACCEPTED
+
+        def spent() -> pb.GetOffersResponse | None:
+            # 4.00 redeemed of 3.50, once the offer log and a reload have it.
+            response = server.stub.GetOffers(request)
+            return response if response.offers[0].discount_percent == 0 else None
+
+        after = eventually(spent, timeout=10)
+    finally:
+        server.close()
+    assert all(o.final_price_cents == 1000 and o.discount_percent == 0 for o in after.offers)
+    assert all(o.reason_codes[-1] == "BUDGET_EXHAUSTED" for o in after.offers)
+
+
 def test_issued_offers_are_logged_and_flushed_on_shutdown(model_store: Path, seeded: str) -> None:
     running = OfferServer(model_store, seeded)
     answers = []
@@ -370,6 +417,33 @@ def test_an_assumed_cost_is_reported_and_a_price_the_log_cannot_hold_gets_no_off
     assert "NO_PRICE" in items["00001"]["reason_codes"]
     assert "COST_ASSUMED" not in items["00002"]["reason_codes"]
     assert Decimal(items["00002"]["discount_pct"]) == 10
+
+
+def test_an_item_without_a_cost_says_which_rule_it_escaped_and_why(
+    tmp_path: Path, db_url: str
+) -> None:
+    """A rule covers the item but, with no cost, cannot check its margin floor: no discount,
+    reasons RULE_HIGHEST_PRIORITY then NO_COST, and not NO_RULE ("no rule applies"), which
+    contradicted them."""
+    shop = make_tiny_shop()
+    costs = shop.dataset.catalog.costs.copy()
+    costs[0] = np.nan
+    catalog = replace(shop.dataset.catalog, costs=costs)
+    write_tiny_artifact(tmp_path / "models", replace(shop, dataset=replace(shop.dataset,
+                        catalog=catalog)))  # fmt: skip
+    running = OfferServer(tmp_path / "models", ten_percent_off_everything(db_url))
+    try:
+        offers = running.stub.GetOffers(
+            pb.GetOffersRequest(user_id="user-0", item_ids=["00000", "00001"])
+        ).offers
+    finally:
+        running.close()
+    assert (offers[0].discount_percent, offers[0].final_price_cents, offers[0].rule_id) == (
+        0, 1000, "",
+    )  # fmt: skip
+    codes = list(offers[0].reason_codes)
+    assert codes[-2:] == ["RULE_HIGHEST_PRIORITY", "NO_COST"] and "NO_RULE" not in codes
+    assert offers[1].discount_percent == 10 and "NO_COST" not in offers[1].reason_codes
 
 
 def test_the_largest_price_is_the_largest_the_offer_log_holds() -> None:

@@ -33,7 +33,8 @@ from core.policy import (
     price_items,
     to_cents,
 )
-from core.response_artifact import GRAPH, HISTORY, feature_rows
+from core.response_artifact import GRAPH, HISTORY, ResponseManifest, feature_rows
+from core.response_artifact import write as write_response
 from core.response_history import HistoryTable
 from discount.v1 import discount_pb2 as pb
 from server.settings import Settings
@@ -372,3 +373,59 @@ def test_a_response_model_swapped_into_its_folder_is_served_and_a_broken_one_is_
         assert running.server.offering.respond is not second
     finally:
         running.close()
+
+
+def _answering(folder: Path, history: HistoryTable, scale: float, offset: float) -> Path:
+    """A response model folder whose graph answers offset + scale · d whatever the features:
+    with scale 5 it says more than 1 from 16% off; with scale -2 it falls with the discount."""
+    from onnx import TensorProto, helper, save_model
+
+    features = helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 12])
+    discounts = helper.make_tensor_value_info("discounts", TensorProto.FLOAT,
+                                              ["batch", "candidates"])  # fmt: skip
+    answer = helper.make_tensor_value_info("purchase_probability", TensorProto.FLOAT,
+                                           ["batch", "candidates"])  # fmt: skip
+    constants = [
+        helper.make_tensor("scale", TensorProto.FLOAT, [], [scale]),
+        helper.make_tensor("offset", TensorProto.FLOAT, [], [offset]),
+    ]
+    nodes = [
+        helper.make_node("Mul", ["discounts", "scale"], ["scaled"]),
+        helper.make_node("Add", ["scaled", "offset"], ["purchase_probability"]),
+    ]
+    graph = helper.make_graph(nodes, "answer", [features, discounts], [answer], constants)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+
+    def write_files(staging: Path) -> dict[str, float]:
+        history.save(staging / HISTORY)
+        save_model(model, str(staging / GRAPH))
+        return {}
+
+    write_response(folder, ResponseManifest("", "", list(GRID)), write_files)
+    return folder
+
+
+def test_a_response_model_answering_no_probability_or_a_falling_curve_grants_nothing(
+    model_store: Path, db_url: str, response_model: tuple[Path, Trained], tmp_path: Path
+) -> None:
+    """Through discountd and ONNX Runtime: answers above 1 are no probabilities (no discount,
+    NO_RESPONSE_MODEL, not INTERNAL); a curve falling with the discount makes none worth it."""
+    history = HistoryTable.load(response_model[0] / HISTORY)
+    ctl(db_url, "rules", "create", "best", "--policy", "optimal", "--param", f"grid={GRID_PCT}",
+        "--max-discount", "30")  # fmt: skip
+    cases = [
+        (5.0, 0.2, ["NO_RESPONSE_MODEL"]),
+        (-2.0, 0.9, ["POLICY_OPTIMAL", "EXPECTED_UPLIFT_CENTS=0"]),
+    ]
+    for scale, offset, codes in cases:
+        folder = _answering(tmp_path / f"answer-{scale}", history, scale, offset)
+        running = OfferServer(model_store, db_url, response_model_dir=folder)
+        try:
+            offers = running.stub.GetOffers(pb.GetOffersRequest(user_id="user-0", limit=3)).offers
+        finally:
+            running.close()
+        assert len(offers) == 3
+        for offer in offers:
+            assert (offer.discount_percent, offer.final_price_cents) == (0, 1000)
+            assert list(offer.reason_codes[-len(codes) :]) == codes

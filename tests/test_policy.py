@@ -5,10 +5,11 @@ from __future__ import annotations
 import itertools
 import math
 from decimal import Decimal
+from fractions import Fraction
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from core.policy import (
@@ -22,6 +23,7 @@ from core.policy import (
     apply_budget,
     floor_price,
     no_discount,
+    optimal_choices,
     price_after,
     price_items,
     to_cents,
@@ -446,3 +448,90 @@ def test_budget_grants_in_order_and_fails_closed_when_spent() -> None:
         Decimal("0.50"),
     ]
     assert all(o.discount_pct == 0 for o in apply_budget(offers, Decimal(0)))
+
+
+# Minimum margins as discountctl stores them (any float >= 0), the tiny and the absurd included.
+extreme_margins = st.one_of(
+    st.floats(min_value=0, max_value=200),
+    st.floats(min_value=0, allow_nan=False, allow_infinity=False),
+    st.sampled_from([5e-324, 1e-300, 1e-79, 1e80, 1.7976931348623157e308]),
+)
+# Catalog amounts with more decimals than cents, up to the largest price the offer log holds.
+amounts = st.one_of(
+    st.decimals(min_value=0, max_value=100, places=2),
+    st.decimals(min_value=0, max_value=Decimal("9999999999.99"), places=2),
+    st.decimals(min_value=0, max_value=Decimal("9999999999.99"), places=6),
+    st.sampled_from([Decimal(0), Decimal("0.01"), Decimal("0.005"), Decimal("9999999999.99")]),
+)
+# What a response model may answer, probabilities or not.
+answers = st.floats(min_value=0, max_value=1) | st.sampled_from(
+    [float("nan"), float("inf"), -float("inf"), -0.1, 1.5]
+)
+
+
+@st.composite
+def any_rule(draw: st.DrawFn) -> Rule:
+    policy, params = draw(valid_params())
+    max_pct = draw(st.floats(min_value=0, max_value=100, exclude_max=True) | st.just(0))
+    return Rule(policy, params, Guardrails.of(max_pct, draw(extreme_margins)))
+
+
+@st.composite
+def any_candidates(draw: st.DrawFn, rule: Rule) -> list[Candidate]:
+    items = []
+    choices = len(optimal_choices(rule.params)) if rule.policy == "optimal" else 0
+    for rank in range(1, draw(st.integers(1, 4)) + 1):
+        base = draw(amounts)
+        # Often near the price, so that the floor binds, and often whole cents, where a floor
+        # rounded down to the cost itself would show.
+        ratio = draw(st.decimals(min_value=0, max_value=2, places=2))
+        cost = draw(amounts | st.sampled_from([base * ratio, to_cents(base * ratio)]))
+        score = draw(st.none() | st.floats(allow_nan=False) | st.just(float("nan")))
+        p = draw(st.none() | st.lists(answers, min_size=choices, max_size=choices).map(tuple))
+        items.append(Candidate(f"i{rank}", base, cost, draw(st.integers(1, 2_000_000)), score, p))
+    return items
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_every_policy_keeps_the_exact_floor_and_never_raises_a_price(data: st.DataObject) -> None:
+    """Checked in exact rational arithmetic, not with the rounding helpers under test: a
+    discounted price is at least cost × (1 + min_margin/100), whatever the margin's size."""
+    rule = data.draw(any_rule())
+    items = data.draw(any_candidates(rule))
+    g = rule.guardrails
+    factor = 1 + Fraction(g.min_margin_pct) / 100
+    for item, offer in zip(items, price_items(rule, items), strict=True):
+        assert offer.base_price == to_cents(item.base_price)
+        assert offer.final_price == price_after(offer.base_price, offer.discount_pct)
+        assert 0 <= offer.discount_pct <= g.max_discount_pct
+        assert offer.final_price <= offer.base_price
+        if offer.discount_pct > 0:
+            assert Fraction(offer.final_price) >= Fraction(item.cost) * factor
+            assert offer.final_price < offer.base_price
+        else:
+            assert offer.final_price == offer.base_price
+        if offer.reasons[0] in (Reason.NO_SCORE, Reason.NO_RESPONSE_MODEL):
+            assert offer.discount_pct == 0
+        if rule.policy == "optimal" and offer.reasons[0] == Reason.POLICY_OPTIMAL:
+            p = item.purchase_probability
+            assert p is not None and all(0 <= v <= 1 for v in p)
+
+
+@pytest.mark.parametrize(
+    ("margin", "final", "reason"),
+    [
+        # 6.00 × (1 + 1e-302) is above 6.00: a floor of 6.00 would let the margin fall to zero.
+        (1e-300, "6.01", Reason.GUARDRAIL_MARGIN_FLOOR),
+        (5e-324, "6.01", Reason.GUARDRAIL_MARGIN_FLOOR),
+        # A floor with more digits than pricing's arithmetic holds is still above the price.
+        (1e80, "10.00", Reason.LOSS_LEADER_NO_DISCOUNT),
+        (1.7976931348623157e308, "10.00", Reason.LOSS_LEADER_NO_DISCOUNT),
+    ],
+)
+def test_the_margin_floor_holds_for_the_tiniest_and_largest_margins(
+    margin: float, final: str, reason: Reason
+) -> None:
+    rule = Rule("tiered_topk", {"k1": 1, "d1": 50, "d2": 0}, Guardrails.of(60, margin))
+    [offer] = price_items(rule, [Candidate("x", Decimal("10.00"), Decimal("6.00"), 1)])
+    assert (offer.final_price, offer.reasons[-1]) == (Decimal(final), reason)
