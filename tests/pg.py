@@ -57,14 +57,15 @@ def pg_url_if_answering() -> str:
 
 
 @contextmanager
-def pg_database() -> Iterator[str]:
-    """A new, empty database next to the one DISCOUNT_TEST_PG_URL names; dropped afterwards."""
+def pg_database(options: str = "") -> Iterator[str]:
+    """A new, empty database next to the one DISCOUNT_TEST_PG_URL names, made with CREATE
+    DATABASE's options (e.g. a collation); dropped afterwards."""
     base = make_url(_require_pg())
     name = f"discount_test_{secrets.token_hex(4)}"
     admin = create_engine(base.set(database="postgres"), isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
+            conn.execute(text(f'CREATE DATABASE "{name}" {options}'))
         yield base.set(database=name).render_as_string(hide_password=False)
     finally:  # also when the work in it failed: no database is left behind
         with admin.connect() as conn:

@@ -7,9 +7,12 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 
+import pytest
 from cli import ctl as with_input
 from offer_server import ctl
+from pg import pg_database
 
 from core.offers import ItemInput, Snapshot, decide
 from core.store.db import Store
@@ -188,3 +191,22 @@ def test_a_variants_rule_prices_only_through_its_experiment_until_that_stops(
     stopped = ctl(db_url, "experiments", "stop", "ab", "--yes")
     assert "note: rule 'treat' prices as an ordinary rule again" in stopped.stderr
     assert rule_for(treated) == rule_for(control) == "treat"
+
+
+@pytest.mark.postgres
+def test_equal_priorities_go_by_name_in_code_point_order_whatever_the_collation(
+    tmp_path: Path,
+) -> None:
+    """SQLite's and a C-collated PostgreSQL's ORDER BY put "Zebra" before "apple"; an
+    en-US-collated PostgreSQL the other way round. The winner must not depend on it."""
+    with pg_database(
+        "TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'"
+    ) as pg:
+        for url in (pg, f"sqlite:///{tmp_path / 'store.db'}"):
+            ctl(url, "db", "upgrade")
+            for name in ("apple", "Zebra"):
+                ctl(url, "segments", "create", name, "--priority", "1")
+                ctl(url, "rules", "create", name, *TIER, "--priority", "1")
+            snapshot = load(url)
+            assert [s.name for s in snapshot.segments] == ["Zebra", "apple"], url
+            assert [r.name for r in snapshot.rules] == ["Zebra", "apple"], url

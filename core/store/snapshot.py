@@ -171,11 +171,13 @@ def load_snapshot(session: Session, now: datetime, held: Held | None = None) -> 
     """The store's rules, segments and running experiments as of now. held: what a previous
     load of this caller kept, to read only what changed since (updated here)."""
     kept = Held() if held is None else held
-    rows = list(session.scalars(select(Segment).order_by(Segment.priority, Segment.name)))
+    # Equal priorities go by name in code-point order, sorted here: ORDER BY name would follow
+    # the database's collation, so SQLite and an en_US PostgreSQL could pick different winners.
+    rows = sorted(session.scalars(select(Segment)), key=lambda s: (s.priority, s.name))
     _members(session, rows, kept)
     members = kept.members
     segments = tuple(SegmentDef(s.name, s.priority, _condition(s), members[s.id][1]) for s in rows)
-    rule_rows = list(session.scalars(select(Rule).order_by(Rule.priority.desc(), Rule.name)))
+    rule_rows = sorted(session.scalars(select(Rule)), key=lambda r: (-r.priority, r.name))
     spent = _spent(session, [r.id for r in rule_rows if r.budget is not None], kept, now)
     owned = set(Experiments(session).holders())
     rules = {r.id: _rule(r, spent, owned) for r in rule_rows}
