@@ -54,7 +54,9 @@ class Rules:
         return rule
 
     def list_all(self) -> list[Rule]:
-        return list(self.session.scalars(select(Rule).order_by(Rule.priority.desc(), Rule.name)))
+        """In the order they are tried (docs/OFFERS.md): the largest priority first, equal ones
+        by name in code-point order (as Segments.list_all explains)."""
+        return sorted(self.session.scalars(select(Rule)), key=lambda r: (-r.priority, r.name))
 
     def create(self, name: str, policy: str, params: object, **fields: Any) -> Rule:
         """fields: any of DEFAULTS' keys; ``segment`` is a segment name."""

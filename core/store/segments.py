@@ -39,7 +39,10 @@ class Segments:
         return segment
 
     def list_all(self) -> list[Segment]:
-        return list(self.session.scalars(select(Segment).order_by(Segment.priority, Segment.name)))
+        """In the order they are tried (docs/OFFERS.md): ascending priority, equal ones by name
+        in code-point order. Sorted here: ORDER BY name would follow the database's collation,
+        so SQLite and an en-US-collated PostgreSQL would pick different winners."""
+        return sorted(self.session.scalars(select(Segment)), key=lambda s: (s.priority, s.name))
 
     def member_count(self, segment: Segment) -> int:
         query = select(func.count()).where(SegmentMember.segment_id == segment.id)

@@ -16,6 +16,8 @@ from core.policy import Guardrails, PolicyError
 from core.policy import Rule as Pricing
 from core.segments import Condition, ConditionError, parse_condition
 from core.store.experiments import Experiments
+from core.store.rules import Rules
+from core.store.segments import Segments
 from core.store.tables import (
     Event,
     Offer,
@@ -171,13 +173,11 @@ def load_snapshot(session: Session, now: datetime, held: Held | None = None) -> 
     """The store's rules, segments and running experiments as of now. held: what a previous
     load of this caller kept, to read only what changed since (updated here)."""
     kept = Held() if held is None else held
-    # Equal priorities go by name in code-point order, sorted here: ORDER BY name would follow
-    # the database's collation, so SQLite and an en_US PostgreSQL could pick different winners.
-    rows = sorted(session.scalars(select(Segment)), key=lambda s: (s.priority, s.name))
+    rows = Segments(session).list_all()
     _members(session, rows, kept)
     members = kept.members
     segments = tuple(SegmentDef(s.name, s.priority, _condition(s), members[s.id][1]) for s in rows)
-    rule_rows = sorted(session.scalars(select(Rule)), key=lambda r: (-r.priority, r.name))
+    rule_rows = Rules(session).list_all()
     spent = _spent(session, [r.id for r in rule_rows if r.budget is not None], kept, now)
     owned = set(Experiments(session).holders())
     rules = {r.id: _rule(r, spent, owned) for r in rule_rows}
