@@ -89,9 +89,10 @@ def _rule_options(create: bool) -> Callable[[Any], Any]:
         click.option(
             "--budget",
             type=float,
-            help="Discount money redeemed under this rule after which it grants no more; a "
-            "soft cap: offers issued before the server sees it spent can still be redeemed "
-            "(docs/OFFERS.md, Budget).",
+            help="Discount money redeemed under this rule after which it grants no more, in "
+            "the currency's units as the catalog's prices (5000 is 5,000.00, not the API's "
+            "cents; at most 2 decimals); a soft cap: offers issued before the server sees it "
+            "spent can still be redeemed (docs/OFFERS.md, Budget).",
         ),
         click.option("--valid-from", metavar="TIME", help="ISO 8601; UTC when no zone is given."),
         click.option("--valid-until", metavar="TIME", help="ISO 8601; UTC when no zone is given."),

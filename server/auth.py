@@ -51,6 +51,18 @@ def bearer_token(metadata: Any) -> str | None:
     return None
 
 
+def _no_bearer_token(metadata: Any) -> str:
+    """Why a call carries no bearer token: no `authorization` entry, or one without the scheme
+    (a bare token, as a caller who reads "token" often sends), which "missing" would misname.
+    The entry's value is never echoed: it may well be the token itself."""
+    if any(key == HEADER for key, _ in metadata or ()):
+        return (
+            f"`{HEADER}` metadata must be `Bearer TOKEN`: the word Bearer, a space, then the "
+            f"token; {HOW_TO_GET_ONE}"
+        )
+    return f"missing `{HEADER}: Bearer TOKEN` metadata; {HOW_TO_GET_ONE}"
+
+
 class AuthInterceptor(Interceptor):
     """Innermost interceptor: the access log around it records UNAUTHENTICATED calls too."""
 
@@ -64,9 +76,10 @@ class AuthInterceptor(Interceptor):
         if handler_call_details.method.startswith(OPEN_PREFIX):
             return handler
         # Checked before UNIMPLEMENTED too: without a token, nobody learns which methods exist.
-        token = bearer_token(handler_call_details.invocation_metadata)
+        metadata = handler_call_details.invocation_metadata
+        token = bearer_token(metadata)
         if token is None:
-            return _denied(handler, f"missing `{HEADER}: Bearer TOKEN` metadata; {HOW_TO_GET_ONE}")
+            return _denied(handler, _no_bearer_token(metadata))
         name = self.registry.name_for(token)
         if name is None:
             return _denied(handler, f"unknown or revoked client token; {HOW_TO_GET_ONE}")

@@ -268,6 +268,9 @@ def test_record_events_per_event_verdicts(server: OfferServer, seeded: str) -> N
          pb.EVENT_STATUS_REJECTED, "NEGATIVE_REVENUE"),
         (event("q", quantity=-2), pb.EVENT_STATUS_REJECTED, "NEGATIVE_QUANTITY"),
         (event("f", occurred_at=future), pb.EVENT_STATUS_REJECTED, "FUTURE_TIME"),
+        # A storefront's clock in milliseconds is told so, not to check its clock.
+        (event("ms", occurred_at=int(time.time() * 1000)), pb.EVENT_STATUS_REJECTED,
+         "FUTURE_TIME: occurred_at is Unix seconds; "),
         (event("l", user_id="u" * 200), pb.EVENT_STATUS_REJECTED, "ID_TOO_LONG"),
         (event("nul\x00"), pb.EVENT_STATUS_REJECTED, "CONTROL_CHARACTER_IN_ID"),
         (event("nu", user_id="user\t0"), pb.EVENT_STATUS_REJECTED, "CONTROL_CHARACTER_IN_ID"),

@@ -111,6 +111,32 @@ def test_every_rpc_but_health_needs_a_valid_token(
     assert code == grpc.StatusCode.UNAUTHENTICATED
 
 
+def test_a_token_sent_without_the_bearer_scheme_is_named_as_such(
+    server: ServerThread, channel: grpc.Channel, db_url: str
+) -> None:
+    # A bare token (or another scheme) is there but unusable: "missing" would send the caller
+    # looking for metadata it did send. The value, maybe the token itself, is never echoed.
+    stub = pb_grpc.DiscountServiceStub(channel)
+    token = create_client(db_url, "storefront")
+    eventually(
+        lambda: (
+            status_of(lambda: stub.Recommend(RECOMMEND, metadata=bearer(token)))[0]
+            == grpc.StatusCode.OK
+        ),
+        timeout=10,
+    )
+    for value in (token, f"Token {token}", f"Bearer{token}"):
+        code, details = status_of(
+            lambda v=value: stub.Recommend(RECOMMEND, metadata=(("authorization", v),))
+        )
+        assert code == grpc.StatusCode.UNAUTHENTICATED, value
+        assert "must be `Bearer TOKEN`" in details and "missing" not in details, details
+        assert token not in details
+    code, details = status_of(lambda: stub.Recommend(RECOMMEND))
+    assert code == grpc.StatusCode.UNAUTHENTICATED
+    assert details.startswith("missing `authorization: Bearer TOKEN` metadata")
+
+
 def test_without_a_token_nobody_learns_which_methods_exist(
     server: ServerThread, channel: grpc.Channel, db_url: str
 ) -> None:

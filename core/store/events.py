@@ -26,6 +26,9 @@ from core.store.validate import CONTROL_CHARACTERS
 # no larger one.
 MAX_BATCH = 1000
 MAX_FUTURE = timedelta(days=1)
+# Unix seconds from here on are past the year 5000, and as milliseconds these are 1973 on: a
+# future time this large is a clock in milliseconds (JavaScript's Date.now()), not a wrong clock.
+LOOKS_LIKE_MILLISECONDS = 10**11
 # Items are what impressions, clicks, carts and purchases are about; a redemption names an offer.
 NEEDS_ITEM = frozenset({"impression", "click", "add_to_cart", "purchase"})
 _COLUMNS = cast(Table, Event.__table__).columns
@@ -99,6 +102,11 @@ def problem(event: EventIn, now: datetime) -> str | None:
     if event.occurred_at < 0:
         return f"INVALID_TIME: occurred_at is Unix seconds >= 0, got {event.occurred_at}"
     if event.occurred_at and _time(event.occurred_at, now) > now + MAX_FUTURE:
+        if event.occurred_at >= LOOKS_LIKE_MILLISECONDS:
+            return (
+                f"FUTURE_TIME: occurred_at is Unix seconds; {event.occurred_at} looks like "
+                "milliseconds: divide by 1000"
+            )
         return "FUTURE_TIME: occurred_at is more than a day in the future; check the clock"
     return None
 

@@ -157,7 +157,7 @@ class Rules:
             if exact.as_tuple().exponent < -BUDGET_DECIMALS:  # type: ignore[operator]
                 raise InvalidInput(
                     f"budget {budget!r} has more than {BUDGET_DECIMALS} decimals; give it in "
-                    f"whole cents, e.g. {exact:.{BUDGET_DECIMALS}f}"
+                    f"the currency's units to the cent, e.g. {exact:.{BUDGET_DECIMALS}f}"
                 )
             if exact > MAX_BUDGET:
                 raise InvalidInput(f"budget {budget!r} is above the largest allowed, {MAX_BUDGET}")

@@ -542,19 +542,25 @@ class Event(_message.Message):
     QUANTITY_FIELD_NUMBER: _builtins.int
     OCCURRED_AT_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
-    """Client-chosen unique id; a retry of the same event with the same id is counted once.
-    Another event under an id already used is rejected (EVENT_ID_REUSED).
+    """Client-chosen unique id, required, at most 128 characters, no control characters; a
+    retry of the same event with the same id is counted once. Another event under an id
+    already used is rejected (EVENT_ID_REUSED).
     """
     type: Global___EventType.ValueType
     """What happened."""
     user_id: _builtins.str
-    """The shop's id of the user."""
+    """The shop's id of the user; required, at most 128 characters, no control characters."""
     item_id: _builtins.str
-    """The item concerned, when any."""
+    """The item concerned; required for impressions, clicks, add-to-carts and purchases, and
+    for redemptions best sent (Recommend then leaves the item out at once); at most 128
+    characters.
+    """
     offer_id: _builtins.str
-    """The offer concerned (required for redemptions)."""
+    """The offer concerned (required for redemptions); at most 64 characters."""
     revenue_cents: _builtins.int
-    """Money paid in cents, for purchases and redemptions; never negative."""
+    """Money paid for the whole line in cents (every unit, after any discount: 2 units at an
+    offer's final_price_cents of 745 are 1490), for purchases and redemptions; never negative.
+    """
     quantity: _builtins.int
     """Units bought; 0 means 1."""
     occurred_at: _builtins.int
