@@ -177,7 +177,7 @@ def simulate_command(
       discountctl rules simulate --user 12347 --item 85123A --item 22423
     """
     # The server's modules: onnxruntime and numpy only, loaded when this command runs.
-    from server.errors import InvalidRequest, UnknownIds
+    from server.errors import InvalidRequest
     from server.model import load_version
     from server.offers import OffersQuery, simulate
     from server.purchases import data_end
@@ -207,7 +207,7 @@ def simulate_command(
     query = OffersQuery(user_id, list(item_ids), limit, context, bought)
     try:
         decision = simulate(model, snapshot, query, now, respond)
-    except (InvalidRequest, UnknownIds, FeatureError) as e:
+    except (InvalidRequest, FeatureError) as e:
         raise InvalidInput(str(e)) from None
     items: list[dict[str, Any]] = [
         {

@@ -65,6 +65,9 @@ class Why(StrEnum):
     NOT_RANKED = "NOT_RANKED"
     # The catalog has no price or no cost for the item, so no discount can be checked safely.
     NO_PRICE = "NO_PRICE"
+    # The serving model's catalog does not hold the item (one added since it was trained): no
+    # price is known, so no offer; the rest of the basket is priced as usual.
+    UNKNOWN_ITEM = "UNKNOWN_ITEM"
     NO_COST = "NO_COST"
     # The rule priced against a cost the trainer assumed from its default margin: the margin
     # floor holds only as far as that margin does.
@@ -173,6 +176,7 @@ class ItemInput:
     rank: int  # 1-based among the request's items; 0: not ranked by the model
     score: float | None
     cost_assumed: bool = False  # the trainer assumed the cost from its default margin
+    known: bool = True  # in the serving model's catalog
 
 
 # The response model: P(buy) for each item (rows) at each discount (columns, fractions: 0.1 is
@@ -191,8 +195,8 @@ class ItemDecision:
 
     @property
     def priced_ok(self) -> bool:
-        """False when the catalog lacks the item's price: the offer cannot be signed."""
-        return Why.NO_PRICE not in self.reasons
+        """False when the catalog lacks the item or its price: the offer cannot be signed."""
+        return Why.NO_PRICE not in self.reasons and Why.UNKNOWN_ITEM not in self.reasons
 
 
 @dataclass(frozen=True)
@@ -368,7 +372,7 @@ def decide(
     for n, item in enumerate(items):
         why: list[str] = [*head, _rank_reason(item)]
         rule, rule_reason = (
-            (None, Why.NO_PRICE)
+            (None, Why.NO_PRICE if item.known else Why.UNKNOWN_ITEM)
             if item.price is None
             else _rule_for(variant, in_variant_segment, open_rules, item, now)
         )

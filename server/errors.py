@@ -27,10 +27,6 @@ class DeviceUnavailable(Exception):
     """The requested execution device cannot be used."""
 
 
-class UnknownIds(Exception):
-    """The caller named something (e.g. item ids) that does not exist; maps to NOT_FOUND."""
-
-
 class StoreDown(Exception):
     """The store cannot take a write now; nothing was acknowledged. Maps to UNAVAILABLE."""
 

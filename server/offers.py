@@ -31,7 +31,7 @@ from core.offers import (
 )
 from core.records import record
 from core.shop import ShopFacts
-from server.errors import FieldViolation, InvalidRequest, UnknownIds
+from server.errors import FieldViolation, InvalidRequest
 from server.model import ModelVersion
 from server.recommend import MAX_IDS, RecommendQuery, recommend, user_and_limit_problems
 
@@ -95,14 +95,10 @@ def validate(query: OffersQuery) -> None:
 
 
 def _named_items(model: ModelVersion, facts: ShopFacts, query: OffersQuery) -> list[ItemInput]:
+    # -1: an item the model's catalog lacks (one newer than the model). It gets no offer
+    # (UNKNOWN_ITEM) and the rest of the basket is priced: failing the call would take offers
+    # off every basket holding a new product until the next model.
     indices = [model.item_index.get(i, -1) for i in query.item_ids]
-    if -1 in indices:
-        unknown = [i for i in dict.fromkeys(query.item_ids) if i not in model.item_index]
-        shown = ", ".join(repr(i) for i in unknown[:5])
-        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
-        raise UnknownIds(
-            f"item_ids: {len(unknown)} not in the catalog of model {model.version}: {shown}{more}"
-        )
     user = model.user_index.get(query.user_id)
     scores: dict[int, float] = {}
     if user is not None:
@@ -115,7 +111,7 @@ def _named_items(model: ModelVersion, facts: ShopFacts, query: OffersQuery) -> l
     else:
         # No history to fold in: the popularity score Recommend gives unknown users.
         ranks, n = model.popularity_rank, len(model.popularity)
-        scores = {i: 1.0 - int(ranks[i]) / n for i in set(indices) if ranks[i] >= 0}
+        scores = {i: 1.0 - int(ranks[i]) / n for i in set(indices) if i >= 0 and ranks[i] >= 0}
     # Ranked among the distinct named items (ties: first named first): an item named twice is
     # one item with one rank and one price, and does not push the others down a tier.
     distinct = [i for i in dict.fromkeys(indices) if i in scores]
@@ -124,11 +120,12 @@ def _named_items(model: ModelVersion, facts: ShopFacts, query: OffersQuery) -> l
         ItemInput(
             item_id,
             facts.categories.get(item_id, ""),
-            facts.prices.get(item_id),
+            facts.prices.get(item_id) if i >= 0 else None,
             facts.costs.get(item_id),
             rank.get(i, 0),
             scores.get(i),
             item_id in facts.assumed_costs,
+            known=i >= 0,
         )
         for item_id, i in zip(query.item_ids, indices, strict=True)
     ]

@@ -27,7 +27,6 @@ from server.errors import (
     Overloaded,
     StoreDown,
     StoreRefused,
-    UnknownIds,
 )
 from server.limits import (
     MAX_ERROR_BYTES,
@@ -122,8 +121,6 @@ def rpc(method: Method[Request, Response]) -> Method[Request, Response]:
             await context.abort(status.code, status.details, trailing)
         except (NotReady, StoreDown) as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, shorten(str(e), MAX_ERROR_BYTES))
-        except UnknownIds as e:
-            await context.abort(grpc.StatusCode.NOT_FOUND, shorten(str(e), MAX_ERROR_BYTES))
         except Overloaded as e:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except StoreRefused as e:

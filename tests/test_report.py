@@ -138,11 +138,12 @@ def test_sample_ratio_mismatch_warns(db_url: str) -> None:
 def test_simulate_shows_the_servers_answer_without_issuing(db_url: str, model_store: Path) -> None:
     ctl(db_url, "rules", "create", "tier", "--policy", "tiered_topk",
         "--param", "k1=1", "--param", "d1=20", "--param", "d2=5", "--min-margin", "10")  # fmt: skip
-    args = ("--user", "user-0", "--item", "00029", "--item", "00003")
+    args = ("--user", "user-0", "--item", "00029", "--item", "00003", "--item", "zzz")
     result = ctl(db_url, "rules", "simulate", *args, "--model-dir", str(model_store), "-o", "json")
     data = json.loads(result.stdout)
     assert data["segment"] is None and data["experiment"] is None
-    first, second = data["items"]
+    first, second, unknown = data["items"]
+    assert unknown["item_id"] == "zzz" and "UNKNOWN_ITEM" in unknown["reason_codes"]
     assert (first["item_id"], first["rank"], first["final_price"]) == ("00029", 2, "9.50")
     assert (second["rank"], second["final_price"], second["rule"]) == (1, "8.00", "tier")
     assert "POLICY_TIERED_TOP" in second["reason_codes"]
@@ -210,8 +211,6 @@ def test_report_plot_that_cannot_be_written_is_one_line(db_url: str, tmp_path: P
     [
         (("experiments", "report", "nope"), "no experiment with key 'nope'"),
         (("rules", "simulate", "--user", "u1"), "no active model version in the store"),
-        (("rules", "simulate", "--user", "u1", "--item", "zzz", "--model-dir", "{model}"),
-         "not in the catalog of model"),
         (("rules", "simulate", "--user", "u1", "--context", "order_count=x", "--model-dir",
           "{model}"), "order_count must be a number"),
         (("rules", "simulate", "--user", "u1", "--model-dir", "/nonexistent"),

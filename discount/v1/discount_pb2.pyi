@@ -396,8 +396,8 @@ class GetOffersRequest(_message.Message):
     def item_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Items to price, at most 1000, no empty or blank entry; empty means the user's
         recommendations.
-        An id the model's catalog does not have answers NOT_FOUND; an item named twice gets an
-        offer per entry, with one rank.
+        An id the model's catalog does not have gets an offer without price or token, with
+        UNKNOWN_ITEM in reason_codes; an item named twice gets an offer per entry, with one rank.
         """
 
     @_builtins.property
