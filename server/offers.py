@@ -80,7 +80,7 @@ def validate(query: OffersQuery) -> None:
             FieldViolation("item_ids", f"at most {MAX_IDS} entries, got {len(query.item_ids)}")
         )
     if any(not i.strip() for i in query.item_ids):
-        # As user_id: " " names no item (it was answered NOT_FOUND, as if the catalog lacked it).
+        # As user_id: " " names no item (it was priced as an item the catalog lacked).
         problems.append(FieldViolation("item_ids", "must not contain empty or blank ids"))
     if len(query.context) > MAX_CONTEXT:
         problems.append(
