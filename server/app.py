@@ -75,6 +75,7 @@ class DiscountServer:
         self.response_stamp = response_stamp
         self._response_lock = asyncio.Lock()
         self._response_refused = False  # the folder at response_stamp failed to load
+        self.response_failures = 0  # response models that failed to load (metrics)
         self.health = CappedHealth(settings.max_health_watches)
         self.first_load = asyncio.Event()
         self.listening = False
@@ -153,6 +154,7 @@ class DiscountServer:
             # Any error: one that escaped would end the model poller, and with it the drain.
             except Exception as e:
                 log.error("response model in %s not loaded, %s keeps serving: %s", path, serving, e)
+                self.response_failures += 1
                 return
             self.offering.respond, self._response_refused = model, False
             log.info(
@@ -257,6 +259,7 @@ def create_server(settings: Settings) -> tuple[DiscountServer, int]:
         batcher = Batcher(settings.batch_max_size, settings.batch_max_wait_us, metrics)
     metrics.watch(
         lambda: (store.current.version, store.current.provider) if store.current else None,
+        lambda: {"recommend": store.failures, "response": server.response_failures},
         lambda: offering.keeper.age_seconds if offering is not None else None,
         lambda: offering.purchases.state if offering is not None else None,
         lambda: (

@@ -182,7 +182,7 @@ def _cannot_listen(settings: Settings, error: CannotListen) -> int:
     where = address(settings.host, settings.port)
     # A worker's siblings hold the port with SO_REUSEPORT: a probe would blame them.
     reason = error if settings.workers > 1 else _bind_error(settings) or error
-    click.echo(f"discountd: cannot listen on {where}: {reason}", err=True)
+    log.error("cannot listen on %s: %s", where, reason)
     return 1
 
 
@@ -202,10 +202,10 @@ async def serve(settings: Settings) -> int:
     except CannotListen as e:
         return _cannot_listen(settings, e)
     except StoreError as e:
-        click.echo(f"discountd: cannot use the store: {e}", err=True)
+        log.error("cannot use the store: %s", e)
         return 1
     except ArtifactError as e:
-        click.echo(f"discountd: cannot load the response model: {e}", err=True)
+        log.error("cannot load the response model: %s", e)
         return 1
     if insecure_demo_key_in_use(settings):
         log.warning("offers are signed with the public demo key: never use this in production")
@@ -244,12 +244,12 @@ async def serve(settings: Settings) -> int:
         return _cannot_listen(settings, e)
     except OSError as e:  # the metrics port: in use, or an address it cannot bind
         where = address(settings.host, settings.metrics_port or 0)
-        click.echo(f"discountd: cannot serve metrics on {where}: {e}", err=True)
+        log.error("cannot serve metrics on %s: %s", where, e)
         await server.stop(0)
         return 1
     await server.first_load.wait()
     if server.store.current is None:
-        click.echo(f"discountd: cannot serve: {server.store.last_error}", err=True)
+        log.error("cannot serve: %s", server.store.last_error)
         await server.stop(0)
         return 1
     if server.listening:  # a worker told to stop while it loaded never listens

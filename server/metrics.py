@@ -34,6 +34,9 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 # (model version, active provider) of the serving version, or None before the first load.
 ModelState = Callable[[], tuple[str, str] | None]
+# Model reloads that failed so far, by model: "recommend" (server.versions.ModelStore.failures)
+# and "response" (--response-model-dir, server.app).
+ModelFailures = Callable[[], dict[str, int]]
 # Age in seconds of the rule snapshot, or None without a store.
 SnapshotAge = Callable[[], float | None]
 # (seconds since the last good read, users held) of the recent purchases (server.purchases);
@@ -48,11 +51,13 @@ class _Live(Collector):
     def __init__(
         self,
         model: ModelState,
+        model_failures: ModelFailures,
         snapshot_age: SnapshotAge,
         purchases: PurchasesState,
         offer_log: OfferLogState,
     ) -> None:
         self._model = model
+        self._model_failures = model_failures
         self._snapshot_age = snapshot_age
         self._purchases = purchases
         self._offer_log = offer_log
@@ -67,6 +72,16 @@ class _Live(Collector):
         if state is not None:
             info.add_metric(list(state), 1.0)
         yield info
+        failures = CounterMetricFamily(
+            "discountd_model_load_failures",
+            "Model reloads that failed (a version refused, CURRENT unreadable, a response model "
+            "that does not load), by model (recommend, response): the previous one keeps "
+            "serving. Each SIGHUP's failure counts; the poller's repeats do not.",
+            labels=["model"],
+        )
+        for model, count in self._model_failures().items():
+            failures.add_metric([model], count)
+        yield failures
         age = self._snapshot_age()
         if age is not None:
             yield GaugeMetricFamily(
@@ -153,11 +168,12 @@ class Metrics:
     def watch(
         self,
         model: ModelState,
+        model_failures: ModelFailures,
         snapshot_age: SnapshotAge,
         purchases: PurchasesState,
         offer_log: OfferLogState,
     ) -> None:
-        self.registry.register(_Live(model, snapshot_age, purchases, offer_log))
+        self.registry.register(_Live(model, model_failures, snapshot_age, purchases, offer_log))
 
     def serve(self, host: str, port: int) -> int:
         """Serve /metrics over HTTP in a daemon thread; returns the bound port (port 0 picks)."""

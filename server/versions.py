@@ -62,6 +62,10 @@ class ModelStore:
         self.facts = facts  # load each version's shop facts too (a server that offers)
         self.current: ModelVersion | None = None
         self.last_error: str | None = None
+        # Reloads that failed, counted as they are logged (discountd_model_load_failures_total):
+        # the old version keeps serving and health stays SERVING, so only this and the log
+        # show that a promoted version did not go live.
+        self.failures = 0
         self._refused: Path | None = None
         self._lock = asyncio.Lock()
 
@@ -134,4 +138,5 @@ class ModelStore:
         if asked or message != self.last_error:
             serving = self.current.version if self.current else "nothing"
             log.error("%s; still serving %s", message, serving)
+            self.failures += 1
         self.last_error = message

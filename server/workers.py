@@ -38,7 +38,7 @@ def supervise(settings: Settings, serve: Serve) -> int:
         port = unowned_port(settings.host, settings.port)
     except OSError as e:  # as serve() reports a port it cannot bind
         where = address(settings.host, settings.port)
-        print(f"discountd: cannot listen on {where}: {e}", file=sys.stderr)
+        log.error("cannot listen on %s: %s", where, e)
         return 1
     children: dict[int, int] = {}
     stopping = False

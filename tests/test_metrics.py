@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from core.artifact import CURRENT, load_manifest, seal
+from core.artifact import CURRENT, load_manifest, seal, set_current
 from discount.v1 import discount_pb2 as pb
 from server.logs import JsonFormatter
 from tests.conftest import RunningServer
@@ -94,6 +94,37 @@ def test_model_version_and_provider(running: RunningServer) -> None:
         "discountd_recent_purchase_users",
         "discountd_offer_log_pending",
     }
+
+
+def test_a_refused_model_version_is_counted(
+    model_store: Path, flipped_version: Path, tmp_path: Path
+) -> None:
+    """A version that fails to load leaves the old one serving and health SERVING: the
+    counter is what an alert on a promote that never went live can watch."""
+    store = tmp_path / "models"
+    shutil.copytree(model_store, store)
+    broken = store / "20991231-000000-broken"
+    shutil.copytree(flipped_version, broken)
+    data = bytearray((broken / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (broken / "model.onnx").write_bytes(bytes(data))
+    server = RunningServer(store, metrics_port=0)
+    try:
+        server.wait_first_load()
+        failures = "discountd_model_load_failures_total"
+        assert value(scrape(server), failures, model="recommend") == 0
+        serving = server.stub.GetModelInfo(pb.GetModelInfoRequest()).model_version
+        set_current(store, broken.name)
+        assert server.call(server.server.reload(force=False)) is False  # the poller
+        assert server.call(server.server.reload(force=False)) is False  # its repeat
+        assert value(scrape(server), failures, model="recommend") == 1
+        assert server.call(server.server.reload(force=True)) is False  # SIGHUP
+        samples = scrape(server)
+        assert value(samples, failures, model="recommend") == 2
+        labels = {"version": serving, "provider": "CPUExecutionProvider"}
+        assert value(samples, "discountd_model_info", **labels) == 1.0
+    finally:
+        server.close()
 
 
 def test_access_log_is_debug_when_ok_and_carries_fields(

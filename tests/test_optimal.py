@@ -17,6 +17,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from offer_server import OfferServer, ctl
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from core.artifact import ArtifactError
 from core.offers import ItemInput, RuleDef, Snapshot, decide
@@ -328,6 +330,16 @@ def test_a_folder_that_is_no_response_model_refuses_to_start(model_store: Path) 
         create_server(settings)
 
 
+def _load_failures(server: OfferServer) -> dict[str, float]:
+    text = generate_latest(server.server.metrics.registry).decode()
+    return {
+        sample.labels["model"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "discountd_model_load_failures_total"
+    }
+
+
 def test_a_response_model_swapped_into_its_folder_is_served_and_a_broken_one_is_not(
     model_store: Path,
     db_url: str,
@@ -365,6 +377,8 @@ def test_a_response_model_swapped_into_its_folder_is_served_and_a_broken_one_is_
         assert running.server.offering.respond is second
         told = [r for r in caplog.records if "not loaded" in r.getMessage()]
         assert len(told) == 1 and "keeps serving" in told[0].getMessage()
+        # Health stays SERVING: the counter is what an alert can watch.
+        assert _load_failures(running) == {"recommend": 0, "response": 1}
         # Mended in place, the manifest untouched: polls do not look again, SIGHUP does.
         (folder / GRAPH).write_bytes(graph)
         running.call(running.server.reload(force=False))
