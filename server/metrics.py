@@ -14,7 +14,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-# Seconds: from a health check's tens of microseconds to a slow 1M-item inference.
+# Seconds: from a health check's tens of microseconds to a slow 1M-item inference, and past
+# the store's statement timeout (5 s, server.limits), so the calls that waited out a stalled
+# store show as such, not as merely over 2.5 s.
 LATENCY_BUCKETS = (
     0.0002,
     0.0005,
@@ -29,6 +31,8 @@ LATENCY_BUCKETS = (
     0.5,
     1.0,
     2.5,
+    5.0,
+    10.0,
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
