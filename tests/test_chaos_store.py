@@ -28,6 +28,7 @@ from core.store import events
 from core.store.db import Store
 from core.store.tables import Event, Offer
 from discount.v1 import discount_pb2 as pb
+from server import limits
 from server.limits import MAX_ID_CHARS
 from server.offer_log import BATCH
 from tests.conftest import RunningServer
@@ -234,6 +235,54 @@ def test_an_event_id_resent_with_other_content_is_rejected_not_a_silent_duplicat
             assert kept is not None and (kept.item_id, kept.revenue) == ("00001", 19.99)
     finally:
         store.dispose()
+
+
+def test_replicas_storing_the_same_events_in_opposite_orders_do_not_deadlock(
+    start: type[RunningServer], url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two replicas, one store: a client's retry of a batch can reach the other replica while
+    # the first still writes it, and batches that share ids need not list them in one order.
+    # Rows were inserted in request order, so each insert held rows the other waited for, and
+    # PostgreSQL killed one: UNAVAILABLE ("deadlock detected") from a store that was up.
+    # Another session's uncommitted row in the middle of the batch stops both inserts there,
+    # each holding its half, until it rolls back. The store timeouts are raised so that a busy
+    # machine starting the second insert late does not end the first.
+    monkeypatch.setattr(limits, "STORE_LOCK_TIMEOUT_MS", 30_000)
+    monkeypatch.setattr(limits, "STORE_STATEMENT_TIMEOUT_MS", 30_000)
+    replicas = [start(), start()]
+    batch = clicks("both", 1000)
+    reversed_batch = pb.RecordEventsRequest(events=list(reversed(batch.events)))
+    engine = create_engine(url)
+    middle = engine.connect()
+    middle.execute(
+        text(
+            "INSERT INTO discount.events (event_id, type, user_id, item_id, occurred_at, "
+            "received_at) VALUES ('both-500', 'click', 'user-1', '00020', now(), now())"
+        )
+    )
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            calls = [
+                pool.submit(replica.stub.RecordEvents, request, timeout=30)
+                for replica, request in zip(replicas, (batch, reversed_batch), strict=True)
+            ]
+            # Autocommit: within a transaction pg_stat_activity shows its first reading only.
+            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as watch:
+                waiting = text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock'"
+                )
+                # Both inserts wait (on the middle row, or on each other).
+                eventually(lambda: watch.execute(waiting).scalar() == 2, 10.0, step=0.01)
+            middle.rollback()
+            replies = [call.result() for call in calls]
+    finally:
+        middle.close()
+        engine.dispose()
+    statuses = Counter(r.status for reply in replies for r in reply.results)
+    assert statuses == {pb.EVENT_STATUS_ACCEPTED: 1000, pb.EVENT_STATUS_DUPLICATE: 1000}
+    rows = stored(url)[0]
+    assert [rows[f"both-{k}"] for k in range(1000)] == [1] * 1000
 
 
 def test_offer_log_retries_an_unreachable_store_at_its_interval_not_once_per_call(

@@ -187,9 +187,12 @@ def record(session: Session, events: Sequence[EventIn], now: datetime) -> list[O
     if rows:
         dialect = session.get_bind().dialect.name
         insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        # In one order of ids for every writer: two processes storing batches that share
+        # ids (a retry sent to another replica) would otherwise each hold rows the other
+        # waits for, and PostgreSQL would end one of them as a deadlock.
         statement = (
             insert(Event)
-            .values(list(rows.values()))
+            .values([rows[event_id] for event_id in sorted(rows)])
             .on_conflict_do_nothing(index_elements=["event_id"])
             .returning(Event.event_id)
         )
