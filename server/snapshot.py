@@ -181,6 +181,10 @@ class SnapshotKeeper:
                     NOTIFY_CHANNEL,
                     reason,
                 )
+                if reason != failed:
+                    # A refresh now: a store that is gone shows as stale at once, not after a
+                    # poll interval that, with NOTIFY doing the work, may be minutes long.
+                    loop.call_soon_threadsafe(wake.set)
                 failed = reason
                 self._stop_listening.wait(LISTEN_RECONNECT_S)
             except RuntimeError:  # the event loop closed under us: the server is gone

@@ -115,6 +115,27 @@ def test_store_outage_serves_from_snapshot_refuses_events_and_recovers(
             running.close()
 
 
+def test_a_lost_listen_connection_refreshes_at_once_and_shows_the_outage(
+    model_store: Path,
+) -> None:
+    """With NOTIFY doing the work the poll can be minutes apart; a store gone meanwhile looked
+    fresh until the next poll."""
+    with pg_database() as url:
+        ten_percent_off_everything(url)
+        running = OfferServer(model_store, url, rules_poll_interval=300)
+        try:
+            set_reachable(url, False)
+            try:
+                assert eventually(lambda: stale_info(running), 10.0) is not None
+            finally:
+                set_reachable(url, True)
+            eventually(
+                lambda: running.stub.GetModelInfo(pb.GetModelInfoRequest()).snapshot_fresh, 10.0
+            )
+        finally:
+            running.close()
+
+
 @pytest.mark.parametrize("replaced", [False, True])
 def test_an_sqlite_file_moved_away_is_an_outage_not_a_new_store(
     model_store: Path, tmp_path: Path, replaced: bool
