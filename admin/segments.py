@@ -327,7 +327,10 @@ def _decoded(file: IO[str], label: str) -> Iterator[str]:
 def _header_delimiter(line: str) -> str | None:
     """The delimiter under which line, read as CSV, has a user_id column; None if none does."""
     for delimiter in DELIMITERS:
-        columns = next(csv.reader([line], delimiter=delimiter), [])
+        try:
+            columns = next(csv.reader([line], delimiter=delimiter), [])
+        except csv.Error:  # e.g. a field past the csv module's 128 KiB limit: no header
+            continue
         if "user_id" in (c.strip().lower() for c in columns):
             return delimiter
     return None

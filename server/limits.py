@@ -35,6 +35,10 @@ PROBE_SLOTS = 64
 # gRPC's cap sits this many higher again, so open streams take no slot of a call or a probe.
 # A client channel with gRPC's client-side health checking holds one per server address.
 MAX_HEALTH_WATCHES = 256
+# The longest service name a health Watch may name; a longer one is refused NOT_FOUND at once.
+# Anyone may Watch, and a stream holds its request while it is open: 4 MiB names held ~16 MB
+# of memory each. The names the server answers for are a few dozen characters.
+MAX_HEALTH_SERVICE_CHARS = 256
 # What calls get to finish on a connection past its --max-connection-age (grpc_options).
 MAX_CONNECTION_AGE_GRACE_S = 30.0
 # Offers issued but not yet written to the store (a store outage keeps them queued). When the

@@ -24,7 +24,7 @@ from onnx import TensorProto, helper
 from core.artifact import CURRENT, load_manifest, seal, set_current
 from discount.v1 import discount_pb2 as pb
 from server.errors import DeviceUnavailable
-from server.limits import PROBE_SLOTS
+from server.limits import MAX_HEALTH_SERVICE_CHARS, PROBE_SLOTS
 from server.model import CUDA, load_version
 from server.versions import ModelStore, ort_threads_for
 from tests.conftest import RunningServer
@@ -117,6 +117,24 @@ def test_health_watch_streams_are_capped(store: Path, serve: Serve) -> None:
     reopened.cancel()
     for watch in watches[1:]:
         watch.cancel()
+
+
+def test_a_health_watch_for_an_overlong_name_is_refused_at_once(store: Path, serve: Serve) -> None:
+    # Anyone may Watch, and a stream held its request for as long as it stayed open: 64 of them
+    # naming a 4 MiB service held 1 GB of the server's memory (~16 MB each), 256 held 5 GB.
+    running = serve(store)
+    running.wait_first_load()
+    health = health_pb2_grpc.HealthStub(running.channel)
+    overlong = health_pb2.HealthCheckRequest(service="x" * (MAX_HEALTH_SERVICE_CHARS + 1))
+    with pytest.raises(grpc.RpcError) as refused:
+        next(health.Watch(overlong, timeout=30))
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "x" * 20 not in (refused.value.details() or "")
+    assert running.server.health.watching == 0
+    # A name within the limit that names nothing yet is watched, as the health protocol says.
+    unknown = health.Watch(health_pb2.HealthCheckRequest(service="y" * 10), timeout=30)
+    assert next(unknown).status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+    unknown.cancel()
 
 
 def test_a_connection_past_its_age_is_closed_and_its_client_reconnects(

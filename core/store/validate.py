@@ -45,6 +45,11 @@ def key(kind: str, value: str) -> str:
 
 def ident(kind: str, value: str) -> str:
     """A shop's user or item id: any text without control characters, as in the catalog."""
+    if len(value) > ID_LENGTH:
+        # Its start only: a line of a member list can be megabytes long.
+        raise InvalidInput(
+            f"{kind} {value[:20]!r}... is {len(value)} characters; the limit is {ID_LENGTH}"
+        )
     if not value or len(value) > ID_LENGTH or CONTROL_CHARACTERS.search(value):
         raise InvalidInput(
             f"{kind} {value!r} must be 1-{ID_LENGTH} characters without control characters"
