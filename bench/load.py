@@ -37,6 +37,7 @@ from discount.v1 import discount_pb2_grpc as pb_grpc
 from trainer.client_auth import channel_credentials, check_token, client_options
 
 CALLS = ("check", "recommend", "offers")
+_JSON_KINDS = {bool: "boolean", int: "number", float: "number", list: "array", dict: "object"}
 
 
 @dataclass(frozen=True)
@@ -221,10 +222,21 @@ def main(config: Path | None, generator: str, **flags: Any) -> None:
             values = json.loads(config.read_text())
         except ValueError as e:
             raise click.UsageError(f"--config {config}: not JSON ({e})") from None
+        if not isinstance(values, dict):
+            raise click.UsageError(f"--config {config}: not a JSON object of options")
         known = {f.name for f in fields(Load)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise click.UsageError(f"--config {config}: unknown keys {', '.join(unknown)}")
+        for f in fields(Load):
+            # The token and TLS files are read before any call; other kinds are a TypeError.
+            # The value is not echoed: it may be the token.
+            value = values.get(f.name)
+            if isinstance(f.default, str) and value is not None and not isinstance(value, str):
+                raise click.UsageError(
+                    f"--config {config}: {f.name} must be a string, got a JSON "
+                    f"{_JSON_KINDS.get(type(value), type(value).__name__)}"
+                )
     values.update(
         {k: str(v) if isinstance(v, Path) else v for k, v in flags.items() if v is not None}
     )

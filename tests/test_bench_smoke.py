@@ -157,6 +157,21 @@ def test_a_token_grpc_cannot_send_is_refused_from_the_flag_and_the_config(tmp_pa
         assert result.exit_code == 2 and "must be printable ASCII" in result.output, result.output
 
 
+def test_a_config_value_of_the_wrong_kind_is_a_usage_error(tmp_path: Path) -> None:
+    """The token and TLS files are checked before any call: a number or a list where a string
+    belongs was a traceback (TypeError) there, as a config that is no JSON object was."""
+    config = tmp_path / "load.json"
+    for values, fragment in (
+        ({"token": 9876543210}, "token must be a string, got a JSON number"),
+        ({"tls_ca": ["ca.pem"]}, "tls_ca must be a string, got a JSON array"),
+        (["target"], "not a JSON object"),
+    ):
+        config.write_text(json.dumps(values))
+        result = CliRunner().invoke(load.main, ["--config", str(config)])
+        assert result.exit_code == 2 and fragment in result.output, result.output
+        assert "9876543210" not in result.output  # the token is not echoed
+
+
 def test_tls_files_in_the_config_that_cannot_be_read_are_a_usage_error(tmp_path: Path) -> None:
     config = tmp_path / "load.json"
     config.write_text(json.dumps({"target": "127.0.0.1:1", "tls_ca": str(tmp_path / "gone.crt")}))
