@@ -283,10 +283,12 @@ def _read_ids(file: IO[str]) -> list[str]:
         # A header that named no user_id column would otherwise be imported as ids, and each
         # of its rows as one id, commas and all.
         if any(d in header.strip() for d in DELIMITERS):
+            found = header.strip()
+            # Its start only: ids separated by commas on one line can be megabytes long.
+            shown = repr(found) if len(found) <= 80 else f"{found[:60]!r}... ({len(found):,} chars)"
             raise InvalidInput(
                 f"{label}: line {skipped + 1} is a CSV header without a user_id column (found "
-                f"{header.strip()!r}); name the id column user_id, or give one id per line "
-                "without a header"
+                f"{shown}); name the id column user_id, or give one id per line without a header"
             )
         numbered = enumerate(itertools.chain([header], lines), start=skipped + 1)
         return [_checked(line.strip(), label, n) for n, line in numbered if line.strip()]

@@ -312,6 +312,11 @@ def test_import_members_reads_plain_ids_or_a_user_id_column(
         # Past the csv module's 128 KiB field limit: was a traceback while looking for a header,
         # and the error echoed the whole id.
         ("x" * 200_000 + "\n", "<stdin>: line 1: user id 'xxxxxxxxxxxxxxxxxxxx'... is 200000"),
+        # Ids comma-separated on one line: the error echoed the whole line (hundreds of KB).
+        (
+            ",".join(f"u{i}" for i in range(50_000)) + "\n",
+            "line 1 is a CSV header without a user_id column (found 'u0,u1,u2,",
+        ),
     ],
 )
 def test_import_members_refuses_a_csv_without_user_ids(
