@@ -31,7 +31,9 @@ from core.offers import (
 )
 from core.records import record
 from core.shop import ShopFacts
+from core.store.validate import CONTROL_CHARACTERS
 from server.errors import FieldViolation, InvalidRequest
+from server.limits import MAX_ID_CHARS
 from server.model import ModelVersion
 from server.recommend import MAX_IDS, RecommendQuery, recommend, user_and_limit_problems
 
@@ -82,6 +84,13 @@ def validate(query: OffersQuery) -> None:
     if any(not i.strip() for i in query.item_ids):
         # As user_id: " " names no item (it was priced as an item the catalog lacked).
         problems.append(FieldViolation("item_ids", "must not contain empty or blank ids"))
+    elif any(len(i) > MAX_ID_CHARS or CONTROL_CHARACTERS.search(i) for i in query.item_ids):
+        # Ids no catalog holds: as RecordEvents' item_id, not an UNKNOWN_ITEM echoed back.
+        problems.append(
+            FieldViolation(
+                "item_ids", f"ids must be at most {MAX_ID_CHARS} characters, without control ones"
+            )
+        )
     if len(query.context) > MAX_CONTEXT:
         problems.append(
             FieldViolation("context", f"at most {MAX_CONTEXT} keys, got {len(query.context)}")

@@ -247,6 +247,8 @@ def test_bad_requests_name_the_field(server: OfferServer) -> None:
         (pb.GetOffersRequest(user_id="u", context={"order_count": "many"}), "context[order_count]"),
         (pb.GetOffersRequest(user_id="u", item_ids=["x"] * 1001), "item_ids"),
         (pb.GetOffersRequest(user_id="u", item_ids=["00001", " "]), "item_ids"),
+        (pb.GetOffersRequest(user_id="u", item_ids=["x" * 129]), "item_ids"),
+        (pb.GetOffersRequest(user_id="u", item_ids=["a\x00b"]), "item_ids"),
     ):
         with pytest.raises(grpc.RpcError) as e:
             server.stub.GetOffers(request)

@@ -394,8 +394,8 @@ class GetOffersRequest(_message.Message):
     """How many recommended items to price when item_ids is empty, 1 to 1000; 0 means 10."""
     @_builtins.property
     def item_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Items to price, at most 1000, no empty or blank entry; empty means the user's
-        recommendations.
+        """Items to price, at most 1000, each non-blank, at most 128 characters and without control
+        characters; empty means the user's recommendations.
         An id the model's catalog does not have gets an offer without price or token, with
         UNKNOWN_ITEM in reason_codes; an item named twice gets an offer per entry, with one rank.
         """
