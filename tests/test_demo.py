@@ -3,14 +3,21 @@ step that still leaves no server behind."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
+import signal
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from cli import ctl
 from click.testing import CliRunner, Result
+from offer_server import eventually
 
 from tools.demo import main
 
@@ -69,3 +76,45 @@ def test_a_failed_step_leaves_no_server_and_says_why(tmp_path: Path, restore_env
     assert "Error: discountd exited with status" in result.output
     assert "discountd's last log lines" in result.output
     assert "Traceback" not in result.output
+
+
+def _gone(pid: int) -> bool:
+    """Gone, or a zombie not yet reaped: either way it serves nothing."""
+    try:
+        return "zombie" in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_a_closed_terminal_leaves_no_server(tmp_path: Path, restore_env: None) -> None:
+    # Closing the terminal sends SIGHUP to the whole foreground group: discountd takes it as
+    # "reload" and kept serving, unsupervised, after the demo died of it.
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "tools.demo", "--out", str(tmp_path / "demo"), *SMALL],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own group, as a terminal's foreground job is
+    )
+    assert demo.stderr is not None
+    pid = None
+    try:
+        for line in demo.stderr:
+            found = re.match(r"discountd pid (\d+) on ", line)
+            if found:
+                pid = int(found.group(1))
+                break
+        assert pid is not None, "the demo never started discountd"
+        os.killpg(demo.pid, signal.SIGHUP)
+        rest = demo.stderr.read()
+        assert demo.wait(timeout=120) != 0
+        eventually(lambda: _gone(pid), 60.0)
+        assert "Traceback" not in rest
+    finally:  # no orphan outlives a failed run
+        demo.kill()
+        demo.wait()
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

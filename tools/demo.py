@@ -246,9 +246,11 @@ def demo(config: DemoConfig) -> None:
         if status != 0:
             raise DemoError(f"discountd exited with status {status} on SIGTERM")
     except BaseException:
+        # Stopped before anything is written: after a SIGHUP the terminal may be gone, and a
+        # write to it fails.
         if server.process.poll() is None:
-            click.echo(f"stopping discountd (pid {server.process.pid})", err=True)
             server.stop()
+            click.echo(f"stopped discountd (pid {server.process.pid})", err=True)
         click.echo(f"discountd's last log lines ({server.log_path}):\n{server.tail()}", err=True)
         raise
     run(discountctl, "discountctl", "experiments", "report", EXPERIMENT,
@@ -262,7 +264,7 @@ def _token(created: str) -> str:
     return token
 
 
-def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)  # unwinds through demo(), which stops discountd
 
 
@@ -286,5 +288,8 @@ def main(out: Path, data: str, users: int, items: int, shoppers: int, seed: int,
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    # SIGHUP: the terminal closed. It reaches discountd too, which takes it as "reload" and
+    # would serve on, unsupervised, after the demo died of it.
+    for _signal in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(_signal, _exit_on_signal)
     main()
