@@ -46,6 +46,8 @@ def test_demo_runs_end_to_end(tmp_path: Path, restore_env: None) -> None:
     assert [h.split("] ")[1].split()[0] for h in headings] == [f"{n}/10" for n in range(1, 11)]
     stdout = result.stdout
     assert "— known user" in stdout and "demo-new-visitor" in stdout  # the storefront's calls
+    # discount-train response's JSON repeated the metrics the demo had just shown as a table.
+    assert not [line for line in stdout.splitlines() if line.startswith("{")], stdout
     assert "100/100 shoppers" in result.stderr and "0 rejected" in result.stderr
     report_header = next(line for line in stdout.splitlines() if line.startswith("VARIANT"))
     assert "CONVERSION" in report_header and "MARGIN/USER" in report_header

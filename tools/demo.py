@@ -167,7 +167,7 @@ def _train_response(config: DemoConfig, clock: Clock) -> Path:
         "--seed", str(config.seed), quiet=True)  # fmt: skip
     run(discount_train, "discount-train", "response", "--offers", str(market / "offers.csv"),
         "--events", str(market / "events.csv"), "--out", str(response), "--epochs", "5",
-        "--hidden", "32", "--seed", str(config.seed))  # fmt: skip
+        "--hidden", "32", "--seed", str(config.seed), quiet=True)  # fmt: skip
     return response
 
 
