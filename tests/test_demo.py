@@ -54,7 +54,20 @@ def test_demo_runs_end_to_end(tmp_path: Path, restore_env: None) -> None:
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "shutting down" in (out / "discountd.log").read_text()  # stopped by SIGTERM
 
+    # The commands it prints are retypeable: it shows the store they need, which is not the
+    # default one, before the first of them and again at the end.
     url = f"sqlite:///{out / 'discount.db'}"
+    assert f"$ export DISCOUNT_DB_URL={url} DISCOUNT_ACTOR=demo\n$ discountctl db upgrade\n" in (
+        result.stderr
+    )
+    assert result.stderr.rstrip().endswith(
+        f"  export DISCOUNT_DB_URL={url}\n"
+        "  discountctl experiments report demo-tiered-vs-optimal\n"
+        "  discountctl audit list\n"
+        f"  discountd --model-dir {out / 'models'} --response-model-dir {out / 'response'} "
+        "--insecure --insecure-demo-key --auth off &\n"
+        f"  python -m tools.demo_client --model-dir {out / 'models'}"
+    )
     reported = json.loads(
         ctl(url, "experiments", "report", "demo-tiered-vs-optimal", "--output", "json").stdout
     )

@@ -174,6 +174,12 @@ def _train_response(config: DemoConfig, clock: Clock) -> Path:
 def _seed_store(clock: Clock) -> None:
     """Steps 4 and 5: a migrated store with segments, two rules and a running experiment."""
     clock.step(4, f"a fresh store: {os.environ['DISCOUNT_DB_URL']}")
+    # The commands below, retyped without it, would find no store (the default is another file).
+    click.echo(
+        f"$ export DISCOUNT_DB_URL={shlex.quote(os.environ['DISCOUNT_DB_URL'])} "
+        f"DISCOUNT_ACTOR={shlex.quote(os.environ['DISCOUNT_ACTOR'])}",
+        err=True,
+    )
     run(discountctl, "discountctl", "db", "upgrade")
     clock.step(
         5, "segments (new, high value, lapsed), tiered_topk and optimal rules, an experiment"
@@ -221,6 +227,10 @@ def demo(config: DemoConfig) -> None:
     created = run(discountctl, "discountctl", "clients", "create", "demo-storefront",
                   "--output", "json", quiet=True)  # fmt: skip
     os.environ["DISCOUNT_CLIENT_TOKEN"] = _token(created)
+    click.echo(
+        "(its token, kept as a storefront keeps it, is DISCOUNT_CLIENT_TOKEN from here on)",
+        err=True,
+    )
 
     clock.step(7, "start discountd (plaintext, public demo offer key, client auth required)")
     argv = [_discountd_executable(), "--model-dir", str(models),
@@ -257,6 +267,24 @@ def demo(config: DemoConfig) -> None:
         "--plot", str(out / "report.png"))  # fmt: skip
     took = time.monotonic() - clock.start
     click.echo(f"\ndone in {took:.0f}s: plot {out / 'report.png'}, log {server.log_path}", err=True)
+    _next_steps(config)
+
+
+def _next_steps(config: DemoConfig) -> None:
+    """What a reader can type next on the demo's store, which is not the default one."""
+    out = config.out
+    serve = ["discountd", "--model-dir", str(out / "models"),
+             "--response-model-dir", str(out / "response"),
+             "--insecure", "--insecure-demo-key", "--auth", "off"]  # fmt: skip
+    lines = [
+        "to look around its store and model (not the default store, var/discount.db):",
+        f"  export DISCOUNT_DB_URL={shlex.quote(os.environ['DISCOUNT_DB_URL'])}",
+        f"  discountctl experiments report {EXPERIMENT}",
+        "  discountctl audit list",
+        f"  {shlex.join(serve)} &",
+        f"  python -m tools.demo_client --model-dir {shlex.quote(str(out / 'models'))}",
+    ]
+    click.echo("\n".join(lines), err=True)
 
 
 def _token(created: str) -> str:
