@@ -93,6 +93,24 @@ def test_a_failed_step_leaves_no_server_and_says_why(tmp_path: Path, restore_env
     assert "Traceback" not in result.output
 
 
+def test_online_retail_without_the_dataset_keeps_the_last_demo(
+    tmp_path: Path, restore_env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It emptied the folder first, so a clone not beside ../shared lost its last demo to a
+    # run that could not start.
+    missing = tmp_path / "shared/datasets/online-retail/online_retail.csv.gz"
+    monkeypatch.setattr("tools.demo.ONLINE_RETAIL", missing)
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "discount.db").write_bytes(b"the last demo's store")
+    result = _demo(out, "--data", "online-retail")
+    assert result.exit_code == 1
+    assert f"Error: --data online-retail reads the UCI Online Retail data from {missing}" in (
+        result.output
+    )
+    assert (out / "discount.db").read_bytes() == b"the last demo's store"
+
+
 def _gone(pid: int) -> bool:
     """Gone, or a zombie not yet reaped: either way it serves nothing."""
     try:

@@ -36,6 +36,7 @@ import click
 from admin.cli import cli as discountctl
 from tools import demo_client
 from trainer.cli import main as discount_train
+from trainer.data import ONLINE_RETAIL
 
 EXPERIMENT = "demo-tiered-vs-optimal"
 STEPS = 10
@@ -212,6 +213,13 @@ def _seed_store(clock: Clock) -> None:
 def demo(config: DemoConfig) -> None:
     clock = Clock()
     out = config.out
+    if config.data == "online-retail" and not ONLINE_RETAIL.is_file():
+        # Before emptying out: a demo that cannot run keeps the last one's store and report.
+        raise DemoError(
+            f"--data online-retail reads the UCI Online Retail data from {ONLINE_RETAIL} "
+            f"(../shared/datasets beside the checkout), and it is not there; {out} is left as "
+            "it was"
+        )
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     os.environ["DISCOUNT_DB_URL"] = f"sqlite:///{out / 'discount.db'}"
