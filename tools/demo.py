@@ -36,6 +36,7 @@ import click
 from admin.cli import cli as discountctl
 from tools import demo_client
 from trainer.cli import main as discount_train
+from trainer.data import ONLINE_RETAIL
 
 EXPERIMENT = "demo-tiered-vs-optimal"
 STEPS = 10
@@ -167,13 +168,19 @@ def _train_response(config: DemoConfig, clock: Clock) -> Path:
         "--seed", str(config.seed), quiet=True)  # fmt: skip
     run(discount_train, "discount-train", "response", "--offers", str(market / "offers.csv"),
         "--events", str(market / "events.csv"), "--out", str(response), "--epochs", "5",
-        "--hidden", "32", "--seed", str(config.seed))  # fmt: skip
+        "--hidden", "32", "--seed", str(config.seed), quiet=True)  # fmt: skip
     return response
 
 
 def _seed_store(clock: Clock) -> None:
     """Steps 4 and 5: a migrated store with segments, two rules and a running experiment."""
     clock.step(4, f"a fresh store: {os.environ['DISCOUNT_DB_URL']}")
+    # The commands below, retyped without it, would find no store (the default is another file).
+    click.echo(
+        f"$ export DISCOUNT_DB_URL={shlex.quote(os.environ['DISCOUNT_DB_URL'])} "
+        f"DISCOUNT_ACTOR={shlex.quote(os.environ['DISCOUNT_ACTOR'])}",
+        err=True,
+    )
     run(discountctl, "discountctl", "db", "upgrade")
     clock.step(
         5, "segments (new, high value, lapsed), tiered_topk and optimal rules, an experiment"
@@ -206,6 +213,13 @@ def _seed_store(clock: Clock) -> None:
 def demo(config: DemoConfig) -> None:
     clock = Clock()
     out = config.out
+    if config.data == "online-retail" and not ONLINE_RETAIL.is_file():
+        # Before emptying out: a demo that cannot run keeps the last one's store and report.
+        raise DemoError(
+            f"--data online-retail reads the UCI Online Retail data from {ONLINE_RETAIL} "
+            f"(../shared/datasets beside the checkout), and it is not there; {out} is left as "
+            "it was"
+        )
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     os.environ["DISCOUNT_DB_URL"] = f"sqlite:///{out / 'discount.db'}"
@@ -221,6 +235,10 @@ def demo(config: DemoConfig) -> None:
     created = run(discountctl, "discountctl", "clients", "create", "demo-storefront",
                   "--output", "json", quiet=True)  # fmt: skip
     os.environ["DISCOUNT_CLIENT_TOKEN"] = _token(created)
+    click.echo(
+        "(its token, kept as a storefront keeps it, is DISCOUNT_CLIENT_TOKEN from here on)",
+        err=True,
+    )
 
     clock.step(7, "start discountd (plaintext, public demo offer key, client auth required)")
     argv = [_discountd_executable(), "--model-dir", str(models),
@@ -246,15 +264,35 @@ def demo(config: DemoConfig) -> None:
         if status != 0:
             raise DemoError(f"discountd exited with status {status} on SIGTERM")
     except BaseException:
+        # Stopped before anything is written: after a SIGHUP the terminal may be gone, and a
+        # write to it fails.
         if server.process.poll() is None:
-            click.echo(f"stopping discountd (pid {server.process.pid})", err=True)
             server.stop()
+            click.echo(f"stopped discountd (pid {server.process.pid})", err=True)
         click.echo(f"discountd's last log lines ({server.log_path}):\n{server.tail()}", err=True)
         raise
     run(discountctl, "discountctl", "experiments", "report", EXPERIMENT,
         "--plot", str(out / "report.png"))  # fmt: skip
     took = time.monotonic() - clock.start
     click.echo(f"\ndone in {took:.0f}s: plot {out / 'report.png'}, log {server.log_path}", err=True)
+    _next_steps(config)
+
+
+def _next_steps(config: DemoConfig) -> None:
+    """What a reader can type next on the demo's store, which is not the default one."""
+    out = config.out
+    serve = ["discountd", "--model-dir", str(out / "models"),
+             "--response-model-dir", str(out / "response"),
+             "--insecure", "--insecure-demo-key", "--auth", "off"]  # fmt: skip
+    lines = [
+        "to look around its store and model (not the default store, var/discount.db):",
+        f"  export DISCOUNT_DB_URL={shlex.quote(os.environ['DISCOUNT_DB_URL'])}",
+        f"  discountctl experiments report {EXPERIMENT}",
+        "  discountctl audit list",
+        f"  {shlex.join(serve)} &",
+        f"  python -m tools.demo_client --model-dir {shlex.quote(str(out / 'models'))}",
+    ]
+    click.echo("\n".join(lines), err=True)
 
 
 def _token(created: str) -> str:
@@ -262,7 +300,7 @@ def _token(created: str) -> str:
     return token
 
 
-def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)  # unwinds through demo(), which stops discountd
 
 
@@ -286,5 +324,8 @@ def main(out: Path, data: str, users: int, items: int, shoppers: int, seed: int,
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    # SIGHUP: the terminal closed. It reaches discountd too, which takes it as "reload" and
+    # would serve on, unsupervised, after the demo died of it.
+    for _signal in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(_signal, _exit_on_signal)
     main()
