@@ -1,0 +1,139 @@
+"""Admins at the same moment: two real discountctl processes against one PostgreSQL store.
+
+Each race is made certain rather than likely: a connection holds the audit log's table lock,
+so that every command runs up to its audit row (or to a lock the other holds) and waits there;
+the commands start one after the other, and the lock goes once both wait.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from cli import ctl
+from pg import pg_database
+from sqlalchemy import delete, text
+
+from core.store import migrate
+from core.store.db import Store
+from core.store.tables import Base
+
+pytestmark = [pytest.mark.postgres, pytest.mark.timeout(120)]
+
+DISCOUNTCTL = "from admin.cli import main; main()"
+
+
+@dataclass(frozen=True)
+class Run:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture(scope="module")
+def migrated_pg_url() -> Iterator[str]:
+    with pg_database() as url:
+        store = Store(url)
+        migrate.upgrade(store)
+        store.dispose()
+        yield url
+
+
+@pytest.fixture
+def url(migrated_pg_url: str) -> Iterator[str]:
+    yield migrated_pg_url
+    store = Store(migrated_pg_url)
+    with store.transaction() as session:
+        for table in reversed(Base.metadata.sorted_tables):
+            session.execute(delete(table))
+    store.dispose()
+
+
+def ok(url: str, *args: str) -> None:
+    result = ctl(url, *args)
+    assert result.exit_code == 0, result.output
+
+
+def race(url: str, *commands: tuple[str, ...]) -> list[Run]:
+    """Run the commands (discountctl argument lists) so that each reaches its audit row, or a
+    lock the ones before it hold, before the next starts; then let them all go on."""
+    store = Store(url)
+    try:
+        with store.engine.connect() as holder, store.engine.connect() as watcher:
+            holder.execute(text("LOCK TABLE audit_log IN EXCLUSIVE MODE"))
+            runs = []
+            for n, args in enumerate(commands, start=1):
+                runs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-c", DISCOUNTCTL, "--db-url", url, *args],
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE,
+                        text=True,
+                    )
+                )
+                _wait_for_waiting(watcher, n)
+            holder.rollback()
+        done = []
+        for run in runs:
+            out, err = run.communicate(timeout=60)
+            done.append(Run(run.returncode, out, err))
+        return done
+    finally:
+        store.dispose()
+
+
+def _wait_for_waiting(watcher: object, n: int) -> None:
+    query = text(
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        waiting = watcher.execute(query).scalar_one()  # type: ignore[attr-defined]
+        watcher.rollback()  # type: ignore[attr-defined]
+        if waiting >= n:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{n} discountctl command(s) never waited on the store")
+
+
+def test_two_experiments_started_at_once_on_one_target_note_what_they_share(url: str) -> None:
+    """Each start saw the other still a draft: both ran on the same target without a note, and
+    the one started second got nobody, with nobody told."""
+    ok(url, "segments", "create", "vip")
+    for key in ("first", "second"):
+        ok(url, "experiments", "create", key, "--target-segment", "vip",
+           "--variant", "control:50", "--variant", "treatment:50")  # fmt: skip
+    first, second = race(url, ("experiments", "start", "first"), ("experiments", "start", "second"))
+    assert first.exit_code == 0 and second.exit_code == 0, (first, second)
+    assert "note:" not in first.stderr
+    assert (
+        "note: 'first' started first and keeps every user of 'second': 'second' gets nobody "
+        "until 'first' pauses or stops"
+    ) in second.stderr
+
+
+def test_a_rule_disabled_while_its_experiment_starts_is_refused_or_noted(url: str) -> None:
+    """The start checked its variant's rule enabled, the disable looked for running experiments
+    to note: each read before the other wrote, so a running variant lost its discounts
+    (VARIANT_RULE_NOT_APPLICABLE) with neither admin told."""
+    ok(url, "rules", "create", "tier", "--policy", "threshold", "--param", "t=0.5",
+       "--param", "d=10")  # fmt: skip
+    ok(url, "experiments", "create", "ab", "--variant", "control:50", "--variant", "t:50:tier")
+    start, disable = race(url, ("experiments", "start", "ab"), ("rules", "disable", "tier"))
+    assert start.exit_code == 0 and disable.exit_code == 0, (start, disable)
+    assert (
+        "note: variant 't' of running experiment 'ab' prices with rule 'tier', which is now "
+        "disabled"
+    ) in disable.stderr
+    # The other way round: the disable first, so the start finds the rule disabled.
+    ok(url, "rules", "enable", "tier")
+    ok(url, "experiments", "pause", "ab")
+    disable, start = race(url, ("rules", "disable", "tier"), ("experiments", "start", "ab"))
+    assert disable.exit_code == 0, disable
+    assert start.exit_code == 1
+    assert "variant 't' uses rule 'tier', which is disabled; enable it first" in start.stderr
