@@ -7,11 +7,13 @@ the commands start one after the other, and the lock goes once both wait.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from cli import ctl
@@ -137,3 +139,37 @@ def test_a_rule_disabled_while_its_experiment_starts_is_refused_or_noted(url: st
     assert disable.exit_code == 0, disable
     assert start.exit_code == 1
     assert "variant 't' uses rule 'tier', which is disabled; enable it first" in start.stderr
+
+
+def test_two_imports_into_one_segment_at_once_both_land(url: str, tmp_path: Path) -> None:
+    """Each read the members before the other wrote: one failed on an id both files hold
+    ("duplicate key value violates unique constraint"), or on the segment's new version."""
+    ok(url, "segments", "create", "vip")
+    (tmp_path / "a.txt").write_text("".join(f"{i}\n" for i in range(1, 101)))
+    (tmp_path / "b.txt").write_text("".join(f"{i}\n" for i in range(51, 151)))
+    (tmp_path / "c.txt").write_text("".join(f"{i}\n" for i in range(201, 211)))
+    a, b = race(
+        url,
+        ("segments", "import-members", "vip", str(tmp_path / "a.txt"), "-o", "json"),
+        ("segments", "import-members", "vip", str(tmp_path / "b.txt"), "-o", "json"),
+    )
+    assert (a.exit_code, b.exit_code) == (0, 0), (a.stderr, b.stderr)
+    assert (json.loads(a.stdout)["added"], json.loads(b.stdout)["added"]) == (100, 50)
+    assert "segment 'vip': 50 new member(s), 150 in all" in b.stderr
+    # A replacement racing an addition: the one that goes second sees the first's members.
+    add, replace = race(
+        url,
+        ("segments", "import-members", "vip", str(tmp_path / "c.txt")),
+        ("segments", "import-members", "vip", "--replace", str(tmp_path / "c.txt")),
+    )
+    assert (add.exit_code, replace.exit_code) == (0, 0), (add.stderr, replace.stderr)
+    assert "segment 'vip': 0 new member(s), 150 removed, 10 in all" in replace.stderr
+    shown = json.loads(ctl(url, "segments", "show", "vip", "-o", "json").stdout)
+    assert (shown["member_count"], shown["version"]) == (10, 5)
+    audit = json.loads(ctl(url, "audit", "list", "-o", "json").stdout)
+    assert [(e["action"], e["after"]["member_count"]) for e in audit[:4]] == [
+        ("import_members", 10),
+        ("import_members", 160),
+        ("import_members", 150),
+        ("import_members", 100),
+    ]

@@ -32,8 +32,13 @@ class Segments:
         self.session = session
         self.actor = actor
 
-    def get(self, name: str) -> Segment:
-        segment = self.session.scalar(select(Segment).where(Segment.name == name))
+    def get(self, name: str, for_update: bool = False) -> Segment:
+        """for_update: read afresh and lock to the end of the transaction (PostgreSQL), so a
+        change made at the same moment waits for this one instead of racing it."""
+        query = select(Segment).where(Segment.name == name)
+        if for_update:
+            query = query.with_for_update().execution_options(populate_existing=True)
+        segment = self.session.scalar(query)
         if segment is None:
             raise NotFound(f"no segment named {name!r}; see `discountctl segments list`")
         return segment
@@ -171,8 +176,12 @@ class Segments:
         self, name: str, user_ids: Iterable[str], replace: bool = False
     ) -> tuple[Segment, int]:
         """Add (or with replace, set) the members of a member-list segment; returns (segment,
-        number of ids newly added). Replacing with no ids empties the list."""
-        segment = self.get(name)
+        number of ids newly added). Replacing with no ids empties the list.
+
+        Two imports into one segment take turns (the segment's row is locked), so the second
+        reads the members the first added: each read the members before the other wrote, and
+        one failed on an id both added (a duplicate key), or on the segment's new version."""
+        segment = self.get(name, for_update=True)
         if segment.kind != "members":
             raise InvalidInput(
                 f"segment {name!r} is defined by a condition; only member-list segments "
