@@ -173,3 +173,21 @@ def test_two_imports_into_one_segment_at_once_both_land(url: str, tmp_path: Path
         ("import_members", 150),
         ("import_members", 100),
     ]
+
+
+def test_a_client_revoked_twice_at_once_is_revoked_once(url: str) -> None:
+    """Both revokes read the client active: the second moved revoked_at to its own time (the
+    token was refused from the first's) and wrote a second audit entry saying it was active."""
+    ok(url, "clients", "create", "checkout")
+    first, second = race(
+        url,
+        ("--actor", "alice", "clients", "revoke", "checkout", "--yes", "-o", "json"),
+        ("--actor", "bob", "clients", "revoke", "checkout", "--yes", "-o", "json"),
+    )
+    assert first.exit_code == 0, first.stderr
+    assert second.exit_code == 1
+    assert "Error: client 'checkout' was already revoked at " in second.stderr
+    shown = json.loads(ctl(url, "clients", "list", "-o", "json").stdout)
+    assert shown[0]["revoked_at"] == json.loads(first.stdout)["revoked_at"]
+    audit = json.loads(ctl(url, "audit", "list", "-o", "json").stdout)
+    assert [(e["actor"], e["action"]) for e in audit] == [("alice", "revoke"), ("tester", "create")]
