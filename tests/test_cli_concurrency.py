@@ -1,39 +1,22 @@
-"""Admins at the same moment: two real discountctl processes against one PostgreSQL store.
-
-Each race is made certain rather than likely: a connection holds the audit log's table lock,
-so that every command runs up to its audit row (or to a lock the other holds) and waits there;
-the commands start one after the other, and the lock goes once both wait.
-"""
+"""Admins at the same moment: two real discountctl processes against one PostgreSQL store,
+racing for certain (tests/cli.py's race)."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cli import ctl
+from cli import ctl, race
 from pg import pg_database
-from sqlalchemy import delete, text
+from sqlalchemy import delete
 
 from core.store import migrate
 from core.store.db import Store
 from core.store.tables import Base
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(120)]
-
-DISCOUNTCTL = "from admin.cli import main; main()"
-
-
-@dataclass(frozen=True)
-class Run:
-    exit_code: int
-    stdout: str
-    stderr: str
 
 
 @pytest.fixture(scope="module")
@@ -58,49 +41,6 @@ def url(migrated_pg_url: str) -> Iterator[str]:
 def ok(url: str, *args: str) -> None:
     result = ctl(url, *args)
     assert result.exit_code == 0, result.output
-
-
-def race(url: str, *commands: tuple[str, ...]) -> list[Run]:
-    """Run the commands (discountctl argument lists) so that each reaches its audit row, or a
-    lock the ones before it hold, before the next starts; then let them all go on."""
-    store = Store(url)
-    try:
-        with store.engine.connect() as holder, store.engine.connect() as watcher:
-            holder.execute(text("LOCK TABLE audit_log IN EXCLUSIVE MODE"))
-            runs = []
-            for n, args in enumerate(commands, start=1):
-                runs.append(
-                    subprocess.Popen(
-                        [sys.executable, "-c", DISCOUNTCTL, "--db-url", url, *args],
-                        stdout=subprocess.PIPE,
-                        stderr=subprocess.PIPE,
-                        text=True,
-                    )
-                )
-                _wait_for_waiting(watcher, n)
-            holder.rollback()
-        done = []
-        for run in runs:
-            out, err = run.communicate(timeout=60)
-            done.append(Run(run.returncode, out, err))
-        return done
-    finally:
-        store.dispose()
-
-
-def _wait_for_waiting(watcher: object, n: int) -> None:
-    query = text(
-        "SELECT count(*) FROM pg_stat_activity "
-        "WHERE datname = current_database() AND wait_event_type = 'Lock'"
-    )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        waiting = watcher.execute(query).scalar_one()  # type: ignore[attr-defined]
-        watcher.rollback()  # type: ignore[attr-defined]
-        if waiting >= n:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{n} discountctl command(s) never waited on the store")
 
 
 def test_two_experiments_started_at_once_on_one_target_note_what_they_share(url: str) -> None:
