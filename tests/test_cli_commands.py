@@ -961,6 +961,21 @@ def test_table_columns_line_up_under_wide_and_accented_names(db_url: str) -> Non
     assert clients[1].startswith("结账服务  yes     20"), clients
 
 
+def test_audit_list_by_name_follows_a_renamed_record(db_url: str) -> None:
+    """Entries keep the name of their time: `--name` matched that alone, so a renamed rule's
+    history began at the rename under its new name, and ended there under its old one."""
+    ok(db_url, "rules create tier --policy threshold --param t=0.5 --param d=10")
+    ok(db_url, "rules update tier --name tier-2")
+    ok(db_url, "rules disable tier-2")
+    ok(db_url, "rules create other --policy threshold --param t=0.5 --param d=5")
+    expected = [("disable", "tier-2"), ("update", "tier-2"), ("create", "tier")]
+    for name in ("tier-2", "tier"):
+        log = ok(db_url, f"audit list --name {name}")
+        assert [(e["action"], e["entity_name"]) for e in log] == expected, name
+    assert [e["action"] for e in ok(db_url, "audit list --name tier-2 --limit 1")] == ["disable"]
+    assert ok(db_url, "audit list --name tier --entity-type segment") == []
+
+
 def test_a_store_without_schema_says_so(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'x.db'}"
     ok(url, "db upgrade")
