@@ -131,3 +131,40 @@ def test_a_client_revoked_twice_at_once_is_revoked_once(url: str) -> None:
     assert shown[0]["revoked_at"] == json.loads(first.stdout)["revoked_at"]
     audit = json.loads(ctl(url, "audit", "list", "-o", "json").stdout)
     assert [(e["actor"], e["action"]) for e in audit] == [("alice", "revoke"), ("tester", "create")]
+
+
+THRESHOLD = ("--policy", "threshold", "--param", "t=0.5", "--param", "d=10")
+VARIANTS = ("--variant", "control:50", "--variant", "t:50")
+
+
+def test_a_segment_deleted_while_a_rule_names_it_fails_one_with_a_clear_reason(
+    url: str,
+) -> None:
+    """Each read before the other wrote: the one that lost failed on the foreign key, as the
+    driver's 'violates foreign key constraint "fk_rules_segment_id_segments"'."""
+    ok(url, "segments", "create", "lapsed")
+    delete, create = race(
+        url,
+        ("segments", "delete", "lapsed", "--yes"),
+        ("rules", "create", "win-back", "--segment", "lapsed", *THRESHOLD),
+    )
+    assert delete.exit_code == 0, delete.stderr
+    assert create.exit_code == 1
+    assert create.stderr == "Error: no segment named 'lapsed'; see `discountctl segments list`\n"
+    ok(url, "segments", "create", "lapsed")
+    create, delete = race(
+        url,
+        ("rules", "create", "win-back", "--segment", "lapsed", *THRESHOLD),
+        ("segments", "delete", "lapsed", "--yes"),
+    )
+    assert create.exit_code == 0, create.stderr
+    assert delete.exit_code == 1
+    assert "Error: segment 'lapsed' is used by rule 'win-back'; change or delete" in delete.stderr
+    ok(url, "segments", "create", "churned")
+    create, delete = race(
+        url,
+        ("experiments", "create", "ab", "--target-segment", "churned", *VARIANTS),
+        ("segments", "delete", "churned", "--yes"),
+    )
+    assert create.exit_code == 0, create.stderr
+    assert "Error: segment 'churned' is used by draft experiment 'ab'" in delete.stderr

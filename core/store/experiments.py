@@ -351,7 +351,7 @@ class Experiments:
         return evaluate(condition, features) if known and features else None
 
     def _segment(self, name: str | None) -> Segment | None:
-        return None if name is None else Segments(self.session).get(name)
+        return None if name is None else Segments(self.session).get(name, for_reference=True)
 
     def _variants(self, specs: Sequence[VariantSpec]) -> list[Variant]:
         names = [s.name for s in specs]
