@@ -19,7 +19,11 @@ def audit() -> None:
 
 @audit.command("list")
 @click.option("--entity-type", type=click.Choice(store_audit.ENTITY_TYPES), help="Only these.")
-@click.option("--name", help="Only entries about the segment, rule, experiment or model named so.")
+@click.option(
+    "--name",
+    help="Only entries about the segment, rule, experiment, model version or client named so "
+    "(now or once: a renamed one's whole history).",
+)
 @click.option("--limit", type=int, default=50, show_default=True, help=f"1-{MAX_LIMIT} entries.")
 @output_option
 @click.pass_obj

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import sys
+import unicodedata
 from collections.abc import Callable, Sequence
 from decimal import Decimal
 from typing import Any, TypeVar
@@ -72,10 +73,28 @@ def emit(
         return
     cols = list(columns or data[0].keys())
     rows = [[_cell(row.get(c)) for c in cols] for row in data]
-    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+    widths = [max(len(c), *(_width(r[i]) for r in rows)) for i, c in enumerate(cols)]
     echo("  ".join(c.upper().ljust(w) for c, w in zip(cols, widths, strict=True)).rstrip())
     for row in rows:
-        echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+        echo("  ".join(_pad(v, w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _width(text: str) -> int:
+    """Columns text takes on a terminal: names may be Chinese (two columns a character) or
+    carry combining accents (none), and len() counted both as one, shifting the columns after
+    them."""
+    return sum(
+        0
+        if unicodedata.combining(c) or unicodedata.category(c) in ("Mn", "Me", "Cf")
+        else 2
+        if unicodedata.east_asian_width(c) in ("W", "F")
+        else 1
+        for c in text
+    )
+
+
+def _pad(text: str, width: int) -> str:
+    return text + " " * (width - _width(text))
 
 
 def _cell(value: object) -> str:

@@ -220,7 +220,9 @@ def import_members(app: App, name: str, file: IO[str], replace: bool, output: st
     user_ids = _read_ids(file)
     with app.transaction() as session:
         repo = Segments(session, app.actor)
-        before = repo.as_dict(repo.get(name))
+        # Locked: an import into it at the same moment waits, so before is what this one
+        # changes.
+        before = repo.as_dict(repo.get(name, for_update=True))
         segment, added = repo.import_members(name, user_ids, replace)
         data = {**repo.as_dict(segment), "added": added}
         changed = data["version"] != before["version"]

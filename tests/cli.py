@@ -1,9 +1,15 @@
-"""Helpers for CLI tests: run discountctl in-process against a store, see what it holds."""
+"""Helpers for CLI tests: run discountctl in-process against a store, see what it holds; race
+several discountctl processes."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
 from click.testing import CliRunner, Result
-from sqlalchemy import func, select
+from sqlalchemy import Connection, func, select, text
 
 from admin.cli import cli
 from core.store.db import Store
@@ -42,3 +48,59 @@ def contents(url: str) -> dict[str, list[str]]:
             }
     finally:
         store.dispose()
+
+
+DISCOUNTCTL = "from admin.cli import main; main()"
+
+
+@dataclass(frozen=True)
+class Run:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+def race(url: str, *commands: tuple[str, ...]) -> list[Run]:
+    """Admins at the same moment, for certain rather than likely: the commands (discountctl
+    argument lists, each a process of its own) against a PostgreSQL store at url, started in
+    turn while a connection holds the audit log's table lock, so that each runs up to its audit
+    row, or to a lock the ones before it hold, and waits there before the next starts; then the
+    lock goes and they all go on."""
+    store = Store(url)
+    try:
+        with store.engine.connect() as holder, store.engine.connect() as watcher:
+            holder.execute(text("LOCK TABLE audit_log IN EXCLUSIVE MODE"))
+            runs = []
+            for n, args in enumerate(commands, start=1):
+                runs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-c", DISCOUNTCTL, "--db-url", url, *args],
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE,
+                        text=True,
+                    )
+                )
+                _wait_for_waiting(watcher, n)
+            holder.rollback()
+        done = []
+        for run in runs:
+            out, err = run.communicate(timeout=60)
+            done.append(Run(run.returncode, out, err))
+        return done
+    finally:
+        store.dispose()
+
+
+def _wait_for_waiting(watcher: Connection, n: int) -> None:
+    query = text(
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        waiting = watcher.execute(query).scalar_one()
+        watcher.rollback()
+        if waiting >= n:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{n} discountctl command(s) never waited on the store")

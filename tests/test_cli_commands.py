@@ -944,6 +944,38 @@ def test_tables_show_amounts_exactly(seeded: str) -> None:
     assert "1234567.89" in listed and "e+" not in listed, listed
 
 
+def test_table_columns_line_up_under_wide_and_accented_names(db_url: str) -> None:
+    """len() counted a Chinese character (two terminal columns) and a combining accent (none)
+    as one each, so every column after such a name stood off to its right or left."""
+    for name in ("新客户", "cafe\u0301", "vip"):
+        ok(db_url, f"segments create {name}")
+    ok(db_url, "clients create 结账服务")
+    listed = ctl(db_url, "segments", "list").stdout.splitlines()
+    assert listed == [
+        "NAME    KIND     PRIORITY  CONDITION  MEMBER_COUNT  VERSION",
+        "cafe\u0301    members  100       -          0             1",
+        "vip     members  100       -          0             1",
+        "新客户  members  100       -          0             1",
+    ]
+    clients = ctl(db_url, "clients", "list").stdout.splitlines()
+    assert clients[1].startswith("结账服务  yes     20"), clients
+
+
+def test_audit_list_by_name_follows_a_renamed_record(db_url: str) -> None:
+    """Entries keep the name of their time: `--name` matched that alone, so a renamed rule's
+    history began at the rename under its new name, and ended there under its old one."""
+    ok(db_url, "rules create tier --policy threshold --param t=0.5 --param d=10")
+    ok(db_url, "rules update tier --name tier-2")
+    ok(db_url, "rules disable tier-2")
+    ok(db_url, "rules create other --policy threshold --param t=0.5 --param d=5")
+    expected = [("disable", "tier-2"), ("update", "tier-2"), ("create", "tier")]
+    for name in ("tier-2", "tier"):
+        log = ok(db_url, f"audit list --name {name}")
+        assert [(e["action"], e["entity_name"]) for e in log] == expected, name
+    assert [e["action"] for e in ok(db_url, "audit list --name tier-2 --limit 1")] == ["disable"]
+    assert ok(db_url, "audit list --name tier --entity-type segment") == []
+
+
 def test_a_store_without_schema_says_so(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'x.db'}"
     ok(url, "db upgrade")

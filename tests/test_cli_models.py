@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cli import ctl, row_counts
+from cli import ctl, race, row_counts
 from offer_server import eventually
 from pg import pg_database
 from sqlalchemy import create_engine, text
@@ -292,6 +292,44 @@ def test_two_racing_promotions_leave_one_version_active(tmp_path: Path) -> None:
         assert statuses == {"v1": "retired", "v2": "active", "v3": "staged"}
         first.dispose()
         second.dispose()
+
+
+@pytest.mark.postgres
+def test_one_version_promoted_or_rolled_back_twice_at_once_changes_once(tmp_path: Path) -> None:
+    """Two admins promote the same version, or both roll back, at the same moment: both
+    succeeded, writing two audit entries for one change (the second's before saying the
+    version was staged), the promote moving activated_at to the second's time."""
+    with pg_database() as url:
+        assert ctl(url, "db", "upgrade").exit_code == 0
+        for name in ("v1", "v2"):
+            run(url, "register", str(_version(tmp_path, name)))
+        run(url, "promote", "v1")
+        first, second = race(
+            url,
+            ("--actor", "alice", "models", "promote", "v2", "-o", "json"),
+            ("--actor", "bob", "models", "promote", "v2", "-o", "json"),
+        )
+        assert first.exit_code == 0, first.stderr
+        assert second.exit_code == 1
+        assert second.stderr == "Error: model version 'v2' is already active\n"
+        first, second = race(
+            url,
+            ("--actor", "alice", "models", "rollback", "--yes"),
+            ("--actor", "bob", "models", "rollback", "--yes"),
+        )
+        assert first.exit_code == 0, first.stderr
+        assert second.exit_code == 1
+        assert (
+            "Error: model version 'v1' became active since rollback from 'v2' was asked for; "
+            "nothing was changed"
+        ) in second.stderr
+        audit = json.loads(ctl(url, "audit", "list", "-o", "json").stdout)
+        assert [(e["actor"], e["action"], e["entity_name"]) for e in audit[:2]] == [
+            ("alice", "rollback", "v1"),
+            ("alice", "promote", "v2"),
+        ]
+        statuses = {m["version"]: m["status"] for m in run(url, "list")}
+        assert statuses == {"v1": "active", "v2": "retired"}
 
 
 def test_rollback_rolls_back_only_from_the_version_it_confirmed(

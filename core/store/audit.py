@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, tuple_
 from sqlalchemy.orm import Session
 
 from core.store.db import notify_change
@@ -47,10 +47,15 @@ def entries(
     entity_name: str | None = None,
     limit: int = 50,
 ) -> list[AuditEntry]:
-    """Newest first."""
+    """Newest first. entity_name: the whole history of each entity that had this name at some
+    point, by its id (entries keep the name of their time, so a rename would cut the history
+    in two: `--name new` began at the rename, `--name old` ended there)."""
     query = select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit)
     if entity_type is not None:
         query = query.where(AuditEntry.entity_type == entity_type)
     if entity_name is not None:
-        query = query.where(AuditEntry.entity_name == entity_name)
+        named = select(AuditEntry.entity_type, AuditEntry.entity_id).where(
+            AuditEntry.entity_name == entity_name
+        )
+        query = query.where(tuple_(AuditEntry.entity_type, AuditEntry.entity_id).in_(named))
     return list(session.scalars(query))

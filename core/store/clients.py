@@ -71,6 +71,14 @@ class Clients:
         return client, token
 
     def revoke(self, name: str) -> Client:
+        # Read afresh and locked: a revoke at the same moment waits and then finds this one's
+        # (it revoked again, moving revoked_at and writing a second audit entry).
+        self.session.scalar(
+            select(Client)
+            .where(Client.name == name)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
         client = self.get(name)
         if client.revoked_at is not None:
             raise Conflict(

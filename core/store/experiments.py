@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from core.assignment import WeightsError, bucket, check_weights, variant_index
@@ -26,6 +26,9 @@ TRANSITIONS = {
     # its report reads, so a draft is deleted instead.
     "stop": ({"running", "paused"}, "stopped"),
 }
+# The PostgreSQL advisory lock that starts (and resumes) take, "expstart" in ASCII: see
+# Experiments.transition.
+START_LOCK = int.from_bytes(b"expstart", "big")
 
 
 @dataclass(frozen=True)
@@ -153,11 +156,27 @@ class Experiments:
 
     def transition(self, key: str, command: str, expected_version: int | None = None) -> Experiment:
         """start | pause | stop, with the lifecycle draft -> running <-> paused -> stopped."""
+        target = TRANSITIONS[command][1]
+        if target == "running" and self.session.get_bind().dialect.name == "postgresql":
+            # One start at a time, to the end of its transaction: two started at the same
+            # moment each saw the other still a draft, so neither noted the users they share,
+            # and the one that started second got nobody without a word. (SQLite's write lock
+            # refuses the second instead.)
+            self.session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": START_LOCK})
         experiment = self.movable(key, command)
         check_version("experiment", key, experiment.version, expected_version)
-        target = TRANSITIONS[command][1]
         now = utcnow()
         if target == "running":
+            # Read again and held (FOR SHARE) to the commit: a rule disabled at the same moment
+            # is seen here and refused, or its `rules disable` waits and then notes this
+            # experiment's variant, instead of neither seeing the other.
+            rule_ids = {v.rule_id for v in experiment.variants if v.rule_id is not None}
+            self.session.scalars(
+                select(Rule)
+                .where(Rule.id.in_(rule_ids))
+                .with_for_update(read=True, of=Rule)
+                .execution_options(populate_existing=True)
+            ).all()
             for v in experiment.variants:
                 rule = v.rule
                 if rule is not None and not rule.enabled:
@@ -332,7 +351,7 @@ class Experiments:
         return evaluate(condition, features) if known and features else None
 
     def _segment(self, name: str | None) -> Segment | None:
-        return None if name is None else Segments(self.session).get(name)
+        return None if name is None else Segments(self.session).get(name, for_reference=True)
 
     def _variants(self, specs: Sequence[VariantSpec]) -> list[Variant]:
         names = [s.name for s in specs]

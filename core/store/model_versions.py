@@ -22,8 +22,13 @@ class ModelVersions:
         self.session = session
         self.actor = actor
 
-    def get(self, version: str) -> ModelVersion:
-        found = self.session.scalar(select(ModelVersion).where(ModelVersion.version == version))
+    def get(self, version: str, for_update: bool = False) -> ModelVersion:
+        """for_update: read afresh and lock to the end of the transaction (PostgreSQL), so a
+        promote or rollback of it at the same moment waits for this one and then sees it."""
+        query = select(ModelVersion).where(ModelVersion.version == version)
+        if for_update:
+            query = query.with_for_update().execution_options(populate_existing=True)
+        found = self.session.scalar(query)
         if found is None:
             raise NotFound(f"no model version {version!r}; see `discountctl models list`")
         return found
@@ -70,7 +75,9 @@ class ModelVersions:
 
     def promote(self, version: str) -> ModelVersion:
         """Make a version active; the active one before it is retired."""
-        model = self.get(version)
+        # Locked: a promote of the same version at the same moment finds it active here,
+        # rather than promoting it again (a second audit entry, a later activated_at).
+        model = self.get(version, for_update=True)
         if model.status == "active":
             raise InvalidInput(f"model version {version!r} is already active")
         _unchanged(model)
@@ -79,6 +86,10 @@ class ModelVersions:
     def rollback(self, expected: str | None = None) -> ModelVersion:
         """Retire the active version and reactivate the one active before it; with expected,
         only while the active version is still that one (Conflict otherwise)."""
+        if expected is not None:
+            # Locked first: a rollback from it at the same moment waits, then finds another
+            # version active, rather than rolling back from it a second time.
+            self.get(expected, for_update=True)
         current = self.active()
         if current is None:
             raise InvalidInput("no active model version to roll back from")

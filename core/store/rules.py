@@ -172,9 +172,12 @@ class Rules:
             )
         priority = validate.priority(v["priority"])
         segment = v["segment"]
+        if segment is not None:
+            # Locked against a `segments delete` at the same moment (Segments.get).
+            segment = Segments(self.session).get(segment, for_reference=True)
         return {
             "description": str(v["description"]),
-            "segment": None if segment is None else Segments(self.session).get(segment),
+            "segment": segment,
             "categories": [
                 validate.ident("category", c) for c in _strings("category", v["categories"])
             ],

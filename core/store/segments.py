@@ -32,8 +32,17 @@ class Segments:
         self.session = session
         self.actor = actor
 
-    def get(self, name: str) -> Segment:
-        segment = self.session.scalar(select(Segment).where(Segment.name == name))
+    def get(self, name: str, for_update: bool = False, for_reference: bool = False) -> Segment:
+        """for_update: read afresh and lock to the end of the transaction (PostgreSQL), so a
+        change made at the same moment waits for this one instead of racing it. for_reference:
+        the same for a segment that a rule or experiment is about to name: only a delete
+        waits for it, or it for a delete, which it then finds done (NotFound)."""
+        query = select(Segment).where(Segment.name == name)
+        if for_update or for_reference:
+            # FOR KEY SHARE for a reference: what a foreign key takes, so updates do not wait.
+            locked = query.with_for_update(read=for_reference, key_share=for_reference)
+            query = locked.execution_options(populate_existing=True)
+        segment = self.session.scalar(query)
         if segment is None:
             raise NotFound(f"no segment named {name!r}; see `discountctl segments list`")
         return segment
@@ -136,7 +145,10 @@ class Segments:
         return segment
 
     def delete(self, name: str, expected_version: int | None = None) -> dict[str, Any]:
-        segment = self.get(name)
+        # Locked before the check of who uses it: a rule or experiment naming it at the same
+        # moment is waited for and then named here, or waits and finds it gone, where both
+        # read before the other wrote and one failed on the foreign key.
+        segment = self.get(name, for_update=True)
         check_version("segment", name, segment.version, expected_version)
         experiments = self.session.execute(
             select(Experiment.key, Experiment.status).where(
@@ -171,8 +183,12 @@ class Segments:
         self, name: str, user_ids: Iterable[str], replace: bool = False
     ) -> tuple[Segment, int]:
         """Add (or with replace, set) the members of a member-list segment; returns (segment,
-        number of ids newly added). Replacing with no ids empties the list."""
-        segment = self.get(name)
+        number of ids newly added). Replacing with no ids empties the list.
+
+        Two imports into one segment take turns (the segment's row is locked), so the second
+        reads the members the first added: each read the members before the other wrote, and
+        one failed on an id both added (a duplicate key), or on the segment's new version."""
+        segment = self.get(name, for_update=True)
         if segment.kind != "members":
             raise InvalidInput(
                 f"segment {name!r} is defined by a condition; only member-list segments "

@@ -1,0 +1,170 @@
+"""Admins at the same moment: two real discountctl processes against one PostgreSQL store,
+racing for certain (tests/cli.py's race)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cli import ctl, race
+from pg import pg_database
+from sqlalchemy import delete
+
+from core.store import migrate
+from core.store.db import Store
+from core.store.tables import Base
+
+pytestmark = [pytest.mark.postgres, pytest.mark.timeout(120)]
+
+
+@pytest.fixture(scope="module")
+def migrated_pg_url() -> Iterator[str]:
+    with pg_database() as url:
+        store = Store(url)
+        migrate.upgrade(store)
+        store.dispose()
+        yield url
+
+
+@pytest.fixture
+def url(migrated_pg_url: str) -> Iterator[str]:
+    yield migrated_pg_url
+    store = Store(migrated_pg_url)
+    with store.transaction() as session:
+        for table in reversed(Base.metadata.sorted_tables):
+            session.execute(delete(table))
+    store.dispose()
+
+
+def ok(url: str, *args: str) -> None:
+    result = ctl(url, *args)
+    assert result.exit_code == 0, result.output
+
+
+def test_two_experiments_started_at_once_on_one_target_note_what_they_share(url: str) -> None:
+    """Each start saw the other still a draft: both ran on the same target without a note, and
+    the one started second got nobody, with nobody told."""
+    ok(url, "segments", "create", "vip")
+    for key in ("first", "second"):
+        ok(url, "experiments", "create", key, "--target-segment", "vip",
+           "--variant", "control:50", "--variant", "treatment:50")  # fmt: skip
+    first, second = race(url, ("experiments", "start", "first"), ("experiments", "start", "second"))
+    assert first.exit_code == 0 and second.exit_code == 0, (first, second)
+    assert "note:" not in first.stderr
+    assert (
+        "note: 'first' started first and keeps every user of 'second': 'second' gets nobody "
+        "until 'first' pauses or stops"
+    ) in second.stderr
+
+
+def test_a_rule_disabled_while_its_experiment_starts_is_refused_or_noted(url: str) -> None:
+    """The start checked its variant's rule enabled, the disable looked for running experiments
+    to note: each read before the other wrote, so a running variant lost its discounts
+    (VARIANT_RULE_NOT_APPLICABLE) with neither admin told."""
+    ok(url, "rules", "create", "tier", "--policy", "threshold", "--param", "t=0.5",
+       "--param", "d=10")  # fmt: skip
+    ok(url, "experiments", "create", "ab", "--variant", "control:50", "--variant", "t:50:tier")
+    start, disable = race(url, ("experiments", "start", "ab"), ("rules", "disable", "tier"))
+    assert start.exit_code == 0 and disable.exit_code == 0, (start, disable)
+    assert (
+        "note: variant 't' of running experiment 'ab' prices with rule 'tier', which is now "
+        "disabled"
+    ) in disable.stderr
+    # The other way round: the disable first, so the start finds the rule disabled.
+    ok(url, "rules", "enable", "tier")
+    ok(url, "experiments", "pause", "ab")
+    disable, start = race(url, ("rules", "disable", "tier"), ("experiments", "start", "ab"))
+    assert disable.exit_code == 0, disable
+    assert start.exit_code == 1
+    assert "variant 't' uses rule 'tier', which is disabled; enable it first" in start.stderr
+
+
+def test_two_imports_into_one_segment_at_once_both_land(url: str, tmp_path: Path) -> None:
+    """Each read the members before the other wrote: one failed on an id both files hold
+    ("duplicate key value violates unique constraint"), or on the segment's new version."""
+    ok(url, "segments", "create", "vip")
+    (tmp_path / "a.txt").write_text("".join(f"{i}\n" for i in range(1, 101)))
+    (tmp_path / "b.txt").write_text("".join(f"{i}\n" for i in range(51, 151)))
+    (tmp_path / "c.txt").write_text("".join(f"{i}\n" for i in range(201, 211)))
+    a, b = race(
+        url,
+        ("segments", "import-members", "vip", str(tmp_path / "a.txt"), "-o", "json"),
+        ("segments", "import-members", "vip", str(tmp_path / "b.txt"), "-o", "json"),
+    )
+    assert (a.exit_code, b.exit_code) == (0, 0), (a.stderr, b.stderr)
+    assert (json.loads(a.stdout)["added"], json.loads(b.stdout)["added"]) == (100, 50)
+    assert "segment 'vip': 50 new member(s), 150 in all" in b.stderr
+    # A replacement racing an addition: the one that goes second sees the first's members.
+    add, replace = race(
+        url,
+        ("segments", "import-members", "vip", str(tmp_path / "c.txt")),
+        ("segments", "import-members", "vip", "--replace", str(tmp_path / "c.txt")),
+    )
+    assert (add.exit_code, replace.exit_code) == (0, 0), (add.stderr, replace.stderr)
+    assert "segment 'vip': 0 new member(s), 150 removed, 10 in all" in replace.stderr
+    shown = json.loads(ctl(url, "segments", "show", "vip", "-o", "json").stdout)
+    assert (shown["member_count"], shown["version"]) == (10, 5)
+    audit = json.loads(ctl(url, "audit", "list", "-o", "json").stdout)
+    assert [(e["action"], e["after"]["member_count"]) for e in audit[:4]] == [
+        ("import_members", 10),
+        ("import_members", 160),
+        ("import_members", 150),
+        ("import_members", 100),
+    ]
+
+
+def test_a_client_revoked_twice_at_once_is_revoked_once(url: str) -> None:
+    """Both revokes read the client active: the second moved revoked_at to its own time (the
+    token was refused from the first's) and wrote a second audit entry saying it was active."""
+    ok(url, "clients", "create", "checkout")
+    first, second = race(
+        url,
+        ("--actor", "alice", "clients", "revoke", "checkout", "--yes", "-o", "json"),
+        ("--actor", "bob", "clients", "revoke", "checkout", "--yes", "-o", "json"),
+    )
+    assert first.exit_code == 0, first.stderr
+    assert second.exit_code == 1
+    assert "Error: client 'checkout' was already revoked at " in second.stderr
+    shown = json.loads(ctl(url, "clients", "list", "-o", "json").stdout)
+    assert shown[0]["revoked_at"] == json.loads(first.stdout)["revoked_at"]
+    audit = json.loads(ctl(url, "audit", "list", "-o", "json").stdout)
+    assert [(e["actor"], e["action"]) for e in audit] == [("alice", "revoke"), ("tester", "create")]
+
+
+THRESHOLD = ("--policy", "threshold", "--param", "t=0.5", "--param", "d=10")
+VARIANTS = ("--variant", "control:50", "--variant", "t:50")
+
+
+def test_a_segment_deleted_while_a_rule_names_it_fails_one_with_a_clear_reason(
+    url: str,
+) -> None:
+    """Each read before the other wrote: the one that lost failed on the foreign key, as the
+    driver's 'violates foreign key constraint "fk_rules_segment_id_segments"'."""
+    ok(url, "segments", "create", "lapsed")
+    delete, create = race(
+        url,
+        ("segments", "delete", "lapsed", "--yes"),
+        ("rules", "create", "win-back", "--segment", "lapsed", *THRESHOLD),
+    )
+    assert delete.exit_code == 0, delete.stderr
+    assert create.exit_code == 1
+    assert create.stderr == "Error: no segment named 'lapsed'; see `discountctl segments list`\n"
+    ok(url, "segments", "create", "lapsed")
+    create, delete = race(
+        url,
+        ("rules", "create", "win-back", "--segment", "lapsed", *THRESHOLD),
+        ("segments", "delete", "lapsed", "--yes"),
+    )
+    assert create.exit_code == 0, create.stderr
+    assert delete.exit_code == 1
+    assert "Error: segment 'lapsed' is used by rule 'win-back'; change or delete" in delete.stderr
+    ok(url, "segments", "create", "churned")
+    create, delete = race(
+        url,
+        ("experiments", "create", "ab", "--target-segment", "churned", *VARIANTS),
+        ("segments", "delete", "churned", "--yes"),
+    )
+    assert create.exit_code == 0, create.stderr
+    assert "Error: segment 'churned' is used by draft experiment 'ab'" in delete.stderr
