@@ -1,0 +1,113 @@
+"""The real public datasets beside the checkout (../shared/datasets, each folder's SOURCE.md),
+whole where they are small and in slices where not: what the readers make of the real files,
+and a model trained on a slice of Online Retail, served by a real discountd that prices it.
+Skipped, saying why, where the datasets are not there (README, "The public datasets")."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from offer_server import OfferServer, ctl, ten_percent_off_everything
+
+from discount.v1 import discount_pb2 as pb
+from trainer.cli import main as train
+from trainer.data import MOVIELENS, ONLINE_RETAIL, load_movielens, load_online_retail
+from trainer.uplift import HILLSTROM, load_hillstrom
+
+# Online Retail's first rows: 1-9 December 2010, every kind of row its reader drops.
+SLICE_ROWS = 20_000
+
+
+def need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"{path}: the public datasets are not beside this checkout")
+    return path
+
+
+@pytest.fixture(scope="module")
+def retail_slice(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Online Retail's header and first SLICE_ROWS rows, bytes as published."""
+    path = tmp_path_factory.mktemp("retail") / "online_retail_slice.csv.gz"
+    with gzip.open(need(ONLINE_RETAIL), "rb") as source, gzip.open(path, "wb") as out:
+        for _ in range(SLICE_ROWS + 1):
+            out.write(next(source))
+    return path
+
+
+def test_movielens_100k_reads_whole_as_its_readme_counts_it() -> None:
+    loaded = load_movielens(need(MOVIELENS))
+    dataset = loaded.dataset
+    assert (loaded.rows_read, loaded.dropped) == (100_000, {})
+    assert (len(dataset.user_ids), len(dataset.catalog.item_ids)) == (943, 1682)
+    assert len(dataset.interactions.user_index) == 100_000
+
+
+def test_hillstrom_reads_whole_with_the_published_shares() -> None:
+    """SOURCE.md: 64,000 customers, two thirds e-mailed, mean visit 0.14678, conversion
+    0.00903."""
+    experiment = load_hillstrom(need(HILLSTROM))
+    assert (len(experiment.treatment), int(experiment.treatment.sum())) == (64_000, 42_694)
+    assert {k: int(v.sum()) for k, v in experiment.outcomes.items()} == {
+        "visit": 9394,
+        "conversion": 578,
+    }
+
+
+def test_online_retail_slice_drops_what_is_no_sale_and_keeps_ids_as_written(
+    retail_slice: Path,
+) -> None:
+    loaded = load_online_retail(retail_slice)
+    assert loaded.rows_read == SLICE_ROWS
+    assert loaded.dropped == {
+        "cancellations and returns (InvoiceNo C…, Quantity ≤ 0)": 309,
+        "no CustomerID": 6574,
+        "exact duplicate rows": 314,
+        "non-product codes (postage, fees, adjustments, vouchers)": 54,
+        "zero, negative or missing UnitPrice": 1,
+    }
+    dataset = loaded.dataset
+    assert (len(dataset.user_ids), len(dataset.catalog.item_ids)) == (526, 1947)
+    # Stock codes with letters, customer ids without the file's ".0".
+    assert {"85123A", "10123C"} <= set(dataset.catalog.item_ids)
+    assert "17850" in dataset.user_ids
+    assert dataset.catalog.cost_assumed.all()  # the data has no costs
+
+
+def test_a_model_of_the_slice_serves_and_prices_its_customers(
+    retail_slice: Path, tmp_path: Path
+) -> None:
+    models = tmp_path / "models"
+    fitted = CliRunner().invoke(
+        train,
+        ["fit", "--format", "online-retail", "--interactions", str(retail_slice),
+         "--out", str(models), "--epochs", "3", "--factors", "8"],
+    )  # fmt: skip
+    assert fitted.exit_code == 0, fitted.output
+    slice_rows = pd.read_csv(retail_slice, dtype={"StockCode": str}, encoding="latin-1")
+    his = slice_rows[(slice_rows["CustomerID"] == 17850) & (slice_rows["Quantity"] > 0)]
+    bought = set(his["StockCode"])
+    url = ten_percent_off_everything(f"sqlite:///{tmp_path / 'store.db'}")
+    # An assumed cost of 70% of the price and a 30% margin: the floor, 91%, is above 10% off.
+    ctl(url, "rules", "update", "all", "--min-margin", "30")
+    running = OfferServer(models, url)
+    try:
+        answer = running.stub.Recommend(pb.RecommendRequest(user_id="17850", limit=10))
+        ranked = [item.item_id for item in answer.items]
+        assert len(ranked) == 10 and answer.cold_start == pb.COLD_START_UNSPECIFIED
+        assert len(bought) == 21 and not bought & set(ranked)  # bought: not recommended
+        offers = running.stub.GetOffers(
+            pb.GetOffersRequest(user_id="17850", item_ids=["85123A", "22423"])
+        ).offers
+        assert [o.item_id for o in offers] == ["85123A", "22423"]
+        for offer in offers:
+            # No costs in the data: the fit assumed a 30% margin, and the offer says so.
+            reasons = set(offer.reason_codes)
+            assert {"COST_ASSUMED", "GUARDRAIL_MARGIN_FLOOR"} <= reasons and offer.offer_token
+            base, final = offer.base_price_cents, offer.final_price_cents
+            assert base * 0.91 <= final < base
+    finally:
+        running.close()
