@@ -168,3 +168,28 @@ def test_a_segment_deleted_while_a_rule_names_it_fails_one_with_a_clear_reason(
     )
     assert create.exit_code == 0, create.stderr
     assert "Error: segment 'churned' is used by draft experiment 'ab'" in delete.stderr
+
+
+def test_a_rule_deleted_while_an_experiment_names_it_fails_one_with_a_clear_reason(
+    url: str,
+) -> None:
+    """As for segments: the loser failed on the foreign key, in the driver's words."""
+    with_rule = ("--variant", "control:50", "--variant", "treated:50:win-back")
+    ok(url, "rules", "create", "win-back", *THRESHOLD)
+    delete, create = race(
+        url,
+        ("rules", "delete", "win-back", "--yes"),
+        ("experiments", "create", "ab", *with_rule),
+    )
+    assert delete.exit_code == 0, delete.stderr
+    assert create.exit_code == 1
+    assert create.stderr == "Error: no rule named 'win-back'; see `discountctl rules list`\n"
+    ok(url, "rules", "create", "win-back", *THRESHOLD)
+    create, delete = race(
+        url,
+        ("experiments", "create", "ab", *with_rule),
+        ("rules", "delete", "win-back", "--yes"),
+    )
+    assert create.exit_code == 0, create.stderr
+    assert delete.exit_code == 1
+    assert "Error: rule 'win-back' is a variant of experiment(s) 'ab'" in delete.stderr

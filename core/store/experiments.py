@@ -381,7 +381,8 @@ class Experiments:
                 position=i,
                 name=s.name,
                 weight=s.weight,
-                rule=None if s.rule is None else rules.get(s.rule),
+                # Locked against a `rules delete` at the same moment (core.store.segments.locked).
+                rule=None if s.rule is None else rules.get(s.rule, for_reference=True),
             )
             for i, s in enumerate(specs)
         ]

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from core.policy import PolicyError, validate_params
 from core.store import audit, validate
 from core.store.errors import Conflict, InvalidInput, NotFound
-from core.store.segments import Segments, check_version
+from core.store.segments import Segments, check_version, locked
 from core.store.tables import Experiment, Rule, Variant, utcnow
 
 DEFAULTS: dict[str, Any] = {
@@ -47,8 +47,10 @@ class Rules:
         self.session = session
         self.actor = actor
 
-    def get(self, name: str) -> Rule:
-        rule = self.session.scalar(select(Rule).where(Rule.name == name))
+    def get(self, name: str, for_update: bool = False, for_reference: bool = False) -> Rule:
+        """for_update, for_reference: see core.store.segments.locked."""
+        query = select(Rule).where(Rule.name == name)
+        rule = self.session.scalar(locked(query, for_update, for_reference))
         if rule is None:
             raise NotFound(f"no rule named {name!r}; see `discountctl rules list`")
         return rule
@@ -116,7 +118,9 @@ class Rules:
         return self.update(name, expected_version, action=action, enabled=enabled)
 
     def delete(self, name: str, expected_version: int | None = None) -> dict[str, Any]:
-        rule = self.get(name)
+        # Locked before the check of who uses it, as Segments.delete: an experiment naming it
+        # at the same moment is waited for and then named here, or waits and finds it gone.
+        rule = self.get(name, for_update=True)
         check_version("rule", name, rule.version, expected_version)
         used_by = list(
             self.session.scalars(

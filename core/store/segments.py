@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import Select, delete, func, insert, select
 from sqlalchemy.orm import Session
 
 from core.segments import ConditionError, parse_condition, to_json
@@ -14,6 +14,21 @@ from core.store.errors import Conflict, InvalidInput, NotFound
 from core.store.tables import Experiment, Rule, Segment, SegmentMember, utcnow
 
 INSERT_CHUNK = 10_000
+Query = TypeVar("Query", bound=Select[Any])
+
+
+def locked(query: Query, for_update: bool, for_reference: bool) -> Query:
+    """query's row read afresh and locked to the end of the transaction (PostgreSQL; SQLite's
+    one writer needs none). for_update: a change or delete of the record, so another at the
+    same moment waits for it instead of racing it. for_reference: a record that a new rule or
+    experiment is about to name; FOR KEY SHARE, what its foreign key takes, so only a delete
+    waits for it, or it for a delete, which it then finds done (NotFound)."""
+    if not (for_update or for_reference):
+        return query
+    # Only the record's own table: a relationship loaded by an outer join cannot be locked.
+    entity = query.column_descriptions[0]["entity"]
+    held = query.with_for_update(read=for_reference, key_share=for_reference, of=entity)
+    return held.execution_options(populate_existing=True)
 
 
 def check_version(kind: str, label: str, actual: int, expected: int | None) -> None:
@@ -33,16 +48,9 @@ class Segments:
         self.actor = actor
 
     def get(self, name: str, for_update: bool = False, for_reference: bool = False) -> Segment:
-        """for_update: read afresh and lock to the end of the transaction (PostgreSQL), so a
-        change made at the same moment waits for this one instead of racing it. for_reference:
-        the same for a segment that a rule or experiment is about to name: only a delete
-        waits for it, or it for a delete, which it then finds done (NotFound)."""
+        """for_update, for_reference: see locked."""
         query = select(Segment).where(Segment.name == name)
-        if for_update or for_reference:
-            # FOR KEY SHARE for a reference: what a foreign key takes, so updates do not wait.
-            locked = query.with_for_update(read=for_reference, key_share=for_reference)
-            query = locked.execution_options(populate_existing=True)
-        segment = self.session.scalar(query)
+        segment = self.session.scalar(locked(query, for_update, for_reference))
         if segment is None:
             raise NotFound(f"no segment named {name!r}; see `discountctl segments list`")
         return segment
