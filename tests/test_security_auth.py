@@ -42,6 +42,17 @@ def create_client(db_url: str, name: str) -> str:
     return token
 
 
+def wait_until_accepted(stub: pb_grpc.DiscountServiceStub, token: str) -> None:
+    """The server hears about a new client at its next refresh (NOTIFY, or a 0.2 s poll)."""
+    eventually(
+        lambda: (
+            status_of(lambda: stub.Recommend(RECOMMEND, metadata=bearer(token)))[0]
+            == grpc.StatusCode.OK
+        ),
+        timeout=10,
+    )
+
+
 @pytest.fixture
 def server(model_store: Path, db_url: str) -> Iterator[ServerThread]:
     # On PostgreSQL a slow poll: only LISTEN/NOTIFY can make client changes visible in 10 s.
@@ -94,14 +105,7 @@ def test_every_rpc_but_health_needs_a_valid_token(
     assert check.status == health_pb2.HealthCheckResponse.SERVING
 
     token = create_client(db_url, "checkout")
-    # The server hears about the new client at its next refresh (NOTIFY, or a 0.2 s poll).
-    eventually(
-        lambda: (
-            status_of(lambda: stub.Recommend(RECOMMEND, metadata=bearer(token)))[0]
-            == grpc.StatusCode.OK
-        ),
-        timeout=10,
-    )
+    wait_until_accepted(stub, token)
     assert len(stub.Recommend(RECOMMEND, metadata=bearer(token)).items) == 3
     offers = stub.GetOffers(pb.GetOffersRequest(user_id="user-0", limit=2), metadata=bearer(token))
     assert len(offers.offers) == 2
@@ -118,13 +122,7 @@ def test_a_token_sent_without_the_bearer_scheme_is_named_as_such(
     # looking for metadata it did send. The value, maybe the token itself, is never echoed.
     stub = pb_grpc.DiscountServiceStub(channel)
     token = create_client(db_url, "storefront")
-    eventually(
-        lambda: (
-            status_of(lambda: stub.Recommend(RECOMMEND, metadata=bearer(token)))[0]
-            == grpc.StatusCode.OK
-        ),
-        timeout=10,
-    )
+    wait_until_accepted(stub, token)
     for value in (token, f"Token {token}", f"Bearer{token}"):
         code, details = status_of(
             lambda v=value: stub.Recommend(RECOMMEND, metadata=(("authorization", v),))
@@ -235,13 +233,7 @@ def test_access_log_names_the_client_never_the_token(
     stub = pb_grpc.DiscountServiceStub(channel)
     token = create_client(db_url, "cart")
     caplog.set_level(logging.DEBUG)
-    eventually(
-        lambda: (
-            status_of(lambda: stub.Recommend(RECOMMEND, metadata=bearer(token)))[0]
-            == grpc.StatusCode.OK
-        ),
-        timeout=10,
-    )
+    wait_until_accepted(stub, token)
     status_of(lambda: stub.Recommend(RECOMMEND, metadata=bearer("dct_wrong")))
 
     def access_lines() -> list[str] | None:
