@@ -209,6 +209,13 @@ def response_command(
             f"note: {logged.foreign_purchases:,} purchases name an offer made to another user "
             "or for another item (a shared offer token): not counted as that offer's"
         )
+    if logged.fixed_discounts:
+        _err(
+            f"WARNING: {logged.fixed_discounts:,} of {len(data):,} offers have propensity 1 (their "
+            "discount was not drawn at random): from them the model learns whom that policy "
+            "discounted as much as what the discount did; drop them to learn from the "
+            "randomized offers alone"
+        )
     grid = sorted({round(float(d), 4) for d in data.discount})
     _err(f"{len(data):,} offers, {int(data.bought.sum()):,} bought, discounts {grid}")
     try:
