@@ -188,7 +188,9 @@ def response_command(
     on a held-out share (log-loss, calibration error, AUC), and export it to ONNX with its own
     sealed manifest in OUT (a previous model there is replaced whole, never half-written). Each
     shopper's purchase rates per discount band in the log are features too; OUT holds their
-    table for discountd to look users up in.
+    table for discountd to look users up in. The log is one of an experiment that drew each
+    offer's discount at random, as `discount-train simulate` writes; discountd's store holds
+    none (docs/DISCOUNTS.md, section 1).
 
     Example: discount-train response --offers var/market/offers.csv
     --events var/market/events.csv --out var/response
