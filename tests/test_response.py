@@ -595,3 +595,28 @@ def test_cli_refuses_an_out_the_shell_is_in(
             "replace; pass a folder of its own, e.g. --out response\n"
         )
     assert sorted(p.name for p in folder.iterdir()) == sorted([*before, "inner"])
+
+
+def test_cli_refuses_a_log_whose_discounts_were_not_drawn_at_random(tmp_path: Path) -> None:
+    """A fixed rule's log (the top ranks at 15%, the rest at 5%, each offer with propensity 1)
+    was trained on without a word: its curve says whom the rule discounted, not what the
+    discount did. Offers of propensity 1 among randomized ones are counted."""
+    offers, events = _logs(users=60)
+    tiered = offers.assign(discount=np.where(offers["rank"] < 2, 0.15, 0.05), propensity=1.0)
+    result = _response(tmp_path, tiered, events)
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith(
+        "Error: offers: every propensity is 1, so no offer's discount was drawn at random"
+    )
+    assert result.output.count("\n") == 1
+    assert not (tmp_path / "model").exists()
+    mixed = offers.assign(propensity=offers["propensity"].where(offers.index >= 7, 1.0))
+    result = _response(tmp_path, mixed, events)
+    assert result.exit_code == 0, result.output
+    assert (
+        f"WARNING: 7 of {len(offers):,} offers have propensity 1 (their discount was not drawn "
+        "at random)" in result.stderr
+    )
+    result = _response(tmp_path, offers, events)
+    assert result.exit_code == 0, result.output
+    assert "propensity 1" not in result.stderr

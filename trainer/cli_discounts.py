@@ -188,7 +188,9 @@ def response_command(
     on a held-out share (log-loss, calibration error, AUC), and export it to ONNX with its own
     sealed manifest in OUT (a previous model there is replaced whole, never half-written). Each
     shopper's purchase rates per discount band in the log are features too; OUT holds their
-    table for discountd to look users up in.
+    table for discountd to look users up in. The log is one of an experiment that drew each
+    offer's discount at random, as `discount-train simulate` writes; discountd's store holds
+    none (docs/DISCOUNTS.md, section 1).
 
     Example: discount-train response --offers var/market/offers.csv
     --events var/market/events.csv --out var/response
@@ -208,6 +210,13 @@ def response_command(
         _err(
             f"note: {logged.foreign_purchases:,} purchases name an offer made to another user "
             "or for another item (a shared offer token): not counted as that offer's"
+        )
+    if logged.fixed_discounts:
+        _err(
+            f"WARNING: {logged.fixed_discounts:,} of {len(data):,} offers have propensity 1 (their "
+            "discount was not drawn at random): from them the model learns whom that policy "
+            "discounted as much as what the discount did; drop them to learn from the "
+            "randomized offers alone"
         )
     grid = sorted({round(float(d), 4) for d in data.discount})
     _err(f"{len(data):,} offers, {int(data.bought.sum()):,} bought, discounts {grid}")

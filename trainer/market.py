@@ -7,9 +7,10 @@ signals of that behaviour, as in a real shop, so a learned model can find it onl
 Because the true ``P(buy | user, item, discount)`` is known, every policy's expected margin is
 exact and an oracle that knows the curves gives the upper bound.
 
-The simulator logs offers and events in the shape the server's ``RecordEvents`` RPC and offer log
-use, under any policy, including a randomized one whose propensities make off-policy evaluation
-possible.
+The simulator logs events in the shape the server's ``RecordEvents`` RPC takes and offers with the
+columns ``discount-train response`` reads (which the server's offer log does not hold: it records
+no score, cost, propensity or user features), under any policy, including a randomized one whose
+propensities make off-policy evaluation possible.
 """
 
 from __future__ import annotations

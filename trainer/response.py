@@ -99,6 +99,8 @@ class Logged:
     data: ResponseData  # response rates cross-fitted: no row sees its own outcome
     history: HistoryTable  # rates from every row: what the server looks users up in
     foreign_purchases: int = 0  # purchases naming an offer of another user or item: not counted
+    # Offers with propensity 1: their discount was not drawn at random (a deterministic policy's).
+    fixed_discounts: int = 0
 
 
 def logged(
@@ -109,6 +111,7 @@ def logged(
     propensity: Floats,
     seed: int,
     foreign_purchases: int = 0,
+    fixed_discounts: int = 0,
 ) -> Logged:
     """Append each row's cross-fitted response rates (folds drawn from seed) to its logged
     features (OFFER_FEATURES), and compute the table to ship from all rows."""
@@ -117,6 +120,7 @@ def logged(
         ResponseData(np.column_stack([offer_features, rates]), discount, bought, propensity),
         smoothed_rates(user_ids, discount, bought),
         foreign_purchases,
+        fixed_discounts,
     )
 
 
@@ -170,6 +174,17 @@ def from_logs(offers: pd.DataFrame, events: pd.DataFrame, seed: int) -> Logged:
     p = numeric["propensity"].to_numpy(dtype=np.float64)
     if (p <= 0).any() or (p > 1).any():
         raise ResponseError("offers: propensity must be in (0, 1]; log it when drawing discounts")
+    fixed = p == 1
+    if fixed.all():
+        # A deterministic policy discounts whom it chose to (the top ranks, the optimal policy's
+        # picks): a model of such a log learns who was discounted, not what a discount does.
+        raise ResponseError(
+            "offers: every propensity is 1, so no offer's discount was drawn at random (the log "
+            "of a fixed rule or of the optimal policy itself), and a model of it would learn "
+            "whom that policy discounted, not what a discount does; log an experiment that draws "
+            "each offer's discount from a grid, with the probability of the one drawn as its "
+            "propensity"
+        )
     if len(np.unique(d)) < 2:
         raise ResponseError(
             "offers: every offer has the same discount; a response model needs randomized "
@@ -202,6 +217,7 @@ def from_logs(offers: pd.DataFrame, events: pd.DataFrame, seed: int) -> Logged:
         p,
         seed,
         foreign_purchases=int(foreign.sum()),
+        fixed_discounts=int(fixed.sum()),
     )
 
 
