@@ -502,3 +502,30 @@ def test_a_required_column_named_twice_is_refused(tmp_path: Path) -> None:
     items = write(tmp_path / "items.csv", ITEMS)
     with pytest.raises(DataError, match=r"i\.csv: column\(s\) user_id appear more than once"):
         load_files(inter, items)
+
+
+def test_a_comma_at_the_end_of_each_row_shifts_no_column(tmp_path: Path) -> None:
+    """A row with a field more than the header made pandas take its first field as a row label:
+    every value sat one column left of its name (user_id held the item, timestamp the empty
+    last field), and fit dropped every row for its timestamp."""
+    inter = write(
+        tmp_path / "i.csv",
+        f"user_id,item_id,timestamp,quantity\n0042,007,{T},2,\n42,7,{T},1,\n",
+    )
+    items = write(tmp_path / "items.csv", "item_id,price,\n007,10.0,\n7,4.0,\n")
+    loaded = load_files(inter, items)
+    assert loaded.dataset.user_ids == ["0042", "42"]
+    assert loaded.dataset.catalog.item_ids == ["007", "7"]
+    assert loaded.dataset.catalog.prices.tolist() == [10.0, 4.0]
+    assert loaded.dataset.interactions.quantity.tolist() == [2, 1]
+    assert loaded.dropped == {}
+
+
+def test_values_the_header_does_not_name_are_refused(tmp_path: Path) -> None:
+    inter = write(tmp_path / "i.csv", f"user_id,item_id,timestamp\nu1,007,{T},purchase\n")
+    result = fit_cli(tmp_path, inter, write(tmp_path / "items.csv", ITEMS))
+    assert result.exit_code == 1
+    assert result.output == (
+        f"Error: {inter}: rows hold 1 more field(s) than the header names "
+        "(user_id, item_id, timestamp); give every column a name in the header\n"
+    )

@@ -7,6 +7,7 @@ why, because real data is dirty and a silent drop hides a broken export. Ids are
 from __future__ import annotations
 
 import time
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -124,6 +125,8 @@ def read_table(path: Path, required: tuple[str, ...], ids: tuple[str, ...] = ())
                 frame[name] = _parquet_text(frame[name], path, str(name).strip() in ids)
         else:
             frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[])
+            if not isinstance(frame.index, pd.RangeIndex):
+                frame = _without_trailing_fields(path, frame)
             # pandas renames a repeated header (user_id, user_id.1) and reads on: which of the
             # two holds the data is a question for the file's owner, not a guess for us.
             header = pd.read_csv(path, dtype=str, header=None, nrows=1, keep_default_na=False)
@@ -147,6 +150,25 @@ def read_table(path: Path, required: tuple[str, ...], ids: tuple[str, ...] = ())
             f"found {', '.join(frame.columns) or 'none'}"
         )
     return frame
+
+
+def _without_trailing_fields(path: Path, frame: pd.DataFrame) -> pd.DataFrame:
+    """The file read again without the fields its rows hold beyond the header's names.
+
+    When the first row has more fields than the header, pandas takes the first ones as row
+    labels and every value lands one column left of its name: user_id reads the item, timestamp
+    the next field. Empty ones are a comma at the end of each row, as some exports write, and
+    are dropped; values would be data without a name, which the file's owner must name."""
+    extra = frame.index.nlevels
+    if (frame.iloc[:, -extra:] != "").any(axis=None):
+        raise DataError(
+            f"{path}: rows hold {extra} more field(s) than the header names "
+            f"({', '.join(map(str, frame.columns))}); give every column a name in the header"
+        )
+    with warnings.catch_warnings():
+        # "loss of data": the fields dropped are the empty ones checked above.
+        warnings.simplefilter("ignore", pd.errors.ParserWarning)
+        return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[], index_col=False)
 
 
 def _parquet_text(column: pd.Series, path: Path, is_id: bool) -> pd.Series:
