@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -529,3 +530,17 @@ def test_values_the_header_does_not_name_are_refused(tmp_path: Path) -> None:
         f"Error: {inter}: rows hold 1 more field(s) than the header names "
         "(user_id, item_id, timestamp); give every column a name in the header\n"
     )
+
+
+@pytest.mark.parametrize("name", ["i.csv.zip", "i.csv.xz", "i.csv.tar", "i.tar.gz", "i.csv.zst"])
+def test_a_file_not_compressed_as_its_name_says_is_one_line(tmp_path: Path, name: str) -> None:
+    """pandas decompresses by the name: zip, xz and tar raised their own errors (a traceback),
+    and .zst without the zstandard package an ImportError."""
+    if name.endswith(".zst") and importlib.util.find_spec("zstandard"):
+        pytest.skip("zstandard is installed: a .zst name is read as zstd")
+    inter = write(tmp_path / name, f"user_id,item_id,timestamp\nu1,007,{T}\n")
+    result = fit_cli(tmp_path, inter, write(tmp_path / "items.csv", ITEMS))
+    assert result.exit_code == 1, result.output
+    unreadable = f"Error: {inter}: unreadable as CSV or Parquet ("
+    assert result.output.startswith(unreadable), result.output
+    assert result.output.count("\n") == 1, result.output

@@ -6,8 +6,11 @@ why, because real data is dirty and a silent drop hides a broken export. Ids are
 
 from __future__ import annotations
 
+import lzma
+import tarfile
 import time
 import warnings
+import zipfile
 import zlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -50,8 +53,17 @@ MOVIELENS_GENRES = (
 
 # A truncated or corrupt .gz raises these while pandas reads it, and neither is an OSError; click
 # would turn an EOFError into a bare "Aborted!". (A file that is not gzip at all: BadGzipFile, an
-# OSError.)
-CORRUPT_COMPRESSED = (EOFError, zlib.error)
+# OSError.) pandas picks the decompressor by the file's name, and the others raise their own
+# errors for a file that is not what its name says: .zip BadZipFile, .xz LZMAError, .tar and
+# .tar.gz TarError; .zst needs the zstandard package, an ImportError that says to install it.
+CORRUPT_COMPRESSED = (
+    EOFError,
+    zlib.error,
+    zipfile.BadZipFile,
+    lzma.LZMAError,
+    tarfile.TarError,
+    ImportError,
+)
 
 
 class DataError(Exception):
