@@ -99,7 +99,8 @@ def test_out_of_range_timestamps_and_quantities_are_dropped_not_overflowed(
     )
     loaded = load_files(inter, write(tmp_path / "items.csv", ITEMS))
     assert loaded.dropped == {
-        "timestamp neither ISO 8601 nor Unix seconds": 3,
+        "timestamp a number past 2262 as Unix seconds (milliseconds?)": 2,
+        "timestamp neither ISO 8601 nor Unix seconds": 1,
         "quantity not a positive whole number": 3,
     }
     assert loaded.dataset.interactions.timestamp.tolist() == [1704164645, 1704164645]
@@ -544,3 +545,25 @@ def test_a_file_not_compressed_as_its_name_says_is_one_line(tmp_path: Path, name
     unreadable = f"Error: {inter}: unreadable as CSV or Parquet ("
     assert result.output.startswith(unreadable), result.output
     assert result.output.count("\n") == 1, result.output
+
+
+def test_unix_milliseconds_are_named_as_such(tmp_path: Path) -> None:
+    """A file in Unix milliseconds was refused as "neither ISO 8601 nor Unix seconds", of what
+    looked like good Unix timestamps; now as numbers past 2262 in seconds, milliseconds?"""
+    pd.DataFrame(
+        {"user_id": ["u1", "u2", "u3"], "item_id": ["007"] * 3, "timestamp": [T * 1000, 20, T]}
+    ).to_parquet(tmp_path / "i.parquet")
+    items = write(tmp_path / "items.csv", ITEMS)
+    loaded = load_files(tmp_path / "i.parquet", items)
+    assert loaded.dataset.user_ids == ["u3"]
+    assert loaded.dropped == {
+        "timestamp a number before 1990 as Unix seconds (days, a year, a row number?)": 1,
+        "timestamp a number past 2262 as Unix seconds (milliseconds?)": 1,
+    }
+    only_ms = write(tmp_path / "ms.csv", f"user_id,item_id,timestamp\nu1,007,{T * 1000}\n")
+    result = fit_cli(tmp_path, only_ms, items)
+    assert result.exit_code == 1
+    assert result.output == (
+        f"Error: {only_ms}: no usable interaction rows after cleaning (dropped: 1 timestamp a "
+        "number past 2262 as Unix seconds (milliseconds?))\n"
+    )

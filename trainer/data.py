@@ -205,6 +205,9 @@ MAX_UNIX_SECONDS = pd.Timestamp.max.value // 10**9
 # day count, a year or a row number than a time.
 EARLIEST_UNIX_SECONDS = int(pd.Timestamp("1990-01-01", tz="UTC").timestamp())
 EARLY_TIMESTAMP = "timestamp a number before 1990 as Unix seconds (days, a year, a row number?)"
+# Unix milliseconds of any date since April 1970 are past 2262 as seconds: "neither ISO 8601 nor
+# Unix seconds" would leave the user puzzling over what look like good Unix timestamps.
+LATE_TIMESTAMP = "timestamp a number past 2262 as Unix seconds (milliseconds?)"
 # A shop's clock running a little fast is no reason to drop a row; a date years ahead (a typo, a
 # placeholder such as 2099-01-01) would stretch the hold-out and make every shopper look lapsed.
 CLOCK_SKEW_SECONDS = 86_400
@@ -223,23 +226,25 @@ def future_timestamps(seconds: pd.Series) -> tuple[str, pd.Series]:
     return f"timestamp more than a day after the time of the fit (latest {when})", future
 
 
-def parse_timestamps(values: pd.Series) -> tuple[pd.Series, pd.Series]:
+def parse_timestamps(values: pd.Series) -> tuple[pd.Series, pd.Series, pd.Series]:
     """Unix seconds from ISO 8601 text (naive means UTC, 20240131 a date) or Unix seconds; NaN
-    where neither. The mask marks the numbers refused as Unix seconds before 1990 (NaN too)."""
+    where neither. The masks mark the numbers refused as Unix seconds before 1990 and the finite
+    ones past 2262 (NaN too)."""
     values = values.str.strip()
     # 20240131 is both a number and an ISO 8601 basic date; as Unix seconds it is August 1970.
     eight_digits = values.where(values.str.fullmatch(r"\d{8}"))
     basic = pd.to_datetime(eight_digits, format="%Y%m%d", errors="coerce").notna()
-    numeric = pd.to_numeric(values.where(~basic), errors="coerce")
-    numeric = numeric.where(numeric.abs() <= MAX_UNIX_SECONDS).astype("float64")
+    numeric = pd.to_numeric(values.where(~basic), errors="coerce").astype("float64")
+    late = np.isfinite(numeric) & (numeric > MAX_UNIX_SECONDS)
+    numeric = numeric.where(numeric.abs() <= MAX_UNIX_SECONDS)
     early = numeric < EARLIEST_UNIX_SECONDS
     numeric[early] = np.nan
-    text = values[numeric.isna() & ~early]
+    text = values[numeric.isna() & ~early & ~late]
     if len(text):
         parsed = pd.to_datetime(text, errors="coerce", utc=True, format="ISO8601")
         seconds = (parsed - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)
         numeric[text.index] = seconds.astype("float64").where(parsed.notna(), np.nan)
-    return numeric, early
+    return numeric, early, late
 
 
 class _Drops:
@@ -311,8 +316,9 @@ def load_files(interactions: Path, items: Path, default_margin: float = DEFAULT_
         drops.drop(f"{column} {UNSTORABLE_ID}", _unstorable(drops.frame[column]))
     # A copied line would count a purchase twice, in the model's weights and in lifetime value.
     drops.drop("exact duplicate rows", drops.frame.duplicated())
-    ts, early = parse_timestamps(drops.frame["timestamp"])
+    ts, early, late = parse_timestamps(drops.frame["timestamp"])
     drops.drop(EARLY_TIMESTAMP, early)
+    drops.drop(LATE_TIMESTAMP, late.loc[drops.frame.index])
     drops.drop("timestamp neither ISO 8601 nor Unix seconds", ts.loc[drops.frame.index].isna())
     drops.frame = drops.frame.assign(timestamp=ts.loc[drops.frame.index].astype("int64"))
     drops.drop(*future_timestamps(drops.frame["timestamp"]))
@@ -391,7 +397,7 @@ def load_online_retail(
     )
     unit_price = pd.to_numeric(drops.frame["UnitPrice"], errors="coerce")
     drops.drop("zero, negative or missing UnitPrice", ~(unit_price > 0))
-    ts, _ = parse_timestamps(drops.frame["InvoiceDate"])
+    ts, _, _ = parse_timestamps(drops.frame["InvoiceDate"])
     drops.drop("unparseable InvoiceDate", ts.isna())
     drops.drop(*future_timestamps(ts.loc[drops.frame.index]))
     kept = drops.frame
