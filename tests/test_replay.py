@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from certs import Authority, mutual_tls
 from cli import ctl
@@ -27,11 +28,13 @@ from core.store.migrate import upgrade
 from core.store.tables import Event
 from discount.v1 import discount_pb2 as pb
 from server.tls import TlsFiles
+from trainer.data import load_files
 from trainer.market import MarketConfig, make_market
 from trainer.replay import (
     ReplayConfig,
     ReplayResult,
     pick_shoppers,
+    read_users,
     relevance_of_rank,
     replay,
     replay_command,
@@ -360,3 +363,20 @@ def test_a_user_who_comes_back_is_the_same_shopper() -> None:
     # Each visit's market row: a returning user keeps the row (discount behaviour, price
     # sensitivity) of their first visit; a new visitor id has its own.
     assert shopper_rows(["k1", "k2", "k1", "visitor-0", "k2"]) == [0, 1, 0, 3, 1]
+
+
+def test_users_are_read_as_fit_reads_them(tmp_path: Path) -> None:
+    """The model knows the ids fit read: a Parquet column of floats (an integer column with a
+    null) as "17", not "17.0"; " 0042 " as "0042"; "NULL" as no user. Replay read them its own
+    way, and drove such known users as new visitors."""
+    items = tmp_path / "items.csv"
+    items.write_text("item_id,price\n7,1.0\n")
+    parquet = tmp_path / "i.parquet"
+    pd.DataFrame(
+        {"user_id": [17.0, None, 18.0], "item_id": ["7"] * 3, "timestamp": [1704164645] * 3}
+    ).to_parquet(parquet)
+    csv = tmp_path / "i.csv"
+    csv.write_text("user_id,item_id,timestamp\n 0042 ,7,1704164645\nNULL,7,1704164645\n")
+    for path in (parquet, csv):
+        assert read_users(path) == load_files(path, items).dataset.user_ids
+    assert read_users(parquet) == ["17", "18"] and read_users(csv) == ["0042"]

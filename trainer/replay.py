@@ -38,7 +38,7 @@ from core.store.events import EVENT_ID_REUSED, MAX_BATCH
 from discount.v1 import discount_pb2 as pb
 from discount.v1 import discount_pb2_grpc as pb_grpc
 from trainer.client_auth import channel_credentials, client_options
-from trainer.data import CORRUPT_COMPRESSED
+from trainer.data import CORRUPT_COMPRESSED, NULL_IDS, DataError, read_table
 from trainer.market import Market, MarketConfig, make_market
 from trainer.options import MAX_ROWS, SEED, FiniteFloat
 
@@ -364,15 +364,17 @@ def read_users(path: Path) -> list[str]:
         if path.is_dir():
             users: list[str] = json.loads((current_version_dir(path) / "users.json").read_text())
             return users
-        if path.suffix == ".parquet":
-            frame = pd.read_parquet(path, columns=["user_id"])
-        else:
-            frame = pd.read_csv(path, usecols=["user_id"], dtype={"user_id": str})
+        # Read as fit reads it, or a user the model knows as "17" (a Parquet column of floats)
+        # or "0042" (" 0042 " in the file) would shop here as a new visitor.
+        ids = read_table(path, ("user_id",), ids=("user_id",))["user_id"].str.strip()
     except FileNotFoundError:
         raise ReplayError(f"{path}: no such file") from None
+    except DataError as e:
+        reason = str(e).removeprefix(f"{path}: ")
+        raise ReplayError(f"{path}: cannot read user ids ({reason})") from None
     except (ArtifactError, OSError, ValueError, KeyError, *CORRUPT_COMPRESSED) as e:
         raise ReplayError(f"{path}: cannot read user ids ({first_line(e)})") from None
-    users = [str(u) for u in pd.unique(frame["user_id"].dropna().astype(str))]
+    users = [str(u) for u in pd.unique(ids[~ids.str.lower().isin(NULL_IDS)])]
     if not users:
         raise ReplayError(
             f"{path}: no user ids, so every shopper would be a new visitor; pass the shop's "
