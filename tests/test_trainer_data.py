@@ -567,3 +567,16 @@ def test_unix_milliseconds_are_named_as_such(tmp_path: Path) -> None:
         f"Error: {only_ms}: no usable interaction rows after cleaning (dropped: 1 timestamp a "
         "number past 2262 as Unix seconds (milliseconds?))\n"
     )
+
+
+@pytest.mark.parametrize("name", ["i.pq", "i.PARQUET", "interactions"])
+def test_a_parquet_file_is_read_whatever_its_name(tmp_path: Path, name: str) -> None:
+    """Only a .parquet name was read as Parquet: any other was read as CSV and refused with
+    "'utf-8' codec can't decode byte 0x93", of a file its owner knew to be Parquet."""
+    pd.DataFrame({"user_id": ["001"], "item_id": ["007"], "timestamp": [T]}).to_parquet(
+        tmp_path / name
+    )
+    pd.DataFrame({"item_id": ["007"], "price": [3.5]}).to_parquet(tmp_path / "items.pq")
+    loaded = load_files(tmp_path / name, tmp_path / "items.pq")
+    assert loaded.dataset.user_ids == ["001"]
+    assert loaded.dataset.catalog.item_ids == ["007"]

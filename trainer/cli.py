@@ -95,7 +95,7 @@ def synth(out: Path, users: int, items: int, seed: int) -> None:
     type=click.Choice(FORMATS),
     default="files",
     show_default=True,
-    help="files: --interactions/--items in the documented columns (CSV or .parquet); "
+    help="files: --interactions/--items in the documented columns (CSV or Parquet); "
     "online-retail / movielens: the public datasets, read as published.",
 )
 @click.option(

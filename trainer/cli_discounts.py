@@ -16,7 +16,7 @@ from core import response_artifact
 from core.artifact import ArtifactError
 from core.store.db import first_line
 from trainer import policy_eval, uplift
-from trainer.data import CORRUPT_COMPRESSED
+from trainer.data import CORRUPT_COMPRESSED, is_parquet
 from trainer.files import replace_text
 from trainer.market import (
     LOGS,
@@ -82,7 +82,7 @@ def _whole_ids(frame: pd.DataFrame) -> pd.DataFrame:
 
 def _read(path: Path, what: str) -> pd.DataFrame:
     try:
-        if path.suffix == ".parquet":
+        if is_parquet(path):
             return _whole_ids(pd.read_parquet(path))
         return pd.read_csv(path, dtype={"offer_id": str, "user_id": str, "item_id": str})
     except FileNotFoundError:
@@ -140,7 +140,7 @@ def simulate_command(out: Path, users: int, visits: int, seed: int) -> None:
     "offers_path",
     type=click.Path(dir_okay=False, path_type=Path),
     required=True,
-    help="offer log (CSV or .parquet): offer_id, user_id, discount, propensity, cf_score, price, "
+    help="offer log (CSV or Parquet): offer_id, user_id, discount, propensity, cf_score, price, "
     "cost and the user features",
 )
 @click.option(
@@ -148,7 +148,7 @@ def simulate_command(out: Path, users: int, visits: int, seed: int) -> None:
     "events_path",
     type=click.Path(dir_okay=False, path_type=Path),
     required=True,
-    help="events (CSV or .parquet): type and offer_id; a purchase or redemption naming an offer "
+    help="events (CSV or Parquet): type and offer_id; a purchase or redemption naming an offer "
     "is a success",
 )
 # No file_okay=False: a file in the way is refused in one line, exit 1, as fit refuses it.

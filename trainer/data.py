@@ -124,14 +124,23 @@ def _regular(path: Path, expected: str) -> None:
         )
 
 
+def is_parquet(path: Path) -> bool:
+    """Named .parquet, or a Parquet file by its first bytes whatever its name (.pq, .PARQUET):
+    read as CSV, one failed with a UTF-8 decoding error."""
+    if path.suffix.lower() == ".parquet":
+        return True
+    with path.open("rb") as f:
+        return f.read(4) == b"PAR1"
+
+
 def read_table(path: Path, required: tuple[str, ...], ids: tuple[str, ...] = ()) -> pd.DataFrame:
-    """A CSV (optionally gzipped) or Parquet file with every column as a string; ids names the
+    """A CSV (optionally compressed) or Parquet file with every column as a string; ids names the
     id columns, which a Parquet file may hold as numbers."""
     if path.is_dir():
         raise DataError(f"{path}: is a directory; expected a CSV or Parquet file")
     _regular(path, "")
     try:
-        if path.suffix == ".parquet":
+        if is_parquet(path):
             frame = pd.read_parquet(path)
             for name in frame.columns:
                 frame[name] = _parquet_text(frame[name], path, str(name).strip() in ids)

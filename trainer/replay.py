@@ -403,7 +403,7 @@ def _table(result: ReplayResult) -> list[str]:
     "--users-from",
     type=click.Path(path_type=Path, exists=True),
     required=True,
-    help="Interactions file (CSV or .parquet, column user_id) or model store: the shop's users.",
+    help="Interactions file (CSV or Parquet, column user_id) or model store: the shop's users.",
 )
 @click.option(
     "--shoppers",
