@@ -580,3 +580,13 @@ def test_a_parquet_file_is_read_whatever_its_name(tmp_path: Path, name: str) -> 
     loaded = load_files(tmp_path / name, tmp_path / "items.pq")
     assert loaded.dataset.user_ids == ["001"]
     assert loaded.dataset.catalog.item_ids == ["007"]
+
+
+def test_a_csv_not_in_utf8_says_to_save_it_so(tmp_path: Path) -> None:
+    """Excel's "CSV" is Windows-1252: the error named a byte and a codec, not the fix."""
+    inter = tmp_path / "i.csv"
+    inter.write_bytes(f"user_id,item_id,timestamp\ncafé,007,{T}\n".encode("cp1252"))
+    result = fit_cli(tmp_path, inter, write(tmp_path / "items.csv", ITEMS))
+    assert result.exit_code == 1
+    assert result.output.startswith(f"Error: {inter}: not UTF-8 text ('utf-8' codec can't decode")
+    assert result.output.endswith("; save the CSV as UTF-8 (Excel: CSV UTF-8) or write Parquet\n")

@@ -155,10 +155,16 @@ def read_table(path: Path, required: tuple[str, ...], ids: tuple[str, ...] = ())
             twice = sorted({c for c in required if names.count(c) > 1})
             if twice:
                 raise DataError(f"{path}: column(s) {', '.join(twice)} appear more than once")
+    except UnicodeDecodeError as e:
+        # Excel's "CSV" is Windows-1252 and its "Unicode text" UTF-16: a guessed encoding would
+        # spell an id other than the storefront sends it, so the file's owner converts it.
+        raise DataError(
+            f"{path}: not UTF-8 text ({first_line(e)}); save the CSV as UTF-8 (Excel: CSV UTF-8) "
+            "or write Parquet"
+        ) from None
     except (
         OSError,
         ValueError,
-        UnicodeDecodeError,
         pd.errors.ParserError,
         *CORRUPT_COMPRESSED,
     ) as e:
