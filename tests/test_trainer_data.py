@@ -590,3 +590,32 @@ def test_a_csv_not_in_utf8_says_to_save_it_so(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert result.output.startswith(f"Error: {inter}: not UTF-8 text ('utf-8' codec can't decode")
     assert result.output.endswith("; save the CSV as UTF-8 (Excel: CSV UTF-8) or write Parquet\n")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            f"user_id;item_id;timestamp\nu1;007;{T}\n",
+            "missing column(s) user_id, item_id, timestamp; found user_id;item_id;timestamp "
+            "(a header separated by semicolons: fields must be separated by commas)",
+        ),
+        (
+            f"user_id\titem_id\ttimestamp\nu1\t007\t{T}\n",
+            "missing column(s) user_id, item_id, timestamp; found user_id\titem_id\ttimestamp "
+            "(a header separated by tabs: fields must be separated by commas)",
+        ),
+        (  # the decimal comma makes each row two fields under a header of one
+            f"user_id;item_id;timestamp;price\nu1;007;{T};1,5\n",
+            "a header separated by semicolons (user_id;item_id;timestamp;price): fields must be "
+            "separated by commas",
+        ),
+    ],
+    ids=["semicolons", "tabs", "decimal comma"],
+)
+def test_a_file_separated_otherwise_is_named_so(tmp_path: Path, text: str, message: str) -> None:
+    """A tab-separated header showed as names with spaces between them, missing."""
+    inter = write(tmp_path / "i.csv", text)
+    result = fit_cli(tmp_path, inter, write(tmp_path / "items.csv", ITEMS))
+    assert result.exit_code == 1
+    assert result.output == f"Error: {inter}: {message}\n"

@@ -172,11 +172,27 @@ def read_table(path: Path, required: tuple[str, ...], ids: tuple[str, ...] = ())
     frame.columns = [str(c).strip() for c in frame.columns]
     missing = [c for c in required if c not in frame.columns]
     if missing:
+        separator = _separator(frame)
+        separated = (
+            f" (a header separated by {separator}: fields must be separated by commas)"
+            if separator
+            else ""
+        )
         raise DataError(
             f"{path}: missing column(s) {', '.join(missing)}; "
-            f"found {', '.join(frame.columns) or 'none'}"
+            f"found {', '.join(frame.columns) or 'none'}{separated}"
         )
     return frame
+
+
+def _separator(frame: pd.DataFrame) -> str:
+    """What separates the names of a header read as one column, when not a comma: semicolons,
+    as Excel writes where the decimal mark is a comma; tabs, which a message shows as spaces."""
+    if len(frame.columns) == 1:
+        for name, separator in (("semicolons", ";"), ("tabs", "\t"), ("'|'", "|")):
+            if separator in str(frame.columns[0]):
+                return name
+    return ""
 
 
 def _without_trailing_fields(path: Path, frame: pd.DataFrame) -> pd.DataFrame:
@@ -187,6 +203,12 @@ def _without_trailing_fields(path: Path, frame: pd.DataFrame) -> pd.DataFrame:
     the next field. Empty ones are a comma at the end of each row, as some exports write, and
     are dropped; values would be data without a name, which the file's owner must name."""
     extra = frame.index.nlevels
+    separator = _separator(frame)
+    if separator:  # "1,5" in a field, a decimal comma, made the rows look longer
+        raise DataError(
+            f"{path}: a header separated by {separator} ({frame.columns[0]}): fields must be "
+            "separated by commas"
+        )
     if (frame.iloc[:, -extra:] != "").any(axis=None):
         raise DataError(
             f"{path}: rows hold {extra} more field(s) than the header names "
