@@ -15,6 +15,7 @@ from admin.app import App, default_actor
 from admin.audit import audit
 from admin.clients import clients
 from admin.db import db
+from admin.events import events
 from admin.experiments import experiments
 from admin.models import models
 from admin.offers_cli import report_command, simulate_command
@@ -79,7 +80,7 @@ def _check_utf8(label: str, value: str) -> None:
 @click.pass_context
 def cli(ctx: click.Context, db_url: str, actor: str) -> None:
     """Govern discountd: segments, discount rules, experiments, model versions, API clients,
-    audit log.
+    audit log; export the events it stored for the next model.
 
     \b
     Example:
@@ -96,7 +97,7 @@ def cli(ctx: click.Context, db_url: str, actor: str) -> None:
     ctx.call_on_close(app.close)
 
 
-for group in (segments, rules, experiments, models, clients, audit, db):
+for group in (segments, rules, experiments, models, clients, audit, events, db):
     cli.add_command(group)
 experiments.add_command(report_command)
 rules.add_command(simulate_command)

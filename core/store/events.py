@@ -10,7 +10,7 @@ rejected, so a client that reuses an id for a new event hears that the new one w
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import cast
@@ -251,3 +251,50 @@ def sold(
         items = {offer: item for offer, item in session.execute(query)}
     pairs = [(e.user_id, e.item_id or items.get(e.offer_id, "")) for e in kept]
     return [(user, item) for user, item in pairs if item]
+
+
+# What each stored type is as an interaction `discount-train fit` reads (docs/TRAINING.md); an
+# impression is an offer shown, not a product viewed, and is no interaction.
+AS_INTERACTION = {
+    "click": "click",
+    "add_to_cart": "cart",
+    "purchase": "purchase",
+    "redemption": "purchase",
+}
+
+
+@dataclass(frozen=True)
+class Interaction:
+    user_id: str
+    item_id: str
+    occurred_at: datetime
+    event: str  # fit's event column: purchase, click or cart
+    quantity: int
+    unit_price: float | None  # revenue / quantity; None without revenue
+
+
+def interactions(
+    session: Session, since: datetime | None = None, until: datetime | None = None
+) -> Iterator[Interaction | None]:
+    """The stored events as interactions, oldest first, occurred in [since, until); None for a
+    sale without an item (a redemption whose offer the store does not hold). Read in chunks, so
+    millions of events never sit in memory together."""
+    item = func.coalesce(Event.item_id, Offer.item_id)
+    query = (
+        select(Event.user_id, item, Event.occurred_at, Event.type, Event.quantity, Event.revenue)
+        .outerjoin(Offer, Offer.offer_id == Event.offer_id)
+        .where(Event.type.in_(list(AS_INTERACTION)))
+        .order_by(Event.occurred_at, Event.event_id)
+        .execution_options(yield_per=10_000)
+    )
+    if since is not None:
+        query = query.where(Event.occurred_at >= since)
+    if until is not None:
+        query = query.where(Event.occurred_at < until)
+    for user, item_id, at, kind, quantity, revenue in session.execute(query):
+        if item_id is None:
+            yield None
+            continue
+        n = quantity or 1
+        price = None if revenue is None else revenue / n
+        yield Interaction(user, item_id, at, AS_INTERACTION[kind], n, price)
