@@ -45,8 +45,9 @@ def export(app: App, out: Path, since: str | None, until: str | None, output: st
     next model learns from what shoppers did since the last: purchases and redemptions as
     purchase (price: revenue per unit), clicks as click, add-to-carts as cart, oldest first.
     Impressions are offers shown, not interactions, and are left out; so is a redemption whose
-    offer the store does not hold, since it names no item. Pair it with the items file of the
-    current catalog (prices and costs are not in the store).
+    offer the store does not hold, since it names no item. A user's events of one item, kind and
+    price at one time are one row with their quantities summed (fit drops identical rows). Pair
+    it with the items file of the current catalog (prices and costs are not in the store).
 
     \b
     Example:
@@ -92,21 +93,39 @@ def export(app: App, out: Path, since: str | None, until: str | None, output: st
 
 
 def _write(app: App, file: TextIO, since: datetime | None, until: datetime | None) -> Counter[str]:
-    """Rows written per fit event name; "" counts the sales left out for want of an item."""
+    """Events written per fit event name; "" counts the sales left out for want of an item.
+
+    Events of one user, item, time, kind and unit price are one row with their quantities
+    summed: fit drops identical rows as one line copied twice, and a storefront that sends a
+    purchase per unit sold, or a click twice in a second, would lose all but one of them."""
     writer = csv.writer(file, lineterminator="\n")
     writer.writerow(COLUMNS)
     counts: Counter[str] = Counter()
+    # The rows of the current (user, item, time): (event, price) -> quantity, in order read.
+    group: tuple[str, str, datetime] | None = None
+    rows: dict[tuple[str, str], int] = {}
+
+    def flush() -> None:
+        if group is not None:
+            user, item, at = group
+            for (event, price), quantity in rows.items():
+                writer.writerow((user, item, at.isoformat(), event, quantity, price))
+        rows.clear()
+
     with app.transaction() as session:
         for n, row in enumerate(interactions(session, since, until), start=1):
             if row is None:
                 counts[""] += 1
                 continue
+            if (row.user_id, row.item_id, row.occurred_at) != group:
+                flush()
+                group = (row.user_id, row.item_id, row.occurred_at)
             price = (
                 "" if row.unit_price is None else f"{row.unit_price:.4f}".rstrip("0").rstrip(".")
             )
-            at = row.occurred_at.isoformat()
-            writer.writerow((row.user_id, row.item_id, at, row.event, row.quantity, price))
+            rows[row.event, price] = rows.get((row.event, price), 0) + row.quantity
             counts[row.event] += 1
             if n % PROGRESS_EVERY == 0:
                 click.echo(f"  {n:,} events read", err=True)
+        flush()
     return counts

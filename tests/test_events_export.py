@@ -6,11 +6,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 
 from cli import ctl as attempt
 from offer_server import OfferServer, ctl, eventually, ten_percent_off_everything
 
+from core.store.db import Store
+from core.store.events import EventIn, record
 from discount.v1 import discount_pb2 as pb
 from trainer.data import load_files
 
@@ -80,3 +83,36 @@ def test_stored_events_come_back_as_fits_interactions(
     again = attempt(db_url, "events", "export", "--out", str(out))
     assert again.exit_code == 1
     assert again.stderr == f"Error: {out} exists; delete it or pick another --out\n"
+
+
+def test_events_alike_in_one_second_are_one_row_with_their_quantities(
+    store: Store, db_url: str, tmp_path: Path
+) -> None:
+    """A storefront that sends a purchase per unit sold (three units of one item, one second):
+    three identical rows would be two 'exact duplicate rows' to fit, a third of the spend."""
+    unit = {"type": "purchase", "user_id": "u", "item_id": "00001", "occurred_at": T0}
+    sent = [EventIn(event_id=f"unit-{n}", revenue_cents=1250, **unit) for n in range(3)]
+    sent += [
+        EventIn(event_id="dearer", revenue_cents=1300, **unit),
+        EventIn(event_id="c1", type="click", user_id="u", item_id="00001", occurred_at=T0),
+        EventIn(event_id="c2", type="click", user_id="u", item_id="00001", occurred_at=T0),
+        EventIn(event_id="later", revenue_cents=1250, **{**unit, "occurred_at": T0 + 1}),
+    ]
+    with store.transaction() as session:
+        record(session, sent, datetime.now(UTC))
+
+    out = tmp_path / "interactions.csv"
+    done = ctl(db_url, "events", "export", "--out", str(out), "-o", "json")
+    assert json.loads(done.stdout)["purchase"] == 5
+    rows = list(csv.DictReader(out.open()))
+    assert sorted((r["timestamp"], r["event"], r["quantity"], r["price"]) for r in rows) == [
+        ("2025-11-24T16:00:00+00:00", "click", "2", ""),
+        ("2025-11-24T16:00:00+00:00", "purchase", "1", "13"),
+        ("2025-11-24T16:00:00+00:00", "purchase", "3", "12.5"),
+        ("2025-11-24T16:00:01+00:00", "purchase", "1", "12.5"),
+    ]
+    items = tmp_path / "items.csv"
+    items.write_text("item_id,price\n00001,12.50\n")
+    loaded = load_files(out, items)
+    assert loaded.dropped == {}
+    assert loaded.dataset.interactions.quantity.sum() == 7

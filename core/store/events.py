@@ -278,13 +278,14 @@ def interactions(
 ) -> Iterator[Interaction | None]:
     """The stored events as interactions, oldest first, occurred in [since, until); None for a
     sale without an item (a redemption whose offer the store does not hold). Read in chunks, so
-    millions of events never sit in memory together."""
+    millions of events never sit in memory together. A user's events of one item at one time
+    come together, for a caller that writes alike ones as one row."""
     item = func.coalesce(Event.item_id, Offer.item_id)
     query = (
         select(Event.user_id, item, Event.occurred_at, Event.type, Event.quantity, Event.revenue)
         .outerjoin(Offer, Offer.offer_id == Event.offer_id)
         .where(Event.type.in_(list(AS_INTERACTION)))
-        .order_by(Event.occurred_at, Event.event_id)
+        .order_by(Event.occurred_at, Event.user_id, item, Event.event_id)
         .execution_options(yield_per=10_000)
     )
     if since is not None:
