@@ -6,6 +6,9 @@ Skipped, saying why, where the datasets are not there (README, "The public datas
 from __future__ import annotations
 
 import gzip
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -111,3 +114,20 @@ def test_a_model_of_the_slice_serves_and_prices_its_customers(
             assert base * 0.91 <= final < base
     finally:
         running.close()
+
+
+def test_discount_datasets_names_where_the_datasets_are(tmp_path: Path) -> None:
+    """A checkout not beside ../shared/datasets (a CI clone, a laptop) points at them."""
+    probe = (
+        "from trainer.data import ONLINE_RETAIL, MOVIELENS; from trainer.uplift import HILLSTROM;"
+        " print(ONLINE_RETAIL, MOVIELENS, HILLSTROM)"
+    )
+    env = {**os.environ, "DISCOUNT_DATASETS": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True
+    )
+    assert done.stdout.split() == [
+        str(tmp_path / "online-retail/online_retail.csv.gz"),
+        str(tmp_path / "ml-100k"),
+        str(tmp_path / "hillstrom/hillstrom.csv"),
+    ]

@@ -217,7 +217,8 @@ def demo(config: DemoConfig) -> None:
         # Before emptying out: a demo that cannot run keeps the last one's store and report.
         raise DemoError(
             f"--data online-retail reads the UCI Online Retail data from {ONLINE_RETAIL} "
-            f"(../shared/datasets beside the checkout), and it is not there; {out} is left as "
+            f"(DISCOUNT_DATASETS, else ../shared/datasets beside the checkout), and it is not "
+            f"there; {out} is left as "
             "it was"
         )
     shutil.rmtree(out, ignore_errors=True)

@@ -345,7 +345,8 @@ def evaluate_policy_command(
     "--data",
     type=click.Path(dir_okay=False, path_type=Path),
     default=uplift.HILLSTROM,
-    show_default="../shared/datasets/hillstrom/hillstrom.csv, beside the checkout",
+    show_default="../shared/datasets/hillstrom/hillstrom.csv, beside the checkout (or under "
+    "DISCOUNT_DATASETS)",
     help="the Hillstrom MineThatData e-mail experiment (hillstrom.csv)",
 )
 @click.option(

@@ -7,6 +7,7 @@ why, because real data is dirty and a silent drop hides a broken export. Ids are
 from __future__ import annotations
 
 import lzma
+import os
 import tarfile
 import time
 import warnings
@@ -35,10 +36,13 @@ MAX_QUANTITY = 2**53  # larger quantities are not whole numbers in float64, nor 
 NULL_IDS = frozenset({"", "null", "none", "nan", "na", "n/a"})
 BAD_PAID_PRICE = "paid prices that are not numbers ≥ 0, replaced by the catalog price"
 
-ONLINE_RETAIL = (
-    Path(__file__).resolve().parents[2] / "shared/datasets/online-retail/online_retail.csv.gz"
+# The public datasets (README, "The public datasets"): under DISCOUNT_DATASETS when set, else in
+# ../shared/datasets beside the checkout.
+DATASETS = Path(
+    os.environ.get("DISCOUNT_DATASETS") or Path(__file__).resolve().parents[2] / "shared/datasets"
 )
-MOVIELENS = Path(__file__).resolve().parents[2] / "shared/datasets/ml-100k"
+ONLINE_RETAIL = DATASETS / "online-retail/online_retail.csv.gz"
+MOVIELENS = DATASETS / "ml-100k"
 # Postage, fees, manual adjustments and vouchers: bookkeeping lines, not products anyone chose.
 NON_PRODUCT_CODES = frozenset(
     {"POST", "D", "M", "DOT", "BANK CHARGES", "C2", "CRUK", "PADS", "AMAZONFEE", "S", "B"}

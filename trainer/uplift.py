@@ -27,11 +27,11 @@ import torch
 from torch import Tensor, nn
 
 from core.store.db import first_line
-from trainer.data import CORRUPT_COMPRESSED
+from trainer.data import CORRUPT_COMPRESSED, DATASETS
 from trainer.dataset import Floats
 from trainer.response import epochs_run, fit_logistic, seed_everything
 
-HILLSTROM = Path(__file__).resolve().parents[2] / "shared/datasets/hillstrom/hillstrom.csv"
+HILLSTROM = DATASETS / "hillstrom/hillstrom.csv"
 OUTCOMES = ("visit", "conversion")
 NUMERIC = ("recency", "history", "mens", "womens", "newbie")
 CATEGORICAL = ("zip_code", "channel")
