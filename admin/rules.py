@@ -57,7 +57,9 @@ def _rule_options(create: bool) -> Callable[[Any], Any]:
             help="tiered_topk: the k1 best-ranked items get d1%, the rest d2%; threshold: "
             "score >= t gets d%; linear: d = a*score + b clipped to [min, max]; optimal: per "
             "item, the grid percent (e.g. grid=[5,10,15,20]) or none with the largest expected "
-            "margin under discountd's response model.",
+            "margin under discountd's response model; randomized: per item, a percent drawn "
+            "uniformly among the grid and none that the guardrails allow, to learn what a "
+            "discount does (discountctl offers export).",
         ),
         click.option(
             "--param",

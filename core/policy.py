@@ -21,6 +21,7 @@ import decimal
 import functools
 import itertools
 import math
+import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from decimal import ROUND_CEILING, ROUND_DOWN, ROUND_HALF_UP, Decimal
@@ -32,7 +33,7 @@ import numpy as np
 from core.optimal import choose
 from core.records import record
 
-POLICIES: tuple[str, ...] = ("tiered_topk", "threshold", "linear", "optimal")
+POLICIES: tuple[str, ...] = ("tiered_topk", "threshold", "linear", "optimal", "randomized")
 
 CENT = Decimal("0.01")
 HUNDRED = Decimal(100)
@@ -96,17 +97,17 @@ def _linear(params: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _optimal(params: Mapping[str, Any]) -> dict[str, Any]:
+def _grid(policy: str, params: Mapping[str, Any]) -> dict[str, Any]:
     grid = params["grid"]
     if not isinstance(grid, list | tuple) or not grid:
         raise PolicyError(
-            f"optimal: parameter 'grid' must be a non-empty list of candidate discount "
+            f"{policy}: parameter 'grid' must be a non-empty list of candidate discount "
             f"percents, got {grid!r}"
         )
-    values = [_percent("optimal", {f"grid[{i}]": v}, f"grid[{i}]") for i, v in enumerate(grid)]
+    values = [_percent(policy, {f"grid[{i}]": v}, f"grid[{i}]") for i, v in enumerate(grid)]
     if any(b <= a for a, b in itertools.pairwise(values)):
         raise PolicyError(
-            f"optimal: parameter 'grid' must be sorted ascending without repeats, got {grid!r}"
+            f"{policy}: parameter 'grid' must be sorted ascending without repeats, got {grid!r}"
         )
     return {"grid": values}
 
@@ -115,7 +116,8 @@ _VALIDATORS = {
     "tiered_topk": (("k1", "d1", "d2"), _tiered_topk),
     "threshold": (("t", "d"), _threshold),
     "linear": (("a", "b", "min", "max"), _linear),
-    "optimal": (("grid",), _optimal),
+    "optimal": (("grid",), lambda params: _grid("optimal", params)),
+    "randomized": (("grid",), lambda params: _grid("randomized", params)),
 }
 
 
@@ -158,6 +160,9 @@ class Reason(StrEnum):
     # An `optimal` rule applies but no response model is loaded, or it gave no probability in
     # [0, 1]: no discount (fail closed).
     NO_RESPONSE_MODEL = "NO_RESPONSE_MODEL"
+    # Drawn uniformly among the grid's discounts the guardrails allow, to learn what a discount
+    # does; followed by CHOICES=<n>, the number drawn from (the offer's propensity is 1/n).
+    POLICY_RANDOMIZED = "POLICY_RANDOMIZED"
     # The policy needs a model score and the item has none (e.g. unknown to the model).
     NO_SCORE = "NO_SCORE"
     GUARDRAIL_MAX_DISCOUNT = "GUARDRAIL_MAX_DISCOUNT"
@@ -288,13 +293,17 @@ class PricedItem:
     final_price: Decimal
     # Reason values, and for `optimal` the uplift code (uplift_code).
     reasons: tuple[str, ...] = ()
+    # The probability the policy had of giving this discount: 1 but for `randomized`.
+    propensity: float = 1.0
 
     @property
     def discount_amount(self) -> Decimal:
         return self.base_price - self.final_price
 
 
-_PolicyFn = Callable[[Rule, Candidate], tuple[Decimal, tuple[str, ...]]]
+# A policy's proposal: the discount, its reason codes and the probability it had (1 unless drawn).
+_Proposal = tuple[Decimal, tuple[str, ...], float]
+_PolicyFn = Callable[[Rule, Candidate], _Proposal]
 
 
 @functools.lru_cache(maxsize=256)
@@ -304,34 +313,35 @@ def _param_percent(value: float) -> Decimal:
     return as_decimal(value, "percent")
 
 
-def _tiered_topk_discount(rule: Rule, item: Candidate) -> tuple[Decimal, tuple[str, ...]]:
+def _tiered_topk_discount(rule: Rule, item: Candidate) -> _Proposal:
     params = rule.params
     if item.rank <= params["k1"]:
-        return _param_percent(params["d1"]), (Reason.POLICY_TIERED_TOP,)
-    return _param_percent(params["d2"]), (Reason.POLICY_TIERED_REST,)
+        return _param_percent(params["d1"]), (Reason.POLICY_TIERED_TOP,), 1.0
+    return _param_percent(params["d2"]), (Reason.POLICY_TIERED_REST,), 1.0
 
 
-def _threshold_discount(rule: Rule, item: Candidate) -> tuple[Decimal, tuple[str, ...]]:
+def _threshold_discount(rule: Rule, item: Candidate) -> _Proposal:
     if item.score is None or not math.isfinite(item.score):
-        return Decimal(0), (Reason.NO_SCORE,)
+        return Decimal(0), (Reason.NO_SCORE,), 1.0
     if item.score >= rule.params["t"]:
-        return _param_percent(rule.params["d"]), (Reason.POLICY_THRESHOLD_MET,)
-    return Decimal(0), (Reason.POLICY_THRESHOLD_NOT_MET,)
+        return _param_percent(rule.params["d"]), (Reason.POLICY_THRESHOLD_MET,), 1.0
+    return Decimal(0), (Reason.POLICY_THRESHOLD_NOT_MET,), 1.0
 
 
-def _linear_discount(rule: Rule, item: Candidate) -> tuple[Decimal, tuple[str, ...]]:
+def _linear_discount(rule: Rule, item: Candidate) -> _Proposal:
     params = rule.params
     if item.score is None or not math.isfinite(item.score):
-        return Decimal(0), (Reason.NO_SCORE,)
+        return Decimal(0), (Reason.NO_SCORE,), 1.0
     # a·score + b may overflow to ±inf; clipping still lands it inside [min, max].
     raw = params["a"] * item.score + params["b"]
     clipped = min(max(raw, params["min"]), params["max"])
-    return as_decimal(clipped, "linear discount"), (Reason.POLICY_LINEAR,)
+    return as_decimal(clipped, "linear discount"), (Reason.POLICY_LINEAR,), 1.0
 
 
 def optimal_choices(params: Mapping[str, Any]) -> tuple[Decimal, ...]:
-    """The percents an `optimal` rule chooses among: its grid, and 0 (no discount is always a
-    choice, and the baseline of the expected uplift), ascending."""
+    """The percents an `optimal` or `randomized` rule chooses among: its grid, and 0 (no discount
+    is always a choice, the baseline of the expected uplift and the control of a draw),
+    ascending."""
     grid = {_percent_down(as_decimal(p, "grid")) for p in params["grid"]}
     return tuple(sorted(grid | {Decimal("0.00")}))
 
@@ -362,9 +372,9 @@ def uplift_code(uplift: float) -> str:
     return f"EXPECTED_UPLIFT_CENTS={round(uplift * 100)}"
 
 
-def _optimal_discount(rule: Rule, item: Candidate) -> tuple[Decimal, tuple[str, ...]]:
+def _optimal_discount(rule: Rule, item: Candidate) -> _Proposal:
     if item.score is None or not math.isfinite(item.score):
-        return Decimal(0), (Reason.NO_SCORE,)
+        return Decimal(0), (Reason.NO_SCORE,), 1.0
     choices = optimal_choices(rule.params)
     probability = item.purchase_probability
     # A NaN would win argmax and make the uplift code raise; a value outside [0, 1] is no
@@ -374,7 +384,7 @@ def _optimal_discount(rule: Rule, item: Candidate) -> tuple[Decimal, tuple[str, 
         or len(probability) != len(choices)
         or not all(0 <= p <= 1 for p in probability)
     ):
-        return Decimal(0), (Reason.NO_RESPONSE_MODEL,)
+        return Decimal(0), (Reason.NO_RESPONSE_MODEL,), 1.0
     base, cost = to_cents(item.base_price), to_cents(item.cost)
     # The floor from the catalog's cost as _price_one computes it, not the cost rounded to cents:
     # a choice allowed against a lower floor would be moved off the grid by the floor guardrail.
@@ -387,7 +397,18 @@ def _optimal_discount(rule: Rule, item: Candidate) -> tuple[Decimal, tuple[str, 
         np.array([allowed]),
     )
     column = int(picked.column[0])
-    return choices[column], (Reason.POLICY_OPTIMAL, uplift_code(float(picked.uplift[0])))
+    uplift = uplift_code(float(picked.uplift[0]))
+    return choices[column], (Reason.POLICY_OPTIMAL, uplift), 1.0
+
+
+def _randomized_discount(rule: Rule, item: Candidate) -> _Proposal:
+    """A percent drawn uniformly among the rule's choices that the guardrails allow this item,
+    so every logged discount is one pricing shows unchanged and its propensity is exact."""
+    choices = optimal_choices(rule.params)
+    allowed = allowed_percents(to_cents(item.base_price), item.cost, choices, rule.guardrails)
+    open_ = [pct for pct, ok in zip(choices, allowed, strict=True) if ok]
+    drawn = open_[secrets.randbelow(len(open_))]
+    return drawn, (Reason.POLICY_RANDOMIZED, f"CHOICES={len(open_)}"), 1 / len(open_)
 
 
 _POLICY_FNS: dict[str, _PolicyFn] = {
@@ -395,6 +416,7 @@ _POLICY_FNS: dict[str, _PolicyFn] = {
     "threshold": _threshold_discount,
     "linear": _linear_discount,
     "optimal": _optimal_discount,
+    "randomized": _randomized_discount,
 }
 
 
@@ -428,7 +450,7 @@ def _price_one(rule: Rule, item: Candidate, max_pct: Decimal, floor_factor: Deci
     them (_percent_down of the maximum, _floor_factor of the margin), computed once a call."""
     _check_candidate(item)
     base = to_cents(item.base_price)
-    proposed, policy_reasons = _POLICY_FNS[rule.policy](rule, item)
+    proposed, policy_reasons, propensity = _POLICY_FNS[rule.policy](rule, item)
     reasons = list(policy_reasons)
     pct = _percent_down(proposed)
     if pct > rule.guardrails.max_discount_pct:
@@ -448,7 +470,7 @@ def _price_one(rule: Rule, item: Candidate, max_pct: Decimal, floor_factor: Deci
     if pct > 0 and final == base:
         pct = Decimal(0)
         reasons.append(Reason.ROUNDED_TO_NO_DISCOUNT)
-    return PricedItem(item.item_id, base, pct.quantize(CENT), final, tuple(reasons))
+    return PricedItem(item.item_id, base, pct.quantize(CENT), final, tuple(reasons), propensity)
 
 
 def no_discount(item: Candidate, reason: Reason = Reason.NO_RULE) -> PricedItem:
@@ -495,6 +517,8 @@ def apply_budget(items: Sequence[PricedItem], remaining: Decimal | None) -> list
                     discount_pct=Decimal("0.00"),
                     final_price=item.base_price,
                     reasons=(*item.reasons, Reason.BUDGET_EXHAUSTED),
+                    # The budget, not a draw, set this discount.
+                    propensity=1.0,
                 )
             )
     return out

@@ -20,9 +20,11 @@ from typing import Any
 import numpy as np
 
 from core import offer_token
+from core.features import NUMERIC_FEATURES
 from core.offers import (
     Decision,
     FeatureError,
+    Features,
     ItemInput,
     Respond,
     Snapshot,
@@ -170,11 +172,17 @@ def simulate(
     """What the user would be offered, and why, without issuing anything. The model must be
     loaded with its facts (load_version(..., facts=True)); ``respond`` is the response model
     `optimal` rules need (server.response)."""
+    features, items = _inputs(model, query)
+    return decide(snapshot, query.user_id, features, items, now, respond)
+
+
+def _inputs(model: ModelVersion, query: OffersQuery) -> tuple[Features, list[ItemInput]]:
+    """The user's features and the items to price, for a valid query."""
     validate(query)
     facts = model.facts
     assert facts is not None, "a model version loaded without its shop facts cannot price"
     features = resolve_features(facts.user_features.get(query.user_id), query.context)
-    return decide(snapshot, query.user_id, features, candidates(model, facts, query), now, respond)
+    return features, candidates(model, facts, query)
 
 
 def _offer_ids(now: datetime, n: int) -> list[str]:
@@ -202,7 +210,10 @@ def get_offers(
     respond: Respond | None = None,
 ) -> OffersResult:
     now = datetime.now(UTC)
-    decision = simulate(model, snapshot, query, now, respond)
+    features, items = _inputs(model, query)
+    decision = decide(snapshot, query.user_id, features, items, now, respond)
+    # What a response model learns from, logged with every offer (core.store.tables.Offer).
+    numeric = {name: float(features[name]) for name in NUMERIC_FEATURES}
     # Whole seconds, because the token keeps its expiry to the second.
     expires = (now + ttl).replace(microsecond=0)
     signed = [item for item in decision.items if item.priced_ok]
@@ -219,7 +230,7 @@ def get_offers(
     issued = zip(offer_ids, tokens, strict=True)
     expires_text = expires.isoformat()  # once: every offer of an answer expires together
     offers, rows = [], []
-    for item in decision.items:
+    for item, given in zip(decision.items, items, strict=True):
         priced = item.priced
         rule_id = item.rule.id if item.rule else None
         reasons = tuple(map(str, item.reasons))
@@ -241,6 +252,11 @@ def get_offers(
                     "reason_codes": list(reasons),
                     "issued_at": now,
                     "expires_at": expires,
+                    "cf_score": given.score,
+                    "rank": given.rank or None,
+                    "cost": given.cost,
+                    "propensity": priced.propensity,
+                    "user_features": numeric,
                 }
             )
         offers.append(

@@ -35,6 +35,7 @@ NAMES = {
     "threshold": ("t", "d"),
     "linear": ("a", "b", "min", "max"),
     "optimal": ("grid",),
+    "randomized": ("grid",),
 }
 
 # Everything a JSON document (or a careless caller) could put in a parameter.
@@ -149,6 +150,7 @@ def test_every_valid_parameter_set_is_accepted(case: tuple[str, dict[str, Any]])
         ("optimal", {"grid": []}, "non-empty list"),
         ("optimal", {"grid": [5, 0]}, "sorted ascending without repeats"),
         ("optimal", {"grid": [0, 100]}, r"'grid\[1\]'"),
+        ("randomized", {"grid": [10, 5]}, "randomized: parameter 'grid' must be sorted"),
         ("discount_all", {}, "unknown policy 'discount_all'; choose one of tiered_topk"),
     ],
 )
@@ -187,7 +189,7 @@ percent = st.integers(min_value=0, max_value=99_999).map(lambda m: Decimal(m) / 
 
 @st.composite
 def served_rules(draw: st.DrawFn) -> Rule:
-    policy, params = draw(valid_params().filter(lambda c: c[0] != "optimal"))
+    policy, params = draw(valid_params().filter(lambda c: c[0] not in ("optimal", "randomized")))
     margin = draw(st.decimals(min_value=0, max_value=60, places=2))
     # Drawn maxima lean small and cap nearly every discount: a loose one half the time, so that
     # discounts no guardrail touches are common too.
@@ -516,6 +518,13 @@ def test_every_policy_keeps_the_exact_floor_and_never_raises_a_price(data: st.Da
         if rule.policy == "optimal" and offer.reasons[0] == Reason.POLICY_OPTIMAL:
             p = item.purchase_probability
             assert p is not None and all(0 <= v <= 1 for v in p)
+        if rule.policy == "randomized":
+            # Drawn among what the guardrails allow: pricing shows the draw unchanged.
+            assert offer.reasons[0] == Reason.POLICY_RANDOMIZED and len(offer.reasons) == 2
+            assert offer.discount_pct in optimal_choices(rule.params)
+            assert offer.propensity == 1 / int(offer.reasons[1].removeprefix("CHOICES="))
+        else:
+            assert offer.propensity == 1
 
 
 @pytest.mark.parametrize(
@@ -535,3 +544,35 @@ def test_the_margin_floor_holds_for_the_tiniest_and_largest_margins(
     rule = Rule("tiered_topk", {"k1": 1, "d1": 50, "d2": 0}, Guardrails.of(60, margin))
     [offer] = price_items(rule, [Candidate("x", Decimal("10.00"), Decimal("6.00"), 1)])
     assert (offer.final_price, offer.reasons[-1]) == (Decimal(final), reason)
+
+
+def test_randomized_draws_each_allowed_discount_alike_and_logs_its_propensity() -> None:
+    # 20% would take 10.00 below the floor of 8.80 (cost 8.00, margin 10%); 25% is over the max.
+    rule = Rule("randomized", {"grid": [5, 10, 20, 25]}, Guardrails.of(22, 10))
+    item = Candidate("x", Decimal("10.00"), Decimal("8.00"), 1)
+    draws = price_items(rule, [item] * 3000)
+    counts = {pct: 0 for pct in (Decimal("0.00"), Decimal("5.00"), Decimal("10.00"))}
+    for offer in draws:
+        counts[offer.discount_pct] += 1
+        assert offer.reasons == (Reason.POLICY_RANDOMIZED, "CHOICES=3")
+        assert offer.propensity == pytest.approx(1 / 3)
+    # Each of the three is drawn with probability 1/3: at 3000 draws a count outside 1000 ± 150
+    # is a 1e-11 event, so a failure here means a biased draw, not bad luck.
+    assert all(850 < n < 1150 for n in counts.values()), counts
+
+
+def test_randomized_offers_only_no_discount_to_an_item_below_its_floor() -> None:
+    rule = Rule("randomized", {"grid": [5, 10]}, Guardrails.of(50, 30))
+    [offer] = price_items(rule, [Candidate("x", Decimal("10.00"), Decimal("9.00"), 1)])
+    assert (offer.discount_pct, offer.propensity) == (Decimal("0.00"), 1.0)
+    assert offer.reasons == (Reason.POLICY_RANDOMIZED, "CHOICES=1")
+
+
+def test_a_discount_the_budget_withdraws_was_not_drawn() -> None:
+    rule = Rule("randomized", {"grid": [50]}, Guardrails.of(60))
+    item = Candidate("x", Decimal("10.00"), Decimal("1.00"), 1)
+    offers = [o for o in price_items(rule, [item] * 40) if o.discount_pct > 0][:2]
+    granted, withdrawn = apply_budget(offers, Decimal("5.00"))
+    assert (granted.propensity, granted.discount_pct) == (0.5, Decimal("50.00"))
+    assert (withdrawn.propensity, withdrawn.discount_pct) == (1.0, Decimal("0.00"))
+    assert withdrawn.reasons[-1] == Reason.BUDGET_EXHAUSTED

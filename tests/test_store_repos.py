@@ -423,14 +423,22 @@ def _offer_row(n: int) -> dict[str, object]:
         "segment": None, "experiment_key": "ab", "variant": "b", "base_price": 12.34,
         "discount_pct": 15.5, "final_price": 10.43, "model_version": "v1",
         "reason_codes": ["RANKED", 'quote "'][n % 2 :], "issued_at": issued,
-        "expires_at": issued + timedelta(minutes=15),
+        "expires_at": issued + timedelta(minutes=15), "cf_score": 0.25 * n, "rank": n + 1,
+        "cost": 7.125, "propensity": 1 / (n + 1),
+        "user_features": {"order_count": 3.0, "lifetime_value": 12.5 * (n % 2)},
     }  # fmt: skip
+
+
+LATER_COLUMNS = ("cf_score", "rank", "cost", "propensity", "user_features")  # migration 0006
 
 
 def test_offers_round_trip_and_a_retried_batch_adds_only_what_is_missing(store: Store) -> None:
     rows = [_offer_row(n) for n in range(3)]
+    # Spilled by a discountd from before migration 0006, an offer lacks its later columns.
+    old = {k: v for k, v in rows[1].items() if k not in LATER_COLUMNS}
+    rows[1].update(dict.fromkeys(LATER_COLUMNS))
     with store.transaction() as s:
-        insert_offers(s, rows[:2])
+        insert_offers(s, [rows[0], old])
     # The offer log retries a whole batch when a commit's acknowledgement was lost.
     with store.transaction() as s:
         insert_offers(s, rows)

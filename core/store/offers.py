@@ -48,7 +48,7 @@ def insert_offers(session: Session, rows: Sequence[dict[str, Any]]) -> None:
         raise DBAPIError("COPY offers", None, e) from None
     # The table, not the ORM class: a plain executemany, without the ORM's bulk bookkeeping.
     statement = postgresql.insert(_TABLE).on_conflict_do_nothing(index_elements=["offer_id"])
-    session.execute(statement, list(rows))
+    session.execute(statement, [{name: row.get(name) for name in _NAMES} for row in rows])
 
 
 def _bound(dialect: Dialect, rows: Sequence[dict[str, Any]]) -> list[tuple[Any, ...]]:
@@ -66,16 +66,26 @@ def _bound(dialect: Dialect, rows: Sequence[dict[str, Any]]) -> list[tuple[Any, 
     for row in rows:
         values = []
         for name, process in columns:
-            value = row[name]
+            # A row spilled by a discountd older than a column lacks it: NULL, as the
+            # migration that added the column left the offers already stored.
+            value = row.get(name)
             if process is not None and value is not None:
-                # Reason codes are lists of strings: as a tuple, the same value, hashable.
-                key = (name, tuple(value) if isinstance(value, list) else value)
+                key = (name, _hashable(value))
                 if key not in bound:
                     bound[key] = process(value)
                 value = bound[key]
             values.append(value)
         out.append(tuple(values))
     return out
+
+
+def _hashable(value: Any) -> Hashable:
+    """The same value as a key: reason codes are lists, user features a dict."""
+    if isinstance(value, list):
+        return tuple(value)
+    if isinstance(value, dict):
+        return tuple(value.items())
+    return cast(Hashable, value)
 
 
 def _copy(session: Session, dialect: Dialect, rows: Sequence[dict[str, Any]]) -> None:

@@ -343,6 +343,15 @@ class Offer(Base):
     reason_codes: Mapped[list[str]] = mapped_column(JSON, default=list)
     issued_at: Mapped[datetime] = mapped_column(UTCDateTime)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # What a response model learns from (discountctl offers export), as priced: the model's
+    # score and rank (None: it has none), the unit cost, the probability the discount had (1
+    # but for a `randomized` rule) and the user's numeric features. NULL in offers logged before
+    # migration 0006.
+    cf_score: Mapped[float | None] = mapped_column(Float)
+    rank: Mapped[int | None] = mapped_column(Integer)
+    cost: Mapped[float | None] = mapped_column(Float)
+    propensity: Mapped[float | None] = mapped_column(Float)
+    user_features: Mapped[dict[str, float] | None] = mapped_column(JSON)
 
 
 class Event(Base):
