@@ -19,6 +19,7 @@ from admin.events import events
 from admin.experiments import experiments
 from admin.models import models
 from admin.offers_cli import report_command, simulate_command
+from admin.offers_export import offers
 from admin.rules import rules
 from admin.segments import segments
 from core.store import validate
@@ -80,7 +81,7 @@ def _check_utf8(label: str, value: str) -> None:
 @click.pass_context
 def cli(ctx: click.Context, db_url: str, actor: str) -> None:
     """Govern discountd: segments, discount rules, experiments, model versions, API clients,
-    audit log; export the events it stored for the next model.
+    audit log; export the offers and events it stored for the next models.
 
     \b
     Example:
@@ -97,7 +98,7 @@ def cli(ctx: click.Context, db_url: str, actor: str) -> None:
     ctx.call_on_close(app.close)
 
 
-for group in (segments, rules, experiments, models, clients, audit, events, db):
+for group in (segments, rules, experiments, models, clients, audit, offers, events, db):
     cli.add_command(group)
 experiments.add_command(report_command)
 rules.add_command(simulate_command)

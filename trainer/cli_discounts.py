@@ -14,10 +14,10 @@ import pandas as pd
 
 from core import response_artifact
 from core.artifact import ArtifactError
+from core.files import replace_text
 from core.store.db import first_line
 from trainer import policy_eval, uplift
 from trainer.data import CORRUPT_COMPRESSED, is_parquet
-from trainer.files import replace_text
 from trainer.market import (
     LOGS,
     MarketConfig,
@@ -189,8 +189,9 @@ def response_command(
     sealed manifest in OUT (a previous model there is replaced whole, never half-written). Each
     shopper's purchase rates per discount band in the log are features too; OUT holds their
     table for discountd to look users up in. The log is one of an experiment that drew each
-    offer's discount at random, as `discount-train simulate` writes; discountd's store holds
-    none (docs/DISCOUNTS.md, section 1).
+    offer's discount at random: a `randomized` rule's, as `discountctl offers export` writes it
+    from the store, or the simulator's, as `discount-train simulate` writes it
+    (docs/DISCOUNTS.md, section 1).
 
     Example: discount-train response --offers var/market/offers.csv
     --events var/market/events.csv --out var/response

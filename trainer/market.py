@@ -8,9 +8,9 @@ Because the true ``P(buy | user, item, discount)`` is known, every policy's expe
 exact and an oracle that knows the curves gives the upper bound.
 
 The simulator logs events in the shape the server's ``RecordEvents`` RPC takes and offers with the
-columns ``discount-train response`` reads (which the server's offer log does not hold: it records
-no score, cost, propensity or user features), under any policy, including a randomized one whose
-propensities make off-policy evaluation possible.
+columns ``discount-train response`` reads (as ``discountctl offers export`` writes them from the
+store), under any policy, including a randomized one whose propensities make off-policy
+evaluation possible.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import numpy.typing as npt
 import pandas as pd
 
 from core.features import NUMERIC_FEATURES
+from core.files import replace_files
 from trainer.dataset import Floats, Ints
-from trainer.files import replace_files
 
 # Candidate discounts (fractions of the base price): the randomized logging grid and the only
 # discounts a policy may choose here, so that off-policy estimates have support for every choice.

@@ -25,6 +25,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import stats
 
+from core.files import replace_files
 from core.optimal import choose
 from core.policy import (
     Candidate,
@@ -37,7 +38,6 @@ from core.policy import (
 )
 from core.response_history import HistoryTable
 from trainer.dataset import Floats
-from trainer.files import replace_files
 from trainer.market import (
     GRID,
     Log,

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from core.files import replace_files
 from trainer.dataset import Floats, Ints
-from trainer.files import replace_files
 
 CATEGORIES = ("kitchen", "garden", "toys", "books", "beauty", "sports", "music", "stationery")
 # Fixed, for a seed to give the same shop, and a year that is over (it ends 2026-10-31): fit drops

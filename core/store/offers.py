@@ -1,20 +1,23 @@
-"""Issued offers: written in batches by the server's offer log, read by reports.
+"""Issued offers: written in batches by the server's offer log, read by reports and by
+``discountctl offers export`` (the log a response model learns from).
 
 server.offers issues them from the decisions of the pure pipeline, core.offers."""
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, cast
 
 import psycopg
-from sqlalchemy import Table
+from sqlalchemy import ColumnElement, Table, func, select
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
-from core.store.tables import Offer
+from core.store.tables import BUYING, Event, Offer
 
 _TABLE = cast(Table, Offer.__table__)
 _NAMES = [column.name for column in _TABLE.columns]
@@ -101,3 +104,85 @@ def _copy(session: Session, dialect: Dialect, rows: Sequence[dict[str, Any]]) ->
     ):
         for values in _bound(dialect, rows):
             copy.write_row(values)
+
+
+@dataclass(frozen=True)
+class LogFilter:
+    """Which offers: issued in [since, until), under a rule (by id) and in an experiment."""
+
+    rule_id: int | None = None
+    experiment_key: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+    def clauses(self) -> list[ColumnElement[bool]]:
+        out = []
+        if self.rule_id is not None:
+            out.append(Offer.rule_id == self.rule_id)
+        if self.experiment_key is not None:
+            out.append(Offer.experiment_key == self.experiment_key)
+        if self.since is not None:
+            out.append(Offer.issued_at >= self.since)
+        if self.until is not None:
+            out.append(Offer.issued_at < self.until)
+        return out
+
+
+# What a response model needs of an offer, NULL before migration 0006; a score, also for an
+# item the serving model could not score.
+_LEARNABLE = (Offer.propensity.is_not(None), Offer.cf_score.is_not(None), Offer.cost.is_not(None))
+CHUNK = 10_000
+
+
+def response_offers(session: Session, which: LogFilter) -> Iterator[Any]:
+    """The offers a response model can learn from, oldest first, in chunks: offer_id, user_id,
+    item_id, rank, cf_score, base_price, cost, discount_pct, propensity, user_features."""
+    query = (
+        select(
+            Offer.offer_id,
+            Offer.user_id,
+            Offer.item_id,
+            Offer.rank,
+            Offer.cf_score,
+            Offer.base_price,
+            Offer.cost,
+            Offer.discount_pct,
+            Offer.propensity,
+            Offer.user_features,
+        )
+        .where(*which.clauses(), *_LEARNABLE)
+        .order_by(Offer.issued_at, Offer.offer_id)
+        .execution_options(yield_per=CHUNK)
+    )
+    yield from session.execute(query)
+
+
+def unlearnable_offers(session: Session, which: LogFilter) -> int:
+    """How many of the offers lack what a response model needs (logged before migration 0006,
+    or of an item the model had no score for)."""
+    query = select(func.count()).where(
+        *which.clauses(), ~(_LEARNABLE[0] & _LEARNABLE[1] & _LEARNABLE[2])
+    )
+    return session.scalar(query.select_from(Offer)) or 0
+
+
+def response_sales(session: Session, which: LogFilter) -> Iterator[Any]:
+    """The purchases and redemptions naming those offers, oldest first, in chunks: event_id,
+    type, user_id, item_id, offer_id, revenue, quantity, occurred_at."""
+    query = (
+        select(
+            Event.event_id,
+            Event.type,
+            Event.user_id,
+            Event.item_id,
+            Event.offer_id,
+            Event.revenue,
+            Event.quantity,
+            Event.occurred_at,
+        )
+        .join(Offer, Offer.offer_id == Event.offer_id)
+        .where(Event.type.in_(BUYING), *which.clauses(), *_LEARNABLE)
+        .order_by(Event.occurred_at, Event.event_id)
+        .execution_options(yield_per=CHUNK)
+    )
+    yield from session.execute(query)

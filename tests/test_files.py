@@ -1,4 +1,4 @@
-"""Files that discount-train writes appear whole or not at all (trainer/files.py)."""
+"""Files that discount-train and discountctl write appear whole or not at all (core/files.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from core.files import replace_files
 from trainer.cli import main
-from trainer.files import replace_files
 
 
 def test_files_that_belong_together_are_replaced_together_or_not_at_all(tmp_path: Path) -> None:

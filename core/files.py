@@ -1,6 +1,6 @@
-"""Files a discount-train command writes appear whole or not at all: each is written beside its
-final name and renamed over it once complete, so an interrupted or failed run (Ctrl-C, a full
-disk) leaves the previous files, never a truncated one that reads as valid."""
+"""Files discount-train and discountctl write appear whole or not at all: each is written beside
+its final name and renamed over it once complete, so an interrupted or failed run (Ctrl-C, a
+full disk) leaves the previous files, never a truncated one that reads as valid."""
 
 from __future__ import annotations
 

@@ -1,0 +1,185 @@
+"""`discountctl offers export`: the store's offers and their sales as the randomized-discount log
+that `discount-train response` learns from (docs/DISCOUNTS.md, section 1)."""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+from sqlalchemy.orm import Session
+
+from admin.app import App
+from admin.options import parse_time
+from admin.output import emit, message, output_option
+from core.features import NUMERIC_FEATURES
+from core.files import replace_files
+from core.store.experiments import Experiments
+from core.store.offers import LogFilter, response_offers, response_sales, unlearnable_offers
+from core.store.rules import Rules
+
+LOGS = ("offers.csv", "events.csv")
+OFFER_COLUMNS = (
+    "offer_id",
+    "user_id",
+    "item_id",
+    "rank",
+    "cf_score",
+    "price",
+    "cost",
+    "discount",
+    "propensity",
+    *NUMERIC_FEATURES,
+)
+EVENT_COLUMNS = (
+    "event_id",
+    "type",
+    "user_id",
+    "item_id",
+    "offer_id",
+    "revenue",
+    "quantity",
+    "timestamp",
+)
+PROGRESS_EVERY = 500_000
+
+
+@click.group()
+def offers() -> None:
+    """The offers discountd issued."""
+
+
+@offers.command("export")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Folder for offers.csv and events.csv (created if missing); refused if either is "
+    "already there.",
+)
+@click.option("--rule", "rule_name", help="Only the offers this rule priced (by name).")
+@click.option("--experiment", "experiment_key", help="Only the offers of this experiment (key).")
+@click.option("--since", help="Only offers issued at or after this ISO 8601 time.")
+@click.option("--until", help="Only offers issued before this ISO 8601 time.")
+@output_option
+@click.pass_obj
+def export(
+    app: App,
+    out: Path,
+    rule_name: str | None,
+    experiment_key: str | None,
+    since: str | None,
+    until: str | None,
+    output: str,
+) -> None:
+    """Write the offers and the purchases and redemptions naming them as the log `discount-train
+    response` learns from: offers.csv (per offer the discount shown as a fraction, its
+    propensity, the model's score and rank, price, cost and the user's features as they were
+    when it was priced) and events.csv (the sales, in the RecordEvents shape). A response model
+    learns what a discount does only from discounts drawn at random: run a `randomized` rule
+    (alone, or as an experiment's variant) and export its offers with --rule. Offers logged
+    before the store kept these columns (migration 0006), and offers of items the model had no
+    score for, are left out and counted.
+
+    \b
+    Example:
+      discountctl rules create learn --policy randomized --param 'grid=[5,10,15,20]'
+      ... discountd serves and the storefront records its sales for a while ...
+      discountctl offers export --rule learn --out var/responses
+      discount-train response --offers var/responses/offers.csv \\
+        --events var/responses/events.csv --out var/response
+    """
+    start, end = parse_time(since, "--since"), parse_time(until, "--until")
+    if start is not None and end is not None and start >= end:
+        raise click.ClickException(f"--since {since} is not before --until {until}")
+    paths = [out / name for name in LOGS]
+    there = [str(p) for p in paths if p.exists() or p.is_symlink()]
+    if there:
+        raise click.ClickException(
+            f"{', '.join(there)} already there; delete it or pick another --out"
+        )
+    counts: Counter[str] = Counter()
+    with app.transaction() as session:
+        rule_id = Rules(session).get(rule_name).id if rule_name is not None else None
+        if experiment_key is not None:
+            Experiments(session).get(experiment_key)
+        which = LogFilter(rule_id, experiment_key, start, end)
+        try:
+            replace_files(
+                {
+                    paths[0]: lambda tmp: _write(tmp, _offer_rows(session, which, counts)),
+                    paths[1]: lambda tmp: _write(tmp, _sale_rows(session, which, counts)),
+                }
+            )
+        except OSError as e:
+            raise click.ClickException(f"cannot write {out}: {e.strerror or e}") from None
+        counts["left_out"] = unlearnable_offers(session, which)
+    summary: dict[str, Any] = {
+        "out": str(out),
+        "offers": counts["offers"],
+        "randomized": counts["randomized"],
+        "sales": counts["sales"],
+        "left_out_without_features": counts["left_out"],
+    }
+    emit(summary, output)
+    if not counts["offers"]:
+        message("no offer matched: nothing for a response model to learn from")
+    elif not counts["randomized"]:
+        message(
+            "none of these offers had its discount drawn at random (propensity 1): "
+            "`discount-train response` refuses such a log; export a `randomized` rule's offers"
+        )
+    if counts["left_out"]:
+        message(
+            f"left out {counts['left_out']:,} offer(s) without a score, cost or propensity "
+            "(logged before migration 0006, or of an item the model could not score)"
+        )
+
+
+Rows = Iterator[Sequence[object]]
+
+
+def _write(path: Path, rows: Iterable[Sequence[object]]) -> None:
+    with path.open("w", newline="", encoding="utf-8") as file:
+        csv.writer(file, lineterminator="\n").writerows(rows)
+
+
+def _offer_rows(session: Session, which: LogFilter, counts: Counter[str]) -> Rows:
+    yield OFFER_COLUMNS
+    for row in response_offers(session, which):
+        features = row.user_features or {}
+        yield (
+            row.offer_id,
+            row.user_id,
+            row.item_id,
+            "" if row.rank is None else row.rank,
+            repr(row.cf_score),
+            f"{row.base_price:.2f}",
+            repr(row.cost),
+            repr(round(row.discount_pct / 100, 6)),
+            repr(row.propensity),
+            *(features.get(name, "") for name in NUMERIC_FEATURES),
+        )
+        counts["offers"] += 1
+        counts["randomized"] += row.propensity < 1
+        if counts["offers"] % PROGRESS_EVERY == 0:
+            click.echo(f"  {counts['offers']:,} offers read", err=True)
+
+
+def _sale_rows(session: Session, which: LogFilter, counts: Counter[str]) -> Rows:
+    yield EVENT_COLUMNS
+    for row in response_sales(session, which):
+        yield (
+            row.event_id,
+            row.type,
+            row.user_id,
+            row.item_id or "",
+            row.offer_id,
+            "" if row.revenue is None else row.revenue,
+            row.quantity or "",
+            row.occurred_at.isoformat(),
+        )
+        counts["sales"] += 1

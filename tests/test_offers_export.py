@@ -1,0 +1,184 @@
+"""From the store to a response model: a `randomized` rule served by a real discountd, shoppers
+replayed through it, `discountctl offers export` of its log and `discount-train response` on
+the export."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from cli import ctl
+from click.testing import CliRunner
+from secure_server import ServerThread
+from secure_server import settings as server_settings
+from sqlalchemy import select
+
+from core import response_artifact
+from core.artifact import current_version_dir
+from core.features import NUMERIC_FEATURES
+from core.store.db import Store
+from core.store.events import EventIn, record
+from core.store.migrate import upgrade
+from core.store.offers import insert_offers
+from core.store.tables import Event, Offer
+from trainer.cli import main as train
+from trainer.replay import ReplayConfig, replay
+
+pytestmark = pytest.mark.timeout(180)
+GRID = [5.0, 10.0, 15.0, 20.0, 25.0]
+MAX_DISCOUNT = 22.0  # 25% is over it: drawn among 0, 5, 10, 15 and 20 only
+
+
+def _store(path: Path) -> str:
+    url = f"sqlite:///{path / 'store.db'}"
+    store = Store(url)
+    upgrade(store)
+    store.dispose()
+    return url
+
+
+def _run(url: str, *args: str) -> str:
+    result = ctl(url, *args)
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def test_a_randomized_rules_log_trains_a_response_model(tmp_path: Path, model_store: Path) -> None:
+    url = _store(tmp_path)
+    version = current_version_dir(model_store)
+    _run(url, "rules", "create", "learn", "--policy", "randomized", "--params",
+         json.dumps({"grid": GRID}), "--max-discount", str(MAX_DISCOUNT))  # fmt: skip
+    _run(url, "models", "register", str(version))
+    _run(url, "models", "promote", version.name)
+    token = json.loads(_run(url, "clients", "create", "replayer", "-o", "json"))["token"]
+    server = ServerThread(server_settings(model_store, url, auth="required"))
+    try:
+        config = ReplayConfig(
+            target=server.target, shoppers=400, seed=1, token=token, concurrency=4
+        )
+        asyncio.run(replay(config, [f"user-{u}" for u in range(40)]))
+    finally:
+        server.close()  # a graceful stop writes the offer log
+
+    out = tmp_path / "log"
+    summary = json.loads(_run(url, "offers", "export", "--rule", "learn", "--out", str(out),
+                              "-o", "json"))  # fmt: skip
+    ids = {"offer_id": str, "user_id": str, "item_id": str}
+    offers = pd.read_csv(out / "offers.csv", dtype=ids)
+    sales = pd.read_csv(out / "events.csv", dtype={"offer_id": str})
+    store = Store(url)
+    with store.transaction() as s:
+        stored = {o.offer_id: o for o in s.scalars(select(Offer))}
+        sold = s.scalars(select(Event).where(Event.type.in_(("purchase", "redemption"))))
+        named = Counter(e.type for e in sold if e.offer_id in stored)
+    store.dispose()
+    assert summary["offers"] == len(offers) == len(stored) > 0
+    assert summary["sales"] == len(sales) == sum(named.values()) > 0
+    assert Counter(sales["type"]) == named
+    # Every discount drawn among those the guardrail allows, each about as often as the others.
+    shown = Counter((offers["discount"] * 100).round(2))
+    assert set(shown) == {0, 5, 10, 15, 20}
+    assert min(shown.values()) > len(offers) / 5 / 2
+    assert (offers["propensity"] == 1 / 5).all()
+    for row in offers.itertuples():
+        offer = stored[row.offer_id]
+        assert (row.user_id, row.item_id) == (offer.user_id, offer.item_id)
+        assert row.discount == pytest.approx(offer.discount_pct / 100)
+        assert row.price == pytest.approx(offer.base_price)
+        # The tiny shop's users have 3 orders (conftest); a new visitor has the new-user features.
+        assert row.order_count == (0.0 if row.user_id.startswith("visitor-") else 3.0)
+    assert list(offers.columns[-len(NUMERIC_FEATURES) :]) == list(NUMERIC_FEATURES)
+
+    model = tmp_path / "response"
+    result = CliRunner().invoke(
+        train,
+        ["response", "--offers", str(out / "offers.csv"), "--events", str(out / "events.csv"),
+         "--out", str(model), "--hidden", "8", "--epochs", "1"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert response_artifact.load(model).grid == [0.0, 0.05, 0.1, 0.15, 0.2]
+
+
+def _offer(n: int, **later: object) -> dict[str, object]:
+    at = datetime(2026, 11, 30, 9, 0, n, tzinfo=UTC)
+    return {
+        "offer_id": f"o{n}", "user_id": f"u{n}", "item_id": "i", "rule_id": None,
+        "segment": None, "experiment_key": None, "variant": None, "base_price": 10.0,
+        "discount_pct": 10.0 * (n % 2), "final_price": 10.0 - n % 2, "model_version": "v1",
+        "reason_codes": [], "issued_at": at, "expires_at": at + timedelta(minutes=15), **later,
+    }  # fmt: skip
+
+
+def test_offers_without_what_a_model_needs_are_left_out_and_counted(tmp_path: Path) -> None:
+    url = _store(tmp_path)
+    features = {name: 1.0 for name in NUMERIC_FEATURES}
+    learnable = {"cf_score": 0.5, "rank": 1, "cost": 4.0, "user_features": features}
+    store = Store(url)
+    with store.transaction() as s:
+        insert_offers(
+            s,
+            [
+                _offer(0),  # logged before migration 0006
+                _offer(1, **learnable, propensity=0.5),
+                _offer(2, **learnable, propensity=0.5),
+                _offer(3, **{**learnable, "cf_score": None}, propensity=0.5),  # no score
+            ],
+        )
+        record(
+            s,
+            [
+                EventIn("e1", "redemption", "u1", "", "o1", 900, 1),
+                EventIn("e0", "purchase", "u0", "i", "o0", 1000, 1),
+                EventIn("e2", "click", "u2", "i", "o2"),
+            ],
+            datetime.now(UTC),
+        )
+    store.dispose()
+    result = ctl(url, "offers", "export", "--out", str(tmp_path / "log"))
+    assert result.exit_code == 0, result.output
+    assert "left out 2 offer(s) without a score, cost or propensity" in result.stderr
+    offers = pd.read_csv(tmp_path / "log/offers.csv")
+    assert list(offers["offer_id"]) == ["o1", "o2"]
+    assert list(offers["discount"]) == [0.1, 0.0]
+    sales = pd.read_csv(tmp_path / "log/events.csv")
+    assert list(sales["event_id"]) == ["e1"]  # the click is no sale; o0 was left out
+
+    again = ctl(url, "offers", "export", "--out", str(tmp_path / "log"))
+    assert again.exit_code == 1
+    assert "offers.csv, " in again.output and "already there" in again.output
+
+
+def test_a_log_of_fixed_discounts_says_response_would_refuse_it(tmp_path: Path) -> None:
+    url = _store(tmp_path)
+    store = Store(url)
+    with store.transaction() as s:
+        learnable = {"cf_score": 0.5, "rank": 1, "cost": 4.0, "user_features": {}}
+        insert_offers(s, [_offer(1, **learnable, propensity=1.0)])
+    store.dispose()
+    result = ctl(url, "offers", "export", "--out", str(tmp_path / "log"))
+    assert result.exit_code == 0, result.output
+    assert "none of these offers had its discount drawn at random" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--rule", "nope"], "no rule named 'nope'"),
+        (["--experiment", "nope"], "no experiment with key 'nope'"),
+        (["--since", "2026-12-01", "--until", "2026-11-01"], "is not before --until"),
+        (["--since", "yesterday"], "--since"),
+    ],
+)
+def test_bad_filters_are_one_line_and_write_nothing(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    url = _store(tmp_path)
+    result = ctl(url, "offers", "export", "--out", str(tmp_path / "log"), *args)
+    assert result.exit_code == 1
+    assert message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "log").exists()
