@@ -9,6 +9,11 @@ The user's response rates come from the history table shipped in the same folder
 not know gets every band's overall rate.
 It runs on the CPU whatever ``--device`` says: a small MLP over a few rows gains nothing from a
 GPU transfer.
+
+A discount larger than any the model was trained on (its manifest's grid) is scored as the
+largest it was: what such a discount does was never observed, and the weights of its ramps
+were never fitted, so a rule's grid reaching past the experiment's cannot buy uplift from
+noise; at the same P(buy) and a lower price, `optimal` never picks it.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ class ResponseModel:
     version: str
     session: ort.InferenceSession
     history: HistoryTable
+    largest: float  # the largest discount in the training log (a fraction)
 
     @classmethod
     def load(cls, path: Path) -> ResponseModel:
@@ -48,7 +54,7 @@ class ResponseModel:
         session, _ = open_session(graph, "cpu", 1)
         check_signature(graph, session, response_artifact.signature())
         history = HistoryTable.load(path / response_artifact.HISTORY)
-        model = cls(path, manifest.version, session, history)
+        model = cls(path, manifest.version, session, history, max(manifest.grid, default=0.0))
         try:
             probability = model(
                 "", {}, [ItemInput("warm-up", "", 10.0, 5.0, 1, 0.0)], list(manifest.grid) or [0.0]
@@ -66,7 +72,8 @@ class ResponseModel:
             (float(i.score or 0.0), float(i.price or 0.0), float(i.cost or 0.0)) for i in items
         ]
         rows = response_artifact.feature_rows(user, self.history.rates(user_id), offers)
-        discounts = np.tile(np.asarray(grid, dtype=np.float32), (len(items), 1))
+        tried = np.minimum(np.asarray(grid, dtype=np.float32), np.float32(self.largest))
+        discounts = np.tile(tried, (len(items), 1))
         [probability] = self.session.run(None, {"features": rows, "discounts": discounts})
         return np.asarray(probability, dtype=np.float64)
 

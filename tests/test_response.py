@@ -324,6 +324,28 @@ def test_discountd_scores_a_known_user_with_their_rates_and_a_stranger_with_the_
     assert not np.array_equal(served(known, user, items, GRID), served("x", user, items, GRID))
 
 
+def test_discountd_scores_a_discount_past_the_experiments_as_its_largest(tmp_path: Path) -> None:
+    from core.offers import ItemInput
+    from server.response import ResponseModel
+
+    offers, events = _logs(users=300)
+    small = offers[offers["discount"] <= 0.1]  # an experiment that tried 0, 5 and 10% only
+    logged = from_logs(small, events, 0)
+    result = fit(logged.data, SMALL)
+    folder = tmp_path / "response"
+    save(result, folder, [0.0, 0.05, 0.1], SMALL, {"rows": len(small)}, logged.history)
+    served = ResponseModel.load(folder)
+    items = [ItemInput("a", "", 20.0, 12.0, 1, 0.8)]
+    grid = [0.0, 0.1, 0.2, 0.3]
+    session = ort.InferenceSession(str(folder / GRAPH), providers=["CPUExecutionProvider"])
+    rows = feature_rows({}, logged.history.prior, [(0.8, 20.0, 12.0)])
+    [raw] = session.run(None, {"features": rows, "discounts": np.array([grid], np.float32)})
+    # The graph's untrained ramps past 10% still move its answer; discountd does not use them.
+    assert raw[0, 3] != raw[0, 1]
+    p = served("stranger", {}, items, grid)[0]
+    assert p[2] == p[3] == p[1] and p[0] < p[1]
+
+
 def test_logs_a_model_cannot_learn_from_are_refused_with_the_fix() -> None:
     offers, events = _logs(users=50)
     with pytest.raises(ResponseError, match=r"missing column.*propensity"):
