@@ -202,7 +202,7 @@ async def serve(settings: Settings) -> int:
     except CannotListen as e:
         return _cannot_listen(settings, e)
     except StoreError as e:
-        log.error("cannot use the store: %s", e)
+        log.error("%s", e)  # it names the store and what is wrong with it
         return 1
     except ArtifactError as e:
         log.error("cannot load the response model: %s", e)
