@@ -53,6 +53,9 @@ def test_a_randomized_rules_log_trains_a_response_model(tmp_path: Path, model_st
     version = current_version_dir(model_store)
     _run(url, "rules", "create", "learn", "--policy", "randomized", "--params",
          json.dumps({"grid": GRID}), "--max-discount", str(MAX_DISCOUNT))  # fmt: skip
+    # A rule to estimate from the experiment before it serves anyone.
+    _run(url, "rules", "create", "tiered", "--policy", "tiered_topk", "--param", "k1=2",
+         "--param", "d1=20", "--param", "d2=5", "--disabled")  # fmt: skip
     _run(url, "models", "register", str(version))
     _run(url, "models", "promote", version.name)
     token = json.loads(_run(url, "clients", "create", "replayer", "-o", "json"))["token"]
@@ -102,6 +105,19 @@ def test_a_randomized_rules_log_trains_a_response_model(tmp_path: Path, model_st
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert response_artifact.load(model).grid == [0.0, 0.05, 0.1, 0.15, 0.2]
+
+    rules = tmp_path / "rules.json"
+    rules.write_text(_run(url, "rules", "list", "-o", "json"))
+    estimated = CliRunner().invoke(
+        train,
+        ["estimate-policy", "--offers", str(out / "offers.csv"), "--events",
+         str(out / "events.csv"), "--rules", str(rules), "--response-model", str(model)],
+    )  # fmt: skip
+    assert estimated.exit_code == 0, estimated.output
+    assert [line.split()[0] for line in estimated.stdout.splitlines()[1:3]] == [
+        "no_discount",
+        "tiered",
+    ]
 
 
 def _offer(n: int, **later: object) -> dict[str, object]:

@@ -16,7 +16,7 @@ from core import response_artifact
 from core.artifact import ArtifactError
 from core.files import replace_text
 from core.store.db import first_line
-from trainer import policy_eval, uplift
+from trainer import policy_eval, shop_estimate, uplift
 from trainer.data import CORRUPT_COMPRESSED, is_parquet
 from trainer.market import (
     LOGS,
@@ -341,6 +341,85 @@ def evaluate_policy_command(
         raise click.ClickException(f"cannot write the report ({e.strerror or e})") from None
 
 
+@click.command("estimate-policy")
+@click.option(
+    "--offers",
+    "offers_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="randomized offer log (CSV or Parquet), as `discountctl offers export` writes it",
+)
+@click.option(
+    "--events",
+    "events_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="the sales naming those offers (CSV or Parquet), as `discountctl offers export` writes "
+    "them",
+)
+@click.option(
+    "--rules",
+    "rules_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="the rules to estimate, as `discountctl rules list -o json` (or `rules show NAME -o "
+    "json`) prints them",
+)
+@click.option(
+    "--response-model",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="a folder `discount-train response` wrote: adds doubly robust estimates, and prices "
+    "`optimal` rules (required for them)",
+)
+@click.option(
+    "--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="full report"
+)
+def estimate_policy_command(
+    offers_path: Path,
+    events_path: Path,
+    rules_path: Path,
+    response_model: Path | None,
+    json_path: Path | None,
+) -> None:
+    """Estimate what each rule would earn from a randomized experiment's log, before it serves
+    anyone: per rule (and no discount, the baseline) its mean discount, the share of offers
+    where the log shows the discount it would give, and its mean margin per offer by inverse
+    propensity (IPS) and, with --response-model, doubly robust (DR) weighting, with 95%
+    intervals over offers; DR's lift over no discount is paired offer by offer. Each rule
+    prices every logged offer as discountd would, guardrails included, rounded down onto the
+    discounts the log drew (a discount never drawn has no offers to learn from); its scope,
+    budget and validity window are not applied. A response model trained on this same log
+    makes DR lean on the model where it fits the log best: train it on an earlier period.
+
+    The log and rules come from the store: `discountctl offers export --rule learn --out
+    var/responses` and `discountctl rules list -o json > var/rules.json`.
+
+    Example: discount-train estimate-policy --offers var/responses/offers.csv
+    --events var/responses/events.csv --rules var/rules.json --response-model var/response
+    """
+    _writable(json_path)
+    try:
+        rules, randomized = shop_estimate.read_rules(rules_path)
+        log = shop_estimate.read_log(_read(offers_path, "offers"), _read(events_path, "events"))
+        probability = None
+        if response_model is not None:
+            probability = shop_estimate.predict(response_model, log)
+        estimates = shop_estimate.estimate(log, rules, probability)
+    except (shop_estimate.EstimateError, ResponseError) as e:
+        raise click.ClickException(str(e)) from None
+    except ArtifactError as e:
+        raise click.ClickException(f"--response-model: {e}") from None
+    if randomized:
+        _err(f"left out {', '.join(randomized)}: a randomized rule is the experiment itself")
+    click.echo(shop_estimate.format_table(estimates, len(log.discount)))
+    if json_path is not None:
+        report = {"offers": len(log.discount), "grid": log.grid.tolist(), "policies": estimates}
+        try:
+            replace_text(json_path, json.dumps(report, indent=2) + "\n")
+        except OSError as e:
+            raise click.ClickException(f"{json_path}: cannot write ({e.strerror or e})") from None
+
+
 @click.command("uplift")
 @click.option(
     "--data",
@@ -435,4 +514,10 @@ def uplift_command(
             raise click.ClickException(f"{json_path}: cannot write ({e.strerror or e})") from None
 
 
-COMMANDS = (simulate_command, response_command, evaluate_policy_command, uplift_command)
+COMMANDS = (
+    simulate_command,
+    response_command,
+    evaluate_policy_command,
+    estimate_policy_command,
+    uplift_command,
+)

@@ -28,15 +28,14 @@ from scipy import stats
 from core.files import replace_files
 from core.optimal import choose
 from core.policy import (
-    Candidate,
     Guardrails,
     Rule,
     allowed_percents,
     as_decimal,
-    price_items,
     to_cents,
 )
 from core.response_history import HistoryTable
+from trainer import ope
 from trainer.dataset import Floats
 from trainer.market import (
     GRID,
@@ -62,6 +61,7 @@ from trainer.response import (
 )
 
 Bools = npt.NDArray[np.bool_]
+_GRID = np.asarray(GRID)
 POLICY_ORDER = (
     "no_discount",
     "blanket_10",
@@ -132,15 +132,8 @@ def classic_rules(train: Offers, limits: Guardrails) -> dict[str, Rule]:
 
 def rule_discounts(rule: Rule, offers: Offers) -> Floats:
     """The rule's discount per offer, priced by core.policy and rounded down onto GRID."""
-    candidates = [
-        Candidate(str(k), Decimal(str(p)), Decimal(str(c)), rank=int(r) + 1, score=float(s))
-        for k, (p, c, r, s) in enumerate(
-            zip(offers.price, offers.cost, offers.rank, offers.cf_score, strict=True)
-        )
-    ]
-    pct = np.array([float(item.discount_pct) for item in price_items(rule, candidates)]) / 100
-    grid = np.asarray(GRID)
-    return grid[np.searchsorted(grid, pct + 1e-9, side="right") - 1]
+    ranks = [int(r) + 1 for r in offers.rank]  # the simulator counts from 0, policies from 1
+    return ope.rule_discounts(rule, offers.price, offers.cost, ranks, offers.cf_score, _GRID)
 
 
 def best_discounts(probability: Floats, price: Floats, cost: Floats, allowed: Bools) -> Floats:
@@ -171,23 +164,16 @@ def outcome(true_p: Floats, offers: Offers, discount: Floats) -> Outcome:
 
 def ips(log: Log, target: Floats) -> float:
     """Inverse-propensity estimate of the target policy's mean margin per offer."""
-    match = np.isclose(log.discount, target)
-    return float(np.mean(match / log.propensity * log.margin()))
+    return float(np.mean(ope.ips_terms(log.discount, log.propensity, log.margin(), target)))
 
 
 def doubly_robust(log: Log, target: Floats, predicted: Floats) -> float:
-    """Doubly robust estimate of the mean margin per offer: the model's expected margin under the
-    target policy, corrected by the propensity-weighted error of the model where the log agrees.
-    ``predicted`` is the model's P(buy) per offer and GRID column."""
-    grid = np.asarray(GRID)
+    """Doubly robust estimate of the mean margin per offer; ``predicted`` is the model's P(buy)
+    per offer and GRID column."""
     o = log.offers
-    n = len(o)
-    expected = predicted * (o.price[:, None] * (1 - grid[None, :]) - o.cost[:, None])
-    rows = np.arange(n)
-    q_target = expected[rows, np.searchsorted(grid, target)]
-    q_logged = expected[rows, np.searchsorted(grid, log.discount)]
-    match = np.isclose(log.discount, target)
-    return float(np.mean(q_target + match / log.propensity * (log.margin() - q_logged)))
+    expected = ope.expected_margin(predicted, o.price, o.cost, _GRID)
+    terms = ope.dr_terms(log.discount, log.propensity, log.margin(), target, expected, _GRID)
+    return float(np.mean(terms))
 
 
 def user_ids(market: Market, offers: Offers) -> npt.NDArray[np.str_]:

@@ -1,0 +1,100 @@
+"""Off-policy estimates of a discount policy's margin from a randomized log.
+
+A log whose discounts were drawn at random, with the probability of each drawn one (its
+propensity), says what another policy would have earned on the same offers: inverse propensity
+(IPS) reweights the offers where the logged discount is the one the policy would have given;
+doubly robust (DR) starts from a response model's expected margin under the policy and corrects
+it by the propensity-weighted error of that model where the log agrees. Both are unbiased when
+the propensities are right; DR has the lower variance when the model is good.
+
+Shared by the simulator's evaluation (trainer.policy_eval, where the truth is known) and
+`discount-train estimate-policy` (a shop's own log, trainer.shop_estimate, where it is not).
+Policies must choose from the log's discounts: a discount the experiment never drew has no
+offer to reweight, so rule_discounts rounds down onto the grid, which never breaks a guardrail.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from decimal import Decimal
+
+import numpy as np
+
+from core.policy import Candidate, Rule, optimal_choices, price_items
+from trainer.dataset import Floats
+
+
+def ips_terms(logged: Floats, propensity: Floats, margin: Floats, target: Floats) -> Floats:
+    """Per offer, the IPS term; their mean estimates the target's mean margin per offer."""
+    terms: Floats = np.isclose(logged, target) / propensity * margin
+    return terms
+
+
+def expected_margin(probability: Floats, price: Floats, cost: Floats, grid: Floats) -> Floats:
+    """[offers, grid]: P(buy | d) times the margin at d, per offer and grid discount."""
+    margin: Floats = probability * (price[:, None] * (1 - grid[None, :]) - cost[:, None])
+    return margin
+
+
+def dr_terms(
+    logged: Floats,
+    propensity: Floats,
+    margin: Floats,
+    target: Floats,
+    expected: Floats,
+    grid: Floats,
+) -> Floats:
+    """Per offer, the doubly robust term; ``expected`` is expected_margin under the model.
+    ``logged`` and ``target`` hold grid values."""
+    rows = np.arange(len(logged))
+    q_target = expected[rows, np.searchsorted(grid, target)]
+    q_logged = expected[rows, np.searchsorted(grid, logged)]
+    terms: Floats = q_target + np.isclose(logged, target) / propensity * (margin - q_logged)
+    return terms
+
+
+def onto_grid(discount: Floats, grid: Floats) -> Floats:
+    """Each discount rounded down onto the grid (which holds 0)."""
+    snapped: Floats = grid[np.searchsorted(grid, discount + 1e-9, side="right") - 1]
+    return snapped
+
+
+def rule_discounts(
+    rule: Rule,
+    price: Floats,
+    cost: Floats,
+    rank: Sequence[int],
+    score: Floats,
+    grid: Floats,
+    probability: Floats | None = None,
+) -> Floats:
+    """The rule's discount per offer as discountd prices it (core.policy), rounded down onto
+    grid. ``probability`` [offers, grid] is the response model's P(buy) for an `optimal` rule,
+    read at the rule's own choices (which must lie on the grid)."""
+    choices = optimal_choices(rule.params) if rule.policy == "optimal" else ()
+    columns = [int(np.searchsorted(grid, float(c) / 100 - 1e-9)) for c in choices]
+    candidates = [
+        Candidate(
+            str(k),
+            Decimal(str(p)),
+            Decimal(str(c)),
+            rank=int(r),
+            score=float(s),
+            purchase_probability=(
+                None
+                if probability is None or not choices
+                else tuple(float(v) for v in probability[k, columns])
+            ),
+        )
+        for k, (p, c, r, s) in enumerate(zip(price, cost, rank, score, strict=True))
+    ]
+    pct = np.array([float(item.discount_pct) for item in price_items(rule, candidates)]) / 100
+    return onto_grid(pct, grid)
+
+
+def mean_interval(terms: Floats) -> dict[str, float]:
+    """The mean of per-offer terms and its 95% normal interval."""
+    mean = float(terms.mean())
+    half = 1.96 * float(terms.std(ddof=1)) / math.sqrt(len(terms)) if len(terms) > 1 else math.nan
+    return {"mean": mean, "low": mean - half, "high": mean + half}

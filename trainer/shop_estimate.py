@@ -1,0 +1,211 @@
+"""`discount-train estimate-policy`: what discount rules would earn, estimated from a shop's own
+randomized log before any of them serves a shopper.
+
+The log is the pair `discountctl offers export` writes from a `randomized` rule's offers (or the
+simulator's, `discount-train simulate`); the rules are `discountctl rules list -o json`'s (or
+`rules show`'s) JSON. Each rule prices every logged offer as discountd would (core.policy, its
+guardrails included; its scope, budget and validity are not applied), and trainer.ope estimates
+its mean margin per offer: IPS always, doubly robust too with a response model, which `optimal`
+rules need anyway. No discount is always estimated, as the baseline of every lift.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+import pandas as pd
+
+from core import response_artifact
+from core.policy import Guardrails, PolicyError, Rule, optimal_choices
+from core.response_artifact import OFFER_FEATURES
+from core.response_history import HistoryTable
+from trainer import ope
+from trainer.dataset import Floats
+from trainer.response import from_logs
+
+NO_DISCOUNT = "no_discount"
+UNRANKED = 1_000_000  # as core.offers ranks an item the model did not rank
+
+
+class EstimateError(Exception):
+    """Input the estimates cannot be made from; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class ShopLog:
+    user_ids: npt.NDArray[np.str_]
+    features: Floats  # OFFER_FEATURES per offer
+    rank: list[int]
+    discount: Floats
+    propensity: Floats
+    bought: npt.NDArray[np.bool_]
+    grid: Floats  # the discounts the log holds, ascending, 0 among them
+
+    @property
+    def price(self) -> Floats:
+        return self.features[:, OFFER_FEATURES.index("price")]
+
+    @property
+    def cost(self) -> Floats:
+        return self.features[:, OFFER_FEATURES.index("cost")]
+
+    @property
+    def score(self) -> Floats:
+        return self.features[:, OFFER_FEATURES.index("cf_score")]
+
+    def margin(self) -> Floats:
+        """Each offer's realized unit margin: final price less cost when bought, else 0."""
+        margin: Floats = np.where(self.bought, self.price * (1 - self.discount) - self.cost, 0.0)
+        return margin
+
+
+def read_log(offers: pd.DataFrame, events: pd.DataFrame) -> ShopLog:
+    """The offers and which were bought, checked as `discount-train response` checks them
+    (ResponseError names what is wrong)."""
+    logged = from_logs(offers, events, seed=0)
+    discount = np.round(logged.data.discount, 6)
+    grid = np.unique(discount)
+    if grid[0] != 0:
+        raise EstimateError(
+            "offers: no offer was logged without a discount, so no policy's margin can be "
+            "compared with no discount; log an experiment whose draws include 0"
+        )
+    if "rank" in offers.columns:
+        ranks = pd.to_numeric(offers["rank"], errors="coerce")
+        rank = [int(r) if r >= 1 else UNRANKED for r in ranks.fillna(0)]
+    else:
+        rank = [UNRANKED] * len(offers)
+    return ShopLog(
+        offers["user_id"].astype(str).to_numpy(dtype=str),
+        logged.data.features[:, : len(OFFER_FEATURES)],
+        rank,
+        discount,
+        logged.data.propensity,
+        logged.data.bought,
+        grid,
+    )
+
+
+def read_rules(path: Path) -> tuple[list[tuple[str, Rule]], list[str]]:
+    """Rules as `discountctl rules list -o json` (a list) or `rules show -o json` (one) prints
+    them: name, policy, params, max_discount_pct, min_margin_pct; and the names of the
+    `randomized` ones, left out (such a rule is the experiment, not a policy to estimate)."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise EstimateError(f"{path}: no such rules file") from None
+    except (OSError, ValueError) as e:
+        raise EstimateError(f"{path}: not a JSON rules file ({e})") from None
+    items = raw if isinstance(raw, list) else [raw]
+    rules, randomized = [], []
+    for n, item in enumerate(items):
+        name = item.get("name") if isinstance(item, dict) else None
+        if not isinstance(name, str) or not name:
+            raise EstimateError(
+                f"{path}: rule {n + 1} has no name; give the JSON `discountctl rules list -o "
+                "json` prints"
+            )
+        if item.get("policy") == "randomized":
+            randomized.append(name)
+            continue
+        try:
+            limits = Guardrails.of(item.get("max_discount_pct", 30), item.get("min_margin_pct", 0))
+            rules.append((name, Rule(str(item.get("policy")), item.get("params") or {}, limits)))
+        except PolicyError as e:
+            raise EstimateError(f"{path}: rule {name!r}: {e}") from None
+    if len({name for name, _ in rules}) < len(rules) or NO_DISCOUNT in {n for n, _ in rules}:
+        raise EstimateError(f"{path}: rule names must be unique and not {NO_DISCOUNT!r}")
+    return rules, randomized
+
+
+def predict(folder: Path, log: ShopLog) -> Floats:
+    """The response model's P(buy) [offers, log grid], each user's rates from its history table
+    as discountd looks them up (ArtifactError for a folder that is not a response model)."""
+    response_artifact.load(folder)
+    history = HistoryTable.load(folder / response_artifact.HISTORY)
+    session = ort.InferenceSession(
+        str(folder / response_artifact.GRAPH), providers=["CPUExecutionProvider"]
+    )
+    rows = np.column_stack([log.features, history.lookup(log.user_ids)]).astype(np.float32)
+    grid = np.tile(log.grid.astype(np.float32), (len(rows), 1))
+    [probability] = session.run(None, {"features": rows, "discounts": grid})
+    return np.asarray(probability, dtype=np.float64)
+
+
+def estimate(
+    log: ShopLog, rules: list[tuple[str, Rule]], probability: Floats | None
+) -> dict[str, Any]:
+    """Per policy (no discount first): mean discount, share of offers where the log shows the
+    policy's discount, IPS and (with a model) DR mean margin per offer, and DR's lift over no
+    discount, each with a 95% interval over offers."""
+    for name, rule in rules:
+        if rule.policy == "optimal":
+            if probability is None:
+                raise EstimateError(
+                    f"rule {name!r} is `optimal`: give its response model (--response-model)"
+                )
+            off = [float(c) for c in _choices(rule) if not np.isclose(log.grid, c).any()]
+            if off:
+                raise EstimateError(
+                    f"rule {name!r} chooses among {off} that the log never drew "
+                    f"(it holds {[float(g) for g in log.grid]}): nothing to estimate them from"
+                )
+    margin = log.margin()
+    expected = (
+        None
+        if probability is None
+        else ope.expected_margin(probability, log.price, log.cost, log.grid)
+    )
+    targets = {NO_DISCOUNT: np.zeros(len(margin))}
+    for name, rule in rules:
+        targets[name] = ope.rule_discounts(
+            rule, log.price, log.cost, log.rank, log.score, log.grid, probability
+        )
+    out: dict[str, Any] = {}
+    baseline: Floats | None = None
+    for name, target in targets.items():
+        row: dict[str, Any] = {
+            "mean_discount": float(target.mean()),
+            "supported": float(np.isclose(log.discount, target).mean()),
+            "ips": ope.mean_interval(ope.ips_terms(log.discount, log.propensity, margin, target)),
+        }
+        if expected is not None:
+            dr = ope.dr_terms(log.discount, log.propensity, margin, target, expected, log.grid)
+            if baseline is None:
+                baseline = dr
+            row["dr"] = ope.mean_interval(dr)
+            row["dr_lift"] = ope.mean_interval(dr - baseline)
+        out[name] = row
+    return out
+
+
+def _choices(rule: Rule) -> list[float]:
+    return [float(c) / 100 for c in optimal_choices(rule.params)]
+
+
+def format_table(estimates: dict[str, Any], offers: int) -> str:
+    def ci(v: dict[str, float] | None) -> str:
+        if v is None:
+            return "n/a"
+        if math.isnan(v["low"]):
+            return f"{v['mean']:.4f}"
+        return f"{v['mean']:.4f} [{v['low']:.4f}, {v['high']:.4f}]"
+
+    lines = [
+        f"{'policy':16s} {'discount':>8s} {'in log':>7s}  {'IPS margin/offer (95% CI)':28s} "
+        f"{'DR margin/offer (95% CI)':28s} {'DR lift over no discount':28s}"
+    ]
+    for name, row in estimates.items():
+        lines.append(
+            f"{name:16s} {row['mean_discount']:8.2%} {row['supported']:7.1%}  "
+            f"{ci(row['ips']):28s} {ci(row.get('dr')):28s} {ci(row.get('dr_lift')):28s}"
+        )
+    lines.append(f"{offers:,} logged offers; margin in the catalog's currency per offer")
+    return "\n".join(lines)
