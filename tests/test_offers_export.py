@@ -1,6 +1,6 @@
 """From the store to a response model: a `randomized` rule served by a real discountd, shoppers
 replayed through it, `discountctl offers export` of its log and `discount-train response` on
-the export."""
+the export. SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ from core.artifact import current_version_dir
 from core.features import NUMERIC_FEATURES
 from core.store.db import Store
 from core.store.events import EventIn, record
-from core.store.migrate import upgrade
 from core.store.offers import insert_offers
 from core.store.tables import Event, Offer
 from trainer.cli import main as train
@@ -34,29 +33,22 @@ GRID = [5.0, 10.0, 15.0, 20.0, 25.0]
 MAX_DISCOUNT = 22.0  # 25% is over it: drawn among 0, 5, 10, 15 and 20 only
 
 
-def _store(path: Path) -> str:
-    url = f"sqlite:///{path / 'store.db'}"
-    store = Store(url)
-    upgrade(store)
-    store.dispose()
-    return url
-
-
 def _run(url: str, *args: str) -> str:
     result = ctl(url, *args)
     assert result.exit_code == 0, result.output
     return result.stdout
 
 
-def test_a_randomized_rules_log_trains_a_response_model(tmp_path: Path, model_store: Path) -> None:
-    url = _store(tmp_path)
+def test_a_randomized_rules_log_trains_a_response_model(
+    tmp_path: Path, model_store: Path, db_url: str
+) -> None:
     version = current_version_dir(model_store)
-    _run(url, "rules", "create", "learn", "--policy", "randomized", "--params",
+    _run(db_url, "rules", "create", "learn", "--policy", "randomized", "--params",
          json.dumps({"grid": GRID}), "--max-discount", str(MAX_DISCOUNT))  # fmt: skip
-    _run(url, "models", "register", str(version))
-    _run(url, "models", "promote", version.name)
-    token = json.loads(_run(url, "clients", "create", "replayer", "-o", "json"))["token"]
-    server = ServerThread(server_settings(model_store, url, auth="required"))
+    _run(db_url, "models", "register", str(version))
+    _run(db_url, "models", "promote", version.name)
+    token = json.loads(_run(db_url, "clients", "create", "replayer", "-o", "json"))["token"]
+    server = ServerThread(server_settings(model_store, db_url, auth="required"))
     try:
         config = ReplayConfig(
             target=server.target, shoppers=400, seed=1, token=token, concurrency=4
@@ -66,12 +58,12 @@ def test_a_randomized_rules_log_trains_a_response_model(tmp_path: Path, model_st
         server.close()  # a graceful stop writes the offer log
 
     out = tmp_path / "log"
-    summary = json.loads(_run(url, "offers", "export", "--rule", "learn", "--out", str(out),
+    summary = json.loads(_run(db_url, "offers", "export", "--rule", "learn", "--out", str(out),
                               "-o", "json"))  # fmt: skip
     ids = {"offer_id": str, "user_id": str, "item_id": str}
     offers = pd.read_csv(out / "offers.csv", dtype=ids)
     sales = pd.read_csv(out / "events.csv", dtype={"offer_id": str})
-    store = Store(url)
+    store = Store(db_url)
     with store.transaction() as s:
         stored = {o.offer_id: o for o in s.scalars(select(Offer))}
         sold = s.scalars(select(Event).where(Event.type.in_(("purchase", "redemption"))))
@@ -114,11 +106,11 @@ def _offer(n: int, **later: object) -> dict[str, object]:
     }  # fmt: skip
 
 
-def test_offers_without_what_a_model_needs_are_left_out_and_counted(tmp_path: Path) -> None:
-    url = _store(tmp_path)
+def test_offers_without_what_a_model_needs_are_left_out_and_counted(
+    tmp_path: Path, store: Store, db_url: str
+) -> None:
     features = {name: 1.0 for name in NUMERIC_FEATURES}
     learnable = {"cf_score": 0.5, "rank": 1, "cost": 4.0, "user_features": features}
-    store = Store(url)
     with store.transaction() as s:
         insert_offers(
             s,
@@ -138,8 +130,7 @@ def test_offers_without_what_a_model_needs_are_left_out_and_counted(tmp_path: Pa
             ],
             datetime.now(UTC),
         )
-    store.dispose()
-    result = ctl(url, "offers", "export", "--out", str(tmp_path / "log"))
+    result = ctl(db_url, "offers", "export", "--out", str(tmp_path / "log"))
     assert result.exit_code == 0, result.output
     assert "left out 2 offer(s) without a score, cost or propensity" in result.stderr
     offers = pd.read_csv(tmp_path / "log/offers.csv")
@@ -148,19 +139,18 @@ def test_offers_without_what_a_model_needs_are_left_out_and_counted(tmp_path: Pa
     sales = pd.read_csv(tmp_path / "log/events.csv")
     assert list(sales["event_id"]) == ["e1"]  # the click is no sale; o0 was left out
 
-    again = ctl(url, "offers", "export", "--out", str(tmp_path / "log"))
+    again = ctl(db_url, "offers", "export", "--out", str(tmp_path / "log"))
     assert again.exit_code == 1
     assert "offers.csv, " in again.output and "already there" in again.output
 
 
-def test_a_log_of_fixed_discounts_says_response_would_refuse_it(tmp_path: Path) -> None:
-    url = _store(tmp_path)
-    store = Store(url)
+def test_a_log_of_fixed_discounts_says_response_would_refuse_it(
+    tmp_path: Path, store: Store, db_url: str
+) -> None:
     with store.transaction() as s:
         learnable = {"cf_score": 0.5, "rank": 1, "cost": 4.0, "user_features": {}}
         insert_offers(s, [_offer(1, **learnable, propensity=1.0)])
-    store.dispose()
-    result = ctl(url, "offers", "export", "--out", str(tmp_path / "log"))
+    result = ctl(db_url, "offers", "export", "--out", str(tmp_path / "log"))
     assert result.exit_code == 0, result.output
     assert "none of these offers had its discount drawn at random" in result.stderr
 
@@ -175,10 +165,9 @@ def test_a_log_of_fixed_discounts_says_response_would_refuse_it(tmp_path: Path) 
     ],
 )
 def test_bad_filters_are_one_line_and_write_nothing(
-    tmp_path: Path, args: list[str], message: str
+    tmp_path: Path, db_url: str, args: list[str], message: str
 ) -> None:
-    url = _store(tmp_path)
-    result = ctl(url, "offers", "export", "--out", str(tmp_path / "log"), *args)
+    result = ctl(db_url, "offers", "export", "--out", str(tmp_path / "log"), *args)
     assert result.exit_code == 1
     assert message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "log").exists()
