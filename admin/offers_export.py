@@ -178,7 +178,8 @@ def _sale_rows(session: Session, which: LogFilter, counts: Counter[str]) -> Rows
             row.user_id,
             row.item_id or "",
             row.offer_id,
-            "" if row.revenue is None else row.revenue,
+            # To the cent, as the price: the stores give 9.00 back as 9 (SQLite) or 9.0.
+            "" if row.revenue is None else f"{row.revenue:.2f}",
             row.quantity or "",
             row.occurred_at.isoformat(),
         )

@@ -144,6 +144,46 @@ def test_offers_without_what_a_model_needs_are_left_out_and_counted(
     assert "offers.csv, " in again.output and "already there" in again.output
 
 
+T0 = 1_764_496_800  # 2025-11-30T10:00:00Z
+
+
+def test_both_stores_give_the_same_files_to_the_cent(
+    tmp_path: Path, store: Store, db_url: str
+) -> None:
+    """SQLite gave a revenue of 9.00 back as 9, PostgreSQL as 9.0: money is written to the cent,
+    as the price is, whichever store it comes from."""
+    features = {name: float(n) for n, name in enumerate(NUMERIC_FEATURES)}
+    learnable = {"cf_score": 0.25, "cost": 4.1, "user_features": features, "propensity": 0.2}
+    with store.transaction() as s:
+        insert_offers(
+            s,
+            [
+                _offer(1, **learnable, rank=2, discount_pct=12.5),
+                _offer(2, **learnable, rank=None, discount_pct=33.33, base_price=1234.5),
+            ],
+        )
+        record(
+            s,
+            [
+                EventIn("e1", "redemption", "u1", "", "o1", 900, 1, T0),
+                EventIn("e2", "purchase", "u2", "i", "o2", 164_645, 2, T0 + 1),
+            ],
+            datetime.now(UTC),
+        )
+    out = tmp_path / "log"
+    result = ctl(db_url, "offers", "export", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    features_text = "0.0,1.0,2.0,3.0,4.0"
+    assert (out / "offers.csv").read_text().splitlines()[1:] == [
+        f"o1,u1,i,2,0.25,10.00,4.1,0.125,0.2,{features_text}",
+        f"o2,u2,i,,0.25,1234.50,4.1,0.3333,0.2,{features_text}",
+    ]
+    assert (out / "events.csv").read_text().splitlines()[1:] == [
+        "e1,redemption,u1,,o1,9.00,1,2025-11-30T10:00:00+00:00",
+        "e2,purchase,u2,i,o2,1646.45,2,2025-11-30T10:00:01+00:00",
+    ]
+
+
 def test_a_log_of_fixed_discounts_says_response_would_refuse_it(
     tmp_path: Path, store: Store, db_url: str
 ) -> None:
