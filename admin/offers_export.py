@@ -81,8 +81,9 @@ def export(
     when it was priced) and events.csv (the sales, in the RecordEvents shape). A response model
     learns what a discount does only from discounts drawn at random: run a `randomized` rule
     (alone, or as an experiment's variant) and export its offers with --rule. Offers logged
-    before the store kept these columns (migration 0006), and offers of items the model had no
-    score for, are left out and counted.
+    before the store kept these columns (migration 0006) or by a build that knew fewer user
+    features, and offers of items the model had no score for, are left out and counted, with
+    their sales.
 
     \b
     Example:
@@ -102,6 +103,7 @@ def export(
             f"{', '.join(there)} already there; delete it or pick another --out"
         )
     counts: Counter[str] = Counter()
+    lacking: set[str] = set()  # offers left out for want of a user feature, and their sales
     with app.transaction() as session:
         rule_id = Rules(session).get(rule_name).id if rule_name is not None else None
         if experiment_key is not None:
@@ -110,13 +112,13 @@ def export(
         try:
             replace_files(
                 {
-                    paths[0]: lambda tmp: _write(tmp, _offer_rows(session, which, counts)),
-                    paths[1]: lambda tmp: _write(tmp, _sale_rows(session, which, counts)),
+                    paths[0]: lambda tmp: _write(tmp, _offer_rows(session, which, counts, lacking)),
+                    paths[1]: lambda tmp: _write(tmp, _sale_rows(session, which, counts, lacking)),
                 }
             )
         except OSError as e:
             raise click.ClickException(f"cannot write {out}: {e.strerror or e}") from None
-        counts["left_out"] = unlearnable_offers(session, which)
+        counts["left_out"] = unlearnable_offers(session, which) + len(lacking)
     summary: dict[str, Any] = {
         "out": str(out),
         "offers": counts["offers"],
@@ -134,8 +136,9 @@ def export(
         )
     if counts["left_out"]:
         message(
-            f"left out {counts['left_out']:,} offer(s) without a score, cost or propensity "
-            "(logged before migration 0006, or of an item the model could not score)"
+            f"left out {counts['left_out']:,} offer(s) without a score, cost, propensity or "
+            "user feature (logged before migration 0006 or by a build that knew fewer "
+            "features, or of an item the model could not score)"
         )
 
 
@@ -147,10 +150,17 @@ def _write(path: Path, rows: Iterable[Sequence[object]]) -> None:
         csv.writer(file, lineterminator="\n").writerows(rows)
 
 
-def _offer_rows(session: Session, which: LogFilter, counts: Counter[str]) -> Rows:
+def _offer_rows(
+    session: Session, which: LogFilter, counts: Counter[str], lacking: set[str]
+) -> Rows:
     yield OFFER_COLUMNS
     for row in response_offers(session, which):
-        features = row.user_features or {}
+        features = [(row.user_features or {}).get(name) for name in NUMERIC_FEATURES]
+        if None in features:
+            # Logged by a build that knew fewer features: a blank cell makes `discount-train
+            # response` refuse the whole file, and a made-up value teaches it a false shopper.
+            lacking.add(row.offer_id)
+            continue
         yield (
             row.offer_id,
             row.user_id,
@@ -161,7 +171,7 @@ def _offer_rows(session: Session, which: LogFilter, counts: Counter[str]) -> Row
             repr(row.cost),
             repr(round(row.discount_pct / 100, 6)),
             repr(row.propensity),
-            *(features.get(name, "") for name in NUMERIC_FEATURES),
+            *features,
         )
         counts["offers"] += 1
         counts["randomized"] += row.propensity < 1
@@ -169,9 +179,11 @@ def _offer_rows(session: Session, which: LogFilter, counts: Counter[str]) -> Row
             click.echo(f"  {counts['offers']:,} offers read", err=True)
 
 
-def _sale_rows(session: Session, which: LogFilter, counts: Counter[str]) -> Rows:
+def _sale_rows(session: Session, which: LogFilter, counts: Counter[str], lacking: set[str]) -> Rows:
     yield EVENT_COLUMNS
     for row in response_sales(session, which):
+        if row.offer_id in lacking:
+            continue
         yield (
             row.event_id,
             row.type,

@@ -111,6 +111,10 @@ def test_offers_without_what_a_model_needs_are_left_out_and_counted(
 ) -> None:
     features = {name: 1.0 for name in NUMERIC_FEATURES}
     learnable = {"cf_score": 0.5, "rank": 1, "cost": 4.0, "user_features": features}
+    # Logged by a build that knew one feature fewer: a blank cell would make `response` refuse
+    # the whole file.
+    fewer = {**learnable, "user_features": {**features, "avg_basket": None}}
+    fewer_still = {**learnable, "user_features": {"order_count": 1.0}}
     with store.transaction() as s:
         insert_offers(
             s,
@@ -119,6 +123,8 @@ def test_offers_without_what_a_model_needs_are_left_out_and_counted(
                 _offer(1, **learnable, propensity=0.5),
                 _offer(2, **learnable, propensity=0.5),
                 _offer(3, **{**learnable, "cf_score": None}, propensity=0.5),  # no score
+                _offer(4, **fewer, propensity=0.5),
+                _offer(5, **fewer_still, propensity=0.5),
             ],
         )
         record(
@@ -127,17 +133,21 @@ def test_offers_without_what_a_model_needs_are_left_out_and_counted(
                 EventIn("e1", "redemption", "u1", "", "o1", 900, 1),
                 EventIn("e0", "purchase", "u0", "i", "o0", 1000, 1),
                 EventIn("e2", "click", "u2", "i", "o2"),
+                EventIn("e4", "purchase", "u4", "i", "o4", 900, 1),
             ],
             datetime.now(UTC),
         )
-    result = ctl(db_url, "offers", "export", "--out", str(tmp_path / "log"))
+    result = ctl(db_url, "offers", "export", "--out", str(tmp_path / "log"), "-o", "json")
     assert result.exit_code == 0, result.output
-    assert "left out 2 offer(s) without a score, cost or propensity" in result.stderr
+    assert json.loads(result.stdout)["left_out_without_features"] == 4
+    assert "left out 4 offer(s) without a score, cost, propensity or user feature" in (
+        result.stderr
+    )
     offers = pd.read_csv(tmp_path / "log/offers.csv")
     assert list(offers["offer_id"]) == ["o1", "o2"]
     assert list(offers["discount"]) == [0.1, 0.0]
     sales = pd.read_csv(tmp_path / "log/events.csv")
-    assert list(sales["event_id"]) == ["e1"]  # the click is no sale; o0 was left out
+    assert list(sales["event_id"]) == ["e1"]  # the click is no sale; o0 and o4 were left out
 
     again = ctl(db_url, "offers", "export", "--out", str(tmp_path / "log"))
     assert again.exit_code == 1
@@ -188,7 +198,8 @@ def test_a_log_of_fixed_discounts_says_response_would_refuse_it(
     tmp_path: Path, store: Store, db_url: str
 ) -> None:
     with store.transaction() as s:
-        learnable = {"cf_score": 0.5, "rank": 1, "cost": 4.0, "user_features": {}}
+        features = {name: 1.0 for name in NUMERIC_FEATURES}
+        learnable = {"cf_score": 0.5, "rank": 1, "cost": 4.0, "user_features": features}
         insert_offers(s, [_offer(1, **learnable, propensity=1.0)])
     result = ctl(db_url, "offers", "export", "--out", str(tmp_path / "log"))
     assert result.exit_code == 0, result.output
