@@ -55,7 +55,7 @@ def offers() -> None:
 @offers.command("export")
 @click.option(
     "--out",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=click.Path(path_type=Path),
     required=True,
     help="Folder for offers.csv and events.csv (created if missing); refused if either is "
     "already there.",
@@ -96,6 +96,8 @@ def export(
     start, end = parse_time(since, "--since"), parse_time(until, "--until")
     if start is not None and end is not None and start >= end:
         raise click.ClickException(f"--since {since} is not before --until {until}")
+    if out.exists() and not out.is_dir():
+        raise click.ClickException(f"--out {out} is a file, not a folder; pick a folder")
     paths = [out / name for name in LOGS]
     there = [str(p) for p in paths if p.exists() or p.is_symlink()]
     if there:

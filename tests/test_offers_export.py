@@ -222,3 +222,23 @@ def test_bad_filters_are_one_line_and_write_nothing(
     assert result.exit_code == 1
     assert message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "log").exists()
+
+
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        ("afile", "is a file, not a folder"),
+        ("afile/log", "cannot write"),
+    ],
+)
+def test_an_out_that_cannot_be_a_folder_is_one_line(
+    tmp_path: Path, db_url: str, where: str, message: str
+) -> None:
+    """Click's "Invalid value for '--out'" was three lines of usage and exit 2, for a path that
+    parses: refused like every other input after parsing (admin/options.py), exit 1."""
+    (tmp_path / "afile").write_text("mine")
+    result = ctl(db_url, "offers", "export", "--out", str(tmp_path / where))
+    assert result.exit_code == 1
+    assert result.output.count("\n") == 1 and message in result.output, result.output
+    assert (tmp_path / "afile").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
