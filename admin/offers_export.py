@@ -136,6 +136,15 @@ def export(
             "none of these offers had its discount drawn at random (propensity 1): "
             "`discount-train response` refuses such a log; export a `randomized` rule's offers"
         )
+    elif counts["randomized"] < counts["offers"]:
+        # An experiment's control, another rule, a spent budget: `response` trains on them as
+        # though drawn, and only warns.
+        fixed = counts["offers"] - counts["randomized"]
+        message(
+            f"{fixed:,} of these {counts['offers']:,} offers had a discount not drawn at random "
+            "(propensity 1), which `discount-train response` learns from too"
+            + ("" if rule_name else "; --rule NAME keeps a `randomized` rule's offers alone")
+        )
     if counts["left_out"]:
         message(
             f"left out {counts['left_out']:,} offer(s) without a score, cost, propensity or "

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 from cli import ctl
 from click.testing import CliRunner
+from offer_server import OfferServer, eventually
 from secure_server import ServerThread
 from secure_server import settings as server_settings
 from sqlalchemy import select
@@ -25,6 +26,7 @@ from core.store.db import Store
 from core.store.events import EventIn, record
 from core.store.offers import insert_offers
 from core.store.tables import Event, Offer
+from discount.v1 import discount_pb2 as pb
 from trainer.cli import main as train
 from trainer.replay import ReplayConfig, replay
 
@@ -94,6 +96,65 @@ def test_a_randomized_rules_log_trains_a_response_model(
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert response_artifact.load(model).grid == [0.0, 0.05, 0.1, 0.15, 0.2]
+
+
+def test_a_randomized_variant_is_exported_apart_from_its_control(
+    tmp_path: Path, model_store: Path, db_url: str
+) -> None:
+    """The randomized rule as an experiment's variant next to the rule it may replace: the
+    experiment's offers are both variants', and the control's fixed discounts are said to be
+    among them, since `response` would train on them too; --rule keeps the draws alone."""
+    _run(db_url, "rules", "create", "fixed", "--policy", "threshold", "--param", "t=-100",
+         "--param", "d=10")  # fmt: skip
+    _run(db_url, "rules", "create", "learn", "--policy", "randomized", "--params",
+         json.dumps({"grid": [5, 10, 15, 20]}))  # fmt: skip
+    _run(db_url, "experiments", "create", "ab", "--variant", "control:50:fixed",
+         "--variant", "learn:50:learn")  # fmt: skip
+    _run(db_url, "experiments", "start", "ab")
+    running = OfferServer(model_store, db_url)
+    try:
+        for u in range(30):
+            running.stub.GetOffers(pb.GetOffersRequest(user_id=f"user-{u}", limit=3))
+        eventually(lambda: running.server.offering.log.pending == 0, 10.0)
+    finally:
+        running.close()
+    store = Store(db_url)
+    with store.transaction() as s:
+        by_variant: dict[str, list[Offer]] = {"control": [], "learn": []}
+        for offer in s.scalars(select(Offer).order_by(Offer.issued_at, Offer.offer_id)):
+            by_variant[str(offer.variant)].append(offer)
+        sold = [by_variant[v][0] for v in ("control", "learn")]
+        record(
+            s,
+            [EventIn(f"e-{o.variant}", "redemption", o.user_id, "", o.offer_id, 900, 1)
+             for o in sold],
+            datetime.now(UTC),
+        )  # fmt: skip
+    store.dispose()
+    assert all(by_variant.values()), "30 users and no one in one of the variants"
+
+    both = ctl(db_url, "offers", "export", "--experiment", "ab", "--out", str(tmp_path / "ab"),
+               "-o", "json")  # fmt: skip
+    assert both.exit_code == 0, both.output
+    summary = json.loads(both.stdout)
+    fixed, drawn = len(by_variant["control"]), len(by_variant["learn"])
+    assert (summary["offers"], summary["randomized"], summary["sales"]) == (fixed + drawn, drawn, 2)
+    assert (
+        f"{fixed:,} of these {fixed + drawn:,} offers had a discount not drawn at random"
+        in both.stderr
+    )
+    assert "--rule" in both.stderr
+
+    out = tmp_path / "learn"
+    alone = ctl(db_url, "offers", "export", "--experiment", "ab", "--rule", "learn", "--out",
+                str(out), "-o", "json")  # fmt: skip
+    assert alone.exit_code == 0, alone.output
+    assert json.loads(alone.stdout)["randomized"] == drawn
+    assert alone.stderr == ""
+    offers = pd.read_csv(out / "offers.csv", dtype={"offer_id": str})
+    assert sorted(offers["offer_id"]) == sorted(o.offer_id for o in by_variant["learn"])
+    assert (offers["propensity"] == 1 / 5).all()
+    assert list(pd.read_csv(out / "events.csv")["event_id"]) == ["e-learn"]
 
 
 def _offer(n: int, **later: object) -> dict[str, object]:
