@@ -145,6 +145,19 @@ def validate_params(policy: str, params: Mapping[str, Any]) -> dict[str, Any]:
     return validator(params)
 
 
+def check_draws(policy: str, params: Mapping[str, Any], limits: Guardrails) -> None:
+    """Refuse a `randomized` rule whose max discount leaves it no percent above 0 to draw: every
+    offer would get none (propensity 1), a log no response model learns anything from."""
+    if policy != "randomized":
+        return
+    if not any(0 < pct <= limits.max_discount_pct for pct in optimal_choices(params)):
+        raise PolicyError(
+            f"randomized: no percent of grid {list(params['grid'])} is above 0 and within the "
+            f"max discount ({float(limits.max_discount_pct):g}%), so every offer would get none; "
+            "give the grid such a percent, or raise the max discount"
+        )
+
+
 class Reason(StrEnum):
     """Why an offer has the discount it has; sent to callers as these exact strings."""
 
