@@ -83,7 +83,8 @@ def export(
     (alone, or as an experiment's variant) and export its offers with --rule. Offers logged
     before the store kept these columns (migration 0006) or by a build that knew fewer user
     features, and offers of items the model had no score for, are left out and counted, with
-    their sales.
+    their sales. --since and --until select offers by when they were issued; their sales come
+    with them whenever they were made.
 
     \b
     Example:

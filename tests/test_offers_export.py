@@ -255,6 +255,26 @@ def test_both_stores_give_the_same_files_to_the_cent(
     ]
 
 
+def test_since_and_until_select_offers_by_issue_and_bring_their_later_sales(
+    tmp_path: Path, store: Store, db_url: str
+) -> None:
+    features = {name: 1.0 for name in NUMERIC_FEATURES}
+    learnable = {"cf_score": 0.5, "rank": 1, "cost": 4.0, "user_features": features}
+    with store.transaction() as s:
+        # Issued at 09:00:01, :02 and :03.
+        insert_offers(s, [_offer(n, **learnable, propensity=0.5) for n in (1, 2, 3)])
+        an_hour_later = int(datetime(2026, 11, 30, 10, 0, 2, tzinfo=UTC).timestamp())
+        record(s, [EventIn("late", "purchase", "u2", "i", "o2", 900, 1, an_hour_later)],
+               datetime.now(UTC))  # fmt: skip
+    out = tmp_path / "log"
+    result = ctl(db_url, "offers", "export", "--out", str(out), "--since",
+                 "2026-11-30T09:00:02Z", "--until", "2026-11-30T10:00:03+01:00")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert list(pd.read_csv(out / "offers.csv")["offer_id"]) == ["o2"]
+    # Made after --until: a sale comes with its offer, whenever it was made.
+    assert list(pd.read_csv(out / "events.csv")["event_id"]) == ["late"]
+
+
 def test_a_log_of_fixed_discounts_says_response_would_refuse_it(
     tmp_path: Path, store: Store, db_url: str
 ) -> None:
