@@ -275,6 +275,24 @@ def test_since_and_until_select_offers_by_issue_and_bring_their_later_sales(
     assert list(pd.read_csv(out / "events.csv")["event_id"]) == ["late"]
 
 
+def test_a_rule_that_priced_none_of_the_offers_exports_none_and_says_so(
+    tmp_path: Path, store: Store, db_url: str
+) -> None:
+    _run(db_url, "rules", "create", "learn", "--policy", "randomized", "--param", "grid=[5]")
+    features = {name: 1.0 for name in NUMERIC_FEATURES}
+    with store.transaction() as s:  # priced by no rule
+        insert_offers(s, [_offer(1, cf_score=0.5, rank=1, cost=4.0, user_features=features,
+                                 propensity=0.5)])  # fmt: skip
+    out = tmp_path / "log"
+    result = ctl(db_url, "offers", "export", "--rule", "learn", "--out", str(out), "-o", "json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {
+        "out": str(out), "offers": 0, "randomized": 0, "sales": 0, "left_out_without_features": 0
+    }  # fmt: skip
+    assert result.stderr == "no offer matched: nothing for a response model to learn from\n"
+    assert (out / "offers.csv").read_text().count("\n") == 1  # the header alone
+
+
 def test_a_log_of_fixed_discounts_says_response_would_refuse_it(
     tmp_path: Path, store: Store, db_url: str
 ) -> None:
