@@ -170,7 +170,8 @@ def simulate_command(
     output: str,
 ) -> None:
     """Show what a user would be offered now, and why, without issuing an offer. Runs the
-    server's pipeline on the store's current rules and experiments.
+    server's pipeline on the store's current rules and experiments. A `randomized` rule draws
+    each discount anew: what it shows is one draw (stderr says so).
 
     \b
     Example:
@@ -233,10 +234,17 @@ def simulate_command(
             },
             output,
         )
-        return
-    message(
-        f"user {user_id}: segment {decision.segment or '(none)'}, experiment "
-        f"{decision.experiment_key or '(none)'}, variant {decision.variant or '(none)'}, "
-        f"model {model.version}"
-    )
-    emit([{**i, "reason_codes": " ".join(i["reason_codes"])} for i in items], output)
+    else:
+        message(
+            f"user {user_id}: segment {decision.segment or '(none)'}, experiment "
+            f"{decision.experiment_key or '(none)'}, variant {decision.variant or '(none)'}, "
+            f"model {model.version}"
+        )
+        emit([{**i, "reason_codes": " ".join(i["reason_codes"])} for i in items], output)
+    # Asked twice, the same question gets other discounts: not a bug to chase.
+    drawn = {d.rule.name for d in decision.items if d.rule and d.priced.drawn_from}
+    for name in sorted(drawn):
+        message(
+            f"rule {name!r} draws each discount at random among CHOICES=n percents: this shows "
+            "one draw, and another run may show another"
+        )

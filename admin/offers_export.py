@@ -55,7 +55,7 @@ def offers() -> None:
 @offers.command("export")
 @click.option(
     "--out",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=click.Path(path_type=Path),
     required=True,
     help="Folder for offers.csv and events.csv (created if missing); refused if either is "
     "already there.",
@@ -81,8 +81,10 @@ def export(
     when it was priced) and events.csv (the sales, in the RecordEvents shape). A response model
     learns what a discount does only from discounts drawn at random: run a `randomized` rule
     (alone, or as an experiment's variant) and export its offers with --rule. Offers logged
-    before the store kept these columns (migration 0006), and offers of items the model had no
-    score for, are left out and counted.
+    before the store kept these columns (migration 0006) or by a build that knew fewer user
+    features, and offers of items the model had no score for, are left out and counted, with
+    their sales. --since and --until select offers by when they were issued; their sales come
+    with them whenever they were made.
 
     \b
     Example:
@@ -95,6 +97,8 @@ def export(
     start, end = parse_time(since, "--since"), parse_time(until, "--until")
     if start is not None and end is not None and start >= end:
         raise click.ClickException(f"--since {since} is not before --until {until}")
+    if out.exists() and not out.is_dir():
+        raise click.ClickException(f"--out {out} is a file, not a folder; pick a folder")
     paths = [out / name for name in LOGS]
     there = [str(p) for p in paths if p.exists() or p.is_symlink()]
     if there:
@@ -102,6 +106,7 @@ def export(
             f"{', '.join(there)} already there; delete it or pick another --out"
         )
     counts: Counter[str] = Counter()
+    lacking: set[str] = set()  # offers left out for want of a user feature, and their sales
     with app.transaction() as session:
         rule_id = Rules(session).get(rule_name).id if rule_name is not None else None
         if experiment_key is not None:
@@ -110,13 +115,13 @@ def export(
         try:
             replace_files(
                 {
-                    paths[0]: lambda tmp: _write(tmp, _offer_rows(session, which, counts)),
-                    paths[1]: lambda tmp: _write(tmp, _sale_rows(session, which, counts)),
+                    paths[0]: lambda tmp: _write(tmp, _offer_rows(session, which, counts, lacking)),
+                    paths[1]: lambda tmp: _write(tmp, _sale_rows(session, which, counts, lacking)),
                 }
             )
         except OSError as e:
             raise click.ClickException(f"cannot write {out}: {e.strerror or e}") from None
-        counts["left_out"] = unlearnable_offers(session, which)
+        counts["left_out"] = unlearnable_offers(session, which) + len(lacking)
     summary: dict[str, Any] = {
         "out": str(out),
         "offers": counts["offers"],
@@ -132,10 +137,20 @@ def export(
             "none of these offers had its discount drawn at random (propensity 1): "
             "`discount-train response` refuses such a log; export a `randomized` rule's offers"
         )
+    elif counts["randomized"] < counts["offers"]:
+        # An experiment's control, another rule, a spent budget: `response` trains on them as
+        # though drawn, and only warns.
+        fixed = counts["offers"] - counts["randomized"]
+        message(
+            f"{fixed:,} of these {counts['offers']:,} offers had a discount not drawn at random "
+            "(propensity 1), which `discount-train response` learns from too"
+            + ("" if rule_name else "; --rule NAME keeps a `randomized` rule's offers alone")
+        )
     if counts["left_out"]:
         message(
-            f"left out {counts['left_out']:,} offer(s) without a score, cost or propensity "
-            "(logged before migration 0006, or of an item the model could not score)"
+            f"left out {counts['left_out']:,} offer(s) without a score, cost, propensity or "
+            "user feature (logged before migration 0006 or by a build that knew fewer "
+            "features, or of an item the model could not score)"
         )
 
 
@@ -147,10 +162,17 @@ def _write(path: Path, rows: Iterable[Sequence[object]]) -> None:
         csv.writer(file, lineterminator="\n").writerows(rows)
 
 
-def _offer_rows(session: Session, which: LogFilter, counts: Counter[str]) -> Rows:
+def _offer_rows(
+    session: Session, which: LogFilter, counts: Counter[str], lacking: set[str]
+) -> Rows:
     yield OFFER_COLUMNS
     for row in response_offers(session, which):
-        features = row.user_features or {}
+        features = [(row.user_features or {}).get(name) for name in NUMERIC_FEATURES]
+        if None in features:
+            # Logged by a build that knew fewer features: a blank cell makes `discount-train
+            # response` refuse the whole file, and a made-up value teaches it a false shopper.
+            lacking.add(row.offer_id)
+            continue
         yield (
             row.offer_id,
             row.user_id,
@@ -161,7 +183,7 @@ def _offer_rows(session: Session, which: LogFilter, counts: Counter[str]) -> Row
             repr(row.cost),
             repr(round(row.discount_pct / 100, 6)),
             repr(row.propensity),
-            *(features.get(name, "") for name in NUMERIC_FEATURES),
+            *features,
         )
         counts["offers"] += 1
         counts["randomized"] += row.propensity < 1
@@ -169,16 +191,19 @@ def _offer_rows(session: Session, which: LogFilter, counts: Counter[str]) -> Row
             click.echo(f"  {counts['offers']:,} offers read", err=True)
 
 
-def _sale_rows(session: Session, which: LogFilter, counts: Counter[str]) -> Rows:
+def _sale_rows(session: Session, which: LogFilter, counts: Counter[str], lacking: set[str]) -> Rows:
     yield EVENT_COLUMNS
     for row in response_sales(session, which):
+        if row.offer_id in lacking:
+            continue
         yield (
             row.event_id,
             row.type,
             row.user_id,
             row.item_id or "",
             row.offer_id,
-            "" if row.revenue is None else row.revenue,
+            # To the cent, as the price: the stores give 9.00 back as 9 (SQLite) or 9.0.
+            "" if row.revenue is None else f"{row.revenue:.2f}",
             row.quantity or "",
             row.occurred_at.isoformat(),
         )

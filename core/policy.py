@@ -145,6 +145,19 @@ def validate_params(policy: str, params: Mapping[str, Any]) -> dict[str, Any]:
     return validator(params)
 
 
+def check_draws(policy: str, params: Mapping[str, Any], limits: Guardrails) -> None:
+    """Refuse a `randomized` rule whose max discount leaves it no percent above 0 to draw: every
+    offer would get none (propensity 1), a log no response model learns anything from."""
+    if policy != "randomized":
+        return
+    if not any(0 < pct <= limits.max_discount_pct for pct in optimal_choices(params)):
+        raise PolicyError(
+            f"randomized: no percent of grid {list(params['grid'])} is above 0 and within the "
+            f"max discount ({float(limits.max_discount_pct):g}%), so every offer would get none; "
+            "give the grid such a percent, or raise the max discount"
+        )
+
+
 class Reason(StrEnum):
     """Why an offer has the discount it has; sent to callers as these exact strings."""
 
@@ -295,14 +308,18 @@ class PricedItem:
     reasons: tuple[str, ...] = ()
     # The probability the policy had of giving this discount: 1 but for `randomized`.
     propensity: float = 1.0
+    # The percents a `randomized` rule drew among (empty: nothing was drawn): the budget step
+    # needs them to keep the propensity exact when it withdraws a draw.
+    drawn_from: tuple[Decimal, ...] = ()
 
     @property
     def discount_amount(self) -> Decimal:
         return self.base_price - self.final_price
 
 
-# A policy's proposal: the discount, its reason codes and the probability it had (1 unless drawn).
-_Proposal = tuple[Decimal, tuple[str, ...], float]
+# A policy's proposal: the discount, its reason codes and the percents it was drawn among (empty
+# unless drawn; its propensity is 1 over their number).
+_Proposal = tuple[Decimal, tuple[str, ...], tuple[Decimal, ...]]
 _PolicyFn = Callable[[Rule, Candidate], _Proposal]
 
 
@@ -316,26 +333,26 @@ def _param_percent(value: float) -> Decimal:
 def _tiered_topk_discount(rule: Rule, item: Candidate) -> _Proposal:
     params = rule.params
     if item.rank <= params["k1"]:
-        return _param_percent(params["d1"]), (Reason.POLICY_TIERED_TOP,), 1.0
-    return _param_percent(params["d2"]), (Reason.POLICY_TIERED_REST,), 1.0
+        return _param_percent(params["d1"]), (Reason.POLICY_TIERED_TOP,), ()
+    return _param_percent(params["d2"]), (Reason.POLICY_TIERED_REST,), ()
 
 
 def _threshold_discount(rule: Rule, item: Candidate) -> _Proposal:
     if item.score is None or not math.isfinite(item.score):
-        return Decimal(0), (Reason.NO_SCORE,), 1.0
+        return Decimal(0), (Reason.NO_SCORE,), ()
     if item.score >= rule.params["t"]:
-        return _param_percent(rule.params["d"]), (Reason.POLICY_THRESHOLD_MET,), 1.0
-    return Decimal(0), (Reason.POLICY_THRESHOLD_NOT_MET,), 1.0
+        return _param_percent(rule.params["d"]), (Reason.POLICY_THRESHOLD_MET,), ()
+    return Decimal(0), (Reason.POLICY_THRESHOLD_NOT_MET,), ()
 
 
 def _linear_discount(rule: Rule, item: Candidate) -> _Proposal:
     params = rule.params
     if item.score is None or not math.isfinite(item.score):
-        return Decimal(0), (Reason.NO_SCORE,), 1.0
+        return Decimal(0), (Reason.NO_SCORE,), ()
     # a·score + b may overflow to ±inf; clipping still lands it inside [min, max].
     raw = params["a"] * item.score + params["b"]
     clipped = min(max(raw, params["min"]), params["max"])
-    return as_decimal(clipped, "linear discount"), (Reason.POLICY_LINEAR,), 1.0
+    return as_decimal(clipped, "linear discount"), (Reason.POLICY_LINEAR,), ()
 
 
 def optimal_choices(params: Mapping[str, Any]) -> tuple[Decimal, ...]:
@@ -374,7 +391,7 @@ def uplift_code(uplift: float) -> str:
 
 def _optimal_discount(rule: Rule, item: Candidate) -> _Proposal:
     if item.score is None or not math.isfinite(item.score):
-        return Decimal(0), (Reason.NO_SCORE,), 1.0
+        return Decimal(0), (Reason.NO_SCORE,), ()
     choices = optimal_choices(rule.params)
     probability = item.purchase_probability
     # A NaN would win argmax and make the uplift code raise; a value outside [0, 1] is no
@@ -384,7 +401,7 @@ def _optimal_discount(rule: Rule, item: Candidate) -> _Proposal:
         or len(probability) != len(choices)
         or not all(0 <= p <= 1 for p in probability)
     ):
-        return Decimal(0), (Reason.NO_RESPONSE_MODEL,), 1.0
+        return Decimal(0), (Reason.NO_RESPONSE_MODEL,), ()
     base, cost = to_cents(item.base_price), to_cents(item.cost)
     # The floor from the catalog's cost as _price_one computes it, not the cost rounded to cents:
     # a choice allowed against a lower floor would be moved off the grid by the floor guardrail.
@@ -398,7 +415,7 @@ def _optimal_discount(rule: Rule, item: Candidate) -> _Proposal:
     )
     column = int(picked.column[0])
     uplift = uplift_code(float(picked.uplift[0]))
-    return choices[column], (Reason.POLICY_OPTIMAL, uplift), 1.0
+    return choices[column], (Reason.POLICY_OPTIMAL, uplift), ()
 
 
 def _randomized_discount(rule: Rule, item: Candidate) -> _Proposal:
@@ -408,7 +425,7 @@ def _randomized_discount(rule: Rule, item: Candidate) -> _Proposal:
     allowed = allowed_percents(to_cents(item.base_price), item.cost, choices, rule.guardrails)
     open_ = [pct for pct, ok in zip(choices, allowed, strict=True) if ok]
     drawn = open_[secrets.randbelow(len(open_))]
-    return drawn, (Reason.POLICY_RANDOMIZED, f"CHOICES={len(open_)}"), 1 / len(open_)
+    return drawn, (Reason.POLICY_RANDOMIZED, f"CHOICES={len(open_)}"), tuple(open_)
 
 
 _POLICY_FNS: dict[str, _PolicyFn] = {
@@ -450,7 +467,7 @@ def _price_one(rule: Rule, item: Candidate, max_pct: Decimal, floor_factor: Deci
     them (_percent_down of the maximum, _floor_factor of the margin), computed once a call."""
     _check_candidate(item)
     base = to_cents(item.base_price)
-    proposed, policy_reasons, propensity = _POLICY_FNS[rule.policy](rule, item)
+    proposed, policy_reasons, drawn_from = _POLICY_FNS[rule.policy](rule, item)
     reasons = list(policy_reasons)
     pct = _percent_down(proposed)
     if pct > rule.guardrails.max_discount_pct:
@@ -470,7 +487,10 @@ def _price_one(rule: Rule, item: Candidate, max_pct: Decimal, floor_factor: Deci
     if pct > 0 and final == base:
         pct = Decimal(0)
         reasons.append(Reason.ROUNDED_TO_NO_DISCOUNT)
-    return PricedItem(item.item_id, base, pct.quantize(CENT), final, tuple(reasons), propensity)
+    propensity = 1 / len(drawn_from) if drawn_from else 1.0
+    return PricedItem(
+        item.item_id, base, pct.quantize(CENT), final, tuple(reasons), propensity, drawn_from
+    )
 
 
 def no_discount(item: Candidate, reason: Reason = Reason.NO_RULE) -> PricedItem:
@@ -497,7 +517,8 @@ def apply_budget(items: Sequence[PricedItem], remaining: Decimal | None) -> list
     Items are considered in order; each discount that fits is granted and reduces what is left,
     one that does not fit is replaced by the base price. A spent or negative budget therefore
     grants nothing (fail closed). The caller decides what counts as spent (e.g. issued or
-    redeemed discounts) and passes what is left.
+    redeemed discounts) and passes what is left. A drawn item that shows no discount gets the
+    propensity of none under the budget (_none_shown).
     """
     if remaining is None:
         return list(items)
@@ -505,6 +526,9 @@ def apply_budget(items: Sequence[PricedItem], remaining: Decimal | None) -> list
     out = []
     for item in items:
         amount = item.discount_amount
+        if item.drawn_from and not 0 < amount <= left:
+            # It shows none: so would the draw of any percent the budget left cannot pay for.
+            item = replace(item, propensity=_none_shown(item, left))
         if amount <= 0:
             out.append(item)
         elif amount <= left:
@@ -517,8 +541,14 @@ def apply_budget(items: Sequence[PricedItem], remaining: Decimal | None) -> list
                     discount_pct=Decimal("0.00"),
                     final_price=item.base_price,
                     reasons=(*item.reasons, Reason.BUDGET_EXHAUSTED),
-                    # The budget, not a draw, set this discount.
-                    propensity=1.0,
                 )
             )
     return out
+
+
+def _none_shown(item: PricedItem, left: Decimal) -> float:
+    """The propensity of no discount for a drawn item with ``left`` to spend: no discount shows
+    for the draw of 0 and for that of every percent the budget cannot pay for (1 once spent)."""
+    base = item.base_price
+    none = sum(pct == 0 or base - price_after(base, pct) > left for pct in item.drawn_from)
+    return none / len(item.drawn_from)

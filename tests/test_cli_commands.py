@@ -18,7 +18,7 @@ import pytest
 from cli import contents, ctl
 from click.testing import CliRunner
 from pg import BACKENDS, empty_database
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from admin.cli import cli
 from core.policy import POLICIES
@@ -479,6 +479,26 @@ INVALID = [
         ("rules", "create", "t2", "--policy", "threshold", "--param", "t=0.5"),
         "missing parameter(s) d",
     ),
+    # A randomized rule that can draw only no discount logs no experiment at all.
+    (
+        ("rules", "create", "t2", "--policy", "randomized", "--param", "grid=[40,50]"),
+        "randomized: no percent of grid [40.0, 50.0] is above 0 and within the max discount (30%)",
+    ),
+    (("rules", "create", "t2", "--policy", "randomized", "--param", "grid=[0]"), "no percent"),
+    (
+        (
+            "rules",
+            "update",
+            "tier",
+            "--policy",
+            "randomized",
+            "--param",
+            "grid=[5,10]",
+            "--max-discount",
+            "4.99",
+        ),
+        "within the max discount (4.99%)",
+    ),
     (
         ("rules", "create", "t2", "--policy", "linear", "--params", "[1]"),
         "parameters must be an object",
@@ -901,6 +921,24 @@ def test_rule_update_clears_and_toggles(seeded: str) -> None:
     assert ok(seeded, "rules disable tier")["enabled"] is False
     assert ok(seeded, "rules enable tier")["enabled"] is True
     assert ok(seeded, "rules delete tier --yes")["name"] == "tier"
+
+
+def test_a_randomized_rule_stored_before_its_grid_was_checked_can_still_be_disabled(
+    seeded: str,
+) -> None:
+    """A build before the check stored a rule that draws only no discount: disabling or
+    describing it changes nothing it draws among, so it is not refused for its grid."""
+    ok(seeded, "rules create learn --policy randomized --param grid=[5,10]")
+    store = Store(seeded)
+    with store.transaction() as session:
+        session.execute(
+            text("""UPDATE rules SET params = '{"grid": [40.0]}' WHERE name = 'learn'""")
+        )
+    store.dispose()
+    assert ok(seeded, "rules disable learn")["enabled"] is False
+    assert ok(seeded, "rules update learn --description old")["description"] == "old"
+    refused = ctl(seeded, "rules", "update", "learn", "--max-discount", "35")
+    assert refused.exit_code == 1 and "no percent of grid [40.0]" in refused.stderr
 
 
 def test_schema_not_at_head_names_the_fix(tmp_path: Path) -> None:

@@ -119,7 +119,7 @@ def test_random_arguments_never_crash(
     seen: Counter[int] = Counter()
 
     # Derandomized: the same argument lists every run, so CI never depends on luck to get one
-    # past the parser (`rules create` needs a name and one of four --policy choices).
+    # past the parser (`rules create` needs a name and one of five --policy choices).
     @settings(
         max_examples=EXAMPLES_PER_COMMAND,
         deadline=None,

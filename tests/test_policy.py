@@ -568,11 +568,25 @@ def test_randomized_offers_only_no_discount_to_an_item_below_its_floor() -> None
     assert offer.reasons == (Reason.POLICY_RANDOMIZED, "CHOICES=1")
 
 
-def test_a_discount_the_budget_withdraws_was_not_drawn() -> None:
-    rule = Rule("randomized", {"grid": [50]}, Guardrails.of(60))
+def test_under_a_budget_no_discount_is_as_likely_as_the_choices_that_show_none() -> None:
+    """A drawn discount the budget cannot pay for shows none: none is then shown for the draw of
+    0 and of every such choice, and its propensity is theirs together, not 1 (as if nothing had
+    been drawn) nor 1/n (as if only 0 showed none)."""
+    # Choices 0, 10% (1.00 off) and 50% (5.00 off): 2.00 left pays for 10% only.
+    rule = Rule("randomized", {"grid": [10, 50]}, Guardrails.of(60))
     item = Candidate("x", Decimal("10.00"), Decimal("1.00"), 1)
-    offers = [o for o in price_items(rule, [item] * 40) if o.discount_pct > 0][:2]
-    granted, withdrawn = apply_budget(offers, Decimal("5.00"))
-    assert (granted.propensity, granted.discount_pct) == (0.5, Decimal("50.00"))
-    assert (withdrawn.propensity, withdrawn.discount_pct) == (1.0, Decimal("0.00"))
-    assert withdrawn.reasons[-1] == Reason.BUDGET_EXHAUSTED
+    shown: dict[Decimal, set[float]] = {}
+    for offer in price_items(rule, [item] * 300):
+        [budgeted] = apply_budget([offer], Decimal("2.00"))
+        shown.setdefault(budgeted.discount_pct, set()).add(budgeted.propensity)
+        if offer.discount_pct == 50:
+            assert budgeted.reasons[-1] == Reason.BUDGET_EXHAUSTED
+    assert shown == {Decimal("0.00"): {2 / 3}, Decimal("10.00"): {1 / 3}}
+    # Spent, it shows none whatever was drawn: nothing was random.
+    spent = apply_budget(price_items(rule, [item] * 30), Decimal("0.00"))
+    assert {(o.discount_pct, o.propensity) for o in spent} == {(Decimal("0.00"), 1.0)}
+    # Within one answer the budget left shrinks as it grants: after the first 50%, 1.00 is left.
+    fifty = [o for o in price_items(rule, [item] * 60) if o.discount_pct == 50][:2]
+    granted, withdrawn = apply_budget(fifty, Decimal("6.00"))
+    assert (granted.discount_pct, granted.propensity) == (Decimal("50.00"), 1 / 3)
+    assert (withdrawn.discount_pct, withdrawn.propensity) == (Decimal("0.00"), 2 / 3)

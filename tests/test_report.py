@@ -157,6 +157,22 @@ def test_simulate_shows_the_servers_answer_without_issuing(db_url: str, model_st
     store.dispose()
 
 
+def test_simulate_says_a_randomized_rules_discounts_are_one_draw(
+    db_url: str, model_store: Path
+) -> None:
+    """Two runs of the same question may price differently: the table says why."""
+    ctl(db_url, "rules", "create", "learn", "--policy", "randomized", "--param", "grid=[5,10]")
+    args = ("--user", "user-0", "--limit", "3", "--model-dir", str(model_store))
+    note = (
+        "rule 'learn' draws each discount at random among CHOICES=n percents: this shows one "
+        "draw, and another run may show another\n"
+    )
+    table = ctl(db_url, "rules", "simulate", *args)
+    assert table.stdout.count("POLICY_RANDOMIZED CHOICES=3") == 3
+    assert table.stderr.endswith(note)
+    assert ctl(db_url, "rules", "simulate", *args, "-o", "json").stderr == note
+
+
 def test_simulate_leaves_out_what_the_user_bought_since_the_models_data(
     db_url: str, model_store: Path
 ) -> None:

@@ -10,7 +10,7 @@ from typing import Any, cast
 from sqlalchemy import Numeric, Table, select
 from sqlalchemy.orm import Session
 
-from core.policy import PolicyError, validate_params
+from core.policy import Guardrails, PolicyError, check_draws, validate_params
 from core.store import audit, validate
 from core.store.errors import Conflict, InvalidInput, NotFound
 from core.store.segments import Segments, check_version, locked
@@ -67,6 +67,7 @@ class Rules:
         if self.session.scalar(select(Rule.id).where(Rule.name == name)) is not None:
             raise Conflict(f"rule {name!r} already exists; pick another name or update it")
         values = self._validated({**DEFAULTS, **fields, "policy": policy, "params": params})
+        _check_draws(values)
         rule = Rule(name=name, **values)
         self.session.add(rule)
         self.session.flush()
@@ -100,7 +101,12 @@ class Rules:
             "policy": rule.policy,
             "params": rule.params,
         }
-        for key, value in self._validated({**current, **changes}).items():
+        values = self._validated({**current, **changes})
+        # Only when what it draws among changes: a rule stored before this check must still
+        # be disabled, or renamed, without first fixing its grid.
+        if changes.keys() & {"policy", "params", "max_discount_pct"}:
+            _check_draws(values)
+        for key, value in values.items():
             setattr(rule, key, value)
         if not self.session.is_modified(rule):
             # Nothing to change: no new version, which would fail others' --if-version for
@@ -214,3 +220,10 @@ def _strings(label: str, values: object) -> list[str]:
     if not isinstance(values, list | tuple) or not all(isinstance(x, str) and x for x in values):
         raise InvalidInput(f"{label} list must hold non-empty strings, got {values!r}")
     return list(dict.fromkeys(values))
+
+
+def _check_draws(values: dict[str, Any]) -> None:
+    try:
+        check_draws(values["policy"], values["params"], Guardrails.of(values["max_discount_pct"]))
+    except PolicyError as e:
+        raise InvalidInput(f"invalid policy parameters: {e}") from None
