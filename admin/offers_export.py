@@ -108,6 +108,10 @@ def export(
     counts: Counter[str] = Counter()
     lacking: set[str] = set()  # offers left out for want of a user feature, and their sales
     with app.transaction() as session:
+        if session.get_bind().dialect.name == "postgresql":
+            # One snapshot for every read: offers logged between the read of offers and that of
+            # sales would bring sales whose offer is not in offers.csv.
+            session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
         rule_id = Rules(session).get(rule_name).id if rule_name is not None else None
         if experiment_key is not None:
             Experiments(session).get(experiment_key)
