@@ -388,8 +388,9 @@ def estimate_policy_command(
     intervals over offers; DR's lift over no discount is paired offer by offer. Each rule
     prices every logged offer as discountd would, guardrails included, rounded down onto the
     discounts the log drew (a discount never drawn has no offers to learn from); its scope,
-    budget and validity window are not applied. A response model trained on this same log
-    makes DR lean on the model where it fits the log best: train it on an earlier period.
+    budget and validity window are not applied; tiered_topk rules need the offers' rank. A
+    response model trained on this same log makes DR lean on the model where it fits the log
+    best: train it on an earlier period.
 
     The log and rules come from the store: `discountctl offers export --rule learn --out
     var/responses` and `discountctl rules list -o json > var/rules.json`.
@@ -411,9 +412,19 @@ def estimate_policy_command(
         raise click.ClickException(f"--response-model: {e}") from None
     if randomized:
         _err(f"left out {', '.join(randomized)}: a randomized rule is the experiment itself")
+    if log.unranked and any(rule.policy == "tiered_topk" for _, rule in rules):
+        _err(
+            f"{log.unranked:,} offer(s) have no rank: tiered_topk rules give them d2, as "
+            "discountd does an item the model did not rank"
+        )
     click.echo(shop_estimate.format_table(estimates, len(log.discount)))
     if json_path is not None:
-        report = {"offers": len(log.discount), "grid": log.grid.tolist(), "policies": estimates}
+        report = {
+            "offers": len(log.discount),
+            "unranked": log.unranked,
+            "grid": log.grid.tolist(),
+            "policies": estimates,
+        }
         try:
             replace_text(json_path, json.dumps(report, indent=2) + "\n")
         except OSError as e:

@@ -42,11 +42,12 @@ class EstimateError(Exception):
 class ShopLog:
     user_ids: npt.NDArray[np.str_]
     features: Floats  # OFFER_FEATURES per offer
-    rank: list[int]
+    rank: list[int] | None  # None: the log has no ranks
     discount: Floats
     propensity: Floats
     bought: npt.NDArray[np.bool_]
     grid: Floats  # the discounts the log holds, ascending, 0 among them
+    unranked: int  # offers without a rank, which policies rank after every ranked one
 
     @property
     def price(self) -> Floats:
@@ -77,11 +78,7 @@ def read_log(offers: pd.DataFrame, events: pd.DataFrame) -> ShopLog:
             "offers: no offer was logged without a discount, so no policy's margin can be "
             "compared with no discount; log an experiment whose draws include 0"
         )
-    if "rank" in offers.columns:
-        ranks = pd.to_numeric(offers["rank"], errors="coerce")
-        rank = [int(r) if r >= 1 else UNRANKED for r in ranks.fillna(0)]
-    else:
-        rank = [UNRANKED] * len(offers)
+    rank = _ranks(offers)
     return ShopLog(
         offers["user_id"].astype(str).to_numpy(dtype=str),
         logged.data.features[:, : len(OFFER_FEATURES)],
@@ -90,7 +87,19 @@ def read_log(offers: pd.DataFrame, events: pd.DataFrame) -> ShopLog:
         logged.data.propensity,
         logged.data.bought,
         grid,
+        unranked=0 if rank is None else rank.count(UNRANKED),
     )
+
+
+def _ranks(offers: pd.DataFrame) -> list[int] | None:
+    """Each offer's rank, UNRANKED where it has none, as discountd ranks an item the model did
+    not rank; None when no offer has one."""
+    if "rank" not in offers.columns:
+        return None
+    ranks = pd.to_numeric(offers["rank"], errors="coerce")
+    if not (ranks >= 1).any():
+        return None
+    return [int(r) if r >= 1 else UNRANKED for r in ranks.fillna(0)]
 
 
 def read_rules(path: Path) -> tuple[list[tuple[str, Rule]], list[str]]:
@@ -146,6 +155,12 @@ def estimate(
     policy's discount, IPS and (with a model) DR mean margin per offer, and DR's lift over no
     discount, each with a 95% interval over offers."""
     for name, rule in rules:
+        if rule.policy == "tiered_topk" and log.rank is None:
+            raise EstimateError(
+                f"rule {name!r} is `tiered_topk`, which discounts by rank, and no offer has a "
+                "rank: give the offers' rank column (1 for the model's best item of a request), "
+                "as `discountctl offers export` writes it"
+            )
         if rule.policy == "optimal":
             if probability is None:
                 raise EstimateError(
@@ -163,10 +178,11 @@ def estimate(
         if probability is None
         else ope.expected_margin(probability, log.price, log.cost, log.grid)
     )
+    rank = [UNRANKED] * len(margin) if log.rank is None else log.rank
     targets = {NO_DISCOUNT: np.zeros(len(margin))}
     for name, rule in rules:
         targets[name] = ope.rule_discounts(
-            rule, log.price, log.cost, log.rank, log.score, log.grid, probability
+            rule, log.price, log.cost, rank, log.score, log.grid, probability
         )
     out: dict[str, Any] = {}
     baseline: Floats | None = None
