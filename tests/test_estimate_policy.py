@@ -166,6 +166,25 @@ def test_on_a_simulated_log_the_estimates_cover_the_true_margin(shop: Path) -> N
             assert row[estimator]["low"] < truth < row[estimator]["high"], (name, estimator)
 
 
+def test_offers_whose_discount_was_not_drawn_are_left_out(shop: Path) -> None:
+    """A spent budget logs 0% with propensity 1: no other discount had a chance there, and IPS
+    would count each such offer as earning nothing under every rule that discounts it."""
+    offers = pd.read_csv(shop / "offers.csv", dtype={"offer_id": str})
+    fixed = offers.index % 5 == 0
+    offers[~fixed].to_csv(shop / "drawn.csv", index=False)
+    offers.assign(
+        discount=offers["discount"].where(~fixed, 0.0),
+        propensity=offers["propensity"].where(~fixed, 1.0),
+    ).to_csv(shop / "spent.csv", index=False)
+    more = ("--response-model", str(shop / "model"))
+    spent = _estimate(shop, [TIERED, BLANKET], *more, offers="spent.csv")
+    assert f"left out {fixed.sum():,} offer(s) of propensity 1" in spent.stderr
+    assert (
+        _report(shop, [TIERED, BLANKET], *more, offers="spent.csv")["policies"]
+        == _report(shop, [TIERED, BLANKET], *more, offers="drawn.csv")["policies"]
+    )
+
+
 def _tiny_log(folder: Path, **columns: list[object]) -> None:
     """Four offers, the two scored above 0.5 logged at 0% and the others at 10% (each drawn
     with probability 1/2), of which o1 and o3 sold."""

@@ -388,9 +388,10 @@ def estimate_policy_command(
     intervals over offers; DR's lift over no discount is paired offer by offer. Each rule
     prices every logged offer as discountd would, guardrails included, rounded down onto the
     discounts the log drew (a discount never drawn has no offers to learn from); its scope,
-    budget and validity window are not applied; tiered_topk rules need the offers' rank. A
-    response model trained on this same log makes DR lean on the model where it fits the log
-    best: train it on an earlier period.
+    budget and validity window are not applied. Offers whose discount was not drawn
+    (propensity 1) are left out; tiered_topk rules need the offers' rank. A response model
+    trained on this same log makes DR lean on the model where it fits the log best: train it on
+    an earlier period.
 
     The log and rules come from the store: `discountctl offers export --rule learn --out
     var/responses` and `discountctl rules list -o json > var/rules.json`.
@@ -412,6 +413,11 @@ def estimate_policy_command(
         raise click.ClickException(f"--response-model: {e}") from None
     if randomized:
         _err(f"left out {', '.join(randomized)}: a randomized rule is the experiment itself")
+    if log.fixed:
+        _err(
+            f"left out {log.fixed:,} offer(s) of propensity 1: their discount was not drawn, so "
+            "they say nothing of what another discount would have done"
+        )
     if log.unranked and any(rule.policy == "tiered_topk" for _, rule in rules):
         _err(
             f"{log.unranked:,} offer(s) have no rank: tiered_topk rules give them d2, as "
@@ -421,6 +427,7 @@ def estimate_policy_command(
     if json_path is not None:
         report = {
             "offers": len(log.discount),
+            "left_out_fixed": log.fixed,
             "unranked": log.unranked,
             "grid": log.grid.tolist(),
             "policies": estimates,

@@ -40,6 +40,8 @@ class EstimateError(Exception):
 
 @dataclass(frozen=True)
 class ShopLog:
+    """The offers whose discount was drawn at random, the ones estimates rest on."""
+
     user_ids: npt.NDArray[np.str_]
     features: Floats  # OFFER_FEATURES per offer
     rank: list[int] | None  # None: the log has no ranks
@@ -47,6 +49,7 @@ class ShopLog:
     propensity: Floats
     bought: npt.NDArray[np.bool_]
     grid: Floats  # the discounts the log holds, ascending, 0 among them
+    fixed: int  # offers left out: their discount was not drawn (propensity 1)
     unranked: int  # offers without a rank, which policies rank after every ranked one
 
     @property
@@ -69,25 +72,30 @@ class ShopLog:
 
 def read_log(offers: pd.DataFrame, events: pd.DataFrame) -> ShopLog:
     """The offers and which were bought, checked as `discount-train response` checks them
-    (ResponseError names what is wrong)."""
+    (ResponseError names what is wrong), less those whose discount was not drawn."""
     logged = from_logs(offers, events, seed=0)
     discount = np.round(logged.data.discount, 6)
-    grid = np.unique(discount)
+    # Where the discount was fixed (a spent budget, an experiment's fixed variant, an item only
+    # 0% keeps within the guardrails), no other discount had a chance: IPS would count such an
+    # offer as earning nothing under every rule that prices it otherwise.
+    drawn = np.flatnonzero(logged.data.propensity < 1)
+    rank = _ranks(offers)
+    grid = np.unique(discount[drawn])
     if grid[0] != 0:
         raise EstimateError(
             "offers: no offer was logged without a discount, so no policy's margin can be "
             "compared with no discount; log an experiment whose draws include 0"
         )
-    rank = _ranks(offers)
     return ShopLog(
-        offers["user_id"].astype(str).to_numpy(dtype=str),
-        logged.data.features[:, : len(OFFER_FEATURES)],
-        rank,
-        discount,
-        logged.data.propensity,
-        logged.data.bought,
+        offers["user_id"].astype(str).to_numpy(dtype=str)[drawn],
+        logged.data.features[drawn, : len(OFFER_FEATURES)],
+        None if rank is None else [rank[k] for k in drawn],
+        discount[drawn],
+        logged.data.propensity[drawn],
+        logged.data.bought[drawn],
         grid,
-        unranked=0 if rank is None else rank.count(UNRANKED),
+        fixed=len(discount) - len(drawn),
+        unranked=0 if rank is None else sum(rank[k] == UNRANKED for k in drawn),
     )
 
 
