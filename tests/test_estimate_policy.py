@@ -185,6 +185,18 @@ def test_offers_whose_discount_was_not_drawn_are_left_out(shop: Path) -> None:
     )
 
 
+def test_discounts_off_the_percent_grid_by_float_noise_are_the_grid_s(shop: Path) -> None:
+    """A log that wrote 10% as 0.099999 and 5% as 0.05000001 is the same log: an `optimal`
+    rule's 10% reads the model's P(buy) at 10%, not at the next logged discount."""
+    offers = pd.read_csv(shop / "offers.csv", dtype={"offer_id": str})
+    noisy = offers["discount"].replace({0.1: 0.099999, 0.05: 0.05000001})
+    assert (noisy != offers["discount"]).any()
+    offers.assign(discount=noisy).to_csv(shop / "noisy.csv", index=False)
+    more = ("--response-model", str(shop / "model"))
+    clean = _report(shop, [OPTIMAL, BLANKET], *more)
+    assert _report(shop, [OPTIMAL, BLANKET], *more, offers="noisy.csv") == clean
+
+
 def _tiny_log(folder: Path, **columns: list[object]) -> None:
     """Four offers, the two scored above 0.5 logged at 0% and the others at 10% (each drawn
     with probability 1/2), of which o1 and o3 sold."""

@@ -74,7 +74,8 @@ def read_log(offers: pd.DataFrame, events: pd.DataFrame) -> ShopLog:
     """The offers and which were bought, checked as `discount-train response` checks them
     (ResponseError names what is wrong), less those whose discount was not drawn."""
     logged = from_logs(offers, events, seed=0)
-    discount = np.round(logged.data.discount, 6)
+    # A percent has two decimals (core.policy): a log's 0.0999999 is 10%, as ope.SAME says.
+    discount = np.round(logged.data.discount, 4)
     # Where the discount was fixed (a spent budget, an experiment's fixed variant, an item only
     # 0% keeps within the guardrails), no other discount had a chance: IPS would count such an
     # offer as earning nothing under every rule that prices it otherwise.
@@ -174,7 +175,7 @@ def estimate(
                 raise EstimateError(
                     f"rule {name!r} is `optimal`: give its response model (--response-model)"
                 )
-            off = [float(c) for c in _choices(rule) if not np.isclose(log.grid, c).any()]
+            off = ope.off_grid(_choices(rule), log.grid)
             if off:
                 raise EstimateError(
                     f"rule {name!r} chooses among {off} that the log never drew "
