@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -195,6 +196,23 @@ def test_discounts_off_the_percent_grid_by_float_noise_are_the_grid_s(shop: Path
     more = ("--response-model", str(shop / "model"))
     clean = _report(shop, [OPTIMAL, BLANKET], *more)
     assert _report(shop, [OPTIMAL, BLANKET], *more, offers="noisy.csv") == clean
+
+
+def test_optimal_scores_a_discount_past_the_model_s_training_as_discountd_does(
+    shop: Path, tmp_path: Path
+) -> None:
+    """A model trained on 0-10% scores 15-30% as 10% in discountd (server.response), so an
+    `optimal` rule that may give 30% never does: priced otherwise here, the estimate would be of
+    a rule discountd never runs."""
+    model = tmp_path / "model"
+    shutil.copytree(shop / "model", model)
+    manifest = json.loads((model / "manifest.json").read_text())
+    (model / "manifest.json").write_text(json.dumps({**manifest, "grid": [0.0, 0.05, 0.1]}))
+    wide = {**OPTIMAL, "name": "wide", "params": {"grid": [5, 10, 15, 20, 25, 30]}}
+    narrow = {**OPTIMAL, "name": "narrow", "params": {"grid": [5, 10]}}
+    estimates = _report(shop, [wide, narrow], "--response-model", str(model))["policies"]
+    assert estimates["wide"] == estimates["narrow"]
+    assert 0 < estimates["wide"]["mean_discount"] < 0.1
 
 
 def _tiny_log(folder: Path, **columns: list[object]) -> None:

@@ -146,13 +146,16 @@ def read_rules(path: Path) -> tuple[list[tuple[str, Rule]], list[str]]:
 def predict(folder: Path, log: ShopLog) -> Floats:
     """The response model's P(buy) [offers, log grid], each user's rates from its history table
     as discountd looks them up (ArtifactError for a folder that is not a response model)."""
-    response_artifact.load(folder)
+    manifest = response_artifact.load(folder)
     history = HistoryTable.load(folder / response_artifact.HISTORY)
     session = ort.InferenceSession(
         str(folder / response_artifact.GRAPH), providers=["CPUExecutionProvider"]
     )
     rows = np.column_stack([log.features, history.lookup(log.user_ids)]).astype(np.float32)
-    grid = np.tile(log.grid.astype(np.float32), (len(rows), 1))
+    # As discountd scores it (server.response): a discount past the largest the model was
+    # trained on as that largest one, whose P(buy) was fitted, not extrapolated.
+    tried = np.minimum(log.grid, max(manifest.grid, default=0.0)).astype(np.float32)
+    grid = np.tile(tried, (len(rows), 1))
     [probability] = session.run(None, {"features": rows, "discounts": grid})
     return np.asarray(probability, dtype=np.float64)
 
