@@ -239,6 +239,29 @@ def _tiny_log(folder: Path, **columns: list[object]) -> None:
     ).to_csv(folder / "tiny-events.csv", index=False)
 
 
+def test_a_rule_the_log_never_shows_has_no_ips_and_a_tiny_log_wide_intervals(
+    tmp_path: Path,
+) -> None:
+    """The log gives 10% exactly where this threshold rule gives 0%, and the reverse: IPS rests
+    on no offer, so it is n/a, not a measured 0 with an interval of width 0. Over four offers
+    the interval is Student's t with 3 degrees of freedom, not the normal one."""
+    _tiny_log(tmp_path)
+    rule = {"name": "high", "policy": "threshold", "params": {"t": 0.5, "d": 10}}
+    path = tmp_path / "report.json"
+    result = _estimate(tmp_path, [rule], "--json", str(path), offers="tiny.csv",
+                       events="tiny-events.csv")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "high: no logged offer shows the discount it gives" in result.stderr
+    estimates = json.loads(path.read_text())["policies"]
+    assert estimates["high"]["supported"] == 0 and estimates["high"]["ips"] is None
+    assert "n/a" in result.stdout.splitlines()[2]
+    terms = np.array([(10 - 5) / 0.5, 0, 0, 0])  # o1 sold at 0%
+    half = 3.182446 * terms.std(ddof=1) / 2  # scipy.stats.t.ppf(0.975, 3)
+    assert estimates["no_discount"]["ips"] == pytest.approx(
+        {"mean": terms.mean(), "low": terms.mean() - half, "high": terms.mean() + half}
+    )
+
+
 def test_tiered_rules_need_ranks_and_an_unranked_offer_is_priced_as_discountd_does(
     tmp_path: Path,
 ) -> None:

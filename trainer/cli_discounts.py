@@ -384,14 +384,14 @@ def estimate_policy_command(
     """Estimate what each rule would earn from a randomized experiment's log, before it serves
     anyone: per rule (and no discount, the baseline) its mean discount, the share of offers
     where the log shows the discount it would give, and its mean margin per offer by inverse
-    propensity (IPS) and, with --response-model, doubly robust (DR) weighting, with 95%
-    intervals over offers; DR's lift over no discount is paired offer by offer. Each rule
-    prices every logged offer as discountd would, guardrails included, rounded down onto the
-    discounts the log drew (a discount never drawn has no offers to learn from); its scope,
-    budget and validity window are not applied. Offers whose discount was not drawn
-    (propensity 1) are left out; tiered_topk rules need the offers' rank. A response model
-    trained on this same log makes DR lean on the model where it fits the log best: train it on
-    an earlier period.
+    propensity (IPS; n/a for a rule the log never shows) and, with --response-model, doubly
+    robust (DR) weighting, with 95% t-intervals over offers; DR's lift over no discount is
+    paired offer by offer. Each rule prices every logged offer as discountd would, guardrails
+    included, rounded down onto the discounts the log drew (a discount never drawn has no offers
+    to learn from); its scope, budget and validity window are not applied. Offers whose
+    discount was not drawn (propensity 1) are left out; tiered_topk rules need the offers' rank.
+    A response model trained on this same log makes DR lean on the model where it fits the log
+    best: train it on an earlier period.
 
     The log and rules come from the store: `discountctl offers export --rule learn --out
     var/responses` and `discountctl rules list -o json > var/rules.json`.
@@ -423,6 +423,12 @@ def estimate_policy_command(
             f"{log.unranked:,} offer(s) have no rank: tiered_topk rules give them d2, as "
             "discountd does an item the model did not rank"
         )
+    for name, row in estimates.items():
+        if row["ips"] is None:
+            _err(
+                f"{name}: no logged offer shows the discount it gives, so IPS has nothing to "
+                "weigh (n/a), and DR, if any, is the response model's guess alone"
+            )
     click.echo(shop_estimate.format_table(estimates, len(log.discount)))
     if json_path is not None:
         report = {

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from decimal import Decimal
 
 import numpy as np
+from scipy import stats
 
 from core.policy import Candidate, Rule, optimal_choices, price_items
 from trainer.dataset import Floats
@@ -103,8 +104,12 @@ def rule_discounts(
     return onto_grid(pct, grid)
 
 
-def mean_interval(terms: Floats) -> dict[str, float]:
-    """The mean of per-offer terms and its 95% normal interval."""
+def mean_interval(terms: Floats) -> dict[str, float | None]:
+    """The mean of per-offer terms and its 95% t-interval (the normal one for a large log, wider
+    for a few offers); one offer has none (low and high None)."""
     mean = float(terms.mean())
-    half = 1.96 * float(terms.std(ddof=1)) / math.sqrt(len(terms)) if len(terms) > 1 else math.nan
+    if len(terms) < 2:
+        return {"mean": mean, "low": None, "high": None}
+    spread = float(terms.std(ddof=1)) / math.sqrt(len(terms))
+    half = float(stats.t.ppf(0.975, len(terms) - 1)) * spread
     return {"mean": mean, "low": mean - half, "high": mean + half}

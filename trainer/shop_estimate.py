@@ -12,7 +12,6 @@ rules need anyway. No discount is always estimated, as the baseline of every lif
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -165,7 +164,8 @@ def estimate(
 ) -> dict[str, Any]:
     """Per policy (no discount first): mean discount, share of offers where the log shows the
     policy's discount, IPS and (with a model) DR mean margin per offer, and DR's lift over no
-    discount, each with a 95% interval over offers."""
+    discount, each with a 95% interval over offers. IPS is None for a policy the log never
+    shows: it rests on no offer, and its 0 would read as a measured margin."""
     for name, rule in rules:
         if rule.policy == "tiered_topk" and log.rank is None:
             raise EstimateError(
@@ -199,10 +199,12 @@ def estimate(
     out: dict[str, Any] = {}
     baseline: Floats | None = None
     for name, target in targets.items():
+        supported = np.isclose(log.discount, target)
+        ips = ope.ips_terms(log.discount, log.propensity, margin, target)
         row: dict[str, Any] = {
             "mean_discount": float(target.mean()),
-            "supported": float(np.isclose(log.discount, target).mean()),
-            "ips": ope.mean_interval(ope.ips_terms(log.discount, log.propensity, margin, target)),
+            "supported": float(supported.mean()),
+            "ips": ope.mean_interval(ips) if supported.any() else None,
         }
         if expected is not None:
             dr = ope.dr_terms(log.discount, log.propensity, margin, target, expected, log.grid)
@@ -219,10 +221,10 @@ def _choices(rule: Rule) -> list[float]:
 
 
 def format_table(estimates: dict[str, Any], offers: int) -> str:
-    def ci(v: dict[str, float] | None) -> str:
+    def ci(v: dict[str, float | None] | None) -> str:
         if v is None:
             return "n/a"
-        if math.isnan(v["low"]):
+        if v["low"] is None or v["high"] is None:
             return f"{v['mean']:.4f}"
         return f"{v['mean']:.4f} [{v['low']:.4f}, {v['high']:.4f}]"
 
