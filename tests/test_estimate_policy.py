@@ -131,6 +131,10 @@ def test_a_log_without_undiscounted_offers_has_no_baseline(shop: Path) -> None:
         ([{"policy": "tiered_topk"}], "rule 1 has no name"),
         ([{**TIERED, "params": {"k1": 0, "d1": 5, "d2": 5}}], "rule 'tiered': tiered_topk"),
         ([TIERED, TIERED], "rule names must be unique"),
+        (5, "a list of rules (or one rule object) was expected, not 5"),
+        ([], "no rule to estimate (an empty list)"),
+        (["tiered"], 'rule 1 is "tiered", not an object'),
+        ([{"name": "x", "params": {}}], "rule 'x' has no policy"),
         ([{**TIERED, "params": [2, 15, 5]}], "tiered_topk: parameters must be an object"),
         ([{**TIERED, "params": {"k1": "2", "d1": 15, "d2": 5}}], "'k1' must be an integer"),
         ([{**TIERED, "max_discount_pct": "lots"}], "max_discount_pct must be a number"),
@@ -280,3 +284,16 @@ def test_tiered_rules_need_ranks_and_an_unranked_offer_is_priced_as_discountd_do
     assert "1 offer(s) have no rank: tiered_topk rules give them d2" in result.stderr
     # o1, ranked first, gets 10%; o2 (unranked) and the others 0%.
     assert json.loads(path.read_text())["policies"]["tiered"]["mean_discount"] == 0.025
+
+
+def test_the_table_lines_up_whatever_the_rule_names(tmp_path: Path) -> None:
+    _tiny_log(tmp_path)
+    rule = {"name": "a name longer than the column was", "policy": "threshold",
+            "params": {"t": 0.85, "d": 10}}  # fmt: skip
+    result = _estimate(tmp_path, [rule], offers="tiny.csv", events="tiny-events.csv")
+    assert result.exit_code == 0, result.output
+    header, *rows, footer = result.stdout.splitlines()
+    assert len(rows) == 2 and footer.startswith("4 offers with a drawn discount")
+    supported, ips = header.index("in log") + len("in log") - 1, header.index("IPS")
+    for row in rows:
+        assert row[supported] == "%" and row[ips - 1] == " " != row[ips]

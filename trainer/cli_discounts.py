@@ -363,7 +363,8 @@ def evaluate_policy_command(
     type=click.Path(dir_okay=False, path_type=Path),
     required=True,
     help="the rules to estimate, as `discountctl rules list -o json` (or `rules show NAME -o "
-    "json`) prints them",
+    "json`) prints them; a rule without max_discount_pct or min_margin_pct gets `rules "
+    "create`'s 30 and 0",
 )
 @click.option(
     "--response-model",
@@ -372,7 +373,11 @@ def evaluate_policy_command(
     "`optimal` rules (required for them)",
 )
 @click.option(
-    "--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="full report"
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="also write the report as JSON: offers, left_out_fixed, unranked, grid, and per policy "
+    "mean_discount, supported and the ips, dr and dr_lift intervals (null where none)",
 )
 def estimate_policy_command(
     offers_path: Path,

@@ -31,6 +31,7 @@ from trainer.response import from_logs
 
 NO_DISCOUNT = "no_discount"
 UNRANKED = 1_000_000  # as core.offers ranks an item the model did not rank
+_FROM_STORE = "give the JSON `discountctl rules list -o json` prints"
 
 
 class EstimateError(Exception):
@@ -120,16 +121,26 @@ def read_rules(path: Path) -> tuple[list[tuple[str, Rule]], list[str]]:
         raise EstimateError(f"{path}: no such rules file") from None
     except (OSError, ValueError) as e:
         raise EstimateError(f"{path}: not a JSON rules file ({e})") from None
-    items = raw if isinstance(raw, list) else [raw]
+    items = [raw] if isinstance(raw, dict) else raw
+    if not isinstance(items, list):
+        raise EstimateError(
+            f"{path}: a list of rules (or one rule object) was expected, not "
+            f"{json.dumps(raw)[:40]}; {_FROM_STORE}"
+        )
+    if not items:
+        raise EstimateError(f"{path}: no rule to estimate (an empty list); {_FROM_STORE}")
     rules, randomized = [], []
     for n, item in enumerate(items):
-        name = item.get("name") if isinstance(item, dict) else None
-        if not isinstance(name, str) or not name:
+        if not isinstance(item, dict):
             raise EstimateError(
-                f"{path}: rule {n + 1} has no name; give the JSON `discountctl rules list -o "
-                "json` prints"
+                f"{path}: rule {n + 1} is {json.dumps(item)[:40]}, not an object; {_FROM_STORE}"
             )
-        if item.get("policy") == "randomized":
+        name = item.get("name")
+        if not isinstance(name, str) or not name:
+            raise EstimateError(f"{path}: rule {n + 1} has no name; {_FROM_STORE}")
+        if "policy" not in item:
+            raise EstimateError(f"{path}: rule {name!r} has no policy; {_FROM_STORE}")
+        if item["policy"] == "randomized":
             randomized.append(name)
             continue
         try:
@@ -221,6 +232,8 @@ def _choices(rule: Rule) -> list[float]:
 
 
 def format_table(estimates: dict[str, Any], offers: int) -> str:
+    """The estimates as a table, each column as wide as its widest cell."""
+
     def ci(v: dict[str, float | None] | None) -> str:
         if v is None:
             return "n/a"
@@ -228,14 +241,28 @@ def format_table(estimates: dict[str, Any], offers: int) -> str:
             return f"{v['mean']:.4f}"
         return f"{v['mean']:.4f} [{v['low']:.4f}, {v['high']:.4f}]"
 
-    lines = [
-        f"{'policy':16s} {'discount':>8s} {'in log':>7s}  {'IPS margin/offer (95% CI)':28s} "
-        f"{'DR margin/offer (95% CI)':28s} {'DR lift over no discount':28s}"
-    ]
-    for name, row in estimates.items():
-        lines.append(
-            f"{name:16s} {row['mean_discount']:8.2%} {row['supported']:7.1%}  "
-            f"{ci(row['ips']):28s} {ci(row.get('dr')):28s} {ci(row.get('dr_lift')):28s}"
+    header = ("policy", "discount", "in log", "IPS margin/offer (95% CI)",
+              "DR margin/offer (95% CI)", "DR lift over no discount")  # fmt: skip
+    rows = [header] + [
+        (
+            name,
+            f"{row['mean_discount']:.2%}",
+            f"{row['supported']:.1%}",
+            ci(row["ips"]),
+            ci(row.get("dr")),
+            ci(row.get("dr_lift")),
         )
-    lines.append(f"{offers:,} logged offers; margin in the catalog's currency per offer")
+        for name, row in estimates.items()
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = [
+        "  ".join(
+            cell.rjust(width) if i in (1, 2) else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in rows
+    ]
+    lines.append(
+        f"{offers:,} offers with a drawn discount; margin in the catalog's currency per offer"
+    )
     return "\n".join(lines)
