@@ -624,7 +624,7 @@ def test_cli_refuses_a_log_whose_discounts_were_not_drawn_at_random(tmp_path: Pa
     was trained on without a word: its curve says whom the rule discounted, not what the
     discount did. Offers of propensity 1 among randomized ones are counted."""
     offers, events = _logs(users=60)
-    tiered = offers.assign(discount=np.where(offers["rank"] < 2, 0.15, 0.05), propensity=1.0)
+    tiered = offers.assign(discount=np.where(offers["rank"] <= 2, 0.15, 0.05), propensity=1.0)
     result = _response(tmp_path, tiered, events)
     assert result.exit_code == 1, result.output
     assert result.output.startswith(

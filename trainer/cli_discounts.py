@@ -363,7 +363,8 @@ def evaluate_policy_command(
     type=click.Path(dir_okay=False, path_type=Path),
     required=True,
     help="the rules to estimate, as `discountctl rules list -o json` (or `rules show NAME -o "
-    "json`) prints them",
+    "json`) prints them; a rule without max_discount_pct or min_margin_pct gets `rules "
+    "create`'s 30 and 0",
 )
 @click.option(
     "--response-model",
@@ -372,7 +373,11 @@ def evaluate_policy_command(
     "`optimal` rules (required for them)",
 )
 @click.option(
-    "--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="full report"
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="also write the report as JSON: offers, left_out_fixed, unranked, grid, and per policy "
+    "mean_discount, supported and the ips, dr and dr_lift intervals (null where none)",
 )
 def estimate_policy_command(
     offers_path: Path,
@@ -384,12 +389,14 @@ def estimate_policy_command(
     """Estimate what each rule would earn from a randomized experiment's log, before it serves
     anyone: per rule (and no discount, the baseline) its mean discount, the share of offers
     where the log shows the discount it would give, and its mean margin per offer by inverse
-    propensity (IPS) and, with --response-model, doubly robust (DR) weighting, with 95%
-    intervals over offers; DR's lift over no discount is paired offer by offer. Each rule
-    prices every logged offer as discountd would, guardrails included, rounded down onto the
-    discounts the log drew (a discount never drawn has no offers to learn from); its scope,
-    budget and validity window are not applied. A response model trained on this same log
-    makes DR lean on the model where it fits the log best: train it on an earlier period.
+    propensity (IPS; n/a for a rule the log never shows) and, with --response-model, doubly
+    robust (DR) weighting, with 95% t-intervals over offers; DR's lift over no discount is
+    paired offer by offer. Each rule prices every logged offer as discountd would, guardrails
+    included, rounded down onto the discounts the log drew (a discount never drawn has no offers
+    to learn from); its scope, budget and validity window are not applied. Offers whose
+    discount was not drawn (propensity 1) are left out; tiered_topk rules need the offers' rank.
+    A response model trained on this same log makes DR lean on the model where it fits the log
+    best: train it on an earlier period.
 
     The log and rules come from the store: `discountctl offers export --rule learn --out
     var/responses` and `discountctl rules list -o json > var/rules.json`.
@@ -411,9 +418,31 @@ def estimate_policy_command(
         raise click.ClickException(f"--response-model: {e}") from None
     if randomized:
         _err(f"left out {', '.join(randomized)}: a randomized rule is the experiment itself")
+    if log.fixed:
+        _err(
+            f"left out {log.fixed:,} offer(s) of propensity 1: their discount was not drawn, so "
+            "they say nothing of what another discount would have done"
+        )
+    if log.unranked and any(rule.policy == "tiered_topk" for _, rule in rules):
+        _err(
+            f"{log.unranked:,} offer(s) have no rank: tiered_topk rules give them d2, as "
+            "discountd does an item the model did not rank"
+        )
+    for name, row in estimates.items():
+        if row["ips"] is None:
+            _err(
+                f"{name}: no logged offer shows the discount it gives, so IPS has nothing to "
+                "weigh (n/a), and DR, if any, is the response model's guess alone"
+            )
     click.echo(shop_estimate.format_table(estimates, len(log.discount)))
     if json_path is not None:
-        report = {"offers": len(log.discount), "grid": log.grid.tolist(), "policies": estimates}
+        report = {
+            "offers": len(log.discount),
+            "left_out_fixed": log.fixed,
+            "unranked": log.unranked,
+            "grid": log.grid.tolist(),
+            "policies": estimates,
+        }
         try:
             replace_text(json_path, json.dumps(report, indent=2) + "\n")
         except OSError as e:

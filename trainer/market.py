@@ -307,7 +307,9 @@ def offers_frame(market: Market, log: Log) -> pd.DataFrame:
             "offer_id": o.offer_id,
             "user_id": np.asarray(market.user_ids)[o.user],
             "item_id": np.asarray(market.item_ids)[o.item],
-            "rank": o.rank,
+            # discountd ranks from 1 (0: not ranked), and `discountctl offers export` writes
+            # its ranks: counted from 0 here, each visit's best offer would read as unranked.
+            "rank": o.rank + 1,
             "cf_score": np.round(o.cf_score, 4),
             "price": o.price,
             "cost": o.cost,

@@ -11,6 +11,9 @@ Shared by the simulator's evaluation (trainer.policy_eval, where the truth is kn
 `discount-train estimate-policy` (a shop's own log, trainer.shop_estimate, where it is not).
 Policies must choose from the log's discounts: a discount the experiment never drew has no
 offer to reweight, so rule_discounts rounds down onto the grid, which never breaks a guardrail.
+Discounts closer than SAME are one discount: a percent has two decimals (core.policy), so two
+different ones are 0.0001 apart as fractions, and a log's 0.05000001 or 0.0999999 is float noise
+on 5% or 10%, not a discount of its own.
 """
 
 from __future__ import annotations
@@ -20,9 +23,12 @@ from collections.abc import Sequence
 from decimal import Decimal
 
 import numpy as np
+from scipy import stats
 
 from core.policy import Candidate, Rule, optimal_choices, price_items
 from trainer.dataset import Floats
+
+SAME = 0.00005  # half the step between two-decimal percents, as fractions
 
 
 def ips_terms(logged: Floats, propensity: Floats, margin: Floats, target: Floats) -> Floats:
@@ -56,8 +62,13 @@ def dr_terms(
 
 def onto_grid(discount: Floats, grid: Floats) -> Floats:
     """Each discount rounded down onto the grid (which holds 0)."""
-    snapped: Floats = grid[np.searchsorted(grid, discount + 1e-9, side="right") - 1]
+    snapped: Floats = grid[np.searchsorted(grid, discount + SAME, side="right") - 1]
     return snapped
+
+
+def off_grid(discounts: Sequence[float], grid: Floats) -> list[float]:
+    """The discounts that are not on the grid."""
+    return [d for d in discounts if not (np.abs(grid - d) < SAME).any()]
 
 
 def rule_discounts(
@@ -73,7 +84,7 @@ def rule_discounts(
     grid. ``probability`` [offers, grid] is the response model's P(buy) for an `optimal` rule,
     read at the rule's own choices (which must lie on the grid)."""
     choices = optimal_choices(rule.params) if rule.policy == "optimal" else ()
-    columns = [int(np.searchsorted(grid, float(c) / 100 - 1e-9)) for c in choices]
+    columns = [int(np.searchsorted(grid, float(c) / 100 - SAME)) for c in choices]
     candidates = [
         Candidate(
             str(k),
@@ -93,8 +104,12 @@ def rule_discounts(
     return onto_grid(pct, grid)
 
 
-def mean_interval(terms: Floats) -> dict[str, float]:
-    """The mean of per-offer terms and its 95% normal interval."""
+def mean_interval(terms: Floats) -> dict[str, float | None]:
+    """The mean of per-offer terms and its 95% t-interval (the normal one for a large log, wider
+    for a few offers); one offer has none (low and high None)."""
     mean = float(terms.mean())
-    half = 1.96 * float(terms.std(ddof=1)) / math.sqrt(len(terms)) if len(terms) > 1 else math.nan
+    if len(terms) < 2:
+        return {"mean": mean, "low": None, "high": None}
+    spread = float(terms.std(ddof=1)) / math.sqrt(len(terms))
+    half = float(stats.t.ppf(0.975, len(terms) - 1)) * spread
     return {"mean": mean, "low": mean - half, "high": mean + half}

@@ -12,7 +12,6 @@ rules need anyway. No discount is always estimated, as the baseline of every lif
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from trainer.response import from_logs
 
 NO_DISCOUNT = "no_discount"
 UNRANKED = 1_000_000  # as core.offers ranks an item the model did not rank
+_FROM_STORE = "give the JSON `discountctl rules list -o json` prints"
 
 
 class EstimateError(Exception):
@@ -40,13 +40,17 @@ class EstimateError(Exception):
 
 @dataclass(frozen=True)
 class ShopLog:
+    """The offers whose discount was drawn at random, the ones estimates rest on."""
+
     user_ids: npt.NDArray[np.str_]
     features: Floats  # OFFER_FEATURES per offer
-    rank: list[int]
+    rank: list[int] | None  # None: the log has no ranks
     discount: Floats
     propensity: Floats
     bought: npt.NDArray[np.bool_]
     grid: Floats  # the discounts the log holds, ascending, 0 among them
+    fixed: int  # offers left out: their discount was not drawn (propensity 1)
+    unranked: int  # offers without a rank, which policies rank after every ranked one
 
     @property
     def price(self) -> Floats:
@@ -68,29 +72,43 @@ class ShopLog:
 
 def read_log(offers: pd.DataFrame, events: pd.DataFrame) -> ShopLog:
     """The offers and which were bought, checked as `discount-train response` checks them
-    (ResponseError names what is wrong)."""
+    (ResponseError names what is wrong), less those whose discount was not drawn."""
     logged = from_logs(offers, events, seed=0)
-    discount = np.round(logged.data.discount, 6)
-    grid = np.unique(discount)
+    # A percent has two decimals (core.policy): a log's 0.0999999 is 10%, as ope.SAME says.
+    discount = np.round(logged.data.discount, 4)
+    # Where the discount was fixed (a spent budget, an experiment's fixed variant, an item only
+    # 0% keeps within the guardrails), no other discount had a chance: IPS would count such an
+    # offer as earning nothing under every rule that prices it otherwise.
+    drawn = np.flatnonzero(logged.data.propensity < 1)
+    rank = _ranks(offers)
+    grid = np.unique(discount[drawn])
     if grid[0] != 0:
         raise EstimateError(
             "offers: no offer was logged without a discount, so no policy's margin can be "
             "compared with no discount; log an experiment whose draws include 0"
         )
-    if "rank" in offers.columns:
-        ranks = pd.to_numeric(offers["rank"], errors="coerce")
-        rank = [int(r) if r >= 1 else UNRANKED for r in ranks.fillna(0)]
-    else:
-        rank = [UNRANKED] * len(offers)
     return ShopLog(
-        offers["user_id"].astype(str).to_numpy(dtype=str),
-        logged.data.features[:, : len(OFFER_FEATURES)],
-        rank,
-        discount,
-        logged.data.propensity,
-        logged.data.bought,
+        offers["user_id"].astype(str).to_numpy(dtype=str)[drawn],
+        logged.data.features[drawn, : len(OFFER_FEATURES)],
+        None if rank is None else [rank[k] for k in drawn],
+        discount[drawn],
+        logged.data.propensity[drawn],
+        logged.data.bought[drawn],
         grid,
+        fixed=len(discount) - len(drawn),
+        unranked=0 if rank is None else sum(rank[k] == UNRANKED for k in drawn),
     )
+
+
+def _ranks(offers: pd.DataFrame) -> list[int] | None:
+    """Each offer's rank, UNRANKED where it has none, as discountd ranks an item the model did
+    not rank; None when no offer has one."""
+    if "rank" not in offers.columns:
+        return None
+    ranks = pd.to_numeric(offers["rank"], errors="coerce")
+    if not (ranks >= 1).any():
+        return None
+    return [int(r) if r >= 1 else UNRANKED for r in ranks.fillna(0)]
 
 
 def read_rules(path: Path) -> tuple[list[tuple[str, Rule]], list[str]]:
@@ -103,16 +121,26 @@ def read_rules(path: Path) -> tuple[list[tuple[str, Rule]], list[str]]:
         raise EstimateError(f"{path}: no such rules file") from None
     except (OSError, ValueError) as e:
         raise EstimateError(f"{path}: not a JSON rules file ({e})") from None
-    items = raw if isinstance(raw, list) else [raw]
+    items = [raw] if isinstance(raw, dict) else raw
+    if not isinstance(items, list):
+        raise EstimateError(
+            f"{path}: a list of rules (or one rule object) was expected, not "
+            f"{json.dumps(raw)[:40]}; {_FROM_STORE}"
+        )
+    if not items:
+        raise EstimateError(f"{path}: no rule to estimate (an empty list); {_FROM_STORE}")
     rules, randomized = [], []
     for n, item in enumerate(items):
-        name = item.get("name") if isinstance(item, dict) else None
-        if not isinstance(name, str) or not name:
+        if not isinstance(item, dict):
             raise EstimateError(
-                f"{path}: rule {n + 1} has no name; give the JSON `discountctl rules list -o "
-                "json` prints"
+                f"{path}: rule {n + 1} is {json.dumps(item)[:40]}, not an object; {_FROM_STORE}"
             )
-        if item.get("policy") == "randomized":
+        name = item.get("name")
+        if not isinstance(name, str) or not name:
+            raise EstimateError(f"{path}: rule {n + 1} has no name; {_FROM_STORE}")
+        if "policy" not in item:
+            raise EstimateError(f"{path}: rule {name!r} has no policy; {_FROM_STORE}")
+        if item["policy"] == "randomized":
             randomized.append(name)
             continue
         try:
@@ -128,13 +156,16 @@ def read_rules(path: Path) -> tuple[list[tuple[str, Rule]], list[str]]:
 def predict(folder: Path, log: ShopLog) -> Floats:
     """The response model's P(buy) [offers, log grid], each user's rates from its history table
     as discountd looks them up (ArtifactError for a folder that is not a response model)."""
-    response_artifact.load(folder)
+    manifest = response_artifact.load(folder)
     history = HistoryTable.load(folder / response_artifact.HISTORY)
     session = ort.InferenceSession(
         str(folder / response_artifact.GRAPH), providers=["CPUExecutionProvider"]
     )
     rows = np.column_stack([log.features, history.lookup(log.user_ids)]).astype(np.float32)
-    grid = np.tile(log.grid.astype(np.float32), (len(rows), 1))
+    # As discountd scores it (server.response): a discount past the largest the model was
+    # trained on as that largest one, whose P(buy) was fitted, not extrapolated.
+    tried = np.minimum(log.grid, max(manifest.grid, default=0.0)).astype(np.float32)
+    grid = np.tile(tried, (len(rows), 1))
     [probability] = session.run(None, {"features": rows, "discounts": grid})
     return np.asarray(probability, dtype=np.float64)
 
@@ -144,14 +175,21 @@ def estimate(
 ) -> dict[str, Any]:
     """Per policy (no discount first): mean discount, share of offers where the log shows the
     policy's discount, IPS and (with a model) DR mean margin per offer, and DR's lift over no
-    discount, each with a 95% interval over offers."""
+    discount, each with a 95% interval over offers. IPS is None for a policy the log never
+    shows: it rests on no offer, and its 0 would read as a measured margin."""
     for name, rule in rules:
+        if rule.policy == "tiered_topk" and log.rank is None:
+            raise EstimateError(
+                f"rule {name!r} is `tiered_topk`, which discounts by rank, and no offer has a "
+                "rank: give the offers' rank column (1 for the model's best item of a request), "
+                "as `discountctl offers export` writes it"
+            )
         if rule.policy == "optimal":
             if probability is None:
                 raise EstimateError(
                     f"rule {name!r} is `optimal`: give its response model (--response-model)"
                 )
-            off = [float(c) for c in _choices(rule) if not np.isclose(log.grid, c).any()]
+            off = ope.off_grid(_choices(rule), log.grid)
             if off:
                 raise EstimateError(
                     f"rule {name!r} chooses among {off} that the log never drew "
@@ -163,18 +201,21 @@ def estimate(
         if probability is None
         else ope.expected_margin(probability, log.price, log.cost, log.grid)
     )
+    rank = [UNRANKED] * len(margin) if log.rank is None else log.rank
     targets = {NO_DISCOUNT: np.zeros(len(margin))}
     for name, rule in rules:
         targets[name] = ope.rule_discounts(
-            rule, log.price, log.cost, log.rank, log.score, log.grid, probability
+            rule, log.price, log.cost, rank, log.score, log.grid, probability
         )
     out: dict[str, Any] = {}
     baseline: Floats | None = None
     for name, target in targets.items():
+        supported = np.isclose(log.discount, target)
+        ips = ope.ips_terms(log.discount, log.propensity, margin, target)
         row: dict[str, Any] = {
             "mean_discount": float(target.mean()),
-            "supported": float(np.isclose(log.discount, target).mean()),
-            "ips": ope.mean_interval(ope.ips_terms(log.discount, log.propensity, margin, target)),
+            "supported": float(supported.mean()),
+            "ips": ope.mean_interval(ips) if supported.any() else None,
         }
         if expected is not None:
             dr = ope.dr_terms(log.discount, log.propensity, margin, target, expected, log.grid)
@@ -191,21 +232,37 @@ def _choices(rule: Rule) -> list[float]:
 
 
 def format_table(estimates: dict[str, Any], offers: int) -> str:
-    def ci(v: dict[str, float] | None) -> str:
+    """The estimates as a table, each column as wide as its widest cell."""
+
+    def ci(v: dict[str, float | None] | None) -> str:
         if v is None:
             return "n/a"
-        if math.isnan(v["low"]):
+        if v["low"] is None or v["high"] is None:
             return f"{v['mean']:.4f}"
         return f"{v['mean']:.4f} [{v['low']:.4f}, {v['high']:.4f}]"
 
-    lines = [
-        f"{'policy':16s} {'discount':>8s} {'in log':>7s}  {'IPS margin/offer (95% CI)':28s} "
-        f"{'DR margin/offer (95% CI)':28s} {'DR lift over no discount':28s}"
-    ]
-    for name, row in estimates.items():
-        lines.append(
-            f"{name:16s} {row['mean_discount']:8.2%} {row['supported']:7.1%}  "
-            f"{ci(row['ips']):28s} {ci(row.get('dr')):28s} {ci(row.get('dr_lift')):28s}"
+    header = ("policy", "discount", "in log", "IPS margin/offer (95% CI)",
+              "DR margin/offer (95% CI)", "DR lift over no discount")  # fmt: skip
+    rows = [header] + [
+        (
+            name,
+            f"{row['mean_discount']:.2%}",
+            f"{row['supported']:.1%}",
+            ci(row["ips"]),
+            ci(row.get("dr")),
+            ci(row.get("dr_lift")),
         )
-    lines.append(f"{offers:,} logged offers; margin in the catalog's currency per offer")
+        for name, row in estimates.items()
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = [
+        "  ".join(
+            cell.rjust(width) if i in (1, 2) else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in rows
+    ]
+    lines.append(
+        f"{offers:,} offers with a drawn discount; margin in the catalog's currency per offer"
+    )
     return "\n".join(lines)
