@@ -17,33 +17,11 @@ from admin.options import parse_time
 from admin.output import emit, message, output_option
 from core.features import NUMERIC_FEATURES
 from core.files import replace_files
+from core.response_log import EVENT_COLUMNS, LOGS, OFFER_COLUMNS
 from core.store.experiments import Experiments
 from core.store.offers import LogFilter, response_offers, response_sales, unlearnable_offers
 from core.store.rules import Rules
 
-LOGS = ("offers.csv", "events.csv")
-OFFER_COLUMNS = (
-    "offer_id",
-    "user_id",
-    "item_id",
-    "rank",
-    "cf_score",
-    "price",
-    "cost",
-    "discount",
-    "propensity",
-    *NUMERIC_FEATURES,
-)
-EVENT_COLUMNS = (
-    "event_id",
-    "type",
-    "user_id",
-    "item_id",
-    "offer_id",
-    "revenue",
-    "quantity",
-    "timestamp",
-)
 PROGRESS_EVERY = 500_000
 
 

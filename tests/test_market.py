@@ -9,7 +9,7 @@ import pandas as pd
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core.features import NUMERIC_FEATURES
+from core.response_log import EVENT_COLUMNS, OFFER_COLUMNS
 from trainer.market import (
     GRID,
     Behaviour,
@@ -21,30 +21,8 @@ from trainer.market import (
     write_logs,
 )
 
-# What write_logs writes: the offer log's columns and events in the RecordEvents shape.
+# The event types write_logs writes (its columns: core.response_log).
 EVENT_TYPES = ("impression", "purchase", "redemption")
-OFFER_COLUMNS = (
-    "offer_id",
-    "user_id",
-    "item_id",
-    "rank",
-    "cf_score",
-    "price",
-    "cost",
-    "discount",
-    "propensity",
-    *NUMERIC_FEATURES,
-)
-EVENT_COLUMNS = (
-    "event_id",
-    "type",
-    "user_id",
-    "item_id",
-    "offer_id",
-    "revenue",
-    "quantity",
-    "timestamp",
-)
 
 CONFIG = MarketConfig(n_users=300, n_items=60, visits=2, seed=3)
 MARKET = make_market(CONFIG)

@@ -15,11 +15,11 @@ import pandas as pd
 from core import response_artifact
 from core.artifact import ArtifactError
 from core.files import replace_text
+from core.response_log import LOGS
 from core.store.db import first_line
 from trainer import policy_eval, shop_estimate, uplift
 from trainer.data import CORRUPT_COMPRESSED, is_parquet
 from trainer.market import (
-    LOGS,
     MarketConfig,
     make_market,
     make_offers,

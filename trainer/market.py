@@ -25,6 +25,7 @@ import pandas as pd
 
 from core.features import NUMERIC_FEATURES
 from core.files import replace_files
+from core.response_log import LOGS
 from trainer.dataset import Floats, Ints
 
 # Candidate discounts (fractions of the base price): the randomized logging grid and the only
@@ -354,9 +355,6 @@ def events_frame(market: Market, log: Log) -> pd.DataFrame:
             )
         )
     return pd.concat(parts, ignore_index=True).sort_values("timestamp", kind="stable")
-
-
-LOGS = ("offers.csv", "events.csv")  # what write_logs writes
 
 
 def write_logs(market: Market, log: Log, out: Path) -> tuple[Path, Path]:
