@@ -18,8 +18,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m tools.demo --data $(or $(DATA),synthetic)
 
+# Two workers (pytest-xdist), each test file whole on one of them: a file's module fixtures (its
+# databases, a fitted model) are made once, and its tests never run beside each other. In one
+# process the suite keeps about one core busy. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

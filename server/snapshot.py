@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import selectors
+import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -52,6 +54,9 @@ class SnapshotKeeper:
         self._loading: asyncio.Future[None] | None = None  # the latest load's thread
         self._stop_listening = threading.Event()
         self._listener: threading.Thread | None = None
+        # The listener waits on its connection and on this pair's far end, which stop()
+        # writes to: a stop is not held until the connection next has something to say.
+        self._stop_signal: tuple[socket.socket, socket.socket] | None = None
         self._on_change: Callable[[bool], Awaitable[None]] | None = None
         # Also read, in the snapshot's own transaction, by whoever needs store data kept as
         # current as the rules (server.auth's client list): one refresh path, one staleness.
@@ -125,20 +130,29 @@ class SnapshotKeeper:
         self._task = asyncio.create_task(self._run())
         if self.store.engine.dialect.name == "postgresql":
             loop = asyncio.get_running_loop()
+            self._stop_signal = socket.socketpair()
             self._listener = threading.Thread(
-                target=self._listen, args=(loop, self._wake), name="snapshot-listen", daemon=True
+                target=self._listen,
+                args=(loop, self._wake, self._stop_signal[0]),
+                name="snapshot-listen",
+                daemon=True,
             )
             self._listener.start()
 
     async def stop(self, wait: float = 0.0) -> bool:
         """Stop refreshing; False when a load still waits on the store after `wait` seconds."""
         self._stop_listening.set()
+        if self._stop_signal is not None:
+            self._stop_signal[1].send(b"x")
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         if self._listener is not None:
             await asyncio.to_thread(self._listener.join, 5)
+            if self._stop_signal is not None and not self._listener.is_alive():
+                for end in self._stop_signal:
+                    end.close()
         return await settled(self._loading, wait)
 
     async def _run(self) -> None:
@@ -152,7 +166,9 @@ class SnapshotKeeper:
             except Exception:  # a bug must not stop refreshes for the life of the process
                 log.exception("rule snapshot refresh failed")
 
-    def _listen(self, loop: asyncio.AbstractEventLoop, wake: asyncio.Event) -> None:
+    def _listen(
+        self, loop: asyncio.AbstractEventLoop, wake: asyncio.Event, stopped: socket.socket
+    ) -> None:
         """LISTEN in a thread of its own (psycopg blocks); each notice wakes the refresher.
         A broken connection is retried; polling covers the gap."""
         # Connected as the store's engine connects: a URL rendered back to text would not
@@ -162,13 +178,21 @@ class SnapshotKeeper:
         failed = ""
         while not self._stop_listening.is_set():
             try:
-                with psycopg.connect(*args, autocommit=True, **params) as conn:
+                with (
+                    psycopg.connect(*args, autocommit=True, **params) as conn,
+                    selectors.DefaultSelector() as waiting,
+                ):
                     conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
                     failed = ""
                     # Changes made while not listening are picked up by this refresh.
                     loop.call_soon_threadsafe(wake.set)
+                    waiting.register(conn.fileno(), selectors.EVENT_READ)
+                    waiting.register(stopped, selectors.EVENT_READ)
                     while not self._stop_listening.is_set():
-                        for _ in conn.notifies(timeout=0.5, stop_after=1):
+                        if any(key.fileobj is stopped for key, _ in waiting.select()):
+                            break
+                        # What arrived, read without waiting: a closed connection raises here.
+                        if list(conn.notifies(timeout=0)):
                             loop.call_soon_threadsafe(wake.set)
             except (psycopg.Error, OSError) as e:
                 # Once per new reason: without LISTEN, changes wait for the next poll.

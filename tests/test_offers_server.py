@@ -415,21 +415,29 @@ def test_an_optimal_rule_without_a_response_model_fails_closed(
     assert json.loads(JsonFormatter().format(warning))["request_id"] == "opt-1"
 
 
-def test_an_assumed_cost_is_reported_and_a_price_the_log_cannot_hold_gets_no_offer(
-    tmp_path: Path, db_url: str
-) -> None:
-    """DESIGN: a cost the trainer assumed from its default margin is used and reported, so the
-    checkout knows the margin floor rests on it; a price over the offer log's NUMERIC(12, 2)
-    would get a token for an offer never stored."""
+@pytest.fixture(scope="module")
+def assumed_and_unloggable(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model store of the tiny shop where 00000's cost is assumed and 00001 costs more than
+    the offer log holds; read-only, made once for both backends (the export takes seconds)."""
     shop = make_tiny_shop()
     catalog = shop.dataset.catalog
     assumed, prices = catalog.cost_assumed.copy(), catalog.prices.copy()
     assumed[0], prices[1] = True, 1e10
     dataset = replace(shop.dataset, catalog=replace(catalog, cost_assumed=assumed, prices=prices))
-    write_tiny_artifact(tmp_path / "models", replace(shop, dataset=dataset))
+    store = tmp_path_factory.mktemp("assumed") / "models"
+    write_tiny_artifact(store, replace(shop, dataset=dataset))
+    return store
+
+
+def test_an_assumed_cost_is_reported_and_a_price_the_log_cannot_hold_gets_no_offer(
+    assumed_and_unloggable: Path, db_url: str
+) -> None:
+    """DESIGN: a cost the trainer assumed from its default margin is used and reported, so the
+    checkout knows the margin floor rests on it; a price over the offer log's NUMERIC(12, 2)
+    would get a token for an offer never stored."""
     ten_percent_off_everything(db_url)
     args = ["--user", "user-0", "--item", "00000", "--item", "00001", "--item", "00002"]
-    result = ctl(db_url, "rules", "simulate", *args, "--model-dir", str(tmp_path / "models"),
+    result = ctl(db_url, "rules", "simulate", *args, "--model-dir", str(assumed_and_unloggable),
                  "--output", "json")  # fmt: skip
     assert result.exit_code == 0, result.output
     items = {i["item_id"]: i for i in json.loads(result.stdout)["items"]}
@@ -440,19 +448,26 @@ def test_an_assumed_cost_is_reported_and_a_price_the_log_cannot_hold_gets_no_off
     assert Decimal(items["00002"]["discount_pct"]) == 10
 
 
-def test_an_item_without_a_cost_says_which_rule_it_escaped_and_why(
-    tmp_path: Path, db_url: str
-) -> None:
-    """A rule covers the item but, with no cost, cannot check its margin floor: no discount,
-    reasons RULE_HIGHEST_PRIORITY then NO_COST, and not NO_RULE ("no rule applies"), which
-    contradicted them."""
+@pytest.fixture(scope="module")
+def costless(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model store of the tiny shop where 00000 has no cost; read-only, made once for both
+    backends."""
     shop = make_tiny_shop()
     costs = shop.dataset.catalog.costs.copy()
     costs[0] = np.nan
     catalog = replace(shop.dataset.catalog, costs=costs)
-    write_tiny_artifact(tmp_path / "models", replace(shop, dataset=replace(shop.dataset,
-                        catalog=catalog)))  # fmt: skip
-    running = OfferServer(tmp_path / "models", ten_percent_off_everything(db_url))
+    store = tmp_path_factory.mktemp("costless") / "models"
+    write_tiny_artifact(store, replace(shop, dataset=replace(shop.dataset, catalog=catalog)))
+    return store
+
+
+def test_an_item_without_a_cost_says_which_rule_it_escaped_and_why(
+    costless: Path, db_url: str
+) -> None:
+    """A rule covers the item but, with no cost, cannot check its margin floor: no discount,
+    reasons RULE_HIGHEST_PRIORITY then NO_COST, and not NO_RULE ("no rule applies"), which
+    contradicted them."""
+    running = OfferServer(costless, ten_percent_off_everything(db_url))
     try:
         offers = running.stub.GetOffers(
             pb.GetOffersRequest(user_id="user-0", item_ids=["00000", "00001"])

@@ -434,15 +434,27 @@ def test_a_variant_without_margin_says_why(db_url: str, model_store: Path, tmp_p
     assert "margin is n/a for b: purchases of items without a cost" in result.stderr
 
 
-def test_a_margin_on_assumed_costs_says_so(db_url: str, tmp_path: Path) -> None:
-    """DESIGN: a cost assumed from the default margin is assumed and reported."""
+@pytest.fixture(scope="module")
+def assumed_cost_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store of the tiny shop whose item 00001 has a cost assumed from the default margin,
+    made once for both backends (the export takes seconds). Read-only: promote writes CURRENT,
+    so a test copies it."""
     shop = make_tiny_shop()
     assumed = shop.dataset.catalog.cost_assumed.copy()
     assumed[1] = True
     catalog = replace(shop.dataset.catalog, cost_assumed=assumed)
-    version = write_tiny_artifact(
-        tmp_path / "models", replace(shop, dataset=replace(shop.dataset, catalog=catalog))
-    )
+    store = tmp_path_factory.mktemp("assumed-cost") / "models"
+    write_tiny_artifact(store, replace(shop, dataset=replace(shop.dataset, catalog=catalog)))
+    return store
+
+
+def test_a_margin_on_assumed_costs_says_so(
+    db_url: str, assumed_cost_store: Path, tmp_path: Path
+) -> None:
+    """DESIGN: a cost assumed from the default margin is assumed and reported."""
+    store_copy = tmp_path / "models"
+    shutil.copytree(assumed_cost_store, store_copy)
+    version = store_copy / (store_copy / CURRENT).read_text().strip()
     result = two_buyers(db_url, version, ("00001", "00002"))
     a, b = json.loads(result.stdout)["variants"]
     assert a["margin_per_user"] is not None and b["margin_per_user"] is not None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,12 +44,34 @@ def tasteful(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@dataclass(frozen=True)
+class Fitted:
+    store: Path
+    answer: dict[str, object]
+    log: str
+
+
+@pytest.fixture(scope="module")
+def good(tasteful: Path, tmp_path_factory: pytest.TempPathFactory) -> Fitted:
+    """tasteful fitted into a new store, the version that serves when a worse one comes: each
+    fit is seconds (most of it the ONNX export), so it is made once. Read-only: serving_copy()
+    gives a test a store of its own."""
+    store = tmp_path_factory.mktemp("good") / "models"
+    return Fitted(store, *fit(tasteful, store))
+
+
+def serving_copy(good: Fitted, store: Path) -> str:
+    """good's store copied to store, as if fitted there; the name of the version it serves."""
+    shutil.copytree(good.store, store)
+    return Path(str(good.answer["version_dir"])).name
+
+
 def test_fit_writes_a_verified_version_with_metrics_and_config(
-    tasteful: Path, tmp_path: Path
+    tasteful: Path, good: Fitted
 ) -> None:
-    answer, log = fit(tasteful, tmp_path / "models")
+    answer, log = good.answer, good.log
     version = Path(str(answer["version_dir"]))
-    assert current_version_dir(tmp_path / "models") == version
+    assert current_version_dir(good.store) == version
     manifest = load_manifest(version)  # verifies every file's sha256
     assert manifest.n_users == 300 and manifest.n_items == 40
     for name in ("val_ndcg@10", "val_popularity_ndcg@10", "test_ndcg@10", "test_recall@10"):
@@ -69,8 +93,8 @@ def test_fit_writes_a_verified_version_with_metrics_and_config(
     assert "kept" in log and "WARNING" not in log
 
 
-def test_same_seed_same_model(tasteful: Path, tmp_path: Path) -> None:
-    first, _ = fit(tasteful, tmp_path / "a")
+def test_same_seed_same_model(tasteful: Path, good: Fitted, tmp_path: Path) -> None:
+    first = good.answer
     second, _ = fit(tasteful, tmp_path / "b")
     assert first["metrics"] == second["metrics"]
     model = "model.onnx"
@@ -94,10 +118,9 @@ def test_losing_to_popularity_is_loud(tasteful: Path, tmp_path: Path) -> None:
 
 
 def test_a_version_that_loses_to_popularity_does_not_replace_the_serving_one(
-    tasteful: Path, tmp_path: Path
+    tasteful: Path, good: Fitted, tmp_path: Path
 ) -> None:
-    good, _ = fit(tasteful, tmp_path / "models")
-    serving = Path(str(good["version_dir"])).name
+    serving = serving_copy(good, tmp_path / "models")
     worse, log = fit(tasteful, tmp_path / "models", "--regularization", "1000000")
     assert worse["current"] is False
     assert f"NOT made CURRENT: it loses to popularity, so {serving} keeps serving" in log
@@ -126,12 +149,11 @@ def _bestsellers_held_out(shop: Path, out: Path) -> Path:
 
 
 def test_a_version_that_loses_on_the_hold_out_does_not_replace_the_serving_one(
-    tasteful: Path, tmp_path: Path
+    tasteful: Path, good: Fitted, tmp_path: Path
 ) -> None:
     """Validation's figure is the best of every candidate and epoch; the hold-out chose nothing,
     and says the model loses here: that decides, as a loss on validation does."""
-    good, _ = fit(tasteful, tmp_path / "models")
-    serving = Path(str(good["version_dir"])).name
+    serving = serving_copy(good, tmp_path / "models")
     shop = _bestsellers_held_out(tasteful, tmp_path / "shop")
     worse, log = fit(shop, tmp_path / "models")
     metrics = worse["metrics"]
@@ -171,13 +193,12 @@ def test_without_validation_users_no_win_over_popularity_is_claimed(tmp_path: Pa
 
 
 def test_a_version_never_compared_with_popularity_does_not_replace_the_serving_one(
-    tasteful: Path, tmp_path: Path
+    good: Fitted, tmp_path: Path
 ) -> None:
     blind = _one_purchase_per_shopper(tmp_path / "blind")
     first, _ = fit(blind, tmp_path / "first")
     assert first["current"] is True  # the first version of a store: a server needs one
-    good, _ = fit(tasteful, tmp_path / "models")
-    serving = Path(str(good["version_dir"])).name
+    serving = serving_copy(good, tmp_path / "models")
     unmeasured, log = fit(blind, tmp_path / "models")
     assert "WARNING: no validation users" in log
     assert unmeasured["current"] is False
