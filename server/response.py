@@ -48,16 +48,23 @@ class ResponseModel:
     def load(cls, path: Path) -> ResponseModel:
         """Verify the folder and open its graph; ArtifactError says what is wrong."""
         manifest = response_artifact.load(path)
+        # Every discount is scored as at most the grid's largest: an empty grid would score
+        # them all as none, and `optimal` would quietly grant nothing.
+        if not manifest.grid or not all(0 <= d < 1 for d in manifest.grid):
+            raise ArtifactError(
+                f"{path / MANIFEST}: grid {manifest.grid} is not the discounts of a training log "
+                "(at least one fraction in [0, 1)); train it again with `discount-train response`"
+            )
         graph = path / response_artifact.GRAPH
         # One thread: GetOffers runs it on the event loop over a few rows, where waking a pool
         # of threads would cost more than the run.
         session, _ = open_session(graph, "cpu", 1)
         check_signature(graph, session, response_artifact.signature())
         history = HistoryTable.load(path / response_artifact.HISTORY)
-        model = cls(path, manifest.version, session, history, max(manifest.grid, default=0.0))
+        model = cls(path, manifest.version, session, history, max(manifest.grid))
         try:
             probability = model(
-                "", {}, [ItemInput("warm-up", "", 10.0, 5.0, 1, 0.0)], list(manifest.grid) or [0.0]
+                "", {}, [ItemInput("warm-up", "", 10.0, 5.0, 1, 0.0)], list(manifest.grid)
             )
         except Exception as e:  # ONNX Runtime's errors have no common base; a graph it cannot run
             raise ArtifactError(f"{graph}: warm-up inference failed ({e})") from None

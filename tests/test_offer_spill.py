@@ -36,6 +36,11 @@ def _row(offer_id: str, item_id: str = "item-1") -> dict[str, Any]:
         "discount_pct": 12.5, "final_price": 17.49, "model_version": "v1",
         "reason_codes": ["rule:all", "uplift:+0.031"], "issued_at": issued,
         "expires_at": issued + timedelta(minutes=15),
+        # What a response model learns from (migration 0006), the user's features at the ends
+        # of what a float holds: JSON and back, every digit kept.
+        "cf_score": -0.1, "rank": 3, "cost": 8.125, "propensity": 1 / 3,
+        "user_features": {"order_count": 1.7976931348623157e308, "lifetime_value": 5e-324,
+                          "avg_basket": 19.99},
     }  # fmt: skip
 
 
@@ -61,6 +66,7 @@ def test_spilled_offers_come_back_as_they_were_issued(store: Store, tmp_path: Pa
     assert not path.exists()
     stored = _stored(store)
     reference = {k: v for k, v in stored["reference"].items() if k != "offer_id"}
+    assert reference == {k: v for k, v in _row("reference").items() if k != "offer_id"}
     for row in rows:
         assert {k: v for k, v in stored[row["offer_id"]].items() if k != "offer_id"} == reference
     assert OfferLog(store).spill(tmp_path / "spill") is None  # nothing queued, no file

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from decimal import Decimal
 from fractions import Fraction
 from typing import Any
@@ -590,3 +591,69 @@ def test_under_a_budget_no_discount_is_as_likely_as_the_choices_that_show_none()
     granted, withdrawn = apply_budget(fifty, Decimal("6.00"))
     assert (granted.discount_pct, granted.propensity) == (Decimal("50.00"), 1 / 3)
     assert (withdrawn.discount_pct, withdrawn.propensity) == (Decimal("0.00"), 2 / 3)
+
+
+@st.composite
+def randomized_cases(draw: st.DrawFn) -> tuple[Rule, list[Candidate], Decimal | None]:
+    """A `randomized` rule, a few items and a budget small enough to bind: small prices and
+    percents of a few choices, where rounding, the floor, the maximum and the budget meet."""
+    percents = st.decimals(min_value=Decimal("0.01"), max_value=Decimal("99.99"), places=2)
+    grid = draw(st.lists(percents, min_size=1, max_size=4, unique=True).map(sorted))
+    loose = st.sampled_from([Decimal("99.99"), Decimal(50), Decimal("30.5")])
+    limits = Guardrails(
+        draw(loose | st.decimals(min_value=0, max_value=Decimal("99.99"), places=3)),
+        draw(st.just(Decimal(0)) | st.decimals(min_value=0, max_value=50, places=2)),
+    )
+    rule = Rule("randomized", {"grid": [float(p) for p in grid]}, limits)
+    items = []
+    for rank in range(1, draw(st.integers(1, 3)) + 1):
+        # Prices of a few units, where a percent is cents, and below one, where it rounds away.
+        cheap = st.decimals(min_value=0, max_value=1, places=3)
+        base = draw(st.decimals(min_value=1, max_value=20, places=2) | cheap)
+        # Mostly well below the price, so that several choices are open; sometimes near it.
+        ratio = draw(st.decimals(min_value=0, max_value=Decimal("0.5"), places=2))
+        ratio = draw(st.just(ratio) | st.decimals(min_value=0, max_value=Decimal("1.2"), places=2))
+        items.append(Candidate(f"i{rank}", base, base * ratio, rank))
+    budget = st.decimals(min_value=-1, max_value=3, places=2)
+    return rule, items, draw(st.none() | budget)
+
+
+def _replaying(draws: tuple[int, ...]) -> Callable[[int], int]:
+    """A draw that gives draws, in order."""
+    replayed = iter(draws)
+    return lambda n: next(replayed)
+
+
+@settings(max_examples=400, deadline=None)
+@given(randomized_cases())
+def test_a_logged_propensity_is_the_probability_of_the_shown_discount_given_what_came_before(
+    case: tuple[Rule, list[Candidate], Decimal | None],
+) -> None:
+    """Every sequence of draws enumerated, each as likely as the draw makes it: an offer's
+    propensity is the probability that, after the draws of the items before it in the answer
+    (what its budget left depends on), it shows the discount it shows, whatever the guardrails,
+    the cent rounding and the budget did to the draw."""
+    rule, items, budget = case
+    sizes: list[int] = []
+
+    def first(n: int) -> int:
+        sizes.append(n)
+        return 0
+
+    price_items(rule, items, draw=first)
+    # The choices of an item do not depend on the draws before it: one size per item.
+    assert len(sizes) == len(items)
+    outcomes = []
+    for draws in itertools.product(*(range(n) for n in sizes)):
+        offers = apply_budget(price_items(rule, items, draw=_replaying(draws)), budget)
+        outcomes.append((draws, offers))
+    for i in range(len(items)):
+        # Conditioned on the draws before item i: each of those prefixes is followed by the same
+        # number of sequences, so counting them gives item i's probabilities.
+        after: dict[tuple[int, ...], list[PricedItem]] = {}
+        for draws, offers in outcomes:
+            after.setdefault(draws[:i], []).append(offers[i])
+        for shown in after.values():
+            for offer in shown:
+                same = sum(o.discount_pct == offer.discount_pct for o in shown)
+                assert offer.propensity == float(Fraction(same, len(shown))), (i, offer)

@@ -346,6 +346,22 @@ def test_discountd_scores_a_discount_past_the_experiments_as_its_largest(tmp_pat
     assert p[2] == p[3] == p[1] and p[0] < p[1]
 
 
+@pytest.mark.parametrize("grid", [[], [-0.1], [0.0, 1.5], [0.0, float("inf")], [float("nan")]])
+def test_discountd_refuses_a_response_model_without_a_grid_of_discounts(
+    exported: tuple[Trained, Path, ResponseManifest], tmp_path: Path, grid: list[float]
+) -> None:
+    """discountd scores a discount as at most the grid's largest: with none (an empty grid
+    scored every discount as none) every `optimal` offer quietly got no discount."""
+    from server.response import ResponseModel
+
+    folder = tmp_path / "response"
+    shutil.copytree(exported[1], folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "grid": grid}))
+    with pytest.raises(ArtifactError, match=r"manifest\.json: grid .* train it again"):
+        ResponseModel.load(folder)
+
+
 def test_logs_a_model_cannot_learn_from_are_refused_with_the_fix() -> None:
     offers, events = _logs(users=50)
     with pytest.raises(ResponseError, match=r"missing column.*propensity"):
