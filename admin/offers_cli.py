@@ -171,7 +171,8 @@ def simulate_command(
 ) -> None:
     """Show what a user would be offered now, and why, without issuing an offer. Runs the
     server's pipeline on the store's current rules and experiments. A `randomized` rule draws
-    each discount anew: what it shows is one draw (stderr says so).
+    each discount anew here (discountd holds a draw for an offer's lifetime, keyed by its offer
+    key, which this command does not have): what it shows is one draw (stderr says so).
 
     \b
     Example:
@@ -246,5 +247,6 @@ def simulate_command(
     for name in sorted(drawn):
         message(
             f"rule {name!r} draws each discount at random among CHOICES=n percents: this shows "
-            "one draw, and another run may show another"
+            "one draw, and another run may show another (discountd keeps a shopper's draw for "
+            "an offer's lifetime)"
         )

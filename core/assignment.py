@@ -1,12 +1,14 @@
 """Experiment assignment: a deterministic hash of (salt, user id) into buckets, then a variant.
 
 The server and ``discountctl experiments assign`` both call this module, so a user sees the same
-variant on every replica, after every restart, and in the admin's answer.
+variant on every replica, after every restart, and in the admin's answer. A `randomized` rule's
+draw is hashed the same way (draw_index), under a secret key.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 from collections.abc import Sequence
 
 BUCKETS = 10_000
@@ -51,3 +53,16 @@ def variant_index(salt: str, user_id: str, weights: Sequence[int]) -> int:
         if b < upper:
             return i
     raise AssertionError("weights summing to 100 cover every bucket")
+
+
+def draw_index(key: bytes, window: int, rule_id: int, user_id: str, item_id: str, n: int) -> int:
+    """A `randomized` rule's draw for one offer, an index in [0, n): HMAC-SHA256 under key of
+    (window, rule, user, item), so a shopper who asks again within a window, on any replica,
+    sees the same discount rather than a new draw to pick the largest from (which would also
+    log the sale under the largest of several draws). Each index is equally likely (to 2^-64)
+    and, without the key, unpredictable. NULs separate the parts, as in bucket."""
+    message = b"\x00".join(
+        (b"draw", str(window).encode(), str(rule_id).encode(), user_id.encode(), item_id.encode())
+    )
+    digest = hmac.new(key, message, hashlib.sha256).digest()
+    return int.from_bytes(digest[:8], "big") % n

@@ -179,6 +179,9 @@ class ItemInput:
     known: bool = True  # in the serving model's catalog
 
 
+# A `randomized` rule's draw for a rule (by id): the Draw core.policy prices its items with.
+RuleDraw = Callable[[int], policy.Draw]
+
 # The response model: P(buy) for each item (rows) at each discount (columns, fractions: 0.1 is
 # 10%) for this user (id, to look up their past responses, and features); None when there is no
 # model, so `optimal` grants nothing.
@@ -351,9 +354,11 @@ def decide(
     items: Sequence[ItemInput],
     now: datetime,
     respond: Respond | None = None,
+    draw: RuleDraw | None = None,
 ) -> Decision:
     """Price ``items`` for one user, in their order. Fails closed: whatever is missing means no
-    discount, and the reason codes say which."""
+    discount, and the reason codes say which. ``draw`` gives `randomized` rules their draws
+    (None: fresh ones, core.policy.fresh_draw)."""
     segment = _segment_of(snapshot, user_id, features)
     assigned = _experiment_of(snapshot, user_id, features)
     head: list[str] = [Why.SEGMENT_MATCHED if segment else Why.NO_SEGMENT]
@@ -397,7 +402,9 @@ def decide(
     for rule, positions in groups:
         assert rule.pricing is not None  # live() checked it
         priced_items = policy.price_items(
-            rule.pricing, [_candidate(items[n], probabilities.get(n)) for n in positions]
+            rule.pricing,
+            [_candidate(items[n], probabilities.get(n)) for n in positions],
+            policy.fresh_draw if draw is None else draw(rule.id),
         )
         budgeted = policy.apply_budget(priced_items, rule.remaining())
         for n, priced in zip(positions, budgeted, strict=True):

@@ -321,8 +321,14 @@ class PricedItem:
 # unless drawn; its propensity is 1 over their number).
 _Proposal = tuple[Decimal, tuple[str, ...], tuple[Decimal, ...]]
 _PolicyFn = Callable[[Rule, Candidate], _Proposal]
-# A `randomized` rule's draw: an index in [0, n), each equally likely.
-Draw = Callable[[int], int]
+# A `randomized` rule's draw for an item (by id): an index in [0, n), each equally likely.
+Draw = Callable[[str, int], int]
+
+
+def fresh_draw(item_id: str, n: int) -> int:
+    """A draw from the system's random source, unseeded: no shopper can predict it (a seeded
+    generator's next draws follow from those seen)."""
+    return secrets.randbelow(n)
 
 
 @functools.lru_cache(maxsize=256)
@@ -433,7 +439,7 @@ def _randomized_discount(rule: Rule, item: Candidate, draw: Draw) -> _Proposal:
     choices = optimal_choices(rule.params)
     allowed = allowed_percents(to_cents(item.base_price), item.cost, choices, rule.guardrails)
     open_ = [pct for pct, ok in zip(choices, allowed, strict=True) if ok]
-    drawn = open_[draw(len(open_))]
+    drawn = open_[draw(item.item_id, len(open_))]
     return drawn, (Reason.POLICY_RANDOMIZED, f"CHOICES={len(open_)}"), tuple(open_)
 
 
@@ -511,16 +517,16 @@ def no_discount(item: Candidate, reason: Reason = Reason.NO_RULE) -> PricedItem:
 
 
 def price_items(
-    rule: Rule | None, items: Iterable[Candidate], draw: Draw = secrets.randbelow
+    rule: Rule | None, items: Iterable[Candidate], draw: Draw = fresh_draw
 ) -> list[PricedItem]:
     """Price items under one rule (None: no rule applies, so no discount — fail closed).
 
     A `randomized` rule draws each item's discount with ``draw``, in the items' order (tests
-    enumerate every draw through it). The default is the system's random source, unseeded: no
-    shopper can predict a draw (a seeded generator's next draws follow from those seen), and
-    nothing needs to replay one, for the offer log keeps what was shown and the propensity it
-    had, all that IPS and a response model read. Each call draws afresh: a shopper who asks
-    again sees another draw (DISCOUNTS.md section 1).
+    enumerate every draw through it). Nothing needs to replay a draw: the offer log keeps what
+    was shown and the propensity it had, all that IPS and a response model read. discountd
+    passes a draw that stays the same for a shopper, item and rule for an offer's lifetime
+    (core.assignment.draw_index), so asking again does not draw again; the default draws
+    afresh each call (`rules simulate`).
 
     Raises PolicyError for an item with a negative price or cost.
     """

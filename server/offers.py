@@ -9,6 +9,7 @@ offers."""
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Collection, Mapping, Sequence
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from core import offer_token
+from core.assignment import draw_index
 from core.features import NUMERIC_FEATURES
 from core.offers import (
     Decision,
@@ -27,10 +29,12 @@ from core.offers import (
     Features,
     ItemInput,
     Respond,
+    RuleDraw,
     Snapshot,
     decide,
     resolve_features,
 )
+from core.policy import Draw
 from core.records import record
 from core.shop import ShopFacts
 from core.store.validate import CONTROL_CHARACTERS
@@ -197,6 +201,17 @@ def _offer_ids(now: datetime, n: int) -> list[str]:
     return [stamp + entropy[20 * k : 20 * (k + 1)] for k in range(n)]
 
 
+def _lasting_draw(key: bytes, user_id: str, now: datetime, ttl: timedelta) -> RuleDraw:
+    """`randomized` rules' draws that hold for an offer's lifetime: the same for this user, item
+    and rule within each ttl-long window of time, keyed by the offer key (docs/OFFERS.md)."""
+    window = int(now.timestamp() // ttl.total_seconds())
+
+    def for_rule(rule_id: int) -> Draw:
+        return functools.partial(draw_index, key, window, rule_id, user_id)
+
+    return for_rule
+
+
 def _cents(amount: Decimal) -> int:
     return int((amount * 100).to_integral_value())
 
@@ -211,7 +226,8 @@ def get_offers(
 ) -> OffersResult:
     now = datetime.now(UTC)
     features, items = _inputs(model, query)
-    decision = decide(snapshot, query.user_id, features, items, now, respond)
+    draw = _lasting_draw(keys.current, query.user_id, now, ttl)
+    decision = decide(snapshot, query.user_id, features, items, now, respond, draw)
     # What a response model learns from, logged with every offer (core.store.tables.Offer).
     numeric = {name: float(features[name]) for name in NUMERIC_FEATURES}
     # Whole seconds, because the token keeps its expiry to the second.

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from core.assignment import draw_index
 from core.offers import ExperimentDef, Snapshot, VariantDef, decide
 
 NOW = datetime(2026, 11, 28, tzinfo=UTC)
@@ -40,6 +41,7 @@ def test_variant_shares_within_a_point_of_weights_over_100k_users(
 SCRIPT = """
 import json, sys
 from datetime import UTC, datetime
+from core.assignment import draw_index
 from core.offers import ExperimentDef, Snapshot, VariantDef, decide
 salt, weights = sys.argv[1], json.loads(sys.argv[2])
 variants = tuple(VariantDef(f"v{i}", w, None) for i, w in enumerate(weights))
@@ -60,3 +62,21 @@ def test_same_variants_in_a_fresh_process(salt: str, weights: list[int]) -> None
         check=True,
     ).stdout
     assert json.loads(out) == here
+
+
+def test_a_randomized_draw_is_uniform_and_fixed_by_key_window_rule_user_and_item() -> None:
+    key = b"k" * 32
+    counts = Counter(draw_index(key, 7, 1, f"user-{u}", "item", 5) for u in range(10_000))
+    # 2,000 expected each, standard deviation 40: 250 off is six of them.
+    assert sorted(counts) == [0, 1, 2, 3, 4]
+    assert all(abs(n - 2_000) < 250 for n in counts.values()), counts
+    same = [draw_index(key, 7, 1, f"user-{u}", "item", 5) for u in range(200)]
+    assert same == [draw_index(key, 7, 1, f"user-{u}", "item", 5) for u in range(200)]
+    for other in (
+        [draw_index(b"j" * 32, 7, 1, f"user-{u}", "item", 5) for u in range(200)],
+        [draw_index(key, 8, 1, f"user-{u}", "item", 5) for u in range(200)],
+        [draw_index(key, 7, 2, f"user-{u}", "item", 5) for u in range(200)],
+        [draw_index(key, 7, 1, f"user-{u}", "other", 5) for u in range(200)],
+    ):
+        # Independent draws agree about one time in five, never nearly always.
+        assert sum(a == b for a, b in zip(same, other, strict=True)) < 80

@@ -357,3 +357,36 @@ def test_an_out_that_cannot_be_a_folder_is_one_line(
     assert result.output.count("\n") == 1 and message in result.output, result.output
     assert (tmp_path / "afile").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_asking_again_shows_the_same_draw_on_any_replica(model_store: Path, db_url: str) -> None:
+    """A shopper who reloads must not draw again until the offer would expire: they could keep
+    the largest of several draws, and the log would credit the sale to it."""
+    _run(db_url, "rules", "create", "learn", "--policy", "randomized", "--params",
+         json.dumps({"grid": [5, 10, 15, 20, 25]}))  # fmt: skip
+    _run(db_url, "models", "register", str(current_version_dir(model_store)))
+    _run(db_url, "models", "promote", current_version_dir(model_store).name)
+    week = 7 * 86_400  # one window for the whole test: the draw changes only between windows
+    shown = []
+    for _ in range(2):
+        replica = OfferServer(model_store, db_url, offer_ttl=week)
+        try:
+            shown.append(
+                [
+                    [
+                        offer.discount_percent
+                        for _ in range(2)
+                        for offer in replica.stub.GetOffers(
+                            pb.GetOffersRequest(user_id=f"user-{u}", limit=4)
+                        ).offers
+                    ]
+                    for u in range(30)
+                ]
+            )
+        finally:
+            replica.close()
+    first, second = shown
+    assert first == second
+    for discounts in first:
+        assert discounts[:4] == discounts[4:]
+    assert {d for discounts in first for d in discounts} == {0, 5, 10, 15, 20, 25}

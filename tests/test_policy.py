@@ -618,10 +618,10 @@ def randomized_cases(draw: st.DrawFn) -> tuple[Rule, list[Candidate], Decimal | 
     return rule, items, draw(st.none() | budget)
 
 
-def _replaying(draws: tuple[int, ...]) -> Callable[[int], int]:
+def _replaying(draws: tuple[int, ...]) -> Callable[[str, int], int]:
     """A draw that gives draws, in order."""
     replayed = iter(draws)
-    return lambda n: next(replayed)
+    return lambda item, n: next(replayed)
 
 
 @settings(max_examples=400, deadline=None)
@@ -636,7 +636,7 @@ def test_a_logged_propensity_is_the_probability_of_the_shown_discount_given_what
     rule, items, budget = case
     sizes: list[int] = []
 
-    def first(n: int) -> int:
+    def first(item: str, n: int) -> int:
         sizes.append(n)
         return 0
 
