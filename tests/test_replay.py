@@ -28,8 +28,9 @@ from core.store.migrate import upgrade
 from core.store.tables import Event
 from discount.v1 import discount_pb2 as pb
 from server.tls import TlsFiles
+from trainer.config import MarketConfig
 from trainer.data import load_files
-from trainer.market import MarketConfig, make_market
+from trainer.market import make_market
 from trainer.replay import (
     ReplayConfig,
     ReplayResult,

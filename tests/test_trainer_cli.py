@@ -16,9 +16,10 @@ import pytest
 from click.testing import CliRunner, Result
 
 from trainer.cli import main
+from trainer.config import ModelConfig
 from trainer.export import ExportError
 from trainer.fit import grid
-from trainer.model import Diverged, ModelConfig
+from trainer.model import Diverged
 from trainer.uplift import HILLSTROM
 
 

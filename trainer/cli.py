@@ -11,8 +11,17 @@ import click
 from core.artifact import MANIFEST
 from trainer.cli_discounts import COMMANDS as DISCOUNT_COMMANDS
 from trainer.cli_discounts import ensure_writable, refuse_existing
-from trainer.data import (
+from trainer.config import (
+    ALPHA_GRID,
+    BPR_REGULARIZATION_GRID,
     DEFAULT_MARGIN,
+    OBJECTIVES,
+    OFFSET_GRID,
+    REGULARIZATION_GRID,
+    ModelConfig,
+    SynthConfig,
+)
+from trainer.data import (
     MOVIELENS,
     ONLINE_RETAIL,
     DataError,
@@ -23,18 +32,12 @@ from trainer.data import (
 )
 from trainer.evaluate import protocol_for, purchases
 from trainer.export import ExportError
-from trainer.fit import (
-    ALPHA_GRID,
-    BPR_REGULARIZATION_GRID,
-    OFFSET_GRID,
-    REGULARIZATION_GRID,
-    grid,
-)
 from trainer.fit import fit as run_fit
-from trainer.model import OBJECTIVES, Diverged, ModelConfig
+from trainer.fit import grid
+from trainer.model import Diverged
 from trainer.options import MAX_ROWS, SEED, FiniteFloat
 from trainer.replay import replay_command
-from trainer.synth import SHOP_FILES, SynthConfig, make_shop, write_shop
+from trainer.synth import SHOP_FILES, make_shop, write_shop
 
 FORMATS = ("files", "online-retail", "movielens")
 

@@ -18,17 +18,11 @@ from core.files import replace_text
 from core.response_log import LOGS
 from core.store.db import first_line
 from trainer import policy_eval, shop_estimate, uplift
+from trainer.config import EvalConfig, MarketConfig, ResponseConfig, UpliftConfig
 from trainer.data import CORRUPT_COMPRESSED, is_parquet
-from trainer.market import (
-    MarketConfig,
-    make_market,
-    make_offers,
-    randomized_discounts,
-    simulate,
-    write_logs,
-)
+from trainer.market import make_market, make_offers, randomized_discounts, simulate, write_logs
 from trainer.options import MAX_ROWS, SEED, FiniteFloat
-from trainer.response import ResponseConfig, ResponseError, epochs_run, fit, from_logs, save
+from trainer.response import ResponseError, epochs_run, fit, from_logs, save
 
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 
@@ -268,14 +262,14 @@ def response_command(
 @click.option(
     "--users",
     type=click.IntRange(100, MAX_ROWS),
-    default=policy_eval.EvalConfig().market.n_users,
+    default=EvalConfig().market.n_users,
     show_default=True,
     help="simulated shoppers in each seed's market",
 )
 @click.option(
     "--epochs",
     type=click.IntRange(min=1),
-    default=policy_eval.EvalConfig().response.epochs,
+    default=EvalConfig().response.epochs,
     show_default=True,
     help=f"the response model's passes over its log; at least {ResponseConfig.min_steps} "
     "optimizer steps are taken, so small logs run more epochs (the progress lines say how many)",
@@ -283,7 +277,7 @@ def response_command(
 @click.option(
     "--train-visits",
     type=click.IntRange(min=1),
-    default=policy_eval.EvalConfig().train_visits,
+    default=EvalConfig().train_visits,
     show_default=True,
     help="visits of the randomized experiment the response model learns from (8 offers each "
     "per shopper); the 3 visits after them are the evaluation population",
@@ -320,7 +314,7 @@ def evaluate_policy_command(
             param_hint="'--plot'",
         )
     _writable(json_path, plot)
-    base = policy_eval.EvalConfig()
+    base = EvalConfig()
     evaluated = base.market.visits - base.train_visits
     config = replace(
         base,
@@ -470,23 +464,23 @@ def estimate_policy_command(
 @click.option(
     "--hidden",
     type=click.IntRange(min=0),
-    default=uplift.UpliftConfig.hidden,
+    default=UpliftConfig.hidden,
     show_default=True,
     help="units in each of the model's two hidden layers; 0: linear in the features",
 )
 @click.option(
     "--epochs",
     type=click.IntRange(min=1),
-    default=uplift.UpliftConfig.epochs,
+    default=UpliftConfig.epochs,
     show_default=True,
-    help=f"passes over the fit half; at least {uplift.UpliftConfig.min_steps} optimizer steps "
-    f"(batches of {uplift.UpliftConfig.batch_size:,}) are taken, so small data runs more epochs "
+    help=f"passes over the fit half; at least {UpliftConfig.min_steps} optimizer steps "
+    f"(batches of {UpliftConfig.batch_size:,}) are taken, so small data runs more epochs "
     "(the progress lines and the report's epochs_run say how many)",
 )
 @click.option(
     "--learning-rate",
     type=FiniteFloat(min=0, max=1, min_open=True),
-    default=uplift.UpliftConfig.learning_rate,
+    default=UpliftConfig.learning_rate,
     show_default=True,
     help="peak of the one-cycle schedule",
 )
@@ -526,7 +520,7 @@ def uplift_command(
             uplift.check_split(data, experiment, seed)
     except uplift.UpliftError as e:
         raise click.ClickException(str(e)) from None
-    config = uplift.UpliftConfig(hidden=hidden, epochs=epochs, learning_rate=learning_rate)
+    config = UpliftConfig(hidden=hidden, epochs=epochs, learning_rate=learning_rate)
     reports = []
     for seed in seeds:
         fitted = len(uplift.split(experiment, seed)[0])

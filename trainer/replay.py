@@ -38,8 +38,9 @@ from core.store.events import EVENT_ID_REUSED, MAX_BATCH
 from discount.v1 import discount_pb2 as pb
 from discount.v1 import discount_pb2_grpc as pb_grpc
 from trainer.client_auth import channel_credentials, client_options
+from trainer.config import MarketConfig
 from trainer.data import CORRUPT_COMPRESSED, NULL_IDS, DataError, read_table
-from trainer.market import Market, MarketConfig, make_market
+from trainer.market import Market, make_market
 from trainer.options import MAX_ROWS, SEED, FiniteFloat
 
 if TYPE_CHECKING:
