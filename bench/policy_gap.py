@@ -21,10 +21,10 @@ from dataclasses import replace
 import click
 import numpy as np
 
+from trainer.config import EvalConfig
 from trainer.dataset import Floats
 from trainer.market import GRID, Log, Market, Offers
 from trainer.policy_eval import (
-    EvalConfig,
     allowed_discounts,
     best_discounts,
     draw,

@@ -27,6 +27,7 @@ import scipy.sparse as sp
 from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
 
 from bench.doc import write_section
+from trainer.config import ALPHA_GRID, BPR_REGULARIZATION_GRID, REGULARIZATION_GRID, ModelConfig
 from trainer.data import Loaded, load_movielens, load_online_retail
 from trainer.dataset import Dataset, Factors
 from trainer.evaluate import (
@@ -39,8 +40,8 @@ from trainer.evaluate import (
     protocol_for,
     recent_popularity_scorer,
 )
-from trainer.fit import ALPHA_GRID, BPR_REGULARIZATION_GRID, REGULARIZATION_GRID, grid, select
-from trainer.model import ModelConfig, train
+from trainer.fit import grid, select
+from trainer.model import train
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Recommendation quality"

@@ -16,7 +16,8 @@ from core.features import NUMERIC_FEATURES
 from core.policy import Guardrails, Rule
 from trainer import policy_eval
 from trainer.cli import main
-from trainer.market import MarketConfig, make_market, make_offers
+from trainer.config import MarketConfig
+from trainer.market import make_market, make_offers
 
 TIERED = {"name": "tiered", "policy": "tiered_topk", "params": {"k1": 2, "d1": 15, "d2": 5},
           "max_discount_pct": 30, "min_margin_pct": 5}  # fmt: skip

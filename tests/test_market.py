@@ -10,10 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from core.response_log import EVENT_COLUMNS, OFFER_COLUMNS
+from trainer.config import MarketConfig
 from trainer.market import (
     GRID,
     Behaviour,
-    MarketConfig,
     make_market,
     make_offers,
     randomized_discounts,

@@ -40,10 +40,11 @@ from core.response_artifact import write as write_response
 from core.response_history import HistoryTable
 from discount.v1 import discount_pb2 as pb
 from server.settings import Settings
-from trainer.market import GRID, MarketConfig, make_market, make_offers, randomized_discounts
+from trainer.config import MarketConfig, ResponseConfig
+from trainer.market import GRID, make_market, make_offers, randomized_discounts
 from trainer.market import simulate as simulate_market
 from trainer.policy_eval import allowed_discounts, best_discounts, training_data
-from trainer.response import ResponseConfig, Trained, fit, predict, save
+from trainer.response import Trained, fit, predict, save
 
 pytestmark = pytest.mark.timeout(120)
 torch.set_num_threads(1)

@@ -16,10 +16,10 @@ from hypothesis import strategies as st
 
 from core.policy import Guardrails, Rule, floor_price, price_after, to_cents
 from trainer.cli import main
-from trainer.market import GRID, Log, MarketConfig, Offers
+from trainer.config import EvalConfig, MarketConfig, ResponseConfig
+from trainer.market import GRID, Log, Offers
 from trainer.policy_eval import (
     POLICY_ORDER,
-    EvalConfig,
     SeedResult,
     allowed_discounts,
     best_discounts,
@@ -29,7 +29,6 @@ from trainer.policy_eval import (
     run_seed,
     summarize,
 )
-from trainer.response import ResponseConfig
 
 torch.set_num_threads(1)
 TINY = EvalConfig(

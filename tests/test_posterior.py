@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from trainer.config import MarketConfig
 from trainer.market import (
     GRID,
     Behaviour,
-    MarketConfig,
     behaviour_log_likelihood,
     draw_shoppers,
     make_market,

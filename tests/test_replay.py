@@ -28,8 +28,10 @@ from core.store.migrate import upgrade
 from core.store.tables import Event
 from discount.v1 import discount_pb2 as pb
 from server.tls import TlsFiles
+from trainer.cli import replay_command
+from trainer.config import MarketConfig
 from trainer.data import load_files
-from trainer.market import MarketConfig, make_market
+from trainer.market import make_market
 from trainer.replay import (
     ReplayConfig,
     ReplayResult,
@@ -37,7 +39,6 @@ from trainer.replay import (
     read_users,
     relevance_of_rank,
     replay,
-    replay_command,
     shopper_events,
     shopper_rows,
 )

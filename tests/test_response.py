@@ -23,9 +23,9 @@ from core.artifact import ArtifactError
 from core.response_artifact import FEATURES, GRAPH, HISTORY, ResponseManifest, feature_rows
 from core.response_history import HistoryTable
 from trainer.cli import main
+from trainer.config import MarketConfig, ResponseConfig
 from trainer.market import (
     GRID,
-    MarketConfig,
     events_frame,
     make_market,
     make_offers,
@@ -35,7 +35,6 @@ from trainer.market import (
 )
 from trainer.response import (
     Logged,
-    ResponseConfig,
     ResponseData,
     ResponseError,
     ResponseNet,

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import subprocess
 import sys
 import tempfile
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +18,11 @@ import pytest
 from click.testing import CliRunner, Result
 
 from trainer.cli import main
+from trainer.config import ModelConfig
+from trainer.entry import TRAIN_EXTRA
 from trainer.export import ExportError
 from trainer.fit import grid
-from trainer.model import Diverged, ModelConfig
+from trainer.model import Diverged
 from trainer.uplift import HILLSTROM
 
 
@@ -64,6 +68,33 @@ def test_without_the_training_extra_the_command_says_what_to_install() -> None:
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
     assert "pip install 'discountd[train]'" in done.stderr
+
+
+def test_the_entry_point_looks_up_every_package_of_the_training_extra() -> None:
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    extra = pyproject["project"]["optional-dependencies"]["train"]
+    assert {re.split(r"[<>=!~\[; ]", package)[0] for package in extra} == set(TRAIN_EXTRA)
+
+
+def test_help_and_usage_errors_load_nothing_the_commands_run() -> None:
+    """torch, pandas, scipy and onnx take seconds to import: only a command's body loads them,
+    so --help (the group's and each command's) and usage errors answer at once."""
+    probe = """
+import sys
+import click
+import trainer.entry
+from trainer.cli import main
+for args in (["--help"], *([name, "--help"] for name in main.commands), ["fit"], ["train"]):
+    try:
+        main(args, standalone_mode=False)
+    except click.UsageError:
+        pass
+heavy = ("torch", "pandas", "scipy", "onnx", "onnxruntime", "matplotlib")
+print("loaded:", [name for name in heavy if name in sys.modules])
+"""
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.endswith("loaded: []\n")
 
 
 def test_with_the_training_extra_the_entry_point_runs_the_cli() -> None:
@@ -202,7 +233,7 @@ def test_a_failed_export_check_is_one_line(
     def broken(*_: object) -> None:
         raise ExportError("score.onnx differs from PyTorch by up to 1.02e+03")
 
-    monkeypatch.setattr("trainer.cli.run_fit", broken)
+    monkeypatch.setattr("trainer.fit.fit", broken)
     result = fit(shop, tmp_path / "m")
     assert result.exit_code == 1
     assert result.output.splitlines()[-1].startswith(
@@ -418,7 +449,7 @@ def test_a_diverged_bpr_suggests_only_what_bpr_has(
     def diverged(*_: object) -> None:
         raise Diverged("training diverged: the factors are not finite (bpr, regularization 0.01)")
 
-    monkeypatch.setattr("trainer.cli.run_fit", diverged)
+    monkeypatch.setattr("trainer.fit.fit", diverged)
     result = fit(shop, tmp_path / "m", "--objective", "bpr")
     assert result.exit_code == 1
     assert result.output.splitlines()[-1].endswith(

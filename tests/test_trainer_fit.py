@@ -15,7 +15,8 @@ from click.testing import CliRunner
 from core.artifact import CURRENT, current_version_dir, load_manifest
 from core.features import FEATURE_NAMES
 from trainer.cli import main
-from trainer.synth import SynthConfig, make_shop, write_shop
+from trainer.config import SynthConfig
+from trainer.synth import make_shop, write_shop
 
 FAST = ["--factors", "8", "--epochs", "6", "--alpha", "1", "--confidence-offset", "1"]
 

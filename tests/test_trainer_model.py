@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from trainer.config import CATEGORIES, ModelConfig, SynthConfig
 from trainer.data import load_files
 from trainer.dataset import Dataset
 from trainer.evaluate import Protocol, factor_scorer, ndcg10, popularity_scorer
-from trainer.model import ModelConfig, train
-from trainer.synth import CATEGORIES, Shop, SynthConfig, make_shop, write_shop
+from trainer.model import train
+from trainer.synth import Shop, make_shop, write_shop
 
 # Users who buy almost only from one or two categories: collaborative filtering must win.
 STRONG = SynthConfig(users=400, items=80, seed=3, taste_concentration=0.05, noise=0.0)

@@ -10,7 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from trainer.cli import main
-from trainer.synth import CATEGORIES, SynthConfig, make_shop
+from trainer.config import CATEGORIES, SynthConfig
+from trainer.synth import make_shop
 
 
 def test_same_seed_same_shop_other_seed_other_shop() -> None:

@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from trainer.cli import main
+from trainer.config import UpliftConfig
 from trainer.uplift import (
     OUTCOMES,
-    UpliftConfig,
     UpliftError,
     UpliftNet,
     fit_uplift,

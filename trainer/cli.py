@@ -1,40 +1,38 @@
-"""``discount-train``: the command group, with synth and fit; the discount commands are in
-trainer.cli_discounts, replay in trainer.replay."""
+"""``discount-train``: the command group, with synth, fit and replay; the discount commands are in
+trainer.cli_discounts.
+
+Each command imports what it runs (torch, pandas, scipy, the gRPC stubs) in its body, and its
+options take their defaults from trainer.config: --help and usage errors load none of that, so
+they answer at once instead of after seconds of imports (tests/test_trainer_cli.py checks)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from core.artifact import MANIFEST
+from core.store.events import MAX_BATCH
 from trainer.cli_discounts import COMMANDS as DISCOUNT_COMMANDS
 from trainer.cli_discounts import ensure_writable, refuse_existing
-from trainer.data import (
-    DEFAULT_MARGIN,
-    MOVIELENS,
-    ONLINE_RETAIL,
-    DataError,
-    Loaded,
-    load_files,
-    load_movielens,
-    load_online_retail,
-)
-from trainer.evaluate import protocol_for, purchases
-from trainer.export import ExportError
-from trainer.fit import (
+from trainer.client_auth import channel_credentials, client_options
+from trainer.config import (
     ALPHA_GRID,
     BPR_REGULARIZATION_GRID,
+    DEFAULT_MARGIN,
+    OBJECTIVES,
     OFFSET_GRID,
     REGULARIZATION_GRID,
-    grid,
+    ModelConfig,
+    SynthConfig,
 )
-from trainer.fit import fit as run_fit
-from trainer.model import OBJECTIVES, Diverged, ModelConfig
 from trainer.options import MAX_ROWS, SEED, FiniteFloat
-from trainer.replay import replay_command
-from trainer.synth import SHOP_FILES, SynthConfig, make_shop, write_shop
+
+if TYPE_CHECKING:
+    from trainer.data import Loaded
 
 FORMATS = ("files", "online-retail", "movielens")
 
@@ -77,6 +75,8 @@ def synth(out: Path, users: int, items: int, seed: int) -> None:
 
     Example: discount-train synth --out var/shop --users 2000 --items 500 --seed 7
     """
+    from trainer.synth import SHOP_FILES, make_shop, write_shop
+
     refuse_existing(out, SHOP_FILES)
     ensure_writable(out, "the shop")
     try:
@@ -202,6 +202,13 @@ def fit(
     Example: discount-train fit --interactions shop/interactions.csv --items shop/items.csv
     --out var/models
     """
+    from trainer.data import DataError
+    from trainer.evaluate import protocol_for, purchases
+    from trainer.export import ExportError
+    from trainer.fit import fit as run_fit
+    from trainer.fit import grid
+    from trainer.model import Diverged
+
     ctx = click.get_current_context()
     given = [
         f"--{name.replace('_', '-')}"
@@ -290,12 +297,137 @@ def fit(
 def _load(
     format_name: str, interactions: Path | None, items: Path | None, default_margin: float
 ) -> Loaded:
+    from trainer.data import (
+        MOVIELENS,
+        ONLINE_RETAIL,
+        load_files,
+        load_movielens,
+        load_online_retail,
+    )
+
     if format_name == "online-retail":
         return load_online_retail(interactions or ONLINE_RETAIL, default_margin)
     if format_name == "movielens":
         return load_movielens(interactions or MOVIELENS)
     assert interactions is not None and items is not None  # checked with the other flags
     return load_files(interactions, items, default_margin)
+
+
+@click.command("replay")
+@click.option("--target", required=True, help="discountd address, HOST:PORT.")
+@click.option(
+    "--users-from",
+    type=click.Path(path_type=Path, exists=True),
+    required=True,
+    help="Interactions file (CSV or Parquet, column user_id) or model store: the shop's users.",
+)
+@click.option(
+    "--shoppers",
+    type=click.IntRange(1, MAX_ROWS),
+    default=1000,
+    show_default=True,
+    help="shopper visits to replay (a known user may come back for several)",
+)
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Same seed, same shoppers.")
+@click.option(
+    "--offers-per-shopper",
+    type=click.IntRange(1, 1000),
+    default=5,
+    show_default=True,
+    help="offers each visit asks GetOffers for",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="shoppers in flight at once",
+)
+@click.option(
+    "--new-visitors",
+    type=FiniteFloat(0, 1),
+    default=0.1,
+    show_default=True,
+    help="Share of shoppers that are brand-new visitor ids.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1, MAX_BATCH),
+    default=500,
+    show_default=True,
+    help="Events per RecordEvents call.",
+)
+@client_options
+@click.option(
+    "--wait",
+    type=FiniteFloat(min=0),
+    default=30.0,
+    show_default=True,
+    help="Seconds to wait for SERVING.",
+)
+def replay_command(
+    target: str,
+    users_from: Path,
+    shoppers: int,
+    seed: int,
+    offers_per_shopper: int,
+    concurrency: int,
+    new_visitors: float,
+    batch_size: int,
+    token: str | None,
+    tls_ca: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    wait: float,
+) -> None:
+    """Replay simulated shoppers through a running discountd: GetOffers, then impressions,
+    clicks, add-to-carts, purchases and redemptions through RecordEvents, decided by the market
+    simulator's known response curves. An event a rerun repeats is not recorded twice; offers
+    that differ (discountd excludes what the first run bought) lead to new events: replay once
+    per store.
+
+    Example: discount-train replay --target 127.0.0.1:50051 --users-from shop/interactions.csv
+    --shoppers 3000 --seed 1 --token "$TOKEN"
+    """
+    from trainer.replay import ReplayConfig, ReplayError, format_table, read_users, replay
+
+    host, _, port = target.rpartition(":")
+    if not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        raise click.BadParameter(
+            f"{target!r}: expected HOST:PORT with a port in 1-65535", param_hint="'--target'"
+        )
+    credentials = channel_credentials(tls_ca, tls_cert, tls_key)
+    config = ReplayConfig(
+        target=target,
+        shoppers=shoppers,
+        seed=seed,
+        offers_per_shopper=offers_per_shopper,
+        concurrency=concurrency,
+        new_visitor_share=new_visitors,
+        batch_size=batch_size,
+        token=token,
+        credentials=credentials,
+        wait_s=wait,
+    )
+    step = max(1, shoppers // 10)
+
+    def progress(done: int, total: int) -> None:
+        if done % step == 0 or done == total:
+            click.echo(f"  {done:,}/{total:,} shoppers", err=True)
+
+    try:
+        known = read_users(users_from)
+        result = asyncio.run(replay(config, known, progress))
+    except ReplayError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(format_table(result))
+    click.echo(
+        f"events: {result.accepted:,} accepted, {result.duplicate:,} duplicate "
+        f"(already recorded), {result.rejected:,} rejected",
+        err=True,
+    )
+    if result.rejected:
+        raise click.ClickException(f"the server rejected events, e.g. {result.first_rejection}")
 
 
 for _command in DISCOUNT_COMMANDS:

@@ -1,5 +1,6 @@
 """``discount-train`` commands for discounts: simulate a market, fit the response model, and
-evaluate policies against the simulator's truth."""
+evaluate policies against the simulator's truth. As in trainer.cli, each command imports what it
+runs in its body."""
 
 from __future__ import annotations
 
@@ -8,27 +9,18 @@ import math
 import tempfile
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-import pandas as pd
 
-from core import response_artifact
 from core.artifact import ArtifactError
 from core.files import replace_text
 from core.response_log import LOGS
-from core.store.db import first_line
-from trainer import policy_eval, shop_estimate, uplift
-from trainer.data import CORRUPT_COMPRESSED, is_parquet
-from trainer.market import (
-    MarketConfig,
-    make_market,
-    make_offers,
-    randomized_discounts,
-    simulate,
-    write_logs,
-)
+from trainer.config import EvalConfig, MarketConfig, ResponseConfig, UpliftConfig
 from trainer.options import MAX_ROWS, SEED, FiniteFloat
-from trainer.response import ResponseConfig, ResponseError, epochs_run, fit, from_logs, save
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 
@@ -73,6 +65,8 @@ def _writable(*paths: Path | None) -> None:
 def _whole_ids(frame: pd.DataFrame) -> pd.DataFrame:
     """pandas turns an integer id column with one null into floats: id 17 must stay "17", as a
     CSV holds it, or an event's item would never match its offer's."""
+    import pandas as pd
+
     for name in ("offer_id", "user_id", "item_id"):
         if name in frame.columns and pd.api.types.is_float_dtype(frame[name]):
             whole = (frame[name].dropna() % 1 == 0).all()
@@ -81,6 +75,11 @@ def _whole_ids(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _read(path: Path, what: str) -> pd.DataFrame:
+    import pandas as pd
+
+    from core.store.db import first_line
+    from trainer.data import CORRUPT_COMPRESSED, is_parquet
+
     try:
         if is_parquet(path):
             return _whole_ids(pd.read_parquet(path))
@@ -121,6 +120,8 @@ def simulate_command(out: Path, users: int, visits: int, seed: int) -> None:
 
     Example: discount-train simulate --out var/market --users 5000 --seed 1
     """
+    from trainer.market import make_market, make_offers, randomized_discounts, simulate, write_logs
+
     refuse_existing(out, LOGS)
     ensure_writable(out, "the logs")
     market = make_market(MarketConfig(n_users=users, visits=visits, seed=seed))
@@ -196,6 +197,9 @@ def response_command(
     Example: discount-train response --offers var/market/offers.csv
     --events var/market/events.csv --out var/response
     """
+    from core import response_artifact
+    from trainer.response import ResponseError, fit, from_logs, save
+
     config = ResponseConfig(epochs=epochs, hidden=hidden, seed=seed)
     try:
         response_artifact.check_out(out)
@@ -268,14 +272,14 @@ def response_command(
 @click.option(
     "--users",
     type=click.IntRange(100, MAX_ROWS),
-    default=policy_eval.EvalConfig().market.n_users,
+    default=EvalConfig().market.n_users,
     show_default=True,
     help="simulated shoppers in each seed's market",
 )
 @click.option(
     "--epochs",
     type=click.IntRange(min=1),
-    default=policy_eval.EvalConfig().response.epochs,
+    default=EvalConfig().response.epochs,
     show_default=True,
     help=f"the response model's passes over its log; at least {ResponseConfig.min_steps} "
     "optimizer steps are taken, so small logs run more epochs (the progress lines say how many)",
@@ -283,7 +287,7 @@ def response_command(
 @click.option(
     "--train-visits",
     type=click.IntRange(min=1),
-    default=policy_eval.EvalConfig().train_visits,
+    default=EvalConfig().train_visits,
     show_default=True,
     help="visits of the randomized experiment the response model learns from (8 offers each "
     "per shopper); the 3 visits after them are the evaluation population",
@@ -314,13 +318,15 @@ def evaluate_policy_command(
 
     Example: discount-train evaluate-policy --seeds 5 --plot docs/policy_margin.png
     """
+    from trainer import policy_eval
+
     if plot is not None and plot.suffix.lower() not in PLOT_SUFFIXES:
         raise click.BadParameter(
             f"{plot}: name a .png, .svg or .pdf file (the format follows the suffix)",
             param_hint="'--plot'",
         )
     _writable(json_path, plot)
-    base = policy_eval.EvalConfig()
+    base = EvalConfig()
     evaluated = base.market.visits - base.train_visits
     config = replace(
         base,
@@ -404,6 +410,9 @@ def estimate_policy_command(
     Example: discount-train estimate-policy --offers var/responses/offers.csv
     --events var/responses/events.csv --rules var/rules.json --response-model var/response
     """
+    from trainer import shop_estimate
+    from trainer.response import ResponseError
+
     _writable(json_path)
     try:
         rules, randomized = shop_estimate.read_rules(rules_path)
@@ -453,7 +462,6 @@ def estimate_policy_command(
 @click.option(
     "--data",
     type=click.Path(dir_okay=False, path_type=Path),
-    default=uplift.HILLSTROM,
     show_default="../shared/datasets/hillstrom/hillstrom.csv, beside the checkout (or under "
     "DISCOUNT_DATASETS)",
     help="the Hillstrom MineThatData e-mail experiment (hillstrom.csv)",
@@ -470,23 +478,23 @@ def estimate_policy_command(
 @click.option(
     "--hidden",
     type=click.IntRange(min=0),
-    default=uplift.UpliftConfig.hidden,
+    default=UpliftConfig.hidden,
     show_default=True,
     help="units in each of the model's two hidden layers; 0: linear in the features",
 )
 @click.option(
     "--epochs",
     type=click.IntRange(min=1),
-    default=uplift.UpliftConfig.epochs,
+    default=UpliftConfig.epochs,
     show_default=True,
-    help=f"passes over the fit half; at least {uplift.UpliftConfig.min_steps} optimizer steps "
-    f"(batches of {uplift.UpliftConfig.batch_size:,}) are taken, so small data runs more epochs "
+    help=f"passes over the fit half; at least {UpliftConfig.min_steps} optimizer steps "
+    f"(batches of {UpliftConfig.batch_size:,}) are taken, so small data runs more epochs "
     "(the progress lines and the report's epochs_run say how many)",
 )
 @click.option(
     "--learning-rate",
     type=FiniteFloat(min=0, max=1, min_open=True),
-    default=uplift.UpliftConfig.learning_rate,
+    default=UpliftConfig.learning_rate,
     show_default=True,
     help="peak of the one-cycle schedule",
 )
@@ -494,7 +502,7 @@ def estimate_policy_command(
     "--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="full report"
 )
 def uplift_command(
-    data: Path,
+    data: Path | None,
     seeds: tuple[int, ...],
     hidden: int,
     epochs: int,
@@ -512,6 +520,9 @@ def uplift_command(
 
     With a 2 × 32 MLP body (the earlier default): --hidden 32 --epochs 30 --learning-rate 3e-3
     """
+    from trainer import uplift
+    from trainer.response import epochs_run
+
     try:
         uplift.require_baselines()
     except ImportError as e:
@@ -520,13 +531,14 @@ def uplift_command(
             "pip install -e '.[dev]'"
         ) from None
     _writable(json_path)
+    data = data or uplift.HILLSTROM
     try:
         experiment = uplift.load_hillstrom(data)
         for seed in seeds:  # all of them before minutes of fitting
             uplift.check_split(data, experiment, seed)
     except uplift.UpliftError as e:
         raise click.ClickException(str(e)) from None
-    config = uplift.UpliftConfig(hidden=hidden, epochs=epochs, learning_rate=learning_rate)
+    config = UpliftConfig(hidden=hidden, epochs=epochs, learning_rate=learning_rate)
     reports = []
     for seed in seeds:
         fitted = len(uplift.split(experiment, seed)[0])

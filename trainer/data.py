@@ -24,9 +24,9 @@ import pandas as pd
 from core.store.db import first_line
 from core.store.tables import ID_LENGTH
 from core.store.validate import CONTROL_CHARACTERS
+from trainer.config import DEFAULT_MARGIN
 from trainer.dataset import Catalog, Dataset, Interactions
 
-DEFAULT_MARGIN = 0.3
 EVENTS = ("purchase", "view", "click", "cart")
 INTERACTION_COLUMNS = ("user_id", "item_id", "timestamp")
 ITEM_COLUMNS = ("item_id", "price")

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from core.artifact import CURRENT, MANIFEST, ArtifactError, current_version_dir
+from trainer.config import OFFSET_GRID, ModelConfig
 from trainer.data import Loaded
 from trainer.evaluate import (
     Protocol,
@@ -36,16 +37,8 @@ from trainer.evaluate import (
 )
 from trainer.export import write_artifact
 from trainer.features import user_features
-from trainer.model import Diverged, ModelConfig, train
+from trainer.model import Diverged, train
 
-# Chosen on the validation split of each fit; these bracket what won on Online Retail,
-# MovieLens 100K and the synthetic shop (docs/TRAINING.md).
-REGULARIZATION_GRID = (10.0, 30.0)
-# BPR's λ weighs a per-triple penalty, not iALS's whole-matrix one: the iALS values smother it
-# (docs/BENCHMARKS.md measured BPR at this λ).
-BPR_REGULARIZATION_GRID = (0.01,)
-ALPHA_GRID = (1.0, 4.0)
-OFFSET_GRID = (1.0, 0.0)
 SHIPPED = (
     "refit on all interactions for the early-stopped epoch count; metrics come from the same "
     "recipe trained on the data before the hold-out period"

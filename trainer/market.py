@@ -26,6 +26,7 @@ import pandas as pd
 from core.features import NUMERIC_FEATURES
 from core.files import replace_files
 from core.response_log import LOGS
+from trainer.config import MarketConfig
 from trainer.dataset import Floats, Ints
 
 # Candidate discounts (fractions of the base price): the randomized logging grid and the only
@@ -44,20 +45,6 @@ class Behaviour(IntEnum):
     LARGE_ONLY = 1  # reacts only above a personal threshold
     REGARDLESS = 2  # buys often, with or without a discount
     GRADED = 3  # the larger the discount, the likelier the purchase
-
-
-@dataclass(frozen=True)
-class MarketConfig:
-    n_users: int = 20_000
-    n_items: int = 400
-    n_factors: int = 8
-    offers_per_user: int = 8  # offers shown to a user per visit
-    candidates: int = 40  # offers come from the user's top candidates by CF score
-    visits: int = 5
-    # Shares of NEVER, LARGE_ONLY, REGARDLESS, GRADED.
-    behaviour_shares: tuple[float, float, float, float] = (0.35, 0.2, 0.15, 0.3)
-    cf_noise: float = 0.5  # the CF model's error on relevance, in relevance units
-    seed: int = 0
 
 
 @dataclass(frozen=True)

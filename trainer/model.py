@@ -18,46 +18,14 @@ import random
 import sys
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
+from trainer.config import ModelConfig
 from trainer.dataset import Factors
-
-OBJECTIVES = ("ials", "bpr")
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    objective: str = "ials"
-    factors: int = 128
-    regularization: float = 1.0  # λ
-    alpha: float = 4.0  # iALS confidence scale
-    # c = offset + α·log(1 + w): 1 is Hu et al.'s form, 0 the `implicit` library's (which trusts
-    # a single purchase less); which fits better depends on the shop, so fit tries both.
-    confidence_offset: float = 1.0
-    max_epochs: int = 30
-    patience: int = 3  # epochs without a better validation NDCG@10 before stopping
-    cg_steps: int = 3
-    learning_rate: float = 0.01  # BPR (Adam)
-    batch_size: int = 4096  # BPR
-    init_scale: float = 0.01
-    seed: int = 0
-    # Several small sparse products per epoch: on a busy 2-core machine one thread beats two,
-    # which lose most of their time waiting for each other.
-    threads: int = 1
-
-    def __post_init__(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}")
-        if self.factors < 1 or self.max_epochs < 1:
-            raise ValueError("factors and max_epochs must be at least 1")
-
-    def resolved(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class Diverged(Exception):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -36,12 +36,12 @@ from core.policy import (
 )
 from core.response_history import HistoryTable
 from trainer import ope
+from trainer.config import EvalConfig
 from trainer.dataset import Floats
 from trainer.market import (
     GRID,
     Log,
     Market,
-    MarketConfig,
     Offers,
     make_market,
     make_offers,
@@ -51,7 +51,6 @@ from trainer.market import (
 from trainer.posterior import posterior_probabilities
 from trainer.response import (
     Logged,
-    ResponseConfig,
     ResponseData,
     epochs_run,
     evaluate,
@@ -72,16 +71,6 @@ POLICY_ORDER = (
     "bayes",
     "oracle",
 )
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    market: MarketConfig = field(default_factory=lambda: MarketConfig(n_users=8_000, visits=6))
-    train_visits: int = 3  # visits logged for training; the rest form the evaluation population
-    response: ResponseConfig = field(default_factory=ResponseConfig)
-    max_discount_pct: float = 30.0
-    min_margin_pct: float = 5.0
 
 
 @dataclass(frozen=True)

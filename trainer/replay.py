@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import click
 import grpc
 import numpy as np
 import pandas as pd
@@ -37,10 +36,9 @@ from core.store.db import first_line
 from core.store.events import EVENT_ID_REUSED, MAX_BATCH
 from discount.v1 import discount_pb2 as pb
 from discount.v1 import discount_pb2_grpc as pb_grpc
-from trainer.client_auth import channel_credentials, client_options
+from trainer.config import MarketConfig
 from trainer.data import CORRUPT_COMPRESSED, NULL_IDS, DataError, read_table
-from trainer.market import Market, MarketConfig, make_market
-from trainer.options import MAX_ROWS, SEED, FiniteFloat
+from trainer.market import Market, make_market
 
 if TYPE_CHECKING:
     from discount.v1.discount_pb2_grpc import DiscountServiceAsyncStub
@@ -383,7 +381,7 @@ def read_users(path: Path) -> list[str]:
     return users
 
 
-def _table(result: ReplayResult) -> list[str]:
+def format_table(result: ReplayResult) -> str:
     header = (
         "variant", "users", "visits", "offers", "discounted", "clicks", "purchases", "revenue",
         "discount_given",
@@ -394,119 +392,6 @@ def _table(result: ReplayResult) -> list[str]:
         money = (t.revenue_cents / 100, t.discount_cents / 100)
         rows.append((name, *(f"{c:,}" for c in counts), *(f"{m:,.2f}" for m in money)))
     widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
-    return ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) for r in rows]
-
-
-@click.command("replay")
-@click.option("--target", required=True, help="discountd address, HOST:PORT.")
-@click.option(
-    "--users-from",
-    type=click.Path(path_type=Path, exists=True),
-    required=True,
-    help="Interactions file (CSV or Parquet, column user_id) or model store: the shop's users.",
-)
-@click.option(
-    "--shoppers",
-    type=click.IntRange(1, MAX_ROWS),
-    default=1000,
-    show_default=True,
-    help="shopper visits to replay (a known user may come back for several)",
-)
-@click.option("--seed", type=SEED, default=0, show_default=True, help="Same seed, same shoppers.")
-@click.option(
-    "--offers-per-shopper",
-    type=click.IntRange(1, 1000),
-    default=5,
-    show_default=True,
-    help="offers each visit asks GetOffers for",
-)
-@click.option(
-    "--concurrency",
-    type=click.IntRange(min=1),
-    default=8,
-    show_default=True,
-    help="shoppers in flight at once",
-)
-@click.option(
-    "--new-visitors",
-    type=FiniteFloat(0, 1),
-    default=0.1,
-    show_default=True,
-    help="Share of shoppers that are brand-new visitor ids.",
-)
-@click.option(
-    "--batch-size",
-    type=click.IntRange(1, MAX_BATCH),
-    default=500,
-    show_default=True,
-    help="Events per RecordEvents call.",
-)
-@client_options
-@click.option(
-    "--wait",
-    type=FiniteFloat(min=0),
-    default=30.0,
-    show_default=True,
-    help="Seconds to wait for SERVING.",
-)
-def replay_command(
-    target: str,
-    users_from: Path,
-    shoppers: int,
-    seed: int,
-    offers_per_shopper: int,
-    concurrency: int,
-    new_visitors: float,
-    batch_size: int,
-    token: str | None,
-    tls_ca: Path | None,
-    tls_cert: Path | None,
-    tls_key: Path | None,
-    wait: float,
-) -> None:
-    """Replay simulated shoppers through a running discountd: GetOffers, then impressions,
-    clicks, add-to-carts, purchases and redemptions through RecordEvents, decided by the market
-    simulator's known response curves. An event a rerun repeats is not recorded twice; offers
-    that differ (discountd excludes what the first run bought) lead to new events: replay once
-    per store.
-
-    Example: discount-train replay --target 127.0.0.1:50051 --users-from shop/interactions.csv
-    --shoppers 3000 --seed 1 --token "$TOKEN"
-    """
-    host, _, port = target.rpartition(":")
-    if not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
-        raise click.BadParameter(
-            f"{target!r}: expected HOST:PORT with a port in 1-65535", param_hint="'--target'"
-        )
-    credentials = channel_credentials(tls_ca, tls_cert, tls_key)
-    config = ReplayConfig(
-        target=target,
-        shoppers=shoppers,
-        seed=seed,
-        offers_per_shopper=offers_per_shopper,
-        concurrency=concurrency,
-        new_visitor_share=new_visitors,
-        batch_size=batch_size,
-        token=token,
-        credentials=credentials,
-        wait_s=wait,
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) for r in rows
     )
-    step = max(1, shoppers // 10)
-
-    def progress(done: int, total: int) -> None:
-        if done % step == 0 or done == total:
-            click.echo(f"  {done:,}/{total:,} shoppers", err=True)
-
-    try:
-        known = read_users(users_from)
-        result = asyncio.run(replay(config, known, progress))
-    except ReplayError as e:
-        raise click.ClickException(str(e)) from None
-    click.echo("\n".join(_table(result)))
-    click.echo(
-        f"events: {result.accepted:,} accepted, {result.duplicate:,} duplicate "
-        f"(already recorded), {result.rejected:,} rejected",
-        err=True,
-    )
-    if result.rejected:
-        raise click.ClickException(f"the server rejected events, e.g. {result.first_rejection}")

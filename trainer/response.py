@@ -45,6 +45,7 @@ from core.response_history import (
     smoothed_rates,
 )
 from core.store.tables import EVENT_TYPES
+from trainer.config import ResponseConfig
 from trainer.dataset import Floats
 from trainer.export import ExportError, export_checked
 
@@ -60,20 +61,6 @@ RATES = slice(len(OFFER_FEATURES), None)
 
 class ResponseError(Exception):
     """Logged data a response model cannot be trained on; the message names the fix."""
-
-
-@dataclass(frozen=True)
-class ResponseConfig:
-    hidden: int = 64
-    epochs: int = 20
-    # Small logs get more epochs: too few optimizer steps leave the model uncalibrated.
-    min_steps: int = 500
-    batch_size: int = 2048
-    learning_rate: float = 1e-2
-    weight_decay: float = 1e-5
-    holdout: float = 0.2  # share of offers kept out of training to measure the model
-    seed: int = 0
-    threads: int = 1  # a model this small gains nothing from more, and loses on a busy machine
 
 
 @dataclass(frozen=True)

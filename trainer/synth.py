@@ -17,29 +17,14 @@ import numpy as np
 import pandas as pd
 
 from core.files import replace_files
+from trainer.config import CATEGORIES, SynthConfig
 from trainer.dataset import Floats, Ints
 
-CATEGORIES = ("kitchen", "garden", "toys", "books", "beauty", "sports", "music", "stationery")
 # Fixed, for a seed to give the same shop, and a year that is over (it ends 2026-10-31): fit drops
 # rows dated after its own time, and none of these ever will be.
 START = int(datetime(2025, 11, 1, tzinfo=UTC).timestamp())
 PERIOD_DAYS = 365
 DAY = 86_400
-
-
-@dataclass(frozen=True)
-class SynthConfig:
-    users: int = 2000
-    items: int = 500
-    seed: int = 0
-    taste_concentration: float = 0.2  # Dirichlet α: small means users stick to few categories
-    noise: float = 0.1  # share of purchases that ignore the user's taste
-    baskets: float = 3.0  # mean baskets per user beyond the first
-    basket_size: float = 2.0  # mean items per basket beyond the first
-
-    def __post_init__(self) -> None:
-        if self.users < 1 or self.items < len(CATEGORIES):
-            raise ValueError(f"need at least 1 user and {len(CATEGORIES)} items")
 
 
 @dataclass(frozen=True)

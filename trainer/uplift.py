@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from core.store.db import first_line
+from trainer.config import UpliftConfig
 from trainer.data import CORRUPT_COMPRESSED, DATASETS
 from trainer.dataset import Floats
 from trainer.response import epochs_run, fit_logistic, seed_everything
@@ -137,17 +138,6 @@ def check_split(path: Path, experiment: Experiment, seed: int) -> None:
             f"{path}: split seed {seed} leaves {'; '.join(missing)}; each half needs e-mailed "
             f"and {CONTROL} customers, each with visit and conversion both 0 and 1"
         )
-
-
-@dataclass(frozen=True)
-class UpliftConfig:
-    hidden: int = 0  # units in each of two hidden layers; 0: base and lift linear in the features
-    epochs: int = 100
-    min_steps: int = 300  # as in the response model: small data gets more epochs
-    batch_size: int = 1024
-    learning_rate: float = 1e-2
-    weight_decay: float = 1e-4
-    seed: int = 0
 
 
 class UpliftNet(nn.Module):
