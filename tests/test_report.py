@@ -165,7 +165,8 @@ def test_simulate_says_a_randomized_rules_discounts_are_one_draw(
     args = ("--user", "user-0", "--limit", "3", "--model-dir", str(model_store))
     note = (
         "rule 'learn' draws each discount at random among CHOICES=n percents: this shows one "
-        "draw, and another run may show another\n"
+        "draw, and another run may show another (discountd keeps a shopper's draw for an "
+        "offer's lifetime)\n"
     )
     table = ctl(db_url, "rules", "simulate", *args)
     assert table.stdout.count("POLICY_RANDOMIZED CHOICES=3") == 3
