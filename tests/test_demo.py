@@ -43,7 +43,7 @@ def test_demo_runs_end_to_end(tmp_path: Path, restore_env: None) -> None:
     result = _demo(out)
     assert result.exit_code == 0, result.output
     headings = [line for line in result.stderr.splitlines() if line.startswith("==> ")]
-    assert [h.split("] ")[1].split()[0] for h in headings] == [f"{n}/10" for n in range(1, 11)]
+    assert [h.split("] ")[1].split()[0] for h in headings] == [f"{n}/11" for n in range(1, 12)]
     stdout = result.stdout
     assert "— known user" in stdout and "demo-new-visitor" in stdout  # the storefront's calls
     # discount-train response's JSON repeated the metrics the demo had just shown as a table.
@@ -52,6 +52,9 @@ def test_demo_runs_end_to_end(tmp_path: Path, restore_env: None) -> None:
     report_header = next(line for line in stdout.splitlines() if line.startswith("VARIANT"))
     assert "CONVERSION" in report_header and "MARGIN/USER" in report_header
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The last step estimates every rule from the randomized log, before it serves anyone.
+    estimates = stdout[stdout.index("\npolicy ") + 1 :].splitlines()[1:4]
+    assert [line.split()[0] for line in estimates] == ["no_discount", "demo-tiered", "demo-optimal"]
     assert "shutting down" in (out / "discountd.log").read_text()  # stopped by SIGTERM
 
     # The commands it prints are retypeable: it shows the store they need, which is not the

@@ -6,8 +6,9 @@ fresh SQLite store, seeds segments, a tiered_topk and an optimal rule and an exp
 (control: no discount; tiered: the classic rule; optimal: the response model's choice), starts
 discountd as its own process, asks it for recommendations as a storefront would, replays
 simulated shoppers through the experiment, stops the server and prints the experiment report
-with its plot. Every step prints the command a user would type; the commands run in this
-process, which saves a dozen interpreter start-ups.
+with its plot, then estimates each rule's margin from the randomized log (estimate-policy), as
+a shop would before serving a rule. Every step prints the command a user would type; the
+commands run in this process, which saves a dozen interpreter start-ups.
 
 Example:
     python -m tools.demo                          # synthetic shop into var/demo
@@ -39,7 +40,7 @@ from trainer.cli import main as discount_train
 from trainer.data import ONLINE_RETAIL
 
 EXPERIMENT = "demo-tiered-vs-optimal"
-STEPS = 10
+STEPS = 11
 DATA_SOURCES = ("synthetic", "online-retail")
 LISTENING = re.compile(r"listening on \S+:(\d+)")
 
@@ -274,6 +275,16 @@ def demo(config: DemoConfig) -> None:
         raise
     run(discountctl, "discountctl", "experiments", "report", EXPERIMENT,
         "--plot", str(out / "report.png"))  # fmt: skip
+    clock.step(11, "each rule's margin estimated from a randomized log, before it serves anyone")
+    # A shop's log would come from `discountctl offers export` of a `randomized` rule; the demo
+    # has the simulator's, which trained the response model.
+    rules = out / "rules.json"
+    rules.write_text(run(discountctl, "discountctl", "rules", "list", "-o", "json", quiet=True))
+    click.echo(f"(saved to {rules})", err=True)
+    market = out / "market"
+    run(discount_train, "discount-train", "estimate-policy", "--offers", str(market / "offers.csv"),
+        "--events", str(market / "events.csv"), "--rules", str(rules),
+        "--response-model", str(response))  # fmt: skip
     took = time.monotonic() - clock.start
     click.echo(f"\ndone in {took:.0f}s: plot {out / 'report.png'}, log {server.log_path}", err=True)
     _next_steps(config)
