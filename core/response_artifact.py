@@ -202,11 +202,26 @@ def load(folder: Path) -> ResponseManifest:
         )
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ArtifactError(f"{path}: malformed manifest ({e!r})") from None
+    # Every discount is scored as at most the grid's largest (as_trained): an empty grid would
+    # score them all as none, and `optimal` would quietly grant nothing.
+    if not manifest.grid or not all(0 <= d < 1 for d in manifest.grid):
+        raise ArtifactError(
+            f"{path}: grid {manifest.grid} is not the discounts of a training log (at least one "
+            "fraction in [0, 1)); train it again with `discount-train response`"
+        )
     for name in (GRAPH, HISTORY):
         if name not in manifest.files:
             raise ArtifactError(f"{path}: does not list {name}")
     verify_files(folder, manifest.files)
     return manifest
+
+
+def as_trained(discounts: npt.ArrayLike, grid: Sequence[float]) -> npt.NDArray[np.float32]:
+    """The discounts to ask the graph about: each past the largest in the training log (the
+    manifest's grid) as that largest. What a larger discount does was never observed, and the
+    ramps that would carry it were never fitted, so at the same P(buy) and a lower price
+    `optimal` never picks it (discountd and `discount-train estimate-policy` both score so)."""
+    return np.minimum(np.asarray(discounts, dtype=np.float32), np.float32(max(grid)))
 
 
 def feature_rows(

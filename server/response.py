@@ -10,10 +10,9 @@ not know gets every band's overall rate.
 It runs on the CPU whatever ``--device`` says: a small MLP over a few rows gains nothing from a
 GPU transfer.
 
-A discount larger than any the model was trained on (its manifest's grid) is scored as the
-largest it was: what such a discount does was never observed, and the weights of its ramps
-were never fitted, so a rule's grid reaching past the experiment's cannot buy uplift from
-noise; at the same P(buy) and a lower price, `optimal` never picks it.
+A discount larger than any the model was trained on is scored as the largest it was
+(core.response_artifact.as_trained), so a rule's grid reaching past the experiment's cannot buy
+uplift from noise.
 """
 
 from __future__ import annotations
@@ -42,26 +41,19 @@ class ResponseModel:
     version: str
     session: ort.InferenceSession
     history: HistoryTable
-    largest: float  # the largest discount in the training log (a fraction)
+    grid: tuple[float, ...]  # the discounts of the training log (fractions)
 
     @classmethod
     def load(cls, path: Path) -> ResponseModel:
         """Verify the folder and open its graph; ArtifactError says what is wrong."""
         manifest = response_artifact.load(path)
-        # Every discount is scored as at most the grid's largest: an empty grid would score
-        # them all as none, and `optimal` would quietly grant nothing.
-        if not manifest.grid or not all(0 <= d < 1 for d in manifest.grid):
-            raise ArtifactError(
-                f"{path / MANIFEST}: grid {manifest.grid} is not the discounts of a training log "
-                "(at least one fraction in [0, 1)); train it again with `discount-train response`"
-            )
         graph = path / response_artifact.GRAPH
         # One thread: GetOffers runs it on the event loop over a few rows, where waking a pool
         # of threads would cost more than the run.
         session, _ = open_session(graph, "cpu", 1)
         check_signature(graph, session, response_artifact.signature())
         history = HistoryTable.load(path / response_artifact.HISTORY)
-        model = cls(path, manifest.version, session, history, max(manifest.grid))
+        model = cls(path, manifest.version, session, history, tuple(manifest.grid))
         try:
             probability = model(
                 "", {}, [ItemInput("warm-up", "", 10.0, 5.0, 1, 0.0)], list(manifest.grid)
@@ -79,8 +71,7 @@ class ResponseModel:
             (float(i.score or 0.0), float(i.price or 0.0), float(i.cost or 0.0)) for i in items
         ]
         rows = response_artifact.feature_rows(user, self.history.rates(user_id), offers)
-        tried = np.minimum(np.asarray(grid, dtype=np.float32), np.float32(self.largest))
-        discounts = np.tile(tried, (len(items), 1))
+        discounts = np.tile(response_artifact.as_trained(grid, self.grid), (len(items), 1))
         [probability] = self.session.run(None, {"features": rows, "discounts": discounts})
         return np.asarray(probability, dtype=np.float64)
 

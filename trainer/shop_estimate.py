@@ -162,10 +162,7 @@ def predict(folder: Path, log: ShopLog) -> Floats:
         str(folder / response_artifact.GRAPH), providers=["CPUExecutionProvider"]
     )
     rows = np.column_stack([log.features, history.lookup(log.user_ids)]).astype(np.float32)
-    # As discountd scores it (server.response): a discount past the largest the model was
-    # trained on as that largest one, whose P(buy) was fitted, not extrapolated.
-    tried = np.minimum(log.grid, max(manifest.grid, default=0.0)).astype(np.float32)
-    grid = np.tile(tried, (len(rows), 1))
+    grid = np.tile(response_artifact.as_trained(log.grid, manifest.grid), (len(rows), 1))
     [probability] = session.run(None, {"features": rows, "discounts": grid})
     return np.asarray(probability, dtype=np.float64)
 
