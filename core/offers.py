@@ -283,7 +283,7 @@ def _purchase_probabilities(
     for rule, positions in groups:
         assert rule.pricing is not None  # live() checked it
         if rule.pricing.policy == "optimal":
-            choices[rule.id] = policy.optimal_choices(rule.pricing.params)
+            choices[rule.id] = policy.grid_choices(rule.pricing.params)
             rows += [n for n in positions if _scored(items[n])]
     if not rows or respond is None:
         return {}

@@ -150,7 +150,7 @@ def check_draws(policy: str, params: Mapping[str, Any], limits: Guardrails) -> N
     offer would get none (propensity 1), a log no response model learns anything from."""
     if policy != "randomized":
         return
-    if not any(0 < pct <= limits.max_discount_pct for pct in optimal_choices(params)):
+    if not any(0 < pct <= limits.max_discount_pct for pct in grid_choices(params)):
         raise PolicyError(
             f"randomized: no percent of grid {list(params['grid'])} is above 0 and within the "
             f"max discount ({float(limits.max_discount_pct):g}%), so every offer would get none; "
@@ -285,7 +285,7 @@ class Candidate:
 
     ``rank`` is 1-based among the items of the request; ``score`` is None when the model has
     none (an item it does not know). ``purchase_probability`` is the response model's P(buy)
-    at each of ``optimal_choices`` of the rule (None: no response model).
+    at each of ``grid_choices`` of the rule (None: no response model).
     """
 
     item_id: str
@@ -363,7 +363,7 @@ def _linear_discount(rule: Rule, item: Candidate) -> _Proposal:
     return as_decimal(clipped, "linear discount"), (Reason.POLICY_LINEAR,), ()
 
 
-def optimal_choices(params: Mapping[str, Any]) -> tuple[Decimal, ...]:
+def grid_choices(params: Mapping[str, Any]) -> tuple[Decimal, ...]:
     """The percents an `optimal` or `randomized` rule chooses among: its grid, and 0 (no discount
     is always a choice, the baseline of the expected uplift and the control of a draw),
     ascending."""
@@ -372,7 +372,7 @@ def optimal_choices(params: Mapping[str, Any]) -> tuple[Decimal, ...]:
 
 @functools.lru_cache(maxsize=256)
 def _choices(grid: tuple[float, ...]) -> tuple[Decimal, ...]:
-    """optimal_choices of a grid, worked out once per grid rather than once per item priced: it
+    """grid_choices of a grid, worked out once per grid rather than once per item priced: it
     was 7 of the 19 us a `randomized` offer took to price, and of the 28 of an `optimal` one."""
     percents = {_percent_down(as_decimal(p, "grid")) for p in grid}
     return tuple(sorted(percents | {Decimal("0.00")}))
@@ -407,7 +407,7 @@ def uplift_code(uplift: float) -> str:
 def _optimal_discount(rule: Rule, item: Candidate) -> _Proposal:
     if item.score is None or not math.isfinite(item.score):
         return Decimal(0), (Reason.NO_SCORE,), ()
-    choices = optimal_choices(rule.params)
+    choices = grid_choices(rule.params)
     probability = item.purchase_probability
     # A NaN would win argmax and make the uplift code raise; a value outside [0, 1] is no
     # probability either: without a usable answer from the model, no discount.
@@ -436,7 +436,7 @@ def _optimal_discount(rule: Rule, item: Candidate) -> _Proposal:
 def _randomized_discount(rule: Rule, item: Candidate, draw: Draw) -> _Proposal:
     """A percent drawn uniformly among the rule's choices that the guardrails allow this item,
     so every logged discount is one pricing shows unchanged and its propensity is exact."""
-    choices = optimal_choices(rule.params)
+    choices = grid_choices(rule.params)
     allowed = allowed_percents(to_cents(item.base_price), item.cost, choices, rule.guardrails)
     open_ = [pct for pct, ok in zip(choices, allowed, strict=True) if ok]
     drawn = open_[draw(item.item_id, len(open_))]

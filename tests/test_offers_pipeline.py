@@ -352,7 +352,7 @@ def test_every_policy_keeps_guardrails_and_budgets_through_the_pipeline(
         granted[rule.id] = granted.get(rule.id, Decimal(0)) + p.discount_amount
         if rule.pricing.policy != "optimal" or item.score is None:
             continue
-        choices = policy.optimal_choices(rule.pricing.params)
+        choices = policy.grid_choices(rule.pricing.params)
         answer = [probability(item, float(c) / 100) for c in choices]
         if not all(0 <= a <= 1 for a in answer):
             assert policy.Reason.NO_RESPONSE_MODEL in d.reasons and p.discount_pct == 0

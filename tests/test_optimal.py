@@ -30,7 +30,7 @@ from core.policy import (
     Rule,
     allowed_percents,
     floor_price,
-    optimal_choices,
+    grid_choices,
     price_after,
     price_items,
     to_cents,
@@ -65,7 +65,7 @@ def optimal_cases(draw: st.DrawFn) -> tuple[Rule, Candidate]:
         draw(st.integers(0, 10_000).map(lambda m: Decimal(m) / 100)),
     )
     rule = Rule("optimal", {"grid": [g / 100 for g in grid]}, limits)
-    n = len(optimal_choices(rule.params))
+    n = len(grid_choices(rule.params))
     p = tuple(draw(st.lists(probability, min_size=n, max_size=n)))
     item = Candidate("a", draw(money), draw(costs), 1, score=0.5, purchase_probability=p)
     return rule, item
@@ -92,7 +92,7 @@ def test_optimal_respects_guardrails_and_takes_the_best_allowed_choice(
     # price, not the discount the model was asked about.
     assert Reason.ROUNDED_TO_NO_DISCOUNT not in priced.reasons
     # The choice is an allowed one, and no allowed choice has a larger expected margin.
-    choices = optimal_choices(rule.params)
+    choices = grid_choices(rule.params)
     allowed = allowed_percents(base, item.cost, choices, rule.guardrails)
     assert allowed[choices.index(priced.discount_pct)]
     value = expected_margin(

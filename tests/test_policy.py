@@ -23,8 +23,8 @@ from core.policy import (
     Rule,
     apply_budget,
     floor_price,
+    grid_choices,
     no_discount,
-    optimal_choices,
     price_after,
     price_items,
     to_cents,
@@ -482,7 +482,7 @@ def any_rule(draw: st.DrawFn) -> Rule:
 @st.composite
 def any_candidates(draw: st.DrawFn, rule: Rule) -> list[Candidate]:
     items = []
-    choices = len(optimal_choices(rule.params)) if rule.policy == "optimal" else 0
+    choices = len(grid_choices(rule.params)) if rule.policy == "optimal" else 0
     for rank in range(1, draw(st.integers(1, 4)) + 1):
         base = draw(amounts)
         # Often near the price, so that the floor binds, and often whole cents, where a floor
@@ -522,7 +522,7 @@ def test_every_policy_keeps_the_exact_floor_and_never_raises_a_price(data: st.Da
         if rule.policy == "randomized":
             # Drawn among what the guardrails allow: pricing shows the draw unchanged.
             assert offer.reasons[0] == Reason.POLICY_RANDOMIZED and len(offer.reasons) == 2
-            assert offer.discount_pct in optimal_choices(rule.params)
+            assert offer.discount_pct in grid_choices(rule.params)
             assert offer.propensity == 1 / int(offer.reasons[1].removeprefix("CHOICES="))
         else:
             assert offer.propensity == 1

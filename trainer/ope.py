@@ -25,7 +25,7 @@ from decimal import Decimal
 import numpy as np
 from scipy import stats
 
-from core.policy import Candidate, Rule, optimal_choices, price_items
+from core.policy import Candidate, Rule, grid_choices, price_items
 from trainer.dataset import Floats
 
 SAME = 0.00005  # half the step between two-decimal percents, as fractions
@@ -83,7 +83,7 @@ def rule_discounts(
     """The rule's discount per offer as discountd prices it (core.policy), rounded down onto
     grid. ``probability`` [offers, grid] is the response model's P(buy) for an `optimal` rule,
     read at the rule's own choices (which must lie on the grid)."""
-    choices = optimal_choices(rule.params) if rule.policy == "optimal" else ()
+    choices = grid_choices(rule.params) if rule.policy == "optimal" else ()
     columns = [int(np.searchsorted(grid, float(c) / 100 - SAME)) for c in choices]
     candidates = [
         Candidate(

@@ -14,7 +14,6 @@ randomized log only supports the discounts it drew; rounding down never breaks a
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from decimal import Decimal
@@ -23,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from scipy import stats
 
 from core.files import replace_files
 from core.optimal import choose
@@ -286,12 +284,7 @@ def run_seed(
 
 def interval(values: list[float]) -> dict[str, float | None]:
     """Mean and a 95% t-interval over seeds; one seed has no interval (low and high None)."""
-    a = np.asarray(values, dtype=np.float64)
-    mean = float(a.mean())
-    if len(a) < 2:
-        return {"mean": mean, "low": None, "high": None}
-    half = float(stats.t.ppf(0.975, len(a) - 1) * a.std(ddof=1) / math.sqrt(len(a)))
-    return {"mean": mean, "low": mean - half, "high": mean + half}
+    return ope.mean_interval(np.asarray(values, dtype=np.float64))
 
 
 def summarize(results: list[SeedResult]) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import onnxruntime as ort
 import pandas as pd
 
 from core import response_artifact
-from core.policy import Guardrails, PolicyError, Rule, optimal_choices
+from core.policy import Guardrails, PolicyError, Rule, grid_choices
 from core.response_artifact import OFFER_FEATURES
 from core.response_history import HistoryTable
 from trainer import ope
@@ -225,7 +225,7 @@ def estimate(
 
 
 def _choices(rule: Rule) -> list[float]:
-    return [float(c) / 100 for c in optimal_choices(rule.params)]
+    return [float(c) / 100 for c in grid_choices(rule.params)]
 
 
 def format_table(estimates: dict[str, Any], offers: int) -> str:
