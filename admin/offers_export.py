@@ -17,6 +17,7 @@ from admin.options import parse_time
 from admin.output import emit, message, output_option
 from core.features import NUMERIC_FEATURES
 from core.files import replace_files
+from core.offers import Why
 from core.response_log import EVENT_COLUMNS, LOGS, OFFER_COLUMNS
 from core.store.experiments import Experiments
 from core.store.offers import LogFilter, response_offers, response_sales, unlearnable_offers
@@ -61,8 +62,9 @@ def export(
     (alone, or as an experiment's variant) and export its offers with --rule. Offers logged
     before the store kept these columns (migration 0006) or by a build that knew fewer user
     features, and offers of items the model had no score for, are left out and counted, with
-    their sales. --since and --until select offers by when they were issued; their sales come
-    with them whenever they were made.
+    their sales. Offers priced against a cost the trainer assumed (COST_ASSUMED) are written
+    with that cost, and counted. --since and --until select offers by when they were issued;
+    their sales come with them whenever they were made.
 
     \b
     Example:
@@ -109,6 +111,7 @@ def export(
         "offers": counts["offers"],
         "randomized": counts["randomized"],
         "sales": counts["sales"],
+        "cost_assumed": counts["cost_assumed"],
         "left_out_without_features": counts["left_out"],
     }
     emit(summary, output)
@@ -127,6 +130,13 @@ def export(
             f"{fixed:,} of these {counts['offers']:,} offers had a discount not drawn at random "
             "(propensity 1), which `discount-train response` learns from too"
             + ("" if rule_name else "; --rule NAME keeps a `randomized` rule's offers alone")
+        )
+    if counts["cost_assumed"]:
+        message(
+            f"{counts['cost_assumed']:,} of these {counts['offers']:,} offers were priced against "
+            "a cost assumed from the trainer's --default-margin (reason code COST_ASSUMED), "
+            "written as their cost: a margin learned or estimated from them is only as right as "
+            "that margin"
         )
     if counts["left_out"]:
         message(
@@ -169,6 +179,7 @@ def _offer_rows(
         )
         counts["offers"] += 1
         counts["randomized"] += row.propensity < 1
+        counts["cost_assumed"] += Why.COST_ASSUMED in (row.reason_codes or ())
         if counts["offers"] % PROGRESS_EVERY == 0:
             click.echo(f"  {counts['offers']:,} offers read", err=True)
 

@@ -303,7 +303,8 @@ def test_a_rule_that_priced_none_of_the_offers_exports_none_and_says_so(
     result = ctl(db_url, "offers", "export", "--rule", "learn", "--out", str(out), "-o", "json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout) == {
-        "out": str(out), "offers": 0, "randomized": 0, "sales": 0, "left_out_without_features": 0
+        "out": str(out), "offers": 0, "randomized": 0, "sales": 0, "cost_assumed": 0,
+        "left_out_without_features": 0,
     }  # fmt: skip
     assert result.stderr == "no offer matched: nothing for a response model to learn from\n"
     assert (out / "offers.csv").read_text().count("\n") == 1  # the header alone
@@ -319,6 +320,37 @@ def test_a_log_of_fixed_discounts_says_response_would_refuse_it(
     result = ctl(db_url, "offers", "export", "--out", str(tmp_path / "log"))
     assert result.exit_code == 0, result.output
     assert "none of these offers had its discount drawn at random" in result.stderr
+
+
+def test_offers_priced_against_an_assumed_cost_are_counted_and_said(
+    tmp_path: Path, store: Store, db_url: str
+) -> None:
+    """An assumed cost is written as the cost, as discountd priced it; the export says how many
+    rest on it, since every margin learned or estimated from them is only as right as it."""
+    features = {name: 1.0 for name in NUMERIC_FEATURES}
+    learnable = {"cf_score": 0.5, "rank": 1, "cost": 4.0, "user_features": features}
+    with store.transaction() as s:
+        insert_offers(
+            s,
+            [
+                _offer(1, **learnable, propensity=0.5, reason_codes=["COST_ASSUMED"]),
+                _offer(2, **learnable, propensity=0.5, reason_codes=["POLICY_RANDOMIZED"]),
+                _offer(
+                    3, **learnable, propensity=0.5, reason_codes=["NO_DISCOUNT", "COST_ASSUMED"]
+                ),
+            ],
+        )
+    out = tmp_path / "log"
+    result = ctl(db_url, "offers", "export", "--out", str(out), "-o", "json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["cost_assumed"] == 2
+    assert "2 of these 3 offers were priced against a cost assumed" in result.stderr
+    assert list(pd.read_csv(out / "offers.csv")["cost"]) == [4.0, 4.0, 4.0]
+
+    clean = ctl(db_url, "offers", "export", "--out", str(tmp_path / "clean"), "--since",
+                "2026-11-30T09:00:02Z", "--until", "2026-11-30T09:00:03Z")  # fmt: skip
+    assert clean.exit_code == 0, clean.output
+    assert "assumed" not in clean.stderr
 
 
 @pytest.mark.parametrize(

@@ -136,7 +136,8 @@ CHUNK = 10_000
 
 def response_offers(session: Session, which: LogFilter) -> Iterator[Any]:
     """The offers a response model can learn from, oldest first, in chunks: offer_id, user_id,
-    item_id, rank, cf_score, base_price, cost, discount_pct, propensity, user_features."""
+    item_id, rank, cf_score, base_price, cost, discount_pct, propensity, user_features,
+    reason_codes."""
     query = (
         select(
             Offer.offer_id,
@@ -149,6 +150,7 @@ def response_offers(session: Session, which: LogFilter) -> Iterator[Any]:
             Offer.discount_pct,
             Offer.propensity,
             Offer.user_features,
+            Offer.reason_codes,
         )
         .where(*which.clauses(), *_LEARNABLE)
         .order_by(Offer.issued_at, Offer.offer_id)
