@@ -262,8 +262,7 @@ def _candidate(item: ItemInput, probability: tuple[float, ...] | None = None) ->
         item.item_id,
         policy.as_decimal(item.price or 0, f"price of {item.item_id}"),
         policy.as_decimal(item.cost or 0, f"cost of {item.item_id}"),
-        # Policies rank from 1; an unranked item counts as ranked after every ranked one.
-        item.rank if item.rank > 0 else 1_000_000,
+        item.rank if item.rank > 0 else policy.UNRANKED,
         item.score,
         probability,
     )

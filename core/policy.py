@@ -35,6 +35,9 @@ from core.records import record
 
 POLICIES: tuple[str, ...] = ("tiered_topk", "threshold", "linear", "optimal", "randomized")
 
+# The rank policies give an item the model did not rank: after every ranked one.
+UNRANKED = 1_000_000
+
 CENT = Decimal("0.01")
 HUNDRED = Decimal(100)
 # Enough digits that the prices and percents of float-derived inputs are computed exactly.

@@ -63,7 +63,7 @@ OUTPUTS: Signature = (("purchase_probability", "float32", ("batch", "candidates"
 class ResponseManifest:
     version: str
     created_at: str
-    grid: list[float]  # the discounts the model was trained on; outside them it extrapolates
+    grid: list[float]  # the discounts the model was trained on; past them, see as_trained
     files: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)

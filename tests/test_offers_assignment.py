@@ -41,7 +41,6 @@ def test_variant_shares_within_a_point_of_weights_over_100k_users(
 SCRIPT = """
 import json, sys
 from datetime import UTC, datetime
-from core.assignment import draw_index
 from core.offers import ExperimentDef, Snapshot, VariantDef, decide
 salt, weights = sys.argv[1], json.loads(sys.argv[2])
 variants = tuple(VariantDef(f"v{i}", w, None) for i, w in enumerate(weights))

@@ -22,7 +22,7 @@ import onnxruntime as ort
 import pandas as pd
 
 from core import response_artifact
-from core.policy import Guardrails, PolicyError, Rule, grid_choices
+from core.policy import UNRANKED, Guardrails, PolicyError, Rule, grid_choices
 from core.response_artifact import OFFER_FEATURES
 from core.response_history import HistoryTable
 from trainer import ope
@@ -30,7 +30,6 @@ from trainer.dataset import Floats
 from trainer.response import from_logs
 
 NO_DISCOUNT = "no_discount"
-UNRANKED = 1_000_000  # as core.offers ranks an item the model did not rank
 _FROM_STORE = "give the JSON `discountctl rules list -o json` prints"
 
 

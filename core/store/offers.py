@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any, cast
 
 import psycopg
-from sqlalchemy import ColumnElement, Table, func, select
+from sqlalchemy import ColumnElement, Table, and_, func, select
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
@@ -162,9 +162,7 @@ def response_offers(session: Session, which: LogFilter) -> Iterator[Any]:
 def unlearnable_offers(session: Session, which: LogFilter) -> int:
     """How many of the offers lack what a response model needs (logged before migration 0006,
     or of an item the model had no score for)."""
-    query = select(func.count()).where(
-        *which.clauses(), ~(_LEARNABLE[0] & _LEARNABLE[1] & _LEARNABLE[2])
-    )
+    query = select(func.count()).where(*which.clauses(), ~and_(*_LEARNABLE))
     return session.scalar(query.select_from(Offer)) or 0
 
 
