@@ -38,6 +38,7 @@ from trainer.response import (
     ResponseData,
     ResponseError,
     ResponseNet,
+    Standardize,
     Trained,
     fit,
     from_logs,
@@ -74,7 +75,7 @@ def trained(data: ResponseData) -> ResponseNet:
 
 def _random_net(seed: int) -> ResponseNet:
     torch.manual_seed(seed)
-    net = ResponseNet(torch.zeros(len(FEATURES)), torch.ones(len(FEATURES)), hidden=8)
+    net = ResponseNet(Standardize(torch.randn(64, len(FEATURES))), hidden=8)
     with torch.no_grad():
         for parameter in net.parameters():
             parameter.normal_(0, 2)  # large weights: steep, odd curves, monotone all the same
@@ -129,6 +130,22 @@ def test_learns_more_than_the_base_rate(data: ResponseData) -> None:
     assert result.metrics["log_loss"] < log_loss(held_out, np.full(len(held_out), held_out.mean()))
     assert result.metrics["auc"] > 0.6
     assert result.metrics["ece"] < 0.05
+
+
+def test_a_feature_that_never_varied_in_training_moves_no_prediction() -> None:
+    """The model learned nothing about such a feature. Dividing by its clamped spread (1e-6) sent
+    any other value a million deviations out, and P(buy) to 0 or 1: a log of shoppers who all had
+    3 orders priced every other shopper as a sure sale."""
+    offers, events = _logs()
+    offers["order_count"] = 3.0
+    model = fit(from_logs(offers, events, seed=0).data, SMALL).model
+    rows = np.tile(
+        np.asarray([[1.0, 60.0, 36.0, 300.0, 70.0, 3.0, 140.0, 35.0] + [0.2] * 4]), (4, 1)
+    )
+    rows[:, FEATURES.index("order_count")] = [3.0, 3.001, 10.0, 0.0]
+    p = predict(model, rows, np.tile(np.asarray(GRID), (4, 1)))
+    assert 0.01 < p[0, 0] < 0.99
+    np.testing.assert_array_equal(p, np.tile(p[0], (4, 1)))
 
 
 @pytest.fixture(scope="module")

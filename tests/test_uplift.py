@@ -19,6 +19,7 @@ from hypothesis.extra.numpy import arrays
 
 from trainer.cli import main
 from trainer.config import UpliftConfig
+from trainer.response import Standardize
 from trainer.uplift import (
     OUTCOMES,
     UpliftError,
@@ -110,7 +111,7 @@ def test_split_is_half_and_half_stratified_and_fixed_by_the_seed(csv: Path) -> N
 def test_uplift_is_never_negative_by_construction(x: np.ndarray, seed: int, hidden: int) -> None:
     """An e-mail can only raise the purchase probability, whatever the weights."""
     torch.manual_seed(seed)
-    model = UpliftNet(torch.zeros(13), torch.ones(13), hidden=hidden)
+    model = UpliftNet(Standardize(torch.randn(64, 13)), hidden=hidden)
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.normal_(0, 2)

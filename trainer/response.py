@@ -53,6 +53,7 @@ from trainer.export import ExportError, export_checked
 RAMP_CENTRES: tuple[float, ...] = (0.025, 0.075, 0.125, 0.175, 0.225, 0.275)
 RAMP_WIDTH = 0.01
 PARITY_TOLERANCE = 1e-5
+MIN_STD = 1e-6  # a column's spread below which it counts as constant
 # Column slices of FEATURES: the user's order history, then their response rates (to the end:
 # bench/policy_gap.py passes other per-shopper columns there, to see what the model makes of them).
 ORDERS = slice(len(OFFER_FEATURES) - len(NUMERIC_FEATURES), len(OFFER_FEATURES))
@@ -238,20 +239,37 @@ def _foreign(offers: pd.DataFrame, sold: pd.DataFrame) -> pd.Series:
     return foreign.astype(bool)
 
 
-class ResponseNet(nn.Module):
-    """features [B, F] (raw, in FEATURES order), discounts [B, G] -> P(purchase) [B, G]."""
+class Standardize(nn.Module):
+    """(x − mean) / std per column, as on the training rows. A column that did not vary there
+    reads as 0 whatever its value: the model learned nothing about it, and dividing by a
+    clamped spread sent any other value a million deviations out and P(buy) to 0 or 1."""
 
     mean: Tensor
     std: Tensor
+    varied: Tensor
+
+    def __init__(self, rows: Tensor) -> None:
+        super().__init__()
+        std = rows.std(0)
+        self.register_buffer("mean", rows.mean(0))
+        self.register_buffer("std", std.clamp(min=MIN_STD))
+        self.register_buffer("varied", (std > MIN_STD).to(rows.dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std * self.varied
+
+
+class ResponseNet(nn.Module):
+    """features [B, F] (raw, in FEATURES order), discounts [B, G] -> P(purchase) [B, G]."""
+
     centres: Tensor
 
-    def __init__(self, mean: Tensor, std: Tensor, hidden: int) -> None:
+    def __init__(self, scale: Standardize, hidden: int) -> None:
         super().__init__()
-        self.register_buffer("mean", mean)
-        self.register_buffer("std", std)
+        self.scale = scale
         self.register_buffer("centres", torch.tensor(RAMP_CENTRES, dtype=torch.float32))
         self.body = nn.Sequential(
-            nn.Linear(len(mean), hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU()
+            nn.Linear(len(scale.mean), hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU()
         )
         self.base = nn.Linear(hidden, 1)
         self.slopes = nn.Linear(hidden, len(RAMP_CENTRES) + 1)
@@ -268,8 +286,7 @@ class ResponseNet(nn.Module):
         return torch.cat([features[:, 0:1], torch.log(price), margin_rate, orders, rates], dim=1)
 
     def logits(self, features: Tensor, discounts: Tensor) -> Tensor:
-        x = (self.derive(features) - self.mean) / self.std
-        h = self.body(x)
+        h = self.body(self.scale(self.derive(features)))
         weights = nn.functional.softplus(self.slopes(h))  # ≥ 0: the monotonicity guarantee
         d = discounts.unsqueeze(-1)
         ramps = torch.sigmoid((d - self.centres) / RAMP_WIDTH) - torch.sigmoid(
@@ -317,9 +334,7 @@ def fit(data: ResponseData, config: ResponseConfig) -> Trained:
 def fit_rows(data: ResponseData, config: ResponseConfig) -> ResponseNet:
     seed_everything(config.seed, config.threads)
     features = torch.from_numpy(data.features.astype(np.float32))
-    derived = ResponseNet.derive(features)
-    mean, std = derived.mean(0), derived.std(0).clamp(min=1e-6)
-    model = ResponseNet(mean, std, config.hidden)
+    model = ResponseNet(Standardize(ResponseNet.derive(features)), config.hidden)
     discount = torch.from_numpy(data.discount.astype(np.float32)).unsqueeze(1)
     return fit_logistic(model, features, discount, data.bought, config)
 

@@ -30,7 +30,7 @@ from core.store.db import first_line
 from trainer.config import UpliftConfig
 from trainer.data import CORRUPT_COMPRESSED, DATASETS
 from trainer.dataset import Floats
-from trainer.response import epochs_run, fit_logistic, seed_everything
+from trainer.response import Standardize, epochs_run, fit_logistic, seed_everything
 
 HILLSTROM = DATASETS / "hillstrom/hillstrom.csv"
 OUTCOMES = ("visit", "conversion")
@@ -141,24 +141,20 @@ def check_split(path: Path, experiment: Experiment, seed: int) -> None:
 
 
 class UpliftNet(nn.Module):
-    mean: Tensor
-    std: Tensor
-
-    def __init__(self, mean: Tensor, std: Tensor, hidden: int) -> None:
+    def __init__(self, scale: Standardize, hidden: int) -> None:
         super().__init__()
-        self.register_buffer("mean", mean)
-        self.register_buffer("std", std)
+        self.scale = scale
         self.body: nn.Module = nn.Identity()
+        width = hidden or len(scale.mean)
         if hidden:
             self.body = nn.Sequential(
-                nn.Linear(len(mean), hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU()
+                nn.Linear(len(scale.mean), hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU()
             )
-        width = hidden or len(mean)
         self.base = nn.Linear(width, 1)
         self.lift = nn.Linear(width, 1)
 
     def logits(self, x: Tensor, treatment: Tensor) -> Tensor:
-        h = self.body((x - self.mean) / self.std)
+        h = self.body(self.scale(x))
         out: Tensor = self.base(h) + treatment * nn.functional.softplus(self.lift(h))
         return out
 
@@ -181,7 +177,7 @@ def fit_uplift(
     # (so the same ranking) on any machine.
     seed_everything(config.seed, threads=1)
     features = _prepare(x)
-    model = UpliftNet(features.mean(0), features.std(0).clamp(min=1e-6), config.hidden)
+    model = UpliftNet(Standardize(features), config.hidden)
     t = torch.from_numpy(treatment.astype(np.float32)).unsqueeze(1)
     return fit_logistic(model, features, t, y, config)
 
