@@ -40,6 +40,7 @@ from trainer.response import (
     ResponseNet,
     Standardize,
     Trained,
+    export_onnx,
     fit,
     from_logs,
     log_loss,
@@ -130,6 +131,14 @@ def test_learns_more_than_the_base_rate(data: ResponseData) -> None:
     assert result.metrics["log_loss"] < log_loss(held_out, np.full(len(held_out), held_out.mean()))
     assert result.metrics["auc"] > 0.6
     assert result.metrics["ece"] < 0.05
+
+
+@pytest.mark.parametrize("seed", [0, 3, 7])
+def test_steep_weights_export_within_the_parity_tolerance(seed: int, tmp_path: Path) -> None:
+    """float32 kernels in ONNX Runtime's order and PyTorch's differ by up to 3e-5 in P(buy) on
+    such nets, which the 1e-5 tolerance refused now and then for a model trained on a shop's
+    log (the end-to-end export test failed about once in 30 runs)."""
+    assert export_onnx(_random_net(seed), tmp_path / GRAPH) < 1e-4
 
 
 def test_a_feature_that_never_varied_in_training_moves_no_prediction() -> None:
