@@ -426,7 +426,7 @@ def estimate_policy_command(
         probability = None
         if response_model is not None:
             probability = shop_estimate.predict(response_model, log)
-        estimates = shop_estimate.estimate(log, rules, probability)
+        estimates = shop_estimate.estimate(log, rules, probability, _err)
     except (shop_estimate.EstimateError, ResponseError) as e:
         raise click.ClickException(str(e)) from None
     except ArtifactError as e:
