@@ -683,3 +683,18 @@ def test_cli_refuses_a_log_whose_discounts_were_not_drawn_at_random(tmp_path: Pa
     result = _response(tmp_path, offers, events)
     assert result.exit_code == 0, result.output
     assert "propensity 1" not in result.stderr
+
+
+def test_cli_shows_progress_through_training(tmp_path: Path) -> None:
+    """Training is the long part (a 960,000-offer export took 90 s of silence after the line
+    counting the offers): it says how far it has come, in about ten lines however many
+    epochs run."""
+    result = _response(tmp_path, *_logs(users=60))
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[1] for line in lines] == [
+        "1/500",
+        *(f"{e}/500" for e in range(50, 501, 50)),
+    ]
+    assert all(float(line.split()[3]) > 0 for line in lines)
+    assert all(line.split()[2] == "loss" for line in lines)

@@ -166,7 +166,7 @@ def simulate_command(out: Path, users: int, visits: int, seed: int) -> None:
     show_default=True,
     help=f"passes over the training offers; at least {ResponseConfig.min_steps} optimizer steps "
     f"(batches of {ResponseConfig.batch_size:,}) are taken, so small logs run more epochs: the "
-    "manifest's training.epochs_run says how many ran",
+    "progress lines and the manifest's training.epochs_run say how many ran",
 )
 @click.option(
     "--hidden",
@@ -225,8 +225,14 @@ def response_command(
         )
     grid = sorted({round(float(d), 4) for d in data.discount})
     _err(f"{len(data):,} offers, {int(data.bought.sum()):,} bought, discounts {grid}")
+
+    def progress(epoch: int, epochs: int, loss: float) -> None:
+        # Small logs run hundreds of short epochs, large ones a few long ones: about ten lines.
+        if epoch == 1 or epoch % max(1, epochs // 10) == 0 or epoch == epochs:
+            _err(f"epoch {epoch}/{epochs} loss {loss:.5f}")
+
     try:
-        trained = fit(data, config)
+        trained = fit(data, config, progress)
         manifest = save(
             trained,
             out,
@@ -420,7 +426,7 @@ def estimate_policy_command(
         probability = None
         if response_model is not None:
             probability = shop_estimate.predict(response_model, log)
-        estimates = shop_estimate.estimate(log, rules, probability)
+        estimates = shop_estimate.estimate(log, rules, probability, _err)
     except (shop_estimate.EstimateError, ResponseError) as e:
         raise click.ClickException(str(e)) from None
     except ArtifactError as e:

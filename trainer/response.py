@@ -15,7 +15,7 @@ ships the rates computed from every row, which is what the server looks users up
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -60,6 +60,9 @@ MIN_STD = 1e-6  # a column's spread below which it counts as constant
 # bench/policy_gap.py passes other per-shopper columns there, to see what the model makes of them).
 ORDERS = slice(len(OFFER_FEATURES) - len(NUMERIC_FEATURES), len(OFFER_FEATURES))
 RATES = slice(len(OFFER_FEATURES), None)
+
+# Told after each epoch: the epoch (from 1), how many run, and the epoch's mean training loss.
+Progress = Callable[[int, int, float], None]
 
 
 class ResponseError(Exception):
@@ -316,8 +319,9 @@ def seed_everything(seed: int, threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def fit(data: ResponseData, config: ResponseConfig) -> Trained:
-    """Train on a random share of offers, measure on the rest."""
+def fit(data: ResponseData, config: ResponseConfig, progress: Progress | None = None) -> Trained:
+    """Train on a random share of offers, measure on the rest; progress, if given, hears of
+    each epoch (fit_logistic)."""
     if len(data) < 100 or data.bought.sum() < 10:
         raise ResponseError(
             f"only {len(data)} offers and {int(data.bought.sum())} purchases; a response model "
@@ -328,17 +332,19 @@ def fit(data: ResponseData, config: ResponseConfig) -> Trained:
     order = rng.permutation(len(data))
     n_hold = max(1, int(len(data) * config.holdout))
     holdout_rows, train_rows = np.sort(order[:n_hold]), np.sort(order[n_hold:])
-    model = fit_rows(data.take(train_rows), config)
+    model = fit_rows(data.take(train_rows), config, progress)
     metrics = evaluate(model, data.take(holdout_rows))
     return Trained(model, train_rows, holdout_rows, metrics)
 
 
-def fit_rows(data: ResponseData, config: ResponseConfig) -> ResponseNet:
+def fit_rows(
+    data: ResponseData, config: ResponseConfig, progress: Progress | None = None
+) -> ResponseNet:
     seed_everything(config.seed, config.threads)
     features = torch.from_numpy(data.features.astype(np.float32))
     model = ResponseNet(Standardize(ResponseNet.derive(features)), config.hidden)
     discount = torch.from_numpy(data.discount.astype(np.float32)).unsqueeze(1)
-    return fit_logistic(model, features, discount, data.bought, config)
+    return fit_logistic(model, features, discount, data.bought, config, progress)
 
 
 class Schedule(Protocol):
@@ -379,7 +385,12 @@ def epochs_run(rows: int, config: Schedule) -> int:
 
 
 def fit_logistic(
-    model: NetT, features: Tensor, arm: Tensor, outcome: npt.NDArray[Any], config: Schedule
+    model: NetT,
+    features: Tensor,
+    arm: Tensor,
+    outcome: npt.NDArray[Any],
+    config: Schedule,
+    progress: Progress | None = None,
 ) -> NetT:
     """Fit model.logits(features, arm) to a binary outcome: AdamW, one-cycle rate, seeded
     batches. The response model's arm is the discount, the uplift model's the treatment."""
@@ -397,7 +408,8 @@ def fit_logistic(
         optimizer, config.learning_rate, epochs * math.ceil(n / config.batch_size)
     )
     model.train()
-    for _ in range(epochs):
+    for epoch in range(1, epochs + 1):
+        total = torch.zeros(())
         for batch in torch.split(torch.randperm(n, generator=generator), config.batch_size):
             loss = nn.functional.binary_cross_entropy_with_logits(
                 model.logits(features[batch], arm[batch]), target[batch]
@@ -406,6 +418,9 @@ def fit_logistic(
             loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
             schedule.step()
+            total += loss.detach() * len(batch)
+        if progress is not None:
+            progress(epoch, epochs, float(total) / n)
     model.train(False)
     return model
 

@@ -12,6 +12,7 @@ rules need anyway. No discount is always estimated, as the baseline of every lif
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -167,12 +168,16 @@ def predict(folder: Path, log: ShopLog) -> Floats:
 
 
 def estimate(
-    log: ShopLog, rules: list[tuple[str, Rule]], probability: Floats | None
+    log: ShopLog,
+    rules: list[tuple[str, Rule]],
+    probability: Floats | None,
+    progress: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
     """Per policy (no discount first): mean discount, share of offers where the log shows the
     policy's discount, IPS and (with a model) DR mean margin per offer, and DR's lift over no
     discount, each with a 95% interval over offers. IPS is None for a policy the log never
-    shows: it rests on no offer, and its 0 would read as a measured margin."""
+    shows: it rests on no offer, and its 0 would read as a measured margin. progress hears of
+    each rule before it prices the log, the long part."""
     for name, rule in rules:
         if rule.policy == "tiered_topk" and log.rank is None:
             raise EstimateError(
@@ -199,7 +204,8 @@ def estimate(
     )
     rank = [UNRANKED] * len(margin) if log.rank is None else log.rank
     targets = {NO_DISCOUNT: np.zeros(len(margin))}
-    for name, rule in rules:
+    for n, (name, rule) in enumerate(rules, 1):
+        progress(f"pricing {len(margin):,} offers as rule {name!r} would ({n} of {len(rules)})")
         targets[name] = ope.rule_discounts(
             rule, log.price, log.cost, rank, log.score, log.grid, probability
         )
