@@ -298,3 +298,17 @@ def test_the_table_lines_up_whatever_the_rule_names(tmp_path: Path) -> None:
     supported, ips = header.index("in log") + len("in log") - 1, header.index("IPS")
     for row in rows:
         assert row[supported] == "%" and row[ips - 1] == " " != row[ips]
+
+
+@pytest.mark.parametrize("rank", ["inf", "1.5", "0", "-1", "top"])
+def test_a_rank_that_is_no_rank_is_refused_naming_the_offer(tmp_path: Path, rank: str) -> None:
+    """A blank rank is an item the model did not rank; any other value that is not a whole
+    number >= 1 is a broken log, not an unranked offer (inf once raised OverflowError)."""
+    _tiny_log(tmp_path, rank=[1, rank, 2, 2])
+    tiered = {"name": "tiered", "policy": "tiered_topk", "params": {"k1": 1, "d1": 10, "d2": 0}}
+    result = _estimate(tmp_path, [tiered], offers="tiny.csv", events="tiny-events.csv")
+    assert result.exit_code == 1, result.output
+    assert result.output == (
+        f"Error: offers: offer 'o2' has rank {rank!r}, not a whole number >= 1 (1 such row); "
+        "leave the rank blank where the model did not rank the item\n"
+    )

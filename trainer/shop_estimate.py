@@ -101,14 +101,25 @@ def read_log(offers: pd.DataFrame, events: pd.DataFrame) -> ShopLog:
 
 
 def _ranks(offers: pd.DataFrame) -> list[int] | None:
-    """Each offer's rank, UNRANKED where it has none, as discountd ranks an item the model did
-    not rank; None when no offer has one."""
+    """Each offer's rank, UNRANKED where it is blank, as discountd ranks an item the model did
+    not rank; None when no offer has one. Any other value that is no rank is refused: read as
+    unranked, it would quietly move the offer to a tiered rule's lower tier."""
     if "rank" not in offers.columns:
         return None
-    ranks = pd.to_numeric(offers["rank"], errors="coerce")
-    if not (ranks >= 1).any():
+    given = offers["rank"]
+    blank = given.isna() | (given.astype(str).str.strip() == "")
+    ranks = pd.to_numeric(given, errors="coerce")
+    bad = ~blank & ~(np.isfinite(ranks) & (ranks >= 1) & (ranks % 1 == 0))
+    if bad.any():
+        k = int(np.argmax(bad.to_numpy()))
+        raise EstimateError(
+            f"offers: offer {offers['offer_id'].iloc[k]!r} has rank {str(given.iloc[k])!r}, not a "
+            f"whole number >= 1 ({int(bad.sum()):,} such row{'s' if bad.sum() > 1 else ''}); "
+            "leave the rank blank where the model did not rank the item"
+        )
+    if blank.all():
         return None
-    return [int(r) if r >= 1 else UNRANKED for r in ranks.fillna(0)]
+    return [UNRANKED if b else int(r) for b, r in zip(blank, ranks, strict=True)]
 
 
 def read_rules(path: Path) -> tuple[list[tuple[str, Rule]], list[str]]:
