@@ -312,3 +312,19 @@ def test_a_rank_that_is_no_rank_is_refused_naming_the_offer(tmp_path: Path, rank
         f"Error: offers: offer 'o2' has rank {rank!r}, not a whole number >= 1 (1 such row); "
         "leave the rank blank where the model did not rank the item\n"
     )
+
+
+@pytest.mark.parametrize(("column", "value"), [("price", 1e30), ("cost", 1e300)])
+def test_a_price_or_cost_no_offer_can_have_is_refused_naming_the_offer(
+    tmp_path: Path, column: str, value: float
+) -> None:
+    """The store holds prices to 9,999,999,999.99 (NUMERIC(12, 2)), as offer tokens carry them:
+    a larger one is a broken log. core.policy's cents could not take it (InvalidOperation)."""
+    _tiny_log(tmp_path, **{column: [10.0, value, 10.0, 20.0]})
+    best = {"name": "best", "policy": "threshold", "params": {"t": 0.5, "d": 10}}
+    result = _estimate(tmp_path, [best], offers="tiny.csv", events="tiny-events.csv")
+    assert result.exit_code == 1, result.output
+    assert result.output == (
+        "Error: offers: 1 row(s) with a price or cost outside [0, 9999999999.99], e.g. offer "
+        "'o2'; fix or drop them\n"
+    )

@@ -569,8 +569,9 @@ def test_cli_a_hold_out_that_cannot_measure_auc_writes_valid_json(tmp_path: Path
 @pytest.mark.parametrize(
     ("column", "value", "message"),
     [
-        ("price", "-5", "1 row(s) with a negative price or cost, e.g. offer '{id}'; fix or drop"),
-        ("cost", "-0.01", "1 row(s) with a negative price or cost, e.g. offer '{id}'; fix or drop"),
+        ("price", "-5", "1 row(s) with a price or cost outside [0, 9999999999.99], e.g. offer"),
+        ("cost", "-0.01", "1 row(s) with a price or cost outside [0, 9999999999.99], e.g. offer"),
+        ("price", "1e30", "1 row(s) with a price or cost outside [0, 9999999999.99], e.g. offer"),
         (
             "price",
             "inf",

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from core import response_artifact
 from core.features import NUMERIC_FEATURES
+from core.offer_token import MAX_PRICE
 from core.response_artifact import (
     GRAPH,
     HISTORY,
@@ -149,11 +150,14 @@ def from_logs(offers: pd.DataFrame, events: pd.DataFrame, seed: int) -> Logged:
             f"offers: {int(bad.sum())} row(s) with a missing, non-numeric or infinite value, e.g. "
             f"offer {offers['offer_id'].iloc[int(np.argmax(bad))]!r}; fix or drop them"
         )
-    negative = (numeric[["price", "cost"]] < 0).any(axis=1).to_numpy()
-    if negative.any():
+    # No offer is priced above what the store and an offer token hold; pricing's cents cannot
+    # even represent a price or cost of 1e26 or more.
+    money = numeric[["price", "cost"]]
+    outside = ((money < 0) | (money > float(MAX_PRICE))).any(axis=1).to_numpy()
+    if outside.any():
         raise ResponseError(
-            f"offers: {int(negative.sum())} row(s) with a negative price or cost, e.g. offer "
-            f"{offers['offer_id'].iloc[int(np.argmax(negative))]!r}; fix or drop them"
+            f"offers: {int(outside.sum())} row(s) with a price or cost outside [0, {MAX_PRICE}], "
+            f"e.g. offer {offers['offer_id'].iloc[int(np.argmax(outside))]!r}; fix or drop them"
         )
     d = numeric["discount"].to_numpy(dtype=np.float64)
     if (d < 0).any() or (d >= 1).any():
