@@ -127,10 +127,17 @@ def read_rules(path: Path) -> tuple[list[tuple[str, Rule]], list[str]]:
     them: name, policy, params, max_discount_pct, min_margin_pct; and the names of the
     `randomized` ones, left out (such a rule is the experiment, not a policy to estimate)."""
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        # utf-8-sig: Notepad and PowerShell's Out-File begin UTF-8 with a byte order mark.
+        raw = json.loads(path.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise EstimateError(f"{path}: no such rules file") from None
-    except (OSError, ValueError) as e:
+    except UnicodeDecodeError as e:
+        raise EstimateError(
+            f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8, as `discountctl rules "
+            "list -o json > FILE` writes it in a shell that keeps its bytes (Windows "
+            "PowerShell's `>` writes UTF-16)"
+        ) from None
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested too deep
         raise EstimateError(f"{path}: not a JSON rules file ({e})") from None
     items = [raw] if isinstance(raw, dict) else raw
     if not isinstance(items, list):
