@@ -421,3 +421,21 @@ def test_any_rules_file_is_rules_that_price_the_log_or_one_line_why_not(raw: byt
         shop_estimate.estimate(_TINY, rules, None)
     except shop_estimate.EstimateError as e:
         assert "\n" not in str(e)
+
+
+def test_a_propensity_too_small_to_weigh_is_refused_rather_than_reported_as_infinity(
+    tmp_path: Path,
+) -> None:
+    """1/propensity overflows: the report held Infinity and NaN, which no JSON reader takes."""
+    _tiny_log(tmp_path, propensity=[1e-320, 0.5, 0.5, 0.5])
+    rule = {"name": "high", "policy": "threshold", "params": {"t": 0.5, "d": 10}}
+    path = tmp_path / "report.json"
+    result = _estimate(tmp_path, [rule], "--json", str(path), offers="tiny.csv",
+                       events="tiny-events.csv")  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert result.output == (
+        "Error: offers: offer 'o1' has propensity 1e-320, so small that its weight, "
+        "1/propensity, overflows the estimates; a propensity is the probability its discount "
+        "was drawn with (1/n among n discounts)\n"
+    )
+    assert not path.exists()

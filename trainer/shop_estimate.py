@@ -80,6 +80,7 @@ def read_log(offers: pd.DataFrame, events: pd.DataFrame) -> ShopLog:
     # 0% keeps within the guardrails), no other discount had a chance: IPS would count such an
     # offer as earning nothing under every rule that prices it otherwise.
     drawn = np.flatnonzero(logged.data.propensity < 1)
+    _check_weights(offers, logged.data.features[:, : len(OFFER_FEATURES)], logged.data.propensity)
     rank = _ranks(offers)
     grid = np.unique(discount[drawn])
     if grid[0] != 0:
@@ -98,6 +99,25 @@ def read_log(offers: pd.DataFrame, events: pd.DataFrame) -> ShopLog:
         fixed=len(discount) - len(drawn),
         unranked=0 if rank is None else sum(rank[k] == UNRANKED for k in drawn),
     )
+
+
+def _check_weights(offers: pd.DataFrame, features: Floats, propensity: Floats) -> None:
+    """Refuse propensities so small that the estimates overflow: no IPS or DR term exceeds
+    (price + cost) / propensity + price, so with that bound squared times the offers finite,
+    every mean and interval is too (else the report would say Infinity or NaN)."""
+    price = features[:, OFFER_FEATURES.index("price")]
+    cost = features[:, OFFER_FEATURES.index("cost")]
+    with np.errstate(over="ignore"):
+        bound = (price + cost) / propensity + price
+        overflows = ~np.isfinite(bound * bound * len(bound))
+    if overflows.any():
+        k = int(np.argmin(np.where(overflows, propensity, np.inf)))
+        offer, smallest = offers["offer_id"].iloc[k], float(propensity[k])
+        raise EstimateError(
+            f"offers: offer {offer!r} has propensity {smallest!r}, so "
+            "small that its weight, 1/propensity, overflows the estimates; a propensity is the "
+            "probability its discount was drawn with (1/n among n discounts)"
+        )
 
 
 def _ranks(offers: pd.DataFrame) -> list[int] | None:
