@@ -65,10 +65,12 @@ def _estimate(
     )  # fmt: skip
 
 
-def _report(shop: Path, rules: object, *more: str, offers: str = "offers.csv") -> dict[str, Any]:
+def _report(
+    shop: Path, rules: object, *more: str, offers: str = "offers.csv", events: str = "events.csv"
+) -> dict[str, Any]:
     """The --json report of a run that succeeds."""
     path = shop / f"report-{abs(hash((json.dumps(rules), more, offers)))}.json"
-    result = _estimate(shop, rules, *more, "--json", str(path), offers=offers)
+    result = _estimate(shop, rules, *more, "--json", str(path), offers=offers, events=events)
     assert result.exit_code == 0, result.output
     report: dict[str, Any] = json.loads(path.read_text())
     return report
@@ -439,3 +441,18 @@ def test_a_propensity_too_small_to_weigh_is_refused_rather_than_reported_as_infi
         "was drawn with (1/n among n discounts)\n"
     )
     assert not path.exists()
+
+
+def test_ids_that_pandas_would_read_as_missing_are_ids(tmp_path: Path) -> None:
+    """A storefront's user "None" or "null" and an offer "NA" are ids like any other: read as
+    missing values, the log was refused as naming no user, or its sales joined no offer."""
+    rule = {"name": "high", "policy": "threshold", "params": {"t": 0.5, "d": 10}}
+    _tiny_log(tmp_path)
+    plain = _report(tmp_path, [rule], offers="tiny.csv", events="tiny-events.csv")
+    offers, events = _tiny_frames(offer_id=["NA", "o2", "o3", "o4"],
+                                  user_id=["None", "u2", "null", "N/A"])  # fmt: skip
+    offers.to_csv(tmp_path / "tiny.csv", index=False)
+    events.assign(offer_id=["NA", "o3"], user_id=["None", "null"]).to_csv(
+        tmp_path / "tiny-events.csv", index=False
+    )
+    assert _report(tmp_path, [rule], offers="tiny.csv", events="tiny-events.csv") == plain
