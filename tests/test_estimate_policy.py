@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +13,12 @@ import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner, Result
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from core.features import NUMERIC_FEATURES
-from core.policy import Guardrails, Rule
-from trainer import policy_eval
+from core.policy import POLICIES, Guardrails, Rule
+from trainer import policy_eval, shop_estimate
 from trainer.cli import main
 from trainer.config import MarketConfig
 from trainer.market import make_market, make_offers
@@ -61,10 +65,12 @@ def _estimate(
     )  # fmt: skip
 
 
-def _report(shop: Path, rules: object, *more: str, offers: str = "offers.csv") -> dict[str, Any]:
+def _report(
+    shop: Path, rules: object, *more: str, offers: str = "offers.csv", events: str = "events.csv"
+) -> dict[str, Any]:
     """The --json report of a run that succeeds."""
     path = shop / f"report-{abs(hash((json.dumps(rules), more, offers)))}.json"
-    result = _estimate(shop, rules, *more, "--json", str(path), offers=offers)
+    result = _estimate(shop, rules, *more, "--json", str(path), offers=offers, events=events)
     assert result.exit_code == 0, result.output
     report: dict[str, Any] = json.loads(path.read_text())
     return report
@@ -223,6 +229,12 @@ def test_optimal_scores_a_discount_past_the_model_s_training_as_discountd_does(
 def _tiny_log(folder: Path, **columns: list[object]) -> None:
     """Four offers, the two scored above 0.5 logged at 0% and the others at 10% (each drawn
     with probability 1/2), of which o1 and o3 sold."""
+    offers, events = _tiny_frames(**columns)
+    offers.to_csv(folder / "tiny.csv", index=False)
+    events.to_csv(folder / "tiny-events.csv", index=False)
+
+
+def _tiny_frames(**columns: list[object]) -> tuple[pd.DataFrame, pd.DataFrame]:
     offers = pd.DataFrame(
         {
             "offer_id": ["o1", "o2", "o3", "o4"],
@@ -238,10 +250,13 @@ def _tiny_log(folder: Path, **columns: list[object]) -> None:
             **columns,
         }
     )
-    offers.to_csv(folder / "tiny.csv", index=False)
-    pd.DataFrame(
+    events = pd.DataFrame(
         {"type": ["purchase", "purchase"], "offer_id": ["o1", "o3"], "user_id": ["u1", "u3"]}
-    ).to_csv(folder / "tiny-events.csv", index=False)
+    )
+    return offers, events
+
+
+_TINY = shop_estimate.read_log(*_tiny_frames())
 
 
 def test_a_rule_the_log_never_shows_has_no_ips_and_a_tiny_log_wide_intervals(
@@ -311,3 +326,146 @@ def test_it_says_which_rule_it_is_pricing(shop: Path) -> None:
         f"pricing {offers:,} offers as rule 'tiered' would (1 of 2)",
         f"pricing {offers:,} offers as rule 'best' would (2 of 2)",
     ]
+
+
+@pytest.mark.parametrize("rank", ["inf", "1.5", "0", "-1", "top"])
+def test_a_rank_that_is_no_rank_is_refused_naming_the_offer(tmp_path: Path, rank: str) -> None:
+    """A blank rank is an item the model did not rank; any other value that is not a whole
+    number >= 1 is a broken log, not an unranked offer (inf once raised OverflowError)."""
+    _tiny_log(tmp_path, rank=[1, rank, 2, 2])
+    tiered = {"name": "tiered", "policy": "tiered_topk", "params": {"k1": 1, "d1": 10, "d2": 0}}
+    result = _estimate(tmp_path, [tiered], offers="tiny.csv", events="tiny-events.csv")
+    assert result.exit_code == 1, result.output
+    assert result.output == (
+        f"Error: offers: offer 'o2' has rank {rank!r}, not a whole number >= 1 (1 such row); "
+        "leave the rank blank where the model did not rank the item\n"
+    )
+
+
+@pytest.mark.parametrize(("column", "value"), [("price", 1e30), ("cost", 1e300)])
+def test_a_price_or_cost_no_offer_can_have_is_refused_naming_the_offer(
+    tmp_path: Path, column: str, value: float
+) -> None:
+    """The store holds prices to 9,999,999,999.99 (NUMERIC(12, 2)), as offer tokens carry them:
+    a larger one is a broken log. core.policy's cents could not take it (InvalidOperation)."""
+    _tiny_log(tmp_path, **{column: [10.0, value, 10.0, 20.0]})
+    best = {"name": "best", "policy": "threshold", "params": {"t": 0.5, "d": 10}}
+    result = _estimate(tmp_path, [best], offers="tiny.csv", events="tiny-events.csv")
+    assert result.exit_code == 1, result.output
+    assert result.output == (
+        "Error: offers: 1 row(s) with a price or cost outside [0, 9999999999.99], e.g. offer "
+        "'o2'; fix or drop them\n"
+    )
+
+
+def test_a_rules_file_nested_past_what_json_reads_is_one_line(shop: Path) -> None:
+    path = shop / "deep.json"
+    path.write_text("[" * 100_000)
+    result = CliRunner().invoke(
+        main,
+        ["estimate-policy", "--offers", str(shop / "offers.csv"), "--events",
+         str(shop / "events.csv"), "--rules", str(path)],
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith(f"Error: {path}: not a JSON rules file (maximum recursion")
+    assert result.output.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("encoded", "message"),
+    [
+        # Notepad and PowerShell's Out-File -Encoding utf8 begin the file with a BOM.
+        ("\ufeff" + json.dumps([TIERED]), None),
+        # Windows PowerShell's `>` writes UTF-16.
+        (json.dumps([TIERED]).encode("utf-16"), "not UTF-8 text (byte 0); save it as UTF-8"),
+        (
+            json.dumps([{**TIERED, "name": "café"}], ensure_ascii=False).encode("latin-1"),
+            "not UTF-8 text (byte 14)",
+        ),
+    ],
+)
+def test_a_rules_file_is_read_as_utf_8_with_or_without_a_bom(
+    tmp_path: Path, encoded: str | bytes, message: str | None
+) -> None:
+    path = tmp_path / "rules.json"
+    if isinstance(encoded, str):
+        path.write_text(encoded, encoding="utf-8")
+    else:
+        path.write_bytes(encoded)
+    if message is None:
+        assert [name for name, _ in shop_estimate.read_rules(path)[0]] == ["tiered"]
+        return
+    with pytest.raises(shop_estimate.EstimateError, match=f"^{re.escape(f'{path}: {message}')}"):
+        shop_estimate.read_rules(path)
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner),
+    max_leaves=12,
+)
+_NUMBER = st.integers() | st.floats() | st.sampled_from([0, 5, 30, 99.99, 100]) | _JSON
+_RULE = st.fixed_dictionaries(
+    {"name": st.text(min_size=1, max_size=3) | _JSON, "policy": st.sampled_from(POLICIES) | _JSON},
+    optional={
+        "params": st.dictionaries(
+            st.sampled_from(["k1", "d1", "d2", "t", "d", "a", "b", "min", "max", "grid"]),
+            _NUMBER | st.lists(_NUMBER, max_size=4),
+        )
+        | _JSON,
+        "max_discount_pct": _NUMBER,
+        "min_margin_pct": _NUMBER,
+    },
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary() | (_JSON | _RULE | st.lists(_RULE, max_size=3)).map(json.dumps).map(str.encode))
+def test_any_rules_file_is_rules_that_price_the_log_or_one_line_why_not(raw: bytes) -> None:
+    """Whatever the file holds, read_rules gives rules that estimate prices without error, or
+    refuses it with an EstimateError (the command's one line); never another exception."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "rules.json"
+        path.write_bytes(raw)
+        try:
+            rules, _ = shop_estimate.read_rules(path)
+        except shop_estimate.EstimateError as e:
+            assert "\n" not in str(e)
+            return
+    try:
+        shop_estimate.estimate(_TINY, rules, None)
+    except shop_estimate.EstimateError as e:
+        assert "\n" not in str(e)
+
+
+def test_a_propensity_too_small_to_weigh_is_refused_rather_than_reported_as_infinity(
+    tmp_path: Path,
+) -> None:
+    """1/propensity overflows: the report held Infinity and NaN, which no JSON reader takes."""
+    _tiny_log(tmp_path, propensity=[1e-320, 0.5, 0.5, 0.5])
+    rule = {"name": "high", "policy": "threshold", "params": {"t": 0.5, "d": 10}}
+    path = tmp_path / "report.json"
+    result = _estimate(tmp_path, [rule], "--json", str(path), offers="tiny.csv",
+                       events="tiny-events.csv")  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert result.output == (
+        "Error: offers: offer 'o1' has propensity 1e-320, so small that its weight, "
+        "1/propensity, overflows the estimates; a propensity is the probability its discount "
+        "was drawn with (1/n among n discounts)\n"
+    )
+    assert not path.exists()
+
+
+def test_ids_that_pandas_would_read_as_missing_are_ids(tmp_path: Path) -> None:
+    """A storefront's user "None" or "null" and an offer "NA" are ids like any other: read as
+    missing values, the log was refused as naming no user, or its sales joined no offer."""
+    rule = {"name": "high", "policy": "threshold", "params": {"t": 0.5, "d": 10}}
+    _tiny_log(tmp_path)
+    plain = _report(tmp_path, [rule], offers="tiny.csv", events="tiny-events.csv")
+    offers, events = _tiny_frames(offer_id=["NA", "o2", "o3", "o4"],
+                                  user_id=["None", "u2", "null", "N/A"])  # fmt: skip
+    offers.to_csv(tmp_path / "tiny.csv", index=False)
+    events.assign(offer_id=["NA", "o3"], user_id=["None", "null"]).to_csv(
+        tmp_path / "tiny-events.csv", index=False
+    )
+    assert _report(tmp_path, [rule], offers="tiny.csv", events="tiny-events.csv") == plain

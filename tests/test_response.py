@@ -397,7 +397,7 @@ def test_logs_a_model_cannot_learn_from_are_refused_with_the_fix() -> None:
         from_logs(offers.assign(user_id=offers["user_id"].where(offers.index > 0)), events, 0)
     with pytest.raises(ResponseError, match="randomized discounts"):
         from_logs(offers.assign(discount=0.1), events, 0)
-    with pytest.raises(ResponseError, match="propensity must be in"):
+    with pytest.raises(ResponseError, match=r"with a propensity outside \(0, 1\]"):
         from_logs(offers.assign(propensity=0.0), events, 0)
     with pytest.raises(ResponseError, match="non-numeric"):
         from_logs(offers.assign(price="n/a"), events, 0)
@@ -595,8 +595,9 @@ def test_cli_a_hold_out_that_cannot_measure_auc_writes_valid_json(tmp_path: Path
 @pytest.mark.parametrize(
     ("column", "value", "message"),
     [
-        ("price", "-5", "1 row(s) with a negative price or cost, e.g. offer '{id}'; fix or drop"),
-        ("cost", "-0.01", "1 row(s) with a negative price or cost, e.g. offer '{id}'; fix or drop"),
+        ("price", "-5", "1 row(s) with a price or cost outside [0, 9999999999.99], e.g. offer"),
+        ("cost", "-0.01", "1 row(s) with a price or cost outside [0, 9999999999.99], e.g. offer"),
+        ("price", "1e30", "1 row(s) with a price or cost outside [0, 9999999999.99], e.g. offer"),
         (
             "price",
             "inf",
@@ -607,6 +608,11 @@ def test_cli_a_hold_out_that_cannot_measure_auc_writes_valid_json(tmp_path: Path
             "nan",
             "1 row(s) with a missing, non-numeric or infinite value, e.g. offer '{id}'",
         ),
+        ("propensity", "0", "1 row(s) with a propensity outside (0, 1], e.g. offer '{id}'; log"),
+        ("propensity", "1.5", "1 row(s) with a propensity outside (0, 1], e.g. offer '{id}'; log"),
+        ("discount", "1", "1 row(s) with a discount outside [0, 1), e.g. offer '{id}'; a discount"),
+        ("discount", "-0.05", "1 row(s) with a discount outside [0, 1), e.g. offer '{id}'; a "),
+        ("offer_id", "{previous}", "offer_id '{previous}' repeats (1 row(s) repeat an id); each"),
         ("user_id", "", "user_id is empty in 1 row(s), e.g. offer '{id}'; each shopper's"),
         ("user_id", "   ", "user_id is empty in 1 row(s), e.g. offer '{id}'; each shopper's"),
         ("offer_id", "", "offer_id is empty in 1 row(s), e.g. data row 4; events name offers"),
@@ -618,11 +624,13 @@ def test_cli_refuses_a_nonsense_offer_naming_it(
 ) -> None:
     offers, events = _logs(users=60)
     offers = offers.astype({column: str})
-    bad_id = offers.loc[3, "offer_id"]
-    offers.loc[3, column] = value
+    bad_id, previous = offers.loc[3, "offer_id"], offers.loc[2, "offer_id"]
+    offers.loc[3, column] = value.format(previous=previous)
     result = _response(tmp_path, offers, events)
     assert result.exit_code == 1, result.output
-    assert result.output.startswith("Error: offers: " + message.format(id=bad_id))
+    assert result.output.startswith(
+        "Error: offers: " + message.format(id=bad_id, previous=previous)
+    )
     assert result.output.count("\n") == 1
     assert not (tmp_path / "model").exists()
 

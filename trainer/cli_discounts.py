@@ -83,7 +83,14 @@ def _read(path: Path, what: str) -> pd.DataFrame:
     try:
         if is_parquet(path):
             return _whole_ids(pd.read_parquet(path))
-        return pd.read_csv(path, dtype={"offer_id": str, "user_id": str, "item_id": str})
+        # Only an empty cell is missing: pandas would read the ids "NA", "None" or "null" (a
+        # storefront's user, a SKU) as missing too. A number column's "nan" still is no number.
+        return pd.read_csv(
+            path,
+            dtype={"offer_id": str, "user_id": str, "item_id": str},
+            keep_default_na=False,
+            na_values=[""],
+        )
     except FileNotFoundError:
         raise click.ClickException(f"{path}: no such {what} file") from None
     except (OSError, ValueError, *CORRUPT_COMPRESSED) as e:

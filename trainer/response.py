@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from core import response_artifact
 from core.features import NUMERIC_FEATURES
+from core.offer_token import MAX_PRICE
 from core.response_artifact import (
     GRAPH,
     HISTORY,
@@ -144,8 +145,12 @@ def from_logs(offers: pd.DataFrame, events: pd.DataFrame, seed: int) -> Logged:
     missing = [c for c in ("type", "offer_id") if c not in events.columns]
     if missing:
         raise ResponseError(f"events: missing column(s) {', '.join(missing)}")
-    if offers["offer_id"].duplicated().any():
-        raise ResponseError("offers: offer_id repeats; each offer must appear once")
+    repeated = offers["offer_id"].duplicated().to_numpy()
+    if repeated.any():
+        raise ResponseError(
+            f"offers: offer_id {offers['offer_id'].iloc[int(np.argmax(repeated))]!r} repeats "
+            f"({int(repeated.sum()):,} row(s) repeat an id); each offer must appear once"
+        )
     numeric = offers[["discount", "propensity", *OFFER_FEATURES]].apply(
         pd.to_numeric, errors="coerce"
     )
@@ -155,18 +160,31 @@ def from_logs(offers: pd.DataFrame, events: pd.DataFrame, seed: int) -> Logged:
             f"offers: {int(bad.sum())} row(s) with a missing, non-numeric or infinite value, e.g. "
             f"offer {offers['offer_id'].iloc[int(np.argmax(bad))]!r}; fix or drop them"
         )
-    negative = (numeric[["price", "cost"]] < 0).any(axis=1).to_numpy()
-    if negative.any():
+    # No offer is priced above what the store and an offer token hold; pricing's cents cannot
+    # even represent a price or cost of 1e26 or more.
+    money = numeric[["price", "cost"]]
+    outside = ((money < 0) | (money > float(MAX_PRICE))).any(axis=1).to_numpy()
+    if outside.any():
         raise ResponseError(
-            f"offers: {int(negative.sum())} row(s) with a negative price or cost, e.g. offer "
-            f"{offers['offer_id'].iloc[int(np.argmax(negative))]!r}; fix or drop them"
+            f"offers: {int(outside.sum())} row(s) with a price or cost outside [0, {MAX_PRICE}], "
+            f"e.g. offer {offers['offer_id'].iloc[int(np.argmax(outside))]!r}; fix or drop them"
         )
     d = numeric["discount"].to_numpy(dtype=np.float64)
-    if (d < 0).any() or (d >= 1).any():
-        raise ResponseError("offers: discount must be a fraction in [0, 1), e.g. 0.15 for 15%")
+    outside = (d < 0) | (d >= 1)
+    if outside.any():
+        raise ResponseError(
+            f"offers: {int(outside.sum())} row(s) with a discount outside [0, 1), e.g. offer "
+            f"{offers['offer_id'].iloc[int(np.argmax(outside))]!r}; a discount is a fraction of "
+            "the price, 0.15 for 15%"
+        )
     p = numeric["propensity"].to_numpy(dtype=np.float64)
-    if (p <= 0).any() or (p > 1).any():
-        raise ResponseError("offers: propensity must be in (0, 1]; log it when drawing discounts")
+    outside = (p <= 0) | (p > 1)
+    if outside.any():
+        raise ResponseError(
+            f"offers: {int(outside.sum())} row(s) with a propensity outside (0, 1], e.g. offer "
+            f"{offers['offer_id'].iloc[int(np.argmax(outside))]!r}; log the probability the "
+            "discount shown had of being drawn"
+        )
     fixed = p == 1
     if fixed.all():
         # A deterministic policy discounts whom it chose to (the top ranks, the optimal policy's

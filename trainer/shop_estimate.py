@@ -80,6 +80,7 @@ def read_log(offers: pd.DataFrame, events: pd.DataFrame) -> ShopLog:
     # 0% keeps within the guardrails), no other discount had a chance: IPS would count such an
     # offer as earning nothing under every rule that prices it otherwise.
     drawn = np.flatnonzero(logged.data.propensity < 1)
+    _check_weights(offers, logged.data.features[:, : len(OFFER_FEATURES)], logged.data.propensity)
     rank = _ranks(offers)
     grid = np.unique(discount[drawn])
     if grid[0] != 0:
@@ -100,15 +101,45 @@ def read_log(offers: pd.DataFrame, events: pd.DataFrame) -> ShopLog:
     )
 
 
+def _check_weights(offers: pd.DataFrame, features: Floats, propensity: Floats) -> None:
+    """Refuse propensities so small that the estimates overflow: no IPS or DR term exceeds
+    (price + cost) / propensity + price, so with that bound squared times the offers finite,
+    every mean and interval is too (else the report would say Infinity or NaN)."""
+    price = features[:, OFFER_FEATURES.index("price")]
+    cost = features[:, OFFER_FEATURES.index("cost")]
+    with np.errstate(over="ignore"):
+        bound = (price + cost) / propensity + price
+        overflows = ~np.isfinite(bound * bound * len(bound))
+    if overflows.any():
+        k = int(np.argmin(np.where(overflows, propensity, np.inf)))
+        offer, smallest = offers["offer_id"].iloc[k], float(propensity[k])
+        raise EstimateError(
+            f"offers: offer {offer!r} has propensity {smallest!r}, so "
+            "small that its weight, 1/propensity, overflows the estimates; a propensity is the "
+            "probability its discount was drawn with (1/n among n discounts)"
+        )
+
+
 def _ranks(offers: pd.DataFrame) -> list[int] | None:
-    """Each offer's rank, UNRANKED where it has none, as discountd ranks an item the model did
-    not rank; None when no offer has one."""
+    """Each offer's rank, UNRANKED where it is blank, as discountd ranks an item the model did
+    not rank; None when no offer has one. Any other value that is no rank is refused: read as
+    unranked, it would quietly move the offer to a tiered rule's lower tier."""
     if "rank" not in offers.columns:
         return None
-    ranks = pd.to_numeric(offers["rank"], errors="coerce")
-    if not (ranks >= 1).any():
+    given = offers["rank"]
+    blank = given.isna() | (given.astype(str).str.strip() == "")
+    ranks = pd.to_numeric(given, errors="coerce")
+    bad = ~blank & ~(np.isfinite(ranks) & (ranks >= 1) & (ranks % 1 == 0))
+    if bad.any():
+        k = int(np.argmax(bad.to_numpy()))
+        raise EstimateError(
+            f"offers: offer {offers['offer_id'].iloc[k]!r} has rank {str(given.iloc[k])!r}, not a "
+            f"whole number >= 1 ({int(bad.sum()):,} such row{'s' if bad.sum() > 1 else ''}); "
+            "leave the rank blank where the model did not rank the item"
+        )
+    if blank.all():
         return None
-    return [int(r) if r >= 1 else UNRANKED for r in ranks.fillna(0)]
+    return [UNRANKED if b else int(r) for b, r in zip(blank, ranks, strict=True)]
 
 
 def read_rules(path: Path) -> tuple[list[tuple[str, Rule]], list[str]]:
@@ -116,10 +147,17 @@ def read_rules(path: Path) -> tuple[list[tuple[str, Rule]], list[str]]:
     them: name, policy, params, max_discount_pct, min_margin_pct; and the names of the
     `randomized` ones, left out (such a rule is the experiment, not a policy to estimate)."""
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        # utf-8-sig: Notepad and PowerShell's Out-File begin UTF-8 with a byte order mark.
+        raw = json.loads(path.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise EstimateError(f"{path}: no such rules file") from None
-    except (OSError, ValueError) as e:
+    except UnicodeDecodeError as e:
+        raise EstimateError(
+            f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8, as `discountctl rules "
+            "list -o json > FILE` writes it in a shell that keeps its bytes (Windows "
+            "PowerShell's `>` writes UTF-16)"
+        ) from None
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested too deep
         raise EstimateError(f"{path}: not a JSON rules file ({e})") from None
     items = [raw] if isinstance(raw, dict) else raw
     if not isinstance(items, list):
