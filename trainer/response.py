@@ -49,6 +49,7 @@ from core.store.tables import EVENT_TYPES
 from trainer.config import ResponseConfig
 from trainer.dataset import Floats
 from trainer.export import ExportError, export_checked
+from trainer.model import seed_everything
 
 # Ramp centres sit between the usual 5-point grid steps so that each step can carry its own jump.
 RAMP_CENTRES: tuple[float, ...] = (0.025, 0.075, 0.125, 0.175, 0.225, 0.275)
@@ -329,12 +330,6 @@ class Trained:
     train_rows: npt.NDArray[np.int64]
     holdout_rows: npt.NDArray[np.int64]
     metrics: dict[str, float]
-
-
-def seed_everything(seed: int, threads: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    torch.set_num_threads(threads)
 
 
 def fit(data: ResponseData, config: ResponseConfig, progress: Progress | None = None) -> Trained:

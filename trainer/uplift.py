@@ -30,7 +30,8 @@ from core.store.db import first_line
 from trainer.config import UpliftConfig
 from trainer.data import CORRUPT_COMPRESSED, DATASETS
 from trainer.dataset import Floats
-from trainer.response import Standardize, epochs_run, fit_logistic, seed_everything
+from trainer.model import seed_everything
+from trainer.response import Standardize, epochs_run, fit_logistic
 
 HILLSTROM = DATASETS / "hillstrom/hillstrom.csv"
 OUTCOMES = ("visit", "conversion")
