@@ -139,6 +139,35 @@ def test_item_prices_must_be_finite_and_bad_costs_are_assumed(tmp_path: Path) ->
     assert catalog.costs.tolist() == [pytest.approx(7.0), pytest.approx(7.0), 6.0]
 
 
+def test_prices_above_what_an_offer_holds_are_dropped_and_such_costs_assumed(
+    tmp_path: Path,
+) -> None:
+    """An offer token and the offer log hold at most 9999999999.99: discountd could never offer
+    an item priced above it, and a cost above it is no cost."""
+    items = write(
+        tmp_path / "items.csv",
+        "item_id,price,cost\ntop,9999999999.99,1\ndear,2e10,1\nabsurd,1e30,1\n"
+        "a,10,1e30\nb,10,2e10\nc,10,6\n",
+    )
+    inter = write(
+        tmp_path / "i.csv",
+        "user_id,item_id,timestamp\n"
+        + "".join(f"u1,{i},{T}\n" for i in ("top", "dear", "absurd", "a", "b", "c")),
+    )
+    loaded = load_files(inter, items)
+    assert loaded.dropped == {
+        "items: price above 9999999999.99, the most an offer holds": 2,
+        "item dropped from the items file (bad price)": 2,
+    }
+    assert "  dropped        2  items: price above 9999999999.99, the most an offer holds" in (
+        loaded.summary_lines()
+    )
+    catalog = loaded.dataset.catalog
+    assert catalog.item_ids == ["top", "a", "b", "c"]
+    assert catalog.cost_assumed.tolist() == [False, True, True, False]
+    assert catalog.costs.tolist() == [1.0, pytest.approx(7.0), pytest.approx(7.0), 6.0]
+
+
 OR_HEADER = "InvoiceNo,StockCode,Description,Quantity,InvoiceDate,UnitPrice,CustomerID,Country\n"
 OR_GOOD = "536365,85123A,WHITE HANGING HEART,6,2010-12-01 08:26:00,2.55,17850.0,United Kingdom\n"
 

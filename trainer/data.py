@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from core.offer_token import MAX_PRICE
+from core.shop import MAX_AMOUNT
 from core.store.db import first_line
 from core.store.tables import ID_LENGTH
 from core.store.validate import CONTROL_CHARACTERS
@@ -34,6 +36,8 @@ MAX_QUANTITY = 2**53  # larger quantities are not whole numbers in float64, nor 
 # What databases and pandas write for a null: an id like that is no id. Guest checkouts exported
 # as "NULL" would otherwise merge into one enormous shopper.
 NULL_IDS = frozenset({"", "null", "none", "nan", "na", "n/a"})
+# The most an offer token and the offer log hold (core.offer_token.MAX_PRICE).
+TOO_DEAR = f"items: price above {MAX_PRICE}, the most an offer holds"
 BAD_PAID_PRICE = "paid prices that are not numbers ≥ 0, replaced by the catalog price"
 
 # The public datasets (README, "The public datasets"): under DISCOUNT_DATASETS when set, else in
@@ -328,15 +332,19 @@ def load_files(interactions: Path, items: Path, default_margin: float = DEFAULT_
     item_drops.drop(f"items: {UNSTORABLE_ID}", _unstorable(item_drops.frame["item_id"]))
     price = pd.to_numeric(item_drops.frame["price"], errors="coerce")
     bad_price = ~(np.isfinite(price) & (price >= 0))
-    priceless = item_drops.frame.loc[bad_price, "item_id"]
+    # discountd gives such an item no offer (NO_PRICE): no token or offer log holds its price.
+    dear = np.isfinite(price) & (price > MAX_AMOUNT)
+    priceless = item_drops.frame.loc[bad_price | dear, "item_id"]
     item_drops.drop("items: price missing, not a number or negative", bad_price)
+    item_drops.drop(TOO_DEAR, dear.loc[item_drops.frame.index])
     item_drops.drop(
         "items: duplicate item_id (first kept)", item_drops.frame["item_id"].duplicated()
     )
     if item_drops.frame.empty:
         raise DataError(f"{items}: no usable item rows{_dropped(item_drops.counts)}")
     cat = item_drops.frame
-    # A negative or infinite cost is a broken export, not a cost: assume one like a missing cost.
+    # A negative or infinite cost, or one above what an offer holds, is a broken export, not a
+    # cost: assume one like a missing cost.
     cost = pd.to_numeric(cat["cost"] if "cost" in cat else pd.Series(np.nan, cat.index), "coerce")
     catalog = pd.DataFrame(
         {
@@ -344,7 +352,7 @@ def load_files(interactions: Path, items: Path, default_margin: float = DEFAULT_
             "title": cat.get("title", ""),
             "category": cat["category"].str.strip() if "category" in cat else "",
             "price": pd.to_numeric(cat["price"]),
-            "cost": cost.where(np.isfinite(cost) & (cost >= 0)),
+            "cost": cost.where(np.isfinite(cost) & (cost >= 0) & (cost <= MAX_AMOUNT)),
         }
     )
 
