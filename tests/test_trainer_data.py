@@ -535,6 +535,51 @@ def test_a_required_column_named_twice_is_refused(tmp_path: Path) -> None:
         load_files(inter, items)
 
 
+@pytest.mark.parametrize(
+    ("interactions", "items", "column"),
+    [
+        (f"user_id,item_id,timestamp,price,price\nu1,007,{T},9.5,1\n", ITEMS, "price"),
+        (f"user_id,item_id,timestamp\nu1,007,{T}\n", "item_id,price,cost, cost\n007,10,6,1\n",
+         "cost"),
+        (f"user_id,item_id,timestamp,quantity,event,quantity\nu1,007,{T},1,view,5\n", ITEMS,
+         "quantity"),
+    ],
+)  # fmt: skip
+def test_any_column_named_twice_is_refused_by_fit_naming_file_and_column(
+    tmp_path: Path, interactions: str, items: str, column: str
+) -> None:
+    """pandas reads a repeated name as another column (price.1) and fit read the first: a
+    file's owner says which one holds the data, not fit."""
+    inter = write(tmp_path / "i.csv", interactions)
+    catalog = write(tmp_path / "items.csv", items)
+    result = CliRunner().invoke(
+        main,
+        ["fit", "--interactions", str(inter), "--items", str(catalog), "--out",
+         str(tmp_path / "m")],
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    named = catalog if column == "cost" else inter
+    assert result.output == (
+        f"Error: {named}: column(s) {column} appear more than once in the header; keep one "
+        "column of each name\n"
+    )
+
+
+def test_a_parquet_column_named_twice_is_refused_like_a_csv_one(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    names = ["user_id", "item_id", "timestamp", "price", "price"]
+    values = [["u1"], ["007"], [str(T)], ["9.5"], ["1"]]
+    pq.write_table(pa.table([pa.array(v) for v in values], names=names), tmp_path / "i.parquet")
+    with pytest.raises(DataError) as raised:
+        load_files(tmp_path / "i.parquet", write(tmp_path / "items.csv", ITEMS))
+    assert str(raised.value) == (
+        f"{tmp_path / 'i.parquet'}: column(s) price appear more than once in the header; keep "
+        "one column of each name"
+    )
+
+
 def test_a_comma_at_the_end_of_each_row_shifts_no_column(tmp_path: Path) -> None:
     """A row with a field more than the header made pandas take its first field as a row label:
     every value sat one column left of its name (user_id held the item, timestamp the empty

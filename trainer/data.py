@@ -141,6 +141,30 @@ def is_parquet(path: Path) -> bool:
         return f.read(4) == b"PAR1"
 
 
+def refuse_repeated_columns(path: Path) -> None:
+    """Refuse a CSV or Parquet file whose header names a column twice (up to surrounding spaces).
+
+    pandas renames a repeated CSV header (discount, discount.1) and reads on: which of the two
+    holds the data is a question for the file's owner, not a guess for us. pyarrow refuses a
+    repeated Parquet name in words about FieldRef. Every reader of a shop's files (fit's
+    interactions and items, response's and estimate-policy's logs) asks here first."""
+    if is_parquet(path):
+        import pyarrow.parquet as pq
+
+        names = list(pq.read_schema(path).names)
+    else:
+        header = pd.read_csv(path, dtype=str, header=None, nrows=1, keep_default_na=False)
+        names = [str(c) for c in header.iloc[0]] if len(header) else []
+    # Unnamed columns (a comma at the end of the header) are nameless, not one name repeated.
+    named = [n.strip() for n in names if n.strip()]
+    twice = sorted({n for n in named if named.count(n) > 1})
+    if twice:
+        raise DataError(
+            f"{path}: column(s) {', '.join(twice)} appear more than once in the header; keep one "
+            "column of each name"
+        )
+
+
 def read_table(path: Path, required: tuple[str, ...], ids: tuple[str, ...] = ()) -> pd.DataFrame:
     """A CSV (optionally compressed) or Parquet file with every column as a string; ids names the
     id columns, which a Parquet file may hold as numbers."""
@@ -148,6 +172,7 @@ def read_table(path: Path, required: tuple[str, ...], ids: tuple[str, ...] = ())
         raise DataError(f"{path}: is a directory; expected a CSV or Parquet file")
     _regular(path, "")
     try:
+        refuse_repeated_columns(path)
         if is_parquet(path):
             frame = pd.read_parquet(path)
             for name in frame.columns:
@@ -156,13 +181,6 @@ def read_table(path: Path, required: tuple[str, ...], ids: tuple[str, ...] = ())
             frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[])
             if not isinstance(frame.index, pd.RangeIndex):
                 frame = _without_trailing_fields(path, frame)
-            # pandas renames a repeated header (user_id, user_id.1) and reads on: which of the
-            # two holds the data is a question for the file's owner, not a guess for us.
-            header = pd.read_csv(path, dtype=str, header=None, nrows=1, keep_default_na=False)
-            names = [str(c).strip() for c in header.iloc[0]] if len(header) else []
-            twice = sorted({c for c in required if names.count(c) > 1})
-            if twice:
-                raise DataError(f"{path}: column(s) {', '.join(twice)} appear more than once")
     except UnicodeDecodeError as e:
         # Excel's "CSV" is Windows-1252 and its "Unicode text" UTF-16: a guessed encoding would
         # spell an id other than the storefront sends it, so the file's owner converts it.
