@@ -11,6 +11,7 @@ from typing import Any
 
 from core.artifact import ArtifactError
 from core.features import FEATURE_NAMES
+from core.offer_token import MAX_PRICE
 
 
 @dataclass(frozen=True)
@@ -24,11 +25,12 @@ class ShopFacts:
     user_features: dict[str, dict[str, float | str]]
 
 
-# The most the store's offer log holds (Offer.base_price, NUMERIC(12, 2)): an item priced above
-# it would get a token for an offer the log can never store, outside budgets and reports. Not
-# derived from the column: the model's loader (and bench.gpu on a machine without SQLAlchemy)
-# imports this module, not the store's tables; tests/test_offers_server.py checks the two agree.
-MAX_AMOUNT = 9_999_999_999.99
+# The most an offer token carries and the store's offer log holds (Offer.base_price,
+# NUMERIC(12, 2)): an item priced above it would get a token for an offer the log can never
+# store, outside budgets and reports. Not derived from the column: the model's loader (and
+# bench.gpu on a machine without SQLAlchemy) imports this module, not the store's tables;
+# tests/test_offers_server.py checks the two agree. `discount-train fit` holds items to it too.
+MAX_AMOUNT = float(MAX_PRICE)
 
 
 def _money(value: Any) -> float | None:

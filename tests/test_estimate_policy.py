@@ -358,6 +358,32 @@ def test_a_price_or_cost_no_offer_can_have_is_refused_naming_the_offer(
     )
 
 
+@pytest.mark.parametrize("kind", ["csv", "parquet"])
+def test_a_column_named_twice_is_refused_naming_the_file_and_the_column(
+    tmp_path: Path, kind: str
+) -> None:
+    """pandas reads a second `discount` as `discount.1` and the estimate took the first: which
+    one the shop logged is for its owner to say."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    offers, events = _tiny_frames()
+    table = pa.Table.from_pandas(offers, preserve_index=False)
+    table = table.append_column("discount", pa.array([0.3] * len(offers)))
+    if kind == "csv":
+        table.to_pandas().to_csv(tmp_path / "tiny.csv", index=False, header=table.column_names)
+    else:
+        pq.write_table(table, tmp_path / "tiny.csv")  # a Parquet file is known by its content
+    events.to_csv(tmp_path / "tiny-events.csv", index=False)
+    best = {"name": "best", "policy": "threshold", "params": {"t": 0.5, "d": 10}}
+    result = _estimate(tmp_path, [best], offers="tiny.csv", events="tiny-events.csv")
+    assert result.exit_code == 1, result.output
+    assert result.output == (
+        f"Error: {tmp_path / 'tiny.csv'}: column(s) discount appear more than once in the "
+        "header; keep one column of each name\n"
+    )
+
+
 def test_a_rules_file_nested_past_what_json_reads_is_one_line(shop: Path) -> None:
     path = shop / "deep.json"
     path.write_text("[" * 100_000)

@@ -482,6 +482,53 @@ def test_an_item_without_a_cost_says_which_rule_it_escaped_and_why(
     assert offers[1].discount_percent == 10 and "NO_COST" not in offers[1].reason_codes
 
 
+@pytest.fixture(scope="module")
+def overpriced(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model store of the tiny shop as an older `fit` wrote it, which took any finite price and
+    cost: 00001 priced 2e10, 00002 priced 1e30 (past what Decimal quantizes to cents in 28
+    digits), 00003 costing 1e30; read-only, made once for both backends."""
+    shop = make_tiny_shop()
+    catalog = shop.dataset.catalog
+    prices, costs = catalog.prices.copy(), catalog.costs.copy()
+    prices[1], prices[2], costs[3] = 2e10, 1e30, 1e30
+    dataset = replace(shop.dataset, catalog=replace(catalog, prices=prices, costs=costs))
+    store = tmp_path_factory.mktemp("overpriced") / "models"
+    write_tiny_artifact(store, replace(shop, dataset=dataset))
+    return store
+
+
+def test_an_older_artifact_pricing_past_the_offer_log_loses_no_other_offer(
+    overpriced: Path, db_url: str
+) -> None:
+    """Prices and costs no offer can hold are no price (NO_PRICE: no token, no log row) and no
+    cost (NO_COST): the call succeeds, Recommend too, and the basket's other offers reach the
+    offer log, whose NUMERIC(12, 2) could not store the price past it."""
+    running = OfferServer(overpriced, ten_percent_off_everything(db_url))
+    try:
+        named = ["00000", "00001", "00002", "00003", "00004"]
+        offers = running.stub.GetOffers(pb.GetOffersRequest(user_id="user-0", item_ids=named))
+        recommended = running.stub.Recommend(pb.RecommendRequest(user_id="user-0", limit=30))
+    finally:
+        running.close()
+    by_item = {o.item_id: o for o in offers.offers}
+    for item in ("00001", "00002"):
+        offer = by_item[item]
+        assert "NO_PRICE" in offer.reason_codes and (offer.offer_id, offer.offer_token) == ("", "")
+        assert (offer.base_price_cents, offer.final_price_cents) == (0, 0)
+    assert "NO_COST" in by_item["00003"].reason_codes
+    assert (by_item["00003"].discount_percent, by_item["00003"].final_price_cents) == (0, 1000)
+    for item in ("00000", "00004"):
+        assert (by_item[item].discount_percent, by_item[item].final_price_cents) == (10, 900)
+    assert len(recommended.items) == 30 - 3  # all but the three user-0 bought
+    store = Store(db_url)
+    try:
+        with store.transaction() as s:
+            logged = {o.item_id: o.offer_id for o in s.scalars(select(Offer))}
+    finally:
+        store.dispose()
+    assert logged == {i: by_item[i].offer_id for i in ("00000", "00003", "00004")}
+
+
 def test_the_largest_price_is_the_largest_the_offer_log_holds() -> None:
     from decimal import Decimal
 

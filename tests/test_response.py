@@ -635,6 +635,19 @@ def test_cli_refuses_a_nonsense_offer_naming_it(
     assert not (tmp_path / "model").exists()
 
 
+def test_cli_refuses_a_log_with_a_column_named_twice(tmp_path: Path) -> None:
+    """pandas renames a second `offer_id` to `offer_id.1` and reads on with the first."""
+    offers, events = _logs(users=60)
+    events.insert(len(events.columns), "offer_id", "o-other", allow_duplicates=True)
+    result = _response(tmp_path, offers, events)
+    assert result.exit_code == 1, result.output
+    assert result.output == (
+        f"Error: {tmp_path / 'events.csv'}: column(s) offer_id appear more than once in the "
+        "header; keep one column of each name\n"
+    )
+    assert not (tmp_path / "model").exists()
+
+
 def test_cli_records_the_epochs_run_beside_those_asked_for(tmp_path: Path) -> None:
     """A log this small takes one batch an epoch: at least 500 optimizer steps make --epochs 1
     run 500, and the manifest said 1."""

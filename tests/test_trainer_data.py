@@ -139,6 +139,35 @@ def test_item_prices_must_be_finite_and_bad_costs_are_assumed(tmp_path: Path) ->
     assert catalog.costs.tolist() == [pytest.approx(7.0), pytest.approx(7.0), 6.0]
 
 
+def test_prices_above_what_an_offer_holds_are_dropped_and_such_costs_assumed(
+    tmp_path: Path,
+) -> None:
+    """An offer token and the offer log hold at most 9999999999.99: discountd could never offer
+    an item priced above it, and a cost above it is no cost."""
+    items = write(
+        tmp_path / "items.csv",
+        "item_id,price,cost\ntop,9999999999.99,1\ndear,2e10,1\nabsurd,1e30,1\n"
+        "a,10,1e30\nb,10,2e10\nc,10,6\n",
+    )
+    inter = write(
+        tmp_path / "i.csv",
+        "user_id,item_id,timestamp\n"
+        + "".join(f"u1,{i},{T}\n" for i in ("top", "dear", "absurd", "a", "b", "c")),
+    )
+    loaded = load_files(inter, items)
+    assert loaded.dropped == {
+        "items: price above 9999999999.99, the most an offer holds": 2,
+        "item dropped from the items file (bad price)": 2,
+    }
+    assert "  dropped        2  items: price above 9999999999.99, the most an offer holds" in (
+        loaded.summary_lines()
+    )
+    catalog = loaded.dataset.catalog
+    assert catalog.item_ids == ["top", "a", "b", "c"]
+    assert catalog.cost_assumed.tolist() == [False, True, True, False]
+    assert catalog.costs.tolist() == [1.0, pytest.approx(7.0), pytest.approx(7.0), 6.0]
+
+
 OR_HEADER = "InvoiceNo,StockCode,Description,Quantity,InvoiceDate,UnitPrice,CustomerID,Country\n"
 OR_GOOD = "536365,85123A,WHITE HANGING HEART,6,2010-12-01 08:26:00,2.55,17850.0,United Kingdom\n"
 
@@ -504,6 +533,51 @@ def test_a_required_column_named_twice_is_refused(tmp_path: Path) -> None:
     items = write(tmp_path / "items.csv", ITEMS)
     with pytest.raises(DataError, match=r"i\.csv: column\(s\) user_id appear more than once"):
         load_files(inter, items)
+
+
+@pytest.mark.parametrize(
+    ("interactions", "items", "column"),
+    [
+        (f"user_id,item_id,timestamp,price,price\nu1,007,{T},9.5,1\n", ITEMS, "price"),
+        (f"user_id,item_id,timestamp\nu1,007,{T}\n", "item_id,price,cost, cost\n007,10,6,1\n",
+         "cost"),
+        (f"user_id,item_id,timestamp,quantity,event,quantity\nu1,007,{T},1,view,5\n", ITEMS,
+         "quantity"),
+    ],
+)  # fmt: skip
+def test_any_column_named_twice_is_refused_by_fit_naming_file_and_column(
+    tmp_path: Path, interactions: str, items: str, column: str
+) -> None:
+    """pandas reads a repeated name as another column (price.1) and fit read the first: a
+    file's owner says which one holds the data, not fit."""
+    inter = write(tmp_path / "i.csv", interactions)
+    catalog = write(tmp_path / "items.csv", items)
+    result = CliRunner().invoke(
+        main,
+        ["fit", "--interactions", str(inter), "--items", str(catalog), "--out",
+         str(tmp_path / "m")],
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    named = catalog if column == "cost" else inter
+    assert result.output == (
+        f"Error: {named}: column(s) {column} appear more than once in the header; keep one "
+        "column of each name\n"
+    )
+
+
+def test_a_parquet_column_named_twice_is_refused_like_a_csv_one(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    names = ["user_id", "item_id", "timestamp", "price", "price"]
+    values = [["u1"], ["007"], [str(T)], ["9.5"], ["1"]]
+    pq.write_table(pa.table([pa.array(v) for v in values], names=names), tmp_path / "i.parquet")
+    with pytest.raises(DataError) as raised:
+        load_files(tmp_path / "i.parquet", write(tmp_path / "items.csv", ITEMS))
+    assert str(raised.value) == (
+        f"{tmp_path / 'i.parquet'}: column(s) price appear more than once in the header; keep "
+        "one column of each name"
+    )
 
 
 def test_a_comma_at_the_end_of_each_row_shifts_no_column(tmp_path: Path) -> None:

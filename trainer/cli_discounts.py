@@ -78,9 +78,10 @@ def _read(path: Path, what: str) -> pd.DataFrame:
     import pandas as pd
 
     from core.store.db import first_line
-    from trainer.data import CORRUPT_COMPRESSED, is_parquet
+    from trainer.data import CORRUPT_COMPRESSED, DataError, is_parquet, refuse_repeated_columns
 
     try:
+        refuse_repeated_columns(path)
         if is_parquet(path):
             return _whole_ids(pd.read_parquet(path))
         # Only an empty cell is missing: pandas would read the ids "NA", "None" or "null" (a
@@ -93,6 +94,8 @@ def _read(path: Path, what: str) -> pd.DataFrame:
         )
     except FileNotFoundError:
         raise click.ClickException(f"{path}: no such {what} file") from None
+    except DataError as e:
+        raise click.ClickException(str(e)) from None
     except (OSError, ValueError, *CORRUPT_COMPRESSED) as e:
         raise click.ClickException(f"{path}: cannot read the {what} ({first_line(e)})") from None
 

@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from core.offer_token import MAX_PRICE
+from core.shop import MAX_AMOUNT
 from core.store.db import first_line
 from core.store.tables import ID_LENGTH
 from core.store.validate import CONTROL_CHARACTERS
@@ -34,6 +36,8 @@ MAX_QUANTITY = 2**53  # larger quantities are not whole numbers in float64, nor 
 # What databases and pandas write for a null: an id like that is no id. Guest checkouts exported
 # as "NULL" would otherwise merge into one enormous shopper.
 NULL_IDS = frozenset({"", "null", "none", "nan", "na", "n/a"})
+# The most an offer token and the offer log hold (core.offer_token.MAX_PRICE).
+TOO_DEAR = f"items: price above {MAX_PRICE}, the most an offer holds"
 BAD_PAID_PRICE = "paid prices that are not numbers ≥ 0, replaced by the catalog price"
 
 # The public datasets (README, "The public datasets"): under DISCOUNT_DATASETS when set, else in
@@ -137,6 +141,30 @@ def is_parquet(path: Path) -> bool:
         return f.read(4) == b"PAR1"
 
 
+def refuse_repeated_columns(path: Path) -> None:
+    """Refuse a CSV or Parquet file whose header names a column twice (up to surrounding spaces).
+
+    pandas renames a repeated CSV header (discount, discount.1) and reads on: which of the two
+    holds the data is a question for the file's owner, not a guess for us. pyarrow refuses a
+    repeated Parquet name in words about FieldRef. Every reader of a shop's files (fit's
+    interactions and items, response's and estimate-policy's logs) asks here first."""
+    if is_parquet(path):
+        import pyarrow.parquet as pq
+
+        names = list(pq.read_schema(path).names)
+    else:
+        header = pd.read_csv(path, dtype=str, header=None, nrows=1, keep_default_na=False)
+        names = [str(c) for c in header.iloc[0]] if len(header) else []
+    # Unnamed columns (a comma at the end of the header) are nameless, not one name repeated.
+    named = [n.strip() for n in names if n.strip()]
+    twice = sorted({n for n in named if named.count(n) > 1})
+    if twice:
+        raise DataError(
+            f"{path}: column(s) {', '.join(twice)} appear more than once in the header; keep one "
+            "column of each name"
+        )
+
+
 def read_table(path: Path, required: tuple[str, ...], ids: tuple[str, ...] = ()) -> pd.DataFrame:
     """A CSV (optionally compressed) or Parquet file with every column as a string; ids names the
     id columns, which a Parquet file may hold as numbers."""
@@ -144,6 +172,7 @@ def read_table(path: Path, required: tuple[str, ...], ids: tuple[str, ...] = ())
         raise DataError(f"{path}: is a directory; expected a CSV or Parquet file")
     _regular(path, "")
     try:
+        refuse_repeated_columns(path)
         if is_parquet(path):
             frame = pd.read_parquet(path)
             for name in frame.columns:
@@ -152,13 +181,6 @@ def read_table(path: Path, required: tuple[str, ...], ids: tuple[str, ...] = ())
             frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[])
             if not isinstance(frame.index, pd.RangeIndex):
                 frame = _without_trailing_fields(path, frame)
-            # pandas renames a repeated header (user_id, user_id.1) and reads on: which of the
-            # two holds the data is a question for the file's owner, not a guess for us.
-            header = pd.read_csv(path, dtype=str, header=None, nrows=1, keep_default_na=False)
-            names = [str(c).strip() for c in header.iloc[0]] if len(header) else []
-            twice = sorted({c for c in required if names.count(c) > 1})
-            if twice:
-                raise DataError(f"{path}: column(s) {', '.join(twice)} appear more than once")
     except UnicodeDecodeError as e:
         # Excel's "CSV" is Windows-1252 and its "Unicode text" UTF-16: a guessed encoding would
         # spell an id other than the storefront sends it, so the file's owner converts it.
@@ -328,15 +350,19 @@ def load_files(interactions: Path, items: Path, default_margin: float = DEFAULT_
     item_drops.drop(f"items: {UNSTORABLE_ID}", _unstorable(item_drops.frame["item_id"]))
     price = pd.to_numeric(item_drops.frame["price"], errors="coerce")
     bad_price = ~(np.isfinite(price) & (price >= 0))
-    priceless = item_drops.frame.loc[bad_price, "item_id"]
+    # discountd gives such an item no offer (NO_PRICE): no token or offer log holds its price.
+    dear = np.isfinite(price) & (price > MAX_AMOUNT)
+    priceless = item_drops.frame.loc[bad_price | dear, "item_id"]
     item_drops.drop("items: price missing, not a number or negative", bad_price)
+    item_drops.drop(TOO_DEAR, dear.loc[item_drops.frame.index])
     item_drops.drop(
         "items: duplicate item_id (first kept)", item_drops.frame["item_id"].duplicated()
     )
     if item_drops.frame.empty:
         raise DataError(f"{items}: no usable item rows{_dropped(item_drops.counts)}")
     cat = item_drops.frame
-    # A negative or infinite cost is a broken export, not a cost: assume one like a missing cost.
+    # A negative or infinite cost, or one above what an offer holds, is a broken export, not a
+    # cost: assume one like a missing cost.
     cost = pd.to_numeric(cat["cost"] if "cost" in cat else pd.Series(np.nan, cat.index), "coerce")
     catalog = pd.DataFrame(
         {
@@ -344,7 +370,7 @@ def load_files(interactions: Path, items: Path, default_margin: float = DEFAULT_
             "title": cat.get("title", ""),
             "category": cat["category"].str.strip() if "category" in cat else "",
             "price": pd.to_numeric(cat["price"]),
-            "cost": cost.where(np.isfinite(cost) & (cost >= 0)),
+            "cost": cost.where(np.isfinite(cost) & (cost >= 0) & (cost <= MAX_AMOUNT)),
         }
     )
 
