@@ -24,35 +24,60 @@ variant_option = click.option(
     multiple=True,
     metavar="NAME:WEIGHT[:RULE]",
     help="A variant, its weight (all sum to 100) and its rule; no rule means no discount. "
-    "The first variant is the control.",
+    "The first variant is the control. Repeat with the same NAME and WEIGHT and another RULE "
+    "for a variant of several rules: per item the highest-priority one that applies prices.",
 )
 
 
 @click.group()
 def experiments() -> None:
-    """A/B experiments: variants with weights, each a rule or no discount."""
+    """A/B experiments: variants with weights, each a set of rules or no discount."""
 
 
 def _variants(values: tuple[str, ...]) -> list[VariantSpec]:
-    specs = []
+    """The --variant values, one spec per NAME in order of first appearance; a NAME repeated
+    adds a rule to its variant (rule names may hold any printable character, so a variant's
+    rules are not written in one value)."""
+    weights: dict[str, int] = {}
+    rules: dict[str, list[str]] = {}
     for value in values:
         # Rule names may hold ':' themselves, so only the first two separators count.
         parts = value.split(":", 2)
         if len(parts) < 2:
             raise InvalidInput(f"--variant {value!r}: write NAME:WEIGHT or NAME:WEIGHT:RULE")
+        name = parts[0]
         try:
             weight = int(parts[1])
         except ValueError:
             raise InvalidInput(
                 f"--variant {value!r}: weight {parts[1]!r} is not an integer"
             ) from None
-        specs.append(VariantSpec(parts[0], weight, parts[2] if len(parts) == 3 else None))
-    return specs
+        rule = parts[2] if len(parts) == 3 else None
+        if name in weights:
+            if weights[name] != weight:
+                raise InvalidInput(
+                    f"--variant {value!r}: variant {name!r} was given weight {weights[name]} "
+                    "before; repeat a variant only to add a rule, with the same weight"
+                )
+            if rule is None or not rules[name]:
+                raise InvalidInput(
+                    f"--variant {value!r}: variant names must be unique, and {name!r} is given "
+                    "twice; repeat a variant only to add a rule, each time with a RULE "
+                    "(NAME:WEIGHT:RULE)"
+                )
+            if rule in rules[name]:
+                raise InvalidInput(
+                    f"--variant {value!r}: rule {rule!r} is given twice for variant {name!r}; "
+                    "name each rule of a variant once"
+                )
+        weights.setdefault(name, weight)
+        rules.setdefault(name, []).extend([] if rule is None else [rule])
+    return [VariantSpec(name, weights[name], tuple(rules[name])) for name in weights]
 
 
 def _table_row(data: dict[str, Any]) -> dict[str, Any]:
     variants = ", ".join(
-        f"{v['name']}:{v['weight']}" + (f"({v['rule']})" if v["rule"] else "")
+        f"{v['name']}:{v['weight']}" + (f"({', '.join(v['rules'])})" if v["rules"] else "")
         for v in data["variants"]
     )
     return {**data, "variants": variants}
@@ -82,6 +107,8 @@ def create(
     Example:
       discountctl experiments create new-tiered-ab --target-segment new-customers \\
         --variant control:50 --variant treatment:50:new-tiered
+      discountctl experiments create program-ab --variant control:50 \\
+        --variant program:50:new-20 --variant program:50:others-5
     """
     with app.transaction() as session:
         experiment = Experiments(session, app.actor).create(
@@ -119,32 +146,59 @@ def _released(rules: list[Rule]) -> list[str]:
 
 
 def _not_yet_valid(experiment: Experiment) -> list[str]:
-    """A note per variant whose rule's window has not begun: until it does, the arm's users get
-    no discount while the experiment keeps assigning them."""
+    """A note per variant rule whose window has not begun: until it does, the users and items
+    it would price get the variant's other rules, or no discount, while the experiment keeps
+    assigning users to the arm."""
     now = datetime.now(UTC)
-    return [
-        f"note: variant {v.name!r} prices with rule {v.rule.name!r}, valid only from "
-        f"{v.rule.valid_from.isoformat()}: until then its users get no discount "
-        "(VARIANT_RULE_NOT_APPLICABLE) while the experiment assigns them"
-        for v in experiment.variants
-        if v.rule is not None and v.rule.valid_from is not None and v.rule.valid_from > now
-    ]
+    notes = []
+    for v in experiment.variants:
+        rules = v.in_order()
+        for rule in rules:
+            if rule.valid_from is None or rule.valid_from <= now:
+                continue
+            others = [r.name for r in rules if r is not rule]
+            instead = (
+                "its users get no discount"
+                if not others
+                else f"what it would price gets the variant's other rules ({_names(others)}) "
+                "where they apply, else no discount"
+            )
+            notes.append(
+                f"note: variant {v.name!r} prices with rule {rule.name!r}, valid only from "
+                f"{rule.valid_from.isoformat()}: until then {instead} "
+                "(VARIANT_RULE_NOT_APPLICABLE) while the experiment assigns them"
+            )
+    return notes
 
 
 def _narrower_rules(experiment: Experiment) -> list[str]:
-    """A note per variant whose rule reaches fewer users than the experiment: its arm holds
-    users the rule never prices (core.offers: a variant never widens its rule's segment)."""
+    """A note per variant whose rules together reach fewer users than the experiment: its arm
+    holds users no rule of it prices (core.offers: a variant never widens its rules'
+    segments)."""
     target = experiment.target_segment
     notes = []
     for variant in experiment.variants:
-        segment = variant.rule.segment if variant.rule is not None else None
-        if variant.rule is not None and segment is not None and segment is not target:
-            notes.append(
-                f"note: variant {variant.name!r} prices with rule {variant.rule.name!r}, which "
-                f"reaches only segment {segment.name!r}; the variant's other users get no "
-                "discount (--target-segment limits the experiment to that segment)"
+        rules = variant.in_order()
+        if not rules or any(r.segment is None or r.segment is target for r in rules):
+            continue
+        segments = sorted({r.segment.name for r in rules if r.segment is not None})
+        if len(rules) == 1:
+            which = f"rule {rules[0].name!r}, which reaches only segment {segments[0]!r}"
+        else:
+            which = (
+                f"rules {_names([r.name for r in rules])}, which reach only segment(s) "
+                f"{_names(segments)}"
             )
+        limit = "that segment" if len(segments) == 1 else "one segment"
+        notes.append(
+            f"note: variant {variant.name!r} prices with {which}; the variant's other users get "
+            f"no discount (--target-segment limits the experiment to {limit})"
+        )
     return notes
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(map(repr, names))
 
 
 @experiments.command("list")
@@ -252,7 +306,8 @@ def start(app: App, key: str, if_version: int | None, output: str) -> None:
     Running experiments that share users keep them in the order they first started: one started
     later never takes users from one that is measuring them, but a resumed one takes back the
     users it shares with those started after it. A note names each it shares with, and each
-    variant rule whose validity window has not begun (its arm gets no discount until then).
+    variant rule whose validity window has not begun (until then what it would price gets the
+    variant's other rules, if any, else no discount).
 
     \b
     Example:

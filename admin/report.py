@@ -280,7 +280,7 @@ def report(session: Session, key: str, now: datetime) -> dict[str, Any]:
         row: dict[str, Any] = {
             "variant": v.name,
             "weight": v.weight,
-            "rule": v.rule.name if v.rule is not None else None,
+            "rules": [r.name for r in v.in_order()],
             "users_assigned": n,
             "users_exposed": len(exposed),
             "ctr": _estimate(stats.proportion(sum(u.clicked for u in exposed), len(exposed))),

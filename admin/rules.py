@@ -279,17 +279,34 @@ def _measured_notes(session: Session, before: dict[str, Any], rule: Rule) -> lis
     now = datetime.now(UTC)
     was_live = before["enabled"] and _in_window(before, now)
     stopped = was_live and not (rule.enabled and _in_window(after, now))
-    changed = [f for f in PRICING_FIELDS if before[f] != after[f]]
+    pricing = [f for f in PRICING_FIELDS if before[f] != after[f]]
+    ordering = [f for f in ORDER_FIELDS if before[f] != after[f]]
     window = [f for f in ("valid_from", "valid_until") if before[f] != after[f]]
-    if not stopped and not (rule.enabled and (changed or window)):
+    if not stopped and not (rule.enabled and (pricing or ordering or window)):
         return []
     notes = []
     for key, variant in Experiments(session).running_variants_of(rule):
-        note = f"note: variant {variant!r} of running experiment {key!r} prices with rule "
+        others = [r.name for r in variant.in_order() if r.id != rule.id]
+        # Among a variant's rules, which one prices an item follows priority and name too.
+        changed = pricing + (ordering if others else [])
+        if not stopped and not changed and not window:
+            continue
+        note = f"note: variant {variant.name!r} of running experiment {key!r} prices with rule "
+        instead = (
+            f"the variant's other rules ({', '.join(map(repr, others))}) where they apply, else "
+            "no discount"
+            if others
+            else "no discount"
+        )
         if stopped:
             why = "disabled" if not rule.enabled else "outside its validity window"
+            whom = (
+                "what it priced for the variant's users gets"
+                if others
+                else "the variant's users get"
+            )
             note += (
-                f"{rule.name!r}, which is now {why}: the variant's users get no discount "
+                f"{rule.name!r}, which is now {why}: {whom} {instead} "
                 "(VARIANT_RULE_NOT_APPLICABLE) while the experiment keeps assigning users to it; "
                 f"pause the experiment (`discountctl experiments pause {key}`) or change the "
                 "rule back"
@@ -307,17 +324,18 @@ def _measured_notes(session: Session, before: dict[str, Any], rule: Rule) -> lis
             )
         else:
             start, end = after["valid_from"] or "any time", after["valid_until"] or "no end"
+            whom = "what it prices gets" if others else "the variant's users get"
             note += (
-                f"{rule.name!r}, whose validity window is now {start} to {end}: outside it the "
-                "variant's users get no discount (VARIANT_RULE_NOT_APPLICABLE) while the "
-                "experiment keeps assigning users to it"
+                f"{rule.name!r}, whose validity window is now {start} to {end}: outside it "
+                f"{whom} {instead} "
+                "(VARIANT_RULE_NOT_APPLICABLE) while the experiment keeps assigning users to it"
             )
         notes.append(note)
     return notes
 
 
-# What decides a variant's discounts (its priority does not: the variant's rule always prices;
-# its window only whether it prices at all, which has notes of its own).
+# What decides a variant's discounts (its window only whether it prices at all, which has notes
+# of its own).
 PRICING_FIELDS = (
     "policy",
     "params",
@@ -328,6 +346,8 @@ PRICING_FIELDS = (
     "min_margin_pct",
     "budget",
 )
+# What decides which of a variant's several rules prices an item (core.offers).
+ORDER_FIELDS = ("priority", "name")
 
 
 def _note_if_ended(rule: dict[str, Any]) -> None:

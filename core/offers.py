@@ -11,10 +11,11 @@ Choices, stated once:
 - scope checks (a rule's segment, an experiment's target segment) ask whether the user is *in*
   that segment, not whether it is the first one matched, so adding a broad low-priority segment
   never silently takes users out of a rule;
-- among running experiments the first started whose target holds the user decides; its variant's
-  rule (or none: no discount) prices every item its scope covers (segment included), even where
+- among running experiments the first started whose target holds the user decides; only its
+  variant's rules (none: no discount) compete for an item, as open rules do below, even where
   another rule has higher priority, so the experiment measures what it says;
-- without an experiment each item gets the highest-priority live rule whose scope covers it;
+- each item gets the highest-priority live rule whose scope (segment included) covers it, of the
+  variant's rules in an experiment and of the open ones without; equal priorities go by name;
 - a rule with a budget grants discounts only while the discounts redeemed under it (as of the
   snapshot) plus those granted in this answer stay within the budget;
 - items under `optimal` rules are scored by the caller's response model in one call per answer
@@ -53,8 +54,8 @@ class Why(StrEnum):
     EXPERIMENT_VARIANT = "EXPERIMENT_VARIANT"
     # The user's variant has no rule: no discount, by design (usually the control).
     VARIANT_NO_DISCOUNT = "VARIANT_NO_DISCOUNT"
-    # The variant's rule is disabled, outside its validity window, or does not cover the user
-    # (its segment) or the item.
+    # None of the variant's rules applies: each is disabled, outside its validity window, or
+    # does not cover the user (its segment) or the item.
     VARIANT_RULE_NOT_APPLICABLE = "VARIANT_RULE_NOT_APPLICABLE"
     RULE_HIGHEST_PRIORITY = "RULE_HIGHEST_PRIORITY"
     # No rule open to everyone covers the item, but a rule an experiment holds for its variant
@@ -141,7 +142,8 @@ class RuleDef:
 class VariantDef:
     name: str
     weight: int
-    rule: RuleDef | None
+    # Highest priority first, as Snapshot.rules; none: no discount.
+    rules: tuple[RuleDef, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -308,41 +310,42 @@ def _scored(item: ItemInput) -> bool:
     return item.score is not None and math.isfinite(item.score)
 
 
-def _open_rules(
-    snapshot: Snapshot, user_id: str, features: Features, now: datetime
+def _usable_rules(
+    snapshot: Snapshot,
+    rules: Sequence[RuleDef],
+    user_id: str,
+    features: Features,
+    now: datetime,
 ) -> list[RuleDef]:
-    """The rules live now whose segment holds this user, highest priority first: which of them
-    prices an item then depends on the item alone, so segments are evaluated once per request
-    rather than once per item and rule. Rules an experiment holds are among them only so that
-    an item they alone cover can say so."""
+    """Of rules (the open ones, or a variant's), those live now whose segment holds this user,
+    highest priority first: which of them prices an item then depends on the item alone, so
+    segments are evaluated once per request rather than once per item and rule. Open rules an
+    experiment holds are among them only so that an item they alone cover can say so."""
     return [
         rule
-        for rule in snapshot.rules
+        for rule in rules
         if rule.live(now) and _in_segment(snapshot, rule.segment, user_id, features)
     ]
 
 
 def _rule_for(
-    variant: VariantDef | None,
-    in_variant_segment: bool,
-    open_rules: Sequence[RuleDef],
-    item: ItemInput,
-    now: datetime,
+    variant: VariantDef | None, usable: Sequence[RuleDef], item: ItemInput
 ) -> tuple[RuleDef | None, Why | None]:
-    if variant is not None:
-        if variant.rule is None:
-            return None, Why.VARIANT_NO_DISCOUNT
-        # The experiment decides which rule, never whom a rule may reach: a variant's rule
-        # scoped to a segment still prices only that segment's users.
-        if not (in_variant_segment and variant.rule.live(now) and variant.rule.covers(item)):
-            return None, Why.VARIANT_RULE_NOT_APPLICABLE
-        return variant.rule, None
+    """The rule that prices item: the first of usable that covers it. The experiment decides
+    which rules compete, never whom a rule may reach: a variant's rule scoped to a segment still
+    prices only that segment's users."""
+    if variant is not None and not variant.rules:
+        return None, Why.VARIANT_NO_DISCOUNT
     held = False
-    for rule in open_rules:
+    for rule in usable:
         if rule.covers(item):
+            if variant is not None:
+                return rule, None  # EXPERIMENT_VARIANT says why
             if not rule.experiment_only:
                 return rule, Why.RULE_HIGHEST_PRIORITY
             held = True
+    if variant is not None:
+        return None, Why.VARIANT_RULE_NOT_APPLICABLE
     return None, Why.RULE_HELD_BY_EXPERIMENT if held else None
 
 
@@ -364,12 +367,8 @@ def decide(
     if assigned is not None:
         head.append(Why.EXPERIMENT_VARIANT)
     variant = assigned[1] if assigned is not None else None
-    open_rules = _open_rules(snapshot, user_id, features, now) if variant is None else []
-    in_variant_segment = (
-        variant is not None
-        and variant.rule is not None
-        and _in_segment(snapshot, variant.rule.segment, user_id, features)
-    )
+    competing = snapshot.rules if variant is None else variant.rules
+    usable = _usable_rules(snapshot, competing, user_id, features, now)
     decided: list[ItemDecision | None] = [None] * len(items)
     under_rule: dict[int, tuple[RuleDef, list[int]]] = {}
     reasons: list[tuple[str, ...]] = []
@@ -378,7 +377,7 @@ def decide(
         rule, rule_reason = (
             (None, Why.NO_PRICE if item.known else Why.UNKNOWN_ITEM)
             if item.price is None
-            else _rule_for(variant, in_variant_segment, open_rules, item, now)
+            else _rule_for(variant, usable, item)
         )
         if rule_reason is not None:
             why.append(rule_reason)

@@ -79,7 +79,7 @@ ASSIGN_KEYS = {
     "user_id",
     "bucket",
     "variant",
-    "rule",
+    "rules",
     "target_segment",
     "in_target",
     "served",
@@ -175,8 +175,8 @@ def test_admin_walk_through(db_url: str) -> None:
     )
     assert set(exp) == EXPERIMENT_KEYS and exp["status"] == "draft"
     assert exp["variants"] == [
-        {"name": "control", "weight": 50, "rule": None},
-        {"name": "treatment", "weight": 50, "rule": "new-tiered"},
+        {"name": "control", "weight": 50, "rules": []},
+        {"name": "treatment", "weight": 50, "rules": ["new-tiered"]},
     ]
     assert ok(db_url, "experiments start new-tiered-ab")["status"] == "running"
 
@@ -552,6 +552,19 @@ INVALID = [
         "is not an integer",
     ),
     (("experiments", "create", "ab2", "--variant", "a:50", "--variant", "a:50"), "unique"),
+    # A variant of several rules repeats NAME:WEIGHT with another RULE; anything else is refused.
+    (
+        (*AB2, "--variant", "b:40:tier"),
+        "--variant 'b:40:tier': variant 'b' was given weight 50 before",
+    ),
+    (
+        (*AB2[:-1], "b:50:tier", "--variant", "b:50:tier"),
+        "rule 'tier' is given twice for variant 'b'",
+    ),
+    (
+        (*AB2[:-1], "b:50:tier", "--variant", "b:50"),
+        "'b' is given twice; repeat a variant only to add a rule",
+    ),
     (
         ("experiments", "create", "ab2", "--variant", "a:50:nope", "--variant", "b:50"),
         "no rule named 'nope'",
@@ -1164,3 +1177,75 @@ def test_experiment_notes_name_rules_not_valid_yet_and_rules_held_or_released(db
     assert "rule 'later' prices as an ordinary rule again" not in moved.stderr  # f still holds it
     back = ctl(db_url, "experiments", "update", "g", "--variant", "c:50", "--variant", "t:50:later")
     assert "note: rule 'now' prices as an ordinary rule again" in back.stderr
+
+
+# Rule names with the characters a list in one --variant value would need as separators.
+NEW_20 = "new: 20%, first order"
+ALL_5 = "all: 5%"
+
+
+def test_a_variant_of_several_rules_is_written_by_repeating_it(db_url: str) -> None:
+    """A discount program (20 % for new customers, 5 % for everyone else) against its control:
+    each rule comes whole, colons and commas included, and show/list name them in the order
+    they compete (priority, then name)."""
+    ok(db_url, "segments create new-customers --where 'days_since_first_order < 30'")
+    ok(db_url, "segments create vip")
+    ok(db_url, f"rules create '{ALL_5}' --policy threshold --param t=0 --param d=5")
+    ok(
+        db_url,
+        f"rules create '{NEW_20}' --segment new-customers --priority 5 --policy threshold "
+        "--param t=0 --param d=20",
+    )
+    line = (
+        f"experiments create program --variant control:50 --variant 'program:50:{ALL_5}' "
+        f"--variant 'program:50:{NEW_20}'"
+    )
+    expected = [
+        {"name": "control", "weight": 50, "rules": []},
+        {"name": "program", "weight": 50, "rules": [NEW_20, ALL_5]},
+    ]
+    assert ok(db_url, line)["variants"] == expected
+    assert ok(db_url, "experiments show program")["variants"] == expected
+    assert ok(db_url, "experiments list")[0]["variants"] == expected
+    table = ctl(db_url, "experiments", "show", "program")
+    assert f"control:50, program:50({NEW_20}, {ALL_5})" in table.stdout
+    held = {r["name"]: r["held_by"] for r in ok(db_url, "rules list")}
+    assert held == {NEW_20: ["program"], ALL_5: ["program"]}
+    refused = ctl(db_url, "rules", "delete", ALL_5, "--yes")
+    assert refused.exit_code == 1 and "variant of experiment(s) 'program'" in refused.stderr
+    assigned = [ok(db_url, f"experiments assign program u{n}")["rules"] for n in range(20)]
+    assert [] in assigned and [NEW_20, ALL_5] in assigned
+    # Rules of segments alone: the arm holds users none of them prices.
+    ok(db_url, "rules create 'vip: 10%' --segment vip --policy threshold --param t=0 --param d=10")
+    program = ("--variant", f"program:50:{NEW_20}", "--variant", "program:50:vip: 10%")
+    narrower = ctl(db_url, "experiments", "update", "program", "--variant", "control:50", *program)
+    assert narrower.exit_code == 0, narrower.output
+    started = ctl(db_url, "experiments", "start", "program")
+    assert (
+        f"note: variant 'program' prices with rules '{NEW_20}', 'vip: 10%', which reach only "
+        "segment(s) 'new-customers', 'vip'; the variant's other users get no discount"
+    ) in started.stderr
+    # Disabling one rule leaves the variant its other one, and the note says so.
+    disabled = ctl(db_url, "rules", "disable", "vip: 10%")
+    assert (
+        "note: variant 'program' of running experiment 'program' prices with rule 'vip: 10%', "
+        f"which is now disabled: what it priced for the variant's users gets the variant's other "
+        f"rules ('{NEW_20}') where they apply, else no discount"
+    ) in disabled.stderr
+    # Among a variant's rules priority decides, so a change of it is noted too.
+    reordered = ctl(db_url, "rules", "update", NEW_20, "--priority", "-1")
+    assert f"prices with rule '{NEW_20}', whose priority changed" in reordered.stderr
+
+
+def test_a_variant_rule_not_valid_yet_names_the_variants_other_rules(db_url: str) -> None:
+    ctl(db_url, "rules", "create", "later", *TIER, "--valid-from", "2030-01-01T00:00:00Z")
+    ctl(db_url, "rules", "create", "now", *TIER)
+    ctl(db_url, "experiments", "create", "f", "--variant", "control:50", "--variant", "t:50:later",
+        "--variant", "t:50:now")  # fmt: skip
+    started = ctl(db_url, "experiments", "start", "f")
+    assert started.exit_code == 0, started.output
+    assert (
+        "note: variant 't' prices with rule 'later', valid only from 2030-01-01T00:00:00+00:00: "
+        "until then what it would price gets the variant's other rules ('now') where they "
+        "apply, else no discount"
+    ) in started.stderr

@@ -21,6 +21,7 @@ from sqlalchemy.engine import make_url
 from core.store import migrate
 from core.store.db import PG_SCHEMA, Store
 from core.store.errors import InvalidInput, SchemaOutOfDate
+from core.store.experiments import Experiments
 from core.store.tables import Base
 
 
@@ -149,6 +150,107 @@ def test_0004_keeps_the_latest_of_versions_a_race_left_active(store: Store) -> N
     with store.engine.connect() as conn:
         rows = conn.execute(text("SELECT version, status FROM model_versions ORDER BY version"))
         assert list(rows) == [("v1", "retired"), ("v2", "active"), ("v3", "retired")]
+
+
+def _variant_rules_of_0006(store: Store) -> None:
+    """Two rules and two experiments as revision 0006 holds them: a variant's one rule in
+    experiment_variants.rule_id, none for a control."""
+    at = {"t": datetime(2026, 11, 30, tzinfo=UTC)}
+    with store.engine.begin() as conn:
+        for name in ("r1", "r: 2, b"):
+            conn.execute(
+                text(
+                    "INSERT INTO rules (name, description, categories, item_ids, policy, params,"
+                    " max_discount_pct, min_margin_pct, priority, enabled, created_at,"
+                    " updated_at, version) VALUES (:name, '', '[]', '[]', 'threshold',"
+                    ' \'{"t": 0, "d": 5}\', 30, 0, 0, TRUE, :t, :t, 1)'
+                ),
+                {"name": name, **at},
+            )
+        rule = dict(conn.execute(text("SELECT name, id FROM rules")).all())
+        for key, variants in (
+            ("e1", [("control", None), ("t", rule["r1"])]),
+            ("e2", [("x", rule["r: 2, b"]), ("y", rule["r1"])]),
+        ):
+            conn.execute(
+                text(
+                    "INSERT INTO experiments (key, description, salt, status, created_at,"
+                    " updated_at, version) VALUES (:key, '', 's', 'draft', :t, :t, 1)"
+                ),
+                {"key": key, **at},
+            )
+            for position, (name, rule_id) in enumerate(variants):
+                conn.execute(
+                    text(
+                        "INSERT INTO experiment_variants (experiment_id, position, name, weight,"
+                        " rule_id) SELECT id, :position, :name, 50, :rule FROM experiments"
+                        " WHERE key = :key"
+                    ),
+                    {"position": position, "name": name, "rule": rule_id, "key": key},
+                )
+
+
+def _rule_of_each_variant(store: Store) -> list[tuple[str, str, str | None]]:
+    with store.engine.connect() as conn:
+        query = (
+            "SELECT e.key, v.name, r.name FROM experiment_variants v"
+            " JOIN experiments e ON e.id = v.experiment_id"
+            " LEFT JOIN rules r ON r.id = v.rule_id ORDER BY e.key, v.position"
+        )
+        return [(key, variant, rule) for key, variant, rule in conn.execute(text(query))]
+
+
+def test_0007_moves_each_variants_rule_to_the_variant_rules_and_back(store: Store) -> None:
+    migrate.upgrade(store, "0006")
+    _variant_rules_of_0006(store)
+    before = _rule_of_each_variant(store)
+    migrate.upgrade(store)
+    with store.transaction() as session:
+        variants = {
+            (e.key, v["name"]): v["rules"]
+            for e in Experiments(session).list_all()
+            for v in e.to_dict()["variants"]
+        }
+    assert variants == {
+        ("e1", "control"): [],
+        ("e1", "t"): ["r1"],
+        ("e2", "x"): ["r: 2, b"],
+        ("e2", "y"): ["r1"],
+    }
+    migrate.downgrade(store, "0006")
+    assert _rule_of_each_variant(store) == before
+
+
+def test_0007_downgrade_refuses_a_variant_of_several_rules_and_changes_nothing(
+    store: Store,
+) -> None:
+    migrate.upgrade(store, "0006")
+    _variant_rules_of_0006(store)
+    migrate.upgrade(store)
+    with store.engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO experiment_variant_rules (variant_id, rule_id) SELECT v.id, r.id"
+                " FROM experiment_variants v, rules r WHERE v.name = 't' AND r.name = 'r: 2, b'"
+            )
+        )
+    with pytest.raises(
+        InvalidInput,
+        match=r"cannot downgrade to '0006': variant\(s\) 't' of 'e1' \(2 rules\) price with "
+        r"several rules, which revision 0006 cannot hold",
+    ):
+        migrate.downgrade(store, "0006")
+    assert migrate.current_revision(store) == migrate.head_revision()
+    with store.engine.begin() as conn:
+        assert conn.scalar(text("SELECT COUNT(*) FROM experiment_variant_rules")) == 4
+        # The next test's fixture takes the store down to base: one rule per variant again.
+        conn.execute(
+            text(
+                "DELETE FROM experiment_variant_rules WHERE variant_id IN"
+                " (SELECT id FROM experiment_variants WHERE name = 't')"
+            )
+        )
+    migrate.downgrade(store, "base")
 
 
 def test_schema_check_refuses_a_store_that_is_not_at_head(store: Store) -> None:

@@ -23,7 +23,7 @@ weights_lists = st.lists(st.integers(0, 100), min_size=1, max_size=3).map(
 
 
 def snapshot(salt: str, weights: list[int]) -> Snapshot:
-    variants = tuple(VariantDef(f"v{i}", w, None) for i, w in enumerate(weights))
+    variants = tuple(VariantDef(f"v{i}", w) for i, w in enumerate(weights))
     return Snapshot(experiments=(ExperimentDef("exp", salt, variants),))
 
 
@@ -43,7 +43,7 @@ import json, sys
 from datetime import UTC, datetime
 from core.offers import ExperimentDef, Snapshot, VariantDef, decide
 salt, weights = sys.argv[1], json.loads(sys.argv[2])
-variants = tuple(VariantDef(f"v{i}", w, None) for i, w in enumerate(weights))
+variants = tuple(VariantDef(f"v{i}", w) for i, w in enumerate(weights))
 snap = Snapshot(experiments=(ExperimentDef("exp", salt, variants),))
 now = datetime(2026, 11, 28, tzinfo=UTC)
 print(json.dumps([decide(snap, f"user-{n}", {}, (), now).variant for n in range(300)]))

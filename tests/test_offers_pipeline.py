@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from core import policy
 from core.offers import (
     ExperimentDef,
+    ItemDecision,
     ItemInput,
     RuleDef,
     SegmentDef,
@@ -94,7 +95,7 @@ def test_guardrails_budgets_and_fail_closed_always_hold(
     ordered = tuple(sorted(rule_list, key=lambda r: -r.priority))
     experiments: tuple[ExperimentDef, ...] = ()
     if with_experiment and ordered:
-        variants = (VariantDef("control", 50, None), VariantDef("treat", 50, ordered[0]))
+        variants = (VariantDef("control", 50), VariantDef("treat", 50, (ordered[0],)))
         experiments = (ExperimentDef("ab", "salt", variants),)
     big = SegmentDef("big", 0, parse_condition({"feature": "lifetime_value", "op": ">=",
                                                  "value": 500}))  # fmt: skip
@@ -202,7 +203,7 @@ def test_a_variant_rule_prices_only_the_users_of_its_segment() -> None:
     big = SegmentDef("big", 0, parse_condition({"feature": "lifetime_value", "op": ">=",
                                                  "value": 500}))  # fmt: skip
     # Everyone in the treatment: the experiment has no target segment of its own.
-    experiment = ExperimentDef("ab", "salt", (VariantDef("treat", 100, vip_rule),))
+    experiment = ExperimentDef("ab", "salt", (VariantDef("treat", 100, (vip_rule,)),))
     snapshot = Snapshot((big,), (vip_rule,), (experiment,))
     shown = [ItemInput("x", "a", 10.0, 1.0, 1, 0.5)]
     [inside] = decide(snapshot, "u", {"lifetime_value": 600}, shown, NOW).items
@@ -372,3 +373,37 @@ def test_every_policy_keeps_guardrails_and_budgets_through_the_pipeline(
         remaining = rule.remaining()
         if remaining is not None:
             assert granted.get(rule.id, Decimal(0)) <= remaining
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rule_list=st.integers(0, 4).flatmap(lambda k: st.tuples(*[rules(n) for n in range(k)])),
+    priced=items(),
+    value=st.floats(0, 1000),
+    user=st.text(min_size=1, max_size=8),
+)
+def test_a_variants_rules_compete_for_each_item_as_open_rules_do(
+    rule_list: tuple[RuleDef, ...], priced: list[ItemInput], value: float, user: str
+) -> None:
+    """The same rules, open to everyone or held as one variant's set: every item gets the same
+    rule and the same price (priority, then name; segment, scope, window, budget)."""
+    ordered = sorted(rule_list, key=lambda r: (-r.priority, r.name))
+    open_rules = tuple(replace(r, experiment_only=False) for r in ordered)
+    held = tuple(replace(r, experiment_only=True) for r in ordered)
+    big = SegmentDef("big", 0, parse_condition({"feature": "lifetime_value", "op": ">=",
+                                                 "value": 500}))  # fmt: skip
+    features = {"lifetime_value": value}
+    plain = decide(Snapshot((big,), open_rules), user, features, priced, NOW)
+    program = ExperimentDef("ab", "salt", (VariantDef("program", 100, held),))
+    measured = decide(Snapshot((big,), held, (program,)), user, features, priced, NOW)
+    assert measured.variant == "program"
+    for a, b in zip(plain.items, measured.items, strict=True):
+        assert (a.rule and a.rule.name, a.priced) == (b.rule and b.rule.name, b.priced)
+        if b.rule is None and item_priced(b) and Why.NO_COST not in b.reasons:
+            why = Why.VARIANT_RULE_NOT_APPLICABLE if held else Why.VARIANT_NO_DISCOUNT
+            assert why in b.reasons
+
+
+def item_priced(d: ItemDecision) -> bool:
+    """Whether the pipeline looked for a rule for the item (the catalog gives its price)."""
+    return Why.NO_PRICE not in d.reasons and Why.UNKNOWN_ITEM not in d.reasons

@@ -195,6 +195,58 @@ def test_experiment_variants_follow_assignment(server: OfferServer, seeded: str)
     assert outside.experiment_key == "" and outside.variant == ""
 
 
+def test_a_variant_of_two_rules_prices_each_user_with_the_one_of_their_segment(
+    server: OfferServer, seeded: str
+) -> None:
+    """A discount program against its control: 20 % for new customers, 5 % for returning
+    ones, two rules in one variant; the control gets no discount."""
+    ctl(seeded, "rules", "disable", "tier")  # the regulars' ordinary rule: not what is measured
+    ctl(seeded, "segments", "create", "new", "--where", "days_since_first_order < 30")
+    ctl(seeded, "segments", "create", "returning", "--where", "days_since_first_order >= 30")
+    for name, segment, percent in (("new: 20%", "new", 20), ("returning: 5%", "returning", 5)):
+        ctl(seeded, "rules", "create", name, "--policy", "threshold", "--param", "t=-100",
+            "--param", f"d={percent}", "--segment", segment)  # fmt: skip
+    ctl(
+        seeded, "experiments", "create", "program", "--variant", "control:50",
+        "--variant", "program:50:new: 20%", "--variant", "program:50:returning: 5%",
+    )  # fmt: skip
+    ctl(seeded, "experiments", "start", "program")
+    arms: dict[str, str] = {}
+    for n in range(40):
+        user = f"user-{n}"
+        assigned = ctl(seeded, "experiments", "assign", "program", user, "--output", "json")
+        arms.setdefault(json.loads(assigned.stdout)["variant"], user)
+    new = {"days_since_first_order": "3"}
+    returning = {"days_since_first_order": "400"}
+
+    def offer(variant: str, context: dict[str, str]) -> pb.Offer:
+        request = pb.GetOffersRequest(user_id=arms[variant], limit=1, context=context)
+        response = server.stub.GetOffers(request)
+        assert (response.experiment_key, response.variant) == ("program", variant)
+        return response.offers[0]
+
+    eventually(lambda: server.stub.GetOffers(
+        pb.GetOffersRequest(user_id=arms["program"], limit=1)).variant, 5.0)  # fmt: skip
+    first, other = offer("program", new), offer("program", returning)
+    assert (first.discount_percent, first.final_price_cents) == (20, 800)
+    assert (other.discount_percent, other.final_price_cents) == (5, 950)
+    assert first.rule_id != other.rule_id
+    assert "EXPERIMENT_VARIANT" in other.reason_codes
+    for context in (new, returning):
+        control = offer("control", context)
+        assert (control.discount_percent, control.final_price_cents) == (0, 1000)
+        assert "VARIANT_NO_DISCOUNT" in control.reason_codes
+    # Both rules are held: outside the experiment nobody gets them as ordinary rules.
+    ctl(seeded, "experiments", "pause", "program")
+    paused = eventually(
+        lambda: (r := server.stub.GetOffers(pb.GetOffersRequest(
+            user_id=arms["program"], limit=1, context=new))).variant == "" and r,
+        5.0,
+    )  # fmt: skip
+    assert paused.offers[0].final_price_cents == 1000
+    assert "RULE_HELD_BY_EXPERIMENT" in paused.offers[0].reason_codes
+
+
 def test_verify_offer_valid_tampered_expired(server: OfferServer) -> None:
     offer = server.stub.GetOffers(pb.GetOffersRequest(user_id="user-0", limit=1)).offers[0]
     verdict = server.stub.VerifyOffer(pb.VerifyOfferRequest(offer_token=offer.offer_token))

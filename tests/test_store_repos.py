@@ -169,9 +169,7 @@ def test_keys_ending_in_a_newline_are_refused(
     store: Store, key: str, variant: str, fragment: str
 ) -> None:
     with pytest.raises(InvalidInput) as info, store.transaction() as s:
-        Experiments(s, "t").create(
-            key, [VariantSpec(variant, 50, None), VariantSpec("t", 50, None)]
-        )
+        Experiments(s, "t").create(key, [VariantSpec(variant, 50), VariantSpec("t", 50)])
     assert fragment in str(info.value)
     assert _audit_count(store) == 0
 
@@ -187,7 +185,7 @@ def test_names_with_characters_that_are_not_printable_are_refused(store: Store, 
 
 @pytest.mark.parametrize("salt", ["", " ", "a b", "salt\n", "a\u2028b", "x" * 65])
 def test_salts_that_cannot_be_typed_back_are_refused(store: Store, salt: str) -> None:
-    arms = [VariantSpec("a", 50, None), VariantSpec("b", 50, None)]
+    arms = [VariantSpec("a", 50), VariantSpec("b", 50)]
     with pytest.raises(InvalidInput, match=r"salt .* must be 1-64 printable characters"):  # noqa: SIM117
         with store.transaction() as s:
             Experiments(s, "t").create("ab", arms, salt=salt)
@@ -196,7 +194,7 @@ def test_salts_that_cannot_be_typed_back_are_refused(store: Store, salt: str) ->
 
 @pytest.mark.parametrize("weights", [(0, 100), (50, 50, 0)])
 def test_a_variant_nobody_is_assigned_to_is_refused(store: Store, weights: tuple[int, ...]) -> None:
-    arms = [VariantSpec(f"v{i}", w, None) for i, w in enumerate(weights)]
+    arms = [VariantSpec(f"v{i}", w) for i, w in enumerate(weights)]
     with pytest.raises(InvalidInput, match="weight 0: nobody would be assigned"):  # noqa: SIM117
         with store.transaction() as s:
             Experiments(s, "t").create("ab", arms)
@@ -253,13 +251,13 @@ def test_experiment_lifecycle(store: Store) -> None:
     with store.transaction() as s:
         Rules(s, "t").create("tier", "tiered_topk", TIERED)
         Experiments(s, "t").create(
-            "ab", [VariantSpec("control", 50, None), VariantSpec("treatment", 50, "tier")]
+            "ab", [VariantSpec("control", 50), VariantSpec("treatment", 50, ("tier",))]
         )
     with store.transaction() as s:
         e = Experiments(s, "t")
         assert e.transition("ab", "start").status == "running"
         with pytest.raises(InvalidInput, match="can change only while it is a draft"):
-            e.update("ab", variants=[VariantSpec("a", 100, None), VariantSpec("b", 0, None)])
+            e.update("ab", variants=[VariantSpec("a", 100), VariantSpec("b", 0)])
         assert e.transition("ab", "pause").status == "paused"
         assert e.transition("ab", "start").status == "running"
         stopped = e.transition("ab", "stop")
@@ -275,8 +273,8 @@ def test_experiment_lifecycle(store: Store) -> None:
 def test_a_draft_an_earlier_build_stopped_can_still_be_deleted(store: Store) -> None:
     """Earlier builds let a draft be stopped; it never ran, so it holds no record to keep."""
     with store.transaction() as s:
-        Experiments(s, "t").create("old", [VariantSpec("a", 50, None), VariantSpec("b", 50, None)])
-        Experiments(s, "t").create("ran", [VariantSpec("a", 50, None), VariantSpec("b", 50, None)])
+        Experiments(s, "t").create("old", [VariantSpec("a", 50), VariantSpec("b", 50)])
+        Experiments(s, "t").create("ran", [VariantSpec("a", 50), VariantSpec("b", 50)])
     with store.transaction() as s:
         e = Experiments(s, "t")
         e.get("old").status = "stopped"  # as such a build left it
@@ -290,11 +288,9 @@ def test_a_draft_an_earlier_build_stopped_can_still_be_deleted(store: Store) -> 
 
 def test_draft_variants_can_be_replaced(store: Store) -> None:
     with store.transaction() as s:
-        Experiments(s, "t").create("ab", [VariantSpec("a", 50, None), VariantSpec("b", 50, None)])
+        Experiments(s, "t").create("ab", [VariantSpec("a", 50), VariantSpec("b", 50)])
     with store.transaction() as s:
-        e = Experiments(s, "t").update(
-            "ab", variants=[VariantSpec("b", 20, None), VariantSpec("c", 80, None)]
-        )
+        e = Experiments(s, "t").update("ab", variants=[VariantSpec("b", 20), VariantSpec("c", 80)])
         assert [(v.name, v.weight) for v in e.variants] == [("b", 20), ("c", 80)]
 
 
@@ -303,7 +299,7 @@ def test_assign_checks_member_list_targets(store: Store) -> None:
         Segments(s, "t").create("vip", None)
         Segments(s, "t").import_members("vip", ["007", "42"])
         Experiments(s, "t").create(
-            "ab", [VariantSpec("a", 50, None), VariantSpec("b", 50, None)], target_segment="vip"
+            "ab", [VariantSpec("a", 50), VariantSpec("b", 50)], target_segment="vip"
         )
         Experiments(s, "t").transition("ab", "start")
     with store.transaction() as s:
@@ -381,7 +377,7 @@ def test_an_update_that_changes_nothing_is_not_a_new_version(store: Store) -> No
     with store.transaction() as s:
         assert (Rules(s).get("r").version, Segments(s).get("seg").version) == (2, 2)
     assert _audit_count(store) == before + 2
-    arms = [VariantSpec("control", 50, None), VariantSpec("treatment", 50, "r")]
+    arms = [VariantSpec("control", 50), VariantSpec("treatment", 50, ("r",))]
     with store.transaction() as s:
         Experiments(s, "t").create("ab", arms)
     before = _audit_count(store)

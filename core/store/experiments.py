@@ -16,7 +16,7 @@ from core.store import audit, validate
 from core.store.errors import Conflict, InvalidInput, NotFound
 from core.store.rules import Rules
 from core.store.segments import Segments, check_version
-from core.store.tables import Experiment, Rule, Segment, Variant, utcnow
+from core.store.tables import Experiment, Rule, Segment, Variant, VariantRule, utcnow
 
 # status -> the statuses a command may move it to
 TRANSITIONS = {
@@ -35,7 +35,7 @@ START_LOCK = int.from_bytes(b"expstart", "big")
 class VariantSpec:
     name: str
     weight: int
-    rule: str | None  # a rule name; None means no discount
+    rules: tuple[str, ...] = ()  # rule names; none means no discount
 
 
 class Experiments:
@@ -170,24 +170,23 @@ class Experiments:
             # Read again and held (FOR SHARE) to the commit: a rule disabled at the same moment
             # is seen here and refused, or its `rules disable` waits and then notes this
             # experiment's variant, instead of neither seeing the other.
-            rule_ids = {v.rule_id for v in experiment.variants if v.rule_id is not None}
+            rule_ids = {r.id for v in experiment.variants for r in v.rules}
             self.session.scalars(
                 select(Rule)
                 .where(Rule.id.in_(rule_ids))
                 .with_for_update(read=True, of=Rule)
                 .execution_options(populate_existing=True)
             ).all()
-            for v in experiment.variants:
-                rule = v.rule
-                if rule is not None and not rule.enabled:
+            for variant, rule in [(v, r) for v in experiment.variants for r in v.in_order()]:
+                if not rule.enabled:
                     raise InvalidInput(
-                        f"variant {v.name!r} uses rule {rule.name!r}, which is disabled; "
+                        f"variant {variant.name!r} uses rule {rule.name!r}, which is disabled; "
                         f"enable it first (`discountctl rules enable {rule.name}`)"
                     )
-                if rule is not None and rule.valid_until is not None and rule.valid_until <= now:
+                if rule.valid_until is not None and rule.valid_until <= now:
                     raise InvalidInput(
-                        f"variant {v.name!r} uses rule {rule.name!r}, whose validity ended at "
-                        f"{rule.valid_until.isoformat()}; extend it first "
+                        f"variant {variant.name!r} uses rule {rule.name!r}, whose validity ended "
+                        f"at {rule.valid_until.isoformat()}; extend it first "
                         f"(`discountctl rules update {rule.name} --valid-until TIME`)"
                     )
         before = experiment.to_dict()
@@ -232,15 +231,16 @@ class Experiments:
         )
         return before
 
-    def running_variants_of(self, rule: Rule) -> list[tuple[str, str]]:
-        """(experiment key, variant name) of every running experiment's variant priced by rule."""
+    def running_variants_of(self, rule: Rule) -> list[tuple[str, Variant]]:
+        """(experiment key, variant) of every running experiment's variant priced by rule."""
         query = (
-            select(Experiment.key, Variant.name)
+            select(Experiment.key, Variant)
             .join(Variant)
-            .where(Variant.rule_id == rule.id, Experiment.status == "running")
+            .join(VariantRule)
+            .where(VariantRule.rule_id == rule.id, Experiment.status == "running")
             .order_by(Experiment.key, Variant.position)
         )
-        return [(key, name) for key, name in self.session.execute(query)]
+        return [(key, variant) for key, variant in self.session.execute(query)]
 
     def running_variants_scoped_by(self, segment: Segment) -> list[tuple[str, str, str]]:
         """(experiment key, variant name, rule name) of every running experiment's variant
@@ -249,7 +249,8 @@ class Experiments:
             select(Experiment.key, Variant.name, Rule.name)
             .select_from(Experiment)
             .join(Variant, Variant.experiment_id == Experiment.id)
-            .join(Rule, Rule.id == Variant.rule_id)
+            .join(VariantRule, VariantRule.variant_id == Variant.id)
+            .join(Rule, Rule.id == VariantRule.rule_id)
             .where(Rule.segment_id == segment.id, Experiment.status == "running")
             .order_by(Rule.name, Experiment.key, Variant.position)
         )
@@ -285,7 +286,7 @@ class Experiments:
             "user_id": user_id,
             "bucket": bucket(experiment.salt, user_id),
             "variant": chosen.name,
-            "rule": chosen.rule.name if chosen.rule is not None else None,
+            "rules": [r.name for r in chosen.in_order()],
             "target_segment": segment.name if segment is not None else None,
             "in_target": in_target,
             # Whether the server gives this user the variant now: running, in the target, and
@@ -304,23 +305,23 @@ class Experiments:
         """Rule id → keys of the experiments not yet stopped whose variants price with it: such
         a rule prices only through them (core.offers.RuleDef.experiment_only)."""
         query = (
-            select(Variant.rule_id, Experiment.key)
+            select(VariantRule.rule_id, Experiment.key)
+            .join(Variant, Variant.id == VariantRule.variant_id)
             .join(Experiment, Experiment.id == Variant.experiment_id)
-            .where(Experiment.status != "stopped", Variant.rule_id.is_not(None))
+            .where(Experiment.status != "stopped")
             .distinct()
             .order_by(Experiment.key)
         )
         held: dict[int, list[str]] = {}
         for rule_id, key in self.session.execute(query):
-            if rule_id is not None:
-                held.setdefault(rule_id, []).append(key)
+            held.setdefault(rule_id, []).append(key)
         return held
 
     def rules_only_of(self, experiment: Experiment) -> list[Rule]:
         """The rules of experiment's variants that no other experiment not yet stopped prices
         with: whether they are ordinary rules follows this experiment's state alone."""
         held = self.holders()
-        rules = {v.rule.id: v.rule for v in experiment.variants if v.rule is not None}
+        rules = {r.id: r for v in experiment.variants for r in v.rules}
         return sorted(
             (r for i, r in rules.items() if set(held.get(i, ())) <= {experiment.key}),
             key=lambda r: r.name,
@@ -375,6 +376,13 @@ class Experiments:
                 f"variant(s) {', '.join(map(repr, empty))} have weight 0: nobody would be "
                 "assigned to them; give every variant a weight of at least 1, or leave it out"
             )
+        for s in specs:
+            twice = sorted({r for r in s.rules if s.rules.count(r) > 1})
+            if twice:
+                raise InvalidInput(
+                    f"variant {s.name!r} names rule(s) {', '.join(map(repr, twice))} more than "
+                    "once; name each rule of a variant once"
+                )
         rules = Rules(self.session)
         return [
             Variant(
@@ -382,7 +390,7 @@ class Experiments:
                 name=s.name,
                 weight=s.weight,
                 # Locked against a `rules delete` at the same moment (core.store.segments.locked).
-                rule=None if s.rule is None else rules.get(s.rule, for_reference=True),
+                rules=[rules.get(r, for_reference=True) for r in s.rules],
             )
             for i, s in enumerate(specs)
         ]

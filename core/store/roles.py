@@ -20,6 +20,7 @@ SERVER_READS = (
     "rules",
     "experiments",
     "experiment_variants",
+    "experiment_variant_rules",
     "model_versions",
     "clients",
     "offers",

@@ -14,7 +14,7 @@ from core.policy import Guardrails, PolicyError, check_draws, validate_params
 from core.store import audit, validate
 from core.store.errors import Conflict, InvalidInput, NotFound
 from core.store.segments import Segments, check_version, locked
-from core.store.tables import Experiment, Rule, Variant, utcnow
+from core.store.tables import Experiment, Rule, Variant, VariantRule, tried_order, utcnow
 
 DEFAULTS: dict[str, Any] = {
     "description": "",
@@ -56,9 +56,8 @@ class Rules:
         return rule
 
     def list_all(self) -> list[Rule]:
-        """In the order they are tried (docs/OFFERS.md): the largest priority first, equal ones
-        by name in code-point order (as Segments.list_all explains)."""
-        return sorted(self.session.scalars(select(Rule)), key=lambda r: (-r.priority, r.name))
+        """In the order they are tried (tables.tried_order)."""
+        return sorted(self.session.scalars(select(Rule)), key=tried_order)
 
     def create(self, name: str, policy: str, params: object, **fields: Any) -> Rule:
         """fields: any of DEFAULTS' keys; ``segment`` is a segment name."""
@@ -130,7 +129,11 @@ class Rules:
         check_version("rule", name, rule.version, expected_version)
         used_by = list(
             self.session.scalars(
-                select(Experiment.key).join(Variant).where(Variant.rule_id == rule.id).distinct()
+                select(Experiment.key)
+                .join(Variant)
+                .join(VariantRule)
+                .where(VariantRule.rule_id == rule.id)
+                .distinct()
             )
         )
         if used_by:

@@ -186,7 +186,7 @@ def load_snapshot(session: Session, now: datetime, held: Held | None = None) -> 
             e.key,
             e.salt,
             tuple(
-                VariantDef(v.name, v.weight, None if v.rule_id is None else rules[v.rule_id])
+                VariantDef(v.name, v.weight, tuple(rules[r.id] for r in v.in_order()))
                 for v in e.variants
             ),
             e.target_segment.name if e.target_segment is not None else None,

@@ -201,6 +201,12 @@ class Rule(Versioned, Base):
         }
 
 
+def tried_order(rule: Rule) -> tuple[int, str]:
+    """The order in which rules compete for an item (docs/OFFERS.md): the largest priority
+    first, equal ones by name in code-point order (as Segments.list_all explains)."""
+    return (-rule.priority, rule.name)
+
+
 class Experiment(Versioned, Base):
     __tablename__ = "experiments"
     __table_args__ = (
@@ -262,20 +268,36 @@ class Variant(Base):
     position: Mapped[int] = mapped_column(Integer)
     name: Mapped[str] = mapped_column(String(64))
     weight: Mapped[int] = mapped_column(Integer)
-    # No rule: this variant gets no discount (a control, usually).
-    rule_id: Mapped[int | None] = mapped_column(
-        ForeignKey("rules.id", ondelete="RESTRICT"), index=True
-    )
 
     experiment: Mapped[Experiment] = relationship(back_populates="variants")
-    rule: Mapped[Rule | None] = relationship(lazy="joined")
+    # The rules the variant prices with, competing per item as open rules do (core.offers); none:
+    # this variant gets no discount (a control, usually). Unordered here: see in_order.
+    rules: Mapped[list[Rule]] = relationship(secondary="experiment_variant_rules", lazy="selectin")
+
+    def in_order(self) -> list[Rule]:
+        """The variant's rules in the order they are tried."""
+        return sorted(self.rules, key=tried_order)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "weight": self.weight,
-            "rule": self.rule.name if self.rule is not None else None,
+            "rules": [r.name for r in self.in_order()],
         }
+
+
+class VariantRule(Base):
+    """A rule of a variant (migration 0007: before it, a variant held at most one)."""
+
+    __tablename__ = "experiment_variant_rules"
+
+    variant_id: Mapped[int] = mapped_column(
+        ForeignKey("experiment_variants.id", ondelete="CASCADE"), primary_key=True
+    )
+    # RESTRICT: a rule an experiment measures stays as long as the experiment's record does.
+    rule_id: Mapped[int] = mapped_column(
+        ForeignKey("rules.id", ondelete="RESTRICT"), primary_key=True, index=True
+    )
 
 
 class ModelVersion(Base):
