@@ -516,6 +516,9 @@ def _floor_bound_percent(base: Decimal, floor: Decimal) -> Decimal:
     return smallest.quantize(CENT, rounding=ROUND_CEILING, context=_EXACT)
 
 
+# Items in a price_items call from which it keeps what the guardrails gave a price and cost.
+_REMEMBER_FROM = 256
+
 # An item's base price in cents, the percent shown, the final price and the reasons the
 # guardrails add, from its policy's percent, base price and cost.
 _Guarded = tuple[Decimal, Decimal, Decimal, tuple[Reason, ...]]
@@ -526,7 +529,10 @@ class _Guard:
     and cost it keeps for the call's other items: a log of 960,000 offers holds a few hundred
     items, and pricing each afresh was most of the time `estimate-policy` took."""
 
-    def __init__(self, rule: Rule) -> None:
+    def __init__(self, rule: Rule, remember: bool) -> None:
+        # Remembering costs hashing Decimals: twice the time of a GetOffers answer's few
+        # different items, where it finds nothing to reuse.
+        self.remember = remember
         self.limits = rule.guardrails
         # The guardrails as pricing uses them.
         self.max_pct = _percent_down(rule.guardrails.max_discount_pct)
@@ -538,7 +544,7 @@ class _Guard:
     def price(self, item: Candidate, proposal: _Proposal) -> PricedItem:
         """One item under its policy's proposal."""
         proposed, policy_reasons, drawn_from = proposal
-        if proposed > 0 and item.base_price > 0:
+        if self.remember and proposed > 0 and item.base_price > 0:
             # Both positive, the outcome depends on their values alone (at 0 it could be -0.00,
             # which a kept 0.00 would not show). Kept under the policy's percent, which most
             # policies repeat as one object whose hash Python keeps, and under the percent
@@ -562,10 +568,11 @@ class _Guard:
 
     def outcome(self, proposed: Decimal, base_price: Decimal, cost: Decimal) -> _Guarded:
         """A policy's percent for an item at base_price and cost, under the guardrails."""
-        base = self.bases.get(base_price) if base_price > 0 else None
+        keep = self.remember and base_price > 0
+        base = self.bases.get(base_price) if keep else None
         if base is None:
             base = to_cents(base_price)
-            if base_price > 0:
+            if keep:
                 self.bases[base_price] = base
         pct = _percent_down(proposed)
         reasons = []
@@ -575,9 +582,11 @@ class _Guard:
         final = base
         if pct > 0:
             # A floor is compared, never shown: the cost's value is all it depends on.
-            floor = self.floors.get(cost)
+            floor = self.floors.get(cost) if self.remember else None
             if floor is None:
-                floor = self.floors[cost] = _floor(cost, self.floor_factor)
+                floor = _floor(cost, self.floor_factor)
+                if self.remember:
+                    self.floors[cost] = floor
             final = price_after(base, pct)
             if floor > base:
                 pct, final = Decimal(0), base
@@ -622,7 +631,7 @@ def price_items(
         if rule.policy == "randomized"
         else _PROPOSERS[rule.policy]
     )
-    guard = _Guard(rule)
+    guard = _Guard(rule, remember=len(items) >= _REMEMBER_FROM)
     proposals = propose(rule, items)
     return [guard.price(item, proposal) for item, proposal in zip(items, proposals, strict=True)]
 
