@@ -324,6 +324,8 @@ class PricedItem:
 # unless drawn; its propensity is 1 over their number).
 _Proposal = tuple[Decimal, tuple[str, ...], tuple[Decimal, ...]]
 _PolicyFn = Callable[[Rule, Candidate], _Proposal]
+# A policy's proposals for the items of one call, in their order.
+_Proposer = Callable[[Rule, Sequence[Candidate]], list[_Proposal]]
 # A `randomized` rule's draw for an item (by id): an index in [0, n), each equally likely.
 Draw = Callable[[str, int], int]
 
@@ -407,33 +409,63 @@ def uplift_code(uplift: float) -> str:
     return f"EXPECTED_UPLIFT_CENTS={round(uplift * 100)}"
 
 
-def _optimal_discount(rule: Rule, item: Candidate) -> _Proposal:
-    if item.score is None or not math.isfinite(item.score):
-        return Decimal(0), (Reason.NO_SCORE,), ()
+def _optimal_discounts(rule: Rule, items: Sequence[Candidate]) -> list[_Proposal]:
+    """Each item's `optimal` proposal, chosen for all the items the model answered for in one
+    call of core.optimal.choose (row by row, so each is what it is alone): a call per item was
+    most of the time a 960,000-offer `estimate-policy` took to price such a rule."""
     choices = grid_choices(rule.params)
-    probability = item.purchase_probability
-    # A NaN would win argmax and make the uplift code raise; a value outside [0, 1] is no
-    # probability either: without a usable answer from the model, no discount.
-    if (
-        probability is None
-        or len(probability) != len(choices)
-        or not all(0 <= p <= 1 for p in probability)
-    ):
-        return Decimal(0), (Reason.NO_RESPONSE_MODEL,), ()
-    base, cost = to_cents(item.base_price), to_cents(item.cost)
-    # The floor from the catalog's cost as _price_one computes it, not the cost rounded to cents:
-    # a choice allowed against a lower floor would be moved off the grid by the floor guardrail.
-    allowed = allowed_percents(base, item.cost, choices, rule.guardrails)
+    proposals: list[_Proposal] = []
+    answered: list[int] = []  # the positions of the items the model prices
+    for n, item in enumerate(items):
+        probability = item.purchase_probability
+        if item.score is None or not math.isfinite(item.score):
+            proposals.append((Decimal(0), (Reason.NO_SCORE,), ()))
+        # A NaN would win argmax and make the uplift code raise; a value outside [0, 1] is no
+        # probability either: without a usable answer from the model, no discount.
+        elif (
+            probability is None
+            or len(probability) != len(choices)
+            or not all(0 <= p <= 1 for p in probability)
+        ):
+            proposals.append((Decimal(0), (Reason.NO_RESPONSE_MODEL,), ()))
+        else:
+            proposals.append((Decimal(0), (), ()))  # chosen below
+            answered.append(n)
+    if not answered:
+        return proposals
+    # What an item's choice reads of its price and cost depends on their values alone (both
+    # positive: a 0 could be -0.0), and a log repeats them.
+    known: dict[tuple[Decimal, Decimal], tuple[float, float, list[bool]]] = {}
+    rows, bases, costs, allowed = [], [], [], []
+    for n in answered:
+        item = items[n]
+        key = (item.base_price, item.cost)
+        money = known.get(key)
+        if money is None:
+            base = to_cents(item.base_price)
+            # The floor from the catalog's cost as _Guard computes it, not the cost rounded to
+            # cents: a choice allowed against a lower floor would be moved off the grid by the
+            # floor guardrail.
+            ok = allowed_percents(base, item.cost, choices, rule.guardrails)
+            money = (float(base), float(to_cents(item.cost)), ok)
+            if item.base_price > 0 and item.cost > 0:
+                known[key] = money
+        rows.append(item.purchase_probability)
+        bases.append(money[0])
+        costs.append(money[1])
+        allowed.append(money[2])
     picked = choose(
-        np.array([probability], dtype=np.float64),
-        np.array([float(base)]),
-        np.array([float(cost)]),
+        np.array(rows, dtype=np.float64),
+        np.array(bases),
+        np.array(costs),
         [float(p) / 100 for p in choices],
-        np.array([allowed]),
+        np.array(allowed),
     )
-    column = int(picked.column[0])
-    uplift = uplift_code(float(picked.uplift[0]))
-    return choices[column], (Reason.POLICY_OPTIMAL, uplift), ()
+    for n, column, uplift in zip(
+        answered, picked.column.tolist(), picked.uplift.tolist(), strict=True
+    ):
+        proposals[n] = (choices[column], (Reason.POLICY_OPTIMAL, uplift_code(uplift)), ())
+    return proposals
 
 
 def _randomized_discount(rule: Rule, item: Candidate, draw: Draw) -> _Proposal:
@@ -446,11 +478,16 @@ def _randomized_discount(rule: Rule, item: Candidate, draw: Draw) -> _Proposal:
     return drawn, (Reason.POLICY_RANDOMIZED, f"CHOICES={len(open_)}"), tuple(open_)
 
 
-_POLICY_FNS: dict[str, _PolicyFn] = {
-    "tiered_topk": _tiered_topk_discount,
-    "threshold": _threshold_discount,
-    "linear": _linear_discount,
-    "optimal": _optimal_discount,
+def _each(propose: _PolicyFn) -> _Proposer:
+    """A policy that proposes for one item at a time, in the items' order."""
+    return lambda rule, items: [propose(rule, item) for item in items]
+
+
+_PROPOSERS: dict[str, _Proposer] = {
+    "tiered_topk": _each(_tiered_topk_discount),
+    "threshold": _each(_threshold_discount),
+    "linear": _each(_linear_discount),
+    "optimal": _optimal_discounts,
 }
 
 
@@ -479,38 +516,89 @@ def _floor_bound_percent(base: Decimal, floor: Decimal) -> Decimal:
     return smallest.quantize(CENT, rounding=ROUND_CEILING, context=_EXACT)
 
 
-def _price_one(
-    rule: Rule, propose: _PolicyFn, item: Candidate, max_pct: Decimal, floor_factor: Decimal
-) -> PricedItem:
-    """One item under rule, whose policy is propose; max_pct and floor_factor are the rule's
-    guardrails as pricing uses them (_percent_down of the maximum, _floor_factor of the margin),
-    computed once a call."""
-    _check_candidate(item)
-    base = to_cents(item.base_price)
-    proposed, policy_reasons, drawn_from = propose(rule, item)
-    reasons = list(policy_reasons)
-    pct = _percent_down(proposed)
-    if pct > rule.guardrails.max_discount_pct:
-        pct = max_pct
-        reasons.append(Reason.GUARDRAIL_MAX_DISCOUNT)
-    final = base
-    if pct > 0:
-        floor = _floor(item.cost, floor_factor)
-        final = price_after(base, pct)
-        if floor > base:
-            pct, final = Decimal(0), base
-            reasons.append(Reason.LOSS_LEADER_NO_DISCOUNT)
-        elif final < floor:
-            pct = _floor_bound_percent(base, floor)
+# Items in a price_items call from which it keeps what the guardrails gave a price and cost.
+_REMEMBER_FROM = 256
+
+# An item's base price in cents, the percent shown, the final price and the reasons the
+# guardrails add, from its policy's percent, base price and cost.
+_Guarded = tuple[Decimal, Decimal, Decimal, tuple[Reason, ...]]
+
+
+class _Guard:
+    """A rule's guardrails for the items of one price_items call. What it works out for a price
+    and cost it keeps for the call's other items: a log of 960,000 offers holds a few hundred
+    items, and pricing each afresh was most of the time `estimate-policy` took."""
+
+    def __init__(self, rule: Rule, remember: bool) -> None:
+        # Remembering costs hashing Decimals: twice the time of a GetOffers answer's few
+        # different items, where it finds nothing to reuse.
+        self.remember = remember
+        self.limits = rule.guardrails
+        # The guardrails as pricing uses them.
+        self.max_pct = _percent_down(rule.guardrails.max_discount_pct)
+        self.floor_factor = _floor_factor(rule.guardrails.min_margin_pct)
+        self.seen: dict[tuple[Decimal, Decimal, Decimal], _Guarded] = {}
+        self.bases: dict[Decimal, Decimal] = {}
+        self.floors: dict[Decimal, Decimal] = {}
+
+    def price(self, item: Candidate, proposal: _Proposal) -> PricedItem:
+        """One item under its policy's proposal."""
+        proposed, policy_reasons, drawn_from = proposal
+        if self.remember and proposed > 0 and item.base_price > 0:
+            # Both positive, the outcome depends on their values alone (at 0 it could be -0.00,
+            # which a kept 0.00 would not show). Kept under the policy's percent, which most
+            # policies repeat as one object whose hash Python keeps, and under the percent
+            # rounded, which repeats where a `linear` one, new each time, does not.
+            key = (proposed, item.base_price, item.cost)
+            guarded = self.seen.get(key)
+            if guarded is None:
+                pct = _percent_down(proposed)
+                rounded = (pct, item.base_price, item.cost)
+                guarded = self.seen.get(rounded)
+                if guarded is None:
+                    guarded = self.seen[rounded] = self.outcome(pct, item.base_price, item.cost)
+                self.seen[key] = guarded
+        else:
+            guarded = self.outcome(proposed, item.base_price, item.cost)
+        base, pct, final, reasons = guarded
+        propensity = 1 / len(drawn_from) if drawn_from else 1.0
+        return PricedItem(
+            item.item_id, base, pct, final, (*policy_reasons, *reasons), propensity, drawn_from
+        )
+
+    def outcome(self, proposed: Decimal, base_price: Decimal, cost: Decimal) -> _Guarded:
+        """A policy's percent for an item at base_price and cost, under the guardrails."""
+        keep = self.remember and base_price > 0
+        base = self.bases.get(base_price) if keep else None
+        if base is None:
+            base = to_cents(base_price)
+            if keep:
+                self.bases[base_price] = base
+        pct = _percent_down(proposed)
+        reasons = []
+        if pct > self.limits.max_discount_pct:
+            pct = self.max_pct
+            reasons.append(Reason.GUARDRAIL_MAX_DISCOUNT)
+        final = base
+        if pct > 0:
+            # A floor is compared, never shown: the cost's value is all it depends on.
+            floor = self.floors.get(cost) if self.remember else None
+            if floor is None:
+                floor = _floor(cost, self.floor_factor)
+                if self.remember:
+                    self.floors[cost] = floor
             final = price_after(base, pct)
-            reasons.append(Reason.GUARDRAIL_MARGIN_FLOOR)
-    if pct > 0 and final == base:
-        pct = Decimal(0)
-        reasons.append(Reason.ROUNDED_TO_NO_DISCOUNT)
-    propensity = 1 / len(drawn_from) if drawn_from else 1.0
-    return PricedItem(
-        item.item_id, base, pct.quantize(CENT), final, tuple(reasons), propensity, drawn_from
-    )
+            if floor > base:
+                pct, final = Decimal(0), base
+                reasons.append(Reason.LOSS_LEADER_NO_DISCOUNT)
+            elif final < floor:
+                pct = _floor_bound_percent(base, floor)
+                final = price_after(base, pct)
+                reasons.append(Reason.GUARDRAIL_MARGIN_FLOOR)
+        if pct > 0 and final == base:
+            pct = Decimal(0)
+            reasons.append(Reason.ROUNDED_TO_NO_DISCOUNT)
+        return base, pct.quantize(CENT), final, tuple(reasons)
 
 
 def no_discount(item: Candidate, reason: Reason = Reason.NO_RULE) -> PricedItem:
@@ -535,14 +623,17 @@ def price_items(
     """
     if rule is None:
         return [no_discount(item) for item in items]
-    max_pct = _percent_down(rule.guardrails.max_discount_pct)
-    floor_factor = _floor_factor(rule.guardrails.min_margin_pct)
+    items = list(items)
+    for item in items:
+        _check_candidate(item)
     propose = (
-        functools.partial(_randomized_discount, draw=draw)
+        _each(functools.partial(_randomized_discount, draw=draw))
         if rule.policy == "randomized"
-        else _POLICY_FNS[rule.policy]
+        else _PROPOSERS[rule.policy]
     )
-    return [_price_one(rule, propose, item, max_pct, floor_factor) for item in items]
+    guard = _Guard(rule, remember=len(items) >= _REMEMBER_FROM)
+    proposals = propose(rule, items)
+    return [guard.price(item, proposal) for item, proposal in zip(items, proposals, strict=True)]
 
 
 def apply_budget(items: Sequence[PricedItem], remaining: Decimal | None) -> list[PricedItem]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from decimal import Decimal
 from fractions import Fraction
 from typing import Any
@@ -591,6 +592,36 @@ def test_under_a_budget_no_discount_is_as_likely_as_the_choices_that_show_none()
     granted, withdrawn = apply_budget(fifty, Decimal("6.00"))
     assert (granted.discount_pct, granted.propensity) == (Decimal("50.00"), 1 / 3)
     assert (withdrawn.discount_pct, withdrawn.propensity) == (Decimal("0.00"), 2 / 3)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_a_batch_is_priced_as_each_of_its_items_alone(data: st.DataObject) -> None:
+    """GetOffers prices a request's items together and estimate-policy a whole log at once:
+    work shared across items (an `optimal` rule's choice, the guardrails of a price, cost and
+    percent seen before) leaves every offer as it would be priced alone, to the sign and digits
+    of each Decimal (repr, where == would call 0.00 and -0.00 one)."""
+    rule = data.draw(any_rule())
+    items = data.draw(any_candidates(rule))
+    others = data.draw(any_candidates(rule))
+    # The items' prices again under other ranks, scores and answers, with their costs and not.
+    batch = [
+        *items,
+        *(
+            replace(o, base_price=i.base_price, cost=i.cost)
+            for o, i in zip(others, items, strict=False)
+        ),
+        *(replace(o, base_price=i.base_price) for o, i in zip(others, items, strict=False)),
+    ]
+
+    def draw(item_id: str, n: int) -> int:
+        return len(item_id) % n
+
+    alone = [repr(price_items(rule, [item], draw)[0]) for item in batch]
+    assert [repr(o) for o in price_items(rule, batch, draw)] == alone
+    # A call of a few hundred items keeps what the guardrails gave each price and cost.
+    many = 300 // len(batch) + 1
+    assert [repr(o) for o in price_items(rule, batch * many, draw)] == alone * many
 
 
 @st.composite

@@ -18,8 +18,10 @@ on 5% or 10%, not a discount of its own.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from decimal import Decimal
 
 import numpy as np
@@ -29,6 +31,7 @@ from core.policy import Candidate, Rule, grid_choices, price_items
 from trainer.dataset import Floats
 
 SAME = 0.00005  # half the step between two-decimal percents, as fractions
+_SLICE = 65_536  # offers priced in one call of core.policy.price_items
 
 
 def ips_terms(logged: Floats, propensity: Floats, margin: Floats, target: Floats) -> Floats:
@@ -85,23 +88,44 @@ def rule_discounts(
     read at the rule's own choices (which must lie on the grid)."""
     choices = grid_choices(rule.params) if rule.policy == "optimal" else ()
     columns = [int(np.searchsorted(grid, float(c) / 100 - SAME)) for c in choices]
-    candidates = [
-        Candidate(
-            str(k),
-            Decimal(str(p)),
-            Decimal(str(c)),
-            rank=int(r),
-            score=float(s),
-            purchase_probability=(
-                None
-                if probability is None or not choices
-                else tuple(float(v) for v in probability[k, columns])
-            ),
-        )
-        for k, (p, c, r, s) in enumerate(zip(price, cost, rank, score, strict=True))
-    ]
-    pct = np.array([float(item.discount_pct) for item in price_items(rule, candidates)]) / 100
-    return onto_grid(pct, grid)
+    answers = (
+        [None] * len(price)
+        if probability is None or not choices
+        else list(map(tuple, probability[:, columns].tolist()))
+    )
+    # A log holds a few hundred prices and costs: each pair becomes Decimals once, not once per
+    # offer, and the offers of a pair share them (core.policy then prices a percent at a pair
+    # once). Pairs by their bits: -0.0 and 0.0 are two Decimals.
+    pairs = np.column_stack([price, cost]).astype(np.float64)
+    _, first, which = np.unique(
+        pairs.view(np.int64), axis=0, return_index=True, return_inverse=True
+    )
+    money = [(Decimal(str(price[k])), Decimal(str(cost[k]))) for k in first]
+    pair = which.ravel().tolist()
+    ranks, scores = [int(r) for r in rank], score.tolist()
+    pct = np.empty(len(price))
+    # A slice at a time, with the cycle collector off: the Candidates and PricedItems form no
+    # cycles, and its passes over them took twice as long as pricing them (refcounts free them).
+    with _without_cycle_collection():
+        for start in range(0, len(price), _SLICE):
+            at = range(start, min(start + _SLICE, len(price)))
+            candidates = [
+                Candidate(str(k), *money[pair[k]], ranks[k], scores[k], answers[k]) for k in at
+            ]
+            priced = price_items(rule, candidates)
+            pct[at.start : at.stop] = [float(item.discount_pct) for item in priced]
+    return onto_grid(pct / 100, grid)
+
+
+@contextlib.contextmanager
+def _without_cycle_collection() -> Iterator[None]:
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def mean_interval(terms: Floats) -> dict[str, float | None]:
