@@ -24,7 +24,7 @@ from core.policy import POLICIES
 from core.store.errors import InvalidInput
 from core.store.experiments import Experiments
 from core.store.rules import Rules
-from core.store.tables import Rule
+from core.store.tables import Rule, Variant, tried_order
 
 COLUMNS = (
     "name",
@@ -287,8 +287,7 @@ def _measured_notes(session: Session, before: dict[str, Any], rule: Rule) -> lis
     notes = []
     for key, variant in Experiments(session).running_variants_of(rule):
         others = [r.name for r in variant.in_order() if r.id != rule.id]
-        # Among a variant's rules, which one prices an item follows priority and name too.
-        changed = pricing + (ordering if others else [])
+        changed = pricing + (ordering if _reordered(variant, rule, before) else [])
         if not stopped and not changed and not window:
             continue
         note = f"note: variant {variant.name!r} of running experiment {key!r} prices with rule "
@@ -332,6 +331,17 @@ def _measured_notes(session: Session, before: dict[str, Any], rule: Rule) -> lis
             )
         notes.append(note)
     return notes
+
+
+def _reordered(variant: Variant, rule: Rule, before: dict[str, Any]) -> bool:
+    """Whether rule's new priority or name moved it among the variant's rules: they decide which
+    of them prices an item only through that order, so a change that keeps it prices every user
+    as before."""
+    was = sorted(
+        variant.rules,
+        key=lambda r: (-before["priority"], before["name"]) if r.id == rule.id else tried_order(r),
+    )
+    return [r.id for r in was] != [r.id for r in variant.in_order()]
 
 
 # What decides a variant's discounts (its window only whether it prices at all, which has notes

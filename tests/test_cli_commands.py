@@ -1237,6 +1237,34 @@ def test_a_variant_of_several_rules_is_written_by_repeating_it(db_url: str) -> N
     assert f"prices with rule '{NEW_20}', whose priority changed" in reordered.stderr
 
 
+def test_a_variant_rules_priority_or_name_is_noted_only_when_it_reorders_the_variant(
+    db_url: str,
+) -> None:
+    """Priority and name decide which of a variant's rules prices an item only through the
+    order they put the rules in: a rename or a new priority that leaves that order as it was
+    prices every user as before, and a note saying otherwise sends an admin to pause a sound
+    experiment."""
+    ctl(db_url, "rules", "create", "high", *TIER, "--priority", "20")
+    ctl(db_url, "rules", "create", "low", *TIER, "--priority", "10")
+    ctl(db_url, "experiments", "create", "p", "--variant", "control:50", "--variant", "t:50:high",
+        "--variant", "t:50:low")  # fmt: skip
+    assert ctl(db_url, "experiments", "start", "p").exit_code == 0
+    for change in (("--name", "low-2"), ("--priority", "15")):
+        same_order = ctl(db_url, "rules", "update", "low" if "low-2" in change else "low-2",
+                         *change)  # fmt: skip
+        assert same_order.exit_code == 0, same_order.output
+        assert "note:" not in same_order.stderr, same_order.stderr
+    reordered = ctl(db_url, "rules", "update", "low-2", "--priority", "25")
+    assert (
+        "note: variant 't' of running experiment 'p' prices with rule 'low-2', whose priority "
+        "changed"
+    ) in reordered.stderr
+    # Equal priorities go by name: a rename across the other rule's name reorders them too.
+    ctl(db_url, "rules", "update", "low-2", "--priority", "20")
+    renamed = ctl(db_url, "rules", "update", "low-2", "--name", "a-first")
+    assert "prices with rule 'a-first', whose name changed" in renamed.stderr
+
+
 def test_a_variant_rule_not_valid_yet_names_the_variants_other_rules(db_url: str) -> None:
     ctl(db_url, "rules", "create", "later", *TIER, "--valid-from", "2030-01-01T00:00:00Z")
     ctl(db_url, "rules", "create", "now", *TIER)
