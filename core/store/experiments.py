@@ -106,6 +106,14 @@ class Experiments:
         description: str | None = None,
     ) -> Experiment:
         experiment = self.get(key)
+        if variants is not None:
+            # Another update at the same moment replaces the same variant rows: wait for it and,
+            # if it got there first, refuse naming the versions. The write of this row's version,
+            # which refuses a stale read too, comes only after the variant rows are replaced,
+            # where the race showed as an SQLAlchemy warning and a unique or stale-row error.
+            locked = select(Experiment.version).where(Experiment.id == experiment.id)
+            now_at = self.session.scalar(locked.with_for_update())
+            check_version("experiment", key, int(now_at or 0), experiment.version)
         check_version("experiment", key, experiment.version, expected_version)
         if experiment.status != "draft" and (variants is not None or target_segment is not None):
             raise InvalidInput(
