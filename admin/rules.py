@@ -286,7 +286,13 @@ def _measured_notes(session: Session, before: dict[str, Any], rule: Rule) -> lis
         return []
     notes = []
     for key, variant in Experiments(session).running_variants_of(rule):
-        others = [r.name for r in variant.in_order() if r.id != rule.id]
+        # Only those live now take over what rule priced: naming a disabled one would hide that
+        # the whole arm gets no discount.
+        others = [
+            r.name
+            for r in variant.in_order()
+            if r.id != rule.id and r.enabled and _in_window(r.to_dict(), now)
+        ]
         changed = pricing + (ordering if _reordered(variant, rule, before) else [])
         if not stopped and not changed and not window:
             continue

@@ -1265,6 +1265,25 @@ def test_a_variant_rules_priority_or_name_is_noted_only_when_it_reorders_the_var
     assert "prices with rule 'a-first', whose name changed" in renamed.stderr
 
 
+def test_disabling_a_variants_last_live_rule_says_its_users_get_no_discount(db_url: str) -> None:
+    """The note named the variant's other rule as taking over what the disabled one priced,
+    though that rule was disabled already: the whole arm got no discount, the case where an
+    admin most needs to pause, and the note said otherwise."""
+    ctl(db_url, "rules", "create", "high", *TIER, "--priority", "20")
+    ctl(db_url, "rules", "create", "low", *TIER, "--priority", "10")
+    ctl(db_url, "experiments", "create", "p", "--variant", "control:50", "--variant", "t:50:high",
+        "--variant", "t:50:low")  # fmt: skip
+    assert ctl(db_url, "experiments", "start", "p").exit_code == 0
+    first = ctl(db_url, "rules", "disable", "low")
+    assert "gets the variant's other rules ('high') where they apply" in first.stderr
+    last = ctl(db_url, "rules", "disable", "high")
+    assert last.exit_code == 0, last.output
+    assert (
+        "note: variant 't' of running experiment 'p' prices with rule 'high', which is now "
+        "disabled: the variant's users get no discount (VARIANT_RULE_NOT_APPLICABLE)"
+    ) in last.stderr
+
+
 def test_a_variant_rule_not_valid_yet_names_the_variants_other_rules(db_url: str) -> None:
     ctl(db_url, "rules", "create", "later", *TIER, "--valid-from", "2030-01-01T00:00:00Z")
     ctl(db_url, "rules", "create", "now", *TIER)
