@@ -147,8 +147,8 @@ def _released(rules: list[Rule]) -> list[str]:
 
 def _not_yet_valid(experiment: Experiment) -> list[str]:
     """A note per variant rule whose window has not begun: until it does, the users and items
-    it would price get the variant's other rules, or no discount, while the experiment keeps
-    assigning users to the arm."""
+    it would price get the variant's other rules that have begun, or no discount, while the
+    experiment keeps assigning users to the arm."""
     now = datetime.now(UTC)
     notes = []
     for v in experiment.variants:
@@ -156,7 +156,12 @@ def _not_yet_valid(experiment: Experiment) -> list[str]:
         for rule in rules:
             if rule.valid_from is None or rule.valid_from <= now:
                 continue
-            others = [r.name for r in rules if r is not rule]
+            # Those not begun either price nothing meanwhile (start refused disabled or ended).
+            others = [
+                r.name
+                for r in rules
+                if r is not rule and (r.valid_from is None or r.valid_from <= now)
+            ]
             instead = (
                 "its users get no discount"
                 if not others
@@ -307,7 +312,7 @@ def start(app: App, key: str, if_version: int | None, output: str) -> None:
     later never takes users from one that is measuring them, but a resumed one takes back the
     users it shares with those started after it. A note names each it shares with, and each
     variant rule whose validity window has not begun (until then what it would price gets the
-    variant's other rules, if any, else no discount).
+    variant's other rules that have begun, if any, else no discount).
 
     \b
     Example:

@@ -1284,6 +1284,25 @@ def test_disabling_a_variants_last_live_rule_says_its_users_get_no_discount(db_u
     ) in last.stderr
 
 
+def test_a_variant_whose_rules_are_all_not_valid_yet_is_noted_as_giving_no_discount(
+    db_url: str,
+) -> None:
+    """Each rule's note named the other as pricing meanwhile, though neither had begun: the
+    whole arm gets no discount until the first window opens."""
+    for name in ("later", "later-2"):
+        ctl(db_url, "rules", "create", name, *TIER, "--valid-from", "2030-01-01T00:00:00Z")
+    ctl(db_url, "experiments", "create", "f", "--variant", "control:50", "--variant", "t:50:later",
+        "--variant", "t:50:later-2")  # fmt: skip
+    started = ctl(db_url, "experiments", "start", "f")
+    assert started.exit_code == 0, started.output
+    for name in ("later", "later-2"):
+        assert (
+            f"note: variant 't' prices with rule '{name}', valid only from "
+            "2030-01-01T00:00:00+00:00: until then its users get no discount"
+        ) in started.stderr
+    assert "other rules" not in started.stderr
+
+
 def test_a_variant_rule_not_valid_yet_names_the_variants_other_rules(db_url: str) -> None:
     ctl(db_url, "rules", "create", "later", *TIER, "--valid-from", "2030-01-01T00:00:00Z")
     ctl(db_url, "rules", "create", "now", *TIER)
