@@ -294,6 +294,22 @@ def test_draft_variants_can_be_replaced(store: Store) -> None:
         assert [(v.name, v.weight) for v in e.variants] == [("b", 20), ("c", 80)]
 
 
+def test_a_variant_naming_a_rule_twice_is_refused_by_the_store(store: Store) -> None:
+    """discountctl refuses it while parsing --variant; any other caller of the repository gets
+    a refusal naming the variant and the rule, not the variant-rule table's unique constraint
+    failing on flush."""
+    with store.transaction() as s:
+        Rules(s, "t").create("tier", "tiered_topk", TIERED)
+    twice = [VariantSpec("control", 50), VariantSpec("t", 50, ("tier", "tier"))]
+    refused = r"variant 't' names rule\(s\) 'tier' more than once"
+    with pytest.raises(InvalidInput, match=refused), store.transaction() as s:
+        Experiments(s, "t").create("ab", twice)
+    with store.transaction() as s:
+        Experiments(s, "t").create("ab", [VariantSpec("a", 50), VariantSpec("b", 50)])
+    with pytest.raises(InvalidInput, match=refused), store.transaction() as s:
+        Experiments(s, "t").update("ab", variants=twice)
+
+
 def test_assign_checks_member_list_targets(store: Store) -> None:
     with store.transaction() as s:
         Segments(s, "t").create("vip", None)
