@@ -619,7 +619,8 @@ def price_items(
     (core.assignment.draw_index), so asking again does not draw again; the default draws
     afresh each call (`rules simulate`).
 
-    Raises PolicyError for an item with a negative price or cost.
+    Raises PolicyError, before pricing any, for an item whose price or cost is negative or not
+    finite, or whose rank is below 1.
     """
     if rule is None:
         return [no_discount(item) for item in items]

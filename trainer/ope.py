@@ -31,7 +31,10 @@ from core.policy import Candidate, Rule, grid_choices, price_items
 from trainer.dataset import Floats
 
 SAME = 0.00005  # half the step between two-decimal percents, as fractions
-_SLICE = 65_536  # offers priced in one call of core.policy.price_items
+# Offers priced in one call of core.policy.price_items: large enough that an `optimal` rule's
+# one choice per call and the guardrails kept per call pay, small enough that a log of millions
+# does not hold all its Candidates and PricedItems at once.
+_SLICE = 65_536
 
 
 def ips_terms(logged: Floats, propensity: Floats, margin: Floats, target: Floats) -> Floats:
