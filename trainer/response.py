@@ -119,10 +119,39 @@ def logged(
     )
 
 
+@dataclass(frozen=True)
+class OfferLog:
+    """A randomized log's offers, checked, and which of them were bought (read_offer_log)."""
+
+    offer_features: Floats  # OFFER_FEATURES per offer
+    user_ids: npt.NDArray[np.str_]
+    discount: Floats
+    bought: npt.NDArray[np.bool_]
+    propensity: Floats
+    foreign_purchases: int  # purchases naming an offer of another user or item: not counted
+    fixed_discounts: int  # offers with propensity 1
+
+
 def from_logs(offers: pd.DataFrame, events: pd.DataFrame, seed: int) -> Logged:
-    """Join the offer log with purchase events by offer_id: an offer is bought when a purchase or
-    a redemption names it (a storefront records a line bought at the offer's discounted price as
-    a redemption, docs/OFFERS.md). seed draws the cross-fitting folds."""
+    """The offer log joined with its purchase events (read_offer_log), each offer's features
+    with its cross-fitted response rates; seed draws the cross-fitting folds."""
+    log = read_offer_log(offers, events)
+    return logged(
+        log.offer_features,
+        log.user_ids,
+        log.discount,
+        log.bought,
+        log.propensity,
+        seed,
+        foreign_purchases=log.foreign_purchases,
+        fixed_discounts=log.fixed_discounts,
+    )
+
+
+def read_offer_log(offers: pd.DataFrame, events: pd.DataFrame) -> OfferLog:
+    """Check the offer log and join it with purchase events by offer_id: an offer is bought when
+    a purchase or a redemption names it (a storefront records a line bought at the offer's
+    discounted price as a redemption, docs/OFFERS.md). ResponseError names what is wrong."""
     needed = ("offer_id", "user_id", "discount", "propensity", *OFFER_FEATURES)
     missing = [c for c in needed if c not in offers.columns]
     if missing:
@@ -223,13 +252,12 @@ def from_logs(offers: pd.DataFrame, events: pd.DataFrame, seed: int) -> Logged:
             f"({int(sold.sum()):,} such events of {len(events):,}, {len(offers):,} offers); "
             "events must carry the offer_id of the offer log"
         )
-    return logged(
+    return OfferLog(
         numeric[list(OFFER_FEATURES)].to_numpy(dtype=np.float64),
         offers["user_id"].astype(str).to_numpy(dtype=str),
         d,
         bought,
         p,
-        seed,
         foreign_purchases=int(foreign.sum()),
         fixed_discounts=int(fixed.sum()),
     )
