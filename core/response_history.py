@@ -124,14 +124,23 @@ def smoothed_rates(
     y = np.asarray(bought, dtype=np.float64)
     if not (len(codes) == len(band) == len(y)):
         raise ValueError("user_ids, discounts and bought must have one entry per offer")
-    cell = codes.ravel() * BANDS + band
-    offers = np.bincount(cell, minlength=len(users) * BANDS).reshape(len(users), BANDS)
-    purchases = np.bincount(cell, y, minlength=len(users) * BANDS).reshape(len(users), BANDS)
+    prior, table, _ = _smoothed(codes.ravel(), len(users), band, y)
+    return HistoryTable(tuple(float(p) for p in prior), tuple(str(u) for u in users), table)
+
+
+def _smoothed(
+    codes: npt.NDArray[np.intp], users: int, band: npt.NDArray[np.int64], y: Floats
+) -> tuple[Floats, Floats, npt.NDArray[np.int64]]:
+    """smoothed_rates' prior and table for offers by user code (of users), and the offers per
+    user and band. Purchase counts sum exactly, so a user without offers changes no rate."""
+    cell = codes * BANDS + band
+    offers = np.bincount(cell, minlength=users * BANDS).reshape(users, BANDS)
+    purchases = np.bincount(cell, y, minlength=users * BANDS).reshape(users, BANDS)
     overall = float(y.mean()) if len(y) else 0.0
     per_band = offers.sum(axis=0)
     prior = np.where(per_band > 0, purchases.sum(axis=0) / np.maximum(per_band, 1), overall)
     table = (purchases + PRIOR_STRENGTH * prior) / (offers + PRIOR_STRENGTH)
-    return HistoryTable(tuple(float(p) for p in prior), tuple(str(u) for u in users), table)
+    return prior, table, offers
 
 
 def folds(rows: int, seed: int, k: int = FOLDS) -> npt.NDArray[np.int64]:
@@ -149,14 +158,23 @@ def cross_fitted_rates(
 ) -> Floats:
     """Per logged row, its user's rates computed from the other folds only, so that no row's
     features contain its own outcome: [rows, BANDS]."""
-    ids = np.asarray(user_ids, dtype=str)
-    d = np.asarray(discounts, dtype=np.float64)
+    # The users sorted once, not per fold, and looked up by code, not by a dict probe per row:
+    # on a 960,000-offer log, cross-fitting 0.95 s -> 0.25 s.
+    users, codes = np.unique(np.asarray(user_ids, dtype=str), return_inverse=True)
+    codes = codes.ravel()
+    band = band_of(discounts)
     y = np.asarray(bought, dtype=np.float64)
-    fold = folds(len(ids), seed, k)
-    out = np.empty((len(ids), BANDS), dtype=np.float64)
+    fold = folds(len(codes), seed, k)
+    out = np.empty((len(codes), BANDS), dtype=np.float64)
     for f in range(k):
         inside = fold == f
         if inside.any():
             others = ~inside
-            out[inside] = smoothed_rates(ids[others], d[others], y[others]).lookup(ids[inside])
+            prior, table, offers = _smoothed(codes[others], len(users), band[others], y[others])
+            # As smoothed_rates(others).lookup: a user without offers in the other folds gets
+            # those folds' prior.
+            seen = offers.sum(axis=1) > 0
+            out[inside] = np.vstack([table, prior[None, :]])[
+                np.where(seen[codes[inside]], codes[inside], len(users))
+            ]
     return out

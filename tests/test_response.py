@@ -23,6 +23,7 @@ from core.artifact import ArtifactError
 from core.response_artifact import FEATURES, GRAPH, HISTORY, ResponseManifest, feature_rows
 from core.response_history import HistoryTable
 from trainer.cli import main
+from trainer.cli_discounts import _read
 from trainer.config import MarketConfig, ResponseConfig
 from trainer.market import (
     GRID,
@@ -719,3 +720,93 @@ def test_cli_shows_progress_through_training(tmp_path: Path) -> None:
     ]
     assert all(float(line.split()[3]) > 0 for line in lines)
     assert all(line.split()[2] == "loss" for line in lines)
+
+
+def _crafted_sales(offers: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, bool], int]:
+    """Events of every kind of sale the join tells apart, on offers 0-5 of offers: the events,
+    which of those offers count as bought, and how many sales name another's offer."""
+    o = offers.iloc[:6]
+    ids, users, items = list(o["offer_id"]), list(o["user_id"]), list(o["item_id"])
+    rows = [
+        ("e1", "purchase", users[0], items[0], ids[0]),  # its own user and item: bought
+        ("e2", "purchase", users[0], items[0], ids[0]),  # again: still one offer bought
+        ("e3", "redemption", None, None, ids[1]),  # no user or item said: bought
+        ("e4", "purchase", "u-other", items[2], ids[2]),  # another user's token: not bought
+        ("e5", "redemption", users[3], "i-other", ids[3]),  # another item: not bought
+        ("e6", "purchase", "u-other", items[4], ids[4]),  # shared, but also bought by its user
+        ("e7", "PURCHASE", users[4], None, ids[4]),
+        ("e8", "impression", users[5], items[5], ids[5]),  # not a sale
+        ("e9", "purchase", users[5], items[5], "o-not-logged"),  # names no logged offer
+        ("e10", "purchase", users[5], items[5], None),  # names no offer at all
+    ]
+    events = pd.DataFrame(rows, columns=["event_id", "type", "user_id", "item_id", "offer_id"])
+    bought = dict(zip(ids, [True, True, False, False, True, False], strict=True))
+    return events, bought, 3
+
+
+def test_which_sales_count_as_their_offers_purchases_and_when_the_log_is_refused(
+    tmp_path: Path,
+) -> None:
+    """Pins the join of sales to offers, read as the CLI reads a shop's CSV and Parquet logs:
+    by offer_id, where the sale's user and item, when given, are the offer's; and the refusal of
+    events most of whose sales are of other users' or items' offers, naming the first."""
+    offers, _ = _logs(users=60)
+    events, bought, foreign = _crafted_sales(offers)
+    # Sales of other offers, so that the log has purchases to learn from.
+    rest = offers.iloc[6::7]
+    filler = rest[["user_id", "item_id", "offer_id"]].assign(
+        event_id=[f"f{k}" for k in range(len(rest))], type="purchase"
+    )
+    events = pd.concat([events, filler], ignore_index=True)
+    expected = offers["offer_id"].isin(set(rest["offer_id"]) | {k for k, v in bought.items() if v})
+
+    def join(offers_file: Path, events_file: Path) -> Logged:
+        return from_logs(_read(offers_file, "offers"), _read(events_file, "events"), 0)
+
+    offers.to_csv(tmp_path / "offers.csv", index=False)
+    events.to_csv(tmp_path / "events.csv", index=False)
+    got = join(tmp_path / "offers.csv", tmp_path / "events.csv")
+    assert got.foreign_purchases == foreign
+    np.testing.assert_array_equal(got.data.bought, expected.to_numpy())
+
+    # A store's export with integer ids, blank ones read as missing (Int64), as Parquet.
+    number = {"offer_id": r"^o\d+-0*", "user_id": r"^u0*", "item_id": r"^i0*"}
+    numbered = []
+    for frame in (offers.copy(), events.copy()):
+        for column, prefix in number.items():
+            other = {"u-other": "u999999", "i-other": "i99999", "o-not-logged": "o0-888888"}
+            text = frame[column].replace(other).str.replace(prefix, "", regex=True)
+            frame[column] = pd.to_numeric(text.replace("", "0"))
+        numbered.append(frame)
+    numbered[0].to_parquet(tmp_path / "offers.parquet")
+    numbered[1].to_parquet(tmp_path / "events.parquet")
+    got = join(tmp_path / "offers.parquet", tmp_path / "events.parquet")
+    assert got.foreign_purchases == foreign
+    np.testing.assert_array_equal(got.data.bought, expected.to_numpy())
+
+    # Half the sales naming a logged offer foreign is a shop's; more is another log's events.
+    sales, first = events.iloc[:7], offers["offer_id"].iloc[2]
+    for share, refused in ((sales.iloc[[0, 2, 3, 5]], False), (sales.iloc[[3, 0, 5, 4]], True)):
+        share.to_csv(tmp_path / "events.csv", index=False)
+        result = CliRunner().invoke(
+            main,
+            ["response", "--offers", str(tmp_path / "offers.csv"), "--events",
+             str(tmp_path / "events.csv"), "--out", str(tmp_path / "model")],
+        )  # fmt: skip
+        if refused:
+            assert result.exit_code == 1, result.output
+            assert result.output == (
+                "Error: events: 3 of 4 purchases naming a logged offer are by another user or "
+                f"of another item than the offer (e.g. event 'e4' names offer {first!r}); the "
+                "events come from another log than the offers\n"
+            )
+        else:
+            # Past the join, a log of 2 purchases is too small to learn from.
+            assert result.exit_code == 1, result.output
+            assert result.output.startswith(
+                "note: 2 purchases name an offer made to another user or for another item"
+            )
+            assert result.output.endswith(
+                f"Error: only {len(offers)} offers and 2 purchases; a response model needs at "
+                "least 100 offers with 10 purchases\n"
+            )

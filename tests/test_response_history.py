@@ -81,14 +81,20 @@ def test_cross_fitting_keeps_every_row_out_of_its_own_features() -> None:
         assert (after[:, np.arange(BANDS) != band] == before[:, np.arange(BANDS) != band]).all()
 
 
-def test_a_row_gets_its_users_rates_from_the_other_folds() -> None:
-    ids, discounts, bought = _log(1)
+@pytest.mark.parametrize("users", [20, 300])
+def test_a_row_gets_its_users_rates_from_the_other_folds(users: int) -> None:
+    """Bit for bit; with 300 shoppers, many have offers in one fold alone, which get the other
+    folds' prior."""
+    ids, discounts, bought = _log(1, users=users)
     rates = cross_fitted_rates(ids, discounts, bought, seed=5)
     fold = folds(len(ids), seed=5)
+    unseen = 0
     for f in range(FOLDS):
         out = fold != f
         table = smoothed_rates(ids[out], discounts[out], bought[out])
         np.testing.assert_array_equal(rates[fold == f], table.lookup(ids[fold == f]))
+        unseen += len(set(ids[fold == f]) - set(table.user_ids))
+    assert (unseen > 10) == (users == 300)
 
 
 def test_folds_are_balanced_and_drawn_from_the_seed() -> None:

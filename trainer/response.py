@@ -119,10 +119,39 @@ def logged(
     )
 
 
+@dataclass(frozen=True)
+class OfferLog:
+    """A randomized log's offers, checked, and which of them were bought (read_offer_log)."""
+
+    offer_features: Floats  # OFFER_FEATURES per offer
+    user_ids: npt.NDArray[np.str_]
+    discount: Floats
+    bought: npt.NDArray[np.bool_]
+    propensity: Floats
+    foreign_purchases: int  # purchases naming an offer of another user or item: not counted
+    fixed_discounts: int  # offers with propensity 1
+
+
 def from_logs(offers: pd.DataFrame, events: pd.DataFrame, seed: int) -> Logged:
-    """Join the offer log with purchase events by offer_id: an offer is bought when a purchase or
-    a redemption names it (a storefront records a line bought at the offer's discounted price as
-    a redemption, docs/OFFERS.md). seed draws the cross-fitting folds."""
+    """The offer log joined with its purchase events (read_offer_log), each offer's features
+    with its cross-fitted response rates; seed draws the cross-fitting folds."""
+    log = read_offer_log(offers, events)
+    return logged(
+        log.offer_features,
+        log.user_ids,
+        log.discount,
+        log.bought,
+        log.propensity,
+        seed,
+        foreign_purchases=log.foreign_purchases,
+        fixed_discounts=log.fixed_discounts,
+    )
+
+
+def read_offer_log(offers: pd.DataFrame, events: pd.DataFrame) -> OfferLog:
+    """Check the offer log and join it with purchase events by offer_id: an offer is bought when
+    a purchase or a redemption names it (a storefront records a line bought at the offer's
+    discounted price as a redemption, docs/OFFERS.md). ResponseError names what is wrong."""
     needed = ("offer_id", "user_id", "discount", "propensity", *OFFER_FEATURES)
     missing = [c for c in needed if c not in offers.columns]
     if missing:
@@ -212,22 +241,23 @@ def from_logs(offers: pd.DataFrame, events: pd.DataFrame, seed: int) -> Logged:
             "fix or drop them"
         )
     sold = kind.isin(("purchase", "redemption"))
-    foreign = _foreign(offers, events[sold])
-    purchased = set(events.loc[sold & ~foreign, "offer_id"].dropna().astype(str))
-    bought = offers["offer_id"].astype(str).isin(purchased).to_numpy()
+    sales = events[sold]
+    row = _offer_rows(offers["offer_id"], sales["offer_id"])
+    foreign = _foreign(offers, sales, row)
+    bought = np.zeros(len(offers), dtype=np.bool_)
+    bought[row[(row >= 0) & ~foreign]] = True
     if not bought.any():
         raise ResponseError(
             f"events: no purchase or redemption event names a logged offer "
             f"({int(sold.sum()):,} such events of {len(events):,}, {len(offers):,} offers); "
             "events must carry the offer_id of the offer log"
         )
-    return logged(
+    return OfferLog(
         numeric[list(OFFER_FEATURES)].to_numpy(dtype=np.float64),
         offers["user_id"].astype(str).to_numpy(dtype=str),
         d,
         bought,
         p,
-        seed,
         foreign_purchases=int(foreign.sum()),
         fixed_discounts=int(fixed.sum()),
     )
@@ -237,20 +267,29 @@ def _blank(ids: pd.Series) -> npt.NDArray[np.bool_]:
     return np.asarray(ids.isna() | (ids.astype(str).str.strip() == ""), dtype=np.bool_)
 
 
-def _foreign(offers: pd.DataFrame, sold: pd.DataFrame) -> pd.Series:
-    """Per purchase event, whether it names a logged offer made to another user or for another
-    item: a shopper who used someone else's offer token bought, but not because of the discount
-    that offer showed its own user, so it does not count as that offer's purchase. When most do,
-    the events come from another log than the offers (another run's events.csv beside this
-    offer log), and training would learn nothing true: ResponseError."""
-    foreign = pd.Series(False, index=sold.index)
-    by_id = offers.assign(offer_id=offers["offer_id"].astype(str)).set_index("offer_id")
-    names = sold["offer_id"].astype(str)
-    named = sold["offer_id"].notna() & names.isin(by_id.index)
+def _offer_rows(offer_ids: pd.Series, named: pd.Series) -> npt.NDArray[np.intp]:
+    """The offer row each event names by offer_id (as text: a Parquet log's 17 is a CSV's
+    "17"), -1 where it names none. One hash lookup per event: Series.isin over Arrow strings
+    made a Python object of every offer id, most of a 960,000-offer log's reading time."""
+    row = pd.Index(offer_ids.astype(str)).get_indexer(named.astype(str))
+    return np.where(named.notna().to_numpy(), row, -1)
+
+
+def _foreign(
+    offers: pd.DataFrame, sold: pd.DataFrame, row: npt.NDArray[np.intp]
+) -> npt.NDArray[np.bool_]:
+    """Per purchase event, whether it names (row, from _offer_rows) a logged offer made to
+    another user or for another item: a shopper who used someone else's offer token bought, but
+    not because of the discount that offer showed its own user, so it does not count as that
+    offer's purchase. When most do, the events come from another log than the offers (another
+    run's events.csv beside this offer log), and training would learn nothing true:
+    ResponseError."""
+    named = row >= 0
+    foreign = np.zeros(len(sold), dtype=np.bool_)
     for column in ("user_id", "item_id"):
-        if column in sold.columns and column in by_id.columns:
-            theirs = by_id[column].astype(str).reindex(names[named]).to_numpy()
-            said = sold.loc[named, column]
+        if column in sold.columns and column in offers.columns:
+            theirs = offers[column].iloc[row[named]].astype(str).to_numpy()
+            said = sold[column][named]
             foreign[named] |= said.notna().to_numpy() & (said.astype(str).to_numpy() != theirs)
     if foreign.sum() * 2 > named.sum():
         first = sold[foreign].iloc[0]
@@ -260,7 +299,7 @@ def _foreign(offers: pd.DataFrame, sold: pd.DataFrame) -> pd.Series:
             f"{first.get('event_id')!r} names offer {first['offer_id']!r}); the events come from "
             "another log than the offers"
         )
-    return foreign.astype(bool)
+    return foreign
 
 
 class Standardize(nn.Module):

@@ -28,7 +28,7 @@ from core.response_artifact import OFFER_FEATURES
 from core.response_history import HistoryTable
 from trainer import ope
 from trainer.dataset import Floats
-from trainer.response import from_logs
+from trainer.response import read_offer_log
 
 NO_DISCOUNT = "no_discount"
 _FROM_STORE = "give the JSON `discountctl rules list -o json` prints"
@@ -73,14 +73,15 @@ class ShopLog:
 def read_log(offers: pd.DataFrame, events: pd.DataFrame) -> ShopLog:
     """The offers and which were bought, checked as `discount-train response` checks them
     (ResponseError names what is wrong), less those whose discount was not drawn."""
-    logged = from_logs(offers, events, seed=0)
+    # The response rates from_logs adds are the model's features, not the estimates'.
+    logged = read_offer_log(offers, events)
     # A percent has two decimals (core.policy): a log's 0.0999999 is 10%, as ope.SAME says.
-    discount = np.round(logged.data.discount, 4)
+    discount = np.round(logged.discount, 4)
     # Where the discount was fixed (a spent budget, an experiment's fixed variant, an item only
     # 0% keeps within the guardrails), no other discount had a chance: IPS would count such an
     # offer as earning nothing under every rule that prices it otherwise.
-    drawn = np.flatnonzero(logged.data.propensity < 1)
-    _check_weights(offers, logged.data.features[:, : len(OFFER_FEATURES)], logged.data.propensity)
+    drawn = np.flatnonzero(logged.propensity < 1)
+    _check_weights(offers, logged.offer_features, logged.propensity)
     rank = _ranks(offers)
     grid = np.unique(discount[drawn])
     if grid[0] != 0:
@@ -89,12 +90,12 @@ def read_log(offers: pd.DataFrame, events: pd.DataFrame) -> ShopLog:
             "compared with no discount; log an experiment whose draws include 0"
         )
     return ShopLog(
-        offers["user_id"].astype(str).to_numpy(dtype=str)[drawn],
-        logged.data.features[drawn, : len(OFFER_FEATURES)],
+        logged.user_ids[drawn],
+        logged.offer_features[drawn],
         None if rank is None else [rank[k] for k in drawn],
         discount[drawn],
-        logged.data.propensity[drawn],
-        logged.data.bought[drawn],
+        logged.propensity[drawn],
+        logged.bought[drawn],
         grid,
         fixed=len(discount) - len(drawn),
         unranked=0 if rank is None else sum(rank[k] == UNRANKED for k in drawn),
