@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import click
+from sqlalchemy import inspect
 
 from admin.app import App
 from admin.options import confirm, yes_option
 from admin.output import echo, emit, message, output_option
 from core.store import migrate, roles
+from core.store.db import PG_SCHEMA, Store
 
 
 @click.group()
@@ -43,10 +45,29 @@ def upgrade(app: App, revision: str, output: str) -> None:
     Example:
       discountctl --db-url postgresql+psycopg://discount@db/shop db upgrade
     """
-    migrate.upgrade(app.store(check_schema=False), revision)
+    store = app.store(check_schema=False)
+    before = _pg_tables(store)
+    migrate.upgrade(store, revision)
     state = _state(app)
     message(_where(state))
+    added = sorted(_pg_tables(store) - before)
+    # discountd's role reads only the tables it was granted; a new store is SECURITY.md's
+    # first steps, which grant them anyway.
+    if added and before:
+        message(
+            f"new table{'s' if len(added) > 1 else ''} {', '.join(added)}: run `discountctl db "
+            "grant-server-role ROLE` again for discountd's role, or a discountd connecting as it "
+            "refuses to start (docs/SECURITY.md)"
+        )
     emit(state, output)
+
+
+def _pg_tables(store: Store) -> set[str]:
+    """The store's tables on PostgreSQL, where roles are granted them; none on SQLite (whose
+    file an upgrade may have yet to make)."""
+    if store.engine.dialect.name != "postgresql":
+        return set()
+    return set(inspect(store.engine).get_table_names(schema=PG_SCHEMA))
 
 
 @db.command("downgrade")

@@ -395,3 +395,21 @@ def test_db_upgrade_where_no_file_can_be_made_says_why(tmp_path: Path) -> None:
     assert result.exit_code != 0
     assert "File exists" in result.output or "Not a directory" in result.output
     assert "moved or deleted" not in result.output
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_upgrade_that_adds_tables_says_the_server_role_needs_them(
+    backend: str, tmp_path: Path
+) -> None:
+    """discountd's role reads only the tables it was granted (docs/SECURITY.md): after an upgrade
+    that adds one, a discountd connecting as it refuses to start until the grant is rerun."""
+    with empty_database(backend, tmp_path) as url:
+        first = ctl(url, "db", "upgrade", "0006")
+        assert first.exit_code == 0, first.output
+        assert "grant-server-role" not in first.stderr  # a new store: SECURITY.md's first steps
+        result = ctl(url, "db", "upgrade")
+        assert result.exit_code == 0, result.output
+        said = "new table experiment_variant_rules: run `discountctl db grant-server-role ROLE`"
+        assert (said in result.stderr) == (backend == "postgres")
+        again = ctl(url, "db", "upgrade")
+        assert again.exit_code == 0 and "grant-server-role" not in again.stderr
