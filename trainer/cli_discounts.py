@@ -175,8 +175,9 @@ def simulate_command(out: Path, users: int, visits: int, seed: int) -> None:
     default=ResponseConfig.epochs,
     show_default=True,
     help=f"passes over the training offers; at least {ResponseConfig.min_steps} optimizer steps "
-    f"(batches of {ResponseConfig.batch_size:,}) are taken, so small logs run more epochs: the "
-    "progress lines and the manifest's training.epochs_run say how many ran",
+    f"(batches of {ResponseConfig.batch_size:,}) are taken, so small logs run more epochs, up to "
+    f"{ResponseConfig.max_epochs}: the progress lines and the manifest's training.epochs_run say "
+    "how many ran",
 )
 @click.option(
     "--hidden",
@@ -298,7 +299,8 @@ def response_command(
     default=EvalConfig().response.epochs,
     show_default=True,
     help=f"the response model's passes over its log; at least {ResponseConfig.min_steps} "
-    "optimizer steps are taken, so small logs run more epochs (the progress lines say how many)",
+    f"optimizer steps are taken, so small logs run more epochs, up to {ResponseConfig.max_epochs} "
+    "(the progress lines say how many)",
 )
 @click.option(
     "--train-visits",

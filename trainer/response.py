@@ -407,6 +407,8 @@ class Schedule(Protocol):
     @property
     def min_steps(self) -> int: ...
     @property
+    def max_epochs(self) -> int | None: ...
+    @property
     def batch_size(self) -> int: ...
     @property
     def learning_rate(self) -> float: ...
@@ -431,9 +433,13 @@ NetT = TypeVar("NetT", bound=LogisticNet)
 
 def epochs_run(rows: int, config: Schedule) -> int:
     """The epochs fit_logistic runs on rows: config.epochs, or more when they would take fewer
-    than config.min_steps optimizer steps (too few leave the model uncalibrated)."""
+    than config.min_steps optimizer steps (too few leave the model uncalibrated), up to
+    config.max_epochs (too many memorise a small log)."""
     per_epoch = math.ceil(rows / config.batch_size)
-    return max(config.epochs, math.ceil(config.min_steps / per_epoch))
+    extended = math.ceil(config.min_steps / per_epoch)
+    if config.max_epochs is not None:
+        extended = min(extended, config.max_epochs)
+    return max(config.epochs, extended)
 
 
 def fit_logistic(
