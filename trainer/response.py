@@ -184,37 +184,35 @@ def read_offer_log(offers: pd.DataFrame, events: pd.DataFrame) -> OfferLog:
     numeric = offers[["discount", "propensity", *OFFER_FEATURES]].apply(
         pd.to_numeric, errors="coerce"
     )
-    bad = ~np.isfinite(numeric.to_numpy(dtype=np.float64)).all(axis=1)
-    if bad.any():
-        raise ResponseError(
-            f"offers: {int(bad.sum())} row(s) with a missing, non-numeric or infinite value, e.g. "
-            f"offer {offers['offer_id'].iloc[int(np.argmax(bad))]!r}; fix or drop them"
-        )
+    _refuse_rows(
+        offers,
+        ~np.isfinite(numeric.to_numpy(dtype=np.float64)).all(axis=1),
+        "a missing, non-numeric or infinite value",
+        "fix or drop them",
+    )
     # No offer is priced above what the store and an offer token hold; pricing's cents cannot
     # even represent a price or cost of 1e26 or more.
     money = numeric[["price", "cost"]]
-    outside = ((money < 0) | (money > float(MAX_PRICE))).any(axis=1).to_numpy()
-    if outside.any():
-        raise ResponseError(
-            f"offers: {int(outside.sum())} row(s) with a price or cost outside [0, {MAX_PRICE}], "
-            f"e.g. offer {offers['offer_id'].iloc[int(np.argmax(outside))]!r}; fix or drop them"
-        )
+    _refuse_rows(
+        offers,
+        ((money < 0) | (money > float(MAX_PRICE))).any(axis=1).to_numpy(),
+        f"a price or cost outside [0, {MAX_PRICE}]",
+        "fix or drop them",
+    )
     d = numeric["discount"].to_numpy(dtype=np.float64)
-    outside = (d < 0) | (d >= 1)
-    if outside.any():
-        raise ResponseError(
-            f"offers: {int(outside.sum())} row(s) with a discount outside [0, 1), e.g. offer "
-            f"{offers['offer_id'].iloc[int(np.argmax(outside))]!r}; a discount is a fraction of "
-            "the price, 0.15 for 15%"
-        )
+    _refuse_rows(
+        offers,
+        (d < 0) | (d >= 1),
+        "a discount outside [0, 1)",
+        "a discount is a fraction of the price, 0.15 for 15%",
+    )
     p = numeric["propensity"].to_numpy(dtype=np.float64)
-    outside = (p <= 0) | (p > 1)
-    if outside.any():
-        raise ResponseError(
-            f"offers: {int(outside.sum())} row(s) with a propensity outside (0, 1], e.g. offer "
-            f"{offers['offer_id'].iloc[int(np.argmax(outside))]!r}; log the probability the "
-            "discount shown had of being drawn"
-        )
+    _refuse_rows(
+        offers,
+        (p <= 0) | (p > 1),
+        "a propensity outside (0, 1]",
+        "log the probability the discount shown had of being drawn",
+    )
     fixed = p == 1
     if fixed.all():
         # A deterministic policy discounts whom it chose to (the top ranks, the optimal policy's
@@ -265,6 +263,16 @@ def read_offer_log(offers: pd.DataFrame, events: pd.DataFrame) -> OfferLog:
 
 def _blank(ids: pd.Series) -> npt.NDArray[np.bool_]:
     return np.asarray(ids.isna() | (ids.astype(str).str.strip() == ""), dtype=np.bool_)
+
+
+def _refuse_rows(offers: pd.DataFrame, rows: npt.NDArray[np.bool_], what: str, fix: str) -> None:
+    """ResponseError when any of rows is set: how many offers have what, the first by its id,
+    and how to fix it."""
+    if rows.any():
+        raise ResponseError(
+            f"offers: {int(rows.sum())} row(s) with {what}, e.g. offer "
+            f"{offers['offer_id'].iloc[int(np.argmax(rows))]!r}; {fix}"
+        )
 
 
 def _offer_rows(offer_ids: pd.Series, named: pd.Series) -> npt.NDArray[np.intp]:
