@@ -55,14 +55,12 @@ def variant_index(salt: str, user_id: str, weights: Sequence[int]) -> int:
     raise AssertionError("weights summing to 100 cover every bucket")
 
 
-def draw_index(key: bytes, window: int, rule_id: int, user_id: str, item_id: str, n: int) -> int:
+def draw_index(key: bytes, rule_id: int, user_id: str, item_id: str, n: int) -> int:
     """A `randomized` rule's draw for one offer, an index in [0, n): HMAC-SHA256 under key of
-    (window, rule, user, item), so a shopper who asks again within a window, on any replica,
-    sees the same discount rather than a new draw to pick the largest from (which would also
-    log the sale under the largest of several draws). Each index is equally likely (to 2^-64)
-    and, without the key, unpredictable. NULs separate the parts, as in bucket."""
-    message = b"\x00".join(
-        (b"draw", str(window).encode(), str(rule_id).encode(), user_id.encode(), item_id.encode())
-    )
+    (rule, user, item), so a shopper who asks again, at any time and on any replica, sees the
+    same discount rather than a new draw to pick the largest from (which would also log the
+    sale under the largest of several draws). Each index is equally likely (to 2^-64) and,
+    without the key, unpredictable. NULs separate the parts, as in bucket."""
+    message = b"\x00".join((b"draw", str(rule_id).encode(), user_id.encode(), item_id.encode()))
     digest = hmac.new(key, message, hashlib.sha256).digest()
     return int.from_bytes(digest[:8], "big") % n

@@ -615,7 +615,7 @@ def price_items(
     A `randomized` rule draws each item's discount with ``draw``, in the items' order (tests
     enumerate every draw through it). Nothing needs to replay a draw: the offer log keeps what
     was shown and the propensity it had, all that IPS and a response model read. discountd
-    passes a draw that stays the same for a shopper, item and rule for an offer's lifetime
+    passes a draw that stays the same for a shopper, item and rule
     (core.assignment.draw_index), so asking again does not draw again; the default draws
     afresh each call (`rules simulate`).
 

@@ -201,13 +201,12 @@ def _offer_ids(now: datetime, n: int) -> list[str]:
     return [stamp + entropy[20 * k : 20 * (k + 1)] for k in range(n)]
 
 
-def _lasting_draw(key: bytes, user_id: str, now: datetime, ttl: timedelta) -> RuleDraw:
-    """`randomized` rules' draws that hold for an offer's lifetime: the same for this user, item
-    and rule within each ttl-long window of time, keyed by the offer key (docs/OFFERS.md)."""
-    window = int(now.timestamp() // ttl.total_seconds())
+def _lasting_draw(key: bytes, user_id: str) -> RuleDraw:
+    """`randomized` rules' draws: the same for this user, item and rule for as long as the
+    offer key (docs/OFFERS.md)."""
 
     def for_rule(rule_id: int) -> Draw:
-        return functools.partial(draw_index, key, window, rule_id, user_id)
+        return functools.partial(draw_index, key, rule_id, user_id)
 
     return for_rule
 
@@ -226,7 +225,7 @@ def get_offers(
 ) -> OffersResult:
     now = datetime.now(UTC)
     features, items = _inputs(model, query)
-    draw = _lasting_draw(keys.current, query.user_id, now, ttl)
+    draw = _lasting_draw(keys.current, query.user_id)
     decision = decide(snapshot, query.user_id, features, items, now, respond, draw)
     # What a response model learns from, logged with every offer (core.store.tables.Offer).
     numeric = {name: float(features[name]) for name in NUMERIC_FEATURES}

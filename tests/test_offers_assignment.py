@@ -63,19 +63,18 @@ def test_same_variants_in_a_fresh_process(salt: str, weights: list[int]) -> None
     assert json.loads(out) == here
 
 
-def test_a_randomized_draw_is_uniform_and_fixed_by_key_window_rule_user_and_item() -> None:
+def test_a_randomized_draw_is_uniform_and_fixed_by_key_rule_user_and_item() -> None:
     key = b"k" * 32
-    counts = Counter(draw_index(key, 7, 1, f"user-{u}", "item", 5) for u in range(10_000))
+    counts = Counter(draw_index(key, 1, f"user-{u}", "item", 5) for u in range(10_000))
     # 2,000 expected each, standard deviation 40: 250 off is six of them.
     assert sorted(counts) == [0, 1, 2, 3, 4]
     assert all(abs(n - 2_000) < 250 for n in counts.values()), counts
-    same = [draw_index(key, 7, 1, f"user-{u}", "item", 5) for u in range(200)]
-    assert same == [draw_index(key, 7, 1, f"user-{u}", "item", 5) for u in range(200)]
+    same = [draw_index(key, 1, f"user-{u}", "item", 5) for u in range(200)]
+    assert same == [draw_index(key, 1, f"user-{u}", "item", 5) for u in range(200)]
     for other in (
-        [draw_index(b"j" * 32, 7, 1, f"user-{u}", "item", 5) for u in range(200)],
-        [draw_index(key, 8, 1, f"user-{u}", "item", 5) for u in range(200)],
-        [draw_index(key, 7, 2, f"user-{u}", "item", 5) for u in range(200)],
-        [draw_index(key, 7, 1, f"user-{u}", "other", 5) for u in range(200)],
+        [draw_index(b"j" * 32, 1, f"user-{u}", "item", 5) for u in range(200)],
+        [draw_index(key, 2, f"user-{u}", "item", 5) for u in range(200)],
+        [draw_index(key, 1, f"user-{u}", "other", 5) for u in range(200)],
     ):
         # Independent draws agree about one time in five, never nearly always.
         assert sum(a == b for a, b in zip(same, other, strict=True)) < 80
