@@ -383,6 +383,17 @@ INVALID = [
     (("segments", "create", "x", "--condition", "{not json"), "--condition: not valid JSON"),
     (("segments", "create", "x", "--condition", '{"all": []}'), "non-empty list"),
     (
+        # Deep inside: the 5 would silently have become the condition.
+        (
+            "segments",
+            "create",
+            "x",
+            "--condition",
+            '{"any": [{"not": {"feature": "order_count", "op": ">", "value": 1, "value": 5}}]}',
+        ),
+        "--condition: key 'value' is given twice; give it once",
+    ),
+    (
         # An escaped lone surrogate: JSON, but no text the store (or a terminal) can encode.
         ("segments", "create", "x", "--condition", '{"all": [{"feature": "\\ud800"}]}'),
         "--condition: JSON the store cannot take",
@@ -452,7 +463,17 @@ INVALID = [
     (("rules", "create", "t2", *TIER, "--param", "k1=4"), "--param: 'k1' is given twice"),
     (
         ("rules", "create", "t2", "--policy", "threshold", "--params", '{"t":0,"d":5,"d":90}'),
-        "--params: JSON the store cannot take (key 'd' is given twice; give it once)",
+        "--params: key 'd' is given twice; give it once",
+    ),
+    (
+        (
+            "rules",
+            "update",
+            "tier",
+            "--params",
+            '{"k1": 3, "d1": 15, "d2": 5, "k1": 30}',
+        ),
+        "--params: key 'k1' is given twice; give it once",
     ),
     (
         ("rules", "create", "t2", *TIER[:-2], "--param", "d2=" + "9" * 5000),
