@@ -465,6 +465,8 @@ INVALID = [
         ("rules", "create", "t2", "--policy", "threshold", "--params", '{"t":0,"d":5,"d":90}'),
         "--params: key 'd' is given twice; give it once",
     ),
+    # null was taken as no --params: "unchanged", exit 0.
+    (("rules", "update", "tier", "--params", "null"), "parameters must be an object, got None"),
     (
         (
             "rules",
