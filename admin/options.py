@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 
 import click
 
+from core import json_input
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -68,14 +70,6 @@ def parse_time(value: str | None, option: str) -> datetime | None:
         ) from None
 
 
-def _refuse_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    names = [name for name, _ in pairs]
-    for name in names:
-        if names.count(name) > 1:
-            raise ValueError(f"key {name!r} is given twice; give it once")
-    return dict(pairs)
-
-
 class NotJson(click.ClickException):
     """Text that does not parse as JSON at all (parse_assignments keeps it as text)."""
 
@@ -83,11 +77,13 @@ class NotJson(click.ClickException):
 def parse_json(value: str, option: str) -> Any:
     try:
         # A repeated key would silently keep its last value (a 90% discount for a typo).
-        parsed = json.loads(value, object_pairs_hook=_refuse_repeated_keys)
+        parsed = json_input.loads(value)
         # An escape like "\ud800" reads as half a character, which no text encoding holds.
         json.dumps(parsed, ensure_ascii=False).encode()
     except json.JSONDecodeError as e:
         raise NotJson(f"{option}: not valid JSON ({e})") from None
+    except json_input.RepeatedKeyError as e:
+        raise click.ClickException(f"{option}: {e}") from None
     except (ValueError, RecursionError) as e:  # a number of over 4300 digits; nesting too deep
         raise click.ClickException(f"{option}: JSON the store cannot take ({e})") from None
     return parsed

@@ -120,15 +120,13 @@ def _rule_options(create: bool) -> Callable[[Any], Any]:
 def _fields(kw: dict[str, Any]) -> dict[str, Any]:
     """Store fields from the options that were given."""
     fields: dict[str, Any] = {}
-    params: dict[str, Any] | None = None
+    if kw["params_json"] is not None and kw["param_pairs"]:
+        raise click.UsageError("give either --params or --param, not both")
     if kw["params_json"] is not None:
-        params = parse_json(kw["params_json"], "--params")
-    if kw["param_pairs"]:
-        if params is not None:
-            raise click.UsageError("give either --params or --param, not both")
-        params = parse_assignments(kw["param_pairs"], "--param")
-    if params is not None:
-        fields["params"] = params
+        # Whatever it reads as, null included, is the store's to judge: never left out.
+        fields["params"] = parse_json(kw["params_json"], "--params")
+    elif kw["param_pairs"]:
+        fields["params"] = parse_assignments(kw["param_pairs"], "--param")
     if kw["policy"] is not None:
         fields["policy"] = kw["policy"]
     for option, field in (("max_discount", "max_discount_pct"), ("min_margin", "min_margin_pct")):

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core import json_input
+
 MANIFEST = "manifest.json"
 CURRENT = "CURRENT"
 FORMAT_VERSION = 2  # 2: score.onnx
@@ -150,7 +152,7 @@ def load_manifest(version_dir: Path, verify: bool = True) -> Manifest:
     """Read a version's manifest; with verify, check every file's sha256 and the signature."""
     path = version_dir / MANIFEST
     try:
-        raw = json.loads(path.read_text())
+        raw = json_input.loads(path.read_text())
     except FileNotFoundError:
         raise ArtifactError(f"{version_dir}: no {MANIFEST}; not a model version") from None
     except (OSError, ValueError) as e:

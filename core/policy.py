@@ -148,6 +148,32 @@ def validate_params(policy: str, params: Mapping[str, Any]) -> dict[str, Any]:
     return validator(params)
 
 
+def check_grid(policy: str, params: Mapping[str, Any]) -> None:
+    """Refuse an `optimal` or `randomized` grid with two percents that price as one. Pricing takes
+    a percent to two decimals, rounded down (grid_choices): 10 and 10.001 would be one choice,
+    and a percent below 0.01 the no discount that is always one, so the grid would hold fewer
+    choices than it shows. Checked when a rule is written, not in validate_params: a rule
+    stored before keeps pricing as it did."""
+    if policy not in ("optimal", "randomized"):
+        return
+    taken: dict[Decimal, float] = {}
+    for value in params["grid"]:
+        pct = _percent_down(as_decimal(value, "grid"))
+        if pct == 0 and value != 0:
+            raise PolicyError(
+                f"{policy}: grid percent {value!r} is no discount once taken to the two decimals "
+                "offers are priced at (0.00%), and no discount is always a choice; give percents "
+                "of at least 0.01"
+            )
+        if pct in taken:
+            raise PolicyError(
+                f"{policy}: grid percents {taken[pct]!r} and {value!r} are the same discount, "
+                f"{pct}%, once taken to the two decimals offers are priced at (rounded down); "
+                "give each percent once"
+            )
+        taken[pct] = value
+
+
 def check_draws(policy: str, params: Mapping[str, Any], limits: Guardrails) -> None:
     """Refuse a `randomized` rule whose max discount leaves it no percent above 0 to draw: every
     offer would get none (propensity 1), a log no response model learns anything from."""

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from core import json_input
 from core.artifact import (
     MANIFEST,
     ArtifactError,
@@ -174,7 +175,7 @@ def load(folder: Path) -> ResponseManifest:
     """Read and verify a response model folder: kind, format, signature and every sha256."""
     path = folder / MANIFEST
     try:
-        raw = json.loads(path.read_text())
+        raw = json_input.loads(path.read_text())
     except FileNotFoundError:
         raise ArtifactError(
             f"{folder}: no {MANIFEST}; train one with `discount-train response --out DIR`"

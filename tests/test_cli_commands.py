@@ -383,6 +383,17 @@ INVALID = [
     (("segments", "create", "x", "--condition", "{not json"), "--condition: not valid JSON"),
     (("segments", "create", "x", "--condition", '{"all": []}'), "non-empty list"),
     (
+        # Deep inside: the 5 would silently have become the condition.
+        (
+            "segments",
+            "create",
+            "x",
+            "--condition",
+            '{"any": [{"not": {"feature": "order_count", "op": ">", "value": 1, "value": 5}}]}',
+        ),
+        "--condition: key 'value' is given twice; give it once",
+    ),
+    (
         # An escaped lone surrogate: JSON, but no text the store (or a terminal) can encode.
         ("segments", "create", "x", "--condition", '{"all": [{"feature": "\\ud800"}]}'),
         "--condition: JSON the store cannot take",
@@ -452,7 +463,19 @@ INVALID = [
     (("rules", "create", "t2", *TIER, "--param", "k1=4"), "--param: 'k1' is given twice"),
     (
         ("rules", "create", "t2", "--policy", "threshold", "--params", '{"t":0,"d":5,"d":90}'),
-        "--params: JSON the store cannot take (key 'd' is given twice; give it once)",
+        "--params: key 'd' is given twice; give it once",
+    ),
+    # null was taken as no --params: "unchanged", exit 0.
+    (("rules", "update", "tier", "--params", "null"), "parameters must be an object, got None"),
+    (
+        (
+            "rules",
+            "update",
+            "tier",
+            "--params",
+            '{"k1": 3, "d1": 15, "d2": 5, "k1": 30}',
+        ),
+        "--params: key 'k1' is given twice; give it once",
     ),
     (
         ("rules", "create", "t2", *TIER[:-2], "--param", "d2=" + "9" * 5000),
@@ -485,6 +508,24 @@ INVALID = [
         "randomized: no percent of grid [40.0, 50.0] is above 0 and within the max discount (30%)",
     ),
     (("rules", "create", "t2", "--policy", "randomized", "--param", "grid=[0]"), "no percent"),
+    # Offers are priced at two-decimal percents, rounded down: these grids hold one choice fewer
+    # than they show.
+    (
+        ("rules", "create", "t2", "--policy", "randomized", "--param", "grid=[0.1,0.10000001]"),
+        "randomized: grid percents 0.1 and 0.10000001 are the same discount, 0.10%",
+    ),
+    (
+        ("rules", "create", "t2", "--policy", "optimal", "--params", '{"grid": [5, 10, 10.009]}'),
+        "optimal: grid percents 10.0 and 10.009 are the same discount, 10.00%",
+    ),
+    (
+        ("rules", "create", "t2", "--policy", "randomized", "--param", "grid=[0.004,5]"),
+        "randomized: grid percent 0.004 is no discount once taken to the two decimals",
+    ),
+    (
+        ("rules", "update", "tier", "--policy", "randomized", "--param", "grid=[5,5.001]"),
+        "randomized: grid percents 5.0 and 5.001 are the same discount, 5.00%",
+    ),
     (
         (
             "rules",
@@ -952,6 +993,24 @@ def test_a_randomized_rule_stored_before_its_grid_was_checked_can_still_be_disab
     assert ok(seeded, "rules update learn --description old")["description"] == "old"
     refused = ctl(seeded, "rules", "update", "learn", "--max-discount", "35")
     assert refused.exit_code == 1 and "no percent of grid [40.0]" in refused.stderr
+
+
+def test_a_grid_stored_before_its_percents_were_checked_keeps_its_rule_manageable(
+    seeded: str,
+) -> None:
+    """A build before the check stored a grid of two percents that price as one: the rule can
+    still be disabled and described, and only a change of what it chooses among is refused."""
+    ok(seeded, "rules create learn --policy randomized --param grid=[5,10]")
+    store = Store(seeded)
+    with store.transaction() as session:
+        session.execute(
+            text("""UPDATE rules SET params = '{"grid": [5.0, 5.001]}' WHERE name = 'learn'""")
+        )
+    store.dispose()
+    assert ok(seeded, "rules disable learn")["enabled"] is False
+    assert ok(seeded, "rules update learn --description old")["description"] == "old"
+    refused = ctl(seeded, "rules", "update", "learn", "--max-discount", "35")
+    assert refused.exit_code == 1 and "grid percents 5.0 and 5.001" in refused.stderr
 
 
 def test_schema_not_at_head_names_the_fix(tmp_path: Path) -> None:

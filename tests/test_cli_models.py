@@ -63,6 +63,13 @@ def _list(folder: Path, name: str, same_as: str) -> None:
     (folder / "manifest.json").write_text(json.dumps(raw))
 
 
+def _listed_twice(folder: Path, name: str) -> None:
+    """List name twice in the manifest, the sha256 that matches last: Python's json alone keeps
+    the last, and a reader that keeps the first sees another file."""
+    path = folder / "manifest.json"
+    path.write_text(path.read_text().replace('"files": {', f'"files": {{"{name}": "{"0" * 64}",'))
+
+
 def run(url: str, *args: str) -> Any:
     result = ctl(url, "models", *args, "--output", "json")
     assert result.exit_code == 0, result.output
@@ -175,6 +182,10 @@ def test_rollback_asks_first(db_url: str, tmp_path: Path) -> None:
         ),
         (lambda d: (d / "items.json").unlink(), "items.json listed in the manifest is missing"),
         (lambda d: (d / "manifest.json").write_text("{"), "unreadable manifest"),
+        (
+            lambda d: _listed_twice(d, "model.onnx"),
+            "unreadable manifest: key 'model.onnx' is given twice; give it once",
+        ),
         # Files a reader opens but the manifest does not vouch for.
         (lambda d: _reseal_without(d, "score.onnx"), "does not list score.onnx"),
         (

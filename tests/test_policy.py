@@ -23,6 +23,7 @@ from core.policy import (
     Reason,
     Rule,
     apply_budget,
+    check_grid,
     floor_price,
     grid_choices,
     no_discount,
@@ -161,6 +162,36 @@ def test_messages_name_the_parameter_and_the_allowed_values(
 ) -> None:
     with pytest.raises(PolicyError, match=message):
         validate_params(policy, params)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    policy=st.sampled_from(("optimal", "randomized")),
+    grid=st.lists(
+        st.one_of(
+            st.floats(0, 99.99, allow_nan=False),
+            # Percents a hair apart, around two-decimal ones: where two would price as one.
+            st.integers(0, 9999).map(lambda c: c / 100)
+            | st.tuples(st.integers(0, 9999), st.floats(-1e-3, 1e-2)).map(
+                lambda t: max(0.0, t[0] / 100 + t[1])
+            ),
+        ),
+        min_size=1,
+        max_size=6,
+        unique=True,
+    ).map(sorted),
+)
+def test_a_grid_a_rule_may_be_written_with_holds_as_many_choices_as_it_shows(
+    policy: str, grid: list[float]
+) -> None:
+    """grid_choices (what pricing chooses among) is the grid and none: one choice per percent the
+    admin wrote, and none counted once."""
+    try:
+        params = validate_params(policy, {"grid": grid})
+        check_grid(policy, params)
+    except PolicyError:
+        return
+    assert len(grid_choices(params)) == len(grid) + (0 not in grid)
 
 
 POLICY_REASONS = {

@@ -13,6 +13,7 @@ import onnxruntime as ort
 import pandas as pd
 import pytest
 import torch
+from cli import ctl
 from click.testing import CliRunner, Result
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -387,6 +388,24 @@ def test_discountd_refuses_a_response_model_without_a_grid_of_discounts(
     (folder / "manifest.json").write_text(json.dumps({**manifest, "grid": grid}))
     with pytest.raises(ArtifactError, match=r"manifest\.json: grid .* train it again"):
         ResponseModel.load(folder)
+
+
+def test_a_response_manifest_that_gives_a_key_twice_is_refused(
+    exported: tuple[Trained, Path, ResponseManifest], db_url: str, model_store: Path, tmp_path: Path
+) -> None:
+    """Python's json keeps a repeated key's last value, where another reader may keep the first:
+    a manifest that says two things is not one to price from."""
+    folder = tmp_path / "response"
+    shutil.copytree(exported[1], folder)
+    path = folder / "manifest.json"
+    path.write_text(path.read_text().replace("{", '{"grid": [], ', 1))
+    result = ctl(
+        db_url, "rules", "simulate", "--user", "u1", "--model-dir", str(model_store),
+        "--response-model-dir", str(folder),
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert "cannot load the response model" in result.stderr
+    assert "key 'grid' is given twice; give it once" in result.stderr
 
 
 def test_logs_a_model_cannot_learn_from_are_refused_with_the_fix() -> None:

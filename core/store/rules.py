@@ -10,7 +10,7 @@ from typing import Any, cast
 from sqlalchemy import Numeric, Table, select
 from sqlalchemy.orm import Session
 
-from core.policy import Guardrails, PolicyError, check_draws, validate_params
+from core.policy import Guardrails, PolicyError, check_draws, check_grid, validate_params
 from core.store import audit, validate
 from core.store.errors import Conflict, InvalidInput, NotFound
 from core.store.segments import Segments, check_version, locked
@@ -66,7 +66,7 @@ class Rules:
         if self.session.scalar(select(Rule.id).where(Rule.name == name)) is not None:
             raise Conflict(f"rule {name!r} already exists; pick another name or update it")
         values = self._validated({**DEFAULTS, **fields, "policy": policy, "params": params})
-        _check_draws(values)
+        _check_choices(values)
         rule = Rule(name=name, **values)
         self.session.add(rule)
         self.session.flush()
@@ -101,10 +101,10 @@ class Rules:
             "params": rule.params,
         }
         values = self._validated({**current, **changes})
-        # Only when what it draws among changes: a rule stored before this check must still
-        # be disabled, or renamed, without first fixing its grid.
+        # Only when what it chooses among changes: a rule stored before these checks must
+        # still be disabled, or renamed, without first fixing its grid.
         if changes.keys() & {"policy", "params", "max_discount_pct"}:
-            _check_draws(values)
+            _check_choices(values)
         for key, value in values.items():
             setattr(rule, key, value)
         if not self.session.is_modified(rule):
@@ -225,8 +225,9 @@ def _strings(label: str, values: object) -> list[str]:
     return list(dict.fromkeys(values))
 
 
-def _check_draws(values: dict[str, Any]) -> None:
+def _check_choices(values: dict[str, Any]) -> None:
     try:
+        check_grid(values["policy"], values["params"])
         check_draws(values["policy"], values["params"], Guardrails.of(values["max_discount_pct"]))
     except PolicyError as e:
         raise InvalidInput(f"invalid policy parameters: {e}") from None
