@@ -67,7 +67,12 @@ class SnapshotKeeper:
         snapshot. Raises StoreError with a message that names the fix."""
         self.store.ping()
         require_head(self.store)
-        self._load()
+        try:
+            self._load()
+        except (StoreError, SQLAlchemyError, OSError):
+            raise
+        except Exception as e:
+            raise StoreError(self._unreadable(e)) from e
 
     @property
     def age_seconds(self) -> float:
@@ -107,8 +112,15 @@ class SnapshotKeeper:
         except (StoreError, SQLAlchemyError, OSError) as e:
             self._stale(self.store.why(e))
             ok = False
+        except Exception as e:  # what the store holds, not reaching it: stale all the same
+            log.exception("rule snapshot refresh failed")
+            self._stale(self._unreadable(e))
+            ok = False
         await self._changed(was_fresh)
         return ok
+
+    def _unreadable(self, e: Exception) -> str:
+        return f"rules in {self.store.masked_url} cannot be read: {type(e).__name__}: {e}"
 
     def _stale(self, message: str) -> None:
         if message != self.error:

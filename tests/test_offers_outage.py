@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from offer_server import OfferServer, eventually, ten_percent_off_everything
+from offer_server import OfferServer, ctl, eventually, ten_percent_off_everything
 from pg import hanging_proxy, pg_database
 from sqlalchemy import create_engine, select, text
 from sqlalchemy.engine import make_url
@@ -198,3 +198,28 @@ def test_a_store_that_hangs_instead_of_refusing_makes_the_snapshot_stale(
         finally:
             proxy.resume()
             running.close()
+
+
+def test_a_refresh_that_fails_on_the_data_makes_the_snapshot_stale(
+    model_store: Path, tmp_path: Path
+) -> None:
+    """A refresh that fails on what the store holds rather than on reaching it (here a budget
+    SQLite keeps as text) kept the last rules while health said they were fresh."""
+    url = ten_percent_off_everything(f"sqlite:///{tmp_path / 'discount.db'}")
+    ctl(url, "rules", "update", "all", "--budget", "100")
+    running = OfferServer(model_store, url, rules_poll_interval=0.2)
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE rules SET budget = 'abc'"))
+        info = eventually(lambda: stale_info(running), 10.0)
+        assert rules_health(running) == NOT_SERVING
+        assert "cannot be read" in info.store_error and "InvalidOperation" in info.store_error
+        request = pb.GetOffersRequest(user_id="user-0", limit=1)
+        assert running.stub.GetOffers(request).offers[0].final_price_cents == 900
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE rules SET budget = 100"))
+        eventually(lambda: rules_health(running) == SERVING, 10.0)
+    finally:
+        running.close()
+        engine.dispose()

@@ -21,7 +21,8 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from offer_server import eventually
+from offer_server import ctl, eventually, ten_percent_off_everything
+from sqlalchemy import create_engine, text
 
 from core.artifact import CURRENT, set_current
 from discount.v1 import discount_pb2 as pb
@@ -456,4 +457,18 @@ def test_workers_on_an_unknown_host_exit_1_in_one_line(tmp_path: Path) -> None:
     assert result.returncode == 1
     [refusal] = error_lines(result.stderr)
     assert refusal.startswith("cannot listen on nosuchhost.invalid:0: "), refusal
+    assert "Traceback" not in result.stderr
+
+
+def test_a_store_whose_rules_cannot_be_read_exits_1_naming_it(store: Path, tmp_path: Path) -> None:
+    """Rules the first load cannot read (a budget SQLite keeps as text) were a traceback."""
+    url = ten_percent_off_everything(f"sqlite:///{tmp_path / 'discount.db'}")
+    ctl(url, "rules", "update", "all", "--budget", "100")
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE rules SET budget = 'abc'"))
+    engine.dispose()
+    result = _exiting("--model-dir", str(store), "--port", "0", "--device", "cpu", "--db-url", url)
+    assert result.returncode == 1, result.stderr
+    assert any("cannot be read: InvalidOperation" in m for m in error_lines(result.stderr))
     assert "Traceback" not in result.stderr
