@@ -475,6 +475,11 @@ INVALID = [
         ("rules", "create", "t2", "--policy", "optimal", "--param", "grid=[10,5]"),
         "sorted ascending without repeats",
     ),
+    # What a newcomer types first: the message shows the list syntax.
+    (
+        ("rules", "create", "t2", "--policy", "optimal", "--param", "grid=5,10"),
+        "got '5,10'; write a list, e.g. grid=[5,10,15,20]",
+    ),
     (
         ("rules", "create", "t2", "--policy", "threshold", "--param", "t=0.5"),
         "missing parameter(s) d",
