@@ -163,7 +163,10 @@ def test_rollback_asks_first(db_url: str, tmp_path: Path) -> None:
     run(db_url, "register", str(_version(tmp_path, "v1")))
     run(db_url, "promote", "v1")
     result = ctl(db_url, "models", "rollback")
-    assert result.exit_code == 1 and "no terminal; pass --yes" in result.stderr
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == [
+        "Error: Roll back from model version 'v1'? Not asked: no terminal; pass --yes to confirm"
+    ]
 
 
 @pytest.mark.parametrize(
