@@ -138,7 +138,8 @@ def _model_dir(app: App, explicit: str | None) -> Path:
 @click.option("--user", "user_id", required=True, help="The shop's id of the user.")
 @click.option("--item", "item_ids", multiple=True, help="An item to price (repeat); default: "
               "the user's recommendations.")  # fmt: skip
-@click.option("--limit", type=int, default=0, help="Recommendations to price without --item.")
+@click.option("--limit", type=int, default=0, help="Recommendations to price without --item, "
+              "1 to 1000; 0, the default, prices 10 (as GetOffers).")  # fmt: skip
 @click.option(
     "--context",
     "context_pairs",

@@ -83,7 +83,8 @@ def export(
     there = [str(p) for p in paths if p.exists() or p.is_symlink()]
     if there:
         raise click.ClickException(
-            f"{', '.join(there)} already there; delete it or pick another --out"
+            f"{', '.join(there)} already there; delete {'them' if len(there) > 1 else 'it'} "
+            "or pick another --out"
         )
     counts: Counter[str] = Counter()
     lacking: set[str] = set()  # offers left out for want of a user feature, and their sales

@@ -43,9 +43,7 @@ def confirm(question: str, yes: bool) -> None:
     if yes:
         return
     if not sys.stdin.isatty():
-        raise click.ClickException(
-            f"{question} needs confirmation and there is no terminal; pass --yes"
-        )
+        raise click.ClickException(f"{question} Not asked: no terminal; pass --yes to confirm")
     if not click.confirm(question, err=True):
         raise click.ClickException("cancelled; nothing was changed")
 

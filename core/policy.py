@@ -105,7 +105,7 @@ def _grid(policy: str, params: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(grid, list | tuple) or not grid:
         raise PolicyError(
             f"{policy}: parameter 'grid' must be a non-empty list of candidate discount "
-            f"percents, got {grid!r}"
+            f"percents, got {grid!r}; write a list, e.g. grid=[5,10,15,20]"
         )
     values = [_percent(policy, {f"grid[{i}]": v}, f"grid[{i}]") for i, v in enumerate(grid)]
     if any(b <= a for a, b in itertools.pairwise(values)):

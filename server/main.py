@@ -20,10 +20,14 @@ import click
 from core.artifact import ArtifactError
 from core.store.errors import StoreError
 from server.app import CannotListen, create_server
+from server.auth import AUTH_MODES
 from server.limits import MAX_CONNECTION_AGE_GRACE_S
+from server.logs import LEVELS
 from server.logs import configure as configure_logs
 from server.settings import (
+    DEVICES,
     SOURCES,
+    SWITCHES,
     Settings,
     SettingsError,
     address,
@@ -34,6 +38,10 @@ from server.versions import LARGE_CATALOG
 from server.workers import RELAYED, supervise, unowned_port
 
 log = logging.getLogger("discountd")
+
+
+def _choices(values: tuple[str, ...]) -> str:
+    return f"[{'|'.join(values)}]"
 
 
 def _env(name: str) -> str:
@@ -49,48 +57,63 @@ def _env(name: str) -> str:
 )
 @click.option(
     "--model-dir",
+    metavar="DIR",
     help="Model store (version folders + CURRENT) or one version folder. [env DISCOUNT_MODEL_DIR]",
 )
 @click.option(
     "--response-model-dir",
+    metavar="DIR",
     help="Response model for `optimal` rules: a folder `discount-train response` wrote, "
     "loaded again when a new one is written there (next --poll-interval check or SIGHUP); "
     f"without it they grant no discount. {_env('response_model_dir')}",
 )
 @click.option(
     "--device",
+    metavar=_choices(DEVICES),
     help=f"Where ONNX Runtime runs: auto (CUDA, else CPU), cpu or cuda. {_env('device')}",
 )
-@click.option("--host", help=f"Address to listen on (IPv6 bare or in brackets). {_env('host')}")
-@click.option("--port", help=f"gRPC port; 0 picks a free one. {_env('port')}")
+@click.option(
+    "--host",
+    metavar="ADDRESS",
+    help=f"Address to listen on (IPv6 bare or in brackets). {_env('host')}",
+)
+@click.option("--port", metavar="PORT", help=f"gRPC port; 0 picks a free one. {_env('port')}")
 @click.option(
     "--poll-interval",
+    metavar="SECONDS",
     help="Seconds between checks of CURRENT (and of --response-model-dir); 0: SIGHUP only. "
     f"{_env('poll_interval')}",
 )
 @click.option(
     "--grace",
+    metavar="SECONDS",
     help="Seconds in-flight calls get on shutdown, and the offer log after them to write what "
     f"it holds. {_env('grace')}",
 )
 @click.option(
     "--drain-delay",
+    metavar="SECONDS",
     help="Seconds between SIGTERM turning health NOT_SERVING and the port closing: calls are "
     "still answered meanwhile, so that balancers polling health stop routing here first. "
     f"{_env('drain_delay')}",
 )
 @click.option(
     "--db-url",
+    metavar="URL",
     help=f"Store with rules and experiments; offers and events go there. {_env('db_url')}",
 )
 @click.option(
     "--rules-poll-interval",
+    metavar="SECONDS",
     help="Seconds between rule reloads (PostgreSQL also on NOTIFY), and between reads of the "
     f"purchases other processes stored. {_env('rules_poll_interval')}",
 )
-@click.option("--offer-ttl", help=f"Seconds an offer's price holds. {_env('offer_ttl')}")
+@click.option(
+    "--offer-ttl", metavar="SECONDS", help=f"Seconds an offer's price holds. {_env('offer_ttl')}"
+)
 @click.option(
     "--offer-spill-dir",
+    metavar="DIR",
     help="Folder (on a disk that outlives the process) where a shutdown puts the issued offers "
     "the store would not take within --grace; the next start writes them to the store. Unset: "
     "they are lost (logged; exit code 1). [env DISCOUNT_OFFER_SPILL_DIR]",
@@ -103,17 +126,26 @@ def _env(name: str) -> str:
 )
 @click.option(
     "--auth",
+    metavar=_choices(AUTH_MODES),
     help="required: every RPC but health needs a client token (discountctl clients create); "
     f"off: anyone who reaches the port may call. {_env('auth')}",
 )
-@click.option("--reflection", help=f"Server reflection, on or off. {_env('reflection')}")
+@click.option(
+    "--reflection",
+    metavar=_choices(SWITCHES),
+    help=f"Server reflection, on or off. {_env('reflection')}",
+)
 @click.option(
     "--tls-cert",
+    metavar="FILE",
     help="PEM certificate (chain) for the gRPC port; re-read on SIGHUP. [env DISCOUNT_TLS_CERT]",
 )
-@click.option("--tls-key", help="PEM private key of --tls-cert. [env DISCOUNT_TLS_KEY]")
+@click.option(
+    "--tls-key", metavar="FILE", help="PEM private key of --tls-cert. [env DISCOUNT_TLS_KEY]"
+)
 @click.option(
     "--tls-client-ca",
+    metavar="FILE",
     help="PEM CA(s): require client certificates signed by them (mutual TLS). "
     "[env DISCOUNT_TLS_CLIENT_CA]",
 )
@@ -125,11 +157,13 @@ def _env(name: str) -> str:
 )
 @click.option(
     "--metrics-port",
+    metavar="PORT",
     help="Serve Prometheus metrics at http://HOST:PORT/metrics; 0 picks a free port; unset: "
     "no metrics. [env DISCOUNT_METRICS_PORT]",
 )
 @click.option(
     "--log-level",
+    metavar=_choices(LEVELS),
     help="The whole log's level. debug: one JSON log line per call, and ONNX Runtime's own "
     "lines; info: failed calls only, and start-up lines (the ports 0 picked); warning: "
     "UNAVAILABLE and server errors; error: server errors (INTERNAL, UNKNOWN, DATA_LOSS). "
@@ -137,27 +171,32 @@ def _env(name: str) -> str:
 )
 @click.option(
     "--batch-max-size",
+    metavar="N",
     help="Most Recommend calls gathered into one model run; 1: no batching. "
     f"{_env('batch_max_size')}",
 )
 @click.option(
     "--batch-max-wait-us",
+    metavar="MICROSECONDS",
     help="Microseconds a batch waits for more calls before it runs; 0: it runs as soon as the "
     f"previous model run is done. {_env('batch_max_wait_us')}",
 )
 @click.option(
     "--workers",
+    metavar="N",
     help="Processes serving the port together (SO_REUSEPORT), each with its share of the "
     f"cores for ONNX Runtime. {_env('workers')}",
 )
 @click.option(
     "--ort-threads",
+    metavar="N",
     help="ONNX Runtime threads per model run; 0: chosen for each model version, each worker's "
     "share of the cores less one (kept for its event loop), or the whole share for catalogs of "
     f"{LARGE_CATALOG:,} items or more, where the model is the limit. {_env('ort_threads')}",
 )
 @click.option(
     "--max-connection-age",
+    metavar="SECONDS",
     help="Seconds a client connection lives before the server asks its client to reconnect "
     "(GOAWAY), so --workers and replicas get new connections to share; calls in flight get "
     f"{MAX_CONNECTION_AGE_GRACE_S:g} s more to finish; 0: for ever. {_env('max_connection_age')}",

@@ -136,7 +136,8 @@ class ModelStore:
         # The poller repeats a failure every few seconds: logged once. A reload someone asked
         # for (SIGHUP) is answered every time, or a retry that fails the same way looks ignored.
         if asked or message != self.last_error:
-            serving = self.current.version if self.current else "nothing"
-            log.error("%s; still serving %s", message, serving)
+            # Before any version serves, start-up ends with this reason (`cannot serve: ...`).
+            if self.current is not None:
+                log.error("%s; still serving %s", message, self.current.version)
             self.failures += 1
         self.last_error = message

@@ -134,6 +134,15 @@ def test_policy_help_describes_every_policy() -> None:
             assert f"{name}:" in policy.help, f"{' '.join(path)} --policy help lacks {name}"
 
 
+def test_simulate_limit_help_says_what_it_takes_and_what_0_means() -> None:
+    """--limit 0 is the default and prices 10, as GetOffers; without saying so the help
+    left a user to find out from an error."""
+    command = _leaves(cli)[[p for p, _ in _leaves(cli)].index(("rules", "simulate"))][1]
+    (limit,) = [p for p in command.params if p.name == "limit"]
+    assert isinstance(limit, click.Option) and limit.help
+    assert "1 to 1000" in limit.help and "0, the default, prices 10" in limit.help
+
+
 def ok(url: str, line: str, input: str | None = None) -> Any:
     """Run one command line as a user types it, with --output json; it must succeed."""
     result = ctl(url, *shlex.split(line), "--output", "json", input=input)
@@ -497,6 +506,11 @@ INVALID = [
     (
         ("rules", "create", "t2", "--policy", "optimal", "--param", "grid=[10,5]"),
         "sorted ascending without repeats",
+    ),
+    # What a newcomer types first: the message shows the list syntax.
+    (
+        ("rules", "create", "t2", "--policy", "optimal", "--param", "grid=5,10"),
+        "got '5,10'; write a list, e.g. grid=[5,10,15,20]",
     ),
     (
         ("rules", "create", "t2", "--policy", "threshold", "--param", "t=0.5"),

@@ -170,7 +170,10 @@ def test_rollback_asks_first(db_url: str, tmp_path: Path) -> None:
     run(db_url, "register", str(_version(tmp_path, "v1")))
     run(db_url, "promote", "v1")
     result = ctl(db_url, "models", "rollback")
-    assert result.exit_code == 1 and "no terminal; pass --yes" in result.stderr
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == [
+        "Error: Roll back from model version 'v1'? Not asked: no terminal; pass --yes to confirm"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -221,6 +224,34 @@ def test_register_refuses_a_version_that_does_not_match_its_manifest(
     result = ctl(db_url, "models", "register", str(folder))
     assert result.exit_code == 1 and fragment in result.stderr
     assert row_counts(db_url)["model_versions"] == 0
+
+
+def test_registering_the_model_store_names_the_version_folder_to_give(
+    db_url: str, tmp_path: Path
+) -> None:
+    """`fit --out var/models` prints the store; the version to register is a folder in it."""
+    store = tmp_path / "models"
+    store.mkdir()
+    _version(store, "v1")
+    (store / "CURRENT").write_text("v1\n")
+    result = ctl(db_url, "models", "register", str(store))
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == [
+        f"Error: not a valid model version: {store} is a model store (it has CURRENT); "
+        f"give a version folder in it, e.g. {store / 'v1'}"
+    ]
+    assert row_counts(db_url)["model_versions"] == 0
+
+
+def test_promoting_a_version_never_registered_says_to_register_it(
+    db_url: str, tmp_path: Path
+) -> None:
+    result = ctl(db_url, "models", "promote", "v1")
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == [
+        "Error: no model version 'v1' is registered; `discountctl models register DIR` "
+        "registers the version folder DIR, `discountctl models list` shows those registered"
+    ]
 
 
 def test_register_twice_and_promote_after_tampering_are_refused(

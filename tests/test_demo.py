@@ -14,6 +14,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import click
 import pytest
 from cli import ctl
 from click.testing import CliRunner, Result
@@ -36,6 +37,12 @@ def restore_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 def _demo(out: Path, *args: str) -> Result:
     return CliRunner().invoke(main, ["--out", str(out), *SMALL, *args])
+
+
+def test_every_option_says_what_it_does() -> None:
+    """`python -m tools.demo --help` is what a newcomer reads before `make demo DATA=...`."""
+    silent = [p.opts[0] for p in main.params if isinstance(p, click.Option) and not p.help]
+    assert silent == []
 
 
 def test_demo_runs_end_to_end(tmp_path: Path, restore_env: None) -> None:

@@ -229,7 +229,10 @@ def test_offers_without_what_a_model_needs_are_left_out_and_counted(
 
     again = ctl(db_url, "offers", "export", "--out", str(tmp_path / "log"))
     assert again.exit_code == 1
-    assert "offers.csv, " in again.output and "already there" in again.output
+    assert again.stderr.splitlines() == [
+        f"Error: {tmp_path / 'log/offers.csv'}, {tmp_path / 'log/events.csv'} already there; "
+        "delete them or pick another --out"
+    ]
 
 
 T0 = 1_764_496_800  # 2025-11-30T10:00:00Z

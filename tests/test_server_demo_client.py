@@ -53,6 +53,9 @@ def test_demo_client_sends_its_token_when_auth_is_required(
         args = ["--target", running.target, "--user", "user-0", "--wait", "5"]
         refused = CliRunner().invoke(main, args)
         assert refused.exit_code == 1 and "UNAUTHENTICATED" in refused.output
+        assert refused.output.rstrip().endswith(
+            "; pass --token TOKEN (or set DISCOUNT_CLIENT_TOKEN)"
+        )
         allowed = CliRunner().invoke(main, [*args, "--token", token])
         assert allowed.exit_code == 0, allowed.output
         assert "user-0 — known user" in allowed.output

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import click
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from server.main import main
 from server.settings import SettingsError, resolve
 from server.versions import LARGE_CATALOG, ort_threads_for
 
@@ -198,3 +200,14 @@ def test_the_offer_spill_dir_is_made_at_start_and_must_take_files(tmp_path: Path
     assert f"--offer-spill-dir / DISCOUNT_OFFER_SPILL_DIR: {a_file / 'spill'} cannot take" in str(
         e.value
     )
+
+
+def test_help_names_what_each_option_takes() -> None:
+    """resolve() parses the values (to report every bad one at once), so click types them all as
+    text: without a metavar the help would show `--port TEXT`, `--device TEXT`."""
+    unnamed = [
+        p.opts[0]
+        for p in main.params
+        if isinstance(p, click.Option) and not p.is_flag and p.metavar is None
+    ]
+    assert unnamed == []

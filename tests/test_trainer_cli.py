@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import re
 import subprocess
 import sys
@@ -519,3 +520,26 @@ def test_a_margin_for_movielens_which_has_no_prices_is_refused(tmp_path: Path) -
     )
     assert result.exit_code == 2
     assert "--default-margin: MovieLens has no prices, so no margin to assume" in result.output
+
+
+@pytest.mark.parametrize(
+    ("format_name", "missing"), [("online-retail", "online-retail"), ("movielens", "ml-100k")]
+)
+def test_a_public_dataset_not_there_says_where_it_was_looked_for_and_how_to_give_it(
+    tmp_path: Path, format_name: str, missing: str
+) -> None:
+    datasets = tmp_path / "datasets"
+    datasets.mkdir()
+    args = ["fit", "--format", format_name, "--out", str(tmp_path / "m")]
+    done = subprocess.run(
+        [sys.executable, "-c", "from trainer.entry import main; main()", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DISCOUNT_DATASETS": str(datasets)},
+    )
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"Error: {datasets / missing}")
+    assert "DISCOUNT_DATASETS" in line and "--interactions" in line
+    assert not (tmp_path / "m").exists()

@@ -319,11 +319,18 @@ def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
 @click.command(epilog="Example: python -m tools.demo --shoppers 3000")
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=Path("var/demo"),
               show_default=True, help="Everything the demo makes; emptied first.")  # fmt: skip
-@click.option("--data", type=click.Choice(DATA_SOURCES), default="synthetic", show_default=True)
-@click.option("--users", type=click.IntRange(min=20), default=3000, show_default=True)
-@click.option("--items", type=click.IntRange(min=20), default=300, show_default=True)
-@click.option("--shoppers", type=click.IntRange(min=1), default=3000, show_default=True)
-@click.option("--seed", type=int, default=7, show_default=True)
+@click.option("--data", type=click.Choice(DATA_SOURCES), default="synthetic", show_default=True,
+              help="The shop: a synthetic one (discount-train synth), or the UCI Online Retail "
+              "data (DISCOUNT_DATASETS, else ../shared/datasets).")  # fmt: skip
+@click.option("--users", type=click.IntRange(min=20), default=3000, show_default=True,
+              help="The synthetic shop's users (online-retail has its own); half as many, "
+              "50 to 1,500, shop in the simulated log the response model learns from.")  # fmt: skip
+@click.option("--items", type=click.IntRange(min=20), default=300, show_default=True,
+              help="The synthetic shop's items (online-retail has its own).")  # fmt: skip
+@click.option("--shoppers", type=click.IntRange(min=1), default=3000, show_default=True,
+              help="Simulated shoppers replayed through the experiment.")  # fmt: skip
+@click.option("--seed", type=int, default=7, show_default=True,
+              help="Seeds the shop, the models, the simulator and the replay.")  # fmt: skip
 @click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True,
               help="discountd's port; 0 picks a free one.")  # fmt: skip
 def main(out: Path, data: str, users: int, items: int, shoppers: int, seed: int, port: int) -> None:

@@ -82,7 +82,12 @@ def main(
             )
             _print_table(f"demo-new-visitor (recent: {', '.join(first) or 'none'})", visitor)
         except grpc.RpcError as e:
-            raise click.ClickException(f"{target}: {e.code().name}: {e.details()}") from None
+            hint = (
+                "; pass --token TOKEN (or set DISCOUNT_CLIENT_TOKEN)"
+                if e.code() == grpc.StatusCode.UNAUTHENTICATED
+                else ""
+            )
+            raise click.ClickException(f"{target}: {e.code().name}: {e.details()}{hint}") from None
 
 
 def _first_users(model_dir: Path | None, count: int) -> list[str]:

@@ -300,11 +300,19 @@ def _load(
     from trainer.data import (
         MOVIELENS,
         ONLINE_RETAIL,
+        DataError,
         load_files,
         load_movielens,
         load_online_retail,
     )
 
+    default = {"online-retail": ONLINE_RETAIL, "movielens": MOVIELENS}.get(format_name)
+    if interactions is None and default is not None and not default.exists():
+        raise DataError(
+            f"{default}: not found; the public datasets are looked for under DISCOUNT_DATASETS, "
+            "else ../shared/datasets beside the checkout: set DISCOUNT_DATASETS or pass "
+            "--interactions PATH"
+        )
     if format_name == "online-retail":
         return load_online_retail(interactions or ONLINE_RETAIL, default_margin)
     if format_name == "movielens":

@@ -8,7 +8,15 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from core.artifact import MANIFEST, ArtifactError, Manifest, load_manifest, sha256_file
+from core.artifact import (
+    CURRENT,
+    MANIFEST,
+    ArtifactError,
+    Manifest,
+    current_version_dir,
+    load_manifest,
+    sha256_file,
+)
 from core.shop import load_shop_facts
 from core.store import audit
 from core.store.errors import Conflict, InvalidInput, NotFound
@@ -30,7 +38,10 @@ class ModelVersions:
             query = query.with_for_update().execution_options(populate_existing=True)
         found = self.session.scalar(query)
         if found is None:
-            raise NotFound(f"no model version {version!r}; see `discountctl models list`")
+            raise NotFound(
+                f"no model version {version!r} is registered; `discountctl models register DIR` "
+                "registers the version folder DIR, `discountctl models list` shows those registered"
+            )
         return found
 
     def list_all(self) -> list[ModelVersion]:
@@ -44,6 +55,16 @@ class ModelVersions:
     def register(self, directory: Path) -> ModelVersion:
         """Verify every file against the manifest's sha256 and record the version as staged."""
         path = directory.resolve()
+        if not (path / MANIFEST).exists() and (path / CURRENT).is_file():
+            # What `discount-train fit --out` was given: the store, not the version in it.
+            try:
+                example = current_version_dir(path)
+            except ArtifactError:
+                example = path / "VERSION"
+            raise InvalidInput(
+                f"not a valid model version: {path} is a model store (it has {CURRENT}); "
+                f"give a version folder in it, e.g. {example}"
+            )
         manifest = _verified(path)
         existing = self.session.scalar(
             select(ModelVersion).where(ModelVersion.version == manifest.version)
