@@ -62,7 +62,9 @@ class Why(StrEnum):
     # does, and this user is not in that variant: no discount.
     RULE_HELD_BY_EXPERIMENT = "RULE_HELD_BY_EXPERIMENT"
     RANKED = "RANKED"
-    # The model has no score for this item for this user (e.g. an item it was not trained on).
+    # The item has no rank for this user: not among their recommendations (past the first
+    # server.recommend.MAX_LIMIT, or excluded as bought), or one the model has no score for
+    # (e.g. an item it was not trained on). A score, if any, still prices it.
     NOT_RANKED = "NOT_RANKED"
     # The catalog has no price or no cost for the item, so no discount can be checked safely.
     NO_PRICE = "NO_PRICE"
@@ -175,7 +177,7 @@ class ItemInput:
     category: str
     price: float | None
     cost: float | None
-    rank: int  # 1-based among the request's items; 0: not ranked by the model
+    rank: int  # 1-based in the user's recommendations; 0: not among them
     score: float | None
     cost_assumed: bool = False  # the trainer assumed the cost from its default margin
     known: bool = True  # in the serving model's catalog

@@ -312,9 +312,10 @@ class Rule:
 class Candidate:
     """An item to price: catalog price and cost, and the model's view of it for this user.
 
-    ``rank`` is 1-based among the items of the request; ``score`` is None when the model has
-    none (an item it does not know). ``purchase_probability`` is the response model's P(buy)
-    at each of ``grid_choices`` of the rule (None: no response model).
+    ``rank`` is 1-based in the user's recommendations (UNRANKED: not among them); ``score``
+    is None when the model has none (an item it does not know). ``purchase_probability`` is
+    the response model's P(buy) at each of ``grid_choices`` of the rule (None: no response
+    model).
     """
 
     item_id: str

@@ -41,7 +41,13 @@ from core.store.validate import CONTROL_CHARACTERS
 from server.errors import FieldViolation, InvalidRequest
 from server.limits import MAX_ID_CHARS
 from server.model import ModelVersion
-from server.recommend import MAX_IDS, RecommendQuery, recommend, user_and_limit_problems
+from server.recommend import (
+    MAX_IDS,
+    MAX_LIMIT,
+    RecommendQuery,
+    recommend,
+    user_and_limit_problems,
+)
 
 MAX_CONTEXT = 64
 
@@ -127,17 +133,19 @@ def _named_items(model: ModelVersion, facts: ShopFacts, query: OffersQuery) -> l
         # No history to fold in: the popularity score Recommend gives unknown users.
         ranks, n = model.popularity_rank, len(model.popularity)
         scores = {i: 1.0 - int(ranks[i]) / n for i in set(indices) if i >= 0 and ranks[i] >= 0}
-    # Ranked among the distinct named items (ties: first named first): an item named twice is
-    # one item with one rank and one price, and does not push the others down a tier.
-    distinct = [i for i in dict.fromkeys(indices) if i in scores]
-    rank = {i: r for r, i in enumerate(sorted(distinct, key=lambda i: -scores[i]), start=1)}
+    # The item's rank in the user's own recommendations, not among the named items: ranked
+    # among themselves, an item priced alone (a product page), or any cart of at most k1
+    # items, would always be in tiered_topk's top tier. Outside them (past MAX_LIMIT, or
+    # excluded as bought): 0, not ranked.
+    recommended = recommend(model, RecommendQuery(query.user_id, MAX_LIMIT, bought=query.bought))
+    rank = {item.item_id: r for r, item in enumerate(recommended.items, start=1)}
     return [
         ItemInput(
             item_id,
             facts.categories.get(item_id, ""),
             facts.prices.get(item_id) if i >= 0 else None,
             facts.costs.get(item_id),
-            rank.get(i, 0),
+            rank.get(item_id, 0),
             scores.get(i),
             item_id in facts.assumed_costs,
             known=i >= 0,
@@ -147,8 +155,8 @@ def _named_items(model: ModelVersion, facts: ShopFacts, query: OffersQuery) -> l
 
 
 def candidates(model: ModelVersion, facts: ShopFacts, query: OffersQuery) -> list[ItemInput]:
-    """The items to price, with ranks and scores: the named items (ranked among themselves)
-    or the user's recommendations."""
+    """The items to price, with ranks and scores: the named items or the user's
+    recommendations, each ranked where the recommendations rank it."""
     if query.item_ids:
         return _named_items(model, facts, query)
     recommended = recommend(model, RecommendQuery(query.user_id, query.limit, bought=query.bought))

@@ -73,19 +73,22 @@ def test_rule_prices_recommendations_with_reasons(server: OfferServer) -> None:
     assert datetime.fromisoformat(top.expires_at) > datetime.now(UTC)
 
 
-def test_named_items_are_ranked_among_themselves(server: OfferServer) -> None:
+def test_named_items_keep_their_rank_in_the_users_recommendations(server: OfferServer) -> None:
     # user-0 likes garden items (00000-00014): those rank above the kitchen item.
+    ranks = recommended_ranks(server, "user-0")
     response = server.stub.GetOffers(
         pb.GetOffersRequest(user_id="user-0", item_ids=["00029", "00003", "00004"])
     )
     assert [o.item_id for o in response.offers] == ["00029", "00003", "00004"]
-    assert sorted(o.rank for o in response.offers) == [1, 2, 3]
-    assert response.offers[0].rank == 3 and response.offers[0].final_price_cents == 950
+    assert [o.rank for o in response.offers] == [
+        ranks.get(i, 0) for i in ("00029", "00003", "00004")
+    ]
+    assert response.offers[0].rank > 2 and response.offers[0].final_price_cents == 950
 
 
 def test_an_item_named_twice_keeps_one_rank_and_price(server: OfferServer) -> None:
     # Two lines of one item in a cart: both get the item's rank, and the item ranked second
-    # keeps its place in the tier (k1=2) instead of falling to third behind the repeat.
+    # keeps its place in the tier (k1=2).
     recommended = server.stub.Recommend(pb.RecommendRequest(user_id="user-0", limit=2)).items
     first, second = (item.item_id for item in recommended)
     response = server.stub.GetOffers(
@@ -93,6 +96,55 @@ def test_an_item_named_twice_keeps_one_rank_and_price(server: OfferServer) -> No
     )
     assert [o.item_id for o in response.offers] == [first, first, second]
     assert prices(response) == [(1, 800), (1, 800), (2, 800)]
+
+
+def recommended_ranks(server: OfferServer, user: str) -> dict[str, int]:
+    """Each item's 1-based rank in the user's recommendations, as Recommend lists them."""
+    items = server.stub.Recommend(pb.RecommendRequest(user_id=user, limit=1000)).items
+    return {item.item_id: item.rank for item in items}
+
+
+def test_a_product_page_priced_one_item_at_a_time_pays_the_top_tier_only_on_the_top_items(
+    server: OfferServer,
+) -> None:
+    """A storefront pricing one item per call (a product page), or a cart of at most k1 items,
+    gave every item rank 1 among the named items, so tiered_topk paid its top tier (20%) on
+    everything: an item pays it only where the user's recommendations rank it in the top k1=2,
+    and one they do not hold (user-0 bought it) is not ranked: the rest's 5%."""
+    ranks = recommended_ranks(server, "user-0")
+    third = next(item for item, rank in ranks.items() if rank == 3)
+    last = max(ranks, key=ranks.__getitem__)
+    bought = sorted({f"{i:05d}" for i in range(30)} - ranks.keys())
+    assert len(bought) == 3  # the tiny shop's purchases of user-0
+    for item in (third, last, bought[0]):
+        [offer] = server.stub.GetOffers(
+            pb.GetOffersRequest(user_id="user-0", item_ids=[item])
+        ).offers
+        assert (offer.rank, offer.final_price_cents) == (ranks.get(item, 0), 950)
+        assert "POLICY_TIERED_REST" in offer.reason_codes
+    cart = server.stub.GetOffers(pb.GetOffersRequest(user_id="user-0", item_ids=[last, third]))
+    assert prices(cart) == [(ranks[last], 950), (3, 950)]
+    [unranked] = server.stub.GetOffers(
+        pb.GetOffersRequest(user_id="user-0", item_ids=[bought[0]])
+    ).offers
+    assert "NOT_RANKED" in unranked.reason_codes and "RANKED" not in unranked.reason_codes
+
+
+@pytest.mark.parametrize("user", ["user-0", "user-7", "user-25", "a-visitor"])
+def test_an_items_rank_is_the_same_recommended_or_named(server: OfferServer, user: str) -> None:
+    """Known users (the model ranks) and an unknown one (popularity ranks): every recommended
+    item has its Recommend rank when GetOffers recommends it, when named alone, and when named
+    with all the others in another order, one of them twice."""
+    ranks = recommended_ranks(server, user)
+    assert len(ranks) >= 27
+    offered = server.stub.GetOffers(pb.GetOffersRequest(user_id=user, limit=1000)).offers
+    assert {o.item_id: o.rank for o in offered} == ranks
+    for item in ranks:
+        [alone] = server.stub.GetOffers(pb.GetOffersRequest(user_id=user, item_ids=[item])).offers
+        assert alone.rank == ranks[item]
+    named = [*sorted(ranks, reverse=True), next(iter(ranks))]
+    together = server.stub.GetOffers(pb.GetOffersRequest(user_id=user, item_ids=named)).offers
+    assert [o.rank for o in together] == [ranks[i] for i in named]
 
 
 def top_offer(server: OfferServer, cents: int) -> pb.Offer | None:
@@ -286,10 +338,29 @@ def test_an_item_newer_than_the_model_gets_no_offer_and_the_rest_of_the_basket_i
         assert new.item_id == "new-item" and "UNKNOWN_ITEM" in new.reason_codes
         assert (new.base_price_cents, new.final_price_cents, new.rank) == (0, 0, 0)
         assert (new.offer_id, new.offer_token, new.expires_at, new.rule_id) == ("", "", "", "")
+        ranks = recommended_ranks(server, user)
         for offer in (known, other):
-            assert offer.offer_token and offer.base_price_cents > 0 and offer.rank in (1, 2)
+            assert offer.offer_token and offer.base_price_cents > 0
+            assert offer.rank == ranks.get(offer.item_id, 0)
             assert "UNKNOWN_ITEM" not in offer.reason_codes
-        assert {known.rank, other.rank} == {1, 2}
+
+
+def test_a_named_item_outside_the_recommendations_keeps_its_score(
+    model_store: Path, db_url: str
+) -> None:
+    """Not ranked is not unscored: a named item the recommendations leave out (user-0 bought
+    it) is still priced by a score-based policy, here 10% off every scored item."""
+    running = OfferServer(model_store, ten_percent_off_everything(db_url))
+    try:
+        ranks = recommended_ranks(running, "user-0")
+        bought = min({f"{i:05d}" for i in range(30)} - ranks.keys())
+        [offer] = running.stub.GetOffers(
+            pb.GetOffersRequest(user_id="user-0", item_ids=[bought])
+        ).offers
+    finally:
+        running.close()
+    assert (offer.rank, offer.discount_percent) == (0, 10)
+    assert "NOT_RANKED" in offer.reason_codes and "POLICY_THRESHOLD_MET" in offer.reason_codes
 
 
 def test_bad_requests_name_the_field(server: OfferServer) -> None:

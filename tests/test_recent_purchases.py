@@ -70,9 +70,12 @@ def test_a_purchase_recorded_here_leaves_recommendations_at_once(server: OfferSe
     # The other store-backed path to a ranking: GetOffers prices recommendations.
     offers = server.stub.GetOffers(pb.GetOffersRequest(user_id="user-0", limit=8)).offers
     assert offers and top not in [o.item_id for o in offers]
-    # A named item is priced all the same: the caller asked for it.
+    # A named item is priced all the same: the caller asked for it. Not ranked, though, as
+    # the recommendations it left are what ranks a named item.
     named = server.stub.GetOffers(pb.GetOffersRequest(user_id="user-0", item_ids=[top])).offers
     assert [o.item_id for o in named] == [top]
+    assert named[0].rank == 0 and "NOT_RANKED" in named[0].reason_codes
+    assert named[0].discount_percent == 5  # tiered_topk's rest, not the top tier's 20
 
 
 def issued(server: OfferServer, user: str, db_url: str) -> list[pb.Offer]:

@@ -138,15 +138,21 @@ def test_sample_ratio_mismatch_warns(db_url: str) -> None:
 def test_simulate_shows_the_servers_answer_without_issuing(db_url: str, model_store: Path) -> None:
     ctl(db_url, "rules", "create", "tier", "--policy", "tiered_topk",
         "--param", "k1=1", "--param", "d1=20", "--param", "d2=5", "--min-margin", "10")  # fmt: skip
-    args = ("--user", "user-0", "--item", "00029", "--item", "00003", "--item", "zzz")
-    result = ctl(db_url, "rules", "simulate", *args, "--model-dir", str(model_store), "-o", "json")
+    model = ("--model-dir", str(model_store), "-o", "json")
+    best = ctl(db_url, "rules", "simulate", "--user", "user-0", "--limit", "1", *model)
+    [top] = json.loads(best.stdout)["items"]
+    # Ranked as the user's recommendations rank them; user-0 bought 00003: not among them.
+    items = ("--item", "00029", "--item", top["item_id"], "--item", "00003", "--item", "zzz")
+    result = ctl(db_url, "rules", "simulate", "--user", "user-0", *items, *model)
     data = json.loads(result.stdout)
     assert data["segment"] is None and data["experiment"] is None
-    first, second, unknown = data["items"]
+    first, second, bought, unknown = data["items"]
     assert unknown["item_id"] == "zzz" and "UNKNOWN_ITEM" in unknown["reason_codes"]
-    assert (first["item_id"], first["rank"], first["final_price"]) == ("00029", 2, "9.50")
+    assert (first["item_id"], first["final_price"]) == ("00029", "9.50") and first["rank"] > 1
     assert (second["rank"], second["final_price"], second["rule"]) == (1, "8.00", "tier")
     assert "POLICY_TIERED_TOP" in second["reason_codes"]
+    assert (bought["rank"], bought["final_price"]) == (0, "9.50")
+    assert "NOT_RANKED" in bought["reason_codes"]
     store = Store(db_url)
     with store.transaction() as session:
         from sqlalchemy import func, select

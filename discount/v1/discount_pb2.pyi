@@ -458,8 +458,9 @@ class Offer(_message.Message):
     expires_at: _builtins.str
     """When the offer expires, RFC 3339."""
     rank: _builtins.int
-    """1-based rank of the item: in the user's recommendations, or among the named item_ids;
-    0 when not ranked.
+    """1-based rank of the item in the user's recommendations (as Recommend lists them, the
+    same whether recommended or named in item_ids); 0 when not among the first 1000 of them
+    (or left out of them, as an item the user bought).
     """
     @_builtins.property
     def reason_codes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
