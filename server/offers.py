@@ -45,6 +45,7 @@ from server.recommend import (
     MAX_IDS,
     MAX_LIMIT,
     RecommendQuery,
+    ranks_in,
     recommend,
     user_and_limit_problems,
 )
@@ -137,15 +138,15 @@ def _named_items(model: ModelVersion, facts: ShopFacts, query: OffersQuery) -> l
     # among themselves, an item priced alone (a product page), or any cart of at most k1
     # items, would always be in tiered_topk's top tier. Outside them (past MAX_LIMIT, or
     # excluded as bought): 0, not ranked.
-    recommended = recommend(model, RecommendQuery(query.user_id, MAX_LIMIT, bought=query.bought))
-    rank = {item.item_id: r for r, item in enumerate(recommended.items, start=1)}
+    mine = RecommendQuery(query.user_id, MAX_LIMIT, bought=query.bought)
+    rank = ranks_in(model, mine, {i for i in indices if i >= 0})
     return [
         ItemInput(
             item_id,
             facts.categories.get(item_id, ""),
             facts.prices.get(item_id) if i >= 0 else None,
             facts.costs.get(item_id),
-            rank.get(item_id, 0),
+            rank.get(i, 0),
             scores.get(i),
             item_id in facts.assumed_costs,
             known=i >= 0,

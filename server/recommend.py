@@ -184,6 +184,22 @@ def recommend(model: ModelVersion, query: RecommendQuery) -> Recommendation:
     return finish(model, planned, items[0], scores[0])
 
 
+def ranks_in(model: ModelVersion, query: RecommendQuery, items: Collection[int]) -> dict[int, int]:
+    """The 1-based rank in recommend(model, query)'s answer of each of items (indices) that it
+    holds: as recommend() ranks, without building its answer's items (a thousand of them
+    cost GetOffers a millisecond per call)."""
+    planned = plan(model, query)
+    if isinstance(planned, Recommendation):
+        order = np.array([model.item_index[s.item_id] for s in planned.items], dtype=np.int64)
+    else:
+        found, scores = run_plans(model, [planned])
+        row = found[0][: planned.limit]
+        order = row[np.isfinite(scores[0][: planned.limit])]
+    wanted = np.fromiter(items, dtype=np.int64)
+    at = np.flatnonzero(np.isin(order, wanted))
+    return dict(zip(order[at].tolist(), (at + 1).tolist(), strict=True))
+
+
 def _popular(
     model: ModelVersion,
     limit: int,
