@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 from decimal import Decimal
 from pathlib import Path
@@ -538,3 +540,23 @@ def test_each_rule_prices_every_offer_as_discountd_prices_it_alone(shop: Path) -
         )
         assert got.tobytes() == expected.tobytes(), r
         assert len(set(got.tolist())) > 1, r
+
+
+def test_it_runs_without_importing_torch_or_onnx_runtime_unless_given_a_model(
+    tmp_path: Path,
+) -> None:
+    """Estimating trains nothing: torch took about 1.6 s of every run to import, and ONNX
+    Runtime is only for --response-model."""
+    _tiny_log(tmp_path)
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps([TIERED]))
+    probe = f"""
+import sys
+from trainer.cli import main
+main(["estimate-policy", "--offers", {str(tmp_path / "tiny.csv")!r}, "--events",
+      {str(tmp_path / "tiny-events.csv")!r}, "--rules", {str(rules)!r}], standalone_mode=False)
+print("loaded:", [name for name in ("torch", "onnxruntime") if name in sys.modules])
+"""
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.endswith("loaded: []\n")

@@ -34,10 +34,10 @@ from trainer.market import (
     randomized_discounts,
     simulate,
 )
+from trainer.offer_log import ResponseError
 from trainer.response import (
     Logged,
     ResponseData,
-    ResponseError,
     ResponseNet,
     Standardize,
     Trained,

@@ -209,7 +209,8 @@ def response_command(
     --events var/market/events.csv --out var/response
     """
     from core import response_artifact
-    from trainer.response import ResponseError, fit, from_logs, save
+    from trainer.offer_log import ResponseError
+    from trainer.response import fit, from_logs, save
 
     config = ResponseConfig(epochs=epochs, hidden=hidden, seed=seed)
     try:
@@ -429,7 +430,7 @@ def estimate_policy_command(
     --events var/responses/events.csv --rules var/rules.json --response-model var/response
     """
     from trainer import shop_estimate
-    from trainer.response import ResponseError
+    from trainer.offer_log import ResponseError
 
     _writable(json_path)
     try:
