@@ -560,3 +560,54 @@ print("loaded:", [name for name in ("torch", "onnxruntime") if name in sys.modul
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.endswith("loaded: []\n")
+
+
+def _offers_file(folder: Path, text: str, encoding: str = "utf-8") -> str:
+    """The tiny log's offers as text, rewritten by the caller (a file as a shop might send)."""
+    offers, events = _tiny_frames()
+    events.to_csv(folder / "tiny-events.csv", index=False)
+    (folder / "tiny.csv").write_bytes(text.encode(encoding))
+    return offers.to_csv(index=False)
+
+
+@pytest.mark.parametrize("command", ["estimate-policy", "response"])
+def test_offer_logs_are_read_as_fit_reads_a_shop_s_files(tmp_path: Path, command: str) -> None:
+    """Both log readers read as fit does (trainer.data.read_table): a field past the header in
+    every row shifted each value one column left (offer_id read the user, propensity a user
+    feature), and a refusal blamed a column that was fine; a semicolon header, Latin-1 text,
+    an empty file and a missing one get fit's words."""
+    rule = tmp_path / "rules.json"
+    rule.write_text(
+        json.dumps([{"name": "t", "policy": "threshold", "params": {"t": 0.5, "d": 10}}])
+    )
+    path = tmp_path / "tiny.csv"
+    text = _offers_file(tmp_path, "")
+    header, *rows = text.splitlines()
+    cases = {
+        "\n".join([header, *(row + ",1" for row in rows)]): "Error: "
+        f"{path}: rows hold 1 more field(s) than the header names ({header.replace(',', ', ')}); "
+        "give every column a name in the header",
+        text.replace(",", ";"): "(a header separated by semicolons: fields must be separated by "
+        "commas)",
+        text.replace("u1", "ü1"): "not UTF-8 text",
+        "": f"Error: {path}: unreadable as CSV or Parquet (No columns to parse from file)",
+    }
+    args = {
+        "estimate-policy": ["--rules", str(rule)],
+        "response": ["--out", str(tmp_path / "model"), "--epochs", "1", "--hidden", "1"],
+    }[command]
+    for content, message in cases.items():
+        _offers_file(tmp_path, content, "latin-1" if "ü" in content else "utf-8")
+        result = CliRunner().invoke(
+            main,
+            [command, "--offers", str(path), "--events", str(tmp_path / "tiny-events.csv"),
+             *args],
+        )  # fmt: skip
+        assert result.exit_code == 1, result.output
+        assert message in result.output and result.output.count("\n") == 1, result.output
+    path.unlink()
+    result = CliRunner().invoke(
+        main,
+        [command, "--offers", str(path), "--events", str(tmp_path / "tiny-events.csv"), *args],
+    )
+    assert result.output == f"Error: {path}: no such file\n"

@@ -23,7 +23,7 @@ from core.artifact import ArtifactError
 from core.response_artifact import FEATURES, GRAPH, HISTORY, ResponseManifest, feature_rows
 from core.response_history import HistoryTable
 from trainer.cli import main
-from trainer.cli_discounts import _read
+from trainer.cli_discounts import _read_log
 from trainer.config import MarketConfig, ResponseConfig
 from trainer.market import (
     GRID,
@@ -499,7 +499,7 @@ def test_cli_names_a_missing_file_in_one_line(tmp_path: Path) -> None:
         ],
     )  # fmt: skip
     assert result.exit_code == 1
-    assert "nope.csv: no such offers file" in result.output
+    assert "nope.csv: no such file" in result.output
     assert "Traceback" not in result.output
 
 
@@ -768,7 +768,7 @@ def test_which_sales_count_as_their_offers_purchases_and_when_the_log_is_refused
     expected = offers["offer_id"].isin(set(rest["offer_id"]) | {k for k, v in bought.items() if v})
 
     def join(offers_file: Path, events_file: Path) -> Logged:
-        return from_logs(_read(offers_file, "offers"), _read(events_file, "events"), 0)
+        return from_logs(*_read_log(offers_file, events_file), 0)
 
     offers.to_csv(tmp_path / "offers.csv", index=False)
     events.to_csv(tmp_path / "events.csv", index=False)

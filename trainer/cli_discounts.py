@@ -62,42 +62,19 @@ def _writable(*paths: Path | None) -> None:
             ensure_writable(path.parent, path.name)
 
 
-def _whole_ids(frame: pd.DataFrame) -> pd.DataFrame:
-    """pandas turns an integer id column with one null into floats: id 17 must stay "17", as a
-    CSV holds it, or an event's item would never match its offer's."""
-    import pandas as pd
-
-    for name in ("offer_id", "user_id", "item_id"):
-        if name in frame.columns and pd.api.types.is_float_dtype(frame[name]):
-            whole = (frame[name].dropna() % 1 == 0).all()
-            frame[name] = frame[name].astype("Int64") if whole else frame[name]
-    return frame
-
-
-def _read(path: Path, what: str) -> pd.DataFrame:
-    import pandas as pd
-
-    from core.store.db import first_line
-    from trainer.data import CORRUPT_COMPRESSED, DataError, is_parquet, refuse_repeated_columns
+def _read_log(offers: Path, events: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """An offer log and its events, read as every file of a shop's is (trainer.data.read_table):
+    ids as text, numbers as numbers."""
+    from trainer.data import DataError, read_table
+    from trainer.offer_log import EVENT_COLUMNS, IDS, OFFER_COLUMNS
 
     try:
-        refuse_repeated_columns(path)
-        if is_parquet(path):
-            return _whole_ids(pd.read_parquet(path))
-        # Only an empty cell is missing: pandas would read the ids "NA", "None" or "null" (a
-        # storefront's user, a SKU) as missing too. A number column's "nan" still is no number.
-        return pd.read_csv(
-            path,
-            dtype={"offer_id": str, "user_id": str, "item_id": str},
-            keep_default_na=False,
-            na_values=[""],
+        return (
+            read_table(offers, OFFER_COLUMNS, IDS, as_text=False),
+            read_table(events, EVENT_COLUMNS, IDS, as_text=False),
         )
-    except FileNotFoundError:
-        raise click.ClickException(f"{path}: no such {what} file") from None
     except DataError as e:
         raise click.ClickException(str(e)) from None
-    except (OSError, ValueError, *CORRUPT_COMPRESSED) as e:
-        raise click.ClickException(f"{path}: cannot read the {what} ({first_line(e)})") from None
 
 
 @click.command("simulate")
@@ -219,7 +196,7 @@ def response_command(
         raise click.ClickException(str(e)) from None
     ensure_writable(out.resolve().parent, "the model")
     try:
-        logged = from_logs(_read(offers_path, "offers"), _read(events_path, "events"), seed)
+        logged = from_logs(*_read_log(offers_path, events_path), seed)
     except ResponseError as e:
         raise click.ClickException(str(e)) from None
     data = logged.data
@@ -435,7 +412,7 @@ def estimate_policy_command(
     _writable(json_path)
     try:
         rules, randomized = shop_estimate.read_rules(rules_path)
-        log = shop_estimate.read_log(_read(offers_path, "offers"), _read(events_path, "events"))
+        log = shop_estimate.read_log(*_read_log(offers_path, events_path))
         probability = None
         if response_model is not None:
             probability = shop_estimate.predict(response_model, log)

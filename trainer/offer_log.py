@@ -17,6 +17,7 @@ from core.response_artifact import OFFER_FEATURES
 from core.store.tables import EVENT_TYPES
 from trainer.dataset import Floats
 
+IDS = ("offer_id", "user_id", "item_id")
 OFFER_COLUMNS = ("offer_id", "user_id", "discount", "propensity", *OFFER_FEATURES)
 EVENT_COLUMNS = ("type", "offer_id")
 
@@ -189,7 +190,7 @@ def _foreign(
         if column in sold.columns and column in offers.columns:
             theirs = offers[column].iloc[row[named]].astype(str).to_numpy()
             said = sold[column][named]
-            foreign[named] |= said.notna().to_numpy() & (said.astype(str).to_numpy() != theirs)
+            foreign[named] |= ~_blank(said) & (said.astype(str).to_numpy() != theirs)
     if foreign.sum() * 2 > named.sum():
         first = sold[foreign].iloc[0]
         raise ResponseError(
