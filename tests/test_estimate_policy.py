@@ -341,8 +341,9 @@ def test_a_rank_that_is_no_rank_is_refused_naming_the_offer(tmp_path: Path, rank
     result = _estimate(tmp_path, [tiered], offers="tiny.csv", events="tiny-events.csv")
     assert result.exit_code == 1, result.output
     assert result.output == (
-        f"Error: offers: offer 'o2' has rank {rank!r}, not a whole number >= 1 (1 such row); "
-        "leave the rank blank where the model did not rank the item\n"
+        f"Error: offers: 1 row(s) with a bad rank, e.g. offer 'o2': rank {rank!r} is not a "
+        "whole number >= 1 (1 is the model's best item); leave the rank blank where the model "
+        "did not rank the item\n"
     )
 
 

@@ -22,7 +22,7 @@ import numpy.typing as npt
 import pandas as pd
 
 from core import response_artifact
-from core.policy import UNRANKED, Guardrails, PolicyError, Rule, grid_choices
+from core.policy import UNRANKED, Guardrails, PolicyError, Rule, bad_rank, grid_choices
 from core.response_artifact import OFFER_FEATURES
 from core.response_history import HistoryTable
 from trainer import ope
@@ -133,9 +133,9 @@ def _ranks(offers: pd.DataFrame) -> list[int] | None:
     if bad.any():
         k = int(np.argmax(bad.to_numpy()))
         raise EstimateError(
-            f"offers: offer {offers['offer_id'].iloc[k]!r} has rank {str(given.iloc[k])!r}, not a "
-            f"whole number >= 1 ({int(bad.sum()):,} such row{'s' if bad.sum() > 1 else ''}); "
-            "leave the rank blank where the model did not rank the item"
+            f"offers: {int(bad.sum()):,} row(s) with a bad rank, e.g. offer "
+            f"{offers['offer_id'].iloc[k]!r}: {bad_rank(str(given.iloc[k]))}; leave the rank "
+            "blank where the model did not rank the item"
         )
     if blank.all():
         return None
