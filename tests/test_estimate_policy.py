@@ -612,3 +612,35 @@ def test_offer_logs_are_read_as_fit_reads_a_shop_s_files(tmp_path: Path, command
         [command, "--offers", str(path), "--events", str(tmp_path / "tiny-events.csv"), *args],
     )
     assert result.output == f"Error: {path}: no such file\n"
+
+
+def test_a_report_is_never_written_over_what_the_command_reads(shop: Path, tmp_path: Path) -> None:
+    """--json naming the offer log or the rules file replaced it with the report after reading
+    it, and one inside --response-model broke the model's seal (its manifest, or a file the
+    manifest does not list): each is refused before anything is read, and nothing changes."""
+    _tiny_log(tmp_path)
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps([TIERED]))
+    model = tmp_path / "model"
+    shutil.copytree(shop / "model", model)
+    files = [path for path in (*tmp_path.iterdir(), *model.iterdir()) if path.is_file()]
+    before = {path: path.read_bytes() for path in files}
+    for report, message in (
+        (tmp_path / "tiny.csv", "--json names the file of --offers, which it would replace"),
+        (rules, "--json names the file of --rules, which it would replace"),
+        (model / "manifest.json", f"is inside --response-model {model}"),
+        (model / "report.json", f"is inside --response-model {model}"),
+    ):
+        result = CliRunner().invoke(
+            main,
+            ["estimate-policy", "--offers", str(tmp_path / "tiny.csv"), "--events",
+             str(tmp_path / "tiny-events.csv"), "--rules", str(rules), "--response-model",
+             str(model), "--json", str(report)],
+        )  # fmt: skip
+        assert result.exit_code == 1, result.output
+        assert result.output.startswith(f"Error: {report}: ") and message in result.output
+        assert result.output.count("\n") == 1
+    assert {path.name for path in model.iterdir()} == {
+        path.name for path in (shop / "model").iterdir()
+    }
+    assert {path: path.read_bytes() for path in files} == before

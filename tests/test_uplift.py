@@ -255,3 +255,18 @@ def test_cli_without_the_baselines_libraries_says_so_before_fitting(
         f"Error: the uplift benchmark needs scikit-uplift and scikit-learn (No module named "
         f"'{missing}'); install with: pip install -e '.[dev]'\n"
     )
+
+
+def test_cli_never_writes_its_report_over_the_data(csv: Path, tmp_path: Path) -> None:
+    """--json naming the --data file replaced the dataset with the report after reading it."""
+    data = tmp_path / "hillstrom.csv"
+    data.write_bytes(csv.read_bytes())
+    result = CliRunner().invoke(
+        main, ["uplift", "--data", str(data), "--json", str(data), "--epochs", "1"]
+    )
+    assert result.exit_code == 1, result.output
+    assert result.output == (
+        f"Error: {data}: --json names the file of --data, which it would replace; write --json "
+        "to another file\n"
+    )
+    assert data.read_bytes() == csv.read_bytes()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -54,6 +55,23 @@ def refuse_existing(folder: Path, names: tuple[str, ...]) -> None:
         raise click.ClickException(
             f"{folder}: already holds {', '.join(there)}; pick another --out or delete them"
         )
+
+
+def _refuse_overwriting(
+    written: Mapping[str, Path | None], read: Mapping[str, Path | None]
+) -> None:
+    """Refuse an output file that one of the inputs (or another output) names: written after the
+    command read it, the report would replace the shop's log, its rules or a dataset."""
+    taken = {path.resolve(): option for option, path in read.items() if path is not None}
+    for option, path in written.items():
+        if path is None:
+            continue
+        other = taken.setdefault(path.resolve(), option)
+        if other != option:
+            raise click.ClickException(
+                f"{path}: {option} names the file of {other}, which it would replace; write "
+                f"{option} to another file"
+            )
 
 
 def _writable(*paths: Path | None) -> None:
@@ -321,6 +339,7 @@ def evaluate_policy_command(
             f"{plot}: name a .png, .svg or .pdf file (the format follows the suffix)",
             param_hint="'--plot'",
         )
+    _refuse_overwriting({"--json": json_path, "--plot": plot}, {})
     _writable(json_path, plot)
     base = EvalConfig()
     evaluated = base.market.visits - base.train_visits
@@ -379,7 +398,8 @@ def evaluate_policy_command(
     "json_path",
     type=click.Path(dir_okay=False, path_type=Path),
     help="also write the report as JSON: offers, left_out_fixed, unranked, grid, and per policy "
-    "mean_discount, supported and the ips, dr and dr_lift intervals (null where none)",
+    "mean_discount, supported and the ips, dr and dr_lift intervals (null where none); not over "
+    "an input, nor inside --response-model",
 )
 def estimate_policy_command(
     offers_path: Path,
@@ -409,6 +429,13 @@ def estimate_policy_command(
     from trainer import shop_estimate
     from trainer.offer_log import ResponseError
 
+    read = {"--offers": offers_path, "--events": events_path, "--rules": rules_path}
+    _refuse_overwriting({"--json": json_path}, read)
+    if json_path and response_model and response_model.resolve() in json_path.resolve().parents:
+        raise click.ClickException(
+            f"{json_path}: is inside --response-model {response_model}, whose files are sealed (a "
+            "file added or changed there breaks the model); write --json elsewhere"
+        )
     _writable(json_path)
     try:
         rules, randomized = shop_estimate.read_rules(rules_path)
@@ -526,8 +553,9 @@ def uplift_command(
             f"the uplift benchmark needs scikit-uplift and scikit-learn ({e}); install with: "
             "pip install -e '.[dev]'"
         ) from None
-    _writable(json_path)
     data = data or uplift.HILLSTROM
+    _refuse_overwriting({"--json": json_path}, {"--data": data})
+    _writable(json_path)
     try:
         experiment = uplift.load_hillstrom(data)
         for seed in seeds:  # all of them before minutes of fitting
