@@ -20,6 +20,7 @@ from trainer.dataset import Floats
 IDS = ("offer_id", "user_id", "item_id")
 OFFER_COLUMNS = ("offer_id", "user_id", "discount", "propensity", *OFFER_FEATURES)
 EVENT_COLUMNS = ("type", "offer_id")
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class ResponseError(Exception):
@@ -89,6 +90,14 @@ def read_offer_log(offers: pd.DataFrame, events: pd.DataFrame) -> OfferLog:
         offers,
         ((money < 0) | (money > float(MAX_PRICE))).any(axis=1).to_numpy(),
         f"a price or cost outside [0, {MAX_PRICE}]",
+        "fix or drop them",
+    )
+    # The response model and discountd take the features as float32, where a larger magnitude is
+    # infinite: the model trained to NaN on one such offer, and was saved.
+    _refuse_rows(
+        offers,
+        (numeric[list(OFFER_FEATURES)].abs() > FLOAT32_MAX).any(axis=1).to_numpy(),
+        f"a number beyond ±{FLOAT32_MAX:.4g}, the largest a float32 holds",
         "fix or drop them",
     )
     d = numeric["discount"].to_numpy(dtype=np.float64)
