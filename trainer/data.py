@@ -172,7 +172,8 @@ def read_table(
 ) -> pd.DataFrame:
     """A CSV (optionally compressed) or Parquet file of a shop's, or DataError naming the file
     and what is wrong with it. Every reader of a shop's files reads through here: fit's
-    interactions and items, replay's users, response's and estimate-policy's logs.
+    interactions and items (Online Retail's too), replay's users, response's and
+    estimate-policy's logs, uplift's Hillstrom file.
 
     ids names the id columns, read as text even where a Parquet file holds numbers. as_text:
     every column a string, "" for an empty cell; else the other columns as pandas infers them
