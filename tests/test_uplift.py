@@ -83,7 +83,7 @@ def test_a_file_that_is_not_hillstrom_is_refused(tmp_path: Path) -> None:
     pd.DataFrame({"user_id": ["1"], "visit": [0]}).to_csv(path, index=False)
     with pytest.raises(UpliftError, match="missing column"):
         load_hillstrom(path)
-    with pytest.raises(UpliftError, match="no such file; pass --data PATH to hillstrom.csv"):
+    with pytest.raises(UpliftError, match=r"no such file; pass --data PATH to hillstrom\.csv"):
         load_hillstrom(tmp_path / "nothing.csv")
 
 
