@@ -518,12 +518,18 @@ _PROPOSERS: dict[str, _Proposer] = {
 }
 
 
+def bad_rank(rank: object) -> str:
+    """What is wrong with a rank that is not one, in the words of every refusal of a rank (of an
+    item to price here, of a logged offer in trainer.shop_estimate)."""
+    return f"rank {rank!r} is not a whole number >= 1 (1 is the model's best item)"
+
+
 def _check_candidate(item: Candidate) -> None:
     for what, value in (("base_price", item.base_price), ("cost", item.cost)):
         if not value.is_finite() or value < 0:
             raise PolicyError(f"item {item.item_id!r}: {what} must be >= 0, got {value}")
     if item.rank < 1:
-        raise PolicyError(f"item {item.item_id!r}: rank is 1-based, got {item.rank}")
+        raise PolicyError(f"item {item.item_id!r}: {bad_rank(item.rank)}")
 
 
 def _floor_bound_percent(base: Decimal, floor: Decimal) -> Decimal:

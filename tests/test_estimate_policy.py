@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 from decimal import Decimal
 from pathlib import Path
@@ -339,8 +341,9 @@ def test_a_rank_that_is_no_rank_is_refused_naming_the_offer(tmp_path: Path, rank
     result = _estimate(tmp_path, [tiered], offers="tiny.csv", events="tiny-events.csv")
     assert result.exit_code == 1, result.output
     assert result.output == (
-        f"Error: offers: offer 'o2' has rank {rank!r}, not a whole number >= 1 (1 such row); "
-        "leave the rank blank where the model did not rank the item\n"
+        f"Error: offers: 1 row(s) with a bad rank, e.g. offer 'o2': rank {rank!r} is not a "
+        "whole number >= 1 (1 is the model's best item); leave the rank blank where the model "
+        "did not rank the item\n"
     )
 
 
@@ -538,3 +541,106 @@ def test_each_rule_prices_every_offer_as_discountd_prices_it_alone(shop: Path) -
         )
         assert got.tobytes() == expected.tobytes(), r
         assert len(set(got.tolist())) > 1, r
+
+
+def test_it_runs_without_importing_torch_or_onnx_runtime_unless_given_a_model(
+    tmp_path: Path,
+) -> None:
+    """Estimating trains nothing: torch took about 1.6 s of every run to import, and ONNX
+    Runtime is only for --response-model."""
+    _tiny_log(tmp_path)
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps([TIERED]))
+    probe = f"""
+import sys
+from trainer.cli import main
+main(["estimate-policy", "--offers", {str(tmp_path / "tiny.csv")!r}, "--events",
+      {str(tmp_path / "tiny-events.csv")!r}, "--rules", {str(rules)!r}], standalone_mode=False)
+print("loaded:", [name for name in ("torch", "onnxruntime") if name in sys.modules])
+"""
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.endswith("loaded: []\n")
+
+
+def _offers_file(folder: Path, text: str, encoding: str = "utf-8") -> str:
+    """The tiny log's offers as text, rewritten by the caller (a file as a shop might send)."""
+    offers, events = _tiny_frames()
+    events.to_csv(folder / "tiny-events.csv", index=False)
+    (folder / "tiny.csv").write_bytes(text.encode(encoding))
+    return offers.to_csv(index=False)
+
+
+@pytest.mark.parametrize("command", ["estimate-policy", "response"])
+def test_offer_logs_are_read_as_fit_reads_a_shop_s_files(tmp_path: Path, command: str) -> None:
+    """Both log readers read as fit does (trainer.data.read_table): a field past the header in
+    every row shifted each value one column left (offer_id read the user, propensity a user
+    feature), and a refusal blamed a column that was fine; a semicolon header, Latin-1 text,
+    an empty file and a missing one get fit's words."""
+    rule = tmp_path / "rules.json"
+    rule.write_text(
+        json.dumps([{"name": "t", "policy": "threshold", "params": {"t": 0.5, "d": 10}}])
+    )
+    path = tmp_path / "tiny.csv"
+    text = _offers_file(tmp_path, "")
+    header, *rows = text.splitlines()
+    cases = {
+        "\n".join([header, *(row + ",1" for row in rows)]): "Error: "
+        f"{path}: rows hold 1 more field(s) than the header names ({header.replace(',', ', ')}); "
+        "give every column a name in the header",
+        text.replace(",", ";"): "(a header separated by semicolons: fields must be separated by "
+        "commas)",
+        text.replace("u1", "ü1"): "not UTF-8 text",
+        "": f"Error: {path}: unreadable as CSV or Parquet (No columns to parse from file)",
+    }
+    args = {
+        "estimate-policy": ["--rules", str(rule)],
+        "response": ["--out", str(tmp_path / "model"), "--epochs", "1", "--hidden", "1"],
+    }[command]
+    for content, message in cases.items():
+        _offers_file(tmp_path, content, "latin-1" if "ü" in content else "utf-8")
+        result = CliRunner().invoke(
+            main,
+            [command, "--offers", str(path), "--events", str(tmp_path / "tiny-events.csv"),
+             *args],
+        )  # fmt: skip
+        assert result.exit_code == 1, result.output
+        assert message in result.output and result.output.count("\n") == 1, result.output
+    path.unlink()
+    result = CliRunner().invoke(
+        main,
+        [command, "--offers", str(path), "--events", str(tmp_path / "tiny-events.csv"), *args],
+    )
+    assert result.output == f"Error: {path}: no such file\n"
+
+
+def test_a_report_is_never_written_over_what_the_command_reads(shop: Path, tmp_path: Path) -> None:
+    """--json naming the offer log or the rules file replaced it with the report after reading
+    it, and one inside --response-model broke the model's seal (its manifest, or a file the
+    manifest does not list): each is refused before anything is read, and nothing changes."""
+    _tiny_log(tmp_path)
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps([TIERED]))
+    model = tmp_path / "model"
+    shutil.copytree(shop / "model", model)
+    files = [path for path in (*tmp_path.iterdir(), *model.iterdir()) if path.is_file()]
+    before = {path: path.read_bytes() for path in files}
+    for report, message in (
+        (tmp_path / "tiny.csv", "--json names the file of --offers, which it would replace"),
+        (rules, "--json names the file of --rules, which it would replace"),
+        (model / "manifest.json", f"is inside --response-model {model}"),
+        (model / "report.json", f"is inside --response-model {model}"),
+    ):
+        result = CliRunner().invoke(
+            main,
+            ["estimate-policy", "--offers", str(tmp_path / "tiny.csv"), "--events",
+             str(tmp_path / "tiny-events.csv"), "--rules", str(rules), "--response-model",
+             str(model), "--json", str(report)],
+        )  # fmt: skip
+        assert result.exit_code == 1, result.output
+        assert result.output.startswith(f"Error: {report}: ") and message in result.output
+        assert result.output.count("\n") == 1
+    assert {path.name for path in model.iterdir()} == {
+        path.name for path in (shop / "model").iterdir()
+    }
+    assert {path: path.read_bytes() for path in files} == before

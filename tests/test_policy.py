@@ -419,7 +419,10 @@ def test_optimal_without_a_response_model_fails_closed() -> None:
     [
         (Candidate("a", Decimal(-1), Decimal(0), 1), "item 'a': base_price must be >= 0"),
         (Candidate("a", Decimal(1), Decimal("-0.5"), 1), "item 'a': cost must be >= 0"),
-        (Candidate("a", Decimal(1), Decimal(0), 0), "rank is 1-based"),
+        (
+            Candidate("a", Decimal(1), Decimal(0), 0),
+            r"item 'a': rank 0 is not a whole number >= 1 \(1 is the model's best item\)",
+        ),
     ],
 )
 def test_bad_items_are_refused(item: Candidate, message: str) -> None:

@@ -255,3 +255,17 @@ def test_one_seed_has_no_interval(tmp_path: Path) -> None:
             if isinstance(v, dict):
                 assert v["low"] is None and v["high"] is None
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_json_report_and_a_plot_of_one_name_are_refused_before_running(tmp_path: Path) -> None:
+    """The plot, written second, replaced the JSON report after minutes of simulation."""
+    path = tmp_path / "report.png"
+    result = CliRunner().invoke(
+        main, ["evaluate-policy", "--seeds", "1", "--json", str(path), "--plot", str(path)]
+    )
+    assert result.exit_code == 1, result.output
+    assert result.output == (
+        f"Error: {path}: --plot names the file of --json, which it would replace; write --plot "
+        "to another file\n"
+    )
+    assert not path.exists()

@@ -24,7 +24,7 @@ from core.artifact import ArtifactError
 from core.response_artifact import FEATURES, GRAPH, HISTORY, ResponseManifest, feature_rows
 from core.response_history import HistoryTable
 from trainer.cli import main
-from trainer.cli_discounts import _read
+from trainer.cli_discounts import _read_log
 from trainer.config import MarketConfig, ResponseConfig
 from trainer.market import (
     GRID,
@@ -35,10 +35,10 @@ from trainer.market import (
     randomized_discounts,
     simulate,
 )
+from trainer.offer_log import ResponseError
 from trainer.response import (
     Logged,
     ResponseData,
-    ResponseError,
     ResponseNet,
     Standardize,
     Trained,
@@ -518,7 +518,7 @@ def test_cli_names_a_missing_file_in_one_line(tmp_path: Path) -> None:
         ],
     )  # fmt: skip
     assert result.exit_code == 1
-    assert "nope.csv: no such offers file" in result.output
+    assert "nope.csv: no such file" in result.output
     assert "Traceback" not in result.output
 
 
@@ -787,7 +787,7 @@ def test_which_sales_count_as_their_offers_purchases_and_when_the_log_is_refused
     expected = offers["offer_id"].isin(set(rest["offer_id"]) | {k for k, v in bought.items() if v})
 
     def join(offers_file: Path, events_file: Path) -> Logged:
-        return from_logs(_read(offers_file, "offers"), _read(events_file, "events"), 0)
+        return from_logs(*_read_log(offers_file, events_file), 0)
 
     offers.to_csv(tmp_path / "offers.csv", index=False)
     events.to_csv(tmp_path / "events.csv", index=False)
@@ -836,3 +836,26 @@ def test_which_sales_count_as_their_offers_purchases_and_when_the_log_is_refused
                 f"Error: only {len(offers)} offers and 2 purchases; a response model needs at "
                 "least 100 offers with 10 purchases\n"
             )
+
+
+@pytest.mark.parametrize("column", ["cf_score", "lifetime_value"])
+def test_a_feature_beyond_float32_is_refused_not_trained_to_nan(
+    tmp_path: Path, column: str
+) -> None:
+    """The model computes in float32: one offer's 1e300 became infinite there, every epoch's
+    loss NaN, and the NaN model was saved with exit 0."""
+    offers, events = _logs(users=60)
+    offers.loc[3, column] = 1e300
+    offers.to_csv(tmp_path / "offers.csv", index=False)
+    events.to_csv(tmp_path / "events.csv", index=False)
+    result = CliRunner().invoke(
+        main,
+        ["response", "--offers", str(tmp_path / "offers.csv"), "--events",
+         str(tmp_path / "events.csv"), "--out", str(tmp_path / "model"), "--epochs", "1"],
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert result.output == (
+        "Error: offers: 1 row(s) with a number beyond ±3.403e+38, the largest a float32 holds, "
+        f"e.g. offer {offers['offer_id'][3]!r}; fix or drop them\n"
+    )
+    assert not (tmp_path / "model").exists()

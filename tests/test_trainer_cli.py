@@ -24,6 +24,7 @@ from trainer.entry import TRAIN_EXTRA
 from trainer.export import ExportError
 from trainer.fit import grid
 from trainer.model import Diverged
+from trainer.offer_log import OFFER_COLUMNS
 from trainer.uplift import HILLSTROM
 
 
@@ -368,7 +369,7 @@ def _broken_gzip(folder: Path, kind: str) -> Path:
         ["fit", "--interactions", "{bad}", "--items", "{items}", "--out", "{tmp}/m"],
         ["fit", "--interactions", "{interactions}", "--items", "{bad}", "--out", "{tmp}/m"],
         ["response", "--offers", "{bad}", "--events", "{items}", "--out", "{tmp}/r"],
-        ["response", "--offers", "{items}", "--events", "{bad}", "--out", "{tmp}/r"],
+        ["response", "--offers", "{offers}", "--events", "{bad}", "--out", "{tmp}/r"],
         ["uplift", "--data", "{bad}"],
         ["replay", "--target", "127.0.0.1:9", "--users-from", "{bad}"],
     ],
@@ -380,8 +381,11 @@ def test_a_broken_gzip_input_is_named_in_one_line(
     """gzip raises EOFError (truncated) or zlib.error (corrupt): click made the first a bare
     "Aborted!" and the second a traceback."""
     bad = _broken_gzip(tmp_path, kind)
+    # An offer log with every column, so that the events are what is refused.
+    (tmp_path / "offers.csv").write_text(",".join(OFFER_COLUMNS) + "\n")
     names = {
         "{bad}": str(bad),
+        "{offers}": str(tmp_path / "offers.csv"),
         "{interactions}": shop[1],
         "{items}": shop[3],
         "{tmp}": str(tmp_path),

@@ -693,3 +693,14 @@ def test_a_file_separated_otherwise_is_named_so(tmp_path: Path, text: str, messa
     result = fit_cli(tmp_path, inter, write(tmp_path / "items.csv", ITEMS))
     assert result.exit_code == 1
     assert result.output == f"Error: {inter}: {message}\n"
+
+
+def test_a_log_read_with_its_numbers_keeps_its_ids_as_written(tmp_path: Path) -> None:
+    """read_table(as_text=False), as response and estimate-policy read their logs: numbers are
+    numbers, an empty cell is missing, and an id is the text written, even under a header with
+    spaces around its name."""
+    path = write(tmp_path / "offers.csv", " offer_id , user_id,discount\n007,0042,0.1\n008,,0.2\n")
+    frame = read_table(path, ("offer_id",), ("offer_id", "user_id"), as_text=False)
+    assert list(frame["offer_id"]) == ["007", "008"]
+    assert frame["user_id"][0] == "0042" and pd.isna(frame["user_id"][1])
+    assert list(frame["discount"]) == [0.1, 0.2]

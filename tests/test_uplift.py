@@ -83,7 +83,7 @@ def test_a_file_that_is_not_hillstrom_is_refused(tmp_path: Path) -> None:
     pd.DataFrame({"user_id": ["1"], "visit": [0]}).to_csv(path, index=False)
     with pytest.raises(UpliftError, match="missing column"):
         load_hillstrom(path)
-    with pytest.raises(UpliftError, match="not found"):
+    with pytest.raises(UpliftError, match=r"no such file; pass --data PATH to hillstrom\.csv"):
         load_hillstrom(tmp_path / "nothing.csv")
 
 
@@ -166,13 +166,16 @@ def test_cli_says_how_many_epochs_ran(csv: Path, tmp_path: Path) -> None:
 def test_cli_names_a_missing_data_file(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["uplift", "--data", str(tmp_path / "none.csv")])
     assert result.exit_code == 1
-    assert "none.csv: not found" in result.output and "Traceback" not in result.output
+    assert (
+        "none.csv: no such file; pass --data PATH to hillstrom.csv" in result.output
+        and "Traceback" not in result.output
+    )
 
 
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("", "unreadable as CSV (No columns to parse from file)"),
+        ("", "unreadable as CSV or Parquet (No columns to parse from file)"),
         (",".join(_hillstrom_like(1, 0).columns) + "\n", "a header and no customers"),
         (
             _hillstrom_like(4, 0).assign(history=["1.5", "abc", "2", ""]).to_csv(index=False),
@@ -255,3 +258,39 @@ def test_cli_without_the_baselines_libraries_says_so_before_fitting(
         f"Error: the uplift benchmark needs scikit-uplift and scikit-learn (No module named "
         f"'{missing}'); install with: pip install -e '.[dev]'\n"
     )
+
+
+def test_cli_never_writes_its_report_over_the_data(csv: Path, tmp_path: Path) -> None:
+    """--json naming the --data file replaced the dataset with the report after reading it."""
+    data = tmp_path / "hillstrom.csv"
+    data.write_bytes(csv.read_bytes())
+    result = CliRunner().invoke(
+        main, ["uplift", "--data", str(data), "--json", str(data), "--epochs", "1"]
+    )
+    assert result.exit_code == 1, result.output
+    assert result.output == (
+        f"Error: {data}: --json names the file of --data, which it would replace; write --json "
+        "to another file\n"
+    )
+    assert data.read_bytes() == csv.read_bytes()
+
+
+def test_cli_reads_the_data_as_every_shop_file_is_read(tmp_path: Path) -> None:
+    """--data goes through trainer.data.read_table: a second `conversion` column was read as
+    `conversion.1` and the first one benchmarked, and a Latin-1 file's "can't decode" was no
+    advice; with any refusal, where to find the dataset."""
+    frame = HILLSTROM
+    path = tmp_path / "hillstrom.csv"
+    cases = {
+        frame.assign(extra=frame["conversion"])
+        .rename(columns={"extra": "conversion"})
+        .to_csv(index=False): "column(s) conversion appear more than once in the header",
+        frame.assign(channel="Téléphone").to_csv(index=False): "not UTF-8 text",
+    }
+    for text, message in cases.items():
+        path.write_bytes(text.encode("latin-1"))
+        result = CliRunner().invoke(main, ["uplift", "--data", str(path), "--epochs", "1"])
+        assert result.exit_code == 1, result.output
+        assert result.output.startswith(f"Error: {path}: {message}"), result.output
+        assert result.output.endswith("; pass --data PATH to hillstrom.csv\n")
+        assert result.output.count("\n") == 1

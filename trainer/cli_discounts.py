@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -56,48 +57,42 @@ def refuse_existing(folder: Path, names: tuple[str, ...]) -> None:
         )
 
 
+def _refuse_overwriting(
+    written: Mapping[str, Path | None], read: Mapping[str, Path | None]
+) -> None:
+    """Refuse an output file that one of the inputs (or another output) names: written after the
+    command read it, the report would replace the shop's log, its rules or a dataset."""
+    taken = {path.resolve(): option for option, path in read.items() if path is not None}
+    for option, path in written.items():
+        if path is None:
+            continue
+        other = taken.setdefault(path.resolve(), option)
+        if other != option:
+            raise click.ClickException(
+                f"{path}: {option} names the file of {other}, which it would replace; write "
+                f"{option} to another file"
+            )
+
+
 def _writable(*paths: Path | None) -> None:
     for path in paths:
         if path is not None:
             ensure_writable(path.parent, path.name)
 
 
-def _whole_ids(frame: pd.DataFrame) -> pd.DataFrame:
-    """pandas turns an integer id column with one null into floats: id 17 must stay "17", as a
-    CSV holds it, or an event's item would never match its offer's."""
-    import pandas as pd
-
-    for name in ("offer_id", "user_id", "item_id"):
-        if name in frame.columns and pd.api.types.is_float_dtype(frame[name]):
-            whole = (frame[name].dropna() % 1 == 0).all()
-            frame[name] = frame[name].astype("Int64") if whole else frame[name]
-    return frame
-
-
-def _read(path: Path, what: str) -> pd.DataFrame:
-    import pandas as pd
-
-    from core.store.db import first_line
-    from trainer.data import CORRUPT_COMPRESSED, DataError, is_parquet, refuse_repeated_columns
+def _read_log(offers: Path, events: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """An offer log and its events, read as every file of a shop's is (trainer.data.read_table):
+    ids as text, numbers as numbers."""
+    from trainer.data import DataError, read_table
+    from trainer.offer_log import EVENT_COLUMNS, IDS, OFFER_COLUMNS
 
     try:
-        refuse_repeated_columns(path)
-        if is_parquet(path):
-            return _whole_ids(pd.read_parquet(path))
-        # Only an empty cell is missing: pandas would read the ids "NA", "None" or "null" (a
-        # storefront's user, a SKU) as missing too. A number column's "nan" still is no number.
-        return pd.read_csv(
-            path,
-            dtype={"offer_id": str, "user_id": str, "item_id": str},
-            keep_default_na=False,
-            na_values=[""],
+        return (
+            read_table(offers, OFFER_COLUMNS, IDS, as_text=False),
+            read_table(events, EVENT_COLUMNS, IDS, as_text=False),
         )
-    except FileNotFoundError:
-        raise click.ClickException(f"{path}: no such {what} file") from None
     except DataError as e:
         raise click.ClickException(str(e)) from None
-    except (OSError, ValueError, *CORRUPT_COMPRESSED) as e:
-        raise click.ClickException(f"{path}: cannot read the {what} ({first_line(e)})") from None
 
 
 @click.command("simulate")
@@ -209,7 +204,8 @@ def response_command(
     --events var/market/events.csv --out var/response
     """
     from core import response_artifact
-    from trainer.response import ResponseError, fit, from_logs, save
+    from trainer.offer_log import ResponseError
+    from trainer.response import fit, from_logs, save
 
     config = ResponseConfig(epochs=epochs, hidden=hidden, seed=seed)
     try:
@@ -218,7 +214,7 @@ def response_command(
         raise click.ClickException(str(e)) from None
     ensure_writable(out.resolve().parent, "the model")
     try:
-        logged = from_logs(_read(offers_path, "offers"), _read(events_path, "events"), seed)
+        logged = from_logs(*_read_log(offers_path, events_path), seed)
     except ResponseError as e:
         raise click.ClickException(str(e)) from None
     data = logged.data
@@ -343,6 +339,7 @@ def evaluate_policy_command(
             f"{plot}: name a .png, .svg or .pdf file (the format follows the suffix)",
             param_hint="'--plot'",
         )
+    _refuse_overwriting({"--json": json_path, "--plot": plot}, {})
     _writable(json_path, plot)
     base = EvalConfig()
     evaluated = base.market.visits - base.train_visits
@@ -401,7 +398,8 @@ def evaluate_policy_command(
     "json_path",
     type=click.Path(dir_okay=False, path_type=Path),
     help="also write the report as JSON: offers, left_out_fixed, unranked, grid, and per policy "
-    "mean_discount, supported and the ips, dr and dr_lift intervals (null where none)",
+    "mean_discount, supported and the ips, dr and dr_lift intervals (null where none); not over "
+    "an input, nor inside --response-model",
 )
 def estimate_policy_command(
     offers_path: Path,
@@ -429,12 +427,19 @@ def estimate_policy_command(
     --events var/responses/events.csv --rules var/rules.json --response-model var/response
     """
     from trainer import shop_estimate
-    from trainer.response import ResponseError
+    from trainer.offer_log import ResponseError
 
+    read = {"--offers": offers_path, "--events": events_path, "--rules": rules_path}
+    _refuse_overwriting({"--json": json_path}, read)
+    if json_path and response_model and response_model.resolve() in json_path.resolve().parents:
+        raise click.ClickException(
+            f"{json_path}: is inside --response-model {response_model}, whose files are sealed (a "
+            "file added or changed there breaks the model); write --json elsewhere"
+        )
     _writable(json_path)
     try:
         rules, randomized = shop_estimate.read_rules(rules_path)
-        log = shop_estimate.read_log(_read(offers_path, "offers"), _read(events_path, "events"))
+        log = shop_estimate.read_log(*_read_log(offers_path, events_path))
         probability = None
         if response_model is not None:
             probability = shop_estimate.predict(response_model, log)
@@ -548,8 +553,9 @@ def uplift_command(
             f"the uplift benchmark needs scikit-uplift and scikit-learn ({e}); install with: "
             "pip install -e '.[dev]'"
         ) from None
-    _writable(json_path)
     data = data or uplift.HILLSTROM
+    _refuse_overwriting({"--json": json_path}, {"--data": data})
+    _writable(json_path)
     try:
         experiment = uplift.load_hillstrom(data)
         for seed in seeds:  # all of them before minutes of fitting

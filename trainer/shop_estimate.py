@@ -19,16 +19,15 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import onnxruntime as ort
 import pandas as pd
 
 from core import response_artifact
-from core.policy import UNRANKED, Guardrails, PolicyError, Rule, grid_choices
+from core.policy import UNRANKED, Guardrails, PolicyError, Rule, bad_rank, grid_choices
 from core.response_artifact import OFFER_FEATURES
 from core.response_history import HistoryTable
 from trainer import ope
 from trainer.dataset import Floats
-from trainer.response import read_offer_log
+from trainer.offer_log import read_offer_log
 
 NO_DISCOUNT = "no_discount"
 _FROM_STORE = "give the JSON `discountctl rules list -o json` prints"
@@ -134,9 +133,9 @@ def _ranks(offers: pd.DataFrame) -> list[int] | None:
     if bad.any():
         k = int(np.argmax(bad.to_numpy()))
         raise EstimateError(
-            f"offers: offer {offers['offer_id'].iloc[k]!r} has rank {str(given.iloc[k])!r}, not a "
-            f"whole number >= 1 ({int(bad.sum()):,} such row{'s' if bad.sum() > 1 else ''}); "
-            "leave the rank blank where the model did not rank the item"
+            f"offers: {int(bad.sum()):,} row(s) with a bad rank, e.g. offer "
+            f"{offers['offer_id'].iloc[k]!r}: {bad_rank(str(given.iloc[k]))}; leave the rank "
+            "blank where the model did not rank the item"
         )
     if blank.all():
         return None
@@ -195,6 +194,9 @@ def read_rules(path: Path) -> tuple[list[tuple[str, Rule]], list[str]]:
 def predict(folder: Path, log: ShopLog) -> Floats:
     """The response model's P(buy) [offers, log grid], each user's rates from its history table
     as discountd looks them up (ArtifactError for a folder that is not a response model)."""
+    # Here, not at the top: a run without --response-model needs no ONNX Runtime (0.25 s).
+    import onnxruntime as ort
+
     manifest = response_artifact.load(folder)
     history = HistoryTable.load(folder / response_artifact.HISTORY)
     session = ort.InferenceSession(

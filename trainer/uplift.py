@@ -26,9 +26,8 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from core.store.db import first_line
 from trainer.config import UpliftConfig
-from trainer.data import CORRUPT_COMPRESSED, DATASETS
+from trainer.data import DATASETS, DataError, read_table
 from trainer.dataset import Floats
 from trainer.model import seed_everything
 from trainer.response import Standardize, epochs_run, fit_logistic
@@ -54,19 +53,13 @@ class Experiment:
 
 
 def load_hillstrom(path: Path = HILLSTROM) -> Experiment:
-    try:
-        frame = pd.read_csv(path)
-    except FileNotFoundError:
-        raise UpliftError(f"{path}: not found; pass --data PATH to hillstrom.csv") from None
-    # ValueError: EmptyDataError and ParserError too.
-    except (OSError, ValueError, UnicodeDecodeError, *CORRUPT_COMPRESSED) as e:
-        raise UpliftError(
-            f"{path}: unreadable as CSV ({first_line(e)}); pass --data PATH to hillstrom.csv"
-        ) from None
+    """The experiment in a Hillstrom file, read as every file of a shop's is
+    (trainer.data.read_table); UpliftError says what is wrong and where the dataset is."""
     needed = (*NUMERIC, *CATEGORICAL, "segment", *OUTCOMES)
-    missing = [c for c in needed if c not in frame.columns]
-    if missing:
-        raise UpliftError(f"{path}: missing column(s) {', '.join(missing)}; is it Hillstrom's?")
+    try:
+        frame = read_table(path, needed, as_text=False)
+    except DataError as e:
+        raise UpliftError(f"{e}; pass --data PATH to hillstrom.csv") from None
     if frame.empty:
         raise UpliftError(f"{path}: a header and no customers; is it Hillstrom's?")
     # Anything but Hillstrom's own segments would silently count as an e-mail.
