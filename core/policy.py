@@ -372,7 +372,7 @@ def _param_percent(value: float) -> Decimal:
 
 def _tiered_topk_discount(rule: Rule, item: Candidate) -> _Proposal:
     params = rule.params
-    if item.rank <= params["k1"]:
+    if item.rank < UNRANKED and item.rank <= params["k1"]:
         return _param_percent(params["d1"]), (Reason.POLICY_TIERED_TOP,), ()
     return _param_percent(params["d2"]), (Reason.POLICY_TIERED_REST,), ()
 

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from core.policy import (
     POLICIES,
+    UNRANKED,
     Candidate,
     Guardrails,
     PolicyError,
@@ -330,6 +331,14 @@ def _price(
 
 
 TIERED = {"k1": 2, "d1": 20, "d2": 5}
+
+
+def test_an_unranked_item_is_never_in_the_top_tier_however_large_k1() -> None:
+    """Unranked items sit at UNRANKED, so a k1 as large gave them d1 too."""
+    for k1 in (UNRANKED, 10**12):
+        rule = _rule("tiered_topk", {**TIERED, "k1": k1})
+        assert _price(rule, "10.00", "1", rank=UNRANKED).discount_pct == Decimal("5.00")
+        assert _price(rule, "10.00", "1", rank=1000).discount_pct == Decimal("20.00")
 
 
 def test_tiered_topk_gives_the_top_k1_items_d1_and_the_rest_d2() -> None:
