@@ -233,10 +233,13 @@ class DiscountService(pb_grpc.DiscountServiceServicer):
         offering = self._require_offering()
         model = self._store.require()
         snapshot = offering.keeper.require()
-        # On the event loop: pricing is Python under the GIL wherever it runs, the model runs
-        # are a few dot products, and a worker thread's hand-offs cost more than they freed
-        # (docs/BENCHMARKS.md). The version's facts were read when it loaded.
-        result = get_offers(model, snapshot, query, offering.keys, offering.ttl, offering.respond)
+        # In a worker thread: every call runs model.onnx over the whole catalog (to rank named
+        # items too), which ONNX Runtime does without the GIL; on the event loop it held every
+        # other call (one process: 191 -> 291 calls/s, docs/BENCHMARKS.md). The version's facts
+        # were read when it loaded.
+        result = await asyncio.to_thread(
+            get_offers, model, snapshot, query, offering.keys, offering.ttl, offering.respond
+        )
         offering.log.append(result.log_rows)
         # Issued: signed and logged. An item the catalog has no price for comes back without
         # an offer id or token.
