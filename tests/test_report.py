@@ -587,3 +587,25 @@ def test_purchases_while_paused_or_after_the_stop_are_not_counted(db_url: str) -
     shown = ctl(db_url, "experiments", "report", "w")
     assert f"not counted: purchases from {data['idle'][0][0]} to" in shown.stderr
     assert "to now, while it was not running" in shown.stderr
+
+
+def test_money_where_neither_arm_varies_claims_no_p_value(db_url: str) -> None:
+    """Three users who each spent 0.10 against three who spent nothing: the sample cannot say
+    how much spend varies, so no interval and no p-value (rounding in the mean of 0.10s must not
+    pass for variance and make the difference certain)."""
+    ctl(db_url, "experiments", "create", "ab", "--variant", "control:50",
+        "--variant", "treatment:50")  # fmt: skip
+    offers = [offer(n, f"u{n}", "control" if n < 3 else "treatment", 0.0) for n in range(6)]
+    second = int(START.timestamp()) + 10
+    store = Store(db_url)
+    with store.transaction() as session:
+        insert_offers(session, offers)
+        record(session, [
+            EventIn(f"p{n}", "purchase", f"u{n}", "00001", "", 10, 1, second) for n in (3, 4, 5)
+        ], datetime.now(UTC))  # fmt: skip
+    store.dispose()
+    treatment = _report(db_url)["variants"][1]
+    assert treatment["revenue_per_user"]["value"] == pytest.approx(0.10)
+    revenue = treatment["vs_control"]["revenue_per_user"]
+    assert revenue["difference"]["value"] == pytest.approx(0.10)
+    assert revenue["p_value"] is None and revenue["difference"]["low"] is None

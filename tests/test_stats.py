@@ -236,3 +236,11 @@ def test_srm_handles_zero_weights() -> None:
 def test_bad_input_is_refused(call: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         call()  # type: ignore[operator]
+
+
+def test_welch_sees_no_variance_in_equal_values_left_with_rounding_dust() -> None:
+    spent = np.array([0.1] * 3)
+    assert spent.var(ddof=1) > 0  # the dust: the mean of 0.1s is not 0.1
+    ours = welch_ttest(spent, [0.0] * 3)
+    assert ours.difference.value == pytest.approx(0.1)
+    assert all(math.isnan(x) for x in (ours.difference.low, ours.p_value, ours.statistic))
