@@ -61,8 +61,8 @@ def report_command(app: App, key: str, plot_path: Path | None, output: str) -> N
     discount cost and margin per user, 30-day repeat rate, 95% intervals, p-values against the
     control (the first variant; the table shows those of conversion, revenue and margin, the
     JSON every metric's), and a sample-ratio-mismatch check. Purchases made while the
-    experiment was paused, or after it stopped, are not counted (redemptions of its own offers,
-    and converters' repeats, still are).
+    experiment was paused, or after it stopped, are not counted (purchases and redemptions under
+    its own offers, and converters' repeats, still are).
 
     \b
     Example:
@@ -103,7 +103,7 @@ def report_command(app: App, key: str, plot_path: Path | None, output: str) -> N
         for begin, end in data["idle"]:
             message(
                 f"not counted: purchases from {begin} to {end or 'now'}, while it was not "
-                "running (other than redemptions of its own offers)"
+                "running (other than those under its own offers)"
             )
         compared = sum(
             row[column] != "-" for row in rows for column in ("p_conv", "p_rev", "p_margin")

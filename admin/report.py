@@ -15,8 +15,8 @@ Definitions (user level, so that every test compares independent units):
   purchase / converters (only converters whose first purchase is 30 days old count).
 Purchases count towards conversion, revenue and margin only while the experiment ran: not
 between a pause and the next start, nor after its stop, when other rules or experiments served
-its users; a redemption of the arm's own offer counts whenever its token is used, and repeats
-count whenever they come. Impressions and clicks (exposure, CTR) are not filtered.
+its users; a purchase or redemption under the arm's own offer (its treatment) counts whenever
+it comes, and so do repeats. Impressions and clicks (exposure, CTR) are not filtered.
 The first variant is the control. Rates: Wilson intervals, pooled two-proportion z-tests and
 Newcombe intervals of the difference; money: Student/Welch intervals and Welch's t-test;
 sample-ratio mismatch: chi-square against the weights, flagged below p = 0.001.
@@ -163,11 +163,11 @@ def _while_running(idle: Idle, t: datetime) -> bool:
     return not any(begin <= t and (end is None or t < end) for begin, end in idle)
 
 
-def _own_offer(u: _User, user_id: str, key: str, kind: str, offer: tuple[Any, Any, Any]) -> bool:
-    """A redemption of an offer (holder, experiment, variant) this experiment made to this user
-    under their own variant: another's token, or another experiment's or variant's offer, is not
-    this arm's treatment."""
-    return kind == "redemption" and offer == (user_id, key, u.variant)
+def _own_offer(u: _User, user_id: str, offer: tuple[Any, Any, Any], key: str) -> bool:
+    """The offer (holder, experiment, variant) a purchase or redemption names is one this
+    experiment made to this user under their own variant: another's token, or another
+    experiment's or variant's offer, is not this arm's treatment."""
+    return offer == (user_id, key, u.variant)
 
 
 def _in_experiment(key: str) -> ColumnElement[bool]:
@@ -235,8 +235,10 @@ def report(session: Session, key: str, now: datetime) -> dict[str, Any]:
         u = owner.get(user_id)
         if u is None or occurred < u.first_offer:
             continue
-        own_offer = _own_offer(u, user_id, key, kind, (holder, of, arm))
-        # A redemption of the arm's own offer is its treatment whenever the token is used.
+        own_offer = _own_offer(u, user_id, (holder, of, arm), key)
+        # A sale under the arm's own offer is its treatment whenever it comes: offers outlive a
+        # pause or stop by their tokens' lifetime, and counting only redemptions then would
+        # credit the discount arms alone (a control's offers are bought as plain purchases).
         if not own_offer and not _while_running(idle, occurred):
             if u.first_purchase is not None:
                 u.purchases.append(occurred)  # a repeat is loyalty, whoever served it
@@ -244,7 +246,7 @@ def report(session: Session, key: str, now: datetime) -> dict[str, Any]:
         # Counted like the user's revenue, and only for an offer of this experiment and the
         # user's own variant made to this user: another's token, or an offer of another
         # experiment or variant, would charge an arm for a discount its users were not given.
-        if own_offer:
+        if own_offer and kind == "redemption":  # a purchase paid the base price
             u.discount += float(discount or 0.0) * (quantity or 1)
         u.revenue += revenue or 0.0
         cost = costs.get(item_id) if costs is not None and item_id else None
@@ -422,12 +424,11 @@ def conversion_curves(
     idle = _idle(session, experiment)
     bought: dict[str, datetime] = {}
     # The first purchase at or after the first offer, as report() counts it: while the
-    # experiment ran, or a redemption of the arm's own offer; a customer who had also bought
+    # experiment ran, or under the arm's own offer; a customer who had also bought
     # before the experiment still converts.
-    for user_id, occurred, kind, holder, of, arm in session.execute(
+    for user_id, occurred, holder, of, arm in session.execute(
         select(
-            Event.user_id, Event.occurred_at, Event.type, Offer.user_id, Offer.experiment_key,
-            Offer.variant,
+            Event.user_id, Event.occurred_at, Offer.user_id, Offer.experiment_key, Offer.variant,
         )
         .outerjoin(Offer, Offer.offer_id == Event.offer_id)
         .where(_in_experiment(key), Event.type.in_(BUYING))
@@ -436,7 +437,7 @@ def conversion_curves(
         u = owner.get(user_id)
         if u is None or user_id in bought or occurred < u.first_offer:
             continue
-        if _own_offer(u, user_id, key, kind, (holder, of, arm)) or _while_running(idle, occurred):
+        if _own_offer(u, user_id, (holder, of, arm), key) or _while_running(idle, occurred):
             bought[user_id] = occurred
     moments = sorted({d.first_offer for d in owner.values()} | set(bought.values()))
     if not moments:

@@ -609,3 +609,46 @@ def test_money_where_neither_arm_varies_claims_no_p_value(db_url: str) -> None:
     revenue = treatment["vs_control"]["revenue_per_user"]
     assert revenue["difference"]["value"] == pytest.approx(0.10)
     assert revenue["p_value"] is None and revenue["difference"]["low"] is None
+
+
+def test_a_purchase_under_the_arms_own_offer_counts_after_the_stop_as_a_redemption_does(
+    db_url: str,
+) -> None:
+    """Offers outlive a stop (their tokens are valid for minutes): the treatment's shopper who
+    redeems one then, and the control's who buys under its no-discount offer then, were both
+    treated by their arm. Counting only the redemption would credit the discount arm alone."""
+    ctl(db_url, "rules", "create", "tier", "--policy", "tiered_topk",
+        "--param", "k1=1", "--param", "d1=20", "--param", "d2=0")  # fmt: skip
+    ctl(db_url, "experiments", "create", "ab", "--variant", "control:50",
+        "--variant", "treatment:50:tier")  # fmt: skip
+    ctl(db_url, "experiments", "start", "ab")
+    issued = datetime.now(UTC) - timedelta(seconds=30)
+    offers = [
+        {**offer(0, "u0", "control", 0.0), "issued_at": issued},
+        {**offer(1, "u1", "treatment", 20.0), "issued_at": issued},
+    ]
+    store = Store(db_url)
+    with store.transaction() as session:
+        insert_offers(session, offers)
+    store.dispose()
+    ctl(db_url, "experiments", "stop", "ab", "--yes")
+    after = int(time.time()) + 5
+    store = Store(db_url)
+    with store.transaction() as session:
+        record(session, [
+            EventIn("p0", "purchase", "u0", "00001", "o0", 1000, 1, after),
+            EventIn("r1", "redemption", "u1", "00001", "o1", 800, 1, after),
+            # Not under its own offer: after the stop, another rule may have served it.
+            EventIn("p1", "purchase", "u1", "00002", "", 1000, 1, after),
+        ], datetime.now(UTC))  # fmt: skip
+    store.dispose()
+    control, treatment = _report(db_url)["variants"]
+    assert control["conversion"]["value"] == treatment["conversion"]["value"] == 1.0
+    assert control["revenue_per_user"]["value"] == 10.0
+    assert treatment["revenue_per_user"]["value"] == 8.0
+    assert treatment["discount_cost"] == 2.0 and control["discount_cost"] == 0.0
+    store = Store(db_url)
+    with store.transaction() as session:
+        curves = conversion_curves(session, "ab")
+    store.dispose()
+    assert curves["control"][1][-1].value == 1.0
