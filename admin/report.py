@@ -19,7 +19,8 @@ its users; a purchase or redemption under the arm's own offer (its treatment) co
 it comes, and so do repeats. Impressions and clicks (exposure, CTR) are not filtered.
 The first variant is the control. Rates: Wilson intervals, pooled two-proportion z-tests and
 Newcombe intervals of the difference; money: Student/Welch intervals and Welch's t-test;
-sample-ratio mismatch: chi-square against the weights, flagged below p = 0.001.
+sample-ratio mismatch: chi-square against the weights (simulated where a variant expects fewer
+than 5 users), flagged below p = 0.001.
 """
 
 from __future__ import annotations

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 
 import numpy as np
 import pytest
 import scipy.stats
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from admin.stats import (
+    MIN_EXPECTED,
     chi2_survival,
     incomplete_beta,
     mean,
@@ -151,8 +153,55 @@ def test_srm_matches_scipy_chisquare(observed: list[int], data: st.DataObject) -
         )
     )
     expected = np.array(weights) / sum(weights) * sum(observed)
+    assume(expected.min() >= MIN_EXPECTED)  # below it the p-value is simulated (next test)
     theirs = scipy.stats.chisquare(observed, expected)
     assert close(srm_p_value(observed, weights), float(theirs.pvalue), 1e-6)
+
+
+def _exact_pearson_p(observed: list[int], weights: list[int]) -> float:
+    """By enumeration: the probability, under the weights, of every split of the users whose
+    Pearson statistic is at least the observed one."""
+    total, shares = sum(observed), np.array(weights) / sum(weights)
+    expected = total * shares
+
+    def statistic(counts: tuple[int, ...]) -> float:
+        return float(((np.array(counts) - expected) ** 2 / expected).sum())
+
+    splits = [
+        (*head, total - sum(head))
+        for head in itertools.product(range(total + 1), repeat=len(weights) - 1)
+        if sum(head) <= total
+    ]
+    seen = statistic(tuple(observed))
+    return sum(
+        float(scipy.stats.multinomial.pmf(split, total, shares))
+        for split in splits
+        if statistic(split) >= seen - 1e-9
+    )
+
+
+@pytest.mark.parametrize(
+    ("observed", "weights"),
+    [
+        ([95, 5], [99, 1]),  # a 1% canary: chi-square says 0.00006
+        ([97, 3], [99, 1]),
+        ([18, 2], [90, 10]),
+        ([40, 3, 0], [80, 15, 5]),
+        ([10, 1, 9], [45, 10, 45]),
+    ],
+)
+def test_srm_with_few_expected_users_is_the_exact_p_value(
+    observed: list[int], weights: list[int]
+) -> None:
+    exact = _exact_pearson_p(observed, weights)
+    # 100,000 draws: the simulated p-value's standard error is sqrt(p(1-p) / 100,000).
+    assert abs(srm_p_value(observed, weights) - exact) <= 4 * math.sqrt(exact / 100_000) + 1e-5
+    assert srm_p_value(observed, weights) == srm_p_value(observed, weights)  # seeded
+
+
+def test_srm_with_few_expected_users_still_finds_a_broken_split() -> None:
+    # 10 of 100 users in a 1% canary: exactly p = 8e-8; no draw in 100,000 comes this far.
+    assert srm_p_value([90, 10], [99, 1]) == pytest.approx(1e-5, rel=1e-3)
 
 
 @given(
