@@ -83,6 +83,11 @@ def _table_row(data: dict[str, Any]) -> dict[str, Any]:
     return {**data, "variants": variants}
 
 
+def _emit_experiment(data: dict[str, Any], output: str) -> None:
+    """JSON keeps the variants as objects; a table shows them in one column."""
+    emit(data if output == "json" else _table_row(data), output)
+
+
 @experiments.command("create")
 @click.argument("key")
 @variant_option
@@ -121,7 +126,7 @@ def create(
     )
     for note in notes:
         message(note)
-    emit(data if output == "json" else _table_row(data), output)
+    _emit_experiment(data, output)
 
 
 def _taken(rules: list[Rule]) -> list[str]:
@@ -234,7 +239,7 @@ def show(app: App, key: str, output: str) -> None:
     """
     with app.transaction() as session:
         data = Experiments(session).get(key).to_dict()
-    emit(data if output == "json" else _table_row(data), output)
+    _emit_experiment(data, output)
 
 
 @experiments.command("update")
@@ -277,7 +282,7 @@ def update(
     taken = [r for r in holds if r.id not in before_ids]
     for note in _taken(taken) + _released([r for r in held if r.id not in after_ids]):
         message(note)
-    emit(data if output == "json" else _table_row(data), output)
+    _emit_experiment(data, output)
 
 
 def _move(app: App, key: str, command: str, if_version: int | None, output: str) -> None:
@@ -297,7 +302,7 @@ def _move(app: App, key: str, command: str, if_version: int | None, output: str)
     message(f"experiment {key!r} is {data['status']}")
     for note in notes:
         message(note)
-    emit(data if output == "json" else _table_row(data), output)
+    _emit_experiment(data, output)
 
 
 @experiments.command("start")
@@ -383,7 +388,7 @@ def delete(app: App, key: str, if_version: int | None, yes: bool, output: str) -
     message(f"deleted experiment {key!r}")
     for note in _released(released):
         message(note)
-    emit(data if output == "json" else _table_row(data), output)
+    _emit_experiment(data, output)
 
 
 @experiments.command("assign")

@@ -23,7 +23,7 @@ from server.decoding import add_discount_service
 from server.health import CappedHealth
 from server.interceptors import AccessLogInterceptor, Interceptor, RequestIdInterceptor
 from server.limits import PROBE_SLOTS, grpc_options
-from server.metrics import Metrics
+from server.metrics import LiveValues, Metrics
 from server.offering import Offering
 from server.purchases import data_end
 from server.response import ResponseModel, Stamp, stamp
@@ -258,15 +258,22 @@ def create_server(settings: Settings) -> tuple[DiscountServer, int]:
     if settings.batch_max_size > 1:
         batcher = Batcher(settings.batch_max_size, settings.batch_max_wait_us, metrics)
     metrics.watch(
-        lambda: (store.current.version, store.current.provider) if store.current else None,
-        lambda: {"recommend": store.failures, "response": server.response_failures},
-        lambda: offering.keeper.age_seconds if offering is not None else None,
-        lambda: offering.purchases.state if offering is not None else None,
-        lambda: (
-            (offering.log.pending, offering.log.refused, offering.log.dropped)
-            if offering is not None
-            else None
-        ),
+        LiveValues(
+            model=lambda: (
+                (store.current.version, store.current.provider) if store.current else None
+            ),
+            model_failures=lambda: {
+                "recommend": store.failures,
+                "response": server.response_failures,
+            },
+            snapshot_age=lambda: offering.keeper.age_seconds if offering is not None else None,
+            purchases=lambda: offering.purchases.state if offering is not None else None,
+            offer_log=lambda: (
+                (offering.log.pending, offering.log.refused, offering.log.dropped)
+                if offering is not None
+                else None
+            ),
+        )
     )
     add_discount_service(
         DiscountService(

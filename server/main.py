@@ -58,7 +58,7 @@ def _env(name: str) -> str:
 @click.option(
     "--model-dir",
     metavar="DIR",
-    help="Model store (version folders + CURRENT) or one version folder. [env DISCOUNT_MODEL_DIR]",
+    help=f"Model store (version folders + CURRENT) or one version folder. {_env('model_dir')}",
 )
 @click.option(
     "--response-model-dir",
@@ -116,7 +116,7 @@ def _env(name: str) -> str:
     metavar="DIR",
     help="Folder (on a disk that outlives the process) where a shutdown puts the issued offers "
     "the store would not take within --grace; the next start writes them to the store. Unset: "
-    "they are lost (logged; exit code 1). [env DISCOUNT_OFFER_SPILL_DIR]",
+    f"they are lost (logged; exit code 1). {_env('offer_spill_dir')}",
 )
 @click.option(
     "--insecure-demo-key",
@@ -138,16 +138,14 @@ def _env(name: str) -> str:
 @click.option(
     "--tls-cert",
     metavar="FILE",
-    help="PEM certificate (chain) for the gRPC port; re-read on SIGHUP. [env DISCOUNT_TLS_CERT]",
+    help=f"PEM certificate (chain) for the gRPC port; re-read on SIGHUP. {_env('tls_cert')}",
 )
-@click.option(
-    "--tls-key", metavar="FILE", help="PEM private key of --tls-cert. [env DISCOUNT_TLS_KEY]"
-)
+@click.option("--tls-key", metavar="FILE", help=f"PEM private key of --tls-cert. {_env('tls_key')}")
 @click.option(
     "--tls-client-ca",
     metavar="FILE",
-    help="PEM CA(s): require client certificates signed by them (mutual TLS). "
-    "[env DISCOUNT_TLS_CLIENT_CA]",
+    help="PEM CA(s): require client certificates signed by them "
+    f"(mutual TLS). {_env('tls_client_ca')}",
 )
 @click.option(
     "--insecure",
@@ -159,7 +157,7 @@ def _env(name: str) -> str:
     "--metrics-port",
     metavar="PORT",
     help="Serve Prometheus metrics at http://HOST:PORT/metrics; 0 picks a free port; unset: "
-    "no metrics. [env DISCOUNT_METRICS_PORT]",
+    f"no metrics. {_env('metrics_port')}",
 )
 @click.option(
     "--log-level",

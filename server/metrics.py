@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
@@ -51,20 +52,16 @@ PurchasesState = Callable[[], tuple[float | None, int] | None]
 OfferLogState = Callable[[], tuple[int, int, int] | None]
 
 
-class _Live(Collector):
-    def __init__(
-        self,
-        model: ModelState,
-        model_failures: ModelFailures,
-        snapshot_age: SnapshotAge,
-        purchases: PurchasesState,
-        offer_log: OfferLogState,
-    ) -> None:
-        self._model = model
-        self._model_failures = model_failures
-        self._snapshot_age = snapshot_age
-        self._purchases = purchases
-        self._offer_log = offer_log
+# eq=False keeps it hashable: the registry keys a dict by each collector it holds.
+@dataclass(eq=False)
+class LiveValues(Collector):
+    """The readers of the values that live elsewhere, called at each scrape."""
+
+    model: ModelState
+    model_failures: ModelFailures
+    snapshot_age: SnapshotAge
+    purchases: PurchasesState
+    offer_log: OfferLogState
 
     def collect(self) -> Iterable[Metric]:
         info = GaugeMetricFamily(
@@ -72,7 +69,7 @@ class _Live(Collector):
             "The serving model version and ONNX Runtime provider (value 1).",
             labels=["version", "provider"],
         )
-        state = self._model()
+        state = self.model()
         if state is not None:
             info.add_metric(list(state), 1.0)
         yield info
@@ -83,17 +80,17 @@ class _Live(Collector):
             "serving. Each SIGHUP's failure counts; the poller's repeats do not.",
             labels=["model"],
         )
-        for model, count in self._model_failures().items():
+        for model, count in self.model_failures().items():
             failures.add_metric([model], count)
         yield failures
-        age = self._snapshot_age()
+        age = self.snapshot_age()
         if age is not None:
             yield GaugeMetricFamily(
                 "discountd_rule_snapshot_age_seconds",
                 "Seconds since the rule snapshot was last loaded from the store.",
                 value=age,
             )
-        offer_log = self._offer_log()
+        offer_log = self.offer_log()
         if offer_log is not None:
             pending, refused, dropped = offer_log
             yield GaugeMetricFamily(
@@ -111,7 +108,7 @@ class _Live(Collector):
                 "Issued offers the store refused as data (logged each; a bug to report).",
                 value=dropped,
             )
-        purchases = self._purchases()
+        purchases = self.purchases()
         if purchases is None:
             return
         read_age, users = purchases
@@ -169,15 +166,8 @@ class Metrics:
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
-    def watch(
-        self,
-        model: ModelState,
-        model_failures: ModelFailures,
-        snapshot_age: SnapshotAge,
-        purchases: PurchasesState,
-        offer_log: OfferLogState,
-    ) -> None:
-        self.registry.register(_Live(model, model_failures, snapshot_age, purchases, offer_log))
+    def watch(self, live: LiveValues) -> None:
+        self.registry.register(live)
 
     def serve(self, host: str, port: int) -> int:
         """Serve /metrics over HTTP in a daemon thread; returns the bound port (port 0 picks)."""

@@ -10,16 +10,14 @@ from typing import TypeVar
 
 import grpc
 from click.testing import CliRunner, Result
+from secure_server import settings
 from server_thread import ServerThread
 
 from admin.cli import cli
-from core.offer_token import OfferKeys
 from core.store import migrate
 from core.store.db import Store
 from discount.v1 import discount_pb2_grpc
-from server.settings import Settings
 
-KEY = b"test-offer-key-0123456789abcdef-0123456789"
 T = TypeVar("T")
 
 
@@ -38,19 +36,15 @@ class OfferServer(ServerThread):
         offer_ttl: float = 60,
         response_model_dir: Path | None = None,
     ) -> None:
-        settings = Settings(
-            model_dir=model_dir,
-            device="cpu",
-            host="127.0.0.1",
-            port=0,
-            poll_interval=0,
-            db_url=db_url,
-            rules_poll_interval=rules_poll_interval,
-            offer_ttl=offer_ttl,
-            offer_keys=OfferKeys(KEY),
-            response_model_dir=response_model_dir,
+        super().__init__(
+            settings(
+                model_dir,
+                db_url,
+                rules_poll_interval=rules_poll_interval,
+                offer_ttl=offer_ttl,
+                response_model_dir=response_model_dir,
+            )
         )
-        super().__init__(settings)
         self.channel = grpc.insecure_channel(self.target)
         self.stub = discount_pb2_grpc.DiscountServiceStub(self.channel)
 

@@ -18,8 +18,9 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from offer_server import KEY, eventually, ten_percent_off_everything
+from offer_server import eventually, ten_percent_off_everything
 from pg import pg_database
+from secure_server import KEY
 from sqlalchemy import create_engine, select, text
 from test_offers_outage import set_reachable
 

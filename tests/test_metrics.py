@@ -34,6 +34,11 @@ def running(model_store: Path) -> Iterator[RunningServer]:
 def scrape(server: RunningServer) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     port = server.server.metrics_port
     assert port is not None
+    return scrape_port(port)
+
+
+def scrape_port(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample /metrics on 127.0.0.1:port serves, by name and sorted labels."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
         text = reply.read().decode()
     return {

@@ -17,8 +17,9 @@ import grpc
 import numpy as np
 import pytest
 from conftest import make_tiny_shop, write_tiny_artifact
-from offer_server import KEY, OfferServer, ctl, eventually, ten_percent_off_everything
+from offer_server import OfferServer, ctl, eventually, ten_percent_off_everything
 from pg import pg_database
+from secure_server import KEY
 from server_thread import bad_requests
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url

@@ -21,7 +21,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from offer_server import KEY, ten_percent_off_everything
+from offer_server import ten_percent_off_everything
+from secure_server import KEY
 from server_thread import bad_requests
 from sqlalchemy import select
 

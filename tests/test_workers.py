@@ -25,7 +25,7 @@ from pg import hanging_proxy, pg_database
 
 from discount.v1 import discount_pb2 as pb
 from discount.v1 import discount_pb2_grpc as pb_grpc
-from tests.test_metrics import value
+from tests.test_metrics import scrape_port, value
 
 pytestmark = pytest.mark.slow  # starts real discountd processes
 
@@ -76,20 +76,6 @@ def messages(process: subprocess.Popen[str], until: str, count: int) -> list[str
     pytest.fail(f"discountd closed stderr before {count}x {until!r}: {seen}")
 
 
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
-        text = reply.read().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
 def test_two_workers_share_the_port_and_drain(workers: subprocess.Popen[str]) -> None:
     log = messages(workers, "metrics on", 2)  # each worker logs it after "listening on"
     ports = {m.rsplit(":", 1)[1] for m in log if m.startswith("listening on")}
@@ -109,7 +95,7 @@ def test_two_workers_share_the_port_and_drain(workers: subprocess.Popen[str]) ->
             )
             assert len(reply.items) == 3
     served = [
-        value(scrape(p), "discountd_requests_total", method="Recommend", code="OK", client="-")
+        value(scrape_port(p), "discountd_requests_total", method="Recommend", code="OK", client="-")
         for p in metrics_ports
     ]
     assert sum(served) == calls

@@ -80,6 +80,13 @@ def _writable(*paths: Path | None) -> None:
             ensure_writable(path.parent, path.name)
 
 
+def _write_json(path: Path, report: object) -> None:
+    try:
+        replace_text(path, json.dumps(report, indent=2) + "\n")
+    except OSError as e:
+        raise click.ClickException(f"{path}: cannot write ({e.strerror or e})") from None
+
+
 def _read_log(offers: Path, events: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """An offer log and its events, read as every file of a shop's is (trainer.data.read_table):
     ids as text, numbers as numbers."""
@@ -475,10 +482,7 @@ def estimate_policy_command(
             "grid": log.grid.tolist(),
             "policies": estimates,
         }
-        try:
-            replace_text(json_path, json.dumps(report, indent=2) + "\n")
-        except OSError as e:
-            raise click.ClickException(f"{json_path}: cannot write ({e.strerror or e})") from None
+        _write_json(json_path, report)
 
 
 @click.command("uplift")
@@ -573,10 +577,7 @@ def uplift_command(
         reports.append(uplift.benchmark(experiment, seed, config))
     click.echo(uplift.format_table(reports))
     if json_path is not None:
-        try:
-            replace_text(json_path, json.dumps(reports, indent=2) + "\n")
-        except OSError as e:
-            raise click.ClickException(f"{json_path}: cannot write ({e.strerror or e})") from None
+        _write_json(json_path, reports)
 
 
 COMMANDS = (
