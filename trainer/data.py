@@ -469,6 +469,42 @@ def _dropped(counts: dict[str, int]) -> str:
     return " (dropped: " + "; ".join(f"{n:,} {reason}" for reason, n in counts.items()) + ")"
 
 
+def _reversed_purchases(purchases: pd.DataFrame, cancellations: pd.DataFrame) -> pd.Series:
+    """Purchase lines that a cancellation reverses in full: each cancellation (a C invoice of
+    -q units) takes back the latest line of the same customer and stock code with q units
+    bought at or before it, one line per cancellation. Partial returns match no line and the
+    purchase stays: the data does not say which units went back."""
+    key = ["CustomerID", "StockCode", "Quantity"]
+
+    def keyed(lines: pd.DataFrame, sign: int) -> pd.DataFrame:
+        ts, _, _ = parse_timestamps(lines["InvoiceDate"])
+        return pd.DataFrame(
+            {
+                "CustomerID": lines["CustomerID"].str.strip(),
+                "StockCode": lines["StockCode"].str.strip(),
+                "Quantity": sign * pd.to_numeric(lines["Quantity"], errors="coerce"),
+                "timestamp": ts,
+                "is_cancellation": sign < 0,
+            },
+            index=lines.index,
+        ).dropna()
+
+    bought = keyed(purchases, 1)
+    taken_back = keyed(cancellations, -1)
+    bought = bought.loc[bought.set_index(key).index.isin(taken_back.set_index(key).index)]
+    # At one timestamp the purchase comes first: an order cancelled within its minute.
+    lines = pd.concat([bought, taken_back]).sort_values([*key, "timestamp", "is_cancellation"])
+    reversed_lines: list[Any] = []
+    open_lines: dict[tuple[Any, ...], list[Any]] = {}
+    for index, *values, _, is_cancellation in lines.itertuples(name=None):
+        stack = open_lines.setdefault(tuple(values), [])
+        if not is_cancellation:
+            stack.append(index)
+        elif stack:
+            reversed_lines.append(stack.pop())
+    return pd.Series(purchases.index.isin(reversed_lines), index=purchases.index)
+
+
 def load_online_retail(
     path: Path = ONLINE_RETAIL, default_margin: float = DEFAULT_MARGIN
 ) -> Loaded:
@@ -478,12 +514,15 @@ def load_online_retail(
     rows_read = len(frame)
     drops = _Drops(frame)
     qty = pd.to_numeric(frame["Quantity"], errors="coerce")
-    drops.drop(
-        "cancellations and returns (InvoiceNo C…, Quantity ≤ 0)",
-        frame["InvoiceNo"].str.upper().str.startswith("C") | ~(qty > 0),
-    )
+    cancelled = frame["InvoiceNo"].str.upper().str.startswith("C")
+    cancellations = frame.loc[cancelled & (qty < 0)].drop_duplicates()
+    drops.drop("cancellations and returns (InvoiceNo C…, Quantity ≤ 0)", cancelled | ~(qty > 0))
     drops.drop("no CustomerID", _missing(drops.frame["CustomerID"].str.strip()))
     drops.drop("exact duplicate rows", drops.frame.duplicated())
+    drops.drop(
+        "purchases a later cancellation reverses in full (same customer, item, quantity)",
+        _reversed_purchases(drops.frame, cancellations),
+    )
     code = drops.frame["StockCode"].str.strip().str.upper()
     drops.drop(
         "non-product codes (postage, fees, adjustments, vouchers)",
