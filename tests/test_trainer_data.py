@@ -415,6 +415,39 @@ def test_exact_duplicates_and_fractional_quantities_are_dropped(tmp_path: Path) 
     assert loaded.dataset.interactions.quantity.tolist() == [2, 2]
 
 
+def test_a_return_takes_back_the_purchase_it_reverses_in_full(tmp_path: Path) -> None:
+    """A shop's order lines with returns as negative quantities (Online Retail's shape): a
+    purchase returned whole is no sale, in lifetime value or in training. Each return takes
+    back one line, the latest of that many units at or before it; a partial return, or one
+    with no such purchase before it, takes back nothing."""
+    inter = write(
+        tmp_path / "i.csv",
+        "user_id,item_id,timestamp,quantity,price\n"
+        f"u1,007,{T},5,10\n"
+        f"u1,007,{T + 60},5,9\n"
+        f"u1,007,{T + 120},-5,9\n"  # takes back the line at T + 60, not the one at T
+        f"u2,007,{T},3,10\n"
+        f"u2,007,{T},-3,10\n"  # cancelled within the same second
+        f"u3,007,{T},4,10\n"
+        f"u3,007,{T + 60},-1,10\n"  # partial: which unit went back is unknown
+        f"u4,007,{T + 60},2,10\n"
+        f"u4,007,{T},-2,10\n",  # before the purchase: a return of an older order
+    )
+    loaded = load_files(inter, write(tmp_path / "items.csv", ITEMS))
+    assert loaded.dropped == {
+        "quantity not a positive whole number": 4,
+        "purchases a later return reverses in full (same user, item, quantity)": 2,
+    }
+    dataset = loaded.dataset
+    users = [dataset.user_ids[u] for u in dataset.interactions.user_index]
+    assert list(zip(users, dataset.interactions.quantity.tolist(), strict=True)) == [
+        ("u1", 5),
+        ("u3", 4),
+        ("u4", 2),
+    ]
+    assert dataset.interactions.price.tolist() == [10, 10, 10]
+
+
 def test_interactions_of_items_dropped_for_their_price_say_so(tmp_path: Path) -> None:
     items = write(tmp_path / "items.csv", "item_id,price\nfree,-1\na,10\n")
     inter = write(

@@ -426,8 +426,23 @@ def load_files(interactions: Path, items: Path, default_margin: float = DEFAULT_
         qty = pd.to_numeric(drops.frame["quantity"].str.strip().replace("", "1"), errors="coerce")
         # Quantities are whole units (int64): 2.5 units is no count, and 1e30 or inf do not fit.
         whole = (qty >= 1) & (qty <= MAX_QUANTITY) & (qty % 1 == 0)
+        # An order line with units returned, the way shops export returns (Online Retail too).
+        returned = (-qty >= 1) & (-qty <= MAX_QUANTITY) & (qty % 1 == 0)
+        returns = drops.frame.loc[returned & (drops.frame["event"] == "purchase")]
         drops.drop("quantity not a positive whole number", ~whole)
         drops.frame = drops.frame.assign(quantity=qty.loc[drops.frame.index])
+        purchases = drops.frame.loc[drops.frame["event"] == "purchase"]
+        columns = {"user_id": "user", "item_id": "item"}
+        taken_back = _reversed(
+            purchases[["user_id", "item_id", "quantity", "timestamp"]].rename(columns=columns),
+            returns[["user_id", "item_id", "timestamp"]]
+            .rename(columns=columns)
+            .assign(quantity=-qty.loc[returns.index]),
+        )
+        drops.drop(
+            "purchases a later return reverses in full (same user, item, quantity)",
+            pd.Series(drops.frame.index.isin(taken_back), index=drops.frame.index),
+        )
     else:
         drops.frame = drops.frame.assign(quantity=1)
     # The items file has these ids, so "not in the items file" would send the user looking
@@ -469,40 +484,29 @@ def _dropped(counts: dict[str, int]) -> str:
     return " (dropped: " + "; ".join(f"{n:,} {reason}" for reason, n in counts.items()) + ")"
 
 
-def _reversed_purchases(purchases: pd.DataFrame, cancellations: pd.DataFrame) -> pd.Series:
-    """Purchase lines that a cancellation reverses in full: each cancellation (a C invoice of
-    -q units) takes back the latest line of the same customer and stock code with q units
-    bought at or before it, one line per cancellation. Partial returns match no line and the
-    purchase stays: the data does not say which units went back."""
-    key = ["CustomerID", "StockCode", "Quantity"]
-
-    def keyed(lines: pd.DataFrame, sign: int) -> pd.DataFrame:
-        ts, _, _ = parse_timestamps(lines["InvoiceDate"])
-        return pd.DataFrame(
-            {
-                "CustomerID": lines["CustomerID"].str.strip(),
-                "StockCode": lines["StockCode"].str.strip(),
-                "Quantity": sign * pd.to_numeric(lines["Quantity"], errors="coerce"),
-                "timestamp": ts,
-                "is_cancellation": sign < 0,
-            },
-            index=lines.index,
-        ).dropna()
-
-    bought = keyed(purchases, 1)
-    taken_back = keyed(cancellations, -1)
-    bought = bought.loc[bought.set_index(key).index.isin(taken_back.set_index(key).index)]
+def _reversed(bought: pd.DataFrame, returned: pd.DataFrame) -> pd.Index:
+    """The rows of ``bought`` that a row of ``returned`` takes back in full. Both have the
+    columns user, item, quantity (units, positive) and timestamp. Each return takes back the
+    latest line of the same user and item with as many units bought at or before it, one line
+    per return. A partial return matches no line and the purchase stays: the data does not say
+    which units went back."""
+    key = ["user", "item", "quantity"]
+    bought = bought.loc[bought.set_index(key).index.isin(returned.set_index(key).index)]
     # At one timestamp the purchase comes first: an order cancelled within its minute.
-    lines = pd.concat([bought, taken_back]).sort_values([*key, "timestamp", "is_cancellation"])
-    reversed_lines: list[Any] = []
+    lines = pd.concat(
+        [bought.assign(is_return=False), returned.assign(is_return=True)]
+    ).sort_values([*key, "timestamp", "is_return"], kind="stable")
+    taken_back: list[Any] = []
     open_lines: dict[tuple[Any, ...], list[Any]] = {}
-    for index, *values, _, is_cancellation in lines.itertuples(name=None):
-        stack = open_lines.setdefault(tuple(values), [])
-        if not is_cancellation:
+    for index, user, item, quantity, _, is_return in lines[
+        [*key, "timestamp", "is_return"]
+    ].itertuples(name=None):
+        stack = open_lines.setdefault((user, item, quantity), [])
+        if not is_return:
             stack.append(index)
         elif stack:
-            reversed_lines.append(stack.pop())
-    return pd.Series(purchases.index.isin(reversed_lines), index=purchases.index)
+            taken_back.append(stack.pop())
+    return pd.Index(taken_back)
 
 
 def load_online_retail(
@@ -519,9 +523,23 @@ def load_online_retail(
     drops.drop("cancellations and returns (InvoiceNo C…, Quantity ≤ 0)", cancelled | ~(qty > 0))
     drops.drop("no CustomerID", _missing(drops.frame["CustomerID"].str.strip()))
     drops.drop("exact duplicate rows", drops.frame.duplicated())
+
+    def lines(frame: pd.DataFrame, sign: int) -> pd.DataFrame:
+        ts, _, _ = parse_timestamps(frame["InvoiceDate"])
+        return pd.DataFrame(
+            {
+                "user": frame["CustomerID"].str.strip(),
+                "item": frame["StockCode"].str.strip(),
+                "quantity": sign * pd.to_numeric(frame["Quantity"], errors="coerce"),
+                "timestamp": ts,
+            },
+            index=frame.index,
+        ).dropna()
+
+    taken_back = _reversed(lines(drops.frame, 1), lines(cancellations, -1))
     drops.drop(
         "purchases a later cancellation reverses in full (same customer, item, quantity)",
-        _reversed_purchases(drops.frame, cancellations),
+        pd.Series(drops.frame.index.isin(taken_back), index=drops.frame.index),
     )
     code = drops.frame["StockCode"].str.strip().str.upper()
     drops.drop(
