@@ -415,6 +415,24 @@ def test_exact_duplicates_and_fractional_quantities_are_dropped(tmp_path: Path) 
     assert loaded.dataset.interactions.quantity.tolist() == [2, 2]
 
 
+def test_online_retail_cancelled_orders_are_no_sale(tmp_path: Path) -> None:
+    """The file's own first customer: 74,215 jars bought and cancelled 16 minutes later."""
+    path = write(
+        tmp_path / "retail.csv",
+        OR_HEADER
+        + OR_GOOD
+        + "541431,23166,MEDIUM CERAMIC TOP STORAGE JAR,74215,2011-01-18 10:01:00,1.04,12346.0,UK\n"
+        + "C541433,23166,MEDIUM CERAMIC TOP STORAGE JAR,-74215,2011-01-18 10:17:00,1.04,12346.0,"
+        + "UK\n",
+    )
+    loaded = load_online_retail(path)
+    assert loaded.dropped == {
+        "cancellations and returns (InvoiceNo C…, Quantity ≤ 0)": 1,
+        "purchases a later cancellation reverses in full (same customer, item, quantity)": 1,
+    }
+    assert loaded.dataset.user_ids == ["17850"]
+
+
 def test_a_return_takes_back_the_purchase_it_reverses_in_full(tmp_path: Path) -> None:
     """A shop's order lines with returns as negative quantities (Online Retail's shape): a
     purchase returned whole is no sale, in lifetime value or in training. Each return takes
