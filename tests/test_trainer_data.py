@@ -306,6 +306,34 @@ def test_missing_file_and_missing_flag(tmp_path: Path) -> None:
     assert not (tmp_path / "u").exists()  # a usage error leaves nothing behind
 
 
+def test_a_public_dataset_given_as_a_shops_file_names_its_format(tmp_path: Path) -> None:
+    """A shop trying discountd on Online Retail or MovieLens first passes the file it has; the
+    refusal said which flags or columns were missing, not that --format reads it as published."""
+    retail = write(tmp_path / "online_retail.csv", OR_HEADER + OR_GOOD)
+    movielens = tmp_path / "ml-100k"
+    movielens.mkdir()
+    write(movielens / "u.data", "196\t242\t3\t881250949\n")
+    out = str(tmp_path / "m")
+    runner = CliRunner()
+    for given, name, title in (
+        (retail, "online-retail", "UCI Online Retail"),
+        (movielens, "movielens", "MovieLens 100K"),
+    ):
+        alone = runner.invoke(main, ["fit", "--interactions", str(given), "--out", out])
+        assert alone.exit_code == 2
+        assert f"{given} is {title} as published: read it with --format {name} " in alone.output
+    items = str(write(tmp_path / "items.csv", ITEMS))
+    paired = runner.invoke(
+        main, ["fit", "--interactions", str(retail), "--items", items, "--out", out]
+    )
+    assert paired.exit_code == 1
+    assert paired.output.startswith(f"Error: {retail}: missing column(s) user_id, item_id")
+    assert paired.output.endswith(
+        f"; {retail} is UCI Online Retail as published: read it with --format online-retail "
+        f"--interactions {retail}\n"
+    )
+
+
 def test_a_directory_for_a_file_is_a_one_line_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(
         main,

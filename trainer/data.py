@@ -509,12 +509,29 @@ def _reversed(bought: pd.DataFrame, returned: pd.DataFrame) -> pd.Index:
     return pd.Index(taken_back)
 
 
+ONLINE_RETAIL_COLUMNS = (
+    "InvoiceNo", "StockCode", "Description", "Quantity", "InvoiceDate", "UnitPrice", "CustomerID",
+)  # fmt: skip
+DATASET_NAMES = {"online-retail": "UCI Online Retail", "movielens": "MovieLens 100K"}
+
+
+def published_format(path: Path) -> str | None:
+    """The --format that reads this file or folder, when it is a public dataset as published:
+    a shop trying discountd on one passes it as its own file first."""
+    if (path / "u.data").is_file() or (path.name == "u.data" and path.is_file()):
+        return "movielens"
+    try:
+        names = {name.strip() for name in _header(path)}
+    except (DataError, OSError, ValueError, pd.errors.ParserError, *CORRUPT_COMPRESSED):
+        return None
+    return "online-retail" if set(ONLINE_RETAIL_COLUMNS) <= names else None
+
+
 def load_online_retail(
     path: Path = ONLINE_RETAIL, default_margin: float = DEFAULT_MARGIN
 ) -> Loaded:
     """UCI Online Retail, cleaned: only real purchases of real products by known customers."""
-    columns = ("InvoiceNo", "StockCode", "Description", "Quantity", "InvoiceDate", "UnitPrice")
-    frame = read_table(path, (*columns, "CustomerID"))
+    frame = read_table(path, ONLINE_RETAIL_COLUMNS)
     rows_read = len(frame)
     drops = _Drops(frame)
     qty = pd.to_numeric(frame["Quantity"], errors="coerce")
