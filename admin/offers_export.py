@@ -73,8 +73,8 @@ def export(
     before the store kept these columns (migration 0006) or by a build that knew fewer user
     features, and offers of items the model had no score for, are left out and counted, with
     their sales. Offers of items whose cost the trainer assumed (COST_ASSUMED where a rule
-    priced them) are written with that cost, and counted. --since and --until select offers by when they were issued;
-    their sales come with them whenever they were made.
+    priced them) are written with that cost, and counted. --since and --until select offers by
+    when they were issued; their sales come with them whenever they were made.
 
     \b
     Example:
