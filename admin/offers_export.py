@@ -15,12 +15,22 @@ from sqlalchemy.orm import Session
 from admin.app import App
 from admin.options import parse_time
 from admin.output import emit, message, output_option
+from core.artifact import ArtifactError
 from core.features import NUMERIC_FEATURES
 from core.files import replace_files
 from core.offers import Why
 from core.response_log import EVENT_COLUMNS, LOGS, OFFER_COLUMNS
+from core.shop import load_shop_facts
+from core.store.errors import NotFound
 from core.store.experiments import Experiments
-from core.store.offers import LogFilter, response_offers, response_sales, unlearnable_offers
+from core.store.model_versions import ModelVersions
+from core.store.offers import (
+    LogFilter,
+    response_model_versions,
+    response_offers,
+    response_sales,
+    unlearnable_offers,
+)
 from core.store.rules import Rules
 
 PROGRESS_EVERY = 500_000
@@ -62,9 +72,9 @@ def export(
     (alone, or as an experiment's variant) and export its offers with --rule. Offers logged
     before the store kept these columns (migration 0006) or by a build that knew fewer user
     features, and offers of items the model had no score for, are left out and counted, with
-    their sales. Offers priced against a cost the trainer assumed (COST_ASSUMED) are written
-    with that cost, and counted. --since and --until select offers by when they were issued;
-    their sales come with them whenever they were made.
+    their sales. Offers of items whose cost the trainer assumed (COST_ASSUMED where a rule
+    priced them) are written with that cost, and counted. --since and --until select offers by
+    when they were issued; their sales come with them whenever they were made.
 
     \b
     Example:
@@ -97,10 +107,13 @@ def export(
         if experiment_key is not None:
             Experiments(session).get(experiment_key)
         which = LogFilter(rule_id, experiment_key, start, end)
+        assumed = {v: _assumed_costs(session, v) for v in response_model_versions(session, which)}
         try:
             replace_files(
                 {
-                    paths[0]: lambda tmp: _write(tmp, _offer_rows(session, which, counts, lacking)),
+                    paths[0]: lambda tmp: _write(
+                        tmp, _offer_rows(session, which, counts, lacking, assumed)
+                    ),
                     paths[1]: lambda tmp: _write(tmp, _sale_rows(session, which, counts, lacking)),
                 }
             )
@@ -134,10 +147,10 @@ def export(
         )
     if counts["cost_assumed"]:
         message(
-            f"{counts['cost_assumed']:,} of these {counts['offers']:,} offers were priced against "
-            "a cost assumed from the trainer's --default-margin (reason code COST_ASSUMED), "
-            "written as their cost: a margin learned or estimated from them is only as right as "
-            "that margin"
+            f"{counts['cost_assumed']:,} of these {counts['offers']:,} offers carry a cost "
+            "assumed from the trainer's --default-margin (reason code COST_ASSUMED where a rule "
+            "priced them), written as their cost: a margin learned or estimated from them is "
+            "only as right as that margin"
         )
     if counts["left_out"]:
         message(
@@ -155,8 +168,22 @@ def _write(path: Path, rows: Iterable[Sequence[object]]) -> None:
         csv.writer(file, lineterminator="\n").writerows(rows)
 
 
+def _assumed_costs(session: Session, version: str) -> frozenset[str]:
+    """The items whose cost the trainer of this version assumed. An offer no rule priced (an
+    experiment's control) says no COST_ASSUMED, yet the cost logged with it is that assumption.
+    Empty for a version the registry lacks or can no longer read: COST_ASSUMED alone tells."""
+    try:
+        return load_shop_facts(Path(ModelVersions(session).get(version).path)).assumed_costs
+    except (NotFound, ArtifactError):
+        return frozenset()
+
+
 def _offer_rows(
-    session: Session, which: LogFilter, counts: Counter[str], lacking: set[str]
+    session: Session,
+    which: LogFilter,
+    counts: Counter[str],
+    lacking: set[str],
+    assumed: dict[str, frozenset[str]],
 ) -> Rows:
     yield OFFER_COLUMNS
     for row in response_offers(session, which):
@@ -180,7 +207,9 @@ def _offer_rows(
         )
         counts["offers"] += 1
         counts["randomized"] += row.propensity < 1
-        counts["cost_assumed"] += Why.COST_ASSUMED in (row.reason_codes or ())
+        counts["cost_assumed"] += Why.COST_ASSUMED in (row.reason_codes or ()) or (
+            row.item_id in assumed.get(row.model_version, ())
+        )
         if counts["offers"] % PROGRESS_EVERY == 0:
             click.echo(f"  {counts['offers']:,} offers read", err=True)
 

@@ -121,6 +121,22 @@ def test_online_retail_without_the_dataset_keeps_the_last_demo(
     assert (out / "discount.db").read_bytes() == b"the last demo's store"
 
 
+def test_online_retail_trains_on_the_file_it_names(
+    tmp_path: Path, restore_env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DISCOUNT_DATASETS elsewhere than ../shared/datasets: the step, the command it prints and
+    the fit all name that file (it had said ../shared/datasets, and fit found its own)."""
+    elsewhere = tmp_path / "datasets/online-retail/online_retail.csv.gz"
+    elsewhere.parent.mkdir(parents=True)
+    elsewhere.write_text("InvoiceNo,StockCode\n536365,85123A\n")
+    monkeypatch.setattr("tools.demo.ONLINE_RETAIL", elsewhere)
+    result = _demo(tmp_path / "demo", "--data", "online-retail")
+    assert result.exit_code == 1
+    assert f"1/11 the Online Retail dataset ({elsewhere.parent})" in result.output
+    assert f"--interactions {elsewhere} " in result.output
+    assert f"Error: discount-train fit: {elsewhere}: " in result.output
+
+
 def _gone(pid: int) -> bool:
     """Gone, or a zombie not yet reaped: either way it serves nothing."""
     try:

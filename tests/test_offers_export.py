@@ -8,14 +8,17 @@ import asyncio
 import json
 import time
 from collections import Counter
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from cli import ctl
 from click.testing import CliRunner
-from offer_server import OfferServer, eventually
+from conftest import make_tiny_shop, write_tiny_artifact
+from offer_server import OfferServer, eventually, ten_percent_off_everything
 from secure_server import ServerThread
 from secure_server import settings as server_settings
 from sqlalchemy import select
@@ -348,13 +351,47 @@ def test_offers_priced_against_an_assumed_cost_are_counted_and_said(
     result = ctl(db_url, "offers", "export", "--out", str(out), "-o", "json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["cost_assumed"] == 2
-    assert "2 of these 3 offers were priced against a cost assumed" in result.stderr
+    assert "2 of these 3 offers carry a cost assumed" in result.stderr
     assert list(pd.read_csv(out / "offers.csv")["cost"]) == [4.0, 4.0, 4.0]
 
     clean = ctl(db_url, "offers", "export", "--out", str(tmp_path / "clean"), "--since",
                 "2026-11-30T09:00:02Z", "--until", "2026-11-30T09:00:03Z")  # fmt: skip
     assert clean.exit_code == 0, clean.output
     assert "assumed" not in clean.stderr
+
+
+def test_a_control_arms_assumed_costs_are_counted_too(tmp_path: Path, db_url: str) -> None:
+    """Every cost of a shop without costs is assumed (Online Retail's): an experiment's control
+    offers carry it in the cost column as the treated ones do, though no rule priced them and
+    so none says COST_ASSUMED; the count had left them out (1,480 of 3,010 where all were)."""
+    shop = make_tiny_shop()
+    catalog = shop.dataset.catalog
+    assumed = np.ones(len(catalog.item_ids), dtype=bool)
+    dataset = replace(shop.dataset, catalog=replace(catalog, cost_assumed=assumed))
+    models = tmp_path / "models"
+    version = write_tiny_artifact(models, replace(shop, dataset=dataset))
+    ten_percent_off_everything(db_url)
+    _run(db_url, "models", "register", str(version))
+    _run(db_url, "models", "promote", version.name)
+    _run(db_url, "experiments", "create", "ab", "--variant", "control:50",
+         "--variant", "treated:50:all")  # fmt: skip
+    _run(db_url, "experiments", "start", "ab")
+    running = OfferServer(models, db_url)
+    try:
+        variants = {
+            running.stub.GetOffers(pb.GetOffersRequest(user_id=f"user-{u}", limit=3)).variant
+            for u in range(30)
+        }
+        eventually(lambda: running.server.offering.log.pending == 0, 10.0)
+    finally:
+        running.close()
+    assert variants == {"control", "treated"}
+    result = ctl(db_url, "offers", "export", "--experiment", "ab", "--out",
+                 str(tmp_path / "ab"), "-o", "json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["offers"] == 90 and summary["cost_assumed"] == 90
+    assert "90 of these 90 offers carry a cost assumed" in result.stderr
 
 
 @pytest.mark.parametrize(

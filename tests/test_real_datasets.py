@@ -6,6 +6,7 @@ Skipped, saying why, where the datasets are not there (README, "The public datas
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import subprocess
 import sys
@@ -69,15 +70,44 @@ def test_online_retail_slice_drops_what_is_no_sale_and_keeps_ids_as_written(
         "cancellations and returns (InvoiceNo C…, Quantity ≤ 0)": 309,
         "no CustomerID": 6574,
         "exact duplicate rows": 314,
+        "purchases a later cancellation reverses in full (same customer, item, quantity)": 23,
         "non-product codes (postage, fees, adjustments, vouchers)": 54,
         "zero, negative or missing UnitPrice": 1,
     }
     dataset = loaded.dataset
-    assert (len(dataset.user_ids), len(dataset.catalog.item_ids)) == (526, 1947)
+    assert (len(dataset.user_ids), len(dataset.catalog.item_ids)) == (526, 1946)
     # Stock codes with letters, customer ids without the file's ".0".
     assert {"85123A", "10123C"} <= set(dataset.catalog.item_ids)
     assert "17850" in dataset.user_ids
     assert dataset.catalog.cost_assumed.all()  # the data has no costs
+
+
+def test_a_purchase_cancelled_in_full_is_no_sale_in_features_or_training(
+    retail_slice: Path, tmp_path: Path
+) -> None:
+    """Customer 14409 ordered 72 of 22834 at 2.10 on 6 December 2010 at 15:03, 96 at 1.85 at
+    15:06, and cancelled the first order at 15:07 (C537413, -72). Counted, the cancelled line
+    was lifetime value (for 12346, who cancelled 74,215 jars, £77,184 of it) and a purchase
+    to learn from; the 96 he kept stay."""
+    models = tmp_path / "models"
+    fitted = CliRunner().invoke(
+        train,
+        ["fit", "--format", "online-retail", "--interactions", str(retail_slice),
+         "--out", str(models), "--epochs", "2", "--factors", "8"],
+    )  # fmt: skip
+    assert fitted.exit_code == 0, fitted.output
+    assert "purchases a later cancellation reverses in full" in fitted.output
+    rows = pd.read_csv(retail_slice, dtype={"StockCode": str, "CustomerID": str})
+    his = rows[(rows["CustomerID"] == "14409.0") & ~rows["InvoiceNo"].str.startswith("C")]
+    cancelled = (his["StockCode"] == "22834") & (his["Quantity"] == 72)
+    assert cancelled.sum() == 1
+    kept = his[~cancelled].drop_duplicates()
+    version = json.loads(fitted.stdout.splitlines()[-1])["version_dir"]
+    features = json.loads((Path(version) / "user_features.json").read_text())
+    users = json.loads((Path(version) / "users.json").read_text())
+    row = features["rows"][users.index("14409")]
+    ltv = row[features["columns"].index("lifetime_value")]
+    assert ltv == pytest.approx((kept["Quantity"] * kept["UnitPrice"]).sum())
 
 
 def test_a_model_of_the_slice_serves_and_prices_its_customers(

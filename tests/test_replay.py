@@ -236,6 +236,23 @@ def test_a_file_without_user_ids_is_one_line(tmp_path: Path) -> None:
     assert result.output.count("\n") == 1
 
 
+def test_online_retail_as_published_points_at_the_model_store(tmp_path: Path) -> None:
+    """Its CustomerIDs read "17850.0"; the model knows 17850: the store has the ids as served."""
+    retail = tmp_path / "online_retail.csv"
+    retail.write_text(
+        "InvoiceNo,StockCode,Description,Quantity,InvoiceDate,UnitPrice,CustomerID,Country\n"
+        "536365,85123A,WHITE HANGING HEART,6,2010-12-01 08:26:00,2.55,17850.0,United Kingdom\n"
+    )
+    result = CliRunner().invoke(replay_command, ["--target", "x:1", "--users-from", str(retail)])
+    assert result.exit_code == 1
+    assert result.output.startswith(f"Error: {retail}: cannot read user ids")
+    assert result.output.endswith(
+        "; it is UCI Online Retail as published: give --users-from the model store that "
+        "`discount-train fit --format online-retail` wrote, whose users are the ids as "
+        "discountd knows them\n"
+    )
+
+
 def test_a_file_with_a_header_and_no_users_is_one_line(tmp_path: Path) -> None:
     empty = tmp_path / "users.csv"
     empty.write_text("user_id\n")

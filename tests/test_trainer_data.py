@@ -306,6 +306,34 @@ def test_missing_file_and_missing_flag(tmp_path: Path) -> None:
     assert not (tmp_path / "u").exists()  # a usage error leaves nothing behind
 
 
+def test_a_public_dataset_given_as_a_shops_file_names_its_format(tmp_path: Path) -> None:
+    """A shop trying discountd on Online Retail or MovieLens first passes the file it has; the
+    refusal said which flags or columns were missing, not that --format reads it as published."""
+    retail = write(tmp_path / "online_retail.csv", OR_HEADER + OR_GOOD)
+    movielens = tmp_path / "ml-100k"
+    movielens.mkdir()
+    write(movielens / "u.data", "196\t242\t3\t881250949\n")
+    out = str(tmp_path / "m")
+    runner = CliRunner()
+    for given, name, title in (
+        (retail, "online-retail", "UCI Online Retail"),
+        (movielens, "movielens", "MovieLens 100K"),
+    ):
+        alone = runner.invoke(main, ["fit", "--interactions", str(given), "--out", out])
+        assert alone.exit_code == 2
+        assert f"{given} is {title} as published: read it with --format {name} " in alone.output
+    items = str(write(tmp_path / "items.csv", ITEMS))
+    paired = runner.invoke(
+        main, ["fit", "--interactions", str(retail), "--items", items, "--out", out]
+    )
+    assert paired.exit_code == 1
+    assert paired.output.startswith(f"Error: {retail}: missing column(s) user_id, item_id")
+    assert paired.output.endswith(
+        f"; {retail} is UCI Online Retail as published: read it with --format online-retail "
+        f"--interactions {retail}\n"
+    )
+
+
 def test_a_directory_for_a_file_is_a_one_line_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(
         main,
@@ -413,6 +441,57 @@ def test_exact_duplicates_and_fractional_quantities_are_dropped(tmp_path: Path) 
         "quantity not a positive whole number": 1,
     }
     assert loaded.dataset.interactions.quantity.tolist() == [2, 2]
+
+
+def test_online_retail_cancelled_orders_are_no_sale(tmp_path: Path) -> None:
+    """The file's own first customer: 74,215 jars bought and cancelled 16 minutes later."""
+    path = write(
+        tmp_path / "retail.csv",
+        OR_HEADER
+        + OR_GOOD
+        + "541431,23166,MEDIUM CERAMIC TOP STORAGE JAR,74215,2011-01-18 10:01:00,1.04,12346.0,UK\n"
+        + "C541433,23166,MEDIUM CERAMIC TOP STORAGE JAR,-74215,2011-01-18 10:17:00,1.04,12346.0,"
+        + "UK\n",
+    )
+    loaded = load_online_retail(path)
+    assert loaded.dropped == {
+        "cancellations and returns (InvoiceNo C…, Quantity ≤ 0)": 1,
+        "purchases a later cancellation reverses in full (same customer, item, quantity)": 1,
+    }
+    assert loaded.dataset.user_ids == ["17850"]
+
+
+def test_a_return_takes_back_the_purchase_it_reverses_in_full(tmp_path: Path) -> None:
+    """A shop's order lines with returns as negative quantities (Online Retail's shape): a
+    purchase returned whole is no sale, in lifetime value or in training. Each return takes
+    back one line, the latest of that many units at or before it; a partial return, or one
+    with no such purchase before it, takes back nothing."""
+    inter = write(
+        tmp_path / "i.csv",
+        "user_id,item_id,timestamp,quantity,price\n"
+        f"u1,007,{T},5,10\n"
+        f"u1,007,{T + 60},5,9\n"
+        f"u1,007,{T + 120},-5,9\n"  # takes back the line at T + 60, not the one at T
+        f"u2,007,{T},3,10\n"
+        f"u2,007,{T},-3,10\n"  # cancelled within the same second
+        f"u3,007,{T},4,10\n"
+        f"u3,007,{T + 60},-1,10\n"  # partial: which unit went back is unknown
+        f"u4,007,{T + 60},2,10\n"
+        f"u4,007,{T},-2,10\n",  # before the purchase: a return of an older order
+    )
+    loaded = load_files(inter, write(tmp_path / "items.csv", ITEMS))
+    assert loaded.dropped == {
+        "quantity not a positive whole number": 4,
+        "purchases a later return reverses in full (same user, item, quantity)": 2,
+    }
+    dataset = loaded.dataset
+    users = [dataset.user_ids[u] for u in dataset.interactions.user_index]
+    assert list(zip(users, dataset.interactions.quantity.tolist(), strict=True)) == [
+        ("u1", 5),
+        ("u3", 4),
+        ("u4", 2),
+    ]
+    assert dataset.interactions.price.tolist() == [10, 10, 10]
 
 
 def test_interactions_of_items_dropped_for_their_price_say_so(tmp_path: Path) -> None:

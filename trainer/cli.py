@@ -230,7 +230,10 @@ def fit(
     if format_name != "files" and items is not None:
         raise click.UsageError(f"--items is for --format files; {format_name} has its own items")
     if format_name == "files" and (interactions is None or items is None):
-        raise click.UsageError("--interactions and --items are both required with --format files")
+        raise click.UsageError(
+            "--interactions and --items are both required with --format files"
+            + _published_hint(interactions)
+        )
     base = ModelConfig(objective=objective, factors=factors, max_epochs=epochs, seed=seed)
     # α = c₀ = 0 gives every purchase zero confidence: nothing to learn. Only that pairing goes;
     # the default grid holds c₀ = 0, so --alpha 0 alone still has c₀ = 1 to pair with.
@@ -254,7 +257,8 @@ def fit(
     try:
         loaded = _load(format_name, interactions, items, default_margin)
     except DataError as e:
-        raise click.ClickException(str(e)) from None
+        hint = _published_hint(interactions) if format_name == "files" else ""
+        raise click.ClickException(f"{e}{hint}") from None
     for line in loaded.summary_lines():
         _err(line)
     if not purchases(loaded.dataset).any():
@@ -291,6 +295,19 @@ def fit(
                 "metrics": outcome.metrics,
             }
         )
+    )
+
+
+def _published_hint(interactions: Path | None) -> str:
+    """How to read a public dataset given as a shop's own file, or ""."""
+    from trainer.data import DATASET_NAMES, published_format
+
+    found = None if interactions is None else published_format(interactions)
+    if found is None:
+        return ""
+    return (
+        f"; {interactions} is {DATASET_NAMES[found]} as published: read it with --format {found} "
+        f"--interactions {interactions}"
     )
 
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from core.artifact import ArtifactError
+from core.artifact import ArtifactError, sha256_file
 from core.files import replace_text
 from core.response_log import LOGS
 from trainer.config import EvalConfig, MarketConfig, ResponseConfig, UpliftConfig
@@ -255,6 +255,9 @@ def response_command(
             {
                 "offers": str(offers_path),
                 "events": str(events_path),
+                # So that estimate-policy knows a log this model was fitted to.
+                "offers_sha256": sha256_file(offers_path),
+                "events_sha256": sha256_file(events_path),
                 "rows": len(data),
                 "users": len(logged.history.user_ids),
             },
@@ -450,6 +453,12 @@ def estimate_policy_command(
         probability = None
         if response_model is not None:
             probability = shop_estimate.predict(response_model, log)
+            if shop_estimate.trained_on(response_model, offers_path):
+                _err(
+                    "WARNING: --response-model was trained on this offer log: DR's model term "
+                    "fits the offers it corrects, so its intervals are too narrow; train the "
+                    "model on an earlier period of the experiment"
+                )
         estimates = shop_estimate.estimate(log, rules, probability, _err)
     except (shop_estimate.EstimateError, ResponseError) as e:
         raise click.ClickException(str(e)) from None

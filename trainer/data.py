@@ -426,8 +426,23 @@ def load_files(interactions: Path, items: Path, default_margin: float = DEFAULT_
         qty = pd.to_numeric(drops.frame["quantity"].str.strip().replace("", "1"), errors="coerce")
         # Quantities are whole units (int64): 2.5 units is no count, and 1e30 or inf do not fit.
         whole = (qty >= 1) & (qty <= MAX_QUANTITY) & (qty % 1 == 0)
+        # An order line with units returned, the way shops export returns (Online Retail too).
+        returned = (-qty >= 1) & (-qty <= MAX_QUANTITY) & (qty % 1 == 0)
+        returns = drops.frame.loc[returned & (drops.frame["event"] == "purchase")]
         drops.drop("quantity not a positive whole number", ~whole)
         drops.frame = drops.frame.assign(quantity=qty.loc[drops.frame.index])
+        purchases = drops.frame.loc[drops.frame["event"] == "purchase"]
+        columns = {"user_id": "user", "item_id": "item"}
+        taken_back = _reversed(
+            purchases[["user_id", "item_id", "quantity", "timestamp"]].rename(columns=columns),
+            returns[["user_id", "item_id", "timestamp"]]
+            .rename(columns=columns)
+            .assign(quantity=-qty.loc[returns.index]),
+        )
+        drops.drop(
+            "purchases a later return reverses in full (same user, item, quantity)",
+            pd.Series(drops.frame.index.isin(taken_back), index=drops.frame.index),
+        )
     else:
         drops.frame = drops.frame.assign(quantity=1)
     # The items file has these ids, so "not in the items file" would send the user looking
@@ -469,21 +484,80 @@ def _dropped(counts: dict[str, int]) -> str:
     return " (dropped: " + "; ".join(f"{n:,} {reason}" for reason, n in counts.items()) + ")"
 
 
+def _reversed(bought: pd.DataFrame, returned: pd.DataFrame) -> pd.Index:
+    """The rows of ``bought`` that a row of ``returned`` takes back in full. Both have the
+    columns user, item, quantity (units, positive) and timestamp. Each return takes back the
+    latest line of the same user and item with as many units bought at or before it, one line
+    per return. A partial return matches no line and the purchase stays: the data does not say
+    which units went back."""
+    key = ["user", "item", "quantity"]
+    bought = bought.loc[bought.set_index(key).index.isin(returned.set_index(key).index)]
+    # At one timestamp the purchase comes first: an order cancelled within its minute.
+    lines = pd.concat(
+        [bought.assign(is_return=False), returned.assign(is_return=True)]
+    ).sort_values([*key, "timestamp", "is_return"], kind="stable")
+    taken_back: list[Any] = []
+    open_lines: dict[tuple[Any, ...], list[Any]] = {}
+    for index, user, item, quantity, _, is_return in lines[
+        [*key, "timestamp", "is_return"]
+    ].itertuples(name=None):
+        stack = open_lines.setdefault((user, item, quantity), [])
+        if not is_return:
+            stack.append(index)
+        elif stack:
+            taken_back.append(stack.pop())
+    return pd.Index(taken_back)
+
+
+ONLINE_RETAIL_COLUMNS = (
+    "InvoiceNo", "StockCode", "Description", "Quantity", "InvoiceDate", "UnitPrice", "CustomerID",
+)  # fmt: skip
+DATASET_NAMES = {"online-retail": "UCI Online Retail", "movielens": "MovieLens 100K"}
+
+
+def published_format(path: Path) -> str | None:
+    """The --format that reads this file or folder, when it is a public dataset as published:
+    a shop trying discountd on one passes it as its own file first."""
+    if (path / "u.data").is_file() or (path.name == "u.data" and path.is_file()):
+        return "movielens"
+    try:
+        names = {name.strip() for name in _header(path)}
+    except (DataError, OSError, ValueError, pd.errors.ParserError, *CORRUPT_COMPRESSED):
+        return None
+    return "online-retail" if set(ONLINE_RETAIL_COLUMNS) <= names else None
+
+
 def load_online_retail(
     path: Path = ONLINE_RETAIL, default_margin: float = DEFAULT_MARGIN
 ) -> Loaded:
     """UCI Online Retail, cleaned: only real purchases of real products by known customers."""
-    columns = ("InvoiceNo", "StockCode", "Description", "Quantity", "InvoiceDate", "UnitPrice")
-    frame = read_table(path, (*columns, "CustomerID"))
+    frame = read_table(path, ONLINE_RETAIL_COLUMNS)
     rows_read = len(frame)
     drops = _Drops(frame)
     qty = pd.to_numeric(frame["Quantity"], errors="coerce")
-    drops.drop(
-        "cancellations and returns (InvoiceNo C…, Quantity ≤ 0)",
-        frame["InvoiceNo"].str.upper().str.startswith("C") | ~(qty > 0),
-    )
+    cancelled = frame["InvoiceNo"].str.upper().str.startswith("C")
+    cancellations = frame.loc[cancelled & (qty < 0)].drop_duplicates()
+    drops.drop("cancellations and returns (InvoiceNo C…, Quantity ≤ 0)", cancelled | ~(qty > 0))
     drops.drop("no CustomerID", _missing(drops.frame["CustomerID"].str.strip()))
     drops.drop("exact duplicate rows", drops.frame.duplicated())
+
+    def lines(frame: pd.DataFrame, sign: int) -> pd.DataFrame:
+        ts, _, _ = parse_timestamps(frame["InvoiceDate"])
+        return pd.DataFrame(
+            {
+                "user": frame["CustomerID"].str.strip(),
+                "item": frame["StockCode"].str.strip(),
+                "quantity": sign * pd.to_numeric(frame["Quantity"], errors="coerce"),
+                "timestamp": ts,
+            },
+            index=frame.index,
+        ).dropna()
+
+    taken_back = _reversed(lines(drops.frame, 1), lines(cancellations, -1))
+    drops.drop(
+        "purchases a later cancellation reverses in full (same customer, item, quantity)",
+        pd.Series(drops.frame.index.isin(taken_back), index=drops.frame.index),
+    )
     code = drops.frame["StockCode"].str.strip().str.upper()
     drops.drop(
         "non-product codes (postage, fees, adjustments, vouchers)",

@@ -37,7 +37,14 @@ from core.store.events import EVENT_ID_REUSED, MAX_BATCH
 from discount.v1 import discount_pb2 as pb
 from discount.v1 import discount_pb2_grpc as pb_grpc
 from trainer.config import MarketConfig
-from trainer.data import CORRUPT_COMPRESSED, NULL_IDS, DataError, read_table
+from trainer.data import (
+    CORRUPT_COMPRESSED,
+    DATASET_NAMES,
+    NULL_IDS,
+    DataError,
+    published_format,
+    read_table,
+)
 from trainer.market import Market, make_market
 
 if TYPE_CHECKING:
@@ -369,7 +376,15 @@ def read_users(path: Path) -> list[str]:
         raise ReplayError(f"{path}: no such file") from None
     except DataError as e:
         reason = str(e).removeprefix(f"{path}: ")
-        raise ReplayError(f"{path}: cannot read user ids ({reason})") from None
+        found = published_format(path)
+        hint = (
+            f"; it is {DATASET_NAMES[found]} as published: give --users-from the model store "
+            f"that `discount-train fit --format {found}` wrote, whose users are the ids as "
+            "discountd knows them"
+            if found
+            else ""
+        )
+        raise ReplayError(f"{path}: cannot read user ids ({reason}){hint}") from None
     except (ArtifactError, OSError, ValueError, KeyError, *CORRUPT_COMPRESSED) as e:
         raise ReplayError(f"{path}: cannot read user ids ({first_line(e)})") from None
     users = [str(u) for u in pd.unique(ids[~ids.str.lower().isin(NULL_IDS)])]

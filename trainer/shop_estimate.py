@@ -22,6 +22,7 @@ import numpy.typing as npt
 import pandas as pd
 
 from core import response_artifact
+from core.artifact import sha256_file
 from core.policy import UNRANKED, Guardrails, PolicyError, Rule, bad_rank, grid_choices
 from core.response_artifact import OFFER_FEATURES
 from core.response_history import HistoryTable
@@ -206,6 +207,12 @@ def predict(folder: Path, log: ShopLog) -> Floats:
     grid = np.tile(response_artifact.as_trained(log.grid, manifest.grid), (len(rows), 1))
     [probability] = session.run(None, {"features": rows, "discounts": grid})
     return np.asarray(probability, dtype=np.float64)
+
+
+def trained_on(folder: Path, offers: Path) -> bool:
+    """Whether the response model in folder was trained on this very offer log (its manifest
+    holds the log's sha256; a model trained before it did cannot tell, and says no)."""
+    return response_artifact.load(folder).data.get("offers_sha256") == sha256_file(offers)
 
 
 def estimate(

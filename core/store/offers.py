@@ -137,7 +137,7 @@ CHUNK = 10_000
 def response_offers(session: Session, which: LogFilter) -> Iterator[Any]:
     """The offers a response model can learn from, oldest first, in chunks: offer_id, user_id,
     item_id, rank, cf_score, base_price, cost, discount_pct, propensity, user_features,
-    reason_codes."""
+    reason_codes, model_version."""
     query = (
         select(
             Offer.offer_id,
@@ -151,12 +151,19 @@ def response_offers(session: Session, which: LogFilter) -> Iterator[Any]:
             Offer.propensity,
             Offer.user_features,
             Offer.reason_codes,
+            Offer.model_version,
         )
         .where(*which.clauses(), *_LEARNABLE)
         .order_by(Offer.issued_at, Offer.offer_id)
         .execution_options(yield_per=CHUNK)
     )
     yield from session.execute(query)
+
+
+def response_model_versions(session: Session, which: LogFilter) -> list[str]:
+    """The model versions that priced those offers."""
+    query = select(Offer.model_version).where(*which.clauses(), *_LEARNABLE).distinct()
+    return list(session.scalars(query))
 
 
 def unlearnable_offers(session: Session, which: LogFilter) -> int:
