@@ -359,8 +359,9 @@ def report(session: Session, key: str, now: datetime) -> dict[str, Any]:
         if assumed_purchases:
             warnings.append(
                 f"margin rests on costs the trainer assumed from its --default-margin for "
-                f"{assumed_purchases:,} of {counted:,} purchases (their offers say "
-                "COST_ASSUMED): it is only as right as that margin"
+                f"{assumed_purchases:,} of {counted:,} purchases (of items whose cost the active "
+                "model version assumed; a rule's offers of them say COST_ASSUMED): it is only as "
+                "right as that margin"
             )
     few = [name for name, n in buyers.items() if n < FEW_CONVERSIONS]
     if few and len(out) > 1:
