@@ -783,3 +783,22 @@ def test_a_log_read_with_its_numbers_keeps_its_ids_as_written(tmp_path: Path) ->
     assert list(frame["offer_id"]) == ["007", "008"]
     assert frame["user_id"][0] == "0042" and pd.isna(frame["user_id"][1])
     assert list(frame["discount"]) == [0.1, 0.2]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("with_items", [True, False])
+def test_a_named_pipe_as_interactions_is_refused_not_waited_on(
+    tmp_path: Path, with_items: bool
+) -> None:
+    """A named pipe nobody writes to: the refusal's look for a public dataset as published
+    opened it to read its header, and fit waited for ever instead of saying it is a pipe."""
+    pipe = tmp_path / "interactions.csv"
+    os.mkfifo(pipe)
+    items = write(tmp_path / "items.csv", ITEMS)
+    given = ["--items", str(items)] if with_items else []
+    result = CliRunner().invoke(
+        main, ["fit", "--interactions", str(pipe), *given, "--out", str(tmp_path / "m")]
+    )
+    assert result.exit_code == (1 if with_items else 2), result.output
+    expected = "not a regular file (a pipe?)" if with_items else "are both required"
+    assert expected in result.output and "as published" not in result.output

@@ -520,6 +520,9 @@ def published_format(path: Path) -> str | None:
     a shop trying discountd on one passes it as its own file first."""
     if (path / "u.data").is_file() or (path.name == "u.data" and path.is_file()):
         return "movielens"
+    if not path.is_file():
+        # A named pipe would hold the command until someone writes to it (_regular).
+        return None
     try:
         names = {name.strip() for name in _header(path)}
     except (DataError, OSError, ValueError, pd.errors.ParserError, *CORRUPT_COMPRESSED):
