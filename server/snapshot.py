@@ -113,8 +113,10 @@ class SnapshotKeeper:
             self._stale(self.store.why(e))
             ok = False
         except Exception as e:  # what the store holds, not reaching it: stale all the same
-            log.exception("rule snapshot refresh failed")
-            self._stale(self._unreadable(e))
+            message = self._unreadable(e)
+            if message != self.error:  # each poll repeats it: the traceback once, as _stale
+                log.exception("rule snapshot refresh failed")
+            self._stale(message)
             ok = False
         await self._changed(was_fresh)
         return ok

@@ -6,6 +6,8 @@ it stops accepting connections and its sessions are terminated; then it accepts 
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from pathlib import Path
 
 import grpc
@@ -223,3 +225,29 @@ def test_a_refresh_that_fails_on_the_data_makes_the_snapshot_stale(
     finally:
         running.close()
         engine.dispose()
+
+
+def test_rules_that_cannot_be_read_log_their_traceback_once_not_at_every_refresh(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The refresher retries every --rules-poll-interval (5 s): a traceback each time would be
+    17,280 a day for one bad value, burying the logs; the snapshot stays stale all along."""
+    url = ten_percent_off_everything(f"sqlite:///{tmp_path / 'discount.db'}")
+    ctl(url, "rules", "update", "all", "--budget", "100")
+    store = Store(url)
+    keeper = snapshot.SnapshotKeeper(store, 0)
+    try:
+        keeper.open()
+        with store.engine.begin() as conn:
+            conn.execute(text("UPDATE rules SET budget = 'abc'"))
+
+        async def refresh_thrice() -> list[bool]:
+            return [await keeper.refresh() for _ in range(3)]
+
+        with caplog.at_level(logging.ERROR, logger=snapshot.__name__):
+            assert asyncio.run(refresh_thrice()) == [False, False, False]
+    finally:
+        store.dispose()
+    assert not keeper.fresh and "cannot be read: InvalidOperation" in keeper.error
+    assert sum(r.exc_info is not None for r in caplog.records) == 1
+    assert sum("rule snapshot stale" in r.getMessage() for r in caplog.records) == 1
