@@ -48,8 +48,8 @@ class ResponseModel:
         """Verify the folder and open its graph; ArtifactError says what is wrong."""
         manifest = response_artifact.load(path)
         graph = path / response_artifact.GRAPH
-        # One thread: GetOffers runs it on the event loop over a few rows, where waking a pool
-        # of threads would cost more than the run.
+        # One thread: GetOffers runs it over a few rows, where waking a pool of threads would
+        # cost more than the run.
         session, _ = open_session(graph, "cpu", 1)
         check_signature(graph, session, response_artifact.signature())
         history = HistoryTable.load(path / response_artifact.HISTORY)
