@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 from offer_server import OfferServer, ctl, ten_percent_off_everything
 
 from discount.v1 import discount_pb2 as pb
@@ -40,6 +40,17 @@ def retail_slice(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for _ in range(SLICE_ROWS + 1):
             out.write(next(source))
     return path
+
+
+def fit_slice(retail_slice: Path, models: Path, epochs: int) -> Result:
+    """discount-train fit of the slice into models, as a shop would run it; it must succeed."""
+    fitted = CliRunner().invoke(
+        train,
+        ["fit", "--format", "online-retail", "--interactions", str(retail_slice),
+         "--out", str(models), "--epochs", str(epochs), "--factors", "8"],
+    )  # fmt: skip
+    assert fitted.exit_code == 0, fitted.output
+    return fitted
 
 
 def test_movielens_100k_reads_whole_as_its_readme_counts_it() -> None:
@@ -89,13 +100,7 @@ def test_a_purchase_cancelled_in_full_is_no_sale_in_features_or_training(
     15:06, and cancelled the first order at 15:07 (C537413, -72). Counted, the cancelled line
     was lifetime value (for 12346, who cancelled 74,215 jars, £77,184 of it) and a purchase
     to learn from; the 96 he kept stay."""
-    models = tmp_path / "models"
-    fitted = CliRunner().invoke(
-        train,
-        ["fit", "--format", "online-retail", "--interactions", str(retail_slice),
-         "--out", str(models), "--epochs", "2", "--factors", "8"],
-    )  # fmt: skip
-    assert fitted.exit_code == 0, fitted.output
+    fitted = fit_slice(retail_slice, tmp_path / "models", epochs=2)
     assert "purchases a later cancellation reverses in full" in fitted.output
     rows = pd.read_csv(retail_slice, dtype={"StockCode": str, "CustomerID": str})
     his = rows[(rows["CustomerID"] == "14409.0") & ~rows["InvoiceNo"].str.startswith("C")]
@@ -114,12 +119,7 @@ def test_a_model_of_the_slice_serves_and_prices_its_customers(
     retail_slice: Path, tmp_path: Path
 ) -> None:
     models = tmp_path / "models"
-    fitted = CliRunner().invoke(
-        train,
-        ["fit", "--format", "online-retail", "--interactions", str(retail_slice),
-         "--out", str(models), "--epochs", "3", "--factors", "8"],
-    )  # fmt: skip
-    assert fitted.exit_code == 0, fitted.output
+    fit_slice(retail_slice, models, epochs=3)
     slice_rows = pd.read_csv(retail_slice, dtype={"StockCode": str}, encoding="latin-1")
     his = slice_rows[(slice_rows["CustomerID"] == 17850) & (slice_rows["Quantity"] > 0)]
     bought = set(his["StockCode"])
