@@ -187,7 +187,10 @@ def recommend(model: ModelVersion, query: RecommendQuery) -> Recommendation:
 def ranks_in(model: ModelVersion, query: RecommendQuery, items: Collection[int]) -> dict[int, int]:
     """The 1-based rank in recommend(model, query)'s answer of each of items (indices) that it
     holds: as recommend() ranks, without building its answer's items (a thousand of them
-    cost GetOffers a millisecond per call)."""
+    cost GetOffers a millisecond per call). No items (every named one unknown to the model):
+    no run."""
+    if not items:
+        return {}
     planned = plan(model, query)
     if isinstance(planned, Recommendation):
         order = np.array([model.item_index[s.item_id] for s in planned.items], dtype=np.int64)
