@@ -122,7 +122,11 @@ class SnapshotKeeper:
         return ok
 
     def _unreadable(self, e: Exception) -> str:
-        return f"rules in {self.store.masked_url} cannot be read: {type(e).__name__}: {e}"
+        # Not just "rules": a load also reads segments, experiments, budgets' redemptions and
+        # the client list (on_load), any of which may be what failed.
+        return (
+            f"the rule snapshot in {self.store.masked_url} cannot be read: {type(e).__name__}: {e}"
+        )
 
     def _stale(self, message: str) -> None:
         if message != self.error:
