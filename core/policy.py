@@ -148,30 +148,26 @@ def validate_params(policy: str, params: Mapping[str, Any]) -> dict[str, Any]:
     return validator(params)
 
 
-def check_grid(policy: str, params: Mapping[str, Any]) -> None:
-    """Refuse an `optimal` or `randomized` grid with two percents that price as one. Pricing takes
-    a percent to two decimals, rounded down (grid_choices): 10 and 10.001 would be one choice,
-    and a percent below 0.01 the no discount that is always one, so the grid would hold fewer
-    choices than it shows. Checked when a rule is written, not in validate_params: a rule
-    stored before keeps pricing as it did."""
-    if policy not in ("optimal", "randomized"):
-        return
-    taken: dict[Decimal, float] = {}
-    for value in params["grid"]:
-        pct = _percent_down(as_decimal(value, "grid"))
-        if pct == 0 and value != 0:
+# The discount percents of each policy's parameters (a grid's are each of its values).
+_PERCENTS = {"tiered_topk": ("d1", "d2"), "threshold": ("d",), "linear": ("min", "max")}
+
+
+def check_percents(policy: str, params: Mapping[str, Any]) -> None:
+    """Refuse a discount percent with more than two decimals. Pricing takes a percent to two
+    decimals, rounded down: d1=15.009 would price 15.00% while the rule shows 15.009, and a
+    grid's 10 and 10.001 would be one choice (0.004, the no discount that is always one).
+    Checked when a rule is written, not in validate_params: a rule stored before keeps
+    pricing as it did."""
+    named = [(f"parameter {name!r}", params[name]) for name in _PERCENTS.get(policy, ())]
+    if policy in ("optimal", "randomized"):
+        named += [("grid percent", value) for value in params["grid"]]
+    for what, value in named:
+        exact = as_decimal(value, what)
+        if exact != exact.quantize(CENT):
             raise PolicyError(
-                f"{policy}: grid percent {value!r} is no discount once taken to the two decimals "
-                "offers are priced at (0.00%), and no discount is always a choice; give percents "
-                "of at least 0.01"
+                f"{policy}: {what} {value!r} has more decimals than the two offers are priced "
+                f"at (it would price as {_percent_down(exact)}%); give at most two"
             )
-        if pct in taken:
-            raise PolicyError(
-                f"{policy}: grid percents {taken[pct]!r} and {value!r} are the same discount, "
-                f"{pct}%, once taken to the two decimals offers are priced at (rounded down); "
-                "give each percent once"
-            )
-        taken[pct] = value
 
 
 def check_draws(policy: str, params: Mapping[str, Any], limits: Guardrails) -> None:

@@ -523,22 +523,47 @@ INVALID = [
     ),
     (("rules", "create", "t2", "--policy", "randomized", "--param", "grid=[0]"), "no percent"),
     # Offers are priced at two-decimal percents, rounded down: these grids hold one choice fewer
-    # than they show.
+    # than they show, and these percents price below what the rule shows.
     (
         ("rules", "create", "t2", "--policy", "randomized", "--param", "grid=[0.1,0.10000001]"),
-        "randomized: grid percents 0.1 and 0.10000001 are the same discount, 0.10%",
+        "randomized: grid percent 0.10000001 has more decimals than the two offers are priced at "
+        "(it would price as 0.10%)",
     ),
     (
         ("rules", "create", "t2", "--policy", "optimal", "--params", '{"grid": [5, 10, 10.009]}'),
-        "optimal: grid percents 10.0 and 10.009 are the same discount, 10.00%",
+        "optimal: grid percent 10.009 has more decimals",
     ),
     (
         ("rules", "create", "t2", "--policy", "randomized", "--param", "grid=[0.004,5]"),
-        "randomized: grid percent 0.004 is no discount once taken to the two decimals",
+        "randomized: grid percent 0.004 has more decimals than the two offers are priced at "
+        "(it would price as 0.00%)",
     ),
     (
         ("rules", "update", "tier", "--policy", "randomized", "--param", "grid=[5,5.001]"),
-        "randomized: grid percents 5.0 and 5.001 are the same discount, 5.00%",
+        "randomized: grid percent 5.001 has more decimals",
+    ),
+    (
+        ("rules", "update", "tier", "--param", "d1=15.009"),
+        "tiered_topk: parameter 'd1' 15.009 has more decimals than the two offers are priced at "
+        "(it would price as 15.00%); give at most two",
+    ),
+    (
+        (
+            "rules",
+            "create",
+            "t2",
+            "--policy",
+            "linear",
+            "--param",
+            "a=1",
+            "--param",
+            "b=0",
+            "--param",
+            "min=0.005",
+            "--param",
+            "max=10",
+        ),
+        "linear: parameter 'min' 0.005 has more decimals",
     ),
     (
         (
@@ -1012,8 +1037,9 @@ def test_a_randomized_rule_stored_before_its_grid_was_checked_can_still_be_disab
 def test_a_grid_stored_before_its_percents_were_checked_keeps_its_rule_manageable(
     seeded: str,
 ) -> None:
-    """A build before the check stored a grid of two percents that price as one: the rule can
-    still be disabled and described, and only a change of what it chooses among is refused."""
+    """A build before the check stored a grid percent of three decimals (5 and 5.001 price as
+    one): the rule can still be disabled and described, and only a change of what it chooses
+    among is refused."""
     ok(seeded, "rules create learn --policy randomized --param grid=[5,10]")
     store = Store(seeded)
     with store.transaction() as session:
@@ -1024,7 +1050,7 @@ def test_a_grid_stored_before_its_percents_were_checked_keeps_its_rule_manageabl
     assert ok(seeded, "rules disable learn")["enabled"] is False
     assert ok(seeded, "rules update learn --description old")["description"] == "old"
     refused = ctl(seeded, "rules", "update", "learn", "--max-discount", "35")
-    assert refused.exit_code == 1 and "grid percents 5.0 and 5.001" in refused.stderr
+    assert refused.exit_code == 1 and "grid percent 5.001 has more decimals" in refused.stderr
 
 
 def test_schema_not_at_head_names_the_fix(tmp_path: Path) -> None:

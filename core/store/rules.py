@@ -10,7 +10,7 @@ from typing import Any, cast
 from sqlalchemy import Numeric, Table, select
 from sqlalchemy.orm import Session
 
-from core.policy import Guardrails, PolicyError, check_draws, check_grid, validate_params
+from core.policy import Guardrails, PolicyError, check_draws, check_percents, validate_params
 from core.store import audit, validate
 from core.store.errors import Conflict, InvalidInput, NotFound
 from core.store.segments import Segments, check_version, locked
@@ -227,7 +227,7 @@ def _strings(label: str, values: object) -> list[str]:
 
 def _check_choices(values: dict[str, Any]) -> None:
     try:
-        check_grid(values["policy"], values["params"])
+        check_percents(values["policy"], values["params"])
         check_draws(values["policy"], values["params"], Guardrails.of(values["max_discount_pct"]))
     except PolicyError as e:
         raise InvalidInput(f"invalid policy parameters: {e}") from None
