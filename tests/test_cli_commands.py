@@ -1016,41 +1016,32 @@ def test_rule_update_clears_and_toggles(seeded: str) -> None:
     assert ok(seeded, "rules delete tier --yes")["name"] == "tier"
 
 
-def test_a_randomized_rule_stored_before_its_grid_was_checked_can_still_be_disabled(
-    seeded: str,
+@pytest.mark.parametrize(
+    ("stored", "refusal"),
+    [
+        # A rule that draws only no discount.
+        ('{"grid": [40.0]}', "no percent of grid [40.0]"),
+        # A grid percent of three decimals: 5 and 5.001 price as one.
+        ('{"grid": [5.0, 5.001]}', "grid percent 5.001 has more decimals"),
+    ],
+)
+def test_a_rule_stored_before_its_grid_was_checked_stays_manageable(
+    seeded: str, stored: str, refusal: str
 ) -> None:
-    """A build before the check stored a rule that draws only no discount: disabling or
-    describing it changes nothing it draws among, so it is not refused for its grid."""
+    """A build before the checks stored such a randomized rule: disabling or describing it
+    changes nothing it draws among, so it is not refused for its grid; a change of what it
+    chooses among is."""
     ok(seeded, "rules create learn --policy randomized --param grid=[5,10]")
     store = Store(seeded)
     with store.transaction() as session:
         session.execute(
-            text("""UPDATE rules SET params = '{"grid": [40.0]}' WHERE name = 'learn'""")
+            text("UPDATE rules SET params = :params WHERE name = 'learn'"), {"params": stored}
         )
     store.dispose()
     assert ok(seeded, "rules disable learn")["enabled"] is False
     assert ok(seeded, "rules update learn --description old")["description"] == "old"
     refused = ctl(seeded, "rules", "update", "learn", "--max-discount", "35")
-    assert refused.exit_code == 1 and "no percent of grid [40.0]" in refused.stderr
-
-
-def test_a_grid_stored_before_its_percents_were_checked_keeps_its_rule_manageable(
-    seeded: str,
-) -> None:
-    """A build before the check stored a grid percent of three decimals (5 and 5.001 price as
-    one): the rule can still be disabled and described, and only a change of what it chooses
-    among is refused."""
-    ok(seeded, "rules create learn --policy randomized --param grid=[5,10]")
-    store = Store(seeded)
-    with store.transaction() as session:
-        session.execute(
-            text("""UPDATE rules SET params = '{"grid": [5.0, 5.001]}' WHERE name = 'learn'""")
-        )
-    store.dispose()
-    assert ok(seeded, "rules disable learn")["enabled"] is False
-    assert ok(seeded, "rules update learn --description old")["description"] == "old"
-    refused = ctl(seeded, "rules", "update", "learn", "--max-discount", "35")
-    assert refused.exit_code == 1 and "grid percent 5.001 has more decimals" in refused.stderr
+    assert refused.exit_code == 1 and refusal in refused.stderr
 
 
 def test_schema_not_at_head_names_the_fix(tmp_path: Path) -> None:

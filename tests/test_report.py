@@ -40,6 +40,14 @@ def offer(n: int, user: str, variant: str, discount: float) -> dict[str, object]
     }  # fmt: skip
 
 
+def insert(db_url: str, offers: list[dict[str, object]]) -> None:
+    """Store offers as discountd's offer log would have."""
+    store = Store(db_url)
+    with store.transaction() as session:
+        insert_offers(session, offers)
+    store.dispose()
+
+
 @pytest.fixture
 def logged(db_url: str) -> tuple[str, dict[str, list[float]]]:
     """200 control users (20 buy 10.00), 200 treatment users (40 redeem at 8.00, 10 of them
@@ -125,10 +133,7 @@ def test_report_numbers_and_statistics(
 def test_sample_ratio_mismatch_warns(db_url: str) -> None:
     ctl(db_url, "experiments", "create", "ab", "--variant", "a:50", "--variant", "b:50")
     offers = [offer(n, f"u{n}", "a" if n < 300 else "b", 0.0) for n in range(400)]
-    store = Store(db_url)
-    with store.transaction() as session:
-        insert_offers(session, offers)
-    store.dispose()
+    insert(db_url, offers)
     result = ctl(db_url, "experiments", "report", "ab", "--output", "json")
     data = json.loads(result.stdout)
     assert data["srm_p_value"] < 0.001
@@ -486,10 +491,7 @@ def test_users_offered_under_a_variant_the_experiment_lacks_are_named(db_url: st
     ctl(db_url, "experiments", "create", "ab", "--variant", "a:50", "--variant", "b:50")
     offers = [offer(0, "u0", "a", 0.0), offer(1, "u1", "b", 0.0)]
     offers += [{**offer(n, f"u{n}", "", 0.0), "variant": None} for n in range(2, 5)]
-    store = Store(db_url)
-    with store.transaction() as session:
-        insert_offers(session, offers)
-    store.dispose()
+    insert(db_url, offers)
     result = ctl(db_url, "experiments", "report", "ab", "--output", "json")
     assert [v["users_assigned"] for v in json.loads(result.stdout)["variants"]] == [1, 1]
     store = Store(db_url)
@@ -627,10 +629,7 @@ def test_a_purchase_under_the_arms_own_offer_counts_after_the_stop_as_a_redempti
         {**offer(0, "u0", "control", 0.0), "issued_at": issued},
         {**offer(1, "u1", "treatment", 20.0), "issued_at": issued},
     ]
-    store = Store(db_url)
-    with store.transaction() as session:
-        insert_offers(session, offers)
-    store.dispose()
+    insert(db_url, offers)
     ctl(db_url, "experiments", "stop", "ab", "--yes")
     after = int(time.time()) + 5
     store = Store(db_url)
@@ -660,10 +659,7 @@ def test_sample_ratio_check_with_few_expected_users_is_not_chi_square(db_url: st
     below 5, would say p = 0.00006 and cry mismatch."""
     ctl(db_url, "experiments", "create", "ab", "--variant", "a:99", "--variant", "canary:1")
     offers = [offer(n, f"u{n}", "a" if n < 95 else "canary", 0.0) for n in range(100)]
-    store = Store(db_url)
-    with store.transaction() as session:
-        insert_offers(session, offers)
-    store.dispose()
+    insert(db_url, offers)
     result = ctl(db_url, "experiments", "report", "ab", "--output", "json")
     # By hand: the outcomes at least as far from the expected 1 as 5 are 5 or more.
     exact = float(sps.binom.sf(4, 100, 0.01))
